@@ -1,0 +1,65 @@
+# Sendtime developer commands. `make run` and `make test` are the two that matter; each
+# creates .venv and installs the pinned dependencies first.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PY := $(BIN)/python
+
+export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
+export PATH := $(BIN):$(PATH)
+
+.PHONY: help install up down run demo test test-fast lint gen gen-check breaking clean
+
+help:
+	@echo "make run        start Postgres/Redis/NATS if needed, the three services, a demo; Ctrl-C stops"
+	@echo "make demo       the same, but exit after the demo (0 when it worked)"
+	@echo "make test       install what is needed and run the whole test suite"
+	@echo "make lint       buf lint, ruff, mypy"
+	@echo "make gen        regenerate gen/python from protos/;  make gen-check: fail when stale"
+	@echo "make breaking   buf breaking against main"
+	@echo "make up / down  start / stop the local dependencies this checkout started"
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	$(PY) scripts/devstack.py up
+
+down: install
+	$(PY) scripts/devstack.py down
+
+run: up
+	$(PY) scripts/suite.py run
+
+demo: up
+	$(PY) scripts/suite.py demo
+
+test: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) -m pytest
+
+lint: install
+	$(BIN)/buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+gen: install
+	$(PY) scripts/gen_protos.py
+
+gen-check: gen
+	@git diff --exit-code --stat -- gen/ && test -z "$$(git status --porcelain -- gen/)" \
+		|| (echo "gen/python is stale: run 'make gen' and commit it" >&2; exit 1)
+
+breaking: install
+	$(BIN)/buf breaking --against '.git#branch=main'
+
+clean: down
+	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,284 @@
+"""The durable event log between ingest and profile resolution.
+
+Services see two small interfaces, ``EventLog`` (publish, acknowledged only once stored) and
+``EventLogSubscription`` (fetch, then ack or retry each delivery), so that another log such as
+Kafka can stand in for NATS JetStream. ``JetStreamEventLog`` is the JetStream implementation:
+one stream on file storage, ``Nats-Msg-Id`` set to the event id so that a resend inside the
+duplicate window is reported as a duplicate instead of stored twice, durable pull consumers
+with explicit acks so that an event is redelivered until a consumer has merged it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+log = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+class EventLogUnavailable(Exception):
+    """The log could not be reached or did not confirm in time: the event may not be stored."""
+
+
+class EventLogFull(Exception):
+    """The log refused the event because it has reached its configured size limits."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReceipt:
+    """The log's confirmation that it holds the message."""
+
+    sequence: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One message to publish; ``key`` picks the subject suffix (the event type)."""
+
+    key: str
+    message_id: str
+    payload: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class Delivery(Protocol):
+    """One delivered message; it is redelivered later unless acked."""
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    async def ack(self) -> None: ...
+
+    async def retry_later(self, delay_s: float) -> None: ...
+
+    async def discard(self) -> None: ...
+
+
+class EventLogSubscription(Protocol):
+    async def fetch(self, max_messages: int, timeout_s: float) -> Sequence[Delivery]:
+        """Up to ``max_messages`` deliveries; an empty list when none came within ``timeout_s``."""
+        ...
+
+    async def close(self) -> None:
+        """Stop receiving; unacked deliveries will be redelivered to the next subscriber."""
+        ...
+
+
+class EventLog(Protocol):
+    async def publish(self, message: OutgoingMessage) -> PublishReceipt:
+        """Store one message.
+
+        Raises:
+            EventLogUnavailable: not confirmed; safe to retry with the same message id.
+            EventLogFull: refused for lack of space.
+        """
+        ...
+
+    async def subscribe(self, durable_name: str) -> EventLogSubscription:
+        """A durable subscription to every message; it resumes after the last acked one."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class JetStreamSettings:
+    url: str = "nats://127.0.0.1:4222"
+    stream: str = "SENDTIME_EVENTS"
+    subject_prefix: str = "sendtime.events"
+    replicas: int = 1
+    duplicate_window_s: float = 120.0
+    max_age_s: float = 7 * 24 * 3600.0
+    max_bytes: int = -1
+    publish_timeout_s: float = 5.0
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 10_000
+
+
+class _JetStreamDelivery:
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+
+    @property
+    def payload(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._msg.headers or {}
+
+    @property
+    def attempt(self) -> int:
+        return int(self._msg.metadata.num_delivered)
+
+    async def ack(self) -> None:
+        # A double ack waits for the server's confirmation, so a crash after ack() returns
+        # cannot bring the message back.
+        await self._msg.ack_sync()
+
+    async def retry_later(self, delay_s: float) -> None:
+        await self._msg.nak(delay=delay_s)
+
+    async def discard(self) -> None:
+        await self._msg.term()
+
+
+class _JetStreamSubscription:
+    def __init__(self, subscription: JetStreamContext.PullSubscription) -> None:
+        self._subscription = subscription
+
+    async def fetch(self, max_messages: int, timeout_s: float) -> Sequence[Delivery]:
+        try:
+            messages = await self._subscription.fetch(max_messages, timeout=timeout_s)
+        except nats.errors.TimeoutError:
+            return []
+        return [_JetStreamDelivery(m) for m in messages]
+
+    async def close(self) -> None:
+        # Without this, draining the connection waits out its full timeout on the pull inbox.
+        with contextlib.suppress(nats.errors.Error):
+            await self._subscription.unsubscribe()
+
+
+_FULL_ERROR_CODES = {10047, 10077}  # insufficient resources, maximum messages/bytes exceeded
+
+
+async def _log_connection_error(exc: Exception) -> None:
+    log.warning("NATS connection error", extra={"error": f"{type(exc).__name__}: {exc}"})
+
+
+async def _log_disconnected() -> None:
+    log.warning("NATS disconnected; reconnecting")
+
+
+async def _log_reconnected() -> None:
+    log.info("NATS reconnected")
+
+
+class JetStreamEventLog:
+    """``EventLog`` on NATS JetStream. Create with ``connect``."""
+
+    def __init__(self, client: NatsClient, settings: JetStreamSettings) -> None:
+        self._client = client
+        self._js = client.jetstream(timeout=settings.publish_timeout_s)
+        self._settings = settings
+
+    @classmethod
+    async def connect(cls, settings: JetStreamSettings) -> JetStreamEventLog:
+        """Connect and make sure the stream exists with ``settings``.
+
+        Raises:
+            EventLogUnavailable: NATS could not be reached.
+        """
+        try:
+            client = await nats.connect(
+                settings.url,
+                name="sendtime",
+                max_reconnect_attempts=-1,  # keep trying: publishes fail fast meanwhile
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+                allow_reconnect=True,
+                error_cb=_log_connection_error,
+                disconnected_cb=_log_disconnected,
+                reconnected_cb=_log_reconnected,
+            )
+        except (OSError, nats.errors.Error) as exc:
+            raise EventLogUnavailable(f"cannot connect to NATS at {settings.url}: {exc}") from exc
+        log_ = cls(client, settings)
+        await log_._ensure_stream()
+        return log_
+
+    def _stream_config(self) -> StreamConfig:
+        s = self._settings
+        return StreamConfig(
+            name=s.stream,
+            subjects=[f"{s.subject_prefix}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s,
+            max_age=s.max_age_s,
+            max_bytes=s.max_bytes,
+            discard=DiscardPolicy.NEW,  # refuse new events rather than silently drop old ones
+        )
+
+    async def _ensure_stream(self) -> None:
+        config = self._stream_config()
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            # It exists with an older configuration: bring it up to date.
+            await self._js.update_stream(config)
+
+    async def publish(self, message: OutgoingMessage) -> PublishReceipt:
+        headers = {**message.headers, MSG_ID_HEADER: message.message_id}
+        subject = f"{self._settings.subject_prefix}.{message.key}"
+        try:
+            ack = await self._js.publish(
+                subject, message.payload, headers=headers, stream=self._settings.stream
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _FULL_ERROR_CODES:
+                raise EventLogFull(str(exc)) from exc
+            raise EventLogUnavailable(str(exc)) from exc
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise EventLogUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return PublishReceipt(sequence=ack.seq, duplicate=bool(ack.duplicate))
+
+    async def subscribe(self, durable_name: str) -> EventLogSubscription:
+        s = self._settings
+        subscription = await self._js.pull_subscribe(
+            f"{s.subject_prefix}.>",
+            durable=durable_name,
+            stream=s.stream,
+            config=ConsumerConfig(
+                durable_name=durable_name,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=s.ack_wait_s,
+                max_ack_pending=s.max_ack_pending,
+            ),
+        )
+        return _JetStreamSubscription(subscription)
+
+    async def close(self) -> None:
+        """Flush what is pending and disconnect; while NATS is unreachable, just disconnect."""
+        if self._client.is_closed:
+            return
+        try:
+            await self._client.drain()
+        except (nats.errors.Error, OSError):
+            # The socket is already gone; closing may trip over it too (nats-py surfaces the
+            # reset), but the client ends up closed either way.
+            with contextlib.suppress(OSError):
+                await self._client.close()

@@ -1,0 +1,1 @@
+"""Ingest: validates customer events and stores them durably in the event log."""

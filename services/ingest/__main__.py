@@ -1,0 +1,24 @@
+"""`python -m ingest`: run the ingest service until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ingest.server import create_app
+from ingest.settings import Settings
+from sendtime_common.grpc_server import run_until_signalled
+from sendtime_common.logs import configure_logging
+from sendtime_common.telemetry import configure_tracing
+
+
+async def main() -> None:
+    settings = Settings.from_env(os.environ)
+    configure_logging("ingest", settings.log_level)
+    configure_tracing("ingest", settings.otlp_endpoint or None)
+    app = await create_app(settings)
+    await run_until_signalled(app.grpc, grace_s=settings.shutdown_grace_s, on_stop=app.event_log.close)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

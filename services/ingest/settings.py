@@ -1,0 +1,51 @@
+"""Typed configuration of the ingest service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.event_log import JetStreamSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    address: str = "[::]:50051"
+    log_level: str = "INFO"
+    otlp_endpoint: str = ""
+    shutdown_grace_s: float = 10.0
+    # How far in the future occurred_at may be (sender clocks drift).
+    max_future_skew_s: float = 300.0
+    # Events one StreamEvents call may have in flight before the server stops reading: a flood
+    # slows the caller down instead of filling memory.
+    max_in_flight_per_stream: int = 512
+    max_batch_size: int = 1000
+    event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read settings from environment variables; unset ones keep their local defaults.
+
+        Raises:
+            sendtime_common.config.ConfigError: a variable has an unusable value.
+        """
+        defaults, log_defaults = cls(), JetStreamSettings()
+        return cls(
+            address=env_str(env, "INGEST_ADDRESS", defaults.address),
+            log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
+            otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            max_future_skew_s=env_float(env, "INGEST_MAX_FUTURE_SKEW_SECONDS", defaults.max_future_skew_s),
+            max_in_flight_per_stream=env_int(
+                env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1
+            ),
+            event_log=JetStreamSettings(
+                url=env_str(env, "NATS_URL", log_defaults.url),
+                stream=env_str(env, "NATS_STREAM", log_defaults.stream),
+                replicas=env_int(env, "NATS_REPLICAS", log_defaults.replicas, minimum=1),
+                duplicate_window_s=env_float(
+                    env, "NATS_DUPLICATE_WINDOW_SECONDS", log_defaults.duplicate_window_s, minimum=1
+                ),
+            ),
+        )

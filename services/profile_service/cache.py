@@ -1,0 +1,98 @@
+"""The Redis hot cache of profiles, keyed by identifier.
+
+Redis is a cache, never the record. Each entry is ``<version>:<Profile bytes>`` and a write only
+replaces an older version (a compare-and-set in a Lua script), so a slow writer holding an old
+profile can never overwrite a newer one. Entries expire after a TTL. Any Redis failure is
+reported as ``CacheUnavailable`` so callers fall back to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from profile_service.codec import PROTO_TO_KIND
+from sendtime.profile.v1 import profile_pb2
+from sendtime_common.identifiers import IdentifierKind
+
+KEY_PREFIX = "sendtime:profile:"
+
+# KEYS[1] = entry; ARGV[1] = version, ARGV[2] = entry value, ARGV[3] = TTL in seconds.
+_SET_IF_NEWER = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local version = tonumber(string.match(current, '^(%d+):'))
+  if version and version >= tonumber(ARGV[1]) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+class CacheUnavailable(Exception):
+    """Redis could not be used; the caller should go to PostgreSQL."""
+
+
+def cache_key(kind: IdentifierKind, value: str) -> str:
+    return f"{KEY_PREFIX}{kind.value}:{value}"
+
+
+def encode_entry(profile: profile_pb2.Profile) -> bytes:
+    return b"%d:" % profile.version + profile.SerializeToString()
+
+
+def decode_entry(entry: bytes) -> profile_pb2.Profile:
+    _, _, body = entry.partition(b":")
+    return profile_pb2.Profile.FromString(body)
+
+
+class ProfileCache:
+    def __init__(self, client: Redis, ttl_s: int) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._set_if_newer = client.register_script(_SET_IF_NEWER)
+
+    async def get_many(self, keys: Sequence[str]) -> list[profile_pb2.Profile | None]:
+        """The cached profiles for ``keys`` in one MGET (None where absent).
+
+        Raises:
+            CacheUnavailable: Redis failed.
+        """
+        if not keys:
+            return []
+        try:
+            entries: list[bytes | str | None] = await self._client.mget(keys)
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        # The client is created without decode_responses, so values are bytes.
+        return [None if e is None else decode_entry(e.encode() if isinstance(e, str) else e) for e in entries]
+
+    async def put(self, profiles: Iterable[profile_pb2.Profile]) -> None:
+        """Store each profile under every one of its identifiers, unless a newer version is there.
+        All writes go out in one pipelined round trip.
+
+        Raises:
+            CacheUnavailable: Redis failed.
+        """
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                queued = False
+                for profile in profiles:
+                    entry = encode_entry(profile)
+                    for identifier in profile.identifiers:
+                        key = cache_key(PROTO_TO_KIND[identifier.kind], identifier.value)
+                        await self._set_if_newer(
+                            keys=[key], args=[profile.version, entry, self._ttl_s], client=pipe
+                        )
+                        queued = True
+                if queued:
+                    await pipe.execute()
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()

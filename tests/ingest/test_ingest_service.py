@@ -1,0 +1,129 @@
+"""IngestService against a real NATS JetStream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+import devstack
+from ingest.server import create_app
+from ingest.settings import Settings
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime_common.errors import FieldViolation, field_violations, status_of
+from sendtime_common.event_log import JetStreamSettings
+from tests.factories import cart_item_added, event, identify, product_viewed
+
+ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
+DUPLICATE = ingest_pb2.EVENT_OUTCOME_DUPLICATE
+REJECTED = ingest_pb2.EVENT_OUTCOME_REJECTED
+RETRY = ingest_pb2.EVENT_OUTCOME_RETRY
+
+
+async def test_valid_events_are_accepted_and_a_resend_is_a_duplicate(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, unique: str
+) -> None:
+    e = event(user_id=f"u-{unique}", product_viewed=product_viewed("sku-1"))
+    first = await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[e]))
+    again = await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[e]))
+    assert [r.outcome for r in first.results] == [ACCEPTED]
+    assert [(r.event_id, r.outcome) for r in again.results] == [(e.event_id, DUPLICATE)]
+
+
+async def test_a_batch_keeps_its_good_events_and_explains_each_bad_one(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, unique: str
+) -> None:
+    good = event(user_id=f"u-{unique}", identify=identify(first_name="Ada"))
+    no_customer = event(cart_item_added=cart_item_added("sku-1"))
+    bad_quantity = event(email=f"{unique}@example.com", cart_item_added=cart_item_added("sku-1", quantity=-2))
+    response = await ingest_stub.SendEvents(
+        ingest_pb2.SendEventsRequest(events=[good, no_customer, bad_quantity])
+    )
+
+    assert [r.event_id for r in response.results] == [
+        good.event_id,
+        no_customer.event_id,
+        bad_quantity.event_id,
+    ]
+    assert [r.outcome for r in response.results] == [ACCEPTED, REJECTED, REJECTED]
+    assert response.results[1].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert field_violations(response.results[1].status) == [
+        FieldViolation(
+            "customer", "at least one of user_id, email, anonymous_id, crm_id, device_id is required"
+        )
+    ]
+    assert field_violations(response.results[2].status) == [
+        FieldViolation("cart_item_added.quantity", "must be positive")
+    ]
+
+
+async def test_an_empty_batch_is_invalid_argument_with_a_field_violation(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_of(caught.value)
+    assert status is not None
+    assert field_violations(status) == [FieldViolation("events", "must hold 1 to 1000 events, got 0")]
+
+
+async def test_stream_answers_every_event_by_id(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, unique: str
+) -> None:
+    events = [event(user_id=f"u-{unique}", product_viewed=product_viewed(f"sku-{i}")) for i in range(50)]
+    events.append(
+        event(
+            user_id=f"u-{unique}",
+            occurred_at=datetime.now(UTC) + timedelta(hours=1),
+            product_viewed=product_viewed("late"),
+        )
+    )
+
+    async def requests() -> AsyncIterator[ingest_pb2.StreamEventsRequest]:
+        for e in events:
+            yield ingest_pb2.StreamEventsRequest(event=e)
+
+    outcomes = {r.result.event_id: r.result.outcome async for r in ingest_stub.StreamEvents(requests())}
+    expected = {e.event_id: ACCEPTED for e in events[:-1]} | {events[-1].event_id: REJECTED}
+    assert outcomes == expected
+
+
+async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted(
+    tmp_path: Path, unique: str
+) -> None:
+    port = devstack.free_port()
+    nats = devstack.start_nats(port, tmp_path / "nats")
+    settings = Settings(
+        address="127.0.0.1:0",
+        event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
+    )
+    app = await create_app(settings)
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            ok = await stub.SendEvents(
+                ingest_pb2.SendEventsRequest(events=[event(user_id=unique, identify=identify(a=1))])
+            )
+            assert ok.results[0].outcome == ACCEPTED
+
+            devstack.stop_process(nats)
+            response = await asyncio.wait_for(
+                stub.SendEvents(
+                    ingest_pb2.SendEventsRequest(events=[event(user_id=unique, identify=identify(a=2))])
+                ),
+                timeout=10,
+            )
+            result = response.results[0]
+            assert result.outcome == RETRY
+            assert result.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+            detail_types = {d.type_url.rsplit("/", 1)[-1] for d in result.status.details}
+            assert detail_types == {"google.rpc.ErrorInfo", "google.rpc.RetryInfo"}
+    finally:
+        await app.stop(grace_s=1)
+        devstack.stop_process(nats)

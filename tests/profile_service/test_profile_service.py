@@ -1,0 +1,207 @@
+"""Ingest → NATS → merger → PostgreSQL/Redis → ProfileService, all real."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, json_format
+from redis.asyncio import Redis
+
+from profile_service.cache import ProfileCache, cache_key
+from profile_service.server import ProfileApp
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.errors import FieldViolation, field_violations, status_of
+from sendtime_common.identifiers import IdentifierKind
+from tests.conftest import user, wait_for_profile
+from tests.factories import cart_item_added, event, identify, order_completed, product_viewed
+
+EMAIL = profile_pb2.IDENTIFIER_KIND_EMAIL
+
+
+async def send(stub: ingest_pb2_grpc.IngestServiceAsyncStub, *events: ingest_pb2.Event) -> None:
+    response = await stub.SendEvents(ingest_pb2.SendEventsRequest(events=list(events)))
+    assert {r.outcome for r in response.results} <= {
+        ingest_pb2.EVENT_OUTCOME_ACCEPTED,
+        ingest_pb2.EVENT_OUTCOME_DUPLICATE,
+    }, response
+
+
+async def test_events_become_a_profile_found_by_any_identifier(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(
+        ingest_stub,
+        event(user_id=f"u-{unique}", email=f"Ada.{unique}@Example.com", identify=identify(first_name="Ada")),
+        event(user_id=f"u-{unique}", product_viewed=product_viewed("shoe-1", price="89.90")),
+        event(user_id=f"u-{unique}", cart_item_added=cart_item_added("shoe-1", 2, "89.90")),
+    )
+    profile = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    assert profile.traits["first_name"] == "Ada"
+    assert [v.sku for v in profile.recently_viewed] == ["shoe-1"]
+    assert (profile.cart.items[0].quantity, profile.cart.total.units, profile.cart.total.nanos) == (
+        2,
+        179,
+        800000000,
+    )
+    assert profile.name == f"profiles/{profile.customer_id}"
+
+    by_email = await profile_stub.GetProfile(
+        profile_pb2.GetProfileRequest(
+            identifier=profile_pb2.Identifier(kind=EMAIL, value=f"ada.{unique}@example.com")
+        )
+    )
+    assert by_email.profile.customer_id == profile.customer_id
+
+
+async def test_a_redelivered_or_resent_event_changes_nothing(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    profile_app: ProfileApp,
+    unique: str,
+) -> None:
+    add = event(user_id=f"u-{unique}", cart_item_added=cart_item_added("sku", 1))
+    await send(ingest_stub, add)
+    first = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    # What a redelivery from the log does: the merger sees the same event again.
+    from profile_service.repository import ProfileRepository
+
+    result = await ProfileRepository(profile_app.pool).merge_event(add)
+    assert result.duplicate
+    again = await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}")))
+    assert again.profile.cart.items[0].quantity == 1
+    assert again.profile.version == first.version
+
+
+async def test_traits_follow_occurred_at_not_arrival(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    now = datetime.now(UTC)
+    await send(ingest_stub, event(user_id=f"u-{unique}", occurred_at=now, identify=identify(city="Paris")))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "city" in p.traits)
+    late = event(
+        user_id=f"u-{unique}", occurred_at=now - timedelta(hours=1), identify=identify(city="Oslo", age=40)
+    )
+    await send(ingest_stub, late)
+    profile = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "age" in p.traits)
+    assert profile.traits["city"] == "Paris"
+
+
+async def test_an_event_linking_two_customers_merges_them(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    anon = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_ANONYMOUS_ID, value=f"anon-{unique}")
+    await send(ingest_stub, event(anonymous_id=f"anon-{unique}", cart_item_added=cart_item_added("a")))
+    await send(ingest_stub, event(user_id=f"u-{unique}", order_completed=order_completed("o1", "20")))
+    before = await wait_for_profile(profile_stub, anon, lambda p: len(p.cart.items) == 1)
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: p.orders.count == 1)
+
+    await send(
+        ingest_stub, event(user_id=f"u-{unique}", anonymous_id=f"anon-{unique}", identify=identify(x=1))
+    )
+    merged = await wait_for_profile(profile_stub, anon, lambda p: p.orders.count == 1 and "x" in p.traits)
+    by_user = await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}")))
+    assert by_user.profile.customer_id == merged.customer_id
+    assert merged.version > before.version
+    assert {i.value for i in merged.identifiers} == {f"anon-{unique}", f"u-{unique}"}
+
+
+async def test_batch_get_keeps_order_and_reports_missing(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, *(event(user_id=f"b{i}-{unique}", identify=identify(n=i)) for i in range(3)))
+    for i in range(3):
+        await wait_for_profile(profile_stub, user(f"b{i}-{unique}"), lambda p: "n" in p.traits)
+    ids = [user(f"b2-{unique}"), user(f"missing-{unique}"), user(f"b0-{unique}")]
+    response = await profile_stub.BatchGetProfiles(
+        profile_pb2.BatchGetProfilesRequest(
+            identifiers=ids, read_mask=field_mask_pb2.FieldMask(paths=["traits"])
+        )
+    )
+    assert [r.identifier.value for r in response.results] == [i.value for i in ids]
+    assert [r.found for r in response.results] == [True, False, True]
+    assert response.results[0].profile.traits["n"] == 2
+    assert not response.results[0].profile.HasField("cart")  # masked out
+    assert response.results[0].profile.version > 0
+
+
+async def test_bad_requests_get_field_violations(
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await profile_stub.GetProfile(
+            profile_pb2.GetProfileRequest(
+                identifier=profile_pb2.Identifier(kind=EMAIL, value="nope"),
+                read_mask=field_mask_pb2.FieldMask(paths=["shoe_size"]),
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_of(caught.value)
+    assert status is not None
+    assert [v.field for v in field_violations(status)] == ["identifier.value", "read_mask"]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await profile_stub.GetProfile(
+            profile_pb2.GetProfileRequest(identifier=profile_pb2.Identifier(value="x"))
+        )
+    status = status_of(caught.value)
+    assert status is not None
+    assert field_violations(status)[0] == FieldViolation(
+        "identifier.kind", "required: one of USER_ID, EMAIL, ANONYMOUS_ID, CRM_ID, DEVICE_ID"
+    )
+
+
+async def test_unknown_identifier_is_not_found(
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub, unique: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"nobody-{unique}")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_stale_cache_write_never_replaces_a_newer_entry(redis_url: str, unique: str) -> None:
+    cache = ProfileCache(Redis.from_url(redis_url), ttl_s=60)
+    identifier = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=f"c-{unique}")
+    newer = profile_pb2.Profile(customer_id="c", version=5, identifiers=[identifier])
+    newer.traits.update({"v": "new"})
+    older = profile_pb2.Profile(customer_id="c", version=4, identifiers=[identifier])
+    older.traits.update({"v": "old"})
+    try:
+        await cache.put([newer])
+        await cache.put([older])
+        (cached,) = await cache.get_many([cache_key(IdentifierKind.USER_ID, f"c-{unique}")])
+        assert cached is not None and json_format.MessageToDict(cached.traits) == {"v": "new"}
+    finally:
+        await cache.close()
+
+
+async def test_the_cache_entry_follows_each_merge(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    redis_url: str,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("a")))
+    first = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("b")))
+    cache = ProfileCache(Redis.from_url(redis_url), ttl_s=60)
+    try:
+        for _ in range(100):
+            (cached,) = await cache.get_many([cache_key(IdentifierKind.USER_ID, f"u-{unique}")])
+            if cached is not None and cached.version > first.version:
+                break
+            await asyncio.sleep(0.02)
+        assert cached is not None and [i.sku for i in cached.cart.items] == ["a", "b"]
+    finally:
+        await cache.close()
