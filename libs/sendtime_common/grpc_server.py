@@ -17,11 +17,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 log = logging.getLogger(__name__)
 
 OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what probes ask about
+
+# Probes and reflection are not traced: they are noise in traces, and the tracing interceptor
+# cannot wrap handlers that stream with context.write() (health's Watch).
+_TRACED_CALLS = filters.negate(
+    filters.any_of(filters.service_prefix("grpc.health."), filters.service_prefix("grpc.reflection."))
+)
 
 
 class GrpcServer:
@@ -37,7 +43,7 @@ class GrpcServer:
     ) -> None:
         self._service_names = list(service_names)
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor()],  # type: ignore[no-untyped-call]
+            interceptors=[aio_server_interceptor(filter_=_TRACED_CALLS)],  # type: ignore[no-untyped-call]
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 0)],
         )

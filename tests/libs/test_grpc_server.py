@@ -1,0 +1,80 @@
+"""The shared server bootstrap: health, reflection, and a graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sendtime_common.grpc_server import GrpcServer
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class SlowService:
+    """A raw-bytes service whose one method waits until released."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def wait(self, request: bytes, context: Any) -> bytes:
+        self.started.set()
+        await self.release.wait()
+        return b"done:" + request
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "test.Slow", {"Wait": grpc.unary_unary_rpc_method_handler(self.wait)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+
+async def test_stop_reports_not_serving_and_lets_in_flight_calls_finish() -> None:
+    service = SlowService()
+    server = GrpcServer("127.0.0.1:0", ["test.Slow"], service.register)
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest(service=""))).status == SERVING
+        assert (await health.Check(health_pb2.HealthCheckRequest(service="test.Slow"))).status == SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == SERVING
+
+        wait = channel.unary_unary("/test.Slow/Wait")
+        in_flight = asyncio.ensure_future(wait(b"x", timeout=10))
+        await service.started.wait()
+
+        stopping = asyncio.create_task(server.stop(grace_s=10))
+        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        watch.cancel()  # an open watch would otherwise hold the drain for the whole grace period
+        assert not in_flight.done()
+
+        service.release.set()
+        assert await in_flight == b"done:x"
+        await stopping
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await wait(b"y", timeout=2)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_reflection_lists_the_services() -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    server = GrpcServer("127.0.0.1:0", ["test.Slow"], SlowService().register)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            call = stub.ServerReflectionInfo()
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await call.done_writing()
+            names = {s.name async for r in call for s in r.list_services_response.service}
+        assert names == {"test.Slow", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    finally:
+        await server.stop(grace_s=0)
