@@ -45,7 +45,7 @@ async def test_stop_reports_not_serving_and_lets_in_flight_calls_finish() -> Non
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert (await watch.read()).status == SERVING
 
-        wait = channel.unary_unary("/test.Slow/Wait")
+        wait = channel.unary_unary("/test.Slow/Wait", None, None)  # raw bytes both ways
         in_flight = asyncio.ensure_future(wait(b"x", timeout=10))
         await service.started.wait()
 
