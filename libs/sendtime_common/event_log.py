@@ -218,6 +218,16 @@ class JetStreamEventLog:
         await log_._ensure_stream()
         return log_
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to NATS is up right now (it reconnects by itself)."""
+        return bool(self._client.is_connected)
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was re-established since ``connect``."""
+        return int(self._client.stats["reconnects"])
+
     def _stream_config(self) -> StreamConfig:
         s = self._settings
         return StreamConfig(
