@@ -19,11 +19,12 @@ THIRD_PARTY = ROOT / "third_party" / "googleapis"
 OUT = ROOT / "gen" / "python"
 
 
-def main() -> int:
+def generate(out: Path) -> int:
+    """Generate into ``out`` (emptied first); returns protoc's exit code."""
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    if OUT.exists():
-        shutil.rmtree(OUT)
-    OUT.mkdir(parents=True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     bin_dir = Path(sys.executable).parent  # mypy-protobuf's plugins sit beside this interpreter
     args = [
@@ -33,21 +34,21 @@ def main() -> int:
         f"-I{PROTOS}",
         f"-I{THIRD_PARTY}",
         f"-I{well_known}",
-        f"--python_out={OUT}",
-        f"--grpc_python_out={OUT}",
-        f"--mypy_out={OUT}",
-        f"--mypy_grpc_out={OUT}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         *sources,
     ]
     code = protoc.main(args)
     if code != 0:
         return int(code)
     # Regular packages (not namespace packages) so that tools and imports see one tree.
-    for directory in [OUT / "sendtime", *(p for p in (OUT / "sendtime").rglob("*") if p.is_dir())]:
+    for directory in [out / "sendtime", *(p for p in (out / "sendtime").rglob("*") if p.is_dir())]:
         (directory / "__init__.py").touch()
-    (OUT / "sendtime" / "py.typed").touch()
+    (out / "sendtime" / "py.typed").touch()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(generate(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT))
