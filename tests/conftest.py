@@ -28,8 +28,12 @@ from ingest.settings import Settings as IngestSettings
 from profile_service.server import ProfileApp
 from profile_service.server import create_app as create_profile_app
 from profile_service.settings import Settings as ProfileSettings
+from render.server import RenderApp
+from render.server import create_app as create_render_app
+from render.settings import Settings as RenderSettings
 from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime.render.v1 import render_pb2_grpc
 from sendtime_common.event_log import JetStreamSettings
 
 _SPAN_EXPORTER = InMemorySpanExporter()
@@ -132,6 +136,22 @@ async def ingest_stub(ingest_app: IngestApp) -> AsyncIterator[ingest_pb2_grpc.In
 async def profile_stub(profile_app: ProfileApp) -> AsyncIterator[profile_pb2_grpc.ProfileServiceAsyncStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{profile_app.grpc.port}") as channel:
         yield profile_pb2_grpc.ProfileServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def render_app(profile_app: ProfileApp) -> AsyncIterator[RenderApp]:
+    app = create_render_app(
+        RenderSettings(address="127.0.0.1:0", profile_target=f"127.0.0.1:{profile_app.grpc.port}")
+    )
+    await app.start()
+    yield app
+    await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def render_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{render_app.grpc.port}") as channel:
+        yield render_pb2_grpc.RenderServiceStub(channel)
 
 
 async def wait_for_profile(

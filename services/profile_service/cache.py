@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from profile_service.codec import PROTO_TO_KIND
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import IdentifierKind
 
 KEY_PREFIX = "sendtime:profile:"

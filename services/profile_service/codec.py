@@ -14,19 +14,11 @@ from google.type import money_pb2
 
 from profile_service.state import Money, ProfileState
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.identifier_proto import KIND_TO_PROTO
 from sendtime_common.identifiers import IdentifierKind
 
 RECENT_ORDERS_LIMIT = 10
 ALWAYS_RETURNED = ("name", "customer_id", "version")
-
-KIND_TO_PROTO = {
-    IdentifierKind.USER_ID: profile_pb2.IDENTIFIER_KIND_USER_ID,
-    IdentifierKind.EMAIL: profile_pb2.IDENTIFIER_KIND_EMAIL,
-    IdentifierKind.ANONYMOUS_ID: profile_pb2.IDENTIFIER_KIND_ANONYMOUS_ID,
-    IdentifierKind.CRM_ID: profile_pb2.IDENTIFIER_KIND_CRM_ID,
-    IdentifierKind.DEVICE_ID: profile_pb2.IDENTIFIER_KIND_DEVICE_ID,
-}
-PROTO_TO_KIND = {v: k for k, v in KIND_TO_PROTO.items()}
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
 from profile_service.codec import to_proto
-from profile_service.repository import IdentifierKey, ProfileRepository
+from profile_service.repository import ProfileRepository
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.identifier_proto import IdentifierKey
 
 log = logging.getLogger(__name__)
 

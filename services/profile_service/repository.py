@@ -21,13 +21,12 @@ import asyncpg.pool
 from profile_service.codec import StoredProfile
 from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierKind, identifiers_of
 
 log = logging.getLogger(__name__)
 
 MAX_TRANSACTION_ATTEMPTS = 5
-
-IdentifierKey = tuple[IdentifierKind, str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,24 +6,11 @@ from typing import Any
 
 import grpc
 
-from profile_service.codec import PROTO_TO_KIND, InvalidReadMask, apply_read_mask, check_read_mask
+from profile_service.codec import InvalidReadMask, apply_read_mask, check_read_mask
 from profile_service.reader import ProfileReader
-from profile_service.repository import IdentifierKey
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import FieldViolation, abort_invalid, abort_with, not_found_status
-from sendtime_common.identifiers import InvalidIdentifier, normalize_identifier
-
-
-def _identifier_key(identifier: profile_pb2.Identifier, field: str) -> IdentifierKey | FieldViolation:
-    kind = PROTO_TO_KIND.get(identifier.kind)
-    if kind is None:
-        return FieldViolation(
-            f"{field}.kind", "required: one of USER_ID, EMAIL, ANONYMOUS_ID, CRM_ID, DEVICE_ID"
-        )
-    try:
-        return kind, normalize_identifier(kind, identifier.value)
-    except InvalidIdentifier as exc:
-        return FieldViolation(f"{field}.value", str(exc))
+from sendtime_common.identifier_proto import IdentifierKey, parse_identifier
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
@@ -35,7 +22,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.GetProfileResponse:
         violations: list[FieldViolation] = []
-        key = _identifier_key(request.identifier, "identifier")
+        key = parse_identifier(request.identifier, "identifier")
         if isinstance(key, FieldViolation):
             violations.append(key)
         violations.extend(_read_mask_violations(request))
@@ -62,7 +49,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             )
         keys: list[IdentifierKey] = []
         for i, identifier in enumerate(request.identifiers):
-            key = _identifier_key(identifier, f"identifiers[{i}]")
+            key = parse_identifier(identifier, f"identifiers[{i}]")
             if isinstance(key, FieldViolation):
                 violations.append(key)
             else:

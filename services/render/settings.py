@@ -1,0 +1,46 @@
+"""Typed configuration of the render service."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sendtime_common.config import env_float, env_int, env_str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    address: str = "[::]:50053"
+    log_level: str = "INFO"
+    otlp_endpoint: str = ""
+    shutdown_grace_s: float = 10.0
+    profile_target: str = "127.0.0.1:50052"
+    # Used when a caller sets no deadline of its own: a render must never wait without bound.
+    default_deadline_s: float = 1.0
+    # Kept back from the caller's deadline for rendering the fallback after a profile lookup
+    # that did not answer in time.
+    fallback_reserve_s: float = 0.02
+    template_cache_size: int = 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read settings from environment variables; unset ones keep their local defaults.
+
+        Raises:
+            sendtime_common.config.ConfigError: a variable has an unusable value.
+        """
+        defaults = cls()
+        return cls(
+            address=env_str(env, "RENDER_ADDRESS", defaults.address),
+            log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
+            otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            profile_target=env_str(env, "PROFILE_SERVICE_TARGET", defaults.profile_target),
+            default_deadline_s=env_float(
+                env, "RENDER_DEFAULT_DEADLINE_SECONDS", defaults.default_deadline_s, minimum=0.001
+            ),
+            fallback_reserve_s=env_float(env, "RENDER_FALLBACK_RESERVE_SECONDS", defaults.fallback_reserve_s),
+            template_cache_size=env_int(
+                env, "RENDER_TEMPLATE_CACHE_SIZE", defaults.template_cache_size, minimum=1
+            ),
+        )

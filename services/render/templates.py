@@ -1,0 +1,128 @@
+"""Compiling Liquid templates: one environment for every render, compiled templates cached.
+
+The HTML part is autoescaped (profile data is untrusted input from many sources); subject and
+text are plain text and are not. Unknown filters are found when the template is compiled, not
+half-way through a send.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from babel.numbers import UnknownCurrencyError, format_currency
+from liquid import BoundTemplate, Environment
+from liquid.exceptions import LiquidError
+
+PARTS = ("subject", "html", "text")
+MONEY_LOCALE = "en_US"
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateError(Exception):
+    """A template part that cannot be compiled or rendered, with the 1-based position where
+    Liquid knows it (it does not for some errors at the end of the source, e.g. a missing
+    ``endif``)."""
+
+    part: str
+    line: int | None
+    column: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.part}: {self.detail}"
+
+    @property
+    def detail(self) -> str:
+        """The reason with its position, e.g. ``line 2, column 6: missing expression``."""
+        if self.line is None:
+            return self.reason
+        return f"line {self.line}, column {self.column}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledTemplate:
+    subject: BoundTemplate
+    html: BoundTemplate
+    text: BoundTemplate
+
+
+def money(value: object, currency: object = None) -> str:
+    """``{{ profile.cart.total | money }}`` → ``€59.90``; also ``{{ 12.5 | money: "USD" }}``.
+
+    Anything that is not money renders as an empty string rather than failing the send.
+    """
+    if isinstance(value, Mapping):
+        amount, code = value.get("amount"), value.get("currency")
+    else:
+        amount, code = value, currency
+    if amount is None or not isinstance(code, str) or not code:
+        return ""
+    try:
+        return str(format_currency(Decimal(str(amount)), code, locale=MONEY_LOCALE))
+    except (InvalidOperation, UnknownCurrencyError, ValueError):
+        return ""
+
+
+def _environment(*, autoescape: bool) -> Environment:
+    environment = Environment(autoescape=autoescape)
+    environment.add_filter("money", money)
+    return environment
+
+
+class TemplateCompiler:
+    """Compiles (subject, html, text) sources, keeping the last ``cache_size`` compiled."""
+
+    def __init__(self, cache_size: int) -> None:
+        self._html_environment = _environment(autoescape=True)
+        self._text_environment = _environment(autoescape=False)
+        self._compile_cached = functools.lru_cache(maxsize=cache_size)(self._compile)
+
+    def compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
+        """The compiled template; the same sources are compiled once.
+
+        Raises:
+            TemplateError: a part has a syntax error or uses an unknown filter.
+        """
+        return self._compile_cached(subject, html, text)
+
+    def _compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
+        return CompiledTemplate(
+            subject=self._parse(self._text_environment, "subject", subject),
+            html=self._parse(self._html_environment, "html", html),
+            text=self._parse(self._text_environment, "text", text),
+        )
+
+    @staticmethod
+    def _parse(environment: Environment, part: str, source: str) -> BoundTemplate:
+        try:
+            template = environment.from_string(source)
+        except LiquidError as exc:
+            raise _template_error(part, exc) from None
+        for name, spans in template.analyze().filters.items():
+            if name not in environment.filters:
+                line, column = spans[0].line_col(source)
+                raise TemplateError(part, line, column + 1, f"unknown filter '{name}'")
+        return template
+
+
+def render_part(template: BoundTemplate, part: str, context: Mapping[str, Any]) -> str:
+    """Render one part.
+
+    Raises:
+        TemplateError: the template failed on this data (a filter given the wrong type, say).
+    """
+    try:
+        return str(template.render(**context))
+    except LiquidError as exc:
+        raise _template_error(part, exc) from None
+
+
+def _template_error(part: str, exc: LiquidError) -> TemplateError:
+    position = exc.context()
+    if position is None:
+        return TemplateError(part, None, None, str(exc.message))
+    return TemplateError(part, position[0], position[1] + 1, str(exc.message))

@@ -1,0 +1,221 @@
+"""RenderService on the real profile service (and on a slow and a dead one): live renders,
+fallbacks within the caller's deadline, and request and template errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+import devstack
+from render.server import create_app
+from render.settings import Settings
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.errors import FieldViolation, field_violations, status_of
+from tests.conftest import user, wait_for_profile
+from tests.factories import cart_item_added, event, identify, product_viewed
+
+ABANDONED_CART = render_pb2.Template(
+    subject="{{ profile.traits.first_name }}, you left something behind",
+    html=(
+        "<p>Hi {{ profile.traits.first_name }},</p><ul>"
+        "{% for item in profile.cart.items %}<li>{{ item.quantity }} × {{ item.name }}</li>{% endfor %}"
+        "</ul><p>Total {{ profile.cart.total | money }}</p>"
+    ),
+    text="Total {{ profile.cart.total | money }} {{ vars.discount_code }}",
+)
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    built = struct_pb2.Struct()
+    built.update(values)
+    return built
+
+
+def abandoned_cart(**fallback_traits: str) -> render_pb2.Template:
+    template = render_pb2.Template()
+    template.CopyFrom(ABANDONED_CART)
+    template.fallback.CopyFrom(struct({"profile": {"traits": fallback_traits}}))
+    return template
+
+
+def render_request(
+    identifier: profile_pb2.Identifier, template: render_pb2.Template
+) -> render_pb2.RenderRequest:
+    return render_pb2.RenderRequest(
+        customer=identifier, template=template, variables=struct({"discount_code": "COMEBACK10"})
+    )
+
+
+@asynccontextmanager
+async def render_stub_for(
+    profile_target: str, **settings: Any
+) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
+    """A render service of its own, looking profiles up at ``profile_target``."""
+    app = create_app(Settings(address="127.0.0.1:0", profile_target=profile_target, **settings))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            yield render_pb2_grpc.RenderServiceStub(channel)
+    finally:
+        await app.stop(grace_s=1)
+
+
+class SlowProfileService(profile_pb2_grpc.ProfileServiceServicer):
+    """Answers GetProfile only after ``delay_s``: a profile service under too much load."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    async def GetProfile(
+        self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.GetProfileResponse:
+        await asyncio.sleep(self.delay_s)
+        return profile_pb2.GetProfileResponse(profile=profile_pb2.Profile(customer_id="late"))
+
+    async def BatchGetProfiles(
+        self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.BatchGetProfilesResponse:
+        await asyncio.sleep(self.delay_s)
+        return profile_pb2.BatchGetProfilesResponse()
+
+
+@pytest.fixture
+async def slow_profile_target() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(SlowProfileService(delay_s=5), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(grace=0)
+
+
+async def test_renders_the_live_cart(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    unique: str,
+) -> None:
+    await ingest_stub.SendEvents(
+        ingest_pb2.SendEventsRequest(
+            events=[
+                event(user_id=f"u-{unique}", identify=identify(first_name="Ada")),
+                event(user_id=f"u-{unique}", product_viewed=product_viewed("shoe-1", "Trail shoe", "59.90")),
+                event(
+                    user_id=f"u-{unique}", cart_item_added=cart_item_added("shoe-1", 2, "59.90", "Trail shoe")
+                ),
+            ]
+        )
+    )
+    profile = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+
+    response = await render_stub.Render(
+        render_request(user(f"u-{unique}"), abandoned_cart(first_name="there"))
+    )
+
+    assert response.subject == "Ada, you left something behind"
+    assert response.html == "<p>Hi Ada,</p><ul><li>2 × Trail shoe</li></ul><p>Total €119.80</p>"
+    assert response.text == "Total €119.80 COMEBACK10"
+    assert not response.fallback_used
+    assert response.fallback_reason == render_pb2.FALLBACK_REASON_UNSPECIFIED
+    assert response.profile_version == profile.version
+
+
+async def test_profile_data_is_escaped_in_html(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    unique: str,
+) -> None:
+    name = '<img src=x onerror="alert(1)">'
+    await ingest_stub.SendEvents(
+        ingest_pb2.SendEventsRequest(
+            events=[event(user_id=f"u-{unique}", identify=identify(first_name=name))]
+        )
+    )
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "first_name" in p.traits)
+
+    response = await render_stub.Render(render_request(user(f"u-{unique}"), abandoned_cart()))
+
+    assert "<img" not in response.html
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in response.html
+    assert response.subject.startswith(name)  # plain text: the mail client does not interpret it
+
+
+async def test_unknown_customer_gets_the_fallback_values(
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub, unique: str
+) -> None:
+    response = await render_stub.Render(
+        render_request(user(f"nobody-{unique}"), abandoned_cart(first_name="there"))
+    )
+
+    assert response.fallback_used
+    assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_NOT_FOUND
+    assert response.subject == "there, you left something behind"
+    assert response.text == "Total  COMEBACK10"
+    assert response.profile_version == 0
+
+
+async def test_slow_profile_service_gets_a_fallback_within_the_deadline(slow_profile_target: str) -> None:
+    async with render_stub_for(slow_profile_target) as stub:
+        # The call fails with DEADLINE_EXCEEDED unless render answers within 150 ms.
+        response = await stub.Render(
+            render_request(user("u-1"), abandoned_cart(first_name="there")), timeout=0.15
+        )
+    assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT
+    assert response.subject == "there, you left something behind"
+
+
+async def test_without_a_caller_deadline_the_default_one_bounds_the_lookup(slow_profile_target: str) -> None:
+    async with render_stub_for(slow_profile_target, default_deadline_s=0.2) as stub:
+        response = await stub.Render(render_request(user("u-1"), abandoned_cart(first_name="there")))
+    assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT
+
+
+async def test_profile_service_down_gets_a_fallback() -> None:
+    async with render_stub_for(f"127.0.0.1:{devstack.free_port()}") as stub:
+        response = await stub.Render(
+            render_request(user("u-1"), abandoned_cart(first_name="there")), timeout=2
+        )
+    assert response.fallback_used
+    assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE
+    assert response.subject == "there, you left something behind"
+
+
+async def invalid_argument(call: Callable[[], Awaitable[object]]) -> list[FieldViolation]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_of(caught.value)
+    assert status is not None
+    return field_violations(status)
+
+
+async def test_template_syntax_error_is_invalid_argument_with_position(
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+) -> None:
+    template = render_pb2.Template(subject="Hi", html="<p>\n{% if %}yes{% endif %}</p>")
+    violations = await invalid_argument(lambda: render_stub.Render(render_request(user("u-1"), template)))
+    assert len(violations) == 1
+    assert violations[0].field == "template.html"
+    assert violations[0].description == "line 2, column 4: missing expression"
+
+
+async def test_bad_request_names_every_bad_field(render_stub: render_pb2_grpc.RenderServiceAsyncStub) -> None:
+    request = render_pb2.RenderRequest(
+        customer=profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_EMAIL, value="not-an-email"),
+        template=render_pb2.Template(html="<p>no subject</p>"),
+    )
+    violations = await invalid_argument(lambda: render_stub.Render(request))
+    assert [v.field for v in violations] == ["customer.value", "template.subject"]
+
+    missing_customer = render_pb2.RenderRequest(template=ABANDONED_CART)
+    violations = await invalid_argument(lambda: render_stub.Render(missing_customer))
+    assert [v.field for v in violations] == ["customer.kind"]

@@ -1,0 +1,138 @@
+"""scripts/devstack.py as the Makefile runs it: a subprocess, with its own ports and run directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import nats
+import pytest
+import redis.asyncio as redis
+
+import devstack
+
+SCRIPT = devstack.ROOT / "scripts" / "devstack.py"
+ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", devstack.DEFAULT_TEST_DATABASE_URL)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A run directory the ``postgres`` user can enter (pytest's tmp root is 0700 when we are root)."""
+    path = Path(tempfile.mkdtemp(prefix="devstack-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cli(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), command],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def pids(run_dir: Path) -> dict[str, int]:
+    return {path.stem: int(path.read_text()) for path in run_dir.glob("*.pid")}
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+async def test_up_starts_all_three_once_and_down_stops_them(run_dir: Path) -> None:
+    ports = {name: devstack.free_port() for name in ("nats", "redis", "postgres")}
+    env = {
+        "SENDTIME_RUN_DIR": str(run_dir),
+        "NATS_URL": f"nats://127.0.0.1:{ports['nats']}",
+        "REDIS_URL": f"redis://127.0.0.1:{ports['redis']}/0",
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{ports['postgres']}/sendtime_devstack",
+    }
+    try:
+        first = cli("up", env)
+        assert first.returncode == 0, first.stderr
+        started = pids(run_dir)
+        assert set(started) == {"nats", "redis", "postgres"}
+
+        conn = await asyncpg.connect(env["DATABASE_URL"])
+        try:
+            assert await conn.fetchval("SELECT current_database()") == "sendtime_devstack"
+        finally:
+            await conn.close()
+        nc = await nats.connect(env["NATS_URL"])
+        try:
+            await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+        client = redis.from_url(env["REDIS_URL"])
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+        second = cli("up", env)
+        assert second.returncode == 0, second.stderr
+        assert "started" not in second.stdout.replace("started earlier", "")
+        assert pids(run_dir) == started
+
+        stopped = cli("down", env)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "postgres" in stopped.stdout and "redis" in stopped.stdout and "nats" in stopped.stdout
+        assert not any(devstack.tcp_reachable("127.0.0.1", port) for port in ports.values())
+        assert pids(run_dir) == {}
+        assert cli("down", env).stdout.strip() == "nothing to stop"
+    finally:
+        cli("down", env)
+
+
+async def test_up_uses_what_is_already_reachable(run_dir: Path, nats_url: str, redis_url: str) -> None:
+    admin = urlsplit(ADMIN_DATABASE_URL)
+    if not devstack.tcp_reachable(admin.hostname or "127.0.0.1", admin.port or 5432):
+        pytest.skip(f"no PostgreSQL at {devstack.redact(ADMIN_DATABASE_URL)}: run `devstack.py ensure`")
+    name = f"devstack_test_{uuid.uuid4().hex[:12]}"
+    env = {
+        "SENDTIME_RUN_DIR": str(run_dir),
+        "NATS_URL": nats_url,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": with_database(ADMIN_DATABASE_URL, name),
+    }
+    try:
+        result = cli("up", env)
+        assert result.returncode == 0, result.stderr
+        assert "started" not in result.stdout
+        assert f"created database {name}" in result.stdout
+        assert pids(run_dir) == {}
+        conn = await asyncpg.connect(env["DATABASE_URL"])
+        await conn.close()
+
+        assert cli("down", env).stdout.strip() == "nothing to stop"
+        assert devstack.tcp_reachable("127.0.0.1", urlsplit(nats_url).port or 0)
+    finally:
+        conn = await asyncpg.connect(ADMIN_DATABASE_URL)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await conn.close()
+
+
+def test_unreachable_remote_host_fails_cleanly(run_dir: Path) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never routed, so nothing answers there.
+    result = cli("up", {"SENDTIME_RUN_DIR": str(run_dir), "NATS_URL": "nats://192.0.2.1:4222"})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "devstack.py up: error: nats: nothing reachable at 192.0.2.1:4222, "
+        "and devstack only starts local ones"
+    )
+    assert pids(run_dir) == {}
