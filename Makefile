@@ -35,10 +35,10 @@ up: install
 down: install
 	$(PY) scripts/devstack.py down
 
-run: up
+run: install
 	$(PY) scripts/suite.py run
 
-demo: up
+demo: install
 	$(PY) scripts/suite.py demo
 
 test: install

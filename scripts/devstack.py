@@ -450,8 +450,9 @@ async def create_database(url: str) -> bool:
         await conn.close()
 
 
-def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> None:
-    """Use what listens at ep, or start ours via ``start(port, workdir) -> pid`` and record its pid."""
+def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> bool:
+    """Use what listens at ep, or start ours via ``start(port, workdir) -> pid`` and record its pid;
+    whether it started one."""
     pid_file = rd / f"{ep.name}.pid"
     pid = _read_pid(pid_file)
     ours = pid is not None and _is_ours(pid, ep.name)
@@ -459,7 +460,7 @@ def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> None:
     if tcp_reachable(ep.host, ep.port):
         how = f"started earlier by devstack, pid {pid}" if ours else "already listening"
         _say(f"{label}using {ep.address} ({how})")
-        return
+        return False
     if ours:
         raise DevstackError(
             f"{ep.name}: pid {pid} from {_shown(pid_file)} runs but {ep.address} is not reachable "
@@ -479,6 +480,7 @@ def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> None:
     new_pid = start(ep.port, workdir)
     pid_file.write_text(f"{new_pid}\n")
     _say(f"{label}started on {ep.address} (pid {new_pid}; state and log in {_shown(workdir)}/)")
+    return True
 
 
 def _start_nats(port: int, workdir: Path) -> int:
@@ -492,7 +494,7 @@ def _start_redis(port: int, workdir: Path) -> int:
     return process.pid
 
 
-def _ensure_postgres(ep: Endpoint, rd: Path) -> None:
+def _ensure_postgres(ep: Endpoint, rd: Path) -> bool:
     superuser = urlsplit(ep.url).username or "postgres"
     if ep.host in LOCAL_HOSTS and not tcp_reachable(ep.host, ep.port):
         require_postgres_tools()  # installing the package may start a server on the default port
@@ -500,23 +502,30 @@ def _ensure_postgres(ep: Endpoint, rd: Path) -> None:
     def start(port: int, workdir: Path) -> int:
         return start_postgres(port, workdir, superuser)
 
-    _ensure(ep, rd, start)
+    return _ensure(ep, rd, start)
 
 
-def up(env: Mapping[str, str] | None = None) -> None:
+def up(env: Mapping[str, str] | None = None) -> list[str]:
     """Make NATS, Redis and PostgreSQL reachable at their URLs and create the app's database.
 
     Idempotent: what already listens is used, never restarted. Synchronous (it runs its own event
-    loop for asyncpg), so do not call it from inside a running loop.
+    loop for asyncpg), so do not call it from inside a running loop. Returns the names of the
+    ones it started (for ``down(names=...)``).
     """
     env = os.environ if env is None else env
     rd = run_dir(env)
     nats = endpoint("nats", env.get("NATS_URL") or DEFAULT_NATS_URL, 4222)
     redis = endpoint("redis", env.get("REDIS_URL") or DEFAULT_REDIS_URL, 6379)
     postgres = endpoint("postgres", env.get("DATABASE_URL") or DEFAULT_DATABASE_URL, 5432)
-    _ensure(nats, rd, _start_nats)
-    _ensure(redis, rd, _start_redis)
-    _ensure_postgres(postgres, rd)
+    started = [
+        name
+        for name, was_started in (
+            ("nats", _ensure(nats, rd, _start_nats)),
+            ("redis", _ensure(redis, rd, _start_redis)),
+            ("postgres", _ensure_postgres(postgres, rd)),
+        )
+        if was_started
+    ]
     try:
         created = asyncio.run(create_database(postgres.url))
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -526,6 +535,7 @@ def up(env: Mapping[str, str] | None = None) -> None:
     database = unquote(urlsplit(postgres.url).path.lstrip("/"))
     _say(f"postgres: {'created' if created else 'using'} database {database}")
     _say(f"ready:    {redact(nats.url)}  {redact(redis.url)}  {redact(postgres.url)}")
+    return started
 
 
 def ensure(env: Mapping[str, str] | None = None) -> None:
@@ -541,17 +551,21 @@ def ensure(env: Mapping[str, str] | None = None) -> None:
     _ensure_postgres(postgres, run_dir(env))
 
 
-def down(env: Mapping[str, str] | None = None) -> None:
-    """Stop what this checkout's ``up``/``ensure`` started (per the run dir), nothing else.
+def down(env: Mapping[str, str] | None = None, names: Sequence[str] = ("postgres", "redis", "nats")) -> None:
+    """Stop what this checkout's ``up``/``ensure`` started (per the run dir), nothing else; only
+    ``names`` among them when given.
 
     No error when nothing runs. PostgreSQL data is kept for the next ``up``.
     """
     rd = run_dir(env)
     stopped = []
-    if stop_postgres(rd / "postgres"):
-        stopped.append("postgres")
-    (rd / "postgres.pid").unlink(missing_ok=True)
+    if "postgres" in names:
+        if stop_postgres(rd / "postgres"):
+            stopped.append("postgres")
+        (rd / "postgres.pid").unlink(missing_ok=True)
     for name in ("redis", "nats"):
+        if name not in names:
+            continue
         pid_file = rd / f"{name}.pid"
         pid = _read_pid(pid_file)
         process = _STARTED.pop(name, None)
@@ -585,9 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ensure", help="for the tests: nats-server and redis-server installed, Postgres at TEST_DATABASE_URL"
     )
     args = parser.parse_args(argv)
-    action = {"up": up, "down": down, "ensure": ensure}[args.command]
     try:
-        action()
+        if args.command == "up":
+            up()
+        elif args.command == "down":
+            down()
+        else:
+            ensure()
     except (RuntimeError, OSError) as exc:
         print(f"devstack.py {args.command}: error: {exc}", file=sys.stderr)
         if args.command != "down" and _STARTED:

@@ -32,6 +32,8 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from sendtime_common.config import env_float, env_int, env_str
+
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -121,6 +123,25 @@ class JetStreamSettings:
     publish_timeout_s: float = 5.0
     ack_wait_s: float = 30.0
     max_ack_pending: int = 10_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
+        """NATS_URL, NATS_STREAM, NATS_REPLICAS, NATS_DUPLICATE_WINDOW_SECONDS, NATS_MAX_AGE_SECONDS;
+        unset ones keep their local defaults.
+
+        Raises:
+            sendtime_common.config.ConfigError: a variable has an unusable value.
+        """
+        defaults = cls()
+        return cls(
+            url=env_str(env, "NATS_URL", defaults.url),
+            stream=env_str(env, "NATS_STREAM", defaults.stream),
+            replicas=env_int(env, "NATS_REPLICAS", defaults.replicas, minimum=1),
+            duplicate_window_s=env_float(
+                env, "NATS_DUPLICATE_WINDOW_SECONDS", defaults.duplicate_window_s, minimum=1
+            ),
+            max_age_s=env_float(env, "NATS_MAX_AGE_SECONDS", defaults.max_age_s, minimum=1),
+        )
 
 
 class _JetStreamDelivery:

@@ -30,7 +30,7 @@ class Settings:
         Raises:
             sendtime_common.config.ConfigError: a variable has an unusable value.
         """
-        defaults, log_defaults = cls(), JetStreamSettings()
+        defaults = cls()
         return cls(
             address=env_str(env, "INGEST_ADDRESS", defaults.address),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
@@ -40,12 +40,5 @@ class Settings:
             max_in_flight_per_stream=env_int(
                 env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1
             ),
-            event_log=JetStreamSettings(
-                url=env_str(env, "NATS_URL", log_defaults.url),
-                stream=env_str(env, "NATS_STREAM", log_defaults.stream),
-                replicas=env_int(env, "NATS_REPLICAS", log_defaults.replicas, minimum=1),
-                duplicate_window_s=env_float(
-                    env, "NATS_DUPLICATE_WINDOW_SECONDS", log_defaults.duplicate_window_s, minimum=1
-                ),
-            ),
+            event_log=JetStreamSettings.from_env(env),
         )

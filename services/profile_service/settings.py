@@ -32,7 +32,7 @@ class Settings:
         Raises:
             sendtime_common.config.ConfigError: a variable has an unusable value.
         """
-        defaults, log_defaults = cls(), JetStreamSettings()
+        defaults = cls()
         return cls(
             address=env_str(env, "PROFILE_ADDRESS", defaults.address),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
@@ -47,12 +47,5 @@ class Settings:
             merge_concurrency=env_int(
                 env, "PROFILE_MERGE_CONCURRENCY", defaults.merge_concurrency, minimum=1
             ),
-            event_log=JetStreamSettings(
-                url=env_str(env, "NATS_URL", log_defaults.url),
-                stream=env_str(env, "NATS_STREAM", log_defaults.stream),
-                replicas=env_int(env, "NATS_REPLICAS", log_defaults.replicas, minimum=1),
-                duplicate_window_s=env_float(
-                    env, "NATS_DUPLICATE_WINDOW_SECONDS", log_defaults.duplicate_window_s, minimum=1
-                ),
-            ),
+            event_log=JetStreamSettings.from_env(env),
         )

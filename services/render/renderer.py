@@ -17,14 +17,6 @@ tracer = trace.get_tracer(__name__)
 
 
 @dataclass(frozen=True, slots=True)
-class TemplateSource:
-    subject: str
-    html: str
-    text: str
-    fallback: Mapping[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
 class Rendered:
     subject: str
     html: str
@@ -41,30 +33,37 @@ class Renderer:
         self._profiles = profiles
         self._fallback_reserve_s = fallback_reserve_s
 
+    def compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
+        """The compiled template (cached by source).
+
+        Raises:
+            render.templates.InvalidTemplate: a part does not compile.
+        """
+        return self._compiler.compile(subject, html, text)
+
     async def render(
         self,
         customer: profile_pb2.Identifier,
-        source: TemplateSource,
+        template: CompiledTemplate,
+        fallback: Mapping[str, Any],
         variables: Mapping[str, Any],
         time_left_s: float,
     ) -> Rendered:
-        """Render ``source`` for ``customer``, finishing within ``time_left_s``.
+        """Render ``template`` for ``customer``, finishing within ``time_left_s``.
 
-        The template is compiled first, so a broken template fails before any lookup. The
-        profile lookup gets the time left minus a reserve for rendering; whatever it returns,
-        the template is rendered, with fallback values standing in for a missing profile.
+        The profile lookup gets the time left minus a reserve for rendering; whatever it returns,
+        the template is rendered, with ``fallback`` values standing in for what is missing.
 
         Raises:
-            render.templates.TemplateError: the template does not compile or fails to render.
+            render.templates.TemplateError: the template fails on this data.
         """
-        compiled = self._compiler.compile(source.subject, source.html, source.text)
         lookup = await self._profiles.fetch(customer, time_left_s - self._fallback_reserve_s)
         with tracer.start_as_current_span("render.template") as span:
             span.set_attribute("render.fallback", lookup.failure.value if lookup.failure else "")
             profile = message_to_context(lookup.profile) if lookup.profile is not None else None
             return _render(
-                compiled,
-                render_context(source.fallback, profile, variables),
+                template,
+                render_context(fallback, profile, variables),
                 profile_version=lookup.profile.version if lookup.profile is not None else 0,
                 fallback=lookup.failure,
             )

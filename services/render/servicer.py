@@ -8,8 +8,8 @@ import grpc
 
 from render.context import struct_to_dict
 from render.profile_client import LookupFailure
-from render.renderer import Renderer, TemplateSource
-from render.templates import TemplateError
+from render.renderer import Renderer
+from render.templates import InvalidTemplate, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import FieldViolation, abort_invalid
@@ -34,25 +34,27 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         customer = parse_identifier(request.customer, "customer")
         if isinstance(customer, FieldViolation):
             violations.append(customer)
-        if not request.template.subject.strip():
+        template = request.template
+        if not template.subject.strip():
             violations.append(FieldViolation("template.subject", "required"))
-        if violations or isinstance(customer, FieldViolation):
+        compiled = None
+        try:
+            compiled = self._renderer.compile(template.subject, template.html, template.text)
+        except InvalidTemplate as exc:
+            violations.extend(FieldViolation(f"template.{e.part}", e.detail) for e in exc.errors)
+        if violations or isinstance(customer, FieldViolation) or compiled is None:
             await abort_invalid(context, "invalid Render request", violations)
         kind, value = customer
         time_left = context.time_remaining()
         try:
             rendered = await self._renderer.render(
                 profile_pb2.Identifier(kind=KIND_TO_PROTO[kind], value=value),
-                TemplateSource(
-                    subject=request.template.subject,
-                    html=request.template.html,
-                    text=request.template.text,
-                    fallback=struct_to_dict(request.template.fallback),
-                ),
+                compiled,
+                struct_to_dict(template.fallback),
                 struct_to_dict(request.variables),
                 self._default_deadline_s if time_left is None else time_left,
             )
-        except TemplateError as exc:
+        except TemplateError as exc:  # compiled, but fails on this data
             await abort_invalid(
                 context,
                 "the template cannot be rendered",

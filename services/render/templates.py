@@ -43,6 +43,14 @@ class TemplateError(Exception):
         return f"line {self.line}, column {self.column}: {self.reason}"
 
 
+class InvalidTemplate(Exception):
+    """One or more parts of a template do not compile; ``errors`` has one entry per bad part."""
+
+    def __init__(self, errors: list[TemplateError]) -> None:
+        super().__init__("; ".join(str(e) for e in errors))
+        self.errors = errors
+
+
 @dataclass(frozen=True, slots=True)
 class CompiledTemplate:
     subject: BoundTemplate
@@ -85,16 +93,23 @@ class TemplateCompiler:
         """The compiled template; the same sources are compiled once.
 
         Raises:
-            TemplateError: a part has a syntax error or uses an unknown filter.
+            InvalidTemplate: parts have a syntax error or use an unknown filter (every such part
+                is reported, not only the first).
         """
         return self._compile_cached(subject, html, text)
 
     def _compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
-        return CompiledTemplate(
-            subject=self._parse(self._text_environment, "subject", subject),
-            html=self._parse(self._html_environment, "html", html),
-            text=self._parse(self._text_environment, "text", text),
-        )
+        parsed: dict[str, BoundTemplate] = {}
+        errors: list[TemplateError] = []
+        for part, source in zip(PARTS, (subject, html, text), strict=True):
+            environment = self._html_environment if part == "html" else self._text_environment
+            try:
+                parsed[part] = self._parse(environment, part, source)
+            except TemplateError as exc:
+                errors.append(exc)
+        if errors:
+            raise InvalidTemplate(errors)
+        return CompiledTemplate(subject=parsed["subject"], html=parsed["html"], text=parsed["text"])
 
     @staticmethod
     def _parse(environment: Environment, part: str, source: str) -> BoundTemplate:

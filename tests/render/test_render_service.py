@@ -211,10 +211,10 @@ async def test_template_syntax_error_is_invalid_argument_with_position(
 async def test_bad_request_names_every_bad_field(render_stub: render_pb2_grpc.RenderServiceAsyncStub) -> None:
     request = render_pb2.RenderRequest(
         customer=profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_EMAIL, value="not-an-email"),
-        template=render_pb2.Template(html="<p>no subject</p>"),
+        template=render_pb2.Template(html="<p>no subject</p>", text="{{ x | nope }}"),
     )
     violations = await invalid_argument(lambda: render_stub.Render(request))
-    assert [v.field for v in violations] == ["customer.value", "template.subject"]
+    assert [v.field for v in violations] == ["customer.value", "template.subject", "template.text"]
 
     missing_customer = render_pb2.RenderRequest(template=ABANDONED_CART)
     violations = await invalid_argument(lambda: render_stub.Render(missing_customer))

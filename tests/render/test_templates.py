@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from render.context import deep_merge, message_to_context, render_context
-from render.templates import TemplateCompiler, TemplateError, money, render_part
+from render.templates import InvalidTemplate, TemplateCompiler, money, render_part
 from sendtime.profile.v1 import profile_pb2
 from tests.factories import money as money_proto
 from tests.factories import timestamp
@@ -19,25 +19,34 @@ def compiler() -> TemplateCompiler:
 
 
 def test_syntax_error_names_part_line_and_column(compiler: TemplateCompiler) -> None:
-    with pytest.raises(TemplateError) as caught:
+    with pytest.raises(InvalidTemplate) as caught:
         compiler.compile("Hi", "<p>\n  {% if %}yes{% endif %}\n</p>", "")
-    assert (caught.value.part, caught.value.line, caught.value.column) == ("html", 2, 6)
-    assert caught.value.reason == "missing expression"
-    assert str(caught.value) == "html: line 2, column 6: missing expression"
+    (error,) = caught.value.errors
+    assert (error.part, error.line, error.column) == ("html", 2, 6)
+    assert error.reason == "missing expression"
+    assert str(error) == "html: line 2, column 6: missing expression"
 
 
 def test_unclosed_block_is_an_error_of_its_part(compiler: TemplateCompiler) -> None:
-    with pytest.raises(TemplateError) as caught:
+    with pytest.raises(InvalidTemplate) as caught:
         compiler.compile("Hi {% if vars.x %}", "", "")
-    assert (caught.value.part, caught.value.line) == ("subject", None)
-    assert str(caught.value) == "subject: expected tag endif, found end of expression"
+    (error,) = caught.value.errors
+    assert (error.part, error.line) == ("subject", None)
+    assert str(error) == "subject: expected tag endif, found end of expression"
 
 
 def test_unknown_filter_is_found_at_compile_time(compiler: TemplateCompiler) -> None:
-    with pytest.raises(TemplateError) as caught:
+    with pytest.raises(InvalidTemplate) as caught:
         compiler.compile("Hi", "", "line one\n  {{ profile.traits.name | shout }}")
-    assert (caught.value.part, caught.value.line, caught.value.column) == ("text", 2, 28)
-    assert caught.value.reason == "unknown filter 'shout'"
+    (error,) = caught.value.errors
+    assert (error.part, error.line, error.column) == ("text", 2, 28)
+    assert error.reason == "unknown filter 'shout'"
+
+
+def test_every_bad_part_is_reported(compiler: TemplateCompiler) -> None:
+    with pytest.raises(InvalidTemplate) as caught:
+        compiler.compile("{% if %}", "fine", "{{ x | nope }}")
+    assert [e.part for e in caught.value.errors] == ["subject", "text"]
 
 
 def test_same_sources_compile_once(compiler: TemplateCompiler) -> None:

@@ -1,0 +1,259 @@
+"""The suite as operators and engineers use it: three service processes, driven from outside
+with the real grpcurl binary, and `suite.py demo` (what `make demo` runs) end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+import devstack
+import suite
+from tests.conftest import ADMIN_DATABASE_URL, repo_root
+
+pytestmark = pytest.mark.e2e
+
+GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+DEFAULT_PORTS = {"50051": "INGEST_ADDRESS", "50052": "PROFILE_ADDRESS", "50053": "RENDER_ADDRESS"}
+
+
+@pytest.fixture(scope="module")
+def private_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS of the suite's own: its processes must not share a stream with the in-process
+    services the other tests run."""
+    port = devstack.free_port()
+    process = devstack.start_nats(port, tmp_path_factory.mktemp("e2e-nats"))
+    yield f"nats://127.0.0.1:{port}"
+    devstack.stop_process(process)
+
+
+@pytest.fixture(scope="module")
+async def suite_database() -> AsyncIterator[str]:
+    """A database name for the suite; devstack creates it, as `make run` does. Dropped after."""
+    name = f"sendtime_e2e_{uuid.uuid4().hex[:12]}"
+    yield ADMIN_DATABASE_URL.rpartition("/")[0] + f"/{name}"
+    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def suite_env(
+    private_nats: str, redis_url: str, suite_database: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "NATS_URL": private_nats,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": suite_database,
+        "SENDTIME_RUN_DIR": str(tmp_path_factory.mktemp("e2e-run")),
+        "SHUTDOWN_GRACE_SECONDS": "5",
+    }
+    for variable in DEFAULT_PORTS.values():
+        env[variable] = f"127.0.0.1:{devstack.free_port()}"
+    return env
+
+
+@pytest.fixture(scope="module")
+def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The three services as processes, as `make run` starts them."""
+    devstack.up(suite_env)  # everything is reachable already; this creates the database
+    running = suite.start_services(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs")
+    yield suite_env
+    codes = suite.stop_services(running)
+    assert codes == {"render": 0, "ingest": 0, "profile": 0}, "a service did not exit 0 on SIGTERM"
+
+
+def target(env: dict[str, str], variable: str) -> str:
+    return "127.0.0.1:" + env[variable].rpartition(":")[2]
+
+
+def grpcurl(*args: str, data: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [GRPCURL, "-plaintext", "-max-time", "10"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+def grpcurl_json(*args: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = grpcurl(*args, data=data)
+    assert result.returncode == 0, result.stderr
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
+def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[str, str]) -> None:
+    for variable, service in [
+        ("INGEST_ADDRESS", "sendtime.ingest.v1.IngestService"),
+        ("PROFILE_ADDRESS", "sendtime.profile.v1.ProfileService"),
+        ("RENDER_ADDRESS", "sendtime.render.v1.RenderService"),
+    ]:
+        result = grpcurl(target(running_suite, variable), "list")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == sorted(
+            [service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+        )
+        health = grpcurl_json(target(running_suite, variable), "grpc.health.v1.Health/Check")
+        assert health == {"status": "SERVING"}
+
+
+def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_suite: dict[str, str]) -> None:
+    user_id = f"grpcurl-{uuid.uuid4().hex[:8]}"
+    sent = grpcurl_json(
+        target(running_suite, "INGEST_ADDRESS"),
+        "sendtime.ingest.v1.IngestService/SendEvents",
+        data={
+            "events": [
+                {
+                    "event_id": f"evt-{user_id}",
+                    "customer": {"user_id": user_id, "email": f"{user_id}@Example.com"},
+                    "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)),
+                    "source": "EVENT_SOURCE_CRM",
+                    "identify": {"traits": {"first_name": "Grace", "plan": "pro"}},
+                }
+            ]
+        },
+    )
+    assert sent["results"][0]["outcome"] == "EVENT_OUTCOME_ACCEPTED"
+
+    lookup = {"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": f"{user_id}@example.com"}}
+    deadline = time.monotonic() + 10
+    while True:
+        result = grpcurl(
+            target(running_suite, "PROFILE_ADDRESS"),
+            "sendtime.profile.v1.ProfileService/GetProfile",
+            data=lookup,
+        )
+        if result.returncode == 0:
+            break
+        assert "NotFound" in result.stderr, result.stderr
+        assert time.monotonic() < deadline, "the event did not reach the profile within 10 s"
+        time.sleep(0.05)
+    profile = json.loads(result.stdout)["profile"]
+    assert profile["traits"] == {"first_name": "Grace", "plan": "pro"}
+    assert {"kind": "IDENTIFIER_KIND_USER_ID", "value": user_id} in profile["identifiers"]
+
+    rendered = grpcurl_json(
+        target(running_suite, "RENDER_ADDRESS"),
+        "sendtime.render.v1.RenderService/Render",
+        data={
+            "customer": {"kind": "IDENTIFIER_KIND_USER_ID", "value": user_id},
+            "template": {"subject": "Hi {{ profile.traits.first_name }} ({{ profile.traits.plan }})"},
+        },
+    )
+    assert rendered["subject"] == "Hi Grace (pro)"
+    assert "fallbackUsed" not in rendered  # proto3 JSON leaves out false
+
+
+def test_a_bad_request_shows_field_violations_in_grpcurl(running_suite: dict[str, str]) -> None:
+    result = grpcurl(
+        target(running_suite, "PROFILE_ADDRESS"),
+        "sendtime.profile.v1.ProfileService/GetProfile",
+        data={"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": "not an email"}},
+    )
+    assert result.returncode != 0
+    assert "Code: InvalidArgument" in result.stderr
+    assert '{"field":"identifier.value"' in result.stderr  # the BadRequest detail, decoded
+
+
+def readme_grpcurl_blocks() -> list[str]:
+    """The shell blocks of README.md's grpcurl section, as a reader would paste them."""
+    readme = (repo_root() / "README.md").read_text()
+    section = readme.split("## Try it with grpcurl", 1)[1].split("\n## ", 1)[0]
+    return [block.split("\n", 1)[1].split("```")[0] for block in section.split("```sh")[1:]]
+
+
+def run_readme_block(block: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    for port, variable in DEFAULT_PORTS.items():  # the README shows the default ports
+        block = block.replace(f"localhost:{port}", target(env, variable))
+    script = f'grpcurl() {{ {shlex.quote(GRPCURL)} "$@"; }}\nset -e\n{block}'
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, str]) -> None:
+    blocks = readme_grpcurl_blocks()
+    assert len(blocks) == 5
+    outputs = []
+    for block in blocks:
+        deadline = time.monotonic() + 10
+        while True:  # a pasted lookup may run before the merge of what was sent just before
+            result = run_readme_block(block, running_suite)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert result.returncode == 0, f"{block}\n{result.stderr}"
+        outputs.append(result.stdout + result.stderr)
+    listing, sent, profiles, rendered, bad_request = outputs
+    assert "sendtime.ingest.v1.IngestService" in listing and '"status": "SERVING"' in listing
+    assert sent.count("EVENT_OUTCOME_ACCEPTED") == 2
+    assert '"first_name": "Ada"' in profiles and '"found": true' in profiles
+    assert '"subject": "Ada, your cart is waiting"' in rendered
+    assert "Total €89.90. Code COMEBACK10" in rendered
+    assert '{"field":"customer.value"' in bad_request and '{"field":"template.subject"' in bad_request
+
+
+def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, str]) -> None:
+    env = dict(suite_env)
+    for variable in DEFAULT_PORTS.values():  # ports of its own: the module's suite may be running
+        env[variable] = f"127.0.0.1:{devstack.free_port()}"
+    result = subprocess.run(
+        [sys.executable, str(repo_root() / "scripts" / "suite.py"), "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Subject: Ada, your Trail runner is waiting" in result.stdout
+    assert "<li>1 × Trail runner: €89.90</li>" in result.stdout
+    assert "render exited 0, ingest exited 0, profile exited 0" in result.stdout
+
+
+def test_run_serves_until_ctrl_c_then_stops_everything_it_started(suite_env: dict[str, str]) -> None:
+    env = dict(suite_env)
+    for variable in DEFAULT_PORTS.values():
+        env[variable] = f"127.0.0.1:{devstack.free_port()}"
+    redis_port = devstack.free_port()
+    env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"  # nothing there: `run` starts a Redis
+    process = subprocess.Popen(
+        [sys.executable, str(repo_root() / "scripts" / "suite.py"), "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("serving; Ctrl-C"):
+                break
+        assert devstack.tcp_reachable("127.0.0.1", redis_port), "".join(lines)
+        grpcurl_json(target(env, "RENDER_ADDRESS"), "grpc.health.v1.Health/Check")  # still serving
+
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, "".join(lines) + rest
+    assert "render exited 0, ingest exited 0, profile exited 0" in rest
+    assert "stopped: redis" in rest
+    assert not devstack.tcp_reachable("127.0.0.1", redis_port)
+    for variable in DEFAULT_PORTS.values():
+        assert not devstack.tcp_reachable("127.0.0.1", int(env[variable].rpartition(":")[2]))
