@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -90,6 +92,22 @@ async def database_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
+def private_postgres() -> Iterator[tuple[str, Path]]:
+    """A PostgreSQL cluster of the test's own, for tests that stop it: (admin URL, workdir for
+    ``devstack.stop_postgres``). Its directory is outside pytest's 0700 tmp root, because the
+    server runs as the postgres user when the tests run as root."""
+    workdir = Path(tempfile.mkdtemp(prefix="sendtime-pg-"))
+    workdir.chmod(0o755)
+    port = devstack.free_port()
+    devstack.start_postgres(port, workdir)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", workdir
+    finally:
+        devstack.stop_postgres(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
 def unique() -> str:
     """A short random token for ids that must not collide across tests sharing a database."""
     return uuid.uuid4().hex[:10]
@@ -117,9 +135,11 @@ async def profile_app(nats_url: str, redis_url: str, database_url: str) -> Async
 
 
 @pytest.fixture(scope="session")
-async def ingest_app(nats_url: str) -> AsyncIterator[IngestApp]:
+async def ingest_app(nats_url: str, database_url: str) -> AsyncIterator[IngestApp]:
     app = await create_ingest_app(
-        IngestSettings(address="127.0.0.1:0", event_log=JetStreamSettings(url=nats_url))
+        IngestSettings(
+            address="127.0.0.1:0", database_url=database_url, event_log=JetStreamSettings(url=nats_url)
+        )
     )
     await app.start()
     yield app

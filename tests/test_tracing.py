@@ -3,6 +3,10 @@ one follows a render call into its profile lookup."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
@@ -10,6 +14,20 @@ from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from tests.conftest import user, wait_for_profile
 from tests.factories import event, identify
+
+
+async def finished_span(
+    exporter: InMemorySpanExporter, matches: Callable[[ReadableSpan], bool], timeout_s: float = 5
+) -> ReadableSpan:
+    """The first finished span that ``matches``, waiting for it: a span ends a moment after the
+    work it covers is visible (the merge span, after the cache write it waits on the ack)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        for span in exporter.get_finished_spans():
+            if matches(span):
+                return span
+        assert asyncio.get_running_loop().time() < deadline, "span not finished in time"
+        await asyncio.sleep(0.01)
 
 
 async def test_ingest_call_and_merge_share_one_trace(
@@ -22,17 +40,23 @@ async def test_ingest_call_and_merge_share_one_trace(
     await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[sent]))
     await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "traced" in p.traits)
 
-    spans = span_exporter.get_finished_spans()
-    rpc = next(s for s in spans if s.name == "/sendtime.ingest.v1.IngestService/SendEvents")
-    merge = next(
-        s
-        for s in spans
-        if s.name == "profile.merge" and (s.attributes or {}).get("sendtime.event_id") == sent.event_id
+    rpc = await finished_span(
+        span_exporter, lambda s: s.name == "/sendtime.ingest.v1.IngestService/SendEvents"
     )
+    merge = await finished_span(
+        span_exporter,
+        lambda s: (
+            s.name == "profile.merge" and (s.attributes or {}).get("sendtime.event_id") == sent.event_id
+        ),
+    )
+    assert merge.context is not None and rpc.context is not None
     assert merge.context.trace_id == rpc.context.trace_id
-    ingest_event = next(
-        s for s in spans if s.name == "ingest.event" and s.context.trace_id == rpc.context.trace_id
+    trace_id = rpc.context.trace_id
+    ingest_event = await finished_span(
+        span_exporter,
+        lambda s: s.name == "ingest.event" and s.context is not None and s.context.trace_id == trace_id,
     )
+    assert ingest_event.context is not None
     assert merge.parent is not None and merge.parent.span_id == ingest_event.context.span_id
 
 
@@ -45,8 +69,12 @@ async def test_render_call_and_profile_lookup_share_one_trace(
         render_pb2.RenderRequest(customer=user(f"u-{unique}"), template=render_pb2.Template(subject="Hi"))
     )
 
-    spans = span_exporter.get_finished_spans()
-    render = next(s for s in spans if s.name == "/sendtime.render.v1.RenderService/Render")
-    lookup = next(s for s in spans if s.name == "/sendtime.profile.v1.ProfileService/GetProfile")
+    render = await finished_span(
+        span_exporter, lambda s: s.name == "/sendtime.render.v1.RenderService/Render"
+    )
+    lookup = await finished_span(
+        span_exporter, lambda s: s.name == "/sendtime.profile.v1.ProfileService/GetProfile"
+    )
+    assert lookup.context is not None and render.context is not None
     assert lookup.context.trace_id == render.context.trace_id
     assert lookup.parent is not None  # the profile server's span continues render's client span

@@ -17,7 +17,9 @@ async def main() -> None:
     configure_logging("ingest", settings.log_level)
     configure_tracing("ingest", settings.otlp_endpoint or None)
     app = await create_app(settings)
-    await run_until_signalled(app.grpc, grace_s=settings.shutdown_grace_s, on_stop=app.event_log.close)
+    await run_until_signalled(
+        app.grpc, grace_s=settings.shutdown_grace_s, on_start=app.start_background, on_stop=app.close
+    )
 
 
 if __name__ == "__main__":

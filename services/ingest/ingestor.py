@@ -1,7 +1,13 @@
-"""The ingest pipeline for one event: validate, normalize, store durably, report the outcome.
+"""The ingest pipeline: stamp, validate, deduplicate, store durably, report one outcome per event.
 
-An event is ACCEPTED only once the event log has confirmed it; when the log cannot confirm, the
-outcome is RETRY with the reason, never a false ACCEPTED.
+For a batch of events it makes a fixed number of round trips: one PostgreSQL query for ids seen
+before, one to claim business keys, pipelined publishes to the event log, one write recording
+what was stored (and one for dead letters). ``StreamEvents`` feeds single events through a
+micro-batcher, so a stream gets the same batching.
+
+An event is ACCEPTED only once the event log has confirmed it. When the log, or the dedup
+store, cannot answer, the outcome is RETRY with the reason, never a false ACCEPTED; rejected
+events are answered REJECTED only once they are in the dead-letter store.
 """
 
 from __future__ import annotations
@@ -9,15 +15,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
 from opentelemetry import trace
 
-from ingest.validation import validate_event
+from ingest.envelope import BusinessKey, business_key, event_type, stamp
+from ingest.stats import OutcomeCounters
+from ingest.store import IngestStore, StoreError
+from ingest.validation import ValidationRules, validate_event
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.batching import MicroBatcher
 from sendtime_common.errors import bad_request_status, retry_status
-from sendtime_common.event_log import EventLog, EventLogFull, EventLogUnavailable, OutgoingMessage
+from sendtime_common.event_log import (
+    EventLog,
+    EventLogFull,
+    EventLogUnavailable,
+    OutgoingMessage,
+    PublishReceipt,
+)
 from sendtime_common.identifiers import identifiers_of
 from sendtime_common.telemetry import inject_trace_headers
 
@@ -26,93 +43,250 @@ tracer = trace.get_tracer(__name__)
 
 RETRY_AFTER_UNAVAILABLE_S = 1.0
 RETRY_AFTER_FULL_S = 30.0
+STREAM_BATCH_SIZE = 256
+STREAM_CONCURRENT_BATCHES = 4
+
+ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
+DUPLICATE = ingest_pb2.EVENT_OUTCOME_DUPLICATE
+REJECTED = ingest_pb2.EVENT_OUTCOME_REJECTED
+RETRY = ingest_pb2.EVENT_OUTCOME_RETRY
+DUPLICATE_IN_LOG_WINDOW = ingest_pb2.DUPLICATE_KIND_EVENT_LOG_WINDOW
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(slots=True)
+class _Work:
+    """One event on its way through a batch."""
+
+    event: ingest_pb2.Event  # stamped and normalized
+    result: ingest_pb2.EventResult | None = None
+    duplicate_kind: int = ingest_pb2.DUPLICATE_KIND_UNSPECIFIED
+    key: BusinessKey | None = None
+
+    def finish(self, outcome: int, kind: int = ingest_pb2.DUPLICATE_KIND_UNSPECIFIED) -> None:
+        self.result = ingest_pb2.EventResult(event_id=self.event.event_id, outcome=outcome)  # type: ignore[arg-type]
+        self.duplicate_kind = kind
+
+
 class Ingestor:
-    """Validates events and stores the valid ones in the event log."""
+    """Validates events, keeps the valid ones once in the event log and the invalid ones in the
+    dead-letter store."""
 
     def __init__(
         self,
         event_log: EventLog,
+        store: IngestStore,
+        counters: OutcomeCounters,
         *,
-        max_future_skew: timedelta,
+        rules: ValidationRules,
+        claim_stale_after: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._event_log = event_log
-        self._max_future_skew = max_future_skew
+        self._store = store
+        self._counters = counters
+        self._rules = rules
+        self._claim_stale_after = claim_stale_after
         self._clock = clock
+        self._stream_batcher: MicroBatcher[ingest_pb2.Event, ingest_pb2.EventResult] = MicroBatcher(
+            self.ingest_batch, max_batch=STREAM_BATCH_SIZE, max_concurrent_batches=STREAM_CONCURRENT_BATCHES
+        )
 
     async def ingest(self, event: ingest_pb2.Event) -> ingest_pb2.EventResult:
-        """The outcome for one event. Never raises for a bad event or an unavailable log."""
-        with tracer.start_as_current_span("ingest.event") as span:
-            span.set_attribute("sendtime.event_id", event.event_id)
-            result = await self._ingest(event)
-            span.set_attribute("sendtime.outcome", ingest_pb2.EventOutcome.Name(result.outcome))
-            return result
+        """The outcome for one event. Never raises for a bad event or an unavailable dependency."""
+        (result,) = await self.ingest_batch([event])
+        return result
 
-    async def _ingest(self, event: ingest_pb2.Event) -> ingest_pb2.EventResult:
-        violations = validate_event(event, self._clock(), self._max_future_skew)
-        if violations:
-            return ingest_pb2.EventResult(
-                event_id=event.event_id,
-                outcome=ingest_pb2.EVENT_OUTCOME_REJECTED,
-                status=bad_request_status("the event is invalid", violations),
-            )
-        normalized = _normalized(event)
-        payload_type = event.WhichOneof("payload")
-        assert payload_type is not None  # validated above
+    async def ingest_batch(
+        self, events: list[ingest_pb2.Event], *, dead_letter: bool = True
+    ) -> list[ingest_pb2.EventResult]:
+        """Outcomes in input order. ``dead_letter=False`` (a replay of a dead letter) answers
+        REJECTED without storing the event again."""
+        received_at = self._clock()
+        work = [_Work(_normalized(stamp(e, received_at))) for e in events]
+        rejections = self._validate(work, received_at)
+        self._mark_repeats_within_batch(work)
+        try:
+            await self._deduplicate(work)
+        except StoreError as exc:
+            log.warning("dedup store unavailable", extra={"error": str(exc)})
+            self._retry_all(work, "the dedup store is unavailable", "DEDUP_STORE_UNAVAILABLE")
+            return self._report(work, received_at)
+        claims = {w.key: w.event.event_id for w in work if w.result is None and w.key is not None}
+        dead_letters = dead_letter and rejections
+        outcomes = await asyncio.gather(
+            self._store_rejections(rejections, received_at) if dead_letters else _nothing(),
+            *(self._publish(w) for w in work if w.result is None),
+        )
+        if dead_letters and not outcomes[0]:
+            for w in work:
+                if w.result is not None and w.result.outcome == REJECTED:
+                    w.result = _retry(
+                        w.event, grpc.StatusCode.UNAVAILABLE, "the dead-letter store is unavailable",
+                        "DEAD_LETTER_STORE_UNAVAILABLE", RETRY_AFTER_UNAVAILABLE_S,
+                    )  # fmt: skip
+        await self._record(work, claims, received_at)
+        return self._report(work, received_at)
+
+    def _validate(self, work: list[_Work], now: datetime) -> list[tuple[str, int, bytes, bytes]]:
+        rejections: list[tuple[str, int, bytes, bytes]] = []
+        for w in work:
+            violations = validate_event(w.event, now, self._rules)
+            if violations:
+                status = bad_request_status("the event is invalid", violations)
+                w.result = ingest_pb2.EventResult(event_id=w.event.event_id, outcome=REJECTED, status=status)
+                rejections.append(
+                    (
+                        w.event.event_id,
+                        w.event.source,
+                        w.event.SerializeToString(),
+                        status.SerializeToString(),
+                    )
+                )
+            else:
+                w.key = business_key(w.event)
+        return rejections
+
+    @staticmethod
+    def _mark_repeats_within_batch(work: list[_Work]) -> None:
+        ids: set[str] = set()
+        keys: set[BusinessKey] = set()
+        for w in work:
+            if w.result is not None:
+                continue
+            if w.event.event_id in ids:
+                w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_ID)
+            elif w.key is not None and w.key in keys:
+                w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_BUSINESS_KEY)
+            ids.add(w.event.event_id)
+            if w.key is not None:
+                keys.add(w.key)
+
+    async def _deduplicate(self, work: list[_Work]) -> None:
+        """Ids stored before, then business keys owned by other events: DUPLICATE."""
+        open_work = [w for w in work if w.result is None]
+        if not open_work:
+            return
+        seen = await self._store.seen_event_ids([w.event.event_id for w in open_work])
+        for w in open_work:
+            if w.event.event_id in seen:
+                w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_ID)
+        claims = {w.key: w.event.event_id for w in work if w.result is None and w.key is not None}
+        owners = await self._store.claim_business_keys(claims, self._claim_stale_after)
+        for w in work:
+            if w.result is None and w.key is not None:
+                owner = owners.get(w.key)
+                if owner is None:
+                    w.result = _retry(
+                        w.event, grpc.StatusCode.UNAVAILABLE, "a concurrent event holds this business key",
+                        "BUSINESS_KEY_CONTENDED", RETRY_AFTER_UNAVAILABLE_S,
+                    )  # fmt: skip
+                elif owner != w.event.event_id:
+                    w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_BUSINESS_KEY)
+
+    async def _publish(self, w: _Work) -> None:
+        with tracer.start_as_current_span("ingest.event") as span:
+            span.set_attribute("sendtime.event_id", w.event.event_id)
+            span.set_attribute("sendtime.event_type", event_type(w.event))
+            receipt = await self._publish_event(w)
+            if receipt is not None:
+                if receipt.duplicate:
+                    w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_LOG_WINDOW)
+                else:
+                    w.finish(ACCEPTED)
+            assert w.result is not None
+            span.set_attribute("sendtime.outcome", ingest_pb2.EventOutcome.Name(w.result.outcome))
+
+    async def _publish_event(self, w: _Work) -> PublishReceipt | None:
+        payload = w.event.WhichOneof("payload")
+        assert payload is not None  # validated
         message = OutgoingMessage(
-            key=payload_type,
-            message_id=event.event_id,
-            payload=normalized.SerializeToString(deterministic=True),
+            key=payload,
+            message_id=w.event.event_id,
+            payload=w.event.SerializeToString(deterministic=True),
             headers=inject_trace_headers({}),
         )
         try:
-            receipt = await self._event_log.publish(message)
+            return await self._event_log.publish(message)
         except EventLogFull as exc:
-            log.warning("event log full", extra={"event_id": event.event_id, "error": str(exc)})
-            return _retry(
-                event,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "the event log is full",
-                "EVENT_LOG_FULL",
+            log.warning("event log full", extra={"event_id": w.event.event_id, "error": str(exc)})
+            w.result = _retry(
+                w.event, grpc.StatusCode.RESOURCE_EXHAUSTED, "the event log is full", "EVENT_LOG_FULL",
                 RETRY_AFTER_FULL_S,
-            )
+            )  # fmt: skip
         except EventLogUnavailable as exc:
-            log.warning("event log unavailable", extra={"event_id": event.event_id, "error": str(exc)})
-            return _retry(
-                event,
-                grpc.StatusCode.UNAVAILABLE,
-                "the event log is unavailable",
-                "EVENT_LOG_UNAVAILABLE",
+            log.warning("event log unavailable", extra={"event_id": w.event.event_id, "error": str(exc)})
+            w.result = _retry(
+                w.event, grpc.StatusCode.UNAVAILABLE, "the event log is unavailable", "EVENT_LOG_UNAVAILABLE",
                 RETRY_AFTER_UNAVAILABLE_S,
-            )
-        outcome = (
-            ingest_pb2.EVENT_OUTCOME_DUPLICATE if receipt.duplicate else ingest_pb2.EVENT_OUTCOME_ACCEPTED
-        )
-        return ingest_pb2.EventResult(event_id=event.event_id, outcome=outcome)
+            )  # fmt: skip
+        return None
 
-    async def ingest_batch(self, events: list[ingest_pb2.Event]) -> list[ingest_pb2.EventResult]:
-        """Outcomes in input order; the events are stored concurrently (pipelined publishes)."""
-        return list(await asyncio.gather(*(self.ingest(e) for e in events)))
+    async def _store_rejections(self, rejections: list[tuple[str, int, bytes, bytes]], at: datetime) -> bool:
+        try:
+            await self._store.add_rejections(rejections, at)
+        except StoreError as exc:
+            log.warning("dead-letter store unavailable", extra={"error": str(exc)})
+            return False
+        return True
+
+    async def _record(self, work: list[_Work], claims: dict[BusinessKey, str], received_at: datetime) -> None:
+        """Remember what the event log stored (for dedup beyond its window); give back the
+        business keys of events that could not be stored."""
+        stored = [
+            w
+            for w in work
+            if w.result is not None
+            and (
+                w.result.outcome == ACCEPTED or w.duplicate_kind == ingest_pb2.DUPLICATE_KIND_EVENT_LOG_WINDOW
+            )
+        ]
+        stored_keys = {w.key for w in stored if w.key is not None and w.key in claims}
+        unstored = {key: event_id for key, event_id in claims.items() if key not in stored_keys}
+        try:
+            await self._store.record_stored(
+                [w.event.event_id for w in stored],
+                list(stored_keys),
+                received_at,
+            )
+            await self._store.release_business_keys(unstored)
+        except StoreError as exc:
+            # The events are safe in the event log; only dedup of a late resend is weakened
+            # (the profile service still drops it by event id).
+            log.warning("could not record stored event ids", extra={"error": str(exc), "count": len(stored)})
+
+    def _retry_all(self, work: list[_Work], message: str, reason: str) -> None:
+        for w in work:
+            w.result = _retry(
+                w.event, grpc.StatusCode.UNAVAILABLE, message, reason, RETRY_AFTER_UNAVAILABLE_S
+            )
+
+    def _report(self, work: list[_Work], received_at: datetime) -> list[ingest_pb2.EventResult]:
+        day = received_at.date()
+        results = []
+        for w in work:
+            assert w.result is not None
+            self._counters.add(day, w.event.source, w.result.outcome, w.duplicate_kind)
+            results.append(w.result)
+        return results
 
     async def ingest_stream(
         self, events: AsyncIterable[ingest_pb2.Event], max_in_flight: int
     ) -> AsyncIterator[ingest_pb2.EventResult]:
         """Outcomes as each event completes. At most ``max_in_flight`` events are in progress:
         beyond that, the next event is not read, which pushes back on the sender through gRPC
-        flow control."""
+        flow control. Events in flight are batched with those of other streams."""
         slots = asyncio.Semaphore(max_in_flight)
         results: asyncio.Queue[ingest_pb2.EventResult | BaseException | None] = asyncio.Queue()
         in_progress: set[asyncio.Task[None]] = set()
 
         async def handle(event: ingest_pb2.Event) -> None:
             try:
-                results.put_nowait(await self.ingest(event))
+                results.put_nowait(await self._stream_batcher.submit(event))
             finally:
                 slots.release()
 
@@ -142,13 +316,23 @@ class Ingestor:
                 task.cancel()
 
 
+async def _nothing() -> bool:
+    return True
+
+
 def _normalized(event: ingest_pb2.Event) -> ingest_pb2.Event:
-    """A copy with identifiers in canonical form, so every consumer sees the same values."""
-    copy = ingest_pb2.Event()
-    copy.CopyFrom(event)
-    for kind, value in identifiers_of(event.customer).items():
-        setattr(copy.customer, kind.value, value)
-    return copy
+    """Identifiers in canonical form, so every consumer sees the same values. (Invalid ones are
+    left as they are: validation rejects the event.)"""
+    customers = [event.customer]
+    if event.WhichOneof("payload") == "alias":  # reading event.alias otherwise would be harmless,
+        customers.append(event.alias.other)  # but writing to it would turn the event into an alias
+    for customer in customers:
+        try:
+            for kind, value in identifiers_of(customer).items():
+                setattr(customer, kind.value, value)
+        except ValueError:
+            pass
+    return event
 
 
 def _retry(
@@ -156,6 +340,6 @@ def _retry(
 ) -> ingest_pb2.EventResult:
     return ingest_pb2.EventResult(
         event_id=event.event_id,
-        outcome=ingest_pb2.EVENT_OUTCOME_RETRY,
+        outcome=RETRY,
         status=retry_status(code, message, reason, after_s),
     )

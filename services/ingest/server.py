@@ -1,45 +1,121 @@
-"""Wiring of the ingest service: event log, ingestor, gRPC server."""
+"""Wiring of the ingest service: PostgreSQL (migrated), the event log, the ingestor, the gRPC
+server, and the background work (counts flushed each second, old processed ids purged)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import timedelta
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import asyncpg
+
+from ingest.dead_letters import DeadLetters
 from ingest.ingestor import Ingestor
 from ingest.servicer import IngestServicer
 from ingest.settings import Settings
+from ingest.stats import OutcomeCounters
+from ingest.store import IngestStore, StoreError
+from ingest.validation import ValidationRules
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.migrate import migrate
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+COUNTS_FLUSH_INTERVAL_S = 1.0
+PURGE_INTERVAL_S = 3600.0
 
 
 @dataclass(slots=True)
 class IngestApp:
     grpc: GrpcServer
     event_log: EventLog
+    ingestor: Ingestor
+    store: IngestStore
+    counters: OutcomeCounters
+    pool: asyncpg.Pool
+    dedup_window: timedelta
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.grpc.start()
+        await self.start_background()
+
+    async def start_background(self) -> None:
+        self._background = [
+            asyncio.create_task(self._flush_counts(), name="flush-counts"),
+            asyncio.create_task(self._purge_processed_ids(), name="purge-processed-ids"),
+        ]
+
+    async def close(self) -> None:
+        """After the gRPC server has drained: stop background work, write the last counts, close
+        the event log (in-flight publishes finish first) and the pool."""
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.counters.flush(self.store)
+        await self.event_log.close()
+        await self.pool.close()
 
     async def stop(self, grace_s: float) -> None:
-        """Drain calls, then close the event log (in-flight publishes finish first)."""
         await self.grpc.stop(grace_s)
-        await self.event_log.close()
+        await self.close()
+
+    async def _flush_counts(self) -> None:
+        while True:
+            await asyncio.sleep(COUNTS_FLUSH_INTERVAL_S)
+            await self.counters.flush(self.store)
+
+    async def _purge_processed_ids(self) -> None:
+        while True:
+            try:
+                purged = await self.store.purge_processed(datetime.now(UTC) - self.dedup_window)
+                log.info("purged processed event ids", extra={"count": purged})
+            except StoreError as exc:
+                log.warning("could not purge processed event ids", extra={"error": str(exc)})
+            await asyncio.sleep(PURGE_INTERVAL_S)
 
 
 async def create_app(settings: Settings, event_log: EventLog | None = None) -> IngestApp:
-    """Connect to the event log (unless one is given) and build the server, not yet started.
+    """Connect to PostgreSQL (applying migrations) and the event log (unless one is given);
+    build the server, not yet started.
 
     Raises:
+        OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS could not be reached.
     """
+    pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
+    assert pool is not None
+    await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
     if event_log is None:
         event_log = await JetStreamEventLog.connect(settings.event_log)
-    ingestor = Ingestor(event_log, max_future_skew=timedelta(seconds=settings.max_future_skew_s))
+    store, counters = IngestStore(pool), OutcomeCounters()
+    names = {n.strip() for n in settings.custom_event_names.split(",") if n.strip()}
+    ingestor = Ingestor(
+        event_log,
+        store,
+        counters,
+        rules=ValidationRules(
+            max_future_skew=timedelta(seconds=settings.max_future_skew_s),
+            max_age=timedelta(days=settings.max_event_age_days),
+            max_event_bytes=settings.max_event_bytes,
+            custom_event_names=frozenset(names) if names else None,
+        ),
+        claim_stale_after=timedelta(seconds=2 * settings.event_log.publish_timeout_s),
+    )
     servicer = IngestServicer(
         ingestor,
+        DeadLetters(store, ingestor),
+        store,
+        counters,
         max_batch_size=settings.max_batch_size,
         max_in_flight_per_stream=settings.max_in_flight_per_stream,
     )
@@ -48,4 +124,12 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         [SERVICE_NAME],
         lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, s),
     )
-    return IngestApp(grpc=server, event_log=event_log)
+    return IngestApp(
+        grpc=server,
+        event_log=event_log,
+        ingestor=ingestor,
+        store=store,
+        counters=counters,
+        pool=pool,
+        dedup_window=timedelta(hours=settings.dedup_window_hours),
+    )

@@ -15,8 +15,17 @@ class Settings:
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
-    # How far in the future occurred_at may be (sender clocks drift).
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
+    database_pool_size: int = 10
+    # How far in the future occurred_at may be (after skew correction: sender clocks drift).
     max_future_skew_s: float = 300.0
+    # How old an event may be; older ones are outside every retention window downstream.
+    max_event_age_days: int = 730
+    max_event_bytes: int = 32 * 1024
+    # Comma-separated; empty: any custom event name matching the documented pattern.
+    custom_event_names: str = ""
+    # How long a stored event id keeps catching resends (beyond the event log's own window).
+    dedup_window_hours: float = 72.0
     # Events one StreamEvents call may have in flight before the server stops reading: a flood
     # slows the caller down instead of filling memory.
     max_in_flight_per_stream: int = 512
@@ -36,7 +45,17 @@ class Settings:
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            database_url=env_str(env, "DATABASE_URL", defaults.database_url),
+            database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
             max_future_skew_s=env_float(env, "INGEST_MAX_FUTURE_SKEW_SECONDS", defaults.max_future_skew_s),
+            max_event_age_days=env_int(
+                env, "INGEST_MAX_EVENT_AGE_DAYS", defaults.max_event_age_days, minimum=1
+            ),
+            max_event_bytes=env_int(env, "INGEST_MAX_EVENT_BYTES", defaults.max_event_bytes, minimum=1024),
+            custom_event_names=env_str(env, "INGEST_CUSTOM_EVENT_NAMES", defaults.custom_event_names),
+            dedup_window_hours=env_float(
+                env, "INGEST_DEDUP_WINDOW_HOURS", defaults.dedup_window_hours, minimum=1
+            ),
             max_in_flight_per_stream=env_int(
                 env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1
             ),

@@ -17,14 +17,17 @@ from opentelemetry import trace
 
 from profile_service.cache import CacheUnavailable, ProfileCache
 from profile_service.codec import to_proto
-from profile_service.repository import MergeResult, ProfileRepository
+from profile_service.repository import MergeResult, ProfileRepository, event_identifiers
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.event_log import Delivery, EventLogSubscription
-from sendtime_common.identifiers import identifiers_of
 from sendtime_common.telemetry import extract_trace_context
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
+# Catalog events name a feed, not a person: merging them would make one "customer" of the whole
+# catalog. They are for the catalog that recommendations keep (render, issue 6).
+NOT_ABOUT_A_CUSTOMER = frozenset({"product_upserted"})
 
 MAX_RETRY_DELAY_S = 30.0
 
@@ -84,6 +87,9 @@ class EventMerger:
             await delivery.discard()
             return
         span.set_attribute("sendtime.event_id", event.event_id)
+        if event.WhichOneof("payload") in NOT_ABOUT_A_CUSTOMER:
+            await delivery.ack()
+            return
         try:
             result = await self._repository.merge_event(event)
         except (asyncpg.PostgresError, OSError) as exc:
@@ -111,7 +117,7 @@ class EventMerger:
             if result.profile is None:
                 # A redelivery after a crash between commit and ack: the cache may have missed
                 # that commit. Re-reading is cheap and the versioned write cannot regress it.
-                keys = sorted(identifiers_of(event.customer).items())
+                keys = event_identifiers(event)
                 found = await self._repository.find_by_identifiers(keys)
                 await self._cache.put(
                     to_proto(p) for p in {p.customer_id: p for p in found.values()}.values()

@@ -58,6 +58,15 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
     return pool
 
 
+def event_identifiers(event: ingest_pb2.Event) -> list[IdentifierKey]:
+    """The identifiers an event ties to one customer, sorted: its customer's, and for an alias
+    the other ones too (which is what links them; they may be of the same kind)."""
+    found = set(identifiers_of(event.customer).items())
+    if event.WhichOneof("payload") == "alias":
+        found |= set(identifiers_of(event.alias.other).items())
+    return sorted(found)
+
+
 class ProfileRepository:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -69,7 +78,7 @@ class ProfileRepository:
         Raises:
             asyncpg.PostgresError, OSError: the database failed; nothing was written.
         """
-        identifiers = sorted(identifiers_of(event.customer).items())
+        identifiers = event_identifiers(event)
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._pool.acquire() as conn, conn.transaction():

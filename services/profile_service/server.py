@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg
 import redis.asyncio as redis
 
 from profile_service.cache import ProfileCache
 from profile_service.merger import EventMerger
-from profile_service.migrate import migrate
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.servicer import ProfileServicer
@@ -19,7 +19,9 @@ from profile_service.settings import Settings
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.migrate import migrate
 
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
 
 
@@ -62,7 +64,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
     """
     pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
-    await migrate(pool)
+    await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s)
     event_log = await JetStreamEventLog.connect(settings.event_log)
     repository = ProfileRepository(pool)

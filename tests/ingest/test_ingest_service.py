@@ -94,12 +94,13 @@ async def test_stream_answers_every_event_by_id(
 
 
 async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted(
-    tmp_path: Path, unique: str
+    tmp_path: Path, database_url: str, unique: str
 ) -> None:
     port = devstack.free_port()
     nats = devstack.start_nats(port, tmp_path / "nats")
     settings = Settings(
         address="127.0.0.1:0",
+        database_url=database_url,
         event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
     )
     app = await create_app(settings)

@@ -3,16 +3,17 @@ from typing import Any
 
 import pytest
 
-from ingest.validation import validate_event
+from ingest.validation import ValidationRules, validate_event
 from sendtime.ingest.v1 import ingest_pb2
 from tests.factories import NOW, cart_item_added, event, identify, money, order_completed, product_viewed
 
 SKEW = timedelta(minutes=5)
+RULES = ValidationRules(max_future_skew=SKEW)
 CURRENCY_RULE = "must be an ISO 4217 currency code such as EUR or USD"
 
 
 def fields(e: ingest_pb2.Event) -> dict[str, str]:
-    return {v.field: v.description for v in validate_event(e, NOW, SKEW)}
+    return {v.field: v.description for v in validate_event(e, NOW, RULES)}
 
 
 def test_a_valid_event_has_no_violations() -> None:
@@ -26,9 +27,7 @@ def test_every_problem_of_an_event_is_reported_by_field() -> None:
         "customer": "at least one of user_id, email, anonymous_id, crm_id, device_id is required",
         "occurred_at": "required",
         "source": "required",
-        "payload": (
-            "one of product_viewed, cart_item_added, cart_item_removed, order_completed, identify is required"
-        ),
+        "payload": "one event type is required, e.g. product_viewed, identify or custom",
     }
 
 
@@ -94,3 +93,187 @@ def test_money_nanos_must_share_the_sign_of_units() -> None:
 def test_trait_names_are_checked() -> None:
     found = fields(event(user_id="u", occurred_at=NOW, identify=identify(**{"first name": "x"})))
     assert "identify.traits" in found
+
+
+# --- the catalogue: one valid example per event type, then each rule of docs/ingest.md --------
+
+EMAIL_MESSAGE = ingest_pb2.EmailMessage(message_id="m-1", campaign_id="c-1")
+VALID_PAYLOADS: dict[str, Any] = {
+    "product_viewed": product_viewed("sku-1"),
+    "cart_item_added": cart_item_added("sku-1"),
+    "cart_item_removed": ingest_pb2.CartItemRemoved(sku="sku-1", quantity=1),
+    "order_completed": order_completed("o-1", "10.00", "sku-1"),
+    "identify": identify(first_name="Ada"),
+    "page_viewed": ingest_pb2.PageViewed(url="https://shop.example/", title="Home"),
+    "product_searched": ingest_pb2.ProductSearched(query="trail shoes", result_count=12),
+    "checkout_started": ingest_pb2.CheckoutStarted(checkout_id="ch-1", total=money("10.00")),
+    "order_refunded": ingest_pb2.OrderRefunded(order_id="o-1", refund_id="r-1", amount=money("5.00")),
+    "order_cancelled": ingest_pb2.OrderCancelled(order_id="o-1", reason="customer"),
+    "alias": ingest_pb2.Alias(other=ingest_pb2.CustomerIdentifiers(anonymous_id="anon-1")),
+    "loyalty_changed": ingest_pb2.LoyaltyChanged(points=120, tier="gold"),
+    "consent_changed": ingest_pb2.ConsentChanged(channel=ingest_pb2.CHANNEL_SMS, subscribed=True),
+    "email_delivered": ingest_pb2.EmailDelivered(message=EMAIL_MESSAGE),
+    "email_opened": ingest_pb2.EmailOpened(message=EMAIL_MESSAGE),
+    "email_clicked": ingest_pb2.EmailClicked(message=EMAIL_MESSAGE, url="https://shop.example/p/1"),
+    "email_bounced": ingest_pb2.EmailBounced(message=EMAIL_MESSAGE, bounce_type=ingest_pb2.BOUNCE_TYPE_HARD),
+    "email_unsubscribed": ingest_pb2.EmailUnsubscribed(message=EMAIL_MESSAGE),
+    "email_spam_reported": ingest_pb2.EmailSpamReported(message=EMAIL_MESSAGE),
+    "product_upserted": ingest_pb2.ProductUpserted(
+        sku="sku-1", name="Shoe", price=money("10.00"), in_stock=True
+    ),
+    "custom": ingest_pb2.CustomEvent(name="wishlist_item_added"),
+}
+
+
+def test_every_event_type_has_a_valid_example() -> None:
+    payload_fields = {f.name for f in ingest_pb2.Event.DESCRIPTOR.oneofs_by_name["payload"].fields}
+    assert set(VALID_PAYLOADS) == payload_fields
+    for name, payload in VALID_PAYLOADS.items():
+        assert fields(event(user_id="u", occurred_at=NOW, **{name: payload})) == {}, name
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"inner": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"page_viewed": ingest_pb2.PageViewed()}, {"page_viewed.url": "required"}),
+        (
+            {"page_viewed": ingest_pb2.PageViewed(url="https://x/" + "a" * 2048)},
+            {"page_viewed.url": "must be at most 2048 characters"},
+        ),
+        (
+            {"product_searched": ingest_pb2.ProductSearched(query="q", result_count=-1)},
+            {"product_searched.result_count": "must not be negative"},
+        ),
+        (
+            {"checkout_started": ingest_pb2.CheckoutStarted(checkout_id="c")},
+            {"checkout_started.total": "required"},
+        ),
+        (
+            {
+                "checkout_started": ingest_pb2.CheckoutStarted(
+                    checkout_id="c",
+                    total=money("10.00"),
+                    lines=[ingest_pb2.OrderLine(sku="s", quantity=1, unit_price=money("10.00", "USD"))],
+                )
+            },
+            {"checkout_started.lines[0].unit_price.currency_code": "must match the total's currency"},
+        ),
+        (
+            {"order_refunded": ingest_pb2.OrderRefunded(order_id="o", amount=money("1.00"))},
+            {"order_refunded.refund_id": "required"},
+        ),
+        ({"order_cancelled": ingest_pb2.OrderCancelled()}, {"order_cancelled.order_id": "required"}),
+        (
+            {"alias": ingest_pb2.Alias()},
+            {"alias.other": "at least one of user_id, email, anonymous_id, crm_id, device_id is required"},
+        ),
+        (
+            {"loyalty_changed": ingest_pb2.LoyaltyChanged(points=-1)},
+            {"loyalty_changed.points": "must not be negative"},
+        ),
+        ({"consent_changed": ingest_pb2.ConsentChanged()}, {"consent_changed.channel": "required"}),
+        ({"email_opened": ingest_pb2.EmailOpened()}, {"email_opened.message": "required"}),
+        (
+            {"email_delivered": ingest_pb2.EmailDelivered(message=ingest_pb2.EmailMessage())},
+            {"email_delivered.message.message_id": "required"},
+        ),
+        (
+            {"email_clicked": ingest_pb2.EmailClicked(message=EMAIL_MESSAGE)},
+            {"email_clicked.url": "required"},
+        ),
+        (
+            {"email_bounced": ingest_pb2.EmailBounced(message=EMAIL_MESSAGE)},
+            {"email_bounced.bounce_type": "required: BOUNCE_TYPE_HARD or BOUNCE_TYPE_SOFT"},
+        ),
+        (
+            {"product_upserted": ingest_pb2.ProductUpserted(sku="s", price=money("1.00"))},
+            {"product_upserted.name": "required"},
+        ),
+        (
+            {"custom": ingest_pb2.CustomEvent(name="Wishlist Added")},
+            {"custom.name": "must be 1 to 64 lower-case letters, digits and _, starting with a letter"},
+        ),
+        (
+            {"product_viewed": ingest_pb2.ProductViewed(sku="s", price=money("1.005"))},
+            {"product_viewed.price.nanos": "EUR has 2 decimal places; this amount has more"},
+        ),
+        (
+            {"product_viewed": ingest_pb2.ProductViewed(sku="s", price=money("100.5", "JPY"))},
+            {"product_viewed.price.nanos": "JPY has 0 decimal places; this amount has more"},
+        ),
+        (
+            {"identify": identify(profile=nested(4))},
+            {"identify.traits.profile": "nested more than 3 levels deep"},
+        ),
+        (
+            {"identify": identify(bio="x" * 1025)},
+            {"identify.traits.bio": "strings must be at most 1024 characters"},
+        ),
+        (
+            {
+                "custom": ingest_pb2.CustomEvent(
+                    name="quiz", properties=identify(**{f"p{i}": i for i in range(51)}).traits
+                )
+            },
+            {"custom.properties": "at most 50 entries"},
+        ),
+        (
+            {"order_completed": order_completed("o", "1.00", *[f"s{i}" for i in range(501)])},
+            {"order_completed.lines": "at most 500 lines"},
+        ),
+    ],
+)
+def test_catalogue_rules(payload: dict[str, Any], expected: dict[str, str]) -> None:
+    assert fields(event(user_id="u", occurred_at=NOW, **payload)) == expected
+
+
+def test_money_within_the_currency_precision_is_fine() -> None:
+    ok = ingest_pb2.ProductViewed(sku="s", price=money("100", "JPY"))
+    assert fields(event(user_id="u", occurred_at=NOW, product_viewed=ok)) == {}
+
+
+def test_occurred_at_older_than_the_retention_window_is_rejected() -> None:
+    old = event(user_id="u", occurred_at=NOW - timedelta(days=731), identify=identify(a=1))
+    assert fields(old) == {"occurred_at": "is older than the retention window of 730 days"}
+
+
+def test_unknown_custom_names_are_rejected_when_names_are_configured() -> None:
+    rules = ValidationRules(custom_event_names=frozenset({"quiz_completed"}))
+    known = event(user_id="u", occurred_at=NOW, custom=ingest_pb2.CustomEvent(name="quiz_completed"))
+    unknown = event(user_id="u", occurred_at=NOW, custom=ingest_pb2.CustomEvent(name="quiz_started"))
+    assert validate_event(known, NOW, rules) == []
+    assert [(v.field, v.description) for v in validate_event(unknown, NOW, rules)] == [
+        ("custom.name", "is not a known custom event (INGEST_CUSTOM_EVENT_NAMES)")
+    ]
+
+
+def test_context_fields_are_checked() -> None:
+    e = event(user_id="u", occurred_at=NOW, identify=identify(a=1))
+    e.context.CopyFrom(ingest_pb2.EventContext(ip="300.1.1.1", locale="xx-!!", timezone="Mars/Olympus"))
+    assert fields(e) == {
+        "context.ip": "must be an IPv4 or IPv6 address",
+        "context.locale": "must be a BCP 47 locale such as en-US or de-AT",
+        "context.timezone": "must be an IANA time zone such as Europe/Vienna",
+    }
+    e.context.CopyFrom(ingest_pb2.EventContext(ip="2001:db8::1", locale="de-AT", timezone="Europe/Vienna"))
+    assert fields(e) == {}
+
+
+def test_alias_identifiers_are_checked_like_the_customers() -> None:
+    bad = ingest_pb2.Alias(other=ingest_pb2.CustomerIdentifiers(email="nope"))
+    assert "alias.other.email" in fields(event(user_id="u", occurred_at=NOW, alias=bad))
+
+
+def test_an_event_over_the_size_limit_is_rejected() -> None:
+    rules = ValidationRules(max_event_bytes=2048)
+    big = event(user_id="u", occurred_at=NOW, identify=identify(**{f"t{i}": "x" * 100 for i in range(30)}))
+    violations = validate_event(big, NOW, rules)
+    assert [v.field for v in violations] == ["event"]
+    assert violations[0].description.endswith("at most 2048 are allowed")

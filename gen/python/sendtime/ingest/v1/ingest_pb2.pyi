@@ -63,6 +63,50 @@ EVENT_SOURCE_IMPORT: EventSource.ValueType  # 6
 """A bulk import."""
 Global___EventSource: _TypeAlias = EventSource  # noqa: Y015
 
+class _Channel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANNEL_UNSPECIFIED: _Channel.ValueType  # 0
+    CHANNEL_EMAIL: _Channel.ValueType  # 1
+    CHANNEL_SMS: _Channel.ValueType  # 2
+    CHANNEL_PUSH: _Channel.ValueType  # 3
+    CHANNEL_WHATSAPP: _Channel.ValueType  # 4
+
+class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
+    """A messaging channel consent is given for."""
+
+CHANNEL_UNSPECIFIED: Channel.ValueType  # 0
+CHANNEL_EMAIL: Channel.ValueType  # 1
+CHANNEL_SMS: Channel.ValueType  # 2
+CHANNEL_PUSH: Channel.ValueType  # 3
+CHANNEL_WHATSAPP: Channel.ValueType  # 4
+Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+class _BounceType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BounceTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BounceType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BOUNCE_TYPE_UNSPECIFIED: _BounceType.ValueType  # 0
+    BOUNCE_TYPE_HARD: _BounceType.ValueType  # 1
+    """Permanent: the address does not exist; stop sending to it."""
+    BOUNCE_TYPE_SOFT: _BounceType.ValueType  # 2
+    """Temporary: mailbox full, server down."""
+
+class BounceType(_BounceType, metaclass=_BounceTypeEnumTypeWrapper):
+    """How an email bounced."""
+
+BOUNCE_TYPE_UNSPECIFIED: BounceType.ValueType  # 0
+BOUNCE_TYPE_HARD: BounceType.ValueType  # 1
+"""Permanent: the address does not exist; stop sending to it."""
+BOUNCE_TYPE_SOFT: BounceType.ValueType  # 2
+"""Temporary: mailbox full, server down."""
+Global___BounceType: _TypeAlias = BounceType  # noqa: Y015
+
 class _EventOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -96,6 +140,54 @@ EVENT_OUTCOME_RETRY: EventOutcome.ValueType  # 4
 with the same event_id. The status carries RetryInfo.
 """
 Global___EventOutcome: _TypeAlias = EventOutcome  # noqa: Y015
+
+class _RejectedEventState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RejectedEventStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RejectedEventState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REJECTED_EVENT_STATE_UNSPECIFIED: _RejectedEventState.ValueType  # 0
+    REJECTED_EVENT_STATE_PENDING: _RejectedEventState.ValueType  # 1
+    """Waiting for its cause to be fixed."""
+    REJECTED_EVENT_STATE_REPLAYED: _RejectedEventState.ValueType  # 2
+    """Replayed and stored; kept for the record."""
+
+class RejectedEventState(_RejectedEventState, metaclass=_RejectedEventStateEnumTypeWrapper):
+    """What state a dead letter is in."""
+
+REJECTED_EVENT_STATE_UNSPECIFIED: RejectedEventState.ValueType  # 0
+REJECTED_EVENT_STATE_PENDING: RejectedEventState.ValueType  # 1
+"""Waiting for its cause to be fixed."""
+REJECTED_EVENT_STATE_REPLAYED: RejectedEventState.ValueType  # 2
+"""Replayed and stored; kept for the record."""
+Global___RejectedEventState: _TypeAlias = RejectedEventState  # noqa: Y015
+
+class _DuplicateKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DuplicateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DuplicateKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DUPLICATE_KIND_UNSPECIFIED: _DuplicateKind.ValueType  # 0
+    DUPLICATE_KIND_EVENT_LOG_WINDOW: _DuplicateKind.ValueType  # 1
+    """The same event_id within the event log's short duplicate window."""
+    DUPLICATE_KIND_EVENT_ID: _DuplicateKind.ValueType  # 2
+    """The same event_id seen before, from ingest's own record of processed ids."""
+    DUPLICATE_KIND_BUSINESS_KEY: _DuplicateKind.ValueType  # 3
+    """A different event_id for a fact already stored (an order id, a refund id)."""
+
+class DuplicateKind(_DuplicateKind, metaclass=_DuplicateKindEnumTypeWrapper):
+    """How ingest recognized a duplicate."""
+
+DUPLICATE_KIND_UNSPECIFIED: DuplicateKind.ValueType  # 0
+DUPLICATE_KIND_EVENT_LOG_WINDOW: DuplicateKind.ValueType  # 1
+"""The same event_id within the event log's short duplicate window."""
+DUPLICATE_KIND_EVENT_ID: DuplicateKind.ValueType  # 2
+"""The same event_id seen before, from ingest's own record of processed ids."""
+DUPLICATE_KIND_BUSINESS_KEY: DuplicateKind.ValueType  # 3
+"""A different event_id for a fact already stored (an order id, a refund id)."""
+Global___DuplicateKind: _TypeAlias = DuplicateKind  # noqa: Y015
 
 @_typing.final
 class CustomerIdentifiers(_message.Message):
@@ -138,8 +230,44 @@ class CustomerIdentifiers(_message.Message):
 Global___CustomerIdentifiers: _TypeAlias = CustomerIdentifiers  # noqa: Y015
 
 @_typing.final
+class EventContext(_message.Message):
+    """Where and how an event was produced; all optional."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IP_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    ip: _builtins.str
+    """The client's IP address (v4 or v6)."""
+    user_agent: _builtins.str
+    """The client's user agent."""
+    locale: _builtins.str
+    """A BCP 47 locale, e.g. "de-AT"."""
+    timezone: _builtins.str
+    """An IANA time zone, e.g. "Europe/Vienna"."""
+    def __init__(
+        self,
+        *,
+        ip: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+        locale: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ip", b"ip", "locale", b"locale", "timezone", b"timezone", "user_agent", b"user_agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventContext: _TypeAlias = EventContext  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
-    """A customer event in the standard envelope."""
+    """A customer event in the standard envelope. Its type is the payload case set
+    (e.g. "cart_item_added"); custom events carry their own name.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -147,14 +275,36 @@ class Event(_message.Message):
     CUSTOMER_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    ORIGINAL_OCCURRED_AT_FIELD_NUMBER: _builtins.int
     PRODUCT_VIEWED_FIELD_NUMBER: _builtins.int
     CART_ITEM_ADDED_FIELD_NUMBER: _builtins.int
     CART_ITEM_REMOVED_FIELD_NUMBER: _builtins.int
     ORDER_COMPLETED_FIELD_NUMBER: _builtins.int
     IDENTIFY_FIELD_NUMBER: _builtins.int
+    PAGE_VIEWED_FIELD_NUMBER: _builtins.int
+    PRODUCT_SEARCHED_FIELD_NUMBER: _builtins.int
+    CHECKOUT_STARTED_FIELD_NUMBER: _builtins.int
+    ORDER_REFUNDED_FIELD_NUMBER: _builtins.int
+    ORDER_CANCELLED_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    LOYALTY_CHANGED_FIELD_NUMBER: _builtins.int
+    CONSENT_CHANGED_FIELD_NUMBER: _builtins.int
+    EMAIL_DELIVERED_FIELD_NUMBER: _builtins.int
+    EMAIL_OPENED_FIELD_NUMBER: _builtins.int
+    EMAIL_CLICKED_FIELD_NUMBER: _builtins.int
+    EMAIL_BOUNCED_FIELD_NUMBER: _builtins.int
+    EMAIL_UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    EMAIL_SPAM_REPORTED_FIELD_NUMBER: _builtins.int
+    PRODUCT_UPSERTED_FIELD_NUMBER: _builtins.int
+    CUSTOM_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id, 1 to 128 characters of [A-Za-z0-9._:-]. A resend
-    with the same id is a duplicate, never a second event.
+    with the same id is a duplicate, never a second event. When empty, ingest
+    derives a deterministic id from the source, identifiers, type, occurred_at
+    and payload, so a resend of the same fact is still a duplicate.
     """
     source: Global___EventSource.ValueType
     """Where it comes from."""
@@ -164,7 +314,27 @@ class Event(_message.Message):
 
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp:
-        """When it happened, by the sender's clock."""
+        """When it happened. Sent by the caller in its own clock; stored corrected for
+        that clock's skew when sent_at is given (see original_occurred_at).
+        """
+
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """When the sender sent it, by the sender's clock. With it, ingest corrects
+        occurred_at for the sender's clock skew: occurred_at += received_at - sent_at.
+        """
+
+    @_builtins.property
+    def context(self) -> Global___EventContext:
+        """Where and how the event was produced."""
+
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When ingest received the event."""
+
+    @_builtins.property
+    def original_occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """Output only. occurred_at as the sender sent it, before skew correction."""
 
     @_builtins.property
     def product_viewed(self) -> Global___ProductViewed: ...
@@ -176,6 +346,38 @@ class Event(_message.Message):
     def order_completed(self) -> Global___OrderCompleted: ...
     @_builtins.property
     def identify(self) -> Global___Identify: ...
+    @_builtins.property
+    def page_viewed(self) -> Global___PageViewed: ...
+    @_builtins.property
+    def product_searched(self) -> Global___ProductSearched: ...
+    @_builtins.property
+    def checkout_started(self) -> Global___CheckoutStarted: ...
+    @_builtins.property
+    def order_refunded(self) -> Global___OrderRefunded: ...
+    @_builtins.property
+    def order_cancelled(self) -> Global___OrderCancelled: ...
+    @_builtins.property
+    def alias(self) -> Global___Alias: ...
+    @_builtins.property
+    def loyalty_changed(self) -> Global___LoyaltyChanged: ...
+    @_builtins.property
+    def consent_changed(self) -> Global___ConsentChanged: ...
+    @_builtins.property
+    def email_delivered(self) -> Global___EmailDelivered: ...
+    @_builtins.property
+    def email_opened(self) -> Global___EmailOpened: ...
+    @_builtins.property
+    def email_clicked(self) -> Global___EmailClicked: ...
+    @_builtins.property
+    def email_bounced(self) -> Global___EmailBounced: ...
+    @_builtins.property
+    def email_unsubscribed(self) -> Global___EmailUnsubscribed: ...
+    @_builtins.property
+    def email_spam_reported(self) -> Global___EmailSpamReported: ...
+    @_builtins.property
+    def product_upserted(self) -> Global___ProductUpserted: ...
+    @_builtins.property
+    def custom(self) -> Global___CustomEvent: ...
     def __init__(
         self,
         *,
@@ -183,21 +385,530 @@ class Event(_message.Message):
         customer: Global___CustomerIdentifiers | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         source: Global___EventSource.ValueType = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
+        context: Global___EventContext | None = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+        original_occurred_at: _timestamp_pb2.Timestamp | None = ...,
         product_viewed: Global___ProductViewed | None = ...,
         cart_item_added: Global___CartItemAdded | None = ...,
         cart_item_removed: Global___CartItemRemoved | None = ...,
         order_completed: Global___OrderCompleted | None = ...,
         identify: Global___Identify | None = ...,
+        page_viewed: Global___PageViewed | None = ...,
+        product_searched: Global___ProductSearched | None = ...,
+        checkout_started: Global___CheckoutStarted | None = ...,
+        order_refunded: Global___OrderRefunded | None = ...,
+        order_cancelled: Global___OrderCancelled | None = ...,
+        alias: Global___Alias | None = ...,
+        loyalty_changed: Global___LoyaltyChanged | None = ...,
+        consent_changed: Global___ConsentChanged | None = ...,
+        email_delivered: Global___EmailDelivered | None = ...,
+        email_opened: Global___EmailOpened | None = ...,
+        email_clicked: Global___EmailClicked | None = ...,
+        email_bounced: Global___EmailBounced | None = ...,
+        email_unsubscribed: Global___EmailUnsubscribed | None = ...,
+        email_spam_reported: Global___EmailSpamReported | None = ...,
+        product_upserted: Global___ProductUpserted | None = ...,
+        custom: Global___CustomEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "customer", b"customer", "identify", b"identify", "occurred_at", b"occurred_at", "order_completed", b"order_completed", "payload", b"payload", "product_viewed", b"product_viewed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "checkout_started", b"checkout_started", "consent_changed", b"consent_changed", "context", b"context", "custom", b"custom", "customer", b"customer", "email_bounced", b"email_bounced", "email_clicked", b"email_clicked", "email_delivered", b"email_delivered", "email_opened", b"email_opened", "email_spam_reported", b"email_spam_reported", "email_unsubscribed", b"email_unsubscribed", "identify", b"identify", "loyalty_changed", b"loyalty_changed", "occurred_at", b"occurred_at", "order_cancelled", b"order_cancelled", "order_completed", b"order_completed", "order_refunded", b"order_refunded", "original_occurred_at", b"original_occurred_at", "page_viewed", b"page_viewed", "payload", b"payload", "product_searched", b"product_searched", "product_upserted", b"product_upserted", "product_viewed", b"product_viewed", "received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "customer", b"customer", "event_id", b"event_id", "identify", b"identify", "occurred_at", b"occurred_at", "order_completed", b"order_completed", "payload", b"payload", "product_viewed", b"product_viewed", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "checkout_started", b"checkout_started", "consent_changed", b"consent_changed", "context", b"context", "custom", b"custom", "customer", b"customer", "email_bounced", b"email_bounced", "email_clicked", b"email_clicked", "email_delivered", b"email_delivered", "email_opened", b"email_opened", "email_spam_reported", b"email_spam_reported", "email_unsubscribed", b"email_unsubscribed", "event_id", b"event_id", "identify", b"identify", "loyalty_changed", b"loyalty_changed", "occurred_at", b"occurred_at", "order_cancelled", b"order_cancelled", "order_completed", b"order_completed", "order_refunded", b"order_refunded", "original_occurred_at", b"original_occurred_at", "page_viewed", b"page_viewed", "payload", b"payload", "product_searched", b"product_searched", "product_upserted", b"product_upserted", "product_viewed", b"product_viewed", "received_at", b"received_at", "sent_at", b"sent_at", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["product_viewed", "cart_item_added", "cart_item_removed", "order_completed", "identify"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["product_viewed", "cart_item_added", "cart_item_removed", "order_completed", "identify", "page_viewed", "product_searched", "checkout_started", "order_refunded", "order_cancelled", "alias", "loyalty_changed", "consent_changed", "email_delivered", "email_opened", "email_clicked", "email_bounced", "email_unsubscribed", "email_spam_reported", "product_upserted", "custom"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class PageViewed(_message.Message):
+    """A page was seen."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    REFERRER_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The page URL; required."""
+    title: _builtins.str
+    """The page title."""
+    referrer: _builtins.str
+    """The referring URL."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        title: _builtins.str = ...,
+        referrer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["referrer", b"referrer", "title", b"title", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PageViewed: _TypeAlias = PageViewed  # noqa: Y015
+
+@_typing.final
+class ProductSearched(_message.Message):
+    """The customer searched the catalog."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    RESULT_COUNT_FIELD_NUMBER: _builtins.int
+    query: _builtins.str
+    """The search text; required."""
+    result_count: _builtins.int
+    """How many results were shown."""
+    def __init__(
+        self,
+        *,
+        query: _builtins.str = ...,
+        result_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "result_count", b"result_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductSearched: _TypeAlias = ProductSearched  # noqa: Y015
+
+@_typing.final
+class CheckoutStarted(_message.Message):
+    """The customer started checking out."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKOUT_ID_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    checkout_id: _builtins.str
+    """The checkout (or cart token) id; required."""
+    @_builtins.property
+    def total(self) -> _money_pb2.Money:
+        """The checkout total; required."""
+
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___OrderLine]:
+        """The lines being bought."""
+
+    def __init__(
+        self,
+        *,
+        checkout_id: _builtins.str = ...,
+        total: _money_pb2.Money | None = ...,
+        lines: _abc.Iterable[Global___OrderLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkout_id", b"checkout_id", "lines", b"lines", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckoutStarted: _TypeAlias = CheckoutStarted  # noqa: Y015
+
+@_typing.final
+class OrderRefunded(_message.Message):
+    """Money was given back for (part of) an order. Each refund_id counts once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    REFUND_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order refunded; required."""
+    refund_id: _builtins.str
+    """The refund's own id; required."""
+    @_builtins.property
+    def amount(self) -> _money_pb2.Money:
+        """The amount refunded; required."""
+
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        refund_id: _builtins.str = ...,
+        amount: _money_pb2.Money | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "order_id", b"order_id", "refund_id", b"refund_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderRefunded: _TypeAlias = OrderRefunded  # noqa: Y015
+
+@_typing.final
+class OrderCancelled(_message.Message):
+    """An order was cancelled before it was fulfilled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORDER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    order_id: _builtins.str
+    """The order cancelled; required."""
+    reason: _builtins.str
+    """Why, as the store records it."""
+    def __init__(
+        self,
+        *,
+        order_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OrderCancelled: _TypeAlias = OrderCancelled  # noqa: Y015
+
+@_typing.final
+class Alias(_message.Message):
+    """The event's customer and `other` are the same person: their identifiers are
+    linked (e.g. an anonymous visitor who signed in).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OTHER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def other(self) -> Global___CustomerIdentifiers:
+        """The other identifiers; at least one is required."""
+
+    def __init__(
+        self,
+        *,
+        other: Global___CustomerIdentifiers | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["other", b"other"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["other", b"other"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alias: _TypeAlias = Alias  # noqa: Y015
+
+@_typing.final
+class LoyaltyChanged(_message.Message):
+    """The customer's loyalty standing changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    points: _builtins.int
+    """The points balance after the change; not negative."""
+    tier: _builtins.str
+    """The tier after the change, e.g. "gold"."""
+    def __init__(
+        self,
+        *,
+        points: _builtins.int = ...,
+        tier: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["points", b"points", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoyaltyChanged: _TypeAlias = LoyaltyChanged  # noqa: Y015
+
+@_typing.final
+class ConsentChanged(_message.Message):
+    """The customer gave or withdrew consent to be contacted on a channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    channel: Global___Channel.ValueType
+    """The channel; required."""
+    subscribed: _builtins.bool
+    """Whether the customer may now be contacted on it."""
+    def __init__(
+        self,
+        *,
+        channel: Global___Channel.ValueType = ...,
+        subscribed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "subscribed", b"subscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsentChanged: _TypeAlias = ConsentChanged  # noqa: Y015
+
+@_typing.final
+class EmailMessage(_message.Message):
+    """Which email an engagement event is about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The email provider's message id; required."""
+    campaign_id: _builtins.str
+    """The campaign or flow that sent it."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailMessage: _TypeAlias = EmailMessage  # noqa: Y015
+
+@_typing.final
+class EmailDelivered(_message.Message):
+    """An email reached the recipient's server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___EmailMessage:
+        """The email; required."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___EmailMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailDelivered: _TypeAlias = EmailDelivered  # noqa: Y015
+
+@_typing.final
+class EmailOpened(_message.Message):
+    """An email was opened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___EmailMessage:
+        """The email; required."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___EmailMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailOpened: _TypeAlias = EmailOpened  # noqa: Y015
+
+@_typing.final
+class EmailClicked(_message.Message):
+    """A link in an email was clicked."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """The link's URL; required."""
+    @_builtins.property
+    def message(self) -> Global___EmailMessage:
+        """The email; required."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___EmailMessage | None = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailClicked: _TypeAlias = EmailClicked  # noqa: Y015
+
+@_typing.final
+class EmailBounced(_message.Message):
+    """An email bounced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    BOUNCE_TYPE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    bounce_type: Global___BounceType.ValueType
+    """Hard or soft; required."""
+    reason: _builtins.str
+    """The receiving server's reason."""
+    @_builtins.property
+    def message(self) -> Global___EmailMessage:
+        """The email; required."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___EmailMessage | None = ...,
+        bounce_type: Global___BounceType.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounce_type", b"bounce_type", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailBounced: _TypeAlias = EmailBounced  # noqa: Y015
+
+@_typing.final
+class EmailUnsubscribed(_message.Message):
+    """The recipient unsubscribed through an email."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___EmailMessage:
+        """The email; required."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___EmailMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailUnsubscribed: _TypeAlias = EmailUnsubscribed  # noqa: Y015
+
+@_typing.final
+class EmailSpamReported(_message.Message):
+    """The recipient reported an email as spam."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___EmailMessage:
+        """The email; required."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___EmailMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailSpamReported: _TypeAlias = EmailSpamReported  # noqa: Y015
+
+@_typing.final
+class ProductUpserted(_message.Message):
+    """A catalog product was created or changed (not about a customer: the customer
+    identifiers may name the feed, e.g. {"crm_id": "catalog"}).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    IMAGE_URL_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    IN_STOCK_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """Stock keeping unit; required."""
+    name: _builtins.str
+    """Display name; required."""
+    category: _builtins.str
+    """Catalog category path, e.g. "shoes/running"."""
+    image_url: _builtins.str
+    """Image URL."""
+    url: _builtins.str
+    """Product page URL."""
+    in_stock: _builtins.bool
+    """Whether it can be bought now."""
+    @_builtins.property
+    def price(self) -> _money_pb2.Money:
+        """The current price; required."""
+
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        name: _builtins.str = ...,
+        price: _money_pb2.Money | None = ...,
+        category: _builtins.str = ...,
+        image_url: _builtins.str = ...,
+        url: _builtins.str = ...,
+        in_stock: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["price", b"price"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "image_url", b"image_url", "in_stock", b"in_stock", "name", b"name", "price", b"price", "sku", b"sku", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProductUpserted: _TypeAlias = ProductUpserted  # noqa: Y015
+
+@_typing.final
+class CustomEvent(_message.Message):
+    """An event type of the store's own. Names are 1 to 64 characters, lower-case
+    letters, digits and _, starting with a letter; where ingest is configured with
+    a list of known custom names, only those are accepted.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PROPERTIES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The event's name, e.g. "wishlist_item_added"; required."""
+    @_builtins.property
+    def properties(self) -> _struct_pb2.Struct:
+        """Its properties: at most 50, nested at most 3 deep."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        properties: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["properties", b"properties"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "properties", b"properties"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomEvent: _TypeAlias = CustomEvent  # noqa: Y015
 
 @_typing.final
 class ProductViewed(_message.Message):
@@ -505,7 +1216,7 @@ class EventResult(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """The event's id as sent (empty when the event had none)."""
+    """The event's id: as sent, or the one ingest derived when it had none."""
     outcome: Global___EventOutcome.ValueType
     """What happened."""
     @_builtins.property
@@ -529,3 +1240,293 @@ class EventResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventResult: _TypeAlias = EventResult  # noqa: Y015
+
+@_typing.final
+class RejectedEvent(_message.Message):
+    """An event that was rejected, kept in the dead-letter store with its reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REJECT_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REPLAY_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "rejectedEvents/{id}"."""
+    state: Global___RejectedEventState.ValueType
+    """Pending or replayed."""
+    @_builtins.property
+    def event(self) -> Global___Event:
+        """The event as received."""
+
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """Why it was rejected: INVALID_ARGUMENT with google.rpc.BadRequest."""
+
+    @_builtins.property
+    def reject_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was rejected."""
+
+    @_builtins.property
+    def replay_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was replayed; unset while pending."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        event: Global___Event | None = ...,
+        status: _status_pb2.Status | None = ...,
+        reject_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___RejectedEventState.ValueType = ...,
+        replay_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "reject_time", b"reject_time", "replay_time", b"replay_time", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "name", b"name", "reject_time", b"reject_time", "replay_time", b"replay_time", "state", b"state", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedEvent: _TypeAlias = RejectedEvent  # noqa: Y015
+
+@_typing.final
+class ListRejectedEventsRequest(_message.Message):
+    """Request for IngestService.ListRejectedEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many; 1 to 1000, default 100."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; the other fields must be the same."""
+    state: Global___RejectedEventState.ValueType
+    """Only this state; unspecified lists every state."""
+    source: Global___EventSource.ValueType
+    """Only events from this source; unspecified lists every source."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: Global___RejectedEventState.ValueType = ...,
+        source: Global___EventSource.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "source", b"source", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRejectedEventsRequest: _TypeAlias = ListRejectedEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListRejectedEventsResponse(_message.Message):
+    """Response for IngestService.ListRejectedEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REJECTED_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def rejected_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedEvent]:
+        """The dead letters, newest first."""
+
+    def __init__(
+        self,
+        *,
+        rejected_events: _abc.Iterable[Global___RejectedEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rejected_events", b"rejected_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRejectedEventsResponse: _TypeAlias = ListRejectedEventsResponse  # noqa: Y015
+
+@_typing.final
+class ReplayRejectedEventRequest(_message.Message):
+    """Request for IngestService.ReplayRejectedEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CORRECTED_EVENT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The dead letter: "rejectedEvents/{id}"; required."""
+    @_builtins.property
+    def corrected_event(self) -> Global___Event:
+        """A corrected event to ingest instead of the stored one; optional."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        corrected_event: Global___Event | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["corrected_event", b"corrected_event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["corrected_event", b"corrected_event", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRejectedEventRequest: _TypeAlias = ReplayRejectedEventRequest  # noqa: Y015
+
+@_typing.final
+class ReplayRejectedEventResponse(_message.Message):
+    """Response for IngestService.ReplayRejectedEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    REJECTED_EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___EventResult:
+        """The result of ingesting it again."""
+
+    @_builtins.property
+    def rejected_event(self) -> Global___RejectedEvent:
+        """The dead letter after the replay."""
+
+    def __init__(
+        self,
+        *,
+        result: Global___EventResult | None = ...,
+        rejected_event: Global___RejectedEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rejected_event", b"rejected_event", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rejected_event", b"rejected_event", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRejectedEventResponse: _TypeAlias = ReplayRejectedEventResponse  # noqa: Y015
+
+@_typing.final
+class GetIngestStatsRequest(_message.Message):
+    """Request for IngestService.GetIngestStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Count from this time on (whole UTC days); unset counts everything kept."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIngestStatsRequest: _TypeAlias = GetIngestStatsRequest  # noqa: Y015
+
+@_typing.final
+class SourceStats(_message.Message):
+    """Counts for one source."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    source: Global___EventSource.ValueType
+    """The source."""
+    accepted: _builtins.int
+    """Events accepted."""
+    rejected: _builtins.int
+    """Events rejected (and dead-lettered)."""
+    retried: _builtins.int
+    """Events answered with RETRY."""
+    @_builtins.property
+    def duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicateCount]:
+        """Duplicates, by how they were caught."""
+
+    def __init__(
+        self,
+        *,
+        source: Global___EventSource.ValueType = ...,
+        accepted: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        retried: _builtins.int = ...,
+        duplicates: _abc.Iterable[Global___DuplicateCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "retried", b"retried", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SourceStats: _TypeAlias = SourceStats  # noqa: Y015
+
+@_typing.final
+class DuplicateCount(_message.Message):
+    """A count of duplicates of one kind."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    kind: Global___DuplicateKind.ValueType
+    """How they were caught."""
+    count: _builtins.int
+    """How many."""
+    def __init__(
+        self,
+        *,
+        kind: Global___DuplicateKind.ValueType = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicateCount: _TypeAlias = DuplicateCount  # noqa: Y015
+
+@_typing.final
+class GetIngestStatsResponse(_message.Message):
+    """Response for IngestService.GetIngestStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SourceStats]:
+        """One entry per source with any count."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The start of the first day counted."""
+
+    def __init__(
+        self,
+        *,
+        sources: _abc.Iterable[Global___SourceStats] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sources", b"sources", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIngestStatsResponse: _TypeAlias = GetIngestStatsResponse  # noqa: Y015

@@ -47,6 +47,21 @@ class IngestServiceStub:
                 request_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.SendEventsRequest.SerializeToString,
                 response_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.SendEventsResponse.FromString,
                 _registered_method=True)
+        self.ListRejectedEvents = channel.unary_unary(
+                '/sendtime.ingest.v1.IngestService/ListRejectedEvents',
+                request_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ListRejectedEventsRequest.SerializeToString,
+                response_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ListRejectedEventsResponse.FromString,
+                _registered_method=True)
+        self.ReplayRejectedEvent = channel.unary_unary(
+                '/sendtime.ingest.v1.IngestService/ReplayRejectedEvent',
+                request_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ReplayRejectedEventRequest.SerializeToString,
+                response_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ReplayRejectedEventResponse.FromString,
+                _registered_method=True)
+        self.GetIngestStats = channel.unary_unary(
+                '/sendtime.ingest.v1.IngestService/GetIngestStats',
+                request_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.GetIngestStatsRequest.SerializeToString,
+                response_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.GetIngestStatsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -72,6 +87,34 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRejectedEvents(self, request, context):
+        """ListRejectedEvents lists the dead-letter store: events that were rejected,
+        newest first, with the reasons (AIP-158 paging).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayRejectedEvent(self, request, context):
+        """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
+        as stored (after a configuration change, e.g. a newly allowed custom event
+        name) or replaced by a corrected event. The answer is a normal event result;
+        the dead letter is marked replayed only when the event was accepted (or was a
+        duplicate of a stored one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIngestStats(self, request, context):
+        """GetIngestStats reports what ingest has counted (all replicas, kept in
+        PostgreSQL) per source and outcome, including duplicates by how they were
+        caught.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -84,6 +127,21 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.SendEvents,
                     request_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.SendEventsRequest.FromString,
                     response_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.SendEventsResponse.SerializeToString,
+            ),
+            'ListRejectedEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRejectedEvents,
+                    request_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ListRejectedEventsRequest.FromString,
+                    response_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ListRejectedEventsResponse.SerializeToString,
+            ),
+            'ReplayRejectedEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayRejectedEvent,
+                    request_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ReplayRejectedEventRequest.FromString,
+                    response_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ReplayRejectedEventResponse.SerializeToString,
+            ),
+            'GetIngestStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIngestStats,
+                    request_deserializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.GetIngestStatsRequest.FromString,
+                    response_serializer=sendtime_dot_ingest_dot_v1_dot_ingest__pb2.GetIngestStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +201,87 @@ class IngestService:
             '/sendtime.ingest.v1.IngestService/SendEvents',
             sendtime_dot_ingest_dot_v1_dot_ingest__pb2.SendEventsRequest.SerializeToString,
             sendtime_dot_ingest_dot_v1_dot_ingest__pb2.SendEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRejectedEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.ingest.v1.IngestService/ListRejectedEvents',
+            sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ListRejectedEventsRequest.SerializeToString,
+            sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ListRejectedEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayRejectedEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.ingest.v1.IngestService/ReplayRejectedEvent',
+            sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ReplayRejectedEventRequest.SerializeToString,
+            sendtime_dot_ingest_dot_v1_dot_ingest__pb2.ReplayRejectedEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIngestStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.ingest.v1.IngestService/GetIngestStats',
+            sendtime_dot_ingest_dot_v1_dot_ingest__pb2.GetIngestStatsRequest.SerializeToString,
+            sendtime_dot_ingest_dot_v1_dot_ingest__pb2.GetIngestStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

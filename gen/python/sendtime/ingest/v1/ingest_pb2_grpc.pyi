@@ -45,6 +45,22 @@ class IngestServiceStub:
     """SendEvents takes a batch of events and answers with one result per event, in
     request order. Bad events are rejected individually; good ones are kept.
     """
+    ListRejectedEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListRejectedEventsRequest, _ingest_pb2.ListRejectedEventsResponse]
+    """ListRejectedEvents lists the dead-letter store: events that were rejected,
+    newest first, with the reasons (AIP-158 paging).
+    """
+    ReplayRejectedEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]
+    """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
+    as stored (after a configuration change, e.g. a newly allowed custom event
+    name) or replaced by a corrected event. The answer is a normal event result;
+    the dead letter is marked replayed only when the event was accepted (or was a
+    duplicate of a stored one).
+    """
+    GetIngestStats: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]
+    """GetIngestStats reports what ingest has counted (all replicas, kept in
+    PostgreSQL) per source and outcome, including duplicates by how they were
+    caught.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -62,6 +78,22 @@ class IngestServiceAsyncStub(IngestServiceStub):
     SendEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.SendEventsRequest, _ingest_pb2.SendEventsResponse]  # type: ignore[assignment]
     """SendEvents takes a batch of events and answers with one result per event, in
     request order. Bad events are rejected individually; good ones are kept.
+    """
+    ListRejectedEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListRejectedEventsRequest, _ingest_pb2.ListRejectedEventsResponse]  # type: ignore[assignment]
+    """ListRejectedEvents lists the dead-letter store: events that were rejected,
+    newest first, with the reasons (AIP-158 paging).
+    """
+    ReplayRejectedEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]  # type: ignore[assignment]
+    """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
+    as stored (after a configuration change, e.g. a newly allowed custom event
+    name) or replaced by a corrected event. The answer is a normal event result;
+    the dead letter is marked replayed only when the event was accepted (or was a
+    duplicate of a stored one).
+    """
+    GetIngestStats: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]  # type: ignore[assignment]
+    """GetIngestStats reports what ingest has counted (all replicas, kept in
+    PostgreSQL) per source and outcome, including duplicates by how they were
+    caught.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -89,6 +121,40 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_pb2.SendEventsResponse, _abc.Awaitable[_ingest_pb2.SendEventsResponse]]:
         """SendEvents takes a batch of events and answers with one result per event, in
         request order. Bad events are rejected individually; good ones are kept.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRejectedEvents(
+        self,
+        request: _ingest_pb2.ListRejectedEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListRejectedEventsResponse, _abc.Awaitable[_ingest_pb2.ListRejectedEventsResponse]]:
+        """ListRejectedEvents lists the dead-letter store: events that were rejected,
+        newest first, with the reasons (AIP-158 paging).
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayRejectedEvent(
+        self,
+        request: _ingest_pb2.ReplayRejectedEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ReplayRejectedEventResponse, _abc.Awaitable[_ingest_pb2.ReplayRejectedEventResponse]]:
+        """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
+        as stored (after a configuration change, e.g. a newly allowed custom event
+        name) or replaced by a corrected event. The answer is a normal event result;
+        the dead letter is marked replayed only when the event was accepted (or was a
+        duplicate of a stored one).
+        """
+
+    @_abc_1.abstractmethod
+    def GetIngestStats(
+        self,
+        request: _ingest_pb2.GetIngestStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.GetIngestStatsResponse, _abc.Awaitable[_ingest_pb2.GetIngestStatsResponse]]:
+        """GetIngestStats reports what ingest has counted (all replicas, kept in
+        PostgreSQL) per source and outcome, including duplicates by how they were
+        caught.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

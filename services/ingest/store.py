@@ -1,0 +1,218 @@
+"""Ingest's PostgreSQL tables: processed event ids and business keys (dedup beyond the event
+log's window), the dead-letter store, and outcome counts. Every method is one statement for a
+whole batch: the ingest hot path makes a fixed number of round trips per batch, not per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+import asyncpg
+
+from ingest.envelope import BusinessKey
+
+StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What a store call raises when PostgreSQL is unreachable or fails."""
+
+CountKey = tuple[date, int, int, int]  # (day, source, outcome, duplicate kind)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRejection:
+    id: int
+    event: bytes
+    status: bytes
+    rejected_at: datetime
+    replayed_at: datetime | None
+
+
+class IngestStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        """Which of these ids were stored in the event log before (within the dedup window)."""
+        rows = await self._pool.fetch(
+            "SELECT event_id FROM ingest_processed_events WHERE event_id = ANY($1::text[])", list(event_ids)
+        )
+        return {row["event_id"] for row in rows}
+
+    async def claim_business_keys(
+        self, claims: Mapping[BusinessKey, str], stale_after: timedelta
+    ) -> dict[BusinessKey, str]:
+        """Claim each business key for its event id; the event id that owns each key afterwards
+        (a key missing from the answer was released by its owner meanwhile: retry later).
+
+        A key is owned by the first event to claim it. A claim not yet confirmed as stored
+        after ``stale_after`` was abandoned (its publish failed and the release failed too) and
+        goes to the new claimant.
+        """
+        if not claims:
+            return {}
+        keys = list(claims)
+        rows = await self._pool.fetch(
+            """
+            WITH wanted AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS w(key_kind, key_value, event_id)
+            ), claimed AS (
+                INSERT INTO ingest_business_keys AS k (key_kind, key_value, event_id, claimed_at)
+                SELECT key_kind, key_value, event_id, now() FROM wanted
+                ON CONFLICT (key_kind, key_value) DO UPDATE
+                    SET event_id = EXCLUDED.event_id, claimed_at = now()
+                    WHERE NOT k.stored AND k.claimed_at < now() - $4::interval
+                RETURNING key_kind, key_value, event_id
+            )
+            SELECT key_kind, key_value, event_id FROM claimed
+            UNION ALL
+            SELECT k.key_kind, k.key_value, k.event_id
+            FROM ingest_business_keys k JOIN wanted w USING (key_kind, key_value)
+            WHERE NOT EXISTS (
+                SELECT 1 FROM claimed c WHERE c.key_kind = k.key_kind AND c.key_value = k.key_value
+            )
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [claims[k] for k in keys],
+            stale_after,
+        )
+        owners = {(row["key_kind"], row["key_value"]): row["event_id"] for row in rows}
+        missing = [k for k in keys if k not in owners]
+        if missing:  # claimed by a transaction that committed after this statement's snapshot
+            rows = await self._pool.fetch(
+                "SELECT k.key_kind, k.key_value, k.event_id FROM ingest_business_keys k"
+                " JOIN unnest($1::text[], $2::text[]) AS m(key_kind, key_value) USING (key_kind, key_value)",
+                [k[0] for k in missing],
+                [k[1] for k in missing],
+            )
+            owners.update({(row["key_kind"], row["key_value"]): row["event_id"] for row in rows})
+        return owners
+
+    async def record_stored(
+        self, event_ids: Sequence[str], keys: Sequence[BusinessKey], received_at: datetime
+    ) -> None:
+        """Remember ids stored in the event log and confirm their business keys, in one
+        transaction."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            if event_ids:
+                await conn.execute(
+                    "INSERT INTO ingest_processed_events (event_id, received_at)"
+                    " SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
+                    list(event_ids),
+                    received_at,
+                )
+            if keys:
+                await conn.execute(
+                    "UPDATE ingest_business_keys k SET stored = true"
+                    " FROM unnest($1::text[], $2::text[]) AS s(key_kind, key_value)"
+                    " WHERE k.key_kind = s.key_kind AND k.key_value = s.key_value",
+                    [k[0] for k in keys],
+                    [k[1] for k in keys],
+                )
+
+    async def release_business_keys(self, claims: Mapping[BusinessKey, str]) -> None:
+        """Give up claims whose events could not be stored, so a retry can claim them again."""
+        if not claims:
+            return
+        keys = list(claims)
+        await self._pool.execute(
+            "DELETE FROM ingest_business_keys k"
+            " USING unnest($1::text[], $2::text[], $3::text[]) AS r(key_kind, key_value, event_id)"
+            " WHERE k.key_kind = r.key_kind AND k.key_value = r.key_value AND k.event_id = r.event_id"
+            " AND NOT k.stored",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [claims[k] for k in keys],
+        )
+
+    async def add_rejections(self, rejections: Sequence[tuple[str, int, bytes, bytes]], at: datetime) -> None:
+        """Dead-letter (event_id, source, event bytes, status bytes) tuples."""
+        if not rejections:
+            return
+        await self._pool.execute(
+            "INSERT INTO ingest_rejected_events (event_id, source, event, status, rejected_at)"
+            " SELECT *, $5 FROM unnest($1::text[], $2::int[], $3::bytea[], $4::bytea[])",
+            [r[0] for r in rejections],
+            [r[1] for r in rejections],
+            [r[2] for r in rejections],
+            [r[3] for r in rejections],
+            at,
+        )
+
+    async def list_rejections(
+        self, *, limit: int, after: tuple[datetime, int] | None, replayed: bool | None, source: int | None
+    ) -> list[StoredRejection]:
+        """Dead letters newest first, after the (rejected_at, id) position ``after``."""
+        rows = await self._pool.fetch(
+            """
+            SELECT id, event, status, rejected_at, replayed_at FROM ingest_rejected_events
+            WHERE ($1::timestamptz IS NULL OR (rejected_at, id) < ($1, $2))
+              AND ($3::boolean IS NULL OR (replayed_at IS NOT NULL) = $3)
+              AND ($4::int IS NULL OR source = $4)
+            ORDER BY rejected_at DESC, id DESC
+            LIMIT $5
+            """,
+            after[0] if after else None,
+            after[1] if after else None,
+            replayed,
+            source,
+            limit,
+        )
+        return [StoredRejection(**dict(row)) for row in rows]
+
+    async def get_rejection(self, rejection_id: int) -> StoredRejection | None:
+        row = await self._pool.fetchrow(
+            "SELECT id, event, status, rejected_at, replayed_at FROM ingest_rejected_events WHERE id = $1",
+            rejection_id,
+        )
+        return StoredRejection(**dict(row)) if row else None
+
+    async def update_rejection(
+        self, rejection_id: int, *, status: bytes | None, replayed_at: datetime | None
+    ) -> StoredRejection:
+        """After a replay: mark it replayed, or store the reasons it is still rejected."""
+        row = await self._pool.fetchrow(
+            "UPDATE ingest_rejected_events SET status = coalesce($2, status), replayed_at = $3"
+            " WHERE id = $1 RETURNING id, event, status, rejected_at, replayed_at",
+            rejection_id,
+            status,
+            replayed_at,
+        )
+        assert row is not None  # dead letters are never deleted while ingest runs
+        return StoredRejection(**dict(row))
+
+    async def add_counts(self, counts: Mapping[CountKey, int]) -> None:
+        if not counts:
+            return
+        keys = list(counts)
+        await self._pool.execute(
+            """
+            INSERT INTO ingest_counts AS c (day, source, outcome, duplicate_kind, count)
+            SELECT * FROM unnest($1::date[], $2::int[], $3::int[], $4::int[], $5::bigint[])
+            ON CONFLICT (day, source, outcome, duplicate_kind) DO UPDATE SET count = c.count + EXCLUDED.count
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            [k[2] for k in keys],
+            [k[3] for k in keys],
+            [counts[k] for k in keys],
+        )
+
+    async def counts(self, since: date | None) -> tuple[dict[tuple[int, int, int], int], date | None]:
+        """Totals per (source, outcome, duplicate kind) from ``since`` on, and the first day."""
+        rows = await self._pool.fetch(
+            "SELECT source, outcome, duplicate_kind, sum(count) AS count, min(day) AS first_day"
+            " FROM ingest_counts WHERE $1::date IS NULL OR day >= $1"
+            " GROUP BY source, outcome, duplicate_kind",
+            since,
+        )
+        first = min((row["first_day"] for row in rows), default=None)
+        return {(r["source"], r["outcome"], r["duplicate_kind"]): int(r["count"]) for r in rows}, first
+
+    async def purge_processed(self, older_than: datetime) -> int:
+        """Forget processed ids received before ``older_than`` (the dedup window); how many."""
+        result = await self._pool.execute(
+            "DELETE FROM ingest_processed_events WHERE received_at < $1", older_than
+        )
+        return int(result.split()[-1])
