@@ -19,7 +19,9 @@ from ingest.settings import Settings
 from ingest.stats import OutcomeCounters
 from ingest.store import IngestStore, StoreError
 from ingest.validation import ValidationRules
+from ingest.webhooks import WebhookServer
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime_common.config import ConfigError
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
@@ -41,6 +43,7 @@ class IngestApp:
     counters: OutcomeCounters
     pool: asyncpg.Pool
     dedup_window: timedelta
+    webhooks: WebhookServer | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -48,14 +51,20 @@ class IngestApp:
         await self.start_background()
 
     async def start_background(self) -> None:
+        """What runs beside the gRPC server: the webhook listener (when configured) and the
+        periodic work."""
+        if self.webhooks is not None:
+            await self.webhooks.start()
         self._background = [
             asyncio.create_task(self._flush_counts(), name="flush-counts"),
             asyncio.create_task(self._purge_processed_ids(), name="purge-processed-ids"),
         ]
 
     async def close(self) -> None:
-        """After the gRPC server has drained: stop background work, write the last counts, close
-        the event log (in-flight publishes finish first) and the pool."""
+        """After the gRPC server has drained: stop the webhooks and background work, write the
+        last counts, close the event log (in-flight publishes finish first) and the pool."""
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -91,6 +100,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
     Raises:
         OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS could not be reached.
+        sendtime_common.config.ConfigError: a webhook secret or key is unusable.
     """
     pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
     assert pool is not None
@@ -124,6 +134,14 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         [SERVICE_NAME],
         lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, s),
     )
+    webhooks = None
+    if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
+        try:
+            webhooks = WebhookServer(ingestor, settings.webhooks)
+        except ValueError as exc:
+            await event_log.close()
+            await pool.close()
+            raise ConfigError(f"webhooks: {exc}") from None
     return IngestApp(
         grpc=server,
         event_log=event_log,
@@ -132,4 +150,5 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         counters=counters,
         pool=pool,
         dedup_window=timedelta(hours=settings.dedup_window_hours),
+        webhooks=webhooks,
     )

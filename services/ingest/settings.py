@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ingest.webhooks import WebhookSettings
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.event_log import JetStreamSettings
 
@@ -31,6 +32,8 @@ class Settings:
     max_in_flight_per_stream: int = 512
     max_batch_size: int = 1000
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
+    # The HTTP listener for webhooks runs only when a provider's secret or key is set.
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -39,7 +42,7 @@ class Settings:
         Raises:
             sendtime_common.config.ConfigError: a variable has an unusable value.
         """
-        defaults = cls()
+        defaults, webhook_defaults = cls(), WebhookSettings()
         return cls(
             address=env_str(env, "INGEST_ADDRESS", defaults.address),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
@@ -60,4 +63,19 @@ class Settings:
                 env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1
             ),
             event_log=JetStreamSettings.from_env(env),
+            webhooks=WebhookSettings(
+                address=env_str(env, "INGEST_WEBHOOK_ADDRESS", webhook_defaults.address),
+                shopify_secret=env_str(env, "SHOPIFY_WEBHOOK_SECRET", ""),
+                sendgrid_public_key=env_str(env, "SENDGRID_WEBHOOK_PUBLIC_KEY", ""),
+                max_body_bytes=env_int(
+                    env, "INGEST_WEBHOOK_MAX_BODY_BYTES", webhook_defaults.max_body_bytes, minimum=1024
+                ),
+                signature_max_age_s=env_float(
+                    env,
+                    "INGEST_WEBHOOK_SIGNATURE_MAX_AGE_SECONDS",
+                    webhook_defaults.signature_max_age_s,
+                    minimum=1,
+                ),
+                shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            ),
         )
