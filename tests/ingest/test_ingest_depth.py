@@ -20,7 +20,13 @@ from ingest.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import field_violations, status_of
-from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.event_log import (
+    EventLogSubscription,
+    JetStreamEventLog,
+    JetStreamSettings,
+    OutgoingMessage,
+    PublishReceipt,
+)
 from tests.conftest import user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed, timestamp
 from tests.ingest.test_validation import VALID_PAYLOADS
@@ -294,3 +300,56 @@ async def test_with_postgres_down_events_get_retry_never_accepted(
         )
         assert [r.outcome for r in results] == [RETRY, RETRY]
         assert results[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+class SlowEventLog:
+    """The real event log behind a delay, counting publishes in progress: shows how much work
+    a flooding stream can put in flight."""
+
+    def __init__(self, inner: JetStreamEventLog, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+        self.in_flight = self.most_in_flight = 0
+
+    async def publish(self, message: OutgoingMessage) -> PublishReceipt:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay_s)
+            return await self.inner.publish(message)
+        finally:
+            self.in_flight -= 1
+
+    async def subscribe(self, durable_name: str) -> EventLogSubscription:
+        return await self.inner.subscribe(durable_name)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_flooding_stream_is_held_to_its_in_flight_limit(
+    nats_url: str, database_url: str, unique: str
+) -> None:
+    slow = SlowEventLog(await JetStreamEventLog.connect(JetStreamSettings(url=nats_url)), delay_s=0.01)
+    app = await create_app(
+        Settings(address="127.0.0.1:0", database_url=database_url, max_in_flight_per_stream=16),
+        event_log=slow,
+    )
+    await app.start()
+    sent = 0
+
+    async def flood() -> AsyncIterator[ingest_pb2.StreamEventsRequest]:
+        nonlocal sent
+        for i in range(400):
+            sent += 1
+            yield ingest_pb2.StreamEventsRequest(
+                event=event(user_id=f"u-{unique}-{i % 7}", identify=identify(n=i))
+            )
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            outcomes = [r.result.outcome async for r in stub.StreamEvents(flood())]
+    finally:
+        await app.stop(grace_s=1)
+    assert outcomes == [ACCEPTED] * 400
+    assert 1 < slow.most_in_flight <= 16  # batched, and never more than the stream's limit
