@@ -1,0 +1,43 @@
+"""``python -m sendtime_cli COMMAND ...`` (what ``bin/sendtime`` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from sendtime_cli import importer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sendtime", description="Sendtime operator tools; they talk to the services over gRPC."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    importer.add_arguments(
+        commands.add_parser(
+            "import",
+            help="bulk-load events from a JSONL or CSV file into ingest (resumable)",
+            description=(
+                "Bulk-load events into ingest (IngestService/SendEvents), resumably: a checkpoint "
+                "next to the file records how far the import got. Exit codes: 0 every line accepted "
+                "or duplicate, 2 some lines rejected, 1 error, 130 interrupted. See docs/import.md."
+            ),
+        )
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == 2:  # a usage error: 1, as 2 means "some lines were rejected"
+            return 1
+        raise
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
