@@ -18,6 +18,9 @@ from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import IdentifierKind
 
 KEY_PREFIX = "sendtime:profile:"
+# An erased identifier's entry: a version no profile reaches, so no late write can bring the
+# erased profile back into the cache; its empty body reads as a miss.
+ERASED_VERSION = 2**53  # exact in Lua's doubles
 
 # KEYS[1] = entry; ARGV[1] = version, ARGV[2] = entry value, ARGV[3] = TTL in seconds.
 _SET_IF_NEWER = """
@@ -45,9 +48,10 @@ def encode_entry(profile: profile_pb2.Profile) -> bytes:
     return b"%d:" % profile.version + profile.SerializeToString()
 
 
-def decode_entry(entry: bytes) -> profile_pb2.Profile:
+def decode_entry(entry: bytes) -> profile_pb2.Profile | None:
+    """The cached profile; None for an erasure marker."""
     _, _, body = entry.partition(b":")
-    return profile_pb2.Profile.FromString(body)
+    return profile_pb2.Profile.FromString(body) if body else None
 
 
 class ProfileCache:
@@ -70,6 +74,23 @@ class ProfileCache:
             raise CacheUnavailable(str(exc)) from exc
         # The client is created without decode_responses, so values are bytes.
         return [None if e is None else decode_entry(e.encode() if isinstance(e, str) else e) for e in entries]
+
+    async def erase(self, keys: Sequence[str]) -> None:
+        """Replace the entries of erased identifiers with markers no profile write can replace
+        (they expire with the TTL).
+
+        Raises:
+            CacheUnavailable: Redis failed.
+        """
+        if not keys:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.set(key, b"%d:" % ERASED_VERSION, ex=self._ttl_s)
+                await pipe.execute()
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
 
     async def put(self, profiles: Iterable[profile_pb2.Profile]) -> None:
         """Store each profile under every one of its identifiers, unless a newer version is there.

@@ -16,7 +16,6 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from profile_service.cache import CacheUnavailable, ProfileCache
-from profile_service.codec import to_proto
 from profile_service.repository import MergeResult, ProfileRepository, event_identifiers
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.event_log import Delivery, EventLogSubscription
@@ -108,7 +107,10 @@ class EventMerger:
             return
         span.set_attribute("sendtime.customer_id", result.customer_id)
         span.set_attribute("sendtime.duplicate", result.duplicate)
-        await self._refresh_cache(event, result)
+        if result.erased:
+            log.info("late event of an erased person dropped", extra={"event_id": event.event_id})
+        else:
+            await self._refresh_cache(event, result)
         await delivery.ack()
         log.debug("event merged", extra={"event_id": event.event_id, "customer_id": result.customer_id})
 
@@ -120,10 +122,10 @@ class EventMerger:
                 keys = event_identifiers(event)
                 found = await self._repository.find_by_identifiers(keys)
                 await self._cache.put(
-                    to_proto(p) for p in {p.customer_id: p for p in found.values()}.values()
+                    r.to_proto() for r in {r.stored.customer_id: r for r in found.values()}.values()
                 )
             else:
-                await self._cache.put([to_proto(result.profile)])
+                await self._cache.put([result.profile.to_proto()])
         except CacheUnavailable as exc:
             # The record is in PostgreSQL; readers fall back to it and re-fill the cache.
             log.warning("cache refresh failed", extra={"event_id": event.event_id, "error": str(exc)})

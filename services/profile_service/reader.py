@@ -10,7 +10,6 @@ import logging
 from collections.abc import Sequence
 
 from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
-from profile_service.codec import to_proto
 from profile_service.repository import ProfileRepository
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
@@ -38,8 +37,8 @@ class ProfileReader:
 
         misses = list(dict.fromkeys(i for i, hit in zip(identifiers, cached, strict=True) if hit is None))
         loaded = {
-            key: to_proto(stored)
-            for key, stored in (await self._repository.find_by_identifiers(misses)).items()
+            key: record.to_proto()
+            for key, record in (await self._repository.find_by_identifiers(misses)).items()
         }
         if loaded and cache_ok:
             try:

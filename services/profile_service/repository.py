@@ -1,8 +1,10 @@
-"""PostgreSQL storage of customers, identifiers and merged events.
+"""PostgreSQL storage of customers, identifiers, merged events, merge records and erasures.
 
-``merge_event`` is the one write path. It runs in a single transaction that serializes on the
-event's identifiers (advisory locks) and on the customer rows (row locks), so concurrent events
-for one customer lose no update; the event id's primary key makes a redelivery change nothing.
+``merge_event`` is the one write path for events. It runs in a single transaction that
+serializes on the event's identifiers (advisory locks) and on the customer rows (row locks), so
+concurrent events for one customer lose no update; the event id's primary key makes a
+redelivery change nothing. ``delete_customer`` erases a person and leaves hashed tombstones
+that drop the person's late events.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import asyncpg.pool
 
-from profile_service.codec import StoredProfile
+from profile_service.codec import StoredProfile, to_proto
+from profile_service.identity import IdentityLimits, best_identifier, identifier_hash
 from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierKind, identifiers_of
 
@@ -30,13 +34,51 @@ MAX_TRANSACTION_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
+class MergeRow:
+    other_customer_id: str
+    event_id: str
+    at: datetime
+    reason: str = ""  # set for a refused merge
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    """A customer as stored, with its identity history."""
+
+    stored: StoredProfile
+    merges: tuple[MergeRow, ...] = ()
+    blocked_merges: tuple[MergeRow, ...] = ()
+
+    def to_proto(self) -> profile_pb2.Profile:
+        profile = to_proto(self.stored)
+        for row in self.merges:
+            record = profile.merges.add(merged_customer_id=row.other_customer_id, event_id=row.event_id)
+            record.merge_time.FromDatetime(row.at)
+        for row in self.blocked_merges:
+            blocked = profile.blocked_merges.add(
+                other_customer_id=row.other_customer_id, event_id=row.event_id, reason=row.reason
+            )
+            blocked.block_time.FromDatetime(row.at)
+        return profile
+
+
+@dataclass(frozen=True, slots=True)
 class MergeResult:
-    """What merging one event did. ``profile`` is None for a duplicate (nothing changed)."""
+    """What merging one event did. ``profile`` is None when nothing changed: a duplicate, or a
+    late event of an erased person (``erased``)."""
 
     customer_id: str
     duplicate: bool
-    profile: StoredProfile | None
+    profile: ProfileRecord | None
     merged_customer_ids: tuple[str, ...] = ()
+    erased: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ErasedCustomer:
+    customer_id: str
+    identifiers: tuple[IdentifierKey, ...]
+    events_deleted: int
 
 
 class _Conflict(Exception):
@@ -68,8 +110,9 @@ def event_identifiers(event: ingest_pb2.Event) -> list[IdentifierKey]:
 
 
 class ProfileRepository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, limits: IdentityLimits | None = None) -> None:
         self._pool = pool
+        self._limits = limits or IdentityLimits()
 
     async def merge_event(self, event: ingest_pb2.Event) -> MergeResult:
         """Merge one (validated) event into its customer's profile, creating the customer or
@@ -104,27 +147,50 @@ class ProfileRepository:
         existing = await conn.fetchval("SELECT customer_id FROM events WHERE event_id = $1", event.event_id)
         if existing is not None:
             return MergeResult(customer_id=str(existing), duplicate=True, profile=None)
+        occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
+        erased_at = await conn.fetchval(
+            "SELECT max(erased_at) FROM erasure_tombstones WHERE identifier_hash = ANY($1::bytea[])",
+            [identifier_hash(key) for key in identifiers],
+        )
+        if erased_at is not None and occurred_at < erased_at:
+            return MergeResult(customer_id="", duplicate=False, profile=None, erased=True)
 
-        owners = await conn.fetch(
-            "SELECT DISTINCT i.customer_id, c.created_at FROM identifiers i"
+        owned = await conn.fetch(
+            "SELECT i.kind, i.value, i.customer_id, c.created_at FROM identifiers i"
             " JOIN customers c USING (customer_id)"
-            " JOIN unnest($1::text[], $2::text[]) AS q(kind, value) ON i.kind = q.kind AND i.value = q.value"
+            " WHERE i.customer_id IN (SELECT i2.customer_id FROM identifiers i2"
+            "   JOIN unnest($1::text[], $2::text[]) AS q(kind, value)"
+            "   ON i2.kind = q.kind AND i2.value = q.value)"
             " ORDER BY c.created_at, i.customer_id",
             [k.value for k, _ in identifiers],
             [v for _, v in identifiers],
         )
-        if not owners:
+        linked: dict[uuid.UUID, set[IdentifierKey]] = {}
+        for r in owned:  # in created_at order: the oldest customer first
+            linked.setdefault(r["customer_id"], set()).add((IdentifierKind(r["kind"]), r["value"]))
+        owner_of = {key: customer for customer, keys in linked.items() for key in keys}
+        blocked: list[tuple[uuid.UUID | None, str]] = []  # (other customer, reason)
+
+        if not linked:
             customer_id = uuid.uuid4()
             await conn.execute(
                 "INSERT INTO customers (customer_id, version, state) VALUES ($1, 0, $2)",
                 customer_id,
                 to_json(ProfileState()),
             )
+            linked[customer_id] = set()
             losers: list[uuid.UUID] = []
         else:
             # The oldest customer survives a merge: deterministic, and keeps the longest history.
-            customer_id = owners[0]["customer_id"]
-            losers = [r["customer_id"] for r in owners[1:]]
+            customer_id, *losers = linked
+            if losers:
+                combined = set(identifiers).union(*linked.values())
+                reason = self._limits.violation(combined)
+                if reason is not None:
+                    # Refused: the event joins the customer of its most specific identifier.
+                    customer_id = owner_of[best_identifier(k for k in identifiers if k in owner_of)]
+                    blocked = [(other, reason) for other in linked if other != customer_id]
+                    losers = []
 
         ids = [customer_id, *losers]
         rows = await conn.fetch(
@@ -141,13 +207,18 @@ class ProfileRepository:
         version = max(r["version"] for r in rows) + 1
 
         if losers:
-            await conn.execute(
-                "UPDATE identifiers SET customer_id = $1 WHERE customer_id = ANY($2::uuid[])",
-                customer_id,
-                losers,
-            )
-            await conn.execute(
-                "UPDATE events SET customer_id = $1 WHERE customer_id = ANY($2::uuid[])", customer_id, losers
+            for table, column in (
+                ("identifiers", "customer_id"),
+                ("events", "customer_id"),
+                ("merges", "survivor_id"),
+                ("blocked_merges", "customer_id"),
+            ):
+                await conn.execute(
+                    f"UPDATE {table} SET {column} = $1 WHERE {column} = ANY($2::uuid[])", customer_id, losers
+                )
+            await conn.executemany(
+                "INSERT INTO merges (survivor_id, merged_customer_id, event_id) VALUES ($1, $2, $3)",
+                [(customer_id, loser, event.event_id) for loser in losers],
             )
             await conn.execute("DELETE FROM customers WHERE customer_id = ANY($1::uuid[])", losers)
             log.info(
@@ -158,18 +229,42 @@ class ProfileRepository:
                     "event_id": event.event_id,
                 },
             )
-        await conn.executemany(
-            "INSERT INTO identifiers (kind, value, customer_id) VALUES ($1, $2, $3)"
-            " ON CONFLICT (kind, value) DO NOTHING",
-            [(k.value, v, customer_id) for k, v in identifiers],
-        )
+
+        # New identifiers join the customer up to the limits; past them they are refused.
+        held = set().union(*(linked.get(c, set()) for c in ids))
+        for key in identifiers:
+            if key in owner_of:
+                continue
+            reason = self._limits.violation(held | {key})
+            if reason is None:
+                held.add(key)
+                await conn.execute(
+                    "INSERT INTO identifiers (kind, value, customer_id) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (kind, value) DO NOTHING",
+                    key[0].value,
+                    key[1],
+                    customer_id,
+                )
+            else:
+                blocked.append((None, reason))
+        if blocked:
+            await conn.executemany(
+                "INSERT INTO blocked_merges (customer_id, other_customer_id, event_id, reason)"
+                " VALUES ($1, $2, $3, $4)",
+                [(customer_id, other, event.event_id, reason) for other, reason in blocked],
+            )
+            log.info(
+                "merge refused by identity limits",
+                extra={"customer_id": str(customer_id), "event_id": event.event_id},
+            )
+
         await conn.execute(
             "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
             " VALUES ($1, $2, $3, $4, $5)",
             event.event_id,
             customer_id,
             event.WhichOneof("payload") or "",
-            event.occurred_at.ToDatetime(tzinfo=UTC),
+            occurred_at,
             event.SerializeToString(deterministic=True),
         )
         if losers or not state.is_newer(event):
@@ -179,33 +274,23 @@ class ProfileRepository:
         else:
             state = apply_event(state, event)
 
-        row = await conn.fetchrow(
-            "UPDATE customers SET state = $2, version = $3, updated_at = now() WHERE customer_id = $1"
-            " RETURNING created_at, updated_at",
+        await conn.execute(
+            "UPDATE customers SET state = $2, version = $3, updated_at = now() WHERE customer_id = $1",
             customer_id,
             to_json(state),
             version,
         )
-        assert row is not None
-        linked = await conn.fetch("SELECT kind, value FROM identifiers WHERE customer_id = $1", customer_id)
-        stored = StoredProfile(
-            customer_id=str(customer_id),
-            version=version,
-            identifiers=tuple((IdentifierKind(r["kind"]), r["value"]) for r in linked),
-            state=state,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-        )
+        (record,) = (await self._records(conn, [customer_id])).values()
         return MergeResult(
             customer_id=str(customer_id),
             duplicate=False,
-            profile=stored,
+            profile=record,
             merged_customer_ids=tuple(str(x) for x in losers),
         )
 
     async def find_by_identifiers(
         self, identifiers: Sequence[IdentifierKey]
-    ) -> dict[IdentifierKey, StoredProfile]:
+    ) -> dict[IdentifierKey, ProfileRecord]:
         """The profiles owning ``identifiers``, in one query; absent ones are left out.
 
         Raises:
@@ -214,28 +299,138 @@ class ProfileRepository:
         if not identifiers:
             return {}
         rows = await self._pool.fetch(
-            "SELECT q.kind, q.value, c.customer_id, c.version, c.state, c.created_at, c.updated_at,"
-            " (SELECT array_agg(i2.kind || ':' || i2.value) FROM identifiers i2"
-            "   WHERE i2.customer_id = c.customer_id) AS linked"
+            _PROFILE_COLUMNS + ", q.kind AS q_kind, q.value AS q_value"
             " FROM unnest($1::text[], $2::text[]) AS q(kind, value)"
             " JOIN identifiers i ON i.kind = q.kind AND i.value = q.value"
             " JOIN customers c ON c.customer_id = i.customer_id",
             [k.value for k, _ in identifiers],
             [v for _, v in identifiers],
         )
-        return {(IdentifierKind(r["kind"]), r["value"]): _stored(r) for r in rows}
+        return {(IdentifierKind(r["q_kind"]), r["q_value"]): _record(r) for r in rows}
+
+    async def _records(
+        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], customer_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, ProfileRecord]:
+        rows = await conn.fetch(
+            _PROFILE_COLUMNS + " FROM customers c WHERE c.customer_id = ANY($1::uuid[])", list(customer_ids)
+        )
+        return {r["customer_id"]: _record(r) for r in rows}
+
+    async def customer_id_of(self, key: IdentifierKey) -> uuid.UUID | None:
+        """The customer an identifier belongs to, if any."""
+        found: uuid.UUID | None = await self._pool.fetchval(
+            "SELECT customer_id FROM identifiers WHERE kind = $1 AND value = $2", key[0].value, key[1]
+        )
+        return found
+
+    async def list_events(
+        self,
+        customer_id: uuid.UUID,
+        *,
+        event_types: Sequence[str],
+        start: datetime | None,
+        end: datetime | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[tuple[datetime, ingest_pb2.Event]]:
+        """The customer's events, newest occurred_at first, after the position ``after``."""
+        rows = await self._pool.fetch(
+            "SELECT occurred_at, body FROM events WHERE customer_id = $1"
+            " AND (cardinality($2::text[]) = 0 OR event_type = ANY($2::text[]))"
+            " AND ($3::timestamptz IS NULL OR occurred_at >= $3)"
+            " AND ($4::timestamptz IS NULL OR occurred_at < $4)"
+            " AND ($5::timestamptz IS NULL OR (occurred_at, event_id) < ($5, $6))"
+            " ORDER BY occurred_at DESC, event_id DESC LIMIT $7",
+            customer_id,
+            list(event_types),
+            start,
+            end,
+            after[0] if after else None,
+            after[1] if after else None,
+            limit,
+        )
+        return [(r["occurred_at"], ingest_pb2.Event.FromString(r["body"])) for r in rows]
+
+    async def export(self, customer_id: uuid.UUID) -> tuple[ProfileRecord, list[ingest_pb2.Event]] | None:
+        """Everything held on a customer: the profile with its identity history, and every event
+        (oldest first). None when there is no such customer."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            records = await self._records(conn, [customer_id])
+            if not records:
+                return None
+            rows = await conn.fetch(
+                "SELECT body FROM events WHERE customer_id = $1 ORDER BY occurred_at, event_id", customer_id
+            )
+        return records[customer_id], [ingest_pb2.Event.FromString(r["body"]) for r in rows]
+
+    async def delete_customer(self, key: IdentifierKey) -> ErasedCustomer | None:
+        """Erase the customer ``key`` belongs to: identifiers, events, merge records and profile,
+        leaving a hashed tombstone per identifier. None when no customer has ``key``."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            customer_id = await conn.fetchval(
+                "SELECT customer_id FROM identifiers WHERE kind = $1 AND value = $2", key[0].value, key[1]
+            )
+            if customer_id is None:
+                return None
+            await conn.execute("SELECT 1 FROM customers WHERE customer_id = $1 FOR UPDATE", customer_id)
+            rows = await conn.fetch("SELECT kind, value FROM identifiers WHERE customer_id = $1", customer_id)
+            keys = tuple((IdentifierKind(r["kind"]), r["value"]) for r in rows)
+            # Serialize with merges of this person's events: they lock the same identifiers.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(h) FROM"
+                " (SELECT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY k) AS keys",
+                [f"{kind.value}:{value}" for kind, value in keys],
+            )
+            await conn.executemany(
+                "INSERT INTO erasure_tombstones (identifier_hash, erased_at) VALUES ($1, now())"
+                " ON CONFLICT (identifier_hash) DO UPDATE SET erased_at = now()",
+                [(identifier_hash(k),) for k in keys],
+            )
+            deleted = await conn.execute("DELETE FROM events WHERE customer_id = $1", customer_id)
+            await conn.execute("DELETE FROM customers WHERE customer_id = $1", customer_id)
+        return ErasedCustomer(str(customer_id), keys, int(deleted.split()[-1]))
 
 
-def _stored(row: Any) -> StoredProfile:
+# One row per customer: its state, identifiers and identity history, aggregated in subqueries so
+# that a batch of profiles is one query.
+_PROFILE_COLUMNS = (
+    "SELECT c.customer_id, c.version, c.state, c.created_at, c.updated_at,"
+    " (SELECT array_agg(i2.kind || ':' || i2.value) FROM identifiers i2"
+    "   WHERE i2.customer_id = c.customer_id) AS linked,"
+    " (SELECT json_agg(json_build_array(m.merged_customer_id, m.event_id, m.merged_at) ORDER BY m.merged_at)"
+    "   FROM merges m WHERE m.survivor_id = c.customer_id) AS merges,"
+    " (SELECT json_agg(json_build_array(b.other_customer_id, b.event_id, b.blocked_at, b.reason)"
+    "   ORDER BY b.blocked_at) FROM blocked_merges b WHERE b.customer_id = c.customer_id) AS blocked"
+)
+
+
+def _record(row: Any) -> ProfileRecord:
     linked: list[tuple[IdentifierKind, str]] = []
     for item in row["linked"] or []:
         kind, _, value = item.partition(":")
         linked.append((IdentifierKind(kind), value))
-    return StoredProfile(
+    stored = StoredProfile(
         customer_id=str(row["customer_id"]),
         version=row["version"],
-        identifiers=tuple(linked),
+        identifiers=tuple(sorted(linked)),
         state=from_json(row["state"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
+    return ProfileRecord(
+        stored,
+        merges=tuple(_merge_row(m) for m in _json_list(row["merges"])),
+        blocked_merges=tuple(_merge_row(b) for b in _json_list(row["blocked"])),
+    )
+
+
+def _json_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    parsed: list[Any] = json.loads(value) if isinstance(value, str) else value
+    return parsed
+
+
+def _merge_row(item: list[Any]) -> MergeRow:
+    other, event_id, at, *reason = item
+    return MergeRow(other or "", event_id, datetime.fromisoformat(at), reason[0] if reason else "")

@@ -11,12 +11,15 @@ import asyncpg
 import redis.asyncio as redis
 
 from profile_service.cache import ProfileCache
+from profile_service.customer_data import CustomerData
+from profile_service.identity import IdentityLimits, InvalidLimits
 from profile_service.merger import EventMerger
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.servicer import ProfileServicer
 from profile_service.settings import Settings
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.config import ConfigError
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
@@ -60,14 +63,19 @@ async def create_app(settings: Settings) -> ProfileApp:
     """Connect to PostgreSQL (applying migrations), Redis and NATS; build the server, not started.
 
     Raises:
+        sendtime_common.config.ConfigError: PROFILE_IDENTITY_LIMITS is unusable.
         OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
     """
+    try:
+        limits = IdentityLimits.parse(settings.identity_limits)
+    except InvalidLimits as exc:
+        raise ConfigError(f"PROFILE_IDENTITY_LIMITS: {exc}") from None
     pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
     await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s)
     event_log = await JetStreamEventLog.connect(settings.event_log)
-    repository = ProfileRepository(pool)
+    repository = ProfileRepository(pool, limits)
     merger = EventMerger(
         await event_log.subscribe(settings.consumer_name),
         repository,
@@ -75,7 +83,11 @@ async def create_app(settings: Settings) -> ProfileApp:
         batch_size=settings.merge_batch_size,
         concurrency=settings.merge_concurrency,
     )
-    servicer = ProfileServicer(ProfileReader(repository, cache), max_batch_get=settings.max_batch_get)
+    servicer = ProfileServicer(
+        ProfileReader(repository, cache),
+        CustomerData(repository, cache),
+        max_batch_get=settings.max_batch_get,
+    )
     server = GrpcServer(
         settings.address,
         [SERVICE_NAME],

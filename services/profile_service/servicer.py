@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC
+from typing import Any, NoReturn
 
 import grpc
 
 from profile_service.codec import InvalidReadMask, apply_read_mask, check_read_mask
+from profile_service.customer_data import EVENT_TYPES, CustomerData, CustomerNotFound
 from profile_service.reader import ProfileReader
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import FieldViolation, abort_invalid, abort_with, not_found_status
 from sendtime_common.identifier_proto import IdentifierKey, parse_identifier
+from sendtime_common.paging import InvalidPageToken, page_size
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, reader: ProfileReader, *, max_batch_get: int) -> None:
+    def __init__(self, reader: ProfileReader, customer_data: CustomerData, *, max_batch_get: int) -> None:
         self._reader = reader
+        self._customer_data = customer_data
         self._max_batch_get = max_batch_get
 
     async def GetProfile(
@@ -67,6 +71,79 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 for identifier, profile in zip(request.identifiers, profiles, strict=True)
             ]
         )
+
+    async def ListProfileEvents(
+        self, request: profile_pb2.ListProfileEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.ListProfileEventsResponse:
+        violations: list[FieldViolation] = []
+        key = parse_identifier(request.identifier, "identifier")
+        if isinstance(key, FieldViolation):
+            violations.append(key)
+        if request.page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        for i, name in enumerate(request.event_types):
+            if name not in EVENT_TYPES:
+                violations.append(
+                    FieldViolation(f"event_types[{i}]", "not an event type, e.g. cart_item_added")
+                )
+        start = request.start_time.ToDatetime(tzinfo=UTC) if request.HasField("start_time") else None
+        end = request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None
+        if start and end and end <= start:
+            violations.append(FieldViolation("end_time", "must be after start_time"))
+        if violations or isinstance(key, FieldViolation):
+            await abort_invalid(context, "invalid ListProfileEvents request", violations)
+        try:
+            events, token = await self._customer_data.list_events(
+                key,
+                page_size=page_size(request.page_size),
+                page_token=request.page_token,
+                event_types=list(request.event_types),
+                start=start,
+                end=end,
+            )
+        except InvalidPageToken as exc:
+            await abort_invalid(context, "invalid page token", [FieldViolation("page_token", str(exc))])
+        except CustomerNotFound:
+            await _abort_not_found(context, key)
+        return profile_pb2.ListProfileEventsResponse(events=events, next_page_token=token)
+
+    async def ExportProfile(
+        self, request: profile_pb2.ExportProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.ExportProfileResponse:
+        key = await self._identifier_or_abort(request.identifier, context, "ExportProfile")
+        try:
+            return profile_pb2.ExportProfileResponse(export=await self._customer_data.export(key))
+        except CustomerNotFound:
+            await _abort_not_found(context, key)
+
+    async def DeleteProfile(
+        self, request: profile_pb2.DeleteProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.DeleteProfileResponse:
+        key = await self._identifier_or_abort(request.identifier, context, "DeleteProfile")
+        try:
+            erased = await self._customer_data.erase(key)
+        except CustomerNotFound:
+            await _abort_not_found(context, key)
+        return profile_pb2.DeleteProfileResponse(
+            customer_id=erased.customer_id,
+            identifiers_deleted=len(erased.identifiers),
+            events_deleted=erased.events_deleted,
+        )
+
+    async def _identifier_or_abort(
+        self, identifier: profile_pb2.Identifier, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> IdentifierKey:
+        key = parse_identifier(identifier, "identifier")
+        if isinstance(key, FieldViolation):
+            await abort_invalid(context, f"invalid {method} request", [key])
+        return key
+
+
+async def _abort_not_found(context: grpc.aio.ServicerContext[Any, Any], key: IdentifierKey) -> NoReturn:
+    await abort_with(
+        context,
+        not_found_status("no customer has this identifier", "PROFILE_NOT_FOUND", {"kind": key[0].value}),
+    )
 
 
 def _read_mask_violations(

@@ -23,6 +23,8 @@ class Settings:
     merge_batch_size: int = 256
     merge_concurrency: int = 8
     max_batch_get: int = 1000
+    # Identifiers of a kind one profile may hold, e.g. "email=3,device_id=10" (others: defaults).
+    identity_limits: str = ""
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
 
     @classmethod
@@ -47,5 +49,6 @@ class Settings:
             merge_concurrency=env_int(
                 env, "PROFILE_MERGE_CONCURRENCY", defaults.merge_concurrency, minimum=1
             ),
+            identity_limits=env_str(env, "PROFILE_IDENTITY_LIMITS", defaults.identity_limits),
             event_log=JetStreamSettings.from_env(env),
         )

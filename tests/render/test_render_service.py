@@ -86,6 +86,21 @@ class SlowProfileService(profile_pb2_grpc.ProfileServiceServicer):
         await asyncio.sleep(self.delay_s)
         return profile_pb2.BatchGetProfilesResponse()
 
+    async def ListProfileEvents(
+        self, request: profile_pb2.ListProfileEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.ListProfileEventsResponse:
+        raise NotImplementedError  # render never calls it
+
+    async def ExportProfile(
+        self, request: profile_pb2.ExportProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.ExportProfileResponse:
+        raise NotImplementedError
+
+    async def DeleteProfile(
+        self, request: profile_pb2.DeleteProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.DeleteProfileResponse:
+        raise NotImplementedError
+
 
 @pytest.fixture
 async def slow_profile_target() -> AsyncIterator[str]:

@@ -23,44 +23,77 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_ingest__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/profile/v1/profile.proto\x12\x13sendtime.profile.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"N\n\nIdentifier\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sendtime.profile.v1.IdentifierKind\x12\r\n\x05value\x18\x02 \x01(\t\"\x95\x03\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x34\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\'\n\x06traits\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04\x63\x61rt\x18\x05 \x01(\x0b\x32\x19.sendtime.profile.v1.Cart\x12\x39\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32 .sendtime.profile.v1.ProductView\x12\x31\n\x06orders\x18\x07 \x01(\x0b\x32!.sendtime.profile.v1.OrderSummary\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x04\x43\x61rt\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sendtime.profile.v1.CartItem\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x08\x43\x61rtItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12&\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x99\x01\n\x0bProductView\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12-\n\tview_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"l\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12.\n\norder_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x0cOrderSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12*\n\x0elifetime_value\x18\x02 \x03(\x0b\x32\x12.google.type.Money\x12*\n\x06recent\x18\x03 \x03(\x0b\x32\x1a.sendtime.profile.v1.Order\"w\n\x11GetProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\"~\n\x17\x42\x61tchGetProfilesRequest\x12\x34\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"O\n\x18\x42\x61tchGetProfilesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.ProfileResult\"\x82\x01\n\rProfileResult\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\x07profile\x18\x02 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\x12\r\n\x05\x66ound\x18\x03 \x01(\x08*\xc6\x01\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IDENTIFIER_KIND_USER_ID\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x02\x12 \n\x1cIDENTIFIER_KIND_ANONYMOUS_ID\x10\x03\x12\x1a\n\x16IDENTIFIER_KIND_CRM_ID\x10\x04\x12\x1d\n\x19IDENTIFIER_KIND_DEVICE_ID\x10\x05\x32\xe0\x01\n\x0eProfileService\x12]\n\nGetProfile\x12&.sendtime.profile.v1.GetProfileRequest\x1a\'.sendtime.profile.v1.GetProfileResponse\x12o\n\x10\x42\x61tchGetProfiles\x12,.sendtime.profile.v1.BatchGetProfilesRequest\x1a-.sendtime.profile.v1.BatchGetProfilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/profile/v1/profile.proto\x12\x13sendtime.profile.v1\x1a google/protobuf/field_mask.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"N\n\nIdentifier\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sendtime.profile.v1.IdentifierKind\x12\r\n\x05value\x18\x02 \x01(\t\"\xde\x06\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x34\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\'\n\x06traits\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04\x63\x61rt\x18\x05 \x01(\x0b\x32\x19.sendtime.profile.v1.Cart\x12\x39\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32 .sendtime.profile.v1.ProductView\x12\x31\n\x06orders\x18\x07 \x01(\x0b\x32!.sendtime.profile.v1.OrderSummary\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07loyalty\x18\x0b \x01(\x0b\x32\x1c.sendtime.profile.v1.Loyalty\x12.\n\x08\x63onsents\x18\x0c \x03(\x0b\x32\x1c.sendtime.profile.v1.Consent\x12\x33\n\x05\x65mail\x18\r \x01(\x0b\x32$.sendtime.profile.v1.EmailEngagement\x12\x30\n\tlast_seen\x18\x0e \x01(\x0b\x32\x1d.sendtime.profile.v1.LastSeen\x12@\n\nprovenance\x18\x0f \x03(\x0b\x32,.sendtime.profile.v1.Profile.ProvenanceEntry\x12\x30\n\x06merges\x18\x10 \x03(\x0b\x32 .sendtime.profile.v1.MergeRecord\x12\x39\n\x0e\x62locked_merges\x18\x11 \x03(\x0b\x32!.sendtime.profile.v1.BlockedMerge\x1aR\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.sendtime.profile.v1.Provenance:\x02\x38\x01\"\x7f\n\nProvenance\x12/\n\x06source\x18\x01 \x01(\x0e\x32\x1f.sendtime.ingest.v1.EventSource\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\"X\n\x07Loyalty\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x07\x43onsent\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\x12\x12\n\nsubscribed\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x04\n\x0f\x45mailEngagement\x12\x37\n\x13last_delivered_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_open_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_click_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topens_30d\x18\x04 \x01(\x03\x12\x12\n\nclicks_30d\x18\x05 \x01(\x03\x12\x15\n\rdelivered_30d\x18\x06 \x01(\x03\x12\x36\n\x0c\x62ounce_state\x18\x07 \x01(\x0e\x32 .sendtime.profile.v1.BounceState\x12\x14\n\x0cunsubscribed\x18\x08 \x01(\x08\x12\x15\n\rspam_reported\x18\t \x01(\x08\x12\x35\n\x11recent_open_times\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12recent_click_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16recent_delivered_times\x18\x0c \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x08LastSeen\x12-\n\tseen_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x62rowser\x18\x06 \x01(\t\"k\n\x0bMergeRecord\x12\x1a\n\x12merged_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42lockedMerge\x12\x19\n\x11other_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nblock_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x01\n\x04\x43\x61rt\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sendtime.profile.v1.CartItem\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tabandoned\x18\x04 \x01(\x08\"_\n\x08\x43\x61rtItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12&\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x99\x01\n\x0bProductView\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12-\n\tview_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12.\n\norder_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12$\n\x08refunded\x18\x05 \x01(\x0b\x32\x12.google.type.Money\"\xf4\x01\n\x0cOrderSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12*\n\x0elifetime_value\x18\x02 \x03(\x0b\x32\x12.google.type.Money\x12*\n\x06recent\x18\x03 \x03(\x0b\x32\x1a.sendtime.profile.v1.Order\x12/\n\x13\x61verage_order_value\x18\x04 \x03(\x0b\x32\x12.google.type.Money\x12\x17\n\x0f\x63\x61ncelled_count\x18\x05 \x01(\x03\x12\x33\n\x0flast_order_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x11GetProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\"~\n\x17\x42\x61tchGetProfilesRequest\x12\x34\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"O\n\x18\x42\x61tchGetProfilesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.ProfileResult\"\x82\x01\n\rProfileResult\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\x07profile\x18\x02 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\"\xe9\x01\n\x18ListProfileEventsRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x19ListProfileEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x14\x45xportProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"@\n\x15\x45xportProfileResponse\x12\'\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x14\x44\x65leteProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"a\n\x15\x44\x65leteProfileResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1b\n\x13identifiers_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03*\xc6\x01\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IDENTIFIER_KIND_USER_ID\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x02\x12 \n\x1cIDENTIFIER_KIND_ANONYMOUS_ID\x10\x03\x12\x1a\n\x16IDENTIFIER_KIND_CRM_ID\x10\x04\x12\x1d\n\x19IDENTIFIER_KIND_DEVICE_ID\x10\x05*p\n\x0b\x42ounceState\x12\x1c\n\x18\x42OUNCE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OUNCE_STATE_NONE\x10\x01\x12\x15\n\x11\x42OUNCE_STATE_SOFT\x10\x02\x12\x15\n\x11\x42OUNCE_STATE_HARD\x10\x03\x32\xa4\x04\n\x0eProfileService\x12]\n\nGetProfile\x12&.sendtime.profile.v1.GetProfileRequest\x1a\'.sendtime.profile.v1.GetProfileResponse\x12o\n\x10\x42\x61tchGetProfiles\x12,.sendtime.profile.v1.BatchGetProfilesRequest\x1a-.sendtime.profile.v1.BatchGetProfilesResponse\x12r\n\x11ListProfileEvents\x12-.sendtime.profile.v1.ListProfileEventsRequest\x1a..sendtime.profile.v1.ListProfileEventsResponse\x12\x66\n\rExportProfile\x12).sendtime.profile.v1.ExportProfileRequest\x1a*.sendtime.profile.v1.ExportProfileResponse\x12\x66\n\rDeleteProfile\x12).sendtime.profile.v1.DeleteProfileRequest\x1a*.sendtime.profile.v1.DeleteProfileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sendtime.profile.v1.profile_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_IDENTIFIERKIND']._serialized_start=1822
-  _globals['_IDENTIFIERKIND']._serialized_end=2020
-  _globals['_IDENTIFIER']._serialized_start=180
-  _globals['_IDENTIFIER']._serialized_end=258
-  _globals['_PROFILE']._serialized_start=261
-  _globals['_PROFILE']._serialized_end=666
-  _globals['_CART']._serialized_start=669
-  _globals['_CART']._serialized_end=805
-  _globals['_CARTITEM']._serialized_start=807
-  _globals['_CARTITEM']._serialized_end=902
-  _globals['_PRODUCTVIEW']._serialized_start=905
-  _globals['_PRODUCTVIEW']._serialized_end=1058
-  _globals['_ORDER']._serialized_start=1060
-  _globals['_ORDER']._serialized_end=1168
-  _globals['_ORDERSUMMARY']._serialized_start=1170
-  _globals['_ORDERSUMMARY']._serialized_end=1287
-  _globals['_GETPROFILEREQUEST']._serialized_start=1289
-  _globals['_GETPROFILEREQUEST']._serialized_end=1408
-  _globals['_GETPROFILERESPONSE']._serialized_start=1410
-  _globals['_GETPROFILERESPONSE']._serialized_end=1477
-  _globals['_BATCHGETPROFILESREQUEST']._serialized_start=1479
-  _globals['_BATCHGETPROFILESREQUEST']._serialized_end=1605
-  _globals['_BATCHGETPROFILESRESPONSE']._serialized_start=1607
-  _globals['_BATCHGETPROFILESRESPONSE']._serialized_end=1686
-  _globals['_PROFILERESULT']._serialized_start=1689
-  _globals['_PROFILERESULT']._serialized_end=1819
-  _globals['_PROFILESERVICE']._serialized_start=2023
-  _globals['_PROFILESERVICE']._serialized_end=2247
+  _globals['_PROFILE_PROVENANCEENTRY']._loaded_options = None
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_options = b'8\001'
+  _globals['_IDENTIFIERKIND']._serialized_start=4403
+  _globals['_IDENTIFIERKIND']._serialized_end=4601
+  _globals['_BOUNCESTATE']._serialized_start=4603
+  _globals['_BOUNCESTATE']._serialized_end=4715
+  _globals['_IDENTIFIER']._serialized_start=213
+  _globals['_IDENTIFIER']._serialized_end=291
+  _globals['_PROFILE']._serialized_start=294
+  _globals['_PROFILE']._serialized_end=1156
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1074
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1156
+  _globals['_PROVENANCE']._serialized_start=1158
+  _globals['_PROVENANCE']._serialized_end=1285
+  _globals['_LOYALTY']._serialized_start=1287
+  _globals['_LOYALTY']._serialized_end=1375
+  _globals['_CONSENT']._serialized_start=1377
+  _globals['_CONSENT']._serialized_end=1501
+  _globals['_EMAILENGAGEMENT']._serialized_start=1504
+  _globals['_EMAILENGAGEMENT']._serialized_end=2017
+  _globals['_LASTSEEN']._serialized_start=2020
+  _globals['_LASTSEEN']._serialized_end=2156
+  _globals['_MERGERECORD']._serialized_start=2158
+  _globals['_MERGERECORD']._serialized_end=2265
+  _globals['_BLOCKEDMERGE']._serialized_start=2267
+  _globals['_BLOCKEDMERGE']._serialized_end=2390
+  _globals['_CART']._serialized_start=2393
+  _globals['_CART']._serialized_end=2548
+  _globals['_CARTITEM']._serialized_start=2550
+  _globals['_CARTITEM']._serialized_end=2645
+  _globals['_PRODUCTVIEW']._serialized_start=2648
+  _globals['_PRODUCTVIEW']._serialized_end=2801
+  _globals['_ORDER']._serialized_start=2804
+  _globals['_ORDER']._serialized_end=2969
+  _globals['_ORDERSUMMARY']._serialized_start=2972
+  _globals['_ORDERSUMMARY']._serialized_end=3216
+  _globals['_GETPROFILEREQUEST']._serialized_start=3218
+  _globals['_GETPROFILEREQUEST']._serialized_end=3337
+  _globals['_GETPROFILERESPONSE']._serialized_start=3339
+  _globals['_GETPROFILERESPONSE']._serialized_end=3406
+  _globals['_BATCHGETPROFILESREQUEST']._serialized_start=3408
+  _globals['_BATCHGETPROFILESREQUEST']._serialized_end=3534
+  _globals['_BATCHGETPROFILESRESPONSE']._serialized_start=3536
+  _globals['_BATCHGETPROFILESRESPONSE']._serialized_end=3615
+  _globals['_PROFILERESULT']._serialized_start=3618
+  _globals['_PROFILERESULT']._serialized_end=3748
+  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_start=3751
+  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_end=3984
+  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_start=3986
+  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_end=4081
+  _globals['_EXPORTPROFILEREQUEST']._serialized_start=4083
+  _globals['_EXPORTPROFILEREQUEST']._serialized_end=4158
+  _globals['_EXPORTPROFILERESPONSE']._serialized_start=4160
+  _globals['_EXPORTPROFILERESPONSE']._serialized_end=4224
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=4226
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=4301
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=4303
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=4400
+  _globals['_PROFILESERVICE']._serialized_start=4718
+  _globals['_PROFILESERVICE']._serialized_end=5266
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.type import money_pb2 as _money_pb2
+from sendtime.ingest.v1 import ingest_pb2 as _ingest_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -57,6 +58,32 @@ IDENTIFIER_KIND_DEVICE_ID: IdentifierKind.ValueType  # 5
 """A device id."""
 Global___IdentifierKind: _TypeAlias = IdentifierKind  # noqa: Y015
 
+class _BounceState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BounceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BounceState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BOUNCE_STATE_UNSPECIFIED: _BounceState.ValueType  # 0
+    BOUNCE_STATE_NONE: _BounceState.ValueType  # 1
+    """No bounce since the last delivery."""
+    BOUNCE_STATE_SOFT: _BounceState.ValueType  # 2
+    """The last bounce was soft (temporary)."""
+    BOUNCE_STATE_HARD: _BounceState.ValueType  # 3
+    """The address bounced hard: do not send to it."""
+
+class BounceState(_BounceState, metaclass=_BounceStateEnumTypeWrapper):
+    """Whether the customer's address bounces."""
+
+BOUNCE_STATE_UNSPECIFIED: BounceState.ValueType  # 0
+BOUNCE_STATE_NONE: BounceState.ValueType  # 1
+"""No bounce since the last delivery."""
+BOUNCE_STATE_SOFT: BounceState.ValueType  # 2
+"""The last bounce was soft (temporary)."""
+BOUNCE_STATE_HARD: BounceState.ValueType  # 3
+"""The address bounced hard: do not send to it."""
+Global___BounceState: _TypeAlias = BounceState  # noqa: Y015
+
 @_typing.final
 class Identifier(_message.Message):
     """One identifier of a customer."""
@@ -89,6 +116,27 @@ class Profile(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ProvenanceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Provenance: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Provenance | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     IDENTIFIERS_FIELD_NUMBER: _builtins.int
@@ -99,6 +147,13 @@ class Profile(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    LOYALTY_FIELD_NUMBER: _builtins.int
+    CONSENTS_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    PROVENANCE_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
+    BLOCKED_MERGES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "profiles/{customer_id}"."""
     customer_id: _builtins.str
@@ -133,6 +188,37 @@ class Profile(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the profile last changed."""
 
+    @_builtins.property
+    def loyalty(self) -> Global___Loyalty:
+        """Loyalty standing, from the latest loyalty_changed event."""
+
+    @_builtins.property
+    def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Consent]:
+        """Consent per channel, latest per channel."""
+
+    @_builtins.property
+    def email(self) -> Global___EmailEngagement:
+        """Email engagement."""
+
+    @_builtins.property
+    def last_seen(self) -> Global___LastSeen:
+        """Where and on what the customer was last seen."""
+
+    @_builtins.property
+    def provenance(self) -> _containers.MessageMap[_builtins.str, Global___Provenance]:
+        """Where each attribute's value came from, keyed by attribute path
+        ("traits.first_name", "cart", "loyalty", "consents.email", ...). Returned only
+        when the read mask asks for "provenance".
+        """
+
+    @_builtins.property
+    def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___MergeRecord]:
+        """Customers merged into this one, oldest first."""
+
+    @_builtins.property
+    def blocked_merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockedMerge]:
+        """Merges that an identity limit refused, oldest first."""
+
     def __init__(
         self,
         *,
@@ -146,14 +232,309 @@ class Profile(_message.Message):
         version: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        loyalty: Global___Loyalty | None = ...,
+        consents: _abc.Iterable[Global___Consent] | None = ...,
+        email: Global___EmailEngagement | None = ...,
+        last_seen: Global___LastSeen | None = ...,
+        provenance: _abc.Mapping[_builtins.str, Global___Provenance] | None = ...,
+        merges: _abc.Iterable[Global___MergeRecord] | None = ...,
+        blocked_merges: _abc.Iterable[Global___BlockedMerge] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "create_time", b"create_time", "orders", b"orders", "traits", b"traits", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "create_time", b"create_time", "email", b"email", "last_seen", b"last_seen", "loyalty", b"loyalty", "orders", b"orders", "traits", b"traits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "create_time", b"create_time", "customer_id", b"customer_id", "identifiers", b"identifiers", "name", b"name", "orders", b"orders", "recently_viewed", b"recently_viewed", "traits", b"traits", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_merges", b"blocked_merges", "cart", b"cart", "consents", b"consents", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "identifiers", b"identifiers", "last_seen", b"last_seen", "loyalty", b"loyalty", "merges", b"merges", "name", b"name", "orders", b"orders", "provenance", b"provenance", "recently_viewed", b"recently_viewed", "traits", b"traits", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Profile: _TypeAlias = Profile  # noqa: Y015
+
+@_typing.final
+class Provenance(_message.Message):
+    """Where an attribute's value came from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    source: _ingest_pb2.EventSource.ValueType
+    """The source of the event that set it."""
+    event_id: _builtins.str
+    """That event's id."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When that event occurred."""
+
+    def __init__(
+        self,
+        *,
+        source: _ingest_pb2.EventSource.ValueType = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occur_time", b"occur_time", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Provenance: _TypeAlias = Provenance  # noqa: Y015
+
+@_typing.final
+class Loyalty(_message.Message):
+    """Loyalty standing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    points: _builtins.int
+    """The points balance."""
+    tier: _builtins.str
+    """The tier, e.g. "gold"."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        points: _builtins.int = ...,
+        tier: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["points", b"points", "tier", b"tier", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Loyalty: _TypeAlias = Loyalty  # noqa: Y015
+
+@_typing.final
+class Consent(_message.Message):
+    """Consent on one channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    SUBSCRIBED_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    channel: _ingest_pb2.Channel.ValueType
+    """The channel."""
+    subscribed: _builtins.bool
+    """Whether the customer may be contacted on it."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        channel: _ingest_pb2.Channel.ValueType = ...,
+        subscribed: _builtins.bool = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "subscribed", b"subscribed", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Consent: _TypeAlias = Consent  # noqa: Y015
+
+@_typing.final
+class EmailEngagement(_message.Message):
+    """Email engagement."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_DELIVERED_TIME_FIELD_NUMBER: _builtins.int
+    LAST_OPEN_TIME_FIELD_NUMBER: _builtins.int
+    LAST_CLICK_TIME_FIELD_NUMBER: _builtins.int
+    OPENS_30D_FIELD_NUMBER: _builtins.int
+    CLICKS_30D_FIELD_NUMBER: _builtins.int
+    DELIVERED_30D_FIELD_NUMBER: _builtins.int
+    BOUNCE_STATE_FIELD_NUMBER: _builtins.int
+    UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    SPAM_REPORTED_FIELD_NUMBER: _builtins.int
+    RECENT_OPEN_TIMES_FIELD_NUMBER: _builtins.int
+    RECENT_CLICK_TIMES_FIELD_NUMBER: _builtins.int
+    RECENT_DELIVERED_TIMES_FIELD_NUMBER: _builtins.int
+    opens_30d: _builtins.int
+    """Opens in the 30 days before the read."""
+    clicks_30d: _builtins.int
+    """Clicks in the 30 days before the read."""
+    delivered_30d: _builtins.int
+    """Deliveries in the 30 days before the read."""
+    bounce_state: Global___BounceState.ValueType
+    """Bounce state."""
+    unsubscribed: _builtins.bool
+    """Whether the customer unsubscribed through an email."""
+    spam_reported: _builtins.bool
+    """Whether the customer reported an email as spam."""
+    @_builtins.property
+    def last_delivered_time(self) -> _timestamp_pb2.Timestamp:
+        """The last delivery."""
+
+    @_builtins.property
+    def last_open_time(self) -> _timestamp_pb2.Timestamp:
+        """The last open."""
+
+    @_builtins.property
+    def last_click_time(self) -> _timestamp_pb2.Timestamp:
+        """The last click."""
+
+    @_builtins.property
+    def recent_open_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """Opens, clicks and deliveries in the last 30 days (at most 100 each, newest
+        first): the 30-day counts are taken from them at read time.
+        """
+
+    @_builtins.property
+    def recent_click_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]: ...
+    @_builtins.property
+    def recent_delivered_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]: ...
+    def __init__(
+        self,
+        *,
+        last_delivered_time: _timestamp_pb2.Timestamp | None = ...,
+        last_open_time: _timestamp_pb2.Timestamp | None = ...,
+        last_click_time: _timestamp_pb2.Timestamp | None = ...,
+        opens_30d: _builtins.int = ...,
+        clicks_30d: _builtins.int = ...,
+        delivered_30d: _builtins.int = ...,
+        bounce_state: Global___BounceState.ValueType = ...,
+        unsubscribed: _builtins.bool = ...,
+        spam_reported: _builtins.bool = ...,
+        recent_open_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+        recent_click_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+        recent_delivered_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_click_time", b"last_click_time", "last_delivered_time", b"last_delivered_time", "last_open_time", b"last_open_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bounce_state", b"bounce_state", "clicks_30d", b"clicks_30d", "delivered_30d", b"delivered_30d", "last_click_time", b"last_click_time", "last_delivered_time", b"last_delivered_time", "last_open_time", b"last_open_time", "opens_30d", b"opens_30d", "recent_click_times", b"recent_click_times", "recent_delivered_times", b"recent_delivered_times", "recent_open_times", b"recent_open_times", "spam_reported", b"spam_reported", "unsubscribed", b"unsubscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailEngagement: _TypeAlias = EmailEngagement  # noqa: Y015
+
+@_typing.final
+class LastSeen(_message.Message):
+    """Where and on what the customer was last seen (from event context)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEEN_TIME_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    OS_FIELD_NUMBER: _builtins.int
+    BROWSER_FIELD_NUMBER: _builtins.int
+    locale: _builtins.str
+    """The locale, e.g. "de-AT"; its region is the last known country."""
+    timezone: _builtins.str
+    """The IANA time zone, e.g. "Europe/Vienna"."""
+    device: _builtins.str
+    """The device class: "desktop", "mobile", "tablet" or "other"."""
+    os: _builtins.str
+    """The operating system, e.g. "iOS"."""
+    browser: _builtins.str
+    """The browser or app, e.g. "Safari"."""
+    @_builtins.property
+    def seen_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        seen_time: _timestamp_pb2.Timestamp | None = ...,
+        locale: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        device: _builtins.str = ...,
+        os: _builtins.str = ...,
+        browser: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["seen_time", b"seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser", b"browser", "device", b"device", "locale", b"locale", "os", b"os", "seen_time", b"seen_time", "timezone", b"timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LastSeen: _TypeAlias = LastSeen  # noqa: Y015
+
+@_typing.final
+class MergeRecord(_message.Message):
+    """A customer merged into this one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MERGED_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    MERGE_TIME_FIELD_NUMBER: _builtins.int
+    merged_customer_id: _builtins.str
+    """The merged customer's former id; it no longer exists."""
+    event_id: _builtins.str
+    """The event whose identifiers linked the two."""
+    @_builtins.property
+    def merge_time(self) -> _timestamp_pb2.Timestamp:
+        """When the merge happened."""
+
+    def __init__(
+        self,
+        *,
+        merged_customer_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        merge_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["merge_time", b"merge_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "merge_time", b"merge_time", "merged_customer_id", b"merged_customer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeRecord: _TypeAlias = MergeRecord  # noqa: Y015
+
+@_typing.final
+class BlockedMerge(_message.Message):
+    """A merge an identity limit refused: the event's identifiers were linked to this
+    customer only up to the limit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OTHER_CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    BLOCK_TIME_FIELD_NUMBER: _builtins.int
+    other_customer_id: _builtins.str
+    """The customer it would have merged with (empty when the event would only have
+    added identifiers past a limit).
+    """
+    event_id: _builtins.str
+    """The event."""
+    reason: _builtins.str
+    """Which limit, e.g. "at most 3 emails per profile"."""
+    @_builtins.property
+    def block_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was refused."""
+
+    def __init__(
+        self,
+        *,
+        other_customer_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        block_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block_time", b"block_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_time", b"block_time", "event_id", b"event_id", "other_customer_id", b"other_customer_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockedMerge: _TypeAlias = BlockedMerge  # noqa: Y015
 
 @_typing.final
 class Cart(_message.Message):
@@ -164,6 +545,11 @@ class Cart(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ABANDONED_FIELD_NUMBER: _builtins.int
+    abandoned: _builtins.bool
+    """Whether the cart is abandoned: it has items and has been idle longer than
+    the configured time (PROFILE_CART_ABANDONED_AFTER_MINUTES), as of the read.
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CartItem]:
         """Items in the cart, in the order first added."""
@@ -182,10 +568,11 @@ class Cart(_message.Message):
         items: _abc.Iterable[Global___CartItem] | None = ...,
         total: _money_pb2.Money | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        abandoned: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned", b"abandoned", "items", b"items", "total", b"total", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -282,8 +669,12 @@ class Order(_message.Message):
     ORDER_ID_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     ORDER_TIME_FIELD_NUMBER: _builtins.int
+    CANCELLED_FIELD_NUMBER: _builtins.int
+    REFUNDED_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     """The store's order id."""
+    cancelled: _builtins.bool
+    """Whether it was cancelled."""
     @_builtins.property
     def total(self) -> _money_pb2.Money:
         """The order total."""
@@ -292,16 +683,22 @@ class Order(_message.Message):
     def order_time(self) -> _timestamp_pb2.Timestamp:
         """When it was placed."""
 
+    @_builtins.property
+    def refunded(self) -> _money_pb2.Money:
+        """How much of it was refunded."""
+
     def __init__(
         self,
         *,
         order_id: _builtins.str = ...,
         total: _money_pb2.Money | None = ...,
         order_time: _timestamp_pb2.Timestamp | None = ...,
+        cancelled: _builtins.bool = ...,
+        refunded: _money_pb2.Money | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["order_time", b"order_time", "total", b"total"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["order_time", b"order_time", "refunded", b"refunded", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["order_id", b"order_id", "order_time", b"order_time", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "order_id", b"order_id", "order_time", b"order_time", "refunded", b"refunded", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -316,8 +713,13 @@ class OrderSummary(_message.Message):
     COUNT_FIELD_NUMBER: _builtins.int
     LIFETIME_VALUE_FIELD_NUMBER: _builtins.int
     RECENT_FIELD_NUMBER: _builtins.int
+    AVERAGE_ORDER_VALUE_FIELD_NUMBER: _builtins.int
+    CANCELLED_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_ORDER_TIME_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """Number of orders."""
+    cancelled_count: _builtins.int
+    """Orders cancelled."""
     @_builtins.property
     def lifetime_value(self) -> _containers.RepeatedCompositeFieldContainer[_money_pb2.Money]:
         """Lifetime value per currency, one entry per currency code."""
@@ -326,16 +728,27 @@ class OrderSummary(_message.Message):
     def recent(self) -> _containers.RepeatedCompositeFieldContainer[Global___Order]:
         """Most recent orders, newest first."""
 
+    @_builtins.property
+    def average_order_value(self) -> _containers.RepeatedCompositeFieldContainer[_money_pb2.Money]:
+        """Average order value per currency (lifetime value over orders not cancelled)."""
+
+    @_builtins.property
+    def last_order_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last order was placed."""
+
     def __init__(
         self,
         *,
         count: _builtins.int = ...,
         lifetime_value: _abc.Iterable[_money_pb2.Money] | None = ...,
         recent: _abc.Iterable[Global___Order] | None = ...,
+        average_order_value: _abc.Iterable[_money_pb2.Money] | None = ...,
+        cancelled_count: _builtins.int = ...,
+        last_order_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_order_time", b"last_order_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "lifetime_value", b"lifetime_value", "recent", b"recent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["average_order_value", b"average_order_value", "cancelled_count", b"cancelled_count", "count", b"count", "last_order_time", b"last_order_time", "lifetime_value", b"lifetime_value", "recent", b"recent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -484,3 +897,185 @@ class ProfileResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProfileResult: _TypeAlias = ProfileResult  # noqa: Y015
+
+@_typing.final
+class ListProfileEventsRequest(_message.Message):
+    """Request for ProfileService.ListProfileEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many; 1 to 1000, default 100."""
+    page_token: _builtins.str
+    """From a previous response; the other fields must be the same."""
+    @_builtins.property
+    def identifier(self) -> Global___Identifier:
+        """The customer, by any identifier; required."""
+
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these event types (payload names such as "cart_item_added"); empty: all."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Only events that occurred at or after this time."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Only events that occurred before this time."""
+
+    def __init__(
+        self,
+        *,
+        identifier: Global___Identifier | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "identifier", b"identifier", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_types", b"event_types", "identifier", b"identifier", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProfileEventsRequest: _TypeAlias = ListProfileEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListProfileEventsResponse(_message.Message):
+    """Response for ProfileService.ListProfileEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_ingest_pb2.Event]:
+        """The events, newest occurred_at first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_ingest_pb2.Event] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProfileEventsResponse: _TypeAlias = ListProfileEventsResponse  # noqa: Y015
+
+@_typing.final
+class ExportProfileRequest(_message.Message):
+    """Request for ProfileService.ExportProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def identifier(self) -> Global___Identifier:
+        """The customer, by any identifier; required."""
+
+    def __init__(
+        self,
+        *,
+        identifier: Global___Identifier | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportProfileRequest: _TypeAlias = ExportProfileRequest  # noqa: Y015
+
+@_typing.final
+class ExportProfileResponse(_message.Message):
+    """Response for ProfileService.ExportProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def export(self) -> _struct_pb2.Struct:
+        """Everything held on the person: {"profile": ..., "identifiers": [...],
+        "events": [...], "merges": [...]}, each event in protobuf JSON form.
+        """
+
+    def __init__(
+        self,
+        *,
+        export: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["export", b"export"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportProfileResponse: _TypeAlias = ExportProfileResponse  # noqa: Y015
+
+@_typing.final
+class DeleteProfileRequest(_message.Message):
+    """Request for ProfileService.DeleteProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def identifier(self) -> Global___Identifier:
+        """The customer, by any identifier; required."""
+
+    def __init__(
+        self,
+        *,
+        identifier: Global___Identifier | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProfileRequest: _TypeAlias = DeleteProfileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteProfileResponse(_message.Message):
+    """Response for ProfileService.DeleteProfile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_DELETED_FIELD_NUMBER: _builtins.int
+    EVENTS_DELETED_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The erased customer's former id."""
+    identifiers_deleted: _builtins.int
+    """How many identifiers were erased (and tombstoned)."""
+    events_deleted: _builtins.int
+    """How many events were erased."""
+    def __init__(
+        self,
+        *,
+        customer_id: _builtins.str = ...,
+        identifiers_deleted: _builtins.int = ...,
+        events_deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "events_deleted", b"events_deleted", "identifiers_deleted", b"identifiers_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProfileResponse: _TypeAlias = DeleteProfileResponse  # noqa: Y015

@@ -47,6 +47,21 @@ class ProfileServiceStub:
                 request_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesRequest.SerializeToString,
                 response_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesResponse.FromString,
                 _registered_method=True)
+        self.ListProfileEvents = channel.unary_unary(
+                '/sendtime.profile.v1.ProfileService/ListProfileEvents',
+                request_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListProfileEventsRequest.SerializeToString,
+                response_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListProfileEventsResponse.FromString,
+                _registered_method=True)
+        self.ExportProfile = channel.unary_unary(
+                '/sendtime.profile.v1.ProfileService/ExportProfile',
+                request_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ExportProfileRequest.SerializeToString,
+                response_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ExportProfileResponse.FromString,
+                _registered_method=True)
+        self.DeleteProfile = channel.unary_unary(
+                '/sendtime.profile.v1.ProfileService/DeleteProfile',
+                request_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
+                response_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.DeleteProfileResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServiceServicer:
@@ -71,6 +86,30 @@ class ProfileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProfileEvents(self, request, context):
+        """ListProfileEvents lists the events merged into a customer's profile, newest
+        first, filtered by type and time (AIP-158 paging).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportProfile(self, request, context):
+        """ExportProfile returns everything held on a person (profile, identifiers,
+        events, merges) as one JSON document, for access requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProfile(self, request, context):
+        """DeleteProfile erases a person: profile, identifiers, events and cache
+        entries. A tombstone keeps a late event from bringing the person back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +122,21 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.BatchGetProfiles,
                     request_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesRequest.FromString,
                     response_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesResponse.SerializeToString,
+            ),
+            'ListProfileEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProfileEvents,
+                    request_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListProfileEventsRequest.FromString,
+                    response_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListProfileEventsResponse.SerializeToString,
+            ),
+            'ExportProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportProfile,
+                    request_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ExportProfileRequest.FromString,
+                    response_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ExportProfileResponse.SerializeToString,
+            ),
+            'DeleteProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProfile,
+                    request_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.DeleteProfileRequest.FromString,
+                    response_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.DeleteProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -142,6 +196,87 @@ class ProfileService:
             '/sendtime.profile.v1.ProfileService/BatchGetProfiles',
             sendtime_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesRequest.SerializeToString,
             sendtime_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProfileEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.profile.v1.ProfileService/ListProfileEvents',
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ListProfileEventsRequest.SerializeToString,
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ListProfileEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.profile.v1.ProfileService/ExportProfile',
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ExportProfileRequest.SerializeToString,
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ExportProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.profile.v1.ProfileService/DeleteProfile',
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.DeleteProfileRequest.SerializeToString,
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.DeleteProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,18 @@ class ProfileServiceStub:
     """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
     order; a missing one is reported in its slot, not as an error.
     """
+    ListProfileEvents: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListProfileEventsRequest, _profile_pb2.ListProfileEventsResponse]
+    """ListProfileEvents lists the events merged into a customer's profile, newest
+    first, filtered by type and time (AIP-158 paging).
+    """
+    ExportProfile: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ExportProfileRequest, _profile_pb2.ExportProfileResponse]
+    """ExportProfile returns everything held on a person (profile, identifiers,
+    events, merges) as one JSON document, for access requests.
+    """
+    DeleteProfile: _grpc.UnaryUnaryMultiCallable[_profile_pb2.DeleteProfileRequest, _profile_pb2.DeleteProfileResponse]
+    """DeleteProfile erases a person: profile, identifiers, events and cache
+    entries. A tombstone keeps a late event from bringing the person back.
+    """
 
 @_typing.type_check_only
 class ProfileServiceAsyncStub(ProfileServiceStub):
@@ -60,6 +72,18 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
     """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
     order; a missing one is reported in its slot, not as an error.
+    """
+    ListProfileEvents: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListProfileEventsRequest, _profile_pb2.ListProfileEventsResponse]  # type: ignore[assignment]
+    """ListProfileEvents lists the events merged into a customer's profile, newest
+    first, filtered by type and time (AIP-158 paging).
+    """
+    ExportProfile: _aio.UnaryUnaryMultiCallable[_profile_pb2.ExportProfileRequest, _profile_pb2.ExportProfileResponse]  # type: ignore[assignment]
+    """ExportProfile returns everything held on a person (profile, identifiers,
+    events, merges) as one JSON document, for access requests.
+    """
+    DeleteProfile: _aio.UnaryUnaryMultiCallable[_profile_pb2.DeleteProfileRequest, _profile_pb2.DeleteProfileResponse]  # type: ignore[assignment]
+    """DeleteProfile erases a person: profile, identifiers, events and cache
+    entries. A tombstone keeps a late event from bringing the person back.
     """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -86,6 +110,36 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_profile_pb2.BatchGetProfilesResponse, _abc.Awaitable[_profile_pb2.BatchGetProfilesResponse]]:
         """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
         order; a missing one is reported in its slot, not as an error.
+        """
+
+    @_abc_1.abstractmethod
+    def ListProfileEvents(
+        self,
+        request: _profile_pb2.ListProfileEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ListProfileEventsResponse, _abc.Awaitable[_profile_pb2.ListProfileEventsResponse]]:
+        """ListProfileEvents lists the events merged into a customer's profile, newest
+        first, filtered by type and time (AIP-158 paging).
+        """
+
+    @_abc_1.abstractmethod
+    def ExportProfile(
+        self,
+        request: _profile_pb2.ExportProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ExportProfileResponse, _abc.Awaitable[_profile_pb2.ExportProfileResponse]]:
+        """ExportProfile returns everything held on a person (profile, identifiers,
+        events, merges) as one JSON document, for access requests.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteProfile(
+        self,
+        request: _profile_pb2.DeleteProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.DeleteProfileResponse, _abc.Awaitable[_profile_pb2.DeleteProfileResponse]]:
+        """DeleteProfile erases a person: profile, identifiers, events and cache
+        entries. A tombstone keeps a late event from bringing the person back.
         """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

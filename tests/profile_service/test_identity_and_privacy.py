@@ -1,0 +1,250 @@
+"""Identity merges and their limits, the event history, export and erasure — through ingest,
+NATS, the merger, PostgreSQL and Redis, all real."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from redis.asyncio import Redis
+
+import devstack
+from profile_service.server import create_app
+from profile_service.settings import Settings
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.event_log import JetStreamSettings
+from tests.conftest import user, wait_for_profile
+from tests.factories import cart_item_added, event, identify, product_viewed
+from tests.profile_service.test_profile_service import send
+
+EMAIL = profile_pb2.IDENTIFIER_KIND_EMAIL
+
+
+def email(value: str) -> profile_pb2.Identifier:
+    return profile_pb2.Identifier(kind=EMAIL, value=value)
+
+
+def anonymous(value: str) -> profile_pb2.Identifier:
+    return profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_ANONYMOUS_ID, value=value)
+
+
+async def not_found(
+    stub: profile_pb2_grpc.ProfileServiceAsyncStub, identifier: profile_pb2.Identifier
+) -> bool:
+    try:
+        await stub.GetProfile(profile_pb2.GetProfileRequest(identifier=identifier))
+    except grpc.aio.AioRpcError as exc:
+        return exc.code() == grpc.StatusCode.NOT_FOUND
+    return False
+
+
+async def test_a_merge_is_recorded_with_the_event_that_caused_it(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(anonymous_id=f"a-{unique}", product_viewed=product_viewed("sku-1")))
+    visitor = await wait_for_profile(profile_stub, anonymous(f"a-{unique}"), lambda p: True)
+    await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(first_name="Ada")))
+    account = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: True)
+
+    alias = event(
+        user_id=f"u-{unique}",
+        alias=ingest_pb2.Alias(other=ingest_pb2.CustomerIdentifiers(anonymous_id=f"a-{unique}")),
+    )
+    await send(ingest_stub, alias)
+    merged = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.merges) == 1)
+    assert merged.customer_id == visitor.customer_id  # the older customer survives
+    assert (merged.merges[0].merged_customer_id, merged.merges[0].event_id) == (
+        account.customer_id,
+        alias.event_id,
+    )
+    assert merged.traits["first_name"] == "Ada"
+    by_visitor = await profile_stub.GetProfile(
+        profile_pb2.GetProfileRequest(identifier=anonymous(f"a-{unique}"))
+    )
+    assert by_visitor.profile.customer_id == merged.customer_id
+    assert [v.sku for v in by_visitor.profile.recently_viewed] == ["sku-1"]
+
+
+async def test_a_shared_device_does_not_collapse_people_past_the_limit(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    device = f"kiosk-{unique}"
+    for i in range(4):  # four people sign in on one device; the limit is 3 emails per profile
+        e = event(email=f"p{i}-{unique}@example.com", identify=identify(seen=i))
+        e.customer.device_id = device
+        await send(ingest_stub, e)
+        if i < 3:
+            await wait_for_profile(profile_stub, email(f"p{i}-{unique}@example.com"), lambda p: True)
+    shared = await wait_for_profile(
+        profile_stub, profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_DEVICE_ID, value=device),
+        lambda p: len(p.blocked_merges) == 1,
+    )  # fmt: skip
+    assert shared.blocked_merges[0].reason == "at most 3 email identifiers per profile"
+    assert shared.blocked_merges[0].other_customer_id == ""
+    assert await not_found(profile_stub, email(f"p3-{unique}@example.com"))
+
+    # Two people with two emails each: linking them would make four, so the merge is refused.
+    for person in ("x", "y"):
+        for n in (1, 2):
+            await send(
+                ingest_stub,
+                event(
+                    user_id=f"{person}-{unique}",
+                    email=f"{person}{n}-{unique}@example.com",
+                    identify=identify(n=n),
+                ),
+            )
+        await wait_for_profile(profile_stub, user(f"{person}-{unique}"), lambda p: len(p.identifiers) == 3)
+    link = event(
+        user_id=f"x-{unique}",
+        alias=ingest_pb2.Alias(other=ingest_pb2.CustomerIdentifiers(user_id=f"y-{unique}")),
+    )
+    await send(ingest_stub, link)
+    x = await wait_for_profile(profile_stub, user(f"x-{unique}"), lambda p: len(p.blocked_merges) == 1)
+    y = await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"y-{unique}")))
+    assert x.customer_id != y.profile.customer_id
+    assert (x.blocked_merges[0].other_customer_id, x.blocked_merges[0].event_id) == (
+        y.profile.customer_id,
+        link.event_id,
+    )
+
+
+async def test_the_event_history_is_paged_and_filtered(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    start = datetime.now(UTC) - timedelta(hours=1)
+    events = [
+        event(
+            user_id=f"u-{unique}",
+            occurred_at=start + timedelta(minutes=i),
+            product_viewed=product_viewed(f"s{i}"),
+        )
+        for i in range(5)
+    ] + [
+        event(
+            user_id=f"u-{unique}",
+            occurred_at=start + timedelta(minutes=10),
+            cart_item_added=cart_item_added("s1"),
+        )
+    ]
+    await send(ingest_stub, *events)
+    await wait_for_profile(
+        profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1 and len(p.recently_viewed) == 5
+    )
+
+    seen, token = [], ""
+    while True:
+        page = await profile_stub.ListProfileEvents(
+            profile_pb2.ListProfileEventsRequest(
+                identifier=user(f"u-{unique}"), page_size=2, page_token=token
+            )
+        )
+        seen += [e.event_id for e in page.events]
+        if not (token := page.next_page_token):
+            break
+    assert seen == [e.event_id for e in reversed(events)]  # newest first
+
+    views = await profile_stub.ListProfileEvents(
+        profile_pb2.ListProfileEventsRequest(identifier=user(f"u-{unique}"), event_types=["product_viewed"])
+    )
+    assert len(views.events) == 5
+    window = profile_pb2.ListProfileEventsRequest(identifier=user(f"u-{unique}"))
+    window.start_time.FromDatetime(start + timedelta(minutes=1))
+    window.end_time.FromDatetime(start + timedelta(minutes=3))
+    assert [e.product_viewed.sku for e in (await profile_stub.ListProfileEvents(window)).events] == [
+        "s2",
+        "s1",
+    ]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await profile_stub.ListProfileEvents(
+            profile_pb2.ListProfileEventsRequest(identifier=user(f"u-{unique}"), event_types=["clicked"])
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_erasure_removes_everything_and_a_late_event_does_not_bring_the_person_back(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    who = f"gone-{unique}@example.com"
+    await send(
+        ingest_stub,
+        event(user_id=f"u-{unique}", email=who, identify=identify(first_name="Eve")),
+        event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")),
+    )
+    await wait_for_profile(profile_stub, email(who), lambda p: len(p.cart.items) == 1)  # cached now
+
+    exported = await profile_stub.ExportProfile(profile_pb2.ExportProfileRequest(identifier=email(who)))
+    document = json_format.MessageToDict(exported.export)
+    assert len(document["events"]) == 2 and document["profile"]["traits"]["first_name"] == "Eve"
+    assert {"kind": "email", "value": who} in document["identifiers"]
+
+    erased = await profile_stub.DeleteProfile(
+        profile_pb2.DeleteProfileRequest(identifier=user(f"u-{unique}"))
+    )
+    assert (erased.identifiers_deleted, erased.events_deleted) == (2, 2)
+    assert await not_found(profile_stub, email(who)) and await not_found(profile_stub, user(f"u-{unique}"))
+
+    # A late event (it happened before the erasure) is dropped; later activity is a new person.
+    late = event(
+        email=who, occurred_at=datetime.now(UTC) - timedelta(minutes=5), identify=identify(first_name="Eve")
+    )
+    await send(ingest_stub, late)
+    await asyncio.sleep(0.5)
+    assert await not_found(profile_stub, email(who))
+    fresh = event(
+        email=who, occurred_at=datetime.now(UTC) + timedelta(seconds=1), identify=identify(first_name="E.")
+    )
+    await send(ingest_stub, fresh)
+    back = await wait_for_profile(profile_stub, email(who), lambda p: True)
+    assert back.traits["first_name"] == "E." and back.customer_id != erased.customer_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await profile_stub.DeleteProfile(profile_pb2.DeleteProfileRequest(identifier=user(f"u-{unique}")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_with_redis_down_reads_fall_back_to_postgres(
+    tmp_path: Path, nats_url: str, database_url: str, profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, unique: str,
+) -> None:  # fmt: skip
+    await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(first_name="Ada")))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "first_name" in p.traits)
+
+    port = devstack.free_port()
+    redis = devstack.start_redis(port, tmp_path / "redis")
+    settings = Settings(
+        address="127.0.0.1:0",
+        database_url=database_url,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        consumer_name=f"reader-{unique}",
+        event_log=JetStreamSettings(url=nats_url),
+    )
+    app = await create_app(settings)
+    await app.grpc.start()  # reads only: no merger
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = profile_pb2_grpc.ProfileServiceStub(channel)
+            request = profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}"))
+            assert (await stub.GetProfile(request)).profile.traits["first_name"] == "Ada"
+            async with Redis.from_url(settings.redis_url) as client:
+                assert await client.exists(f"sendtime:profile:user_id:u-{unique}")
+            devstack.stop_process(redis)
+            for _ in range(3):  # Redis is gone: every read still answers, from PostgreSQL
+                assert (await stub.GetProfile(request)).profile.traits["first_name"] == "Ada"
+    finally:
+        await app.stop(grace_s=1)
+        devstack.stop_process(redis)
