@@ -6,12 +6,16 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sendtime_cli import importer
+from sendtime_cli import importer, profiles
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sendtime", description="Sendtime operator tools; they talk to the services over gRPC."
+        prog="sendtime",
+        description=(
+            "Sendtime operator tools: `import` talks to ingest over gRPC; `profile rebuild` works on the "
+            "profile service's database."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     importer.add_arguments(
@@ -23,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "next to the file records how far the import got. Exit codes: 0 every line accepted "
                 "or duplicate, 2 some lines rejected, 1 error, 130 interrupted. See docs/import.md."
             ),
+        )
+    )
+    profiles.add_arguments(
+        commands.add_parser(
+            "profile", help="profile maintenance: rebuild", description="Profile maintenance."
         )
     )
     return parser

@@ -1,11 +1,14 @@
 """Profile reads: the Redis hot cache first, PostgreSQL for what it lacks.
 
 A batch costs one MGET and, for the misses, one query; what the query finds is written back to
-the cache. When Redis fails, reads go to PostgreSQL and still succeed.
+the cache. Concurrent reads that miss on the same identifier share one query (a send-time burst
+for one customer must not become a burst of database reads). When Redis fails, reads go to
+PostgreSQL and still succeed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -16,11 +19,14 @@ from sendtime_common.identifier_proto import IdentifierKey
 
 log = logging.getLogger(__name__)
 
+_Loaded = dict[IdentifierKey, profile_pb2.Profile]
+
 
 class ProfileReader:
     def __init__(self, repository: ProfileRepository, cache: ProfileCache) -> None:
         self._repository = repository
         self._cache = cache
+        self._in_flight: dict[IdentifierKey, asyncio.Future[profile_pb2.Profile | None]] = {}
 
     async def get_many(self, identifiers: Sequence[IdentifierKey]) -> list[profile_pb2.Profile | None]:
         """The profile for each identifier, in order (None where no customer has it).
@@ -36,15 +42,53 @@ class ProfileReader:
             cached, cache_ok = [None] * len(identifiers), False
 
         misses = list(dict.fromkeys(i for i, hit in zip(identifiers, cached, strict=True) if hit is None))
-        loaded = {
-            key: record.to_proto()
-            for key, record in (await self._repository.find_by_identifiers(misses)).items()
+        loaded = await self._load(misses, refill_cache=cache_ok) if misses else {}
+        return [
+            hit if hit is not None else loaded.get(key) for key, hit in zip(identifiers, cached, strict=True)
+        ]
+
+    async def _load(self, keys: list[IdentifierKey], *, refill_cache: bool) -> _Loaded:
+        """Read ``keys`` from PostgreSQL, joining reads of the same keys already under way."""
+        joined = {key: self._in_flight[key] for key in keys if key in self._in_flight}
+        mine = [key for key in keys if key not in joined]
+        loop = asyncio.get_running_loop()
+        promised: dict[IdentifierKey, asyncio.Future[profile_pb2.Profile | None]] = {
+            key: loop.create_future() for key in mine
         }
-        if loaded and cache_ok:
+        self._in_flight.update(promised)
+        loaded: _Loaded = {}
+        try:
+            if mine:
+                found = await self._repository.find_by_identifiers(mine)
+                loaded = {key: record.to_proto() for key, record in found.items()}
+            for key, future in promised.items():
+                future.set_result(loaded.get(key))
+        except asyncio.CancelledError:
+            for future in promised.values():
+                future.cancel()  # those who joined read for themselves (below)
+            raise
+        except Exception as exc:
+            for future in promised.values():
+                future.set_exception(exc)
+                future.exception()  # retrieved here: a read nobody joined must not log a warning
+            raise
+        finally:
+            for key in mine:
+                del self._in_flight[key]
+        if loaded and refill_cache:
             try:
                 await self._cache.put(loaded.values())
             except CacheUnavailable as exc:
                 log.warning("cache refresh failed", extra={"error": str(exc)})
-        return [
-            hit if hit is not None else loaded.get(key) for key, hit in zip(identifiers, cached, strict=True)
-        ]
+        for key, future in joined.items():
+            try:
+                # shield: one caller giving up must not cancel the read the others wait for
+                profile = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                profile = (await self._load([key], refill_cache=refill_cache)).get(key)  # its reader left
+            if profile is not None:
+                loaded[key] = profile
+        return loaded

@@ -316,6 +316,38 @@ class ProfileRepository:
         )
         return {r["customer_id"]: _record(r) for r in rows}
 
+    async def customer_ids(self, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
+        """Customer ids in id order after ``after``: for walking every customer."""
+        rows = await self._pool.fetch(
+            "SELECT customer_id FROM customers WHERE $1::uuid IS NULL OR customer_id > $1"
+            " ORDER BY customer_id LIMIT $2",
+            after,
+            limit,
+        )
+        return [r["customer_id"] for r in rows]
+
+    async def rebuild(self, customer_id: uuid.UUID) -> ProfileRecord | None:
+        """Recompute a customer's state from its whole history; the record when it differed from
+        the stored one (then saved under a new version), None when it was already right (or the
+        customer is gone)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT version, state FROM customers WHERE customer_id = $1 FOR UPDATE", customer_id
+            )
+            if row is None:
+                return None
+            bodies = await conn.fetch("SELECT body FROM events WHERE customer_id = $1", customer_id)
+            rebuilt = to_json(replay(ingest_pb2.Event.FromString(r["body"]) for r in bodies))
+            if rebuilt == row["state"]:
+                return None
+            await conn.execute(
+                "UPDATE customers SET state = $2, version = version + 1, updated_at = now()"
+                " WHERE customer_id = $1",
+                customer_id,
+                rebuilt,
+            )
+            return (await self._records(conn, [customer_id]))[customer_id]
+
     async def customer_id_of(self, key: IdentifierKey) -> uuid.UUID | None:
         """The customer an identifier belongs to, if any."""
         found: uuid.UUID | None = await self._pool.fetchval(

@@ -4,6 +4,7 @@ NATS, the merger, PostgreSQL and Redis, all real."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,11 +14,15 @@ from google.protobuf import json_format
 from redis.asyncio import Redis
 
 import devstack
-from profile_service.server import create_app
+from profile_service.reader import ProfileReader
+from profile_service.repository import ProfileRecord, ProfileRepository
+from profile_service.server import ProfileApp, create_app
 from profile_service.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifier_proto import IdentifierKey
+from sendtime_common.identifiers import IdentifierKind
 from tests.conftest import user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
 from tests.profile_service.test_profile_service import send
@@ -248,3 +253,81 @@ async def test_with_redis_down_reads_fall_back_to_postgres(
     finally:
         await app.stop(grace_s=1)
         devstack.stop_process(redis)
+
+
+class CountingRepository(ProfileRepository):
+    """The real repository, counting its reads."""
+
+    reads = 0
+
+    async def find_by_identifiers(
+        self, identifiers: Sequence[IdentifierKey]
+    ) -> dict[IdentifierKey, ProfileRecord]:
+        self.reads += 1
+        await asyncio.sleep(0.05)  # a slow database makes the overlap certain
+        return await super().find_by_identifiers(identifiers)
+
+
+async def test_concurrent_misses_for_one_customer_make_one_database_read(
+    profile_app: ProfileApp,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    redis_url: str,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(first_name="Ada")))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "first_name" in p.traits)
+    async with Redis.from_url(redis_url) as client:
+        await client.delete(f"sendtime:profile:user_id:u-{unique}")  # a cold cache
+
+    repository = CountingRepository(profile_app.pool)
+    reader = ProfileReader(repository, profile_app.cache)
+    key = (IdentifierKind.USER_ID, f"u-{unique}")
+    results = await asyncio.gather(*(reader.get_many([key]) for _ in range(20)))
+    assert repository.reads == 1
+    assert {r[0].traits["first_name"] for r in results if r[0] is not None} == {"Ada"}
+    assert all(r[0] is not None for r in results)
+
+
+async def test_parallel_mergers_lose_no_update_for_one_customer(
+    nats_url: str,
+    redis_url: str,
+    database_url: str,
+    profile_app: ProfileApp,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    # A second replica on the same durable consumer: the two split the events between them.
+    second = await create_app(
+        Settings(
+            address="127.0.0.1:0",
+            database_url=database_url,
+            redis_url=redis_url,
+            event_log=JetStreamSettings(url=nats_url),
+            consumer_name="profile-merger",  # as the session's profile service
+        )
+    )
+    await second.start()
+    try:
+        start = datetime.now(UTC) - timedelta(minutes=10)
+        events = [
+            event(
+                user_id=f"u-{unique}",
+                occurred_at=start + timedelta(milliseconds=(i * 7919) % 100),  # out of order, with ties
+                cart_item_added=cart_item_added(f"sku-{i}"),
+            )
+            for i in range(100)
+        ]
+        await send(ingest_stub, *events)
+        profile = await wait_for_profile(
+            profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 100, timeout_s=30
+        )
+    finally:
+        await second.stop(grace_s=1)
+    assert profile.version == 100  # one version per merge, none lost
+    assert {item.sku for item in profile.cart.items} == {f"sku-{i}" for i in range(100)}
+    history = await profile_stub.ListProfileEvents(
+        profile_pb2.ListProfileEventsRequest(identifier=user(f"u-{unique}"), page_size=1000)
+    )
+    assert len(history.events) == 100
