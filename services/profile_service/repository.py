@@ -316,6 +316,17 @@ class ProfileRepository:
         )
         return {r["customer_id"]: _record(r) for r in rows}
 
+    async def erased_among(self, keys: Sequence[IdentifierKey]) -> set[IdentifierKey]:
+        """Which of ``keys`` belonged to an erased person (one query)."""
+        if not keys:
+            return set()
+        by_hash = {identifier_hash(key): key for key in keys}
+        rows = await self._pool.fetch(
+            "SELECT identifier_hash FROM erasure_tombstones WHERE identifier_hash = ANY($1::bytea[])",
+            list(by_hash),
+        )
+        return {by_hash[bytes(r["identifier_hash"])] for r in rows}
+
     async def customer_ids(self, after: uuid.UUID | None, limit: int) -> list[uuid.UUID]:
         """Customer ids in id order after ``after``: for walking every customer."""
         rows = await self._pool.fetch(

@@ -86,6 +86,7 @@ async def create_app(settings: Settings) -> ProfileApp:
     servicer = ProfileServicer(
         ProfileReader(repository, cache),
         CustomerData(repository, cache),
+        repository,
         max_batch_get=settings.max_batch_get,
     )
     server = GrpcServer(

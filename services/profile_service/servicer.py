@@ -10,6 +10,7 @@ import grpc
 from profile_service.codec import InvalidReadMask, apply_read_mask, check_read_mask
 from profile_service.customer_data import EVENT_TYPES, CustomerData, CustomerNotFound
 from profile_service.reader import ProfileReader
+from profile_service.repository import ProfileRepository
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import FieldViolation, abort_invalid, abort_with, not_found_status
 from sendtime_common.identifier_proto import IdentifierKey, parse_identifier
@@ -17,8 +18,16 @@ from sendtime_common.paging import InvalidPageToken, page_size
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
-    def __init__(self, reader: ProfileReader, customer_data: CustomerData, *, max_batch_get: int) -> None:
+    def __init__(
+        self,
+        reader: ProfileReader,
+        customer_data: CustomerData,
+        repository: ProfileRepository,
+        *,
+        max_batch_get: int,
+    ) -> None:
         self._reader = reader
+        self._repository = repository
         self._customer_data = customer_data
         self._max_batch_get = max_batch_get
 
@@ -34,12 +43,12 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             await abort_invalid(context, "invalid GetProfile request", violations)
         (profile,) = await self._reader.get_many([key])
         if profile is None:
-            await abort_with(
-                context,
-                not_found_status(
-                    "no customer has this identifier", "PROFILE_NOT_FOUND", {"kind": key[0].value}
-                ),
-            )
+            if await self._repository.erased_among([key]):
+                await abort_with(
+                    context,
+                    not_found_status("the customer was erased", "PROFILE_ERASED", {"kind": key[0].value}),
+                )
+            await _abort_not_found(context, key)
         return profile_pb2.GetProfileResponse(profile=apply_read_mask(profile, request.read_mask))
 
     async def BatchGetProfiles(
@@ -61,14 +70,18 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         if violations:
             await abort_invalid(context, "invalid BatchGetProfiles request", violations)
         profiles = await self._reader.get_many(keys)
+        erased = await self._repository.erased_among(
+            [key for key, profile in zip(keys, profiles, strict=True) if profile is None]
+        )
         return profile_pb2.BatchGetProfilesResponse(
             results=[
                 profile_pb2.ProfileResult(
                     identifier=identifier,
                     profile=apply_read_mask(profile, request.read_mask) if profile else None,
                     found=profile is not None,
+                    erased=key in erased,
                 )
-                for identifier, profile in zip(request.identifiers, profiles, strict=True)
+                for identifier, key, profile in zip(request.identifiers, keys, profiles, strict=True)
             ]
         )
 

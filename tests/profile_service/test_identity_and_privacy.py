@@ -20,6 +20,7 @@ from profile_service.server import ProfileApp, create_app
 from profile_service.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.errors import status_of
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierKind
@@ -331,3 +332,23 @@ async def test_parallel_mergers_lose_no_update_for_one_customer(
         profile_pb2.ListProfileEventsRequest(identifier=user(f"u-{unique}"), page_size=1000)
     )
     assert len(history.events) == 100
+
+
+async def test_lookups_of_an_erased_person_say_so(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(a=1)))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: True)
+    await profile_stub.DeleteProfile(profile_pb2.DeleteProfileRequest(identifier=user(f"u-{unique}")))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}")))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    status = status_of(caught.value)
+    assert status is not None and b"PROFILE_ERASED" in status.details[0].value
+    batch = await profile_stub.BatchGetProfiles(
+        profile_pb2.BatchGetProfilesRequest(identifiers=[user(f"u-{unique}"), user(f"never-{unique}")])
+    )
+    assert [(r.found, r.erased) for r in batch.results] == [(False, True), (False, False)]

@@ -873,8 +873,11 @@ class ProfileResult(_message.Message):
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     PROFILE_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """False when no customer has the identifier."""
+    erased: _builtins.bool
+    """True when the customer was erased (DeleteProfile): do not contact them."""
     @_builtins.property
     def identifier(self) -> Global___Identifier:
         """The identifier as requested."""
@@ -889,10 +892,11 @@ class ProfileResult(_message.Message):
         identifier: Global___Identifier | None = ...,
         profile: Global___Profile | None = ...,
         found: _builtins.bool = ...,
+        erased: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "identifier", b"identifier", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased", b"erased", "found", b"found", "identifier", b"identifier", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
