@@ -159,9 +159,11 @@ async def profile_stub(profile_app: ProfileApp) -> AsyncIterator[profile_pb2_grp
 
 
 @pytest.fixture(scope="session")
-async def render_app(profile_app: ProfileApp) -> AsyncIterator[RenderApp]:
+async def render_app(profile_app: ProfileApp, redis_url: str) -> AsyncIterator[RenderApp]:
     app = create_render_app(
-        RenderSettings(address="127.0.0.1:0", profile_target=f"127.0.0.1:{profile_app.grpc.port}")
+        RenderSettings(
+            address="127.0.0.1:0", profile_target=f"127.0.0.1:{profile_app.grpc.port}", redis_url=redis_url
+        )
     )
     await app.start()
     yield app

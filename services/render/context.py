@@ -70,6 +70,22 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+def fallback_paths_used(fallback: Mapping[str, Any], live: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The leaf paths of ``fallback`` that ``live`` does not provide: where the render shows a
+    fallback value instead of customer data."""
+    used: list[str] = []
+    for key, value in fallback.items():
+        path = f"{prefix}{key}"
+        live_value = live.get(key) if isinstance(live, Mapping) else None
+        if isinstance(value, Mapping) and value:
+            used += fallback_paths_used(
+                value, live_value if isinstance(live_value, Mapping) else {}, f"{path}."
+            )
+        elif live_value in (None, "", [], {}):
+            used.append(path)
+    return used
+
+
 def render_context(
     fallback: Mapping[str, Any], profile: Mapping[str, Any] | None, variables: Mapping[str, Any]
 ) -> dict[str, Any]:

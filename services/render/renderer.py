@@ -1,37 +1,80 @@
-"""One render: compile, look the profile up within the time left, render live or fallback."""
+"""One render: the profile (live, cached or last known good) within the time left, suppression and
+required data, recommendations when the template uses them, then Liquid — with the fallbacks and
+degradations said in the answer.
+
+The deadline is split: the profile lookup gets the time left minus a reserve, so there is
+always time to render the fallback; recommendations get what is left of it after the profile.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
 
+from google.protobuf import duration_pb2
 from opentelemetry import trace
 
-from render.context import message_to_context, render_context
-from render.profile_client import LookupFailure, ProfileClient
+from render.context import fallback_paths_used, message_to_context, render_context, struct_to_dict
+from render.profiles import Failure, ProfileFetcher, ProfileLookup, Source
+from render.suppression import Skip, missing_required, suppression
 from render.templates import CompiledTemplate, TemplateCompiler, render_part
 from sendtime.profile.v1 import profile_pb2
+from sendtime.render.v1 import render_pb2
 
+log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
+
+FALLBACK_REASONS = {
+    Failure.NOT_FOUND: render_pb2.FALLBACK_REASON_PROFILE_NOT_FOUND,
+    Failure.TIMEOUT: render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT,
+    Failure.UNAVAILABLE: render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE,
+    Failure.CIRCUIT_OPEN: render_pb2.FALLBACK_REASON_CIRCUIT_OPEN,
+}
+PROFILE_SOURCES = {
+    Source.LIVE: render_pb2.PROFILE_SOURCE_LIVE,
+    Source.CACHE: render_pb2.PROFILE_SOURCE_CACHE,
+    Source.LAST_KNOWN_GOOD: render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD,
+    Source.NONE: render_pb2.PROFILE_SOURCE_NONE,
+}
+DEGRADING = frozenset({Failure.TIMEOUT, Failure.UNAVAILABLE, Failure.CIRCUIT_OPEN})
+
+
+class Recommender(Protocol):
+    async def recommend(
+        self, profile: profile_pb2.Profile | None, purchased_skus: Sequence[str], limit: int
+    ) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True, slots=True)
-class Rendered:
-    subject: str
-    html: str
-    text: str
-    profile_version: int
-    fallback: LookupFailure | None
+class RenderJob:
+    customer: profile_pb2.Identifier
+    content: render_pb2.Template
+    compiled: CompiledTemplate
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    template_version: int = 0
+    apply_suppression: bool = True  # previews show what would render, whoever the customer is
 
 
 class Renderer:
     def __init__(
-        self, compiler: TemplateCompiler, profiles: ProfileClient, *, fallback_reserve_s: float
+        self,
+        compiler: TemplateCompiler,
+        profiles: ProfileFetcher,
+        recommender: Recommender | None = None,
+        *,
+        fallback_reserve_s: float,
+        recommendation_limit: int = 8,
     ) -> None:
         self._compiler = compiler
         self._profiles = profiles
+        self._recommender = recommender
         self._fallback_reserve_s = fallback_reserve_s
+        self._recommendation_limit = recommendation_limit
 
     def compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
         """The compiled template (cached by source).
@@ -41,45 +84,126 @@ class Renderer:
         """
         return self._compiler.compile(subject, html, text)
 
-    async def render(
-        self,
-        customer: profile_pb2.Identifier,
-        template: CompiledTemplate,
-        fallback: Mapping[str, Any],
-        variables: Mapping[str, Any],
-        time_left_s: float,
-    ) -> Rendered:
-        """Render ``template`` for ``customer``, finishing within ``time_left_s``.
+    async def lookup_many(
+        self, customers: list[profile_pb2.Identifier], time_left_s: float
+    ) -> list[ProfileLookup]:
+        """Profiles for a batch of customers in one call (RenderBatch)."""
+        return await self._profiles.get_many(customers, time_left_s=time_left_s - self._fallback_reserve_s)
 
-        The profile lookup gets the time left minus a reserve for rendering; whatever it returns,
-        the template is rendered, with ``fallback`` values standing in for what is missing.
+    async def render(
+        self, job: RenderJob, time_left_s: float, *, lookup: ProfileLookup | None = None
+    ) -> render_pb2.RenderResponse:
+        """Render ``job`` within ``time_left_s``: RENDERED, or SKIPPED with the reason. A batch
+        passes the ``lookup`` it made for many customers at once.
 
         Raises:
             render.templates.TemplateError: the template fails on this data.
         """
-        lookup = await self._profiles.fetch(customer, time_left_s - self._fallback_reserve_s)
-        with tracer.start_as_current_span("render.template") as span:
-            span.set_attribute("render.fallback", lookup.failure.value if lookup.failure else "")
-            profile = message_to_context(lookup.profile) if lookup.profile is not None else None
-            return _render(
-                template,
-                render_context(fallback, profile, variables),
-                profile_version=lookup.profile.version if lookup.profile is not None else 0,
-                fallback=lookup.failure,
+        started = time.monotonic()
+        if lookup is None:
+            max_age = job.content.max_data_age.ToTimedelta() if job.content.HasField("max_data_age") else None
+            lookup = await self._profiles.get(
+                job.customer, time_left_s=time_left_s - self._fallback_reserve_s, max_age=max_age
             )
+        if lookup.failure is Failure.ERASED:
+            return _skipped(job, Skip(render_pb2.SKIP_REASON_ERASED, "the customer was erased"))
+        if lookup.profile is not None and job.apply_suppression:
+            skip = suppression(lookup.profile, job.content.channel)
+            if skip is not None:
+                return _skipped(job, skip, lookup)
+        time_left_s -= time.monotonic() - started
+        recommendations, recommendations_failed = await self._recommendations(job, lookup, time_left_s)
+        return self._render(job, lookup, recommendations, recommendations_failed)
+
+    async def render_sample(self, job: RenderJob, sample: Mapping[str, Any]) -> render_pb2.RenderResponse:
+        """Render ``job`` with sample data (a preview): ``sample`` is shaped like the context."""
+        fallback = struct_to_dict(job.content.fallback)
+        context = render_context(fallback, None, job.variables) | dict(sample)
+        return self._finish(job, context, ProfileLookup(None, Source.NONE), [], False)
+
+    async def _recommendations(
+        self, job: RenderJob, lookup: ProfileLookup, time_left_s: float
+    ) -> tuple[list[dict[str, Any]], bool]:
+        if "recommendations" not in job.compiled.roots or self._recommender is None:
+            return [], False
+        budget = time_left_s - self._fallback_reserve_s
+        if budget <= 0:
+            return [], True
+        purchased = list(getattr(lookup.profile, "purchased_skus", [])) if lookup.profile else []
+        try:
+            found = await asyncio.wait_for(
+                self._recommender.recommend(lookup.profile, purchased, self._recommendation_limit), budget
+            )
+        except (TimeoutError, OSError, Exception) as exc:  # recommendations are optional content
+            log.warning("recommendations unavailable", extra={"error": type(exc).__name__})
+            return [], True
+        return found, False
+
+    def _render(
+        self,
+        job: RenderJob,
+        lookup: ProfileLookup,
+        recommendations: list[dict[str, Any]],
+        recommendations_failed: bool,
+    ) -> render_pb2.RenderResponse:
+        with tracer.start_as_current_span("render.template") as span:
+            span.set_attribute("render.profile_source", lookup.source.value)
+            profile = message_to_context(lookup.profile) if lookup.profile is not None else None
+            fallback = struct_to_dict(job.content.fallback)
+            context = render_context(fallback, profile, job.variables)
+            context["recommendations"] = recommendations
+            used = fallback_paths_used(fallback, {"profile": profile or {}, "vars": job.variables})
+            if recommendations_failed:
+                used.append("recommendations")
+            return self._finish(job, context, lookup, used, recommendations_failed)
+
+    def _finish(
+        self,
+        job: RenderJob,
+        context: Mapping[str, Any],
+        lookup: ProfileLookup,
+        fallbacks_used: list[str],
+        degraded_extra: bool,
+    ) -> render_pb2.RenderResponse:
+        skip = missing_required(context, job.content.required_data)
+        if skip is not None:
+            return _skipped(job, skip, lookup)
+        response = _base(job, lookup)
+        response.status = render_pb2.RENDER_STATUS_RENDERED
+        response.subject = render_part(job.compiled.subject, "subject", context).strip()
+        response.html = render_part(job.compiled.html, "html", context)
+        response.text = render_part(job.compiled.text, "text", context)
+        response.fallbacks_used.extend(fallbacks_used)
+        response.degraded = response.degraded or degraded_extra
+        return response
 
 
-def _render(
-    compiled: CompiledTemplate,
-    context: Mapping[str, Any],
-    *,
-    profile_version: int,
-    fallback: LookupFailure | None,
-) -> Rendered:
-    return Rendered(
-        subject=render_part(compiled.subject, "subject", context).strip(),
-        html=render_part(compiled.html, "html", context),
-        text=render_part(compiled.text, "text", context),
-        profile_version=profile_version,
-        fallback=fallback,
+def _base(job: RenderJob, lookup: ProfileLookup) -> render_pb2.RenderResponse:
+    response = render_pb2.RenderResponse(
+        template_version=job.template_version,
+        profile_source=PROFILE_SOURCES[lookup.source],
+        fallback_used=lookup.source in (Source.LAST_KNOWN_GOOD, Source.NONE),
+        degraded=lookup.failure in DEGRADING,
     )
+    if lookup.failure in FALLBACK_REASONS:
+        response.fallback_reason = FALLBACK_REASONS[lookup.failure]
+    if lookup.profile is not None:
+        response.profile_version = lookup.profile.version
+        if lookup.profile.HasField("update_time"):
+            age = max(0.0, time.time() - lookup.profile.update_time.ToNanoseconds() / 1e9)
+            response.data_age.CopyFrom(_duration(age))
+    return response
+
+
+def _skipped(job: RenderJob, skip: Skip, lookup: ProfileLookup | None = None) -> render_pb2.RenderResponse:
+    response = _base(job, lookup or ProfileLookup(None, Source.NONE))
+    response.status = render_pb2.RENDER_STATUS_SKIPPED
+    response.skip_reason = skip.reason  # type: ignore[assignment]
+    response.skip_detail = skip.detail
+    return response
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(timedelta(seconds=seconds))
+    return duration

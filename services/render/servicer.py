@@ -1,30 +1,45 @@
-"""gRPC handlers of RenderService: check the request, hand it to the Renderer, encode."""
+"""gRPC handlers of RenderService: check the request, resolve the template, hand the job to the
+Renderer, encode."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import grpc
 
 from render.context import struct_to_dict
-from render.profile_client import LookupFailure
-from render.renderer import Renderer
+from render.renderer import Renderer, RenderJob
 from render.templates import InvalidTemplate, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
-from sendtime_common.errors import FieldViolation, abort_invalid
+from sendtime_common.errors import (
+    FieldViolation,
+    abort_invalid,
+    abort_with,
+    bad_request_status,
+    not_found_status,
+)
 from sendtime_common.identifier_proto import KIND_TO_PROTO, parse_identifier
 
-FALLBACK_REASONS = {
-    LookupFailure.NOT_FOUND: render_pb2.FALLBACK_REASON_PROFILE_NOT_FOUND,
-    LookupFailure.TIMEOUT: render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT,
-    LookupFailure.UNAVAILABLE: render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE,
-}
+TEMPLATE_NAME_PREFIX = "templates/"
+MAX_BATCH = 100_000
+BATCH_CHUNK = 500  # customers per BatchGetProfiles call
+BATCH_CONCURRENCY = 4  # chunks in flight at once
+BATCH_CHUNK_DEADLINE_S = 5.0
+
+
+class TemplateSource(Protocol):
+    async def get_for_render(self, template_id: str, version: int) -> render_pb2.StoredTemplate | None: ...
 
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
-    def __init__(self, renderer: Renderer, *, default_deadline_s: float) -> None:
+    def __init__(
+        self, renderer: Renderer, templates: TemplateSource | None, *, default_deadline_s: float
+    ) -> None:
         self._renderer = renderer
+        self._templates = templates
         self._default_deadline_s = default_deadline_s
 
     async def Render(
@@ -34,25 +49,35 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         customer = parse_identifier(request.customer, "customer")
         if isinstance(customer, FieldViolation):
             violations.append(customer)
-        template = request.template
-        if not template.subject.strip():
+        inline = request.HasField("template")
+        if inline == bool(request.template_name):
+            violations.append(FieldViolation("template", "set exactly one of template and template_name"))
+        content, version, have_content = request.template, 0, inline
+        if request.template_name and not inline:
+            found = await self._stored(request.template_name, request.template_version, context, violations)
+            if found is not None:
+                content, version, have_content = found.content, found.version, True
+        if have_content and not content.subject.strip():
             violations.append(FieldViolation("template.subject", "required"))
         compiled = None
         try:
-            compiled = self._renderer.compile(template.subject, template.html, template.text)
+            compiled = self._renderer.compile(content.subject, content.html, content.text)
         except InvalidTemplate as exc:
             violations.extend(FieldViolation(f"template.{e.part}", e.detail) for e in exc.errors)
         if violations or isinstance(customer, FieldViolation) or compiled is None:
             await abort_invalid(context, "invalid Render request", violations)
         kind, value = customer
         time_left = context.time_remaining()
+        job = RenderJob(
+            customer=profile_pb2.Identifier(kind=KIND_TO_PROTO[kind], value=value),
+            content=content,
+            compiled=compiled,
+            variables=struct_to_dict(request.variables),
+            template_version=version,
+        )
         try:
-            rendered = await self._renderer.render(
-                profile_pb2.Identifier(kind=KIND_TO_PROTO[kind], value=value),
-                compiled,
-                struct_to_dict(template.fallback),
-                struct_to_dict(request.variables),
-                self._default_deadline_s if time_left is None else time_left,
+            return await self._renderer.render(
+                job, self._default_deadline_s if time_left is None else time_left
             )
         except TemplateError as exc:  # compiled, but fails on this data
             await abort_invalid(
@@ -60,15 +85,97 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 "the template cannot be rendered",
                 [FieldViolation(f"template.{exc.part}", exc.detail)],
             )
-        return render_pb2.RenderResponse(
-            subject=rendered.subject,
-            html=rendered.html,
-            text=rendered.text,
-            fallback_used=rendered.fallback is not None,
-            fallback_reason=(
-                FALLBACK_REASONS[rendered.fallback]
-                if rendered.fallback
-                else render_pb2.FALLBACK_REASON_UNSPECIFIED
-            ),
-            profile_version=rendered.profile_version,
-        )
+
+    async def RenderBatch(
+        self, request: render_pb2.RenderBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[render_pb2.RenderBatchResponse]:
+        violations: list[FieldViolation] = []
+        if not 1 <= len(request.customers) <= MAX_BATCH:
+            violations.append(FieldViolation("customers", f"must hold 1 to {MAX_BATCH} customers"))
+        found = await self._stored(request.template_name, request.template_version, context, violations)
+        if violations or found is None:
+            await abort_invalid(context, "invalid RenderBatch request", violations)
+        try:
+            compiled = self._renderer.compile(found.content.subject, found.content.html, found.content.text)
+        except InvalidTemplate as exc:  # stored templates are validated; only a changed compiler gets here
+            await abort_invalid(
+                context, "the stored template no longer compiles",
+                [FieldViolation(f"template.{e.part}", e.detail) for e in exc.errors],
+            )  # fmt: skip
+        variables = struct_to_dict(request.variables)
+        results: asyncio.Queue[list[render_pb2.RenderBatchResponse]] = asyncio.Queue()
+        slots = asyncio.Semaphore(BATCH_CONCURRENCY)
+
+        async def render_chunk(start: int) -> None:
+            async with slots:
+                chunk = list(request.customers[start : start + BATCH_CHUNK])
+                results.put_nowait(await self._render_chunk(chunk, start, found, compiled, variables))
+
+        tasks = [
+            asyncio.create_task(render_chunk(start))
+            for start in range(0, len(request.customers), BATCH_CHUNK)
+        ]
+        try:
+            for _ in tasks:
+                for response in await results.get():
+                    yield response
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _render_chunk(
+        self,
+        chunk: list[profile_pb2.Identifier],
+        offset: int,
+        template: render_pb2.StoredTemplate,
+        compiled: Any,
+        variables: dict[str, Any],
+    ) -> list[render_pb2.RenderBatchResponse]:
+        responses: list[render_pb2.RenderBatchResponse] = []
+        valid: list[tuple[int, profile_pb2.Identifier]] = []
+        for i, identifier in enumerate(chunk):
+            key = parse_identifier(identifier, f"customers[{offset + i}]")
+            if isinstance(key, FieldViolation):
+                error = bad_request_status("invalid customer", [key])
+                responses.append(
+                    render_pb2.RenderBatchResponse(customer=identifier, index=offset + i, error=error)
+                )
+            else:
+                valid.append((offset + i, profile_pb2.Identifier(kind=KIND_TO_PROTO[key[0]], value=key[1])))
+        lookups = await self._renderer.lookup_many([c for _, c in valid], BATCH_CHUNK_DEADLINE_S)
+        for (index, customer), lookup in zip(valid, lookups, strict=True):
+            job = RenderJob(customer, template.content, compiled, variables, template.version)
+            try:
+                result = await self._renderer.render(job, BATCH_CHUNK_DEADLINE_S, lookup=lookup)
+            except TemplateError as exc:
+                error = bad_request_status(
+                    "the template cannot be rendered", [FieldViolation(f"template.{exc.part}", exc.detail)]
+                )
+                responses.append(
+                    render_pb2.RenderBatchResponse(customer=chunk[index - offset], index=index, error=error)
+                )
+                continue
+            responses.append(
+                render_pb2.RenderBatchResponse(customer=chunk[index - offset], index=index, result=result)
+            )
+        return responses
+
+    async def _stored(
+        self,
+        name: str,
+        version: int,
+        context: grpc.aio.ServicerContext[Any, Any],
+        violations: list[FieldViolation],
+    ) -> render_pb2.StoredTemplate | None:
+        template_id = name.removeprefix(TEMPLATE_NAME_PREFIX)
+        if not name.startswith(TEMPLATE_NAME_PREFIX) or not template_id:
+            violations.append(FieldViolation("template_name", "must look like templates/abandoned-cart"))
+            return None
+        if self._templates is None:
+            violations.append(FieldViolation("template_name", "stored templates are not configured"))
+            return None
+        found = await self._templates.get_for_render(template_id, version)
+        if found is None:
+            what = f"{name} version {version}" if version else f"a published version of {name}"
+            await abort_with(context, not_found_status(f"no {what}", "TEMPLATE_NOT_FOUND", {"name": name}))
+        return found

@@ -15,12 +15,18 @@ class Settings:
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
     profile_target: str = "127.0.0.1:50052"
+    # Last-known-good profiles are kept here (and in process) for when the profile service
+    # cannot answer in time; empty: in process only.
+    redis_url: str = "redis://127.0.0.1:6379/0"
     # Used when a caller sets no deadline of its own: a render must never wait without bound.
     default_deadline_s: float = 1.0
     # Kept back from the caller's deadline for rendering the fallback after a profile lookup
     # that did not answer in time.
     fallback_reserve_s: float = 0.02
     template_cache_size: int = 1024
+    # Consecutive profile-service failures that open the circuit, and how long it stays open.
+    breaker_failures: int = 5
+    breaker_recovery_s: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -36,11 +42,16 @@ class Settings:
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
             profile_target=env_str(env, "PROFILE_SERVICE_TARGET", defaults.profile_target),
+            redis_url=env.get("RENDER_REDIS_URL", env_str(env, "REDIS_URL", defaults.redis_url)).strip(),
             default_deadline_s=env_float(
                 env, "RENDER_DEFAULT_DEADLINE_SECONDS", defaults.default_deadline_s, minimum=0.001
             ),
             fallback_reserve_s=env_float(env, "RENDER_FALLBACK_RESERVE_SECONDS", defaults.fallback_reserve_s),
             template_cache_size=env_int(
                 env, "RENDER_TEMPLATE_CACHE_SIZE", defaults.template_cache_size, minimum=1
+            ),
+            breaker_failures=env_int(env, "RENDER_BREAKER_FAILURES", defaults.breaker_failures, minimum=1),
+            breaker_recovery_s=env_float(
+                env, "RENDER_BREAKER_RECOVERY_SECONDS", defaults.breaker_recovery_s, minimum=0.1
             ),
         )

@@ -10,12 +10,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.numbers import UnknownCurrencyError, format_currency
 from liquid import BoundTemplate, Environment
+from liquid.context import RenderContext
 from liquid.exceptions import LiquidError
+from liquid.filter import with_context
 
 PARTS = ("subject", "html", "text")
 MONEY_LOCALE = "en_US"
@@ -56,6 +60,9 @@ class CompiledTemplate:
     subject: BoundTemplate
     html: BoundTemplate
     text: BoundTemplate
+    # The top-level names the template reads (e.g. "profile", "recommendations"): a render
+    # fetches only the data the template uses.
+    roots: frozenset[str] = frozenset()
 
 
 def money(value: object, currency: object = None) -> str:
@@ -75,9 +82,24 @@ def money(value: object, currency: object = None) -> str:
         return ""
 
 
+@with_context
+def local_date(value: object, date_format: object = "%Y-%m-%d %H:%M", *, context: RenderContext) -> str:
+    """``{{ profile.cart.update_time | local_date: "%d %b, %H:%M" }}``: a time in the customer's
+    time zone (``profile.last_seen.timezone``; UTC when unknown). Not a time: empty."""
+    if not isinstance(value, datetime):
+        return ""
+    zone_name = context.get(["profile", "last_seen", "timezone"], token=None, default="")
+    try:
+        zone = ZoneInfo(zone_name) if isinstance(zone_name, str) and zone_name else UTC
+    except (ValueError, ZoneInfoNotFoundError):
+        zone = UTC
+    return value.astimezone(zone).strftime(str(date_format))
+
+
 def _environment(*, autoescape: bool) -> Environment:
     environment = Environment(autoescape=autoescape)
     environment.add_filter("money", money)
+    environment.add_filter("local_date", local_date)
     return environment
 
 
@@ -109,7 +131,10 @@ class TemplateCompiler:
                 errors.append(exc)
         if errors:
             raise InvalidTemplate(errors)
-        return CompiledTemplate(subject=parsed["subject"], html=parsed["html"], text=parsed["text"])
+        roots = frozenset(name for template in parsed.values() for name in template.analyze().globals)
+        return CompiledTemplate(
+            subject=parsed["subject"], html=parsed["html"], text=parsed["text"], roots=roots
+        )
 
     @staticmethod
     def _parse(environment: Environment, part: str, source: str) -> BoundTemplate:

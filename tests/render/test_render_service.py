@@ -59,6 +59,7 @@ async def render_stub_for(
     profile_target: str, **settings: Any
 ) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
     """A render service of its own, looking profiles up at ``profile_target``."""
+    settings.setdefault("redis_url", "")  # in-process last-known-good only
     app = create_app(Settings(address="127.0.0.1:0", profile_target=profile_target, **settings))
     await app.start()
     try:

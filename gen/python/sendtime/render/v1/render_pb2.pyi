@@ -3,10 +3,17 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
+from sendtime.ingest.v1 import ingest_pb2 as _ingest_pb2
 from sendtime.profile.v1 import profile_pb2 as _profile_pb2
 import builtins as _builtins
 import sys
@@ -33,6 +40,8 @@ class _FallbackReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Fallba
     """The profile service did not answer in the time left."""
     FALLBACK_REASON_PROFILE_UNAVAILABLE: _FallbackReason.ValueType  # 3
     """The profile service could not be reached or failed."""
+    FALLBACK_REASON_CIRCUIT_OPEN: _FallbackReason.ValueType  # 4
+    """The profile service failed repeatedly; calls to it are paused (circuit open)."""
 
 class FallbackReason(_FallbackReason, metaclass=_FallbackReasonEnumTypeWrapper):
     """Why a render used fallback values instead of a live profile."""
@@ -45,7 +54,103 @@ FALLBACK_REASON_PROFILE_TIMEOUT: FallbackReason.ValueType  # 2
 """The profile service did not answer in the time left."""
 FALLBACK_REASON_PROFILE_UNAVAILABLE: FallbackReason.ValueType  # 3
 """The profile service could not be reached or failed."""
+FALLBACK_REASON_CIRCUIT_OPEN: FallbackReason.ValueType  # 4
+"""The profile service failed repeatedly; calls to it are paused (circuit open)."""
 Global___FallbackReason: _TypeAlias = FallbackReason  # noqa: Y015
+
+class _RenderStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RenderStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RenderStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RENDER_STATUS_UNSPECIFIED: _RenderStatus.ValueType  # 0
+    RENDER_STATUS_RENDERED: _RenderStatus.ValueType  # 1
+    """Rendered: subject, html and text are set."""
+    RENDER_STATUS_SKIPPED: _RenderStatus.ValueType  # 2
+    """Not rendered, on purpose: do not send. skip_reason says why."""
+
+class RenderStatus(_RenderStatus, metaclass=_RenderStatusEnumTypeWrapper):
+    """Whether a message was rendered."""
+
+RENDER_STATUS_UNSPECIFIED: RenderStatus.ValueType  # 0
+RENDER_STATUS_RENDERED: RenderStatus.ValueType  # 1
+"""Rendered: subject, html and text are set."""
+RENDER_STATUS_SKIPPED: RenderStatus.ValueType  # 2
+"""Not rendered, on purpose: do not send. skip_reason says why."""
+Global___RenderStatus: _TypeAlias = RenderStatus  # noqa: Y015
+
+class _SkipReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SkipReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SKIP_REASON_UNSPECIFIED: _SkipReason.ValueType  # 0
+    SKIP_REASON_REQUIRED_DATA_MISSING: _SkipReason.ValueType  # 1
+    """Data the template requires is missing or empty (e.g. an empty cart)."""
+    SKIP_REASON_UNSUBSCRIBED: _SkipReason.ValueType  # 2
+    """The customer unsubscribed from email."""
+    SKIP_REASON_HARD_BOUNCED: _SkipReason.ValueType  # 3
+    """The customer's address bounced hard."""
+    SKIP_REASON_NO_CONSENT: _SkipReason.ValueType  # 4
+    """The customer withdrew consent for the channel."""
+    SKIP_REASON_ERASED: _SkipReason.ValueType  # 5
+    """The customer was erased."""
+    SKIP_REASON_SPAM_REPORTED: _SkipReason.ValueType  # 6
+    """The customer reported a message as spam."""
+
+class SkipReason(_SkipReason, metaclass=_SkipReasonEnumTypeWrapper):
+    """Why a message was skipped."""
+
+SKIP_REASON_UNSPECIFIED: SkipReason.ValueType  # 0
+SKIP_REASON_REQUIRED_DATA_MISSING: SkipReason.ValueType  # 1
+"""Data the template requires is missing or empty (e.g. an empty cart)."""
+SKIP_REASON_UNSUBSCRIBED: SkipReason.ValueType  # 2
+"""The customer unsubscribed from email."""
+SKIP_REASON_HARD_BOUNCED: SkipReason.ValueType  # 3
+"""The customer's address bounced hard."""
+SKIP_REASON_NO_CONSENT: SkipReason.ValueType  # 4
+"""The customer withdrew consent for the channel."""
+SKIP_REASON_ERASED: SkipReason.ValueType  # 5
+"""The customer was erased."""
+SKIP_REASON_SPAM_REPORTED: SkipReason.ValueType  # 6
+"""The customer reported a message as spam."""
+Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
+
+class _ProfileSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProfileSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProfileSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROFILE_SOURCE_UNSPECIFIED: _ProfileSource.ValueType  # 0
+    PROFILE_SOURCE_LIVE: _ProfileSource.ValueType  # 1
+    """Fetched from the profile service for this render."""
+    PROFILE_SOURCE_CACHE: _ProfileSource.ValueType  # 2
+    """A cached profile within the template's max_data_age."""
+    PROFILE_SOURCE_LAST_KNOWN_GOOD: _ProfileSource.ValueType  # 3
+    """The last known good profile, older than wanted, because the live one could
+    not be had in time.
+    """
+    PROFILE_SOURCE_NONE: _ProfileSource.ValueType  # 4
+    """No profile: only the template's fallback values."""
+
+class ProfileSource(_ProfileSource, metaclass=_ProfileSourceEnumTypeWrapper):
+    """Where the profile a render used came from."""
+
+PROFILE_SOURCE_UNSPECIFIED: ProfileSource.ValueType  # 0
+PROFILE_SOURCE_LIVE: ProfileSource.ValueType  # 1
+"""Fetched from the profile service for this render."""
+PROFILE_SOURCE_CACHE: ProfileSource.ValueType  # 2
+"""A cached profile within the template's max_data_age."""
+PROFILE_SOURCE_LAST_KNOWN_GOOD: ProfileSource.ValueType  # 3
+"""The last known good profile, older than wanted, because the live one could
+not be had in time.
+"""
+PROFILE_SOURCE_NONE: ProfileSource.ValueType  # 4
+"""No profile: only the template's fallback values."""
+Global___ProfileSource: _TypeAlias = ProfileSource  # noqa: Y015
 
 @_typing.final
 class Template(_message.Message):
@@ -60,17 +165,37 @@ class Template(_message.Message):
     HTML_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
+    REQUIRED_DATA_FIELD_NUMBER: _builtins.int
+    MAX_DATA_AGE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The subject line; required."""
     html: _builtins.str
     """The HTML body. Output of `{{ }}` is HTML-escaped."""
     text: _builtins.str
     """The plain-text body."""
+    channel: _ingest_pb2.Channel.ValueType
+    """The channel the message goes out on; consent is checked for it. Unspecified
+    means email.
+    """
     @_builtins.property
     def fallback(self) -> _struct_pb2.Struct:
         """Values used where the live profile lacks them, shaped like the render
         context, e.g. {"profile": {"traits": {"first_name": "there"}}}. When no
         profile can be had, they are all the template sees.
+        """
+
+    @_builtins.property
+    def required_data(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Data the message cannot go out without, as paths into the render context,
+        e.g. "profile.cart.items" for an abandoned-cart email. When one is missing
+        or empty, the render is SKIPPED instead of sending an empty message.
+        """
+
+    @_builtins.property
+    def max_data_age(self) -> _duration_pb2.Duration:
+        """How old the profile data may be: within it, a cached profile is used without
+        asking the profile service (a send-time cache TTL). Unset: always live.
         """
 
     def __init__(
@@ -80,14 +205,63 @@ class Template(_message.Message):
         html: _builtins.str = ...,
         text: _builtins.str = ...,
         fallback: _struct_pb2.Struct | None = ...,
+        required_data: _abc.Iterable[_builtins.str] | None = ...,
+        max_data_age: _duration_pb2.Duration | None = ...,
+        channel: _ingest_pb2.Channel.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "max_data_age", b"max_data_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "html", b"html", "subject", b"subject", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "fallback", b"fallback", "html", b"html", "max_data_age", b"max_data_age", "required_data", b"required_data", "subject", b"subject", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Template: _TypeAlias = Template  # noqa: Y015
+
+@_typing.final
+class StoredTemplate(_message.Message):
+    """A stored, versioned template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    PUBLISHED_VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "templates/{template_id}"."""
+    display_name: _builtins.str
+    """A human-readable name, e.g. "Abandoned cart, EU"."""
+    version: _builtins.int
+    """This version (1, 2, ...)."""
+    published_version: _builtins.int
+    """The version sends use; 0 while none is published."""
+    @_builtins.property
+    def content(self) -> Global___Template:
+        """The content of this version."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When this version was created."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        content: Global___Template | None = ...,
+        published_version: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "display_name", b"display_name", "name", b"name", "published_version", b"published_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredTemplate: _TypeAlias = StoredTemplate  # noqa: Y015
 
 @_typing.final
 class RenderRequest(_message.Message):
@@ -98,13 +272,19 @@ class RenderRequest(_message.Message):
     CUSTOMER_FIELD_NUMBER: _builtins.int
     TEMPLATE_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
+    TEMPLATE_NAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    template_name: _builtins.str
+    """A stored template: "templates/{template_id}"."""
+    template_version: _builtins.int
+    """Its version; 0 renders the published version."""
     @_builtins.property
     def customer(self) -> _profile_pb2.Identifier:
         """The customer to render for; required."""
 
     @_builtins.property
     def template(self) -> Global___Template:
-        """The template; required."""
+        """An inline template; set either this or template_name."""
 
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:
@@ -116,10 +296,12 @@ class RenderRequest(_message.Message):
         customer: _profile_pb2.Identifier | None = ...,
         template: Global___Template | None = ...,
         variables: _struct_pb2.Struct | None = ...,
+        template_name: _builtins.str = ...,
+        template_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "template", b"template", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "template", b"template", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "template", b"template", "template_name", b"template_name", "template_version", b"template_version", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -137,6 +319,14 @@ class RenderResponse(_message.Message):
     FALLBACK_USED_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     PROFILE_VERSION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SKIP_REASON_FIELD_NUMBER: _builtins.int
+    SKIP_DETAIL_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    DATA_AGE_FIELD_NUMBER: _builtins.int
+    PROFILE_SOURCE_FIELD_NUMBER: _builtins.int
+    FALLBACKS_USED_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The rendered subject line."""
     html: _builtins.str
@@ -149,6 +339,30 @@ class RenderResponse(_message.Message):
     """Why it fell back; unspecified when it did not."""
     profile_version: _builtins.int
     """The version of the profile rendered; 0 when none was used."""
+    status: Global___RenderStatus.ValueType
+    """Rendered or skipped."""
+    skip_reason: Global___SkipReason.ValueType
+    """Why it was skipped; unspecified when rendered."""
+    skip_detail: _builtins.str
+    """The skip in words, e.g. "profile.cart.items is empty"."""
+    template_version: _builtins.int
+    """The template version rendered; 0 for an inline template."""
+    profile_source: Global___ProfileSource.ValueType
+    """Where the profile came from."""
+    degraded: _builtins.bool
+    """True when the render used anything but the live (or allowed cached)
+    profile: a fallback reason is set, or the data is older than wanted.
+    """
+    @_builtins.property
+    def data_age(self) -> _duration_pb2.Duration:
+        """How old the profile data was (now minus the profile's update time)."""
+
+    @_builtins.property
+    def fallbacks_used(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Render-context paths that came from the template's fallback values instead
+        of the profile, e.g. "profile.traits.first_name".
+        """
+
     def __init__(
         self,
         *,
@@ -158,11 +372,455 @@ class RenderResponse(_message.Message):
         fallback_used: _builtins.bool = ...,
         fallback_reason: Global___FallbackReason.ValueType = ...,
         profile_version: _builtins.int = ...,
+        status: Global___RenderStatus.ValueType = ...,
+        skip_reason: Global___SkipReason.ValueType = ...,
+        skip_detail: _builtins.str = ...,
+        template_version: _builtins.int = ...,
+        data_age: _duration_pb2.Duration | None = ...,
+        profile_source: Global___ProfileSource.ValueType = ...,
+        fallbacks_used: _abc.Iterable[_builtins.str] | None = ...,
+        degraded: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_age", b"data_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_reason", b"fallback_reason", "fallback_used", b"fallback_used", "html", b"html", "profile_version", b"profile_version", "subject", b"subject", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_age", b"data_age", "degraded", b"degraded", "fallback_reason", b"fallback_reason", "fallback_used", b"fallback_used", "fallbacks_used", b"fallbacks_used", "html", b"html", "profile_source", b"profile_source", "profile_version", b"profile_version", "skip_detail", b"skip_detail", "skip_reason", b"skip_reason", "status", b"status", "subject", b"subject", "template_version", b"template_version", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RenderResponse: _TypeAlias = RenderResponse  # noqa: Y015
+
+@_typing.final
+class RenderBatchRequest(_message.Message):
+    """Request for RenderService.RenderBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMERS_FIELD_NUMBER: _builtins.int
+    TEMPLATE_NAME_FIELD_NUMBER: _builtins.int
+    TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    template_name: _builtins.str
+    """A stored template: "templates/{template_id}"; required."""
+    template_version: _builtins.int
+    """Its version; 0 renders the published version."""
+    @_builtins.property
+    def customers(self) -> _containers.RepeatedCompositeFieldContainer[_profile_pb2.Identifier]:
+        """The customers, 1 to 100,000."""
+
+    @_builtins.property
+    def variables(self) -> _struct_pb2.Struct:
+        """Campaign variables, available as `vars`."""
+
+    def __init__(
+        self,
+        *,
+        customers: _abc.Iterable[_profile_pb2.Identifier] | None = ...,
+        template_name: _builtins.str = ...,
+        template_version: _builtins.int = ...,
+        variables: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["variables", b"variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customers", b"customers", "template_name", b"template_name", "template_version", b"template_version", "variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderBatchRequest: _TypeAlias = RenderBatchRequest  # noqa: Y015
+
+@_typing.final
+class RenderBatchResponse(_message.Message):
+    """Response for RenderService.RenderBatch: one customer's result."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in the request."""
+    @_builtins.property
+    def customer(self) -> _profile_pb2.Identifier:
+        """The customer, as in the request."""
+
+    @_builtins.property
+    def result(self) -> Global___RenderResponse:
+        """The render; unset when error is set."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why this customer could not be rendered at all (e.g. an invalid identifier)."""
+
+    def __init__(
+        self,
+        *,
+        customer: _profile_pb2.Identifier | None = ...,
+        index: _builtins.int = ...,
+        result: Global___RenderResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "error", b"error", "index", b"index", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenderBatchResponse: _TypeAlias = RenderBatchResponse  # noqa: Y015
+
+@_typing.final
+class CreateTemplateRequest(_message.Message):
+    """Request for TemplateService.CreateTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
+    template_id: _builtins.str
+    """The id to store it under: 1 to 63 lower-case letters, digits and -; required."""
+    display_name: _builtins.str
+    """A human-readable name."""
+    publish: _builtins.bool
+    """Publish version 1 right away."""
+    @_builtins.property
+    def content(self) -> Global___Template:
+        """The content; validated: syntax errors, unknown filters and unknown variables
+        are reported with their position.
+        """
+
+    def __init__(
+        self,
+        *,
+        template_id: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        content: Global___Template | None = ...,
+        publish: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "display_name", b"display_name", "publish", b"publish", "template_id", b"template_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTemplateRequest: _TypeAlias = CreateTemplateRequest  # noqa: Y015
+
+@_typing.final
+class CreateTemplateResponse(_message.Message):
+    """Response for TemplateService.CreateTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> Global___StoredTemplate:
+        """The stored template, version 1."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___StoredTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTemplateResponse: _TypeAlias = CreateTemplateResponse  # noqa: Y015
+
+@_typing.final
+class UpdateTemplateRequest(_message.Message):
+    """Request for TemplateService.UpdateTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    PUBLISH_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template: "templates/{template_id}"; required."""
+    display_name: _builtins.str
+    """The new display name, when the mask names "display_name"."""
+    publish: _builtins.bool
+    """Publish the new version right away."""
+    @_builtins.property
+    def content(self) -> Global___Template:
+        """The new content (a new version)."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which of content and display_name to change; empty: content."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        content: Global___Template | None = ...,
+        display_name: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        publish: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "display_name", b"display_name", "name", b"name", "publish", b"publish", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTemplateRequest: _TypeAlias = UpdateTemplateRequest  # noqa: Y015
+
+@_typing.final
+class UpdateTemplateResponse(_message.Message):
+    """Response for TemplateService.UpdateTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> Global___StoredTemplate:
+        """The stored template at its new version."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___StoredTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTemplateResponse: _TypeAlias = UpdateTemplateResponse  # noqa: Y015
+
+@_typing.final
+class GetTemplateRequest(_message.Message):
+    """Request for TemplateService.GetTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template: "templates/{template_id}"; required."""
+    version: _builtins.int
+    """The version; 0 for the latest."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateRequest: _TypeAlias = GetTemplateRequest  # noqa: Y015
+
+@_typing.final
+class GetTemplateResponse(_message.Message):
+    """Response for TemplateService.GetTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> Global___StoredTemplate:
+        """The template at that version."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___StoredTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetTemplateResponse: _TypeAlias = GetTemplateResponse  # noqa: Y015
+
+@_typing.final
+class ListTemplatesRequest(_message.Message):
+    """Request for TemplateService.ListTemplates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many; 1 to 1000, default 100."""
+    page_token: _builtins.str
+    """From a previous response."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplatesRequest: _TypeAlias = ListTemplatesRequest  # noqa: Y015
+
+@_typing.final
+class ListTemplatesResponse(_message.Message):
+    """Response for TemplateService.ListTemplates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def templates(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredTemplate]:
+        """Templates at their latest versions, by name."""
+
+    def __init__(
+        self,
+        *,
+        templates: _abc.Iterable[Global___StoredTemplate] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "templates", b"templates"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTemplatesResponse: _TypeAlias = ListTemplatesResponse  # noqa: Y015
+
+@_typing.final
+class PublishTemplateRequest(_message.Message):
+    """Request for TemplateService.PublishTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The template: "templates/{template_id}"; required."""
+    version: _builtins.int
+    """The version to publish; required."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishTemplateRequest: _TypeAlias = PublishTemplateRequest  # noqa: Y015
+
+@_typing.final
+class PublishTemplateResponse(_message.Message):
+    """Response for TemplateService.PublishTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def template(self) -> Global___StoredTemplate:
+        """The template at the published version."""
+
+    def __init__(
+        self,
+        *,
+        template: Global___StoredTemplate | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["template", b"template"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishTemplateResponse: _TypeAlias = PublishTemplateResponse  # noqa: Y015
+
+@_typing.final
+class PreviewTemplateRequest(_message.Message):
+    """Request for TemplateService.PreviewTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    CUSTOMER_FIELD_NUMBER: _builtins.int
+    SAMPLE_DATA_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A stored template to preview: "templates/{template_id}"."""
+    version: _builtins.int
+    """Its version; 0 for the latest (published or not)."""
+    @_builtins.property
+    def content(self) -> Global___Template:
+        """Or unsaved content to preview."""
+
+    @_builtins.property
+    def customer(self) -> _profile_pb2.Identifier:
+        """Preview for this customer's live profile..."""
+
+    @_builtins.property
+    def sample_data(self) -> _struct_pb2.Struct:
+        """...or for sample data, shaped like the render context ({"profile": ...})."""
+
+    @_builtins.property
+    def variables(self) -> _struct_pb2.Struct:
+        """Campaign variables."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        content: Global___Template | None = ...,
+        customer: _profile_pb2.Identifier | None = ...,
+        sample_data: _struct_pb2.Struct | None = ...,
+        variables: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "customer", b"customer", "sample_data", b"sample_data", "variables", b"variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "customer", b"customer", "name", b"name", "sample_data", b"sample_data", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewTemplateRequest: _TypeAlias = PreviewTemplateRequest  # noqa: Y015
+
+@_typing.final
+class PreviewTemplateResponse(_message.Message):
+    """Response for TemplateService.PreviewTemplate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> Global___RenderResponse:
+        """The rendered message; suppression rules are not applied to previews, but
+        required data is reported in skip_reason.
+        """
+
+    def __init__(
+        self,
+        *,
+        result: Global___RenderResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewTemplateResponse: _TypeAlias = PreviewTemplateResponse  # noqa: Y015

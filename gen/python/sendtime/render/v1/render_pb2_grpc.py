@@ -42,6 +42,11 @@ class RenderServiceStub:
                 request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderRequest.SerializeToString,
                 response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderResponse.FromString,
                 _registered_method=True)
+        self.RenderBatch = channel.unary_stream(
+                '/sendtime.render.v1.RenderService/RenderBatch',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderBatchRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RenderServiceServicer:
@@ -51,7 +56,16 @@ class RenderServiceServicer:
     """
 
     def Render(self, request, context):
-        """Render renders an inline Liquid template for one customer.
+        """Render renders a stored template (or an inline one) for one customer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenderBatch(self, request, context):
+        """RenderBatch renders one template for a campaign's customers, streaming a
+        result per customer as it is ready (in no particular order), each with its
+        own status. Profiles are fetched in batches with bounded concurrency.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -64,6 +78,11 @@ def add_RenderServiceServicer_to_server(servicer, server):
                     servicer.Render,
                     request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderRequest.FromString,
                     response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderResponse.SerializeToString,
+            ),
+            'RenderBatch': grpc.unary_stream_rpc_method_handler(
+                    servicer.RenderBatch,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderBatchRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.RenderBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +115,333 @@ class RenderService:
             '/sendtime.render.v1.RenderService/Render',
             sendtime_dot_render_dot_v1_dot_render__pb2.RenderRequest.SerializeToString,
             sendtime_dot_render_dot_v1_dot_render__pb2.RenderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenderBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sendtime.render.v1.RenderService/RenderBatch',
+            sendtime_dot_render_dot_v1_dot_render__pb2.RenderBatchRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.RenderBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class TemplateServiceStub:
+    """TemplateService keeps versioned message templates. Every update makes a new,
+    immutable version; sends use the published version unless they name one.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateTemplate = channel.unary_unary(
+                '/sendtime.render.v1.TemplateService/CreateTemplate',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.CreateTemplateRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.CreateTemplateResponse.FromString,
+                _registered_method=True)
+        self.UpdateTemplate = channel.unary_unary(
+                '/sendtime.render.v1.TemplateService/UpdateTemplate',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.UpdateTemplateRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.UpdateTemplateResponse.FromString,
+                _registered_method=True)
+        self.GetTemplate = channel.unary_unary(
+                '/sendtime.render.v1.TemplateService/GetTemplate',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.GetTemplateRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.GetTemplateResponse.FromString,
+                _registered_method=True)
+        self.ListTemplates = channel.unary_unary(
+                '/sendtime.render.v1.TemplateService/ListTemplates',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.ListTemplatesRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.ListTemplatesResponse.FromString,
+                _registered_method=True)
+        self.PublishTemplate = channel.unary_unary(
+                '/sendtime.render.v1.TemplateService/PublishTemplate',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.PublishTemplateRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.PublishTemplateResponse.FromString,
+                _registered_method=True)
+        self.PreviewTemplate = channel.unary_unary(
+                '/sendtime.render.v1.TemplateService/PreviewTemplate',
+                request_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.PreviewTemplateRequest.SerializeToString,
+                response_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.PreviewTemplateResponse.FromString,
+                _registered_method=True)
+
+
+class TemplateServiceServicer:
+    """TemplateService keeps versioned message templates. Every update makes a new,
+    immutable version; sends use the published version unless they name one.
+    """
+
+    def CreateTemplate(self, request, context):
+        """CreateTemplate stores a new template as version 1 (validated first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTemplate(self, request, context):
+        """UpdateTemplate stores a new version of a template (validated first).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTemplate(self, request, context):
+        """GetTemplate returns a template at its latest version, or at a given one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTemplates(self, request, context):
+        """ListTemplates lists templates at their latest versions (AIP-158 paging).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishTemplate(self, request, context):
+        """PublishTemplate makes a version the one sends use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreviewTemplate(self, request, context):
+        """PreviewTemplate renders a version (or unsaved content) for a customer or for
+        sample data, without the suppression rules.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TemplateServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTemplate,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.CreateTemplateRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.CreateTemplateResponse.SerializeToString,
+            ),
+            'UpdateTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTemplate,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.UpdateTemplateRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.UpdateTemplateResponse.SerializeToString,
+            ),
+            'GetTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTemplate,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.GetTemplateRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.GetTemplateResponse.SerializeToString,
+            ),
+            'ListTemplates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTemplates,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.ListTemplatesRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.ListTemplatesResponse.SerializeToString,
+            ),
+            'PublishTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishTemplate,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.PublishTemplateRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.PublishTemplateResponse.SerializeToString,
+            ),
+            'PreviewTemplate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewTemplate,
+                    request_deserializer=sendtime_dot_render_dot_v1_dot_render__pb2.PreviewTemplateRequest.FromString,
+                    response_serializer=sendtime_dot_render_dot_v1_dot_render__pb2.PreviewTemplateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sendtime.render.v1.TemplateService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sendtime.render.v1.TemplateService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TemplateService:
+    """TemplateService keeps versioned message templates. Every update makes a new,
+    immutable version; sends use the published version unless they name one.
+    """
+
+    @staticmethod
+    def CreateTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.render.v1.TemplateService/CreateTemplate',
+            sendtime_dot_render_dot_v1_dot_render__pb2.CreateTemplateRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.CreateTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.render.v1.TemplateService/UpdateTemplate',
+            sendtime_dot_render_dot_v1_dot_render__pb2.UpdateTemplateRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.UpdateTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.render.v1.TemplateService/GetTemplate',
+            sendtime_dot_render_dot_v1_dot_render__pb2.GetTemplateRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.GetTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTemplates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.render.v1.TemplateService/ListTemplates',
+            sendtime_dot_render_dot_v1_dot_render__pb2.ListTemplatesRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.ListTemplatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.render.v1.TemplateService/PublishTemplate',
+            sendtime_dot_render_dot_v1_dot_render__pb2.PublishTemplateRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.PublishTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewTemplate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.render.v1.TemplateService/PreviewTemplate',
+            sendtime_dot_render_dot_v1_dot_render__pb2.PreviewTemplateRequest.SerializeToString,
+            sendtime_dot_render_dot_v1_dot_render__pb2.PreviewTemplateResponse.FromString,
             options,
             channel_credentials,
             insecure,

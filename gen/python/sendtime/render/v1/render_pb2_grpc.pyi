@@ -37,7 +37,12 @@ class RenderServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RenderServiceAsyncStub: ...
     Render: _grpc.UnaryUnaryMultiCallable[_render_pb2.RenderRequest, _render_pb2.RenderResponse]
-    """Render renders an inline Liquid template for one customer."""
+    """Render renders a stored template (or an inline one) for one customer."""
+    RenderBatch: _grpc.UnaryStreamMultiCallable[_render_pb2.RenderBatchRequest, _render_pb2.RenderBatchResponse]
+    """RenderBatch renders one template for a campaign's customers, streaming a
+    result per customer as it is ready (in no particular order), each with its
+    own status. Profiles are fetched in batches with bounded concurrency.
+    """
 
 @_typing.type_check_only
 class RenderServiceAsyncStub(RenderServiceStub):
@@ -48,7 +53,12 @@ class RenderServiceAsyncStub(RenderServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Render: _aio.UnaryUnaryMultiCallable[_render_pb2.RenderRequest, _render_pb2.RenderResponse]  # type: ignore[assignment]
-    """Render renders an inline Liquid template for one customer."""
+    """Render renders a stored template (or an inline one) for one customer."""
+    RenderBatch: _aio.UnaryStreamMultiCallable[_render_pb2.RenderBatchRequest, _render_pb2.RenderBatchResponse]  # type: ignore[assignment]
+    """RenderBatch renders one template for a campaign's customers, streaming a
+    result per customer as it is ready (in no particular order), each with its
+    own status. Profiles are fetched in batches with bounded concurrency.
+    """
 
 class RenderServiceServicer(metaclass=_abc_1.ABCMeta):
     """RenderService renders personalized messages at send time. It always answers
@@ -62,6 +72,120 @@ class RenderServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _render_pb2.RenderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_render_pb2.RenderResponse, _abc.Awaitable[_render_pb2.RenderResponse]]:
-        """Render renders an inline Liquid template for one customer."""
+        """Render renders a stored template (or an inline one) for one customer."""
+
+    @_abc_1.abstractmethod
+    def RenderBatch(
+        self,
+        request: _render_pb2.RenderBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_render_pb2.RenderBatchResponse], _abc.AsyncIterator[_render_pb2.RenderBatchResponse]]:
+        """RenderBatch renders one template for a campaign's customers, streaming a
+        result per customer as it is ready (in no particular order), each with its
+        own status. Profiles are fetched in batches with bounded concurrency.
+        """
 
 def add_RenderServiceServicer_to_server(servicer: RenderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class TemplateServiceStub:
+    """TemplateService keeps versioned message templates. Every update makes a new,
+    immutable version; sends use the published version unless they name one.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TemplateServiceAsyncStub: ...
+    CreateTemplate: _grpc.UnaryUnaryMultiCallable[_render_pb2.CreateTemplateRequest, _render_pb2.CreateTemplateResponse]
+    """CreateTemplate stores a new template as version 1 (validated first)."""
+    UpdateTemplate: _grpc.UnaryUnaryMultiCallable[_render_pb2.UpdateTemplateRequest, _render_pb2.UpdateTemplateResponse]
+    """UpdateTemplate stores a new version of a template (validated first)."""
+    GetTemplate: _grpc.UnaryUnaryMultiCallable[_render_pb2.GetTemplateRequest, _render_pb2.GetTemplateResponse]
+    """GetTemplate returns a template at its latest version, or at a given one."""
+    ListTemplates: _grpc.UnaryUnaryMultiCallable[_render_pb2.ListTemplatesRequest, _render_pb2.ListTemplatesResponse]
+    """ListTemplates lists templates at their latest versions (AIP-158 paging)."""
+    PublishTemplate: _grpc.UnaryUnaryMultiCallable[_render_pb2.PublishTemplateRequest, _render_pb2.PublishTemplateResponse]
+    """PublishTemplate makes a version the one sends use."""
+    PreviewTemplate: _grpc.UnaryUnaryMultiCallable[_render_pb2.PreviewTemplateRequest, _render_pb2.PreviewTemplateResponse]
+    """PreviewTemplate renders a version (or unsaved content) for a customer or for
+    sample data, without the suppression rules.
+    """
+
+@_typing.type_check_only
+class TemplateServiceAsyncStub(TemplateServiceStub):
+    """TemplateService keeps versioned message templates. Every update makes a new,
+    immutable version; sends use the published version unless they name one.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateTemplate: _aio.UnaryUnaryMultiCallable[_render_pb2.CreateTemplateRequest, _render_pb2.CreateTemplateResponse]  # type: ignore[assignment]
+    """CreateTemplate stores a new template as version 1 (validated first)."""
+    UpdateTemplate: _aio.UnaryUnaryMultiCallable[_render_pb2.UpdateTemplateRequest, _render_pb2.UpdateTemplateResponse]  # type: ignore[assignment]
+    """UpdateTemplate stores a new version of a template (validated first)."""
+    GetTemplate: _aio.UnaryUnaryMultiCallable[_render_pb2.GetTemplateRequest, _render_pb2.GetTemplateResponse]  # type: ignore[assignment]
+    """GetTemplate returns a template at its latest version, or at a given one."""
+    ListTemplates: _aio.UnaryUnaryMultiCallable[_render_pb2.ListTemplatesRequest, _render_pb2.ListTemplatesResponse]  # type: ignore[assignment]
+    """ListTemplates lists templates at their latest versions (AIP-158 paging)."""
+    PublishTemplate: _aio.UnaryUnaryMultiCallable[_render_pb2.PublishTemplateRequest, _render_pb2.PublishTemplateResponse]  # type: ignore[assignment]
+    """PublishTemplate makes a version the one sends use."""
+    PreviewTemplate: _aio.UnaryUnaryMultiCallable[_render_pb2.PreviewTemplateRequest, _render_pb2.PreviewTemplateResponse]  # type: ignore[assignment]
+    """PreviewTemplate renders a version (or unsaved content) for a customer or for
+    sample data, without the suppression rules.
+    """
+
+class TemplateServiceServicer(metaclass=_abc_1.ABCMeta):
+    """TemplateService keeps versioned message templates. Every update makes a new,
+    immutable version; sends use the published version unless they name one.
+    """
+
+    @_abc_1.abstractmethod
+    def CreateTemplate(
+        self,
+        request: _render_pb2.CreateTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_render_pb2.CreateTemplateResponse, _abc.Awaitable[_render_pb2.CreateTemplateResponse]]:
+        """CreateTemplate stores a new template as version 1 (validated first)."""
+
+    @_abc_1.abstractmethod
+    def UpdateTemplate(
+        self,
+        request: _render_pb2.UpdateTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_render_pb2.UpdateTemplateResponse, _abc.Awaitable[_render_pb2.UpdateTemplateResponse]]:
+        """UpdateTemplate stores a new version of a template (validated first)."""
+
+    @_abc_1.abstractmethod
+    def GetTemplate(
+        self,
+        request: _render_pb2.GetTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_render_pb2.GetTemplateResponse, _abc.Awaitable[_render_pb2.GetTemplateResponse]]:
+        """GetTemplate returns a template at its latest version, or at a given one."""
+
+    @_abc_1.abstractmethod
+    def ListTemplates(
+        self,
+        request: _render_pb2.ListTemplatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_render_pb2.ListTemplatesResponse, _abc.Awaitable[_render_pb2.ListTemplatesResponse]]:
+        """ListTemplates lists templates at their latest versions (AIP-158 paging)."""
+
+    @_abc_1.abstractmethod
+    def PublishTemplate(
+        self,
+        request: _render_pb2.PublishTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_render_pb2.PublishTemplateResponse, _abc.Awaitable[_render_pb2.PublishTemplateResponse]]:
+        """PublishTemplate makes a version the one sends use."""
+
+    @_abc_1.abstractmethod
+    def PreviewTemplate(
+        self,
+        request: _render_pb2.PreviewTemplateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_render_pb2.PreviewTemplateResponse, _abc.Awaitable[_render_pb2.PreviewTemplateResponse]]:
+        """PreviewTemplate renders a version (or unsaved content) for a customer or for
+        sample data, without the suppression rules.
+        """
+
+def add_TemplateServiceServicer_to_server(servicer: TemplateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

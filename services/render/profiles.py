@@ -1,0 +1,257 @@
+"""Where render gets a customer's profile, within the time the caller left it.
+
+In order: a cached profile young enough for the template (``max_data_age``); the live profile
+from the profile service (concurrent renders for one customer share one call; a circuit breaker
+stops waiting on a service that keeps failing); when the live one cannot be had in time, the
+last known good profile (kept in process and in Redis, with its age). Never raises for a failed
+lookup: the answer says what it got and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from cachetools import LRUCache
+from circuitbreaker import CircuitBreaker, CircuitBreakerError
+from google.rpc import error_details_pb2
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.errors import status_of
+from sendtime_common.identifier_proto import PROTO_TO_KIND
+
+log = logging.getLogger(__name__)
+
+LKG_KEY_PREFIX = "sendtime:render:lkg:"
+LKG_REDIS_WAIT_S = 0.02  # a last-known-good read must leave time to render
+LKG_REFRESH_AFTER_S = 60.0  # re-write the Redis copy at most this often per customer
+
+
+class Source(enum.Enum):
+    LIVE = "live"
+    CACHE = "cache"
+    LAST_KNOWN_GOOD = "last_known_good"
+    NONE = "none"
+
+
+class Failure(enum.Enum):
+    NOT_FOUND = "not_found"
+    ERASED = "erased"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileLookup:
+    """A profile (or none), where it came from, when it was fetched, and what went wrong."""
+
+    profile: profile_pb2.Profile | None
+    source: Source
+    fetched_at: float = 0.0  # time.time() of the fetch from the profile service
+    failure: Failure | None = None
+
+
+class _Missing(Exception):
+    """NOT_FOUND from the profile service: an answer, not a failure of the service."""
+
+    def __init__(self, erased: bool) -> None:
+        super().__init__("erased" if erased else "not found")
+        self.erased = erased
+
+
+def _is_service_failure(exc_type: type[BaseException], exc: BaseException) -> bool:
+    """What counts against the circuit: the service failing or too slow, not a missing profile."""
+    return issubclass(exc_type, (grpc.aio.AioRpcError, asyncio.TimeoutError))
+
+
+@dataclass(frozen=True, slots=True)
+class FetcherSettings:
+    breaker_failures: int = 5
+    breaker_recovery_s: float = 5.0
+    local_entries: int = 100_000
+    lkg_ttl_s: int = 7 * 24 * 3600
+
+
+class ProfileFetcher:
+    def __init__(
+        self,
+        stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+        redis: Redis | None,
+        settings: FetcherSettings = FetcherSettings(),
+    ) -> None:
+        self._stub = stub
+        self._redis = redis
+        self._settings = settings
+        self._local: LRUCache[str, tuple[float, profile_pb2.Profile]] = LRUCache(settings.local_entries)
+        self._in_flight: dict[str, asyncio.Future[tuple[float, profile_pb2.Profile]]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.breaker = CircuitBreaker(
+            failure_threshold=settings.breaker_failures,
+            recovery_timeout=settings.breaker_recovery_s,
+            expected_exception=_is_service_failure,
+            name=f"profile-service-{id(self)}",
+        )
+        self._call_live = self.breaker(self._get_live)
+        self._call_batch = self.breaker(self._get_batch)
+
+    async def get(
+        self, identifier: profile_pb2.Identifier, *, time_left_s: float, max_age: timedelta | None
+    ) -> ProfileLookup:
+        key = _key(identifier)
+        cached = self._local.get(key)
+        if cached is not None and max_age is not None and time.time() - cached[0] <= max_age.total_seconds():
+            return ProfileLookup(cached[1], Source.CACHE, cached[0])
+        try:
+            fetched_at, profile = await self._shared_live(key, identifier, time_left_s)
+        except _Missing as missing:
+            self._local.pop(key, None)
+            return ProfileLookup(
+                None, Source.NONE, failure=Failure.ERASED if missing.erased else Failure.NOT_FOUND
+            )
+        except CircuitBreakerError:
+            return await self._last_known_good(key, Failure.CIRCUIT_OPEN)
+        except TimeoutError:
+            return await self._last_known_good(key, Failure.TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            failure = (
+                Failure.TIMEOUT if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else Failure.UNAVAILABLE
+            )
+            log.warning("profile lookup failed", extra={"grpc_code": exc.code().name})
+            return await self._last_known_good(key, failure)
+        return ProfileLookup(profile, Source.LIVE, fetched_at)
+
+    async def get_many(
+        self, identifiers: list[profile_pb2.Identifier], *, time_left_s: float
+    ) -> list[ProfileLookup]:
+        """Live profiles for a batch in one BatchGetProfiles call (a campaign's customers); on
+        failure, each falls back to its last known good profile."""
+        try:
+            if time_left_s <= 0:
+                raise TimeoutError()
+            response = await self._call_batch(identifiers, time_left_s)
+        except CircuitBreakerError:
+            return [await self._last_known_good(_key(i), Failure.CIRCUIT_OPEN) for i in identifiers]
+        except (TimeoutError, grpc.aio.AioRpcError) as exc:
+            timed_out = isinstance(exc, asyncio.TimeoutError) or (
+                isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+            failure = Failure.TIMEOUT if timed_out else Failure.UNAVAILABLE
+            return [await self._last_known_good(_key(i), failure) for i in identifiers]
+        fetched_at = time.time()
+        lookups = []
+        for identifier, result in zip(identifiers, response.results, strict=True):
+            if result.found:
+                self._remember(_key(identifier), fetched_at, result.profile)
+                lookups.append(ProfileLookup(result.profile, Source.LIVE, fetched_at))
+            else:
+                failure = Failure.ERASED if result.erased else Failure.NOT_FOUND
+                lookups.append(ProfileLookup(None, Source.NONE, failure=failure))
+        return lookups
+
+    async def _get_batch(
+        self, identifiers: list[profile_pb2.Identifier], timeout_s: float
+    ) -> profile_pb2.BatchGetProfilesResponse:
+        response: profile_pb2.BatchGetProfilesResponse = await self._stub.BatchGetProfiles(
+            profile_pb2.BatchGetProfilesRequest(identifiers=identifiers), timeout=timeout_s
+        )
+        return response
+
+    async def _shared_live(
+        self, key: str, identifier: profile_pb2.Identifier, time_left_s: float
+    ) -> tuple[float, profile_pb2.Profile]:
+        """One call to the profile service per identifier at a time; the others wait for it (but
+        never longer than their own time)."""
+        if time_left_s <= 0:
+            raise TimeoutError()
+        pending = self._in_flight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._call_live(identifier, time_left_s))
+            self._in_flight[key] = pending
+            pending.add_done_callback(lambda _: self._in_flight.pop(key, None))
+            pending.add_done_callback(_retrieve)
+        return await asyncio.wait_for(asyncio.shield(pending), time_left_s)
+
+    async def _get_live(
+        self, identifier: profile_pb2.Identifier, timeout_s: float
+    ) -> tuple[float, profile_pb2.Profile]:
+        try:
+            response = await self._stub.GetProfile(
+                profile_pb2.GetProfileRequest(identifier=identifier), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise _Missing(erased=_reason(exc) == "PROFILE_ERASED") from None
+            raise
+        fetched_at = time.time()
+        self._remember(_key(identifier), fetched_at, response.profile)
+        return fetched_at, response.profile
+
+    def _remember(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
+        previous = self._local.get(key)
+        self._local[key] = (fetched_at, profile)
+        if self._redis is not None and (previous is None or fetched_at - previous[0] > LKG_REFRESH_AFTER_S):
+            task = asyncio.create_task(self._store_lkg(key, fetched_at, profile))  # off the hot path
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _store_lkg(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
+        assert self._redis is not None
+        try:
+            await self._redis.set(
+                LKG_KEY_PREFIX + key, b"%d:" % int(fetched_at * 1000) + profile.SerializeToString(),
+                ex=self._settings.lkg_ttl_s,
+            )  # fmt: skip
+        except RedisError as exc:
+            log.warning("could not store last known good profile", extra={"error": str(exc)})
+
+    async def _last_known_good(self, key: str, failure: Failure) -> ProfileLookup:
+        cached = self._local.get(key)
+        if cached is not None:
+            return ProfileLookup(cached[1], Source.LAST_KNOWN_GOOD, cached[0], failure)
+        if self._redis is not None:
+            try:
+                entry = await asyncio.wait_for(self._redis.get(LKG_KEY_PREFIX + key), LKG_REDIS_WAIT_S)
+            except (TimeoutError, RedisError):
+                entry = None
+            if entry:
+                raw = entry.encode() if isinstance(entry, str) else entry
+                millis, _, body = raw.partition(b":")
+                fetched_at = int(millis) / 1000
+                profile = profile_pb2.Profile.FromString(body)
+                self._local[key] = (fetched_at, profile)
+                return ProfileLookup(profile, Source.LAST_KNOWN_GOOD, fetched_at, failure)
+        return ProfileLookup(None, Source.NONE, failure=failure)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            await task
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def _key(identifier: profile_pb2.Identifier) -> str:
+    return f"{PROTO_TO_KIND[identifier.kind].value}:{identifier.value}"
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    status = status_of(exc)
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason
+    return ""
+
+
+def _retrieve(future: asyncio.Future[tuple[float, profile_pb2.Profile]]) -> None:
+    """A shared lookup whose waiters all gave up must not log 'exception never retrieved'."""
+    if not future.cancelled():
+        future.exception()

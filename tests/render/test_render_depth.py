@@ -1,0 +1,304 @@
+"""Render at depth: skipped sends, last-known-good profiles (in process and in Redis), the
+circuit breaker, max data age and shared lookups, batches, and renders in time with the profile
+service gone. The profile service is the real one where its data matters; a scripted server
+speaking its contract stands in where a failure has to be made on cue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, struct_pb2
+
+import devstack
+from render.server import create_app
+from render.settings import Settings
+from sendtime.ingest.v1 import ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from tests.conftest import user, wait_for_profile
+from tests.factories import cart_item_added, event, identify
+from tests.profile_service.test_profile_service import send
+
+RENDERED, SKIPPED = render_pb2.RENDER_STATUS_RENDERED, render_pb2.RENDER_STATUS_SKIPPED
+
+CART_EMAIL = render_pb2.Template(
+    subject="{{ profile.traits.first_name }}, {{ profile.cart.items.size }} items wait for you",
+    html="{% for i in profile.cart.items %}<p>{{ i.name }}</p>{% endfor %}",
+    required_data=["profile.cart.items"],
+)
+
+
+def template(base: render_pb2.Template = CART_EMAIL, **changes: Any) -> render_pb2.Template:
+    built = render_pb2.Template()
+    built.CopyFrom(base)
+    for name, value in changes.items():
+        if name == "fallback":
+            built.fallback.update(value)
+        elif name == "max_data_age":
+            built.max_data_age.CopyFrom(duration_pb2.Duration(seconds=value))
+        elif name == "required_data":
+            built.ClearField("required_data")
+            built.required_data.extend(value)
+        else:
+            setattr(built, name, value)
+    return built
+
+
+@asynccontextmanager
+async def render_service(
+    profile_target: str, **settings: Any
+) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
+    settings.setdefault("redis_url", "")
+    app = create_app(Settings(address="127.0.0.1:0", profile_target=profile_target, **settings))
+    await app.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            yield render_pb2_grpc.RenderServiceStub(channel)
+    finally:
+        await app.stop(grace_s=1)
+
+
+class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
+    """Speaks ProfileService; answers as told (a profile, UNAVAILABLE, or late) and counts calls."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.delay_s = 0.0
+        self.calls = 0
+
+    def profile(self) -> profile_pb2.Profile:
+        profile = profile_pb2.Profile(customer_id="c-1", version=7)
+        profile.traits.update({"first_name": "Ada"})
+        profile.cart.items.add(sku="s1", name="Trail runner", quantity=1)
+        profile.update_time.GetCurrentTime()
+        return profile
+
+    async def GetProfile(
+        self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.GetProfileResponse:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.mode == "fail":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        return profile_pb2.GetProfileResponse(profile=self.profile())
+
+    async def BatchGetProfiles(
+        self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.BatchGetProfilesResponse:
+        self.calls += 1
+        return profile_pb2.BatchGetProfilesResponse(
+            results=[
+                profile_pb2.ProfileResult(identifier=i, profile=self.profile(), found=True)
+                for i in request.identifiers
+            ]
+        )
+
+    async def ListProfileEvents(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def ExportProfile(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def DeleteProfile(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[ScriptedProfileService, str]]:
+    service = ScriptedProfileService()
+    server = grpc.aio.server()
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield service, f"127.0.0.1:{port}"
+    await server.stop(grace=0)
+
+
+def request(customer: profile_pb2.Identifier, content: render_pb2.Template) -> render_pb2.RenderRequest:
+    return render_pb2.RenderRequest(customer=customer, template=content)
+
+
+async def test_a_send_without_its_required_data_is_skipped(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(first_name="Ada")))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "first_name" in p.traits)
+    empty = await render_stub.Render(request(user(f"u-{unique}"), CART_EMAIL))
+    assert (empty.status, empty.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_REQUIRED_DATA_MISSING)
+    assert empty.skip_detail == "profile.cart.items is missing or empty" and empty.html == ""
+
+    await send(
+        ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1", name="Trail runner"))
+    )
+    profile = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    full = await render_stub.Render(request(user(f"u-{unique}"), CART_EMAIL))
+    assert (full.status, full.subject, full.html) == (
+        RENDERED,
+        "Ada, 1 items wait for you",
+        "<p>Trail runner</p>",
+    )
+    assert (full.profile_source, full.profile_version) == (render_pb2.PROFILE_SOURCE_LIVE, profile.version)
+    assert not full.degraded and full.data_age.ToTimedelta() < timedelta(minutes=1)
+
+
+async def test_an_erased_customer_is_skipped(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    await profile_stub.DeleteProfile(profile_pb2.DeleteProfileRequest(identifier=user(f"u-{unique}")))
+    response = await render_stub.Render(request(user(f"u-{unique}"), CART_EMAIL))
+    assert (response.status, response.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_ERASED)
+
+
+async def test_fallback_values_are_reported_by_path(
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub, unique: str
+) -> None:
+    content = template(
+        CART_EMAIL,
+        required_data=[],
+        subject="Hi {{ profile.traits.first_name }} from {{ profile.traits.city }}",
+        fallback={"profile": {"traits": {"first_name": "there", "city": "home"}}},
+    )
+    response = await render_stub.Render(request(user(f"nobody-{unique}"), content))
+    assert response.subject == "Hi there from home"
+    assert sorted(response.fallbacks_used) == ["profile.traits.city", "profile.traits.first_name"]
+    assert (response.fallback_reason, response.profile_source) == (
+        render_pb2.FALLBACK_REASON_PROFILE_NOT_FOUND,
+        render_pb2.PROFILE_SOURCE_NONE,
+    )
+
+
+async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
+    scripted: tuple[ScriptedProfileService, str], redis_url: str
+) -> None:
+    service, target = scripted
+    async with render_service(target, redis_url=redis_url) as stub:
+        live = await stub.Render(request(user("u-lkg"), CART_EMAIL))
+        assert live.profile_source == render_pb2.PROFILE_SOURCE_LIVE
+        await asyncio.sleep(0.05)  # the Redis copy is written off the hot path
+        service.mode = "fail"
+        stale = await stub.Render(request(user("u-lkg"), CART_EMAIL))
+    assert stale.status == RENDERED and stale.subject == live.subject
+    assert (stale.profile_source, stale.fallback_reason) == (
+        render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD,
+        render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE,
+    )
+    assert stale.degraded and stale.fallback_used and stale.profile_version == 7
+
+    # A fresh process has nothing in memory: the copy in Redis stands in, with its age.
+    async with render_service(target, redis_url=redis_url) as stub:
+        from_redis = await stub.Render(request(user("u-lkg"), CART_EMAIL))
+    assert (from_redis.profile_source, from_redis.subject) == (
+        render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD,
+        live.subject,
+    )
+
+
+async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recovery(
+    scripted: tuple[ScriptedProfileService, str],
+) -> None:
+    service, target = scripted
+    service.mode = "fail"
+    async with render_service(target, breaker_failures=3, breaker_recovery_s=0.5) as stub:
+        for _ in range(3):
+            failed = await stub.Render(request(user("u-cb"), CART_EMAIL))
+            assert failed.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE
+        calls = service.calls
+        opened = await stub.Render(request(user("u-cb"), CART_EMAIL))
+        assert opened.fallback_reason == render_pb2.FALLBACK_REASON_CIRCUIT_OPEN
+        assert service.calls == calls  # not even asked
+        service.mode = "ok"
+        await asyncio.sleep(0.6)
+        recovered = await stub.Render(request(user("u-cb"), CART_EMAIL))
+        assert recovered.profile_source == render_pb2.PROFILE_SOURCE_LIVE
+        assert (
+            await stub.Render(request(user("u-cb"), CART_EMAIL))
+        ).profile_source == render_pb2.PROFILE_SOURCE_LIVE
+
+
+async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup(
+    scripted: tuple[ScriptedProfileService, str],
+) -> None:
+    service, target = scripted
+    service.delay_s = 0.1
+    cached_ok = template(max_data_age=60)
+    async with render_service(target) as stub:
+        burst = await asyncio.gather(*(stub.Render(request(user("u-age"), CART_EMAIL)) for _ in range(20)))
+        assert service.calls == 1  # concurrent renders for one customer share the lookup
+        assert {r.profile_source for r in burst} == {render_pb2.PROFILE_SOURCE_LIVE}
+        again = await stub.Render(request(user("u-age"), cached_ok))
+        assert (again.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_CACHE, 1)
+        live = await stub.Render(request(user("u-age"), CART_EMAIL))  # no max age: always live
+        assert (live.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_LIVE, 2)
+
+
+async def test_with_the_profile_service_stopped_every_render_answers_within_150_ms() -> None:
+    async with render_service(f"127.0.0.1:{devstack.free_port()}") as stub:
+        content = template(
+            CART_EMAIL, required_data=[], fallback={"profile": {"traits": {"first_name": "there"}}}
+        )
+        # DEADLINE_EXCEEDED would fail the call: each answer arrives within its 150 ms.
+        results = await asyncio.gather(
+            *(stub.Render(request(user(f"u-{i}"), content), timeout=0.15) for i in range(50))
+        )
+    assert all(r.status == RENDERED and r.subject.startswith("there,") for r in results)
+    assert {r.fallback_reason for r in results} <= {
+        render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE,
+        render_pb2.FALLBACK_REASON_CIRCUIT_OPEN,
+    }
+
+
+class StoredTemplates:
+    """Templates as the template store hands them to render (its interface)."""
+
+    def __init__(self, *templates: render_pb2.StoredTemplate) -> None:
+        self.templates = {t.name.removeprefix("templates/"): t for t in templates}
+
+    async def get_for_render(self, template_id: str, version: int) -> render_pb2.StoredTemplate | None:
+        return self.templates.get(template_id)
+
+
+async def test_a_batch_streams_one_result_per_customer(scripted: tuple[ScriptedProfileService, str]) -> None:
+    service, target = scripted
+    stored = render_pb2.StoredTemplate(name="templates/cart", version=3, content=CART_EMAIL)
+    app = create_app(
+        Settings(address="127.0.0.1:0", profile_target=target, redis_url=""),
+        templates=StoredTemplates(stored),
+    )
+    await app.start()
+    customers = [user(f"u-{i}") for i in range(1200)] + [
+        profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_EMAIL, value="bad")
+    ]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = render_pb2_grpc.RenderServiceStub(channel)
+            variables = struct_pb2.Struct()
+            results = [
+                r
+                async for r in stub.RenderBatch(
+                    render_pb2.RenderBatchRequest(
+                        customers=customers, template_name="templates/cart", variables=variables
+                    )
+                )
+            ]
+    finally:
+        await app.stop(grace_s=1)
+    assert sorted(r.index for r in results) == list(range(len(customers)))
+    rendered = [r for r in results if r.HasField("result")]
+    assert len(rendered) == 1200 and all(r.result.template_version == 3 for r in rendered)
+    assert service.calls == 3  # 500 customers per profile lookup
+    (bad,) = [r for r in results if r.HasField("error")]
+    assert bad.index == 1200 and bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
