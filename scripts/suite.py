@@ -294,13 +294,13 @@ async def _wait_for_cart(
     while time.monotonic() < deadline:
         try:
             response = await stub.GetProfile(profile_pb2.GetProfileRequest(identifier=identifier), timeout=1)
-            if response.profile.cart.items:
+            if response.profile.cart.items and "first_name" in response.profile.traits:  # all three merged
                 return response.profile
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise SuiteError(f"GetProfile failed: {exc.code().name} {exc.details()}") from None
         await asyncio.sleep(0.005)
-    raise SuiteError(f"the cart did not show in the profile within {timeout_s}s")
+    raise SuiteError(f"the events did not all show in the profile within {timeout_s}s")
 
 
 def grpcurl_examples(env: Mapping[str, str], user_id: str) -> str:
