@@ -7,13 +7,20 @@ this run and dropped afterwards. Spans go to an in-memory exporter so tests can 
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+# Tests fork (pg_ctl as the postgres user) while gRPC threads run in this process; gRPC's fork
+# handlers then fail in the child. The test process never uses gRPC in a forked child.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import asyncio  # noqa: E402 - after the environment above, as grpc reads it on import
 import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -159,15 +166,61 @@ async def profile_stub(profile_app: ProfileApp) -> AsyncIterator[profile_pb2_grp
 
 
 @pytest.fixture(scope="session")
-async def render_app(profile_app: ProfileApp, redis_url: str) -> AsyncIterator[RenderApp]:
-    app = create_render_app(
-        RenderSettings(
-            address="127.0.0.1:0", profile_target=f"127.0.0.1:{profile_app.grpc.port}", redis_url=redis_url
-        )
+async def render_app(
+    profile_app: ProfileApp, redis_url: str, database_url: str, nats_url: str
+) -> AsyncIterator[RenderApp]:
+    app = await create_render_app(
+        render_settings(f"127.0.0.1:{profile_app.grpc.port}", database_url, nats_url, redis_url=redis_url)
     )
     await app.start()
     yield app
     await app.stop(grace_s=1)
+
+
+def render_settings(
+    profile_target: str, database_url: str, nats_url: str, **overrides: Any
+) -> RenderSettings:
+    """Render settings for tests: its own port, the test run's database and NATS."""
+    return RenderSettings(
+        **{
+            "address": "127.0.0.1:0",
+            "profile_target": profile_target,
+            "database_url": database_url,
+            "event_log": JetStreamSettings(url=nats_url),
+            **overrides,
+        }
+    )
+
+
+# A string: the async stub types exist for type checkers only.
+RenderServiceFactory = Callable[..., "AbstractAsyncContextManager[render_pb2_grpc.RenderServiceAsyncStub]"]
+
+
+@pytest.fixture
+def render_service(database_url: str, nats_url: str) -> RenderServiceFactory:
+    """Start a render service of the test's own (``async with render_service(target, **settings)``),
+    looking profiles up at ``target``; Redis off unless ``redis_url`` is given."""
+
+    @asynccontextmanager
+    async def start(
+        profile_target: str, **overrides: Any
+    ) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
+        overrides.setdefault("redis_url", "")
+        app = await create_render_app(render_settings(profile_target, database_url, nats_url, **overrides))
+        await app.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+                yield render_pb2_grpc.RenderServiceStub(channel)
+        finally:
+            await app.stop(grace_s=1)
+
+    return start
+
+
+@pytest.fixture(scope="session")
+async def template_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.TemplateServiceAsyncStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{render_app.grpc.port}") as channel:
+        yield render_pb2_grpc.TemplateServiceStub(channel)
 
 
 @pytest.fixture(scope="session")

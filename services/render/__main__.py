@@ -16,8 +16,10 @@ async def main() -> None:
     settings = Settings.from_env(os.environ)
     configure_logging("render", settings.log_level)
     configure_tracing("render", settings.otlp_endpoint or None)
-    app = create_app(settings)
-    await run_until_signalled(app.grpc, grace_s=settings.shutdown_grace_s, on_stop=app.close)
+    app = await create_app(settings)
+    await run_until_signalled(
+        app.grpc, grace_s=settings.shutdown_grace_s, on_start=app.start_catalog, on_stop=app.close
+    )
 
 
 if __name__ == "__main__":

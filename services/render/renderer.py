@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from google.protobuf import duration_pb2
 from opentelemetry import trace
 
-from render.context import fallback_paths_used, message_to_context, render_context, struct_to_dict
+from render.context import deep_merge, fallback_paths_used, message_to_context, render_context, struct_to_dict
 from render.profiles import Failure, ProfileFetcher, ProfileLookup, Source
 from render.suppression import Skip, missing_required, suppression
 from render.templates import CompiledTemplate, TemplateCompiler, render_part
@@ -115,10 +115,33 @@ class Renderer:
         recommendations, recommendations_failed = await self._recommendations(job, lookup, time_left_s)
         return self._render(job, lookup, recommendations, recommendations_failed)
 
+    async def preview(
+        self,
+        content: render_pb2.Template,
+        customer: profile_pb2.Identifier | None,
+        sample_data: dict[str, Any] | None,
+        variables: dict[str, Any],
+        template_version: int,
+        time_left_s: float,
+    ) -> render_pb2.RenderResponse:
+        """A preview (TemplateService): like a send, for a customer or for sample data, but
+        without the suppression rules.
+
+        Raises:
+            render.templates.InvalidTemplate, render.templates.TemplateError: the template fails.
+        """
+        compiled = self.compile(content.subject, content.html, content.text)
+        job = RenderJob(
+            customer or profile_pb2.Identifier(), content, compiled, variables, template_version, False
+        )
+        if customer is None:
+            return await self.render_sample(job, sample_data or {})
+        return await self.render(job, time_left_s)
+
     async def render_sample(self, job: RenderJob, sample: Mapping[str, Any]) -> render_pb2.RenderResponse:
         """Render ``job`` with sample data (a preview): ``sample`` is shaped like the context."""
         fallback = struct_to_dict(job.content.fallback)
-        context = render_context(fallback, None, job.variables) | dict(sample)
+        context = deep_merge(render_context(fallback, None, job.variables), sample)  # as sends merge
         return self._finish(job, context, ProfileLookup(None, Source.NONE), [], False)
 
     async def _recommendations(

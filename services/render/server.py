@@ -1,25 +1,41 @@
-"""Wiring of the render service: the profile client channel and fetcher, the renderer and the
-gRPC server."""
+"""Wiring of the render service: PostgreSQL (migrated: templates, catalog), the profile client,
+the catalog consumer on the event log, the renderer, and the gRPC server (RenderService and
+TemplateService)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
+import asyncpg
 import grpc
 import redis.asyncio as redis
 from grpc.aio import Channel
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+from render.catalog import CatalogConsumer, CatalogStore
 from render.profiles import FetcherSettings, ProfileFetcher
+from render.recommendations import Recommender
 from render.renderer import Renderer
-from render.servicer import RenderServicer, TemplateSource
+from render.servicer import RenderServicer
 from render.settings import Settings
+from render.template_servicer import TemplateServicer
+from render.template_store import TemplateStore
 from render.templates import TemplateCompiler
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.migrate import migrate
 
-SERVICE_NAME = render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SERVICE_NAMES = [
+    render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name,
+    render_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
+]
 
 
 @dataclass(slots=True)
@@ -27,23 +43,55 @@ class RenderApp:
     grpc: GrpcServer
     profile_channel: Channel  # (not grpc.aio.Channel: the field above shadows the module)
     profiles: ProfileFetcher
+    pool: asyncpg.Pool
+    event_log: EventLog
+    catalog: CatalogConsumer
+    _catalog_task: asyncio.Task[None] | None = field(default=None)
 
     async def start(self) -> None:
         await self.grpc.start()
+        await self.start_catalog()
+
+    async def start_catalog(self) -> None:
+        self._catalog_task = asyncio.create_task(self.catalog.run(), name="catalog")
 
     async def close(self) -> None:
+        """After the gRPC server has drained: finish the catalog batch under way, close clients."""
+        self.catalog.stop()
+        if self._catalog_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._catalog_task
+        await self.event_log.close()
         await self.profiles.close()
         await self.profile_channel.close(grace=None)
+        await self.pool.close()
 
     async def stop(self, grace_s: float) -> None:
-        """Drain calls, then close the channel their profile lookups use."""
+        """Drain calls, then close what they use."""
         await self.grpc.stop(grace_s)
         await self.close()
 
 
-def create_app(settings: Settings, templates: TemplateSource | None = None) -> RenderApp:
-    """Build the server, not yet started. The profile channel and Redis connect lazily: render
-    serves (with fallbacks) even while the profile service or Redis is down."""
+async def create_app(settings: Settings) -> RenderApp:
+    """Connect to PostgreSQL (applying migrations) and NATS; build the server, not yet started.
+    The profile channel and Redis connect lazily: render serves (with fallbacks) even while the
+    profile service or Redis is down.
+
+    Raises:
+        OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
+        sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
+    """
+    pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
+    assert pool is not None
+    await migrate(pool, MIGRATIONS_DIR, table="render_schema_migrations")
+    event_log = await JetStreamEventLog.connect(settings.event_log)
+    catalog = CatalogConsumer(
+        await event_log.subscribe(settings.catalog_consumer_name),
+        CatalogStore(pool),
+        batch_size=settings.catalog_batch_size,
+        concurrency=settings.catalog_concurrency,
+        processed_retention=timedelta(seconds=settings.event_log.max_age_s) + timedelta(days=1),
+    )
     channel = grpc.aio.insecure_channel(
         settings.profile_target,
         interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]  # traces the lookups
@@ -55,15 +103,29 @@ def create_app(settings: Settings, templates: TemplateSource | None = None) -> R
             breaker_failures=settings.breaker_failures, breaker_recovery_s=settings.breaker_recovery_s
         ),
     )
+    compiler = TemplateCompiler(settings.template_cache_size)
     renderer = Renderer(
-        TemplateCompiler(settings.template_cache_size),
+        compiler,
         profiles,
+        Recommender(pool, limit_default=settings.recommendation_limit),
         fallback_reserve_s=settings.fallback_reserve_s,
+        recommendation_limit=settings.recommendation_limit,
     )
-    servicer = RenderServicer(renderer, templates, default_deadline_s=settings.default_deadline_s)
-    server = GrpcServer(
-        settings.address,
-        [SERVICE_NAME],
-        lambda s: render_pb2_grpc.add_RenderServiceServicer_to_server(servicer, s),
+    store = TemplateStore(pool, cache_size=settings.template_cache_size)
+    render_servicer = RenderServicer(renderer, store, default_deadline_s=settings.default_deadline_s)
+    template_servicer = TemplateServicer(
+        store, compiler, renderer, default_deadline_s=settings.default_deadline_s
     )
-    return RenderApp(grpc=server, profile_channel=channel, profiles=profiles)
+
+    def register(server: grpc.aio.Server) -> None:
+        render_pb2_grpc.add_RenderServiceServicer_to_server(render_servicer, server)
+        render_pb2_grpc.add_TemplateServiceServicer_to_server(template_servicer, server)
+
+    return RenderApp(
+        grpc=GrpcServer(settings.address, SERVICE_NAMES, register),
+        profile_channel=channel,
+        profiles=profiles,
+        pool=pool,
+        event_log=event_log,
+        catalog=catalog,
+    )

@@ -11,6 +11,7 @@ import grpc
 
 from render.context import struct_to_dict
 from render.renderer import Renderer, RenderJob
+from render.template_store import StoreError
 from render.templates import InvalidTemplate, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
@@ -20,6 +21,7 @@ from sendtime_common.errors import (
     abort_with,
     bad_request_status,
     not_found_status,
+    retry_status,
 )
 from sendtime_common.identifier_proto import KIND_TO_PROTO, parse_identifier
 
@@ -174,7 +176,18 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         if self._templates is None:
             violations.append(FieldViolation("template_name", "stored templates are not configured"))
             return None
-        found = await self._templates.get_for_render(template_id, version)
+        try:
+            found = await self._templates.get_for_render(template_id, version)
+        except StoreError:
+            await abort_with(
+                context,
+                retry_status(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the template store is unavailable",
+                    "TEMPLATES_UNAVAILABLE",
+                    1.0,
+                ),
+            )
         if found is None:
             what = f"{name} version {version}" if version else f"a published version of {name}"
             await abort_with(context, not_found_status(f"no {what}", "TEMPLATE_NOT_FOUND", {"name": name}))

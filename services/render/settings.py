@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.event_log import JetStreamSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,15 @@ class Settings:
     # Consecutive profile-service failures that open the circuit, and how long it stays open.
     breaker_failures: int = 5
     breaker_recovery_s: float = 5.0
+    # Templates and the recommendation catalog.
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
+    database_pool_size: int = 10
+    # The catalog is kept from product and order events on the event log.
+    catalog_consumer_name: str = "render-catalog"
+    catalog_batch_size: int = 256
+    catalog_concurrency: int = 4
+    recommendation_limit: int = 8
+    event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -54,4 +64,19 @@ class Settings:
             breaker_recovery_s=env_float(
                 env, "RENDER_BREAKER_RECOVERY_SECONDS", defaults.breaker_recovery_s, minimum=0.1
             ),
+            database_url=env_str(env, "DATABASE_URL", defaults.database_url),
+            database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
+            catalog_consumer_name=env_str(
+                env, "RENDER_CATALOG_CONSUMER_NAME", defaults.catalog_consumer_name
+            ),
+            catalog_batch_size=env_int(
+                env, "RENDER_CATALOG_BATCH_SIZE", defaults.catalog_batch_size, minimum=1
+            ),
+            catalog_concurrency=env_int(
+                env, "RENDER_CATALOG_CONCURRENCY", defaults.catalog_concurrency, minimum=1
+            ),
+            recommendation_limit=env_int(
+                env, "RENDER_RECOMMENDATION_LIMIT", defaults.recommendation_limit, minimum=1
+            ),
+            event_log=JetStreamSettings.from_env(env),
         )

@@ -96,15 +96,15 @@ def grpcurl_json(*args: str, data: dict[str, Any] | None = None) -> dict[str, An
 
 
 def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[str, str]) -> None:
-    for variable, service in [
-        ("INGEST_ADDRESS", "sendtime.ingest.v1.IngestService"),
-        ("PROFILE_ADDRESS", "sendtime.profile.v1.ProfileService"),
-        ("RENDER_ADDRESS", "sendtime.render.v1.RenderService"),
+    for variable, services in [
+        ("INGEST_ADDRESS", ["sendtime.ingest.v1.IngestService"]),
+        ("PROFILE_ADDRESS", ["sendtime.profile.v1.ProfileService"]),
+        ("RENDER_ADDRESS", ["sendtime.render.v1.RenderService", "sendtime.render.v1.TemplateService"]),
     ]:
         result = grpcurl(target(running_suite, variable), "list")
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == sorted(
-            [service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
+            [*services, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
         )
         health = grpcurl_json(target(running_suite, variable), "grpc.health.v1.Health/Check")
         assert health == {"status": "SERVING"}

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2, struct_pb2
+from google.protobuf import duration_pb2
 
 import devstack
-from render.server import create_app
-from render.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
-from tests.conftest import user, wait_for_profile
+from tests.conftest import RenderServiceFactory, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify
 from tests.profile_service.test_profile_service import send
 
@@ -48,20 +45,6 @@ def template(base: render_pb2.Template = CART_EMAIL, **changes: Any) -> render_p
         else:
             setattr(built, name, value)
     return built
-
-
-@asynccontextmanager
-async def render_service(
-    profile_target: str, **settings: Any
-) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
-    settings.setdefault("redis_url", "")
-    app = create_app(Settings(address="127.0.0.1:0", profile_target=profile_target, **settings))
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            yield render_pb2_grpc.RenderServiceStub(channel)
-    finally:
-        await app.stop(grace_s=1)
 
 
 class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
@@ -182,7 +165,7 @@ async def test_fallback_values_are_reported_by_path(
 
 
 async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
-    scripted: tuple[ScriptedProfileService, str], redis_url: str
+    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory, redis_url: str
 ) -> None:
     service, target = scripted
     async with render_service(target, redis_url=redis_url) as stub:
@@ -208,7 +191,7 @@ async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
 
 
 async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recovery(
-    scripted: tuple[ScriptedProfileService, str],
+    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
 ) -> None:
     service, target = scripted
     service.mode = "fail"
@@ -230,7 +213,7 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recove
 
 
 async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup(
-    scripted: tuple[ScriptedProfileService, str],
+    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
 ) -> None:
     service, target = scripted
     service.delay_s = 0.1
@@ -245,7 +228,9 @@ async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup
         assert (live.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_LIVE, 2)
 
 
-async def test_with_the_profile_service_stopped_every_render_answers_within_150_ms() -> None:
+async def test_with_the_profile_service_stopped_every_render_answers_within_150_ms(
+    render_service: RenderServiceFactory,
+) -> None:
     async with render_service(f"127.0.0.1:{devstack.free_port()}") as stub:
         content = template(
             CART_EMAIL, required_data=[], fallback={"profile": {"traits": {"first_name": "there"}}}
@@ -261,44 +246,56 @@ async def test_with_the_profile_service_stopped_every_render_answers_within_150_
     }
 
 
-class StoredTemplates:
-    """Templates as the template store hands them to render (its interface)."""
-
-    def __init__(self, *templates: render_pb2.StoredTemplate) -> None:
-        self.templates = {t.name.removeprefix("templates/"): t for t in templates}
-
-    async def get_for_render(self, template_id: str, version: int) -> render_pb2.StoredTemplate | None:
-        return self.templates.get(template_id)
-
-
-async def test_a_batch_streams_one_result_per_customer(scripted: tuple[ScriptedProfileService, str]) -> None:
+async def test_a_batch_streams_one_result_per_customer(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
+    unique: str,
+) -> None:
     service, target = scripted
-    stored = render_pb2.StoredTemplate(name="templates/cart", version=3, content=CART_EMAIL)
-    app = create_app(
-        Settings(address="127.0.0.1:0", profile_target=target, redis_url=""),
-        templates=StoredTemplates(stored),
+    created = await template_stub.CreateTemplate(
+        render_pb2.CreateTemplateRequest(template_id=f"cart-{unique}", content=CART_EMAIL, publish=True)
     )
-    await app.start()
-    customers = [user(f"u-{i}") for i in range(1200)] + [
-        profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_EMAIL, value="bad")
-    ]
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            stub = render_pb2_grpc.RenderServiceStub(channel)
-            variables = struct_pb2.Struct()
-            results = [
-                r
-                async for r in stub.RenderBatch(
-                    render_pb2.RenderBatchRequest(
-                        customers=customers, template_name="templates/cart", variables=variables
-                    )
-                )
-            ]
-    finally:
-        await app.stop(grace_s=1)
+    customers = [user(f"u-{i}") for i in range(1200)]
+    customers.append(profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_EMAIL, value="bad"))
+    async with render_service(target) as stub:
+        batch = render_pb2.RenderBatchRequest(customers=customers, template_name=created.template.name)
+        results = [r async for r in stub.RenderBatch(batch)]
     assert sorted(r.index for r in results) == list(range(len(customers)))
     rendered = [r for r in results if r.HasField("result")]
-    assert len(rendered) == 1200 and all(r.result.template_version == 3 for r in rendered)
+    assert len(rendered) == 1200 and all(r.result.template_version == 1 for r in rendered)
+    assert all(r.result.subject == "Ada, 1 items wait for you" for r in rendered)
     assert service.calls == 3  # 500 customers per profile lookup
     (bad,) = [r for r in results if r.HasField("error")]
     assert bad.index == 1200 and bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_a_stored_template_renders_at_its_published_or_a_given_version(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
+    unique: str,
+) -> None:
+    _, target = scripted
+    name = (
+        await template_stub.CreateTemplate(
+            render_pb2.CreateTemplateRequest(template_id=f"t-{unique}", content=CART_EMAIL, publish=True)
+        )
+    ).template.name
+    await template_stub.UpdateTemplate(
+        render_pb2.UpdateTemplateRequest(
+            name=name, content=template(CART_EMAIL, subject="v2 for {{ profile.traits.first_name }}")
+        )
+    )
+    async with render_service(target) as stub:
+        published = await stub.Render(render_pb2.RenderRequest(customer=user("u-1"), template_name=name))
+        second = await stub.Render(
+            render_pb2.RenderRequest(customer=user("u-1"), template_name=name, template_version=2)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Render(
+                render_pb2.RenderRequest(customer=user("u-1"), template_name=f"templates/none-{unique}")
+            )
+    assert (published.template_version, published.subject) == (1, "Ada, 1 items wait for you")
+    assert (second.template_version, second.subject) == (2, "v2 for Ada")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

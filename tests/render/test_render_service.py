@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -13,13 +12,11 @@ import pytest
 from google.protobuf import struct_pb2
 
 import devstack
-from render.server import create_app
-from render.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import FieldViolation, field_violations, status_of
-from tests.conftest import user, wait_for_profile
+from tests.conftest import RenderServiceFactory, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
 
 ABANDONED_CART = render_pb2.Template(
@@ -52,21 +49,6 @@ def render_request(
     return render_pb2.RenderRequest(
         customer=identifier, template=template, variables=struct({"discount_code": "COMEBACK10"})
     )
-
-
-@asynccontextmanager
-async def render_stub_for(
-    profile_target: str, **settings: Any
-) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
-    """A render service of its own, looking profiles up at ``profile_target``."""
-    settings.setdefault("redis_url", "")  # in-process last-known-good only
-    app = create_app(Settings(address="127.0.0.1:0", profile_target=profile_target, **settings))
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            yield render_pb2_grpc.RenderServiceStub(channel)
-    finally:
-        await app.stop(grace_s=1)
 
 
 class SlowProfileService(profile_pb2_grpc.ProfileServiceServicer):
@@ -179,8 +161,10 @@ async def test_unknown_customer_gets_the_fallback_values(
     assert response.profile_version == 0
 
 
-async def test_slow_profile_service_gets_a_fallback_within_the_deadline(slow_profile_target: str) -> None:
-    async with render_stub_for(slow_profile_target) as stub:
+async def test_slow_profile_service_gets_a_fallback_within_the_deadline(
+    slow_profile_target: str, render_service: RenderServiceFactory
+) -> None:
+    async with render_service(slow_profile_target) as stub:
         # The call fails with DEADLINE_EXCEEDED unless render answers within 150 ms.
         response = await stub.Render(
             render_request(user("u-1"), abandoned_cart(first_name="there")), timeout=0.15
@@ -189,14 +173,16 @@ async def test_slow_profile_service_gets_a_fallback_within_the_deadline(slow_pro
     assert response.subject == "there, you left something behind"
 
 
-async def test_without_a_caller_deadline_the_default_one_bounds_the_lookup(slow_profile_target: str) -> None:
-    async with render_stub_for(slow_profile_target, default_deadline_s=0.2) as stub:
+async def test_without_a_caller_deadline_the_default_one_bounds_the_lookup(
+    slow_profile_target: str, render_service: RenderServiceFactory
+) -> None:
+    async with render_service(slow_profile_target, default_deadline_s=0.2) as stub:
         response = await stub.Render(render_request(user("u-1"), abandoned_cart(first_name="there")))
     assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT
 
 
-async def test_profile_service_down_gets_a_fallback() -> None:
-    async with render_stub_for(f"127.0.0.1:{devstack.free_port()}") as stub:
+async def test_profile_service_down_gets_a_fallback(render_service: RenderServiceFactory) -> None:
+    async with render_service(f"127.0.0.1:{devstack.free_port()}") as stub:
         response = await stub.Render(
             render_request(user("u-1"), abandoned_cart(first_name="there")), timeout=2
         )
