@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from profile_service.cache import ProfileCache
 from profile_service.identity import IdentityLimits
+from profile_service.merge_rules import DEFAULT_RULES, load_merge_rules
 from profile_service.rebuild import RebuildReport, rebuild_profiles
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.settings import Settings
@@ -55,7 +56,12 @@ async def _rebuild(customers: list[uuid.UUID] | None, batch_size: int) -> Rebuil
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s)
     try:
-        repository = ProfileRepository(pool, IdentityLimits.parse(settings.identity_limits))
+        rules = (
+            load_merge_rules(settings.source_priority_file)
+            if settings.source_priority_file
+            else DEFAULT_RULES
+        )
+        repository = ProfileRepository(pool, IdentityLimits.parse(settings.identity_limits), rules)
         return await rebuild_profiles(repository, cache, customer_ids=customers, batch_size=batch_size)
     finally:
         await cache.close()

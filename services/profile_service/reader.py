@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
+from profile_service.codec import as_of
 from profile_service.repository import ProfileRepository
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
@@ -23,9 +25,18 @@ _Loaded = dict[IdentifierKey, profile_pb2.Profile]
 
 
 class ProfileReader:
-    def __init__(self, repository: ProfileRepository, cache: ProfileCache) -> None:
+    def __init__(
+        self,
+        repository: ProfileRepository,
+        cache: ProfileCache,
+        *,
+        cart_abandoned_after: timedelta = timedelta(hours=1),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self._repository = repository
         self._cache = cache
+        self._cart_abandoned_after = cart_abandoned_after
+        self._clock = clock
         self._in_flight: dict[IdentifierKey, asyncio.Future[profile_pb2.Profile | None]] = {}
 
     async def get_many(self, identifiers: Sequence[IdentifierKey]) -> list[profile_pb2.Profile | None]:
@@ -43,8 +54,15 @@ class ProfileReader:
 
         misses = list(dict.fromkeys(i for i, hit in zip(identifiers, cached, strict=True) if hit is None))
         loaded = await self._load(misses, refill_cache=cache_ok) if misses else {}
-        return [
+        now = self._clock()
+        found = (
             hit if hit is not None else loaded.get(key) for key, hit in zip(identifiers, cached, strict=True)
+        )
+        # Fields that depend on the time of the read (abandoned cart, 30-day counts) are set per
+        # read, never cached.
+        return [
+            None if p is None else as_of(p, now, cart_abandoned_after=self._cart_abandoned_after)
+            for p in found
         ]
 
     async def _load(self, keys: list[IdentifierKey], *, refill_cache: bool) -> _Loaded:

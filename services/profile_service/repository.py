@@ -22,6 +22,7 @@ import asyncpg.pool
 
 from profile_service.codec import StoredProfile, to_proto
 from profile_service.identity import IdentityLimits, best_identifier, identifier_hash
+from profile_service.merge_rules import DEFAULT_RULES, MergeRules
 from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
@@ -110,9 +111,12 @@ def event_identifiers(event: ingest_pb2.Event) -> list[IdentifierKey]:
 
 
 class ProfileRepository:
-    def __init__(self, pool: asyncpg.Pool, limits: IdentityLimits | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, limits: IdentityLimits | None = None, rules: MergeRules = DEFAULT_RULES
+    ) -> None:
         self._pool = pool
         self._limits = limits or IdentityLimits()
+        self._rules = rules
 
     async def merge_event(self, event: ingest_pb2.Event) -> MergeResult:
         """Merge one (validated) event into its customer's profile, creating the customer or
@@ -270,9 +274,9 @@ class ProfileRepository:
         if losers or not state.is_newer(event):
             # Late or merged: recompute from the whole history (which now includes this event).
             bodies = await conn.fetch("SELECT body FROM events WHERE customer_id = $1", customer_id)
-            state = replay(ingest_pb2.Event.FromString(r["body"]) for r in bodies)
+            state = replay((ingest_pb2.Event.FromString(r["body"]) for r in bodies), rules=self._rules)
         else:
-            state = apply_event(state, event)
+            state = apply_event(state, event, rules=self._rules)
 
         await conn.execute(
             "UPDATE customers SET state = $2, version = $3, updated_at = now() WHERE customer_id = $1",
@@ -348,7 +352,9 @@ class ProfileRepository:
             if row is None:
                 return None
             bodies = await conn.fetch("SELECT body FROM events WHERE customer_id = $1", customer_id)
-            rebuilt = to_json(replay(ingest_pb2.Event.FromString(r["body"]) for r in bodies))
+            rebuilt = to_json(
+                replay((ingest_pb2.Event.FromString(r["body"]) for r in bodies), rules=self._rules)
+            )
             if rebuilt == row["state"]:
                 return None
             await conn.execute(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -13,6 +14,7 @@ import redis.asyncio as redis
 from profile_service.cache import ProfileCache
 from profile_service.customer_data import CustomerData
 from profile_service.identity import IdentityLimits, InvalidLimits
+from profile_service.merge_rules import DEFAULT_RULES, MergeRulesError, load_merge_rules
 from profile_service.merger import EventMerger
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository, create_pool
@@ -71,11 +73,19 @@ async def create_app(settings: Settings) -> ProfileApp:
         limits = IdentityLimits.parse(settings.identity_limits)
     except InvalidLimits as exc:
         raise ConfigError(f"PROFILE_IDENTITY_LIMITS: {exc}") from None
+    try:
+        rules = (
+            load_merge_rules(settings.source_priority_file)
+            if settings.source_priority_file
+            else DEFAULT_RULES
+        )
+    except MergeRulesError as exc:
+        raise ConfigError(f"PROFILE_SOURCE_PRIORITY_FILE: {exc}") from None
     pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
     await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s)
     event_log = await JetStreamEventLog.connect(settings.event_log)
-    repository = ProfileRepository(pool, limits)
+    repository = ProfileRepository(pool, limits, rules)
     merger = EventMerger(
         await event_log.subscribe(settings.consumer_name),
         repository,
@@ -84,7 +94,9 @@ async def create_app(settings: Settings) -> ProfileApp:
         concurrency=settings.merge_concurrency,
     )
     servicer = ProfileServicer(
-        ProfileReader(repository, cache),
+        ProfileReader(
+            repository, cache, cart_abandoned_after=timedelta(minutes=settings.cart_abandoned_after_minutes)
+        ),
         CustomerData(repository, cache),
         repository,
         max_batch_get=settings.max_batch_get,

@@ -25,6 +25,10 @@ class Settings:
     max_batch_get: int = 1000
     # Identifiers of a kind one profile may hold, e.g. "email=3,device_id=10" (others: defaults).
     identity_limits: str = ""
+    # The source-priority matrix (TOML); empty: the packaged source_priority.toml.
+    source_priority_file: str = ""
+    # A cart idle this long is abandoned (Cart.abandoned, computed at read time).
+    cart_abandoned_after_minutes: float = 60.0
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
 
     @classmethod
@@ -50,5 +54,9 @@ class Settings:
                 env, "PROFILE_MERGE_CONCURRENCY", defaults.merge_concurrency, minimum=1
             ),
             identity_limits=env_str(env, "PROFILE_IDENTITY_LIMITS", defaults.identity_limits),
+            source_priority_file=env_str(env, "PROFILE_SOURCE_PRIORITY_FILE", defaults.source_priority_file),
+            cart_abandoned_after_minutes=env_float(
+                env, "PROFILE_CART_ABANDONED_AFTER_MINUTES", defaults.cart_abandoned_after_minutes, minimum=1
+            ),
             event_log=JetStreamSettings.from_env(env),
         )

@@ -15,11 +15,11 @@ import pytest
 from google.protobuf import duration_pb2
 
 import devstack
-from sendtime.ingest.v1 import ingest_pb2_grpc
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from tests.conftest import RenderServiceFactory, user, wait_for_profile
-from tests.factories import cart_item_added, event, identify
+from tests.factories import cart_item_added, event, identify, money, order_completed
 from tests.profile_service.test_profile_service import send
 
 RENDERED, SKIPPED = render_pb2.RENDER_STATUS_RENDERED, render_pb2.RENDER_STATUS_SKIPPED
@@ -299,3 +299,114 @@ async def test_a_stored_template_renders_at_its_published_or_a_given_version(
     assert (published.template_version, published.subject) == (1, "Ada, 1 items wait for you")
     assert (second.template_version, second.subject) == (2, "v2 for Ada")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+EMAIL_MESSAGE = ingest_pb2.EmailMessage(message_id="m-1")
+
+
+@pytest.mark.parametrize(
+    ("payload", "channel", "reason"),
+    [
+        (
+            {"email_unsubscribed": ingest_pb2.EmailUnsubscribed(message=EMAIL_MESSAGE)},
+            0,
+            render_pb2.SKIP_REASON_UNSUBSCRIBED,
+        ),
+        (
+            {
+                "email_bounced": ingest_pb2.EmailBounced(
+                    message=EMAIL_MESSAGE, bounce_type=ingest_pb2.BOUNCE_TYPE_HARD
+                )
+            },
+            0,
+            render_pb2.SKIP_REASON_HARD_BOUNCED,
+        ),
+        (
+            {"email_spam_reported": ingest_pb2.EmailSpamReported(message=EMAIL_MESSAGE)},
+            0,
+            render_pb2.SKIP_REASON_SPAM_REPORTED,
+        ),
+        (
+            {"consent_changed": ingest_pb2.ConsentChanged(channel=ingest_pb2.CHANNEL_SMS, subscribed=False)},
+            ingest_pb2.CHANNEL_SMS,
+            render_pb2.SKIP_REASON_NO_CONSENT,
+        ),
+    ],
+)
+async def test_suppressed_customers_are_skipped(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    unique: str,
+    payload: dict[str, Any],
+    channel: int,
+    reason: int,
+) -> None:
+    await send(
+        ingest_stub,
+        event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")),
+        event(user_id=f"u-{unique}", source=ingest_pb2.EVENT_SOURCE_EMAIL, **payload),
+    )
+    await wait_for_profile(
+        profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1 and p.version >= 2
+    )
+    response = await render_stub.Render(request(user(f"u-{unique}"), template(CART_EMAIL, channel=channel)))
+    assert (response.status, response.skip_reason) == (SKIPPED, reason)
+    other_channel = ingest_pb2.CHANNEL_PUSH
+    allowed = await render_stub.Render(
+        request(user(f"u-{unique}"), template(CART_EMAIL, channel=other_channel))
+    )
+    assert allowed.status == RENDERED  # suppression is per channel
+
+
+async def test_recommendations_come_from_the_catalog_kept_from_events(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    unique: str,
+) -> None:
+    sku = {name: f"{name}-{unique}" for name in ("shoe", "sock", "lace", "hat", "old")}
+
+    def product(name: str) -> ingest_pb2.Event:
+        upsert = ingest_pb2.ProductUpserted(
+            sku=sku[name],
+            name=name.title(),
+            price=money("10.00"),
+            category=f"c-{unique}",
+            in_stock=name != "hat",
+        )
+        e = event(product_upserted=upsert)
+        e.customer.crm_id = "catalog"
+        return e
+
+    catalog = [product(name) for name in sku]
+    someone_else = [
+        event(
+            user_id=f"other-{unique}",
+            order_completed=order_completed(f"o1-{unique}", "30.00", sku["shoe"], sku["sock"], sku["hat"]),
+        )
+    ]
+    mine = [
+        event(user_id=f"u-{unique}", order_completed=order_completed(f"o2-{unique}", "10.00", sku["old"])),
+        event(user_id=f"u-{unique}", cart_item_added=cart_item_added(sku["shoe"], name="Shoe")),
+    ]
+    await send(ingest_stub, *catalog, *someone_else, *mine)
+    await wait_for_profile(
+        profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1 and p.orders.count == 1
+    )
+    content = template(
+        CART_EMAIL,
+        html="{% for r in recommendations %}{{ r.sku }}:{{ r.reason }} {% endfor %}",
+        required_data=[],
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # the catalog consumer catches up with the events
+        response = await render_stub.Render(request(user(f"u-{unique}"), content), timeout=2)
+        if f"{sku['sock']}:bought_together" in response.html or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    shown = response.html.split()
+    assert shown[0] == f"{sku['shoe']}:cart"
+    assert f"{sku['sock']}:bought_together" in shown
+    assert not any(s.startswith(sku["hat"]) for s in shown)  # out of stock
+    assert not any(s.startswith(sku["old"]) for s in shown)  # already bought

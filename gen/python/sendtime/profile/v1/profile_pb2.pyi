@@ -154,6 +154,7 @@ class Profile(_message.Message):
     PROVENANCE_FIELD_NUMBER: _builtins.int
     MERGES_FIELD_NUMBER: _builtins.int
     BLOCKED_MERGES_FIELD_NUMBER: _builtins.int
+    PURCHASED_SKUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "profiles/{customer_id}"."""
     customer_id: _builtins.str
@@ -219,6 +220,12 @@ class Profile(_message.Message):
     def blocked_merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlockedMerge]:
         """Merges that an identity limit refused, oldest first."""
 
+    @_builtins.property
+    def purchased_skus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Skus the customer has bought (newest orders first, at most 200), so that
+        recommendations can leave them out.
+        """
+
     def __init__(
         self,
         *,
@@ -239,10 +246,11 @@ class Profile(_message.Message):
         provenance: _abc.Mapping[_builtins.str, Global___Provenance] | None = ...,
         merges: _abc.Iterable[Global___MergeRecord] | None = ...,
         blocked_merges: _abc.Iterable[Global___BlockedMerge] | None = ...,
+        purchased_skus: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cart", b"cart", "create_time", b"create_time", "email", b"email", "last_seen", b"last_seen", "loyalty", b"loyalty", "orders", b"orders", "traits", b"traits", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_merges", b"blocked_merges", "cart", b"cart", "consents", b"consents", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "identifiers", b"identifiers", "last_seen", b"last_seen", "loyalty", b"loyalty", "merges", b"merges", "name", b"name", "orders", b"orders", "provenance", b"provenance", "recently_viewed", b"recently_viewed", "traits", b"traits", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_merges", b"blocked_merges", "cart", b"cart", "consents", b"consents", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "identifiers", b"identifiers", "last_seen", b"last_seen", "loyalty", b"loyalty", "merges", b"merges", "name", b"name", "orders", b"orders", "provenance", b"provenance", "purchased_skus", b"purchased_skus", "recently_viewed", b"recently_viewed", "traits", b"traits", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,60 @@
+"""The profile service as configured: read-time fields (abandoned cart) and the merge-rules file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from profile_service.reader import ProfileReader
+from profile_service.repository import ProfileRepository
+from profile_service.server import ProfileApp, create_app
+from profile_service.settings import Settings
+from sendtime.ingest.v1 import ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2_grpc
+from sendtime_common.config import ConfigError
+from sendtime_common.identifiers import IdentifierKind
+from tests.conftest import user, wait_for_profile
+from tests.factories import cart_item_added, event
+from tests.profile_service.test_profile_service import send
+
+
+async def test_a_cart_is_abandoned_as_of_the_read_not_of_the_merge(
+    profile_app: ProfileApp,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")))
+    fresh = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    assert not fresh.cart.abandoned
+
+    later = datetime.now(UTC) + timedelta(hours=2)
+    reader = ProfileReader(
+        ProfileRepository(profile_app.pool),
+        profile_app.cache,
+        cart_abandoned_after=timedelta(hours=1),
+        clock=lambda: later,
+    )
+    (seen_later,) = await reader.get_many([(IdentifierKind.USER_ID, f"u-{unique}")])
+    assert seen_later is not None and seen_later.cart.abandoned
+    (cached,) = await profile_app.cache.get_many([f"sendtime:profile:user_id:u-{unique}"])
+    assert cached is not None and not cached.cart.abandoned  # never cached: it depends on the read
+
+
+async def test_a_bad_source_priority_file_stops_the_service_with_the_key(
+    tmp_path: Path, database_url: str, redis_url: str, nats_url: str
+) -> None:
+    bad = tmp_path / "priority.toml"
+    bad.write_text(
+        'default = ["crm", "server", "import", "email", "mobile_app", "web"]\n[attributes]\ncart = ["fax"]\n'
+    )
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "NATS_URL": nats_url,
+        "PROFILE_SOURCE_PRIORITY_FILE": str(bad),
+    }
+    with pytest.raises(ConfigError, match="fax"):
+        await create_app(Settings.from_env(env))
