@@ -185,7 +185,7 @@ def run_readme_block(block: str, env: dict[str, str]) -> subprocess.CompletedPro
 
 def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, str]) -> None:
     blocks = readme_grpcurl_blocks()
-    assert len(blocks) == 7
+    assert len(blocks) == 8
     outputs = []
     for block in blocks:
         deadline = time.monotonic() + 10
@@ -196,13 +196,15 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
             time.sleep(0.1)
         assert result.returncode == 0, f"{block}\n{result.stderr}"
         outputs.append(result.stdout + result.stderr)
-    listing, sent, profiles, rendered, dead_letters, bad_request, erased = outputs
+    listing, sent, profiles, rendered, stored, dead_letters, bad_request, erased = outputs
     assert "sendtime.ingest.v1.IngestService" in listing and '"status": "SERVING"' in listing
     assert sent.count("EVENT_OUTCOME_ACCEPTED") == 2
     assert '"first_name": "Ada"' in profiles and '"found": true' in profiles
     assert '"cart_item_added": {' in profiles and '"export": {' in profiles  # the history, the export
     assert '"subject": "Ada, your cart is waiting"' in rendered
     assert "Total €89.90. Code COMEBACK10" in rendered
+    assert '"subject": "Ada, your cart is waiting"' in stored and '"template_version": "1"' in stored
+    assert '"skip_reason": "SKIP_REASON_REQUIRED_DATA_MISSING"' in stored  # "nobody" has no cart
     assert '"outcome": "EVENT_OUTCOME_REJECTED"' in dead_letters and '"rejectedEvents/' in dead_letters
     assert (
         '{"field":"cart_item_added.quantity"' in dead_letters
