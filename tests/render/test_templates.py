@@ -101,3 +101,14 @@ def test_live_values_override_fallbacks_key_by_key() -> None:
     }
     assert render_context(fallback, None, {})["profile"] == fallback["profile"]
     assert deep_merge({"a": {"b": 1}}, {"a": 2}) == {"a": 2}
+
+
+def test_local_date_shows_times_in_the_customers_time_zone(compiler: TemplateCompiler) -> None:
+    compiled = compiler.compile("{{ at | local_date: '%d %b %H:%M' }}", "", "")
+    at = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    vienna = {"at": at, "profile": {"last_seen": {"timezone": "Europe/Vienna"}}}
+    assert render_part(compiled.subject, "subject", vienna) == "24 Nov 13:00"
+    assert render_part(compiled.subject, "subject", {"at": at}) == "24 Nov 12:00"  # unknown zone: UTC
+    nonsense = {"at": at, "profile": {"last_seen": {"timezone": "Mars/Olympus"}}}
+    assert render_part(compiled.subject, "subject", nonsense) == "24 Nov 12:00"
+    assert render_part(compiled.subject, "subject", {"at": "yesterday"}) == ""
