@@ -181,7 +181,9 @@ class _JetStreamSubscription:
     async def fetch(self, max_messages: int, timeout_s: float) -> Sequence[Delivery]:
         try:
             messages = await self._subscription.fetch(max_messages, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):
+            # nats-py raises the plain asyncio one when the deadline runs out between its
+            # no-wait probe and its pull: also just "nothing came".
             return []
         return [_JetStreamDelivery(m) for m in messages]
 

@@ -75,7 +75,16 @@ class EventMerger:
             with tracer.start_as_current_span(
                 "profile.merge", context=parent, kind=trace.SpanKind.CONSUMER
             ) as span:
-                await self._merge(delivery, span)
+                try:
+                    await self._merge(delivery, span)
+                except Exception as exc:  # noqa: BLE001 - one delivery must never stop the merger
+                    # E.g. an ack the server did not confirm in time: the message comes back
+                    # after the ack wait, and merging it again changes nothing.
+                    log.warning(
+                        "delivery not settled; it will be redelivered",
+                        extra={"error": f"{type(exc).__name__}: {exc}", "attempt": delivery.attempt},
+                    )
+                    span.set_status(trace.StatusCode.ERROR, str(exc))
 
     async def _merge(self, delivery: Delivery, span: trace.Span) -> None:
         try:
