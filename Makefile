@@ -10,7 +10,7 @@ PY := $(BIN)/python
 export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install up down run demo test test-fast lint gen gen-check breaking clean
+.PHONY: help install up down run demo test test-fast lint gen gen-check breaking clean bench bench-ingest
 
 help:
 	@echo "make run        start Postgres/Redis/NATS if needed, the three services, a demo; Ctrl-C stops"
@@ -20,6 +20,8 @@ help:
 	@echo "make gen        regenerate gen/python from protos/;  make gen-check: fail when stale"
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
+	@echo "make bench      every benchmark (docs/benchmarks.md); make bench-ingest: the ingest one"
+	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +59,13 @@ gen: install
 gen-check: gen
 	@git diff --exit-code --stat -- gen/ && test -z "$$(git status --porcelain -- gen/)" \
 		|| (echo "gen/python is stale: run 'make gen' and commit it" >&2; exit 1)
+
+# Benchmarks start their own NATS, Redis, database and services; only PostgreSQL must be reachable.
+bench: bench-ingest
+
+bench-ingest: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) scripts/bench_ingest.py $(BENCH_ARGS)
 
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'

@@ -1,0 +1,966 @@
+"""``make bench-ingest``: how fast ingest acknowledges events, how fast profile merges them, and
+how fresh profiles stay under that load, next to floors measured in the same run.
+
+The bench starts a private stack (bench_common.BenchStack: NATS with ``sync_interval: always``,
+Redis, a fresh database, ingest and profile as their own processes), then:
+
+1. floors: a raw pipelined JetStream publish rate from nats-py (a stream configured like
+   ingest's, the same payloads and headers, ``--in-flight`` publishes awaited per window), an
+   empty grpc.aio unary call and an empty message on grpc.aio streams (same streams and window
+   as the load);
+2. load: ``--events`` events over ``--streams`` concurrent ``IngestService/StreamEvents`` calls,
+   each keeping ``--in-flight`` events unanswered; spread over ``--customers`` customers, mixed
+   product_viewed / cart_item_added / identify. Meanwhile a sampler sends marker events
+   (identify, ``bench_marker=<n>``, ``occurred_at`` now) with SendEvents and reads the marker
+   customers' profiles (BatchGetProfiles, GetProfile's reader) until each marker shows:
+   freshness is occurred -> visible;
+3. drain: waits until the ``profile-merger`` consumer has nothing pending and checks that every
+   accepted event is in PostgreSQL.
+
+It prints a table of each measure against its floor and goal, and the CPU each process used in
+each phase. A missed goal is reported, not an error: the exit code is 0 unless the bench broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import nats
+from bench_common import (
+    BenchError,
+    BenchStack,
+    CallFloor,
+    CpuMeter,
+    Row,
+    StreamFloor,
+    fmt_ms,
+    fmt_rate,
+    machine_info,
+    measure_empty_stream,
+    measure_empty_unary,
+    percentile,
+    render_cpu,
+    render_table,
+    say,
+    sigterm_as_sigint,
+    source_info,
+    verdict,
+    write_json,
+)
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
+from google.type import money_pb2
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+import suite
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.event_log import MSG_ID_HEADER, JetStreamSettings
+
+STREAM_EVENTS = "/sendtime.ingest.v1.IngestService/StreamEvents"
+CONSUMER = "profile-merger"
+RAW_STREAM = "BENCH_RAW"
+ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
+# A W3C traceparent as ingest writes into every message (same header bytes in the raw floor).
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+MARKER_CUSTOMERS = 20
+POLL_INTERVAL_S = 0.02
+MARKER_TIMEOUT_S = 120.0
+WARMUP_EVENTS = 1000
+# A drain shorter than this has no CPU figures worth printing.
+MIN_PHASE_S = 0.5
+# No merge for this long while events are pending means the merger is stuck or dead.
+MERGER_STALL_S = 60.0
+
+# CPU (% of one core) that processes outside the bench may use in a phase before it warns.
+NOISY_NEIGHBOURS_PERCENT = 25.0
+
+GOAL_ACKED_VS_RAW = 0.5
+GOAL_MERGED_VS_ACKED = 0.95
+GOAL_FRESHNESS_P99_S = 1.0
+
+
+# --- the events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """Pre-serialized StreamEventsRequest messages per stream (so the load generator spends
+    little CPU while measuring), and the event payloads for the raw JetStream floor."""
+
+    per_stream: list[list[bytes]]
+    ids_per_stream: list[list[str]]
+    raw_payloads: list[bytes]
+    types: Counter[str]
+    mean_event_bytes: float
+    end_ns: int  # after the last event's occurred_at
+
+    @property
+    def total(self) -> int:
+        return sum(len(s) for s in self.per_stream)
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def make_load(
+    run_id: str,
+    tag: str,
+    events: int,
+    customers: int,
+    streams: int,
+    seed: int = 7,
+    start_ns: int | None = None,
+) -> Load:
+    """``events`` events: 50% product_viewed, 30% cart_item_added, 20% identify (with an email,
+    so that stitching has work), each for a random one of ``customers``. A customer's events all
+    go through one stream, in occurred_at order, as a partitioned producer would send them.
+    They occur 1 µs apart from ``start_ns`` (default: a second ago)."""
+    rng = random.Random(seed)
+    base_ns = time.time_ns() - 1_000_000_000 if start_ns is None else start_ns
+    per_stream: list[list[bytes]] = [[] for _ in range(streams)]
+    ids: list[list[str]] = [[] for _ in range(streams)]
+    raw: list[bytes] = []
+    types: Counter[str] = Counter()
+    total_bytes = 0
+    for i in range(events):
+        customer = rng.randrange(customers)
+        user_id = f"bench-{run_id}-u{customer}"
+        event = ingest_pb2.Event(
+            event_id=f"bench-{run_id}-{tag}-{i}",
+            occurred_at=_timestamp(base_ns + i * 1000),
+            customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
+        )
+        sku = f"SKU-{rng.randrange(200):03d}"
+        price = money_pb2.Money(currency_code="EUR", units=rng.randrange(5, 200), nanos=990_000_000)
+        roll = rng.random()
+        if roll < 0.5:
+            event.source = ingest_pb2.EVENT_SOURCE_WEB
+            event.product_viewed.CopyFrom(
+                ingest_pb2.ProductViewed(
+                    sku=sku,
+                    name=f"Product {sku}",
+                    price=price,
+                    category="shoes/running",
+                    url=f"https://shop.example.com/p/{sku}",
+                )
+            )
+        elif roll < 0.8:
+            event.source = ingest_pb2.EVENT_SOURCE_WEB
+            event.cart_item_added.CopyFrom(
+                ingest_pb2.CartItemAdded(sku=sku, name=f"Product {sku}", quantity=1, unit_price=price)
+            )
+        else:
+            event.source = ingest_pb2.EVENT_SOURCE_CRM
+            event.customer.email = f"{user_id}@example.com"
+            traits = struct_pb2.Struct()
+            traits.update({"first_name": f"Name{customer}", "plan": rng.choice(["free", "pro"]), "visits": i})
+            event.identify.traits.CopyFrom(traits)
+        types[str(event.WhichOneof("payload"))] += 1
+        per_stream[customer % streams].append(ingest_pb2.StreamEventsRequest(event=event).SerializeToString())
+        ids[customer % streams].append(event.event_id)
+        # What ingest publishes: the event as received, stamped with received_at.
+        event.received_at.CopyFrom(_timestamp(time.time_ns()))
+        payload = event.SerializeToString(deterministic=True)
+        raw.append(payload)
+        total_bytes += len(payload)
+    return Load(per_stream, ids, raw, types, total_bytes / max(1, events), base_ns + events * 1000)
+
+
+# --- floors ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RawFloor:
+    window: int
+    messages: int
+    seconds: float
+    duplicates: int
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+
+async def measure_raw_jetstream(
+    nats_url: str, payloads: Sequence[bytes], window: int, duration_s: float
+) -> RawFloor:
+    """Publish ``payloads`` (cycled) to a stream configured like ingest's (file storage, Msg-Id,
+    same duplicate window, discard new) in windows of ``window`` concurrent publishes, each
+    window awaited before the next, for ``duration_s``. The stream is deleted afterwards."""
+    settings = JetStreamSettings()
+    client = await nats.connect(nats_url, name="sendtime-bench")
+    try:
+        js = client.jetstream(timeout=settings.publish_timeout_s)
+        await js.add_stream(
+            StreamConfig(
+                name=RAW_STREAM,
+                subjects=["bench.raw.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                num_replicas=1,
+                duplicate_window=settings.duplicate_window_s,
+                max_age=settings.max_age_s,
+                max_bytes=settings.max_bytes,
+                discard=DiscardPolicy.NEW,
+            )
+        )
+        sent = duplicates = 0
+
+        async def window_of(start: int) -> None:
+            nonlocal duplicates
+            acks = await asyncio.gather(
+                *(
+                    js.publish(
+                        "bench.raw.product_viewed",
+                        payloads[(start + k) % len(payloads)],
+                        headers={"traceparent": TRACEPARENT, MSG_ID_HEADER: f"raw-{start + k}"},
+                        stream=RAW_STREAM,
+                    )
+                    for k in range(window)
+                )
+            )
+            duplicates += sum(1 for ack in acks if ack.duplicate)
+
+        await window_of(-window)  # warm up (ids never reused below)
+        started = time.perf_counter()
+        while time.perf_counter() - started < duration_s:
+            await window_of(sent)
+            sent += window
+        seconds = time.perf_counter() - started
+        await js.delete_stream(RAW_STREAM)
+    finally:
+        await client.close()
+    return RawFloor(window=window, messages=sent, seconds=seconds, duplicates=duplicates)
+
+
+# --- the load ----------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    outcomes: Counter[int] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    first_problem: str = ""
+
+
+async def drive_stream(
+    channel: grpc.aio.Channel, requests: Sequence[bytes], ids: Sequence[str], window: int, rate: float | None
+) -> StreamResult:
+    """One StreamEvents call: write ``requests`` keeping ``window`` unanswered (and, given a
+    ``rate``, no faster than that many per second); count outcomes and time each event from
+    write to result."""
+    method = channel.stream_stream(STREAM_EVENTS, request_serializer=None, response_deserializer=None)
+    call = method(None)  # no request iterator: the writer task below writes
+    slots = asyncio.Semaphore(window)
+    sent_at: dict[str, float] = {}
+    result = StreamResult()
+
+    async def write() -> None:
+        started = time.perf_counter()
+        for index, (request, event_id) in enumerate(zip(requests, ids, strict=True)):
+            if rate is not None and (ahead := started + index / rate - time.perf_counter()) > 0:
+                await asyncio.sleep(ahead)
+            await slots.acquire()
+            sent_at[event_id] = time.perf_counter()
+            await call.write(request)
+        await call.done_writing()
+
+    writer = asyncio.create_task(write())
+    try:
+        async for raw in call:
+            now = time.perf_counter()
+            slots.release()
+            event_result = ingest_pb2.StreamEventsResponse.FromString(raw).result
+            result.outcomes[event_result.outcome] += 1
+            started = sent_at.pop(event_result.event_id, None)
+            if started is not None:
+                result.latencies.append(now - started)
+            if event_result.outcome != ACCEPTED and not result.first_problem:
+                name = ingest_pb2.EventOutcome.Name(event_result.outcome)
+                result.first_problem = f"{name}: {event_result.status.message}"
+        await writer
+    finally:
+        writer.cancel()
+    return result
+
+
+@dataclass
+class Freshness:
+    """Marker samples: occurred -> acked by ingest, occurred -> visible in GetProfile."""
+
+    acked_s: list[float] = field(default_factory=list)
+    visible_s: list[float] = field(default_factory=list)
+    not_visible: int = 0
+    not_accepted: int = 0
+
+
+class Sampler:
+    """Sends a marker every ``interval_s`` while the load runs (each SendEvents call on its own,
+    so a slow one does not delay the next) and, every ``POLL_INTERVAL_S``, reads the profiles of
+    the marker customers that have markers not yet seen. It reads them with one
+    BatchGetProfiles call (the same reader as GetProfile: Redis, then PostgreSQL for misses),
+    so that the probe adds at most ~1/POLL_INTERVAL_S reads per second to the profile service
+    instead of one read per marker per poll."""
+
+    def __init__(self, run_id: str, ingest: grpc.aio.Channel, profile: grpc.aio.Channel) -> None:
+        self._run_id = run_id
+        self._ingest = ingest_pb2_grpc.IngestServiceStub(ingest)
+        self._profiles = profile_pb2_grpc.ProfileServiceStub(profile)
+        self.results = Freshness()
+        self._unseen: dict[str, list[tuple[int, float]]] = {}  # user id -> (marker, occurred)
+        self._sending = True
+
+    async def run(self, stop: asyncio.Event, interval_s: float, limit: int) -> None:
+        poller = asyncio.create_task(self._poll())
+        sends: set[asyncio.Task[None]] = set()
+        try:
+            n = 0
+            while not stop.is_set() and n < limit:
+                task = asyncio.create_task(self._send(n))
+                sends.add(task)
+                task.add_done_callback(sends.discard)
+                n += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval_s)
+            if sends:
+                await asyncio.gather(*sends)
+            self._sending = False
+            await poller
+        finally:
+            poller.cancel()
+            for task in sends:
+                task.cancel()
+
+    async def _send(self, n: int) -> None:
+        user_id = f"bench-{self._run_id}-marker{n % MARKER_CUSTOMERS}"
+        occurred = time.time()
+        traits = struct_pb2.Struct()
+        traits.update({"bench_marker": n})
+        event = ingest_pb2.Event(
+            event_id=f"bench-{self._run_id}-marker-{n}",
+            customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
+            occurred_at=_timestamp(int(occurred * 1e9)),
+            source=ingest_pb2.EVENT_SOURCE_SERVER,
+            identify=ingest_pb2.Identify(traits=traits),
+        )
+        response = await self._ingest.SendEvents(ingest_pb2.SendEventsRequest(events=[event]), timeout=30)
+        if response.results[0].outcome != ACCEPTED:
+            self.results.not_accepted += 1
+            return
+        self.results.acked_s.append(time.time() - occurred)
+        self._unseen.setdefault(user_id, []).append((n, occurred))
+
+    async def _poll(self) -> None:
+        while self._sending or self._unseen:
+            if self._unseen:
+                users = list(self._unseen)
+                response = await self._profiles.BatchGetProfiles(
+                    profile_pb2.BatchGetProfilesRequest(
+                        identifiers=[
+                            profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=u)
+                            for u in users
+                        ],
+                        read_mask=field_mask_pb2.FieldMask(paths=["traits"]),
+                    ),
+                    timeout=10,
+                )
+                now = time.time()
+                for user_id, result in zip(users, response.results, strict=True):
+                    traits = result.profile.traits
+                    seen = traits["bench_marker"] if result.found and "bench_marker" in traits else None
+                    waiting = []
+                    for n, occurred in self._unseen[user_id]:
+                        # Markers of one customer only grow, so a later one showing means this
+                        # one's occurred_at is covered too.
+                        if isinstance(seen, float) and seen >= n:
+                            self.results.visible_s.append(now - occurred)
+                        elif now - occurred > MARKER_TIMEOUT_S:
+                            self.results.not_visible += 1
+                        else:
+                            waiting.append((n, occurred))
+                    if waiting:
+                        self._unseen[user_id] = waiting
+                    else:
+                        del self._unseen[user_id]
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerPoint:
+    at: float  # seconds since the load started
+    acked: int  # stream sequence of the consumer's ack floor
+    pending: int  # not yet delivered + delivered, not acked
+
+
+async def consumer_point(js: Any, started: float) -> ConsumerPoint:
+    info = await js.consumer_info(JetStreamSettings().stream, CONSUMER)
+    return ConsumerPoint(
+        at=time.perf_counter() - started,
+        acked=int(info.ack_floor.stream_seq),
+        pending=int(info.num_pending) + int(info.num_ack_pending),
+    )
+
+
+async def wait_merged(js: Any, started: float, stall_s: float) -> ConsumerPoint:
+    """Poll the merger's consumer until nothing is pending. The ack floor is what was merged:
+    the merger acks an event only after its transaction committed and Redis was refreshed.
+
+    Raises:
+        BenchError: nothing was merged for ``stall_s`` while events were pending.
+    """
+    point = await consumer_point(js, started)
+    progress_at, fewest_pending = point.at, point.pending
+    while point.pending:
+        await asyncio.sleep(0.05)
+        point = await consumer_point(js, started)
+        if point.pending < fewest_pending:  # some event was acked, in order or not
+            progress_at, fewest_pending = point.at, point.pending
+        elif point.at - progress_at > stall_s:
+            raise BenchError(
+                f"the merger stopped: {point.pending:,} events pending and none merged for {stall_s:.0f}s"
+                " (the profile service's log, below, says why once it has been stopped)"
+            )
+    return point
+
+
+async def send_all(
+    target: str, load: Load, window: int, rate: float | None = None
+) -> tuple[list[StreamResult], float]:
+    """Run one StreamEvents call per stream of ``load``, each on its own channel (own HTTP/2
+    connection, as separate producers would have), together at most ``rate`` events per second
+    when given; their results and the seconds until the last answer."""
+    per_stream_rate = None if rate is None else rate / len(load.per_stream)
+    channels = [grpc.aio.insecure_channel(target) for _ in load.per_stream]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(
+                drive_stream(channel, requests, ids, window, per_stream_rate)
+                for channel, requests, ids in zip(channels, load.per_stream, load.ids_per_stream, strict=True)
+            )
+        )
+        return list(results), time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close(None)
+
+
+# --- the bench ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    events: int
+    streams: int
+    in_flight: int
+    customers: int
+    samples: int
+    sample_interval_s: float | None
+    floor_seconds: float
+    rate: float | None
+    ingest_only: bool
+    json_path: Path | None
+    cprofile_dir: Path | None
+
+
+@dataclass
+class Floors:
+    raw: RawFloor
+    unary: CallFloor
+    echo: StreamFloor
+    cpu: dict[str, dict[str, float]]
+
+
+@dataclass
+class Merging:
+    merged: int
+    during_load: int
+    backlog_at_load_end: int
+    all_merged_s: float
+
+
+async def measure_floors(stack: BenchStack, options: Options, load: Load, meter: CpuMeter) -> Floors:
+    """The three floors, on this run's NATS and machine."""
+    window_total = options.streams * options.in_flight
+    say(f"floor 1/3: raw JetStream publish from nats-py, windows of {window_total}")
+    snap = meter.snapshot()
+    raw = await measure_raw_jetstream(stack.nats_url, load.raw_payloads, window_total, options.floor_seconds)
+    say(f"   {fmt_rate(raw.rate)} msg/s ({raw.messages:,} in {raw.seconds:.1f}s)")
+    cpu = {"raw JetStream floor": meter.usage(snap, meter.snapshot())}
+    empty_target = stack.start_empty_server()
+    # One stream's window of concurrent calls: a grpc.aio server (1.85) fails some calls with
+    # CANCELLED once more than about 1,000 unary calls are in flight; the rate is flat above ~64.
+    concurrency = min(options.in_flight, 1000)
+    say(f"floor 2/3: empty grpc.aio unary call, {concurrency} concurrent")
+    snap = meter.snapshot()
+    unary = await measure_empty_unary(empty_target, concurrency, options.floor_seconds)
+    cpu["empty unary floor"] = meter.usage(snap, meter.snapshot())
+    say(f"   {fmt_rate(unary.rate)} calls/s, p50 {fmt_ms(unary.p50_s)}")
+    say(f"   one at a time: p50 {fmt_ms(unary.idle_p50_s)}")
+    say(f"floor 3/3: empty grpc.aio stream messages, {options.streams} x {options.in_flight} in flight")
+    snap = meter.snapshot()
+    echo = await measure_empty_stream(empty_target, load.per_stream, options.in_flight, options.floor_seconds)
+    cpu["empty stream floor"] = meter.usage(snap, meter.snapshot())
+    say(f"   {fmt_rate(echo.rate)} msg/s ({echo.messages:,} in {echo.seconds:.1f}s)")
+    return Floors(raw, unary, echo, cpu)
+
+
+async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
+    """Floors, warm-up, load with freshness samples, drain; the results as a dict."""
+    ingest_target = stack.target(suite.INGEST)
+    meter = CpuMeter(stack.cpu_groups())
+    say(f"generating {options.events:,} events for {options.customers:,} customers")
+    # The warm-up first: its events must occur before the load's, or every load event of a
+    # customer it touched would arrive late and make the merger replay that customer's history.
+    warmup = make_load(stack.run_id, "warmup", WARMUP_EVENTS, options.customers, options.streams, seed=1)
+    load = make_load(
+        stack.run_id, "load", options.events, options.customers, options.streams, start_ns=warmup.end_ns
+    )
+    say(f"   {dict(load.types)}; {load.mean_event_bytes:.0f} bytes per event as published")
+    floors = await measure_floors(stack, options, load, meter)
+
+    client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
+    js = client.jetstream()
+    sampler: Sampler | None = None
+    merging: Merging | None = None
+    try:
+        say(f"warm-up: {warmup.total:,} events" + ("" if options.ingest_only else ", then wait until merged"))
+        warm_results, warm_seconds = await send_all(ingest_target, warmup, options.in_flight)
+        _raise_on_problems(warm_results, "warm-up")
+        interval_s = options.sample_interval_s
+        if interval_s is None:  # spread the samples over the load, as long as the warm-up suggests
+            expected_load_s = load.total * warm_seconds / warmup.total
+            if options.rate is not None:
+                expected_load_s = max(expected_load_s, load.total / options.rate)
+            interval_s = min(0.5, max(0.01, expected_load_s / options.samples))
+        if not options.ingest_only:
+            await wait_merged(js, time.perf_counter(), MERGER_STALL_S)
+            before = await consumer_point(js, time.perf_counter())
+
+        say(f"load: {load.total:,} events over {options.streams} streams x {options.in_flight} in flight")
+        if not options.ingest_only:
+            say(f"   a freshness marker every {interval_s * 1000:.0f} ms, {options.samples} at most")
+        async with (
+            grpc.aio.insecure_channel(ingest_target) as sample_ingest,
+            grpc.aio.insecure_channel(stack.target(suite.PROFILE)) as sample_profile,
+        ):
+            stop_sampling = asyncio.Event()
+            snap_load = meter.snapshot()
+            started = time.perf_counter()
+            sampling = None
+            if not options.ingest_only:
+                sampler = Sampler(stack.run_id, sample_ingest, sample_profile)
+                sampling = asyncio.create_task(sampler.run(stop_sampling, interval_s, options.samples))
+            try:
+                results, load_seconds = await send_all(ingest_target, load, options.in_flight, options.rate)
+            finally:
+                stop_sampling.set()
+            snap_loaded = meter.snapshot()
+            cpu = {**floors.cpu, "load": CpuMeter.usage(snap_load, snap_loaded)}
+            if sampling is not None:
+                at_load_end = await consumer_point(js, started)
+                say(f"drain: waiting for the merger ({at_load_end.pending:,} pending when the load ended)")
+                try:  # the sampler keeps polling for its last markers meanwhile
+                    merged_point = await wait_merged(js, started, MERGER_STALL_S)
+                except BaseException:
+                    sampling.cancel()
+                    raise
+                snap_drained = meter.snapshot()
+                if snap_drained.at - snap_loaded.at >= MIN_PHASE_S:  # else nothing was left to merge
+                    cpu["drain"] = CpuMeter.usage(snap_loaded, snap_drained)
+                await sampling
+                merging = Merging(
+                    merged=merged_point.acked - before.acked,
+                    during_load=at_load_end.acked - before.acked,
+                    backlog_at_load_end=at_load_end.pending,
+                    all_merged_s=merged_point.at,
+                )
+    finally:
+        await client.close()
+    _raise_on_problems(results, "load")
+    if sampler is not None:
+        expected = warmup.total + sum(r.outcomes[ACCEPTED] for r in results) + len(sampler.results.acked_s)
+        in_database = await _count_events(stack.database_url)
+        if in_database != expected:
+            raise BenchError(f"{in_database} events merged into PostgreSQL, expected {expected}")
+    return _results(options, load, floors, results, load_seconds, merging, sampler, cpu)
+
+
+def _raise_on_problems(results: Sequence[StreamResult], phase: str) -> None:
+    problems = [r.first_problem for r in results if r.first_problem]
+    if problems:
+        raise BenchError(f"{phase}: not every event was accepted, e.g. {problems[0]}")
+
+
+async def _count_events(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+def _results(
+    options: Options,
+    load: Load,
+    floors: Floors,
+    streams: Sequence[StreamResult],
+    load_seconds: float,
+    merging: Merging | None,
+    sampler: Sampler | None,
+    cpu: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Everything measured, as plain data (what --json writes and ``report`` prints)."""
+    outcomes: Counter[int] = Counter()
+    for stream in streams:
+        outcomes.update(stream.outcomes)
+    latencies = [x for stream in streams for x in stream.latencies]
+    accepted = outcomes[ACCEPTED]
+    acked_rate = accepted / load_seconds
+    raw, unary, echo = floors.raw, floors.unary, floors.echo
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "source": source_info(),
+        "options": {
+            "events": options.events,
+            "streams": options.streams,
+            "in_flight_per_stream": options.in_flight,
+            "customers": options.customers,
+            "rate_limit": options.rate,
+            "ingest_only": options.ingest_only,
+            "cprofile": options.cprofile_dir is not None,
+            "event_types": dict(load.types),
+            "mean_event_bytes": round(load.mean_event_bytes, 1),
+        },
+        "floors": {
+            "raw_jetstream_msgs_per_s": raw.rate,
+            "raw_jetstream_window": raw.window,
+            "raw_jetstream_duplicates": raw.duplicates,
+            "empty_unary_calls_per_s": unary.rate,
+            "empty_unary_concurrency": unary.concurrency,
+            "empty_unary_p50_s": unary.p50_s,
+            "empty_unary_p99_s": unary.p99_s,
+            "empty_unary_idle_p50_s": unary.idle_p50_s,
+            "empty_stream_msgs_per_s": echo.rate,
+        },
+        "ingest": {
+            "accepted": accepted,
+            "outcomes": {ingest_pb2.EventOutcome.Name(k): v for k, v in outcomes.items()},  # type: ignore[arg-type]
+            "seconds": load_seconds,
+            "acked_events_per_s": acked_rate,
+            "ack_latency_p50_s": percentile(latencies, 50),
+            "ack_latency_p99_s": percentile(latencies, 99),
+        },
+        "merge": None,
+        "freshness": None,
+        "goals": {"acked_vs_raw_jetstream": {"value": acked_rate / raw.rate, "goal": GOAL_ACKED_VS_RAW}},
+        "cpu_percent_of_one_core": cpu,
+    }
+    results["cpu_us_per_event"] = _cpu_per_event(cpu, raw, unary, echo, acked_rate)
+    if merging is not None:
+        merged_rate = merging.merged / merging.all_merged_s
+        drain_s = merging.all_merged_s - load_seconds
+        results["merge"] = {
+            "merged": merging.merged,
+            "merged_events_per_s": merged_rate,
+            "merged_events_per_s_during_load": merging.during_load / load_seconds,
+            "merged_events_per_s_after_load": (
+                (merging.merged - merging.during_load) / drain_s if drain_s > 0.05 else math.nan
+            ),
+            "backlog_at_load_end": merging.backlog_at_load_end,
+            "all_merged_after_s": merging.all_merged_s,
+        }
+        results["goals"]["merged_vs_acked"] = {
+            "value": merged_rate / acked_rate,
+            "goal": GOAL_MERGED_VS_ACKED,
+        }
+        drain_rate = results["merge"]["merged_events_per_s_after_load"]
+        if "drain" in cpu and drain_rate > 0:
+            per_event = results["cpu_us_per_event"]
+            per_event["profile service, per merged event (drain)"] = _us(
+                cpu["drain"]["profile service"], drain_rate
+            )
+            per_event["postgres backends, per merged event (drain)"] = _us(
+                cpu["drain"]["postgres backends (bench db)"], drain_rate
+            )
+    if sampler is not None:
+        fresh = sampler.results
+        p99 = percentile(fresh.visible_s, 99)
+        if fresh.not_visible > 0.01 * max(1, len(fresh.acked_s)):  # unseen markers are slower than any seen
+            p99 = math.inf
+        results["freshness"] = {
+            "samples": len(fresh.visible_s),
+            "not_visible": fresh.not_visible,
+            "not_visible_within_s": MARKER_TIMEOUT_S,
+            "not_accepted": fresh.not_accepted,
+            "p50_s": percentile(fresh.visible_s, 50),
+            "p99_s": p99,
+            "max_s": max(fresh.visible_s, default=math.nan),
+            "acked_p50_s": percentile(fresh.acked_s, 50),
+            "acked_p99_s": percentile(fresh.acked_s, 99),
+        }
+        results["goals"]["freshness_p99_s"] = {"value": p99, "goal": GOAL_FRESHNESS_P99_S}
+    return results
+
+
+def _us(percent_of_core: float, per_second: float) -> float:
+    """CPU microseconds per item, from a process's CPU share and the rate it handled items at."""
+    return percent_of_core / 100 / per_second * 1e6 if per_second > 0 else math.nan
+
+
+def _cpu_per_event(
+    cpu: dict[str, dict[str, float]], raw: RawFloor, unary: CallFloor, echo: StreamFloor, acked_rate: float
+) -> dict[str, float]:
+    """What one message costs each process, which says where the CPU goes (see docs/benchmarks.md)."""
+    load = cpu["load"]
+    return {
+        "nats-server, per raw publish (floor)": _us(cpu["raw JetStream floor"]["nats-server"], raw.rate),
+        "nats-py client, per raw publish (floor)": _us(
+            cpu["raw JetStream floor"]["bench (load generator)"], raw.rate
+        ),
+        "empty server, per unary call (floor)": _us(
+            cpu["empty unary floor"]["empty gRPC server (floors)"], unary.rate
+        ),
+        "empty server, per stream message (floor)": _us(
+            cpu["empty stream floor"]["empty gRPC server (floors)"], echo.rate
+        ),
+        "ingest service, per acked event (load)": _us(load["ingest service"], acked_rate),
+        "nats-server, per acked event (load)": _us(load["nats-server"], acked_rate),
+        "load generator, per acked event (load)": _us(load["bench (load generator)"], acked_rate),
+    }
+
+
+def report(results: dict[str, Any]) -> str:
+    """The table and the CPU breakdown, as printed."""
+    floors, ingest, merge, fresh = (
+        results["floors"],
+        results["ingest"],
+        results["merge"],
+        results["freshness"],
+    )
+    raw_rate, acked = floors["raw_jetstream_msgs_per_s"], ingest["acked_events_per_s"]
+    acked_ratio = acked / raw_rate
+    paced = results["options"]["rate_limit"]
+    rows = [
+        Row(
+            "acked ingest (StreamEvents)",
+            f"{fmt_rate(acked)} ev/s",
+            f"raw JetStream {fmt_rate(raw_rate)} msg/s",
+            f"{acked_ratio:.2f} x",
+            f">= {GOAL_ACKED_VS_RAW} x" if paced is None else f"paced: {fmt_rate(paced)} ev/s offered",
+            verdict(acked_ratio >= GOAL_ACKED_VS_RAW if paced is None else None),
+        ),
+        Row(
+            "",
+            "",
+            f"empty gRPC stream msgs {fmt_rate(floors['empty_stream_msgs_per_s'])}/s",
+            f"{acked / floors['empty_stream_msgs_per_s']:.2f} x",
+        ),
+        Row(
+            "",
+            "",
+            f"empty unary calls {fmt_rate(floors['empty_unary_calls_per_s'])}/s",
+            f"{acked / floors['empty_unary_calls_per_s']:.2f} x",
+        ),
+        Row(
+            "  ack latency p50 / p99 (stream)",
+            f"{fmt_ms(ingest['ack_latency_p50_s'])} / {fmt_ms(ingest['ack_latency_p99_s'])}",
+            f"empty call p50 {fmt_ms(floors['empty_unary_p50_s'])}"
+            f" at {floors['empty_unary_concurrency']} concurrent",
+        ),
+    ]
+    if merge is None:
+        rows.append(Row("merged, freshness", "not measured (--ingest-only)"))
+    else:
+        merged_ratio = merge["merged_events_per_s"] / acked
+        rows += [
+            Row(
+                "merged (load start -> all merged)",
+                f"{fmt_rate(merge['merged_events_per_s'])} ev/s",
+                f"acked {fmt_rate(acked)} ev/s",
+                f"{merged_ratio:.2f} x",
+                f">= {GOAL_MERGED_VS_ACKED} x",
+                verdict(merged_ratio >= GOAL_MERGED_VS_ACKED),
+            ),
+            Row("  merged while ingest ran", f"{fmt_rate(merge['merged_events_per_s_during_load'])} ev/s"),
+            Row("  merged after ingest ended", f"{fmt_rate(merge['merged_events_per_s_after_load'])} ev/s"),
+        ]
+    if fresh is not None:
+        p99 = fresh["p99_s"]
+        rows += [
+            Row(
+                "freshness p50 (occurred -> visible)",
+                fmt_ms(fresh["p50_s"]),
+                f"empty call p50 {fmt_ms(floors['empty_unary_idle_p50_s'])} one at a time",
+            ),
+            Row(
+                "freshness p99",
+                fmt_ms(p99) if math.isfinite(p99) else f"> {MARKER_TIMEOUT_S:.0f} s",
+                "",
+                "",
+                f"< {GOAL_FRESHNESS_P99_S * 1000:.0f} ms",
+                verdict(p99 < GOAL_FRESHNESS_P99_S),
+            ),
+            Row(
+                "  marker acked p50 / p99 (SendEvents)",
+                f"{fmt_ms(fresh['acked_p50_s'])} / {fmt_ms(fresh['acked_p99_s'])}",
+            ),
+        ]
+    machine, options = results["machine"], results["options"]
+    summary = (
+        f"{ingest['accepted']:,} events accepted in {ingest['seconds']:.1f}s over"
+        f" {options['streams']} streams x {options['in_flight_per_stream']} in flight,"
+        f" {options['customers']:,} customers,"
+        f" {options['mean_event_bytes']:.0f} B/event as published"
+    )
+    if merge is not None and fresh is not None:
+        summary += (
+            f"; all merged {merge['all_merged_after_s']:.1f}s after the load began"
+            f" ({merge['backlog_at_load_end']:,} pending when it ended); {fresh['samples']} freshness samples"
+            f" ({fresh['not_visible']} not visible within {MARKER_TIMEOUT_S:.0f}s)"
+        )
+    lines = [
+        "",
+        f"Sendtime bench-ingest, {results['date']}: {machine['cores']} cores ({machine['cpu_model']}),"
+        f" load average {machine['load_average_1m_before']} before the run",
+        summary,
+    ]
+    if options["cprofile"]:
+        lines.append(
+            "The services ran under cProfile, which slows them down: compare nothing with these rates."
+        )
+    noisy = {
+        phase: usage["rest of machine"]
+        for phase, usage in results["cpu_percent_of_one_core"].items()
+        if usage["rest of machine"] > NOISY_NEIGHBOURS_PERCENT
+    }
+    if noisy:
+        during = ", ".join(f"{used:.0f}% in {phase}" for phase, used in noisy.items())
+        lines.append(
+            f"WARNING: processes outside the bench used CPU ({during}): expect lower figures than alone."
+        )
+    lines += [
+        "",
+        render_table(rows),
+        "",
+        f"CPU, % of one core ({machine['cores']} cores:"
+        f" {100 * (machine['cores'] or 1)}% is the whole machine):",
+        render_cpu(results["cpu_percent_of_one_core"]),
+        "",
+        "CPU per message, µs:",
+        *(f"  {name:<46} {value:>8,.0f}" for name, value in results["cpu_us_per_event"].items()),
+        "",
+        "Goals are reported, not enforced: the exit code is 0 unless the bench itself failed.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="bench_ingest.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--events", type=int, default=12_000, help="events in the measured load (default 12000)"
+    )
+    parser.add_argument("--streams", type=int, default=4, help="concurrent StreamEvents calls (default 4)")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=512,
+        help="unanswered events per stream (default 512, ingest's limit)",
+    )
+    parser.add_argument("--customers", type=int, default=2000, help="distinct customers (default 2000)")
+    parser.add_argument("--samples", type=int, default=200, help="freshness samples at most (default 200)")
+    parser.add_argument(
+        "--sample-interval",
+        type=float,
+        default=None,
+        help="seconds between freshness markers (default: the expected load time / --samples)",
+    )
+    parser.add_argument("--floor-seconds", type=float, default=3.0, help="seconds per floor (default 3)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="offer at most this many events/s (default: as fast as ingest takes them); freshness at a"
+        " sustainable load",
+    )
+    parser.add_argument(
+        "--ingest-only",
+        action="store_true",
+        help="run ingest without the profile service (no merge, no freshness): ingest's own ceiling",
+    )
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--cprofile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
+    )
+    args = parser.parse_args(argv)
+    if min(args.events, args.streams, args.in_flight, args.customers, args.samples) < 1:
+        parser.error("--events, --streams, --in-flight, --customers and --samples must be positive")
+    if args.rate is not None and args.rate <= 0:
+        parser.error("--rate must be positive")
+    return Options(
+        events=args.events,
+        streams=args.streams,
+        in_flight=args.in_flight,
+        customers=args.customers,
+        samples=args.samples,
+        sample_interval_s=args.sample_interval,
+        floor_seconds=args.floor_seconds,
+        rate=args.rate,
+        ingest_only=args.ingest_only,
+        json_path=args.json,
+        cprofile_dir=args.cprofile,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    started = time.monotonic()
+    services = [suite.INGEST] if options.ingest_only else [suite.PROFILE, suite.INGEST]
+    try:
+        with sigterm_as_sigint(), BenchStack(services, cprofile_dir=options.cprofile_dir) as stack:
+            say(f"bench {stack.run_id}: NATS {stack.nats_url}, Redis {stack.redis_url}")
+            say(f"   database {stack.database}, logs in {stack.workdir}")
+            try:
+                results = asyncio.run(run_bench(stack, options))
+            except Exception:
+                stack.stop_services()  # a service writes its last words (a traceback) when it stops
+                say("bench failed; last log lines:\n" + stack.log_tails())
+                raise
+    except KeyboardInterrupt:
+        print("bench-ingest: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, OSError, RuntimeError, grpc.RpcError, asyncpg.PostgresError) as exc:
+        print(f"bench-ingest: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    say(report(results))
+    say(f"(the whole bench took {time.monotonic() - started:.0f}s)")
+    if options.json_path is not None:
+        write_json(options.json_path, results)
+        say(f"results written to {options.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
