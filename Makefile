@@ -10,7 +10,7 @@ PY := $(BIN)/python
 export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install up down run demo test test-fast lint gen gen-check breaking clean bench bench-ingest
+.PHONY: help install up down run demo test test-fast lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render
 
 help:
 	@echo "make run        start Postgres/Redis/NATS if needed, the three services, a demo; Ctrl-C stops"
@@ -20,7 +20,7 @@ help:
 	@echo "make gen        regenerate gen/python from protos/;  make gen-check: fail when stale"
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
-	@echo "make bench      every benchmark (docs/benchmarks.md); make bench-ingest: the ingest one"
+	@echo "make bench      every benchmark (docs/benchmarks.md); or one: bench-ingest, bench-profile, bench-render"
 	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -61,11 +61,19 @@ gen-check: gen
 		|| (echo "gen/python is stale: run 'make gen' and commit it" >&2; exit 1)
 
 # Benchmarks start their own NATS, Redis, database and services; only PostgreSQL must be reachable.
-bench: bench-ingest
+bench: bench-ingest bench-profile bench-render
 
 bench-ingest: install
 	$(PY) scripts/devstack.py ensure
 	$(PY) scripts/bench_ingest.py $(BENCH_ARGS)
+
+bench-profile: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) scripts/bench_profile.py $(BENCH_ARGS)
+
+bench-render: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) scripts/bench_render.py $(BENCH_ARGS)
 
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'

@@ -1,0 +1,940 @@
+"""``make bench-profile``: how fast the profile service reads profiles (Redis hit, miss to
+PostgreSQL, batches of 100) and merges events, next to floors measured in the same run.
+
+The bench starts a private stack (bench_common.BenchStack: NATS with ``sync_interval: always``,
+Redis, a fresh database, profile and ingest as their own processes), then:
+
+1. a write floor: one-INSERT PostgreSQL transactions at the merger's concurrency (8), in a
+   scratch table of the bench database;
+2. load: ``--customers`` customers (an identify with traits and an email, two cart additions:
+   3 events each) through ``IngestService/SendEvents`` in batches of 500, interleaved as a live
+   stream is; merge events/s is all events / (load start -> the ``profile-merger`` consumer has
+   nothing pending);
+3. read floors: an empty grpc.aio unary call, a raw Redis GET of a real cache entry
+   (redis.asyncio with hiredis, as the service), a raw Redis MGET of 100, a raw PostgreSQL
+   primary-key read (asyncpg, ``SELECT state FROM customers WHERE customer_id=$1``) and one of
+   100 rows, each one at a time and (where it applies) at ``--concurrency``;
+4. GetProfile on a cache hit, one at a time and at ``--concurrency``; on a miss (the customer's
+   Redis key deleted, untimed, before each call; PostgreSQL's buffers are warm); and
+   BatchGetProfiles of 100, warm and cold.
+
+Calls go out as pre-serialized bytes and answers are not parsed (one per phase is checked), as
+in the empty-call floor, so the client's protobuf work is in neither. It prints a table of each
+measure against its floors and the goal, and the CPU each process used in each phase. A missed
+goal is reported, not an error: the exit code is 0 unless the bench broke. Defaults take about
+80 s on a 2-core machine (about 40 s of it merging the 15,000 events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import nats
+import redis.asyncio as redis
+from bench_common import (
+    BenchError,
+    BenchStack,
+    CallFloor,
+    CpuMeter,
+    Row,
+    fmt_rate,
+    machine_info,
+    measure_empty_unary,
+    percentile,
+    render_cpu,
+    render_table,
+    say,
+    sigterm_as_sigint,
+    source_info,
+    verdict,
+    write_json,
+)
+from google.protobuf import struct_pb2, timestamp_pb2
+from google.type import money_pb2
+from redis.exceptions import RedisError
+
+import suite
+from profile_service.cache import cache_key
+from profile_service.repository import create_pool
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2
+from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifiers import IdentifierKind
+
+GET_PROFILE = "/sendtime.profile.v1.ProfileService/GetProfile"
+BATCH_GET_PROFILES = "/sendtime.profile.v1.ProfileService/BatchGetProfiles"
+MERGER = "profile-merger"
+ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
+SEND_BATCH = 500  # events per SendEvents call (whole customers)
+SENDERS = 4  # concurrent SendEvents calls
+MERGE_CONCURRENCY = 8  # PROFILE_MERGE_CONCURRENCY's default: the write floor's concurrency
+BATCH = 100
+CALL_TIMEOUT_S = 10.0
+# A consumer whose pending count and ack floor have not moved for this long has stopped. Longer
+# than JetStream's ack wait (30 s), after which an unconfirmed ack's message comes back.
+STALL_S = 60.0
+NOISY_NEIGHBOURS_PERCENT = 25.0
+
+GOAL_HIT_VS_FLOOR = 1.5
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    """Milliseconds with two decimals (bench_common.fmt_ms rounds to whole ms, too coarse here)."""
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:,.2f} ms"
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """Calls made back to back by ``concurrency`` callers: latencies of those that succeeded."""
+
+    concurrency: int
+    calls: int
+    seconds: float
+    p50_s: float
+    p99_s: float
+    max_s: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.calls / self.seconds if self.seconds > 0 else math.nan
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "calls": self.calls,
+            "seconds": self.seconds,
+            "per_s": self.rate,
+            "p50_s": self.p50_s,
+            "p99_s": self.p99_s,
+            "max_s": self.max_s,
+            "errors": self.errors,
+        }
+
+
+async def measure(
+    call: Callable[[int], Awaitable[object]],
+    *,
+    concurrency: int,
+    duration_s: float,
+    prepare: Callable[[int], Awaitable[object]] | None = None,
+    max_calls: int | None = None,
+) -> Measured:
+    """``concurrency`` callers each awaiting ``call(i)`` back to back (``i`` counts calls across
+    callers) for ``duration_s`` or ``max_calls`` calls. ``prepare(i)`` runs before a call and is
+    not timed (the rate then includes it). gRPC errors are counted by code, not raised."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    counter = itertools.count()
+    stop_at = time.perf_counter() + duration_s
+
+    async def caller() -> None:
+        while time.perf_counter() < stop_at:
+            i = next(counter)
+            if max_calls is not None and i >= max_calls:
+                return
+            if prepare is not None:
+                await prepare(i)
+            started = time.perf_counter()
+            try:
+                await call(i)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return Measured(
+        concurrency=concurrency,
+        calls=len(latencies),
+        seconds=seconds,
+        p50_s=percentile(latencies, 50),
+        p99_s=percentile(latencies, 99),
+        max_s=max(latencies, default=math.nan),
+        errors=dict(errors),
+    )
+
+
+def _fail_on_errors(name: str, measured: Measured) -> None:
+    if measured.errors:
+        raise BenchError(f"{name}: calls failed: {measured.errors}")
+
+
+# --- loading customers through ingest ----------------------------------------------------------
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
+
+
+def user_id_of(run_id: str, index: int) -> str:
+    return f"bench-{run_id}-c{index}"
+
+
+FIRST_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Radia", "Tim")
+PRODUCTS = tuple(
+    (f"SKU-{n:03d}", f"{adjective} {thing}", 9 + (n * 37) % 190)
+    for n, (adjective, thing) in enumerate(
+        itertools.product(
+            ("Trail", "Road", "Summit", "Urban", "Coastal"),
+            ("runner", "jacket", "backpack", "bottle", "cap", "sock pack", "headlamp", "vest"),
+        )
+    )
+)
+
+
+def customer_events(
+    run_id: str, index: int, rng: random.Random, base_ns: int, *, views: int, cart_items: int
+) -> list[ingest_pb2.Event]:
+    """One customer's history, in occurred_at order: an identify (CRM, with an email, so that two
+    identifiers are stitched), ``views`` product views and ``cart_items`` cart additions (web)."""
+    user_id = user_id_of(run_id, index)
+    events: list[ingest_pb2.Event] = []
+    at_ns = base_ns + index * 1000
+
+    def event(source: int, **payload: Any) -> ingest_pb2.Event:
+        built = ingest_pb2.Event(
+            event_id=f"bench-{run_id}-c{index}-e{len(events)}",
+            occurred_at=_timestamp(at_ns + len(events)),
+            customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
+            source=source,  # type: ignore[arg-type]
+        )
+        for name, value in payload.items():
+            getattr(built, name).CopyFrom(value)
+        events.append(built)
+        return built
+
+    traits = struct_pb2.Struct()
+    traits.update(
+        {
+            "first_name": FIRST_NAMES[index % len(FIRST_NAMES)],
+            "last_name": f"Customer{index}",
+            "city": rng.choice(["Lyon", "Leeds", "Porto", "Graz", "Turku"]),
+            "plan": rng.choice(["free", "plus", "pro"]),
+            "newsletter": rng.random() < 0.5,
+        }
+    )
+    identify = event(ingest_pb2.EVENT_SOURCE_CRM, identify=ingest_pb2.Identify(traits=traits))
+    identify.customer.email = f"{user_id}@example.com"
+    for _ in range(views):
+        sku, name, units = rng.choice(PRODUCTS)
+        price = money_pb2.Money(currency_code="EUR", units=units, nanos=990_000_000)
+        event(
+            ingest_pb2.EVENT_SOURCE_WEB,
+            product_viewed=ingest_pb2.ProductViewed(
+                sku=sku, name=name, price=price, category="outdoor", url=f"https://shop.example.com/p/{sku}"
+            ),
+        )
+    for sku, name, units in rng.sample(PRODUCTS, cart_items):
+        price = money_pb2.Money(currency_code="EUR", units=units, nanos=990_000_000)
+        event(
+            ingest_pb2.EVENT_SOURCE_WEB,
+            cart_item_added=ingest_pb2.CartItemAdded(
+                sku=sku, name=name, quantity=rng.randint(1, 3), unit_price=price
+            ),
+        )
+    return events
+
+
+def batches_of(customers: Sequence[Sequence[ingest_pb2.Event]], size: int) -> list[bytes]:
+    """SendEventsRequests of ``size`` events, interleaved as a live stream is: every customer's
+    first event, then every customer's second one, and so on. One fetch of the merger then holds
+    events of different customers, which merge side by side (a customer's own events serialize on
+    its locks), and a customer's events arrive in occurred_at order, far apart."""
+    ordered = [
+        events[round_]
+        for round_ in range(max(len(c) for c in customers))
+        for events in customers
+        if round_ < len(events)
+    ]
+    return [
+        ingest_pb2.SendEventsRequest(events=ordered[i : i + size]).SerializeToString()
+        for i in range(0, len(ordered), size)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    events: int
+    ingest_s: float  # load start -> the last SendEvents answered
+    merged_s: float  # load start -> every consumer has nothing pending
+    pending_at_ingest_end: dict[str, int]
+    consumers_done_s: dict[str, float]
+
+    @property
+    def acked_rate(self) -> float:
+        return self.events / self.ingest_s
+
+    @property
+    def merged_rate(self) -> float:
+        return self.events / self.consumers_done_s[MERGER]
+
+
+async def consumer_state(js: Any, stream: str, name: str) -> tuple[int, int]:
+    """Events not yet acked by the durable consumer ``name`` (undelivered + unacked), and its ack
+    floor (stream sequence)."""
+    info = await js.consumer_info(stream, name)
+    return int(info.num_pending) + int(info.num_ack_pending), int(info.ack_floor.stream_seq)
+
+
+async def load_customers(
+    stack: BenchStack,
+    requests: Sequence[bytes],
+    events: int,
+    consumers: Sequence[str],
+    timeout_s: float,
+    *,
+    analyze: bool = False,
+) -> Loaded:
+    """Send ``requests`` with SENDERS concurrent SendEvents calls (each sender on its own
+    channel), then wait until each of ``consumers`` has nothing pending. Every event must be
+    ACCEPTED. With ``analyze``, the database is ANALYZEd once ingest has acknowledged every
+    event (a fresh database otherwise has no statistics until autovacuum gets to it: see
+    docs/benchmarks-profile-render.md)."""
+    stream = JetStreamSettings.from_env(stack.env).stream
+    client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
+    js = client.jetstream()
+    channels = [grpc.aio.insecure_channel(stack.target(suite.INGEST)) for _ in range(SENDERS)]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        queue = iter(requests)
+        problems: list[str] = []
+
+        async def sender(channel: grpc.aio.Channel) -> None:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            for request in queue:
+                response = await stub.SendEvents(ingest_pb2.SendEventsRequest.FromString(request), timeout=60)
+                for result in response.results:
+                    if result.outcome != ACCEPTED and not problems:
+                        name = ingest_pb2.EventOutcome.Name(result.outcome)
+                        problems.append(f"{result.event_id}: {name}: {result.status.message}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(c) for c in channels))
+        ingest_s = time.perf_counter() - started
+        if problems:
+            raise BenchError(f"load: not every event was accepted, e.g. {problems[0]}")
+        pending = {name: (await consumer_state(js, stream, name))[0] for name in consumers}
+        if analyze:
+            conn = await asyncpg.connect(stack.database_url)
+            try:
+                await conn.execute("ANALYZE")
+            finally:
+                await conn.close()
+        done: dict[str, float] = {}
+        progress = {name: ((-1, -1), time.perf_counter()) for name in consumers}  # (state, when it moved)
+        deadline = time.perf_counter() + timeout_s
+        while len(done) < len(consumers):
+            for name in consumers:
+                if name in done:
+                    continue
+                left, acked = await consumer_state(js, stream, name)
+                now = time.perf_counter()
+                if left == 0:
+                    done[name] = now - started
+                elif (left, acked) != progress[name][0]:
+                    progress[name] = ((left, acked), now)
+                elif now - progress[name][1] > STALL_S:
+                    raise BenchError(
+                        f"consumer {name} made no progress for {STALL_S:.0f}s with {left:,} events pending"
+                        f" (ack floor {acked:,}): its service stopped consuming; see its log"
+                    )
+            if time.perf_counter() > deadline:
+                raise BenchError(f"consumers not done after {timeout_s:.0f}s: {set(consumers) - set(done)}")
+            await asyncio.sleep(0.05)
+        return Loaded(events, ingest_s, max(done.values()), pending, done)
+    finally:
+        for channel in channels:
+            await channel.close(None)
+        await client.close()
+
+
+async def check_merged(database_url: str, events: int, customers: int) -> list[str]:
+    """Every event is in PostgreSQL and every customer exists: the customer ids."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        in_database = int(await conn.fetchval("SELECT count(*) FROM events"))
+        ids = [str(r["customer_id"]) for r in await conn.fetch("SELECT customer_id FROM customers")]
+    finally:
+        await conn.close()
+    if in_database != events or len(ids) != customers:
+        raise BenchError(f"merged {in_database} events of {events}, {len(ids)} customers of {customers}")
+    return ids
+
+
+# --- raw floors --------------------------------------------------------------------------------
+
+
+async def measure_pg_write_txn(
+    database_url: str, concurrency: int, duration_s: float, meter: CpuMeter, cpu: dict[str, Any]
+) -> Measured:
+    """One-INSERT transactions (an event-sized row, commit), ``concurrency`` at once: what one
+    transaction per merged event costs at the least on this PostgreSQL."""
+    pool = await asyncpg.create_pool(database_url, min_size=concurrency, max_size=concurrency)
+    assert pool is not None
+    body = bytes(random.Random(1).randbytes(220))
+    try:
+        await pool.execute("CREATE TABLE bench_write_floor (id bigint PRIMARY KEY, body bytea NOT NULL)")
+
+        async def txn(i: int) -> None:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("INSERT INTO bench_write_floor (id, body) VALUES ($1, $2)", i, body)
+
+        await measure(txn, concurrency=concurrency, duration_s=0.3)  # connect and warm up
+        await pool.execute("TRUNCATE bench_write_floor")
+        snap = meter.snapshot()
+        measured = await measure(txn, concurrency=concurrency, duration_s=duration_s)
+        cpu["write floor"] = CpuMeter.usage(snap, meter.snapshot())  # while the backends exist
+        await pool.execute("DROP TABLE bench_write_floor")
+    finally:
+        await pool.close()
+    return measured
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFloors:
+    empty_1: CallFloor
+    empty_n: CallFloor
+    redis_get_1: Measured
+    redis_get_n: Measured
+    redis_mget_100: Measured
+    pg_read_1: Measured
+    pg_read_n: Measured
+    pg_read_100: Measured
+    entry_bytes: int
+
+    def as_json(self) -> dict[str, Any]:
+        def call(floor: CallFloor) -> dict[str, Any]:
+            return {
+                "concurrency": floor.concurrency,
+                "calls": floor.calls,
+                "per_s": floor.rate,
+                "p50_s": floor.p50_s,
+                "p99_s": floor.p99_s,
+                "idle_p50_s": floor.idle_p50_s,
+            }
+
+        return {
+            "empty_unary_1": call(self.empty_1),
+            "empty_unary_n": call(self.empty_n),
+            "redis_get_1": self.redis_get_1.as_json(),
+            "redis_get_n": self.redis_get_n.as_json(),
+            "redis_mget_100": self.redis_mget_100.as_json(),
+            "pg_pk_read_1": self.pg_read_1.as_json(),
+            "pg_pk_read_n": self.pg_read_n.as_json(),
+            "pg_pk_read_100": self.pg_read_100.as_json(),
+            "cache_entry_bytes": self.entry_bytes,
+        }
+
+
+async def measure_redis_get(
+    client: redis.Redis, keys: Sequence[str], concurrency: int, duration_s: float
+) -> Measured:
+    async def get(i: int) -> None:
+        if await client.get(keys[i % len(keys)]) is None:
+            raise BenchError(f"Redis floor: no entry at {keys[i % len(keys)]}")
+
+    await measure(get, concurrency=concurrency, duration_s=0.2)
+    return await measure(get, concurrency=concurrency, duration_s=duration_s)
+
+
+async def measure_redis_mget(
+    client: redis.Redis, keys: Sequence[str], size: int, duration_s: float
+) -> Measured:
+    groups = [keys[i : i + size] for i in range(0, len(keys) - size + 1, size)]
+
+    async def mget(i: int) -> None:
+        await client.mget(groups[i % len(groups)])
+
+    await measure(mget, concurrency=1, duration_s=0.2)
+    return await measure(mget, concurrency=1, duration_s=duration_s)
+
+
+async def measure_pg_read(
+    pool: asyncpg.Pool, customer_ids: Sequence[str], concurrency: int, duration_s: float
+) -> Measured:
+    """``SELECT state FROM customers WHERE customer_id=$1``, through a pool whose connections
+    decode jsonb as the profile service's do."""
+
+    async def read(i: int) -> None:
+        state = await pool.fetchval(
+            "SELECT state FROM customers WHERE customer_id = $1::uuid", customer_ids[i % len(customer_ids)]
+        )
+        if state is None:
+            raise BenchError("PostgreSQL floor: a customer is missing")
+
+    await measure(read, concurrency=concurrency, duration_s=0.2)
+    return await measure(read, concurrency=concurrency, duration_s=duration_s)
+
+
+async def measure_pg_read_many(
+    pool: asyncpg.Pool, customer_ids: Sequence[str], size: int, duration_s: float
+) -> Measured:
+    groups = [list(customer_ids[i : i + size]) for i in range(0, len(customer_ids) - size + 1, size)]
+
+    async def read(i: int) -> None:
+        await pool.fetch(
+            "SELECT state FROM customers WHERE customer_id = ANY($1::uuid[])", groups[i % len(groups)]
+        )
+
+    await measure(read, concurrency=1, duration_s=0.2)
+    return await measure(read, concurrency=1, duration_s=duration_s)
+
+
+async def measure_read_floors(
+    stack: BenchStack,
+    options: Options,
+    user_ids: Sequence[str],
+    customer_ids: Sequence[str],
+    meter: CpuMeter,
+    cpu: dict[str, Any],
+) -> ReadFloors:
+    empty_target = stack.start_empty_server()
+    n, seconds = options.concurrency, options.floor_seconds
+    say(f"floor: empty grpc.aio unary call, 1 at a time and {n} concurrent")
+    snap = meter.snapshot()
+    empty_1 = await measure_empty_unary(empty_target, 1, seconds)
+    empty_n = await measure_empty_unary(empty_target, n, seconds)
+    cpu["empty-call floor"] = CpuMeter.usage(snap, meter.snapshot())
+    say(f"   p50 {ms(empty_1.p50_s)} (1), {ms(empty_n.p50_s)} ({n}); {fmt_rate(empty_n.rate)} calls/s at {n}")
+    keys = [cache_key(IdentifierKind.USER_ID, u) for u in user_ids]
+    client = redis.Redis.from_url(stack.redis_url)  # as the service creates its client (hiredis)
+    try:
+        entry = await client.get(keys[0])
+        if entry is None:
+            raise BenchError(f"no cache entry at {keys[0]}: the merger did not fill the cache")
+        say(f"floor: raw Redis GET of a cache entry ({len(entry):,} B), 1 and {n} concurrent; MGET of 100")
+        snap = meter.snapshot()
+        redis_1 = await measure_redis_get(client, keys, 1, seconds)
+        redis_n = await measure_redis_get(client, keys, n, seconds)
+        mget = await measure_redis_mget(client, keys, BATCH, seconds)
+        cpu["Redis floors"] = CpuMeter.usage(snap, meter.snapshot())
+        say(f"   GET p50 {ms(redis_1.p50_s)} (1), {ms(redis_n.p50_s)} ({n}); MGET 100 p50 {ms(mget.p50_s)}")
+    finally:
+        await client.aclose()
+    pool = await create_pool(stack.database_url, min_size=n, max_size=n)
+    try:
+        say(f"floor: raw PostgreSQL primary-key read (asyncpg), 1 and {n} concurrent; 100 rows")
+        snap = meter.snapshot()
+        pg_1 = await measure_pg_read(pool, customer_ids, 1, seconds)
+        pg_n = await measure_pg_read(pool, customer_ids, n, seconds)
+        pg_100 = await measure_pg_read_many(pool, customer_ids, BATCH, seconds)
+        cpu["PostgreSQL floors"] = CpuMeter.usage(snap, meter.snapshot())
+        say(f"   p50 {ms(pg_1.p50_s)} (1), {ms(pg_n.p50_s)} ({n}); 100 rows p50 {ms(pg_100.p50_s)}")
+    finally:
+        await pool.close()
+    return ReadFloors(empty_1, empty_n, redis_1, redis_n, mget, pg_1, pg_n, pg_100, len(entry))
+
+
+# --- the profile reads -------------------------------------------------------------------------
+
+
+def get_request(user_id: str) -> bytes:
+    identifier = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)
+    return profile_pb2.GetProfileRequest(identifier=identifier).SerializeToString()
+
+
+def batch_request(user_ids: Sequence[str]) -> bytes:
+    return profile_pb2.BatchGetProfilesRequest(
+        identifiers=[
+            profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=u) for u in user_ids
+        ]
+    ).SerializeToString()
+
+
+@dataclass(frozen=True, slots=True)
+class Reads:
+    hit_1: Measured
+    hit_n: Measured
+    miss_1: Measured
+    miss_n: Measured
+    batch_warm: Measured
+    batch_cold: Measured
+    response_bytes: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "get_profile_hit_1": self.hit_1.as_json(),
+            "get_profile_hit_n": self.hit_n.as_json(),
+            "get_profile_miss_1": self.miss_1.as_json(),
+            "get_profile_miss_n": self.miss_n.as_json(),
+            "batch_get_100_warm": self.batch_warm.as_json(),
+            "batch_get_100_cold": self.batch_cold.as_json(),
+            "get_profile_response_bytes": self.response_bytes,
+        }
+
+
+async def measure_reads(
+    stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
+) -> Reads:
+    n, seconds = options.concurrency, options.seconds
+    requests = [get_request(u) for u in user_ids]
+    keys = [cache_key(IdentifierKind.USER_ID, u) for u in user_ids]
+    groups = [list(user_ids[i : i + BATCH]) for i in range(0, len(user_ids) - BATCH + 1, BATCH)]
+    batch_requests = [batch_request(g) for g in groups]
+    batch_keys = [[cache_key(IdentifierKind.USER_ID, u) for u in g] for g in groups]
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        async with grpc.aio.insecure_channel(stack.target(suite.PROFILE)) as channel:
+            get = channel.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
+            batch_get = channel.unary_unary(
+                BATCH_GET_PROFILES, request_serializer=None, response_deserializer=None
+            )
+
+            async def get_one(i: int) -> None:
+                await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S)
+
+            async def forget_one(i: int) -> None:
+                await client.delete(keys[i % len(keys)])
+
+            async def get_batch(i: int) -> None:
+                await batch_get(batch_requests[i % len(batch_requests)], timeout=CALL_TIMEOUT_S)
+
+            async def forget_batch(i: int) -> None:
+                await client.delete(*batch_keys[i % len(batch_keys)])
+
+            first = profile_pb2.GetProfileResponse.FromString(await get(requests[0], timeout=CALL_TIMEOUT_S))
+            if user_ids[0] not in {i.value for i in first.profile.identifiers}:
+                raise BenchError("GetProfile answered another customer")
+            response_bytes = first.ByteSize()
+            await measure(get_one, concurrency=n, duration_s=0.5)  # warm up
+            say(f"GetProfile, cache hit: 1 at a time, then {n} concurrent ({seconds:.0f}s each)")
+            snap = meter.snapshot()
+            hit_1 = await measure(get_one, concurrency=1, duration_s=seconds)
+            hit_n = await measure(get_one, concurrency=n, duration_s=seconds)
+            cpu["GetProfile hit"] = CpuMeter.usage(snap, meter.snapshot())
+            say(f"   p50 {ms(hit_1.p50_s)} (1), {ms(hit_n.p50_s)} ({n}); {fmt_rate(hit_n.rate)} calls/s")
+            say("GetProfile, cache miss (the key deleted before each call, untimed)")
+            snap = meter.snapshot()
+            miss_1 = await measure(get_one, concurrency=1, duration_s=seconds, prepare=forget_one)
+            miss_n = await measure(get_one, concurrency=n, duration_s=seconds, prepare=forget_one)
+            cpu["GetProfile miss"] = CpuMeter.usage(snap, meter.snapshot())
+            say(f"   p50 {ms(miss_1.p50_s)} (1), {ms(miss_n.p50_s)} ({n})")
+            say(f"BatchGetProfiles of {BATCH}: warm, then cold (its {BATCH} keys deleted before each call)")
+            response = profile_pb2.BatchGetProfilesResponse.FromString(
+                await batch_get(batch_requests[0], timeout=CALL_TIMEOUT_S)
+            )
+            if sum(r.found for r in response.results) != BATCH:
+                raise BenchError("BatchGetProfiles did not find every customer")
+            snap = meter.snapshot()
+            warm = await measure(get_batch, concurrency=1, duration_s=seconds)
+            cold = await measure(get_batch, concurrency=1, duration_s=seconds, prepare=forget_batch)
+            cpu["BatchGetProfiles"] = CpuMeter.usage(snap, meter.snapshot())
+            say(f"   p50 {ms(warm.p50_s)} warm, {ms(cold.p50_s)} cold")
+    finally:
+        await client.aclose()
+    for name, measured in (
+        ("GetProfile hit", hit_1),
+        ("GetProfile hit", hit_n),
+        ("GetProfile miss", miss_1),
+        ("GetProfile miss", miss_n),
+        ("BatchGetProfiles", warm),
+        ("BatchGetProfiles", cold),
+    ):
+        _fail_on_errors(name, measured)
+    return Reads(hit_1, hit_n, miss_1, miss_n, warm, cold, response_bytes)
+
+
+# --- the bench ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    customers: int
+    concurrency: int
+    seconds: float
+    floor_seconds: float
+    json_path: Path | None
+    cprofile_dir: Path | None
+
+
+async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
+    meter = CpuMeter(stack.cpu_groups())
+    cpu: dict[str, dict[str, float]] = {}
+    rng = random.Random(11)
+    base_ns = time.time_ns() - 3_600_000_000_000
+    customers = [
+        customer_events(stack.run_id, i, rng, base_ns, views=0, cart_items=2)
+        for i in range(options.customers)
+    ]
+    events = sum(len(c) for c in customers)
+    requests = batches_of(customers, SEND_BATCH)
+    user_ids = [user_id_of(stack.run_id, i) for i in range(options.customers)]
+
+    say(f"floor: one-INSERT PostgreSQL transactions, {MERGE_CONCURRENCY} concurrent")
+    write = await measure_pg_write_txn(
+        stack.database_url, MERGE_CONCURRENCY, options.floor_seconds, meter, cpu
+    )
+    say(f"   {fmt_rate(write.rate)} transactions/s, p50 {ms(write.p50_s)}")
+
+    say(
+        f"load: {options.customers:,} customers, {events:,} events in {len(requests)} SendEvents calls"
+        f" ({SENDERS} at a time); then wait until merged"
+    )
+    snap = meter.snapshot()
+    loaded = await load_customers(stack, requests, events, [MERGER], timeout_s=900)
+    cpu["load + merge"] = CpuMeter.usage(snap, meter.snapshot())
+    say(
+        f"   acked in {loaded.ingest_s:.1f}s ({fmt_rate(loaded.acked_rate)} ev/s); all merged after"
+        f" {loaded.merged_s:.1f}s ({fmt_rate(loaded.merged_rate)} ev/s)"
+    )
+    customer_ids = await check_merged(stack.database_url, events, options.customers)
+    shuffled = user_ids[:]
+    random.Random(5).shuffle(shuffled)
+
+    floors = await measure_read_floors(stack, options, shuffled, customer_ids, meter, cpu)
+    reads = await measure_reads(stack, options, shuffled, meter, cpu)
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "source": source_info(),
+        "options": {
+            "customers": options.customers,
+            "events": events,
+            "events_per_customer": events / options.customers,
+            "concurrency": options.concurrency,
+            "seconds_per_measure": options.seconds,
+            "floor_seconds": options.floor_seconds,
+            "cprofile": options.cprofile_dir is not None,
+        },
+        "floors": {**floors.as_json(), "pg_write_txn": write.as_json()},
+        "merge": {
+            "events": events,
+            "ingest_s": loaded.ingest_s,
+            "acked_events_per_s": loaded.acked_rate,
+            "pending_at_ingest_end": loaded.pending_at_ingest_end[MERGER],
+            "all_merged_after_s": loaded.merged_s,
+            "merged_events_per_s": loaded.merged_rate,
+        },
+        "reads": reads.as_json(),
+        "goals": {
+            "hit_p50_vs_empty_plus_redis": {
+                "value": reads.hit_1.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
+                "goal": GOAL_HIT_VS_FLOOR,
+            }
+        },
+        "cpu_percent_of_one_core": cpu,
+    }
+
+
+def _ratio(value: float, floor: float) -> str:
+    return "n/a" if not floor or math.isnan(value) or math.isnan(floor) else f"{value / floor:.2f} x"
+
+
+def report(results: Mapping[str, Any]) -> str:
+    floors, reads, merge = results["floors"], results["reads"], results["merge"]
+    n = results["options"]["concurrency"]
+    e1, en = floors["empty_unary_1"], floors["empty_unary_n"]
+    r1, rn = floors["redis_get_1"], floors["redis_get_n"]
+    p1, pn = floors["pg_pk_read_1"], floors["pg_pk_read_n"]
+    mget, pg100, write = floors["redis_mget_100"], floors["pg_pk_read_100"], floors["pg_write_txn"]
+    hit1, hitn = reads["get_profile_hit_1"], reads["get_profile_hit_n"]
+    miss1, missn = reads["get_profile_miss_1"], reads["get_profile_miss_n"]
+    warm, cold = reads["batch_get_100_warm"], reads["batch_get_100_cold"]
+
+    def both(p50: float, p99: float) -> str:
+        return f"{ms(p50)} / {ms(p99)}"
+
+    def floor_sum(label: str, *parts: tuple[str, float]) -> tuple[str, float]:
+        total = sum(v for _, v in parts)
+        return f"{label} {' + '.join(f'{name} {ms(v)}' for name, v in parts)} = {ms(total)}", total
+
+    hit_floor, hit_floor_s = floor_sum("", ("empty call", e1["p50_s"]), ("Redis GET", r1["p50_s"]))
+    hit_ratio = hit1["p50_s"] / hit_floor_s
+    hit99_floor, hit99_s = floor_sum("", ("empty", e1["p99_s"]), ("GET", r1["p99_s"]))
+    hitn_floor, hitn_s = floor_sum("", ("empty", en["p50_s"]), ("GET", rn["p50_s"]))
+    miss_floor, miss_s = floor_sum("", ("empty", e1["p50_s"]), ("GET", r1["p50_s"]), ("PG read", p1["p50_s"]))
+    missn_floor, missn_s = floor_sum("", ("empty", en["p50_s"]), ("GET", rn["p50_s"]), ("PG", pn["p50_s"]))
+    warm_floor, warm_s = floor_sum("", ("empty", e1["p50_s"]), ("MGET 100", mget["p50_s"]))
+    cold_floor, cold_s = floor_sum(
+        "", ("empty", e1["p50_s"]), ("MGET 100", mget["p50_s"]), ("PG 100 rows", pg100["p50_s"])
+    )
+    rows = [
+        Row(
+            "GetProfile hit p50 (1 at a time)",
+            ms(hit1["p50_s"]),
+            hit_floor.strip(),
+            f"{hit_ratio:.2f} x",
+            f"<= {GOAL_HIT_VS_FLOOR} x",
+            verdict(hit_ratio <= GOAL_HIT_VS_FLOOR),
+        ),
+        Row(
+            "  hit p99 (1 at a time)", ms(hit1["p99_s"]), hit99_floor.strip(), _ratio(hit1["p99_s"], hit99_s)
+        ),
+        Row(
+            "  hit calls/s (1 at a time)",
+            fmt_rate(hit1["per_s"]),
+            f"empty calls/s {fmt_rate(e1['per_s'])}",
+            _ratio(hit1["per_s"], e1["per_s"]),
+        ),
+        Row(
+            f"GetProfile hit p50 / p99 ({n} concurrent)",
+            both(hitn["p50_s"], hitn["p99_s"]),
+            hitn_floor.strip(),
+            _ratio(hitn["p50_s"], hitn_s),
+        ),
+        Row(
+            f"  hit calls/s ({n} concurrent)",
+            fmt_rate(hitn["per_s"]),
+            f"empty calls/s {fmt_rate(en['per_s'])}; Redis GETs/s {fmt_rate(rn['per_s'])}",
+            _ratio(hitn["per_s"], en["per_s"]),
+        ),
+        Row(
+            "GetProfile miss p50 / p99 (1 at a time)",
+            both(miss1["p50_s"], miss1["p99_s"]),
+            miss_floor.strip(),
+            _ratio(miss1["p50_s"], miss_s),
+        ),
+        Row(
+            f"GetProfile miss p50 / p99 ({n} concurrent)",
+            both(missn["p50_s"], missn["p99_s"]),
+            missn_floor.strip(),
+            _ratio(missn["p50_s"], missn_s),
+        ),
+        Row(
+            f"BatchGetProfiles({BATCH}) warm p50 / p99",
+            both(warm["p50_s"], warm["p99_s"]),
+            warm_floor.strip(),
+            _ratio(warm["p50_s"], warm_s),
+        ),
+        Row(
+            "  warm profiles/s (1 batch at a time)",
+            fmt_rate(warm["per_s"] * BATCH),
+            f"MGET 100: {fmt_rate(mget['per_s'] * BATCH)} keys/s",
+            _ratio(warm["per_s"], mget["per_s"]),
+        ),
+        Row(
+            f"BatchGetProfiles({BATCH}) cold p50 / p99",
+            both(cold["p50_s"], cold["p99_s"]),
+            cold_floor.strip(),
+            _ratio(cold["p50_s"], cold_s),
+        ),
+        Row(
+            "merge (load start -> all merged)",
+            f"{fmt_rate(merge['merged_events_per_s'])} ev/s",
+            f"raw PG 1-INSERT txns ({write['concurrency']} concurrent) {fmt_rate(write['per_s'])}/s",
+            _ratio(merge["merged_events_per_s"], write["per_s"]),
+        ),
+        Row(
+            "  ingest acked (SendEvents x 500)",
+            f"{fmt_rate(merge['acked_events_per_s'])} ev/s",
+            f"{merge['pending_at_ingest_end']:,} unmerged when ingest finished",
+        ),
+    ]
+    machine, options = results["machine"], results["options"]
+    lines = [
+        "",
+        f"Sendtime bench-profile, {results['date']}: {machine['cores']} cores ({machine['cpu_model']}),"
+        f" load average {machine['load_average_1m_before']} before the run",
+        f"{options['customers']:,} customers ({options['events']:,} events) merged in"
+        f" {merge['all_merged_after_s']:.1f}s; cache entry {floors['cache_entry_bytes']:,} B,"
+        f" GetProfile answer {reads['get_profile_response_bytes']:,} B; {options['seconds_per_measure']:.0f}s"
+        f" per measure, {options['floor_seconds']:.0f}s per floor",
+    ]
+    if options["cprofile"]:
+        lines.append(
+            "The services ran under cProfile, which slows them down: compare nothing with these figures."
+        )
+    noisy = {
+        phase: usage["rest of machine"]
+        for phase, usage in results["cpu_percent_of_one_core"].items()
+        if usage["rest of machine"] > NOISY_NEIGHBOURS_PERCENT
+    }
+    if noisy:
+        during = ", ".join(f"{used:.0f}% in {phase}" for phase, used in noisy.items())
+        lines.append(f"WARNING: processes outside the bench used CPU ({during}): expect worse figures.")
+    lines += [
+        "",
+        render_table(rows),
+        "",
+        f"CPU, % of one core ({machine['cores']} cores:"
+        f" {100 * (machine['cores'] or 1)}% is the whole machine):",
+        render_cpu(results["cpu_percent_of_one_core"]),
+        "",
+        "Goals are reported, not enforced: the exit code is 0 unless the bench itself failed.",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="bench_profile.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--customers", type=int, default=5000, help="customers loaded, 3 events each (default 5000)"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="concurrent calls in the concurrent measures (default 16)"
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measure (default 3)")
+    parser.add_argument("--floor-seconds", type=float, default=2.0, help="seconds per floor (default 2)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--cprofile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
+    )
+    args = parser.parse_args(argv)
+    if args.customers < 2 * BATCH or args.concurrency < 1 or min(args.seconds, args.floor_seconds) <= 0:
+        parser.error(f"--customers must be at least {2 * BATCH}; --concurrency and the seconds positive")
+    return Options(
+        customers=args.customers,
+        concurrency=args.concurrency,
+        seconds=args.seconds,
+        floor_seconds=args.floor_seconds,
+        json_path=args.json,
+        cprofile_dir=args.cprofile,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    started = time.monotonic()
+    try:
+        with (
+            sigterm_as_sigint(),
+            BenchStack([suite.PROFILE, suite.INGEST], cprofile_dir=options.cprofile_dir) as stack,
+        ):
+            say(f"bench {stack.run_id}: NATS {stack.nats_url}, Redis {stack.redis_url}")
+            say(f"   database {stack.database}, logs in {stack.workdir}")
+            try:
+                results = asyncio.run(run_bench(stack, options))
+            except Exception:
+                say("bench failed; last log lines:\n" + stack.log_tails())
+                raise
+    except KeyboardInterrupt:
+        print("bench-profile: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, OSError, RuntimeError, grpc.RpcError, asyncpg.PostgresError, RedisError) as exc:
+        print(f"bench-profile: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    say(report(results))
+    say(f"(the whole bench took {time.monotonic() - started:.0f}s)")
+    if options.json_path is not None:
+        write_json(options.json_path, results)
+        say(f"results written to {options.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
