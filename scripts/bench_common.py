@@ -37,6 +37,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from redis.exceptions import RedisError
 
 import devstack
 import suite
@@ -436,6 +437,43 @@ def sigterm_as_sigint() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def run_bench_main(
+    name: str,
+    services: Sequence[suite.Service],
+    *,
+    cprofile_dir: Path | None,
+    json_path: Path | None,
+    measure: Callable[[BenchStack], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+) -> int:
+    """What every bench's ``main`` does around its measurements: start the stack, ``measure``
+    with it, print the ``report`` (and the JSON), and turn failures and interruptions into exit
+    codes after everything started has been stopped."""
+    started = time.monotonic()
+    try:
+        with sigterm_as_sigint(), BenchStack(services, cprofile_dir=cprofile_dir) as stack:
+            say(f"bench {stack.run_id}: NATS {stack.nats_url}, Redis {stack.redis_url}")
+            say(f"   database {stack.database}, logs in {stack.workdir}")
+            try:
+                results = measure(stack)
+            except Exception:
+                stack.stop_services()  # a service writes its last words (a traceback) when it stops
+                say("bench failed; last log lines:\n" + stack.log_tails())
+                raise
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, OSError, RuntimeError, grpc.RpcError, asyncpg.PostgresError, RedisError) as exc:
+        print(f"{name}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    say(report(results))
+    say(f"(the whole bench took {time.monotonic() - started:.0f}s)")
+    if json_path is not None:
+        write_json(json_path, results)
+        say(f"results written to {json_path}")
+    return 0
 
 
 # --- the gRPC floors ---------------------------------------------------------------------------

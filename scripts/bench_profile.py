@@ -57,15 +57,13 @@ from bench_common import (
     percentile,
     render_cpu,
     render_table,
+    run_bench_main,
     say,
-    sigterm_as_sigint,
     source_info,
     verdict,
-    write_json,
 )
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.type import money_pb2
-from redis.exceptions import RedisError
 
 import suite
 from profile_service.cache import cache_key
@@ -909,31 +907,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
-    started = time.monotonic()
-    try:
-        with (
-            sigterm_as_sigint(),
-            BenchStack([suite.PROFILE, suite.INGEST], cprofile_dir=options.cprofile_dir) as stack,
-        ):
-            say(f"bench {stack.run_id}: NATS {stack.nats_url}, Redis {stack.redis_url}")
-            say(f"   database {stack.database}, logs in {stack.workdir}")
-            try:
-                results = asyncio.run(run_bench(stack, options))
-            except Exception:
-                say("bench failed; last log lines:\n" + stack.log_tails())
-                raise
-    except KeyboardInterrupt:
-        print("bench-profile: interrupted; everything it started was stopped", file=sys.stderr)
-        return 130
-    except (BenchError, OSError, RuntimeError, grpc.RpcError, asyncpg.PostgresError, RedisError) as exc:
-        print(f"bench-profile: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    say(report(results))
-    say(f"(the whole bench took {time.monotonic() - started:.0f}s)")
-    if options.json_path is not None:
-        write_json(options.json_path, results)
-        say(f"results written to {options.json_path}")
-    return 0
+    return run_bench_main(
+        "bench-profile",
+        [suite.PROFILE, suite.INGEST],
+        cprofile_dir=options.cprofile_dir,
+        json_path=options.json_path,
+        measure=lambda stack: asyncio.run(run_bench(stack, options)),
+        report=report,
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import redis.asyncio as redis
 from bench_common import (
@@ -70,11 +69,10 @@ from bench_common import (
     percentile,
     render_cpu,
     render_table,
+    run_bench_main,
     say,
-    sigterm_as_sigint,
     source_info,
     verdict,
-    write_json,
 )
 from bench_profile import (
     MERGER,
@@ -89,7 +87,6 @@ from bench_profile import (
     user_id_of,
 )
 from google.protobuf import struct_pb2
-from redis.exceptions import RedisError
 
 import devstack
 import suite
@@ -857,30 +854,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_path=args.json,
         cprofile_dir=args.cprofile,
     )
-    started = time.monotonic()
-    services = [suite.PROFILE, suite.INGEST, suite.RENDER]
-    try:
-        with sigterm_as_sigint(), BenchStack(services, cprofile_dir=options.cprofile_dir) as stack:
-            say(f"bench {stack.run_id}: NATS {stack.nats_url}, Redis {stack.redis_url}")
-            say(f"   database {stack.database}, logs in {stack.workdir}")
-            try:
-                with ideal_server(stack) as (ideal_target, ideal_pid):
-                    results = asyncio.run(run_bench(stack, options, ideal_target, ideal_pid))
-            except Exception:
-                say("bench failed; last log lines:\n" + stack.log_tails())
-                raise
-    except KeyboardInterrupt:
-        print("bench-render: interrupted; everything it started was stopped", file=sys.stderr)
-        return 130
-    except (BenchError, OSError, RuntimeError, grpc.RpcError, asyncpg.PostgresError, RedisError) as exc:
-        print(f"bench-render: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    say(report(results))
-    say(f"(the whole bench took {time.monotonic() - started:.0f}s)")
-    if options.json_path is not None:
-        write_json(options.json_path, results)
-        say(f"results written to {options.json_path}")
-    return 0
+
+    def measure(stack: BenchStack) -> dict[str, Any]:
+        with ideal_server(stack) as (ideal_target, ideal_pid):
+            return asyncio.run(run_bench(stack, options, ideal_target, ideal_pid))
+
+    return run_bench_main(
+        "bench-render",
+        [suite.PROFILE, suite.INGEST, suite.RENDER],
+        cprofile_dir=options.cprofile_dir,
+        json_path=options.json_path,
+        measure=measure,
+        report=report,
+    )
 
 
 if __name__ == "__main__":
