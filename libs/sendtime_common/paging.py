@@ -11,7 +11,11 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+K = TypeVar("K")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -55,3 +59,22 @@ def decode_page_token(token: str, filters: dict[str, Any]) -> list[Any]:
     if fingerprint != _fingerprint(filters) or not isinstance(position, list):
         raise InvalidPageToken("was issued for a request with other filters")
     return position
+
+
+def encode_time_position(at: datetime, key: str | int, filters: dict[str, Any]) -> str:
+    """A token for keyset paging newest first: after (``at``, ``key``) of the last item."""
+    return encode_page_token([at.isoformat(), key], filters)
+
+
+def decode_time_position(token: str, filters: dict[str, Any], key: Callable[[Any], K]) -> tuple[datetime, K]:
+    """The (time, key) position ``encode_time_position`` put in ``token``; ``key`` converts the key.
+
+    Raises:
+        InvalidPageToken: not such a token, or issued for other filters.
+    """
+    position = decode_page_token(token, filters)
+    try:
+        at, raw_key = position
+        return datetime.fromisoformat(at), key(raw_key)
+    except (ValueError, TypeError):
+        raise InvalidPageToken("is not a page token from this API") from None

@@ -10,7 +10,7 @@ from google.rpc import status_pb2
 from ingest.ingestor import Ingestor
 from ingest.store import IngestStore, StoredRejection
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.paging import InvalidPageToken, decode_page_token, encode_page_token
+from sendtime_common.paging import decode_time_position, encode_time_position
 
 NAME_PREFIX = "rejectedEvents/"
 
@@ -67,14 +67,7 @@ class DeadLetters:
             ingest.store.StoreError: PostgreSQL failed.
         """
         filters = {"state": state, "source": source}
-        after: tuple[datetime, int] | None = None
-        if page_token:
-            position = decode_page_token(page_token, filters)
-            try:
-                at, rejection_id = position
-                after = (datetime.fromisoformat(at), int(rejection_id))
-            except (ValueError, TypeError):
-                raise InvalidPageToken("is not a page token from this API") from None
+        after = decode_time_position(page_token, filters, int) if page_token else None
         replayed = (
             None
             if state == ingest_pb2.REJECTED_EVENT_STATE_UNSPECIFIED
@@ -84,7 +77,7 @@ class DeadLetters:
             limit=page_size + 1, after=after, replayed=replayed, source=source or None
         )
         page, more = rows[:page_size], len(rows) > page_size
-        token = encode_page_token([page[-1].rejected_at.isoformat(), page[-1].id], filters) if more else ""
+        token = encode_time_position(page[-1].rejected_at, page[-1].id, filters) if more else ""
         return [to_proto(r) for r in page], token
 
     async def replay(

@@ -14,7 +14,7 @@ from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
 from profile_service.repository import ErasedCustomer, ProfileRepository
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.paging import InvalidPageToken, decode_page_token, encode_page_token
+from sendtime_common.paging import decode_time_position, encode_time_position
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class CustomerData:
 
         Raises:
             CustomerNotFound: no customer has ``key``.
-            InvalidPageToken: the token is not from this listing.
+            sendtime_common.paging.InvalidPageToken: the token is not from this listing.
         """
         customer_id = await self._repository.customer_id_of(key)
         if customer_id is None:
@@ -55,14 +55,7 @@ class CustomerData:
             "start": start.isoformat() if start else None,
             "end": end.isoformat() if end else None,
         }
-        after = None
-        if page_token:
-            position = decode_page_token(page_token, filters)
-            try:
-                at, event_id = position
-                after = (datetime.fromisoformat(at), str(event_id))
-            except (ValueError, TypeError):
-                raise InvalidPageToken("is not a page token from this API") from None
+        after = decode_time_position(page_token, filters, str) if page_token else None
         rows = await self._repository.list_events(
             customer_id, event_types=event_types, start=start, end=end, after=after, limit=page_size + 1
         )
@@ -70,7 +63,7 @@ class CustomerData:
         token = ""
         if len(rows) > page_size:
             last_at, last = page[-1]
-            token = encode_page_token([last_at.isoformat(), last.event_id], filters)
+            token = encode_time_position(last_at, last.event_id, filters)
         return [event for _, event in page], token
 
     async def export(self, key: IdentifierKey) -> struct_pb2.Struct:

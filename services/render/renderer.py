@@ -152,12 +152,12 @@ class Renderer:
         budget = time_left_s - self._fallback_reserve_s
         if budget <= 0:
             return [], True
-        purchased = list(getattr(lookup.profile, "purchased_skus", [])) if lookup.profile else []
+        purchased = list(lookup.profile.purchased_skus) if lookup.profile else []
         try:
             found = await asyncio.wait_for(
                 self._recommender.recommend(lookup.profile, purchased, self._recommendation_limit), budget
             )
-        except (TimeoutError, OSError, Exception) as exc:  # recommendations are optional content
+        except Exception as exc:  # noqa: BLE001 - recommendations are optional content (timeouts included)
             log.warning("recommendations unavailable", extra={"error": type(exc).__name__})
             return [], True
         return found, False

@@ -12,7 +12,7 @@ import grpc
 from render.context import struct_to_dict
 from render.renderer import Renderer, RenderJob
 from render.template_store import StoreError
-from render.templates import InvalidTemplate, TemplateError
+from render.templates import CompiledTemplate, InvalidTemplate, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import (
@@ -130,7 +130,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         chunk: list[profile_pb2.Identifier],
         offset: int,
         template: render_pb2.StoredTemplate,
-        compiled: Any,
+        compiled: CompiledTemplate,
         variables: dict[str, Any],
     ) -> list[render_pb2.RenderBatchResponse]:
         responses: list[render_pb2.RenderBatchResponse] = []
