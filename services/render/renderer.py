@@ -58,6 +58,8 @@ class RenderJob:
     variables: Mapping[str, Any] = field(default_factory=dict)
     template_version: int = 0
     apply_suppression: bool = True  # previews show what would render, whoever the customer is
+    # content.fallback as a dict, converted once per request (a batch shares it)
+    fallback: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Renderer:
@@ -132,7 +134,13 @@ class Renderer:
         """
         compiled = self.compile(content.subject, content.html, content.text)
         job = RenderJob(
-            customer or profile_pb2.Identifier(), content, compiled, variables, template_version, False
+            customer or profile_pb2.Identifier(),
+            content,
+            compiled,
+            variables,
+            template_version,
+            apply_suppression=False,
+            fallback=struct_to_dict(content.fallback),
         )
         if customer is None:
             return await self.render_sample(job, sample_data or {})
@@ -140,8 +148,7 @@ class Renderer:
 
     async def render_sample(self, job: RenderJob, sample: Mapping[str, Any]) -> render_pb2.RenderResponse:
         """Render ``job`` with sample data (a preview): ``sample`` is shaped like the context."""
-        fallback = struct_to_dict(job.content.fallback)
-        context = deep_merge(render_context(fallback, None, job.variables), sample)  # as sends merge
+        context = deep_merge(render_context(job.fallback, None, job.variables), sample)  # as sends merge
         return self._finish(job, context, ProfileLookup(None, Source.NONE), [], False)
 
     async def _recommendations(
@@ -172,10 +179,9 @@ class Renderer:
         with tracer.start_as_current_span("render.template") as span:
             span.set_attribute("render.profile_source", lookup.source.value)
             profile = message_to_context(lookup.profile) if lookup.profile is not None else None
-            fallback = struct_to_dict(job.content.fallback)
-            context = render_context(fallback, profile, job.variables)
+            context = render_context(job.fallback, profile, job.variables)
             context["recommendations"] = recommendations
-            used = fallback_paths_used(fallback, {"profile": profile or {}, "vars": job.variables})
+            used = fallback_paths_used(job.fallback, {"profile": profile or {}, "vars": job.variables})
             if recommendations_failed:
                 used.append("recommendations")
             return self._finish(job, context, lookup, used, recommendations_failed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any, Protocol
 
 import grpc
@@ -76,6 +77,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             compiled=compiled,
             variables=struct_to_dict(request.variables),
             template_version=version,
+            fallback=struct_to_dict(content.fallback),
         )
         try:
             return await self._renderer.render(
@@ -145,8 +147,16 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             else:
                 valid.append((offset + i, profile_pb2.Identifier(kind=KIND_TO_PROTO[key[0]], value=key[1])))
         lookups = await self._renderer.lookup_many([c for _, c in valid], BATCH_CHUNK_DEADLINE_S)
+        base = RenderJob(
+            profile_pb2.Identifier(),
+            template.content,
+            compiled,
+            variables,
+            template.version,
+            fallback=struct_to_dict(template.content.fallback),
+        )
         for (index, customer), lookup in zip(valid, lookups, strict=True):
-            job = RenderJob(customer, template.content, compiled, variables, template.version)
+            job = replace(base, customer=customer)
             try:
                 result = await self._renderer.render(job, BATCH_CHUNK_DEADLINE_S, lookup=lookup)
             except TemplateError as exc:
