@@ -1,22 +1,30 @@
 """The merger: consumes events from the durable log and merges them into profiles.
 
-Each delivery is acked only after its transaction committed and the cache was refreshed, so a
-crash at any point means a redelivery, which the event-id key turns into a no-op. Deliveries of
-one fetch are merged concurrently (bounded): different customers do not wait for each other,
-and the repository's locks keep one customer's updates serial.
+Each fetch from the log is merged as one batch: one transaction (see ``merge_transaction``), one
+pipelined cache write for the profiles it changed, then the acks. A delivery is acked only after
+its transaction committed and the cache was refreshed, so a crash at any point means a
+redelivery, which the event-id key turns into a no-op. When a batch cannot be merged, its events
+are merged one at a time, so one event the database refuses holds back no other.
+
+``concurrency`` batches may merge at once (the repository's locks keep one customer's updates
+serial), but concurrent fetches split the stream between them, so a customer's later event may
+commit before an earlier one and cost a replay of that customer's history. One batch at a time
+keeps the log's order; more helps only where the database is far away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 
-import asyncpg
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from profile_service.cache import CacheUnavailable, ProfileCache
-from profile_service.repository import MergeResult, ProfileRepository, event_identifiers
+from profile_service.merge_transaction import event_identifiers
+from profile_service.repository import MergeResult, ProfileRepository
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.event_log import Delivery, EventLogSubscription
 from sendtime_common.telemetry import extract_trace_context
@@ -29,6 +37,13 @@ tracer = trace.get_tracer(__name__)
 NOT_ABOUT_A_CUSTOMER = frozenset({"product_upserted"})
 
 MAX_RETRY_DELAY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    delivery: Delivery
+    event: ingest_pb2.Event
+    span: trace.Span
 
 
 class EventMerger:
@@ -45,7 +60,7 @@ class EventMerger:
         self._repository = repository
         self._cache = cache
         self._batch_size = batch_size
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -56,6 +71,9 @@ class EventMerger:
             await self._subscription.close()
 
     async def _run(self) -> None:
+        await asyncio.gather(*(self._fetch_and_merge() for _ in range(self._concurrency)))
+
+    async def _fetch_and_merge(self) -> None:
         while not self._stopping.is_set():
             try:
                 deliveries = await self._subscription.fetch(self._batch_size, timeout_s=1.0)
@@ -64,77 +82,114 @@ class EventMerger:
                 await asyncio.sleep(1.0)
                 continue
             if deliveries:
-                await asyncio.gather(*(self._merge_one(d) for d in deliveries))
+                await self._merge_batch(deliveries)
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _merge_one(self, delivery: Delivery) -> None:
-        async with self._slots:
-            parent = extract_trace_context(delivery.headers)
-            with tracer.start_as_current_span(
-                "profile.merge", context=parent, kind=trace.SpanKind.CONSUMER
-            ) as span:
-                try:
-                    await self._merge(delivery, span)
-                except Exception as exc:  # noqa: BLE001 - one delivery must never stop the merger
-                    # E.g. an ack the server did not confirm in time: the message comes back
-                    # after the ack wait, and merging it again changes nothing.
-                    log.warning(
-                        "delivery not settled; it will be redelivered",
-                        extra={"error": f"{type(exc).__name__}: {exc}", "attempt": delivery.attempt},
-                    )
-                    span.set_status(trace.StatusCode.ERROR, str(exc))
-
-    async def _merge(self, delivery: Delivery, span: trace.Span) -> None:
-        try:
-            event = ingest_pb2.Event.FromString(delivery.payload)
-        except DecodeError:
-            # Ingest only writes valid events; an undecodable one will never merge.
-            log.error("undecodable event discarded", extra={"attempt": delivery.attempt})
-            await delivery.discard()
-            return
-        span.set_attribute("sendtime.event_id", event.event_id)
-        if event.WhichOneof("payload") in NOT_ABOUT_A_CUSTOMER:
-            await delivery.ack()
-            return
-        try:
-            result = await self._repository.merge_event(event)
-        except (asyncpg.PostgresError, OSError) as exc:
-            delay = min(MAX_RETRY_DELAY_S, 0.5 * 2 ** min(delivery.attempt, 6))
-            log.warning(
-                "merge failed, will retry",
-                extra={
-                    "event_id": event.event_id,
-                    "attempt": delivery.attempt,
-                    "retry_in_s": delay,
-                    "error": str(exc),
-                },
+    async def _merge_batch(self, deliveries: Sequence[Delivery]) -> None:
+        work: list[_Work] = []
+        for delivery in deliveries:
+            try:
+                event = ingest_pb2.Event.FromString(delivery.payload)
+            except DecodeError:
+                # Ingest only writes valid events; an undecodable one will never merge.
+                log.error("undecodable event discarded", extra={"attempt": delivery.attempt})
+                await _settle(delivery.discard())
+                continue
+            if event.WhichOneof("payload") in NOT_ABOUT_A_CUSTOMER:
+                await _settle(delivery.ack())
+                continue
+            span = tracer.start_span(
+                "profile.merge",
+                context=extract_trace_context(delivery.headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={"sendtime.event_id": event.event_id},
             )
-            span.set_status(trace.StatusCode.ERROR, str(exc))
-            await delivery.retry_later(delay)
+            work.append(_Work(delivery, event, span))
+        if not work:
             return
+        try:
+            results = await self._repository.merge_events([w.event for w in work])
+        except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
+            if len(work) == 1:
+                await self._retry_later(work[0], exc)
+                return
+            log.warning(
+                "batch merge failed, merging its events one at a time",
+                extra={"events": len(work), "error": f"{type(exc).__name__}: {exc}"},
+            )
+            for item in work:
+                await self._merge_batch_of_one(item)
+            return
+        await self._refresh_cache(work, results)
+        await asyncio.gather(*(self._ack(item, result) for item, result in zip(work, results, strict=True)))
+
+    async def _merge_batch_of_one(self, item: _Work) -> None:
+        try:
+            (result,) = await self._repository.merge_events([item.event])
+        except Exception as exc:  # noqa: BLE001 - one event must never stop the merger
+            await self._retry_later(item, exc)
+            return
+        await self._refresh_cache([item], [result])
+        await self._ack(item, result)
+
+    async def _retry_later(self, item: _Work, exc: Exception) -> None:
+        delay = min(MAX_RETRY_DELAY_S, 0.5 * 2 ** min(item.delivery.attempt, 6))
+        log.warning(
+            "merge failed, will retry",
+            extra={
+                "event_id": item.event.event_id,
+                "attempt": item.delivery.attempt,
+                "retry_in_s": delay,
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+        )
+        item.span.set_status(trace.StatusCode.ERROR, str(exc))
+        await _settle(item.delivery.retry_later(delay))
+        item.span.end()
+
+    async def _ack(self, item: _Work, result: MergeResult) -> None:
+        span = item.span
         span.set_attribute("sendtime.customer_id", result.customer_id)
         span.set_attribute("sendtime.duplicate", result.duplicate)
         if result.erased:
-            log.info("late event of an erased person dropped", extra={"event_id": event.event_id})
-        else:
-            await self._refresh_cache(event, result)
-        await delivery.ack()
-        log.debug("event merged", extra={"event_id": event.event_id, "customer_id": result.customer_id})
+            log.info("late event of an erased person dropped", extra={"event_id": item.event.event_id})
+        if not await _settle(item.delivery.ack()):
+            span.set_status(trace.StatusCode.ERROR, "ack not confirmed")
+        span.end()
+        log.debug("event merged", extra={"event_id": item.event.event_id, "customer_id": result.customer_id})
 
-    async def _refresh_cache(self, event: ingest_pb2.Event, result: MergeResult) -> None:
+    async def _refresh_cache(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
+        profiles = {r.profile.stored.customer_id: r.profile for r in results if r.profile is not None}
+        # A redelivery after a crash between commit and ack: the cache may have missed that
+        # commit. Re-reading is cheap and the versioned write cannot regress it.
+        redelivered = [
+            key
+            for item, r in zip(work, results, strict=True)
+            if r.duplicate and r.profile is None
+            for key in event_identifiers(item.event)
+        ]
         try:
-            if result.profile is None:
-                # A redelivery after a crash between commit and ack: the cache may have missed
-                # that commit. Re-reading is cheap and the versioned write cannot regress it.
-                keys = event_identifiers(event)
-                found = await self._repository.find_by_identifiers(keys)
-                await self._cache.put(
-                    r.to_proto() for r in {r.stored.customer_id: r for r in found.values()}.values()
-                )
-            else:
-                await self._cache.put([result.profile.to_proto()])
+            if redelivered:
+                found = await self._repository.find_by_identifiers(redelivered)
+                for record in found.values():
+                    profiles.setdefault(record.stored.customer_id, record)
+            if profiles:
+                await self._cache.put(record.to_proto() for record in profiles.values())
         except CacheUnavailable as exc:
             # The record is in PostgreSQL; readers fall back to it and re-fill the cache.
-            log.warning("cache refresh failed", extra={"event_id": event.event_id, "error": str(exc)})
+            log.warning("cache refresh failed", extra={"events": len(work), "error": str(exc)})
+
+
+async def _settle(settling: Awaitable[None]) -> bool:
+    """Ack, nak or term a delivery; False when the log did not confirm it in time (the message
+    then comes back after the ack wait, and merging it again changes nothing)."""
+    try:
+        await settling
+    except Exception as exc:  # noqa: BLE001 - one delivery must never stop the merger
+        log.warning(
+            "delivery not settled; it will be redelivered", extra={"error": f"{type(exc).__name__}: {exc}"}
+        )
+        return False
+    return True

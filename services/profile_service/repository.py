@@ -1,10 +1,10 @@
 """PostgreSQL storage of customers, identifiers, merged events, merge records and erasures.
 
-``merge_event`` is the one write path for events. It runs in a single transaction that
-serializes on the event's identifiers (advisory locks) and on the customer rows (row locks), so
-concurrent events for one customer lose no update; the event id's primary key makes a
-redelivery change nothing. ``delete_customer`` erases a person and leaves hashed tombstones
-that drop the person's late events.
+``merge_events`` is the one write path for events: one transaction per batch (see
+``merge_transaction``) that serializes on the events' identifiers (advisory locks) and on the
+customer rows (row locks), so concurrent events for one customer lose no update; the event id's
+primary key makes a redelivery change nothing. ``delete_customer`` erases a person and leaves
+hashed tombstones that drop the person's late events.
 """
 
 from __future__ import annotations
@@ -14,20 +14,21 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 import asyncpg.pool
 
 from profile_service.codec import StoredProfile, to_proto
-from profile_service.identity import IdentityLimits, best_identifier, identifier_hash
+from profile_service.identity import IdentityLimits, identifier_hash
 from profile_service.merge_rules import DEFAULT_RULES, MergeRules
-from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
+from profile_service.merge_transaction import BatchMerge, MergeConflict, lock_identifiers
+from profile_service.state import from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.identifiers import IdentifierKind, identifiers_of
+from sendtime_common.identifiers import IdentifierKind
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,6 @@ class ErasedCustomer:
     events_deleted: int
 
 
-class _Conflict(Exception):
-    """Another transaction moved or removed a customer we were about to update: start over."""
-
-
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -101,15 +98,6 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
     return pool
 
 
-def event_identifiers(event: ingest_pb2.Event) -> list[IdentifierKey]:
-    """The identifiers an event ties to one customer, sorted: its customer's, and for an alias
-    the other ones too (which is what links them; they may be of the same kind)."""
-    found = set(identifiers_of(event.customer).items())
-    if event.WhichOneof("payload") == "alias":
-        found |= set(identifiers_of(event.alias.other).items())
-    return sorted(found)
-
-
 class ProfileRepository:
     def __init__(
         self, pool: asyncpg.Pool, limits: IdentityLimits | None = None, rules: MergeRules = DEFAULT_RULES
@@ -119,178 +107,44 @@ class ProfileRepository:
         self._rules = rules
 
     async def merge_event(self, event: ingest_pb2.Event) -> MergeResult:
-        """Merge one (validated) event into its customer's profile, creating the customer or
-        merging customers that the event's identifiers link.
+        """Merge one (validated) event; see ``merge_events``.
 
         Raises:
             asyncpg.PostgresError, OSError: the database failed; nothing was written.
         """
-        identifiers = event_identifiers(event)
+        (result,) = await self.merge_events([event])
+        return result
+
+    async def merge_events(self, events: Sequence[ingest_pb2.Event]) -> list[MergeResult]:
+        """Merge (validated) events, in the given order, into their customers' profiles in one
+        transaction: creating customers, merging customers that an event's identifiers link, and
+        saving each touched profile once. One result per event, in order.
+
+        Raises:
+            asyncpg.PostgresError, OSError: the database failed; nothing was written.
+        """
+        if not events:
+            return []
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    return await self._merge(conn, event, identifiers)
-            except (_Conflict, asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    outcome = await BatchMerge(conn, self._limits, self._rules).run(events)
+                    records = await self._records(conn, outcome.changed)
+                break
+            except (MergeConflict, asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
-                log.info("merge conflict, retrying", extra={"event_id": event.event_id, "attempt": attempt})
-        raise AssertionError("unreachable")
-
-    async def _merge(
-        self,
-        conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
-        event: ingest_pb2.Event,
-        identifiers: list[IdentifierKey],
-    ) -> MergeResult:
-        lock_keys = [f"{kind.value}:{value}" for kind, value in identifiers]
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(h) FROM"
-            " (SELECT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY k) AS keys",
-            lock_keys,
-        )
-        existing = await conn.fetchval("SELECT customer_id FROM events WHERE event_id = $1", event.event_id)
-        if existing is not None:
-            return MergeResult(customer_id=str(existing), duplicate=True, profile=None)
-        occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
-        erased_at = await conn.fetchval(
-            "SELECT max(erased_at) FROM erasure_tombstones WHERE identifier_hash = ANY($1::bytea[])",
-            [identifier_hash(key) for key in identifiers],
-        )
-        if erased_at is not None and occurred_at < erased_at:
-            return MergeResult(customer_id="", duplicate=False, profile=None, erased=True)
-
-        owned = await conn.fetch(
-            "SELECT i.kind, i.value, i.customer_id, c.created_at FROM identifiers i"
-            " JOIN customers c USING (customer_id)"
-            " WHERE i.customer_id IN (SELECT i2.customer_id FROM identifiers i2"
-            "   JOIN unnest($1::text[], $2::text[]) AS q(kind, value)"
-            "   ON i2.kind = q.kind AND i2.value = q.value)"
-            " ORDER BY c.created_at, i.customer_id",
-            [k.value for k, _ in identifiers],
-            [v for _, v in identifiers],
-        )
-        linked: dict[uuid.UUID, set[IdentifierKey]] = {}
-        for r in owned:  # in created_at order: the oldest customer first
-            linked.setdefault(r["customer_id"], set()).add((IdentifierKind(r["kind"]), r["value"]))
-        owner_of = {key: customer for customer, keys in linked.items() for key in keys}
-        blocked: list[tuple[uuid.UUID | None, str]] = []  # (other customer, reason)
-
-        if not linked:
-            customer_id = uuid.uuid4()
-            await conn.execute(
-                "INSERT INTO customers (customer_id, version, state) VALUES ($1, 0, $2)",
-                customer_id,
-                to_json(ProfileState()),
+                log.info("merge conflict, retrying", extra={"events": len(events), "attempt": attempt})
+        return [
+            MergeResult(
+                customer_id="" if o.customer_id is None else str(o.customer_id),
+                duplicate=o.duplicate,
+                profile=None if o.duplicate or o.customer_id is None else records.get(o.customer_id),
+                merged_customer_ids=tuple(str(x) for x in o.merged_customer_ids),
+                erased=o.customer_id is None,
             )
-            linked[customer_id] = set()
-            losers: list[uuid.UUID] = []
-        else:
-            # The oldest customer survives a merge: deterministic, and keeps the longest history.
-            customer_id, *losers = linked
-            if losers:
-                combined = set(identifiers).union(*linked.values())
-                reason = self._limits.violation(combined)
-                if reason is not None:
-                    # Refused: the event joins the customer of its most specific identifier.
-                    customer_id = owner_of[best_identifier(k for k in identifiers if k in owner_of)]
-                    blocked = [(other, reason) for other in linked if other != customer_id]
-                    losers = []
-
-        ids = [customer_id, *losers]
-        rows = await conn.fetch(
-            "SELECT customer_id, version, state FROM customers WHERE customer_id = ANY($1::uuid[])"
-            " ORDER BY customer_id FOR UPDATE",
-            ids,
-        )
-        if len(rows) != len(ids):
-            raise _Conflict()
-        by_id = {r["customer_id"]: r for r in rows}
-        state = from_json(by_id[customer_id]["state"])
-        # After a merge the survivor's version must exceed every merged one, so that cache
-        # entries of the merged customers are replaced.
-        version = max(r["version"] for r in rows) + 1
-
-        if losers:
-            for table, column in (
-                ("identifiers", "customer_id"),
-                ("events", "customer_id"),
-                ("merges", "survivor_id"),
-                ("blocked_merges", "customer_id"),
-            ):
-                await conn.execute(
-                    f"UPDATE {table} SET {column} = $1 WHERE {column} = ANY($2::uuid[])", customer_id, losers
-                )
-            await conn.executemany(
-                "INSERT INTO merges (survivor_id, merged_customer_id, event_id) VALUES ($1, $2, $3)",
-                [(customer_id, loser, event.event_id) for loser in losers],
-            )
-            await conn.execute("DELETE FROM customers WHERE customer_id = ANY($1::uuid[])", losers)
-            log.info(
-                "customers merged",
-                extra={
-                    "survivor": str(customer_id),
-                    "merged": [str(x) for x in losers],
-                    "event_id": event.event_id,
-                },
-            )
-
-        # New identifiers join the customer up to the limits; past them they are refused.
-        held = set().union(*(linked.get(c, set()) for c in ids))
-        for key in identifiers:
-            if key in owner_of:
-                continue
-            reason = self._limits.violation(held | {key})
-            if reason is None:
-                held.add(key)
-                await conn.execute(
-                    "INSERT INTO identifiers (kind, value, customer_id) VALUES ($1, $2, $3)"
-                    " ON CONFLICT (kind, value) DO NOTHING",
-                    key[0].value,
-                    key[1],
-                    customer_id,
-                )
-            else:
-                blocked.append((None, reason))
-        if blocked:
-            await conn.executemany(
-                "INSERT INTO blocked_merges (customer_id, other_customer_id, event_id, reason)"
-                " VALUES ($1, $2, $3, $4)",
-                [(customer_id, other, event.event_id, reason) for other, reason in blocked],
-            )
-            log.info(
-                "merge refused by identity limits",
-                extra={"customer_id": str(customer_id), "event_id": event.event_id},
-            )
-
-        await conn.execute(
-            "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            event.event_id,
-            customer_id,
-            event.WhichOneof("payload") or "",
-            occurred_at,
-            event.SerializeToString(deterministic=True),
-        )
-        if losers or not state.is_newer(event):
-            # Late or merged: recompute from the whole history (which now includes this event).
-            bodies = await conn.fetch("SELECT body FROM events WHERE customer_id = $1", customer_id)
-            state = replay((ingest_pb2.Event.FromString(r["body"]) for r in bodies), rules=self._rules)
-        else:
-            state = apply_event(state, event, rules=self._rules)
-
-        await conn.execute(
-            "UPDATE customers SET state = $2, version = $3, updated_at = now() WHERE customer_id = $1",
-            customer_id,
-            to_json(state),
-            version,
-        )
-        (record,) = (await self._records(conn, [customer_id])).values()
-        return MergeResult(
-            customer_id=str(customer_id),
-            duplicate=False,
-            profile=record,
-            merged_customer_ids=tuple(str(x) for x in losers),
-        )
+            for o in outcome.events
+        ]
 
     async def find_by_identifiers(
         self, identifiers: Sequence[IdentifierKey]
@@ -425,11 +279,7 @@ class ProfileRepository:
             rows = await conn.fetch("SELECT kind, value FROM identifiers WHERE customer_id = $1", customer_id)
             keys = tuple((IdentifierKind(r["kind"]), r["value"]) for r in rows)
             # Serialize with merges of this person's events: they lock the same identifiers.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(h) FROM"
-                " (SELECT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY k) AS keys",
-                [f"{kind.value}:{value}" for kind, value in keys],
-            )
+            await lock_identifiers(conn, keys)
             await conn.executemany(
                 "INSERT INTO erasure_tombstones (identifier_hash, erased_at) VALUES ($1, now())"
                 " ON CONFLICT (identifier_hash) DO UPDATE SET erased_at = now()",

@@ -21,7 +21,7 @@ class Settings:
     cache_ttl_s: int = 24 * 3600
     consumer_name: str = "profile-merger"
     merge_batch_size: int = 256
-    merge_concurrency: int = 8
+    merge_concurrency: int = 1  # batches merged at once; see profile_service.merger
     max_batch_get: int = 1000
     # Identifiers of a kind one profile may hold, e.g. "email=3,device_id=10" (others: defaults).
     identity_limits: str = ""

@@ -1,0 +1,404 @@
+"""One transaction that merges a batch of events into profiles.
+
+It reads everything the batch needs in a fixed number of statements (locks, seen event ids,
+tombstones, owners of the identifiers, the customers' rows), applies the events in order in
+memory — identity first (new customers, merges, limits), then each touched profile's state —
+and writes the outcome back with one statement per table. A customer touched by many events of
+the batch is decoded, encoded and saved once; a merge or a late event replays that customer's
+whole history once, at the end.
+
+Serialization: advisory locks on the batch's identifiers (taken in sorted order, so batches on
+several replicas cannot deadlock on them) and row locks on the customers; a customer moved or
+deleted by another transaction meanwhile raises ``MergeConflict`` and the caller starts over.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+import asyncpg.pool
+
+from profile_service.identity import IdentityLimits, best_identifier, identifier_hash
+from profile_service.merge_rules import MergeRules
+from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
+from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.identifier_proto import IdentifierKey
+from sendtime_common.identifiers import IdentifierKind, identifiers_of
+
+log = logging.getLogger(__name__)
+
+# What the pool lends; inside the caller's transaction.
+Connection: TypeAlias = "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
+
+# New customers are created after every customer already stored (their created_at is this
+# transaction's start), so they sort last; among themselves by id, as the database orders them.
+_NEWEST = datetime.max.replace(tzinfo=UTC)
+
+
+class MergeConflict(Exception):
+    """Another transaction moved or removed a customer we were about to update: start over."""
+
+
+def event_identifiers(event: ingest_pb2.Event) -> list[IdentifierKey]:
+    """The identifiers an event ties to one customer, sorted: its customer's, and for an alias
+    the other ones too (which is what links them; they may be of the same kind)."""
+    found = set(identifiers_of(event.customer).items())
+    if event.WhichOneof("payload") == "alias":
+        found |= set(identifiers_of(event.alias.other).items())
+    return sorted(found)
+
+
+async def lock_identifiers(conn: Connection, keys: Sequence[IdentifierKey]) -> None:
+    """Transaction-scoped advisory locks on ``keys``, in one order everywhere."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(h) FROM"
+        " (SELECT hashtextextended(k, 0) AS h FROM unnest($1::text[]) AS k ORDER BY k) AS keys",
+        [f"{kind.value}:{value}" for kind, value in keys],
+    )
+
+
+@dataclass(eq=False, slots=True)
+class _Customer:
+    """A customer as this transaction sees it."""
+
+    customer_id: uuid.UUID
+    created_at: datetime
+    keys: set[IdentifierKey]
+    stored: bool  # has a row already (else created by this batch)
+    version: int = 0
+    state_json: Any = None  # as stored; decoded on first use
+    state: ProfileState | None = None
+    events: list[ingest_pb2.Event] = field(default_factory=list)  # of this batch
+    touched: bool = False
+    needs_replay: bool = False
+    absorbed_into: _Customer | None = None
+
+    @property
+    def seniority(self) -> tuple[datetime, uuid.UUID]:
+        """Oldest first: the survivor of a merge."""
+        return (self.created_at, self.customer_id)
+
+    def final(self) -> _Customer:
+        """The customer this one ended up as, after the batch's merges."""
+        customer = self
+        while customer.absorbed_into is not None:
+            customer = customer.absorbed_into
+        return customer
+
+    def current_state(self) -> ProfileState:
+        if self.state is None:
+            self.state = ProfileState() if self.state_json is None else from_json(self.state_json)
+        return self.state
+
+
+@dataclass(frozen=True, slots=True)
+class EventOutcome:
+    """What merging one event of the batch did; customers are final (after the batch's merges)."""
+
+    customer_id: uuid.UUID | None  # None: dropped as a late event of an erased person
+    duplicate: bool = False
+    merged_customer_ids: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    customer: _Customer | uuid.UUID | None  # None: erased
+    duplicate: bool = False
+    losers: tuple[uuid.UUID, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    events: list[EventOutcome]
+    changed: list[uuid.UUID]  # customers whose profile this batch saved
+
+
+class BatchMerge:
+    """Merges one batch of events on ``conn``, inside the caller's transaction."""
+
+    def __init__(self, conn: Connection, limits: IdentityLimits, rules: MergeRules) -> None:
+        self._conn = conn
+        self._limits = limits
+        self._rules = rules
+        self._owner_of: dict[IdentifierKey, _Customer] = {}
+        self._customers: dict[uuid.UUID, _Customer] = {}
+        self._new_identifiers: list[tuple[IdentifierKey, _Customer]] = []
+        self._new_events: list[tuple[ingest_pb2.Event, datetime, _Customer]] = []
+        self._merges: list[tuple[_Customer, uuid.UUID, str]] = []  # survivor, merged, event id
+        self._blocked: list[tuple[_Customer, uuid.UUID | None, str, str]] = []  # + other, event, reason
+
+    async def run(self, events: Sequence[ingest_pb2.Event]) -> BatchOutcome:
+        keys_of = [event_identifiers(e) for e in events]
+        all_keys = sorted(set(itertools.chain.from_iterable(keys_of)))
+        await lock_identifiers(self._conn, all_keys)
+        stored_events = await self._stored_events([e.event_id for e in events])
+        erased_at = await self._tombstones(all_keys)
+        await self._load_owners(all_keys)
+
+        placed: dict[str, _Customer] = {}  # event id -> customer, for this batch
+        outcomes: list[_Pending] = []
+        for event, keys in zip(events, keys_of, strict=True):
+            if event.event_id in stored_events:
+                outcomes.append(_Pending(stored_events[event.event_id], duplicate=True))
+                continue
+            if event.event_id in placed:
+                outcomes.append(_Pending(placed[event.event_id], duplicate=True))
+                continue
+            occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
+            erased = max((erased_at[k] for k in keys if k in erased_at), default=None)
+            if erased is not None and occurred_at < erased:
+                outcomes.append(_Pending(None))
+                continue
+            customer, losers = self._place(event, keys, occurred_at)
+            placed[event.event_id] = customer
+            outcomes.append(_Pending(customer, losers=tuple(c.customer_id for c in losers)))
+
+        changed = await self._write()
+        return BatchOutcome([self._outcome(p) for p in outcomes], changed)
+
+    def _outcome(self, pending: _Pending) -> EventOutcome:
+        who = pending.customer
+        if isinstance(who, uuid.UUID):  # stored before this batch; maybe merged away by it
+            who = self._customers.get(who, who)
+        customer_id = who.final().customer_id if isinstance(who, _Customer) else who
+        return EventOutcome(customer_id, pending.duplicate, pending.losers)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def _stored_events(self, event_ids: list[str]) -> dict[str, uuid.UUID]:
+        rows = await self._conn.fetch(
+            "SELECT event_id, customer_id FROM events WHERE event_id = ANY($1::text[])", event_ids
+        )
+        return {r["event_id"]: r["customer_id"] for r in rows}
+
+    async def _tombstones(self, keys: list[IdentifierKey]) -> dict[IdentifierKey, datetime]:
+        by_hash = {identifier_hash(key): key for key in keys}
+        rows = await self._conn.fetch(
+            "SELECT identifier_hash, erased_at FROM erasure_tombstones"
+            " WHERE identifier_hash = ANY($1::bytea[])",
+            list(by_hash),
+        )
+        return {by_hash[bytes(r["identifier_hash"])]: r["erased_at"] for r in rows}
+
+    async def _load_owners(self, keys: list[IdentifierKey]) -> None:
+        """The customers owning any of ``keys``, with all their identifiers, row-locked."""
+        owned = await self._conn.fetch(
+            "SELECT i.kind, i.value, i.customer_id FROM identifiers i"
+            " WHERE i.customer_id IN (SELECT i2.customer_id FROM identifiers i2"
+            "   JOIN unnest($1::text[], $2::text[]) AS q(kind, value)"
+            "   ON i2.kind = q.kind AND i2.value = q.value)",
+            [k.value for k, _ in keys],
+            [v for _, v in keys],
+        )
+        linked: dict[uuid.UUID, set[IdentifierKey]] = {}
+        for r in owned:
+            linked.setdefault(r["customer_id"], set()).add((IdentifierKind(r["kind"]), r["value"]))
+        if not linked:
+            return
+        rows = await self._conn.fetch(
+            "SELECT customer_id, version, state, created_at FROM customers"
+            " WHERE customer_id = ANY($1::uuid[]) ORDER BY customer_id FOR UPDATE",
+            list(linked),
+        )
+        if len(rows) != len(linked):
+            raise MergeConflict()
+        for r in rows:
+            customer = _Customer(
+                r["customer_id"],
+                r["created_at"],
+                linked[r["customer_id"]],
+                stored=True,
+                version=r["version"],
+                state_json=r["state"],
+            )
+            self._customers[customer.customer_id] = customer
+            for key in customer.keys:
+                self._owner_of[key] = customer
+
+    # --- identity and state, in memory --------------------------------------------------------
+
+    def _place(
+        self, event: ingest_pb2.Event, keys: list[IdentifierKey], occurred_at: datetime
+    ) -> tuple[_Customer, tuple[_Customer, ...]]:
+        """Find or create the event's customer, merging the customers it links (within the
+        limits), add its new identifiers, and fold it into the state. Returns the customer and
+        the customers merged into it."""
+        linked = sorted(
+            {id(c): c for k in keys if (c := self._owner_of.get(k))}.values(), key=lambda c: c.seniority
+        )
+        losers: tuple[_Customer, ...] = ()
+        if not linked:
+            customer = _Customer(uuid.uuid4(), _NEWEST, set(), stored=False)
+            self._customers[customer.customer_id] = customer
+        else:
+            # The oldest customer survives a merge: deterministic, and keeps the longest history.
+            customer, *others = linked
+            if others:
+                reason = self._limits.violation(set(keys).union(*(c.keys for c in linked)))
+                if reason is None:
+                    losers = tuple(others)
+                    self._absorb(customer, losers, event.event_id)
+                else:
+                    # Refused: the event joins the customer of its most specific identifier.
+                    customer = self._owner_of[best_identifier(k for k in keys if k in self._owner_of)]
+                    self._blocked.extend(
+                        (customer, other.customer_id, event.event_id, reason)
+                        for other in linked
+                        if other is not customer
+                    )
+                    log.info(
+                        "merge refused by identity limits",
+                        extra={"customer_id": str(customer.customer_id), "event_id": event.event_id},
+                    )
+
+        # New identifiers join the customer up to the limits; past them they are refused.
+        for key in keys:
+            if key in self._owner_of:
+                continue
+            reason = self._limits.violation(customer.keys | {key})
+            if reason is None:
+                customer.keys.add(key)
+                self._owner_of[key] = customer
+                self._new_identifiers.append((key, customer))
+            else:
+                self._blocked.append((customer, None, event.event_id, reason))
+
+        self._new_events.append((event, occurred_at, customer))
+        customer.events.append(event)
+        customer.version += 1
+        customer.touched = True
+        if losers:
+            customer.needs_replay = True
+        elif not customer.needs_replay:
+            state = customer.current_state()
+            if state.is_newer(event):
+                customer.state = apply_event(state, event, rules=self._rules)
+            else:  # late: recompute from the whole history at the end
+                customer.needs_replay = True
+        return customer, losers
+
+    def _absorb(self, survivor: _Customer, losers: tuple[_Customer, ...], event_id: str) -> None:
+        # The survivor's version must exceed every merged one, so that cache entries of the merged
+        # customers are replaced.
+        survivor.version = max(survivor.version, *(c.version for c in losers))
+        for loser in losers:
+            loser.absorbed_into = survivor
+            survivor.keys |= loser.keys
+            for key in loser.keys:
+                self._owner_of[key] = survivor
+            survivor.events.extend(loser.events)
+            survivor.touched = True
+            self._merges.append((survivor, loser.customer_id, event_id))
+        log.info(
+            "customers merged",
+            extra={
+                "survivor": str(survivor.customer_id),
+                "merged": [str(c.customer_id) for c in losers],
+                "event_id": event_id,
+            },
+        )
+
+    # --- writes ------------------------------------------------------------------------------
+
+    async def _write(self) -> list[uuid.UUID]:
+        """Write the batch's outcome; returns the customers whose profile changed."""
+        conn = self._conn
+        finals = [c for c in self._customers.values() if c.absorbed_into is None and c.touched]
+        created = [c for c in finals if not c.stored]
+        for customer in created:
+            if customer.needs_replay:  # its whole history is in this batch
+                customer.state = replay(customer.events, rules=self._rules)
+        if created:
+            await conn.execute(
+                "INSERT INTO customers (customer_id, version, state)"
+                " SELECT id, v, s::jsonb FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS n(id, v, s)",
+                [c.customer_id for c in created],
+                [c.version for c in created],
+                [json.dumps(to_json(c.current_state())) for c in created],
+            )
+
+        gone = [c for c in self._customers.values() if c.absorbed_into is not None and c.stored]
+        if gone:
+            moves = ([c.customer_id for c in gone], [c.final().customer_id for c in gone])
+            for table, column in (
+                ("identifiers", "customer_id"),
+                ("events", "customer_id"),
+                ("merges", "survivor_id"),
+                ("blocked_merges", "customer_id"),
+            ):
+                await conn.execute(
+                    f"UPDATE {table} t SET {column} = m.survivor"
+                    " FROM unnest($1::uuid[], $2::uuid[]) AS m(loser, survivor)"
+                    f" WHERE t.{column} = m.loser",
+                    *moves,
+                )
+            await conn.execute("DELETE FROM customers WHERE customer_id = ANY($1::uuid[])", moves[0])
+
+        if self._new_identifiers:
+            await conn.execute(
+                "INSERT INTO identifiers (kind, value, customer_id)"
+                " SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[])"
+                " ON CONFLICT (kind, value) DO NOTHING",
+                [k.value for (k, _), _ in self._new_identifiers],
+                [v for (_, v), _ in self._new_identifiers],
+                [c.final().customer_id for _, c in self._new_identifiers],
+            )
+        if self._new_events:
+            await conn.execute(
+                "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
+                " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bytea[])",
+                [e.event_id for e, _, _ in self._new_events],
+                [c.final().customer_id for _, _, c in self._new_events],
+                [e.WhichOneof("payload") or "" for e, _, _ in self._new_events],
+                [at for _, at, _ in self._new_events],
+                [e.SerializeToString(deterministic=True) for e, _, _ in self._new_events],
+            )
+        if self._merges:
+            await conn.execute(
+                "INSERT INTO merges (survivor_id, merged_customer_id, event_id)"
+                " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[])",
+                [s.final().customer_id for s, _, _ in self._merges],
+                [m for _, m, _ in self._merges],
+                [e for _, _, e in self._merges],
+            )
+        if self._blocked:
+            await conn.execute(
+                "INSERT INTO blocked_merges (customer_id, other_customer_id, event_id, reason)"
+                " SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[])",
+                [c.final().customer_id for c, _, _, _ in self._blocked],
+                [other for _, other, _, _ in self._blocked],
+                [e for _, _, e, _ in self._blocked],
+                [reason for _, _, _, reason in self._blocked],
+            )
+
+        updated = [c for c in finals if c.stored]
+        replayed = [c for c in updated if c.needs_replay]
+        if replayed:
+            # Late or merged: recompute from the whole history (which now includes this batch).
+            rows = await conn.fetch(
+                "SELECT customer_id, body FROM events WHERE customer_id = ANY($1::uuid[])",
+                [c.customer_id for c in replayed],
+            )
+            history: dict[uuid.UUID, list[ingest_pb2.Event]] = {}
+            for r in rows:
+                history.setdefault(r["customer_id"], []).append(ingest_pb2.Event.FromString(r["body"]))
+            for customer in replayed:
+                customer.state = replay(history.get(customer.customer_id, ()), rules=self._rules)
+        if updated:
+            await conn.execute(
+                "UPDATE customers c SET state = u.s::jsonb, version = u.v, updated_at = now()"
+                " FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS u(id, v, s)"
+                " WHERE c.customer_id = u.id",
+                [c.customer_id for c in updated],
+                [c.version for c in updated],
+                [json.dumps(to_json(c.current_state())) for c in updated],
+            )
+        return [c.customer_id for c in finals]
