@@ -66,7 +66,8 @@ class OutgoingMessage:
 
 
 class Delivery(Protocol):
-    """One delivered message; it is redelivered later unless acked."""
+    """One delivered message; it is redelivered later unless acked. An ack lost in a crash can
+    bring it back once more, so consumers must be idempotent."""
 
     @property
     def payload(self) -> bytes: ...
@@ -163,9 +164,9 @@ class _JetStreamDelivery:
         return int(self._msg.metadata.num_delivered)
 
     async def ack(self) -> None:
-        # A double ack waits for the server's confirmation, so a crash after ack() returns
-        # cannot bring the message back.
-        await self._msg.ack_sync()
+        # A plain ack, not a confirmed one (ack_sync, a round trip per message): consumers are
+        # idempotent, so the rare redelivery of an ack lost in a crash costs nothing.
+        await self._msg.ack()
 
     async def retry_later(self, delay_s: float) -> None:
         await self._msg.nak(delay=delay_s)

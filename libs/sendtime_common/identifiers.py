@@ -7,6 +7,7 @@ Both services normalize the same way, so an email written ``Ada@Example.COM `` b
 from __future__ import annotations
 
 import enum
+import functools
 from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
@@ -43,14 +44,21 @@ def normalize_identifier(kind: IdentifierKind, value: str) -> str:
     if len(value) > MAX_IDENTIFIER_LENGTH:
         raise InvalidIdentifier(f"must be at most {MAX_IDENTIFIER_LENGTH} characters")
     if kind is IdentifierKind.EMAIL:
-        try:
-            checked = validate_email(value, check_deliverability=False)
-        except EmailNotValidError as exc:
-            raise InvalidIdentifier(f"is not a valid email address: {exc}") from None
-        # Lower-case the whole address: mailbox case-sensitivity is allowed by RFC 5321 but no
-        # real provider uses it, and two spellings must not become two customers.
-        return checked.normalized.lower()
+        return _normalize_email(value)
     return value
+
+
+# Checking an address costs tens of microseconds and the same ones come again and again (every
+# event of a customer carries them); failures are not cached (lru_cache does not keep raises).
+@functools.lru_cache(maxsize=65536)
+def _normalize_email(value: str) -> str:
+    try:
+        checked = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise InvalidIdentifier(f"is not a valid email address: {exc}") from None
+    # Lower-case the whole address: mailbox case-sensitivity is allowed by RFC 5321 but no real
+    # provider uses it, and two spellings must not become two customers.
+    return checked.normalized.lower()
 
 
 class HasIdentifierFields(Protocol):

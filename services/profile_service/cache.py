@@ -22,17 +22,20 @@ KEY_PREFIX = "sendtime:profile:"
 # erased profile back into the cache; its empty body reads as a miss.
 ERASED_VERSION = 2**53  # exact in Lua's doubles
 
-# KEYS[1] = entry; ARGV[1] = version, ARGV[2] = entry value, ARGV[3] = TTL in seconds.
+# KEYS = the entries of one profile (one per identifier); ARGV[1] = version, ARGV[2] = entry
+# value, ARGV[3] = TTL in seconds. Returns how many entries were written.
 _SET_IF_NEWER = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local version = tonumber(string.match(current, '^(%d+):'))
-  if version and version >= tonumber(ARGV[1]) then
-    return 0
+local written = 0
+local wanted = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  local current = redis.call('GET', key)
+  local version = current and tonumber(string.match(current, '^(%d+):'))
+  if not (version and version >= wanted) then
+    redis.call('SET', key, ARGV[2], 'EX', ARGV[3])
+    written = written + 1
   end
 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
+return written
 """
 
 
@@ -103,11 +106,10 @@ class ProfileCache:
             async with self._client.pipeline(transaction=False) as pipe:
                 queued = False
                 for profile in profiles:
-                    entry = encode_entry(profile)
-                    for identifier in profile.identifiers:
-                        key = cache_key(PROTO_TO_KIND[identifier.kind], identifier.value)
+                    keys = [cache_key(PROTO_TO_KIND[i.kind], i.value) for i in profile.identifiers]
+                    if keys:
                         await self._set_if_newer(
-                            keys=[key], args=[profile.version, entry, self._ttl_s], client=pipe
+                            keys=keys, args=[profile.version, encode_entry(profile), self._ttl_s], client=pipe
                         )
                         queued = True
                 if queued:

@@ -118,7 +118,7 @@ class _Pending:
 @dataclass(frozen=True, slots=True)
 class BatchOutcome:
     events: list[EventOutcome]
-    changed: list[uuid.UUID]  # customers whose profile this batch saved
+    changed: dict[uuid.UUID, ProfileState]  # the profiles this batch saved
 
 
 class BatchMerge:
@@ -308,7 +308,7 @@ class BatchMerge:
 
     # --- writes ------------------------------------------------------------------------------
 
-    async def _write(self) -> list[uuid.UUID]:
+    async def _write(self) -> dict[uuid.UUID, ProfileState]:
         """Write the batch's outcome; returns the customers whose profile changed."""
         conn = self._conn
         finals = [c for c in self._customers.values() if c.absorbed_into is None and c.touched]
@@ -401,4 +401,4 @@ class BatchMerge:
                 [c.version for c in updated],
                 [json.dumps(to_json(c.current_state())) for c in updated],
             )
-        return [c.customer_id for c in finals]
+        return {c.customer_id: c.current_state() for c in finals}

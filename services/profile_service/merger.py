@@ -1,7 +1,8 @@
 """The merger: consumes events from the durable log and merges them into profiles.
 
 Each fetch from the log is merged as one batch: one transaction (see ``merge_transaction``), one
-pipelined cache write for the profiles it changed, then the acks. A delivery is acked only after
+pipelined cache write for the profiles it changed, then the acks, which go out while the next
+batch (fetched while this one merged) merges. A delivery is acked only after
 its transaction committed and the cache was refreshed, so a crash at any point means a
 redelivery, which the event-id key turns into a no-op. When a batch cannot be merged, its events
 are merged one at a time, so one event the database refuses holds back no other.
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
@@ -74,20 +76,40 @@ class EventMerger:
         await asyncio.gather(*(self._fetch_and_merge() for _ in range(self._concurrency)))
 
     async def _fetch_and_merge(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                deliveries = await self._subscription.fetch(self._batch_size, timeout_s=1.0)
-            except Exception:  # noqa: BLE001 - a broken fetch must not kill the loop; NATS reconnects
-                log.exception("fetch from the event log failed")
-                await asyncio.sleep(1.0)
-                continue
-            if deliveries:
-                await self._merge_batch(deliveries)
+        # A pipeline: the next batch is fetched, and the last one acked, while one merges.
+        fetching = asyncio.create_task(self._fetch())
+        acking: asyncio.Task[None] | None = None
+        try:
+            while True:
+                deliveries = await fetching
+                if not self._stopping.is_set():
+                    fetching = asyncio.create_task(self._fetch())
+                if deliveries:
+                    acks = await self._merge_batch(deliveries)
+                    if acking is not None:
+                        await acking  # at most one batch's acks in flight
+                    acking = asyncio.create_task(acks) if acks is not None else None
+                if self._stopping.is_set():
+                    return
+        finally:
+            if not fetching.done():  # only when the merge itself failed
+                fetching.cancel()
+            if acking is not None:
+                await acking
+
+    async def _fetch(self) -> Sequence[Delivery]:
+        try:
+            return await self._subscription.fetch(self._batch_size, timeout_s=1.0)
+        except Exception:  # noqa: BLE001 - a broken fetch must not kill the loop; NATS reconnects
+            log.exception("fetch from the event log failed")
+            await asyncio.sleep(1.0)
+            return []
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _merge_batch(self, deliveries: Sequence[Delivery]) -> None:
+    async def _merge_batch(self, deliveries: Sequence[Delivery]) -> Coroutine[Any, Any, None] | None:
+        """Merge a batch; returns the acks of what it committed, to be awaited."""
         work: list[_Work] = []
         for delivery in deliveries:
             try:
@@ -108,21 +130,24 @@ class EventMerger:
             )
             work.append(_Work(delivery, event, span))
         if not work:
-            return
+            return None
         try:
             results = await self._repository.merge_events([w.event for w in work])
         except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
             if len(work) == 1:
                 await self._retry_later(work[0], exc)
-                return
+                return None
             log.warning(
                 "batch merge failed, merging its events one at a time",
                 extra={"events": len(work), "error": f"{type(exc).__name__}: {exc}"},
             )
             for item in work:
                 await self._merge_batch_of_one(item)
-            return
+            return None
         await self._refresh_cache(work, results)
+        return self._ack_all(work, results)
+
+    async def _ack_all(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
         await asyncio.gather(*(self._ack(item, result) for item, result in zip(work, results, strict=True)))
 
     async def _merge_batch_of_one(self, item: _Work) -> None:

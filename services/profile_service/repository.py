@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +24,7 @@ from profile_service.codec import StoredProfile, to_proto
 from profile_service.identity import IdentityLimits, identifier_hash
 from profile_service.merge_rules import DEFAULT_RULES, MergeRules
 from profile_service.merge_transaction import BatchMerge, MergeConflict, lock_identifiers
-from profile_service.state import from_json, replay, to_json
+from profile_service.state import ProfileState, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
@@ -129,7 +129,7 @@ class ProfileRepository:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     outcome = await BatchMerge(conn, self._limits, self._rules).run(events)
-                    records = await self._records(conn, outcome.changed)
+                    records = await self._records(conn, list(outcome.changed), outcome.changed)
                 break
             except (MergeConflict, asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
@@ -157,22 +157,33 @@ class ProfileRepository:
         if not identifiers:
             return {}
         rows = await self._pool.fetch(
-            _PROFILE_COLUMNS + ", q.kind AS q_kind, q.value AS q_value"
+            _PROFILE_COLUMNS + ", c.state, q.kind AS q_kind, q.value AS q_value"
             " FROM unnest($1::text[], $2::text[]) AS q(kind, value)"
             " JOIN identifiers i ON i.kind = q.kind AND i.value = q.value"
             " JOIN customers c ON c.customer_id = i.customer_id",
             [k.value for k, _ in identifiers],
             [v for _, v in identifiers],
         )
-        return {(IdentifierKind(r["q_kind"]), r["q_value"]): _record(r) for r in rows}
+        return {(IdentifierKind(r["q_kind"]), r["q_value"]): _record(r, from_json(r["state"])) for r in rows}
 
     async def _records(
-        self, conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], customer_ids: Sequence[uuid.UUID]
+        self,
+        conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+        customer_ids: Sequence[uuid.UUID],
+        states: Mapping[uuid.UUID, ProfileState] | None = None,
     ) -> dict[uuid.UUID, ProfileRecord]:
+        """The records of ``customer_ids``; with ``states`` (what this transaction just saved),
+        their states are not read back and decoded again."""
+        if states is None:
+            rows = await conn.fetch(
+                _PROFILE_COLUMNS + ", c.state FROM customers c WHERE c.customer_id = ANY($1::uuid[])",
+                list(customer_ids),
+            )
+            return {r["customer_id"]: _record(r, from_json(r["state"])) for r in rows}
         rows = await conn.fetch(
             _PROFILE_COLUMNS + " FROM customers c WHERE c.customer_id = ANY($1::uuid[])", list(customer_ids)
         )
-        return {r["customer_id"]: _record(r) for r in rows}
+        return {r["customer_id"]: _record(r, states[r["customer_id"]]) for r in rows}
 
     async def erased_among(self, keys: Sequence[IdentifierKey]) -> set[IdentifierKey]:
         """Which of ``keys`` belonged to an erased person (one query)."""
@@ -293,7 +304,7 @@ class ProfileRepository:
 # One row per customer: its state, identifiers and identity history, aggregated in subqueries so
 # that a batch of profiles is one query.
 _PROFILE_COLUMNS = (
-    "SELECT c.customer_id, c.version, c.state, c.created_at, c.updated_at,"
+    "SELECT c.customer_id, c.version, c.created_at, c.updated_at,"
     " (SELECT array_agg(i2.kind || ':' || i2.value) FROM identifiers i2"
     "   WHERE i2.customer_id = c.customer_id) AS linked,"
     " (SELECT json_agg(json_build_array(m.merged_customer_id, m.event_id, m.merged_at) ORDER BY m.merged_at)"
@@ -303,7 +314,7 @@ _PROFILE_COLUMNS = (
 )
 
 
-def _record(row: Any) -> ProfileRecord:
+def _record(row: Any, state: ProfileState) -> ProfileRecord:
     linked: list[tuple[IdentifierKind, str]] = []
     for item in row["linked"] or []:
         kind, _, value = item.partition(":")
@@ -312,7 +323,7 @@ def _record(row: Any) -> ProfileRecord:
         customer_id=str(row["customer_id"]),
         version=row["version"],
         identifiers=tuple(sorted(linked)),
-        state=from_json(row["state"]),
+        state=state,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
     )
