@@ -2,12 +2,14 @@
 
 A caller awaits ``submit(item)``; items submitted while earlier batches are in flight wait and
 leave together. Under light load a batch is whatever arrived in one event-loop turn (no added
-delay); under heavy load batches grow up to ``max_batch``.
+delay); under heavy load batches grow up to ``max_batch``. Batches run concurrently; where one
+step of them must keep the order they were formed in, ``Turns`` orders it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -68,3 +70,43 @@ class MicroBatcher(Generic[T, R]):
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+
+class Turns:
+    """Lets concurrent tasks pass one point in the order they took their tickets: e.g. batches
+    that query a database side by side but must publish in the order they were formed.
+
+    ``ticket()`` is taken synchronously when the task starts; ``wait(ticket)`` returns once every
+    earlier ticket is ``done``; ``done(ticket)`` may be called more than once, and must be called
+    on every path (a ``finally``), or later tickets wait forever.
+    """
+
+    def __init__(self) -> None:
+        self._tickets = itertools.count()
+        self._next = 0  # the first ticket not done
+        self._done_early: set[int] = set()
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+
+    def ticket(self) -> int:
+        return next(self._tickets)
+
+    async def wait(self, ticket: int) -> None:
+        if ticket <= self._next:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[ticket] = waiter
+        try:
+            await waiter
+        finally:
+            self._waiting.pop(ticket, None)
+
+    def done(self, ticket: int) -> None:
+        if ticket < self._next:
+            return
+        self._done_early.add(ticket)
+        while self._next in self._done_early:
+            self._done_early.remove(self._next)
+            self._next += 1
+        waiter = self._waiting.get(self._next)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)

@@ -3,7 +3,9 @@
 For a batch of events it makes a fixed number of round trips: one PostgreSQL query for ids seen
 before, one to claim business keys, pipelined publishes to the event log, one write recording
 what was stored (and one for dead letters). ``StreamEvents`` feeds single events through a
-micro-batcher, so a stream gets the same batching.
+micro-batcher, so a stream gets the same batching. Batches run side by side, but publish in the
+order they were formed, so a customer's events sent in order reach the log in order (the
+profile merger replays a customer's history for every event that arrives late).
 
 An event is ACCEPTED only once the event log has confirmed it. When the log, or the dedup
 store, cannot answer, the outcome is RETRY with the reason, never a false ACCEPTED; rejected
@@ -26,7 +28,7 @@ from ingest.stats import OutcomeCounters
 from ingest.store import IngestStore, StoreError
 from ingest.validation import ValidationRules, validate_event
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.batching import MicroBatcher
+from sendtime_common.batching import MicroBatcher, Turns
 from sendtime_common.errors import bad_request_status, retry_status
 from sendtime_common.event_log import (
     EventLog,
@@ -92,6 +94,7 @@ class Ingestor:
         self._rules = rules
         self._claim_stale_after = claim_stale_after
         self._clock = clock
+        self._publish_turns = Turns()
         self._stream_batcher: MicroBatcher[ingest_pb2.Event, ingest_pb2.EventResult] = MicroBatcher(
             self.ingest_batch, max_batch=STREAM_BATCH_SIZE, max_concurrent_batches=STREAM_CONCURRENT_BATCHES
         )
@@ -106,6 +109,15 @@ class Ingestor:
     ) -> list[ingest_pb2.EventResult]:
         """Outcomes in input order. ``dead_letter=False`` (a replay of a dead letter) answers
         REJECTED without storing the event again."""
+        turn = self._publish_turns.ticket()
+        try:
+            return await self._ingest_batch(events, dead_letter, turn)
+        finally:
+            self._publish_turns.done(turn)
+
+    async def _ingest_batch(
+        self, events: list[ingest_pb2.Event], dead_letter: bool, turn: int
+    ) -> list[ingest_pb2.EventResult]:
         received_at = self._clock()
         work = [_Work(_normalized(stamp(e, received_at))) for e in events]
         rejections = self._validate(work, received_at)
@@ -118,10 +130,16 @@ class Ingestor:
             return self._report(work, received_at)
         claims = {w.key: w.event.event_id for w in work if w.result is None and w.key is not None}
         dead_letters = dead_letter and rejections
-        outcomes = await asyncio.gather(
+        await self._publish_turns.wait(turn)
+        publishing = asyncio.gather(
             self._store_rejections(rejections, received_at) if dead_letters else _nothing(),
             *(self._publish(w) for w in work if w.result is None),
         )
+        # One loop turn: each publish puts its message on the connection, in order; the next
+        # batch's go after them, while these await their acks.
+        await asyncio.sleep(0)
+        self._publish_turns.done(turn)
+        outcomes = await publishing
         if dead_letters and not outcomes[0]:
             for w in work:
                 if w.result is not None and w.result.outcome == REJECTED:

@@ -2,7 +2,9 @@
 
 Redis is a cache, never the record. Each entry is ``<version>:<Profile bytes>`` and a write only
 replaces an older version (a compare-and-set in a Lua script), so a slow writer holding an old
-profile can never overwrite a newer one. Entries expire after a TTL. Any Redis failure is
+profile can never overwrite a newer one. Entries expire after a TTL. One script call writes all
+of a profile's entries, so the cache wants one Redis primary (with replicas or Sentinel), not
+Redis Cluster, whose slots would split a profile's keys. Any Redis failure is
 reported as ``CacheUnavailable`` so callers fall back to PostgreSQL.
 """
 

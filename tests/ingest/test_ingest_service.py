@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import nats
 import pytest
 
 import devstack
@@ -128,3 +129,33 @@ async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted
     finally:
         await app.stop(grace_s=1)
         devstack.stop_process(nats)
+
+
+async def test_a_streams_events_reach_the_log_in_the_order_they_were_sent(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, nats_url: str, unique: str
+) -> None:
+    # Many small batches run side by side (their dedup queries return in any order); the
+    # profile merger must still get one customer's events in order, or it replays history.
+    events = [event(user_id=f"u-{unique}", product_viewed=product_viewed(f"sku-{i}")) for i in range(600)]
+
+    async def requests() -> AsyncIterator[ingest_pb2.StreamEventsRequest]:
+        for e in events:
+            yield ingest_pb2.StreamEventsRequest(event=e)
+            if len(e.event_id) % 3 == 0:
+                await asyncio.sleep(0)  # let batches form at random points
+
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        start = (await js.stream_info(JetStreamSettings().stream)).state.last_seq + 1
+        outcomes = [r.result.outcome async for r in ingest_stub.StreamEvents(requests())]
+        assert set(outcomes) == {ACCEPTED}
+        end = (await js.stream_info(JetStreamSettings().stream)).state.last_seq
+        logged = []
+        for seq in range(start, end + 1):
+            stored = await js.get_msg(JetStreamSettings().stream, seq)
+            assert stored.data is not None
+            logged.append(ingest_pb2.Event.FromString(stored.data))
+    finally:
+        await client.close()
+    assert [e.event_id for e in logged if e.customer.user_id == f"u-{unique}"] == [e.event_id for e in events]
