@@ -53,6 +53,10 @@ class StoredProfile:
     updated_at: datetime
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def money_to_proto(money: Money) -> money_pb2.Money:
     units = int(money.amount)  # truncates toward zero, as google.type.Money wants
     nanos = int((money.amount - units) * 1_000_000_000)
@@ -60,9 +64,10 @@ def money_to_proto(money: Money) -> money_pb2.Money:
 
 
 def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(at)
-    return ts
+    # Integer arithmetic on the (aware) datetime: half the cost of Timestamp.FromDatetime, and
+    # a profile has dozens of timestamps.
+    seconds, micros = divmod((at - _EPOCH) // _MICROSECOND, 1_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000)
 
 
 def _sum_by_currency(amounts: Iterable[Money]) -> list[money_pb2.Money]:

@@ -15,7 +15,6 @@ deleted by another transaction meanwhile raises ``MergeConflict`` and the caller
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any, TypeAlias
 
 import asyncpg
 import asyncpg.pool
+import orjson
 
 from profile_service.identity import IdentityLimits, best_identifier, identifier_hash
 from profile_service.merge_rules import MergeRules
@@ -322,7 +322,7 @@ class BatchMerge:
                 " SELECT id, v, s::jsonb FROM unnest($1::uuid[], $2::bigint[], $3::text[]) AS n(id, v, s)",
                 [c.customer_id for c in created],
                 [c.version for c in created],
-                [json.dumps(to_json(c.current_state())) for c in created],
+                [orjson.dumps(to_json(c.current_state())).decode() for c in created],
             )
 
         gone = [c for c in self._customers.values() if c.absorbed_into is not None and c.stored]
@@ -399,6 +399,6 @@ class BatchMerge:
                 " WHERE c.customer_id = u.id",
                 [c.customer_id for c in updated],
                 [c.version for c in updated],
-                [json.dumps(to_json(c.current_state())) for c in updated],
+                [orjson.dumps(to_json(c.current_state())).decode() for c in updated],
             )
         return {c.customer_id: c.current_state() for c in finals}

@@ -9,7 +9,6 @@ hashed tombstones that drop the person's late events.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import asyncpg.pool
+import orjson
 
 from profile_service.codec import StoredProfile, to_proto
 from profile_service.identity import IdentityLimits, identifier_hash
@@ -84,7 +84,12 @@ class ErasedCustomer:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    # orjson: a profile's state is encoded and decoded on every merge, several times faster so.
+    await conn.set_type_codec("jsonb", encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
@@ -337,7 +342,7 @@ def _record(row: Any, state: ProfileState) -> ProfileRecord:
 def _json_list(value: Any) -> list[Any]:
     if value is None:
         return []
-    parsed: list[Any] = json.loads(value) if isinstance(value, str) else value
+    parsed: list[Any] = orjson.loads(value) if isinstance(value, str) else value
     return parsed
 
 
