@@ -82,14 +82,17 @@ class EventMerger:
         try:
             while True:
                 deliveries = await fetching
-                if not self._stopping.is_set():
+                # Stopping: merge what was fetched (also a fetch made while the last batch
+                # merged), fetch no more.
+                stopping = self._stopping.is_set()
+                if not stopping:
                     fetching = asyncio.create_task(self._fetch())
                 if deliveries:
                     acks = await self._merge_batch(deliveries)
                     if acking is not None:
                         await acking  # at most one batch's acks in flight
                     acking = asyncio.create_task(acks) if acks is not None else None
-                if self._stopping.is_set():
+                if stopping:
                     return
         finally:
             if not fetching.done():  # only when the merge itself failed
