@@ -216,7 +216,9 @@ async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup
     scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
 ) -> None:
     service, target = scripted
-    service.delay_s = 0.1
+    # Long enough that all 20 calls reach render while the first lookup is still out, even on a
+    # slow machine (at 0.1 s a loaded CI machine let a late call start a second lookup).
+    service.delay_s = 0.5
     cached_ok = template(max_data_age=60)
     async with render_service(target) as stub:
         burst = await asyncio.gather(*(stub.Render(request(user("u-age"), CART_EMAIL)) for _ in range(20)))
