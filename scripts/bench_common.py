@@ -588,6 +588,56 @@ async def measure_empty_stream(
     return StreamFloor(streams=len(payloads), window=window, messages=sum(counts), seconds=seconds)
 
 
+# CPU (% of one core) that processes outside the bench may use in a phase before it warns.
+NOISY_NEIGHBOURS_PERCENT = 25.0
+
+
+def report_warnings(results: Mapping[str, Any], cprofiled: bool) -> list[str]:
+    """The report lines that say its figures are not to be trusted: services under cProfile, or
+    other processes using the CPU during a phase."""
+    lines = []
+    if cprofiled:
+        lines.append(
+            "The services ran under cProfile, which slows them down: compare nothing with these figures."
+        )
+    noisy = {
+        phase: usage["rest of machine"]
+        for phase, usage in results["cpu_percent_of_one_core"].items()
+        if usage["rest of machine"] > NOISY_NEIGHBOURS_PERCENT
+    }
+    if noisy:
+        during = ", ".join(f"{used:.0f}% in {phase}" for phase, used in noisy.items())
+        lines.append(f"WARNING: processes outside the bench used CPU ({during}): expect worse figures.")
+    return lines
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--json`` and ``--cprofile``, as every bench takes them."""
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--cprofile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
+    )
+
+
+async def serve_until_signalled(handler: grpc.GenericRpcHandler[Any, Any], port: int) -> None:
+    """Serve ``handler`` on 127.0.0.1:``port`` with a bare grpc.aio server (no interceptors: the
+    floors measure the bare cost) until SIGTERM or SIGINT."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
 async def serve_empty(port: int) -> None:
     """The empty server: a unary method answering b"" and a stream method answering each message
     with a 40-byte reply (about an ingest result's size). No interceptors: the bare cost."""
@@ -607,16 +657,7 @@ async def serve_empty(port: int) -> None:
             "Stream": grpc.stream_stream_rpc_method_handler(stream),
         },
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1)
+    await serve_until_signalled(handler, port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

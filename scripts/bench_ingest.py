@@ -47,6 +47,7 @@ from bench_common import (
     CpuMeter,
     Row,
     StreamFloor,
+    add_output_arguments,
     fmt_ms,
     fmt_rate,
     machine_info,
@@ -55,6 +56,7 @@ from bench_common import (
     percentile,
     render_cpu,
     render_table,
+    report_warnings,
     run_bench_main,
     say,
     source_info,
@@ -84,8 +86,6 @@ MIN_PHASE_S = 0.5
 # No merge for this long while events are pending means the merger is stuck or dead.
 MERGER_STALL_S = 60.0
 
-# CPU (% of one core) that processes outside the bench may use in a phase before it warns.
-NOISY_NEIGHBOURS_PERCENT = 25.0
 
 GOAL_ACKED_VS_RAW = 0.5
 GOAL_MERGED_VS_ACKED = 0.95
@@ -842,20 +842,7 @@ def report(results: dict[str, Any]) -> str:
         f" load average {machine['load_average_1m_before']} before the run",
         summary,
     ]
-    if options["cprofile"]:
-        lines.append(
-            "The services ran under cProfile, which slows them down: compare nothing with these rates."
-        )
-    noisy = {
-        phase: usage["rest of machine"]
-        for phase, usage in results["cpu_percent_of_one_core"].items()
-        if usage["rest of machine"] > NOISY_NEIGHBOURS_PERCENT
-    }
-    if noisy:
-        during = ", ".join(f"{used:.0f}% in {phase}" for phase, used in noisy.items())
-        lines.append(
-            f"WARNING: processes outside the bench used CPU ({during}): expect lower figures than alone."
-        )
+    lines += report_warnings(results, options["cprofile"])
     lines += [
         "",
         render_table(rows),
@@ -905,14 +892,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         action="store_true",
         help="run ingest without the profile service (no merge, no freshness): ingest's own ceiling",
     )
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
-    parser.add_argument(
-        "--cprofile",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
-    )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if min(args.events, args.streams, args.in_flight, args.customers, args.samples) < 1:
         parser.error("--events, --streams, --in-flight, --customers and --samples must be positive")

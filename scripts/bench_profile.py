@@ -51,12 +51,14 @@ from bench_common import (
     CallFloor,
     CpuMeter,
     Row,
+    add_output_arguments,
     fmt_rate,
     machine_info,
     measure_empty_unary,
     percentile,
     render_cpu,
     render_table,
+    report_warnings,
     run_bench_main,
     say,
     source_info,
@@ -85,7 +87,6 @@ CALL_TIMEOUT_S = 10.0
 # A consumer whose pending count and ack floor have not moved for this long has stopped. Longer
 # than JetStream's ack wait (30 s), after which an unconfirmed ack's message comes back.
 STALL_S = 60.0
-NOISY_NEIGHBOURS_PERCENT = 25.0
 
 GOAL_HIT_VS_FLOOR = 1.5
 
@@ -849,18 +850,7 @@ def report(results: Mapping[str, Any]) -> str:
         f" GetProfile answer {reads['get_profile_response_bytes']:,} B; {options['seconds_per_measure']:.0f}s"
         f" per measure, {options['floor_seconds']:.0f}s per floor",
     ]
-    if options["cprofile"]:
-        lines.append(
-            "The services ran under cProfile, which slows them down: compare nothing with these figures."
-        )
-    noisy = {
-        phase: usage["rest of machine"]
-        for phase, usage in results["cpu_percent_of_one_core"].items()
-        if usage["rest of machine"] > NOISY_NEIGHBOURS_PERCENT
-    }
-    if noisy:
-        during = ", ".join(f"{used:.0f}% in {phase}" for phase, used in noisy.items())
-        lines.append(f"WARNING: processes outside the bench used CPU ({during}): expect worse figures.")
+    lines += report_warnings(results, options["cprofile"])
     lines += [
         "",
         render_table(rows),
@@ -884,14 +874,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per measure (default 3)")
     parser.add_argument("--floor-seconds", type=float, default=2.0, help="seconds per floor (default 2)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
-    parser.add_argument(
-        "--cprofile",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
-    )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.customers < 2 * BATCH or args.concurrency < 1 or min(args.seconds, args.floor_seconds) <= 0:
         parser.error(f"--customers must be at least {2 * BATCH}; --concurrency and the seconds positive")

@@ -63,14 +63,17 @@ from bench_common import (
     CallFloor,
     CpuMeter,
     Row,
+    add_output_arguments,
     fmt_rate,
     machine_info,
     measure_empty_unary,
     percentile,
     render_cpu,
     render_table,
+    report_warnings,
     run_bench_main,
     say,
+    serve_until_signalled,
     source_info,
     verdict,
 )
@@ -109,7 +112,6 @@ FAULT_DEADLINE_S = 0.150
 FAULT_UNKNOWN_SHARE = 0.1
 IDEAL_CHUNK = 500  # customers per MGET in the in-process batch floor (RenderBatch's chunk)
 VARIABLES: dict[str, Any] = {"discount_code": "COMEBACK10"}
-NOISY_NEIGHBOURS_PERCENT = 25.0
 
 GOAL_RENDER_VS_IDEAL = 2.0
 
@@ -212,17 +214,10 @@ async def serve_ideal(port: int, redis_url: str, template_path: Path) -> None:
     handler = grpc.method_handlers_generic_handler(
         IDEAL_SERVICE, {"Render": grpc.unary_unary_rpc_method_handler(render)}
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    await server.stop(1)
-    await client.aclose()
+    try:
+        await serve_until_signalled(handler, port)
+    finally:
+        await client.aclose()
 
 
 @contextlib.contextmanager
@@ -767,16 +762,7 @@ def report(results: Mapping[str, Any]) -> str:
         f" template HTML {options['html_bytes']:,} B; {options['seconds_per_measure']:.0f}s per measure,"
         f" deadline {options['deadline_s']:.0f}s per Render",
     ]
-    if options["cprofile"]:
-        lines.append("The services ran under cProfile, which slows them down: compare nothing with these.")
-    noisy = {
-        phase: usage["rest of machine"]
-        for phase, usage in results["cpu_percent_of_one_core"].items()
-        if usage["rest of machine"] > NOISY_NEIGHBOURS_PERCENT
-    }
-    if noisy:
-        during = ", ".join(f"{used:.0f}% in {phase}" for phase, used in noisy.items())
-        lines.append(f"WARNING: processes outside the bench used CPU ({during}): expect worse figures.")
+    lines += report_warnings(results, options["cprofile"])
     lines += [
         "",
         render_table(rows),
@@ -821,14 +807,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not ANALYZE the database during the load (slower setup; see the module docstring)",
     )
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the results here")
-    parser.add_argument(
-        "--cprofile",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
-    )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.command is None and (
         args.customers < IDEAL_CHUNK
