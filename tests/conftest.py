@@ -81,21 +81,30 @@ def _with_database(url: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-@pytest.fixture(scope="session")
-async def database_url() -> AsyncIterator[str]:
-    """A fresh, empty database for this test run."""
-    name = f"sendtime_test_{uuid.uuid4().hex[:12]}"
+@asynccontextmanager
+async def empty_database(prefix: str) -> AsyncIterator[str]:
+    """A fresh, empty database named ``<prefix>_<random>``, dropped on exit: its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(ADMIN_DATABASE_URL)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield _with_database(ADMIN_DATABASE_URL, name)
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield _with_database(ADMIN_DATABASE_URL, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(ADMIN_DATABASE_URL)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def database_url() -> AsyncIterator[str]:
+    """A fresh, empty database for this test run."""
+    async with empty_database("sendtime_test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -4,15 +4,10 @@ prepared statement's generic plan, made while the tables were empty, would other
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
-import pytest
-
 from profile_service.repository import create_pool
-from tests.conftest import ADMIN_DATABASE_URL, _with_database
+from tests.conftest import empty_database
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "profile_service" / "migrations"
 OWNERS = (
@@ -22,43 +17,27 @@ OWNERS = (
 )
 
 
-@pytest.fixture
-async def empty_database() -> AsyncIterator[str]:
-    name = f"sendtime_plans_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    try:
-        yield _with_database(ADMIN_DATABASE_URL, name)
-    finally:
-        admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
-async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_grow(
-    empty_database: str,
-) -> None:
-    pool = await create_pool(empty_database, min_size=1, max_size=1)
-    try:
-        async with pool.acquire() as conn:
-            for migration in sorted(MIGRATIONS.glob("*.sql")):
-                await conn.execute(migration.read_text())
-            await conn.execute(f"PREPARE owners(text[], text[]) AS {OWNERS}")
-            for n in range(8):  # past the 5 custom plans after which PostgreSQL may go generic
-                await conn.execute(f"EXECUTE owners(ARRAY['user_id'], ARRAY['u{n}'])")
-            await conn.execute(
-                "INSERT INTO customers (customer_id, version, state)"
-                " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 20000)"
-            )
-            await conn.execute(
-                "INSERT INTO identifiers (kind, value, customer_id)"
-                " SELECT 'user_id', 'u' || row_number() OVER (), customer_id FROM customers"
-            )
-            plan = "\n".join(
-                r[0] for r in await conn.fetch("EXPLAIN EXECUTE owners(ARRAY['user_id'], ARRAY['u1'])")
-            )
-    finally:
-        await pool.close()
+async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_grow() -> None:
+    async with empty_database("sendtime_plans") as url:
+        pool = await create_pool(url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                for migration in sorted(MIGRATIONS.glob("*.sql")):
+                    await conn.execute(migration.read_text())
+                await conn.execute(f"PREPARE owners(text[], text[]) AS {OWNERS}")
+                for n in range(8):  # past the 5 custom plans after which PostgreSQL may go generic
+                    await conn.execute(f"EXECUTE owners(ARRAY['user_id'], ARRAY['u{n}'])")
+                await conn.execute(
+                    "INSERT INTO customers (customer_id, version, state)"
+                    " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 20000)"
+                )
+                await conn.execute(
+                    "INSERT INTO identifiers (kind, value, customer_id)"
+                    " SELECT 'user_id', 'u' || row_number() OVER (), customer_id FROM customers"
+                )
+                explained = await conn.fetch("EXPLAIN EXECUTE owners(ARRAY['user_id'], ARRAY['u1'])")
+        finally:
+            await pool.close()
+    plan = "\n".join(r[0] for r in explained)
     assert "Seq Scan on identifiers" not in plan, plan
     assert "identifiers_pkey" in plan, plan
