@@ -12,12 +12,13 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,17 @@ OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what probe
 
 # Probes and reflection are not traced: they are noise in traces, and the tracing interceptor
 # cannot wrap handlers that stream with context.write() (health's Watch).
-_TRACED_CALLS = filters.negate(
-    filters.any_of(filters.service_prefix("grpc.health."), filters.service_prefix("grpc.reflection."))
-)
+_UNTRACED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+def _traced_call(details: Any) -> bool:
+    # One prefix test on the method path ("/package.Service/Method"). The instrumentation's own
+    # filters.service_prefix does ABC isinstance checks and os.path work per filter and call:
+    # ~60 µs a call, on every call of every service.
+    method = details.method
+    if isinstance(method, bytes):
+        method = method.decode()
+    return not method.startswith(_UNTRACED_PREFIXES)
 
 
 class GrpcServer:
@@ -43,7 +52,7 @@ class GrpcServer:
     ) -> None:
         self._service_names = list(service_names)
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(filter_=_TRACED_CALLS)],  # type: ignore[no-untyped-call]
+            interceptors=[aio_server_interceptor(filter_=_traced_call)],  # type: ignore[no-untyped-call]
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[("grpc.so_reuseport", 0)],
         )

@@ -78,3 +78,24 @@ async def test_reflection_lists_the_services() -> None:
         assert names == {"test.Slow", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     finally:
         await server.stop(grace_s=0)
+
+
+async def test_service_calls_are_traced_and_health_checks_are_not(span_exporter: Any) -> None:
+    service = SlowService()
+    service.release.set()
+    server = GrpcServer("127.0.0.1:0", ["test.Slow"], service.register)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            assert await channel.unary_unary("/test.Slow/Wait", None, None)(b"x") == b"done:x"
+            health = health_pb2_grpc.HealthStub(channel)
+            checked = await health.Check(health_pb2.HealthCheckRequest())
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            watched = await watch.read()  # a streaming handler the tracing interceptor cannot wrap
+            watch.cancel()
+    finally:
+        await server.stop(grace_s=1)
+    assert checked.status == watched.status == SERVING
+    names = [span.name for span in span_exporter.get_finished_spans()]
+    assert "/test.Slow/Wait" in names
+    assert not [name for name in names if name.startswith("/grpc.")]
