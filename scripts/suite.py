@@ -94,14 +94,17 @@ class RunningService:
     log_path: Path
 
 
-def start_services(env: Mapping[str, str], log_dir: Path) -> list[RunningService]:
-    """Start the three services as processes and wait until each reports SERVING.
+def start_services(
+    env: Mapping[str, str], log_dir: Path, services: Sequence[Service] = SERVICES
+) -> list[RunningService]:
+    """Start ``services`` (the three, by default) as processes, in order, and wait until each
+    reports SERVING.
 
     Raises:
         SuiteError: a port is taken, or a service exited or did not become healthy (its log's
             last lines are in the message).
     """
-    for service in SERVICES:
+    for service in services:
         if devstack.tcp_reachable("127.0.0.1", service.port(env)):
             raise SuiteError(
                 f"port {service.port(env)} ({service.name}) is already in use: is another suite running? "
@@ -110,7 +113,7 @@ def start_services(env: Mapping[str, str], log_dir: Path) -> list[RunningService
     log_dir.mkdir(parents=True, exist_ok=True)
     running: list[RunningService] = []
     try:
-        for service in SERVICES:  # profile first: it applies the migrations and creates the stream
+        for service in services:  # profile first: it applies the migrations and creates the stream
             log_path = log_dir / f"{service.name}.log"
             with open(log_path, "ab") as log:  # the child keeps its own copy
                 process = subprocess.Popen(
