@@ -20,7 +20,7 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_s: int = 24 * 3600
     consumer_name: str = "profile-merger"
-    merge_batch_size: int = 256
+    merge_batch_size: int = 512  # see docs/benchmarks.md: 256 left the merger behind ingest
     merge_concurrency: int = 1  # batches merged at once; see profile_service.merger
     max_batch_get: int = 1000
     # Identifiers of a kind one profile may hold, e.g. "email=3,device_id=10" (others: defaults).
