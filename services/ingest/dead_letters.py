@@ -3,6 +3,7 @@ replaying one once the cause of its rejection is fixed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 
 from google.rpc import status_pb2
@@ -104,12 +105,17 @@ class DeadLetters:
             event.CopyFrom(corrected)
             event.event_id = event.event_id or stored_event.event_id
         (result,) = await self._ingestor.ingest_batch([event], dead_letter=False)
+        updated = rejection  # RETRY: nothing changes
+        # Either update finds nothing if the purge took the dead letter meanwhile (its retention
+        # ran out): the answer still says what the replay did.
         if result.outcome in (ingest_pb2.EVENT_OUTCOME_ACCEPTED, ingest_pb2.EVENT_OUTCOME_DUPLICATE):
-            rejection = await self._store.update_rejection(
-                rejection_id, status=None, replayed_at=datetime.now().astimezone()
-            )
+            replayed_at = datetime.now().astimezone()
+            updated = await self._store.update_rejection(
+                rejection_id, status=None, replayed_at=replayed_at
+            ) or replace(rejection, replayed_at=replayed_at)
         elif result.outcome == ingest_pb2.EVENT_OUTCOME_REJECTED:
-            rejection = await self._store.update_rejection(
-                rejection_id, status=result.status.SerializeToString(), replayed_at=None
-            )
-        return result, to_proto(rejection)
+            status = result.status.SerializeToString()
+            updated = await self._store.update_rejection(
+                rejection_id, status=status, replayed_at=None
+            ) or replace(rejection, status=status)
+        return result, to_proto(updated)

@@ -1,12 +1,12 @@
 """Wiring of the ingest service: PostgreSQL (migrated), the event log, the ingestor, the gRPC
-server, and the background work (counts flushed each second, old processed ids purged)."""
+server, and the background work (counts flushed each second, expired records purged hourly)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import asyncpg
 
 from ingest.dead_letters import DeadLetters
 from ingest.ingestor import Ingestor
+from ingest.retention import Retention, purge_expired
 from ingest.servicer import IngestServicer
 from ingest.settings import Settings
 from ingest.stats import OutcomeCounters
@@ -42,7 +43,7 @@ class IngestApp:
     store: IngestStore
     counters: OutcomeCounters
     pool: asyncpg.Pool
-    dedup_window: timedelta
+    retention: Retention
     webhooks: WebhookServer | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -57,7 +58,7 @@ class IngestApp:
             await self.webhooks.start()
         self._background = [
             asyncio.create_task(self._flush_counts(), name="flush-counts"),
-            asyncio.create_task(self._purge_processed_ids(), name="purge-processed-ids"),
+            asyncio.create_task(self._purge_expired(), name="purge-expired"),
         ]
 
     async def close(self) -> None:
@@ -83,13 +84,13 @@ class IngestApp:
             await asyncio.sleep(COUNTS_FLUSH_INTERVAL_S)
             await self.counters.flush(self.store)
 
-    async def _purge_processed_ids(self) -> None:
+    async def _purge_expired(self) -> None:
         while True:
             try:
-                purged = await self.store.purge_processed(datetime.now(UTC) - self.dedup_window)
-                log.info("purged processed event ids", extra={"count": purged})
+                purged = await purge_expired(self.store, self.retention, datetime.now(UTC))
+                log.info("purged expired records", extra=asdict(purged))
             except StoreError as exc:
-                log.warning("could not purge processed event ids", extra={"error": str(exc)})
+                log.warning("could not purge expired records", extra={"error": str(exc)})
             await asyncio.sleep(PURGE_INTERVAL_S)
 
 
@@ -149,6 +150,6 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         store=store,
         counters=counters,
         pool=pool,
-        dedup_window=timedelta(hours=settings.dedup_window_hours),
+        retention=Retention.from_settings(settings),
         webhooks=webhooks,
     )

@@ -27,6 +27,8 @@ class Settings:
     custom_event_names: str = ""
     # How long a stored event id keeps catching resends (beyond the event log's own window).
     dedup_window_hours: float = 72.0
+    # Dead letters carry personal data as it was sent: kept this long, then deleted.
+    dead_letter_retention_days: int = 30
     # Events one StreamEvents call may have in flight before the server stops reading: a flood
     # slows the caller down instead of filling memory.
     max_in_flight_per_stream: int = 512
@@ -58,6 +60,9 @@ class Settings:
             custom_event_names=env_str(env, "INGEST_CUSTOM_EVENT_NAMES", defaults.custom_event_names),
             dedup_window_hours=env_float(
                 env, "INGEST_DEDUP_WINDOW_HOURS", defaults.dedup_window_hours, minimum=1
+            ),
+            dead_letter_retention_days=env_int(
+                env, "INGEST_DEAD_LETTER_RETENTION_DAYS", defaults.dead_letter_retention_days, minimum=1
             ),
             max_in_flight_per_stream=env_int(
                 env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1

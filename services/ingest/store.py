@@ -29,8 +29,9 @@ class StoredRejection:
 
 
 class IngestStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, purge_chunk: int = 10_000) -> None:
         self._pool = pool
+        self._purge_chunk = purge_chunk
 
     async def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]:
         """Which of these ids were stored in the event log before (within the dedup window)."""
@@ -170,8 +171,9 @@ class IngestStore:
 
     async def update_rejection(
         self, rejection_id: int, *, status: bytes | None, replayed_at: datetime | None
-    ) -> StoredRejection:
-        """After a replay: mark it replayed, or store the reasons it is still rejected."""
+    ) -> StoredRejection | None:
+        """After a replay: mark it replayed, or store the reasons it is still rejected. None
+        when it is gone (its retention ran out during the replay)."""
         row = await self._pool.fetchrow(
             "UPDATE ingest_rejected_events SET status = coalesce($2, status), replayed_at = $3"
             " WHERE id = $1 RETURNING id, event, status, rejected_at, replayed_at",
@@ -179,8 +181,7 @@ class IngestStore:
             status,
             replayed_at,
         )
-        assert row is not None  # dead letters are never deleted while ingest runs
-        return StoredRejection(**dict(row))
+        return StoredRejection(**dict(row)) if row else None
 
     async def add_counts(self, counts: Mapping[CountKey, int]) -> None:
         if not counts:
@@ -212,7 +213,27 @@ class IngestStore:
 
     async def purge_processed(self, older_than: datetime) -> int:
         """Forget processed ids received before ``older_than`` (the dedup window); how many."""
-        result = await self._pool.execute(
-            "DELETE FROM ingest_processed_events WHERE received_at < $1", older_than
+        return await self._purge("ingest_processed_events", "received_at", older_than)
+
+    async def purge_business_keys(self, older_than: datetime) -> int:
+        """Forget business keys claimed before ``older_than``; how many."""
+        return await self._purge("ingest_business_keys", "claimed_at", older_than)
+
+    async def purge_rejections(self, older_than: datetime) -> int:
+        """Delete dead letters rejected before ``older_than``, replayed or not; how many."""
+        return await self._purge("ingest_rejected_events", "rejected_at", older_than)
+
+    async def _purge(self, table: str, column: str, older_than: datetime) -> int:
+        # In chunks, each its own short transaction: a day's backlog of millions of rows must
+        # not become one long transaction holding locks and bloating the table while it runs.
+        statement = (  # table and column are this module's constants, never input
+            f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+            f"SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
         )
-        return int(result.split()[-1])
+        purged = 0
+        while True:
+            result = await self._pool.execute(statement, older_than, self._purge_chunk)
+            deleted = int(result.split()[-1])
+            purged += deleted
+            if deleted < self._purge_chunk:
+                return purged

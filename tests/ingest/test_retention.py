@@ -1,0 +1,121 @@
+"""What ingest keeps and for how long: processed ids for the dedup window, business keys while a
+repeat could still be accepted, dead letters for their retention; purged in short chunks on
+real PostgreSQL, and a replay that races the purge still answers."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ingest.dead_letters import DeadLetters
+from ingest.retention import Retention, purge_expired
+from ingest.server import IngestApp
+from ingest.settings import Settings
+from ingest.store import IngestStore, StoredRejection
+from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.config import ConfigError
+from tests.factories import event, identify
+
+
+def test_retention_follows_the_settings() -> None:
+    settings = Settings(
+        dedup_window_hours=48, max_event_age_days=365, max_future_skew_s=300, dead_letter_retention_days=14
+    )
+    assert Retention.from_settings(settings) == Retention(
+        processed_ids=timedelta(hours=48),
+        business_keys=timedelta(days=365, minutes=5),  # a repeat older than this is rejected anyway
+        dead_letters=timedelta(days=14),
+    )
+
+
+def test_dead_letter_retention_comes_from_the_environment() -> None:
+    assert Settings().dead_letter_retention_days == 30
+    assert Settings.from_env({"INGEST_DEAD_LETTER_RETENTION_DAYS": "7"}).dead_letter_retention_days == 7
+    with pytest.raises(ConfigError, match="INGEST_DEAD_LETTER_RETENTION_DAYS"):
+        Settings.from_env({"INGEST_DEAD_LETTER_RETENTION_DAYS": "0"})
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=2) as created:
+        yield created
+
+
+async def rows_of(pool: asyncpg.Pool, table: str, column: str, values: list[str]) -> set[str]:
+    rows = await pool.fetch(f"SELECT {column} FROM {table} WHERE {column} = ANY($1::text[])", values)
+    return {row[column] for row in rows}
+
+
+async def test_the_purge_deletes_only_what_has_expired_in_chunks(
+    pool: asyncpg.Pool,
+    ingest_app: object,  # ingest_app: the session database is migrated
+) -> None:
+    store = IngestStore(pool, purge_chunk=2)  # 5 expired rows of each kind: three chunks each
+    retention = Retention(timedelta(hours=72), timedelta(days=730), timedelta(days=30))
+    tag = uuid.uuid4().hex[:8]
+    old = [f"old-{tag}-{i}" for i in range(5)]
+    new = [f"new-{tag}-{i}" for i in range(2)]
+
+    # Expired rows sit just before each cutoff, kept ones just after; "now" is far in the
+    # future so that no other test's rows are expired.
+    now, second = datetime.now(UTC) + timedelta(days=3000), timedelta(seconds=1)
+    ids_cutoff = now - retention.processed_ids
+    keys_cutoff = now - retention.business_keys
+    letters_cutoff = now - retention.dead_letters
+    await store.record_stored(old, [], ids_cutoff - second)
+    await store.record_stored(new, [], ids_cutoff + second)
+    for ids, claimed_at in ((old, keys_cutoff - second), (new, keys_cutoff + second)):
+        await pool.execute(
+            "INSERT INTO ingest_business_keys (key_kind, key_value, event_id, stored, claimed_at)"
+            " SELECT 'order_completed', unnest($1::text[]), unnest($1::text[]), true, $2",
+            ids,
+            claimed_at,
+        )
+    bad = b"\x00"
+    await store.add_rejections([(i, 1, bad, bad) for i in old], letters_cutoff - second)
+    await store.add_rejections([(i, 1, bad, bad) for i in new], letters_cutoff + second)
+
+    purged = await purge_expired(store, retention, now)
+
+    assert min(purged.processed_ids, purged.business_keys, purged.dead_letters) >= len(old)
+    every = old + new
+    assert await rows_of(pool, "ingest_processed_events", "event_id", every) == set(new)
+    assert await rows_of(pool, "ingest_business_keys", "key_value", every) == set(new)
+    assert await rows_of(pool, "ingest_rejected_events", "event_id", every) == set(new)
+    again = await purge_expired(store, retention, now)
+    assert (again.processed_ids, again.business_keys, again.dead_letters) == (0, 0, 0)
+    await pool.execute("DELETE FROM ingest_processed_events WHERE event_id = ANY($1::text[])", new)
+    await pool.execute("DELETE FROM ingest_business_keys WHERE key_value = ANY($1::text[])", new)
+    await pool.execute("DELETE FROM ingest_rejected_events WHERE event_id = ANY($1::text[])", new)
+
+
+class PurgedDuringReplay(IngestStore):
+    """The purge runs between the replay's read of the dead letter and its update."""
+
+    async def get_rejection(self, rejection_id: int) -> StoredRejection | None:
+        found = await super().get_rejection(rejection_id)
+        await self._pool.execute("DELETE FROM ingest_rejected_events WHERE id = $1", rejection_id)
+        return found
+
+
+async def test_a_replay_that_races_the_purge_still_answers_what_it_did(
+    pool: asyncpg.Pool, ingest_app: IngestApp, unique: str
+) -> None:
+    store = PurgedDuringReplay(pool)
+    rejected = event(user_id=f"u-{unique}", identify=identify(plan="pro"))
+    await store.add_rejections(
+        [(rejected.event_id, rejected.source, rejected.SerializeToString(), b"")], datetime.now(UTC)
+    )
+    (row,) = await pool.fetch("SELECT id FROM ingest_rejected_events WHERE event_id = $1", rejected.event_id)
+
+    answered = await DeadLetters(store, ingest_app.ingestor).replay(row["id"], None)
+
+    assert answered is not None
+    result, dead_letter = answered
+    assert result.outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED
+    assert dead_letter.state == ingest_pb2.REJECTED_EVENT_STATE_REPLAYED
+    assert await IngestStore(pool).get_rejection(row["id"]) is None
