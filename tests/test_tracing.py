@@ -4,8 +4,10 @@ one follows a render call into its profile lookup."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable
 
+import nats
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -58,6 +60,27 @@ async def test_ingest_call_and_merge_share_one_trace(
     )
     assert ingest_event.context is not None
     assert merge.parent is not None and merge.parent.span_id == ingest_event.context.span_id
+
+
+async def test_an_unsampled_call_still_hands_its_trace_id_to_the_event_it_publishes(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, nats_url: str, unique: str
+) -> None:
+    # A caller that did not sample its trace: ingest records no span for it (nor one per event),
+    # but the event on the log carries the caller's trace id, so the merge's logs can be found.
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    sent = event(user_id=f"u-{unique}", identify=identify(unsampled=True))
+    await ingest_stub.SendEvents(
+        ingest_pb2.SendEventsRequest(events=[sent]),
+        metadata=(("traceparent", f"00-{trace_id}-{span_id}-00"),),
+    )
+    client = await nats.connect(nats_url)
+    try:
+        stored = await client.jetstream().get_last_msg("SENDTIME_EVENTS", "sendtime.events.identify")
+    finally:
+        await client.close()
+    assert stored.headers is not None and stored.headers["Nats-Msg-Id"] == sent.event_id
+    version, carried_trace_id, _, flags = stored.headers["traceparent"].split("-")
+    assert (version, carried_trace_id, flags) == ("00", trace_id, "00")
 
 
 async def test_render_call_and_profile_lookup_share_one_trace(
