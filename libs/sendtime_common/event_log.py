@@ -1,18 +1,21 @@
-"""The durable event log between ingest and profile resolution.
+"""The durable event log between ingest and profile resolution, and the erasure notices from
+profile to the services that keep copies of profiles.
 
-Services see two small interfaces, ``EventLog`` (publish, acknowledged only once stored) and
-``EventLogSubscription`` (fetch, then ack or retry each delivery), so that another log such as
-Kafka can stand in for NATS JetStream. ``JetStreamEventLog`` is the JetStream implementation:
-one stream on file storage, ``Nats-Msg-Id`` set to the event id so that a resend inside the
-duplicate window is reported as a duplicate instead of stored twice, durable pull consumers
-with explicit acks so that an event is redelivered until a consumer has merged it.
+Services see two small interfaces, ``EventLog`` (publish, acknowledged only once stored; erasure
+notices published and followed) and ``EventLogSubscription`` (fetch, then ack or retry each
+delivery), so that another log such as Kafka can stand in for NATS JetStream.
+``JetStreamEventLog`` is the JetStream implementation: a stream of events on file storage,
+``Nats-Msg-Id`` set to the event id so that a resend inside the duplicate window is reported as
+a duplicate instead of stored twice, durable pull consumers with explicit acks so that an event
+is redelivered until a consumer has merged it; and a second stream for erasure notices, which
+every follower reads whole (ordered consumers), so each replica of a service hears every one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,6 +98,15 @@ class EventLogSubscription(Protocol):
         ...
 
 
+class Following(Protocol):
+    async def close(self) -> None:
+        """Stop following."""
+        ...
+
+
+ErasureHandler = Callable[[bytes], Awaitable[None]]
+
+
 class EventLog(Protocol):
     async def publish(self, message: OutgoingMessage) -> PublishReceipt:
         """Store one message.
@@ -107,6 +119,21 @@ class EventLog(Protocol):
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         """A durable subscription to every message; it resumes after the last acked one."""
+        ...
+
+    async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
+        """Store one erasure notice (a ``sendtime.profile.v1.ErasureNotice``); a resend with the
+        same ``notice_id`` inside the duplicate window is stored once.
+
+        Raises:
+            EventLogUnavailable: not confirmed; safe to retry with the same id.
+        """
+        ...
+
+    async def follow_erasures(self, handle: ErasureHandler) -> Following:
+        """Hand ``handle`` every erasure notice still kept (the log's max age), in order, then
+        each new one as it comes, until closed. A notice whose ``handle`` raises is not handed
+        again: ``handle`` retries what it must."""
         ...
 
     async def close(self) -> None: ...
@@ -124,6 +151,9 @@ class JetStreamSettings:
     publish_timeout_s: float = 5.0
     ack_wait_s: float = 30.0
     max_ack_pending: int = 10_000
+    # Erasure notices: a stream of their own, kept as long as events (max_age_s).
+    erasure_stream: str = "SENDTIME_ERASURES"
+    erasure_subject: str = "sendtime.erasures"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
@@ -190,6 +220,15 @@ class _JetStreamSubscription:
 
     async def close(self) -> None:
         # Without this, draining the connection waits out its full timeout on the pull inbox.
+        with contextlib.suppress(nats.errors.Error):
+            await self._subscription.unsubscribe()
+
+
+class _Following:
+    def __init__(self, subscription: JetStreamContext.PushSubscription) -> None:
+        self._subscription = subscription
+
+    async def close(self) -> None:
         with contextlib.suppress(nats.errors.Error):
             await self._subscription.unsubscribe()
 
@@ -266,13 +305,26 @@ class JetStreamEventLog:
             discard=DiscardPolicy.NEW,  # refuse new events rather than silently drop old ones
         )
 
+    def _erasure_stream_config(self) -> StreamConfig:
+        s = self._settings
+        return StreamConfig(
+            name=s.erasure_stream,
+            subjects=[s.erasure_subject],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s,
+            max_age=s.max_age_s,  # copies of profiles must not outlive the notices that drop them
+            discard=DiscardPolicy.NEW,
+        )
+
     async def _ensure_stream(self) -> None:
-        config = self._stream_config()
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            # It exists with an older configuration: bring it up to date.
-            await self._js.update_stream(config)
+        for config in (self._stream_config(), self._erasure_stream_config()):
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                # It exists with an older configuration: bring it up to date.
+                await self._js.update_stream(config)
 
     async def publish(self, message: OutgoingMessage) -> PublishReceipt:
         headers = {**message.headers, MSG_ID_HEADER: message.message_id}
@@ -304,6 +356,34 @@ class JetStreamEventLog:
             ),
         )
         return _JetStreamSubscription(subscription)
+
+    async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
+        s = self._settings
+        try:
+            await self._js.publish(
+                s.erasure_subject, notice, headers={MSG_ID_HEADER: notice_id}, stream=s.erasure_stream
+            )
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            raise EventLogUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def follow_erasures(self, handle: ErasureHandler) -> Following:
+        async def deliver(msg: Msg) -> None:
+            try:
+                await handle(msg.data)
+            except Exception:  # noqa: BLE001 - one bad notice must not stop the following
+                log.exception("an erasure notice could not be handled")
+
+        # An ordered consumer: ephemeral, one per follower, so every replica hears every notice;
+        # nats-py recreates it from the last sequence seen when a gap or a lost heartbeat shows.
+        subscription = await self._js.subscribe(
+            self._settings.erasure_subject,
+            stream=self._settings.erasure_stream,
+            cb=deliver,
+            ordered_consumer=True,
+            idle_heartbeat=5.0,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        return _Following(subscription)
 
     async def close(self) -> None:
         """Flush what is pending and disconnect; while NATS is unreachable, just disconnect."""

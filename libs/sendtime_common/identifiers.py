@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
@@ -24,6 +25,13 @@ class IdentifierKind(enum.StrEnum):
 
 
 MAX_IDENTIFIER_LENGTH = 256
+
+
+def identifier_hash(key: tuple[IdentifierKind, str]) -> bytes:
+    """SHA-256 of ``kind:value`` (the canonical value): how an identifier is named where its value
+    must not be kept, in erasure tombstones and notices and in render's copies of profiles."""
+    kind, value = key
+    return hashlib.sha256(f"{kind.value}:{value}".encode()).digest()
 
 
 class InvalidIdentifier(ValueError):

@@ -18,7 +18,7 @@ async def main() -> None:
     configure_tracing("profile", settings.otlp_endpoint or None)
     app = await create_app(settings)
     await run_until_signalled(
-        app.grpc, grace_s=settings.shutdown_grace_s, on_start=app.start_merger, on_stop=app.close
+        app.grpc, grace_s=settings.shutdown_grace_s, on_start=app.start_background, on_stop=app.close
     )
 
 

@@ -4,7 +4,7 @@ on a person, and erasure."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,9 +26,17 @@ class CustomerNotFound(Exception):
 
 
 class CustomerData:
-    def __init__(self, repository: ProfileRepository, cache: ProfileCache) -> None:
+    def __init__(
+        self,
+        repository: ProfileRepository,
+        cache: ProfileCache,
+        *,
+        on_erased: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``on_erased`` is called after each erasure commits (to publish its notice now)."""
         self._repository = repository
         self._cache = cache
+        self._on_erased = on_erased
 
     async def list_events(
         self,
@@ -93,8 +101,8 @@ class CustomerData:
         return struct
 
     async def erase(self, key: IdentifierKey) -> ErasedCustomer:
-        """Erase the person: their data in PostgreSQL (tombstoned against late events), then
-        their cache entries.
+        """Erase the person: their data in PostgreSQL (tombstoned against late events, with a
+        notice for the services that keep copies), then their cache entries.
 
         Raises:
             CustomerNotFound: no customer has ``key``.
@@ -102,6 +110,7 @@ class CustomerData:
         erased = await self._repository.delete_customer(key)
         if erased is None:
             raise CustomerNotFound()
+        self._on_erased()
         try:
             await self._cache.erase([cache_key(kind, value) for kind, value in erased.identifiers])
         except CacheUnavailable as exc:

@@ -1,10 +1,9 @@
 """Identity rules, pure: limits on how many identifiers of a kind one profile may hold (so a
-shared device or a family email does not collapse many people into one), which identifier wins
-when a merge is refused, and the hashes erased identifiers are remembered by."""
+shared device or a family email does not collapse many people into one), and which identifier
+wins when a merge is refused."""
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -70,8 +69,3 @@ class IdentityLimits:
 def best_identifier(identifiers: Iterable[IdentifierKey]) -> IdentifierKey:
     """The most specific identifier (user id over CRM id over email over device over anonymous)."""
     return min(identifiers, key=lambda key: (RANK.index(key[0]), key[1]))
-
-
-def identifier_hash(key: IdentifierKey) -> bytes:
-    """How an erased identifier is remembered: its value is gone, its hash stops late events."""
-    return hashlib.sha256(f"{key[0].value}:{key[1]}".encode()).digest()

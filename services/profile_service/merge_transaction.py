@@ -26,12 +26,12 @@ import asyncpg
 import asyncpg.pool
 import orjson
 
-from profile_service.identity import IdentityLimits, best_identifier, identifier_hash
+from profile_service.identity import IdentityLimits, best_identifier
 from profile_service.merge_rules import MergeRules
 from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.identifiers import IdentifierKind, identifiers_of
+from sendtime_common.identifiers import IdentifierKind, identifier_hash, identifiers_of
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ import asyncpg.pool
 import orjson
 
 from profile_service.codec import StoredProfile, to_proto
-from profile_service.identity import IdentityLimits, identifier_hash
+from profile_service.identity import IdentityLimits
 from profile_service.merge_rules import DEFAULT_RULES, MergeRules
 from profile_service.merge_transaction import BatchMerge, MergeConflict, lock_identifiers
 from profile_service.state import ProfileState, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.identifiers import IdentifierKind
+from sendtime_common.identifiers import IdentifierKind, identifier_hash
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,8 @@ class ProfileRepository:
 
     async def delete_customer(self, key: IdentifierKey) -> ErasedCustomer | None:
         """Erase the customer ``key`` belongs to: identifiers, events, merge records and profile,
-        leaving a hashed tombstone per identifier. None when no customer has ``key``."""
+        leaving a hashed tombstone per identifier and an erasure notice to publish. None when no
+        customer has ``key``."""
         async with self._pool.acquire() as conn, conn.transaction():
             customer_id = await conn.fetchval(
                 "SELECT customer_id FROM identifiers WHERE kind = $1 AND value = $2", key[0].value, key[1]
@@ -306,10 +307,15 @@ class ProfileRepository:
             keys = tuple((IdentifierKind(r["kind"]), r["value"]) for r in rows)
             # Serialize with merges of this person's events: they lock the same identifiers.
             await lock_identifiers(conn, keys)
+            hashes = [identifier_hash(k) for k in keys]
             await conn.executemany(
                 "INSERT INTO erasure_tombstones (identifier_hash, erased_at) VALUES ($1, now())"
                 " ON CONFLICT (identifier_hash) DO UPDATE SET erased_at = now()",
-                [(identifier_hash(k),) for k in keys],
+                [(h,) for h in hashes],
+            )
+            # Published by profile_service.erasure_notices once this commits.
+            await conn.execute(
+                "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())", hashes
             )
             deleted = await conn.execute("DELETE FROM events WHERE customer_id = $1", customer_id)
             await conn.execute("DELETE FROM customers WHERE customer_id = $1", customer_id)

@@ -1,10 +1,10 @@
-"""Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger and the
-gRPC server."""
+"""Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger, the
+erasure-notice publisher and the gRPC server."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import redis.asyncio as redis
 
 from profile_service.cache import ProfileCache
 from profile_service.customer_data import CustomerData
+from profile_service.erasure_notices import ErasureNoticePublisher
 from profile_service.identity import IdentityLimits, InvalidLimits
 from profile_service.merge_rules import DEFAULT_RULES, MergeRulesError, load_merge_rules
 from profile_service.merger import EventMerger
@@ -37,21 +38,27 @@ class ProfileApp:
     pool: asyncpg.Pool
     cache: ProfileCache
     event_log: EventLog
-    _merger_task: asyncio.Task[None] | None = None
+    erasure_notices: ErasureNoticePublisher
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Serve gRPC and start merging events."""
+        """Serve gRPC, and start merging events and publishing erasure notices."""
         await self.grpc.start()
-        await self.start_merger()
+        await self.start_background()
 
-    async def start_merger(self) -> None:
-        self._merger_task = asyncio.create_task(self.merger.run(), name="merger")
+    async def start_background(self) -> None:
+        self._background = [
+            asyncio.create_task(self.merger.run(), name="merger"),
+            asyncio.create_task(self.erasure_notices.run(), name="erasure-notices"),
+        ]
 
     async def close(self) -> None:
-        """After the gRPC server has drained: finish the merges under way, then close connections."""
+        """After the gRPC server has drained: finish the merges under way and the notices being
+        published, then close connections."""
         self.merger.stop()
-        if self._merger_task is not None:
-            await self._merger_task
+        self.erasure_notices.stop()
+        for task in self._background:
+            await task
         await self.event_log.close()
         await self.cache.close()
         await self.pool.close()
@@ -93,11 +100,12 @@ async def create_app(settings: Settings) -> ProfileApp:
         batch_size=settings.merge_batch_size,
         concurrency=settings.merge_concurrency,
     )
+    erasure_notices = ErasureNoticePublisher(pool, event_log)
     servicer = ProfileServicer(
         ProfileReader(
             repository, cache, cart_abandoned_after=timedelta(minutes=settings.cart_abandoned_after_minutes)
         ),
-        CustomerData(repository, cache),
+        CustomerData(repository, cache, on_erased=erasure_notices.wake),
         repository,
         max_batch_get=settings.max_batch_get,
     )
@@ -106,4 +114,11 @@ async def create_app(settings: Settings) -> ProfileApp:
         [SERVICE_NAME],
         lambda s: profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, s),
     )
-    return ProfileApp(grpc=server, merger=merger, pool=pool, cache=cache, event_log=event_log)
+    return ProfileApp(
+        grpc=server,
+        merger=merger,
+        pool=pool,
+        cache=cache,
+        event_log=event_log,
+        erasure_notices=erasure_notices,
+    )

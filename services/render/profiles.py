@@ -5,6 +5,10 @@ from the profile service (concurrent renders for one customer share one call; a 
 stops waiting on a service that keeps failing); when the live one cannot be had in time, the
 last known good profile (kept in process and in Redis, with its age). Never raises for a failed
 lookup: the answer says what it got and why.
+
+Copies are keyed by the identifier's hash (``sendtime_common.identifiers.identifier_hash``), so
+Redis keys name no one, and an erasure notice from the profile service (hashes only) finds every
+copy of the erased person to drop, in process and in Redis.
 """
 
 from __future__ import annotations
@@ -13,8 +17,10 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from cachetools import LRUCache
@@ -26,12 +32,14 @@ from redis.exceptions import RedisError
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import status_of
 from sendtime_common.identifier_proto import PROTO_TO_KIND
+from sendtime_common.identifiers import identifier_hash
 
 log = logging.getLogger(__name__)
 
 LKG_KEY_PREFIX = "sendtime:render:lkg:"
 LKG_REDIS_WAIT_S = 0.02  # a last-known-good read must leave time to render
 LKG_REFRESH_AFTER_S = 60.0  # re-write the Redis copy at most this often per customer
+FORGET_RETRY_MAX_S = 5.0  # backoff cap while Redis cannot delete an erased person's copies
 
 
 class Source(enum.Enum):
@@ -92,7 +100,7 @@ class ProfileFetcher:
         self._settings = settings
         self._local: LRUCache[str, tuple[float, profile_pb2.Profile]] = LRUCache(settings.local_entries)
         self._in_flight: dict[str, asyncio.Future[tuple[float, profile_pb2.Profile]]] = {}
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
         self.breaker = CircuitBreaker(
             failure_threshold=settings.breaker_failures,
             recovery_timeout=settings.breaker_recovery_s,
@@ -113,6 +121,8 @@ class ProfileFetcher:
             fetched_at, profile = await self._shared_live(key, identifier, time_left_s)
         except _Missing as missing:
             self._local.pop(key, None)
+            if missing.erased and self._redis is not None:  # the notice may not have come yet
+                self._in_background(self._delete_lkg([key]))
             return ProfileLookup(
                 None, Source.NONE, failure=Failure.ERASED if missing.erased else Failure.NOT_FOUND
             )
@@ -154,6 +164,9 @@ class ProfileFetcher:
             else:
                 failure = Failure.ERASED if result.erased else Failure.NOT_FOUND
                 lookups.append(ProfileLookup(None, Source.NONE, failure=failure))
+                self._local.pop(_key(identifier), None)
+                if result.erased and self._redis is not None:
+                    self._in_background(self._delete_lkg([_key(identifier)]))
         return lookups
 
     async def _get_batch(
@@ -198,9 +211,35 @@ class ProfileFetcher:
         previous = self._local.get(key)
         self._local[key] = (fetched_at, profile)
         if self._redis is not None and (previous is None or fetched_at - previous[0] > LKG_REFRESH_AFTER_S):
-            task = asyncio.create_task(self._store_lkg(key, fetched_at, profile))  # off the hot path
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._store_lkg(key, fetched_at, profile))  # off the hot path
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def on_erasure_notice(self, payload: bytes) -> None:
+        """Drop every copy of an erased person (a ``sendtime.profile.v1.ErasureNotice``): in
+        process at once, in Redis as soon as Redis takes the delete."""
+        notice = profile_pb2.ErasureNotice.FromString(payload)
+        keys = [h.hex() for h in notice.identifier_hashes]
+        for key in keys:
+            self._local.pop(key, None)
+        if self._redis is None:
+            return
+        wait_s = 0.1
+        while not await self._delete_lkg(keys):
+            await asyncio.sleep(wait_s)
+            wait_s = min(2 * wait_s, FORGET_RETRY_MAX_S)
+
+    async def _delete_lkg(self, keys: list[str]) -> bool:
+        assert self._redis is not None
+        try:
+            await self._redis.delete(*(LKG_KEY_PREFIX + key for key in keys))
+        except RedisError as exc:
+            log.warning("could not delete an erased person's last known good copy", extra={"error": str(exc)})
+            return False
+        return True
 
     async def _store_lkg(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
         assert self._redis is not None
@@ -238,7 +277,7 @@ class ProfileFetcher:
 
 
 def _key(identifier: profile_pb2.Identifier) -> str:
-    return f"{PROTO_TO_KIND[identifier.kind].value}:{identifier.value}"
+    return identifier_hash((PROTO_TO_KIND[identifier.kind], identifier.value)).hex()
 
 
 def _reason(exc: grpc.aio.AioRpcError) -> str:

@@ -1,6 +1,6 @@
 """Wiring of the render service: PostgreSQL (migrated: templates, catalog), the profile client,
-the catalog consumer on the event log, the renderer, and the gRPC server (RenderService and
-TemplateService)."""
+the catalog consumer and the erasure notices on the event log, the renderer, and the gRPC server
+(RenderService and TemplateService)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from render.template_store import TemplateStore
 from render.templates import TemplateCompiler
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
-from sendtime_common.event_log import EventLog, JetStreamEventLog
+from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
 
@@ -47,13 +47,17 @@ class RenderApp:
     event_log: EventLog
     catalog: CatalogConsumer
     _catalog_task: asyncio.Task[None] | None = field(default=None)
+    _erasures: Following | None = field(default=None)
 
     async def start(self) -> None:
         await self.grpc.start()
-        await self.start_catalog()
+        await self.start_background()
 
-    async def start_catalog(self) -> None:
+    async def start_background(self) -> None:
+        """Keep the catalog from the event log, and drop erased people's profile copies as the
+        profile service announces them (from the oldest notice the log keeps)."""
         self._catalog_task = asyncio.create_task(self.catalog.run(), name="catalog")
+        self._erasures = await self.event_log.follow_erasures(self.profiles.on_erasure_notice)
 
     async def close(self) -> None:
         """After the gRPC server has drained: finish the catalog batch under way, close clients."""
@@ -61,6 +65,8 @@ class RenderApp:
         if self._catalog_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._catalog_task
+        if self._erasures is not None:
+            await self._erasures.close()
         await self.event_log.close()
         await self.profiles.close()
         await self.profile_channel.close(grace=None)
@@ -100,7 +106,10 @@ async def create_app(settings: Settings) -> RenderApp:
         profile_pb2_grpc.ProfileServiceStub(channel),
         redis.Redis.from_url(settings.redis_url) if settings.redis_url else None,
         FetcherSettings(
-            breaker_failures=settings.breaker_failures, breaker_recovery_s=settings.breaker_recovery_s
+            breaker_failures=settings.breaker_failures,
+            breaker_recovery_s=settings.breaker_recovery_s,
+            # A copy must not outlive the erasure notices that would drop it.
+            lkg_ttl_s=min(FetcherSettings().lkg_ttl_s, int(settings.event_log.max_age_s)),
         ),
     )
     compiler = TemplateCompiler(settings.template_cache_size)

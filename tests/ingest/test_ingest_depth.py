@@ -21,7 +21,9 @@ from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import field_violations, status_of
 from sendtime_common.event_log import (
+    ErasureHandler,
     EventLogSubscription,
+    Following,
     JetStreamEventLog,
     JetStreamSettings,
     OutgoingMessage,
@@ -321,6 +323,12 @@ class SlowEventLog:
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         return await self.inner.subscribe(durable_name)
+
+    async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
+        await self.inner.publish_erasure(notice_id, notice)
+
+    async def follow_erasures(self, handle: ErasureHandler) -> Following:
+        return await self.inner.follow_erasures(handle)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from profile_service.identity import IdentityLimits, InvalidLimits, best_identifier, identifier_hash
-from sendtime_common.identifiers import IdentifierKind
+from profile_service.identity import IdentityLimits, InvalidLimits, best_identifier
+from sendtime_common.identifiers import IdentifierKind, identifier_hash
 
 EMAIL, DEVICE, USER = IdentifierKind.EMAIL, IdentifierKind.DEVICE_ID, IdentifierKind.USER_ID
 
@@ -34,3 +36,5 @@ def test_erased_identifiers_are_remembered_by_hash_only() -> None:
     digest = identifier_hash((EMAIL, "eve@example.com"))
     assert len(digest) == 32 and b"eve" not in digest
     assert digest == identifier_hash((EMAIL, "eve@example.com")) != identifier_hash((USER, "eve@example.com"))
+    # As the ErasureNotice contract states it, so every service names an identifier alike.
+    assert digest == hashlib.sha256(b"email:eve@example.com").digest()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,17 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from redis.asyncio import Redis
 
 import devstack
 import suite
+from render.profiles import LKG_KEY_PREFIX
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.errors import abort_with, not_found_status
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
+from sendtime_common.identifiers import IdentifierKind, identifier_hash
 from tests.conftest import RenderServiceFactory, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed
 from tests.profile_service.test_profile_service import send
@@ -72,6 +78,8 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
         await asyncio.sleep(self.delay_s)
         if self.mode == "fail":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        if self.mode == "erased":
+            await abort_with(context, not_found_status("the customer was erased", "PROFILE_ERASED", {}))
         return profile_pb2.GetProfileResponse(profile=self.profile())
 
     async def BatchGetProfiles(
@@ -191,6 +199,122 @@ async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
         render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD,
         live.subject,
     )
+
+
+async def announce_erasure(nats_url: str, *user_ids: str) -> None:
+    """What the profile service publishes once a DeleteProfile has committed."""
+    notice = profile_pb2.ErasureNotice(
+        identifier_hashes=[identifier_hash((IdentifierKind.USER_ID, u)) for u in user_ids]
+    )
+    log = await JetStreamEventLog.connect(JetStreamSettings(url=nats_url))
+    try:
+        await log.publish_erasure(f"test-{uuid.uuid4().hex}", notice.SerializeToString())
+    finally:
+        await log.close()
+
+
+def lkg_key(user_id: str) -> str:
+    return LKG_KEY_PREFIX + identifier_hash((IdentifierKind.USER_ID, user_id)).hex()
+
+
+async def test_an_erasure_notice_drops_every_copy_of_the_person(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    redis_url: str,
+    nats_url: str,
+    unique: str,
+) -> None:
+    service, target = scripted
+    erased = f"u-erased-{unique}"
+    redis = Redis.from_url(redis_url)
+    try:
+        async with render_service(target, redis_url=redis_url) as stub:
+            await stub.Render(request(user(erased), CART_EMAIL))  # kept in process and in Redis
+            await eventually(lambda: redis.exists(lkg_key(erased)))
+            service.mode = "fail"
+            kept = await stub.Render(request(user(erased), CART_EMAIL))
+            assert kept.profile_source == render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD
+
+            await announce_erasure(nats_url, erased)
+
+            async def forgotten() -> bool:
+                after = await stub.Render(request(user(erased), CART_EMAIL))
+                return after.profile_source == render_pb2.PROFILE_SOURCE_NONE
+
+            await eventually(forgotten)
+            await eventually(lambda: _absent(redis, lkg_key(erased)))
+            gone = await stub.Render(request(user(erased), CART_EMAIL))
+        # Nothing of the person is left to render: no cart, so the send is skipped.
+        assert (gone.status, gone.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_REQUIRED_DATA_MISSING)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_render_started_after_an_erasure_drops_the_copies_it_finds(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    redis_url: str,
+    nats_url: str,
+    unique: str,
+) -> None:
+    """No render was running to hear the notice (a Redis database of its own: the session's
+    render, which follows notices too, does not use it); one that starts later reads the
+    notices the log keeps and deletes the copy left in Redis."""
+    service, target = scripted
+    erased, kept = f"u-before-{unique}", f"u-kept-{unique}"
+    private_redis = redis_url.rpartition("/")[0] + "/1"
+    async with render_service(target, redis_url=private_redis) as stub:
+        for user_id in (erased, kept):
+            await stub.Render(request(user(user_id), CART_EMAIL))
+    redis = Redis.from_url(private_redis)
+    try:
+        assert await redis.exists(lkg_key(erased), lkg_key(kept)) == 2
+        await announce_erasure(nats_url, erased)
+        service.mode = "fail"
+        async with render_service(target, redis_url=private_redis) as stub:
+            await eventually(lambda: _absent(redis, lkg_key(erased)))
+            assert await redis.exists(lkg_key(kept)) == 1  # only the erased person's copy goes
+            left = await stub.Render(request(user(kept), CART_EMAIL))
+        assert left.profile_source == render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD
+    finally:
+        await redis.aclose()
+
+
+async def test_a_lookup_that_finds_the_person_erased_drops_the_copies_too(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    redis_url: str,
+    unique: str,
+) -> None:
+    """Before the notice arrives, the profile service's own answer says it."""
+    service, target = scripted
+    erased = f"u-looked-up-{unique}"
+    private_redis = redis_url.rpartition("/")[0] + "/1"  # no other render deletes here
+    redis = Redis.from_url(private_redis)
+    try:
+        async with render_service(target, redis_url=private_redis) as stub:
+            await stub.Render(request(user(erased), CART_EMAIL))
+            await eventually(lambda: redis.exists(lkg_key(erased)))
+            service.mode = "erased"
+            answer = await stub.Render(request(user(erased), CART_EMAIL))
+            assert (answer.status, answer.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_ERASED)
+            await eventually(lambda: _absent(redis, lkg_key(erased)))
+            service.mode = "fail"
+            after = await stub.Render(request(user(erased), CART_EMAIL))
+        assert after.profile_source == render_pb2.PROFILE_SOURCE_NONE
+    finally:
+        await redis.aclose()
+
+
+async def _absent(redis: Redis, key: str) -> bool:
+    return not await redis.exists(key)
+
+
+async def eventually(check: Callable[[], Awaitable[object]], timeout_s: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
 
 
 async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recovery(

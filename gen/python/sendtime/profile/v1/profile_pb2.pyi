@@ -1091,3 +1091,39 @@ class DeleteProfileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteProfileResponse: _TypeAlias = DeleteProfileResponse  # noqa: Y015
+
+@_typing.final
+class ErasureNotice(_message.Message):
+    """Announced on the event log's erasure stream after DeleteProfile has committed, so services
+    that keep copies of profiles (render's last known good profiles) drop the erased person's.
+    It names identifiers only by hash, so the notice holds no personal data itself.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIER_HASHES_FIELD_NUMBER: _builtins.int
+    ERASE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def identifier_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """SHA-256 of "<kind>:<value>" for each identifier the person had, with kind in lower case as
+        in the identifier kinds' short names (user_id, email, anonymous_id, crm_id, device_id) and
+        value canonical (emails lower-cased).
+        """
+
+    @_builtins.property
+    def erase_time(self) -> _timestamp_pb2.Timestamp:
+        """When the erasure committed."""
+
+    def __init__(
+        self,
+        *,
+        identifier_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        erase_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time", "identifier_hashes", b"identifier_hashes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErasureNotice: _TypeAlias = ErasureNotice  # noqa: Y015

@@ -1,0 +1,135 @@
+"""Erasure notices: DeleteProfile leaves one in the outbox within its own transaction, and the
+publisher puts it on the event log, where followers read it; with NATS down it waits in the
+outbox and goes out once NATS is back. Real PostgreSQL and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import devstack
+from profile_service.erasure_notices import ErasureNoticePublisher
+from profile_service.server import MIGRATIONS_DIR
+from sendtime.ingest.v1 import ingest_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
+from sendtime_common.identifiers import IdentifierKind, identifier_hash
+from sendtime_common.migrate import migrate
+from tests.conftest import empty_database, user, wait_for_profile
+from tests.factories import event, identify
+from tests.profile_service.test_profile_service import send
+
+
+class Heard:
+    """What a follower of the erasure notices has read so far."""
+
+    def __init__(self) -> None:
+        self.notices: list[profile_pb2.ErasureNotice] = []
+
+    async def handle(self, payload: bytes) -> None:
+        self.notices.append(profile_pb2.ErasureNotice.FromString(payload))
+
+    async def wait_for(self, digest: bytes, timeout_s: float = 10) -> profile_pb2.ErasureNotice:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            for notice in self.notices:
+                if digest in notice.identifier_hashes:
+                    return notice
+            assert asyncio.get_running_loop().time() < deadline, "no notice within the time"
+            await asyncio.sleep(0.02)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.05)
+
+
+async def test_delete_profile_announces_the_erasure_by_identifier_hashes(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    nats_url: str,
+    database_url: str,
+    unique: str,
+) -> None:
+    who = f"noticed-{unique}@example.com"
+    await send(ingest_stub, event(user_id=f"u-{unique}", email=who, identify=identify(a=1)))
+    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.identifiers) == 2)
+    heard = Heard()
+    log = await JetStreamEventLog.connect(JetStreamSettings(url=nats_url))
+    following = await log.follow_erasures(heard.handle)
+    try:
+        await profile_stub.DeleteProfile(profile_pb2.DeleteProfileRequest(identifier=user(f"u-{unique}")))
+
+        notice = await heard.wait_for(identifier_hash((IdentifierKind.EMAIL, who)))
+    finally:
+        await following.close()
+        await log.close()
+    assert set(notice.identifier_hashes) == {
+        identifier_hash((IdentifierKind.EMAIL, who)),
+        identifier_hash((IdentifierKind.USER_ID, f"u-{unique}")),
+    }
+    assert notice.erase_time.seconds > 0
+    assert all(who.encode() not in h for h in notice.identifier_hashes)  # hashes, never values
+    outbox = await asyncpg.connect(database_url)
+    try:
+        pending = await outbox.fetchval(
+            "SELECT count(*) FROM erasure_notice_outbox WHERE $1 = ANY(identifier_hashes)",
+            identifier_hash((IdentifierKind.EMAIL, who)),
+        )
+    finally:
+        await outbox.close()
+    assert pending == 0
+
+
+@pytest.fixture
+async def outbox_pool() -> AsyncIterator[asyncpg.Pool]:
+    """A database of its own: the session's profile service publishes the shared outbox."""
+    async with empty_database("sendtime_outbox") as url, asyncpg.create_pool(url, min_size=1) as pool:
+        await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
+        yield pool
+
+
+async def test_with_nats_down_a_notice_waits_in_the_outbox_and_goes_out_when_it_is_back(
+    outbox_pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    port = devstack.free_port()
+    nats = devstack.start_nats(port, tmp_path / "nats")
+    log = await JetStreamEventLog.connect(
+        JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.3)
+    )
+    publisher = ErasureNoticePublisher(outbox_pool, log, retry_after_s=0.2)
+    running = asyncio.create_task(publisher.run())
+    digest = identifier_hash((IdentifierKind.USER_ID, "u-outbox"))
+    try:
+        devstack.stop_process(nats)
+        await outbox_pool.execute(
+            "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())", [digest]
+        )
+        publisher.wake()
+        await asyncio.sleep(1.0)  # several rounds, each refused
+        assert await outbox_pool.fetchval("SELECT count(*) FROM erasure_notice_outbox") == 1
+
+        nats = devstack.start_nats(port, tmp_path / "nats")  # the same store: the stream is kept
+
+        async def outbox_empty() -> bool:
+            return bool(await outbox_pool.fetchval("SELECT count(*) FROM erasure_notice_outbox") == 0)
+
+        await eventually(outbox_empty)
+        heard = Heard()
+        following = await log.follow_erasures(heard.handle)
+        try:
+            notice = await heard.wait_for(digest)
+        finally:
+            await following.close()
+        assert list(notice.identifier_hashes) == [digest]
+    finally:
+        publisher.stop()
+        await running
+        await log.close()
+        devstack.stop_process(nats)
