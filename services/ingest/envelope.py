@@ -10,7 +10,13 @@ from datetime import datetime
 from google.protobuf import timestamp_pb2
 
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.identifiers import InvalidIdentifier, identifiers_of
+from sendtime_common.identifiers import (
+    IdentifierKind,
+    InvalidIdentifier,
+    identifier_hash,
+    identifiers_of,
+    normalize_identifier,
+)
 
 DERIVED_ID_PREFIX = "auto-"
 
@@ -82,3 +88,24 @@ def business_key(event: ingest_pb2.Event) -> BusinessKey | None:
     if payload == "order_refunded" and event.order_refunded.refund_id:
         return ("order_refunded", event.order_refunded.refund_id)
     return None
+
+
+def identifier_hashes(event: ingest_pb2.Event) -> tuple[bytes, ...]:
+    """The hashes of the identifiers an event names (its customer's, and an alias's other), as
+    an erasure notice names them: a dead letter is found by them when its person is erased. A
+    value that does not normalize (often why the event was rejected) is hashed as sent."""
+    customers = [event.customer]
+    if event.WhichOneof("payload") == "alias":
+        customers.append(event.alias.other)
+    hashes: dict[bytes, None] = {}
+    for customer in customers:
+        for kind in IdentifierKind:
+            raw = getattr(customer, kind.value)
+            if not raw:
+                continue
+            try:
+                value = normalize_identifier(kind, raw)
+            except InvalidIdentifier:
+                value = raw
+            hashes[identifier_hash((kind, value))] = None
+    return tuple(hashes)

@@ -23,9 +23,9 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from opentelemetry import trace
 
-from ingest.envelope import BusinessKey, business_key, event_type, stamp
+from ingest.envelope import BusinessKey, business_key, event_type, identifier_hashes, stamp
 from ingest.stats import OutcomeCounters
-from ingest.store import IngestStore, StoreError
+from ingest.store import IngestStore, Rejection, StoreError
 from ingest.validation import ValidationRules, validate_event
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.batching import MicroBatcher, Turns
@@ -150,19 +150,20 @@ class Ingestor:
         await self._record(work, claims, received_at)
         return self._report(work, received_at)
 
-    def _validate(self, work: list[_Work], now: datetime) -> list[tuple[str, int, bytes, bytes]]:
-        rejections: list[tuple[str, int, bytes, bytes]] = []
+    def _validate(self, work: list[_Work], now: datetime) -> list[Rejection]:
+        rejections: list[Rejection] = []
         for w in work:
             violations = validate_event(w.event, now, self._rules)
             if violations:
                 status = bad_request_status("the event is invalid", violations)
                 w.result = ingest_pb2.EventResult(event_id=w.event.event_id, outcome=REJECTED, status=status)
                 rejections.append(
-                    (
+                    Rejection(
                         w.event.event_id,
                         w.event.source,
                         w.event.SerializeToString(),
                         status.SerializeToString(),
+                        identifier_hashes(w.event),
                     )
                 )
             else:
@@ -254,7 +255,7 @@ class Ingestor:
             )  # fmt: skip
         return None
 
-    async def _store_rejections(self, rejections: list[tuple[str, int, bytes, bytes]], at: datetime) -> bool:
+    async def _store_rejections(self, rejections: list[Rejection], at: datetime) -> bool:
         try:
             await self._store.add_rejections(rejections, at)
         except StoreError as exc:

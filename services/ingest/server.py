@@ -1,5 +1,6 @@
 """Wiring of the ingest service: PostgreSQL (migrated), the event log, the ingestor, the gRPC
-server, and the background work (counts flushed each second, expired records purged hourly)."""
+server, and the background work (counts flushed each second, expired records purged hourly,
+erased people's dead letters deleted)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ingest.validation import ValidationRules
 from ingest.webhooks import WebhookServer
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.config import ConfigError
-from sendtime_common.event_log import EventLog, JetStreamEventLog
+from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
 
@@ -44,28 +45,34 @@ class IngestApp:
     counters: OutcomeCounters
     pool: asyncpg.Pool
     retention: Retention
+    dead_letters: DeadLetters
     webhooks: WebhookServer | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _erasures: Following | None = None
 
     async def start(self) -> None:
         await self.grpc.start()
         await self.start_background()
 
     async def start_background(self) -> None:
-        """What runs beside the gRPC server: the webhook listener (when configured) and the
-        periodic work."""
+        """What runs beside the gRPC server: the webhook listener (when configured), the
+        periodic work, and deleting erased people's dead letters as the profile service
+        announces them."""
         if self.webhooks is not None:
             await self.webhooks.start()
         self._background = [
             asyncio.create_task(self._flush_counts(), name="flush-counts"),
             asyncio.create_task(self._purge_expired(), name="purge-expired"),
         ]
+        self._erasures = await self.event_log.follow_erasures(self.dead_letters.on_erasure_notice)
 
     async def close(self) -> None:
         """After the gRPC server has drained: stop the webhooks and background work, write the
         last counts, close the event log (in-flight publishes finish first) and the pool."""
         if self.webhooks is not None:
             await self.webhooks.stop()
+        if self._erasures is not None:
+            await self._erasures.close()
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -122,9 +129,10 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         ),
         claim_stale_after=timedelta(seconds=2 * settings.event_log.publish_timeout_s),
     )
+    dead_letters = DeadLetters(store, ingestor)
     servicer = IngestServicer(
         ingestor,
-        DeadLetters(store, ingestor),
+        dead_letters,
         store,
         counters,
         max_batch_size=settings.max_batch_size,
@@ -151,5 +159,6 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         counters=counters,
         pool=pool,
         retention=Retention.from_settings(settings),
+        dead_letters=dead_letters,
         webhooks=webhooks,
     )

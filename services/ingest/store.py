@@ -20,6 +20,18 @@ CountKey = tuple[date, int, int, int]  # (day, source, outcome, duplicate kind)
 
 
 @dataclass(frozen=True, slots=True)
+class Rejection:
+    """A dead letter to store: the event as received, why (a ``google.rpc.Status``), and the
+    hashes of the identifiers it names (an erasure notice finds it by them)."""
+
+    event_id: str
+    source: int
+    event: bytes
+    status: bytes
+    identifier_hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StoredRejection:
     id: int
     event: bytes
@@ -127,19 +139,24 @@ class IngestStore:
             [claims[k] for k in keys],
         )
 
-    async def add_rejections(self, rejections: Sequence[tuple[str, int, bytes, bytes]], at: datetime) -> None:
-        """Dead-letter (event_id, source, event bytes, status bytes) tuples."""
+    async def add_rejections(self, rejections: Sequence[Rejection], at: datetime) -> None:
+        """Store dead letters, rejected ``at``."""
         if not rejections:
             return
-        await self._pool.execute(
-            "INSERT INTO ingest_rejected_events (event_id, source, event, status, rejected_at)"
-            " SELECT *, $5 FROM unnest($1::text[], $2::int[], $3::bytea[], $4::bytea[])",
-            [r[0] for r in rejections],
-            [r[1] for r in rejections],
-            [r[2] for r in rejections],
-            [r[3] for r in rejections],
-            at,
+        # executemany, not unnest: each row has an array of its own (asyncpg pipelines the rows).
+        await self._pool.executemany(
+            "INSERT INTO ingest_rejected_events (event_id, source, event, status, identifier_hashes,"
+            " rejected_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            [(r.event_id, r.source, r.event, r.status, list(r.identifier_hashes), at) for r in rejections],
         )
+
+    async def delete_rejections_of(self, identifier_hashes: Sequence[bytes]) -> int:
+        """Delete the dead letters naming any of these identifiers (an erased person's); how many."""
+        result = await self._pool.execute(
+            "DELETE FROM ingest_rejected_events WHERE identifier_hashes && $1::bytea[]",
+            list(identifier_hashes),
+        )
+        return int(result.split()[-1])
 
     async def list_rejections(
         self, *, limit: int, after: tuple[datetime, int] | None, replayed: bool | None, source: int | None

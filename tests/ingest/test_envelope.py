@@ -1,12 +1,14 @@
-"""Stamping an event's envelope: derived ids, clock-skew correction, business keys."""
+"""Stamping an event's envelope: derived ids, clock-skew correction, business keys, the hashes
+of the identifiers it names."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
 
-from ingest.envelope import business_key, derive_event_id, event_type, stamp
+from ingest.envelope import business_key, derive_event_id, event_type, identifier_hashes, stamp
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.identifiers import IdentifierKind, identifier_hash
 from tests.factories import NOW, event, identify, order_completed, timestamp
 
 
@@ -70,3 +72,16 @@ def test_business_keys_of_orders_cancellations_and_refunds() -> None:
 def test_custom_events_are_typed_by_name() -> None:
     e = event(user_id="u", occurred_at=NOW, custom=ingest_pb2.CustomEvent(name="quiz_completed"))
     assert event_type(e) == "custom.quiz_completed"
+
+
+def test_a_dead_letter_is_found_by_the_hashes_of_the_identifiers_it_names() -> None:
+    alias = ingest_pb2.Alias(other=ingest_pb2.CustomerIdentifiers(anonymous_id="anon-7"))
+    linked = event(user_id="u-1", email="Ada@Example.com", alias=alias)
+    assert identifier_hashes(linked) == (
+        identifier_hash((IdentifierKind.USER_ID, "u-1")),
+        identifier_hash((IdentifierKind.EMAIL, "ada@example.com")),  # normalized, as profile names it
+        identifier_hash((IdentifierKind.ANONYMOUS_ID, "anon-7")),
+    )
+    # A value that does not normalize (often why the event was rejected) is hashed as sent.
+    broken = event(email="not an email", identify=identify(a=1))
+    assert identifier_hashes(broken) == (identifier_hash((IdentifierKind.EMAIL, "not an email")),)

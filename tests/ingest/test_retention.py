@@ -1,9 +1,11 @@
 """What ingest keeps and for how long: processed ids for the dedup window, business keys while a
-repeat could still be accepted, dead letters for their retention; purged in short chunks on
-real PostgreSQL, and a replay that races the purge still answers."""
+repeat could still be accepted, dead letters for their retention or until their person is
+erased; purged in short chunks on real PostgreSQL, and a replay that races the purge still
+answers."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -13,11 +15,14 @@ import pytest
 
 from ingest.dead_letters import DeadLetters
 from ingest.retention import Retention, purge_expired
-from ingest.server import IngestApp
+from ingest.server import IngestApp, create_app
 from ingest.settings import Settings
-from ingest.store import IngestStore, StoredRejection
+from ingest.store import IngestStore, Rejection, StoredRejection
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime.profile.v1 import profile_pb2
 from sendtime_common.config import ConfigError
+from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifiers import IdentifierKind, identifier_hash
 from tests.factories import event, identify
 
 
@@ -76,8 +81,8 @@ async def test_the_purge_deletes_only_what_has_expired_in_chunks(
             claimed_at,
         )
     bad = b"\x00"
-    await store.add_rejections([(i, 1, bad, bad) for i in old], letters_cutoff - second)
-    await store.add_rejections([(i, 1, bad, bad) for i in new], letters_cutoff + second)
+    await store.add_rejections([Rejection(i, 1, bad, bad, ()) for i in old], letters_cutoff - second)
+    await store.add_rejections([Rejection(i, 1, bad, bad, ()) for i in new], letters_cutoff + second)
 
     purged = await purge_expired(store, retention, now)
 
@@ -108,7 +113,8 @@ async def test_a_replay_that_races_the_purge_still_answers_what_it_did(
     store = PurgedDuringReplay(pool)
     rejected = event(user_id=f"u-{unique}", identify=identify(plan="pro"))
     await store.add_rejections(
-        [(rejected.event_id, rejected.source, rejected.SerializeToString(), b"")], datetime.now(UTC)
+        [Rejection(rejected.event_id, rejected.source, rejected.SerializeToString(), b"", ())],
+        datetime.now(UTC),
     )
     (row,) = await pool.fetch("SELECT id FROM ingest_rejected_events WHERE event_id = $1", rejected.event_id)
 
@@ -119,3 +125,42 @@ async def test_a_replay_that_races_the_purge_still_answers_what_it_did(
     assert result.outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED
     assert dead_letter.state == ingest_pb2.REJECTED_EVENT_STATE_REPLAYED
     assert await IngestStore(pool).get_rejection(row["id"]) is None
+
+
+async def test_an_erasure_notice_deletes_the_persons_dead_letters(
+    nats_url: str, database_url: str, pool: asyncpg.Pool, unique: str
+) -> None:
+    erased_email, other = f"Gone.{unique}@Example.com", f"u-other-{unique}"
+    bad_quantity = ingest_pb2.CartItemAdded(sku="s", quantity=0)
+    theirs = [
+        event(user_id=f"u-gone-{unique}", cart_item_added=bad_quantity),
+        event(email=erased_email, cart_item_added=bad_quantity),  # as sent; stored normalized
+    ]
+    kept = event(user_id=other, cart_item_added=bad_quantity)
+    settings = Settings(
+        address="127.0.0.1:0", database_url=database_url, event_log=JetStreamSettings(url=nats_url)
+    )
+    app = await create_app(settings)
+    await app.start()
+    try:
+        results = await app.ingestor.ingest_batch([*theirs, kept])
+        assert {r.outcome for r in results} == {ingest_pb2.EVENT_OUTCOME_REJECTED}
+        ids = [e.event_id for e in (*theirs, kept)]
+        assert await rows_of(pool, "ingest_rejected_events", "event_id", ids) == set(ids)
+
+        # What the profile service announces once it has erased the person (user id and email).
+        notice = profile_pb2.ErasureNotice(
+            identifier_hashes=[
+                identifier_hash((IdentifierKind.USER_ID, f"u-gone-{unique}")),
+                identifier_hash((IdentifierKind.EMAIL, erased_email.lower())),
+            ]
+        )
+        await app.event_log.publish_erasure(f"test-{unique}", notice.SerializeToString())
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while await rows_of(pool, "ingest_rejected_events", "event_id", ids) != {kept.event_id}:
+            assert asyncio.get_running_loop().time() < deadline, "the dead letters were not deleted"
+            await asyncio.sleep(0.05)
+    finally:
+        await app.stop(grace_s=1)
+    await pool.execute("DELETE FROM ingest_rejected_events WHERE event_id = $1", kept.event_id)
