@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
 from google.rpc import error_details_pb2
 from redis.asyncio import Redis
@@ -40,6 +40,7 @@ LKG_KEY_PREFIX = "sendtime:render:lkg:"
 LKG_REDIS_WAIT_S = 0.02  # a last-known-good read must leave time to render
 LKG_REFRESH_AFTER_S = 60.0  # re-write the Redis copy at most this often per customer
 FORGET_RETRY_MAX_S = 5.0  # backoff cap while Redis cannot delete an erased person's copies
+JUST_ERASED_S = 60.0  # far longer than any lookup under way when the notice came
 
 
 class Source(enum.Enum):
@@ -101,6 +102,8 @@ class ProfileFetcher:
         self._local: LRUCache[str, tuple[float, profile_pb2.Profile]] = LRUCache(settings.local_entries)
         self._in_flight: dict[str, asyncio.Future[tuple[float, profile_pb2.Profile]]] = {}
         self._background: set[asyncio.Task[object]] = set()
+        # Erased in the last minute: an answer to a lookup made before the erasure is not kept.
+        self._just_erased: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=JUST_ERASED_S)
         self.breaker = CircuitBreaker(
             failure_threshold=settings.breaker_failures,
             recovery_timeout=settings.breaker_recovery_s,
@@ -208,6 +211,8 @@ class ProfileFetcher:
         return fetched_at, response.profile
 
     def _remember(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
+        if key in self._just_erased:  # a lookup that started before the erasure came back after
+            return
         previous = self._local.get(key)
         self._local[key] = (fetched_at, profile)
         if self._redis is not None and (previous is None or fetched_at - previous[0] > LKG_REFRESH_AFTER_S):
@@ -225,7 +230,8 @@ class ProfileFetcher:
         keys = [h.hex() for h in notice.identifier_hashes]
         for key in keys:
             self._local.pop(key, None)
-        if self._redis is None:
+            self._just_erased[key] = True
+        if self._redis is None or not keys:
             return
         wait_s = 0.1
         while not await self._delete_lkg(keys):

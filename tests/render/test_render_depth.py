@@ -250,6 +250,27 @@ async def test_an_erasure_notice_drops_every_copy_of_the_person(
         await redis.aclose()
 
 
+async def test_a_lookup_under_way_when_the_notice_comes_keeps_no_copy(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    redis_url: str,
+    nats_url: str,
+    unique: str,
+) -> None:
+    service, target = scripted
+    erased = f"u-racing-{unique}"
+    service.delay_s = 0.5  # the profile service answers from before the erasure, late
+    async with render_service(target, redis_url=redis_url) as stub:
+        racing = asyncio.ensure_future(stub.Render(request(user(erased), CART_EMAIL)))
+        await asyncio.sleep(0.1)
+        await announce_erasure(nats_url)  # an empty notice is handled (and does not stall the rest)
+        await announce_erasure(nats_url, erased)
+        assert (await racing).profile_source == render_pb2.PROFILE_SOURCE_LIVE
+        service.delay_s, service.mode = 0.0, "fail"
+        after = await stub.Render(request(user(erased), CART_EMAIL))
+    assert after.profile_source == render_pb2.PROFILE_SOURCE_NONE
+
+
 async def test_a_render_started_after_an_erasure_drops_the_copies_it_finds(
     scripted: tuple[ScriptedProfileService, str],
     render_service: RenderServiceFactory,
