@@ -10,11 +10,13 @@ Redis, a fresh database, profile and ingest as their own processes), then:
    3 events each) through ``IngestService/SendEvents`` in batches of 500, interleaved as a live
    stream is; merge events/s is all events / (load start -> the ``profile-merger`` consumer has
    nothing pending);
-3. read floors: an empty grpc.aio unary call, a raw Redis GET of a real cache entry
+3. every customer read once (BatchGetProfiles of 500), as sends would: the merger keeps only
+   profiles someone reads in Redis in full;
+4. read floors: an empty grpc.aio unary call, a raw Redis GET of a real cache entry
    (redis.asyncio with hiredis, as the service), a raw Redis MGET of 100, a raw PostgreSQL
    primary-key read (asyncpg, ``SELECT state FROM customers WHERE customer_id=$1``) and one of
    100 rows, each one at a time and (where it applies) at ``--concurrency``;
-4. GetProfile on a cache hit, one at a time and at ``--concurrency``; on a miss (the customer's
+5. GetProfile on a cache hit, one at a time and at ``--concurrency``; on a miss (the customer's
    Redis key deleted, untimed, before each call; PostgreSQL's buffers are warm); and
    BatchGetProfiles of 100, warm and cold.
 
@@ -83,6 +85,7 @@ SEND_BATCH = 500  # events per SendEvents call (whole customers)
 SENDERS = 4  # concurrent SendEvents calls
 MERGE_CONCURRENCY = 8  # PROFILE_MERGE_CONCURRENCY's default: the write floor's concurrency
 BATCH = 100
+WARM_BATCH = 500  # customers per BatchGetProfiles call while warming the cache
 CALL_TIMEOUT_S = 10.0
 # A consumer whose pending count and ack floor have not moved for this long has stopped. Longer
 # than JetStream's ack wait (30 s), after which an unconfirmed ack's message comes back.
@@ -548,6 +551,17 @@ async def measure_read_floors(
 # --- the profile reads -------------------------------------------------------------------------
 
 
+async def read_every_customer(stack: BenchStack, user_ids: Sequence[str]) -> None:
+    """Read each customer once. The merger keeps a profile in Redis in full only once someone
+    has read it (other entries are version markers), so this is what makes a hit a hit."""
+    async with grpc.aio.insecure_channel(stack.target(suite.PROFILE)) as channel:
+        batch_get = channel.unary_unary(
+            BATCH_GET_PROFILES, request_serializer=None, response_deserializer=None
+        )
+        for start in range(0, len(user_ids), WARM_BATCH):
+            await batch_get(batch_request(user_ids[start : start + WARM_BATCH]), timeout=CALL_TIMEOUT_S)
+
+
 def get_request(user_id: str) -> bytes:
     identifier = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)
     return profile_pb2.GetProfileRequest(identifier=identifier).SerializeToString()
@@ -700,6 +714,8 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     customer_ids = await check_merged(stack.database_url, events, options.customers)
     shuffled = user_ids[:]
     random.Random(5).shuffle(shuffled)
+    say("warm: read every customer once (BatchGetProfiles), as sends would")
+    await read_every_customer(stack, user_ids)
 
     floors = await measure_read_floors(stack, options, shuffled, customer_ids, meter, cpu)
     reads = await measure_reads(stack, options, shuffled, meter, cpu)

@@ -10,7 +10,9 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
    nothing pending. The load is only the setup here, so the bench ANALYZEs the fresh database
    once ingest has acknowledged everything (``--no-analyze`` leaves it to autovacuum): without
    statistics the merger's "who owns these identifiers" query keeps a plan that scans
-   ``identifiers`` sequentially for every event, and merging takes ~45% longer. Then an
+   ``identifiers`` sequentially for every event, and merging takes ~45% longer. Every customer
+   is then read once (BatchGetProfiles), as sends would: the merger keeps only profiles someone
+   reads in the profile service's Redis cache in full, and the floors read that cache. Then an
    abandoned-cart template (subject, HTML and text, a loop over the cart items, the ``money``
    filter, fallback values, ``required_data``) is created and published with
    ``TemplateService/CreateTemplate``;
@@ -87,6 +89,7 @@ from bench_profile import (
     load_customers,
     measure,
     ms,
+    read_every_customer,
     user_id_of,
 )
 from google.protobuf import struct_pb2
@@ -528,6 +531,8 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         f" {loaded.consumers_done_s[CATALOG]:.1f}s"
     )
     await check_merged(stack.database_url, events, options.customers)
+    say("warm: read every customer once from the profile service (BatchGetProfiles), as sends would")
+    await read_every_customer(stack, user_ids)
     version = await create_template(stack.target(suite.RENDER))
     say(f"template {TEMPLATE_NAME} version {version} published")
 

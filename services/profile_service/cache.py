@@ -2,15 +2,25 @@
 
 Redis is a cache, never the record. Each entry is ``<version>:<Profile bytes>`` and a write only
 replaces an older version (a compare-and-set in a Lua script), so a slow writer holding an old
-profile can never overwrite a newer one. Entries expire after a TTL. One script call writes all
-of a profile's entries, so the cache wants one Redis primary (with replicas or Sentinel), not
-Redis Cluster, whose slots would split a profile's keys. Any Redis failure is
-reported as ``CacheUnavailable`` so callers fall back to PostgreSQL.
+profile can never overwrite a newer one. Entries expire after a TTL.
+
+Only profiles someone reads are kept in full. After a merge, every entry of the profile becomes
+a marker, ``<new version>:`` with no body, which reads as a miss; the profile is then written in
+full only if one of its entries held a profile before (it is being read). A reader that misses
+fills the entry from PostgreSQL, and that write replaces a marker of the same version, while a
+reader holding an older version loses to the marker. So merges of customers nobody reads cost no
+profile encoding and no memory, and no reader can see or write back anything older than the
+last merge.
+
+One script call covers all of a profile's entries, so the cache wants one Redis primary (with
+replicas or Sentinel), not Redis Cluster, whose slots would split a profile's keys. Any Redis
+failure is reported as ``CacheUnavailable`` so callers fall back to PostgreSQL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -24,25 +34,65 @@ KEY_PREFIX = "sendtime:profile:"
 # erased profile back into the cache; its empty body reads as a miss.
 ERASED_VERSION = 2**53  # exact in Lua's doubles
 
-# KEYS = the entries of one profile (one per identifier); ARGV[1] = version, ARGV[2] = entry
-# value, ARGV[3] = TTL in seconds. Returns how many entries were written.
-_SET_IF_NEWER = """
+# Both scripts: KEYS = the entries of one profile (one per identifier); an entry is
+# "<version>:<body>", the body empty for a marker.
+_PARSE = """
+local function parse(entry)
+  if not entry then return nil, false end
+  local colon = string.find(entry, ':', 1, true)
+  return tonumber(string.sub(entry, 1, colon - 1)), #entry > colon
+end
+"""
+
+# ARGV[1] = version, ARGV[2] = entry value, ARGV[3] = TTL in seconds. Replaces older entries and
+# markers of the same version. Returns how many entries were written.
+_SET_IF_NEWER = (
+    _PARSE
+    + """
 local written = 0
 local wanted = tonumber(ARGV[1])
 for _, key in ipairs(KEYS) do
-  local current = redis.call('GET', key)
-  local version = current and tonumber(string.match(current, '^(%d+):'))
-  if not (version and version >= wanted) then
+  local version, has_body = parse(redis.call('GET', key))
+  if not (version and (version > wanted or (version == wanted and has_body))) then
     redis.call('SET', key, ARGV[2], 'EX', ARGV[3])
     written = written + 1
   end
 end
 return written
 """
+)
+
+# ARGV[1] = the profile's new version, ARGV[2] = TTL in seconds. Turns every older entry into a
+# marker of the new version. Returns 1 when one of them held a profile (it is read), else 0.
+_MARK_CHANGED = (
+    _PARSE
+    + """
+local read = 0
+local wanted = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  local version, has_body = parse(redis.call('GET', key))
+  if not (version and version >= wanted) then
+    if has_body then read = 1 end
+    redis.call('SET', key, ARGV[1] .. ':', 'EX', ARGV[2])
+  end
+end
+return read
+"""
+)
 
 
 class CacheUnavailable(Exception):
     """Redis could not be used; the caller should go to PostgreSQL."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangedProfile:
+    """A profile a merge changed: its new version, its entries, and how to build it in full
+    (called only if someone reads it)."""
+
+    version: int
+    keys: list[str]
+    build: Callable[[], profile_pb2.Profile]
 
 
 def cache_key(kind: IdentifierKind, value: str) -> str:
@@ -64,6 +114,7 @@ class ProfileCache:
         self._client = client
         self._ttl_s = ttl_s
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
+        self._mark_changed = client.register_script(_MARK_CHANGED)
 
     async def get_many(self, keys: Sequence[str]) -> list[profile_pb2.Profile | None]:
         """The cached profiles for ``keys`` in one MGET (None where absent).
@@ -118,6 +169,30 @@ class ProfileCache:
                     await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
+
+    async def refresh(self, changed: Sequence[ChangedProfile]) -> int:
+        """After merges: mark every entry of each changed profile with its new version, then
+        write in full the profiles someone reads; how many were written in full. Two pipelined
+        round trips at most.
+
+        Raises:
+            CacheUnavailable: Redis failed (entries not yet marked may hold an older profile
+                until the next merge or their TTL, as before this merge).
+        """
+        changed = [c for c in changed if c.keys]
+        if not changed:
+            return 0
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for c in changed:
+                    await self._mark_changed(keys=c.keys, args=[c.version, self._ttl_s], client=pipe)
+                read = await pipe.execute()
+        except RedisError as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        wanted = [c for c, was_read in zip(changed, read, strict=True) if was_read]
+        if wanted:
+            await self.put(c.build() for c in wanted)
+        return len(wanted)
 
     async def close(self) -> None:
         await self._client.aclose()

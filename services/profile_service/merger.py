@@ -24,7 +24,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
-from profile_service.cache import CacheUnavailable, ProfileCache
+from profile_service.cache import CacheUnavailable, ChangedProfile, ProfileCache, cache_key
 from profile_service.merge_transaction import event_identifiers
 from profile_service.repository import MergeResult, ProfileRepository
 from sendtime.ingest.v1 import ingest_pb2
@@ -203,8 +203,16 @@ class EventMerger:
                 found = await self._repository.find_by_identifiers(redelivered)
                 for record in found.values():
                     profiles.setdefault(record.stored.customer_id, record)
-            if profiles:
-                await self._cache.put(record.to_proto() for record in profiles.values())
+            await self._cache.refresh(
+                [
+                    ChangedProfile(
+                        record.stored.version,
+                        [cache_key(kind, value) for kind, value in record.stored.identifiers],
+                        record.to_proto,
+                    )
+                    for record in profiles.values()
+                ]
+            )
         except CacheUnavailable as exc:
             # The record is in PostgreSQL; readers fall back to it and re-fill the cache.
             log.warning("cache refresh failed", extra={"events": len(work), "error": str(exc)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -10,7 +11,7 @@ import pytest
 from google.protobuf import field_mask_pb2, json_format
 from redis.asyncio import Redis
 
-from profile_service.cache import ProfileCache, cache_key
+from profile_service.cache import ChangedProfile, ProfileCache, cache_key, decode_entry
 from profile_service.server import ProfileApp
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -184,6 +185,89 @@ async def test_a_stale_cache_write_never_replaces_a_newer_entry(redis_url: str, 
         assert cached is not None and json_format.MessageToDict(cached.traits) == {"v": "new"}
     finally:
         await cache.close()
+
+
+def cached_profile(user_id: str, version: int, value: str) -> profile_pb2.Profile:
+    identifier = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)
+    profile = profile_pb2.Profile(customer_id=user_id, version=version, identifiers=[identifier])
+    profile.traits.update({"v": value})
+    return profile
+
+
+async def test_a_merge_marks_the_entries_and_writes_in_full_only_profiles_someone_reads(
+    redis_url: str, unique: str
+) -> None:
+    client = Redis.from_url(redis_url)
+    cache = ProfileCache(client, ttl_s=60)
+    read, unread = f"read-{unique}", f"unread-{unique}"
+    built: list[str] = []
+
+    def changed(user_id: str, version: int) -> ChangedProfile:
+        def build() -> profile_pb2.Profile:
+            built.append(user_id)
+            return cached_profile(user_id, version, "new")
+
+        return ChangedProfile(version, [cache_key(IdentifierKind.USER_ID, user_id)], build)
+
+    def values(profiles: list[profile_pb2.Profile | None]) -> list[tuple[int, str] | None]:
+        return [None if p is None else (p.version, str(p.traits["v"])) for p in profiles]
+
+    keys = [cache_key(IdentifierKind.USER_ID, u) for u in (read, unread)]
+    try:
+        await cache.put([cached_profile(read, 1, "old")])  # someone read it: it holds a profile
+
+        assert await cache.refresh([changed(read, 2), changed(unread, 2)]) == 1
+        assert built == [read]  # the unread profile is never even encoded
+        assert values(await cache.get_many(keys)) == [(2, "new"), None]
+        assert await client.get(keys[1]) == b"2:"  # a marker: it reads as a miss
+
+        # A reader that read PostgreSQL before the merge loses to the marker; one that read
+        # after it fills the entry.
+        await cache.put([cached_profile(unread, 1, "old")])
+        assert values(await cache.get_many(keys[1:])) == [None]
+        await cache.put([cached_profile(unread, 2, "new")])
+        assert values(await cache.get_many(keys[1:])) == [(2, "new")]
+
+        # An erased person's entries stay erased, whatever merges after.
+        await cache.erase(keys[:1])
+        assert await cache.refresh([changed(read, 3)]) == 0
+        assert values(await cache.get_many(keys[:1])) == [None]
+        await cache.put([cached_profile(read, 3, "new")])
+        assert values(await cache.get_many(keys[:1])) == [None]
+    finally:
+        await client.delete(*keys)
+        await cache.close()
+
+
+async def test_a_merged_profile_nobody_read_is_a_marker_until_it_is_read(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    redis_url: str,
+    unique: str,
+) -> None:
+    client = Redis.from_url(redis_url)
+    key = cache_key(IdentifierKind.USER_ID, f"u-{unique}")
+
+    async def entry_matches(pattern: bytes) -> bytes:
+        for _ in range(500):
+            entry = await client.get(key)
+            if isinstance(entry, bytes) and re.fullmatch(pattern, entry, re.DOTALL):
+                return entry
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"the entry never matched {pattern!r}")
+
+    try:
+        await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("a")))
+        await entry_matches(rb"\d+:")  # merged, never read: a marker
+        first = await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}")))
+        await entry_matches(rb"\d+:.+")  # the read filled it
+        await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("b")))
+        next_version = str(first.profile.version + 1).encode()
+        later = decode_entry(await entry_matches(next_version + rb":.+"))
+    finally:
+        await client.aclose()
+    # Read before, so the merge wrote it in full.
+    assert later is not None and [i.sku for i in later.cart.items] == ["a", "b"]
 
 
 async def test_the_cache_entry_follows_each_merge(
