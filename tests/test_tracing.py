@@ -95,8 +95,8 @@ async def test_render_call_and_profile_lookup_share_one_trace(
     render = await finished_span(
         span_exporter, lambda s: s.name == "/sendtime.render.v1.RenderService/Render"
     )
-    lookup = await finished_span(
-        span_exporter, lambda s: s.name == "/sendtime.profile.v1.ProfileService/GetProfile"
+    lookup = await finished_span(  # the lookups of concurrent renders go out as one batch
+        span_exporter, lambda s: s.name == "/sendtime.profile.v1.ProfileService/BatchGetProfiles"
     )
     assert lookup.context is not None and render.context is not None
     assert lookup.context.trace_id == render.context.trace_id

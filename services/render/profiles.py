@@ -1,8 +1,9 @@
 """Where render gets a customer's profile, within the time the caller left it.
 
 In order: a cached profile young enough for the template (``max_data_age``); the live profile
-from the profile service (concurrent renders for one customer share one call; a circuit breaker
-stops waiting on a service that keeps failing); when the live one cannot be had in time, the
+from the profile service (concurrent renders for one customer share one lookup, and the lookups
+of concurrent renders go out as one BatchGetProfiles call; a circuit breaker stops waiting on a
+service that keeps failing); when the live one cannot be had in time, the
 last known good profile (kept in process and in Redis, with its age). Never raises for a failed
 lookup: the answer says what it got and why.
 
@@ -25,12 +26,11 @@ from typing import Any
 import grpc
 from cachetools import LRUCache, TTLCache
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
-from google.rpc import error_details_pb2
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
-from sendtime_common.errors import status_of
+from sendtime_common.batching import MicroBatcher
 from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import identifier_hash
 
@@ -41,6 +41,14 @@ LKG_REDIS_WAIT_S = 0.02  # a last-known-good read must leave time to render
 LKG_REFRESH_AFTER_S = 60.0  # re-write the Redis copy at most this often per customer
 FORGET_RETRY_MAX_S = 5.0  # backoff cap while Redis cannot delete an erased person's copies
 JUST_ERASED_S = 60.0  # far longer than any lookup under way when the notice came
+LOOKUP_BATCH = 100  # live lookups of concurrent renders per BatchGetProfiles call
+# One call in flight: the lookups that arrive meanwhile wait for it and go out together (with
+# more in flight, each lookup went out alone and the batching bought nothing).
+LOOKUP_BATCHES = 1
+# A batch waits no longer than this, even for a caller with a longer deadline, so that a hung
+# profile service holds the next batch (and the count towards opening the circuit) back at most
+# this long; renders fall back within their own deadlines meanwhile.
+LOOKUP_TIMEOUT_MAX_S = 1.0
 
 
 class Source(enum.Enum):
@@ -110,8 +118,12 @@ class ProfileFetcher:
             expected_exception=_is_service_failure,
             name=f"profile-service-{id(self)}",
         )
-        self._call_live = self.breaker(self._get_live)
         self._call_batch = self.breaker(self._get_batch)
+        # Lookups of concurrent renders go out together: one BatchGetProfiles instead of one
+        # GetProfile each (under light load a batch is one lookup, sent on the next loop turn).
+        self._lookups: MicroBatcher[tuple[profile_pb2.Identifier, float], profile_pb2.ProfileResult] = (
+            MicroBatcher(self._lookup_batch, max_batch=LOOKUP_BATCH, max_concurrent_batches=LOOKUP_BATCHES)
+        )
 
     async def get(
         self, identifier: profile_pb2.Identifier, *, time_left_s: float, max_age: timedelta | None
@@ -189,7 +201,7 @@ class ProfileFetcher:
             raise TimeoutError()
         pending = self._in_flight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._call_live(identifier, time_left_s))
+            pending = asyncio.ensure_future(self._get_live(identifier, time_left_s))
             self._in_flight[key] = pending
             pending.add_done_callback(lambda _: self._in_flight.pop(key, None))
             pending.add_done_callback(_retrieve)
@@ -198,17 +210,22 @@ class ProfileFetcher:
     async def _get_live(
         self, identifier: profile_pb2.Identifier, timeout_s: float
     ) -> tuple[float, profile_pb2.Profile]:
-        try:
-            response = await self._stub.GetProfile(
-                profile_pb2.GetProfileRequest(identifier=identifier), timeout=timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise _Missing(erased=_reason(exc) == "PROFILE_ERASED") from None
-            raise
+        result = await self._lookups.submit((identifier, time.monotonic() + timeout_s))
+        if not result.found:
+            raise _Missing(erased=result.erased)
         fetched_at = time.time()
-        self._remember(_key(identifier), fetched_at, response.profile)
-        return fetched_at, response.profile
+        self._remember(_key(identifier), fetched_at, result.profile)
+        return fetched_at, result.profile
+
+    async def _lookup_batch(
+        self, lookups: list[tuple[profile_pb2.Identifier, float]]
+    ) -> list[profile_pb2.ProfileResult]:
+        # As long as the most patient render will wait: each render waits only for its own time.
+        timeout_s = min(LOOKUP_TIMEOUT_MAX_S, max(deadline for _, deadline in lookups) - time.monotonic())
+        if timeout_s <= 0:
+            raise TimeoutError()
+        response = await self._call_batch([identifier for identifier, _ in lookups], timeout_s)
+        return list(response.results)
 
     def _remember(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
         if key in self._just_erased:  # a lookup that started before the erasure came back after
@@ -284,16 +301,6 @@ class ProfileFetcher:
 
 def _key(identifier: profile_pb2.Identifier) -> str:
     return identifier_hash((PROTO_TO_KIND[identifier.kind], identifier.value)).hex()
-
-
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    status = status_of(exc)
-    for detail in status.details if status else []:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return ""
 
 
 def _retrieve(future: asyncio.Future[tuple[float, profile_pb2.Profile]]) -> None:

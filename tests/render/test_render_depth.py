@@ -74,10 +74,7 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
     async def GetProfile(
         self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.GetProfileResponse:
-        self.calls += 1
-        await asyncio.sleep(self.delay_s)
-        if self.mode == "fail":
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
+        await self.play(context)
         if self.mode == "erased":
             await abort_with(context, not_found_status("the customer was erased", "PROFILE_ERASED", {}))
         return profile_pb2.GetProfileResponse(profile=self.profile())
@@ -85,13 +82,21 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.BatchGetProfilesResponse:
-        self.calls += 1
-        return profile_pb2.BatchGetProfilesResponse(
-            results=[
+        await self.play(context)
+        if self.mode == "erased":
+            results = [profile_pb2.ProfileResult(identifier=i, erased=True) for i in request.identifiers]
+        else:
+            results = [
                 profile_pb2.ProfileResult(identifier=i, profile=self.profile(), found=True)
                 for i in request.identifiers
             ]
-        )
+        return profile_pb2.BatchGetProfilesResponse(results=results)
+
+    async def play(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.mode == "fail":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
 
     async def ListProfileEvents(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
@@ -376,6 +381,19 @@ async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup
         assert (again.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_CACHE, 1)
         live = await stub.Render(request(user("u-age"), CART_EMAIL))  # no max age: always live
         assert (live.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_LIVE, 2)
+
+
+async def test_concurrent_renders_look_their_customers_up_together(
+    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
+) -> None:
+    service, target = scripted
+    service.delay_s = 0.2  # the renders that come while a lookup is out wait for the next batch
+    async with render_service(target) as stub:
+        answers = await asyncio.gather(
+            *(stub.Render(request(user(f"u-together-{i}"), CART_EMAIL)) for i in range(20))
+        )
+    assert {a.profile_source for a in answers} == {render_pb2.PROFILE_SOURCE_LIVE}
+    assert service.calls <= 3  # not 20: the first lookup, then the rest in a batch or two
 
 
 @pytest.fixture
