@@ -13,6 +13,7 @@ every follower reads whole (ordered consumers), so each replica of a service hea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from sendtime_common.config import env_float, env_int, env_str
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+ERASURE_RETRY_MAX_S = 5.0  # backoff cap while an erasure handler's store is down
 
 
 class EventLogUnavailable(Exception):
@@ -48,6 +50,11 @@ class EventLogUnavailable(Exception):
 
 class EventLogFull(Exception):
     """The log refused the event because it has reached its configured size limits."""
+
+
+class RetryLater(Exception):
+    """Raised by an erasure handler that cannot finish for now (its store is down): the notice
+    is handed to it again after a backoff, and later notices wait for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +139,9 @@ class EventLog(Protocol):
 
     async def follow_erasures(self, handle: ErasureHandler) -> Following:
         """Hand ``handle`` every erasure notice still kept (the log's max age), in order, then
-        each new one as it comes, until closed. A notice whose ``handle`` raises is not handed
-        again: ``handle`` retries what it must."""
+        each new one as it comes, until closed. A notice whose ``handle`` raises ``RetryLater``
+        is handed again (backing off up to ERASURE_RETRY_MAX_S) until it succeeds; one whose
+        ``handle`` raises anything else is logged and not handed again."""
         ...
 
     async def close(self) -> None: ...
@@ -368,10 +376,21 @@ class JetStreamEventLog:
 
     async def follow_erasures(self, handle: ErasureHandler) -> Following:
         async def deliver(msg: Msg) -> None:
-            try:
-                await handle(msg.data)
-            except Exception:  # noqa: BLE001 - one bad notice must not stop the following
-                log.exception("an erasure notice could not be handled")
+            wait_s = 0.1
+            while True:
+                try:
+                    await handle(msg.data)
+                    return
+                except RetryLater as exc:
+                    log.warning(
+                        "an erasure notice will be handled again",
+                        extra={"error": str(exc.__cause__ or exc), "retry_in_s": wait_s},
+                    )
+                except Exception:  # noqa: BLE001 - one bad notice must not stop the following
+                    log.exception("an erasure notice could not be handled")
+                    return
+                await asyncio.sleep(wait_s)
+                wait_s = min(2 * wait_s, ERASURE_RETRY_MAX_S)
 
         # An ordered consumer: ephemeral, one per follower, so every replica hears every notice;
         # nats-py recreates it from the last sequence seen when a gap or a lost heartbeat shows.

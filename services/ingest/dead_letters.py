@@ -3,7 +3,6 @@ replaying one once the cause of its rejection is fixed; and forgetting an erased
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 from datetime import datetime
@@ -14,12 +13,12 @@ from ingest.ingestor import Ingestor
 from ingest.store import IngestStore, StoredRejection, StoreError
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.event_log import RetryLater
 from sendtime_common.paging import decode_time_position, encode_time_position
 
 log = logging.getLogger(__name__)
 
 NAME_PREFIX = "rejectedEvents/"
-FORGET_RETRY_MAX_S = 5.0  # backoff cap while PostgreSQL cannot delete an erased person's letters
 
 
 class InvalidName(ValueError):
@@ -127,18 +126,15 @@ class DeadLetters:
         return result, to_proto(updated)
 
     async def on_erasure_notice(self, payload: bytes) -> None:
-        """Delete the dead letters of an erased person (a ``sendtime.profile.v1.ErasureNotice``),
-        retrying while PostgreSQL cannot."""
+        """Delete the dead letters of an erased person (a ``sendtime.profile.v1.ErasureNotice``).
+
+        Raises:
+            RetryLater: PostgreSQL failed (the follower hands the notice again).
+        """
         notice = profile_pb2.ErasureNotice.FromString(payload)
-        wait_s = 0.1
-        while True:
-            try:
-                deleted = await self._store.delete_rejections_of(list(notice.identifier_hashes))
-            except StoreError as exc:
-                log.warning("could not delete an erased person's dead letters", extra={"error": str(exc)})
-                await asyncio.sleep(wait_s)
-                wait_s = min(2 * wait_s, FORGET_RETRY_MAX_S)
-                continue
-            if deleted:
-                log.info("deleted an erased person's dead letters", extra={"count": deleted})
-            return
+        try:
+            deleted = await self._store.delete_rejections_of(list(notice.identifier_hashes))
+        except StoreError as exc:
+            raise RetryLater("the dead letters could not be deleted") from exc
+        if deleted:
+            log.info("deleted an erased person's dead letters", extra={"count": deleted})

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.batching import MicroBatcher
+from sendtime_common.event_log import RetryLater
 from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import identifier_hash
 
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 LKG_KEY_PREFIX = "sendtime:render:lkg:"
 LKG_REDIS_WAIT_S = 0.02  # a last-known-good read must leave time to render
 LKG_REFRESH_AFTER_S = 60.0  # re-write the Redis copy at most this often per customer
-FORGET_RETRY_MAX_S = 5.0  # backoff cap while Redis cannot delete an erased person's copies
 JUST_ERASED_S = 60.0  # far longer than any lookup under way when the notice came
 LOOKUP_BATCH = 100  # live lookups of concurrent renders per BatchGetProfiles call
 # One call in flight: the lookups that arrive meanwhile wait for it and go out together (with
@@ -242,18 +242,18 @@ class ProfileFetcher:
 
     async def on_erasure_notice(self, payload: bytes) -> None:
         """Drop every copy of an erased person (a ``sendtime.profile.v1.ErasureNotice``): in
-        process at once, in Redis as soon as Redis takes the delete."""
+        process at once, in Redis as soon as Redis takes the delete.
+
+        Raises:
+            RetryLater: Redis did not take the delete (the follower hands the notice again).
+        """
         notice = profile_pb2.ErasureNotice.FromString(payload)
         keys = [h.hex() for h in notice.identifier_hashes]
         for key in keys:
             self._local.pop(key, None)
             self._just_erased[key] = True
-        if self._redis is None or not keys:
-            return
-        wait_s = 0.1
-        while not await self._delete_lkg(keys):
-            await asyncio.sleep(wait_s)
-            wait_s = min(2 * wait_s, FORGET_RETRY_MAX_S)
+        if self._redis is not None and keys and not await self._delete_lkg(keys):
+            raise RetryLater("Redis did not delete the copies")
 
     async def _delete_lkg(self, keys: list[str]) -> bool:
         assert self._redis is not None

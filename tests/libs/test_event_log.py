@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import devstack
-from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage, RetryLater
 
 
 def settings(url: str) -> JetStreamSettings:
@@ -80,3 +80,35 @@ async def test_acknowledged_messages_survive_a_killed_server(tmp_path: Path) -> 
     finally:
         await log.close()
         devstack.stop_process(server)
+
+
+async def test_an_erasure_handler_that_asks_to_retry_gets_the_notice_again_in_order(
+    tmp_path: Path,
+) -> None:
+    port = devstack.free_port()
+    nats = devstack.start_nats(port, tmp_path / "nats")
+    log = await JetStreamEventLog.connect(JetStreamSettings(url=f"nats://127.0.0.1:{port}"))
+    handed: list[bytes] = []
+
+    async def handle(notice: bytes) -> None:
+        handed.append(notice)
+        if notice == b"store down" and handed.count(notice) < 3:
+            raise RetryLater("the store is down")
+        if notice == b"broken":
+            raise ValueError("cannot be handled")  # logged; not handed again
+
+    try:
+        for notice in (b"store down", b"broken", b"after"):
+            await log.publish_erasure(notice.decode(), notice)
+        following = await log.follow_erasures(handle)
+        try:
+            for _ in range(200):
+                if b"after" in handed:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await following.close()
+    finally:
+        await log.close()
+        devstack.stop_process(nats)
+    assert handed == [b"store down"] * 3 + [b"broken", b"after"]
