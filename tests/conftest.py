@@ -17,7 +17,7 @@ import asyncio  # noqa: E402 - after the environment above, as grpc reads it on 
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -236,6 +236,14 @@ async def template_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.
 async def render_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{render_app.grpc.port}") as channel:
         yield render_pb2_grpc.RenderServiceStub(channel)
+
+
+async def eventually(check: Callable[[], Awaitable[object]], timeout_s: float = 10) -> None:
+    """Poll ``check`` until it answers something true; fail after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
 
 
 async def wait_for_profile(

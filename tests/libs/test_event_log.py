@@ -9,6 +9,7 @@ from pathlib import Path
 
 import devstack
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage, RetryLater
+from tests.conftest import eventually
 
 
 def settings(url: str) -> JetStreamSettings:
@@ -101,11 +102,12 @@ async def test_an_erasure_handler_that_asks_to_retry_gets_the_notice_again_in_or
         for notice in (b"store down", b"broken", b"after"):
             await log.publish_erasure(notice.decode(), notice)
         following = await log.follow_erasures(handle)
+
+        async def all_handed() -> bool:
+            return b"after" in handed
+
         try:
-            for _ in range(200):
-                if b"after" in handed:
-                    break
-                await asyncio.sleep(0.02)
+            await eventually(all_handed)
         finally:
             await following.close()
     finally:

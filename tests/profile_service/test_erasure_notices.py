@@ -5,7 +5,7 @@ outbox and goes out once NATS is back. Real PostgreSQL and NATS."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -19,7 +19,7 @@ from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifiers import IdentifierKind, identifier_hash
 from sendtime_common.migrate import migrate
-from tests.conftest import empty_database, user, wait_for_profile
+from tests.conftest import empty_database, eventually, user, wait_for_profile
 from tests.factories import event, identify
 from tests.profile_service.test_profile_service import send
 
@@ -41,13 +41,6 @@ class Heard:
                     return notice
             assert asyncio.get_running_loop().time() < deadline, "no notice within the time"
             await asyncio.sleep(0.02)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "not within the time"
-        await asyncio.sleep(0.05)
 
 
 async def test_delete_profile_announces_the_erasure_by_identifier_hashes(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import abort_with, not_found_status
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifiers import IdentifierKind, identifier_hash
-from tests.conftest import RenderServiceFactory, user, wait_for_profile
+from tests.conftest import RenderServiceFactory, eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed
 from tests.profile_service.test_profile_service import send
 
@@ -276,71 +276,67 @@ async def test_a_lookup_under_way_when_the_notice_comes_keeps_no_copy(
     assert after.profile_source == render_pb2.PROFILE_SOURCE_NONE
 
 
+@pytest.fixture
+async def unheard_redis(redis_url: str) -> AsyncIterator[tuple[str, Redis]]:
+    """Database 1 of the test Redis, and a client of it: the session's render, which follows
+    erasure notices too, does not use it, so only the test's own renders delete there."""
+    url = redis_url.rpartition("/")[0] + "/1"
+    client = Redis.from_url(url)
+    try:
+        yield url, client
+    finally:
+        await client.aclose()
+
+
 async def test_a_render_started_after_an_erasure_drops_the_copies_it_finds(
     scripted: tuple[ScriptedProfileService, str],
     render_service: RenderServiceFactory,
-    redis_url: str,
+    unheard_redis: tuple[str, Redis],
     nats_url: str,
     unique: str,
 ) -> None:
-    """No render was running to hear the notice (a Redis database of its own: the session's
-    render, which follows notices too, does not use it); one that starts later reads the
-    notices the log keeps and deletes the copy left in Redis."""
+    """No render was running to hear the notice; one that starts later reads the notices the
+    log keeps and deletes the copy left in Redis."""
     service, target = scripted
+    private_redis, redis = unheard_redis
     erased, kept = f"u-before-{unique}", f"u-kept-{unique}"
-    private_redis = redis_url.rpartition("/")[0] + "/1"
     async with render_service(target, redis_url=private_redis) as stub:
         for user_id in (erased, kept):
             await stub.Render(request(user(user_id), CART_EMAIL))
-    redis = Redis.from_url(private_redis)
-    try:
-        assert await redis.exists(lkg_key(erased), lkg_key(kept)) == 2
-        await announce_erasure(nats_url, erased)
-        service.mode = "fail"
-        async with render_service(target, redis_url=private_redis) as stub:
-            await eventually(lambda: _absent(redis, lkg_key(erased)))
-            assert await redis.exists(lkg_key(kept)) == 1  # only the erased person's copy goes
-            left = await stub.Render(request(user(kept), CART_EMAIL))
-        assert left.profile_source == render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD
-    finally:
-        await redis.aclose()
+    assert await redis.exists(lkg_key(erased), lkg_key(kept)) == 2
+    await announce_erasure(nats_url, erased)
+    service.mode = "fail"
+    async with render_service(target, redis_url=private_redis) as stub:
+        await eventually(lambda: _absent(redis, lkg_key(erased)))
+        assert await redis.exists(lkg_key(kept)) == 1  # only the erased person's copy goes
+        left = await stub.Render(request(user(kept), CART_EMAIL))
+    assert left.profile_source == render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD
 
 
 async def test_a_lookup_that_finds_the_person_erased_drops_the_copies_too(
     scripted: tuple[ScriptedProfileService, str],
     render_service: RenderServiceFactory,
-    redis_url: str,
+    unheard_redis: tuple[str, Redis],
     unique: str,
 ) -> None:
     """Before the notice arrives, the profile service's own answer says it."""
     service, target = scripted
+    private_redis, redis = unheard_redis
     erased = f"u-looked-up-{unique}"
-    private_redis = redis_url.rpartition("/")[0] + "/1"  # no other render deletes here
-    redis = Redis.from_url(private_redis)
-    try:
-        async with render_service(target, redis_url=private_redis) as stub:
-            await stub.Render(request(user(erased), CART_EMAIL))
-            await eventually(lambda: redis.exists(lkg_key(erased)))
-            service.mode = "erased"
-            answer = await stub.Render(request(user(erased), CART_EMAIL))
-            assert (answer.status, answer.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_ERASED)
-            await eventually(lambda: _absent(redis, lkg_key(erased)))
-            service.mode = "fail"
-            after = await stub.Render(request(user(erased), CART_EMAIL))
-        assert after.profile_source == render_pb2.PROFILE_SOURCE_NONE
-    finally:
-        await redis.aclose()
+    async with render_service(target, redis_url=private_redis) as stub:
+        await stub.Render(request(user(erased), CART_EMAIL))
+        await eventually(lambda: redis.exists(lkg_key(erased)))
+        service.mode = "erased"
+        answer = await stub.Render(request(user(erased), CART_EMAIL))
+        assert (answer.status, answer.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_ERASED)
+        await eventually(lambda: _absent(redis, lkg_key(erased)))
+        service.mode = "fail"
+        after = await stub.Render(request(user(erased), CART_EMAIL))
+    assert after.profile_source == render_pb2.PROFILE_SOURCE_NONE
 
 
 async def _absent(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
-
-
-async def eventually(check: Callable[[], Awaitable[object]], timeout_s: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "not within the time"
-        await asyncio.sleep(0.02)
 
 
 async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recovery(
