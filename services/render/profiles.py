@@ -135,9 +135,7 @@ class ProfileFetcher:
         try:
             fetched_at, profile = await self._shared_live(key, identifier, time_left_s)
         except _Missing as missing:
-            self._local.pop(key, None)
-            if missing.erased and self._redis is not None:  # the notice may not have come yet
-                self._in_background(self._delete_lkg([key]))
+            self._forget_missing(key, erased=missing.erased)
             return ProfileLookup(
                 None, Source.NONE, failure=Failure.ERASED if missing.erased else Failure.NOT_FOUND
             )
@@ -173,16 +171,22 @@ class ProfileFetcher:
         fetched_at = time.time()
         lookups = []
         for identifier, result in zip(identifiers, response.results, strict=True):
+            key = _key(identifier)
             if result.found:
-                self._remember(_key(identifier), fetched_at, result.profile)
+                self._remember(key, fetched_at, result.profile)
                 lookups.append(ProfileLookup(result.profile, Source.LIVE, fetched_at))
             else:
                 failure = Failure.ERASED if result.erased else Failure.NOT_FOUND
                 lookups.append(ProfileLookup(None, Source.NONE, failure=failure))
-                self._local.pop(_key(identifier), None)
-                if result.erased and self._redis is not None:
-                    self._in_background(self._delete_lkg([_key(identifier)]))
+                self._forget_missing(key, erased=result.erased)
         return lookups
+
+    def _forget_missing(self, key: str, *, erased: bool) -> None:
+        """The profile service has no such customer: drop the copy in process, and the one in
+        Redis too if the customer was erased (the erasure notice may not have come yet)."""
+        self._local.pop(key, None)
+        if erased and self._redis is not None:
+            self._in_background(self._delete_lkg([key]))
 
     async def _get_batch(
         self, identifiers: list[profile_pb2.Identifier], timeout_s: float
