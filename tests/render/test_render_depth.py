@@ -6,7 +6,9 @@ speaking its contract stands in where a failure has to be made on cue."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -15,7 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 from redis.asyncio import Redis
 
 import devstack
@@ -27,7 +29,7 @@ from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import abort_with, not_found_status
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifiers import IdentifierKind, identifier_hash
-from tests.conftest import RenderServiceFactory, eventually, user, wait_for_profile
+from tests.conftest import RenderServiceFactory, eventually, repo_root, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed
 from tests.profile_service.test_profile_service import send
 
@@ -424,13 +426,24 @@ async def test_with_the_profile_service_stopped_every_render_answers_within_150_
     content = template(
         CART_EMAIL, required_data=[], fallback={"profile": {"traits": {"first_name": "there"}}}
     )
-    async with grpc.aio.insecure_channel(render_process_without_profiles) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 10)  # a caller's channel is connected already
-        stub = render_pb2_grpc.RenderServiceStub(channel)
-        # DEADLINE_EXCEEDED would fail the call: each answer arrives within its 150 ms.
-        results = await asyncio.gather(
-            *(stub.Render(request(user(f"u-{i}"), content), timeout=0.15) for i in range(50))
-        )
+    requests = [json_format.MessageToDict(request(user(f"u-{i}"), content)) for i in range(50)]
+    # 50 concurrent calls with a 150 ms deadline each, from a client process of its own
+    # (DEADLINE_EXCEEDED would come back as an error).
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.render.concurrent_renders",
+        render_process_without_profiles,
+        "0.15",
+        cwd=repo_root(),
+        env=suite.service_env(os.environ),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    output, _ = await asyncio.wait_for(client.communicate(json.dumps(requests).encode()), 60)
+    assert client.returncode == 0
+    results = [json_format.ParseDict(r["response"], render_pb2.RenderResponse()) for r in json.loads(output)]
+    assert len(results) == 50
     assert all(r.status == RENDERED and r.subject.startswith("there,") for r in results)
     assert {r.fallback_reason for r in results} <= {
         render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE,
