@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -280,6 +280,7 @@ class BenchStack:
         self.nats: subprocess.Popen[bytes] | None = None
         self.redis: subprocess.Popen[bytes] | None = None
         self.running: list[suite.RunningService] = []
+        self.variants: list[suite.RunningService] = []
         self.extra: list[subprocess.Popen[bytes]] = []
         self._database_created = False
 
@@ -316,26 +317,40 @@ class BenchStack:
         asyncio.run(_admin(f'CREATE DATABASE "{self.database}"'))
         self._database_created = True
         for service in self.services:  # in suite order: profile creates the stream and consumer
-            log_path = self.workdir / f"{service.name}.log"
-            command = [sys.executable, "-m", service.module]
-            if self.cprofile_dir is not None:  # written when the service exits after SIGTERM
-                self.cprofile_dir.mkdir(parents=True, exist_ok=True)
-                output = self.cprofile_dir / f"{service.name}.prof"
-                command = [sys.executable, "-m", "cProfile", "-o", str(output), "-m", service.module]
-            with open(log_path, "ab") as log:  # the child keeps its own copy
-                process = subprocess.Popen(
-                    command,
-                    env=self.env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C reaches the bench only; it stops them in order
-                )
-            self.running.append(suite.RunningService(service, process, log_path))
-            try:
-                suite.wait_until_serving(self.running[-1], self.env, timeout_s=30)
-            except suite.SuiteError as exc:
-                raise BenchError(str(exc)) from None
+            self.running.append(self._launch(service, self.env))
+
+    def _launch(self, service: suite.Service, env: Mapping[str, str]) -> suite.RunningService:
+        """Start ``service`` with ``env`` and wait until it reports SERVING."""
+        log_path = self.workdir / f"{service.name}.log"
+        command = [sys.executable, "-m", service.module]
+        if self.cprofile_dir is not None:  # written when the service exits after SIGTERM
+            self.cprofile_dir.mkdir(parents=True, exist_ok=True)
+            output = self.cprofile_dir / f"{service.name}.prof"
+            command = [sys.executable, "-m", "cProfile", "-o", str(output), "-m", service.module]
+        with open(log_path, "ab") as log:  # the child keeps its own copy
+            process = subprocess.Popen(
+                command,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the bench only; it stops them in order
+            )
+        running = suite.RunningService(service, process, log_path)
+        try:
+            suite.wait_until_serving(running, env, timeout_s=30)
+        except suite.SuiteError as exc:
+            devstack.stop_process(process)
+            raise BenchError(str(exc)) from None
+        return running
+
+    def start_variant(self, service: suite.Service, label: str, overrides: Mapping[str, str]) -> str:
+        """Start one more ``service`` process on a port of its own, configured with ``overrides``
+        (named ``label`` in logs and CPU tables); its target. Stopped with the services."""
+        env = {**self.env, **overrides, service.address_variable: f"127.0.0.1:{devstack.free_port()}"}
+        variant = replace(service, name=label)
+        self.variants.append(self._launch(variant, env))
+        return variant.target(env)
 
     def start_empty_server(self) -> str:
         """Start the empty gRPC server (a process of its own, like a service); its target."""
@@ -360,6 +375,7 @@ class BenchStack:
         groups: dict[str, Callable[[], Sequence[int]]] = {}
         for item in self.running:
             groups[f"{item.service.name} service"] = _fixed(item.process.pid)
+        groups["service variants"] = lambda: [v.process.pid for v in self.variants]
         groups["bench (load generator)"] = _fixed(os.getpid())
         groups["empty gRPC server (floors)"] = lambda: [p.pid for p in self.extra]
         if self.nats is not None:
@@ -385,8 +401,9 @@ class BenchStack:
     def stop_services(self) -> None:
         """SIGTERM the services (callers first) and wait for them; say which did not exit 0.
         Their logs stay until ``close``."""
-        codes = suite.stop_services(self.running) if self.running else {}
-        self.running = []
+        running = self.running + self.variants
+        codes = suite.stop_services(running) if running else {}
+        self.running, self.variants = [], []
         for name, code in codes.items():
             if code not in (0, None):
                 say(f"bench: {name} exited with {code} on SIGTERM")

@@ -532,7 +532,7 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
     )
     await check_merged(stack.database_url, events, options.customers)
     say("warm: read every customer once from the profile service (BatchGetProfiles), as sends would")
-    await read_every_customer(stack, user_ids)
+    await read_every_customer(stack.target(suite.PROFILE), user_ids)
     version = await create_template(stack.target(suite.RENDER))
     say(f"template {TEMPLATE_NAME} version {version} published")
 

@@ -15,6 +15,10 @@ last merge.
 One script call covers all of a profile's entries, so the cache wants one Redis primary (with
 replicas or Sentinel), not Redis Cluster, whose slots would split a profile's keys. Any Redis
 failure is reported as ``CacheUnavailable`` so callers fall back to PostgreSQL.
+
+In front of Redis, an optional ``NearCache`` keeps decoded profiles in process; Redis's
+invalidations keep it coherent (profile_service.near_cache), and this module drops the copies
+of every entry it writes as soon as the write is done.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from profile_service.near_cache import NearCache
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import IdentifierKind
@@ -110,18 +115,42 @@ def decode_entry(entry: bytes) -> profile_pb2.Profile | None:
 
 
 class ProfileCache:
-    def __init__(self, client: Redis, ttl_s: int) -> None:
+    def __init__(self, client: Redis, ttl_s: int, near: NearCache | None = None) -> None:
         self._client = client
         self._ttl_s = ttl_s
+        self._near = near
         self._set_if_newer = client.register_script(_SET_IF_NEWER)
         self._mark_changed = client.register_script(_MARK_CHANGED)
 
+    @property
+    def near(self) -> NearCache | None:
+        return self._near
+
     async def get_many(self, keys: Sequence[str]) -> list[profile_pb2.Profile | None]:
-        """The cached profiles for ``keys`` in one MGET (None where absent).
+        """The cached profiles for ``keys`` (None where absent): copies held in process, and the
+        rest in one MGET. The profiles returned may be shared: do not modify them.
 
         Raises:
             CacheUnavailable: Redis failed.
         """
+        near = self._near
+        if near is None:
+            return await self._get_from_redis(keys)
+        found = [near.get(key) for key in keys]
+        wanted = [i for i, profile in enumerate(found) if profile is None]
+        if not wanted:
+            return found
+        wanted_keys = [keys[i] for i in wanted]
+        with near.reserve(wanted_keys) as reservation:
+            for i, key, profile in zip(
+                wanted, wanted_keys, await self._get_from_redis(wanted_keys), strict=True
+            ):
+                if profile is not None:
+                    found[i] = profile
+                    reservation.fill(key, profile)
+        return found
+
+    async def _get_from_redis(self, keys: Sequence[str]) -> list[profile_pb2.Profile | None]:
         if not keys:
             return []
         try:
@@ -130,6 +159,12 @@ class ProfileCache:
             raise CacheUnavailable(str(exc)) from exc
         # The client is created without decode_responses, so values are bytes.
         return [None if e is None else decode_entry(e.encode() if isinstance(e, str) else e) for e in entries]
+
+    def _written(self, keys: Iterable[str]) -> None:
+        """Drop the copies of entries this process just wrote (or tried to), not waiting for
+        Redis's invalidation: this replica reads its own writes."""
+        if self._near is not None:
+            self._near.invalidate(keys)
 
     async def erase(self, keys: Sequence[str]) -> None:
         """Replace the entries of erased identifiers with markers no profile write can replace
@@ -147,6 +182,8 @@ class ProfileCache:
                 await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
+        finally:
+            self._written(keys)
 
     async def put(self, profiles: Iterable[profile_pb2.Profile]) -> None:
         """Store each profile under every one of its identifiers, unless a newer version is there.
@@ -155,20 +192,22 @@ class ProfileCache:
         Raises:
             CacheUnavailable: Redis failed.
         """
+        written: list[str] = []
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                queued = False
                 for profile in profiles:
                     keys = [cache_key(PROTO_TO_KIND[i.kind], i.value) for i in profile.identifiers]
                     if keys:
                         await self._set_if_newer(
                             keys=keys, args=[profile.version, encode_entry(profile), self._ttl_s], client=pipe
                         )
-                        queued = True
-                if queued:
+                        written += keys
+                if written:
                     await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
+        finally:
+            self._written(written)
 
     async def refresh(self, changed: Sequence[ChangedProfile]) -> int:
         """After merges: mark every entry of each changed profile with its new version, then
@@ -189,6 +228,8 @@ class ProfileCache:
                 read = await pipe.execute()
         except RedisError as exc:
             raise CacheUnavailable(str(exc)) from exc
+        finally:
+            self._written(key for c in changed for key in c.keys)
         wanted = [c for c, was_read in zip(changed, read, strict=True) if was_read]
         if wanted:
             await self.put(c.build() for c in wanted)

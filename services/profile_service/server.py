@@ -11,12 +11,13 @@ from pathlib import Path
 import asyncpg
 import redis.asyncio as redis
 
-from profile_service.cache import ProfileCache
+from profile_service.cache import KEY_PREFIX, ProfileCache
 from profile_service.customer_data import CustomerData
 from profile_service.erasure_notices import ErasureNoticePublisher
 from profile_service.identity import IdentityLimits, InvalidLimits
 from profile_service.merge_rules import DEFAULT_RULES, MergeRulesError, load_merge_rules
 from profile_service.merger import EventMerger
+from profile_service.near_cache import InvalidationListener, NearCache
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.servicer import ProfileServicer
@@ -39,10 +40,13 @@ class ProfileApp:
     cache: ProfileCache
     event_log: EventLog
     erasure_notices: ErasureNoticePublisher
+    invalidations: InvalidationListener | None = None  # None: no near cache
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _listening: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Serve gRPC, and start merging events and publishing erasure notices."""
+        """Serve gRPC, and start merging events, publishing erasure notices and following the
+        near cache's invalidations."""
         await self.grpc.start()
         await self.start_background()
 
@@ -51,6 +55,8 @@ class ProfileApp:
             asyncio.create_task(self.merger.run(), name="merger"),
             asyncio.create_task(self.erasure_notices.run(), name="erasure-notices"),
         ]
+        if self.invalidations is not None:  # the near cache keeps copies once they flow
+            self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
 
     async def close(self) -> None:
         """After the gRPC server has drained: finish the merges under way and the notices being
@@ -59,6 +65,11 @@ class ProfileApp:
         self.erasure_notices.stop()
         for task in self._background:
             await task
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
+        if self.invalidations is not None:
+            await self.invalidations.close()
         await self.event_log.close()
         await self.cache.close()
         await self.pool.close()
@@ -90,7 +101,11 @@ async def create_app(settings: Settings) -> ProfileApp:
         raise ConfigError(f"PROFILE_SOURCE_PRIORITY_FILE: {exc}") from None
     pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
     await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
-    cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s)
+    near, invalidations = None, None
+    if settings.near_cache_entries:
+        near = NearCache(settings.near_cache_entries, settings.near_cache_ttl_s)
+        invalidations = InvalidationListener(near, settings.redis_url, KEY_PREFIX)
+    cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s, near=near)
     event_log = await JetStreamEventLog.connect(settings.event_log)
     repository = ProfileRepository(pool, limits, rules)
     merger = EventMerger(
@@ -121,4 +136,5 @@ async def create_app(settings: Settings) -> ProfileApp:
         cache=cache,
         event_log=event_log,
         erasure_notices=erasure_notices,
+        invalidations=invalidations,
     )

@@ -19,6 +19,10 @@ class Settings:
     database_pool_size: int = 10
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_s: int = 24 * 3600
+    # Profiles kept in process in front of Redis (0: none), and for how long at most; Redis's
+    # invalidations keep them current (profile_service.near_cache).
+    near_cache_entries: int = 10_000
+    near_cache_ttl_s: float = 60.0
     consumer_name: str = "profile-merger"
     merge_batch_size: int = 512  # see docs/benchmarks.md: 256 left the merger behind ingest
     merge_concurrency: int = 1  # batches merged at once; see profile_service.merger
@@ -48,6 +52,12 @@ class Settings:
             database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
             redis_url=env_str(env, "REDIS_URL", defaults.redis_url),
             cache_ttl_s=env_int(env, "PROFILE_CACHE_TTL_SECONDS", defaults.cache_ttl_s, minimum=1),
+            near_cache_entries=env_int(
+                env, "PROFILE_NEAR_CACHE_ENTRIES", defaults.near_cache_entries, minimum=0
+            ),
+            near_cache_ttl_s=env_float(
+                env, "PROFILE_NEAR_CACHE_TTL_SECONDS", defaults.near_cache_ttl_s, minimum=0.001
+            ),
             consumer_name=env_str(env, "PROFILE_CONSUMER_NAME", defaults.consumer_name),
             merge_batch_size=env_int(env, "PROFILE_MERGE_BATCH_SIZE", defaults.merge_batch_size, minimum=1),
             merge_concurrency=env_int(

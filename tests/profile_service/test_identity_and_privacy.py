@@ -24,7 +24,7 @@ from sendtime_common.errors import status_of
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierKind
-from tests.conftest import user, wait_for_profile
+from tests.conftest import eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
 from tests.profile_service.test_profile_service import send
 
@@ -281,6 +281,11 @@ async def test_concurrent_misses_for_one_customer_make_one_database_read(
     async with Redis.from_url(redis_url) as client:
         await client.delete(f"sendtime:profile:user_id:u-{unique}")  # a cold cache
 
+    async def dropped_in_process() -> bool:  # Redis's invalidation reached the near cache
+        near = profile_app.cache.near
+        return near is None or near.get(f"sendtime:profile:user_id:u-{unique}") is None
+
+    await eventually(dropped_in_process, timeout_s=2)
     repository = CountingRepository(profile_app.pool)
     reader = ProfileReader(repository, profile_app.cache)
     key = (IdentifierKind.USER_ID, f"u-{unique}")

@@ -58,3 +58,21 @@ async def test_a_bad_source_priority_file_stops_the_service_with_the_key(
     }
     with pytest.raises(ConfigError, match="fax"):
         await create_app(Settings.from_env(env))
+
+
+async def test_the_near_cache_is_sized_from_the_environment_and_zero_turns_it_off(
+    database_url: str, redis_url: str, nats_url: str
+) -> None:
+    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "NATS_URL": nats_url}
+    sized = Settings.from_env(
+        env | {"PROFILE_NEAR_CACHE_ENTRIES": "500", "PROFILE_NEAR_CACHE_TTL_SECONDS": "5"}
+    )
+    assert (sized.near_cache_entries, sized.near_cache_ttl_s) == (500, 5.0)
+    with pytest.raises(ConfigError, match="PROFILE_NEAR_CACHE_ENTRIES"):
+        Settings.from_env(env | {"PROFILE_NEAR_CACHE_ENTRIES": "-1"})
+
+    app = await create_app(Settings.from_env(env | {"PROFILE_NEAR_CACHE_ENTRIES": "0"}))
+    try:
+        assert app.cache.near is None and app.invalidations is None
+    finally:
+        await app.close()
