@@ -101,3 +101,38 @@ async def test_render_call_and_profile_lookup_share_one_trace(
     assert lookup.context is not None and render.context is not None
     assert lookup.context.trace_id == render.context.trace_id
     assert lookup.parent is not None  # the profile server's span continues render's client span
+
+
+async def test_each_render_in_a_batched_lookup_leads_to_the_lookup(
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    span_exporter: InMemorySpanExporter,
+    unique: str,
+) -> None:
+    span_exporter.clear()
+    template = render_pb2.Template(subject="Hi")
+    await asyncio.gather(
+        *(
+            render_stub.Render(render_pb2.RenderRequest(customer=user(f"u-{unique}-{i}"), template=template))
+            for i in range(20)
+        )
+    )
+
+    def finished(name: str) -> list[ReadableSpan]:
+        return [s for s in span_exporter.get_finished_spans() if s.name == name]
+
+    renders = finished("/sendtime.render.v1.RenderService/Render")
+    lookups = finished("render.profile_lookup")
+    assert len(renders) == 20
+    sizes = [(s.attributes or {}).get("sendtime.batch_size") for s in lookups]
+    assert sum(size for size in sizes if isinstance(size, int)) == 20
+    assert any(s.links for s in lookups)  # concurrent renders shared a lookup
+    # Each render's trace holds a lookup span, or is linked from one.
+    served = {s.context.trace_id for s in lookups if s.context} | {
+        link.context.trace_id for s in lookups for link in s.links
+    }
+    assert {s.context.trace_id for s in renders if s.context} <= served
+    # And the profile service's side of each lookup continues the lookup span's trace.
+    batch_calls = finished("/sendtime.profile.v1.ProfileService/BatchGetProfiles")
+    assert {s.context.trace_id for s in lookups if s.context} <= {
+        s.context.trace_id for s in batch_calls if s.context
+    }

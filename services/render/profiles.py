@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from cachetools import LRUCache, TTLCache
 from circuitbreaker import CircuitBreaker, CircuitBreakerError
+from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -36,6 +37,7 @@ from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import identifier_hash
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 LKG_KEY_PREFIX = "sendtime:render:lkg:"
 LKG_REDIS_WAIT_S = 0.02  # a last-known-good read must leave time to render
@@ -49,6 +51,15 @@ LOOKUP_BATCHES = 1
 # profile service holds the next batch (and the count towards opening the circuit) back at most
 # this long; renders fall back within their own deadlines meanwhile.
 LOOKUP_TIMEOUT_MAX_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """One render's live lookup, waiting to go out in a batch."""
+
+    identifier: profile_pb2.Identifier
+    deadline: float  # time.monotonic()
+    caller: trace.SpanContext  # the render's span, so the batch's span can name it
 
 
 class Source(enum.Enum):
@@ -121,8 +132,8 @@ class ProfileFetcher:
         self._call_batch = self.breaker(self._get_batch)
         # Lookups of concurrent renders go out together: one BatchGetProfiles instead of one
         # GetProfile each (under light load a batch is one lookup, sent on the next loop turn).
-        self._lookups: MicroBatcher[tuple[profile_pb2.Identifier, float], profile_pb2.ProfileResult] = (
-            MicroBatcher(self._lookup_batch, max_batch=LOOKUP_BATCH, max_concurrent_batches=LOOKUP_BATCHES)
+        self._lookups: MicroBatcher[_Lookup, profile_pb2.ProfileResult] = MicroBatcher(
+            self._lookup_batch, max_batch=LOOKUP_BATCH, max_concurrent_batches=LOOKUP_BATCHES
         )
 
     async def get(
@@ -214,21 +225,29 @@ class ProfileFetcher:
     async def _get_live(
         self, identifier: profile_pb2.Identifier, timeout_s: float
     ) -> tuple[float, profile_pb2.Profile]:
-        result = await self._lookups.submit((identifier, time.monotonic() + timeout_s))
+        caller = trace.get_current_span().get_span_context()
+        result = await self._lookups.submit(_Lookup(identifier, time.monotonic() + timeout_s, caller))
         if not result.found:
             raise _Missing(erased=result.erased)
         fetched_at = time.time()
         self._remember(_key(identifier), fetched_at, result.profile)
         return fetched_at, result.profile
 
-    async def _lookup_batch(
-        self, lookups: list[tuple[profile_pb2.Identifier, float]]
-    ) -> list[profile_pb2.ProfileResult]:
+    async def _lookup_batch(self, lookups: list[_Lookup]) -> list[profile_pb2.ProfileResult]:
         # As long as the most patient render will wait: each render waits only for its own time.
-        timeout_s = min(LOOKUP_TIMEOUT_MAX_S, max(deadline for _, deadline in lookups) - time.monotonic())
+        timeout_s = min(LOOKUP_TIMEOUT_MAX_S, max(lookup.deadline for lookup in lookups) - time.monotonic())
         if timeout_s <= 0:
             raise TimeoutError()
-        response = await self._call_batch([identifier for identifier, _ in lookups], timeout_s)
+        # The call's span belongs to the first render's trace and links every other render in
+        # the batch, so each render's trace leads to the lookup that served it.
+        first, *others = (lookup.caller for lookup in lookups)
+        with tracer.start_as_current_span(
+            "render.profile_lookup",
+            context=trace.set_span_in_context(trace.NonRecordingSpan(first)),
+            links=[trace.Link(c) for c in others if c.is_valid],
+        ) as span:
+            span.set_attribute("sendtime.batch_size", len(lookups))
+            response = await self._call_batch([lookup.identifier for lookup in lookups], timeout_s)
         return list(response.results)
 
     def _remember(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
