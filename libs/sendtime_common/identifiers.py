@@ -6,12 +6,18 @@ Both services normalize the same way, so an email written ``Ada@Example.COM `` b
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import functools
 import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
+
+from sendtime_common.config import ConfigError, env_str
 
 
 class IdentifierKind(enum.StrEnum):
@@ -27,11 +33,72 @@ class IdentifierKind(enum.StrEnum):
 MAX_IDENTIFIER_LENGTH = 256
 
 
-def identifier_hash(key: tuple[IdentifierKind, str]) -> bytes:
-    """SHA-256 of ``kind:value`` (the canonical value): how an identifier is named where its value
-    must not be kept, in erasure tombstones and notices and in render's copies of profiles."""
-    kind, value = key
-    return hashlib.sha256(f"{kind.value}:{value}".encode()).digest()
+UNKEYED = "unkeyed"  # in IDENTIFIER_HASH_KEYS: plain SHA-256, as releases before keyed hashes
+MIN_HASH_KEY_BYTES = 32
+
+
+class IdentifierHasher:
+    """How an identifier is named where its value must not be kept: erasure tombstones and
+    notices, dead letters' index, render's copies of profiles.
+
+    A keyed hash, HMAC-SHA256 of ``kind:value`` under a deployment secret, so nobody holding
+    the hashes can test guesses (every email address of a leaked list, say) against them, as
+    they could against a plain SHA-256. Several keys allow rotation: new hashes use the first,
+    and records made under the others still match (``all_hashes``). ``unkeyed`` stands for
+    plain SHA-256, for local runs and for records made before keys were set.
+    """
+
+    def __init__(self, keys: Sequence[bytes | None]) -> None:
+        """``keys``: the current key first; None for plain SHA-256."""
+        if not keys:
+            raise ValueError("at least one key (or None for unkeyed hashes)")
+        self._keys = tuple(keys)
+
+    @classmethod
+    def unkeyed(cls) -> IdentifierHasher:
+        return cls([None])
+
+    @classmethod
+    def parse(cls, text: str) -> IdentifierHasher:
+        """From ``IDENTIFIER_HASH_KEYS``: comma-separated keys, each base64 of at least 32 random
+        bytes or ``unkeyed``, the current one first; empty: unkeyed.
+
+        Raises:
+            ValueError: a key is not base64 or is too short (the message names its position).
+        """
+        entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+        keys: list[bytes | None] = []
+        for position, entry in enumerate(entries, start=1):
+            if entry == UNKEYED:
+                keys.append(None)
+                continue
+            try:
+                key = base64.b64decode(entry, validate=True)
+            except binascii.Error:
+                raise ValueError(f"key {position} is not base64") from None
+            if len(key) < MIN_HASH_KEY_BYTES:
+                raise ValueError(f"key {position} has {len(key)} bytes; at least {MIN_HASH_KEY_BYTES} wanted")
+            keys.append(key)
+        return cls(keys or [None])
+
+    @property
+    def keyed(self) -> bool:
+        """Whether new hashes are keyed."""
+        return self._keys[0] is not None
+
+    def hash(self, identifier: tuple[IdentifierKind, str]) -> bytes:
+        """The identifier's hash under the current key."""
+        return _hash(self._keys[0], identifier)
+
+    def all_hashes(self, identifier: tuple[IdentifierKind, str]) -> list[bytes]:
+        """Its hash under every key, the current one first: what a record of it may hold."""
+        return [_hash(key, identifier) for key in self._keys]
+
+
+def _hash(key: bytes | None, identifier: tuple[IdentifierKind, str]) -> bytes:
+    kind, value = identifier
+    message = f"{kind.value}:{value}".encode()
+    return hashlib.sha256(message).digest() if key is None else hmac.digest(key, message, "sha256")
 
 
 class InvalidIdentifier(ValueError):
@@ -91,3 +158,15 @@ def identifiers_of(customer: HasIdentifierFields) -> dict[IdentifierKind, str]:
         if raw.strip():
             found[kind] = normalize_identifier(kind, raw)
     return found
+
+
+def hasher_from_env(env: Mapping[str, str]) -> IdentifierHasher:
+    """The hasher ``IDENTIFIER_HASH_KEYS`` configures (every service must use the same keys).
+
+    Raises:
+        ConfigError: a key is unusable.
+    """
+    try:
+        return IdentifierHasher.parse(env_str(env, "IDENTIFIER_HASH_KEYS", ""))
+    except ValueError as exc:
+        raise ConfigError(f"IDENTIFIER_HASH_KEYS: {exc}") from None

@@ -61,7 +61,9 @@ async def _rebuild(customers: list[uuid.UUID] | None, batch_size: int) -> Rebuil
             if settings.source_priority_file
             else DEFAULT_RULES
         )
-        repository = ProfileRepository(pool, IdentityLimits.parse(settings.identity_limits), rules)
+        repository = ProfileRepository(
+            pool, IdentityLimits.parse(settings.identity_limits), rules, settings.identifier_hasher
+        )
         return await rebuild_profiles(repository, cache, customer_ids=customers, batch_size=batch_size)
     finally:
         await cache.close()

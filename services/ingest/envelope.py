@@ -11,9 +11,9 @@ from google.protobuf import timestamp_pb2
 
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.identifiers import (
+    IdentifierHasher,
     IdentifierKind,
     InvalidIdentifier,
-    identifier_hash,
     identifiers_of,
     normalize_identifier,
 )
@@ -90,8 +90,8 @@ def business_key(event: ingest_pb2.Event) -> BusinessKey | None:
     return None
 
 
-def identifier_hashes(event: ingest_pb2.Event) -> tuple[bytes, ...]:
-    """The hashes of the identifiers an event names (its customer's, and an alias's other), as
+def identifier_hashes(event: ingest_pb2.Event, hasher: IdentifierHasher) -> tuple[bytes, ...]:
+    """The (current-key) hashes of the identifiers an event names (its customer's, and an alias's other), as
     an erasure notice names them: a dead letter is found by them when its person is erased. A
     value that does not normalize (often why the event was rejected) is hashed as sent."""
     customers = [event.customer]
@@ -107,5 +107,5 @@ def identifier_hashes(event: ingest_pb2.Event) -> tuple[bytes, ...]:
                 value = normalize_identifier(kind, raw)
             except InvalidIdentifier:
                 value = raw
-            hashes[identifier_hash((kind, value))] = None
+            hashes[hasher.hash((kind, value))] = None
     return tuple(hashes)

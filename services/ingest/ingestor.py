@@ -37,7 +37,7 @@ from sendtime_common.event_log import (
     OutgoingMessage,
     PublishReceipt,
 )
-from sendtime_common.identifiers import identifiers_of
+from sendtime_common.identifiers import IdentifierHasher, identifiers_of
 from sendtime_common.telemetry import inject_trace_headers
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class Ingestor:
         *,
         rules: ValidationRules,
         claim_stale_after: timedelta = timedelta(seconds=60),
+        hasher: IdentifierHasher | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._event_log = event_log
@@ -93,6 +94,7 @@ class Ingestor:
         self._counters = counters
         self._rules = rules
         self._claim_stale_after = claim_stale_after
+        self._hasher = hasher or IdentifierHasher.unkeyed()  # names a dead letter's people
         self._clock = clock
         self._publish_turns = Turns()
         self._stream_batcher: MicroBatcher[ingest_pb2.Event, ingest_pb2.EventResult] = MicroBatcher(
@@ -163,7 +165,7 @@ class Ingestor:
                         w.event.source,
                         w.event.SerializeToString(),
                         status.SerializeToString(),
-                        identifier_hashes(w.event),
+                        identifier_hashes(w.event, self._hasher),
                     )
                 )
             else:

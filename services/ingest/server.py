@@ -128,6 +128,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
             custom_event_names=frozenset(names) if names else None,
         ),
         claim_stale_after=timedelta(seconds=2 * settings.event_log.publish_timeout_s),
+        hasher=settings.identifier_hasher,
     )
     dead_letters = DeadLetters(store, ingestor)
     servicer = IngestServicer(

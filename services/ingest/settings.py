@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ingest.webhooks import WebhookSettings
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,8 @@ class Settings:
     max_in_flight_per_stream: int = 512
     max_batch_size: int = 1000
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
+    # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
+    identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
     # The HTTP listener for webhooks runs only when a provider's secret or key is set.
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
@@ -68,6 +71,7 @@ class Settings:
                 env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1
             ),
             event_log=JetStreamSettings.from_env(env),
+            identifier_hasher=hasher_from_env(env),
             webhooks=WebhookSettings(
                 address=env_str(env, "INGEST_WEBHOOK_ADDRESS", webhook_defaults.address),
                 shopify_secret=env_str(env, "SHOPIFY_WEBHOOK_SECRET", ""),

@@ -31,7 +31,7 @@ from profile_service.merge_rules import MergeRules
 from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.identifiers import IdentifierKind, identifier_hash, identifiers_of
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind, identifiers_of
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +124,13 @@ class BatchOutcome:
 class BatchMerge:
     """Merges one batch of events on ``conn``, inside the caller's transaction."""
 
-    def __init__(self, conn: Connection, limits: IdentityLimits, rules: MergeRules) -> None:
+    def __init__(
+        self, conn: Connection, limits: IdentityLimits, rules: MergeRules, hasher: IdentifierHasher
+    ) -> None:
         self._conn = conn
         self._limits = limits
         self._rules = rules
+        self._hasher = hasher
         self._owner_of: dict[IdentifierKey, _Customer] = {}
         self._customers: dict[uuid.UUID, _Customer] = {}
         self._new_identifiers: list[tuple[IdentifierKey, _Customer]] = []
@@ -180,13 +183,17 @@ class BatchMerge:
         return {r["event_id"]: r["customer_id"] for r in rows}
 
     async def _tombstones(self, keys: list[IdentifierKey]) -> dict[IdentifierKey, datetime]:
-        by_hash = {identifier_hash(key): key for key in keys}
+        by_hash = {h: key for key in keys for h in self._hasher.all_hashes(key)}
         rows = await self._conn.fetch(
             "SELECT identifier_hash, erased_at FROM erasure_tombstones"
             " WHERE identifier_hash = ANY($1::bytea[])",
             list(by_hash),
         )
-        return {by_hash[bytes(r["identifier_hash"])]: r["erased_at"] for r in rows}
+        erased_at: dict[IdentifierKey, datetime] = {}
+        for r in rows:  # one tombstone per key the identifier was erased under: the latest counts
+            key = by_hash[bytes(r["identifier_hash"])]
+            erased_at[key] = max(r["erased_at"], erased_at.get(key, r["erased_at"]))
+        return erased_at
 
     async def _load_owners(self, keys: list[IdentifierKey]) -> None:
         """The customers owning any of ``keys``, with all their identifiers, row-locked."""

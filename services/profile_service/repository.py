@@ -28,7 +28,7 @@ from profile_service.state import ProfileState, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.identifiers import IdentifierKind, identifier_hash
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,16 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
 
 class ProfileRepository:
     def __init__(
-        self, pool: asyncpg.Pool, limits: IdentityLimits | None = None, rules: MergeRules = DEFAULT_RULES
+        self,
+        pool: asyncpg.Pool,
+        limits: IdentityLimits | None = None,
+        rules: MergeRules = DEFAULT_RULES,
+        hasher: IdentifierHasher | None = None,
     ) -> None:
         self._pool = pool
         self._limits = limits or IdentityLimits()
         self._rules = rules
+        self._hasher = hasher or IdentifierHasher.unkeyed()
 
     async def merge_event(self, event: ingest_pb2.Event) -> MergeResult:
         """Merge one (validated) event; see ``merge_events``.
@@ -143,7 +148,7 @@ class ProfileRepository:
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    outcome = await BatchMerge(conn, self._limits, self._rules).run(events)
+                    outcome = await BatchMerge(conn, self._limits, self._rules, self._hasher).run(events)
                     records = await self._records(conn, list(outcome.changed), outcome.changed)
                 break
             except (MergeConflict, asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
@@ -204,7 +209,7 @@ class ProfileRepository:
         """Which of ``keys`` belonged to an erased person (one query)."""
         if not keys:
             return set()
-        by_hash = {identifier_hash(key): key for key in keys}
+        by_hash = {h: key for key in keys for h in self._hasher.all_hashes(key)}
         rows = await self._pool.fetch(
             "SELECT identifier_hash FROM erasure_tombstones WHERE identifier_hash = ANY($1::bytea[])",
             list(by_hash),
@@ -307,15 +312,16 @@ class ProfileRepository:
             keys = tuple((IdentifierKind(r["kind"]), r["value"]) for r in rows)
             # Serialize with merges of this person's events: they lock the same identifiers.
             await lock_identifiers(conn, keys)
-            hashes = [identifier_hash(k) for k in keys]
             await conn.executemany(
                 "INSERT INTO erasure_tombstones (identifier_hash, erased_at) VALUES ($1, now())"
                 " ON CONFLICT (identifier_hash) DO UPDATE SET erased_at = now()",
-                [(h,) for h in hashes],
+                [(self._hasher.hash(k),) for k in keys],
             )
-            # Published by profile_service.erasure_notices once this commits.
+            # Published by profile_service.erasure_notices once this commits. Under every key, so
+            # copies named under a key being rotated out are found too.
             await conn.execute(
-                "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())", hashes
+                "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())",
+                [h for k in keys for h in self._hasher.all_hashes(k)],
             )
             deleted = await conn.execute("DELETE FROM events WHERE customer_id = $1", customer_id)
             await conn.execute("DELETE FROM customers WHERE customer_id = $1", customer_id)

@@ -107,7 +107,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         invalidations = InvalidationListener(near, settings.redis_url, KEY_PREFIX)
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s, near=near)
     event_log = await JetStreamEventLog.connect(settings.event_log)
-    repository = ProfileRepository(pool, limits, rules)
+    repository = ProfileRepository(pool, limits, rules, settings.identifier_hasher)
     merger = EventMerger(
         await event_log.subscribe(settings.consumer_name),
         repository,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,8 @@ class Settings:
     # A cart idle this long is abandoned (Cart.abandoned, computed at read time).
     cart_abandoned_after_minutes: float = 60.0
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
+    # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
+    identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -69,4 +72,5 @@ class Settings:
                 env, "PROFILE_CART_ABANDONED_AFTER_MINUTES", defaults.cart_abandoned_after_minutes, minimum=1
             ),
             event_log=JetStreamSettings.from_env(env),
+            identifier_hasher=hasher_from_env(env),
         )

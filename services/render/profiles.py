@@ -7,8 +7,8 @@ service that keeps failing); when the live one cannot be had in time, the
 last known good profile (kept in process and in Redis, with its age). Never raises for a failed
 lookup: the answer says what it got and why.
 
-Copies are keyed by the identifier's hash (``sendtime_common.identifiers.identifier_hash``), so
-Redis keys name no one, and an erasure notice from the profile service (hashes only) finds every
+Copies are keyed by the identifier's keyed hash (``sendtime_common.identifiers.IdentifierHasher``),
+so Redis keys name no one, and an erasure notice from the profile service (hashes only) finds every
 copy of the erased person to drop, in process and in Redis.
 """
 
@@ -19,7 +19,7 @@ import enum
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -34,7 +34,7 @@ from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.batching import MicroBatcher
 from sendtime_common.event_log import RetryLater
 from sendtime_common.identifier_proto import PROTO_TO_KIND
-from sendtime_common.identifiers import identifier_hash
+from sendtime_common.identifiers import IdentifierHasher
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -106,6 +106,7 @@ class FetcherSettings:
     breaker_recovery_s: float = 5.0
     local_entries: int = 100_000
     lkg_ttl_s: int = 7 * 24 * 3600
+    hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)  # names the copies
 
 
 class ProfileFetcher:
@@ -139,7 +140,7 @@ class ProfileFetcher:
     async def get(
         self, identifier: profile_pb2.Identifier, *, time_left_s: float, max_age: timedelta | None
     ) -> ProfileLookup:
-        key = _key(identifier)
+        key = self._key(identifier)
         cached = self._local.get(key)
         if cached is not None and max_age is not None and time.time() - cached[0] <= max_age.total_seconds():
             return ProfileLookup(cached[1], Source.CACHE, cached[0])
@@ -172,17 +173,17 @@ class ProfileFetcher:
                 raise TimeoutError()
             response = await self._call_batch(identifiers, time_left_s)
         except CircuitBreakerError:
-            return [await self._last_known_good(_key(i), Failure.CIRCUIT_OPEN) for i in identifiers]
+            return [await self._last_known_good(self._key(i), Failure.CIRCUIT_OPEN) for i in identifiers]
         except (TimeoutError, grpc.aio.AioRpcError) as exc:
             timed_out = isinstance(exc, asyncio.TimeoutError) or (
                 isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             )
             failure = Failure.TIMEOUT if timed_out else Failure.UNAVAILABLE
-            return [await self._last_known_good(_key(i), failure) for i in identifiers]
+            return [await self._last_known_good(self._key(i), failure) for i in identifiers]
         fetched_at = time.time()
         lookups = []
         for identifier, result in zip(identifiers, response.results, strict=True):
-            key = _key(identifier)
+            key = self._key(identifier)
             if result.found:
                 self._remember(key, fetched_at, result.profile)
                 lookups.append(ProfileLookup(result.profile, Source.LIVE, fetched_at))
@@ -230,7 +231,7 @@ class ProfileFetcher:
         if not result.found:
             raise _Missing(erased=result.erased)
         fetched_at = time.time()
-        self._remember(_key(identifier), fetched_at, result.profile)
+        self._remember(self._key(identifier), fetched_at, result.profile)
         return fetched_at, result.profile
 
     async def _lookup_batch(self, lookups: list[_Lookup]) -> list[profile_pb2.ProfileResult]:
@@ -249,6 +250,9 @@ class ProfileFetcher:
             span.set_attribute("sendtime.batch_size", len(lookups))
             response = await self._call_batch([lookup.identifier for lookup in lookups], timeout_s)
         return list(response.results)
+
+    def _key(self, identifier: profile_pb2.Identifier) -> str:
+        return self._settings.hasher.hash((PROTO_TO_KIND[identifier.kind], identifier.value)).hex()
 
     def _remember(self, key: str, fetched_at: float, profile: profile_pb2.Profile) -> None:
         if key in self._just_erased:  # a lookup that started before the erasure came back after
@@ -320,10 +324,6 @@ class ProfileFetcher:
             await task
         if self._redis is not None:
             await self._redis.aclose()
-
-
-def _key(identifier: profile_pb2.Identifier) -> str:
-    return identifier_hash((PROTO_TO_KIND[identifier.kind], identifier.value)).hex()
 
 
 def _retrieve(future: asyncio.Future[tuple[float, profile_pb2.Profile]]) -> None:

@@ -110,6 +110,7 @@ async def create_app(settings: Settings) -> RenderApp:
             breaker_recovery_s=settings.breaker_recovery_s,
             # A copy must not outlive the erasure notices that would drop it.
             lkg_ttl_s=min(FetcherSettings().lkg_ttl_s, int(settings.event_log.max_age_s)),
+            hasher=settings.identifier_hasher,
         ),
     )
     compiler = TemplateCompiler(settings.template_cache_size)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class Settings:
     catalog_concurrency: int = 4
     recommendation_limit: int = 8
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
+    # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
+    identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -79,4 +82,5 @@ class Settings:
                 env, "RENDER_RECOMMENDATION_LIMIT", defaults.recommendation_limit, minimum=1
             ),
             event_log=JetStreamSettings.from_env(env),
+            identifier_hasher=hasher_from_env(env),
         )

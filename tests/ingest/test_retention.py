@@ -21,9 +21,11 @@ from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.config import ConfigError
 from sendtime_common.event_log import JetStreamSettings
-from sendtime_common.identifiers import IdentifierKind, identifier_hash
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.conftest import eventually
 from tests.factories import event, identify
+
+unkeyed_hash = IdentifierHasher.unkeyed().hash  # the services' default (IDENTIFIER_HASH_KEYS unset)
 
 
 def test_retention_follows_the_settings() -> None:
@@ -151,8 +153,8 @@ async def test_an_erasure_notice_deletes_the_persons_dead_letters(
         # What the profile service announces once it has erased the person (user id and email).
         notice = profile_pb2.ErasureNotice(
             identifier_hashes=[
-                identifier_hash((IdentifierKind.USER_ID, f"u-gone-{unique}")),
-                identifier_hash((IdentifierKind.EMAIL, erased_email.lower())),
+                unkeyed_hash((IdentifierKind.USER_ID, f"u-gone-{unique}")),
+                unkeyed_hash((IdentifierKind.EMAIL, erased_email.lower())),
             ]
         )
         await app.event_log.publish_erasure(f"test-{unique}", notice.SerializeToString())

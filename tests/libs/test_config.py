@@ -1,6 +1,13 @@
+import base64
+from typing import Any
+
 import pytest
 
+from ingest.settings import Settings as IngestSettings
+from profile_service.settings import Settings as ProfileSettings
+from render.settings import Settings as RenderSettings
 from sendtime_common.config import ConfigError, env_float, env_int, env_str
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 
 
 def test_unset_or_blank_variables_take_the_default() -> None:
@@ -28,3 +35,12 @@ def test_bad_values_name_the_variable(call: object, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         call()  # type: ignore[operator]
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize("settings", [IngestSettings, ProfileSettings, RenderSettings])
+def test_every_service_names_erased_identifiers_with_the_same_keys(settings: Any) -> None:
+    key = base64.b64encode(b"k" * 32).decode()
+    eve = (IdentifierKind.EMAIL, "eve@example.com")
+    configured = settings.from_env({"IDENTIFIER_HASH_KEYS": key}).identifier_hasher
+    assert configured.hash(eve) == IdentifierHasher([b"k" * 32]).hash(eve)
+    assert not settings.from_env({}).identifier_hasher.keyed

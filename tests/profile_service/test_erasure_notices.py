@@ -17,11 +17,13 @@ from profile_service.server import MIGRATIONS_DIR
 from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
-from sendtime_common.identifiers import IdentifierKind, identifier_hash
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from sendtime_common.migrate import migrate
 from tests.conftest import empty_database, eventually, user, wait_for_profile
 from tests.factories import event, identify
 from tests.profile_service.test_profile_service import send
+
+unkeyed_hash = IdentifierHasher.unkeyed().hash  # the services' default (IDENTIFIER_HASH_KEYS unset)
 
 
 class Heard:
@@ -59,13 +61,13 @@ async def test_delete_profile_announces_the_erasure_by_identifier_hashes(
     try:
         await profile_stub.DeleteProfile(profile_pb2.DeleteProfileRequest(identifier=user(f"u-{unique}")))
 
-        notice = await heard.wait_for(identifier_hash((IdentifierKind.EMAIL, who)))
+        notice = await heard.wait_for(unkeyed_hash((IdentifierKind.EMAIL, who)))
     finally:
         await following.close()
         await log.close()
     assert set(notice.identifier_hashes) == {
-        identifier_hash((IdentifierKind.EMAIL, who)),
-        identifier_hash((IdentifierKind.USER_ID, f"u-{unique}")),
+        unkeyed_hash((IdentifierKind.EMAIL, who)),
+        unkeyed_hash((IdentifierKind.USER_ID, f"u-{unique}")),
     }
     assert notice.erase_time.seconds > 0
     assert all(who.encode() not in h for h in notice.identifier_hashes)  # hashes, never values
@@ -73,7 +75,7 @@ async def test_delete_profile_announces_the_erasure_by_identifier_hashes(
     try:
         pending = await outbox.fetchval(
             "SELECT count(*) FROM erasure_notice_outbox WHERE $1 = ANY(identifier_hashes)",
-            identifier_hash((IdentifierKind.EMAIL, who)),
+            unkeyed_hash((IdentifierKind.EMAIL, who)),
         )
     finally:
         await outbox.close()
@@ -98,7 +100,7 @@ async def test_with_nats_down_a_notice_waits_in_the_outbox_and_goes_out_when_it_
     )
     publisher = ErasureNoticePublisher(outbox_pool, log, retry_after_s=0.2)
     running = asyncio.create_task(publisher.run())
-    digest = identifier_hash((IdentifierKind.USER_ID, "u-outbox"))
+    digest = unkeyed_hash((IdentifierKind.USER_ID, "u-outbox"))
     try:
         devstack.stop_process(nats)
         await outbox_pool.execute(

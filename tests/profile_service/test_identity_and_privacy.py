@@ -21,11 +21,12 @@ from profile_service.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import status_of
-from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifier_proto import IdentifierKey
-from sendtime_common.identifiers import IdentifierKind
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.conftest import eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
+from tests.profile_service.test_erasure_notices import Heard, unkeyed_hash
 from tests.profile_service.test_profile_service import send
 
 EMAIL = profile_pb2.IDENTIFIER_KIND_EMAIL
@@ -357,3 +358,40 @@ async def test_lookups_of_an_erased_person_say_so(
         profile_pb2.BatchGetProfilesRequest(identifiers=[user(f"u-{unique}"), user(f"never-{unique}")])
     )
     assert [(r.found, r.erased) for r in batch.results] == [(False, True), (False, False)]
+
+
+async def test_after_a_hash_key_rotation_tombstones_still_hold_and_notices_name_both_keys(
+    profile_app: ProfileApp, nats_url: str, unique: str
+) -> None:
+    old_key, new_key = IdentifierHasher([b"o" * 32]), IdentifierHasher([b"n" * 32])
+    before = ProfileRepository(profile_app.pool, hasher=old_key)
+    after = ProfileRepository(profile_app.pool, hasher=IdentifierHasher([b"n" * 32, b"o" * 32]))
+    erased, later = (IdentifierKind.USER_ID, f"u-{unique}"), (IdentifierKind.USER_ID, f"v-{unique}")
+    start = datetime.now(UTC) - timedelta(hours=1)
+    heard = Heard()
+    log = await JetStreamEventLog.connect(JetStreamSettings(url=nats_url))
+    following = await log.follow_erasures(heard.handle)
+    try:
+        await before.merge_events([event(user_id=erased[1], occurred_at=start, identify=identify(a=1))])
+        assert await before.delete_customer(erased) is not None
+        tombstoned = "SELECT count(*) FROM erasure_tombstones WHERE identifier_hash = $1"
+        assert await profile_app.pool.fetchval(tombstoned, old_key.hash(erased)) == 1
+        assert await profile_app.pool.fetchval(tombstoned, unkeyed_hash(erased)) == 0  # no guessable hash
+
+        # The key rotated: the tombstone made under the old one still keeps a late event out.
+        assert await after.erased_among([erased]) == {erased}
+        late = event(user_id=erased[1], occurred_at=start + timedelta(minutes=1), identify=identify(a=2))
+        (result,) = await after.merge_events([late])
+        assert result.erased and result.profile is None
+        assert await after.find_by_identifiers([erased]) == {}
+
+        # Erased after the rotation: the notice names them under both keys, so copies kept under
+        # either are found.
+        await after.merge_events([event(user_id=later[1], occurred_at=start, identify=identify(a=1))])
+        await after.delete_customer(later)
+        profile_app.erasure_notices.wake()
+        notice = await heard.wait_for(new_key.hash(later))
+        assert list(notice.identifier_hashes) == [new_key.hash(later), old_key.hash(later)]
+    finally:
+        await following.close()
+        await log.close()

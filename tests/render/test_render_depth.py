@@ -28,10 +28,12 @@ from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import abort_with, not_found_status
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
-from sendtime_common.identifiers import IdentifierKind, identifier_hash
+from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.conftest import RenderServiceFactory, eventually, repo_root, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed
 from tests.profile_service.test_profile_service import send
+
+unkeyed_hash = IdentifierHasher.unkeyed().hash  # the services' default (IDENTIFIER_HASH_KEYS unset)
 
 RENDERED, SKIPPED = render_pb2.RENDER_STATUS_RENDERED, render_pb2.RENDER_STATUS_SKIPPED
 
@@ -211,7 +213,7 @@ async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
 async def announce_erasure(nats_url: str, *user_ids: str) -> None:
     """What the profile service publishes once a DeleteProfile has committed."""
     notice = profile_pb2.ErasureNotice(
-        identifier_hashes=[identifier_hash((IdentifierKind.USER_ID, u)) for u in user_ids]
+        identifier_hashes=[unkeyed_hash((IdentifierKind.USER_ID, u)) for u in user_ids]
     )
     log = await JetStreamEventLog.connect(JetStreamSettings(url=nats_url))
     try:
@@ -221,7 +223,7 @@ async def announce_erasure(nats_url: str, *user_ids: str) -> None:
 
 
 def lkg_key(user_id: str) -> str:
-    return LKG_KEY_PREFIX + identifier_hash((IdentifierKind.USER_ID, user_id)).hex()
+    return LKG_KEY_PREFIX + unkeyed_hash((IdentifierKind.USER_ID, user_id)).hex()
 
 
 async def test_an_erasure_notice_drops_every_copy_of_the_person(

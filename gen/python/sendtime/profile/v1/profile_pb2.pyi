@@ -1105,9 +1105,11 @@ class ErasureNotice(_message.Message):
     ERASE_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def identifier_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
-        """SHA-256 of "<kind>:<value>" for each identifier the person had, with kind in lower case as
-        in the identifier kinds' short names (user_id, email, anonymous_id, crm_id, device_id) and
-        value canonical (emails lower-cased).
+        """HMAC-SHA256 of "<kind>:<value>" under the deployment's identifier hash keys
+        (IDENTIFIER_HASH_KEYS; plain SHA-256 where a key is "unkeyed"), for each identifier the
+        person had and each key, the current key first; kind in lower case as in the identifier
+        kinds' short names (user_id, email, anonymous_id, crm_id, device_id), value canonical
+        (emails lower-cased).
         """
 
     @_builtins.property
