@@ -41,9 +41,10 @@ def tracer_provider(service: str, otlp_endpoint: str | None, env: Mapping[str, s
     return provider
 
 
-def inject_trace_headers(headers: dict[str, str]) -> dict[str, str]:
-    """Write the active trace context (W3C ``traceparent``) into message headers."""
-    propagate.inject(headers)
+def inject_trace_headers(headers: dict[str, str], span: trace.Span | None = None) -> dict[str, str]:
+    """Write the trace context (W3C ``traceparent``) of ``span``, or the active one, into
+    message headers."""
+    propagate.inject(headers, context=None if span is None else trace.set_span_in_context(span))
     return headers
 
 

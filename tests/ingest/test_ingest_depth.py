@@ -5,7 +5,7 @@ trip, outcome counts, and PostgreSQL going away."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ from sendtime_common.event_log import (
     JetStreamEventLog,
     JetStreamSettings,
     OutgoingMessage,
+    PublishOutcome,
     PublishReceipt,
 )
 from tests.conftest import user, wait_for_profile
@@ -320,6 +321,20 @@ class SlowEventLog:
             return await self.inner.publish(message)
         finally:
             self.in_flight -= 1
+
+    async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> Awaitable[list[PublishOutcome]]:
+        self.in_flight += len(messages)
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        confirmations = await self.inner.publish_batch(messages)
+
+        async def outcomes() -> list[PublishOutcome]:
+            try:
+                await asyncio.sleep(self.delay_s)  # a slow log: its answers take a while
+                return await confirmations
+            finally:
+                self.in_flight -= len(messages)
+
+        return outcomes()
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         return await self.inner.subscribe(durable_name)

@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import devstack
-from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage, RetryLater
+from sendtime_common.event_log import (
+    EventLogFull,
+    EventLogUnavailable,
+    JetStreamEventLog,
+    JetStreamSettings,
+    OutgoingMessage,
+    PublishReceipt,
+    RetryLater,
+)
 from tests.conftest import eventually
 
 
@@ -114,3 +123,48 @@ async def test_an_erasure_handler_that_asks_to_retry_gets_the_notice_again_in_or
         await log.close()
         devstack.stop_process(nats)
     assert handed == [b"store down"] * 3 + [b"broken", b"after"]
+
+
+async def test_a_batch_gets_one_outcome_per_message_in_order(nats_url: str) -> None:
+    log = await JetStreamEventLog.connect(settings(nats_url))
+    try:
+        await log.publish(message(1))
+        outcomes = await (await log.publish_batch([message(0), message(1), message(2)]))
+        assert [(type(o), getattr(o, "duplicate", None)) for o in outcomes] == [
+            (PublishReceipt, False),
+            (PublishReceipt, True),  # sent before: a duplicate
+            (PublishReceipt, False),
+        ]
+        sequences = [o.sequence for o in outcomes if isinstance(o, PublishReceipt)]
+        assert sequences[0] < sequences[2]  # stored in the order sent
+    finally:
+        await log.close()
+
+
+async def test_a_full_log_refuses_the_overflow_and_stores_the_rest(nats_url: str) -> None:
+    small = replace(settings(nats_url), max_bytes=4096)  # room for some of the messages only
+    log = await JetStreamEventLog.connect(small)
+    try:
+        big = [OutgoingMessage(key="thing", message_id=f"big-{i}", payload=b"x" * 1000) for i in range(8)]
+        outcomes = await (await log.publish_batch(big))
+        kinds = [type(o) for o in outcomes]
+        assert PublishReceipt in kinds and EventLogFull in kinds
+        assert kinds == sorted(kinds, key=lambda k: k is EventLogFull)  # stored first, then refused
+    finally:
+        await log.close()
+
+
+async def test_with_the_server_gone_a_batch_is_unavailable_within_the_timeout(tmp_path: Path) -> None:
+    port = devstack.free_port()
+    server = devstack.start_nats(port, tmp_path / "nats")
+    log = await JetStreamEventLog.connect(
+        replace(settings(f"nats://127.0.0.1:{port}"), publish_timeout_s=0.3)
+    )
+    try:
+        await log.publish(message(0))
+        devstack.stop_process(server)
+        outcomes = await asyncio.wait_for(await log.publish_batch([message(1), message(2)]), timeout=5)
+        assert [type(o) for o in outcomes] == [EventLogUnavailable, EventLogUnavailable]
+    finally:
+        await log.close()
+        devstack.stop_process(server)
