@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import asyncpg.pool
 import orjson
+from cachetools import LRUCache
 
 from profile_service.identity import IdentityLimits, best_identifier
 from profile_service.merge_rules import MergeRules
@@ -121,13 +122,39 @@ class BatchOutcome:
     changed: dict[uuid.UUID, ProfileState]  # the profiles this batch saved
 
 
+class DecodedStates:
+    """Customers' states as this process last saved them, by customer id and version, so a
+    customer merged again soon (a session's events arrive over minutes) skips decoding its stored
+    JSON, a tenth of the merger's CPU in bench-ingest. Safe because a state is immutable, a
+    version is saved once, and the JSON round trip is exact (test_state checks it): a copy under
+    the row's version is what decoding the row would give. Another replica's write is a version
+    this one has not seen, so it is decoded."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._states: LRUCache[uuid.UUID, tuple[int, ProfileState]] = LRUCache(max(max_entries, 1))
+
+    def get(self, customer_id: uuid.UUID, version: int) -> ProfileState | None:
+        kept = self._states.get(customer_id)
+        return kept[1] if kept is not None and kept[0] == version else None
+
+    def remember(self, customer_id: uuid.UUID, version: int, state: ProfileState) -> None:
+        """Call only once the transaction that saved ``state`` under ``version`` committed."""
+        self._states[customer_id] = (version, state)
+
+
 class BatchMerge:
     """Merges one batch of events on ``conn``, inside the caller's transaction."""
 
     def __init__(
-        self, conn: Connection, limits: IdentityLimits, rules: MergeRules, hasher: IdentifierHasher
+        self,
+        conn: Connection,
+        limits: IdentityLimits,
+        rules: MergeRules,
+        hasher: IdentifierHasher,
+        decoded: DecodedStates | None = None,
     ) -> None:
         self._conn = conn
+        self._decoded = decoded or DecodedStates(1)
         self._limits = limits
         self._rules = rules
         self._hasher = hasher
@@ -225,6 +252,7 @@ class BatchMerge:
                 stored=True,
                 version=r["version"],
                 state_json=r["state"],
+                state=self._decoded.get(r["customer_id"], r["version"]),
             )
             self._customers[customer.customer_id] = customer
             for key in customer.keys:

@@ -48,6 +48,22 @@ class _Work:
     span: trace.Span
 
 
+def _merge_span(delivery: Delivery, event: ingest_pb2.Event) -> trace.Span:
+    """``profile.merge``, a child of the event's ingest span. When the event's trace is not
+    sampled, the span would record nothing, so a stand-in with the parent's context takes its
+    place: no sampler run, 5% of the merger's CPU in bench-ingest."""
+    parent = extract_trace_context(delivery.headers)
+    caller = trace.get_current_span(parent).get_span_context()
+    if caller.is_valid and not caller.trace_flags.sampled:
+        return trace.NonRecordingSpan(caller)
+    return tracer.start_span(
+        "profile.merge",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={"sendtime.event_id": event.event_id},
+    )
+
+
 class EventMerger:
     def __init__(
         self,
@@ -125,13 +141,7 @@ class EventMerger:
             if event.WhichOneof("payload") in NOT_ABOUT_A_CUSTOMER:
                 await _settle(delivery.ack())
                 continue
-            span = tracer.start_span(
-                "profile.merge",
-                context=extract_trace_context(delivery.headers),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={"sendtime.event_id": event.event_id},
-            )
-            work.append(_Work(delivery, event, span))
+            work.append(_Work(delivery, event, _merge_span(delivery, event)))
         if not work:
             return None
         try:

@@ -23,7 +23,7 @@ import orjson
 from profile_service.codec import StoredProfile, to_proto
 from profile_service.identity import IdentityLimits
 from profile_service.merge_rules import DEFAULT_RULES, MergeRules
-from profile_service.merge_transaction import BatchMerge, MergeConflict, lock_identifiers
+from profile_service.merge_transaction import BatchMerge, DecodedStates, MergeConflict, lock_identifiers
 from profile_service.state import ProfileState, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
@@ -125,6 +125,7 @@ class ProfileRepository:
         self._limits = limits or IdentityLimits()
         self._rules = rules
         self._hasher = hasher or IdentifierHasher.unkeyed()
+        self._decoded = DecodedStates()
 
     async def merge_event(self, event: ingest_pb2.Event) -> MergeResult:
         """Merge one (validated) event; see ``merge_events``.
@@ -148,13 +149,17 @@ class ProfileRepository:
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
-                    outcome = await BatchMerge(conn, self._limits, self._rules, self._hasher).run(events)
+                    batch = BatchMerge(conn, self._limits, self._rules, self._hasher, self._decoded)
+                    outcome = await batch.run(events)
                     records = await self._records(conn, list(outcome.changed), outcome.changed)
                 break
             except (MergeConflict, asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
                 log.info("merge conflict, retrying", extra={"events": len(events), "attempt": attempt})
+        for customer_id, state in outcome.changed.items():  # committed
+            if (record := records.get(customer_id)) is not None:
+                self._decoded.remember(customer_id, record.stored.version, state)
         return [
             MergeResult(
                 customer_id="" if o.customer_id is None else str(o.customer_id),

@@ -22,6 +22,7 @@ from profile_service.state import replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime_common.event_log import Delivery
+from sendtime_common.identifiers import IdentifierKind
 from tests.conftest import user, wait_for_profile
 from tests.factories import NOW, cart_item_added, event, identify, product_viewed
 
@@ -217,3 +218,26 @@ async def test_an_event_the_database_refuses_holds_back_no_other_in_its_batch(
         await task
     assert settled == {good[0].event_id: "acked", poison.event_id: "retry", good[1].event_id: "acked"}
     assert profile.version == 2
+
+
+async def test_a_replica_never_builds_on_a_state_another_replica_has_moved_past(
+    profile_app: ProfileApp,
+) -> None:
+    # Each repository keeps the states it saved, to skip decoding them; a write by the other
+    # (a version it has not seen) must be read, or that write would be lost.
+    first, second = ProfileRepository(profile_app.pool), ProfileRepository(profile_app.pool)
+    who = f"u-{uuid.uuid4().hex[:8]}"
+    steps = [(first, "a"), (second, "b"), (first, "c"), (first, "d"), (second, "e")]
+    for minute, (repository, name) in enumerate(steps):
+        await repository.merge_events(
+            [
+                event(
+                    user_id=who,
+                    occurred_at=NOW + timedelta(minutes=minute),
+                    identify=identify(**{name: minute}),
+                )
+            ]
+        )
+    (found,) = (await first.find_by_identifiers([(IdentifierKind.USER_ID, who)])).values()
+    assert set(found.to_proto().traits) == {"a", "b", "c", "d", "e"}
+    assert found.stored.version == len(steps)
