@@ -81,23 +81,31 @@ def _with_database(url: str, database: str) -> str:
     return f"{base}/{database}"
 
 
+async def _admin(statement: str) -> None:
+    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def database_dropped_after(prefix: str) -> AsyncIterator[tuple[str, str]]:
+    """A new database name, ``<prefix>_<random>``, and its URL; the database (whoever created
+    it) is dropped on exit."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        yield name, _with_database(ADMIN_DATABASE_URL, name)
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @asynccontextmanager
 async def empty_database(prefix: str) -> AsyncIterator[str]:
     """A fresh, empty database named ``<prefix>_<random>``, dropped on exit: its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield _with_database(ADMIN_DATABASE_URL, name)
-    finally:
-        admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with database_dropped_after(prefix) as (name, url):
+        await _admin(f'CREATE DATABASE "{name}"')
+        yield url
 
 
 @pytest.fixture(scope="session")

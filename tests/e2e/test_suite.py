@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 import devstack
 import suite
-from tests.conftest import ADMIN_DATABASE_URL, repo_root
+from tests.conftest import database_dropped_after, repo_root
 
 pytestmark = pytest.mark.e2e
 
@@ -41,13 +40,8 @@ def private_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 async def suite_database() -> AsyncIterator[str]:
     """A database name for the suite; devstack creates it, as `make run` does. Dropped after."""
-    name = f"sendtime_e2e_{uuid.uuid4().hex[:12]}"
-    yield ADMIN_DATABASE_URL.rpartition("/")[0] + f"/{name}"
-    admin = await asyncpg.connect(ADMIN_DATABASE_URL)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with database_dropped_after("sendtime_e2e") as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="module")
