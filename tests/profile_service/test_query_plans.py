@@ -41,3 +41,36 @@ async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_gro
     plan = "\n".join(r[0] for r in explained)
     assert "Seq Scan on identifiers" not in plan, plan
     assert "identifiers_pkey" in plan, plan
+
+
+async def test_a_customers_events_oldest_first_are_read_through_the_one_index_by_customer() -> None:
+    async with empty_database("sendtime_plans") as url:
+        pool = await create_pool(url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                for migration in sorted(MIGRATIONS.glob("*.sql")):
+                    await conn.execute(migration.read_text())
+                await conn.execute(
+                    "INSERT INTO customers (customer_id, version, state)"
+                    " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 2000)"
+                )
+                await conn.execute(
+                    "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
+                    " SELECT 'e' || n || '-' || c.customer_id, c.customer_id, 'identify',"
+                    " now() - n * interval '1 minute', '\\x00' FROM customers c, generate_series(1, 10) n"
+                )
+                await conn.execute("ANALYZE events")
+                indexes = {
+                    r["indexname"]
+                    for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'events'")
+                }
+                customer = await conn.fetchval("SELECT customer_id FROM customers LIMIT 1")
+                explained = await conn.fetch(
+                    "EXPLAIN SELECT body FROM events WHERE customer_id = $1 ORDER BY occurred_at, event_id",
+                    customer,
+                )
+        finally:
+            await pool.close()
+    assert indexes == {"events_pkey", "events_customer_newest_idx"}  # one index update less per event
+    plan = "\n".join(r[0] for r in explained)
+    assert "events_customer_newest_idx" in plan and "Seq Scan" not in plan, plan
