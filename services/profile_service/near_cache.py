@@ -29,7 +29,6 @@ from typing import Any
 
 from cachetools import TTLCache
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import RedisError
 
 from sendtime.profile.v1 import profile_pb2
 
@@ -173,8 +172,8 @@ class InvalidationListener:
                 await self._track(connection)
                 backoff_s = 0.1
                 await self._listen(connection)
-            except (RedisError, OSError) as exc:
-                reason = str(exc) or type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - whatever broke: drop the copies, reconnect
+                reason = f"{type(exc).__name__}: {exc}"
             finally:
                 was_tracking = self._near.tracking
                 self._near.stop_tracking()
