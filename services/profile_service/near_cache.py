@@ -166,6 +166,7 @@ class InvalidationListener:
     async def run(self) -> None:
         """Listen until cancelled."""
         backoff_s = 0.1
+        last_refusal = ""  # why tracking could not start, as last logged
         while True:
             connection = self._pool.make_connection()  # type: ignore[no-untyped-call]  # redis-py
             try:
@@ -181,6 +182,12 @@ class InvalidationListener:
                 await connection.disconnect()
             if was_tracking:
                 log.warning("near cache: lost Redis invalidations, reading Redis", extra={"error": reason})
+                last_refusal = ""
+            elif reason != last_refusal:  # Redis down, or one without tracking (before 6.0): say so once
+                log.warning(
+                    "near cache: cannot track Redis invalidations, keeping no copies", extra={"error": reason}
+                )
+                last_refusal = reason
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self._max_backoff_s)
 

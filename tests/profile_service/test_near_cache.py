@@ -281,3 +281,21 @@ async def test_the_service_serves_copies_and_each_merge_replaces_them(
         profile_stub, user(f"u-{unique}"), lambda p: p.traits["first_name"] == "Grace"
     )
     assert renamed.traits["first_name"] == "Grace"
+
+
+async def test_a_listener_that_cannot_track_keeps_no_copies_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    near = NearCache(10, 60)
+    nowhere = f"redis://127.0.0.1:{devstack.free_port()}/0"  # no Redis: every attempt fails alike
+    listener = InvalidationListener(near, nowhere, KEY_PREFIX, max_backoff_s=0.05)
+    task = asyncio.create_task(listener.run())
+    await asyncio.sleep(0.6)  # several attempts
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await listener.close()
+    refusals = [r for r in caplog.records if "cannot track Redis invalidations" in r.getMessage()]
+    assert len(refusals) == 1
+    with near.reserve(["a"]) as reservation:
+        reservation.fill("a", copy(1))
+    assert near.get("a") is None
