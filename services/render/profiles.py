@@ -217,21 +217,21 @@ class ProfileFetcher:
             raise TimeoutError()
         pending = self._in_flight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._get_live(identifier, time_left_s))
+            pending = asyncio.ensure_future(self._get_live(key, identifier, time_left_s))
             self._in_flight[key] = pending
             pending.add_done_callback(lambda _: self._in_flight.pop(key, None))
             pending.add_done_callback(_retrieve)
         return await asyncio.wait_for(asyncio.shield(pending), time_left_s)
 
     async def _get_live(
-        self, identifier: profile_pb2.Identifier, timeout_s: float
+        self, key: str, identifier: profile_pb2.Identifier, timeout_s: float
     ) -> tuple[float, profile_pb2.Profile]:
         caller = trace.get_current_span().get_span_context()
         result = await self._lookups.submit(_Lookup(identifier, time.monotonic() + timeout_s, caller))
         if not result.found:
             raise _Missing(erased=result.erased)
         fetched_at = time.time()
-        self._remember(self._key(identifier), fetched_at, result.profile)
+        self._remember(key, fetched_at, result.profile)
         return fetched_at, result.profile
 
     async def _lookup_batch(self, lookups: list[_Lookup]) -> list[profile_pb2.ProfileResult]:
