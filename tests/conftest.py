@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -246,12 +246,16 @@ async def render_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.Re
         yield render_pb2_grpc.RenderServiceStub(channel)
 
 
-async def eventually(check: Callable[[], Awaitable[object]], timeout_s: float = 10) -> None:
-    """Poll ``check`` until it answers something true; fail after ``timeout_s``."""
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float = 10) -> T:
+    """Poll ``check`` until it answers something true, and return that; fail after ``timeout_s``."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
+    while not (answer := await check()):
         assert asyncio.get_running_loop().time() < deadline, "not within the time"
         await asyncio.sleep(0.02)
+    return answer
 
 
 async def wait_for_profile(

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
-from tests.conftest import user, wait_for_profile
+from tests.conftest import eventually, user, wait_for_profile
 from tests.factories import event, identify
 
 
@@ -23,13 +23,11 @@ async def finished_span(
 ) -> ReadableSpan:
     """The first finished span that ``matches``, waiting for it: a span ends a moment after the
     work it covers is visible (the merge span, after the cache write it waits on the ack)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        for span in exporter.get_finished_spans():
-            if matches(span):
-                return span
-        assert asyncio.get_running_loop().time() < deadline, "span not finished in time"
-        await asyncio.sleep(0.01)
+
+    async def finished() -> ReadableSpan | None:
+        return next((span for span in exporter.get_finished_spans() if matches(span)), None)
+
+    return await eventually(finished, timeout_s)
 
 
 async def test_ingest_call_and_merge_share_one_trace(

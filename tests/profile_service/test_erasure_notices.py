@@ -36,13 +36,10 @@ class Heard:
         self.notices.append(profile_pb2.ErasureNotice.FromString(payload))
 
     async def wait_for(self, digest: bytes, timeout_s: float = 10) -> profile_pb2.ErasureNotice:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            for notice in self.notices:
-                if digest in notice.identifier_hashes:
-                    return notice
-            assert asyncio.get_running_loop().time() < deadline, "no notice within the time"
-            await asyncio.sleep(0.02)
+        async def heard() -> profile_pb2.ErasureNotice | None:
+            return next((n for n in self.notices if digest in n.identifier_hashes), None)
+
+        return await eventually(heard, timeout_s)
 
 
 async def test_delete_profile_announces_the_erasure_by_identifier_hashes(

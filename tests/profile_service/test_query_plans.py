@@ -4,7 +4,11 @@ prepared statement's generic plan, made while the tables were empty, would other
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+import asyncpg
 
 from profile_service.repository import create_pool
 from tests.conftest import empty_database
@@ -17,60 +21,61 @@ OWNERS = (
 )
 
 
-async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_grow() -> None:
+@asynccontextmanager
+async def migrated_connection() -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
+    """One connection (prepared statements live on it) to a fresh database with the profile
+    service's migrations applied."""
     async with empty_database("sendtime_plans") as url:
         pool = await create_pool(url, min_size=1, max_size=1)
         try:
             async with pool.acquire() as conn:
                 for migration in sorted(MIGRATIONS.glob("*.sql")):
                     await conn.execute(migration.read_text())
-                await conn.execute(f"PREPARE owners(text[], text[]) AS {OWNERS}")
-                for n in range(8):  # past the 5 custom plans after which PostgreSQL may go generic
-                    await conn.execute(f"EXECUTE owners(ARRAY['user_id'], ARRAY['u{n}'])")
-                await conn.execute(
-                    "INSERT INTO customers (customer_id, version, state)"
-                    " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 20000)"
-                )
-                await conn.execute(
-                    "INSERT INTO identifiers (kind, value, customer_id)"
-                    " SELECT 'user_id', 'u' || row_number() OVER (), customer_id FROM customers"
-                )
-                explained = await conn.fetch("EXPLAIN EXECUTE owners(ARRAY['user_id'], ARRAY['u1'])")
+                yield conn
         finally:
             await pool.close()
+
+
+async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_grow() -> None:
+    async with migrated_connection() as conn:
+        await conn.execute(f"PREPARE owners(text[], text[]) AS {OWNERS}")
+        for n in range(8):  # past the 5 custom plans after which PostgreSQL may go generic
+            await conn.execute(f"EXECUTE owners(ARRAY['user_id'], ARRAY['u{n}'])")
+        await conn.execute(
+            "INSERT INTO customers (customer_id, version, state)"
+            " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 20000)"
+        )
+        await conn.execute(
+            "INSERT INTO identifiers (kind, value, customer_id)"
+            " SELECT 'user_id', 'u' || row_number() OVER (), customer_id FROM customers"
+        )
+        explained = await conn.fetch("EXPLAIN EXECUTE owners(ARRAY['user_id'], ARRAY['u1'])")
     plan = "\n".join(r[0] for r in explained)
     assert "Seq Scan on identifiers" not in plan, plan
     assert "identifiers_pkey" in plan, plan
 
 
 async def test_a_customers_events_oldest_first_are_read_through_the_one_index_by_customer() -> None:
-    async with empty_database("sendtime_plans") as url:
-        pool = await create_pool(url, min_size=1, max_size=1)
-        try:
-            async with pool.acquire() as conn:
-                for migration in sorted(MIGRATIONS.glob("*.sql")):
-                    await conn.execute(migration.read_text())
-                await conn.execute(
-                    "INSERT INTO customers (customer_id, version, state)"
-                    " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 2000)"
-                )
-                await conn.execute(
-                    "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
-                    " SELECT 'e' || n || '-' || c.customer_id, c.customer_id, 'identify',"
-                    " now() - n * interval '1 minute', '\\x00' FROM customers c, generate_series(1, 10) n"
-                )
-                await conn.execute("ANALYZE events")
-                indexes = {
-                    r["indexname"]
-                    for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'events'")
-                }
-                customer = await conn.fetchval("SELECT customer_id FROM customers LIMIT 1")
-                explained = await conn.fetch(
-                    "EXPLAIN SELECT body FROM events WHERE customer_id = $1 ORDER BY occurred_at, event_id",
-                    customer,
-                )
-        finally:
-            await pool.close()
+    async with migrated_connection() as conn:
+        await conn.execute(
+            "INSERT INTO customers (customer_id, version, state)"
+            " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 2000)"
+        )
+        await conn.execute(
+            "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
+            " SELECT 'e' || n || '-' || c.customer_id, c.customer_id, 'identify',"
+            " now() - n * interval '1 minute', '\\x00' FROM customers c, generate_series(1, 10) n"
+        )
+        await conn.execute("ANALYZE events")
+        indexes = {
+            r["indexname"]
+            for r in await conn.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'events'")
+        }
+        customer = await conn.fetchval("SELECT customer_id FROM customers LIMIT 1")
+        explained = await conn.fetch(
+            "EXPLAIN SELECT body FROM events WHERE customer_id = $1 ORDER BY occurred_at, event_id",
+            customer,
+        )
     assert indexes == {"events_pkey", "events_customer_newest_idx"}  # one index update less per event
     plan = "\n".join(r[0] for r in explained)
     assert "events_customer_newest_idx" in plan and "Seq Scan" not in plan, plan
