@@ -1,11 +1,13 @@
 """The merger: consumes events from the durable log and merges them into profiles.
 
 Each fetch from the log is merged as one batch: one transaction (see ``merge_transaction``), one
-pipelined cache write for the profiles it changed, then the acks, which go out while the next
-batch (fetched while this one merged) merges. A delivery is acked only after
-its transaction committed and the cache was refreshed, so a crash at any point means a
-redelivery, which the event-id key turns into a no-op. When a batch cannot be merged, its events
-are merged one at a time, so one event the database refuses holds back no other.
+pipelined cache write for the profiles it changed, then the acks. Three stages overlap, so that
+the event loop works while a transaction waits on PostgreSQL: the next batch is fetched and
+decoded, and the last one's cache write and acks go out, while this one's transaction runs.
+A delivery is acked only after its transaction committed and the cache was refreshed, so a crash
+at any point means a redelivery, which the event-id key turns into a no-op. When a batch cannot
+be merged, its events are merged one at a time, so one event the database refuses holds back no
+other.
 
 ``concurrency`` batches may merge at once (the repository's locks keep one customer's updates
 serial), but concurrent fetches split the stream between them, so a customer's later event may
@@ -92,43 +94,45 @@ class EventMerger:
         await asyncio.gather(*(self._fetch_and_merge() for _ in range(self._concurrency)))
 
     async def _fetch_and_merge(self) -> None:
-        # A pipeline: the next batch is fetched, and the last one acked, while one merges.
+        # A pipeline: the next batch is fetched and decoded, and the last one's cache write and
+        # acks go out, while one merges.
         fetching = asyncio.create_task(self._fetch())
-        acking: asyncio.Task[None] | None = None
+        finishing: asyncio.Task[None] | None = None
         try:
             while True:
-                deliveries = await fetching
+                work = await fetching
                 # Stopping: merge what was fetched (also a fetch made while the last batch
                 # merged), fetch no more.
                 stopping = self._stopping.is_set()
                 if not stopping:
                     fetching = asyncio.create_task(self._fetch())
-                if deliveries:
-                    acks = await self._merge_batch(deliveries)
-                    if acking is not None:
-                        await acking  # at most one batch's acks in flight
-                    acking = asyncio.create_task(acks) if acks is not None else None
+                if work:
+                    finish = await self._merge_batch(work)
+                    if finishing is not None:
+                        await finishing  # one batch finishing at a time: cache writes in commit order
+                    finishing = asyncio.create_task(finish) if finish is not None else None
                 if stopping:
                     return
         finally:
             if not fetching.done():  # only when the merge itself failed
                 fetching.cancel()
-            if acking is not None:
-                await acking
+            if finishing is not None:
+                await finishing
 
-    async def _fetch(self) -> Sequence[Delivery]:
+    async def _fetch(self) -> list[_Work]:
         try:
-            return await self._subscription.fetch(self._batch_size, timeout_s=1.0)
+            deliveries = await self._subscription.fetch(self._batch_size, timeout_s=1.0)
         except Exception:  # noqa: BLE001 - a broken fetch must not kill the loop; NATS reconnects
             log.exception("fetch from the event log failed")
             await asyncio.sleep(1.0)
             return []
+        return await self._decode(deliveries)
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def _merge_batch(self, deliveries: Sequence[Delivery]) -> Coroutine[Any, Any, None] | None:
-        """Merge a batch; returns the acks of what it committed, to be awaited."""
+    async def _decode(self, deliveries: Sequence[Delivery]) -> list[_Work]:
+        """The deliveries to merge; the others are settled here."""
         work: list[_Work] = []
         for delivery in deliveries:
             try:
@@ -142,8 +146,11 @@ class EventMerger:
                 await _settle(delivery.ack())
                 continue
             work.append(_Work(delivery, event, _merge_span(delivery, event)))
-        if not work:
-            return None
+        return work
+
+    async def _merge_batch(self, work: Sequence[_Work]) -> Coroutine[Any, Any, None] | None:
+        """Merge a batch; returns, to be awaited, the cache write and the acks of what it
+        committed."""
         try:
             results = await self._repository.merge_events([w.event for w in work])
         except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
@@ -157,10 +164,10 @@ class EventMerger:
             for item in work:
                 await self._merge_batch_of_one(item)
             return None
-        await self._refresh_cache(work, results)
-        return self._ack_all(work, results)
+        return self._finish(work, results)
 
-    async def _ack_all(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
+    async def _finish(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
+        await self._refresh_cache(work, results)
         await asyncio.gather(*(self._ack(item, result) for item, result in zip(work, results, strict=True)))
 
     async def _merge_batch_of_one(self, item: _Work) -> None:
