@@ -478,7 +478,7 @@ async def measure_pg_read(
     pool: asyncpg.Pool, customer_ids: Sequence[str], concurrency: int, duration_s: float
 ) -> Measured:
     """``SELECT state FROM customers WHERE customer_id=$1``, through a pool whose connections
-    decode jsonb as the profile service's do."""
+    decode json as the profile service's do."""
 
     async def read(i: int) -> None:
         state = await pool.fetchval(

@@ -85,7 +85,9 @@ class ErasedCustomer:
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # orjson: a profile's state is encoded and decoded on every merge, several times faster so.
-    await conn.set_type_codec("jsonb", encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
+    # The state column is json since migration 0005; jsonb stays for what reads older columns.
+    for json_type in ("json", "jsonb"):
+        await conn.set_type_codec(json_type, encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
 
 
 def _json_text(value: Any) -> str:
@@ -93,7 +95,7 @@ def _json_text(value: Any) -> str:
 
 
 async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
-    """A connection pool whose connections read and write jsonb as Python values.
+    """A connection pool whose connections read and write json and jsonb as Python values.
 
     Raises:
         OSError, asyncpg.PostgresError: the database cannot be reached.

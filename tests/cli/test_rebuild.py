@@ -51,7 +51,7 @@ async def test_rebuild_equals_the_incremental_profiles_and_repairs_a_damaged_one
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
-            "UPDATE customers SET state = '{}'::jsonb WHERE customer_id = $1::uuid", before.customer_id
+            "UPDATE customers SET state = '{}'::json WHERE customer_id = $1::uuid", before.customer_id
         )
     finally:
         await conn.close()

@@ -754,7 +754,7 @@ def test_the_state_is_a_function_of_the_set_of_events(
 
         check_against_a_model(events, expected, rules)
 
-    # Through PostgreSQL's jsonb and back, the state and its JSON form stay the same (a rebuild
+    # Through PostgreSQL's json and back, the state and its JSON form stay the same (a rebuild
     # compares JSON forms).
     stored = json.loads(json.dumps(to_json(expected)))
     assert from_json(stored) == expected
