@@ -248,16 +248,12 @@ class BatchMerge:
         # Only the states this process does not hold decoded are read (they are locked now, so
         # they are the versions just read): a state is ~4 KB, most of what this read would move.
         missing = [customer_id for customer_id, state in decoded.items() if state is None]
-        stored_json = (
-            {
-                r["customer_id"]: r["state"]
-                for r in await self._conn.fetch(
-                    "SELECT customer_id, state FROM customers WHERE customer_id = ANY($1::uuid[])", missing
-                )
-            }
-            if missing
-            else {}
-        )
+        stored_json: dict[uuid.UUID, Any] = {}
+        if missing:
+            for r in await self._conn.fetch(
+                "SELECT customer_id, state FROM customers WHERE customer_id = ANY($1::uuid[])", missing
+            ):
+                stored_json[r["customer_id"]] = r["state"]
         for r in rows:
             customer = _Customer(
                 r["customer_id"],

@@ -4,16 +4,8 @@ prepared statement's generic plan, made while the tables were empty, would other
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from tests.profile_service.migrated import migrated_connection
 
-import asyncpg
-
-from profile_service.repository import create_pool
-from tests.conftest import empty_database
-
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "profile_service" / "migrations"
 OWNERS = (
     "SELECT i.customer_id FROM identifiers i WHERE i.customer_id IN (SELECT i2.customer_id"
     " FROM identifiers i2 JOIN unnest($1::text[], $2::text[]) AS q(kind, value)"
@@ -21,23 +13,8 @@ OWNERS = (
 )
 
 
-@asynccontextmanager
-async def migrated_connection() -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]]:
-    """One connection (prepared statements live on it) to a fresh database with the profile
-    service's migrations applied."""
-    async with empty_database("sendtime_plans") as url:
-        pool = await create_pool(url, min_size=1, max_size=1)
-        try:
-            async with pool.acquire() as conn:
-                for migration in sorted(MIGRATIONS.glob("*.sql")):
-                    await conn.execute(migration.read_text())
-                yield conn
-        finally:
-            await pool.close()
-
-
 async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_grow() -> None:
-    async with migrated_connection() as conn:
+    async with migrated_connection("sendtime_plans") as conn:
         await conn.execute(f"PREPARE owners(text[], text[]) AS {OWNERS}")
         for n in range(8):  # past the 5 custom plans after which PostgreSQL may go generic
             await conn.execute(f"EXECUTE owners(ARRAY['user_id'], ARRAY['u{n}'])")
@@ -56,7 +33,7 @@ async def test_a_statement_prepared_on_empty_tables_uses_the_index_once_they_gro
 
 
 async def test_a_customers_events_oldest_first_are_read_through_the_one_index_by_customer() -> None:
-    async with migrated_connection() as conn:
+    async with migrated_connection("sendtime_plans") as conn:
         await conn.execute(
             "INSERT INTO customers (customer_id, version, state)"
             " SELECT gen_random_uuid(), 1, '{}' FROM generate_series(1, 2000)"

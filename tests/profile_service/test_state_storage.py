@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-from profile_service.repository import create_pool
 from profile_service.state import ProfileState, from_json, replay, to_json
-from tests.conftest import empty_database
 from tests.factories import cart_item_added, event, identify, product_viewed
+from tests.profile_service.migrated import migrated_connection, migrations
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "profile_service" / "migrations"
 STATE_MIGRATION = "0005_state_as_json_lz4.sql"
 START = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
@@ -32,49 +29,40 @@ def a_state(user_id: str) -> ProfileState:
 
 
 async def test_states_stored_as_jsonb_survive_the_move_to_lz4_compressed_json() -> None:
-    migrations = sorted(MIGRATIONS.glob("*.sql"))
-    before = [m for m in migrations if m.name < STATE_MIGRATION]
-    after = [m for m in migrations if m.name >= STATE_MIGRATION]
-    assert after[0].name == STATE_MIGRATION
+    later = migrations(starting_at=STATE_MIGRATION)
+    assert later[0].name == STATE_MIGRATION
     old_state, new_state = a_state("old"), a_state("new")
 
-    async with empty_database("sendtime_state_storage") as url:
-        pool = await create_pool(url, min_size=1, max_size=1)
-        try:
-            async with pool.acquire() as conn:
-                for migration in before:
-                    await conn.execute(migration.read_text())
-                old_id, new_id = uuid.uuid4(), uuid.uuid4()
-                await conn.execute(
-                    "INSERT INTO customers (customer_id, version, state) VALUES ($1, 1, $2::jsonb)",
-                    old_id,
-                    to_json(old_state),
-                )
+    async with migrated_connection("sendtime_state_storage", before=STATE_MIGRATION) as conn:
+        old_id, new_id = uuid.uuid4(), uuid.uuid4()
+        await conn.execute(
+            "INSERT INTO customers (customer_id, version, state) VALUES ($1, 1, $2::jsonb)",
+            old_id,
+            to_json(old_state),
+        )
 
-                for migration in after:
-                    await conn.execute(migration.read_text())
-                await conn.execute(
-                    "INSERT INTO customers (customer_id, version, state) VALUES ($1, 1, $2::json)",
-                    new_id,
-                    to_json(new_state),
-                )
+        for migration in later:
+            await conn.execute(migration.read_text())
+        await conn.execute(
+            "INSERT INTO customers (customer_id, version, state) VALUES ($1, 1, $2::json)",
+            new_id,
+            to_json(new_state),
+        )
 
-                column_type = await conn.fetchval(
-                    "SELECT data_type FROM information_schema.columns"
-                    " WHERE table_name = 'customers' AND column_name = 'state'"
-                )
-                assert column_type == "json"
-                stored = {
-                    r["customer_id"]: r
-                    for r in await conn.fetch(
-                        "SELECT customer_id, state, pg_column_compression(state) AS compression,"
-                        " octet_length(state::text) AS size FROM customers"
-                    )
-                }
-                assert from_json(stored[old_id]["state"]) == old_state
-                assert from_json(stored[new_id]["state"]) == new_state
-                assert stored[new_id]["size"] > 2048  # so PostgreSQL compresses it
-                assert stored[new_id]["compression"] == "lz4"
-                assert stored[old_id]["compression"] == "lz4"  # the type change rewrote it
-        finally:
-            await pool.close()
+        column_type = await conn.fetchval(
+            "SELECT data_type FROM information_schema.columns"
+            " WHERE table_name = 'customers' AND column_name = 'state'"
+        )
+        assert column_type == "json"
+        stored = {
+            r["customer_id"]: r
+            for r in await conn.fetch(
+                "SELECT customer_id, state, pg_column_compression(state) AS compression,"
+                " octet_length(state::text) AS size FROM customers"
+            )
+        }
+        assert from_json(stored[old_id]["state"]) == old_state
+        assert from_json(stored[new_id]["state"]) == new_state
+        assert stored[new_id]["size"] > 2048  # so PostgreSQL compresses it
+        assert stored[new_id]["compression"] == "lz4"
+        assert stored[old_id]["compression"] == "lz4"  # the type change rewrote it
