@@ -53,3 +53,23 @@ def env_float(env: Mapping[str, str], name: str, default: float, *, minimum: flo
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """The variable as a switch: true/false, yes/no, on/off or 1/0, in any case.
+
+    Raises:
+        ConfigError: the value is none of those.
+    """
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")

@@ -6,7 +6,7 @@ import pytest
 from ingest.settings import Settings as IngestSettings
 from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
-from sendtime_common.config import ConfigError, env_float, env_int, env_str
+from sendtime_common.config import ConfigError, env_bool, env_float, env_int, env_str
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 
 
@@ -15,12 +15,15 @@ def test_unset_or_blank_variables_take_the_default() -> None:
     assert env_str({"X": "  "}, "X", "d") == "d"
     assert env_int({"X": ""}, "X", 7) == 7
     assert env_float({}, "X", 0.5) == 0.5
+    assert env_bool({"X": " "}, "X", True) is True
 
 
 def test_values_are_parsed() -> None:
     assert env_str({"X": " v "}, "X", "d") == "v"
     assert env_int({"X": "12"}, "X", 7) == 12
     assert env_float({"X": "1.5"}, "X", 0.5) == 1.5
+    assert [env_bool({"X": v}, "X", True) for v in ("false", "No", "OFF", "0")] == [False] * 4
+    assert [env_bool({"X": v}, "X", False) for v in ("true", "Yes", "on", "1")] == [True] * 4
 
 
 @pytest.mark.parametrize(
@@ -29,6 +32,7 @@ def test_values_are_parsed() -> None:
         (lambda: env_int({"PORT": "abc"}, "PORT", 1), "PORT must be an integer, got 'abc'"),
         (lambda: env_int({"PORT": "0"}, "PORT", 1, minimum=1), "PORT must be at least 1, got 0"),
         (lambda: env_float({"T": "soon"}, "T", 1.0), "T must be a number, got 'soon'"),
+        (lambda: env_bool({"B": "maybe"}, "B", True), "B must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_values_name_the_variable(call: object, message: str) -> None:

@@ -8,8 +8,14 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+import nats
+import pytest
+
 import devstack
+from sendtime_common import event_log
 from sendtime_common.event_log import (
+    BATCH_ID_HEADER,
+    MSG_ID_HEADER,
     EventLogFull,
     EventLogUnavailable,
     JetStreamEventLog,
@@ -62,7 +68,8 @@ async def test_an_unacked_delivery_comes_back_and_an_acked_one_does_not(nats_url
         await log.close()
 
 
-async def test_acknowledged_messages_survive_a_killed_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch_size", [1, 50], ids=["one by one", "atomic batches"])
+async def test_acknowledged_messages_survive_a_killed_server(tmp_path: Path, batch_size: int) -> None:
     """sync_interval: always — what the server acked is on disk before the ack, kill -9 or not."""
     port = devstack.free_port()
     workdir = tmp_path / "nats"
@@ -70,8 +77,9 @@ async def test_acknowledged_messages_survive_a_killed_server(tmp_path: Path) -> 
     config = settings(f"nats://127.0.0.1:{port}")
     log = await JetStreamEventLog.connect(config)
     try:
-        for i in range(200):
-            await log.publish(message(i))
+        for start in range(0, 200, batch_size):
+            outcomes = await (await log.publish_batch([message(i) for i in range(start, start + batch_size)]))
+            assert all(isinstance(o, PublishReceipt) for o in outcomes)
         server.send_signal(signal.SIGKILL)
         server.wait()
         server = devstack.start_nats(port, workdir)
@@ -168,3 +176,81 @@ async def test_with_the_server_gone_a_batch_is_unavailable_within_the_timeout(tm
     finally:
         await log.close()
         devstack.stop_process(server)
+
+
+async def stored(url: str, stream: str, sequence: int) -> tuple[str, bytes, bool]:
+    """The message id and payload at ``sequence``, and whether it came in an atomic batch."""
+    client = await nats.connect(url)
+    try:
+        msg = await client.jetstream().get_msg(stream, sequence)
+        headers = msg.headers or {}
+        return headers[MSG_ID_HEADER], msg.data or b"", BATCH_ID_HEADER in headers
+    finally:
+        await client.close()
+
+
+async def test_a_batch_is_stored_as_one_atomic_batch_each_message_at_its_receipts_sequence(
+    nats_url: str,
+) -> None:
+    config = settings(nats_url)
+    log = await JetStreamEventLog.connect(config)
+    try:
+        outcomes = await (await log.publish_batch([message(i) for i in range(5)]))
+        receipts = [o for o in outcomes if isinstance(o, PublishReceipt)]
+        assert len(receipts) == 5 and not any(r.duplicate for r in receipts)
+        for i, receipt in enumerate(receipts):
+            assert await stored(nats_url, config.stream, receipt.sequence) == (
+                f"m-{i}",
+                b"payload-%d" % i,
+                True,
+            )
+        again = await log.publish(message(3))  # an id that came in a batch is in the duplicate window
+        assert (again.duplicate, again.sequence) == (True, receipts[3].sequence)
+    finally:
+        await log.close()
+
+
+async def test_a_batch_beyond_the_servers_limit_goes_as_several_atomic_batches(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(event_log, "ATOMIC_BATCH_MAX", 3)
+    config = settings(nats_url)
+    log = await JetStreamEventLog.connect(config)
+    try:
+        outcomes = await (await log.publish_batch([message(i) for i in range(7)]))
+        sequences = [o.sequence for o in outcomes if isinstance(o, PublishReceipt)]
+        assert len(sequences) == 7
+        assert [(await stored(nats_url, config.stream, seq))[0] for seq in sequences] == [
+            f"m-{i}" for i in range(7)
+        ]
+    finally:
+        await log.close()
+
+
+async def test_with_atomic_batches_switched_off_a_batch_goes_message_by_message(nats_url: str) -> None:
+    config = replace(settings(nats_url), atomic_batches=False)
+    assert not JetStreamSettings.from_env({"NATS_ATOMIC_BATCHES": "false"}).atomic_batches
+    log = await JetStreamEventLog.connect(config)
+    try:
+        outcomes = await (await log.publish_batch([message(i) for i in range(3)]))
+        for i, outcome in enumerate(outcomes):
+            assert isinstance(outcome, PublishReceipt)
+            assert await stored(nats_url, config.stream, outcome.sequence) == (
+                f"m-{i}",
+                b"payload-%d" % i,
+                False,
+            )
+    finally:
+        await log.close()
+
+
+async def test_a_stream_made_without_atomic_batches_is_updated_to_take_them(nats_url: str) -> None:
+    config = settings(nats_url)
+    await (await JetStreamEventLog.connect(replace(config, atomic_batches=False))).close()
+    log = await JetStreamEventLog.connect(config)  # an upgraded ingest on the same stream
+    try:
+        outcomes = await (await log.publish_batch([message(i) for i in range(2)]))
+        assert isinstance(outcomes[0], PublishReceipt)
+        assert (await stored(nats_url, config.stream, outcomes[0].sequence))[2]  # in an atomic batch
+    finally:
+        await log.close()
