@@ -24,6 +24,7 @@ from ingest.validation import ValidationRules
 from ingest.webhooks import WebhookServer
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.config import ConfigError
+from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
@@ -110,8 +111,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         sendtime_common.event_log.EventLogUnavailable: NATS could not be reached.
         sendtime_common.config.ConfigError: a webhook secret or key is unusable.
     """
-    pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
-    assert pool is not None
+    pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
     await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
     if event_log is None:
         event_log = await JetStreamEventLog.connect(settings.event_log)

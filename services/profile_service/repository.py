@@ -27,6 +27,7 @@ from profile_service.merge_transaction import BatchMerge, DecodedStates, MergeCo
 from profile_service.state import ProfileState, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common import database
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 
@@ -100,7 +101,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
     Raises:
         OSError, asyncpg.PostgresError: the database cannot be reached.
     """
-    pool = await asyncpg.create_pool(
+    return await database.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
@@ -111,8 +112,6 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
         # Planning costs tens of microseconds per statement; statements here are few per batch.
         server_settings={"plan_cache_mode": "force_custom_plan"},
     )
-    assert pool is not None
-    return pool
 
 
 class ProfileRepository:

@@ -27,6 +27,7 @@ from render.template_store import TemplateStore
 from render.templates import TemplateCompiler
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
@@ -87,8 +88,7 @@ async def create_app(settings: Settings) -> RenderApp:
         OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
     """
-    pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
-    assert pool is not None
+    pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
     await migrate(pool, MIGRATIONS_DIR, table="render_schema_migrations")
     event_log = await JetStreamEventLog.connect(settings.event_log)
     catalog = CatalogConsumer(

@@ -1,0 +1,46 @@
+"""PostgreSQL connection pools as every service sets them up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import asyncpg
+
+
+class ConnectionSetup(Protocol):
+    async def __call__(self, connection: asyncpg.Connection, /) -> None: ...
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """What a released connection is reset with: nothing beyond asyncpg's own rollback of an
+    unfinished transaction. The default also sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`` on every release, a round trip per pooled query, to undo session
+    state these services never leave behind: they set nothing per session, listen to nothing,
+    and take advisory locks per transaction (the migration runner unlocks its own)."""
+
+
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    init: ConnectionSetup | None = None,
+    server_settings: Mapping[str, str] | None = None,
+) -> asyncpg.Pool:
+    """A pool of ``min_size`` to ``max_size`` connections, each set up by ``init`` when opened,
+    with ``server_settings`` for its whole session.
+
+    Raises:
+        OSError, asyncpg.PostgresError: the database cannot be reached.
+    """
+    pool = await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=init,
+        server_settings=dict(server_settings or {}),
+        reset=_keep_session,
+    )
+    assert pool is not None
+    return pool
