@@ -114,24 +114,22 @@ class IngestStore:
     async def record_stored(
         self, event_ids: Sequence[str], keys: Sequence[BusinessKey], received_at: datetime
     ) -> None:
-        """Remember ids stored in the event log and confirm their business keys, in one
-        transaction."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            if event_ids:
-                await conn.execute(
-                    "INSERT INTO ingest_processed_events (event_id, received_at)"
-                    " SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING",
-                    list(event_ids),
-                    received_at,
-                )
-            if keys:
-                await conn.execute(
-                    "UPDATE ingest_business_keys k SET stored = true"
-                    " FROM unnest($1::text[], $2::text[]) AS s(key_kind, key_value)"
-                    " WHERE k.key_kind = s.key_kind AND k.key_value = s.key_value",
-                    [k[0] for k in keys],
-                    [k[1] for k in keys],
-                )
+        """Remember ids stored in the event log and confirm their business keys, atomically: one
+        statement (a data-modifying CTE runs whether or not the rest reads it), one round trip."""
+        if not event_ids and not keys:
+            return
+        await self._pool.execute(
+            "WITH recorded AS ("
+            " INSERT INTO ingest_processed_events (event_id, received_at)"
+            " SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING)"
+            " UPDATE ingest_business_keys k SET stored = true"
+            " FROM unnest($3::text[], $4::text[]) AS s(key_kind, key_value)"
+            " WHERE k.key_kind = s.key_kind AND k.key_value = s.key_value",
+            list(event_ids),
+            received_at,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
 
     async def release_business_keys(self, claims: Mapping[BusinessKey, str]) -> None:
         """Give up claims whose events could not be stored, so a retry can claim them again."""
