@@ -1,9 +1,10 @@
 """Coalescing single requests into batches, so a hot path makes one round trip per batch.
 
 A caller awaits ``submit(item)``; items submitted while earlier batches are in flight wait and
-leave together. Under light load a batch is whatever arrived in one event-loop turn (no added
-delay); under heavy load batches grow up to ``max_batch``. Batches run concurrently; where one
-step of them must keep the order they were formed in, ``Turns`` orders it.
+leave together. Under light load a batch is whatever arrived in one event-loop turn, or, with a
+``linger``, whatever arrived within it; under heavy load batches grow up to ``max_batch`` and go
+as soon as a slot is free. Batches run concurrently; where one step of them must keep the order
+they were formed in, ``Turns`` orders it.
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ class MicroBatcher(Generic[T, R]):
         *,
         max_batch: int,
         max_concurrent_batches: int,
+        linger_s: float = 0.0,
     ) -> None:
-        """``process`` gets a batch and returns one result per item, in order."""
+        """``process`` gets a batch and returns one result per item, in order. A batch smaller
+        than ``max_batch`` waits up to ``linger_s`` after its first item for more: fewer, larger
+        batches for that much latency, where each batch has a fixed cost (a commit, an fsync)."""
         self._process = process
         self._max_batch = max_batch
+        self._linger_s = linger_s
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flush_scheduled = False
+        self._lingering: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: T) -> R:
@@ -40,12 +46,22 @@ class MicroBatcher(Generic[T, R]):
         self._schedule_flush()
         return await future
 
-    def _schedule_flush(self) -> None:
+    def _schedule_flush(self, *, now: bool = False) -> None:
+        full = now or len(self._pending) >= self._max_batch
+        if self._lingering is not None and full:  # no point waiting longer
+            self._lingering.cancel()
+            self._lingering = None
+            self._flush_scheduled = False
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+            loop = asyncio.get_running_loop()
+            if self._linger_s > 0 and not full:
+                self._lingering = loop.call_later(self._linger_s, self._start_flush)
+            else:
+                loop.call_soon(self._start_flush)
 
     def _start_flush(self) -> None:
+        self._lingering = None
         self._flush_scheduled = False
         task = asyncio.create_task(self._flush())
         self._tasks.add(task)
@@ -56,8 +72,8 @@ class MicroBatcher(Generic[T, R]):
             batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
             if not batch:
                 return
-            if self._pending:
-                self._schedule_flush()
+            if self._pending:  # left over from a full batch: they waited for a slot already
+                self._schedule_flush(now=True)
             try:
                 results = await self._process([item for item, _ in batch])
             except BaseException as exc:  # handed to every waiting caller

@@ -87,6 +87,7 @@ class Ingestor:
         rules: ValidationRules,
         claim_stale_after: timedelta = timedelta(seconds=60),
         hasher: IdentifierHasher | None = None,
+        stream_linger: timedelta = timedelta(0),
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._event_log = event_log
@@ -98,7 +99,10 @@ class Ingestor:
         self._clock = clock
         self._publish_turns = Turns()
         self._stream_batcher: MicroBatcher[ingest_pb2.Event, ingest_pb2.EventResult] = MicroBatcher(
-            self.ingest_batch, max_batch=STREAM_BATCH_SIZE, max_concurrent_batches=STREAM_CONCURRENT_BATCHES
+            self.ingest_batch,
+            max_batch=STREAM_BATCH_SIZE,
+            max_concurrent_batches=STREAM_CONCURRENT_BATCHES,
+            linger_s=stream_linger.total_seconds(),
         )
 
     async def ingest(self, event: ingest_pb2.Event) -> ingest_pb2.EventResult:

@@ -129,6 +129,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         ),
         claim_stale_after=timedelta(seconds=2 * settings.event_log.publish_timeout_s),
         hasher=settings.identifier_hasher,
+        stream_linger=timedelta(milliseconds=settings.stream_linger_ms),
     )
     dead_letters = DeadLetters(store, ingestor)
     servicer = IngestServicer(

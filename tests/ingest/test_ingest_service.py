@@ -159,3 +159,48 @@ async def test_a_streams_events_reach_the_log_in_the_order_they_were_sent(
     finally:
         await client.close()
     assert [e.event_id for e in logged if e.customer.user_id == f"u-{unique}"] == [e.event_id for e in events]
+
+
+def test_the_stream_linger_comes_from_the_environment() -> None:
+    assert Settings().stream_linger_ms == 20
+    assert Settings.from_env({"INGEST_STREAM_LINGER_MS": "0"}).stream_linger_ms == 0
+
+
+@pytest.mark.parametrize(("linger_ms", "batches"), [(0, 6), (500, 1)])
+async def test_stream_events_arriving_within_the_linger_go_to_the_log_as_one_batch(
+    database_url: str, nats_url: str, unique: str, linger_ms: float, batches: int
+) -> None:
+    settings = Settings(
+        address="127.0.0.1:0",
+        database_url=database_url,
+        event_log=JetStreamSettings(url=nats_url),
+        stream_linger_ms=linger_ms,
+    )
+    events = [event(user_id=f"l-{unique}", product_viewed=product_viewed(f"sku-{i}")) for i in range(6)]
+
+    async def paced() -> AsyncIterator[ingest_pb2.StreamEventsRequest]:
+        for e in events:
+            yield ingest_pb2.StreamEventsRequest(event=e)
+            await asyncio.sleep(0.01)  # a paced producer: far apart for a loop turn, well inside 500 ms
+
+    app = await create_app(settings)
+    await app.start()
+    client = await nats.connect(nats_url)
+    try:
+        js = client.jetstream()
+        start = (await js.stream_info(JetStreamSettings().stream)).state.last_seq + 1
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            outcomes = [r.result.outcome async for r in stub.StreamEvents(paced())]
+        assert outcomes == [ACCEPTED] * 6
+        end = (await js.stream_info(JetStreamSettings().stream)).state.last_seq
+        published_in: dict[str, str] = {}  # event id -> the publish it went out in
+        for seq in range(start, end + 1):
+            stored = await js.get_msg(JetStreamSettings().stream, seq)
+            headers = stored.headers or {}
+            # A lone event goes out on its own, not as an atomic batch of one.
+            published_in[headers["Nats-Msg-Id"]] = headers.get("Nats-Batch-Id", f"alone-{seq}")
+    finally:
+        await client.close()
+        await app.stop(grace_s=1)
+    assert len({published_in[e.event_id] for e in events}) == batches

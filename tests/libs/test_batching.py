@@ -36,6 +36,53 @@ async def test_a_failed_batch_fails_each_of_its_callers() -> None:
         await batcher.submit(9)
 
 
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(items)
+        return items
+
+
+async def spaced(batcher: MicroBatcher[int, int], count: int, gap_s: float) -> list[int]:
+    """Submit ``count`` items ``gap_s`` apart, as a paced producer would; their results."""
+    submitted = []
+    for i in range(count):
+        submitted.append(asyncio.create_task(batcher.submit(i)))
+        await asyncio.sleep(gap_s)
+    return list(await asyncio.gather(*submitted))
+
+
+async def test_without_a_linger_items_arriving_apart_leave_apart() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(recorder, max_batch=100, max_concurrent_batches=4)
+    assert await spaced(batcher, 4, 0.005) == [0, 1, 2, 3]
+    assert recorder.batches == [[0], [1], [2], [3]]
+
+
+async def test_with_a_linger_items_arriving_within_it_leave_together() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        recorder, max_batch=100, max_concurrent_batches=4, linger_s=0.2
+    )
+    assert await spaced(batcher, 4, 0.005) == [0, 1, 2, 3]
+    assert recorder.batches == [[0, 1, 2, 3]]
+
+
+async def test_a_batch_that_fills_up_goes_without_waiting_out_the_linger() -> None:
+    recorder = Recorder()
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        recorder, max_batch=3, max_concurrent_batches=1, linger_s=60
+    )
+    first = await asyncio.wait_for(spaced(batcher, 3, 0.001), timeout=5)  # full at the third item
+    rest = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(3, 10))), timeout=5)
+    assert first + rest == list(range(10))
+    # What was left over from a full batch went on at once too, the last one alone: it had
+    # waited for a slot already (a 60 s linger would have tripped the timeout).
+    assert recorder.batches == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
 async def test_turns_let_tasks_pass_in_ticket_order_whatever_order_they_arrive_in() -> None:
     turns = Turns()
     passed: list[int] = []
