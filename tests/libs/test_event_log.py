@@ -254,3 +254,36 @@ async def test_a_stream_made_without_atomic_batches_is_updated_to_take_them(nats
         assert (await stored(nats_url, config.stream, outcomes[0].sequence))[2]  # in an atomic batch
     finally:
         await log.close()
+
+
+async def test_with_the_servers_atomic_batches_all_in_use_a_batch_still_gets_stored_one_by_one(
+    nats_url: str,
+) -> None:
+    """nats-server keeps at most 50 atomic batches open per stream (other ingest replicas'),
+    and refuses one more at its commit; nothing of it is stored, so it goes event by event."""
+    config = settings(nats_url)
+    log = await JetStreamEventLog.connect(config)
+    other = await nats.connect(nats_url)
+    try:
+        for n in range(50):  # begun and never committed (the server drops them after 10 s)
+            await other.publish(
+                f"{config.subject_prefix}.thing",
+                b"open",
+                headers={
+                    BATCH_ID_HEADER: f"held-{n}",
+                    "Nats-Batch-Sequence": "1",
+                    MSG_ID_HEADER: f"held-{n}",
+                },
+            )
+        await other.flush()
+        outcomes = await (await log.publish_batch([message(i) for i in range(3)]))
+        for i, outcome in enumerate(outcomes):
+            assert isinstance(outcome, PublishReceipt) and not outcome.duplicate
+            assert await stored(nats_url, config.stream, outcome.sequence) == (
+                f"m-{i}",
+                b"payload-%d" % i,
+                False,
+            )
+    finally:
+        await other.close()
+        await log.close()
