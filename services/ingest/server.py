@@ -111,7 +111,12 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         sendtime_common.event_log.EventLogUnavailable: NATS could not be reached.
         sendtime_common.config.ConfigError: a webhook secret or key is unusable.
     """
-    pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
+    pool = await create_pool(
+        settings.database_url,
+        min_size=2,
+        max_size=settings.database_pool_size,
+        random_page_cost=settings.database_random_page_cost,
+    )
     await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
     if event_log is None:
         event_log = await JetStreamEventLog.connect(settings.event_log)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ingest.webhooks import WebhookSettings
 from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 
@@ -19,6 +20,7 @@ class Settings:
     shutdown_grace_s: float = 10.0
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
     database_pool_size: int = 10
+    database_random_page_cost: float = DEFAULT_RANDOM_PAGE_COST
     # How far in the future occurred_at may be (after skew correction: sender clocks drift).
     max_future_skew_s: float = 300.0
     # How old an event may be; older ones are outside every retention window downstream.
@@ -58,6 +60,9 @@ class Settings:
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
             database_url=env_str(env, "DATABASE_URL", defaults.database_url),
             database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
+            database_random_page_cost=env_float(
+                env, "DATABASE_RANDOM_PAGE_COST", defaults.database_random_page_cost, minimum=0.1
+            ),
             max_future_skew_s=env_float(env, "INGEST_MAX_FUTURE_SKEW_SECONDS", defaults.max_future_skew_s),
             max_event_age_days=env_int(
                 env, "INGEST_MAX_EVENT_AGE_DAYS", defaults.max_event_age_days, minimum=1

@@ -95,7 +95,9 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, random_page_cost: float = database.DEFAULT_RANDOM_PAGE_COST
+) -> asyncpg.Pool:
     """A connection pool whose connections read and write json and jsonb as Python values.
 
     Raises:
@@ -105,6 +107,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
         dsn,
         min_size=min_size,
         max_size=max_size,
+        random_page_cost=random_page_cost,
         init=_init_connection,
         # Plan each execution for its arguments. Otherwise a prepared statement's generic plan,
         # chosen while a new database's tables were nearly empty, keeps scanning ``identifiers``

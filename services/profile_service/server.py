@@ -99,7 +99,12 @@ async def create_app(settings: Settings) -> ProfileApp:
         )
     except MergeRulesError as exc:
         raise ConfigError(f"PROFILE_SOURCE_PRIORITY_FILE: {exc}") from None
-    pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
+    pool = await create_pool(
+        settings.database_url,
+        min_size=2,
+        max_size=settings.database_pool_size,
+        random_page_cost=settings.database_random_page_cost,
+    )
     await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
     near, invalidations = None, None
     if settings.near_cache_entries:

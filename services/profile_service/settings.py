@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 
@@ -18,6 +19,7 @@ class Settings:
     shutdown_grace_s: float = 10.0
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
     database_pool_size: int = 10
+    database_random_page_cost: float = DEFAULT_RANDOM_PAGE_COST
     redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_s: int = 24 * 3600
     # Profiles kept in process in front of Redis (0: none), and for how long at most; Redis's
@@ -53,6 +55,9 @@ class Settings:
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
             database_url=env_str(env, "DATABASE_URL", defaults.database_url),
             database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
+            database_random_page_cost=env_float(
+                env, "DATABASE_RANDOM_PAGE_COST", defaults.database_random_page_cost, minimum=0.1
+            ),
             redis_url=env_str(env, "REDIS_URL", defaults.redis_url),
             cache_ttl_s=env_int(env, "PROFILE_CACHE_TTL_SECONDS", defaults.cache_ttl_s, minimum=1),
             near_cache_entries=env_int(

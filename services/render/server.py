@@ -88,7 +88,12 @@ async def create_app(settings: Settings) -> RenderApp:
         OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
     """
-    pool = await create_pool(settings.database_url, min_size=2, max_size=settings.database_pool_size)
+    pool = await create_pool(
+        settings.database_url,
+        min_size=2,
+        max_size=settings.database_pool_size,
+        random_page_cost=settings.database_random_page_cost,
+    )
     await migrate(pool, MIGRATIONS_DIR, table="render_schema_migrations")
     event_log = await JetStreamEventLog.connect(settings.event_log)
     catalog = CatalogConsumer(

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 
@@ -32,6 +33,7 @@ class Settings:
     # Templates and the recommendation catalog.
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
     database_pool_size: int = 10
+    database_random_page_cost: float = DEFAULT_RANDOM_PAGE_COST
     # The catalog is kept from product and order events on the event log.
     catalog_consumer_name: str = "render-catalog"
     catalog_batch_size: int = 256
@@ -69,6 +71,9 @@ class Settings:
             ),
             database_url=env_str(env, "DATABASE_URL", defaults.database_url),
             database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
+            database_random_page_cost=env_float(
+                env, "DATABASE_RANDOM_PAGE_COST", defaults.database_random_page_cost, minimum=0.1
+            ),
             catalog_consumer_name=env_str(
                 env, "RENDER_CATALOG_CONSUMER_NAME", defaults.catalog_consumer_name
             ),

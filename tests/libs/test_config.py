@@ -48,3 +48,11 @@ def test_every_service_names_erased_identifiers_with_the_same_keys(settings: Any
     configured = settings.from_env({"IDENTIFIER_HASH_KEYS": key}).identifier_hasher
     assert configured.hash(eve) == IdentifierHasher([b"k" * 32]).hash(eve)
     assert not settings.from_env({}).identifier_hasher.keyed
+
+
+@pytest.mark.parametrize("settings", [IngestSettings, ProfileSettings, RenderSettings])
+def test_every_service_takes_the_planners_random_page_cost_from_the_environment(settings: Any) -> None:
+    assert settings().database_random_page_cost == 1.1
+    assert settings.from_env({"DATABASE_RANDOM_PAGE_COST": "4"}).database_random_page_cost == 4.0
+    with pytest.raises(ConfigError, match="DATABASE_RANDOM_PAGE_COST"):
+        settings.from_env({"DATABASE_RANDOM_PAGE_COST": "0"})

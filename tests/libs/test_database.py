@@ -26,3 +26,12 @@ async def test_a_released_connection_gets_no_reset_round_trip_but_an_unfinished_
             assert await conn.fetchval("SHOW application_name") == "t"  # the pool's session settings stay
     finally:
         await pool.close()
+
+
+async def test_sessions_plan_with_the_ssd_random_page_cost_unless_told_otherwise(database_url: str) -> None:
+    for kwargs, expected in (({}, "1.1"), ({"random_page_cost": 2.0}, "2")):
+        pool = await create_pool(database_url, min_size=1, max_size=1, **kwargs)  # type: ignore[arg-type]
+        try:
+            assert await pool.fetchval("SHOW random_page_cost") == expected
+        finally:
+            await pool.close()
