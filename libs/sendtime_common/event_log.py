@@ -550,12 +550,18 @@ class JetStreamEventLog:
 
     async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
         s = self._settings
+        headers = {MSG_ID_HEADER: notice_id, EXPECTED_STREAM_HEADER: s.erasure_stream}
         try:
-            await self._js.publish(
-                s.erasure_subject, notice, headers={MSG_ID_HEADER: notice_id}, stream=s.erasure_stream
+            sent: asyncio.Future[Msg] | EventLogUnavailable = await self._acks.publish(
+                s.erasure_subject, notice, headers
             )
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            raise EventLogUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:  # closed, or the outbound buffer is full
+            sent = EventLogUnavailable(f"{type(exc).__name__}: {exc}")
+        (outcome,) = await self._outcomes([sent])
+        if isinstance(outcome, EventLogFull):  # the caller retries it like any unconfirmed notice
+            raise EventLogUnavailable(str(outcome))
+        if isinstance(outcome, Exception):
+            raise outcome
 
     async def follow_erasures(self, handle: ErasureHandler) -> Following:
         async def deliver(msg: Msg) -> None:

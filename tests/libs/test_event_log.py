@@ -287,3 +287,26 @@ async def test_with_the_servers_atomic_batches_all_in_use_a_batch_still_gets_sto
     finally:
         await other.close()
         await log.close()
+
+
+async def test_an_erasure_notice_resent_is_stored_once_and_with_the_server_gone_it_is_unavailable(
+    tmp_path: Path,
+) -> None:
+    port = devstack.free_port()
+    server = devstack.start_nats(port, tmp_path / "nats")
+    url = f"nats://127.0.0.1:{port}"
+    log = await JetStreamEventLog.connect(replace(JetStreamSettings(url=url), publish_timeout_s=0.3))
+    client = await nats.connect(url)
+    try:
+        for _ in range(2):
+            await log.publish_erasure("notice-1", b"erase eve")
+        info = await client.jetstream().stream_info(JetStreamSettings().erasure_stream)
+        assert info.state.messages == 1
+        await client.close()
+        devstack.stop_process(server)
+        with pytest.raises(EventLogUnavailable):  # never taken as stored
+            await asyncio.wait_for(log.publish_erasure("notice-2", b"erase bob"), timeout=5)
+    finally:
+        await client.close()
+        await log.close()
+        devstack.stop_process(server)
