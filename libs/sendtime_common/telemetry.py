@@ -41,6 +41,13 @@ def tracer_provider(service: str, otlp_endpoint: str | None, env: Mapping[str, s
     return provider
 
 
+def unsampled(span_context: trace.SpanContext) -> bool:
+    """Whether spans under this context record nothing: its trace was decided and not sampled
+    (by the caller, or by this process's sampler). Hot paths skip starting such spans, which
+    still runs the sampler per span: 5-12% of ingest's and 5% of the merger's CPU per event."""
+    return span_context.is_valid and not span_context.trace_flags.sampled
+
+
 def inject_trace_headers(headers: dict[str, str], span: trace.Span | None = None) -> dict[str, str]:
     """Write the trace context (W3C ``traceparent``) of ``span``, or the active one, into
     message headers."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import Decision
 
-from sendtime_common.telemetry import tracer_provider
+from sendtime_common.telemetry import tracer_provider, unsampled
 
 
 def test_without_an_exporter_spans_are_not_recorded_but_carry_trace_ids() -> None:
@@ -47,3 +48,14 @@ def test_a_sampler_chosen_in_the_environment_wins(
     provider = tracer_provider("test", endpoint, os.environ)
     assert _samples(provider) is recording
     provider.shutdown()
+
+
+def test_only_a_decided_unsampled_trace_counts_as_unsampled() -> None:
+    def context(flags: int, trace_id: int = 0x4BF92F3577B34DA6A3CE929D0E0E4736) -> trace.SpanContext:
+        return trace.SpanContext(
+            trace_id, 0x00F067AA0BA902B7, is_remote=True, trace_flags=trace.TraceFlags(flags)
+        )
+
+    assert unsampled(context(0x00))
+    assert not unsampled(context(0x01))
+    assert not unsampled(trace.INVALID_SPAN_CONTEXT)  # no trace yet: this process's sampler decides
