@@ -512,8 +512,9 @@ async def measure_floors(stack: BenchStack, options: Options, load: Load, meter:
     say(f"   {fmt_rate(raw.rate)} msg/s ({raw.messages:,} in {raw.seconds:.1f}s)")
     cpu = {"raw JetStream floor": meter.usage(snap, meter.snapshot())}
     empty_target = stack.start_empty_server()
-    # One stream's window of concurrent calls: a grpc.aio server (1.85) fails some calls with
-    # CANCELLED once more than about 1,000 unary calls are in flight; the rate is flat above ~64.
+    # One stream's window of concurrent calls: the empty server keeps gRPC core's default limit on
+    # calls not yet picked up, and cancels some past ~1,000 in flight (the services raise it, see
+    # GrpcServer); the rate is flat above ~64.
     concurrency = min(options.in_flight, 1000)
     say(f"floor 2/3: empty grpc.aio unary call, {concurrency} concurrent")
     snap = meter.snapshot()

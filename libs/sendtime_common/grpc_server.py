@@ -22,6 +22,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 log = logging.getLogger(__name__)
 
+MAX_PENDING_CALLS = 10_000
 OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what probes ask about
 
 # Probes and reflection are not traced: they are noise in traces, and the tracing interceptor
@@ -54,7 +55,15 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[aio_server_interceptor(filter_=_traced_call)],  # type: ignore[no-untyped-call]
             maximum_concurrent_rpcs=max_concurrent_rpcs,
-            options=[("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.so_reuseport", 0),
+                # Calls that arrived but that the Python side has not picked up yet. Past gRPC
+                # core's defaults (1,000 soft, 3,000 hard) it cancels them: a burst of 2,000
+                # concurrent unary calls lost 5-10% as CANCELLED, a code callers cannot
+                # retry on. Waiting calls cost the core little memory.
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+            ],
         )
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -99,3 +99,34 @@ async def test_service_calls_are_traced_and_health_checks_are_not(span_exporter:
     names = [span.name for span in span_exporter.get_finished_spans()]
     assert "/test.Slow/Wait" in names
     assert not [name for name in names if name.startswith("/grpc.")]
+
+
+async def test_a_burst_of_calls_beyond_grpcs_default_pending_limit_is_served_not_cancelled() -> None:
+    # gRPC core cancels calls the application has not picked up yet beyond 1,000 by default.
+    async def pause(request: bytes, context: Any) -> bytes:
+        await asyncio.sleep(0.05)
+        return request
+
+    def register(server: grpc.aio.Server) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "test.Burst", {"Pause": grpc.unary_unary_rpc_method_handler(pause)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+    server = GrpcServer("127.0.0.1:0", ["test.Burst"], register)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            method = channel.unary_unary("/test.Burst/Pause", None, None)
+
+            async def call(n: int) -> str:
+                try:
+                    answer: bytes = await method(b"%d" % n, timeout=30)
+                    return answer.decode()
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+
+            answers = await asyncio.gather(*(call(n) for n in range(4000)))
+    finally:
+        await server.stop(0)
+    assert answers == [str(n) for n in range(4000)]
