@@ -294,7 +294,11 @@ class _AckInbox:
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._waiting[reply] = future
         future.add_done_callback(lambda _: self._waiting.pop(reply, None))
-        await self._client.publish(subject, payload, reply=reply, headers=headers)
+        try:
+            await self._client.publish(subject, payload, reply=reply, headers=headers)
+        except BaseException:
+            future.cancel()  # never sent: nothing will answer it
+            raise
         return future
 
     async def _on_reply(self, msg: Msg) -> None:
