@@ -556,7 +556,7 @@ class PhaseRunner:
 
     def __init__(
         self, stack: BenchStack, options: Options, js: Any, meter: CpuMeter, seconds_per_event: float
-    ):
+    ) -> None:
         self._stack = stack
         self._options = options
         self._js = js
@@ -629,22 +629,13 @@ class PhaseRunner:
 async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     """Floors, warm-up, the load at full speed, then at the goal load; the results as a dict."""
     meter = CpuMeter(stack.cpu_groups())
-    say(f"generating 2 x {options.events:,} events for {options.customers:,} customers")
+    say(f"generating {options.events:,} events for {options.customers:,} customers")
     # The warm-up first, and each load after the one before: a load's events must occur after
     # the earlier ones, or every event of a customer they touched would arrive late and make the
     # merger replay that customer's history.
     warmup = make_load(stack.run_id, "warmup", WARMUP_EVENTS, options.customers, options.streams, seed=1)
     load = make_load(
         stack.run_id, "load", options.events, options.customers, options.streams, start_ns=warmup.end_ns
-    )
-    paced_load = make_load(
-        stack.run_id,
-        "paced",
-        options.events,
-        options.customers,
-        options.streams,
-        seed=11,
-        start_ns=load.end_ns,
     )
     say(f"   {dict(load.types)}; {load.mean_event_bytes:.0f} bytes per event as published")
     floors = await measure_floors(stack, options, load, meter)
@@ -661,6 +652,15 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
         paced = None
         if not options.ingest_only:
             rate = options.rate if options.rate is not None else GOAL_ACKED_VS_RAW * floors.raw.rate
+            paced_load = make_load(
+                stack.run_id,
+                "paced",
+                options.events,
+                options.customers,
+                options.streams,
+                seed=11,
+                start_ns=load.end_ns,
+            )
             say("load 2/2: at the goal load")
             paced = await runner.run(paced_load, rate)
             _raise_on_problems(paced.streams, "goal load")
