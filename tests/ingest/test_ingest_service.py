@@ -126,6 +126,16 @@ async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted
             assert result.status.code == grpc.StatusCode.UNAVAILABLE.value[0]
             detail_types = {d.type_url.rsplit("/", 1)[-1] for d in result.status.details}
             assert detail_types == {"google.rpc.ErrorInfo", "google.rpc.RetryInfo"}
+
+            several = await asyncio.wait_for(  # published as one atomic batch
+                stub.SendEvents(
+                    ingest_pb2.SendEventsRequest(
+                        events=[event(user_id=unique, identify=identify(a=n)) for n in range(3, 6)]
+                    )
+                ),
+                timeout=10,
+            )
+            assert [r.outcome for r in several.results] == [RETRY] * 3
     finally:
         await app.stop(grace_s=1)
         devstack.stop_process(nats)
