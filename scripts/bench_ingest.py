@@ -483,6 +483,7 @@ class Options:
     floor_seconds: float
     rate: float | None
     ingest_only: bool
+    profile_replicas: int
     json_path: Path | None
     cprofile_dir: Path | None
 
@@ -640,6 +641,9 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     say(f"   {dict(load.types)}; {load.mean_event_bytes:.0f} bytes per event as published")
     floors = await measure_floors(stack, options, load, meter)
 
+    for n in range(2, options.profile_replicas + 1):  # more mergers on the durable consumer
+        say(f"starting profile replica {n}")
+        stack.start_variant(suite.PROFILE, f"profile-{n}", {})
     client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
     try:
         say(f"warm-up: {warmup.total:,} events" + ("" if options.ingest_only else ", then wait until merged"))
@@ -709,6 +713,7 @@ def _results(
             "customers": options.customers,
             "rate": options.rate,
             "ingest_only": options.ingest_only,
+            "profile_replicas": options.profile_replicas,
             "cprofile": options.cprofile_dir is not None,
             "event_types": dict(load.types),
             "mean_event_bytes": round(load.mean_event_bytes, 1),
@@ -1001,10 +1006,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="run ingest without the profile service (full speed only; no merge, no freshness):"
         " ingest's own ceiling",
     )
+    parser.add_argument(
+        "--profile-replicas",
+        type=int,
+        default=1,
+        help="profile service processes sharing the merger's durable consumer (default 1)",
+    )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if min(args.events, args.streams, args.in_flight, args.customers, args.samples) < 1:
-        parser.error("--events, --streams, --in-flight, --customers and --samples must be positive")
+    if (
+        min(args.events, args.streams, args.in_flight, args.customers, args.samples, args.profile_replicas)
+        < 1
+    ):
+        parser.error(
+            "--events, --streams, --in-flight, --customers, --samples and --profile-replicas must be positive"
+        )
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
     return Options(
@@ -1017,6 +1033,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         floor_seconds=args.floor_seconds,
         rate=args.rate,
         ingest_only=args.ingest_only,
+        profile_replicas=args.profile_replicas,
         json_path=args.json,
         cprofile_dir=args.cprofile,
     )

@@ -114,11 +114,10 @@ async def create_app(settings: Settings) -> ProfileApp:
     event_log = await JetStreamEventLog.connect(settings.event_log)
     repository = ProfileRepository(pool, limits, rules, settings.identifier_hasher)
     merger = EventMerger(
-        await event_log.subscribe(settings.consumer_name),
+        [await event_log.subscribe(settings.consumer_name) for _ in range(settings.merge_concurrency)],
         repository,
         cache,
         batch_size=settings.merge_batch_size,
-        concurrency=settings.merge_concurrency,
     )
     erasure_notices = ErasureNoticePublisher(pool, event_log)
     servicer = ProfileServicer(

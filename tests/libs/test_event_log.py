@@ -310,3 +310,25 @@ async def test_an_erasure_notice_resent_is_stored_once_and_with_the_server_gone_
         await client.close()
         await log.close()
         devstack.stop_process(server)
+
+
+async def test_two_subscriptions_to_one_durable_consumer_fetch_side_by_side_each_message_once(
+    nats_url: str,
+) -> None:
+    """What the merger's concurrent loops rely on: each has its own subscription."""
+    log = await JetStreamEventLog.connect(settings(nats_url))
+    try:
+        await (await log.publish_batch([message(i) for i in range(20)]))
+        first, second = await log.subscribe("shared"), await log.subscribe("shared")
+        fetched = await asyncio.gather(first.fetch(10, timeout_s=5), second.fetch(10, timeout_s=5))
+        assert [len(batch) for batch in fetched] == [10, 10]
+        assert sorted(d.payload for batch in fetched for d in batch) == sorted(
+            b"payload-%d" % i for i in range(20)
+        )
+        for batch in fetched:
+            for delivery in batch:
+                await delivery.ack()
+        await first.close()
+        await second.close()
+    finally:
+        await log.close()

@@ -206,7 +206,7 @@ async def test_an_event_the_database_refuses_holds_back_no_other_in_its_batch(
     settled: dict[str, str] = {}
     subscription = OneFetch([RecordingDelivery(e, settled) for e in (good[0], poison, good[1])])
     merger = EventMerger(
-        subscription, ProfileRepository(profile_app.pool), profile_app.cache, batch_size=10, concurrency=1
+        [subscription], ProfileRepository(profile_app.pool), profile_app.cache, batch_size=10
     )
     task = asyncio.create_task(merger.run())
     try:

@@ -58,8 +58,8 @@ async def test_an_unconfirmed_ack_does_not_stop_the_merger(
         return OnceUnconfirmedDelivery(e.SerializeToString(), acks, e.event_id)  # type: ignore[attr-defined]
 
     subscription = ScriptedSubscription([[delivery(first)], [delivery(second)], [delivery(first)]])
-    merger = EventMerger(
-        subscription, ProfileRepository(profile_app.pool), profile_app.cache, batch_size=10, concurrency=2
+    merger = EventMerger(  # two loops; a scripted subscription, unlike nats-py's, can be shared
+        [subscription, subscription], ProfileRepository(profile_app.pool), profile_app.cache, batch_size=10
     )
     task = asyncio.create_task(merger.run())
     try:
