@@ -134,3 +134,27 @@ async def test_each_render_in_a_batched_lookup_leads_to_the_lookup(
     assert {s.context.trace_id for s in lookups if s.context} <= {
         s.context.trace_id for s in batch_calls if s.context
     }
+
+
+async def test_a_render_that_joins_another_renders_lookup_leads_to_it(
+    render_stub: render_pb2_grpc.RenderServiceAsyncStub,
+    span_exporter: InMemorySpanExporter,
+    unique: str,
+) -> None:
+    span_exporter.clear()
+    template = render_pb2.Template(subject="Hi")
+    request = render_pb2.RenderRequest(customer=user(f"u-{unique}"), template=template)
+    await asyncio.gather(*(render_stub.Render(request) for _ in range(10)))  # one customer
+
+    spans = span_exporter.get_finished_spans()
+    renders = [s for s in spans if s.name == "/sendtime.render.v1.RenderService/Render"]
+    lookups = [s for s in spans if s.name == "render.profile_lookup"]
+    assert len(renders) == 10 and len(lookups) < 10  # some renders shared a lookup
+    with_lookup = {s.context.trace_id for s in lookups if s.context} | {
+        link.context.trace_id for s in lookups for link in s.links
+    }
+    for render in renders:
+        assert render.context is not None
+        # Its trace holds a lookup span or is linked from one, or it links to a render's that does.
+        leads_to = {render.context.trace_id} | {link.context.trace_id for link in render.links}
+        assert leads_to & with_lookup, render

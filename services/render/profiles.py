@@ -120,7 +120,10 @@ class ProfileFetcher:
         self._redis = redis
         self._settings = settings
         self._local: LRUCache[str, tuple[float, profile_pb2.Profile]] = LRUCache(settings.local_entries)
-        self._in_flight: dict[str, asyncio.Future[tuple[float, profile_pb2.Profile]]] = {}
+        # Per identifier: the lookup under way, and the span context of the render that began it.
+        self._in_flight: dict[
+            str, tuple[asyncio.Future[tuple[float, profile_pb2.Profile]], trace.SpanContext]
+        ] = {}
         self._background: set[asyncio.Task[object]] = set()
         # Erased in the last minute: an answer to a lookup made before the erasure is not kept.
         self._just_erased: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=JUST_ERASED_S)
@@ -215,12 +218,18 @@ class ProfileFetcher:
         never longer than their own time)."""
         if time_left_s <= 0:
             raise TimeoutError()
-        pending = self._in_flight.get(key)
-        if pending is None:
+        render_span = trace.get_current_span()
+        joined = self._in_flight.get(key)
+        pending: asyncio.Future[tuple[float, profile_pb2.Profile]]
+        if joined is None:
             pending = asyncio.ensure_future(self._get_live(key, identifier, time_left_s))
-            self._in_flight[key] = pending
+            self._in_flight[key] = (pending, render_span.get_span_context())
             pending.add_done_callback(lambda _: self._in_flight.pop(key, None))
             pending.add_done_callback(_retrieve)
+        else:
+            # No lookup span in this render's trace: a link to the render whose trace has it.
+            pending, first_render = joined
+            render_span.add_link(first_render, {"sendtime.shared": "profile lookup"})
         return await asyncio.wait_for(asyncio.shield(pending), time_left_s)
 
     async def _get_live(
