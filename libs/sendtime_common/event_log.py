@@ -27,7 +27,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import nats
 import nats.errors
@@ -307,8 +307,8 @@ class _AckInbox:
             future.set_result(msg)
 
 
-def _outcome(reply: asyncio.Future[Msg]) -> PublishOutcome:
-    """What the server's reply to one publish says."""
+def _answer(reply: asyncio.Future[Msg]) -> dict[str, Any] | EventLogUnavailable:
+    """The server's JSON answer to a publish, or why there is none to read."""
     if reply.cancelled():
         return EventLogUnavailable("not confirmed within the publish timeout")
     msg = reply.result()
@@ -316,6 +316,19 @@ def _outcome(reply: asyncio.Future[Msg]) -> PublishOutcome:
         return EventLogUnavailable(f"no stream answered (status {(msg.headers or {}).get('Status', '?')})")
     try:
         answer = json.loads(msg.data)
+    except ValueError as exc:
+        return EventLogUnavailable(f"unreadable publish ack: {exc}")
+    if not isinstance(answer, dict):
+        return EventLogUnavailable(f"unreadable publish ack: {answer!r}")
+    return answer
+
+
+def _outcome(reply: asyncio.Future[Msg]) -> PublishOutcome:
+    """What the server's reply to one publish says."""
+    answer = _answer(reply)
+    if isinstance(answer, EventLogUnavailable):
+        return answer
+    try:
         if "error" in answer:
             error = answer["error"]
             if error.get("err_code") in _FULL_ERROR_CODES:
@@ -330,13 +343,10 @@ def _batch_answer(commit: asyncio.Future[Msg], count: int) -> int | EventLogUnav
     """What the server's answer to an atomic batch's commit says: the sequence of its last
     message when all ``count`` are stored; unavailable when unanswered; otherwise why it refused
     the batch (nothing of it stored)."""
-    if commit.cancelled():
-        return EventLogUnavailable("not confirmed within the publish timeout")
-    msg = commit.result()
-    if not msg.data:  # a status without a body: no stream listens on the subject
-        return EventLogUnavailable(f"no stream answered (status {(msg.headers or {}).get('Status', '?')})")
+    answer = _answer(commit)
+    if isinstance(answer, EventLogUnavailable):
+        return answer
     try:
-        answer = json.loads(msg.data)
         if "error" in answer:
             return str(answer["error"].get("description", answer["error"]))
         if int(answer["count"]) != count:
