@@ -21,6 +21,7 @@ from sendtime_common.event_log import (
     JetStreamEventLog,
     JetStreamSettings,
     OutgoingMessage,
+    PublishOutcome,
     PublishReceipt,
     RetryLater,
 )
@@ -189,6 +190,22 @@ async def stored(url: str, stream: str, sequence: int) -> tuple[str, bytes, bool
         await client.close()
 
 
+def published(count: int, *, atomically: bool) -> list[tuple[str, bytes, bool]]:
+    """What ``stored`` finds for ``message(0)`` to ``message(count - 1)``."""
+    return [(f"m-{i}", b"payload-%d" % i, atomically) for i in range(count)]
+
+
+async def stored_receipts(
+    url: str, stream: str, outcomes: list[PublishOutcome]
+) -> list[tuple[str, bytes, bool]]:
+    """What ``stored`` finds at each outcome's sequence; every outcome must be a fresh receipt."""
+    found = []
+    for outcome in outcomes:
+        assert isinstance(outcome, PublishReceipt) and not outcome.duplicate, outcome
+        found.append(await stored(url, stream, outcome.sequence))
+    return found
+
+
 async def test_a_batch_is_stored_as_one_atomic_batch_each_message_at_its_receipts_sequence(
     nats_url: str,
 ) -> None:
@@ -196,16 +213,10 @@ async def test_a_batch_is_stored_as_one_atomic_batch_each_message_at_its_receipt
     log = await JetStreamEventLog.connect(config)
     try:
         outcomes = await (await log.publish_batch([message(i) for i in range(5)]))
-        receipts = [o for o in outcomes if isinstance(o, PublishReceipt)]
-        assert len(receipts) == 5 and not any(r.duplicate for r in receipts)
-        for i, receipt in enumerate(receipts):
-            assert await stored(nats_url, config.stream, receipt.sequence) == (
-                f"m-{i}",
-                b"payload-%d" % i,
-                True,
-            )
+        assert await stored_receipts(nats_url, config.stream, outcomes) == published(5, atomically=True)
         again = await log.publish(message(3))  # an id that came in a batch is in the duplicate window
-        assert (again.duplicate, again.sequence) == (True, receipts[3].sequence)
+        assert isinstance(outcomes[3], PublishReceipt)
+        assert (again.duplicate, again.sequence) == (True, outcomes[3].sequence)
     finally:
         await log.close()
 
@@ -233,13 +244,7 @@ async def test_with_atomic_batches_switched_off_a_batch_goes_message_by_message(
     log = await JetStreamEventLog.connect(config)
     try:
         outcomes = await (await log.publish_batch([message(i) for i in range(3)]))
-        for i, outcome in enumerate(outcomes):
-            assert isinstance(outcome, PublishReceipt)
-            assert await stored(nats_url, config.stream, outcome.sequence) == (
-                f"m-{i}",
-                b"payload-%d" % i,
-                False,
-            )
+        assert await stored_receipts(nats_url, config.stream, outcomes) == published(3, atomically=False)
     finally:
         await log.close()
 
@@ -277,13 +282,7 @@ async def test_with_the_servers_atomic_batches_all_in_use_a_batch_still_gets_sto
             )
         await other.flush()
         outcomes = await (await log.publish_batch([message(i) for i in range(3)]))
-        for i, outcome in enumerate(outcomes):
-            assert isinstance(outcome, PublishReceipt) and not outcome.duplicate
-            assert await stored(nats_url, config.stream, outcome.sequence) == (
-                f"m-{i}",
-                b"payload-%d" % i,
-                False,
-            )
+        assert await stored_receipts(nats_url, config.stream, outcomes) == published(3, atomically=False)
     finally:
         await other.close()
         await log.close()
