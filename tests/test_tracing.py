@@ -30,6 +30,10 @@ async def finished_span(
     return await eventually(finished, timeout_s)
 
 
+RENDER_CALL = "/sendtime.render.v1.RenderService/Render"
+PROFILE_LOOKUP = "render.profile_lookup"
+
+
 async def test_ingest_call_and_merge_share_one_trace(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
@@ -90,15 +94,24 @@ async def test_render_call_and_profile_lookup_share_one_trace(
         render_pb2.RenderRequest(customer=user(f"u-{unique}"), template=render_pb2.Template(subject="Hi"))
     )
 
-    render = await finished_span(
-        span_exporter, lambda s: s.name == "/sendtime.render.v1.RenderService/Render"
-    )
+    render = await finished_span(span_exporter, lambda s: s.name == RENDER_CALL)
     lookup = await finished_span(  # the lookups of concurrent renders go out as one batch
         span_exporter, lambda s: s.name == "/sendtime.profile.v1.ProfileService/BatchGetProfiles"
     )
     assert lookup.context is not None and render.context is not None
     assert lookup.context.trace_id == render.context.trace_id
     assert lookup.parent is not None  # the profile server's span continues render's client span
+
+
+def finished(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if s.name == name]
+
+
+def traces_with_a_lookup(lookups: list[ReadableSpan]) -> set[int]:
+    """Traces that hold one of ``lookups``, or that one of them links to."""
+    return {s.context.trace_id for s in lookups if s.context} | {
+        link.context.trace_id for s in lookups for link in s.links
+    }
 
 
 async def test_each_render_in_a_batched_lookup_leads_to_the_lookup(
@@ -115,22 +128,16 @@ async def test_each_render_in_a_batched_lookup_leads_to_the_lookup(
         )
     )
 
-    def finished(name: str) -> list[ReadableSpan]:
-        return [s for s in span_exporter.get_finished_spans() if s.name == name]
-
-    renders = finished("/sendtime.render.v1.RenderService/Render")
-    lookups = finished("render.profile_lookup")
+    renders = finished(span_exporter, RENDER_CALL)
+    lookups = finished(span_exporter, PROFILE_LOOKUP)
     assert len(renders) == 20
     sizes = [(s.attributes or {}).get("sendtime.batch_size") for s in lookups]
     assert sum(size for size in sizes if isinstance(size, int)) == 20
     assert any(s.links for s in lookups)  # concurrent renders shared a lookup
     # Each render's trace holds a lookup span, or is linked from one.
-    served = {s.context.trace_id for s in lookups if s.context} | {
-        link.context.trace_id for s in lookups for link in s.links
-    }
-    assert {s.context.trace_id for s in renders if s.context} <= served
+    assert {s.context.trace_id for s in renders if s.context} <= traces_with_a_lookup(lookups)
     # And the profile service's side of each lookup continues the lookup span's trace.
-    batch_calls = finished("/sendtime.profile.v1.ProfileService/BatchGetProfiles")
+    batch_calls = finished(span_exporter, "/sendtime.profile.v1.ProfileService/BatchGetProfiles")
     assert {s.context.trace_id for s in lookups if s.context} <= {
         s.context.trace_id for s in batch_calls if s.context
     }
@@ -146,13 +153,10 @@ async def test_a_render_that_joins_another_renders_lookup_leads_to_it(
     request = render_pb2.RenderRequest(customer=user(f"u-{unique}"), template=template)
     await asyncio.gather(*(render_stub.Render(request) for _ in range(10)))  # one customer
 
-    spans = span_exporter.get_finished_spans()
-    renders = [s for s in spans if s.name == "/sendtime.render.v1.RenderService/Render"]
-    lookups = [s for s in spans if s.name == "render.profile_lookup"]
+    renders = finished(span_exporter, RENDER_CALL)
+    lookups = finished(span_exporter, PROFILE_LOOKUP)
     assert len(renders) == 10 and len(lookups) < 10  # some renders shared a lookup
-    with_lookup = {s.context.trace_id for s in lookups if s.context} | {
-        link.context.trace_id for s in lookups for link in s.links
-    }
+    with_lookup = traces_with_a_lookup(lookups)
     for render in renders:
         assert render.context is not None
         # Its trace holds a lookup span or is linked from one, or it links to a render's that does.
