@@ -8,56 +8,45 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
-
-from ingest.server import MIGRATIONS_DIR
 from ingest.store import SEEN_EVENT_IDS, IngestStore
-from sendtime_common.database import create_pool
-from sendtime_common.migrate import migrate
-from tests.conftest import empty_database
+from tests.ingest.migrated import migrated_pool
 
 
 async def test_seen_ids_are_found_through_the_primary_key_in_a_grown_unanalyzed_table() -> None:
-    async with empty_database("sendtime_ingest_plans") as url:
-        async with asyncpg.create_pool(url, min_size=1, max_size=1) as pool:
-            await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
-            await pool.execute(
-                "INSERT INTO ingest_processed_events (event_id, received_at)"
-                " SELECT 'evt-' || n, now() FROM generate_series(1, 40000) n"
-            )
-            wanted = [f"evt-{n}" for n in range(1, 513, 2)] + [f"new-{n}" for n in range(256)]
-            plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {SEEN_EVENT_IDS}", wanted))
-            seen = await IngestStore(pool).seen_event_ids(wanted)
+    # PostgreSQL's default random_page_cost: the statement's shape alone keeps it on the index.
+    async with migrated_pool("sendtime_ingest_plans", random_page_cost=4.0) as pool:
+        await pool.execute(
+            "INSERT INTO ingest_processed_events (event_id, received_at)"
+            " SELECT 'evt-' || n, now() FROM generate_series(1, 40000) n"
+        )
+        wanted = [f"evt-{n}" for n in range(1, 513, 2)] + [f"new-{n}" for n in range(256)]
+        plan = "\n".join(r[0] for r in await pool.fetch(f"EXPLAIN {SEEN_EVENT_IDS}", wanted))
+        seen = await IngestStore(pool).seen_event_ids(wanted)
     assert "Seq Scan on ingest_processed_events" not in plan, plan
     assert "ingest_processed_events_pkey" in plan, plan
     assert seen == {f"evt-{n}" for n in range(1, 513, 2)}
 
 
 async def test_business_key_statements_probe_the_primary_key_in_a_grown_unanalyzed_table() -> None:
-    async with empty_database("sendtime_ingest_plans") as url:
-        pool = await create_pool(url, min_size=1, max_size=1)  # as the service makes it
-        try:
-            await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
-            await pool.execute(
-                "INSERT INTO ingest_business_keys (key_kind, key_value, event_id, claimed_at, stored)"
-                " SELECT 'order', 'o' || n, 'evt-' || n, now(), true FROM generate_series(1, 40000) n"
-            )
-            statements: list[tuple[str, tuple[Any, ...]]] = []
-            async with pool.acquire() as conn:  # the pool's only connection: it logs them all
-                conn.add_query_logger(lambda q: statements.append((q.query, q.args)))
-            store = IngestStore(pool)
-            # 256 claims, a third of them for orders already seen
-            claims = {("order", f"o{n}" if n % 3 == 0 else f"new-{n}"): f"new-{n}" for n in range(1, 257)}
-            owners = await store.claim_business_keys(claims, timedelta(seconds=60))
-            new = {key: event_id for key, event_id in claims.items() if owners[key] == event_id}
-            stored = list(new)[: len(new) // 2]
-            await store.record_stored([new[key] for key in stored], stored, datetime.now(UTC))
-            await store.release_business_keys({key: new[key] for key in list(new)[len(new) // 2 :]})
-            ran = list(statements)  # before the EXPLAINs below are logged too
-            async with pool.acquire() as conn:
-                plans = ["\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {q}", *a)) for q, a in ran]
-        finally:
-            await pool.close()
+    async with migrated_pool("sendtime_ingest_plans") as pool:  # planned as the service plans
+        await pool.execute(
+            "INSERT INTO ingest_business_keys (key_kind, key_value, event_id, claimed_at, stored)"
+            " SELECT 'order', 'o' || n, 'evt-' || n, now(), true FROM generate_series(1, 40000) n"
+        )
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+        async with pool.acquire() as conn:  # the pool's only connection: it logs them all
+            conn.add_query_logger(lambda q: statements.append((q.query, q.args)))
+        store = IngestStore(pool)
+        # 256 claims, a third of them for orders already seen
+        claims = {("order", f"o{n}" if n % 3 == 0 else f"new-{n}"): f"new-{n}" for n in range(1, 257)}
+        owners = await store.claim_business_keys(claims, timedelta(seconds=60))
+        new = {key: event_id for key, event_id in claims.items() if owners[key] == event_id}
+        stored = list(new)[: len(new) // 2]
+        await store.record_stored([new[key] for key in stored], stored, datetime.now(UTC))
+        await store.release_business_keys({key: new[key] for key in list(new)[len(new) // 2 :]})
+        ran = list(statements)  # before the EXPLAINs below are logged too
+        async with pool.acquire() as conn:
+            plans = ["\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {q}", *a)) for q, a in ran]
     assert len(plans) == 3, ran  # claim, record, release
     for plan in plans:
         assert "Seq Scan on ingest_business_keys" not in plan, plan

@@ -6,25 +6,16 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
 import pytest
 
-from ingest.server import MIGRATIONS_DIR
 from ingest.store import IngestStore
-from sendtime_common.database import create_pool
-from sendtime_common.migrate import migrate
-from tests.conftest import empty_database
+from tests.ingest.migrated import migrated_pool
 
 
 @pytest.fixture
 async def store() -> AsyncIterator[IngestStore]:
-    async with empty_database("sendtime_ingest_store") as url:
-        pool: asyncpg.Pool = await create_pool(url, min_size=1, max_size=2)
-        try:
-            await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
-            yield IngestStore(pool)
-        finally:
-            await pool.close()
+    async with migrated_pool("sendtime_ingest_store", max_size=2) as pool:
+        yield IngestStore(pool)
 
 
 async def test_recording_a_stored_event_keeps_its_business_key_from_a_later_claim(store: IngestStore) -> None:
