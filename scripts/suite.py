@@ -31,15 +31,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import devstack
+from local_credentials import LocalCredentials, ensure_local_credentials
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.auth.client import authenticated_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHONPATH = os.pathsep.join(str(ROOT / part) for part in ("gen/python", "libs", "services", "scripts"))
@@ -233,9 +236,9 @@ def demo_events(user_id: str, email: str) -> list[ingest_pb2.Event]:
     ]
 
 
-async def run_demo(env: Mapping[str, str]) -> str:
+async def run_demo(env: Mapping[str, str], key: str) -> str:
     """Send a customer's events, watch the cart appear in the profile, render the abandoned-cart
-    email; the demo customer's user id.
+    email, calling with ``key``; the demo customer's user id.
 
     Raises:
         SuiteError: an event was not accepted, the cart did not show within a second, or the
@@ -244,9 +247,9 @@ async def run_demo(env: Mapping[str, str]) -> str:
     user_id = f"demo-{uuid.uuid4().hex[:8]}"
     identifier = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)
     async with (
-        grpc.aio.insecure_channel(INGEST.target(env)) as ingest_channel,
-        grpc.aio.insecure_channel(PROFILE.target(env)) as profile_channel,
-        grpc.aio.insecure_channel(RENDER.target(env)) as render_channel,
+        authenticated_channel(INGEST.target(env), key) as ingest_channel,
+        authenticated_channel(PROFILE.target(env), key) as profile_channel,
+        authenticated_channel(RENDER.target(env), key) as render_channel,
     ):
         ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
         profiles = profile_pb2_grpc.ProfileServiceStub(profile_channel)
@@ -306,8 +309,9 @@ async def _wait_for_cart(
     raise SuiteError(f"the events did not all show in the profile within {timeout_s}s")
 
 
-def grpcurl_examples(env: Mapping[str, str], user_id: str) -> str:
-    """Commands to paste; they use reflection, so no proto files are needed."""
+def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str) -> str:
+    """Commands to paste, complete with the key; they use reflection, so no proto files are
+    needed."""
     grpcurl = os.path.relpath(GRPCURL) if GRPCURL.exists() else "grpcurl"
     ingest, profile, render = INGEST.target(env), PROFILE.target(env), RENDER.target(env)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -342,26 +346,34 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str) -> str:
         f"-d {data(render_request)} {render} sendtime.render.v1.RenderService/Render",
         f"{render} grpc.health.v1.Health/Check",
     ]
-    return "\n".join(f"  {grpcurl} -plaintext {command}" for command in commands)
+    header = shlex.quote(f"authorization: Bearer {key}")
+    return "\n".join(f"  {grpcurl} -plaintext -H {header} {command}" for command in commands)
 
 
 # --- the commands ------------------------------------------------------------------------------
 
 
+@dataclass
+class RunningSuite:
+    services: list[RunningService]
+    credentials: LocalCredentials
+
+
 @contextmanager
-def suite(env: Mapping[str, str]) -> Iterator[list[RunningService]]:
-    """Dependencies up, services started; on exit, stop the services, then the dependencies this
-    call started (not ones that were already running).
+def suite(env: Mapping[str, str]) -> Iterator[RunningSuite]:
+    """Dependencies up, credentials made (or reused), services started; on exit, stop the
+    services, then the dependencies this call started (not ones that were already running).
 
     Raises:
         SuiteError: as start_services; or a service did not exit 0 on SIGTERM.
     """
     started_dependencies = devstack.up(env)
     try:
-        running = start_services(env, devstack.run_dir(env) / "logs")
+        credentials = ensure_local_credentials(env, devstack.run_dir(env))
+        running = start_services({**env, **credentials.service_env()}, devstack.run_dir(env) / "logs")
         succeeded = False
         try:
-            yield running
+            yield RunningSuite(running, credentials)
             succeeded = True
         finally:
             _say("\nstopping the services")
@@ -389,18 +401,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_requested = True
 
     try:
-        with suite(env):
+        with suite(env) as running:
+            key = running.credentials.admin_key
             started = time.monotonic()
-            user_id = asyncio.run(run_demo(env))
-            _say(f"\ndemo worked in {time.monotonic() - started:.2f}s. Try it yourself with grpcurl:")
-            _say(grpcurl_examples(env, user_id))
+            user_id = asyncio.run(run_demo(env, key))
+            _say(f"\ndemo worked in {time.monotonic() - started:.2f}s.")
+            _say(f"An API key with every scope (kept in {running.credentials.admin_key_file}):\n  {key}")
+            _say("Try it yourself with grpcurl:")
+            _say(grpcurl_examples(env, user_id, key))
             if args.command == "run":
                 signal.signal(signal.SIGINT, request_stop)
                 signal.signal(signal.SIGTERM, request_stop)
                 _say("\nserving; Ctrl-C stops everything this command started")
                 while not stop_requested:
                     time.sleep(0.2)
-    except (SuiteError, RuntimeError, OSError) as exc:
+    except (SuiteError, RuntimeError, OSError, asyncpg.PostgresError) as exc:
         print(f"suite.py {args.command}: failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C before serving began; everything has been stopped

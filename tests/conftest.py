@@ -43,7 +43,10 @@ from render.settings import Settings as RenderSettings
 from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2_grpc
+from sendtime_common.auth.api_keys import Scope
+from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.event_log import JetStreamSettings
+from tests.keys import issue_key
 
 _SPAN_EXPORTER = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -131,6 +134,23 @@ def private_postgres() -> Iterator[tuple[str, Path]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+async def admin_key(database_url: str) -> str:
+    """A key with every scope, in the test run's database."""
+    return await issue_key(database_url, display_name="tests: every scope")
+
+
+@pytest.fixture(scope="session")
+async def profile_reader_key(database_url: str) -> str:
+    """A key that can only read profiles: what render calls profile with."""
+    return await issue_key(database_url, [Scope.PROFILES_READ], display_name="tests: render")
+
+
+def channel(target: str, key: str) -> grpc.aio.Channel:
+    """A channel to ``target`` whose calls carry ``key``."""
+    return authenticated_channel(target, key)
+
+
 @pytest.fixture
 def unique() -> str:
     """A short random token for ids that must not collide across tests sharing a database."""
@@ -171,23 +191,33 @@ async def ingest_app(nats_url: str, database_url: str) -> AsyncIterator[IngestAp
 
 
 @pytest.fixture(scope="session")
-async def ingest_stub(ingest_app: IngestApp) -> AsyncIterator[ingest_pb2_grpc.IngestServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{ingest_app.grpc.port}") as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)
+async def ingest_stub(
+    ingest_app: IngestApp, admin_key: str
+) -> AsyncIterator[ingest_pb2_grpc.IngestServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{ingest_app.grpc.port}", admin_key) as ingest_channel:
+        yield ingest_pb2_grpc.IngestServiceStub(ingest_channel)
 
 
 @pytest.fixture(scope="session")
-async def profile_stub(profile_app: ProfileApp) -> AsyncIterator[profile_pb2_grpc.ProfileServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{profile_app.grpc.port}") as channel:
-        yield profile_pb2_grpc.ProfileServiceStub(channel)
+async def profile_stub(
+    profile_app: ProfileApp, admin_key: str
+) -> AsyncIterator[profile_pb2_grpc.ProfileServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{profile_app.grpc.port}", admin_key) as profile_channel:
+        yield profile_pb2_grpc.ProfileServiceStub(profile_channel)
 
 
 @pytest.fixture(scope="session")
 async def render_app(
-    profile_app: ProfileApp, redis_url: str, database_url: str, nats_url: str
+    profile_app: ProfileApp, redis_url: str, database_url: str, nats_url: str, profile_reader_key: str
 ) -> AsyncIterator[RenderApp]:
     app = await create_render_app(
-        render_settings(f"127.0.0.1:{profile_app.grpc.port}", database_url, nats_url, redis_url=redis_url)
+        render_settings(
+            f"127.0.0.1:{profile_app.grpc.port}",
+            database_url,
+            nats_url,
+            redis_url=redis_url,
+            profile_api_key=profile_reader_key,
+        )
     )
     await app.start()
     yield app
@@ -214,7 +244,9 @@ RenderServiceFactory = Callable[..., "AbstractAsyncContextManager[render_pb2_grp
 
 
 @pytest.fixture
-def render_service(database_url: str, nats_url: str) -> RenderServiceFactory:
+def render_service(
+    database_url: str, nats_url: str, admin_key: str, profile_reader_key: str
+) -> RenderServiceFactory:
     """Start a render service of the test's own (``async with render_service(target, **settings)``),
     looking profiles up at ``target``; Redis off unless ``redis_url`` is given."""
 
@@ -223,11 +255,12 @@ def render_service(database_url: str, nats_url: str) -> RenderServiceFactory:
         profile_target: str, **overrides: Any
     ) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
         overrides.setdefault("redis_url", "")
+        overrides.setdefault("profile_api_key", profile_reader_key)
         app = await create_render_app(render_settings(profile_target, database_url, nats_url, **overrides))
         await app.start()
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-                yield render_pb2_grpc.RenderServiceStub(channel)
+            async with channel(f"127.0.0.1:{app.grpc.port}", admin_key) as render_channel:
+                yield render_pb2_grpc.RenderServiceStub(render_channel)
         finally:
             await app.stop(grace_s=1)
 
@@ -235,15 +268,19 @@ def render_service(database_url: str, nats_url: str) -> RenderServiceFactory:
 
 
 @pytest.fixture(scope="session")
-async def template_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.TemplateServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{render_app.grpc.port}") as channel:
-        yield render_pb2_grpc.TemplateServiceStub(channel)
+async def template_stub(
+    render_app: RenderApp, admin_key: str
+) -> AsyncIterator[render_pb2_grpc.TemplateServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{render_app.grpc.port}", admin_key) as render_channel:
+        yield render_pb2_grpc.TemplateServiceStub(render_channel)
 
 
 @pytest.fixture(scope="session")
-async def render_stub(render_app: RenderApp) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{render_app.grpc.port}") as channel:
-        yield render_pb2_grpc.RenderServiceStub(channel)
+async def render_stub(
+    render_app: RenderApp, admin_key: str
+) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{render_app.grpc.port}", admin_key) as render_channel:
+        yield render_pb2_grpc.RenderServiceStub(render_channel)
 
 
 T = TypeVar("T")

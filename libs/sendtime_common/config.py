@@ -73,3 +73,23 @@ def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in _FALSE:
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def secret_from_env(env: Mapping[str, str], name: str) -> str:
+    """A secret given as ``NAME`` or, as Kubernetes Secrets are mounted, in the file
+    ``NAME_FILE`` (surrounding whitespace dropped); empty when neither is set.
+
+    Raises:
+        ConfigError: both are set, or the file cannot be read.
+    """
+    value = env.get(name, "").strip()
+    path = env.get(f"{name}_FILE", "").strip()
+    if value and path:
+        raise ConfigError(f"set {name} or {name}_FILE, not both")
+    if not path:
+        return value
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None

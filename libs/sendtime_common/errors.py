@@ -24,7 +24,8 @@ class FieldViolation:
     description: str
 
 
-def _pack(detail: Message) -> any_pb2.Any:
+def pack_detail(detail: Message) -> any_pb2.Any:
+    """``detail`` as a ``google.protobuf.Any`` for a status's details."""
     packed = any_pb2.Any()
     packed.Pack(detail)
     return packed
@@ -38,7 +39,9 @@ def bad_request_status(message: str, violations: Iterable[FieldViolation]) -> st
             for v in violations
         ]
     )
-    return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[_pack(bad_request)])
+    return status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message=message, details=[pack_detail(bad_request)]
+    )
 
 
 def retry_status(code: grpc.StatusCode, message: str, reason: str, retry_after_s: float) -> status_pb2.Status:
@@ -49,16 +52,21 @@ def retry_status(code: grpc.StatusCode, message: str, reason: str, retry_after_s
         code=code.value[0],
         message=message,
         details=[
-            _pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)),
-            _pack(error_details_pb2.RetryInfo(retry_delay=delay)),
+            pack_detail(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)),
+            pack_detail(error_details_pb2.RetryInfo(retry_delay=delay)),
         ],
     )
 
 
 def not_found_status(message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
     """NOT_FOUND with an ``ErrorInfo`` naming what was looked for."""
+    return error_info_status(code_pb2.NOT_FOUND, message, reason, metadata)
+
+
+def error_info_status(code: int, message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
+    """A status of ``code`` (a ``google.rpc.Code``) with an ``ErrorInfo`` giving ``reason``."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
-    return status_pb2.Status(code=code_pb2.NOT_FOUND, message=message, details=[_pack(info)])
+    return status_pb2.Status(code=code, message=message, details=[pack_detail(info)])
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], status: status_pb2.Status) -> NoReturn:

@@ -41,19 +41,23 @@ def _traced_call(details: Any) -> bool:
 
 
 class GrpcServer:
-    """A grpc.aio server with health, reflection and tracing, serving ``service_names``."""
+    """A grpc.aio server with health, reflection and tracing, serving ``service_names``; every
+    call but health checks passes ``access`` (sendtime_common.auth.access.AccessInterceptor),
+    which authenticates the caller and checks the scope the method declares."""
 
     def __init__(
         self,
         address: str,
         service_names: Sequence[str],
         register: Callable[[grpc.aio.Server], None],
+        access: grpc.aio.ServerInterceptor[Any, Any],
         *,
         max_concurrent_rpcs: int | None = None,
     ) -> None:
         self._service_names = list(service_names)
         self.server = grpc.aio.server(
-            interceptors=[aio_server_interceptor(filter_=_traced_call)],  # type: ignore[no-untyped-call]
+            # Tracing outermost, so that refused calls are traced too.
+            interceptors=[aio_server_interceptor(filter_=_traced_call), access],  # type: ignore[no-untyped-call]
             maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 0),
@@ -79,6 +83,11 @@ class GrpcServer:
         self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+
+    @property
+    def service_names(self) -> list[str]:
+        """The services hosted (besides health and reflection)."""
+        return list(self._service_names)
 
     async def start(self) -> None:
         """Start serving and report SERVING for the server and each service."""

@@ -6,15 +6,15 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sendtime_cli import importer, profiles
+from sendtime_cli import importer, keys, profiles
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sendtime",
         description=(
-            "Sendtime operator tools: `import` talks to ingest over gRPC; `profile rebuild` works on the "
-            "profile service's database."
+            "Sendtime operator tools: `import` talks to ingest over gRPC; `profile rebuild` and `keys` "
+            "work on the database (DATABASE_URL)."
         ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     profiles.add_arguments(
         commands.add_parser(
             "profile", help="profile maintenance: rebuild", description="Profile maintenance."
+        )
+    )
+    keys.add_arguments(
+        commands.add_parser(
+            "keys",
+            help="API keys: create, list, show, rotate, revoke",
+            description="API keys, made and ended in the database (DATABASE_URL). See docs/security.md.",
         )
     )
     return parser

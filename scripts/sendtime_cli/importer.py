@@ -20,7 +20,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +36,8 @@ from sendtime_cli.checkpoint import Checkpoint, CheckpointError, Counts, Fingerp
 from sendtime_cli.checkpoint import default_path as default_checkpoint_path
 from sendtime_cli.formats import BadFile, Format, Rejected
 from sendtime_cli.records import Record, read_records
+from sendtime_common.auth.client import authenticated_channel
+from sendtime_common.config import ConfigError, secret_from_env
 from sendtime_common.errors import FieldViolation, field_violations, status_of
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -54,6 +56,8 @@ class ImportOptions:
     path: Path
     format: Format | None = None  # None: by the file's extension
     target: str = DEFAULT_TARGET
+    # A key with the scope events.write (SENDTIME_API_KEY, or the file SENDTIME_API_KEY_FILE).
+    api_key: str = ""
     checkpoint: Path | None = None  # None: FILE.sendtime-import.json
     restart: bool = False
     batch_size: int = 500
@@ -578,7 +582,7 @@ async def run_import(
         if send is not None:
             await pump(send)
         else:
-            async with grpc.aio.insecure_channel(options.target) as channel:
+            async with authenticated_channel(options.target, options.api_key) as channel:
                 stub = ingest_pb2_grpc.IngestServiceStub(channel)
 
                 async def send_over_grpc(
@@ -708,11 +712,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=main)
 
 
-def options_from_args(args: argparse.Namespace) -> ImportOptions:
+def options_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> ImportOptions:
+    """Raises: ConfigError: no API key is set."""
+    api_key = secret_from_env(env, "SENDTIME_API_KEY")
+    if not api_key:
+        raise ConfigError(
+            "set SENDTIME_API_KEY (or SENDTIME_API_KEY_FILE) to a key with the scope events.write"
+        )
     return ImportOptions(
         path=args.file,
         format=Format(args.format) if args.format else None,
         target=args.target,
+        api_key=api_key,
         checkpoint=args.checkpoint,
         restart=args.restart,
         batch_size=args.batch_size,
@@ -729,7 +740,11 @@ def options_from_args(args: argparse.Namespace) -> ImportOptions:
 
 def main(args: argparse.Namespace) -> int:
     """Run the import; SIGTERM and Ctrl-C stop it at a clean point (exit 130)."""
-    options = options_from_args(args)
+    try:
+        options = options_from_args(args, os.environ)
+    except ConfigError as exc:
+        print(f"sendtime import: {exc}", file=sys.stderr)
+        return 1
 
     async def run() -> int:
         task = asyncio.current_task()

@@ -23,6 +23,7 @@ from ingest.store import IngestStore, StoreError
 from ingest.validation import ValidationRules
 from ingest.webhooks import WebhookServer
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
 from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
@@ -47,6 +48,7 @@ class IngestApp:
     pool: asyncpg.Pool
     retention: Retention
     dead_letters: DeadLetters
+    auth: ServerAuth
     webhooks: WebhookServer | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _erasures: Following | None = None
@@ -61,6 +63,7 @@ class IngestApp:
         announces them."""
         if self.webhooks is not None:
             await self.webhooks.start()
+        self.auth.start()
         self._background = [
             asyncio.create_task(self._flush_counts(), name="flush-counts"),
             asyncio.create_task(self._purge_expired(), name="purge-expired"),
@@ -80,6 +83,7 @@ class IngestApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.counters.flush(self.store)
+        await self.auth.close()
         await self.event_log.close()
         await self.pool.close()
 
@@ -118,6 +122,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         random_page_cost=settings.database_random_page_cost,
     )
     await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
+    auth = await create_server_auth(pool, "ingest", [SERVICE_NAME], settings.auth, settings.identifier_hasher)
     if event_log is None:
         event_log = await JetStreamEventLog.connect(settings.event_log)
     store, counters = IngestStore(pool), OutcomeCounters()
@@ -149,6 +154,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         settings.address,
         [SERVICE_NAME],
         lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, s),
+        auth.interceptor,
     )
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
@@ -167,5 +173,6 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         pool=pool,
         retention=Retention.from_settings(settings),
         dead_letters=dead_letters,
+        auth=auth,
         webhooks=webhooks,
     )

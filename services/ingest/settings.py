@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ingest.webhooks import WebhookSettings
+from sendtime_common.auth.server_auth import AuthSettings
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
@@ -42,6 +43,8 @@ class Settings:
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
     # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
     identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
+    # Who may call: key checks, mutual-TLS identities, reflection (sendtime_common.auth).
+    auth: AuthSettings = field(default_factory=AuthSettings)
     # The HTTP listener for webhooks runs only when a provider's secret or key is set.
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
@@ -81,6 +84,7 @@ class Settings:
             stream_linger_ms=env_float(env, "INGEST_STREAM_LINGER_MS", defaults.stream_linger_ms),
             event_log=JetStreamSettings.from_env(env),
             identifier_hasher=hasher_from_env(env),
+            auth=AuthSettings.from_env(env),
             webhooks=WebhookSettings(
                 address=env_str(env, "INGEST_WEBHOOK_ADDRESS", webhook_defaults.address),
                 shopify_secret=env_str(env, "SHOPIFY_WEBHOOK_SECRET", ""),

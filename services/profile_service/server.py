@@ -4,13 +4,17 @@ erasure-notice publisher and the gRPC server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import grpc
 import redis.asyncio as redis
 
+from profile_service.access_servicers import AuditServicer, KeyServicer
 from profile_service.cache import KEY_PREFIX, ProfileCache
 from profile_service.customer_data import CustomerData
 from profile_service.erasure_notices import ErasureNoticePublisher
@@ -22,14 +26,25 @@ from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.servicer import ProfileServicer
 from profile_service.settings import Settings
+from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.migrate import migrate
 
+log = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
+# The profile service also hosts key management and the audit trail.
+SERVICE_NAMES = [
+    SERVICE_NAME,
+    auth_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+    auth_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+]
+AUDIT_PURGE_INTERVAL_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -40,9 +55,12 @@ class ProfileApp:
     cache: ProfileCache
     event_log: EventLog
     erasure_notices: ErasureNoticePublisher
+    auth: ServerAuth
+    audit_retention: timedelta
     invalidations: InvalidationListener | None = None  # None: no near cache
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _listening: asyncio.Task[None] | None = None
+    _purging: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Serve gRPC, and start merging events, publishing erasure notices and following the
@@ -51,10 +69,12 @@ class ProfileApp:
         await self.start_background()
 
     async def start_background(self) -> None:
+        self.auth.start()
         self._background = [
             asyncio.create_task(self.merger.run(), name="merger"),
             asyncio.create_task(self.erasure_notices.run(), name="erasure-notices"),
         ]
+        self._purging = asyncio.create_task(self._purge_audit_trail(), name="purge-audit-trail")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
             self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
 
@@ -65,6 +85,11 @@ class ProfileApp:
         self.erasure_notices.stop()
         for task in self._background:
             await task
+        if self._purging is not None:
+            self._purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purging
+        await self.auth.close()
         if self._listening is not None:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
@@ -77,6 +102,15 @@ class ProfileApp:
     async def stop(self, grace_s: float) -> None:
         await self.grpc.stop(grace_s)
         await self.close()
+
+    async def _purge_audit_trail(self) -> None:
+        while True:
+            try:
+                purged = await self.auth.audit.purge(datetime.now(UTC) - self.audit_retention)
+                log.info("purged expired audit records", extra={"audit_records": purged})
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("could not purge expired audit records", extra={"error": str(exc)})
+            await asyncio.sleep(AUDIT_PURGE_INTERVAL_S)
 
 
 async def create_app(settings: Settings) -> ProfileApp:
@@ -106,6 +140,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         random_page_cost=settings.database_random_page_cost,
     )
     await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
+    auth = await create_server_auth(pool, "profile", SERVICE_NAMES, settings.auth, settings.identifier_hasher)
     near, invalidations = None, None
     if settings.near_cache_entries:
         near = NearCache(settings.near_cache_entries, settings.near_cache_ttl_s)
@@ -128,11 +163,14 @@ async def create_app(settings: Settings) -> ProfileApp:
         repository,
         max_batch_get=settings.max_batch_get,
     )
-    server = GrpcServer(
-        settings.address,
-        [SERVICE_NAME],
-        lambda s: profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, s),
-    )
+    key_servicer, audit_servicer = KeyServicer(auth.keys), AuditServicer(auth.audit)
+
+    def register(server: grpc.aio.Server) -> None:
+        profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
+        auth_pb2_grpc.add_KeyServiceServicer_to_server(key_servicer, server)
+        auth_pb2_grpc.add_AuditServiceServicer_to_server(audit_servicer, server)
+
+    server = GrpcServer(settings.address, SERVICE_NAMES, register, auth.interceptor)
     return ProfileApp(
         grpc=server,
         merger=merger,
@@ -140,5 +178,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         cache=cache,
         event_log=event_log,
         erasure_notices=erasure_notices,
+        auth=auth,
+        audit_retention=timedelta(days=settings.audit_retention_days),
         invalidations=invalidations,
     )

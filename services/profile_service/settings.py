@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sendtime_common.auth.server_auth import AuthSettings
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
@@ -39,6 +40,10 @@ class Settings:
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
     # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
     identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
+    # Who may call: key checks, mutual-TLS identities, reflection (sendtime_common.auth).
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    # How long the audit trail keeps a record.
+    audit_retention_days: int = 365
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -78,4 +83,8 @@ class Settings:
             ),
             event_log=JetStreamSettings.from_env(env),
             identifier_hasher=hasher_from_env(env),
+            auth=AuthSettings.from_env(env),
+            audit_retention_days=env_int(
+                env, "AUDIT_RETENTION_DAYS", defaults.audit_retention_days, minimum=1
+            ),
         )

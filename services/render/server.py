@@ -27,6 +27,9 @@ from render.template_store import TemplateStore
 from render.templates import TemplateCompiler
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.auth.client import authenticated_channel
+from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
+from sendtime_common.config import ConfigError
 from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
@@ -47,6 +50,7 @@ class RenderApp:
     pool: asyncpg.Pool
     event_log: EventLog
     catalog: CatalogConsumer
+    auth: ServerAuth
     _catalog_task: asyncio.Task[None] | None = field(default=None)
     _erasures: Following | None = field(default=None)
 
@@ -57,6 +61,7 @@ class RenderApp:
     async def start_background(self) -> None:
         """Keep the catalog from the event log, and drop erased people's profile copies as the
         profile service announces them (from the oldest notice the log keeps)."""
+        self.auth.start()
         self._catalog_task = asyncio.create_task(self.catalog.run(), name="catalog")
         self._erasures = await self.event_log.follow_erasures(self.profiles.on_erasure_notice)
 
@@ -71,6 +76,7 @@ class RenderApp:
         await self.event_log.close()
         await self.profiles.close()
         await self.profile_channel.close(grace=None)
+        await self.auth.close()
         await self.pool.close()
 
     async def stop(self, grace_s: float) -> None:
@@ -85,9 +91,15 @@ async def create_app(settings: Settings) -> RenderApp:
     profile service or Redis is down.
 
     Raises:
+        sendtime_common.config.ConfigError: no key to call the profile service with.
         OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
     """
+    if not settings.profile_api_key:
+        raise ConfigError(
+            "PROFILE_SERVICE_API_KEY (or PROFILE_SERVICE_API_KEY_FILE) is required: render reads "
+            "profiles with a key of its own that has the scope profiles.read"
+        )
     pool = await create_pool(
         settings.database_url,
         min_size=2,
@@ -95,6 +107,7 @@ async def create_app(settings: Settings) -> RenderApp:
         random_page_cost=settings.database_random_page_cost,
     )
     await migrate(pool, MIGRATIONS_DIR, table="render_schema_migrations")
+    auth = await create_server_auth(pool, "render", SERVICE_NAMES, settings.auth, settings.identifier_hasher)
     event_log = await JetStreamEventLog.connect(settings.event_log)
     catalog = CatalogConsumer(
         await event_log.subscribe(settings.catalog_consumer_name),
@@ -103,8 +116,9 @@ async def create_app(settings: Settings) -> RenderApp:
         concurrency=settings.catalog_concurrency,
         processed_retention=timedelta(seconds=settings.event_log.max_age_s) + timedelta(days=1),
     )
-    channel = grpc.aio.insecure_channel(
+    channel = authenticated_channel(
         settings.profile_target,
+        settings.profile_api_key,
         interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]  # traces the lookups
     )
     profiles = ProfileFetcher(
@@ -137,10 +151,11 @@ async def create_app(settings: Settings) -> RenderApp:
         render_pb2_grpc.add_TemplateServiceServicer_to_server(template_servicer, server)
 
     return RenderApp(
-        grpc=GrpcServer(settings.address, SERVICE_NAMES, register),
+        grpc=GrpcServer(settings.address, SERVICE_NAMES, register, auth.interceptor),
         profile_channel=channel,
         profiles=profiles,
         pool=pool,
         event_log=event_log,
         catalog=catalog,
+        auth=auth,
     )

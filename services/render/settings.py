@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.auth.server_auth import AuthSettings
+from sendtime_common.config import env_float, env_int, env_str, secret_from_env
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
@@ -18,6 +19,8 @@ class Settings:
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
     profile_target: str = "127.0.0.1:50052"
+    # The API key render calls profile with: one that can only read profiles (profiles.read).
+    profile_api_key: str = ""
     # Last-known-good profiles are kept here (and in process) for when the profile service
     # cannot answer in time; empty: in process only.
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -42,6 +45,8 @@ class Settings:
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
     # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
     identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
+    # Who may call: key checks, mutual-TLS identities, reflection (sendtime_common.auth).
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -57,6 +62,7 @@ class Settings:
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
             profile_target=env_str(env, "PROFILE_SERVICE_TARGET", defaults.profile_target),
+            profile_api_key=secret_from_env(env, "PROFILE_SERVICE_API_KEY"),
             redis_url=env.get("RENDER_REDIS_URL", env_str(env, "REDIS_URL", defaults.redis_url)).strip(),
             default_deadline_s=env_float(
                 env, "RENDER_DEFAULT_DEADLINE_SECONDS", defaults.default_deadline_s, minimum=0.001
@@ -88,4 +94,5 @@ class Settings:
             ),
             event_log=JetStreamSettings.from_env(env),
             identifier_hasher=hasher_from_env(env),
+            auth=AuthSettings.from_env(env),
         )

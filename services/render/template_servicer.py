@@ -8,9 +8,7 @@ import logging
 from typing import Any, NoReturn, Protocol
 
 import grpc
-from google.protobuf import any_pb2
-from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2
 
 from render.context import struct_to_dict
 from render.template_store import (
@@ -32,10 +30,10 @@ from render.templates import InvalidTemplate, TemplateCompiler, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.errors import (
-    ERROR_DOMAIN,
     FieldViolation,
     abort_invalid,
     abort_with,
+    error_info_status,
     not_found_status,
     retry_status,
 )
@@ -103,7 +101,7 @@ class TemplateServicer(render_pb2_grpc.TemplateServiceServicer):
             name = template_name(request.template_id)
             await abort_with(
                 context,
-                _error_status(
+                error_info_status(
                     code_pb2.ALREADY_EXISTS,
                     f"{name} exists; UpdateTemplate stores a new version of it",
                     "TEMPLATE_ALREADY_EXISTS",
@@ -199,7 +197,7 @@ class TemplateServicer(render_pb2_grpc.TemplateServiceServicer):
         except VersionNotFound:
             await abort_with(
                 context,
-                _error_status(
+                error_info_status(
                     code_pb2.FAILED_PRECONDITION,
                     f"{request.name} has no version {request.version} to publish",
                     "TEMPLATE_VERSION_NOT_FOUND",
@@ -292,21 +290,6 @@ def _check_name(name: str) -> list[FieldViolation]:
     except InvalidName as exc:
         return [FieldViolation("name", str(exc))]
     return []
-
-
-def _error_status(code: int, message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
-    """A status with an ``ErrorInfo`` (for the codes ``sendtime_common.errors`` has no helper for)."""
-    return status_pb2.Status(
-        code=code,
-        message=message,
-        details=[_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))],
-    )
-
-
-def _pack(detail: Message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    return packed
 
 
 async def _abort_not_found(context: grpc.aio.ServicerContext[Any, Any], name: str) -> NoReturn:

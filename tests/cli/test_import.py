@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,8 +52,17 @@ def target(ingest_app: IngestApp) -> str:
     return f"127.0.0.1:{ingest_app.grpc.port}"
 
 
+@pytest.fixture
+def importing(target: str, admin_key: str) -> Callable[..., ImportOptions]:
+    """ImportOptions for the test's ingest, with a key."""
+    return functools.partial(ImportOptions, target=target, api_key=admin_key)
+
+
 async def test_import_jsonl_reports_rejected_lines_and_reruns_safely(
-    tmp_path: Path, target: str, profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub, unique: str
+    tmp_path: Path,
+    importing: Callable[..., ImportOptions],
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
 ) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text(
@@ -69,7 +80,7 @@ async def test_import_jsonl_reports_rejected_lines_and_reruns_safely(
         + "\n"
     )
     rejected_out = tmp_path / "rejected.jsonl"
-    options = ImportOptions(path=path, target=target, quiet=True, rejected_out=rejected_out)
+    options = importing(path=path, quiet=True, rejected_out=rejected_out)
 
     code, out, _ = await run(options)
 
@@ -102,27 +113,30 @@ async def test_import_jsonl_reports_rejected_lines_and_reruns_safely(
 
 
 async def test_all_good_lines_exit_0_and_show_rejected_limits_the_list(
-    tmp_path: Path, target: str, unique: str
+    tmp_path: Path, importing: Callable[..., ImportOptions], unique: str
 ) -> None:
     good = tmp_path / "good.ndjson"
     good.write_text(identify_line(f"imp-{unique}-ok", plan="pro") + "\n")
-    code, out, _ = await run(ImportOptions(path=good, target=target, quiet=True))
+    code, out, _ = await run(importing(path=good, quiet=True))
     assert code == 0 and "accepted   1" in out and "rejected" in out
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("nope\n" * 5)
-    code, out, _ = await run(ImportOptions(path=bad, target=target, quiet=True, show_rejected=2))
+    code, out, _ = await run(importing(path=bad, quiet=True, show_rejected=2))
     assert code == 2
     assert "line 1: invalid JSON" in out and "line 2: invalid JSON" in out and "line 3:" not in out
     assert "... and 3 more" in out
 
 
 async def test_traits_csv_import_reaches_the_profile(
-    tmp_path: Path, target: str, profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub, unique: str
+    tmp_path: Path,
+    importing: Callable[..., ImportOptions],
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
 ) -> None:
     path = tmp_path / "traits.csv"
     path.write_text(f"user_id,email,plan,vip\nimp-{unique}-csv,,gold,true\n,,silver,\n")
-    code, out, _ = await run(ImportOptions(path=path, target=target, quiet=True, typed=True))
+    code, out, _ = await run(importing(path=path, quiet=True, typed=True))
     assert code == 2
     assert "line 3: customer: at least one of" in out
     profile = await wait_for_profile(profile_stub, user(f"imp-{unique}-csv"), lambda p: "vip" in p.traits)
@@ -130,11 +144,11 @@ async def test_traits_csv_import_reaches_the_profile(
 
 
 async def test_a_changed_file_is_not_resumed_without_restart(
-    tmp_path: Path, target: str, unique: str
+    tmp_path: Path, importing: Callable[..., ImportOptions], unique: str
 ) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text(identify_line(f"imp-{unique}-c", plan="a") + "\n")
-    options = ImportOptions(path=path, target=target, quiet=True)
+    options = importing(path=path, quiet=True)
     assert (await run(options))[0] == 0
 
     path.write_text(
@@ -176,7 +190,7 @@ async def _stream_state(nats_url: str) -> tuple[int, int]:
 
 
 async def test_killed_import_resumes_and_stores_every_good_line_once(
-    tmp_path: Path, target: str, nats_url: str, unique: str
+    tmp_path: Path, target: str, admin_key: str, nats_url: str, unique: str
 ) -> None:
     # A catalog: product_upserted events, which the profile merger skips cheaply, so the thousands
     # of events do not hold up the tests after this one.
@@ -194,7 +208,8 @@ async def test_killed_import_resumes_and_stores_every_good_line_once(
     command += ["--target", target, "--batch-size", "50", "--rate", "4000", "--quiet"]
     before, _ = await _stream_state(nats_url)
 
-    first = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    env = {**os.environ, "SENDTIME_API_KEY": admin_key}
+    first = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, env=env)
     deadline = asyncio.get_running_loop().time() + 10
     while True:
         checkpoint = Checkpoint.load(checkpoint_file) if checkpoint_file.exists() else None
@@ -213,7 +228,7 @@ async def test_killed_import_resumes_and_stores_every_good_line_once(
         stored_by_first = stored
         await asyncio.sleep(0.1)
 
-    second = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    second = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE, env=env)
     stdout, _ = await second.communicate()
     assert second.returncode == 2, stdout.decode()
 
@@ -236,7 +251,9 @@ async def test_killed_import_resumes_and_stores_every_good_line_once(
         _, unmerged = await _stream_state(nats_url)
 
 
-async def test_catalog_csv_import_sends_exact_prices(tmp_path: Path, target: str, unique: str) -> None:
+async def test_catalog_csv_import_sends_exact_prices(
+    tmp_path: Path, importing: Callable[..., ImportOptions], unique: str
+) -> None:
     path = tmp_path / "catalog.csv"
     path.write_text(
         "sku,name,price,currency,category,in_stock\n"
@@ -244,7 +261,7 @@ async def test_catalog_csv_import_sends_exact_prices(tmp_path: Path, target: str
         f"{unique}-2,Sock,12;50,EUR,socks,1\n"
         f"{unique}-3,Cap,0.10,EURO,hats,0\n"
     )
-    options = ImportOptions(path=path, format=Format.CATALOG_CSV, target=target, quiet=True)
+    options = importing(path=path, format=Format.CATALOG_CSV, quiet=True)
     code, out, _ = await run(options)
     assert code == 2
     assert "accepted   1" in out

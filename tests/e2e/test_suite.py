@@ -19,6 +19,7 @@ import pytest
 
 import devstack
 import suite
+from local_credentials import ensure_local_credentials
 from tests.conftest import database_dropped_after, repo_root
 
 pytestmark = pytest.mark.e2e
@@ -65,8 +66,10 @@ def suite_env(
 def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
     """The three services as processes, as `make run` starts them."""
     devstack.up(suite_env)  # everything is reachable already; this creates the database
-    running = suite.start_services(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs")
-    yield suite_env
+    credentials = ensure_local_credentials(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]))
+    env = {**suite_env, **credentials.service_env(), "SENDTIME_KEY": credentials.admin_key}
+    running = suite.start_services(env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs")
+    yield env
     codes = suite.stop_services(running)
     assert codes == {"render": 0, "ingest": 0, "profile": 0}, "a service did not exit 0 on SIGTERM"
 
@@ -75,15 +78,20 @@ def target(env: dict[str, str], variable: str) -> str:
     return "127.0.0.1:" + env[variable].rpartition(":")[2]
 
 
-def grpcurl(*args: str, data: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+def grpcurl(
+    *args: str, key: str | None, data: dict[str, Any] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real grpcurl, with ``key`` (None: no credentials)."""
     command = [GRPCURL, "-plaintext", "-max-time", "10"]
+    if key is not None:
+        command += ["-H", f"authorization: Bearer {key}"]
     if data is not None:
         command += ["-d", json.dumps(data)]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30, check=False)
 
 
-def grpcurl_json(*args: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    result = grpcurl(*args, data=data)
+def grpcurl_json(*args: str, key: str | None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    result = grpcurl(*args, key=key, data=data)
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
@@ -92,23 +100,35 @@ def grpcurl_json(*args: str, data: dict[str, Any] | None = None) -> dict[str, An
 def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[str, str]) -> None:
     for variable, services in [
         ("INGEST_ADDRESS", ["sendtime.ingest.v1.IngestService"]),
-        ("PROFILE_ADDRESS", ["sendtime.profile.v1.ProfileService"]),
+        (
+            "PROFILE_ADDRESS",
+            [
+                "sendtime.profile.v1.ProfileService",
+                "sendtime.auth.v1.KeyService",
+                "sendtime.auth.v1.AuditService",
+            ],
+        ),
         ("RENDER_ADDRESS", ["sendtime.render.v1.RenderService", "sendtime.render.v1.TemplateService"]),
     ]:
-        result = grpcurl(target(running_suite, variable), "list")
+        result = grpcurl(target(running_suite, variable), "list", key=running_suite["SENDTIME_KEY"])
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == sorted(
             [*services, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
         )
-        health = grpcurl_json(target(running_suite, variable), "grpc.health.v1.Health/Check")
+        # Health needs no key, but grpcurl asks reflection (which does) for its descriptor.
+        health = grpcurl_json(
+            target(running_suite, variable), "grpc.health.v1.Health/Check", key=running_suite["SENDTIME_KEY"]
+        )
         assert health == {"status": "SERVING"}
 
 
 def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_suite: dict[str, str]) -> None:
     user_id = f"grpcurl-{uuid.uuid4().hex[:8]}"
+    key = running_suite["SENDTIME_KEY"]
     sent = grpcurl_json(
         target(running_suite, "INGEST_ADDRESS"),
         "sendtime.ingest.v1.IngestService/SendEvents",
+        key=key,
         data={
             "events": [
                 {
@@ -129,6 +149,7 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
         result = grpcurl(
             target(running_suite, "PROFILE_ADDRESS"),
             "sendtime.profile.v1.ProfileService/GetProfile",
+            key=key,
             data=lookup,
         )
         if result.returncode == 0:
@@ -143,6 +164,7 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
     rendered = grpcurl_json(
         target(running_suite, "RENDER_ADDRESS"),
         "sendtime.render.v1.RenderService/Render",
+        key=key,
         data={
             "customer": {"kind": "IDENTIFIER_KIND_USER_ID", "value": user_id},
             "template": {"subject": "Hi {{ profile.traits.first_name }} ({{ profile.traits.plan }})"},
@@ -156,6 +178,7 @@ def test_a_bad_request_shows_field_violations_in_grpcurl(running_suite: dict[str
     result = grpcurl(
         target(running_suite, "PROFILE_ADDRESS"),
         "sendtime.profile.v1.ProfileService/GetProfile",
+        key=running_suite["SENDTIME_KEY"],
         data={"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": "not an email"}},
     )
     assert result.returncode != 0
@@ -174,7 +197,14 @@ def run_readme_block(block: str, env: dict[str, str]) -> subprocess.CompletedPro
     for port, variable in DEFAULT_PORTS.items():  # the README shows the default ports
         block = block.replace(f"localhost:{port}", target(env, variable))
     script = f'grpcurl() {{ {shlex.quote(GRPCURL)} "$@"; }}\nset -e\n{block}'
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SENDTIME_KEY": env["SENDTIME_KEY"]},
+    )
 
 
 def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, str]) -> None:
@@ -248,7 +278,8 @@ def test_run_serves_until_ctrl_c_then_stops_everything_it_started(suite_env: dic
             if line.startswith("serving; Ctrl-C"):
                 break
         assert devstack.tcp_reachable("127.0.0.1", redis_port), "".join(lines)
-        grpcurl_json(target(env, "RENDER_ADDRESS"), "grpc.health.v1.Health/Check")  # still serving
+        key = (Path(env["SENDTIME_RUN_DIR"]) / "secrets" / "admin.key").read_text().strip()
+        grpcurl_json(target(env, "RENDER_ADDRESS"), "grpc.health.v1.Health/Check", key=key)  # serving
 
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)

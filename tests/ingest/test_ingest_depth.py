@@ -30,9 +30,10 @@ from sendtime_common.event_log import (
     PublishOutcome,
     PublishReceipt,
 )
-from tests.conftest import user, wait_for_profile
+from tests.conftest import channel, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed, timestamp
 from tests.ingest.test_validation import VALID_PAYLOADS
+from tests.keys import issue_key
 
 ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = ingest_pb2.EVENT_OUTCOME_DUPLICATE
@@ -45,11 +46,12 @@ async def ingest_service(
     **settings: Any,
 ) -> AsyncIterator[tuple[IngestApp, ingest_pb2_grpc.IngestServiceAsyncStub]]:
     """An ingest service of its own (settings as given), with a client."""
-    app = await create_app(Settings(address="127.0.0.1:0", **settings))
+    app_settings = Settings(address="127.0.0.1:0", **settings)
+    app = await create_app(app_settings)
     await app.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            yield app, ingest_pb2_grpc.IngestServiceStub(channel)
+        async with channel(f"127.0.0.1:{app.grpc.port}", await issue_key(app_settings.database_url)) as calls:
+            yield app, ingest_pb2_grpc.IngestServiceStub(calls)
     finally:
         await app.stop(grace_s=1)
 
@@ -369,8 +371,8 @@ async def test_a_flooding_stream_is_held_to_its_in_flight_limit(
             )
 
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        async with channel(f"127.0.0.1:{app.grpc.port}", await issue_key(database_url)) as calls:
+            stub = ingest_pb2_grpc.IngestServiceStub(calls)
             outcomes = [r.result.outcome async for r in stub.StreamEvents(flood())]
     finally:
         await app.stop(grace_s=1)

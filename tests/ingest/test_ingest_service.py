@@ -17,7 +17,9 @@ from ingest.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.errors import FieldViolation, field_violations, status_of
 from sendtime_common.event_log import JetStreamSettings
+from tests.conftest import channel
 from tests.factories import cart_item_added, event, identify, product_viewed
+from tests.keys import issue_key
 
 ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = ingest_pb2.EVENT_OUTCOME_DUPLICATE
@@ -107,8 +109,8 @@ async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted
     app = await create_app(settings)
     await app.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        async with channel(f"127.0.0.1:{app.grpc.port}", await issue_key(database_url)) as calls:
+            stub = ingest_pb2_grpc.IngestServiceStub(calls)
             ok = await stub.SendEvents(
                 ingest_pb2.SendEventsRequest(events=[event(user_id=unique, identify=identify(a=1))])
             )
@@ -199,8 +201,8 @@ async def test_stream_events_arriving_within_the_linger_go_to_the_log_as_one_bat
     try:
         js = client.jetstream()
         start = (await js.stream_info(JetStreamSettings().stream)).state.last_seq + 1
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        async with channel(f"127.0.0.1:{app.grpc.port}", await issue_key(database_url)) as calls:
+            stub = ingest_pb2_grpc.IngestServiceStub(calls)
             outcomes = [r.result.outcome async for r in stub.StreamEvents(paced())]
         assert outcomes == [ACCEPTED] * 6
         end = (await js.stream_info(JetStreamSettings().stream)).state.last_seq

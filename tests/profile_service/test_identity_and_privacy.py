@@ -24,8 +24,9 @@ from sendtime_common.errors import status_of
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
-from tests.conftest import eventually, user, wait_for_profile
+from tests.conftest import channel, eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
+from tests.keys import issue_key
 from tests.profile_service.test_erasure_notices import Heard, unkeyed_hash
 from tests.profile_service.test_profile_service import send
 
@@ -243,8 +244,8 @@ async def test_with_redis_down_reads_fall_back_to_postgres(
     app = await create_app(settings)
     await app.grpc.start()  # reads only: no merger
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc.port}") as channel:
-            stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        async with channel(f"127.0.0.1:{app.grpc.port}", await issue_key(database_url)) as calls:
+            stub = profile_pb2_grpc.ProfileServiceStub(calls)
             request = profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}"))
             assert (await stub.GetProfile(request)).profile.traits["first_name"] == "Ada"
             async with Redis.from_url(settings.redis_url) as client:

@@ -2,7 +2,7 @@
 what came back as JSON (an answer, or the status code). Run by the render fault test, so a
 deadline measures the render service, not the test process's busy event loop.
 
-Usage: python -m tests.render.concurrent_renders TARGET TIMEOUT_S < requests.json
+Usage: SENDTIME_API_KEY=<key> python -m tests.render.concurrent_renders TARGET TIMEOUT_S < requests.json
 (a JSON list of RenderRequest in proto JSON form).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,12 +19,13 @@ import grpc
 from google.protobuf import json_format
 
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.auth.client import authenticated_channel
 
 
 async def render_all(
     target: str, timeout_s: float, requests: Sequence[render_pb2.RenderRequest]
 ) -> list[dict[str, Any]]:
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with authenticated_channel(target, os.environ["SENDTIME_API_KEY"]) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)  # a caller's channel is connected already
         stub = render_pb2_grpc.RenderServiceStub(channel)
 

@@ -397,7 +397,9 @@ async def test_concurrent_renders_look_their_customers_up_together(
 
 
 @pytest.fixture
-def render_process_without_profiles(database_url: str, redis_url: str, tmp_path: Path) -> Iterator[str]:
+def render_process_without_profiles(
+    database_url: str, redis_url: str, tmp_path: Path, profile_reader_key: str
+) -> Iterator[str]:
     """A render service as deployed, a process of its own (with a NATS of its own, so its
     catalog consumer has nothing to replay), pointed at a profile service that is not there. A
     deadline is the service's promise, so it is measured where the service runs alone, not in
@@ -408,6 +410,7 @@ def render_process_without_profiles(database_url: str, redis_url: str, tmp_path:
         **os.environ,
         "RENDER_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
         "PROFILE_SERVICE_TARGET": f"127.0.0.1:{devstack.free_port()}",
+        "PROFILE_SERVICE_API_KEY": profile_reader_key,
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "NATS_URL": f"nats://127.0.0.1:{nats_port}",
@@ -423,7 +426,7 @@ def render_process_without_profiles(database_url: str, redis_url: str, tmp_path:
 
 
 async def test_with_the_profile_service_stopped_every_render_answers_within_150_ms(
-    render_process_without_profiles: str,
+    render_process_without_profiles: str, admin_key: str
 ) -> None:
     content = template(
         CART_EMAIL, required_data=[], fallback={"profile": {"traits": {"first_name": "there"}}}
@@ -438,7 +441,7 @@ async def test_with_the_profile_service_stopped_every_render_answers_within_150_
         render_process_without_profiles,
         "0.15",
         cwd=repo_root(),
-        env=suite.service_env(os.environ),
+        env={**suite.service_env(os.environ), "SENDTIME_API_KEY": admin_key},
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )

@@ -23,13 +23,14 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
-from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_ingest__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.type import money_pb2 as google_dot_type_dot_money__pb2
+from sendtime.auth.v1 import auth_pb2 as sendtime_dot_auth_dot_v1_dot_auth__pb2
+from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_ingest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/profile/v1/profile.proto\x12\x13sendtime.profile.v1\x1a google/protobuf/field_mask.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\"N\n\nIdentifier\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sendtime.profile.v1.IdentifierKind\x12\r\n\x05value\x18\x02 \x01(\t\"\xf6\x06\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x34\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\'\n\x06traits\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04\x63\x61rt\x18\x05 \x01(\x0b\x32\x19.sendtime.profile.v1.Cart\x12\x39\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32 .sendtime.profile.v1.ProductView\x12\x31\n\x06orders\x18\x07 \x01(\x0b\x32!.sendtime.profile.v1.OrderSummary\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07loyalty\x18\x0b \x01(\x0b\x32\x1c.sendtime.profile.v1.Loyalty\x12.\n\x08\x63onsents\x18\x0c \x03(\x0b\x32\x1c.sendtime.profile.v1.Consent\x12\x33\n\x05\x65mail\x18\r \x01(\x0b\x32$.sendtime.profile.v1.EmailEngagement\x12\x30\n\tlast_seen\x18\x0e \x01(\x0b\x32\x1d.sendtime.profile.v1.LastSeen\x12@\n\nprovenance\x18\x0f \x03(\x0b\x32,.sendtime.profile.v1.Profile.ProvenanceEntry\x12\x30\n\x06merges\x18\x10 \x03(\x0b\x32 .sendtime.profile.v1.MergeRecord\x12\x39\n\x0e\x62locked_merges\x18\x11 \x03(\x0b\x32!.sendtime.profile.v1.BlockedMerge\x12\x16\n\x0epurchased_skus\x18\x12 \x03(\t\x1aR\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.sendtime.profile.v1.Provenance:\x02\x38\x01\"\x7f\n\nProvenance\x12/\n\x06source\x18\x01 \x01(\x0e\x32\x1f.sendtime.ingest.v1.EventSource\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\"X\n\x07Loyalty\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x07\x43onsent\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\x12\x12\n\nsubscribed\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x04\n\x0f\x45mailEngagement\x12\x37\n\x13last_delivered_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_open_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_click_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topens_30d\x18\x04 \x01(\x03\x12\x12\n\nclicks_30d\x18\x05 \x01(\x03\x12\x15\n\rdelivered_30d\x18\x06 \x01(\x03\x12\x36\n\x0c\x62ounce_state\x18\x07 \x01(\x0e\x32 .sendtime.profile.v1.BounceState\x12\x14\n\x0cunsubscribed\x18\x08 \x01(\x08\x12\x15\n\rspam_reported\x18\t \x01(\x08\x12\x35\n\x11recent_open_times\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12recent_click_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16recent_delivered_times\x18\x0c \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x08LastSeen\x12-\n\tseen_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x62rowser\x18\x06 \x01(\t\"k\n\x0bMergeRecord\x12\x1a\n\x12merged_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42lockedMerge\x12\x19\n\x11other_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nblock_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x01\n\x04\x43\x61rt\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sendtime.profile.v1.CartItem\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tabandoned\x18\x04 \x01(\x08\"_\n\x08\x43\x61rtItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12&\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x99\x01\n\x0bProductView\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12-\n\tview_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12.\n\norder_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12$\n\x08refunded\x18\x05 \x01(\x0b\x32\x12.google.type.Money\"\xf4\x01\n\x0cOrderSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12*\n\x0elifetime_value\x18\x02 \x03(\x0b\x32\x12.google.type.Money\x12*\n\x06recent\x18\x03 \x03(\x0b\x32\x1a.sendtime.profile.v1.Order\x12/\n\x13\x61verage_order_value\x18\x04 \x03(\x0b\x32\x12.google.type.Money\x12\x17\n\x0f\x63\x61ncelled_count\x18\x05 \x01(\x03\x12\x33\n\x0flast_order_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x11GetProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\"~\n\x17\x42\x61tchGetProfilesRequest\x12\x34\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"O\n\x18\x42\x61tchGetProfilesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.ProfileResult\"\x92\x01\n\rProfileResult\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\x07profile\x18\x02 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x0e\n\x06\x65rased\x18\x04 \x01(\x08\"\xe9\x01\n\x18ListProfileEventsRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x19ListProfileEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x14\x45xportProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"@\n\x15\x45xportProfileResponse\x12\'\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x14\x44\x65leteProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"a\n\x15\x44\x65leteProfileResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1b\n\x13identifiers_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03\"Z\n\rErasureNotice\x12\x19\n\x11identifier_hashes\x18\x01 \x03(\x0c\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc6\x01\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IDENTIFIER_KIND_USER_ID\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x02\x12 \n\x1cIDENTIFIER_KIND_ANONYMOUS_ID\x10\x03\x12\x1a\n\x16IDENTIFIER_KIND_CRM_ID\x10\x04\x12\x1d\n\x19IDENTIFIER_KIND_DEVICE_ID\x10\x05*p\n\x0b\x42ounceState\x12\x1c\n\x18\x42OUNCE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OUNCE_STATE_NONE\x10\x01\x12\x15\n\x11\x42OUNCE_STATE_SOFT\x10\x02\x12\x15\n\x11\x42OUNCE_STATE_HARD\x10\x03\x32\xa4\x04\n\x0eProfileService\x12]\n\nGetProfile\x12&.sendtime.profile.v1.GetProfileRequest\x1a\'.sendtime.profile.v1.GetProfileResponse\x12o\n\x10\x42\x61tchGetProfiles\x12,.sendtime.profile.v1.BatchGetProfilesRequest\x1a-.sendtime.profile.v1.BatchGetProfilesResponse\x12r\n\x11ListProfileEvents\x12-.sendtime.profile.v1.ListProfileEventsRequest\x1a..sendtime.profile.v1.ListProfileEventsResponse\x12\x66\n\rExportProfile\x12).sendtime.profile.v1.ExportProfileRequest\x1a*.sendtime.profile.v1.ExportProfileResponse\x12\x66\n\rDeleteProfile\x12).sendtime.profile.v1.DeleteProfileRequest\x1a*.sendtime.profile.v1.DeleteProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/profile/v1/profile.proto\x12\x13sendtime.profile.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/type/money.proto\x1a\x1bsendtime/auth/v1/auth.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\"N\n\nIdentifier\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sendtime.profile.v1.IdentifierKind\x12\r\n\x05value\x18\x02 \x01(\t\"\xf6\x06\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x34\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\'\n\x06traits\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04\x63\x61rt\x18\x05 \x01(\x0b\x32\x19.sendtime.profile.v1.Cart\x12\x39\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32 .sendtime.profile.v1.ProductView\x12\x31\n\x06orders\x18\x07 \x01(\x0b\x32!.sendtime.profile.v1.OrderSummary\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07loyalty\x18\x0b \x01(\x0b\x32\x1c.sendtime.profile.v1.Loyalty\x12.\n\x08\x63onsents\x18\x0c \x03(\x0b\x32\x1c.sendtime.profile.v1.Consent\x12\x33\n\x05\x65mail\x18\r \x01(\x0b\x32$.sendtime.profile.v1.EmailEngagement\x12\x30\n\tlast_seen\x18\x0e \x01(\x0b\x32\x1d.sendtime.profile.v1.LastSeen\x12@\n\nprovenance\x18\x0f \x03(\x0b\x32,.sendtime.profile.v1.Profile.ProvenanceEntry\x12\x30\n\x06merges\x18\x10 \x03(\x0b\x32 .sendtime.profile.v1.MergeRecord\x12\x39\n\x0e\x62locked_merges\x18\x11 \x03(\x0b\x32!.sendtime.profile.v1.BlockedMerge\x12\x16\n\x0epurchased_skus\x18\x12 \x03(\t\x1aR\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.sendtime.profile.v1.Provenance:\x02\x38\x01\"\x7f\n\nProvenance\x12/\n\x06source\x18\x01 \x01(\x0e\x32\x1f.sendtime.ingest.v1.EventSource\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\"X\n\x07Loyalty\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x07\x43onsent\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\x12\x12\n\nsubscribed\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x04\n\x0f\x45mailEngagement\x12\x37\n\x13last_delivered_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_open_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_click_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topens_30d\x18\x04 \x01(\x03\x12\x12\n\nclicks_30d\x18\x05 \x01(\x03\x12\x15\n\rdelivered_30d\x18\x06 \x01(\x03\x12\x36\n\x0c\x62ounce_state\x18\x07 \x01(\x0e\x32 .sendtime.profile.v1.BounceState\x12\x14\n\x0cunsubscribed\x18\x08 \x01(\x08\x12\x15\n\rspam_reported\x18\t \x01(\x08\x12\x35\n\x11recent_open_times\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12recent_click_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16recent_delivered_times\x18\x0c \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x08LastSeen\x12-\n\tseen_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x62rowser\x18\x06 \x01(\t\"k\n\x0bMergeRecord\x12\x1a\n\x12merged_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42lockedMerge\x12\x19\n\x11other_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nblock_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x01\n\x04\x43\x61rt\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sendtime.profile.v1.CartItem\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tabandoned\x18\x04 \x01(\x08\"_\n\x08\x43\x61rtItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12&\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x99\x01\n\x0bProductView\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12-\n\tview_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12.\n\norder_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12$\n\x08refunded\x18\x05 \x01(\x0b\x32\x12.google.type.Money\"\xf4\x01\n\x0cOrderSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12*\n\x0elifetime_value\x18\x02 \x03(\x0b\x32\x12.google.type.Money\x12*\n\x06recent\x18\x03 \x03(\x0b\x32\x1a.sendtime.profile.v1.Order\x12/\n\x13\x61verage_order_value\x18\x04 \x03(\x0b\x32\x12.google.type.Money\x12\x17\n\x0f\x63\x61ncelled_count\x18\x05 \x01(\x03\x12\x33\n\x0flast_order_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x11GetProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\"~\n\x17\x42\x61tchGetProfilesRequest\x12\x34\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"O\n\x18\x42\x61tchGetProfilesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.ProfileResult\"\x92\x01\n\rProfileResult\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\x07profile\x18\x02 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x0e\n\x06\x65rased\x18\x04 \x01(\x08\"\xe9\x01\n\x18ListProfileEventsRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x19ListProfileEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x14\x45xportProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"@\n\x15\x45xportProfileResponse\x12\'\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x14\x44\x65leteProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"a\n\x15\x44\x65leteProfileResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1b\n\x13identifiers_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03\"Z\n\rErasureNotice\x12\x19\n\x11identifier_hashes\x18\x01 \x03(\x0c\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xc6\x01\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IDENTIFIER_KIND_USER_ID\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x02\x12 \n\x1cIDENTIFIER_KIND_ANONYMOUS_ID\x10\x03\x12\x1a\n\x16IDENTIFIER_KIND_CRM_ID\x10\x04\x12\x1d\n\x19IDENTIFIER_KIND_DEVICE_ID\x10\x05*p\n\x0b\x42ounceState\x12\x1c\n\x18\x42OUNCE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OUNCE_STATE_NONE\x10\x01\x12\x15\n\x11\x42OUNCE_STATE_SOFT\x10\x02\x12\x15\n\x11\x42OUNCE_STATE_HARD\x10\x03\x32\xe8\x04\n\x0eProfileService\x12\x65\n\nGetProfile\x12&.sendtime.profile.v1.GetProfileRequest\x1a\'.sendtime.profile.v1.GetProfileResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12w\n\x10\x42\x61tchGetProfiles\x12,.sendtime.profile.v1.BatchGetProfilesRequest\x1a-.sendtime.profile.v1.BatchGetProfilesResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12z\n\x11ListProfileEvents\x12-.sendtime.profile.v1.ListProfileEventsRequest\x1a..sendtime.profile.v1.ListProfileEventsResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12|\n\rExportProfile\x12).sendtime.profile.v1.ExportProfileRequest\x1a*.sendtime.profile.v1.ExportProfileResponse\"\x14\x92\xa1\x19\x10\x08\x03\x10\x01\x1a\nidentifier\x12|\n\rDeleteProfile\x12).sendtime.profile.v1.DeleteProfileRequest\x1a*.sendtime.profile.v1.DeleteProfileResponse\"\x14\x92\xa1\x19\x10\x08\x04\x10\x01\x1a\nidentifierb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,64 +39,74 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROFILE_PROVENANCEENTRY']._loaded_options = None
   _globals['_PROFILE_PROVENANCEENTRY']._serialized_options = b'8\001'
-  _globals['_IDENTIFIERKIND']._serialized_start=4535
-  _globals['_IDENTIFIERKIND']._serialized_end=4733
-  _globals['_BOUNCESTATE']._serialized_start=4735
-  _globals['_BOUNCESTATE']._serialized_end=4847
-  _globals['_IDENTIFIER']._serialized_start=213
-  _globals['_IDENTIFIER']._serialized_end=291
-  _globals['_PROFILE']._serialized_start=294
-  _globals['_PROFILE']._serialized_end=1180
-  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1098
-  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1180
-  _globals['_PROVENANCE']._serialized_start=1182
-  _globals['_PROVENANCE']._serialized_end=1309
-  _globals['_LOYALTY']._serialized_start=1311
-  _globals['_LOYALTY']._serialized_end=1399
-  _globals['_CONSENT']._serialized_start=1401
-  _globals['_CONSENT']._serialized_end=1525
-  _globals['_EMAILENGAGEMENT']._serialized_start=1528
-  _globals['_EMAILENGAGEMENT']._serialized_end=2041
-  _globals['_LASTSEEN']._serialized_start=2044
-  _globals['_LASTSEEN']._serialized_end=2180
-  _globals['_MERGERECORD']._serialized_start=2182
-  _globals['_MERGERECORD']._serialized_end=2289
-  _globals['_BLOCKEDMERGE']._serialized_start=2291
-  _globals['_BLOCKEDMERGE']._serialized_end=2414
-  _globals['_CART']._serialized_start=2417
-  _globals['_CART']._serialized_end=2572
-  _globals['_CARTITEM']._serialized_start=2574
-  _globals['_CARTITEM']._serialized_end=2669
-  _globals['_PRODUCTVIEW']._serialized_start=2672
-  _globals['_PRODUCTVIEW']._serialized_end=2825
-  _globals['_ORDER']._serialized_start=2828
-  _globals['_ORDER']._serialized_end=2993
-  _globals['_ORDERSUMMARY']._serialized_start=2996
-  _globals['_ORDERSUMMARY']._serialized_end=3240
-  _globals['_GETPROFILEREQUEST']._serialized_start=3242
-  _globals['_GETPROFILEREQUEST']._serialized_end=3361
-  _globals['_GETPROFILERESPONSE']._serialized_start=3363
-  _globals['_GETPROFILERESPONSE']._serialized_end=3430
-  _globals['_BATCHGETPROFILESREQUEST']._serialized_start=3432
-  _globals['_BATCHGETPROFILESREQUEST']._serialized_end=3558
-  _globals['_BATCHGETPROFILESRESPONSE']._serialized_start=3560
-  _globals['_BATCHGETPROFILESRESPONSE']._serialized_end=3639
-  _globals['_PROFILERESULT']._serialized_start=3642
-  _globals['_PROFILERESULT']._serialized_end=3788
-  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_start=3791
-  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_end=4024
-  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_start=4026
-  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_end=4121
-  _globals['_EXPORTPROFILEREQUEST']._serialized_start=4123
-  _globals['_EXPORTPROFILEREQUEST']._serialized_end=4198
-  _globals['_EXPORTPROFILERESPONSE']._serialized_start=4200
-  _globals['_EXPORTPROFILERESPONSE']._serialized_end=4264
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=4266
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=4341
-  _globals['_DELETEPROFILERESPONSE']._serialized_start=4343
-  _globals['_DELETEPROFILERESPONSE']._serialized_end=4440
-  _globals['_ERASURENOTICE']._serialized_start=4442
-  _globals['_ERASURENOTICE']._serialized_end=4532
-  _globals['_PROFILESERVICE']._serialized_start=4850
-  _globals['_PROFILESERVICE']._serialized_end=5398
+  _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._serialized_options = b'\222\241\031\002\010\002'
+  _globals['_PROFILESERVICE'].methods_by_name['BatchGetProfiles']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['BatchGetProfiles']._serialized_options = b'\222\241\031\002\010\002'
+  _globals['_PROFILESERVICE'].methods_by_name['ListProfileEvents']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['ListProfileEvents']._serialized_options = b'\222\241\031\002\010\002'
+  _globals['_PROFILESERVICE'].methods_by_name['ExportProfile']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['ExportProfile']._serialized_options = b'\222\241\031\020\010\003\020\001\032\nidentifier'
+  _globals['_PROFILESERVICE'].methods_by_name['DeleteProfile']._loaded_options = None
+  _globals['_PROFILESERVICE'].methods_by_name['DeleteProfile']._serialized_options = b'\222\241\031\020\010\004\020\001\032\nidentifier'
+  _globals['_IDENTIFIERKIND']._serialized_start=4564
+  _globals['_IDENTIFIERKIND']._serialized_end=4762
+  _globals['_BOUNCESTATE']._serialized_start=4764
+  _globals['_BOUNCESTATE']._serialized_end=4876
+  _globals['_IDENTIFIER']._serialized_start=242
+  _globals['_IDENTIFIER']._serialized_end=320
+  _globals['_PROFILE']._serialized_start=323
+  _globals['_PROFILE']._serialized_end=1209
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1127
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1209
+  _globals['_PROVENANCE']._serialized_start=1211
+  _globals['_PROVENANCE']._serialized_end=1338
+  _globals['_LOYALTY']._serialized_start=1340
+  _globals['_LOYALTY']._serialized_end=1428
+  _globals['_CONSENT']._serialized_start=1430
+  _globals['_CONSENT']._serialized_end=1554
+  _globals['_EMAILENGAGEMENT']._serialized_start=1557
+  _globals['_EMAILENGAGEMENT']._serialized_end=2070
+  _globals['_LASTSEEN']._serialized_start=2073
+  _globals['_LASTSEEN']._serialized_end=2209
+  _globals['_MERGERECORD']._serialized_start=2211
+  _globals['_MERGERECORD']._serialized_end=2318
+  _globals['_BLOCKEDMERGE']._serialized_start=2320
+  _globals['_BLOCKEDMERGE']._serialized_end=2443
+  _globals['_CART']._serialized_start=2446
+  _globals['_CART']._serialized_end=2601
+  _globals['_CARTITEM']._serialized_start=2603
+  _globals['_CARTITEM']._serialized_end=2698
+  _globals['_PRODUCTVIEW']._serialized_start=2701
+  _globals['_PRODUCTVIEW']._serialized_end=2854
+  _globals['_ORDER']._serialized_start=2857
+  _globals['_ORDER']._serialized_end=3022
+  _globals['_ORDERSUMMARY']._serialized_start=3025
+  _globals['_ORDERSUMMARY']._serialized_end=3269
+  _globals['_GETPROFILEREQUEST']._serialized_start=3271
+  _globals['_GETPROFILEREQUEST']._serialized_end=3390
+  _globals['_GETPROFILERESPONSE']._serialized_start=3392
+  _globals['_GETPROFILERESPONSE']._serialized_end=3459
+  _globals['_BATCHGETPROFILESREQUEST']._serialized_start=3461
+  _globals['_BATCHGETPROFILESREQUEST']._serialized_end=3587
+  _globals['_BATCHGETPROFILESRESPONSE']._serialized_start=3589
+  _globals['_BATCHGETPROFILESRESPONSE']._serialized_end=3668
+  _globals['_PROFILERESULT']._serialized_start=3671
+  _globals['_PROFILERESULT']._serialized_end=3817
+  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_start=3820
+  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_end=4053
+  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_start=4055
+  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_end=4150
+  _globals['_EXPORTPROFILEREQUEST']._serialized_start=4152
+  _globals['_EXPORTPROFILEREQUEST']._serialized_end=4227
+  _globals['_EXPORTPROFILERESPONSE']._serialized_start=4229
+  _globals['_EXPORTPROFILERESPONSE']._serialized_end=4293
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=4295
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=4370
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=4372
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=4469
+  _globals['_ERASURENOTICE']._serialized_start=4471
+  _globals['_ERASURENOTICE']._serialized_end=4561
+  _globals['_PROFILESERVICE']._serialized_start=4879
+  _globals['_PROFILESERVICE']._serialized_end=5495
 # @@protoc_insertion_point(module_scope)

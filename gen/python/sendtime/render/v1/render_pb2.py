@@ -26,64 +26,81 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
-from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_ingest__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
+from sendtime.auth.v1 import auth_pb2 as sendtime_dot_auth_dot_v1_dot_auth__pb2
+from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_ingest__pb2
 from sendtime.profile.v1 import profile_pb2 as sendtime_dot_profile_dot_v1_dot_profile__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsendtime/render/v1/render.proto\x12\x12sendtime.render.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\x1a\x17google/rpc/status.proto\x1a!sendtime/profile/v1/profile.proto\"\xd8\x01\n\x08Template\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08\x66\x61llback\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rrequired_data\x18\x05 \x03(\t\x12/\n\x0cmax_data_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\"\xc0\x01\n\x0eStoredTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x07\x63ontent\x18\x04 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x19\n\x11published_version\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\rRenderRequest\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12.\n\x08template\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rtemplate_name\x18\x04 \x01(\t\x12\x18\n\x10template_version\x18\x05 \x01(\x03\"\xd2\x03\n\x0eRenderResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfallback_used\x18\x04 \x01(\x08\x12;\n\x0f\x66\x61llback_reason\x18\x05 \x01(\x0e\x32\".sendtime.render.v1.FallbackReason\x12\x17\n\x0fprofile_version\x18\x06 \x01(\x03\x12\x30\n\x06status\x18\x07 \x01(\x0e\x32 .sendtime.render.v1.RenderStatus\x12\x33\n\x0bskip_reason\x18\x08 \x01(\x0e\x32\x1e.sendtime.render.v1.SkipReason\x12\x13\n\x0bskip_detail\x18\t \x01(\t\x12\x18\n\x10template_version\x18\n \x01(\x03\x12+\n\x08\x64\x61ta_age\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x0eprofile_source\x18\x0c \x01(\x0e\x32!.sendtime.render.v1.ProfileSource\x12\x16\n\x0e\x66\x61llbacks_used\x18\r \x03(\t\x12\x10\n\x08\x64\x65graded\x18\x0e \x01(\x08\"\xa5\x01\n\x12RenderBatchRequest\x12\x32\n\tcustomers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x15\n\rtemplate_name\x18\x02 \x01(\t\x12\x18\n\x10template_version\x18\x03 \x01(\x03\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xae\x01\n\x13RenderBatchResponse\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x82\x01\n\x15\x43reateTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"N\n\x16\x43reateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xac\x01\n\x15UpdateTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0f\n\x07publish\x18\x05 \x01(\x08\"N\n\x16UpdateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"3\n\x12GetTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"K\n\x13GetTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"=\n\x14ListTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x15ListTemplatesResponse\x12\x35\n\ttemplates\x18\x01 \x03(\x0b\x32\".sendtime.render.v1.StoredTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x16PublishTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\x17PublishTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xf3\x01\n\x16PreviewTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x31\n\x08\x63ustomer\x18\x04 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12,\n\x0bsample_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tvariables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\x17PreviewTemplateResponse\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse*\xc8\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12%\n!FALLBACK_REASON_PROFILE_NOT_FOUND\x10\x01\x12#\n\x1f\x46\x41LLBACK_REASON_PROFILE_TIMEOUT\x10\x02\x12\'\n#FALLBACK_REASON_PROFILE_UNAVAILABLE\x10\x03\x12 \n\x1c\x46\x41LLBACK_REASON_CIRCUIT_OPEN\x10\x04*d\n\x0cRenderStatus\x12\x1d\n\x19RENDER_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RENDER_STATUS_RENDERED\x10\x01\x12\x19\n\x15RENDER_STATUS_SKIPPED\x10\x02*\xdf\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12%\n!SKIP_REASON_REQUIRED_DATA_MISSING\x10\x01\x12\x1c\n\x18SKIP_REASON_UNSUBSCRIBED\x10\x02\x12\x1c\n\x18SKIP_REASON_HARD_BOUNCED\x10\x03\x12\x1a\n\x16SKIP_REASON_NO_CONSENT\x10\x04\x12\x16\n\x12SKIP_REASON_ERASED\x10\x05\x12\x1d\n\x19SKIP_REASON_SPAM_REPORTED\x10\x06*\x9f\x01\n\rProfileSource\x12\x1e\n\x1aPROFILE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13PROFILE_SOURCE_LIVE\x10\x01\x12\x18\n\x14PROFILE_SOURCE_CACHE\x10\x02\x12\"\n\x1ePROFILE_SOURCE_LAST_KNOWN_GOOD\x10\x03\x12\x17\n\x13PROFILE_SOURCE_NONE\x10\x04\x32\xc2\x01\n\rRenderService\x12O\n\x06Render\x12!.sendtime.render.v1.RenderRequest\x1a\".sendtime.render.v1.RenderResponse\x12`\n\x0bRenderBatch\x12&.sendtime.render.v1.RenderBatchRequest\x1a\'.sendtime.render.v1.RenderBatchResponse0\x01\x32\x81\x05\n\x0fTemplateService\x12g\n\x0e\x43reateTemplate\x12).sendtime.render.v1.CreateTemplateRequest\x1a*.sendtime.render.v1.CreateTemplateResponse\x12g\n\x0eUpdateTemplate\x12).sendtime.render.v1.UpdateTemplateRequest\x1a*.sendtime.render.v1.UpdateTemplateResponse\x12^\n\x0bGetTemplate\x12&.sendtime.render.v1.GetTemplateRequest\x1a\'.sendtime.render.v1.GetTemplateResponse\x12\x64\n\rListTemplates\x12(.sendtime.render.v1.ListTemplatesRequest\x1a).sendtime.render.v1.ListTemplatesResponse\x12j\n\x0fPublishTemplate\x12*.sendtime.render.v1.PublishTemplateRequest\x1a+.sendtime.render.v1.PublishTemplateResponse\x12j\n\x0fPreviewTemplate\x12*.sendtime.render.v1.PreviewTemplateRequest\x1a+.sendtime.render.v1.PreviewTemplateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsendtime/render/v1/render.proto\x12\x12sendtime.render.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1bsendtime/auth/v1/auth.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\x1a!sendtime/profile/v1/profile.proto\"\xd8\x01\n\x08Template\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08\x66\x61llback\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rrequired_data\x18\x05 \x03(\t\x12/\n\x0cmax_data_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\"\xc0\x01\n\x0eStoredTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x07\x63ontent\x18\x04 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x19\n\x11published_version\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\rRenderRequest\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12.\n\x08template\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rtemplate_name\x18\x04 \x01(\t\x12\x18\n\x10template_version\x18\x05 \x01(\x03\"\xd2\x03\n\x0eRenderResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfallback_used\x18\x04 \x01(\x08\x12;\n\x0f\x66\x61llback_reason\x18\x05 \x01(\x0e\x32\".sendtime.render.v1.FallbackReason\x12\x17\n\x0fprofile_version\x18\x06 \x01(\x03\x12\x30\n\x06status\x18\x07 \x01(\x0e\x32 .sendtime.render.v1.RenderStatus\x12\x33\n\x0bskip_reason\x18\x08 \x01(\x0e\x32\x1e.sendtime.render.v1.SkipReason\x12\x13\n\x0bskip_detail\x18\t \x01(\t\x12\x18\n\x10template_version\x18\n \x01(\x03\x12+\n\x08\x64\x61ta_age\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x0eprofile_source\x18\x0c \x01(\x0e\x32!.sendtime.render.v1.ProfileSource\x12\x16\n\x0e\x66\x61llbacks_used\x18\r \x03(\t\x12\x10\n\x08\x64\x65graded\x18\x0e \x01(\x08\"\xa5\x01\n\x12RenderBatchRequest\x12\x32\n\tcustomers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x15\n\rtemplate_name\x18\x02 \x01(\t\x12\x18\n\x10template_version\x18\x03 \x01(\x03\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xae\x01\n\x13RenderBatchResponse\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x82\x01\n\x15\x43reateTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"N\n\x16\x43reateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xac\x01\n\x15UpdateTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0f\n\x07publish\x18\x05 \x01(\x08\"N\n\x16UpdateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"3\n\x12GetTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"K\n\x13GetTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"=\n\x14ListTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x15ListTemplatesResponse\x12\x35\n\ttemplates\x18\x01 \x03(\x0b\x32\".sendtime.render.v1.StoredTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x16PublishTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\x17PublishTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xf3\x01\n\x16PreviewTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x31\n\x08\x63ustomer\x18\x04 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12,\n\x0bsample_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tvariables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\x17PreviewTemplateResponse\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse*\xc8\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12%\n!FALLBACK_REASON_PROFILE_NOT_FOUND\x10\x01\x12#\n\x1f\x46\x41LLBACK_REASON_PROFILE_TIMEOUT\x10\x02\x12\'\n#FALLBACK_REASON_PROFILE_UNAVAILABLE\x10\x03\x12 \n\x1c\x46\x41LLBACK_REASON_CIRCUIT_OPEN\x10\x04*d\n\x0cRenderStatus\x12\x1d\n\x19RENDER_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RENDER_STATUS_RENDERED\x10\x01\x12\x19\n\x15RENDER_STATUS_SKIPPED\x10\x02*\xdf\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12%\n!SKIP_REASON_REQUIRED_DATA_MISSING\x10\x01\x12\x1c\n\x18SKIP_REASON_UNSUBSCRIBED\x10\x02\x12\x1c\n\x18SKIP_REASON_HARD_BOUNCED\x10\x03\x12\x1a\n\x16SKIP_REASON_NO_CONSENT\x10\x04\x12\x16\n\x12SKIP_REASON_ERASED\x10\x05\x12\x1d\n\x19SKIP_REASON_SPAM_REPORTED\x10\x06*\x9f\x01\n\rProfileSource\x12\x1e\n\x1aPROFILE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13PROFILE_SOURCE_LIVE\x10\x01\x12\x18\n\x14PROFILE_SOURCE_CACHE\x10\x02\x12\"\n\x1ePROFILE_SOURCE_LAST_KNOWN_GOOD\x10\x03\x12\x17\n\x13PROFILE_SOURCE_NONE\x10\x04\x32\xd2\x01\n\rRenderService\x12W\n\x06Render\x12!.sendtime.render.v1.RenderRequest\x1a\".sendtime.render.v1.RenderResponse\"\x06\x92\xa1\x19\x02\x08\x07\x12h\n\x0bRenderBatch\x12&.sendtime.render.v1.RenderBatchRequest\x1a\'.sendtime.render.v1.RenderBatchResponse\"\x06\x92\xa1\x19\x02\x08\x07\x30\x01\x32\xd0\x05\n\x0fTemplateService\x12~\n\x0e\x43reateTemplate\x12).sendtime.render.v1.CreateTemplateRequest\x1a*.sendtime.render.v1.CreateTemplateResponse\"\x15\x92\xa1\x19\x11\x08\x06\x10\x01\x1a\x0btemplate_id\x12w\n\x0eUpdateTemplate\x12).sendtime.render.v1.UpdateTemplateRequest\x1a*.sendtime.render.v1.UpdateTemplateResponse\"\x0e\x92\xa1\x19\n\x08\x06\x10\x01\x1a\x04name\x12\x66\n\x0bGetTemplate\x12&.sendtime.render.v1.GetTemplateRequest\x1a\'.sendtime.render.v1.GetTemplateResponse\"\x06\x92\xa1\x19\x02\x08\x05\x12l\n\rListTemplates\x12(.sendtime.render.v1.ListTemplatesRequest\x1a).sendtime.render.v1.ListTemplatesResponse\"\x06\x92\xa1\x19\x02\x08\x05\x12z\n\x0fPublishTemplate\x12*.sendtime.render.v1.PublishTemplateRequest\x1a+.sendtime.render.v1.PublishTemplateResponse\"\x0e\x92\xa1\x19\n\x08\x06\x10\x01\x1a\x04name\x12r\n\x0fPreviewTemplate\x12*.sendtime.render.v1.PreviewTemplateRequest\x1a+.sendtime.render.v1.PreviewTemplateResponse\"\x06\x92\xa1\x19\x02\x08\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sendtime.render.v1.render_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FALLBACKREASON']._serialized_start=2945
-  _globals['_FALLBACKREASON']._serialized_end=3145
-  _globals['_RENDERSTATUS']._serialized_start=3147
-  _globals['_RENDERSTATUS']._serialized_end=3247
-  _globals['_SKIPREASON']._serialized_start=3250
-  _globals['_SKIPREASON']._serialized_end=3473
-  _globals['_PROFILESOURCE']._serialized_start=3476
-  _globals['_PROFILESOURCE']._serialized_end=3635
-  _globals['_TEMPLATE']._serialized_start=278
-  _globals['_TEMPLATE']._serialized_end=494
-  _globals['_STOREDTEMPLATE']._serialized_start=497
-  _globals['_STOREDTEMPLATE']._serialized_end=689
-  _globals['_RENDERREQUEST']._serialized_start=692
-  _globals['_RENDERREQUEST']._serialized_end=899
-  _globals['_RENDERRESPONSE']._serialized_start=902
-  _globals['_RENDERRESPONSE']._serialized_end=1368
-  _globals['_RENDERBATCHREQUEST']._serialized_start=1371
-  _globals['_RENDERBATCHREQUEST']._serialized_end=1536
-  _globals['_RENDERBATCHRESPONSE']._serialized_start=1539
-  _globals['_RENDERBATCHRESPONSE']._serialized_end=1713
-  _globals['_CREATETEMPLATEREQUEST']._serialized_start=1716
-  _globals['_CREATETEMPLATEREQUEST']._serialized_end=1846
-  _globals['_CREATETEMPLATERESPONSE']._serialized_start=1848
-  _globals['_CREATETEMPLATERESPONSE']._serialized_end=1926
-  _globals['_UPDATETEMPLATEREQUEST']._serialized_start=1929
-  _globals['_UPDATETEMPLATEREQUEST']._serialized_end=2101
-  _globals['_UPDATETEMPLATERESPONSE']._serialized_start=2103
-  _globals['_UPDATETEMPLATERESPONSE']._serialized_end=2181
-  _globals['_GETTEMPLATEREQUEST']._serialized_start=2183
-  _globals['_GETTEMPLATEREQUEST']._serialized_end=2234
-  _globals['_GETTEMPLATERESPONSE']._serialized_start=2236
-  _globals['_GETTEMPLATERESPONSE']._serialized_end=2311
-  _globals['_LISTTEMPLATESREQUEST']._serialized_start=2313
-  _globals['_LISTTEMPLATESREQUEST']._serialized_end=2374
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=2376
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=2479
-  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_start=2481
-  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_end=2536
-  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_start=2538
-  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_end=2617
-  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=2620
-  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=2863
-  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=2865
-  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=2942
-  _globals['_RENDERSERVICE']._serialized_start=3638
-  _globals['_RENDERSERVICE']._serialized_end=3832
-  _globals['_TEMPLATESERVICE']._serialized_start=3835
-  _globals['_TEMPLATESERVICE']._serialized_end=4476
+  _globals['_RENDERSERVICE'].methods_by_name['Render']._loaded_options = None
+  _globals['_RENDERSERVICE'].methods_by_name['Render']._serialized_options = b'\222\241\031\002\010\007'
+  _globals['_RENDERSERVICE'].methods_by_name['RenderBatch']._loaded_options = None
+  _globals['_RENDERSERVICE'].methods_by_name['RenderBatch']._serialized_options = b'\222\241\031\002\010\007'
+  _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplate']._loaded_options = None
+  _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplate']._serialized_options = b'\222\241\031\021\010\006\020\001\032\013template_id'
+  _globals['_TEMPLATESERVICE'].methods_by_name['UpdateTemplate']._loaded_options = None
+  _globals['_TEMPLATESERVICE'].methods_by_name['UpdateTemplate']._serialized_options = b'\222\241\031\n\010\006\020\001\032\004name'
+  _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplate']._loaded_options = None
+  _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplate']._serialized_options = b'\222\241\031\002\010\005'
+  _globals['_TEMPLATESERVICE'].methods_by_name['ListTemplates']._loaded_options = None
+  _globals['_TEMPLATESERVICE'].methods_by_name['ListTemplates']._serialized_options = b'\222\241\031\002\010\005'
+  _globals['_TEMPLATESERVICE'].methods_by_name['PublishTemplate']._loaded_options = None
+  _globals['_TEMPLATESERVICE'].methods_by_name['PublishTemplate']._serialized_options = b'\222\241\031\n\010\006\020\001\032\004name'
+  _globals['_TEMPLATESERVICE'].methods_by_name['PreviewTemplate']._loaded_options = None
+  _globals['_TEMPLATESERVICE'].methods_by_name['PreviewTemplate']._serialized_options = b'\222\241\031\002\010\006'
+  _globals['_FALLBACKREASON']._serialized_start=2974
+  _globals['_FALLBACKREASON']._serialized_end=3174
+  _globals['_RENDERSTATUS']._serialized_start=3176
+  _globals['_RENDERSTATUS']._serialized_end=3276
+  _globals['_SKIPREASON']._serialized_start=3279
+  _globals['_SKIPREASON']._serialized_end=3502
+  _globals['_PROFILESOURCE']._serialized_start=3505
+  _globals['_PROFILESOURCE']._serialized_end=3664
+  _globals['_TEMPLATE']._serialized_start=307
+  _globals['_TEMPLATE']._serialized_end=523
+  _globals['_STOREDTEMPLATE']._serialized_start=526
+  _globals['_STOREDTEMPLATE']._serialized_end=718
+  _globals['_RENDERREQUEST']._serialized_start=721
+  _globals['_RENDERREQUEST']._serialized_end=928
+  _globals['_RENDERRESPONSE']._serialized_start=931
+  _globals['_RENDERRESPONSE']._serialized_end=1397
+  _globals['_RENDERBATCHREQUEST']._serialized_start=1400
+  _globals['_RENDERBATCHREQUEST']._serialized_end=1565
+  _globals['_RENDERBATCHRESPONSE']._serialized_start=1568
+  _globals['_RENDERBATCHRESPONSE']._serialized_end=1742
+  _globals['_CREATETEMPLATEREQUEST']._serialized_start=1745
+  _globals['_CREATETEMPLATEREQUEST']._serialized_end=1875
+  _globals['_CREATETEMPLATERESPONSE']._serialized_start=1877
+  _globals['_CREATETEMPLATERESPONSE']._serialized_end=1955
+  _globals['_UPDATETEMPLATEREQUEST']._serialized_start=1958
+  _globals['_UPDATETEMPLATEREQUEST']._serialized_end=2130
+  _globals['_UPDATETEMPLATERESPONSE']._serialized_start=2132
+  _globals['_UPDATETEMPLATERESPONSE']._serialized_end=2210
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=2212
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=2263
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=2265
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=2340
+  _globals['_LISTTEMPLATESREQUEST']._serialized_start=2342
+  _globals['_LISTTEMPLATESREQUEST']._serialized_end=2403
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=2405
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=2508
+  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_start=2510
+  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_end=2565
+  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_start=2567
+  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_end=2646
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=2649
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=2892
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=2894
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=2971
+  _globals['_RENDERSERVICE']._serialized_start=3667
+  _globals['_RENDERSERVICE']._serialized_end=3877
+  _globals['_TEMPLATESERVICE']._serialized_start=3880
+  _globals['_TEMPLATESERVICE']._serialized_end=4600
 # @@protoc_insertion_point(module_scope)

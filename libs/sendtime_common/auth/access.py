@@ -1,0 +1,351 @@
+"""Who may call which RPC, enforced in one place.
+
+Each RPC declares its access rule in the contract (``option (sendtime.auth.v1.access)``: the
+scope it needs, whether calls are audited, and which request field names the target).
+``AccessInterceptor`` reads those rules from the descriptors of the services a server hosts,
+and in front of every call:
+
+- lets health checks through (probes carry no credentials);
+- authenticates the caller: ``authorization: Bearer <API key>``, or, on a mutual-TLS port, the
+  client certificate's identity when it is mapped to scopes. Missing or bad credentials:
+  UNAUTHENTICATED with an ``ErrorInfo`` reason (``sendtime_common.auth.keyring.AuthFailure``);
+- checks the scope: PERMISSION_DENIED naming the scope when the credential lacks it;
+- for audited RPCs, appends the call and its outcome to the audit trail;
+- refuses every call of a method without a rule (fail closed), and asks reflection for a valid
+  credential of any scope unless the operator opened it.
+
+The handler sees the caller as ``current_principal()``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
+from google.rpc import code_pb2, status_pb2
+
+from sendtime.auth.v1 import auth_pb2
+from sendtime_common.auth.api_keys import Scope
+from sendtime_common.auth.audit import AuditTrail, audit_target
+from sendtime_common.auth.keyring import AuthFailure, KeyRing, Principal, Unauthenticated
+from sendtime_common.errors import abort_with, error_info_status
+from sendtime_common.identifiers import IdentifierHasher
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+BEARER = "bearer "
+
+_current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "sendtime_principal", default=None
+)
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled.
+
+    Raises:
+        LookupError: called outside an authenticated call.
+    """
+    principal = _current_principal.get()
+    if principal is None:
+        raise LookupError("no authenticated caller in this context")
+    return principal
+
+
+@dataclass(frozen=True, slots=True)
+class MethodAccess:
+    """The access rule of one method. ``scope`` None: any authenticated caller (reflection)."""
+
+    method: str
+    scope: Scope | None
+    audited: bool = False
+    audit_target: str = ""
+
+
+class MissingAccessRule(ValueError):
+    """A hosted method declares no access rule (or an unusable one) in its contract."""
+
+
+def method_path(method: MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def rule_of(method: MethodDescriptor) -> MethodAccess:
+    """The access rule ``method`` declares.
+
+    Raises:
+        MissingAccessRule: it declares none, no scope, or an audit target it cannot read.
+    """
+    path = method_path(method)
+    options = method.GetOptions()
+    if not options.HasExtension(auth_pb2.access):
+        raise MissingAccessRule(f"{path} declares no (sendtime.auth.v1.access) rule")
+    rule = options.Extensions[auth_pb2.access]
+    try:
+        scope = Scope.from_proto(rule.scope)
+    except ValueError:
+        raise MissingAccessRule(f"{path} declares no scope") from None
+    if rule.audited and (method.client_streaming or method.server_streaming):
+        raise MissingAccessRule(f"{path} is audited but streams; audits cover unary calls only")
+    if rule.audit_target and rule.audit_target not in method.input_type.fields_by_name:
+        raise MissingAccessRule(f"{path}: audit_target {rule.audit_target!r} is not a request field")
+    return MethodAccess(path, scope, rule.audited, rule.audit_target)
+
+
+def access_rules(service_names: Iterable[str]) -> dict[str, MethodAccess]:
+    """The rules of every method of the named services (``sendtime.x.v1.XService``).
+
+    Raises:
+        MissingAccessRule: a method has no usable rule.
+    """
+    pool = descriptor_pool.Default()
+    rules: dict[str, MethodAccess] = {}
+    for name in service_names:
+        for method in pool.FindServiceByName(name).methods:
+            rule = rule_of(method)
+            rules[rule.method] = rule
+    return rules
+
+
+def parse_mtls_identities(text: str) -> dict[str, frozenset[Scope]]:
+    """``AUTH_MTLS_IDENTITIES``: ``identity=scope,scope;identity=scope`` where an identity is a
+    subject alternative name of client certificates (a DNS name, a URI such as
+    ``spiffe://sendtime/render``).
+
+    Raises:
+        ValueError: an entry has no ``=``, no identity, no scope or an unknown scope.
+    """
+    identities: dict[str, frozenset[Scope]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        identity, separator, scopes = entry.rpartition("=")
+        if not separator or not identity.strip():
+            raise ValueError(f"{entry!r} is not identity=scope,scope")
+        names = [name for name in scopes.split(",") if name.strip()]
+        if not names:
+            raise ValueError(f"{identity.strip()!r} has no scopes")
+        identities[identity.strip()] = frozenset(Scope.parse(name) for name in names)
+    return identities
+
+
+class Authenticator:
+    """Turns a call's credentials into a principal: its API key, else (on a port that verifies
+    client certificates) its certificate's mapped identity."""
+
+    def __init__(
+        self, keyring: KeyRing, mtls_identities: Mapping[str, frozenset[Scope]] | None = None
+    ) -> None:
+        self._keyring = keyring
+        self._identities = {
+            identity: Principal(f"mtls:{identity}", scopes)
+            for identity, scopes in (mtls_identities or {}).items()
+        }
+
+    async def authenticate(
+        self, metadata: Sequence[tuple[str, str | bytes]] | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Principal:
+        """Raises: Unauthenticated: no usable credential."""
+        for key, value in metadata or ():
+            if key == "authorization":
+                text = value.decode(errors="replace") if isinstance(value, bytes) else value
+                if text[: len(BEARER)].lower() != BEARER:
+                    raise Unauthenticated(
+                        AuthFailure.MALFORMED, "the authorization header must be 'Bearer <API key>'"
+                    )
+                return await self._keyring.verify(text[len(BEARER) :].strip())
+        if self._identities:
+            for identity in _certificate_identities(context):
+                principal = self._identities.get(identity)
+                if principal is not None:
+                    return principal
+            raise Unauthenticated(
+                AuthFailure.MISSING,
+                "send 'authorization: Bearer <API key>', or a client certificate whose identity has scopes",
+            )
+        raise Unauthenticated(AuthFailure.MISSING, "send 'authorization: Bearer <API key>'")
+
+
+def _certificate_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    """The subject alternative names of the client's verified certificate (none without one)."""
+    auth = context.auth_context()
+    return [value.decode(errors="replace") for value in auth.get("x509_subject_alternative_name", ())]
+
+
+def _unauthenticated(error: Unauthenticated, method: str) -> status_pb2.Status:
+    return error_info_status(code_pb2.UNAUTHENTICATED, str(error), error.reason.value, {"method": method})
+
+
+def _permission_denied(principal: Principal, rule: MethodAccess) -> status_pb2.Status:
+    scope = rule.scope.value if rule.scope else ""
+    return error_info_status(
+        code_pb2.PERMISSION_DENIED,
+        f"{principal.name} lacks the scope {scope!r} that {rule.method} needs",
+        "SCOPE_MISSING",
+        {"scope": scope, "method": rule.method, "principal": principal.name},
+    )
+
+
+def _no_rule(method: str) -> status_pb2.Status:
+    return error_info_status(
+        code_pb2.PERMISSION_DENIED,
+        f"{method} declares no access rule, so nobody may call it",
+        "NO_ACCESS_RULE",
+        {"method": method},
+    )
+
+
+Behavior = Callable[..., Any]
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class AccessInterceptor(_ServerInterceptor):
+    def __init__(
+        self,
+        rules: Mapping[str, MethodAccess],
+        authenticator: Authenticator,
+        audit: AuditTrail,
+        hasher: IdentifierHasher,
+        *,
+        reflection_open: bool = False,
+    ) -> None:
+        self._rules = dict(rules)
+        self._authenticator = authenticator
+        self._audit = audit
+        self._hasher = hasher
+        self._reflection_open = reflection_open
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(details)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler  # type: ignore[return-value]  # None: an unknown method, UNIMPLEMENTED
+        rule = self._rules.get(method)
+        if rule is None:
+            if not method.startswith(REFLECTION_PREFIXES):
+                return _replace_behavior(handler, _refusing(_no_rule(method)))
+            if self._reflection_open:
+                return handler
+            rule = MethodAccess(method, scope=None)
+        return _replace_behavior(handler, lambda behavior: self._guard(rule, details, behavior))
+
+    async def _authorize(
+        self,
+        rule: MethodAccess,
+        details: grpc.HandlerCallDetails,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> Principal:
+        """The caller, allowed; or the call ends (aborted) here."""
+        try:
+            principal = await self._authenticator.authenticate(details.invocation_metadata, context)
+        except Unauthenticated as exc:
+            log.info(
+                "call not authenticated",
+                extra={"method": rule.method, "reason": exc.reason.value, "key_id": exc.key_id},
+            )
+            await abort_with(context, _unauthenticated(exc, rule.method))
+        if rule.scope is not None and rule.scope not in principal.scopes:
+            log.info(
+                "call refused for want of a scope",
+                extra={"method": rule.method, "principal": principal.name, "scope": rule.scope.value},
+            )
+            if rule.audited:
+                target = audit_target(request, rule.audit_target, self._hasher)
+                await self._audit.record(principal.name, rule.method, target, "PERMISSION_DENIED")
+            await abort_with(context, _permission_denied(principal, rule))
+        return principal
+
+    def _guard(self, rule: MethodAccess, details: grpc.HandlerCallDetails, behavior: Behavior) -> Behavior:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def guarded_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                principal = await self._authorize(rule, details, request, context)
+                token = _current_principal.set(principal)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    _current_principal.reset(token)
+
+            return guarded_stream
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            principal = await self._authorize(rule, details, request, context)
+            token = _current_principal.set(principal)
+            outcome = "OK"
+            try:
+                return await behavior(request, context)
+            except BaseException:
+                outcome = _status_name(context, default="UNKNOWN")
+                raise
+            finally:
+                _current_principal.reset(token)
+                if rule.audited:
+                    if outcome == "OK":
+                        outcome = _status_name(context, default="OK")
+                    target = audit_target(request, rule.audit_target, self._hasher)
+                    await self._audit.record(principal.name, rule.method, target, outcome)
+
+        return guarded
+
+
+def _status_name(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return grpc.StatusCode(code).name if code in {c.value for c in grpc.StatusCode} else str(code)
+
+
+def _refusing(status: status_pb2.Status) -> Callable[[Behavior], Behavior]:
+    def wrap(behavior: Behavior) -> Behavior:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def refuse_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                await abort_with(context, status)
+                yield  # pragma: no cover - makes this an async generator
+
+            return refuse_stream
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await abort_with(context, status)
+
+        return refuse
+
+    return wrap
+
+
+_BEHAVIOR_FIELDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def _replace_behavior(
+    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler with its behavior wrapped (handlers are named tuples)."""
+    for field in _BEHAVIOR_FIELDS:
+        behavior = getattr(handler, field)
+        if behavior is not None:
+            replaced: grpc.RpcMethodHandler[Any, Any] = handler._replace(**{field: wrap(behavior)})  # type: ignore[attr-defined]
+            return replaced
+    return handler
