@@ -43,6 +43,7 @@ from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.client import authenticated_channel
+from sendtime_common.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHONPATH = os.pathsep.join(str(ROOT / part) for part in ("gen/python", "libs", "services", "scripts"))
@@ -60,6 +61,8 @@ class Service:
     module: str
     address_variable: str
     default_port: int
+    health_address_variable: str
+    default_health_port: int
 
     def port(self, env: Mapping[str, str]) -> int:
         address = env.get(self.address_variable) or f"[::]:{self.default_port}"
@@ -68,11 +71,16 @@ class Service:
     def target(self, env: Mapping[str, str]) -> str:
         return f"127.0.0.1:{self.port(env)}"
 
+    def health_port(self, env: Mapping[str, str]) -> int:
+        """The plaintext port that serves health only (what probes call)."""
+        address = env.get(self.health_address_variable) or f"[::]:{self.default_health_port}"
+        return int(address.rpartition(":")[2])
+
 
 SERVICES = (
-    Service("profile", "profile_service", "PROFILE_ADDRESS", 50052),
-    Service("ingest", "ingest", "INGEST_ADDRESS", 50051),
-    Service("render", "render", "RENDER_ADDRESS", 50053),
+    Service("profile", "profile_service", "PROFILE_ADDRESS", 50052, "PROFILE_HEALTH_ADDRESS", 50062),
+    Service("ingest", "ingest", "INGEST_ADDRESS", 50051, "INGEST_HEALTH_ADDRESS", 50061),
+    Service("render", "render", "RENDER_ADDRESS", 50053, "RENDER_HEALTH_ADDRESS", 50063),
 )
 PROFILE, INGEST, RENDER = SERVICES
 
@@ -108,11 +116,15 @@ def start_services(
             last lines are in the message).
     """
     for service in services:
-        if devstack.tcp_reachable("127.0.0.1", service.port(env)):
-            raise SuiteError(
-                f"port {service.port(env)} ({service.name}) is already in use: is another suite running? "
-                f"Set {service.address_variable} to use another port."
-            )
+        for port, variable in [
+            (service.port(env), service.address_variable),
+            (service.health_port(env), service.health_address_variable),
+        ]:
+            if devstack.tcp_reachable("127.0.0.1", port):
+                raise SuiteError(
+                    f"port {port} ({service.name}) is already in use: is another suite running? "
+                    f"Set {variable} to use another port."
+                )
     log_dir.mkdir(parents=True, exist_ok=True)
     running: list[RunningService] = []
     try:
@@ -140,7 +152,7 @@ def start_services(
 
 def wait_until_serving(running: RunningService, env: Mapping[str, str], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(running.service.target(env)) as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{running.service.health_port(env)}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if running.process.poll() is not None:
@@ -236,9 +248,9 @@ def demo_events(user_id: str, email: str) -> list[ingest_pb2.Event]:
     ]
 
 
-async def run_demo(env: Mapping[str, str], key: str) -> str:
+async def run_demo(env: Mapping[str, str], key: str, tls: ClientTls) -> str:
     """Send a customer's events, watch the cart appear in the profile, render the abandoned-cart
-    email, calling with ``key``; the demo customer's user id.
+    email, calling with ``key`` over ``tls``; the demo customer's user id.
 
     Raises:
         SuiteError: an event was not accepted, the cart did not show within a second, or the
@@ -247,9 +259,9 @@ async def run_demo(env: Mapping[str, str], key: str) -> str:
     user_id = f"demo-{uuid.uuid4().hex[:8]}"
     identifier = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)
     async with (
-        authenticated_channel(INGEST.target(env), key) as ingest_channel,
-        authenticated_channel(PROFILE.target(env), key) as profile_channel,
-        authenticated_channel(RENDER.target(env), key) as render_channel,
+        authenticated_channel(INGEST.target(env), key, tls) as ingest_channel,
+        authenticated_channel(PROFILE.target(env), key, tls) as profile_channel,
+        authenticated_channel(RENDER.target(env), key, tls) as render_channel,
     ):
         ingest = ingest_pb2_grpc.IngestServiceStub(ingest_channel)
         profiles = profile_pb2_grpc.ProfileServiceStub(profile_channel)
@@ -309,9 +321,9 @@ async def _wait_for_cart(
     raise SuiteError(f"the events did not all show in the profile within {timeout_s}s")
 
 
-def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str) -> str:
-    """Commands to paste, complete with the key; they use reflection, so no proto files are
-    needed."""
+def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Path) -> str:
+    """Commands to paste, complete with the CA to trust and the key; they use reflection, so no
+    proto files are needed."""
     grpcurl = os.path.relpath(GRPCURL) if GRPCURL.exists() else "grpcurl"
     ingest, profile, render = INGEST.target(env), PROFILE.target(env), RENDER.target(env)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -347,7 +359,8 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str) -> str:
         f"{render} grpc.health.v1.Health/Check",
     ]
     header = shlex.quote(f"authorization: Bearer {key}")
-    return "\n".join(f"  {grpcurl} -plaintext -H {header} {command}" for command in commands)
+    trust = shlex.quote(os.path.relpath(ca_file))
+    return "\n".join(f"  {grpcurl} -cacert {trust} -H {header} {command}" for command in commands)
 
 
 # --- the commands ------------------------------------------------------------------------------
@@ -402,13 +415,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with suite(env) as running:
-            key = running.credentials.admin_key
+            key, ca_file = running.credentials.admin_key, running.credentials.tls.ca_file
             started = time.monotonic()
-            user_id = asyncio.run(run_demo(env, key))
-            _say(f"\ndemo worked in {time.monotonic() - started:.2f}s.")
-            _say(f"An API key with every scope (kept in {running.credentials.admin_key_file}):\n  {key}")
+            user_id = asyncio.run(run_demo(env, key, ClientTls(ca_file=str(ca_file))))
+            _say(f"\ndemo worked in {time.monotonic() - started:.2f}s, over TLS.")
+            _say(f"The local CA: {os.path.relpath(ca_file)}")
+            key_file = os.path.relpath(running.credentials.admin_key_file)
+            _say(f"An API key with every scope (kept in {key_file}):")
+            _say(f"  {key}")
             _say("Try it yourself with grpcurl:")
-            _say(grpcurl_examples(env, user_id, key))
+            _say(grpcurl_examples(env, user_id, key, ca_file))
             if args.command == "run":
                 signal.signal(signal.SIGINT, request_stop)
                 signal.signal(signal.SIGTERM, request_stop)

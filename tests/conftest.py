@@ -46,12 +46,21 @@ from sendtime.render.v1 import render_pb2_grpc
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.tls import ClientTls, TlsSettings
 from tests.keys import issue_key
 
 _SPAN_EXPORTER = InMemorySpanExporter()
 _provider = TracerProvider()
 _provider.add_span_processor(SimpleSpanProcessor(_SPAN_EXPORTER))
 trace.set_tracer_provider(_provider)
+
+# The in-process services of the tests listen on loopback in plaintext (explicitly allowed), with
+# health on a port of its own; tests/auth/test_tls.py and the end-to-end tests cover TLS.
+LOCAL_SERVER: dict[str, Any] = {
+    "address": "127.0.0.1:0",
+    "health_address": "127.0.0.1:0",
+    "tls": TlsSettings(allow_plaintext=True),
+}
 
 ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -147,8 +156,8 @@ async def profile_reader_key(database_url: str) -> str:
 
 
 def channel(target: str, key: str) -> grpc.aio.Channel:
-    """A channel to ``target`` whose calls carry ``key``."""
-    return authenticated_channel(target, key)
+    """A plaintext channel to ``target`` (an in-process service) whose calls carry ``key``."""
+    return authenticated_channel(target, key, ClientTls(plaintext=True))
 
 
 @pytest.fixture
@@ -167,7 +176,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 async def profile_app(nats_url: str, redis_url: str, database_url: str) -> AsyncIterator[ProfileApp]:
     settings = ProfileSettings(
-        address="127.0.0.1:0",
+        **LOCAL_SERVER,
         database_url=database_url,
         redis_url=redis_url,
         event_log=JetStreamSettings(url=nats_url),
@@ -181,9 +190,7 @@ async def profile_app(nats_url: str, redis_url: str, database_url: str) -> Async
 @pytest.fixture(scope="session")
 async def ingest_app(nats_url: str, database_url: str) -> AsyncIterator[IngestApp]:
     app = await create_ingest_app(
-        IngestSettings(
-            address="127.0.0.1:0", database_url=database_url, event_log=JetStreamSettings(url=nats_url)
-        )
+        IngestSettings(**LOCAL_SERVER, database_url=database_url, event_log=JetStreamSettings(url=nats_url))
     )
     await app.start()
     yield app
@@ -230,8 +237,9 @@ def render_settings(
     """Render settings for tests: its own port, the test run's database and NATS."""
     return RenderSettings(
         **{
-            "address": "127.0.0.1:0",
+            **LOCAL_SERVER,
             "profile_target": profile_target,
+            "profile_tls": ClientTls(plaintext=True),
             "database_url": database_url,
             "event_log": JetStreamSettings(url=nats_url),
             **overrides,

@@ -19,9 +19,9 @@ from render.settings import Settings as RenderSettings
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 SERVICES = {
-    "ingest": ("ingest", IngestSettings().address),
-    "profile": ("profile_service", ProfileSettings().address),
-    "render": ("render", RenderSettings().address),
+    "ingest": ("ingest", IngestSettings().address, IngestSettings().health_address),
+    "profile": ("profile_service", ProfileSettings().address, ProfileSettings().health_address),
+    "render": ("render", RenderSettings().address, RenderSettings().health_address),
 }
 # Read by the OpenTelemetry SDK and exporter themselves.
 STANDARD_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
@@ -32,8 +32,15 @@ def documents(name: str) -> list[dict[str, Any]]:
 
 
 def variables_the_code_reads() -> set[str]:
-    sources = [*ROOT.glob("services/*/*.py"), *ROOT.glob("libs/sendtime_common/*.py")]
-    return {m for path in sources for m in re.findall(r'env\w*\(\s*env,\s*"([A-Z0-9_]+)"', path.read_text())}
+    sources = [*ROOT.glob("services/*/*.py"), *ROOT.glob("libs/sendtime_common/**/*.py")]
+    found = set()
+    for path in sources:
+        text = path.read_text()
+        found |= set(re.findall(r'env\w*\(\s*env,\s*"([A-Z0-9_]+)"', text))
+        found |= set(re.findall(r'env\.get\(\s*"([A-Z0-9_]+)"', text))
+        for prefix in re.findall(r'ClientTls\.from_env\(env, "([A-Z_]+)"\)', text):  # a client's TLS files
+            found |= {f"{prefix}_{suffix}" for suffix in ("CA_FILE", "CERT_FILE", "KEY_FILE", "PLAINTEXT")}
+    return found
 
 
 def test_the_config_map_and_secret_name_only_settings_the_services_read() -> None:
@@ -46,8 +53,9 @@ def test_the_config_map_and_secret_name_only_settings_the_services_read() -> Non
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_each_deployment_runs_its_service_on_its_port_with_health_probes(name: str) -> None:
-    module, default_address = SERVICES[name]
+    module, default_address, health_address = SERVICES[name]
     port = int(default_address.rpartition(":")[2])
+    health_port = int(health_address.rpartition(":")[2])
     deployment, service, budget = documents(f"{name}.yaml")
     assert (deployment["kind"], service["kind"], budget["kind"]) == (
         "Deployment",
@@ -60,7 +68,23 @@ def test_each_deployment_runs_its_service_on_its_port_with_health_probes(name: s
     assert container["command"] == ["python", "-m", module]
     assert (ROOT / "services" / module / "__main__.py").is_file()
     assert {"name": "grpc", "containerPort": port} in container["ports"]
-    assert container["readinessProbe"]["grpc"] == {"port": port} == container["livenessProbe"]["grpc"]
+    assert {"name": "health", "containerPort": health_port} in container["ports"]
+    # kubelet's probes speak no TLS: they call the plaintext health-only port.
+    probe = {"port": health_port}
+    assert container["readinessProbe"]["grpc"] == probe == container["livenessProbe"]["grpc"]
+    # TLS everywhere else, from the Secret cert-manager keeps for this service.
+    env = {variable["name"]: variable.get("value") for variable in container["env"]}
+    (mount,) = container["volumeMounts"]
+    assert (
+        env["TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+        and env["TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    )
+    (volume,) = pod["volumes"]
+    assert volume["name"] == mount["name"] and volume["secret"]["secretName"] == f"{name}-tls"
+    assert f"{name}-tls" in {
+        c["spec"]["secretName"] for c in documents("certificates.yaml") if c["kind"] == "Certificate"
+    }
+    assert "ALLOW_PLAINTEXT" not in env
     for variable in container["env"]:
         assert variable["name"] in variables_the_code_reads()
         if variable["name"].endswith("_ADDRESS") and "WEBHOOK" not in variable["name"]:

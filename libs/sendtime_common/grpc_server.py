@@ -1,9 +1,12 @@
 """The gRPC server bootstrap every Sendtime service shares.
 
-A server built here has OpenTelemetry tracing on every call, the standard health service
-(``grpc.health.v1``) and reflection (so grpcurl needs no proto files), and shuts down the way
-Kubernetes expects: on SIGTERM it reports NOT_SERVING, stops taking new calls, lets in-flight
-calls finish within a grace period, then exits.
+A server built here has OpenTelemetry tracing on every call, the access check every call but a
+health check passes, the standard health service (``grpc.health.v1``) and reflection (so grpcurl
+needs no proto files); it serves TLS (mutual TLS when a client CA is configured, certificates
+reloaded when their files change) unless plaintext was explicitly allowed. Health is also
+served on a port of its own, in plaintext, for kubelet's gRPC probes, which cannot speak TLS.
+It shuts down the way Kubernetes expects: on SIGTERM it reports NOT_SERVING, stops taking new
+calls, lets in-flight calls finish within a grace period, then exits.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +57,19 @@ class GrpcServer:
         register: Callable[[grpc.aio.Server], None],
         access: grpc.aio.ServerInterceptor[Any, Any],
         *,
+        tls: TlsSettings,
+        health_address: str,
         max_concurrent_rpcs: int | None = None,
     ) -> None:
+        """Raises:
+        ConfigError: no certificate, and plaintext not allowed.
+        UnusableCertificate: the certificate files are not usable.
+        OSError: an address cannot be listened on.
+        """
+        tls.check()
         self._service_names = list(service_names)
+        self._tls = tls
+        self.certificates = ServerCertificates(tls) if tls.enabled else None
         self.server = grpc.aio.server(
             # Tracing outermost, so that refused calls are traced too.
             interceptors=[aio_server_interceptor(filter_=_traced_call), access],  # type: ignore[no-untyped-call]
@@ -80,9 +95,25 @@ class GrpcServer:
             ],
             self.server,
         )
-        self.port = self.server.add_insecure_port(address)
+        if self.certificates is not None:
+            self.port = self.server.add_secure_port(address, self.certificates.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+        if health_address:
+            self._health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise OSError(f"cannot listen on {health_address}")
+
+    @property
+    def tls_mode(self) -> str:
+        """``mtls``, ``tls`` or ``plaintext``."""
+        return "mtls" if self._tls.mutual else "tls" if self._tls.enabled else "plaintext"
 
     @property
     def service_names(self) -> list[str]:
@@ -91,7 +122,10 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Start serving and report SERVING for the server and each service."""
+        warn_if_plaintext(self._tls, lambda: f"gRPC port {self.port}")
         await self.server.start()
+        if self._health_server is not None:
+            await self._health_server.start()
         for name in [OVERALL_HEALTH, *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -99,6 +133,8 @@ class GrpcServer:
         """Report NOT_SERVING, refuse new calls, and give in-flight calls ``grace_s`` to finish."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
 
 async def run_until_signalled(
@@ -118,7 +154,9 @@ async def run_until_signalled(
     await server.start()
     if on_start is not None:
         await on_start()
-    log.info("serving", extra={"port": server.port})
+    log.info(
+        "serving", extra={"port": server.port, "health_port": server.health_port, "tls": server.tls_mode}
+    )
     await stop_requested.wait()
     log.info("draining", extra={"grace_s": grace_s})
     await server.stop(grace_s)

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
@@ -39,6 +39,7 @@ from sendtime_cli.records import Record, read_records
 from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.config import ConfigError, secret_from_env
 from sendtime_common.errors import FieldViolation, field_violations, status_of
+from sendtime_common.tls import ClientTls
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_BATCH_SIZE = 1000  # ingest's limit per SendEvents call
@@ -58,6 +59,8 @@ class ImportOptions:
     target: str = DEFAULT_TARGET
     # A key with the scope events.write (SENDTIME_API_KEY, or the file SENDTIME_API_KEY_FILE).
     api_key: str = ""
+    # TLS to ingest: the CA to trust (--cacert, $SENDTIME_CA_FILE; else the system's), or plaintext.
+    tls: ClientTls = field(default_factory=ClientTls)
     checkpoint: Path | None = None  # None: FILE.sendtime-import.json
     restart: bool = False
     batch_size: int = 500
@@ -582,7 +585,7 @@ async def run_import(
         if send is not None:
             await pump(send)
         else:
-            async with authenticated_channel(options.target, options.api_key) as channel:
+            async with authenticated_channel(options.target, options.api_key, options.tls) as channel:
                 stub = ingest_pb2_grpc.IngestServiceStub(channel)
 
                 async def send_over_grpc(
@@ -652,6 +655,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target",
         default=os.environ.get("INGEST_TARGET") or DEFAULT_TARGET,
         help=f"ingest's address (default: $INGEST_TARGET or {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--cacert",
+        type=Path,
+        default=os.environ.get("SENDTIME_CA_FILE") or None,
+        metavar="FILE",
+        help="the CA certificate (PEM) that signed ingest's certificate (default: $SENDTIME_CA_FILE, "
+        "else the system's trusted roots); `make run` makes .run/tls/ca.crt",
+    )
+    parser.add_argument(
+        "--plaintext", action="store_true", help="talk to an ingest that serves plaintext (ALLOW_PLAINTEXT)"
     )
     parser.add_argument(
         "--checkpoint",
@@ -724,6 +738,7 @@ def options_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Impor
         format=Format(args.format) if args.format else None,
         target=args.target,
         api_key=api_key,
+        tls=ClientTls(ca_file=str(args.cacert or ""), plaintext=args.plaintext),
         checkpoint=args.checkpoint,
         restart=args.restart,
         batch_size=args.batch_size,

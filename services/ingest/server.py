@@ -115,6 +115,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         sendtime_common.event_log.EventLogUnavailable: NATS could not be reached.
         sendtime_common.config.ConfigError: a webhook secret or key is unusable.
     """
+    settings.tls.check()  # no certificate and plaintext not allowed: fail before connecting anything
     pool = await create_pool(
         settings.database_url,
         min_size=2,
@@ -155,11 +156,13 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         [SERVICE_NAME],
         lambda s: ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, s),
         auth.interceptor,
+        tls=settings.tls,
+        health_address=settings.health_address,
     )
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
         try:
-            webhooks = WebhookServer(ingestor, settings.webhooks)
+            webhooks = WebhookServer(ingestor, settings.webhooks, tls=settings.tls)
         except ValueError as exc:
             await event_log.close()
             await pool.close()

@@ -11,11 +11,16 @@ from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
+from sendtime_common.tls import TlsSettings
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     address: str = "[::]:50051"
+    # Health only, plaintext, for kubelet\'s gRPC probes (which cannot speak TLS); empty: none.
+    health_address: str = "[::]:50061"
+    # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
+    tls: TlsSettings = field(default_factory=TlsSettings)
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
@@ -58,6 +63,8 @@ class Settings:
         defaults, webhook_defaults = cls(), WebhookSettings()
         return cls(
             address=env_str(env, "INGEST_ADDRESS", defaults.address),
+            health_address=env.get("INGEST_HEALTH_ADDRESS", defaults.health_address).strip(),
+            tls=TlsSettings.from_env(env),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),

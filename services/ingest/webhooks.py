@@ -12,6 +12,8 @@ Logs carry counts, topics and event ids only: never a body, an email address or 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 from collections import Counter
@@ -39,6 +41,7 @@ from ingest.webhook_mapping import (
 )
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.errors import field_violations
+from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +114,24 @@ class WebhookServer:
         sink: EventSink,
         settings: WebhookSettings,
         *,
+        tls: TlsSettings,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Check the configuration here, so that a bad one fails start-up, not every request.
+        HTTPS with the service's certificate (reloaded when its files change) unless plaintext is
+        allowed and no certificate is set.
 
         Raises:
             ValueError: the address or the SendGrid key is unusable.
+            ConfigError: no certificate, and plaintext not allowed.
+            UnusableCertificate: the certificate files are not usable.
         """
+        tls.check()
         self._sink = sink
         self._settings = settings
+        self._tls = tls
+        self._ssl = server_ssl_context(tls) if tls.enabled else None
+        self._reloading: asyncio.Task[None] | None = None
         self._clock = clock
         self._host, self._requested_port = _split_address(settings.address)
         self._sendgrid_key: ec.EllipticCurvePublicKey | None = (
@@ -148,13 +160,16 @@ class WebhookServer:
         runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=self._settings.shutdown_grace_s)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self._host, self._requested_port)
+            site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl)
             await site.start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self._port = int(runner.addresses[0][1])
+        if self._ssl is not None:
+            self._reloading = asyncio.create_task(watch_ssl_context(self._ssl, self._tls), name="webhook-tls")
+        warn_if_plaintext(self._tls, lambda: f"webhook port {self._port}")
         log.info(
             "webhooks listening",
             extra={
@@ -166,6 +181,10 @@ class WebhookServer:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in progress finish, close."""
+        if self._reloading is not None:
+            self._reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -133,6 +133,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         )
     except MergeRulesError as exc:
         raise ConfigError(f"PROFILE_SOURCE_PRIORITY_FILE: {exc}") from None
+    settings.tls.check()  # no certificate and plaintext not allowed: fail before connecting anything
     pool = await create_pool(
         settings.database_url,
         min_size=2,
@@ -170,7 +171,14 @@ async def create_app(settings: Settings) -> ProfileApp:
         auth_pb2_grpc.add_KeyServiceServicer_to_server(key_servicer, server)
         auth_pb2_grpc.add_AuditServiceServicer_to_server(audit_servicer, server)
 
-    server = GrpcServer(settings.address, SERVICE_NAMES, register, auth.interceptor)
+    server = GrpcServer(
+        settings.address,
+        SERVICE_NAMES,
+        register,
+        auth.interceptor,
+        tls=settings.tls,
+        health_address=settings.health_address,
+    )
     return ProfileApp(
         grpc=server,
         merger=merger,

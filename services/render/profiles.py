@@ -328,6 +328,10 @@ class ProfileFetcher:
                 return ProfileLookup(profile, Source.LAST_KNOWN_GOOD, fetched_at, failure)
         return ProfileLookup(None, Source.NONE, failure=failure)
 
+    def use_stub(self, stub: profile_pb2_grpc.ProfileServiceAsyncStub) -> None:
+        """Make later lookups through ``stub`` (a channel reopened with renewed certificates)."""
+        self._stub = stub
+
     async def close(self) -> None:
         for task in list(self._background):
             await task

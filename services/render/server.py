@@ -13,10 +13,10 @@ from pathlib import Path
 import asyncpg
 import grpc
 import redis.asyncio as redis
-from grpc.aio import Channel
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from render.catalog import CatalogConsumer, CatalogStore
+from render.profile_channel import ProfileChannel
 from render.profiles import FetcherSettings, ProfileFetcher
 from render.recommendations import Recommender
 from render.renderer import Renderer
@@ -25,9 +25,7 @@ from render.settings import Settings
 from render.template_servicer import TemplateServicer
 from render.template_store import TemplateStore
 from render.templates import TemplateCompiler
-from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
-from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
 from sendtime_common.database import create_pool
@@ -45,7 +43,7 @@ SERVICE_NAMES = [
 @dataclass(slots=True)
 class RenderApp:
     grpc: GrpcServer
-    profile_channel: Channel  # (not grpc.aio.Channel: the field above shadows the module)
+    profile_channel: ProfileChannel
     profiles: ProfileFetcher
     pool: asyncpg.Pool
     event_log: EventLog
@@ -53,6 +51,7 @@ class RenderApp:
     auth: ServerAuth
     _catalog_task: asyncio.Task[None] | None = field(default=None)
     _erasures: Following | None = field(default=None)
+    _watching: asyncio.Task[None] | None = field(default=None)
 
     async def start(self) -> None:
         await self.grpc.start()
@@ -63,6 +62,7 @@ class RenderApp:
         profile service announces them (from the oldest notice the log keeps)."""
         self.auth.start()
         self._catalog_task = asyncio.create_task(self.catalog.run(), name="catalog")
+        self._watching = asyncio.create_task(self.profile_channel.watch(), name="profile-channel-tls")
         self._erasures = await self.event_log.follow_erasures(self.profiles.on_erasure_notice)
 
     async def close(self) -> None:
@@ -75,7 +75,11 @@ class RenderApp:
             await self._erasures.close()
         await self.event_log.close()
         await self.profiles.close()
-        await self.profile_channel.close(grace=None)
+        if self._watching is not None:
+            self._watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watching
+        await self.profile_channel.close()
         await self.auth.close()
         await self.pool.close()
 
@@ -91,15 +95,18 @@ async def create_app(settings: Settings) -> RenderApp:
     profile service or Redis is down.
 
     Raises:
-        sendtime_common.config.ConfigError: no key to call the profile service with.
+        sendtime_common.config.ConfigError: no credential to call the profile service with.
         OSError, asyncpg.PostgresError: PostgreSQL cannot be reached or a migration failed.
         sendtime_common.event_log.EventLogUnavailable: NATS cannot be reached.
     """
-    if not settings.profile_api_key:
+    if not settings.profile_api_key and not settings.profile_tls.cert_file:
         raise ConfigError(
-            "PROFILE_SERVICE_API_KEY (or PROFILE_SERVICE_API_KEY_FILE) is required: render reads "
-            "profiles with a key of its own that has the scope profiles.read"
+            "render reads profiles with a credential of its own: set PROFILE_SERVICE_API_KEY (or "
+            "PROFILE_SERVICE_API_KEY_FILE) to a key with only the scope profiles.read, or give it a "
+            "client certificate (PROFILE_SERVICE_CERT_FILE, PROFILE_SERVICE_KEY_FILE) that the profile "
+            "service's AUTH_MTLS_IDENTITIES maps to profiles.read"
         )
+    settings.tls.check()  # no certificate and plaintext not allowed: fail before connecting anything
     pool = await create_pool(
         settings.database_url,
         min_size=2,
@@ -116,13 +123,14 @@ async def create_app(settings: Settings) -> RenderApp:
         concurrency=settings.catalog_concurrency,
         processed_retention=timedelta(seconds=settings.event_log.max_age_s) + timedelta(days=1),
     )
-    channel = authenticated_channel(
+    profile_channel = ProfileChannel(
         settings.profile_target,
         settings.profile_api_key,
-        interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]  # traces the lookups
+        settings.profile_tls,
+        aio_client_interceptors(),  # type: ignore[no-untyped-call]  # traces the lookups
     )
     profiles = ProfileFetcher(
-        profile_pb2_grpc.ProfileServiceStub(channel),
+        profile_channel.stub,
         redis.Redis.from_url(settings.redis_url) if settings.redis_url else None,
         FetcherSettings(
             breaker_failures=settings.breaker_failures,
@@ -132,6 +140,7 @@ async def create_app(settings: Settings) -> RenderApp:
             hasher=settings.identifier_hasher,
         ),
     )
+    profile_channel.on_reopen(profiles.use_stub)
     compiler = TemplateCompiler(settings.template_cache_size)
     renderer = Renderer(
         compiler,
@@ -151,8 +160,15 @@ async def create_app(settings: Settings) -> RenderApp:
         render_pb2_grpc.add_TemplateServiceServicer_to_server(template_servicer, server)
 
     return RenderApp(
-        grpc=GrpcServer(settings.address, SERVICE_NAMES, register, auth.interceptor),
-        profile_channel=channel,
+        grpc=GrpcServer(
+            settings.address,
+            SERVICE_NAMES,
+            register,
+            auth.interceptor,
+            tls=settings.tls,
+            health_address=settings.health_address,
+        ),
+        profile_channel=profile_channel,
         profiles=profiles,
         pool=pool,
         event_log=event_log,

@@ -10,17 +10,24 @@ from sendtime_common.config import env_float, env_int, env_str, secret_from_env
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
+from sendtime_common.tls import ClientTls, TlsSettings
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     address: str = "[::]:50053"
+    # Health only, plaintext, for kubelet\'s gRPC probes (which cannot speak TLS); empty: none.
+    health_address: str = "[::]:50063"
+    # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
+    tls: TlsSettings = field(default_factory=TlsSettings)
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
     profile_target: str = "127.0.0.1:50052"
     # The API key render calls profile with: one that can only read profiles (profiles.read).
     profile_api_key: str = ""
+    # TLS to the profile service: the CA to trust, and a client certificate for mutual TLS.
+    profile_tls: ClientTls = field(default_factory=ClientTls)
     # Last-known-good profiles are kept here (and in process) for when the profile service
     # cannot answer in time; empty: in process only.
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -58,11 +65,14 @@ class Settings:
         defaults = cls()
         return cls(
             address=env_str(env, "RENDER_ADDRESS", defaults.address),
+            health_address=env.get("RENDER_HEALTH_ADDRESS", defaults.health_address).strip(),
+            tls=TlsSettings.from_env(env),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
             profile_target=env_str(env, "PROFILE_SERVICE_TARGET", defaults.profile_target),
             profile_api_key=secret_from_env(env, "PROFILE_SERVICE_API_KEY"),
+            profile_tls=ClientTls.from_env(env, "PROFILE_SERVICE"),
             redis_url=env.get("RENDER_REDIS_URL", env_str(env, "REDIS_URL", defaults.redis_url)).strip(),
             default_deadline_s=env_float(
                 env, "RENDER_DEFAULT_DEADLINE_SECONDS", defaults.default_deadline_s, minimum=0.001

@@ -26,6 +26,7 @@ from sendtime_cli.checkpoint import default_path as checkpoint_path
 from sendtime_cli.formats import Format
 from sendtime_cli.importer import ImportOptions, run_import
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.tls import ClientTls
 from tests.conftest import repo_root, user, wait_for_profile
 
 OCCURRED_AT = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
@@ -55,7 +56,7 @@ def target(ingest_app: IngestApp) -> str:
 @pytest.fixture
 def importing(target: str, admin_key: str) -> Callable[..., ImportOptions]:
     """ImportOptions for the test's ingest, with a key."""
-    return functools.partial(ImportOptions, target=target, api_key=admin_key)
+    return functools.partial(ImportOptions, target=target, api_key=admin_key, tls=ClientTls(plaintext=True))
 
 
 async def test_import_jsonl_reports_rejected_lines_and_reruns_safely(
@@ -205,7 +206,7 @@ async def test_killed_import_resumes_and_stores_every_good_line_once(
     lines, good = len(rows) - 1, len(rows) - 1 - bad
     checkpoint_file = checkpoint_path(path)
     command = [str(repo_root() / "bin" / "sendtime"), "import", str(path), "--format", "catalog-csv"]
-    command += ["--target", target, "--batch-size", "50", "--rate", "4000", "--quiet"]
+    command += ["--target", target, "--plaintext", "--batch-size", "50", "--rate", "4000", "--quiet"]
     before, _ = await _stream_state(nats_url)
 
     env = {**os.environ, "SENDTIME_API_KEY": admin_key}

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import devstack
 import suite
@@ -26,6 +28,11 @@ pytestmark = pytest.mark.e2e
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 DEFAULT_PORTS = {"50051": "INGEST_ADDRESS", "50052": "PROFILE_ADDRESS", "50053": "RENDER_ADDRESS"}
+HEALTH_PORTS = {
+    "50061": "INGEST_HEALTH_ADDRESS",
+    "50062": "PROFILE_HEALTH_ADDRESS",
+    "50063": "RENDER_HEALTH_ADDRESS",
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +64,7 @@ def suite_env(
         "SENDTIME_RUN_DIR": str(tmp_path_factory.mktemp("e2e-run")),
         "SHUTDOWN_GRACE_SECONDS": "5",
     }
-    for variable in DEFAULT_PORTS.values():
+    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     return env
 
@@ -67,7 +74,12 @@ def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
     """The three services as processes, as `make run` starts them."""
     devstack.up(suite_env)  # everything is reachable already; this creates the database
     credentials = ensure_local_credentials(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]))
-    env = {**suite_env, **credentials.service_env(), "SENDTIME_KEY": credentials.admin_key}
+    env = {
+        **suite_env,
+        **credentials.service_env(),
+        "SENDTIME_KEY": credentials.admin_key,
+        "SENDTIME_CA_FILE": str(credentials.tls.ca_file),
+    }
     running = suite.start_services(env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs")
     yield env
     codes = suite.stop_services(running)
@@ -79,10 +91,11 @@ def target(env: dict[str, str], variable: str) -> str:
 
 
 def grpcurl(
-    *args: str, key: str | None, data: dict[str, Any] | None = None
+    *args: str, key: str | None, ca: str | None, data: dict[str, Any] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """The real grpcurl, with ``key`` (None: no credentials)."""
-    command = [GRPCURL, "-plaintext", "-max-time", "10"]
+    """The real grpcurl, over TLS trusting ``ca`` (None: plaintext), with ``key`` (None: no
+    credentials)."""
+    command = [GRPCURL, "-max-time", "10", *(["-cacert", ca] if ca else ["-plaintext"])]
     if key is not None:
         command += ["-H", f"authorization: Bearer {key}"]
     if data is not None:
@@ -90,8 +103,10 @@ def grpcurl(
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=30, check=False)
 
 
-def grpcurl_json(*args: str, key: str | None, data: dict[str, Any] | None = None) -> dict[str, Any]:
-    result = grpcurl(*args, key=key, data=data)
+def grpcurl_json(
+    *args: str, key: str | None, ca: str | None, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    result = grpcurl(*args, key=key, ca=ca, data=data)
     assert result.returncode == 0, result.stderr
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
@@ -110,25 +125,34 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
         ),
         ("RENDER_ADDRESS", ["sendtime.render.v1.RenderService", "sendtime.render.v1.TemplateService"]),
     ]:
-        result = grpcurl(target(running_suite, variable), "list", key=running_suite["SENDTIME_KEY"])
+        result = grpcurl(
+            target(running_suite, variable),
+            "list",
+            key=running_suite["SENDTIME_KEY"],
+            ca=running_suite["SENDTIME_CA_FILE"],
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == sorted(
             [*services, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
         )
         # Health needs no key, but grpcurl asks reflection (which does) for its descriptor.
         health = grpcurl_json(
-            target(running_suite, variable), "grpc.health.v1.Health/Check", key=running_suite["SENDTIME_KEY"]
+            target(running_suite, variable),
+            "grpc.health.v1.Health/Check",
+            key=running_suite["SENDTIME_KEY"],
+            ca=running_suite["SENDTIME_CA_FILE"],
         )
         assert health == {"status": "SERVING"}
 
 
 def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_suite: dict[str, str]) -> None:
     user_id = f"grpcurl-{uuid.uuid4().hex[:8]}"
-    key = running_suite["SENDTIME_KEY"]
+    key, ca = running_suite["SENDTIME_KEY"], running_suite["SENDTIME_CA_FILE"]
     sent = grpcurl_json(
         target(running_suite, "INGEST_ADDRESS"),
         "sendtime.ingest.v1.IngestService/SendEvents",
         key=key,
+        ca=ca,
         data={
             "events": [
                 {
@@ -150,6 +174,7 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
             target(running_suite, "PROFILE_ADDRESS"),
             "sendtime.profile.v1.ProfileService/GetProfile",
             key=key,
+            ca=ca,
             data=lookup,
         )
         if result.returncode == 0:
@@ -165,6 +190,7 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
         target(running_suite, "RENDER_ADDRESS"),
         "sendtime.render.v1.RenderService/Render",
         key=key,
+        ca=ca,
         data={
             "customer": {"kind": "IDENTIFIER_KIND_USER_ID", "value": user_id},
             "template": {"subject": "Hi {{ profile.traits.first_name }} ({{ profile.traits.plan }})"},
@@ -174,11 +200,39 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
     assert "fallbackUsed" not in rendered  # proto3 JSON leaves out false
 
 
+def test_every_port_serves_tls_needs_a_key_and_probes_use_a_plaintext_health_port(
+    running_suite: dict[str, str],
+) -> None:
+    key, ca = running_suite["SENDTIME_KEY"], running_suite["SENDTIME_CA_FILE"]
+    for variable, health_variable in zip(DEFAULT_PORTS.values(), HEALTH_PORTS.values(), strict=True):
+        address = target(running_suite, variable)
+        plaintext = grpcurl(address, "list", key=key, ca=None)
+        assert plaintext.returncode != 0, "a TLS port answered plaintext"
+        untrusted = subprocess.run(
+            [GRPCURL, "-max-time", "10", "-H", f"authorization: Bearer {key}", address, "list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert untrusted.returncode != 0 and "certificate" in untrusted.stderr  # not the system's CA
+        no_key = grpcurl(address, "list", key=None, ca=ca)
+        assert no_key.returncode != 0 and "Unauthenticated" in no_key.stderr
+
+        probe = grpc.insecure_channel(target(running_suite, health_variable))
+        try:
+            reply = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        finally:
+            probe.close()
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # no TLS, no key: as kubelet calls
+
+
 def test_a_bad_request_shows_field_violations_in_grpcurl(running_suite: dict[str, str]) -> None:
     result = grpcurl(
         target(running_suite, "PROFILE_ADDRESS"),
         "sendtime.profile.v1.ProfileService/GetProfile",
         key=running_suite["SENDTIME_KEY"],
+        ca=running_suite["SENDTIME_CA_FILE"],
         data={"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": "not an email"}},
     )
     assert result.returncode != 0
@@ -196,6 +250,7 @@ def readme_grpcurl_blocks() -> list[str]:
 def run_readme_block(block: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     for port, variable in DEFAULT_PORTS.items():  # the README shows the default ports
         block = block.replace(f"localhost:{port}", target(env, variable))
+    block = block.replace(".run/tls/ca.crt", shlex.quote(env["SENDTIME_CA_FILE"]))
     script = f'grpcurl() {{ {shlex.quote(GRPCURL)} "$@"; }}\nset -e\n{block}'
     return subprocess.run(
         ["bash", "-c", script],
@@ -241,7 +296,7 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
 
 def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, str]) -> None:
     env = dict(suite_env)
-    for variable in DEFAULT_PORTS.values():  # ports of its own: the module's suite may be running
+    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:  # the module's suite may run
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     result = subprocess.run(
         [sys.executable, str(repo_root() / "scripts" / "suite.py"), "demo"],
@@ -259,7 +314,7 @@ def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, st
 
 def test_run_serves_until_ctrl_c_then_stops_everything_it_started(suite_env: dict[str, str]) -> None:
     env = dict(suite_env)
-    for variable in DEFAULT_PORTS.values():
+    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     redis_port = devstack.free_port()
     env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"  # nothing there: `run` starts a Redis
@@ -279,7 +334,8 @@ def test_run_serves_until_ctrl_c_then_stops_everything_it_started(suite_env: dic
                 break
         assert devstack.tcp_reachable("127.0.0.1", redis_port), "".join(lines)
         key = (Path(env["SENDTIME_RUN_DIR"]) / "secrets" / "admin.key").read_text().strip()
-        grpcurl_json(target(env, "RENDER_ADDRESS"), "grpc.health.v1.Health/Check", key=key)  # serving
+        ca = str(Path(env["SENDTIME_RUN_DIR"]) / "tls" / "ca.crt")
+        grpcurl_json(target(env, "RENDER_ADDRESS"), "grpc.health.v1.Health/Check", key=key, ca=ca)
 
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)

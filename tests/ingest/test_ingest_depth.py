@@ -30,7 +30,7 @@ from sendtime_common.event_log import (
     PublishOutcome,
     PublishReceipt,
 )
-from tests.conftest import channel, user, wait_for_profile
+from tests.conftest import LOCAL_SERVER, channel, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed, timestamp
 from tests.ingest.test_validation import VALID_PAYLOADS
 from tests.keys import issue_key
@@ -46,7 +46,7 @@ async def ingest_service(
     **settings: Any,
 ) -> AsyncIterator[tuple[IngestApp, ingest_pb2_grpc.IngestServiceAsyncStub]]:
     """An ingest service of its own (settings as given), with a client."""
-    app_settings = Settings(address="127.0.0.1:0", **settings)
+    app_settings = Settings(**LOCAL_SERVER, **settings)
     app = await create_app(app_settings)
     await app.start()
     try:
@@ -356,7 +356,7 @@ async def test_a_flooding_stream_is_held_to_its_in_flight_limit(
 ) -> None:
     slow = SlowEventLog(await JetStreamEventLog.connect(JetStreamSettings(url=nats_url)), delay_s=0.01)
     app = await create_app(
-        Settings(address="127.0.0.1:0", database_url=database_url, max_in_flight_per_stream=16),
+        Settings(**LOCAL_SERVER, database_url=database_url, max_in_flight_per_stream=16),
         event_log=slow,
     )
     await app.start()

@@ -17,7 +17,7 @@ from ingest.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.errors import FieldViolation, field_violations, status_of
 from sendtime_common.event_log import JetStreamSettings
-from tests.conftest import channel
+from tests.conftest import LOCAL_SERVER, channel
 from tests.factories import cart_item_added, event, identify, product_viewed
 from tests.keys import issue_key
 
@@ -102,7 +102,7 @@ async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted
     port = devstack.free_port()
     nats = devstack.start_nats(port, tmp_path / "nats")
     settings = Settings(
-        address="127.0.0.1:0",
+        **LOCAL_SERVER,
         database_url=database_url,
         event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
     )
@@ -183,7 +183,7 @@ async def test_stream_events_arriving_within_the_linger_go_to_the_log_as_one_bat
     database_url: str, nats_url: str, unique: str, linger_ms: float, batches: int
 ) -> None:
     settings = Settings(
-        address="127.0.0.1:0",
+        **LOCAL_SERVER,
         database_url=database_url,
         event_log=JetStreamSettings(url=nats_url),
         stream_linger_ms=linger_ms,

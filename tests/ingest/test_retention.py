@@ -22,7 +22,7 @@ from sendtime.profile.v1 import profile_pb2
 from sendtime_common.config import ConfigError
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
-from tests.conftest import eventually
+from tests.conftest import LOCAL_SERVER, eventually
 from tests.factories import event, identify
 
 unkeyed_hash = IdentifierHasher.unkeyed().hash  # the services' default (IDENTIFIER_HASH_KEYS unset)
@@ -139,9 +139,7 @@ async def test_an_erasure_notice_deletes_the_persons_dead_letters(
         event(email=erased_email, cart_item_added=bad_quantity),  # as sent; stored normalized
     ]
     kept = event(user_id=other, cart_item_added=bad_quantity)
-    settings = Settings(
-        address="127.0.0.1:0", database_url=database_url, event_log=JetStreamSettings(url=nats_url)
-    )
+    settings = Settings(**LOCAL_SERVER, database_url=database_url, event_log=JetStreamSettings(url=nats_url))
     app = await create_app(settings)
     await app.start()
     try:

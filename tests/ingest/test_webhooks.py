@@ -24,7 +24,7 @@ from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.config import ConfigError
 from sendtime_common.errors import retry_status
-from tests.conftest import wait_for_profile
+from tests.conftest import LOCAL_SERVER, wait_for_profile
 from tests.ingest.test_webhook_mapping import order_payload
 
 SECRET = "shpss_test_secret"
@@ -77,7 +77,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def started(sink: EventSink, **overrides: Any) -> WebhookServer:
-    server = WebhookServer(sink, settings(**overrides))
+    server = WebhookServer(sink, settings(**overrides), tls=LOCAL_SERVER["tls"])
     await server.start()
     return server
 
@@ -348,9 +348,9 @@ async def test_an_endpoint_without_its_secret_is_404_and_health_is_200(http: aio
 
 def test_an_unusable_configuration_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="verification key"):
-        WebhookServer(RecordingSink(), settings(sendgrid_public_key="bm90IGEga2V5"))
+        WebhookServer(RecordingSink(), settings(sendgrid_public_key="bm90IGEga2V5"), tls=LOCAL_SERVER["tls"])
     with pytest.raises(ValueError, match="host:port"):
-        WebhookServer(RecordingSink(), settings(address="localhost"))
+        WebhookServer(RecordingSink(), settings(address="localhost"), tls=LOCAL_SERVER["tls"])
     assert SECRET not in repr(settings())
 
 
@@ -361,6 +361,8 @@ async def test_the_ingest_service_runs_the_listener_when_a_secret_is_configured(
         "DATABASE_URL": database_url,
         "NATS_URL": nats_url,
         "INGEST_ADDRESS": "127.0.0.1:0",
+        "INGEST_HEALTH_ADDRESS": "127.0.0.1:0",
+        "ALLOW_PLAINTEXT": "true",
         "INGEST_WEBHOOK_ADDRESS": "127.0.0.1:0",
         "SHOPIFY_WEBHOOK_SECRET": SECRET,
     }
@@ -386,7 +388,13 @@ async def test_the_ingest_service_runs_the_listener_when_a_secret_is_configured(
 async def test_without_secrets_no_listener_runs_and_a_bad_key_is_a_config_error(
     nats_url: str, database_url: str
 ) -> None:
-    base = {"DATABASE_URL": database_url, "NATS_URL": nats_url, "INGEST_ADDRESS": "127.0.0.1:0"}
+    base = {
+        "DATABASE_URL": database_url,
+        "NATS_URL": nats_url,
+        "INGEST_ADDRESS": "127.0.0.1:0",
+        "INGEST_HEALTH_ADDRESS": "127.0.0.1:0",
+        "ALLOW_PLAINTEXT": "true",
+    }
     app = await create_app(Settings.from_env(base))
     assert app.webhooks is None
     await app.close()

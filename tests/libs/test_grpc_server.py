@@ -18,7 +18,7 @@ from sendtime_common.auth.key_store import KeyStore
 from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.identifiers import IdentifierHasher
-from tests.conftest import channel
+from tests.conftest import LOCAL_SERVER, channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -67,7 +67,14 @@ async def test_stop_reports_not_serving_and_lets_in_flight_calls_finish(
     access: AccessInterceptor, admin_key: str
 ) -> None:
     service = SlowService()
-    server = GrpcServer("127.0.0.1:0", ["test.Slow"], service.register, access)
+    server = GrpcServer(
+        "127.0.0.1:0",
+        ["test.Slow"],
+        service.register,
+        access,
+        tls=LOCAL_SERVER["tls"],
+        health_address="127.0.0.1:0",
+    )
     await server.start()
     async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
         health = health_pb2_grpc.HealthStub(calls)
@@ -97,7 +104,14 @@ async def test_stop_reports_not_serving_and_lets_in_flight_calls_finish(
 async def test_reflection_lists_the_services(access: AccessInterceptor, admin_key: str) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    server = GrpcServer("127.0.0.1:0", ["test.Slow"], SlowService().register, access)
+    server = GrpcServer(
+        "127.0.0.1:0",
+        ["test.Slow"],
+        SlowService().register,
+        access,
+        tls=LOCAL_SERVER["tls"],
+        health_address="127.0.0.1:0",
+    )
     await server.start()
     try:
         async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
@@ -116,7 +130,14 @@ async def test_service_calls_are_traced_and_health_checks_are_not(
 ) -> None:
     service = SlowService()
     service.release.set()
-    server = GrpcServer("127.0.0.1:0", ["test.Slow"], service.register, access)
+    server = GrpcServer(
+        "127.0.0.1:0",
+        ["test.Slow"],
+        service.register,
+        access,
+        tls=LOCAL_SERVER["tls"],
+        health_address="127.0.0.1:0",
+    )
     await server.start()
     try:
         async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
@@ -148,7 +169,9 @@ async def test_a_burst_of_calls_beyond_grpcs_default_pending_limit_is_served_not
         )
         server.add_generic_rpc_handlers((handler,))
 
-    server = GrpcServer("127.0.0.1:0", ["test.Burst"], register, access)
+    server = GrpcServer(
+        "127.0.0.1:0", ["test.Burst"], register, access, tls=LOCAL_SERVER["tls"], health_address="127.0.0.1:0"
+    )
     await server.start()
     try:
         async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:

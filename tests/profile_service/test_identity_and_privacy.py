@@ -24,7 +24,7 @@ from sendtime_common.errors import status_of
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
-from tests.conftest import channel, eventually, user, wait_for_profile
+from tests.conftest import LOCAL_SERVER, channel, eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
 from tests.keys import issue_key
 from tests.profile_service.test_erasure_notices import Heard, unkeyed_hash
@@ -235,7 +235,7 @@ async def test_with_redis_down_reads_fall_back_to_postgres(
     port = devstack.free_port()
     redis = devstack.start_redis(port, tmp_path / "redis")
     settings = Settings(
-        address="127.0.0.1:0",
+        **LOCAL_SERVER,
         database_url=database_url,
         redis_url=f"redis://127.0.0.1:{port}/0",
         consumer_name=f"reader-{unique}",
@@ -309,7 +309,7 @@ async def test_parallel_mergers_lose_no_update_for_one_customer(
     # A second replica on the same durable consumer: the two split the events between them.
     second = await create_app(
         Settings(
-            address="127.0.0.1:0",
+            **LOCAL_SERVER,
             database_url=database_url,
             redis_url=redis_url,
             event_log=JetStreamSettings(url=nats_url),

@@ -63,7 +63,14 @@ async def test_a_bad_source_priority_file_stops_the_service_with_the_key(
 async def test_the_near_cache_is_sized_from_the_environment_and_zero_turns_it_off(
     database_url: str, redis_url: str, nats_url: str
 ) -> None:
-    env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "NATS_URL": nats_url}
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "NATS_URL": nats_url,
+        "PROFILE_ADDRESS": "127.0.0.1:0",
+        "PROFILE_HEALTH_ADDRESS": "127.0.0.1:0",
+        "ALLOW_PLAINTEXT": "true",
+    }
     sized = Settings.from_env(
         env | {"PROFILE_NEAR_CACHE_ENTRIES": "500", "PROFILE_NEAR_CACHE_TTL_SECONDS": "5"}
     )

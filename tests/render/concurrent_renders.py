@@ -20,12 +20,15 @@ from google.protobuf import json_format
 
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.client import authenticated_channel
+from sendtime_common.tls import ClientTls
 
 
 async def render_all(
     target: str, timeout_s: float, requests: Sequence[render_pb2.RenderRequest]
 ) -> list[dict[str, Any]]:
-    async with authenticated_channel(target, os.environ["SENDTIME_API_KEY"]) as channel:
+    async with authenticated_channel(
+        target, os.environ["SENDTIME_API_KEY"], ClientTls(plaintext=True)
+    ) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)  # a caller's channel is connected already
         stub = render_pb2_grpc.RenderServiceStub(channel)
 

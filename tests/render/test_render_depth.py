@@ -409,6 +409,9 @@ def render_process_without_profiles(
     env = {
         **os.environ,
         "RENDER_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
+        "RENDER_HEALTH_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
+        "ALLOW_PLAINTEXT": "true",  # the client measures deadlines, not handshakes
+        "PROFILE_SERVICE_PLAINTEXT": "true",
         "PROFILE_SERVICE_TARGET": f"127.0.0.1:{devstack.free_port()}",
         "PROFILE_SERVICE_API_KEY": profile_reader_key,
         "DATABASE_URL": database_url,

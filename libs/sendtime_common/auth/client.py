@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from sendtime_common.tls import ClientTls, channel
+
 AUTHORIZATION = "authorization"
 
 
@@ -81,11 +83,14 @@ def bearer_auth(key: str) -> list[Any]:
 def authenticated_channel(
     target: str,
     key: str,
+    tls: ClientTls,
     *,
     interceptors: Sequence[Any] = (),
     options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
-    """A channel to ``target`` whose calls carry ``key``."""
-    return grpc.aio.insecure_channel(
-        target, options=list(options), interceptors=[*interceptors, *bearer_auth(key)]
-    )
+    """A channel to ``target`` (TLS or plaintext as ``tls`` says) whose calls carry ``key``.
+
+    Raises:
+        UnusableCertificate: the client's certificate files are not usable.
+    """
+    return channel(target, tls, interceptors=[*interceptors, *bearer_auth(key)], options=list(options))
