@@ -30,6 +30,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
+import nats_auth
+from local_credentials import nats_passwords
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,33 +78,50 @@ def nats_server_binary() -> str:
     raise RuntimeError("nats-server not found beside the interpreter: install requirements-dev.txt")
 
 
-def write_nats_config(path: Path, port: int, store_dir: Path) -> Path:
-    """A JetStream config that fsyncs every write, so an acknowledged event survives a crash."""
-    path.write_text(
-        "\n".join(
-            [
-                f"listen: 127.0.0.1:{port}",
-                "jetstream {",
-                f'  store_dir: "{store_dir}"',
-                "  sync_interval: always",
-                "}",
-                "",
-            ]
-        )
-    )
+def write_nats_config(
+    path: Path,
+    port: int,
+    store_dir: Path,
+    passwords: Mapping[str, str] | None = None,
+    tls: tuple[Path, Path] | None = None,
+) -> Path:
+    """A JetStream config that fsyncs every write, so an acknowledged event survives a crash;
+    with one user per service in ``passwords`` (scripts/nats_auth.py: least privilege), and TLS
+    with ``tls`` (certificate, key). Readable by the owner only: it holds the passwords."""
+    lines = [
+        f"listen: 127.0.0.1:{port}",
+        "jetstream {",
+        f'  store_dir: "{store_dir}"',
+        "  sync_interval: always",
+        "}",
+    ]
+    if tls is not None:
+        lines += ["tls {", f'  cert_file: "{tls[0]}"', f'  key_file: "{tls[1]}"', "}"]
+    if passwords:
+        lines.append(nats_auth.config_block(passwords))
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text("\n".join([*lines, ""]))
     return path
 
 
 def start_nats(
-    port: int, workdir: Path, log_file: Path | None = None, *, detach: bool = False
+    port: int,
+    workdir: Path,
+    log_file: Path | None = None,
+    *,
+    detach: bool = False,
+    passwords: Mapping[str, str] | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start the pinned nats-server with JetStream on 127.0.0.1:port, state under ``workdir``.
+    """Start the pinned nats-server with JetStream on 127.0.0.1:port, state under ``workdir``;
+    with users and TLS as ``write_nats_config`` says.
 
     ``detach`` puts it in its own session, so a Ctrl-C meant for the caller's terminal does not
     kill it before the services using it have drained; ``down`` stops it instead.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    config = write_nats_config(workdir / "nats.conf", port, workdir / "jetstream")
+    config = write_nats_config(workdir / "nats.conf", port, workdir / "jetstream", passwords, tls)
     with open(log_file or workdir / "nats.log", "ab") as output:  # the child keeps its own copy
         process = subprocess.Popen(
             [nats_server_binary(), "-c", str(config)],
@@ -121,17 +141,24 @@ def redis_server_binary() -> str:
     return found
 
 
-def start_redis(port: int, workdir: Path, *, detach: bool = False) -> subprocess.Popen[bytes]:
-    """Start a Redis that keeps nothing on disk, on 127.0.0.1:port (``detach``: see start_nats)."""
+def start_redis(
+    port: int, workdir: Path, *, detach: bool = False, tls: tuple[Path, Path, Path] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a Redis that keeps nothing on disk, on 127.0.0.1:port (``detach``: see start_nats);
+    with ``tls`` (certificate, key, CA), TLS only on that port."""
     workdir.mkdir(parents=True, exist_ok=True)
+    listen = ["--port", str(port)]
+    if tls is not None:
+        cert, key, ca = tls
+        listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert)]
+        listen += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
     with open(workdir / "redis.log", "ab") as output:  # the child keeps its own copy
         process = subprocess.Popen(
             [
                 redis_server_binary(),
                 "--bind",
                 "127.0.0.1",
-                "--port",
-                str(port),
+                *listen,
                 "--save",
                 "",
                 "--appendonly",
@@ -161,7 +188,6 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10) -> Non
 
 # --- command-line part: `up`, `down`, `ensure` ------------------------------------------------
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sendtime"
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -381,8 +407,11 @@ def _pg_run(command: Sequence[str | Path], user: pwd.struct_passwd | None, cwd: 
     return result.stdout
 
 
-def start_postgres(port: int, workdir: Path, superuser: str = "postgres") -> int:
-    """Start a private cluster on 127.0.0.1:port (data and log under ``workdir``); its pid.
+def start_postgres(
+    port: int, workdir: Path, superuser: str = "postgres", *, ssl: tuple[Path, Path] | None = None
+) -> int:
+    """Start a private cluster on 127.0.0.1:port (data and log under ``workdir``); its pid; with
+    ``ssl`` (certificate, key), serving TLS too.
 
     The cluster is created on first use with ``trust`` authentication: it is a throwaway
     development server that listens on loopback only. Its data survives ``down``.
@@ -405,6 +434,14 @@ def start_postgres(port: int, workdir: Path, superuser: str = "postgres") -> int
     # A Unix socket path is limited to ~107 bytes; without one, clients use TCP, which is all we need.
     socket_dir = str(sockets) if len(f"{sockets}/.s.PGSQL.{port}.lock") < 100 else ""
     options = f"-p {port} -k {shlex.quote(socket_dir)} -c listen_addresses=127.0.0.1"
+    if ssl is not None:  # the server reads them as its own user, and wants the key private
+        for source, name in zip(ssl, ("server.crt", "server.key"), strict=True):
+            shutil.copyfile(source, workdir / name)
+            (workdir / name).chmod(0o600)
+            if user is not None:
+                os.chown(workdir / name, user.pw_uid, user.pw_gid)
+        cert, key = (shlex.quote(str(workdir / n)) for n in ("server.crt", "server.key"))
+        options += f" -c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
     try:
         _pg_run([pg_ctl, "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start"], user, workdir)
     except DevstackError as exc:
@@ -505,22 +542,68 @@ def _ensure_postgres(ep: Endpoint, rd: Path) -> bool:
     return _ensure(ep, rd, start)
 
 
-def up(env: Mapping[str, str] | None = None) -> list[str]:
-    """Make NATS, Redis and PostgreSQL reachable at their URLs and create the app's database.
+def own_nats(env: Mapping[str, str]) -> bool:
+    """Whether devstack runs the NATS (NATS_URL unset): its own, with a user per service."""
+    return not env.get("NATS_URL")
 
-    Idempotent: what already listens is used, never restarted. Synchronous (it runs its own event
-    loop for asyncpg), so do not call it from inside a running loop. Returns the names of the
-    ones it started (for ``down(names=...)``).
+
+def nats_url(env: Mapping[str, str]) -> str:
+    """Where the services find NATS: NATS_URL, else the one ``up`` started (.run/nats.url)."""
+    if not own_nats(env):
+        return env["NATS_URL"]
+    try:
+        return (run_dir(env) / "nats.url").read_text().strip()
+    except OSError:
+        raise DevstackError("devstack's NATS is not up: run `devstack.py up` first") from None
+
+
+def _ensure_own_nats(rd: Path) -> bool:
+    """devstack's NATS: the pinned nats-server with one least-privilege user per service
+    (scripts/nats_auth.py; passwords in .run/secrets/). On 127.0.0.1:4222 when that is free,
+    else the next free port from 4223 (a NATS that is not ours may hold 4222, e.g. the
+    system's). Its URL goes to .run/nats.url. Whether it was started now."""
+    passwords = {service: path.read_text().strip() for service, path in nats_passwords(rd).items()}
+    pid_file, url_file = rd / "nats.pid", rd / "nats.url"
+    pid = _read_pid(pid_file)
+    if pid is not None and _is_ours(pid, "nats") and url_file.exists():
+        port = int(url_file.read_text().strip().rpartition(":")[2])
+        write_nats_config(rd / "nats" / "nats.conf", port, rd / "nats" / "jetstream", passwords)
+        os.kill(pid, signal.SIGHUP)  # nats-server rereads its configuration (users, permissions)
+        _say(f"{'nats:':<9} using 127.0.0.1:{port} (started earlier by devstack, pid {pid}; users reloaded)")
+        return False
+    port = next(p for p in range(4222, 4300) if not tcp_reachable("127.0.0.1", p))
+    rd.mkdir(parents=True, exist_ok=True)
+    _STARTED["nats"] = process = start_nats(port, rd / "nats", detach=True, passwords=passwords)
+    pid_file.write_text(f"{process.pid}\n")
+    url_file.write_text(f"nats://127.0.0.1:{port}\n")
+    where = _shown(rd / "nats")
+    _say(f"{'nats:':<9} started on 127.0.0.1:{port}, a user per service (pid {process.pid}; {where}/)")
+    return True
+
+
+def up(env: Mapping[str, str] | None = None) -> list[str]:
+    """Make NATS, Redis and PostgreSQL reachable and create the app's database.
+
+    NATS: with NATS_URL set, what listens there is used (or a local one started); unset,
+    devstack runs its own with a user per service (``own_nats``; its URL: ``nats_url``).
+    Redis and PostgreSQL: what listens at REDIS_URL and DATABASE_URL is used, or local ones are
+    started. Idempotent: what already listens is used, never restarted. Synchronous (it runs its
+    own event loop for asyncpg), so do not call it from inside a running loop. Returns the names
+    of the ones it started (for ``down(names=...)``).
     """
     env = os.environ if env is None else env
     rd = run_dir(env)
-    nats = endpoint("nats", env.get("NATS_URL") or DEFAULT_NATS_URL, 4222)
     redis = endpoint("redis", env.get("REDIS_URL") or DEFAULT_REDIS_URL, 6379)
     postgres = endpoint("postgres", env.get("DATABASE_URL") or DEFAULT_DATABASE_URL, 5432)
+    nats_started = (
+        _ensure_own_nats(rd)
+        if own_nats(env)
+        else _ensure(endpoint("nats", env["NATS_URL"], 4222), rd, _start_nats)
+    )
     started = [
         name
         for name, was_started in (
-            ("nats", _ensure(nats, rd, _start_nats)),
+            ("nats", nats_started),
             ("redis", _ensure(redis, rd, _start_redis)),
             ("postgres", _ensure_postgres(postgres, rd)),
         )
@@ -534,7 +617,7 @@ def up(env: Mapping[str, str] | None = None) -> list[str]:
         ) from None
     database = unquote(urlsplit(postgres.url).path.lstrip("/"))
     _say(f"postgres: {'created' if created else 'using'} database {database}")
-    _say(f"ready:    {redact(nats.url)}  {redact(redis.url)}  {redact(postgres.url)}")
+    _say(f"ready:    {nats_url(env)}  {redact(redis.url)}  {redact(postgres.url)}")
     return started
 
 
@@ -576,6 +659,8 @@ def down(env: Mapping[str, str] | None = None, names: Sequence[str] = ("postgres
             _terminate(pid)
             stopped.append(name)
         pid_file.unlink(missing_ok=True)
+        if name == "nats":
+            (rd / "nats.url").unlink(missing_ok=True)
     _say(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 
@@ -585,8 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="devstack.py",
         description="Local NATS JetStream, Redis and PostgreSQL for Sendtime development and tests.",
         epilog=(
-            "Endpoints come from NATS_URL, REDIS_URL, DATABASE_URL and TEST_DATABASE_URL (defaults: "
-            f"{DEFAULT_NATS_URL}, {DEFAULT_REDIS_URL}, {DEFAULT_DATABASE_URL}, {DEFAULT_TEST_DATABASE_URL}). "
+            "Endpoints come from REDIS_URL, DATABASE_URL and TEST_DATABASE_URL (defaults: "
+            f"{DEFAULT_REDIS_URL}, {DEFAULT_DATABASE_URL}, {DEFAULT_TEST_DATABASE_URL}) and NATS_URL; with "
+            "NATS_URL unset, devstack runs its own NATS, a user per service (4222, or the next free port). "
             "Pid files, state and logs go to SENDTIME_RUN_DIR (default: .run/ in the checkout)."
         ),
     )

@@ -4,7 +4,9 @@
   every port serves TLS; and a client certificate for render (``spiffe://sendtime.local/render``)
   for when profile asks for one (mutual TLS);
 - an admin API key for the person at the keyboard, and render's own key, which can only read
-  profiles (``.run/secrets/``, readable by the owner only).
+  profiles (``.run/secrets/``, readable by the owner only);
+- a NATS user per service (devstack's NATS) and a PostgreSQL role per service, each with only
+  what its service needs (passwords in ``.run/secrets/``).
 
 All are reused while they stay good (certificates: 30 more days and signed by the CA; keys:
 active in the database), and made anew otherwise."""
@@ -13,18 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
+from redis.exceptions import RedisError
 
 import local_ca
+import nats_auth
+import redis_acl
+from sendtime_cli import database
 from sendtime_common.auth.api_keys import ALL_SCOPES, Scope
 from sendtime_common.auth.key_store import KeyState, KeyStore
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sendtime"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 RENDER_IDENTITY = "spiffe://sendtime.local/render"
@@ -44,20 +53,35 @@ class LocalCredentials:
     admin_key_file: Path
     render_key_file: Path
     tls: LocalTls
+    run_dir: Path
+    own_nats: bool  # devstack's NATS, with a user per service
+    # Each service's DATABASE_URL (its own role, sendtime_cli.database); empty: all use DATABASE_URL.
+    database_urls: Mapping[str, str]
+    # Each Redis user's URL (its own ACL user, redis_acl); empty: all use REDIS_URL.
+    redis_urls: Mapping[str, str]
 
     @property
     def admin_key(self) -> str:
         return self.admin_key_file.read_text().strip()
 
-    def service_env(self) -> dict[str, str]:
-        """What the services need in their environment: TLS on every port, and render's key and
-        trust for its calls to profile."""
-        return {
+    def service_env(self, service: str) -> dict[str, str]:
+        """What ``service`` needs in its environment: TLS on every port, render's key and trust
+        for its calls to profile, and its NATS user on devstack's NATS."""
+        env = {
             "TLS_CERT_FILE": str(self.tls.server_cert_file),
             "TLS_KEY_FILE": str(self.tls.server_key_file),
             "PROFILE_SERVICE_CA_FILE": str(self.tls.ca_file),
             "PROFILE_SERVICE_API_KEY_FILE": str(self.render_key_file),
         }
+        if self.own_nats:
+            env.update(nats_service_env(self.run_dir, service))
+        if service in self.database_urls:
+            env["DATABASE_URL"] = self.database_urls[service]
+        if service == "profile" and "profile" in self.redis_urls:
+            env["REDIS_URL"] = self.redis_urls["profile"]
+        if service == "render" and "render" in self.redis_urls:
+            env["RENDER_REDIS_URL"] = self.redis_urls["render"]
+        return env
 
 
 def ensure_local_tls(directory: Path) -> LocalTls:
@@ -85,6 +109,29 @@ def ensure_local_tls(directory: Path) -> LocalTls:
             tls.render_cert_file, tls.render_key_file
         )
     return tls
+
+
+def nats_passwords(run_dir: Path) -> dict[str, Path]:
+    """Each service's password for devstack's NATS (``.run/secrets/nats-<service>.password``),
+    made once: the service name and the file holding its password."""
+    directory = secrets_dir(run_dir)
+    files = {}
+    for service in nats_auth.SERVICES:
+        path = directory / f"nats-{service}.password"
+        if not path.exists() or not path.read_text().strip():
+            _write_secret(path, secrets.token_urlsafe(24))
+        files[service] = path
+    return files
+
+
+def nats_service_env(run_dir: Path, service: str) -> dict[str, str]:
+    """How ``service`` signs in to devstack's NATS: its user, its password file, and whether it
+    manages the streams (profile does)."""
+    return {
+        "NATS_USER": nats_auth.user_name(service),
+        "NATS_PASSWORD_FILE": str(nats_passwords(run_dir)[service]),
+        "NATS_MANAGE_STREAMS": "true" if service == "profile" else "false",
+    }
 
 
 def secrets_dir(run_dir: Path) -> Path:
@@ -116,12 +163,75 @@ async def _ensure_key(store: KeyStore, path: Path, name: str, scopes: Iterable[S
         _write_secret(path, key)
 
 
-async def _ensure(database_url: str, directory: Path, tls: LocalTls) -> LocalCredentials:
+def _password(path: Path) -> str:
+    if not path.exists() or not path.read_text().strip():
+        _write_secret(path, secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def with_user(database_url: str, user: str, password: str) -> str:
+    parts = urlsplit(database_url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(user)}:{quote(password, safe='')}@{host}"))
+
+
+async def _database_roles(database_url: str, run_dir: Path) -> dict[str, str]:
+    """A role per service (sendtime_cli.database) where DATABASE_URL's user may make roles:
+    each service's DATABASE_URL. Empty where it may not (then every service uses DATABASE_URL)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        may = await conn.fetchval(
+            "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+        )
+    finally:
+        await conn.close()
+    if not may:
+        return {}
+    directory = secrets_dir(run_dir)
+    passwords = {service: _password(directory / f"db-{service}.password") for service in database.SERVICES}
+    await database.setup_roles(database_url, passwords)
+    return {
+        service: with_user(database_url, database.role_name(service), password)
+        for service, password in passwords.items()
+    }
+
+
+async def _redis_users(redis_url: str, run_dir: Path) -> dict[str, str]:
+    """An ACL user per service that uses Redis (redis_acl): each one's Redis URL. Empty where
+    REDIS_URL's user may not manage ACLs (then the services use REDIS_URL)."""
+    directory = secrets_dir(run_dir)
+    passwords = {
+        service: _password(directory / f"redis-{service}.password") for service in redis_acl.SERVICES
+    }
+    try:
+        await redis_acl.setup_users(redis_url, passwords)
+    except RedisError:
+        return {}
+    return {
+        service: with_user(redis_url, redis_acl.user_name(service), password)
+        for service, password in passwords.items()
+    }
+
+
+async def _ensure(
+    database_url: str, redis_url: str, run_dir: Path, tls: LocalTls, own_nats: bool
+) -> LocalCredentials:
+    directory = secrets_dir(run_dir)
+    database_urls = await _database_roles(database_url, run_dir)
+    redis_urls = await _redis_users(redis_url, run_dir)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
         store = KeyStore(pool)
         await store.migrate()
-        credentials = LocalCredentials(directory / "admin.key", directory / "render.key", tls)
+        credentials = LocalCredentials(
+            directory / "admin.key",
+            directory / "render.key",
+            tls,
+            run_dir,
+            own_nats,
+            database_urls,
+            redis_urls,
+        )
         await _ensure_key(store, credentials.admin_key_file, "local admin (make run)", ALL_SCOPES)
         await _ensure_key(store, credentials.render_key_file, "render (make run)", [Scope.PROFILES_READ])
         return credentials
@@ -137,5 +247,6 @@ def ensure_local_credentials(env: Mapping[str, str], run_dir: Path) -> LocalCred
         OSError, asyncpg.PostgresError: the database cannot be reached.
     """
     database_url = env.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    redis_url = env.get("REDIS_URL") or DEFAULT_REDIS_URL
     tls = ensure_local_tls(run_dir / "tls")
-    return asyncio.run(_ensure(database_url, secrets_dir(run_dir), tls))
+    return asyncio.run(_ensure(database_url, redis_url, run_dir, tls, own_nats=not env.get("NATS_URL")))

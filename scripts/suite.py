@@ -106,7 +106,10 @@ class RunningService:
 
 
 def start_services(
-    env: Mapping[str, str], log_dir: Path, services: Sequence[Service] = SERVICES
+    env: Mapping[str, str],
+    log_dir: Path,
+    services: Sequence[Service] = SERVICES,
+    credentials: LocalCredentials | None = None,
 ) -> list[RunningService]:
     """Start ``services`` (the three, by default) as processes, in order, and wait until each
     reports SERVING.
@@ -133,7 +136,9 @@ def start_services(
             with open(log_path, "ab") as log:  # the child keeps its own copy
                 process = subprocess.Popen(
                     [sys.executable, "-m", service.module],
-                    env=service_env(env),
+                    env=service_env(
+                        {**env, **(credentials.service_env(service.name) if credentials else {})}
+                    ),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -383,7 +388,8 @@ def suite(env: Mapping[str, str]) -> Iterator[RunningSuite]:
     started_dependencies = devstack.up(env)
     try:
         credentials = ensure_local_credentials(env, devstack.run_dir(env))
-        running = start_services({**env, **credentials.service_env()}, devstack.run_dir(env) / "logs")
+        env = {**env, "NATS_URL": devstack.nats_url(env)}
+        running = start_services(env, devstack.run_dir(env) / "logs", credentials=credentials)
         succeeded = False
         try:
             yield RunningSuite(running, credentials)

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import logging
+import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +44,10 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamInfo,
 )
 
-from sendtime_common.config import env_bool, env_float, env_int, env_str
+from sendtime_common.config import env_bool, env_float, env_int, env_str, secret_from_env
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ BATCH_SEQUENCE_HEADER = "Nats-Batch-Sequence"
 BATCH_COMMIT_HEADER = "Nats-Batch-Commit"
 ATOMIC_BATCH_MAX = 1000  # nats-server's default limit on messages in one atomic batch
 ERASURE_RETRY_MAX_S = 5.0  # backoff cap while an erasure handler's store is down
+STREAM_WAIT_S = 60.0  # how long a service that does not manage the streams waits for them
 
 
 class EventLogUnavailable(Exception):
@@ -175,6 +178,15 @@ class EventLog(Protocol):
 @dataclass(frozen=True, slots=True)
 class JetStreamSettings:
     url: str = "nats://127.0.0.1:4222"
+    # This service's NATS user (each service has its own, with only the permissions it needs:
+    # docs/security.md); empty: none.
+    user: str = ""
+    password: str = field(default="", repr=False)
+    # The CA that signed the NATS servers' certificate (tls:// URLs); empty: the system's roots.
+    ca_file: str = ""
+    # Whether this service creates and updates the streams (the profile service does); the
+    # others only wait for them to exist and read their configuration.
+    manage_streams: bool = True
     stream: str = "SENDTIME_EVENTS"
     subject_prefix: str = "sendtime.events"
     replicas: int = 1
@@ -191,8 +203,9 @@ class JetStreamSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
-        """NATS_URL, NATS_STREAM, NATS_REPLICAS, NATS_DUPLICATE_WINDOW_SECONDS, NATS_MAX_AGE_SECONDS,
-        NATS_ATOMIC_BATCHES; unset ones keep their local defaults.
+        """NATS_URL, NATS_USER, NATS_PASSWORD (or NATS_PASSWORD_FILE), NATS_CA_FILE,
+        NATS_MANAGE_STREAMS, NATS_STREAM, NATS_REPLICAS, NATS_DUPLICATE_WINDOW_SECONDS,
+        NATS_MAX_AGE_SECONDS, NATS_ATOMIC_BATCHES; unset ones keep their local defaults.
 
         Raises:
             sendtime_common.config.ConfigError: a variable has an unusable value.
@@ -200,6 +213,10 @@ class JetStreamSettings:
         defaults = cls()
         return cls(
             url=env_str(env, "NATS_URL", defaults.url),
+            user=env_str(env, "NATS_USER", ""),
+            password=secret_from_env(env, "NATS_PASSWORD"),
+            ca_file=env_str(env, "NATS_CA_FILE", ""),
+            manage_streams=env_bool(env, "NATS_MANAGE_STREAMS", defaults.manage_streams),
             stream=env_str(env, "NATS_STREAM", defaults.stream),
             replicas=env_int(env, "NATS_REPLICAS", defaults.replicas, minimum=1),
             duplicate_window_s=env_float(
@@ -356,6 +373,21 @@ def _batch_answer(commit: asyncio.Future[Msg], count: int) -> int | EventLogUnav
         return EventLogUnavailable(f"unreadable batch ack: {exc}")
 
 
+def inbox_prefix(user: str) -> str:
+    """``_INBOX_<user>`` for a user whose name can be a subject token, so that NATS permissions
+    can let each service subscribe to its own replies only; NATS's default otherwise."""
+    if user and all(c.isalnum() or c in "-_" for c in user):
+        return f"_INBOX_{user}"
+    return "_INBOX"
+
+
+def _tls_context(settings: JetStreamSettings) -> ssl.SSLContext | None:
+    """TLS for ``tls://`` URLs (or a CA file given), trusting ``ca_file`` or the system's roots."""
+    if not (settings.ca_file or settings.url.startswith("tls://")):
+        return None
+    return ssl.create_default_context(cafile=settings.ca_file or None)
+
+
 async def _log_connection_error(exc: Exception) -> None:
     log.warning("NATS connection error", extra={"error": f"{type(exc).__name__}: {exc}"})
 
@@ -383,20 +415,54 @@ class JetStreamEventLog:
         """Connect and make sure the stream exists with ``settings``.
 
         Raises:
-            EventLogUnavailable: NATS could not be reached.
+            EventLogUnavailable: NATS could not be reached, or refused the credentials or the
+                TLS handshake.
         """
-        try:
-            client = await nats.connect(
+        refused: list[str] = []
+        refusal = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            await _log_connection_error(exc)
+            if (
+                isinstance(exc, nats.errors.AuthorizationError)
+                or "authorization violation" in str(exc).lower()
+            ):
+                refused.append(f"refused user {settings.user!r}: check NATS_USER and NATS_PASSWORD")
+            elif isinstance(exc, ssl.SSLError):
+                refused.append(f"TLS failed ({exc.reason or exc}): check NATS_CA_FILE")
+            if refused:
+                refusal.set()
+
+        # nats-py keeps retrying a refused first connection as it would a lost one; a service
+        # whose credentials or certificates are wrong must stop and say so instead.
+        connecting = asyncio.ensure_future(
+            nats.connect(
                 settings.url,
-                name="sendtime",
+                name=settings.user or "sendtime",
+                user=settings.user or None,
+                password=settings.password or None,
+                # Replies and deliveries come to inboxes only this user may subscribe to.
+                inbox_prefix=inbox_prefix(settings.user),
+                tls=_tls_context(settings),
                 max_reconnect_attempts=-1,  # keep trying: publishes fail fast meanwhile
                 reconnect_time_wait=0.5,
                 connect_timeout=2,
                 allow_reconnect=True,
-                error_cb=_log_connection_error,
+                error_cb=on_error,
                 disconnected_cb=_log_disconnected,
                 reconnected_cb=_log_reconnected,
             )
+        )
+        watching = asyncio.ensure_future(refusal.wait())
+        await asyncio.wait([connecting, watching], return_when=asyncio.FIRST_COMPLETED)
+        watching.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, nats.errors.Error, OSError):
+                await connecting
+            raise EventLogUnavailable(f"NATS at {settings.url}: {refused[0]}")
+        try:
+            client = connecting.result()
         except (OSError, nats.errors.Error) as exc:
             raise EventLogUnavailable(f"cannot connect to NATS at {settings.url}: {exc}") from exc
         log_ = cls(client, settings)
@@ -443,14 +509,35 @@ class JetStreamEventLog:
 
     async def _ensure_stream(self) -> None:
         for config in (self._stream_config(), self._erasure_stream_config()):
-            try:
-                info = await self._js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                # It exists with an older configuration: bring it up to date.
-                info = await self._js.update_stream(config)
+            if self._settings.manage_streams:
+                try:
+                    info = await self._js.add_stream(config)
+                except nats.js.errors.BadRequestError:
+                    # It exists with an older configuration: bring it up to date.
+                    info = await self._js.update_stream(config)
+            else:
+                info = await self._stream_made_by_another(str(config.name))
             if config.name == self._settings.stream:
                 # A server older than 2.12 ignores allow_atomic and answers without it.
                 self._atomic = bool(info.config.allow_atomic)
+
+    async def _stream_made_by_another(self, name: str) -> StreamInfo:
+        """The stream the managing service (profile) makes, once it exists.
+
+        Raises:
+            EventLogUnavailable: it did not appear within STREAM_WAIT_S.
+        """
+        deadline = asyncio.get_running_loop().time() + STREAM_WAIT_S
+        while True:
+            try:
+                return await self._js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise EventLogUnavailable(
+                        f"the stream {name} is missing; the profile service makes it (NATS_MANAGE_STREAMS)"
+                    ) from None
+                log.info("waiting for the stream to be created", extra={"stream": name})
+                await asyncio.sleep(0.5)
 
     async def publish(self, message: OutgoingMessage) -> PublishReceipt:
         (outcome,) = await (await self.publish_batch([message]))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sendtime_cli import importer, keys, profiles
+from sendtime_cli import database, importer, keys, profiles
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
             "keys",
             help="API keys: create, list, show, rotate, revoke",
             description="API keys, made and ended in the database (DATABASE_URL). See docs/security.md.",
+        )
+    )
+    database.add_arguments(
+        commands.add_parser(
+            "database",
+            help="database administration: roles",
+            description="Database administration (DATABASE_URL, as an administrator).",
         )
     )
     return parser

@@ -36,16 +36,6 @@ HEALTH_PORTS = {
 
 
 @pytest.fixture(scope="module")
-def private_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A NATS of the suite's own: its processes must not share a stream with the in-process
-    services the other tests run."""
-    port = devstack.free_port()
-    process = devstack.start_nats(port, tmp_path_factory.mktemp("e2e-nats"))
-    yield f"nats://127.0.0.1:{port}"
-    devstack.stop_process(process)
-
-
-@pytest.fixture(scope="module")
 async def suite_database() -> AsyncIterator[str]:
     """A database name for the suite; devstack creates it, as `make run` does. Dropped after."""
     async with database_dropped_after("sendtime_e2e") as (_, url):
@@ -54,11 +44,12 @@ async def suite_database() -> AsyncIterator[str]:
 
 @pytest.fixture(scope="module")
 def suite_env(
-    private_nats: str, redis_url: str, suite_database: str, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, suite_database: str, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
+    """As `make run` sees it: no NATS_URL, so devstack runs its own NATS with a user per service
+    (the module's own: its processes must not share a stream with the in-process services)."""
     env = {
-        **os.environ,
-        "NATS_URL": private_nats,
+        **{k: v for k, v in os.environ.items() if k != "NATS_URL"},
         "REDIS_URL": redis_url,
         "DATABASE_URL": suite_database,
         "SENDTIME_RUN_DIR": str(tmp_path_factory.mktemp("e2e-run")),
@@ -72,17 +63,18 @@ def suite_env(
 @pytest.fixture(scope="module")
 def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
     """The three services as processes, as `make run` starts them."""
-    devstack.up(suite_env)  # everything is reachable already; this creates the database
+    started = devstack.up(suite_env)  # NATS (locked down); the rest listens already; the database
     credentials = ensure_local_credentials(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]))
     env = {
         **suite_env,
-        **credentials.service_env(),
+        "NATS_URL": devstack.nats_url(suite_env),
         "SENDTIME_KEY": credentials.admin_key,
         "SENDTIME_CA_FILE": str(credentials.tls.ca_file),
     }
-    running = suite.start_services(env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs")
+    running = suite.start_services(env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs", credentials=credentials)
     yield env
     codes = suite.stop_services(running)
+    devstack.down(suite_env, names=started)
     assert codes == {"render": 0, "ingest": 0, "profile": 0}, "a service did not exit 0 on SIGTERM"
 
 
@@ -294,10 +286,17 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
     assert '{"field":"customer.value"' in bad_request and '{"field":"template.subject"' in bad_request
 
 
-def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, str]) -> None:
-    env = dict(suite_env)
-    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:  # the module's suite may run
+def fresh_checkout(suite_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """The suite's environment as another checkout sees it: ports and a run directory of its
+    own (so its own NATS, certificates and keys), the same database."""
+    env = {**suite_env, "SENDTIME_RUN_DIR": str(tmp_path / "run")}
+    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
+    return env
+
+
+def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, str], tmp_path: Path) -> None:
+    env = fresh_checkout(suite_env, tmp_path)
     result = subprocess.run(
         [sys.executable, str(repo_root() / "scripts" / "suite.py"), "demo"],
         env=env,
@@ -312,10 +311,10 @@ def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, st
     assert "render exited 0, ingest exited 0, profile exited 0" in result.stdout
 
 
-def test_run_serves_until_ctrl_c_then_stops_everything_it_started(suite_env: dict[str, str]) -> None:
-    env = dict(suite_env)
-    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:
-        env[variable] = f"127.0.0.1:{devstack.free_port()}"
+def test_run_serves_until_ctrl_c_then_stops_everything_it_started(
+    suite_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = fresh_checkout(suite_env, tmp_path)
     redis_port = devstack.free_port()
     env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"  # nothing there: `run` starts a Redis
     process = subprocess.Popen(
@@ -344,7 +343,7 @@ def test_run_serves_until_ctrl_c_then_stops_everything_it_started(suite_env: dic
             process.kill()
     assert process.returncode == 0, "".join(lines) + rest
     assert "render exited 0, ingest exited 0, profile exited 0" in rest
-    assert "stopped: redis" in rest
+    assert "stopped: redis, nats" in rest  # its own NATS (a user per service) and the Redis it started
     assert not devstack.tcp_reachable("127.0.0.1", redis_port)
     for variable in DEFAULT_PORTS.values():
         assert not devstack.tcp_reachable("127.0.0.1", int(env[variable].rpartition(":")[2]))

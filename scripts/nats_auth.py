@@ -1,0 +1,126 @@
+"""NATS users for the Sendtime services, each with only the permissions it needs.
+
+- **ingest** publishes events (``sendtime.events.>``) and follows erasure notices.
+- **profile** makes the two streams, reads events through its durable consumer, publishes
+  erasure notices, and deletes an erased person's events from the stream.
+- **render** reads events through its catalog consumer and follows erasure notices.
+
+Nobody else may publish an event, so nothing reaches the merger without ingest's validation.
+Each user may subscribe only to its own inboxes (``_INBOX_<user>.>``; the services connect
+with that inbox prefix), so one service cannot read another's replies or deliveries. No user may
+delete or purge a stream or another service's consumer.
+
+``devstack`` writes these users into the local NATS configuration; deploy/nats/ holds the same
+permissions for a cluster (``python scripts/nats_auth.py`` prints them), and
+tests/test_nats_permissions.py runs the services under them and tries what each must not do.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sendtime_common.event_log import JetStreamSettings, inbox_prefix
+
+SERVICES = ("ingest", "profile", "render")
+API = "$JS.API"
+
+
+@dataclass(frozen=True, slots=True)
+class NatsNames:
+    """The streams, subjects and durable consumers the services use (their settings' defaults)."""
+
+    events_stream: str = JetStreamSettings().stream
+    erasure_stream: str = JetStreamSettings().erasure_stream
+    subject_prefix: str = JetStreamSettings().subject_prefix
+    erasure_subject: str = JetStreamSettings().erasure_subject
+    merger_consumer: str = "profile-merger"
+    catalog_consumer: str = "render-catalog"
+
+
+def user_name(service: str) -> str:
+    return f"sendtime-{service}"
+
+
+def _durable(stream: str, consumer: str) -> list[str]:
+    """Create (either API), read and pull from one durable consumer, and ack its messages."""
+    return [
+        f"{API}.CONSUMER.CREATE.{stream}.{consumer}",
+        f"{API}.CONSUMER.CREATE.{stream}.{consumer}.>",
+        f"{API}.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
+        f"{API}.CONSUMER.INFO.{stream}.{consumer}",
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+        f"$JS.ACK.{stream}.{consumer}.>",
+    ]
+
+
+def _follow_erasures(names: NatsNames) -> list[str]:
+    """An ordered (ephemeral) consumer on the erasure stream, recreated after a gap."""
+    stream = names.erasure_stream
+    return [
+        f"{API}.STREAM.INFO.{names.events_stream}",
+        f"{API}.STREAM.INFO.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}.>",
+        f"{API}.CONSUMER.INFO.{stream}.>",
+        f"{API}.CONSUMER.DELETE.{stream}.>",
+        "$JS.FC.>",  # flow-control replies of push consumers
+    ]
+
+
+def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[str, list[str]]]:
+    """The NATS permissions of ``service``'s user."""
+    publish = _follow_erasures(names)
+    if service == "ingest":
+        publish += [f"{names.subject_prefix}.>"]
+    elif service == "profile":
+        publish += [
+            *(
+                f"{API}.STREAM.{verb}.{stream}"
+                for verb in ("CREATE", "UPDATE")
+                for stream in (names.events_stream, names.erasure_stream)
+            ),
+            f"{API}.STREAM.MSG.DELETE.{names.events_stream}",  # an erased person's events
+            names.erasure_subject,
+            *_durable(names.events_stream, names.merger_consumer),
+        ]
+    elif service == "render":
+        publish += _durable(names.events_stream, names.catalog_consumer)
+    else:
+        raise ValueError(f"no such service {service!r}")
+    return {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": [f"{inbox_prefix(user_name(service))}.>"]},
+    }
+
+
+def authorization(passwords: Mapping[str, str], names: NatsNames = NatsNames()) -> dict[str, object]:
+    """The ``authorization`` block of a nats-server configuration: one user per service in
+    ``passwords`` (service name: password, or a bcrypt hash of it)."""
+    return {
+        "users": [
+            {"user": user_name(service), "password": password, "permissions": permissions(service, names)}
+            for service, password in passwords.items()
+        ]
+    }
+
+
+def config_block(passwords: Mapping[str, str], names: NatsNames = NatsNames()) -> str:
+    """``authorization: {...}`` for a nats-server configuration file (which reads JSON)."""
+    return "authorization: " + json.dumps(authorization(passwords, names), indent=2)
+
+
+def deploy_block() -> str:
+    """The block deploy/nats/ holds: passwords are references to environment variables of the
+    NATS servers (bcrypt hashes from `nats server passwd`), which nats-server resolves."""
+    variables = {service: f"SENDTIME_{service.upper()}_NATS_PASSWORD_BCRYPT" for service in SERVICES}
+    block = config_block({service: f"${name}" for service, name in variables.items()})
+    for name in variables.values():
+        block = block.replace(f'"${name}"', f"${name}")
+    return block
+
+
+if __name__ == "__main__":
+    sys.stdout.write(deploy_block() + "\n")
