@@ -14,6 +14,7 @@ active in the database), and made anew otherwise."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import secrets
 from collections.abc import Iterable, Mapping
@@ -68,6 +69,7 @@ class LocalCredentials:
         """What ``service`` needs in its environment: TLS on every port, render's key and trust
         for its calls to profile, and its NATS user on devstack's NATS."""
         env = {
+            "IDENTIFIER_HASH_KEYS_FILE": str(identifier_hash_keys(self.run_dir)),
             "TLS_CERT_FILE": str(self.tls.server_cert_file),
             "TLS_KEY_FILE": str(self.tls.server_key_file),
             "PROFILE_SERVICE_CA_FILE": str(self.tls.ca_file),
@@ -122,6 +124,15 @@ def nats_passwords(run_dir: Path) -> dict[str, Path]:
             _write_secret(path, secrets.token_urlsafe(24))
         files[service] = path
     return files
+
+
+def identifier_hash_keys(run_dir: Path) -> Path:
+    """The file holding the key every service names erased people with (IDENTIFIER_HASH_KEYS):
+    32 random bytes, base64, made once."""
+    path = secrets_dir(run_dir) / "identifier-hash-keys"
+    if not path.exists() or not path.read_text().strip():
+        _write_secret(path, base64.b64encode(secrets.token_bytes(32)).decode())
+    return path
 
 
 def nats_service_env(run_dir: Path, service: str) -> dict[str, str]:

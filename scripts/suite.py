@@ -136,9 +136,7 @@ def start_services(
             with open(log_path, "ab") as log:  # the child keeps its own copy
                 process = subprocess.Popen(
                     [sys.executable, "-m", service.module],
-                    env=service_env(
-                        {**env, **(credentials.service_env(service.name) if credentials else {})}
-                    ),
+                    env=service_env({**env, **_credentials_env(credentials, service, env)}),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -153,6 +151,18 @@ def start_services(
         stop_services(running)
         raise
     return running
+
+
+def _credentials_env(
+    credentials: LocalCredentials | None, service: Service, env: Mapping[str, str]
+) -> dict[str, str]:
+    """What ``credentials`` give ``service``; a hash key the caller set wins over the local one."""
+    if credentials is None:
+        return {}
+    given = credentials.service_env(service.name)
+    if env.get("IDENTIFIER_HASH_KEYS"):
+        given.pop("IDENTIFIER_HASH_KEYS_FILE", None)
+    return given
 
 
 def wait_until_serving(running: RunningService, env: Mapping[str, str], timeout_s: float) -> None:

@@ -59,6 +59,8 @@ BATCH_COMMIT_HEADER = "Nats-Batch-Commit"
 ATOMIC_BATCH_MAX = 1000  # nats-server's default limit on messages in one atomic batch
 ERASURE_RETRY_MAX_S = 5.0  # backoff cap while an erasure handler's store is down
 STREAM_WAIT_S = 60.0  # how long a service that does not manage the streams waits for them
+ERASE_CONCURRENCY = 64  # message removals in flight at once
+_NO_SUCH_MESSAGE = 10037  # JetStream's "no message found"
 
 
 class EventLogUnavailable(Exception):
@@ -110,6 +112,12 @@ class Delivery(Protocol):
     @property
     def attempt(self) -> int: ...
 
+    @property
+    def position(self) -> int | None:
+        """Where the message sits in the log (its stream sequence), for ``EventLog.erase``;
+        None when unknown."""
+        ...
+
     async def ack(self) -> None: ...
 
     async def retry_later(self, delay_s: float) -> None: ...
@@ -154,6 +162,15 @@ class EventLog(Protocol):
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         """A durable subscription to every message; it resumes after the last acked one."""
+        ...
+
+    async def erase(self, positions: Sequence[int]) -> None:
+        """Remove the messages at ``positions`` from the log, their data overwritten (an erased
+        person's events); ones already gone count as removed.
+
+        Raises:
+            EventLogUnavailable: the log did not confirm every removal; safe to repeat.
+        """
         ...
 
     async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
@@ -244,6 +261,10 @@ class _JetStreamDelivery:
     @property
     def attempt(self) -> int:
         return int(self._msg.metadata.num_delivered)
+
+    @property
+    def position(self) -> int | None:
+        return int(self._msg.metadata.sequence.stream)
 
     async def ack(self) -> None:
         # A plain ack, not a confirmed one (ack_sync, a round trip per message): consumers are
@@ -648,6 +669,24 @@ class JetStreamEventLog:
             ),
         )
         return _JetStreamSubscription(subscription)
+
+    async def erase(self, positions: Sequence[int]) -> None:
+        # STREAM.MSG.DELETE without no_erase: the server overwrites the message's data on disk.
+        stream = self._settings.stream
+
+        async def delete(position: int) -> None:
+            try:
+                await self._js.delete_msg(stream, position)
+            except nats.js.errors.NotFoundError:
+                pass  # erased already, or aged out of the stream
+            except nats.js.errors.APIError as exc:
+                if exc.err_code != _NO_SUCH_MESSAGE:
+                    raise EventLogUnavailable(f"could not erase message {position}: {exc}") from exc
+            except (nats.errors.Error, OSError) as exc:
+                raise EventLogUnavailable(f"could not erase message {position}: {exc}") from exc
+
+        for start in range(0, len(positions), ERASE_CONCURRENCY):
+            await asyncio.gather(*(delete(p) for p in positions[start : start + ERASE_CONCURRENCY]))
 
     async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
         s = self._settings

@@ -12,12 +12,15 @@ import enum
 import functools
 import hashlib
 import hmac
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from email_validator import EmailNotValidError, validate_email
 
-from sendtime_common.config import ConfigError, env_str
+from sendtime_common.config import ConfigError, secret_from_env
+
+log = logging.getLogger(__name__)
 
 
 class IdentifierKind(enum.StrEnum):
@@ -48,11 +51,14 @@ class IdentifierHasher:
     plain SHA-256, for local runs and for records made before keys were set.
     """
 
-    def __init__(self, keys: Sequence[bytes | None]) -> None:
-        """``keys``: the current key first; None for plain SHA-256."""
+    def __init__(self, keys: Sequence[bytes | None], *, configured: bool = True) -> None:
+        """``keys``: the current key first; None for plain SHA-256. ``configured`` False: no
+        keys were set at all (``IDENTIFIER_HASH_KEYS`` empty), which a service refuses to start
+        with (``check_configured``)."""
         if not keys:
             raise ValueError("at least one key (or None for unkeyed hashes)")
         self._keys = tuple(keys)
+        self.configured = configured
 
     @classmethod
     def unkeyed(cls) -> IdentifierHasher:
@@ -61,7 +67,7 @@ class IdentifierHasher:
     @classmethod
     def parse(cls, text: str) -> IdentifierHasher:
         """From ``IDENTIFIER_HASH_KEYS``: comma-separated keys, each base64 of at least 32 random
-        bytes or ``unkeyed``, the current one first; empty: unkeyed.
+        bytes or ``unkeyed``, the current one first; empty: unkeyed, and not ``configured``.
 
         Raises:
             ValueError: a key is not base64 or is too short (the message names its position).
@@ -79,12 +85,31 @@ class IdentifierHasher:
             if len(key) < MIN_HASH_KEY_BYTES:
                 raise ValueError(f"key {position} has {len(key)} bytes; at least {MIN_HASH_KEY_BYTES} wanted")
             keys.append(key)
-        return cls(keys or [None])
+        return cls(keys or [None], configured=bool(keys))
 
     @property
     def keyed(self) -> bool:
         """Whether new hashes are keyed."""
         return self._keys[0] is not None
+
+    def check_configured(self) -> None:
+        """What a service does at start: refuse to run with no keys set, and warn when new
+        hashes are unkeyed (``IDENTIFIER_HASH_KEYS=unkeyed``: for local development only).
+
+        Raises:
+            ConfigError: IDENTIFIER_HASH_KEYS is not set.
+        """
+        if not self.configured:
+            raise ConfigError(
+                "IDENTIFIER_HASH_KEYS is not set: set it (every service the same) to a base64 key of 32+ "
+                "random bytes, e.g. `head -c 32 /dev/urandom | base64`, or to `unkeyed` for local "
+                "development only"
+            )
+        if not self.keyed:
+            log.warning(
+                "IDENTIFIER_HASH_KEYS is unkeyed: erased people are named by plain SHA-256, which anyone "
+                "holding the hashes can match against a list of emails; for local development only"
+            )
 
     def hash(self, identifier: tuple[IdentifierKind, str]) -> bytes:
         """The identifier's hash under the current key."""
@@ -161,12 +186,13 @@ def identifiers_of(customer: HasIdentifierFields) -> dict[IdentifierKind, str]:
 
 
 def hasher_from_env(env: Mapping[str, str]) -> IdentifierHasher:
-    """The hasher ``IDENTIFIER_HASH_KEYS`` configures (every service must use the same keys).
+    """The hasher ``IDENTIFIER_HASH_KEYS`` (or the file ``IDENTIFIER_HASH_KEYS_FILE``) configures
+    (every service must use the same keys).
 
     Raises:
         ConfigError: a key is unusable.
     """
     try:
-        return IdentifierHasher.parse(env_str(env, "IDENTIFIER_HASH_KEYS", ""))
+        return IdentifierHasher.parse(secret_from_env(env, "IDENTIFIER_HASH_KEYS"))
     except ValueError as exc:
         raise ConfigError(f"IDENTIFIER_HASH_KEYS: {exc}") from None

@@ -115,7 +115,9 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         sendtime_common.event_log.EventLogUnavailable: NATS could not be reached.
         sendtime_common.config.ConfigError: a webhook secret or key is unusable.
     """
-    settings.tls.check()  # no certificate and plaintext not allowed: fail before connecting anything
+    # Unusable security settings stop the service before it connects to anything.
+    settings.tls.check()
+    settings.identifier_hasher.check_configured()
     pool = await create_pool(
         settings.database_url,
         min_size=2,

@@ -164,8 +164,16 @@ class BatchMerge:
         self._new_events: list[tuple[ingest_pb2.Event, datetime, _Customer]] = []
         self._merges: list[tuple[_Customer, uuid.UUID, str]] = []  # survivor, merged, event id
         self._blocked: list[tuple[_Customer, uuid.UUID | None, str, str]] = []  # + other, event, reason
+        self._positions: dict[str, int] = {}  # event id -> its position in the event log
+        self._erased_positions: list[int] = []  # late events of erased people: to erase from the log
 
-    async def run(self, events: Sequence[ingest_pb2.Event]) -> BatchOutcome:
+    async def run(
+        self, events: Sequence[ingest_pb2.Event], positions: Sequence[int | None] | None = None
+    ) -> BatchOutcome:
+        """Merge ``events``; ``positions`` (each one's position in the event log, when known)
+        are kept with the stored events, so that erasing a person erases them from the log too."""
+        if positions is not None:
+            self._positions = {e.event_id: p for e, p in zip(events, positions, strict=True) if p is not None}
         keys_of = [event_identifiers(e) for e in events]
         all_keys = sorted(set(itertools.chain.from_iterable(keys_of)))
         await lock_identifiers(self._conn, all_keys)
@@ -186,6 +194,8 @@ class BatchMerge:
             erased = max((erased_at[k] for k in keys if k in erased_at), default=None)
             if erased is not None and occurred_at < erased:
                 outcomes.append(_Pending(None))
+                if event.event_id in self._positions:
+                    self._erased_positions.append(self._positions[event.event_id])
                 continue
             customer, losers = self._place(event, keys, occurred_at)
             placed[event.event_id] = customer
@@ -398,13 +408,21 @@ class BatchMerge:
             )
         if self._new_events:
             await conn.execute(
-                "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body)"
-                " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bytea[])",
+                "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body, log_position)"
+                " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bytea[],"
+                " $6::bigint[])",
                 [e.event_id for e, _, _ in self._new_events],
                 [c.final().customer_id for _, _, c in self._new_events],
                 [e.WhichOneof("payload") or "" for e, _, _ in self._new_events],
                 [at for _, at, _ in self._new_events],
                 [e.SerializeToString(deterministic=True) for e, _, _ in self._new_events],
+                [self._positions.get(e.event_id) for e, _, _ in self._new_events],
+            )
+        if self._erased_positions:  # erased from the log by profile_service.erasure_outbox
+            await conn.execute(
+                "INSERT INTO log_erasure_outbox (log_position) SELECT unnest($1::bigint[])"
+                " ON CONFLICT DO NOTHING",
+                self._erased_positions,
             )
         if self._merges:
             await conn.execute(

@@ -151,7 +151,9 @@ class EventMerger:
         """Merge a batch; returns, to be awaited, the cache write and the acks of what it
         committed."""
         try:
-            results = await self._repository.merge_events([w.event for w in work])
+            results = await self._repository.merge_events(
+                [w.event for w in work], [w.delivery.position for w in work]
+            )
         except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
             if len(work) == 1:
                 await self._retry_later(work[0], exc)
@@ -171,7 +173,7 @@ class EventMerger:
 
     async def _merge_batch_of_one(self, item: _Work) -> None:
         try:
-            (result,) = await self._repository.merge_events([item.event])
+            (result,) = await self._repository.merge_events([item.event], [item.delivery.position])
         except Exception as exc:  # noqa: BLE001 - one event must never stop the merger
             await self._retry_later(item, exc)
             return

@@ -140,10 +140,13 @@ class ProfileRepository:
         (result,) = await self.merge_events([event])
         return result
 
-    async def merge_events(self, events: Sequence[ingest_pb2.Event]) -> list[MergeResult]:
+    async def merge_events(
+        self, events: Sequence[ingest_pb2.Event], positions: Sequence[int | None] | None = None
+    ) -> list[MergeResult]:
         """Merge (validated) events, in the given order, into their customers' profiles in one
         transaction: creating customers, merging customers that an event's identifiers link, and
-        saving each touched profile once. One result per event, in order.
+        saving each touched profile once. One result per event, in order. ``positions``: each
+        event's position in the event log, kept so that an erasure can remove it from the log.
 
         Raises:
             asyncpg.PostgresError, OSError: the database failed; nothing was written.
@@ -154,7 +157,7 @@ class ProfileRepository:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     batch = BatchMerge(conn, self._limits, self._rules, self._hasher, self._decoded)
-                    outcome = await batch.run(events)
+                    outcome = await batch.run(events, positions)
                     records = await self._records(conn, list(outcome.changed), outcome.changed)
                 break
             except (MergeConflict, asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
@@ -326,11 +329,17 @@ class ProfileRepository:
                 " ON CONFLICT (identifier_hash) DO UPDATE SET erased_at = now()",
                 [(self._hasher.hash(k),) for k in keys],
             )
-            # Published by profile_service.erasure_notices once this commits. Under every key, so
+            # Published by profile_service.erasure_outbox once this commits. Under every key, so
             # copies named under a key being rotated out are found too.
             await conn.execute(
                 "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())",
                 [h for k in keys for h in self._hasher.all_hashes(k)],
+            )
+            # Their raw copies in the event log go too (profile_service.erasure_outbox).
+            await conn.execute(
+                "INSERT INTO log_erasure_outbox (log_position) SELECT log_position FROM events"
+                " WHERE customer_id = $1 AND log_position IS NOT NULL ON CONFLICT DO NOTHING",
+                customer_id,
             )
             deleted = await conn.execute("DELETE FROM events WHERE customer_id = $1", customer_id)
             await conn.execute("DELETE FROM customers WHERE customer_id = $1", customer_id)

@@ -17,7 +17,7 @@ import redis.asyncio as redis
 from profile_service.access_servicers import AuditServicer, KeyServicer
 from profile_service.cache import KEY_PREFIX, ProfileCache
 from profile_service.customer_data import CustomerData
-from profile_service.erasure_notices import ErasureNoticePublisher
+from profile_service.erasure_outbox import ErasureOutbox
 from profile_service.identity import IdentityLimits, InvalidLimits
 from profile_service.merge_rules import DEFAULT_RULES, MergeRulesError, load_merge_rules
 from profile_service.merger import EventMerger
@@ -54,7 +54,7 @@ class ProfileApp:
     pool: asyncpg.Pool
     cache: ProfileCache
     event_log: EventLog
-    erasure_notices: ErasureNoticePublisher
+    erasure_outbox: ErasureOutbox
     auth: ServerAuth
     audit_retention: timedelta
     invalidations: InvalidationListener | None = None  # None: no near cache
@@ -72,7 +72,7 @@ class ProfileApp:
         self.auth.start()
         self._background = [
             asyncio.create_task(self.merger.run(), name="merger"),
-            asyncio.create_task(self.erasure_notices.run(), name="erasure-notices"),
+            asyncio.create_task(self.erasure_outbox.run(), name="erasure-outbox"),
         ]
         self._purging = asyncio.create_task(self._purge_audit_trail(), name="purge-audit-trail")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
@@ -82,7 +82,7 @@ class ProfileApp:
         """After the gRPC server has drained: finish the merges under way and the notices being
         published, then close connections."""
         self.merger.stop()
-        self.erasure_notices.stop()
+        self.erasure_outbox.stop()
         for task in self._background:
             await task
         if self._purging is not None:
@@ -133,7 +133,9 @@ async def create_app(settings: Settings) -> ProfileApp:
         )
     except MergeRulesError as exc:
         raise ConfigError(f"PROFILE_SOURCE_PRIORITY_FILE: {exc}") from None
-    settings.tls.check()  # no certificate and plaintext not allowed: fail before connecting anything
+    # Unusable security settings stop the service before it connects to anything.
+    settings.tls.check()
+    settings.identifier_hasher.check_configured()
     pool = await create_pool(
         settings.database_url,
         min_size=2,
@@ -155,12 +157,12 @@ async def create_app(settings: Settings) -> ProfileApp:
         cache,
         batch_size=settings.merge_batch_size,
     )
-    erasure_notices = ErasureNoticePublisher(pool, event_log)
+    erasure_outbox = ErasureOutbox(pool, event_log)
     servicer = ProfileServicer(
         ProfileReader(
             repository, cache, cart_abandoned_after=timedelta(minutes=settings.cart_abandoned_after_minutes)
         ),
-        CustomerData(repository, cache, on_erased=erasure_notices.wake),
+        CustomerData(repository, cache, on_erased=erasure_outbox.wake),
         repository,
         max_batch_get=settings.max_batch_get,
     )
@@ -185,7 +187,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         pool=pool,
         cache=cache,
         event_log=event_log,
-        erasure_notices=erasure_notices,
+        erasure_outbox=erasure_outbox,
         auth=auth,
         audit_retention=timedelta(days=settings.audit_retention_days),
         invalidations=invalidations,

@@ -106,7 +106,9 @@ async def create_app(settings: Settings) -> RenderApp:
             "client certificate (PROFILE_SERVICE_CERT_FILE, PROFILE_SERVICE_KEY_FILE) that the profile "
             "service's AUTH_MTLS_IDENTITIES maps to profiles.read"
         )
-    settings.tls.check()  # no certificate and plaintext not allowed: fail before connecting anything
+    # Unusable security settings stop the service before it connects to anything.
+    settings.tls.check()
+    settings.identifier_hasher.check_configured()
     pool = await create_pool(
         settings.database_url,
         min_size=2,

@@ -286,6 +286,78 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
     assert '{"field":"customer.value"' in bad_request and '{"field":"template.subject"' in bad_request
 
 
+def test_no_log_holds_a_key_an_email_a_raw_identifier_or_a_password(running_suite: dict[str, str]) -> None:
+    """Seed a known key, email and user id through every path that touches them (keys made and
+    refused, events, lookups, export, erasure, a bad request), then read every log the suite
+    wrote: the services' and NATS's."""
+    key, ca = running_suite["SENDTIME_KEY"], running_suite["SENDTIME_CA_FILE"]
+    ingest, profile = target(running_suite, "INGEST_ADDRESS"), target(running_suite, "PROFILE_ADDRESS")
+    render = target(running_suite, "RENDER_ADDRESS")
+    marker = uuid.uuid4().hex[:10]
+    email, user_id = f"Private.Person.{marker}@Example.com", f"private-user-{marker}"
+    made = grpcurl_json(
+        profile,
+        "sendtime.auth.v1.KeyService/CreateApiKey",
+        key=key,
+        ca=ca,
+        data={"display_name": "log probe", "scopes": ["SCOPE_PROFILES_READ"]},
+    )
+    new_key = made["key"]
+    grpcurl_json(
+        ingest,
+        "sendtime.ingest.v1.IngestService/SendEvents",
+        key=key,
+        ca=ca,
+        data={
+            "events": [
+                {
+                    "event_id": f"probe-{marker}",
+                    "customer": {"user_id": user_id, "email": email},
+                    "occurred_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1)),
+                    "source": "EVENT_SOURCE_CRM",
+                    "identify": {"traits": {"first_name": f"Private{marker}"}},
+                },
+                {"event_id": f"probe-bad-{marker}", "customer": {"email": email}, "identify": {}},
+            ]
+        },
+    )
+    lookup = {"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": email}}
+    deadline = time.monotonic() + 10
+    while grpcurl(
+        profile, "sendtime.profile.v1.ProfileService/GetProfile", key=new_key, ca=ca, data=lookup
+    ).returncode:
+        assert time.monotonic() < deadline, "the probe's event did not reach the profile"
+        time.sleep(0.1)
+    for refused_key in (new_key[:-1] + ("A" if new_key[-1] != "A" else "B"), "Bearer-less " + email):
+        grpcurl(profile, "sendtime.profile.v1.ProfileService/GetProfile", key=refused_key, ca=ca, data=lookup)
+    grpcurl(
+        profile, "sendtime.profile.v1.ProfileService/DeleteProfile", key=new_key, ca=ca, data=lookup
+    )  # denied
+    grpcurl(
+        render,
+        "sendtime.render.v1.RenderService/Render",
+        key=key,
+        ca=ca,
+        data={
+            "customer": lookup["identifier"],
+            "template": {"subject": "Hi {{ profile.traits.first_name }}"},
+        },
+    )
+    grpcurl_json(profile, "sendtime.profile.v1.ProfileService/ExportProfile", key=key, ca=ca, data=lookup)
+    grpcurl_json(profile, "sendtime.profile.v1.ProfileService/DeleteProfile", key=key, ca=ca, data=lookup)
+    grpcurl(profile, "sendtime.profile.v1.ProfileService/GetProfile", key=key, ca=ca, data=lookup)
+    time.sleep(1.5)  # erasure notices and the log erasure go out; their logs are written
+
+    run_dir = Path(running_suite["SENDTIME_RUN_DIR"])
+    secrets = [p.read_text().strip() for p in (run_dir / "secrets").iterdir()]
+    logs = {path: path.read_text(errors="replace") for path in run_dir.rglob("*.log")}
+    assert {path.name for path in logs} >= {"ingest.log", "profile.log", "render.log", "nats.log"}
+    forbidden = [key, new_key, email, email.lower(), user_id, f"Private{marker}", *secrets]
+    for path, text in logs.items():
+        for value in forbidden:
+            assert value not in text, f"{path.name} holds a secret or personal value ({value[:12]}...)"
+
+
 def fresh_checkout(suite_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The suite's environment as another checkout sees it: ports and a run directory of its
     own (so its own NATS, certificates and keys), the same database."""

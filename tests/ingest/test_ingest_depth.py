@@ -341,6 +341,9 @@ class SlowEventLog:
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         return await self.inner.subscribe(durable_name)
 
+    async def erase(self, positions: Sequence[int]) -> None:
+        await self.inner.erase(positions)
+
     async def publish_erasure(self, notice_id: str, notice: bytes) -> None:
         await self.inner.publish_erasure(notice_id, notice)
 

@@ -363,6 +363,7 @@ async def test_the_ingest_service_runs_the_listener_when_a_secret_is_configured(
         "INGEST_ADDRESS": "127.0.0.1:0",
         "INGEST_HEALTH_ADDRESS": "127.0.0.1:0",
         "ALLOW_PLAINTEXT": "true",
+        "IDENTIFIER_HASH_KEYS": "unkeyed",
         "INGEST_WEBHOOK_ADDRESS": "127.0.0.1:0",
         "SHOPIFY_WEBHOOK_SECRET": SECRET,
     }
@@ -394,6 +395,7 @@ async def test_without_secrets_no_listener_runs_and_a_bad_key_is_a_config_error(
         "INGEST_ADDRESS": "127.0.0.1:0",
         "INGEST_HEALTH_ADDRESS": "127.0.0.1:0",
         "ALLOW_PLAINTEXT": "true",
+        "IDENTIFIER_HASH_KEYS": "unkeyed",
     }
     app = await create_app(Settings.from_env(base))
     assert app.webhooks is None

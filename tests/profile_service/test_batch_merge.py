@@ -172,6 +172,7 @@ class RecordingDelivery:
         self.payload = message.SerializeToString()
         self.headers: Mapping[str, str] = {}
         self.attempt = 1
+        self.position: int | None = None  # not from the log: nothing to erase there
         self._event_id, self._settled = message.event_id, settled
 
     async def ack(self) -> None:

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 import devstack
-from profile_service.erasure_notices import ErasureNoticePublisher
+from profile_service.erasure_outbox import ErasureOutbox
 from profile_service.server import MIGRATIONS_DIR
 from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -95,7 +95,7 @@ async def test_with_nats_down_a_notice_waits_in_the_outbox_and_goes_out_when_it_
     log = await JetStreamEventLog.connect(
         JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.3)
     )
-    publisher = ErasureNoticePublisher(outbox_pool, log, retry_after_s=0.2)
+    publisher = ErasureOutbox(outbox_pool, log, retry_after_s=0.2)
     running = asyncio.create_task(publisher.run())
     digest = unkeyed_hash((IdentifierKind.USER_ID, "u-outbox"))
     try:

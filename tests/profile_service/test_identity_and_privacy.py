@@ -390,7 +390,7 @@ async def test_after_a_hash_key_rotation_tombstones_still_hold_and_notices_name_
         # either are found.
         await after.merge_events([event(user_id=later[1], occurred_at=start, identify=identify(a=1))])
         await after.delete_customer(later)
-        profile_app.erasure_notices.wake()
+        profile_app.erasure_outbox.wake()
         notice = await heard.wait_for(new_key.hash(later))
         assert list(notice.identifier_hashes) == [new_key.hash(later), old_key.hash(later)]
     finally:

@@ -22,6 +22,7 @@ class OnceUnconfirmedDelivery:
         self.payload, self._acks, self._event_id = payload, acks, event_id
         self.headers: Mapping[str, str] = {}
         self.attempt = 1
+        self.position: int | None = None  # not from the log: nothing to erase there
 
     async def ack(self) -> None:
         if self._event_id not in self._acks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -55,6 +56,7 @@ async def test_a_bad_source_priority_file_stops_the_service_with_the_key(
         "REDIS_URL": redis_url,
         "NATS_URL": nats_url,
         "PROFILE_SOURCE_PRIORITY_FILE": str(bad),
+        "IDENTIFIER_HASH_KEYS": "unkeyed",
     }
     with pytest.raises(ConfigError, match="fax"):
         await create_app(Settings.from_env(env))
@@ -70,6 +72,7 @@ async def test_the_near_cache_is_sized_from_the_environment_and_zero_turns_it_of
         "PROFILE_ADDRESS": "127.0.0.1:0",
         "PROFILE_HEALTH_ADDRESS": "127.0.0.1:0",
         "ALLOW_PLAINTEXT": "true",
+        "IDENTIFIER_HASH_KEYS": "unkeyed",
     }
     sized = Settings.from_env(
         env | {"PROFILE_NEAR_CACHE_ENTRIES": "500", "PROFILE_NEAR_CACHE_TTL_SECONDS": "5"}
@@ -83,3 +86,22 @@ async def test_the_near_cache_is_sized_from_the_environment_and_zero_turns_it_of
         assert app.cache.near is None and app.invalidations is None
     finally:
         await app.close()
+
+
+async def test_without_identifier_hash_keys_the_service_refuses_to_start_and_unkeyed_warns(
+    database_url: str, redis_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "NATS_URL": nats_url,
+        "PROFILE_ADDRESS": "127.0.0.1:0",
+        "PROFILE_HEALTH_ADDRESS": "127.0.0.1:0",
+        "ALLOW_PLAINTEXT": "true",
+    }
+    with pytest.raises(ConfigError, match="IDENTIFIER_HASH_KEYS is not set"):
+        await create_app(Settings.from_env(env))
+    with caplog.at_level(logging.WARNING, logger="sendtime_common.identifiers"):
+        app = await create_app(Settings.from_env(env | {"IDENTIFIER_HASH_KEYS": "unkeyed"}))
+        await app.close()
+    assert any("for local development only" in r.getMessage() for r in caplog.records)

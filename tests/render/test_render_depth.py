@@ -411,6 +411,7 @@ def render_process_without_profiles(
         "RENDER_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
         "RENDER_HEALTH_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
         "ALLOW_PLAINTEXT": "true",  # the client measures deadlines, not handshakes
+        "IDENTIFIER_HASH_KEYS": "unkeyed",
         "PROFILE_SERVICE_PLAINTEXT": "true",
         "PROFILE_SERVICE_TARGET": f"127.0.0.1:{devstack.free_port()}",
         "PROFILE_SERVICE_API_KEY": profile_reader_key,
