@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+import nats_auth
 from ingest.settings import Settings as IngestSettings
 from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
@@ -85,6 +86,9 @@ def test_each_deployment_runs_its_service_on_its_port_with_health_probes(name: s
         c["spec"]["secretName"] for c in documents("certificates.yaml") if c["kind"] == "Certificate"
     }
     assert "ALLOW_PLAINTEXT" not in env
+    # Its own least-privilege NATS user; only profile makes the streams.
+    assert env["NATS_USER"] == nats_auth.user_name(name)
+    assert env["NATS_MANAGE_STREAMS"] == ("true" if name == "profile" else "false")
     for variable in container["env"]:
         assert variable["name"] in variables_the_code_reads()
         if variable["name"].endswith("_ADDRESS") and "WEBHOOK" not in variable["name"]:
