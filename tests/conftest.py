@@ -62,6 +62,20 @@ LOCAL_SERVER: dict[str, Any] = {
     "tls": TlsSettings(allow_plaintext=True),
 }
 
+
+def local_env(service: str, **variables: str) -> dict[str, str]:
+    """The environment of an in-process ``service`` ("INGEST", "PROFILE", ...) started from
+    variables, as LOCAL_SERVER: loopback ports, plaintext allowed, unkeyed hashes (both asked
+    for explicitly, as a local run must); plus ``variables``."""
+    return {
+        f"{service}_ADDRESS": "127.0.0.1:0",
+        f"{service}_HEALTH_ADDRESS": "127.0.0.1:0",
+        "ALLOW_PLAINTEXT": "true",
+        "IDENTIFIER_HASH_KEYS": "unkeyed",
+        **variables,
+    }
+
+
 ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 

@@ -3,8 +3,9 @@ hosts: decode and check, call the key store or audit trail, encode."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -33,6 +34,7 @@ _STATES = {
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
+K = TypeVar("K")
 
 
 def _timestamp(at: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -90,6 +92,27 @@ def _scope_violations(scopes: list[int]) -> list[FieldViolation]:
     return violations
 
 
+class PagedRequest(Protocol):
+    page_size: int
+    page_token: str
+
+
+async def _page(
+    request: PagedRequest, filters: dict[str, Any], key: Callable[[Any], K], context: Context, method: str
+) -> tuple[int, tuple[datetime, K] | None]:
+    """The page size and the position after which the page starts (AIP-158), or the call ends
+    with INVALID_ARGUMENT naming the bad field."""
+    try:
+        size = page_size(request.page_size)
+    except ValueError as exc:
+        await abort_invalid(context, f"invalid {method} request", [FieldViolation("page_size", str(exc))])
+    try:
+        after = decode_time_position(request.page_token, filters, key) if request.page_token else None
+    except InvalidPageToken as exc:
+        await abort_invalid(context, f"invalid {method} request", [FieldViolation("page_token", str(exc))])
+    return size, after
+
+
 async def _abort_key_not_found(context: Context, name: str) -> NoReturn:
     await abort_with(context, not_found_status(f"no {name}", "API_KEY_NOT_FOUND", {"name": name}))
 
@@ -136,17 +159,7 @@ class KeyServicer(auth_pb2_grpc.KeyServiceServicer):
         self, request: auth_pb2.ListApiKeysRequest, context: Context
     ) -> auth_pb2.ListApiKeysResponse:
         filters = {"show_inactive": request.show_inactive}
-        try:
-            size = page_size(request.page_size)
-            after = decode_time_position(request.page_token, filters, str) if request.page_token else None
-        except InvalidPageToken as exc:
-            await abort_invalid(
-                context, "invalid ListApiKeys request", [FieldViolation("page_token", str(exc))]
-            )
-        except ValueError as exc:
-            await abort_invalid(
-                context, "invalid ListApiKeys request", [FieldViolation("page_size", str(exc))]
-            )
+        size, after = await _page(request, filters, str, context, "ListApiKeys")
         now = datetime.now(UTC)
         records = await self._keys.page(size + 1, after, include_inactive=request.show_inactive, now=now)
         page, more = records[:size], len(records) > size
@@ -208,17 +221,7 @@ class AuditServicer(auth_pb2_grpc.AuditServiceServicer):
         self, request: auth_pb2.ListAuditEventsRequest, context: Context
     ) -> auth_pb2.ListAuditEventsResponse:
         filters = {"method": request.method, "principal": request.principal}
-        try:
-            size = page_size(request.page_size)
-            after = decode_time_position(request.page_token, filters, int) if request.page_token else None
-        except InvalidPageToken as exc:
-            await abort_invalid(
-                context, "invalid ListAuditEvents request", [FieldViolation("page_token", str(exc))]
-            )
-        except ValueError as exc:
-            await abort_invalid(
-                context, "invalid ListAuditEvents request", [FieldViolation("page_size", str(exc))]
-            )
+        size, after = await _page(request, filters, int, context, "ListAuditEvents")
         records = await self._audit.page(size + 1, after, method=request.method, principal=request.principal)
         page, more = records[:size], len(records) > size
         token = encode_time_position(page[-1].at, page[-1].id, filters) if more else ""

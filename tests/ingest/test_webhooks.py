@@ -24,7 +24,7 @@ from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.config import ConfigError
 from sendtime_common.errors import retry_status
-from tests.conftest import LOCAL_SERVER, wait_for_profile
+from tests.conftest import LOCAL_SERVER, local_env, wait_for_profile
 from tests.ingest.test_webhook_mapping import order_payload
 
 SECRET = "shpss_test_secret"
@@ -358,12 +358,7 @@ async def test_the_ingest_service_runs_the_listener_when_a_secret_is_configured(
     nats_url: str, database_url: str, http: aiohttp.ClientSession, unique: str
 ) -> None:
     env = {
-        "DATABASE_URL": database_url,
-        "NATS_URL": nats_url,
-        "INGEST_ADDRESS": "127.0.0.1:0",
-        "INGEST_HEALTH_ADDRESS": "127.0.0.1:0",
-        "ALLOW_PLAINTEXT": "true",
-        "IDENTIFIER_HASH_KEYS": "unkeyed",
+        **local_env("INGEST", DATABASE_URL=database_url, NATS_URL=nats_url),
         "INGEST_WEBHOOK_ADDRESS": "127.0.0.1:0",
         "SHOPIFY_WEBHOOK_SECRET": SECRET,
     }
@@ -389,14 +384,7 @@ async def test_the_ingest_service_runs_the_listener_when_a_secret_is_configured(
 async def test_without_secrets_no_listener_runs_and_a_bad_key_is_a_config_error(
     nats_url: str, database_url: str
 ) -> None:
-    base = {
-        "DATABASE_URL": database_url,
-        "NATS_URL": nats_url,
-        "INGEST_ADDRESS": "127.0.0.1:0",
-        "INGEST_HEALTH_ADDRESS": "127.0.0.1:0",
-        "ALLOW_PLAINTEXT": "true",
-        "IDENTIFIER_HASH_KEYS": "unkeyed",
-    }
+    base = local_env("INGEST", DATABASE_URL=database_url, NATS_URL=nats_url)
     app = await create_app(Settings.from_env(base))
     assert app.webhooks is None
     await app.close()

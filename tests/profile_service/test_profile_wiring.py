@@ -16,7 +16,7 @@ from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2_grpc
 from sendtime_common.config import ConfigError
 from sendtime_common.identifiers import IdentifierKind
-from tests.conftest import user, wait_for_profile
+from tests.conftest import local_env, user, wait_for_profile
 from tests.factories import cart_item_added, event
 from tests.profile_service.test_profile_service import send
 
@@ -65,15 +65,7 @@ async def test_a_bad_source_priority_file_stops_the_service_with_the_key(
 async def test_the_near_cache_is_sized_from_the_environment_and_zero_turns_it_off(
     database_url: str, redis_url: str, nats_url: str
 ) -> None:
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "NATS_URL": nats_url,
-        "PROFILE_ADDRESS": "127.0.0.1:0",
-        "PROFILE_HEALTH_ADDRESS": "127.0.0.1:0",
-        "ALLOW_PLAINTEXT": "true",
-        "IDENTIFIER_HASH_KEYS": "unkeyed",
-    }
+    env = local_env("PROFILE", DATABASE_URL=database_url, REDIS_URL=redis_url, NATS_URL=nats_url)
     sized = Settings.from_env(
         env | {"PROFILE_NEAR_CACHE_ENTRIES": "500", "PROFILE_NEAR_CACHE_TTL_SECONDS": "5"}
     )
@@ -91,14 +83,8 @@ async def test_the_near_cache_is_sized_from_the_environment_and_zero_turns_it_of
 async def test_without_identifier_hash_keys_the_service_refuses_to_start_and_unkeyed_warns(
     database_url: str, redis_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    env = {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "NATS_URL": nats_url,
-        "PROFILE_ADDRESS": "127.0.0.1:0",
-        "PROFILE_HEALTH_ADDRESS": "127.0.0.1:0",
-        "ALLOW_PLAINTEXT": "true",
-    }
+    env = local_env("PROFILE", DATABASE_URL=database_url, REDIS_URL=redis_url, NATS_URL=nats_url)
+    del env["IDENTIFIER_HASH_KEYS"]
     with pytest.raises(ConfigError, match="IDENTIFIER_HASH_KEYS is not set"):
         await create_app(Settings.from_env(env))
     with caplog.at_level(logging.WARNING, logger="sendtime_common.identifiers"):
