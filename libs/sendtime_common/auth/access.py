@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -150,9 +150,12 @@ class Authenticator:
         }
 
     async def authenticate(
-        self, metadata: Sequence[tuple[str, str | bytes]] | None, context: grpc.aio.ServicerContext[Any, Any]
+        self, metadata: Iterable[tuple[str, str | bytes]] | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Principal:
-        """Raises: Unauthenticated: no usable credential."""
+        """The principal of the call with ``metadata`` (its invocation metadata).
+
+        Raises: Unauthenticated: no usable credential.
+        """
         for key, value in metadata or ():
             if key == "authorization":
                 text = value.decode(errors="replace") if isinstance(value, bytes) else value
@@ -225,6 +228,9 @@ class AccessInterceptor(_ServerInterceptor):
         self._audit = audit
         self._hasher = hasher
         self._reflection_open = reflection_open
+        # The guarded handler of each method, made on its first call: the same for every call,
+        # which reads its credentials from its own context.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -235,6 +241,16 @@ class AccessInterceptor(_ServerInterceptor):
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler  # type: ignore[return-value]  # None: an unknown method, UNIMPLEMENTED
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guard_handler(method, handler)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    def _guard_handler(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         rule = self._rules.get(method)
         if rule is None:
             if not method.startswith(REFLECTION_PREFIXES):
@@ -242,18 +258,15 @@ class AccessInterceptor(_ServerInterceptor):
             if self._reflection_open:
                 return handler
             rule = MethodAccess(method, scope=None)
-        return _replace_behavior(handler, lambda behavior: self._guard(rule, details, behavior))
+        return _replace_behavior(handler, lambda behavior: self._guard(rule, behavior))
 
     async def _authorize(
-        self,
-        rule: MethodAccess,
-        details: grpc.HandlerCallDetails,
-        request: Any,
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, rule: MethodAccess, request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Principal:
         """The caller, allowed; or the call ends (aborted) here."""
         try:
-            principal = await self._authenticator.authenticate(details.invocation_metadata, context)
+            metadata: Any = context.invocation_metadata()  # key-value pairs (the stubs say Metadata)
+            principal = await self._authenticator.authenticate(metadata, context)
         except Unauthenticated as exc:
             log.info(
                 "call not authenticated",
@@ -271,13 +284,13 @@ class AccessInterceptor(_ServerInterceptor):
             await abort_with(context, _permission_denied(principal, rule))
         return principal
 
-    def _guard(self, rule: MethodAccess, details: grpc.HandlerCallDetails, behavior: Behavior) -> Behavior:
+    def _guard(self, rule: MethodAccess, behavior: Behavior) -> Behavior:
         if inspect.isasyncgenfunction(behavior):
 
             async def guarded_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                principal = await self._authorize(rule, details, request, context)
+                principal = await self._authorize(rule, request, context)
                 token = _current_principal.set(principal)
                 try:
                     async for response in behavior(request, context):
@@ -288,7 +301,7 @@ class AccessInterceptor(_ServerInterceptor):
             return guarded_stream
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            principal = await self._authorize(rule, details, request, context)
+            principal = await self._authorize(rule, request, context)
             token = _current_principal.set(principal)
             outcome = "OK"
             try:
@@ -307,13 +320,17 @@ class AccessInterceptor(_ServerInterceptor):
         return guarded
 
 
+_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
 def _status_name(context: grpc.aio.ServicerContext[Any, Any], default: str) -> str:
+    """How the call ended, as far as its context says: a status code's name."""
     code = context.code()
     if code is None:
         return default
     if isinstance(code, grpc.StatusCode):
         return code.name
-    return grpc.StatusCode(code).name if code in {c.value for c in grpc.StatusCode} else str(code)
+    return _CODE_NAMES.get(code, str(code))
 
 
 def _refusing(status: status_pb2.Status) -> Callable[[Behavior], Behavior]:
