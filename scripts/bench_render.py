@@ -28,15 +28,21 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
 4. ``RenderService/Render`` by ``template_name`` at ``--concurrency`` (64) calls, each with a 1 s
    deadline, warm (render's template, compiled-template and last-known-good caches, profile's
    Redis cache), beside the ideal path at the same concurrency; then one at a time, beside both
-   floors;
+   floors. The same Render calls go to a second render service that serves TLS (a certificate
+   from a CA made for the run; its caches filled by an untimed RenderBatch) and calls the same
+   profile service (``--tls-profile``: a second profile service that serves TLS), in A B B A
+   segments (A plaintext, B TLS), both connections warmed up first: the TLS p50 over the
+   plaintext p50 at 64 concurrent, goal at most 1.10;
 5. fault: SIGTERM the profile service, wait for it to exit, then ``--fault-renders`` renders at
    ``--concurrency`` with a 150 ms deadline each (a tenth of them for customers render has
    never seen): each must answer in time with a fallback (last known good profile, or the
    template's fallback values / a skip, with ``fallback_reason`` set).
 
-It prints a table of each measure against its floors and goal, and the CPU each process used in
-each phase. A missed goal is reported, not an error: the exit code is 0 unless the bench broke.
-Defaults take about 95 s on a 2-core machine (about 55 s of it loading and merging 25,000 events).
+Every call to a service carries the bench's API key (in its metadata, as ``bearer_auth`` would
+add it); render calls profile with its own. It prints a table of each measure against its
+floors and goal, and the CPU each process used in each phase. A missed goal is reported, not an
+error: the exit code is 0 unless the bench broke. Defaults take about 130 s on a 2-core machine
+(about 55 s of it loading and merging 25,000 events).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +66,7 @@ from typing import Any
 import grpc
 import redis.asyncio as redis
 from bench_common import (
+    PLAINTEXT,
     BenchError,
     BenchStack,
     CallFloor,
@@ -83,13 +90,16 @@ from bench_profile import (
     MERGER,
     SEND_BATCH,
     Measured,
+    Side,
     batches_of,
     check_merged,
     customer_events,
     load_customers,
     measure,
+    measure_alternating,
     ms,
     read_every_customer,
+    segments_text,
     user_id_of,
 )
 from google.protobuf import struct_pb2
@@ -98,10 +108,12 @@ import devstack
 import suite
 from profile_service.cache import cache_key, decode_entry
 from render.context import message_to_context, render_context, struct_to_dict
+from render.profiles import LKG_REFRESH_AFTER_S
 from render.templates import CompiledTemplate, TemplateCompiler, render_part
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.identifier_proto import PROTO_TO_KIND
+from sendtime_common.tls import channel as open_channel
 
 RENDER = "/sendtime.render.v1.RenderService/Render"
 RENDER_BATCH = "/sendtime.render.v1.RenderService/RenderBatch"
@@ -113,10 +125,12 @@ TEMPLATE_NAME = f"templates/{TEMPLATE_ID}"
 DEADLINE_S = 1.0
 FAULT_DEADLINE_S = 0.150
 FAULT_UNKNOWN_SHARE = 0.1
+Metadata = tuple[tuple[str, str], ...]
 IDEAL_CHUNK = 500  # customers per MGET in the in-process batch floor (RenderBatch's chunk)
 VARIABLES: dict[str, Any] = {"discount_code": "COMEBACK10"}
 
 GOAL_RENDER_VS_IDEAL = 2.0
+GOAL_TLS_VS_PLAINTEXT = 1.10  # Render p50 over TLS / in plaintext, both with a key, in the same run
 
 FALLBACK_VALUES: dict[str, Any] = {
     "profile": {"traits": {"first_name": "there"}},
@@ -323,21 +337,74 @@ class Renders:
         return {**self.measured.as_json(), "outcomes": self.outcomes}
 
 
-async def measure_renders(
-    channel: grpc.aio.Channel, method: str, requests: Sequence[bytes], concurrency: int, seconds: float
-) -> Renders:
-    """``method`` at ``concurrency`` for ``seconds``, each call with a DEADLINE_S deadline; every
-    answer is kept (not parsed while timing) and described afterwards."""
+def render_caller(
+    channel: grpc.aio.Channel,
+    method: str,
+    requests: Sequence[bytes],
+    metadata: Metadata | None,
+    answers: list[bytes],
+) -> Callable[[int], Awaitable[None]]:
+    """A ``measure`` call: ``method`` for the i-th request (from a random offset) with a DEADLINE_S
+    deadline, its answer kept in ``answers`` (not parsed while timing)."""
     call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-    answers: list[bytes] = []
     offset = random.randrange(len(requests))
 
     async def one(i: int) -> None:
-        answers.append(await call(requests[(offset + i) % len(requests)], timeout=DEADLINE_S))
+        answers.append(
+            await call(requests[(offset + i) % len(requests)], timeout=DEADLINE_S, metadata=metadata)
+        )
 
+    return one
+
+
+def outcomes_of(answers: Sequence[bytes]) -> dict[str, int]:
+    return dict(Counter(describe(render_pb2.RenderResponse.FromString(a)) for a in answers))
+
+
+async def measure_renders(
+    channel: grpc.aio.Channel,
+    method: str,
+    requests: Sequence[bytes],
+    concurrency: int,
+    seconds: float,
+    metadata: Metadata | None = None,
+) -> Renders:
+    """``method`` at ``concurrency`` for ``seconds``, each call with a DEADLINE_S deadline; every
+    answer is kept (not parsed while timing) and described afterwards."""
+    answers: list[bytes] = []
+    one = render_caller(channel, method, requests, metadata, answers)
     measured = await measure(one, concurrency=concurrency, duration_s=seconds)
-    outcomes = Counter(describe(render_pb2.RenderResponse.FromString(a)) for a in answers)
-    return Renders(measured, dict(outcomes))
+    return Renders(measured, outcomes_of(answers))
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSides:
+    """Render on the render service (plaintext, A) and on its TLS twin (B), alternated."""
+
+    plain: Renders
+    tls: Renders
+    sides: list[Side]
+
+
+async def compare_renders(
+    channels: Sequence[grpc.aio.Channel],
+    requests: Sequence[bytes],
+    metadata: Metadata,
+    concurrency: int,
+    seconds: float,
+    meter: CpuMeter,
+) -> RenderSides:
+    """Render on each channel (plaintext, then TLS) in A B B A segments of ``seconds``."""
+    answers: list[list[bytes]] = [[] for _ in channels]
+    calls = [
+        render_caller(channel, RENDER, requests, metadata, kept)
+        for channel, kept in zip(channels, answers, strict=True)
+    ]
+    sides = await measure_alternating(calls, concurrency=concurrency, duration_s=seconds, meter=meter)
+    plain, tls = (
+        Renders(side.measured, outcomes_of(kept)) for side, kept in zip(sides, answers, strict=True)
+    )
+    return RenderSides(plain, tls, sides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +430,7 @@ class Batch:
         }
 
 
-async def render_batch(channel: grpc.aio.Channel, user_ids: Sequence[str]) -> Batch:
+async def render_batch(channel: grpc.aio.Channel, user_ids: Sequence[str], metadata: Metadata) -> Batch:
     """One RenderBatch call for ``user_ids``: from the call to its last answer."""
     variables = struct_pb2.Struct()
     variables.update(VARIABLES)
@@ -374,7 +441,7 @@ async def render_batch(channel: grpc.aio.Channel, user_ids: Sequence[str]) -> Ba
     answers: list[bytes] = []
     first = math.nan
     started = time.perf_counter()
-    async for answer in method(request, timeout=600):
+    async for answer in method(request, timeout=600, metadata=metadata):
         if not answers:
             first = time.perf_counter() - started
         answers.append(answer)
@@ -421,7 +488,11 @@ ANSWERED = frozenset({render_pb2.RENDER_STATUS_RENDERED, render_pb2.RENDER_STATU
 
 
 async def fault_run(
-    channel: grpc.aio.Channel, requests: Sequence[bytes], concurrency: int, deadline_s: float
+    channel: grpc.aio.Channel,
+    requests: Sequence[bytes],
+    concurrency: int,
+    deadline_s: float,
+    metadata: Metadata,
 ) -> tuple[int, Counter[str], list[float]]:
     """Each request once, ``concurrency`` at a time, with ``deadline_s`` each: how many answered
     with a fallback in time, outcomes, and every call's latency (answered or not)."""
@@ -436,7 +507,7 @@ async def fault_run(
         for request in queue:
             started = time.perf_counter()
             try:
-                answer = await call(request, timeout=deadline_s)
+                answer = await call(request, timeout=deadline_s, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 latencies.append(time.perf_counter() - started)
                 outcomes[f"error {exc.code().name}"] += 1
@@ -476,12 +547,13 @@ class Options:
     floor_seconds: float
     fault_renders: int
     analyze: bool
+    tls_profile: bool
     json_path: Path | None
     cprofile_dir: Path | None
 
 
-async def create_template(target: str) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def create_template(stack: BenchStack, target: str) -> int:
+    async with stack.channel(target) as channel:
         stub = render_pb2_grpc.TemplateServiceStub(channel)
         response = await stub.CreateTemplate(
             render_pb2.CreateTemplateRequest(
@@ -490,6 +562,25 @@ async def create_template(target: str) -> int:
             timeout=10,
         )
     return int(response.template.published_version)
+
+
+async def start_tls_twins(stack: BenchStack, options: Options, user_ids: Sequence[str]) -> str:
+    """Start a second render service that serves TLS (a certificate from a CA made for this run),
+    on the same database, Redis and NATS; its target. It calls the same profile service as the
+    first, in plaintext with render's key; with ``--tls-profile``, a second profile service that
+    serves TLS instead (warmed up here), so that the whole chain is TLS."""
+    overrides = dict(stack.tls.server_env)
+    if options.tls_profile:
+        say("a second profile service, serving TLS, for the TLS render service to call (--tls-profile)")
+        profile_target = stack.start_variant(suite.PROFILE, "profile-tls", stack.tls.server_env)
+        await read_every_customer(stack, profile_target, user_ids, stack.tls.client)  # copies in process
+        overrides.update(
+            PROFILE_SERVICE_TARGET=profile_target,
+            PROFILE_SERVICE_PLAINTEXT="false",
+            PROFILE_SERVICE_CA_FILE=stack.tls.client.ca_file,
+        )
+    say("a second render service, serving TLS (a certificate from a CA made for this run)")
+    return stack.start_variant(suite.RENDER, "render-tls", overrides)
 
 
 def _call_floor(floor: CallFloor) -> dict[str, Any]:
@@ -532,29 +623,34 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
     )
     await check_merged(stack.database_url, events, options.customers)
     say("warm: read every customer once from the profile service (BatchGetProfiles), as sends would")
-    await read_every_customer(stack.target(suite.PROFILE), user_ids)
-    version = await create_template(stack.target(suite.RENDER))
+    await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
+    version = await create_template(stack, stack.target(suite.RENDER))
     say(f"template {TEMPLATE_NAME} version {version} published")
+    tls_target = await start_tls_twins(stack, options, user_ids)
 
     shuffled = user_ids[:]
     random.Random(5).shuffle(shuffled)
     render_requests = [render_request(user_identifier(u)) for u in shuffled]
+    metadata = stack.key_metadata
     async with (
-        grpc.aio.insecure_channel(stack.target(suite.RENDER)) as render_channel,
-        grpc.aio.insecure_channel(ideal_target) as ideal_channel,
+        open_channel(stack.target(suite.RENDER), PLAINTEXT) as render_channel,
+        open_channel(tls_target, stack.tls.client) as tls_channel,
+        open_channel(ideal_target, PLAINTEXT) as ideal_channel,
     ):
-        say(f"warm-up: Render and the ideal path, {n} concurrent, 1s each")
-        for channel, method in ((render_channel, RENDER), (ideal_channel, IDEAL)):
-            warm = await measure_renders(channel, method, render_requests, n, 1.0)
+        # Each connection opened (TLS: the handshake) and warm before anything is timed.
+        say(f"warm-up: Render (plaintext, TLS) and the ideal path, {n} concurrent, 1s each")
+        for channel, method in ((render_channel, RENDER), (tls_channel, RENDER), (ideal_channel, IDEAL)):
+            warm = await measure_renders(channel, method, render_requests, n, 1.0, metadata)
             if warm.measured.calls == 0:
                 raise BenchError(f"{method}: no call succeeded during the warm-up: {warm.measured.errors}")
-        sample = render_pb2.RenderResponse.FromString(
-            await render_channel.unary_unary(RENDER, request_serializer=None, response_deserializer=None)(
-                render_requests[0], timeout=DEADLINE_S
+        for channel in (render_channel, tls_channel):
+            sample = render_pb2.RenderResponse.FromString(
+                await channel.unary_unary(RENDER, request_serializer=None, response_deserializer=None)(
+                    render_requests[0], timeout=DEADLINE_S, metadata=metadata
+                )
             )
-        )
-        if sample.status != render_pb2.RENDER_STATUS_RENDERED:
-            raise BenchError(f"Render did not render: {describe(sample)} {sample.skip_detail}")
+            if sample.status != render_pb2.RENDER_STATUS_RENDERED:
+                raise BenchError(f"Render did not render: {describe(sample)} {sample.skip_detail}")
         html_bytes = len(sample.html.encode())
 
         empty_target = stack.start_empty_server()
@@ -572,28 +668,51 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         say(f"   {fmt_rate(ideal_batch_renders / ideal_batch_s)} renders/s")
         # RenderBatch first: a campaign's first pass, which also leaves every customer's profile in
         # render's caches (last known good, stored under a minute ago), so that the Render
-        # measures after it see warm caches for whichever customer they pick.
+        # measures after it see warm caches for whichever customer they pick. The TLS twin gets
+        # the same pass, untimed, for its own caches.
         say(f"RenderBatch: {len(user_ids):,} customers in one call (after one of {IDEAL_CHUNK} to warm up)")
-        await render_batch(render_channel, user_ids[:IDEAL_CHUNK])
+        await render_batch(render_channel, user_ids[:IDEAL_CHUNK], metadata)
+        batch_started = time.monotonic()
         snap = meter.snapshot()
-        batch = await render_batch(render_channel, user_ids)
+        batch = await render_batch(render_channel, user_ids, metadata)
         cpu["RenderBatch"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   {fmt_rate(batch.rate)} renders/s ({batch.seconds:.1f}s)")
+        say("   the same on the TLS render service, untimed, to fill its caches")
+        await render_batch(tls_channel, user_ids, metadata)
 
-        say(f"Render, {n} concurrent, {options.seconds:.0f}s (deadline {DEADLINE_S:.0f}s each)")
-        snap = meter.snapshot()
-        render_n = await measure_renders(render_channel, RENDER, render_requests, n, options.seconds)
-        cpu[f"Render x{n}"] = CpuMeter.usage(snap, meter.snapshot())
-        say(f"   p50 {ms(render_n.measured.p50_s)}, {fmt_rate(render_n.measured.rate)} renders/s")
+        say(
+            f"Render, {n} concurrent: plaintext (A) and TLS (B) in turn, A B B A, {options.seconds:.0f}s each"
+            f" (deadline {DEADLINE_S:.0f}s each)"
+        )
+        compared_n = await compare_renders(
+            [render_channel, tls_channel], render_requests, metadata, n, options.seconds, meter
+        )
+        render_n, tls_n = compared_n.plain, compared_n.tls
+        cpu[f"Render x{n}"] = CpuMeter.usage_over(compared_n.sides[0].spans)
+        cpu[f"Render x{n}, TLS"] = CpuMeter.usage_over(compared_n.sides[1].spans)
+        say(
+            f"   p50 {ms(render_n.measured.p50_s)} plaintext, {ms(tls_n.measured.p50_s)} TLS;"
+            f" {fmt_rate(render_n.measured.rate)} / {fmt_rate(tls_n.measured.rate)} renders/s"
+        )
+        say(f"   by segment: {segments_text(compared_n.sides)}")
         say(f"floor: the ideal path, {n} concurrent, {options.seconds:.0f}s")
         snap = meter.snapshot()
         ideal_n = await measure_renders(ideal_channel, IDEAL, render_requests, n, options.seconds)
         cpu[f"ideal x{n}"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   p50 {ms(ideal_n.measured.p50_s)}, {fmt_rate(ideal_n.measured.rate)} renders/s")
-        say(f"Render and the ideal path one at a time, {options.floor_seconds:.0f}s each")
-        render_1 = await measure_renders(render_channel, RENDER, render_requests, 1, options.floor_seconds)
+        say(f"Render one at a time, A B B A, {options.floor_seconds:.0f}s each; then the ideal path")
+        compared_1 = await compare_renders(
+            [render_channel, tls_channel], render_requests, metadata, 1, options.floor_seconds, meter
+        )
+        render_1, tls_1 = compared_1.plain, compared_1.tls
+        caches_age_s = time.monotonic() - batch_started
         ideal_1 = await measure_renders(ideal_channel, IDEAL, render_requests, 1, options.floor_seconds)
-        say(f"   p50 {ms(render_1.measured.p50_s)} Render, {ms(ideal_1.measured.p50_s)} ideal")
+        say(
+            f"   p50 {ms(render_1.measured.p50_s)} Render, {ms(tls_1.measured.p50_s)} over TLS,"
+            f" {ms(ideal_1.measured.p50_s)} ideal"
+        )
+        for label in ("render-tls", "profile-tls"):
+            stack.stop_variant(label)  # what follows is as before
 
         say("fault: SIGTERM the profile service and wait until it has exited")
         exit_code = await stop_profile(stack)
@@ -610,7 +729,9 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
             f" {FAULT_DEADLINE_S * 1000:.0f} ms deadline each"
         )
         snap = meter.snapshot()
-        good, outcomes, latencies = await fault_run(render_channel, fault_requests, n, FAULT_DEADLINE_S)
+        good, outcomes, latencies = await fault_run(
+            render_channel, fault_requests, n, FAULT_DEADLINE_S, metadata
+        )
         cpu["fault"] = CpuMeter.usage(snap, meter.snapshot())
         say(
             f"   {good}/{len(fault_requests)} answered with a fallback"
@@ -660,8 +781,16 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "renders_per_s": ideal_batch_renders / ideal_batch_s,
             },
         },
-        "render_n": render_n.as_json(),
-        "render_1": render_1.as_json(),
+        "render_n": {**render_n.as_json(), "segment_p50_s": [m.p50_s for m in compared_n.sides[0].segments]},
+        "render_1": {**render_1.as_json(), "segment_p50_s": [m.p50_s for m in compared_1.sides[0].segments]},
+        "render_tls_n": {**tls_n.as_json(), "segment_p50_s": [m.p50_s for m in compared_n.sides[1].segments]},
+        "render_tls_1": {**tls_1.as_json(), "segment_p50_s": [m.p50_s for m in compared_1.sides[1].segments]},
+        "tls": {
+            "render_tls_calls_profile": "a TLS profile service"
+            if options.tls_profile
+            else "the same profile service, plaintext",
+            "seconds_from_render_batch_to_last_render_measure": caches_age_s,
+        },
         "render_batch": batch.as_json(),
         "fault": fault.as_json(),
         "goals": {
@@ -669,6 +798,11 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "value": render_n.measured.p50_s / ideal_n.measured.p50_s,
                 "goal": GOAL_RENDER_VS_IDEAL,
             },
+            "tls_render_p50_vs_plaintext": {  # the same run, A B B A, 64 concurrent
+                "value": tls_n.measured.p50_s / render_n.measured.p50_s,
+                "goal": GOAL_TLS_VS_PLAINTEXT,
+            },
+            "tls_render_p99_vs_plaintext": {"value": tls_n.measured.p99_s / render_n.measured.p99_s},
             "fault_fallback_in_time": {"value": good, "goal": len(fault_requests)},
         },
         "cpu_percent_of_one_core": cpu,
@@ -695,6 +829,8 @@ def report(results: Mapping[str, Any]) -> str:
         results["fault"],
     )
     ratio = render_n["p50_s"] / ideal_n["p50_s"]
+    tls_n, tls_1, tls = results["render_tls_n"], results["render_tls_1"], results["tls"]
+    tls_ratio = tls_n["p50_s"] / render_n["p50_s"]
     all_answered = fault["fallback_in_time"] == fault["renders"]
     errors_n = sum(render_n["errors"].values())
     rows = [
@@ -707,6 +843,32 @@ def report(results: Mapping[str, Any]) -> str:
             verdict(ratio <= GOAL_RENDER_VS_IDEAL),
         ),
         Row("", "", f"empty call p50 {ms(en['p50_s'])}", _ratio(render_n["p50_s"], en["p50_s"])),
+        Row(
+            f"Render p50 over TLS ({n} concurrent, warm)",
+            ms(tls_n["p50_s"]),
+            f"plaintext Render p50 {ms(render_n['p50_s'])} (A B B A)",
+            f"{tls_ratio:.2f} x",
+            f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
+            verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
+        ),
+        Row(
+            f"  TLS Render p99 ({n} concurrent)",
+            ms(tls_n["p99_s"]),
+            f"plaintext p99 {ms(render_n['p99_s'])}",
+            _ratio(tls_n["p99_s"], render_n["p99_s"]),
+        ),
+        Row(
+            f"  TLS Render throughput ({n} concurrent)",
+            f"{fmt_rate(tls_n['per_s'])} renders/s",
+            f"plaintext {fmt_rate(render_n['per_s'])}/s",
+            _ratio(tls_n["per_s"], render_n["per_s"]),
+        ),
+        Row(
+            "  TLS Render p50 / p99 (1 at a time)",
+            f"{ms(tls_1['p50_s'])} / {ms(tls_1['p99_s'])}",
+            f"plaintext {ms(render_1['p50_s'])} / {ms(render_1['p99_s'])}",
+            _ratio(tls_1["p50_s"], render_1["p50_s"]),
+        ),
         Row(
             f"  Render p99 ({n} concurrent)",
             ms(render_n["p99_s"]),
@@ -768,13 +930,29 @@ def report(results: Mapping[str, Any]) -> str:
         f" deadline {options['deadline_s']:.0f}s per Render",
     ]
     lines += report_warnings(results, options["cprofile"])
+    caches_age_s = tls["seconds_from_render_batch_to_last_render_measure"]
+    if caches_age_s > LKG_REFRESH_AFTER_S:
+        lines.append(
+            f"WARNING: the Render measures ended {caches_age_s:.0f}s after RenderBatch, past render's"
+            f" {LKG_REFRESH_AFTER_S:.0f}s: later renders rewrote"
+            " last-known-good copies."
+        )
+    (a1, a2), (b1, b2) = render_n["segment_p50_s"], tls_n["segment_p50_s"]
+    in_order = zip("ABBA", (a1, b1, b2, a2), strict=True)
+    segments = ", ".join(f"{side} {p50 * 1000:.1f}" for side, p50 in in_order)
+    errors_tls = sum(tls_n["errors"].values())
     lines += [
         "",
         render_table(rows),
         "",
+        f"Render p50 at {n} concurrent by segment, in the order run (A plaintext, B TLS): {segments} ms;"
+        f" the TLS render service calls {tls['render_tls_calls_profile']}.",
+        "",
         "Answers (status/profile source/fallback reason):",
         f"  Render x{n}: {_outcomes(render_n['outcomes'])}"
         + (f"; errors {render_n['errors']}" if errors_n else ""),
+        f"  Render x{n} over TLS: {_outcomes(tls_n['outcomes'])}"
+        + (f"; errors {tls_n['errors']}" if errors_tls else ""),
         f"  RenderBatch: {_outcomes(batch['outcomes'])}"
         + (f"; {batch['errors']} errors" if batch["errors"] else ""),
         f"  profile service stopped: {_outcomes(fault['outcomes'])}",
@@ -812,6 +990,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not ANALYZE the database during the load (slower setup; see the module docstring)",
     )
+    parser.add_argument(
+        "--tls-profile",
+        action="store_true",
+        help="the TLS render service calls a second profile service that serves TLS (the whole chain"
+        " in TLS), not the plaintext one",
+    )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.command is None and (
@@ -835,6 +1019,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor_seconds=args.floor_seconds,
         fault_renders=args.fault_renders,
         analyze=not args.no_analyze,
+        tls_profile=args.tls_profile,
         json_path=args.json,
         cprofile_dir=args.cprofile,
     )
