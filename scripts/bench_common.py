@@ -242,17 +242,6 @@ class CpuMeter:
         usage["machine"] = machine
         return usage
 
-    @staticmethod
-    def usage_over(spans: Sequence[tuple[CpuSnapshot, CpuSnapshot]]) -> dict[str, float]:
-        """``usage`` over several spans of time taken together (segments of one measure run
-        apart), each weighted by its length."""
-        total = sum(end.at - start.at for start, end in spans) or 1e-9
-        combined: dict[str, float] = {}
-        for start, end in spans:
-            for name, used in CpuMeter.usage(start, end).items():
-                combined[name] = combined.get(name, 0.0) + used * (end.at - start.at) / total
-        return combined
-
 
 def render_cpu(phases: Mapping[str, Mapping[str, float]]) -> str:
     """A table: one row per process group, one column per phase, in % of one core."""

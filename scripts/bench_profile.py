@@ -19,10 +19,11 @@ Redis, a fresh database, profile and ingest as their own processes), then:
 5. GetProfile on a cache hit, one at a time and at ``--concurrency``, after a second read of
    every customer: as configured by default, the service serves hits from its near cache. The
    same calls go to a second profile service that serves TLS (a certificate from a CA made for
-   the run; started once everything is merged, stopped after), in A B B A segments of
-   ``--seconds`` (A plaintext, B TLS), both connections warmed up first: the TLS p50 over the
-   plaintext p50, goal at most 1.10. Then the key check alone, timed in process, and the
-   database transactions made during those calls (the keys are held in memory);
+   the run; started once everything is merged, stopped after), the two taking turns in short
+   segments (A B B A B A A B, over and over; ``measure_alternating``), both connections warmed
+   up first: the TLS p50 over the plaintext p50, goal at most 1.10. Then the key check alone,
+   timed in process, and the database transactions made during those calls (the keys are held
+   in memory);
 6. a second profile service with the near cache off (``PROFILE_NEAR_CACHE_ENTRIES=0``): hits
    that read Redis; misses (the customer's Redis key deleted, untimed, before each call;
    PostgreSQL's buffers are warm); and BatchGetProfiles of 100, warm and cold.
@@ -46,7 +47,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -109,6 +110,10 @@ STALL_S = 60.0
 
 GOAL_HIT_VS_FLOOR = 1.5
 GOAL_TLS_VS_PLAINTEXT = 1.10  # TLS p50 / plaintext p50, both with a key, in the same run
+# Segments of the plaintext / TLS alternation, one call at a time and concurrently.
+SEGMENT_ONE_S = 0.25
+SEGMENT_MANY_S = 0.5
+SETTLE_MANY_S = 0.02  # ~3 calls' time at 16 concurrent
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -175,13 +180,17 @@ async def measure(
     duration_s: float,
     prepare: Callable[[int], Awaitable[object]] | None = None,
     max_calls: int | None = None,
+    settle_s: float = 0.0,
 ) -> Measured:
     """``concurrency`` callers each awaiting ``call(i)`` back to back (``i`` counts calls across
     callers) for ``duration_s`` or ``max_calls`` calls. ``prepare(i)`` runs before a call and is
-    not timed (the rate then includes it). gRPC errors are counted by code, not raised."""
+    not timed (the rate then includes it). gRPC errors are counted by code, not raised. Calls
+    begun in the first ``settle_s`` are made but not counted: the first wave of concurrent
+    callers finds no queue, and would lower the p50 of a short measure."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     counter = itertools.count()
+    count_from = time.perf_counter() + settle_s
     stop_at = time.perf_counter() + duration_s
 
     async def caller() -> None:
@@ -197,11 +206,12 @@ async def measure(
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
                 continue
-            latencies.append(time.perf_counter() - started)
+            if started >= count_from:
+                latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - max(started, count_from)
     return Measured(
         concurrency=concurrency,
         calls=len(latencies),
@@ -221,21 +231,34 @@ def _fail_on_errors(name: str, measured: Measured) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Side:
-    """One side of an alternated measure: its segments pooled, each segment, and the CPU
-    snapshots around each segment."""
+    """One side of an alternated measure: its segments pooled, and each segment."""
 
     measured: Measured
     segments: tuple[Measured, ...]
-    spans: tuple[tuple[CpuSnapshot, CpuSnapshot], ...]
+    server_cpu_per_call_s: float = math.nan  # the CPU its server used per call, where known
+
+    def halves(self) -> tuple[Measured, Measured]:
+        """The segments of the first and of the second half of the measure, each pooled."""
+        middle = len(self.segments) // 2
+        return Measured.pooled(self.segments[:middle]), Measured.pooled(self.segments[middle:])
 
     def as_json(self) -> dict[str, Any]:
-        return {**self.measured.as_json(), "segment_p50_s": [m.p50_s for m in self.segments]}
+        first, second = self.halves()
+        return {
+            **self.measured.as_json(),
+            "segments": len(self.segments),
+            "half_p50_s": [first.p50_s, second.p50_s],
+            "server_cpu_per_call_s": self.server_cpu_per_call_s,
+        }
 
 
-def mirrored(sides: int) -> list[int]:
-    """A B B A for two sides, A B C C B A for three: each side twice, in an order that weighs a
-    steady drift of the machine's speed the same on every side."""
-    return [*range(sides), *reversed(range(sides))]
+def balanced(sides: int) -> list[int]:
+    """One cycle of an alternated measure's segments: A B B A B A A B for two sides. Each side
+    has the same sum of positions (a steady drift of the machine weighs the same on every side),
+    and as many of its segments follow the other side's as follow its own (a segment's first
+    calls find its server idle)."""
+    mirrored = [*range(sides), *reversed(range(sides))]
+    return [*mirrored, *(sides - 1 - index for index in mirrored)]
 
 
 async def measure_alternating(
@@ -243,31 +266,65 @@ async def measure_alternating(
     *,
     concurrency: int,
     duration_s: float,
-    meter: CpuMeter,
+    segment_s: float,
+    settle_s: float = 0.0,
 ) -> list[Side]:
-    """Each of ``calls`` measured as ``measure`` does, in segments of ``duration_s`` run in
-    ``mirrored`` order (the sides never run at the same time); a ``Side`` for each."""
+    """Each of ``calls`` measured as ``measure`` does, for about twice ``duration_s`` each in
+    all, in segments of ``segment_s`` taking turns in ``balanced`` cycles (the sides never run at
+    the same time); a ``Side`` for each. ``settle_s`` as for ``measure``, in each segment.
+
+    Short segments, many of them: the speed of this 2-core machine moves in steps that last
+    seconds (where the scheduler puts the processes, what else runs), and segments of seconds
+    take such a step on one side only. Two identical plaintext profile services compared with
+    GetProfile hits one at a time differed by 5.9% (one standard deviation over 8 runs) in
+    segments of 3 s (A B B A), by 1.9% in segments of 0.25 s (docs/benchmarks-profile-render.md,
+    experiment F)."""
+    order = balanced(len(calls))
+    cycles = max(1, round(2 * duration_s * len(calls) / (segment_s * len(order))))
     segments: list[list[Measured]] = [[] for _ in calls]
-    spans: list[list[tuple[CpuSnapshot, CpuSnapshot]]] = [[] for _ in calls]
-    for index in mirrored(len(calls)):
-        start = meter.snapshot()
-        segments[index].append(await measure(calls[index], concurrency=concurrency, duration_s=duration_s))
-        spans[index].append((start, meter.snapshot()))
-    return [
-        Side(Measured.pooled(parts), tuple(parts), tuple(side_spans))
-        for parts, side_spans in zip(segments, spans, strict=True)
-    ]
+    for _ in range(cycles):
+        for index in order:
+            measured = await measure(
+                calls[index], concurrency=concurrency, duration_s=segment_s, settle_s=settle_s
+            )
+            segments[index].append(measured)
+    return [Side(Measured.pooled(parts), tuple(parts)) for parts in segments]
 
 
-def segments_text(sides: Sequence[Side], names: str = "ABC") -> str:
-    """The segments' p50s in the order they ran, e.g. ``A 0.48, B 0.51, B 0.50, A 0.47 ms``."""
-    position = [0] * len(sides)
-    parts = []
-    for index in mirrored(len(sides)):
-        measured = sides[index].segments[position[index]]
-        position[index] += 1
-        parts.append(f"{names[index]} {measured.p50_s * 1000:.2f}")
-    return ", ".join(parts) + " ms"
+async def alternate_with_cpu(
+    calls: Sequence[Callable[[int], Awaitable[object]]],
+    servers: Sequence[str],
+    meter: CpuMeter,
+    *,
+    concurrency: int,
+    duration_s: float,
+    segment_s: float,
+    settle_s: float = 0.0,
+) -> tuple[list[Side], CpuSnapshot, CpuSnapshot]:
+    """``measure_alternating``, each side's server (the CPU group ``servers`` names, serving
+    that side only) charged its CPU per call (counted calls: a little high with ``settle_s``);
+    and the CPU snapshots around it."""
+    start = meter.snapshot()
+    sides = await measure_alternating(
+        calls, concurrency=concurrency, duration_s=duration_s, segment_s=segment_s, settle_s=settle_s
+    )
+    end = meter.snapshot()
+    usage = CpuMeter.usage(start, end)
+    seconds = end.at - start.at
+    return (
+        [
+            replace(side, server_cpu_per_call_s=usage[server] / 100 * seconds / max(1, side.measured.calls))
+            for side, server in zip(sides, servers, strict=True)
+        ],
+        start,
+        end,
+    )
+
+
+def ratio_halves(plain: Side, tls: Side) -> str:
+    """TLS p50 / plaintext p50 in the first and in the second half of an alternated measure."""
+    halves = zip(plain.halves(), tls.halves(), strict=True)
+    return " / ".join(f"{b.p50_s / a.p50_s:.2f}" for a, b in halves)
 
 
 # --- loading customers through ingest ----------------------------------------------------------
@@ -799,10 +856,11 @@ async def compare_hits(
     meter: CpuMeter,
     cpu: dict[str, Any],
 ) -> tuple[list[Side], list[Side], int, Auth]:
-    """GetProfile hits on the profile service (plaintext) and on its TLS twin, with the same
-    key, one at a time and then concurrently, each in A B B A segments of ``--seconds`` (A
-    plaintext, B TLS). Each connection is opened and warmed up first, so no handshake is timed.
-    The sides at 1 and at n, the size of an answer, and what authentication cost."""
+    """GetProfile hits on the profile service (plaintext, A) and on its TLS twin (B), with the
+    same key, one at a time and then concurrently, each side ``2 x --seconds`` in all, in short
+    segments taking turns (``measure_alternating``). Each connection is opened and warmed up
+    first, so no handshake is timed. The sides at 1 and at n, the size of an answer, and what
+    authentication cost."""
     n, seconds = options.concurrency, options.seconds
     requests = [get_request(u) for u in user_ids]
     metadata = stack.key_metadata
@@ -826,20 +884,35 @@ async def compare_hits(
         for call in calls:
             await measure(call, concurrency=n, duration_s=0.5)  # connect (TLS: the handshake), warm up
         transactions_before = await database_transactions(stack.database_url)
-        say(f"GetProfile hit, plaintext (A) and TLS (B) in turn, A B B A: 1 at a time ({seconds:.0f}s each)")
-        one = await measure_alternating(calls, concurrency=1, duration_s=seconds, meter=meter)
-        say(f"   p50 {ms(one[0].measured.p50_s)} plaintext, {ms(one[1].measured.p50_s)} TLS")
-        say(f"   by segment: {segments_text(one)}")
-        say(f"   the same, {n} concurrent")
-        many = await measure_alternating(calls, concurrency=n, duration_s=seconds, meter=meter)
+        say(
+            f"GetProfile hit, plaintext (A) and TLS (B) taking turns (A B B A B A A B, {SEGMENT_ONE_S}s"
+            f" segments, {2 * seconds:.0f}s each in all): 1 at a time"
+        )
+        servers = ("profile service", "service variants")  # the TLS twin is the only variant
+        one, start, _ = await alternate_with_cpu(
+            calls, servers, meter, concurrency=1, duration_s=seconds, segment_s=SEGMENT_ONE_S
+        )
+        say(
+            f"   p50 {ms(one[0].measured.p50_s)} plaintext, {ms(one[1].measured.p50_s)} TLS"
+            f" (TLS / plaintext by half: {ratio_halves(*one)})"
+        )
+        say(f"   the same, {n} concurrent ({SEGMENT_MANY_S}s segments)")
+        many, _, end = await alternate_with_cpu(
+            calls,
+            servers,
+            meter,
+            concurrency=n,
+            duration_s=seconds,
+            segment_s=SEGMENT_MANY_S,
+            settle_s=SETTLE_MANY_S,
+        )
         say(
             f"   p50 {ms(many[0].measured.p50_s)} plaintext, {ms(many[1].measured.p50_s)} TLS;"
             f" {fmt_rate(many[0].measured.rate)} / {fmt_rate(many[1].measured.rate)} calls/s"
         )
         await asyncio.sleep(1.5)  # let every backend report its transactions
         transactions = await database_transactions(stack.database_url) - transactions_before
-    cpu["GetProfile hit"] = CpuMeter.usage_over([*one[0].spans, *many[0].spans])
-    cpu["GetProfile hit, TLS"] = CpuMeter.usage_over([*one[1].spans, *many[1].spans])
+    cpu["GetProfile hit (plaintext, TLS)"] = CpuMeter.usage(start, end)
     for side in (*one, *many):
         _fail_on_errors("GetProfile hit", side.measured)
     calls_made = sum(side.measured.calls for side in (*one, *many))
@@ -1025,7 +1098,7 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
                 "value": reads.hit_1.measured.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
                 "goal": GOAL_HIT_VS_FLOOR,
             },
-            "tls_hit_p50_vs_plaintext": {  # the same run, A B B A
+            "tls_hit_p50_vs_plaintext": {  # the same run, taking turns
                 "value": reads.tls_hit_1.measured.p50_s / reads.hit_1.measured.p50_s,
                 "goal": GOAL_TLS_VS_PLAINTEXT,
             },
@@ -1091,7 +1164,7 @@ def report(results: Mapping[str, Any]) -> str:
         Row(
             "GetProfile hit p50 over TLS (1 at a time)",
             ms(tls1["p50_s"]),
-            f"plaintext hit p50 {ms(hit1['p50_s'])} (A B B A)",
+            f"plaintext hit p50 {ms(hit1['p50_s'])} (taking turns)",
             f"{tls_ratio:.2f} x",
             f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
             verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
@@ -1199,14 +1272,22 @@ def report(results: Mapping[str, Any]) -> str:
         f" per measure, {options['floor_seconds']:.0f}s per floor",
     ]
     lines += report_warnings(results, options["cprofile"])
-    (a1, a2), (b1, b2) = hit1["segment_p50_s"], tls1["segment_p50_s"]
-    in_order = zip("ABBA", (a1, b1, b2, a2), strict=True)
-    segments = ", ".join(f"{side} {p50 * 1000:.2f}" for side, p50 in in_order)
+    halves = " / ".join(
+        f"{tls_half / plain_half:.2f}"
+        for plain_half, tls_half in zip(hit1["half_p50_s"], tls1["half_p50_s"], strict=True)
+    )
+
+    def us(seconds: float) -> str:
+        return f"{seconds * 1e6:.0f}"
+
     lines += [
         "",
         render_table(rows),
         "",
-        f"GetProfile hit p50 by segment, 1 at a time, in the order run (A plaintext, B TLS): {segments} ms",
+        f"GetProfile hit, plaintext and TLS taking turns in {hit1['segments']} segments each: TLS p50 /"
+        f" plaintext p50 in the first / second half {halves}; server CPU per call, plaintext / TLS:"
+        f" {us(hit1['server_cpu_per_call_s'])} / {us(tls1['server_cpu_per_call_s'])} us (1 at a time),"
+        f" {us(hitn['server_cpu_per_call_s'])} / {us(tlsn['server_cpu_per_call_s'])} us ({n} concurrent)",
         f"Authentication: the hit p50, key checked, is {hit_ratio:.2f} x (empty call + Redis GET); the empty"
         " server has no interceptor at all.",
         f"  Authenticator.authenticate of a known key: {auth['authenticate_s'] * 1e6:.1f} us in process;"

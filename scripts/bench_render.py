@@ -30,9 +30,9 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
    Redis cache), beside the ideal path at the same concurrency; then one at a time, beside both
    floors. The same Render calls go to a second render service that serves TLS (a certificate
    from a CA made for the run; its caches filled by an untimed RenderBatch) and calls the same
-   profile service (``--tls-profile``: a second profile service that serves TLS), in A B B A
-   segments (A plaintext, B TLS), both connections warmed up first: the TLS p50 over the
-   plaintext p50 at 64 concurrent, goal at most 1.10;
+   profile service (``--tls-profile``: a second profile service that serves TLS), the two
+   taking turns in short segments (bench_profile.measure_alternating), both connections warmed
+   up first: the TLS p50 over the plaintext p50 at 64 concurrent, goal at most 1.10;
 5. fault: SIGTERM the profile service, wait for it to exit, then ``--fault-renders`` renders at
    ``--concurrency`` with a 150 ms deadline each (a tenth of them for customers render has
    never seen): each must answer in time with a fallback (last known good profile, or the
@@ -71,6 +71,7 @@ from bench_common import (
     BenchStack,
     CallFloor,
     CpuMeter,
+    CpuSnapshot,
     Row,
     add_output_arguments,
     fmt_rate,
@@ -91,15 +92,15 @@ from bench_profile import (
     SEND_BATCH,
     Measured,
     Side,
+    alternate_with_cpu,
     batches_of,
     check_merged,
     customer_events,
     load_customers,
     measure,
-    measure_alternating,
     ms,
+    ratio_halves,
     read_every_customer,
-    segments_text,
     user_id_of,
 )
 from google.protobuf import struct_pb2
@@ -131,6 +132,11 @@ VARIABLES: dict[str, Any] = {"discount_code": "COMEBACK10"}
 
 GOAL_RENDER_VS_IDEAL = 2.0
 GOAL_TLS_VS_PLAINTEXT = 1.10  # Render p50 over TLS / in plaintext, both with a key, in the same run
+# Segments of the plaintext / TLS alternation (bench_profile.measure_alternating): at 64
+# concurrent, the first wave of each segment finds no queue and is not counted.
+SEGMENT_N_S = 1.25
+SETTLE_N_S = 0.2
+SEGMENT_ONE_S = 0.25
 
 FALLBACK_VALUES: dict[str, Any] = {
     "profile": {"traits": {"first_name": "there"}},
@@ -379,11 +385,18 @@ async def measure_renders(
 
 @dataclass(frozen=True, slots=True)
 class RenderSides:
-    """Render on the render service (plaintext, A) and on its TLS twin (B), alternated."""
+    """Render on the render service (plaintext, A) and on its TLS twin (B), taking turns, and
+    the CPU snapshots around the measure."""
 
     plain: Renders
     tls: Renders
     sides: list[Side]
+    start: CpuSnapshot
+    end: CpuSnapshot
+
+    def as_json(self, index: int) -> dict[str, Any]:
+        renders = (self.plain, self.tls)[index]
+        return {**self.sides[index].as_json(), "outcomes": renders.outcomes}
 
 
 async def compare_renders(
@@ -393,18 +406,29 @@ async def compare_renders(
     concurrency: int,
     seconds: float,
     meter: CpuMeter,
+    segment_s: float,
+    settle_s: float = 0.0,
 ) -> RenderSides:
-    """Render on each channel (plaintext, then TLS) in A B B A segments of ``seconds``."""
+    """Render on each channel (plaintext, then TLS), ``2 x seconds`` each in all, in segments of
+    ``segment_s`` taking turns (bench_profile.measure_alternating)."""
     answers: list[list[bytes]] = [[] for _ in channels]
     calls = [
         render_caller(channel, RENDER, requests, metadata, kept)
         for channel, kept in zip(channels, answers, strict=True)
     ]
-    sides = await measure_alternating(calls, concurrency=concurrency, duration_s=seconds, meter=meter)
+    sides, start, end = await alternate_with_cpu(
+        calls,
+        ("render service", "service variants"),  # the TLS twin (with --tls-profile, its profile too)
+        meter,
+        concurrency=concurrency,
+        duration_s=seconds,
+        segment_s=segment_s,
+        settle_s=settle_s,
+    )
     plain, tls = (
         Renders(side.measured, outcomes_of(kept)) for side, kept in zip(sides, answers, strict=True)
     )
-    return RenderSides(plain, tls, sides)
+    return RenderSides(plain, tls, sides, start, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -681,28 +705,44 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         await render_batch(tls_channel, user_ids, metadata)
 
         say(
-            f"Render, {n} concurrent: plaintext (A) and TLS (B) in turn, A B B A, {options.seconds:.0f}s each"
-            f" (deadline {DEADLINE_S:.0f}s each)"
+            f"Render, {n} concurrent (deadline {DEADLINE_S:.0f}s each): plaintext (A) and TLS (B) taking"
+            f" turns (A B B A B A A B, {SEGMENT_N_S}s segments, the first {SETTLE_N_S}s of each not"
+            f" counted), {2 * options.seconds:.0f}s each in all"
         )
         compared_n = await compare_renders(
-            [render_channel, tls_channel], render_requests, metadata, n, options.seconds, meter
+            [render_channel, tls_channel],
+            render_requests,
+            metadata,
+            n,
+            options.seconds,
+            meter,
+            SEGMENT_N_S,
+            SETTLE_N_S,
         )
         render_n, tls_n = compared_n.plain, compared_n.tls
-        cpu[f"Render x{n}"] = CpuMeter.usage_over(compared_n.sides[0].spans)
-        cpu[f"Render x{n}, TLS"] = CpuMeter.usage_over(compared_n.sides[1].spans)
+        cpu[f"Render x{n} (plaintext, TLS)"] = CpuMeter.usage(compared_n.start, compared_n.end)
         say(
             f"   p50 {ms(render_n.measured.p50_s)} plaintext, {ms(tls_n.measured.p50_s)} TLS;"
             f" {fmt_rate(render_n.measured.rate)} / {fmt_rate(tls_n.measured.rate)} renders/s"
+            f" (TLS / plaintext p50 by half: {ratio_halves(*compared_n.sides)})"
         )
-        say(f"   by segment: {segments_text(compared_n.sides)}")
         say(f"floor: the ideal path, {n} concurrent, {options.seconds:.0f}s")
         snap = meter.snapshot()
         ideal_n = await measure_renders(ideal_channel, IDEAL, render_requests, n, options.seconds)
         cpu[f"ideal x{n}"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   p50 {ms(ideal_n.measured.p50_s)}, {fmt_rate(ideal_n.measured.rate)} renders/s")
-        say(f"Render one at a time, A B B A, {options.floor_seconds:.0f}s each; then the ideal path")
+        say(
+            f"Render one at a time, plaintext and TLS taking turns ({SEGMENT_ONE_S}s segments),"
+            f" {2 * options.floor_seconds:.0f}s each in all; then the ideal path"
+        )
         compared_1 = await compare_renders(
-            [render_channel, tls_channel], render_requests, metadata, 1, options.floor_seconds, meter
+            [render_channel, tls_channel],
+            render_requests,
+            metadata,
+            1,
+            options.floor_seconds,
+            meter,
+            SEGMENT_ONE_S,
         )
         render_1, tls_1 = compared_1.plain, compared_1.tls
         caches_age_s = time.monotonic() - batch_started
@@ -781,10 +821,10 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "renders_per_s": ideal_batch_renders / ideal_batch_s,
             },
         },
-        "render_n": {**render_n.as_json(), "segment_p50_s": [m.p50_s for m in compared_n.sides[0].segments]},
-        "render_1": {**render_1.as_json(), "segment_p50_s": [m.p50_s for m in compared_1.sides[0].segments]},
-        "render_tls_n": {**tls_n.as_json(), "segment_p50_s": [m.p50_s for m in compared_n.sides[1].segments]},
-        "render_tls_1": {**tls_1.as_json(), "segment_p50_s": [m.p50_s for m in compared_1.sides[1].segments]},
+        "render_n": compared_n.as_json(0),
+        "render_1": compared_1.as_json(0),
+        "render_tls_n": compared_n.as_json(1),
+        "render_tls_1": compared_1.as_json(1),
         "tls": {
             "render_tls_calls_profile": "a TLS profile service"
             if options.tls_profile
@@ -798,7 +838,7 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "value": render_n.measured.p50_s / ideal_n.measured.p50_s,
                 "goal": GOAL_RENDER_VS_IDEAL,
             },
-            "tls_render_p50_vs_plaintext": {  # the same run, A B B A, 64 concurrent
+            "tls_render_p50_vs_plaintext": {  # the same run, taking turns, 64 concurrent
                 "value": tls_n.measured.p50_s / render_n.measured.p50_s,
                 "goal": GOAL_TLS_VS_PLAINTEXT,
             },
@@ -846,7 +886,7 @@ def report(results: Mapping[str, Any]) -> str:
         Row(
             f"Render p50 over TLS ({n} concurrent, warm)",
             ms(tls_n["p50_s"]),
-            f"plaintext Render p50 {ms(render_n['p50_s'])} (A B B A)",
+            f"plaintext Render p50 {ms(render_n['p50_s'])} (taking turns)",
             f"{tls_ratio:.2f} x",
             f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
             verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
@@ -937,16 +977,20 @@ def report(results: Mapping[str, Any]) -> str:
             f" {LKG_REFRESH_AFTER_S:.0f}s: later renders rewrote"
             " last-known-good copies."
         )
-    (a1, a2), (b1, b2) = render_n["segment_p50_s"], tls_n["segment_p50_s"]
-    in_order = zip("ABBA", (a1, b1, b2, a2), strict=True)
-    segments = ", ".join(f"{side} {p50 * 1000:.1f}" for side, p50 in in_order)
+    halves = " / ".join(
+        f"{tls_half / plain_half:.2f}"
+        for plain_half, tls_half in zip(render_n["half_p50_s"], tls_n["half_p50_s"], strict=True)
+    )
     errors_tls = sum(tls_n["errors"].values())
     lines += [
         "",
         render_table(rows),
         "",
-        f"Render p50 at {n} concurrent by segment, in the order run (A plaintext, B TLS): {segments} ms;"
-        f" the TLS render service calls {tls['render_tls_calls_profile']}.",
+        f"Render at {n} concurrent, plaintext and TLS taking turns in {render_n['segments']} segments each:"
+        f" TLS p50 / plaintext p50 in the first / second half {halves}; CPU per render of the render"
+        f" service {render_n['server_cpu_per_call_s'] * 1e6:.0f} us, of the TLS one"
+        f" {tls_n['server_cpu_per_call_s'] * 1e6:.0f} us; the TLS render service calls"
+        f" {tls['render_tls_calls_profile']}.",
         "",
         "Answers (status/profile source/fallback reason):",
         f"  Render x{n}: {_outcomes(render_n['outcomes'])}"
