@@ -448,14 +448,23 @@ class BenchStack:
         self.variants.append(self._launch(variant, env))
         return variant.target(env)
 
+    def pid_of(self, label: str) -> int:
+        """The process id of the variant ``label``."""
+        return next(v.process.pid for v in self.variants if v.service.name == label)
+
     def stop_variant(self, label: str) -> None:
         """SIGTERM the variant ``label`` and wait for it (its log stays until ``close``). Between
         phases: the CPU it used in the phase it stops in would count as the rest of the machine's."""
         stopping = [v for v in self.variants if v.service.name == label]
         self.variants = [v for v in self.variants if v.service.name != label]
+        started = time.monotonic()
         for name, code in suite.stop_services(stopping).items():
-            if code not in (0, None):
-                say(f"bench: {name} exited with {code} on SIGTERM")
+            if code not in (0, None):  # the log is removed with the working directory: say it now
+                log = (self.workdir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                say(
+                    f"bench: {name} exited with {code} {time.monotonic() - started:.1f}s after SIGTERM;"
+                    " its last log lines:\n  " + "\n  ".join(log[-8:])
+                )
 
     def start_empty_server(self) -> str:
         """Start the empty gRPC server (a process of its own, like a service); its target."""

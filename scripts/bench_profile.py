@@ -17,13 +17,13 @@ Redis, a fresh database, profile and ingest as their own processes), then:
    primary-key read (asyncpg, ``SELECT state FROM customers WHERE customer_id=$1``) and one of
    100 rows, each one at a time and (where it applies) at ``--concurrency``;
 5. GetProfile on a cache hit, one at a time and at ``--concurrency``, after a second read of
-   every customer: as configured by default, the service serves hits from its near cache. The
-   same calls go to a second profile service that serves TLS (a certificate from a CA made for
-   the run; started once everything is merged, stopped after), the two taking turns in short
-   segments (A B B A B A A B, over and over; ``measure_alternating``), both connections warmed
-   up first: the TLS p50 over the plaintext p50, goal at most 1.10. Then the key check alone,
-   timed in process, and the database transactions made during those calls (the keys are held
-   in memory);
+   every customer: as configured by default, the service serves hits from its near cache. Then
+   TLS beside plaintext: two more profile services started together, alike but for TLS (one
+   plaintext, one serving a certificate from a CA made for the run), get the same hits, taking
+   turns in short segments (A B B A B A A B, over and over; ``measure_alternating``), both
+   connections warmed up first: the TLS p50 over the plaintext p50, goal at most 1.10. Then the
+   key check alone, timed in process, and the database transactions made during those calls
+   (the keys are held in memory);
 6. a second profile service with the near cache off (``PROFILE_NEAR_CACHE_ENTRIES=0``): hits
    that read Redis; misses (the customer's Redis key deleted, untimed, before each call;
    PostgreSQL's buffers are warm); and BatchGetProfiles of 100, warm and cold.
@@ -57,6 +57,7 @@ import grpc
 import nats
 import redis.asyncio as redis
 from bench_common import (
+    CLOCK_TICKS,
     PLAINTEXT,
     BenchError,
     BenchStack,
@@ -64,6 +65,7 @@ from bench_common import (
     CpuMeter,
     CpuSnapshot,
     Row,
+    _process_ticks,
     add_output_arguments,
     fmt_rate,
     machine_info,
@@ -275,10 +277,10 @@ async def measure_alternating(
 
     Short segments, many of them: the speed of this 2-core machine moves in steps that last
     seconds (where the scheduler puts the processes, what else runs), and segments of seconds
-    take such a step on one side only. Two identical plaintext profile services compared with
-    GetProfile hits one at a time differed by 5.9% (one standard deviation over 8 runs) in
-    segments of 3 s (A B B A), by 1.9% in segments of 0.25 s (docs/benchmarks-profile-render.md,
-    experiment F)."""
+    take such a step on one side only. Two plaintext profile services alike, compared with
+    GetProfile hits one at a time over 8 runs, differed with a standard deviation of 6-7% in
+    segments of 3 s (one A B B A) and of 2-3.5% in segments of 0.25 s
+    (docs/benchmarks-profile-render.md, experiment F)."""
     order = balanced(len(calls))
     cycles = max(1, round(2 * duration_s * len(calls) / (segment_s * len(order))))
     segments: list[list[Measured]] = [[] for _ in calls]
@@ -291,9 +293,14 @@ async def measure_alternating(
     return [Side(Measured.pooled(parts), tuple(parts)) for parts in segments]
 
 
+def _cpu_seconds(pid: int) -> float:
+    ticks = _process_ticks(pid)
+    return math.nan if ticks is None else ticks / CLOCK_TICKS
+
+
 async def alternate_with_cpu(
     calls: Sequence[Callable[[int], Awaitable[object]]],
-    servers: Sequence[str],
+    server_pids: Sequence[int],
     meter: CpuMeter,
     *,
     concurrency: int,
@@ -301,20 +308,20 @@ async def alternate_with_cpu(
     segment_s: float,
     settle_s: float = 0.0,
 ) -> tuple[list[Side], CpuSnapshot, CpuSnapshot]:
-    """``measure_alternating``, each side's server (the CPU group ``servers`` names, serving
+    """``measure_alternating``, each side's server (the process ``server_pids`` names, serving
     that side only) charged its CPU per call (counted calls: a little high with ``settle_s``);
     and the CPU snapshots around it."""
     start = meter.snapshot()
+    before = [_cpu_seconds(pid) for pid in server_pids]
     sides = await measure_alternating(
         calls, concurrency=concurrency, duration_s=duration_s, segment_s=segment_s, settle_s=settle_s
     )
+    used = [_cpu_seconds(pid) - at_start for pid, at_start in zip(server_pids, before, strict=True)]
     end = meter.snapshot()
-    usage = CpuMeter.usage(start, end)
-    seconds = end.at - start.at
     return (
         [
-            replace(side, server_cpu_per_call_s=usage[server] / 100 * seconds / max(1, side.measured.calls))
-            for side, server in zip(sides, servers, strict=True)
+            replace(side, server_cpu_per_call_s=seconds / max(1, side.measured.calls))
+            for side, seconds in zip(sides, used, strict=True)
         ],
         start,
         end,
@@ -742,9 +749,11 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class Reads:
-    hit_1: Side  # the service as configured by default: hits served from the near cache
-    hit_n: Side
-    tls_hit_1: Side  # the same, on a second profile service that serves TLS
+    hit_1: Measured  # the service as configured by default: hits served from the near cache
+    hit_n: Measured
+    twin_hit_1: Side  # the same on two twins started after the merge, plaintext and TLS
+    tls_hit_1: Side
+    twin_hit_n: Side
     tls_hit_n: Side
     redis_hit_1: Measured  # a profile service with the near cache off: every hit reads Redis
     redis_hit_n: Measured
@@ -759,7 +768,9 @@ class Reads:
         return {
             "get_profile_hit_1": self.hit_1.as_json(),
             "get_profile_hit_n": self.hit_n.as_json(),
+            "get_profile_hit_twin_1": self.twin_hit_1.as_json(),
             "get_profile_hit_tls_1": self.tls_hit_1.as_json(),
+            "get_profile_hit_twin_n": self.twin_hit_n.as_json(),
             "get_profile_hit_tls_n": self.tls_hit_n.as_json(),
             "get_profile_redis_hit_1": self.redis_hit_1.as_json(),
             "get_profile_redis_hit_n": self.redis_hit_n.as_json(),
@@ -850,23 +861,24 @@ async def first_answer(
 
 async def compare_hits(
     stack: BenchStack,
-    tls_target: str,
+    targets: tuple[str, str],
+    pids: tuple[int, int],
     options: Options,
     user_ids: Sequence[str],
     meter: CpuMeter,
     cpu: dict[str, Any],
-) -> tuple[list[Side], list[Side], int, Auth]:
-    """GetProfile hits on the profile service (plaintext, A) and on its TLS twin (B), with the
-    same key, one at a time and then concurrently, each side ``2 x --seconds`` in all, in short
-    segments taking turns (``measure_alternating``). Each connection is opened and warmed up
-    first, so no handshake is timed. The sides at 1 and at n, the size of an answer, and what
-    authentication cost."""
+) -> tuple[list[Side], list[Side], Auth]:
+    """GetProfile hits on the plaintext twin (A) and on the TLS twin (B) of the profile service,
+    with the same key, one at a time and then concurrently, each side ``2 x --seconds`` in all,
+    in short segments taking turns (``measure_alternating``). Each connection is opened and
+    warmed up first, so no handshake is timed. The sides at 1 and at n, and what authentication
+    cost."""
     n, seconds = options.concurrency, options.seconds
     requests = [get_request(u) for u in user_ids]
     metadata = stack.key_metadata
     async with (
-        open_channel(stack.target(suite.PROFILE), PLAINTEXT) as plain,
-        open_channel(tls_target, stack.tls.client) as secure,
+        open_channel(targets[0], PLAINTEXT) as plain,
+        open_channel(targets[1], stack.tls.client) as secure,
     ):
         gets = [
             c.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
@@ -880,17 +892,18 @@ async def compare_hits(
             return get_one
 
         answers = [await first_answer(get, requests[0], user_ids[0], metadata) for get in gets]
+        if answers[0].profile.identifiers != answers[1].profile.identifiers:
+            raise BenchError("the TLS profile service answered another profile")
         calls = [caller(get) for get in gets]
         for call in calls:
             await measure(call, concurrency=n, duration_s=0.5)  # connect (TLS: the handshake), warm up
         transactions_before = await database_transactions(stack.database_url)
         say(
-            f"GetProfile hit, plaintext (A) and TLS (B) taking turns (A B B A B A A B, {SEGMENT_ONE_S}s"
-            f" segments, {2 * seconds:.0f}s each in all): 1 at a time"
+            f"GetProfile hit on the twins, plaintext (A) and TLS (B) taking turns (A B B A B A A B,"
+            f" {SEGMENT_ONE_S}s segments, {2 * seconds:.0f}s each in all): 1 at a time"
         )
-        servers = ("profile service", "service variants")  # the TLS twin is the only variant
         one, start, _ = await alternate_with_cpu(
-            calls, servers, meter, concurrency=1, duration_s=seconds, segment_s=SEGMENT_ONE_S
+            calls, pids, meter, concurrency=1, duration_s=seconds, segment_s=SEGMENT_ONE_S
         )
         say(
             f"   p50 {ms(one[0].measured.p50_s)} plaintext, {ms(one[1].measured.p50_s)} TLS"
@@ -899,7 +912,7 @@ async def compare_hits(
         say(f"   the same, {n} concurrent ({SEGMENT_MANY_S}s segments)")
         many, _, end = await alternate_with_cpu(
             calls,
-            servers,
+            pids,
             meter,
             concurrency=n,
             duration_s=seconds,
@@ -912,7 +925,7 @@ async def compare_hits(
         )
         await asyncio.sleep(1.5)  # let every backend report its transactions
         transactions = await database_transactions(stack.database_url) - transactions_before
-    cpu["GetProfile hit (plaintext, TLS)"] = CpuMeter.usage(start, end)
+    cpu["GetProfile hit, twins (plaintext, TLS)"] = CpuMeter.usage(start, end)
     for side in (*one, *many):
         _fail_on_errors("GetProfile hit", side.measured)
     calls_made = sum(side.measured.calls for side in (*one, *many))
@@ -922,31 +935,41 @@ async def compare_hits(
         f"   {authenticate_s * 1e6:.1f} us a call; {transactions:,} database transactions during the"
         f" {calls_made:,} GetProfile calls above (every process's)"
     )
-    if answers[0].profile.identifiers != answers[1].profile.identifiers:
-        raise BenchError("the TLS profile service answered another profile")
-    return one, many, answers[0].ByteSize(), Auth(authenticate_s, calls_made, transactions)
+    return one, many, Auth(authenticate_s, calls_made, transactions)
 
 
 async def measure_reads(
     stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
 ) -> Reads:
     n, seconds = options.concurrency, options.seconds
-    # The TLS twin starts once everything is merged: its merger (on the same durable consumer)
-    # finds nothing to do. It reads the full Redis entries the first read left, so one read
-    # leaves its copies in process; a second read of the plaintext service leaves its own.
-    say("a second profile service, serving TLS (a certificate from a CA made for this run)")
-    tls_target = stack.start_variant(suite.PROFILE, "profile-tls", stack.tls.server_env)
-    say("warm: read every customer again on each, so both keep copies in process")
+    metadata = stack.key_metadata
+    say("warm: read every customer again, so the profile service keeps copies in process")
     await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
-    await read_every_customer(stack, tls_target, user_ids, stack.tls.client)
-    one, many, response_bytes, auth = await compare_hits(stack, tls_target, options, user_ids, meter, cpu)
-    stack.stop_variant("profile-tls")  # the measures below are as before: one variant, no TLS
+    hit_1, hit_n, response_bytes = await measure_hits(
+        stack.target(suite.PROFILE), metadata, options, user_ids, meter, cpu, "GetProfile hit"
+    )
+
+    # TLS beside plaintext: two twins of the service, started together once everything is
+    # merged (their mergers, on the same durable consumer, find nothing to do), alike but for
+    # TLS. Not the service above: the process that merged the load differs from a fresh one by
+    # a few per cent on its own (experiment F). The first read left full Redis entries, so one
+    # read leaves each twin its copies in process.
+    say("two more profile services, one in plaintext, one serving TLS (a CA made for this run)")
+    twins = (
+        stack.start_variant(suite.PROFILE, "profile-twin", {}),
+        stack.start_variant(suite.PROFILE, "profile-tls", stack.tls.server_env),
+    )
+    await read_every_customer(stack, twins[0], user_ids)
+    await read_every_customer(stack, twins[1], user_ids, stack.tls.client)
+    pids = (stack.pid_of("profile-twin"), stack.pid_of("profile-tls"))
+    one, many, auth = await compare_hits(stack, twins, pids, options, user_ids, meter, cpu)
+    for label in ("profile-twin", "profile-tls"):
+        stack.stop_variant(label)  # the measures below are as before: one variant, no TLS
 
     # Misses and batches delete Redis entries before calls; a service without copies in process
     # measures them without racing Redis's invalidation, and gives the hit that reads Redis.
     say("a second profile service with the near cache off (PROFILE_NEAR_CACHE_ENTRIES=0)")
     target = stack.start_variant(suite.PROFILE, "profile-no-near-cache", {"PROFILE_NEAR_CACHE_ENTRIES": "0"})
-    metadata = stack.key_metadata
     redis_hit_1, redis_hit_n, _ = await measure_hits(
         target, metadata, options, user_ids, meter, cpu, "GetProfile hit, from Redis"
     )
@@ -1004,9 +1027,11 @@ async def measure_reads(
     ):
         _fail_on_errors(name, measured)
     return Reads(
+        hit_1,
+        hit_n,
         one[0],
-        many[0],
         one[1],
+        many[0],
         many[1],
         redis_hit_1,
         redis_hit_n,
@@ -1095,15 +1120,15 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
         "reads": reads.as_json(),
         "goals": {
             "hit_p50_vs_empty_plus_redis": {
-                "value": reads.hit_1.measured.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
+                "value": reads.hit_1.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
                 "goal": GOAL_HIT_VS_FLOOR,
             },
             "tls_hit_p50_vs_plaintext": {  # the same run, taking turns
-                "value": reads.tls_hit_1.measured.p50_s / reads.hit_1.measured.p50_s,
+                "value": reads.tls_hit_1.measured.p50_s / reads.twin_hit_1.measured.p50_s,
                 "goal": GOAL_TLS_VS_PLAINTEXT,
             },
             "tls_hit_p99_vs_plaintext": {  # informational
-                "value": reads.tls_hit_1.measured.p99_s / reads.hit_1.measured.p99_s,
+                "value": reads.tls_hit_1.measured.p99_s / reads.twin_hit_1.measured.p99_s,
             },
             "redis_hit_p50_vs_empty_plus_redis": {  # the near cache off
                 "value": reads.redis_hit_1.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
@@ -1126,7 +1151,8 @@ def report(results: Mapping[str, Any]) -> str:
     p1, pn = floors["pg_pk_read_1"], floors["pg_pk_read_n"]
     mget, pg100, write = floors["redis_mget_100"], floors["pg_pk_read_100"], floors["pg_write_txn"]
     hit1, hitn = reads["get_profile_hit_1"], reads["get_profile_hit_n"]
-    tls1, tlsn, auth = reads["get_profile_hit_tls_1"], reads["get_profile_hit_tls_n"], reads["auth"]
+    twin1, tls1 = reads["get_profile_hit_twin_1"], reads["get_profile_hit_tls_1"]
+    twinn, tlsn, auth = reads["get_profile_hit_twin_n"], reads["get_profile_hit_tls_n"], reads["auth"]
     redis1, redisn = reads["get_profile_redis_hit_1"], reads["get_profile_redis_hit_n"]
     miss1, missn = reads["get_profile_miss_1"], reads["get_profile_miss_n"]
     warm, cold = reads["batch_get_100_warm"], reads["batch_get_100_cold"]
@@ -1140,7 +1166,7 @@ def report(results: Mapping[str, Any]) -> str:
 
     hit_floor, hit_floor_s = floor_sum("", ("empty call", e1["p50_s"]), ("Redis GET", r1["p50_s"]))
     hit_ratio = hit1["p50_s"] / hit_floor_s
-    tls_ratio = tls1["p50_s"] / hit1["p50_s"]
+    tls_ratio = tls1["p50_s"] / twin1["p50_s"]
     hit99_floor, hit99_s = floor_sum("", ("empty", e1["p99_s"]), ("GET", r1["p99_s"]))
     hitn_floor, hitn_s = floor_sum("", ("empty", en["p50_s"]), ("GET", rn["p50_s"]))
     miss_floor, miss_s = floor_sum("", ("empty", e1["p50_s"]), ("GET", r1["p50_s"]), ("PG read", p1["p50_s"]))
@@ -1164,7 +1190,7 @@ def report(results: Mapping[str, Any]) -> str:
         Row(
             "GetProfile hit p50 over TLS (1 at a time)",
             ms(tls1["p50_s"]),
-            f"plaintext hit p50 {ms(hit1['p50_s'])} (taking turns)",
+            f"plaintext twin p50 {ms(twin1['p50_s'])} (taking turns)",
             f"{tls_ratio:.2f} x",
             f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
             verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
@@ -1172,20 +1198,20 @@ def report(results: Mapping[str, Any]) -> str:
         Row(
             "  TLS hit p99 (1 at a time)",
             ms(tls1["p99_s"]),
-            f"plaintext hit p99 {ms(hit1['p99_s'])}",
-            _ratio(tls1["p99_s"], hit1["p99_s"]),
+            f"plaintext twin p99 {ms(twin1['p99_s'])}",
+            _ratio(tls1["p99_s"], twin1["p99_s"]),
         ),
         Row(
             f"  TLS hit p50 / p99 ({n} concurrent)",
             both(tlsn["p50_s"], tlsn["p99_s"]),
-            f"plaintext {both(hitn['p50_s'], hitn['p99_s'])}",
-            _ratio(tlsn["p50_s"], hitn["p50_s"]),
+            f"plaintext twin {both(twinn['p50_s'], twinn['p99_s'])}",
+            _ratio(tlsn["p50_s"], twinn["p50_s"]),
         ),
         Row(
             f"  TLS hit calls/s ({n} concurrent)",
             fmt_rate(tlsn["per_s"]),
-            f"plaintext {fmt_rate(hitn['per_s'])}",
-            _ratio(tlsn["per_s"], hitn["per_s"]),
+            f"plaintext twin {fmt_rate(twinn['per_s'])}",
+            _ratio(tlsn["per_s"], twinn["per_s"]),
         ),
         Row(
             "  hit from Redis, near cache off: p50 (1)",
@@ -1274,7 +1300,7 @@ def report(results: Mapping[str, Any]) -> str:
     lines += report_warnings(results, options["cprofile"])
     halves = " / ".join(
         f"{tls_half / plain_half:.2f}"
-        for plain_half, tls_half in zip(hit1["half_p50_s"], tls1["half_p50_s"], strict=True)
+        for plain_half, tls_half in zip(twin1["half_p50_s"], tls1["half_p50_s"], strict=True)
     )
 
     def us(seconds: float) -> str:
@@ -1284,10 +1310,11 @@ def report(results: Mapping[str, Any]) -> str:
         "",
         render_table(rows),
         "",
-        f"GetProfile hit, plaintext and TLS taking turns in {hit1['segments']} segments each: TLS p50 /"
-        f" plaintext p50 in the first / second half {halves}; server CPU per call, plaintext / TLS:"
-        f" {us(hit1['server_cpu_per_call_s'])} / {us(tls1['server_cpu_per_call_s'])} us (1 at a time),"
-        f" {us(hitn['server_cpu_per_call_s'])} / {us(tlsn['server_cpu_per_call_s'])} us ({n} concurrent)",
+        f"GetProfile hit on the twins, plaintext and TLS taking turns in {twin1['segments']} segments each:"
+        f" TLS p50 / plaintext p50 in the first / second half {halves}; server CPU per call, plaintext /"
+        f" TLS: {us(twin1['server_cpu_per_call_s'])} / {us(tls1['server_cpu_per_call_s'])} us (1 at a"
+        f" time), {us(twinn['server_cpu_per_call_s'])} / {us(tlsn['server_cpu_per_call_s'])} us ({n}"
+        " concurrent)",
         f"Authentication: the hit p50, key checked, is {hit_ratio:.2f} x (empty call + Redis GET); the empty"
         " server has no interceptor at all.",
         f"  Authenticator.authenticate of a known key: {auth['authenticate_s'] * 1e6:.1f} us in process;"

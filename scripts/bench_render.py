@@ -28,11 +28,13 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
 4. ``RenderService/Render`` by ``template_name`` at ``--concurrency`` (64) calls, each with a 1 s
    deadline, warm (render's template, compiled-template and last-known-good caches, profile's
    Redis cache), beside the ideal path at the same concurrency; then one at a time, beside both
-   floors. The same Render calls go to a second render service that serves TLS (a certificate
-   from a CA made for the run; its caches filled by an untimed RenderBatch) and calls the same
-   profile service (``--tls-profile``: a second profile service that serves TLS), the two
-   taking turns in short segments (bench_profile.measure_alternating), both connections warmed
-   up first: the TLS p50 over the plaintext p50 at 64 concurrent, goal at most 1.10;
+   floors. Then TLS beside plaintext: two more render services started before the floors,
+   alike but for TLS (one plaintext, one serving a certificate from a CA made for the run),
+   both calling the same profile service (``--tls-profile``: the TLS one calls a profile service
+   that serves TLS), each given an untimed RenderBatch for its caches and a warmed-up
+   connection, get the same Render calls, taking turns in short segments
+   (bench_profile.measure_alternating): the TLS p50 over the plaintext p50 at 64 concurrent,
+   goal at most 1.10;
 5. fault: SIGTERM the profile service, wait for it to exit, then ``--fault-renders`` renders at
    ``--concurrency`` with a 150 ms deadline each (a tenth of them for customers render has
    never seen): each must answer in time with a fallback (last known good profile, or the
@@ -401,6 +403,7 @@ class RenderSides:
 
 async def compare_renders(
     channels: Sequence[grpc.aio.Channel],
+    server_pids: Sequence[int],
     requests: Sequence[bytes],
     metadata: Metadata,
     concurrency: int,
@@ -410,7 +413,8 @@ async def compare_renders(
     settle_s: float = 0.0,
 ) -> RenderSides:
     """Render on each channel (plaintext, then TLS), ``2 x seconds`` each in all, in segments of
-    ``segment_s`` taking turns (bench_profile.measure_alternating)."""
+    ``segment_s`` taking turns (bench_profile.measure_alternating); each side's render process
+    (``server_pids``) charged its CPU per render."""
     answers: list[list[bytes]] = [[] for _ in channels]
     calls = [
         render_caller(channel, RENDER, requests, metadata, kept)
@@ -418,7 +422,7 @@ async def compare_renders(
     ]
     sides, start, end = await alternate_with_cpu(
         calls,
-        ("render service", "service variants"),  # the TLS twin (with --tls-profile, its profile too)
+        server_pids,
         meter,
         concurrency=concurrency,
         duration_s=seconds,
@@ -588,14 +592,15 @@ async def create_template(stack: BenchStack, target: str) -> int:
     return int(response.template.published_version)
 
 
-async def start_tls_twins(stack: BenchStack, options: Options, user_ids: Sequence[str]) -> str:
-    """Start a second render service that serves TLS (a certificate from a CA made for this run),
-    on the same database, Redis and NATS; its target. It calls the same profile service as the
-    first, in plaintext with render's key; with ``--tls-profile``, a second profile service that
-    serves TLS instead (warmed up here), so that the whole chain is TLS."""
+async def start_twins(stack: BenchStack, options: Options, user_ids: Sequence[str]) -> tuple[str, str]:
+    """Start two more render services on the same database, Redis and NATS, alike but for TLS:
+    one in plaintext, one that serves TLS (a certificate from a CA made for this run); their
+    targets. Both call the same profile service, in plaintext with render's key; with
+    ``--tls-profile`` the TLS one calls a profile service that serves TLS instead (started and
+    warmed up here), so that its whole chain is TLS."""
     overrides = dict(stack.tls.server_env)
     if options.tls_profile:
-        say("a second profile service, serving TLS, for the TLS render service to call (--tls-profile)")
+        say("a profile service serving TLS, for the TLS render service to call (--tls-profile)")
         profile_target = stack.start_variant(suite.PROFILE, "profile-tls", stack.tls.server_env)
         await read_every_customer(stack, profile_target, user_ids, stack.tls.client)  # copies in process
         overrides.update(
@@ -603,8 +608,11 @@ async def start_tls_twins(stack: BenchStack, options: Options, user_ids: Sequenc
             PROFILE_SERVICE_PLAINTEXT="false",
             PROFILE_SERVICE_CA_FILE=stack.tls.client.ca_file,
         )
-    say("a second render service, serving TLS (a certificate from a CA made for this run)")
-    return stack.start_variant(suite.RENDER, "render-tls", overrides)
+    say("two more render services, one in plaintext, one serving TLS (a CA made for this run)")
+    return (
+        stack.start_variant(suite.RENDER, "render-twin", {}),
+        stack.start_variant(suite.RENDER, "render-tls", overrides),
+    )
 
 
 def _call_floor(floor: CallFloor) -> dict[str, Any]:
@@ -650,7 +658,7 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
     await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
     version = await create_template(stack, stack.target(suite.RENDER))
     say(f"template {TEMPLATE_NAME} version {version} published")
-    tls_target = await start_tls_twins(stack, options, user_ids)
+    twin_target, tls_target = await start_twins(stack, options, user_ids)
 
     shuffled = user_ids[:]
     random.Random(5).shuffle(shuffled)
@@ -658,23 +666,22 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
     metadata = stack.key_metadata
     async with (
         open_channel(stack.target(suite.RENDER), PLAINTEXT) as render_channel,
-        open_channel(tls_target, stack.tls.client) as tls_channel,
         open_channel(ideal_target, PLAINTEXT) as ideal_channel,
+        open_channel(twin_target, PLAINTEXT) as twin_channel,
+        open_channel(tls_target, stack.tls.client) as tls_channel,
     ):
-        # Each connection opened (TLS: the handshake) and warm before anything is timed.
-        say(f"warm-up: Render (plaintext, TLS) and the ideal path, {n} concurrent, 1s each")
-        for channel, method in ((render_channel, RENDER), (tls_channel, RENDER), (ideal_channel, IDEAL)):
+        say(f"warm-up: Render and the ideal path, {n} concurrent, 1s each")
+        for channel, method in ((render_channel, RENDER), (ideal_channel, IDEAL)):
             warm = await measure_renders(channel, method, render_requests, n, 1.0, metadata)
             if warm.measured.calls == 0:
                 raise BenchError(f"{method}: no call succeeded during the warm-up: {warm.measured.errors}")
-        for channel in (render_channel, tls_channel):
-            sample = render_pb2.RenderResponse.FromString(
-                await channel.unary_unary(RENDER, request_serializer=None, response_deserializer=None)(
-                    render_requests[0], timeout=DEADLINE_S, metadata=metadata
-                )
+        sample = render_pb2.RenderResponse.FromString(
+            await render_channel.unary_unary(RENDER, request_serializer=None, response_deserializer=None)(
+                render_requests[0], timeout=DEADLINE_S, metadata=metadata
             )
-            if sample.status != render_pb2.RENDER_STATUS_RENDERED:
-                raise BenchError(f"Render did not render: {describe(sample)} {sample.skip_detail}")
+        )
+        if sample.status != render_pb2.RENDER_STATUS_RENDERED:
+            raise BenchError(f"Render did not render: {describe(sample)} {sample.skip_detail}")
         html_bytes = len(sample.html.encode())
 
         empty_target = stack.start_empty_server()
@@ -692,25 +699,52 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         say(f"   {fmt_rate(ideal_batch_renders / ideal_batch_s)} renders/s")
         # RenderBatch first: a campaign's first pass, which also leaves every customer's profile in
         # render's caches (last known good, stored under a minute ago), so that the Render
-        # measures after it see warm caches for whichever customer they pick. The TLS twin gets
-        # the same pass, untimed, for its own caches.
+        # measures after it see warm caches for whichever customer they pick.
         say(f"RenderBatch: {len(user_ids):,} customers in one call (after one of {IDEAL_CHUNK} to warm up)")
         await render_batch(render_channel, user_ids[:IDEAL_CHUNK], metadata)
-        batch_started = time.monotonic()
         snap = meter.snapshot()
         batch = await render_batch(render_channel, user_ids, metadata)
         cpu["RenderBatch"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   {fmt_rate(batch.rate)} renders/s ({batch.seconds:.1f}s)")
-        say("   the same on the TLS render service, untimed, to fill its caches")
-        await render_batch(tls_channel, user_ids, metadata)
 
+        say(f"Render, {n} concurrent, {options.seconds:.0f}s (deadline {DEADLINE_S:.0f}s each)")
+        snap = meter.snapshot()
+        render_n = await measure_renders(
+            render_channel, RENDER, render_requests, n, options.seconds, metadata
+        )
+        cpu[f"Render x{n}"] = CpuMeter.usage(snap, meter.snapshot())
+        say(f"   p50 {ms(render_n.measured.p50_s)}, {fmt_rate(render_n.measured.rate)} renders/s")
+        say(f"floor: the ideal path, {n} concurrent, {options.seconds:.0f}s")
+        snap = meter.snapshot()
+        ideal_n = await measure_renders(ideal_channel, IDEAL, render_requests, n, options.seconds)
+        cpu[f"ideal x{n}"] = CpuMeter.usage(snap, meter.snapshot())
+        say(f"   p50 {ms(ideal_n.measured.p50_s)}, {fmt_rate(ideal_n.measured.rate)} renders/s")
+        say(f"Render and the ideal path one at a time, {options.floor_seconds:.0f}s each")
+        render_1 = await measure_renders(
+            render_channel, RENDER, render_requests, 1, options.floor_seconds, metadata
+        )
+        ideal_1 = await measure_renders(ideal_channel, IDEAL, render_requests, 1, options.floor_seconds)
+        say(f"   p50 {ms(render_1.measured.p50_s)} Render, {ms(ideal_1.measured.p50_s)} ideal")
+
+        # TLS beside plaintext, on the two twins: each gets the same untimed RenderBatch for its
+        # caches, and a warmed-up connection (TLS: the handshake), before they take turns.
+        say("TLS beside plaintext: RenderBatch on each twin, untimed, to fill its caches; warm-up")
+        twins_batched = time.monotonic()
+        for channel in (twin_channel, tls_channel):
+            await render_batch(channel, user_ids, metadata)
+        for channel in (twin_channel, tls_channel):
+            warm = await measure_renders(channel, RENDER, render_requests, n, 1.0, metadata)
+            if warm.measured.calls == 0:
+                raise BenchError(f"a twin: no call succeeded during the warm-up: {warm.measured.errors}")
+        twin_pids = (stack.pid_of("render-twin"), stack.pid_of("render-tls"))
         say(
-            f"Render, {n} concurrent (deadline {DEADLINE_S:.0f}s each): plaintext (A) and TLS (B) taking"
-            f" turns (A B B A B A A B, {SEGMENT_N_S}s segments, the first {SETTLE_N_S}s of each not"
-            f" counted), {2 * options.seconds:.0f}s each in all"
+            f"Render on the twins, {n} concurrent: plaintext (A) and TLS (B) taking turns (A B B A B A A"
+            f" B, {SEGMENT_N_S}s segments, the first {SETTLE_N_S}s of each not counted),"
+            f" {2 * options.seconds:.0f}s each in all"
         )
         compared_n = await compare_renders(
-            [render_channel, tls_channel],
+            [twin_channel, tls_channel],
+            twin_pids,
             render_requests,
             metadata,
             n,
@@ -719,24 +753,17 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
             SEGMENT_N_S,
             SETTLE_N_S,
         )
-        render_n, tls_n = compared_n.plain, compared_n.tls
-        cpu[f"Render x{n} (plaintext, TLS)"] = CpuMeter.usage(compared_n.start, compared_n.end)
+        twin_n, tls_n = compared_n.plain, compared_n.tls
+        cpu[f"Render x{n}, twins (plaintext, TLS)"] = CpuMeter.usage(compared_n.start, compared_n.end)
         say(
-            f"   p50 {ms(render_n.measured.p50_s)} plaintext, {ms(tls_n.measured.p50_s)} TLS;"
-            f" {fmt_rate(render_n.measured.rate)} / {fmt_rate(tls_n.measured.rate)} renders/s"
+            f"   p50 {ms(twin_n.measured.p50_s)} plaintext, {ms(tls_n.measured.p50_s)} TLS;"
+            f" {fmt_rate(twin_n.measured.rate)} / {fmt_rate(tls_n.measured.rate)} renders/s"
             f" (TLS / plaintext p50 by half: {ratio_halves(*compared_n.sides)})"
         )
-        say(f"floor: the ideal path, {n} concurrent, {options.seconds:.0f}s")
-        snap = meter.snapshot()
-        ideal_n = await measure_renders(ideal_channel, IDEAL, render_requests, n, options.seconds)
-        cpu[f"ideal x{n}"] = CpuMeter.usage(snap, meter.snapshot())
-        say(f"   p50 {ms(ideal_n.measured.p50_s)}, {fmt_rate(ideal_n.measured.rate)} renders/s")
-        say(
-            f"Render one at a time, plaintext and TLS taking turns ({SEGMENT_ONE_S}s segments),"
-            f" {2 * options.floor_seconds:.0f}s each in all; then the ideal path"
-        )
+        say(f"   one at a time ({SEGMENT_ONE_S}s segments), {2 * options.floor_seconds:.0f}s each in all")
         compared_1 = await compare_renders(
-            [render_channel, tls_channel],
+            [twin_channel, tls_channel],
+            twin_pids,
             render_requests,
             metadata,
             1,
@@ -744,14 +771,10 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
             meter,
             SEGMENT_ONE_S,
         )
-        render_1, tls_1 = compared_1.plain, compared_1.tls
-        caches_age_s = time.monotonic() - batch_started
-        ideal_1 = await measure_renders(ideal_channel, IDEAL, render_requests, 1, options.floor_seconds)
-        say(
-            f"   p50 {ms(render_1.measured.p50_s)} Render, {ms(tls_1.measured.p50_s)} over TLS,"
-            f" {ms(ideal_1.measured.p50_s)} ideal"
-        )
-        for label in ("render-tls", "profile-tls"):
+        twin_1, tls_1 = compared_1.plain, compared_1.tls
+        caches_age_s = time.monotonic() - twins_batched
+        say(f"   p50 {ms(twin_1.measured.p50_s)} plaintext, {ms(tls_1.measured.p50_s)} TLS")
+        for label in ("render-twin", "render-tls", "profile-tls"):
             stack.stop_variant(label)  # what follows is as before
 
         say("fault: SIGTERM the profile service and wait until it has exited")
@@ -821,15 +844,17 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "renders_per_s": ideal_batch_renders / ideal_batch_s,
             },
         },
-        "render_n": compared_n.as_json(0),
-        "render_1": compared_1.as_json(0),
+        "render_n": render_n.as_json(),
+        "render_1": render_1.as_json(),
+        "render_twin_n": compared_n.as_json(0),
         "render_tls_n": compared_n.as_json(1),
+        "render_twin_1": compared_1.as_json(0),
         "render_tls_1": compared_1.as_json(1),
         "tls": {
             "render_tls_calls_profile": "a TLS profile service"
             if options.tls_profile
             else "the same profile service, plaintext",
-            "seconds_from_render_batch_to_last_render_measure": caches_age_s,
+            "seconds_from_twins_render_batch_to_last_measure": caches_age_s,
         },
         "render_batch": batch.as_json(),
         "fault": fault.as_json(),
@@ -838,11 +863,11 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "value": render_n.measured.p50_s / ideal_n.measured.p50_s,
                 "goal": GOAL_RENDER_VS_IDEAL,
             },
-            "tls_render_p50_vs_plaintext": {  # the same run, taking turns, 64 concurrent
-                "value": tls_n.measured.p50_s / render_n.measured.p50_s,
+            "tls_render_p50_vs_plaintext": {  # the twins taking turns, 64 concurrent
+                "value": tls_n.measured.p50_s / twin_n.measured.p50_s,
                 "goal": GOAL_TLS_VS_PLAINTEXT,
             },
-            "tls_render_p99_vs_plaintext": {"value": tls_n.measured.p99_s / render_n.measured.p99_s},
+            "tls_render_p99_vs_plaintext": {"value": tls_n.measured.p99_s / twin_n.measured.p99_s},
             "fault_fallback_in_time": {"value": good, "goal": len(fault_requests)},
         },
         "cpu_percent_of_one_core": cpu,
@@ -869,8 +894,9 @@ def report(results: Mapping[str, Any]) -> str:
         results["fault"],
     )
     ratio = render_n["p50_s"] / ideal_n["p50_s"]
-    tls_n, tls_1, tls = results["render_tls_n"], results["render_tls_1"], results["tls"]
-    tls_ratio = tls_n["p50_s"] / render_n["p50_s"]
+    twin_n, tls_n = results["render_twin_n"], results["render_tls_n"]
+    twin_1, tls_1, tls = results["render_twin_1"], results["render_tls_1"], results["tls"]
+    tls_ratio = tls_n["p50_s"] / twin_n["p50_s"]
     all_answered = fault["fallback_in_time"] == fault["renders"]
     errors_n = sum(render_n["errors"].values())
     rows = [
@@ -886,7 +912,7 @@ def report(results: Mapping[str, Any]) -> str:
         Row(
             f"Render p50 over TLS ({n} concurrent, warm)",
             ms(tls_n["p50_s"]),
-            f"plaintext Render p50 {ms(render_n['p50_s'])} (taking turns)",
+            f"plaintext twin p50 {ms(twin_n['p50_s'])} (taking turns)",
             f"{tls_ratio:.2f} x",
             f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
             verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
@@ -894,20 +920,20 @@ def report(results: Mapping[str, Any]) -> str:
         Row(
             f"  TLS Render p99 ({n} concurrent)",
             ms(tls_n["p99_s"]),
-            f"plaintext p99 {ms(render_n['p99_s'])}",
-            _ratio(tls_n["p99_s"], render_n["p99_s"]),
+            f"plaintext twin p99 {ms(twin_n['p99_s'])}",
+            _ratio(tls_n["p99_s"], twin_n["p99_s"]),
         ),
         Row(
             f"  TLS Render throughput ({n} concurrent)",
             f"{fmt_rate(tls_n['per_s'])} renders/s",
-            f"plaintext {fmt_rate(render_n['per_s'])}/s",
-            _ratio(tls_n["per_s"], render_n["per_s"]),
+            f"plaintext twin {fmt_rate(twin_n['per_s'])}/s",
+            _ratio(tls_n["per_s"], twin_n["per_s"]),
         ),
         Row(
             "  TLS Render p50 / p99 (1 at a time)",
             f"{ms(tls_1['p50_s'])} / {ms(tls_1['p99_s'])}",
-            f"plaintext {ms(render_1['p50_s'])} / {ms(render_1['p99_s'])}",
-            _ratio(tls_1["p50_s"], render_1["p50_s"]),
+            f"plaintext twin {ms(twin_1['p50_s'])} / {ms(twin_1['p99_s'])}",
+            _ratio(tls_1["p50_s"], twin_1["p50_s"]),
         ),
         Row(
             f"  Render p99 ({n} concurrent)",
@@ -970,33 +996,33 @@ def report(results: Mapping[str, Any]) -> str:
         f" deadline {options['deadline_s']:.0f}s per Render",
     ]
     lines += report_warnings(results, options["cprofile"])
-    caches_age_s = tls["seconds_from_render_batch_to_last_render_measure"]
+    caches_age_s = tls["seconds_from_twins_render_batch_to_last_measure"]
     if caches_age_s > LKG_REFRESH_AFTER_S:
         lines.append(
-            f"WARNING: the Render measures ended {caches_age_s:.0f}s after RenderBatch, past render's"
-            f" {LKG_REFRESH_AFTER_S:.0f}s: later renders rewrote"
-            " last-known-good copies."
+            f"WARNING: the twins' Render measures ended {caches_age_s:.0f}s after their RenderBatch, past"
+            f" render's {LKG_REFRESH_AFTER_S:.0f}s: later renders rewrote last-known-good copies."
         )
     halves = " / ".join(
         f"{tls_half / plain_half:.2f}"
-        for plain_half, tls_half in zip(render_n["half_p50_s"], tls_n["half_p50_s"], strict=True)
+        for plain_half, tls_half in zip(twin_n["half_p50_s"], tls_n["half_p50_s"], strict=True)
     )
-    errors_tls = sum(tls_n["errors"].values())
+    errors_tls = sum(twin_n["errors"].values()) + sum(tls_n["errors"].values())
     lines += [
         "",
         render_table(rows),
         "",
-        f"Render at {n} concurrent, plaintext and TLS taking turns in {render_n['segments']} segments each:"
-        f" TLS p50 / plaintext p50 in the first / second half {halves}; CPU per render of the render"
-        f" service {render_n['server_cpu_per_call_s'] * 1e6:.0f} us, of the TLS one"
-        f" {tls_n['server_cpu_per_call_s'] * 1e6:.0f} us; the TLS render service calls"
+        f"Render at {n} concurrent on the twins, plaintext and TLS taking turns in {twin_n['segments']}"
+        f" segments each: TLS p50 / plaintext p50 in the first / second half {halves}; CPU per render"
+        f" of the plaintext twin {twin_n['server_cpu_per_call_s'] * 1e6:.0f} us, of the TLS one"
+        f" {tls_n['server_cpu_per_call_s'] * 1e6:.0f} us; the TLS twin calls"
         f" {tls['render_tls_calls_profile']}.",
         "",
         "Answers (status/profile source/fallback reason):",
         f"  Render x{n}: {_outcomes(render_n['outcomes'])}"
         + (f"; errors {render_n['errors']}" if errors_n else ""),
-        f"  Render x{n} over TLS: {_outcomes(tls_n['outcomes'])}"
-        + (f"; errors {tls_n['errors']}" if errors_tls else ""),
+        f"  Render x{n} on the twins: plaintext {_outcomes(twin_n['outcomes'])}; TLS"
+        f" {_outcomes(tls_n['outcomes'])}"
+        + (f"; errors {twin_n['errors']} {tls_n['errors']}" if errors_tls else ""),
         f"  RenderBatch: {_outcomes(batch['outcomes'])}"
         + (f"; {batch['errors']} errors" if batch["errors"] else ""),
         f"  profile service stopped: {_outcomes(fault['outcomes'])}",
