@@ -5,8 +5,13 @@ same machine, the floors it is compared with: here the cost of an empty grpc.aio
 an empty message on a grpc.aio stream) between two processes. ``BenchStack`` starts everything
 a bench uses on free ports (NATS with ``sync_interval: always`` as in production, Redis, a
 fresh PostgreSQL database, the services as separate processes) and removes it all on exit, also
-after Ctrl-C or a failure. ``CpuMeter`` reads /proc to say which process used how much CPU in
-each phase, which is what tells where a bottleneck is on a small machine.
+after Ctrl-C or a failure. The services run as deployed, with API keys checked on every call:
+the stack makes an admin key with every scope (``BenchStack.admin_key``; calls present it with
+``key_metadata``) and render's own profiles.read key. Its services serve plaintext
+(``ALLOW_PLAINTEXT=true``) unless a variant is given a certificate from the stack's local CA
+(``BenchStack.tls``), so that a bench can measure TLS beside plaintext in one run.
+``CpuMeter`` reads /proc to say which process used how much CPU in each phase, which is what
+tells where a bottleneck is on a small machine.
 
 Run ``python scripts/bench_common.py serve-empty --port N`` to serve the empty gRPC methods the
 floors call (benches start it themselves).
@@ -40,16 +45,35 @@ import grpc
 from redis.exceptions import RedisError
 
 import devstack
+import local_ca
 import suite
+from sendtime_common.auth.api_keys import ALL_SCOPES, Scope
+from sendtime_common.auth.client import authenticated_channel, bearer_metadata
+from sendtime_common.auth.key_store import KeyStore
+from sendtime_common.tls import ClientTls
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 EMPTY_UNARY = "/sendtime.bench.Empty/Call"
 EMPTY_STREAM = "/sendtime.bench.Empty/Stream"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# Environment a bench must not inherit: it would change what is measured (trace export) or
-# open listeners on fixed ports (webhooks).
-_DROPPED_ENV = ("OTEL_EXPORTER_OTLP_ENDPOINT", "SHOPIFY_WEBHOOK_SECRET", "SENDGRID_WEBHOOK_PUBLIC_KEY")
+# Environment a bench must not inherit: it would change what is measured (trace export, TLS,
+# mutual TLS, credentials meant for another database) or open listeners on fixed ports (webhooks).
+_DROPPED_ENV = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "SHOPIFY_WEBHOOK_SECRET",
+    "SENDGRID_WEBHOOK_PUBLIC_KEY",
+    "TLS_CERT_FILE",
+    "TLS_KEY_FILE",
+    "TLS_CLIENT_CA_FILE",
+    "AUTH_MTLS_IDENTITIES",
+    "PROFILE_SERVICE_API_KEY",
+    "PROFILE_SERVICE_API_KEY_FILE",
+    "PROFILE_SERVICE_CA_FILE",
+    "PROFILE_SERVICE_CERT_FILE",
+    "PROFILE_SERVICE_KEY_FILE",
+)
+PLAINTEXT = ClientTls(plaintext=True)
 
 
 def say(message: str = "") -> None:
@@ -251,8 +275,31 @@ async def _admin(sql: str) -> None:
         await conn.close()
 
 
+async def _issue_keys(database_url: str) -> tuple[str, str]:
+    """An admin key with every scope, and render's key (profiles.read only), made in the bench
+    database the way ``sendtime keys create`` makes them (the key tables created first)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        store = KeyStore(pool)
+        await store.migrate()
+        _, admin = await store.create("bench admin", ALL_SCOPES, "cli:bench")
+        _, render = await store.create("render (bench)", [Scope.PROFILES_READ], "cli:bench")
+        return admin, render
+    finally:
+        await pool.close()
+
+
 class BenchError(RuntimeError):
     """The bench could not run (a process did not start, an event was refused): it exits 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class BenchTls:
+    """A server certificate for 127.0.0.1 from a CA made for one bench run: ``server_env`` serves
+    a service's ports with it; ``client`` trusts it."""
+
+    client: ClientTls
+    server_env: dict[str, str]
 
 
 class BenchStack:
@@ -261,6 +308,10 @@ class BenchStack:
     Use as a context manager: everything is stopped and removed on exit, including the database
     (dropped) and the working directory (unless ``keep_dir``). While it cleans up it ignores
     Ctrl-C, so a second Ctrl-C cannot leave processes or a database behind.
+
+    Once started, ``admin_key`` is a key with every scope in the bench database; render calls
+    profile with a key of its own. Each service (and each variant) has a plaintext health port
+    of its own, which is what ``suite.wait_until_serving`` polls.
     """
 
     def __init__(
@@ -282,6 +333,8 @@ class BenchStack:
         self.running: list[suite.RunningService] = []
         self.variants: list[suite.RunningService] = []
         self.extra: list[subprocess.Popen[bytes]] = []
+        self.admin_key = ""
+        self._tls: BenchTls | None = None
         self._database_created = False
 
     def _service_env(self) -> dict[str, str]:
@@ -291,14 +344,50 @@ class BenchStack:
             REDIS_URL=self.redis_url,
             NATS_URL=self.nats_url,
             LOG_LEVEL="WARNING",
+            # The stack's own ports serve plaintext (a variant may be given a certificate: ``tls``),
+            # and render calls profile in plaintext, with its key.
+            ALLOW_PLAINTEXT="true",
+            PROFILE_SERVICE_PLAINTEXT="true",
         )
         for service in suite.SERVICES:
             env[service.address_variable] = f"127.0.0.1:{devstack.free_port()}"
+            env[service.health_address_variable] = f"127.0.0.1:{devstack.free_port()}"
         env["PROFILE_SERVICE_TARGET"] = suite.PROFILE.target(env)
         return suite.service_env(env)
 
     def target(self, service: suite.Service) -> str:
         return service.target(self.env)
+
+    @property
+    def key_metadata(self) -> tuple[tuple[str, str]]:
+        """Call metadata presenting ``admin_key``. Timed calls pass it themselves: it is the same
+        header ``bearer_auth``'s client interceptors add, without their Python layer on every
+        call, which the floors' calls do not have."""
+        return bearer_metadata(self.admin_key)
+
+    def channel(self, target: str, tls: ClientTls = PLAINTEXT) -> grpc.aio.Channel:
+        """A channel to ``target`` whose calls all carry ``admin_key`` (for untimed calls)."""
+        return authenticated_channel(target, self.admin_key, tls)
+
+    @property
+    def tls(self) -> BenchTls:
+        """A local CA and a server certificate for 127.0.0.1 in the working directory, made on
+        first use."""
+        if self._tls is None:
+            directory = self.workdir / "tls"
+            directory.mkdir(exist_ok=True)
+            ca = local_ca.make_ca("Sendtime bench CA")
+            ca.write(directory / "ca.crt", directory / "ca.key")
+            server = local_ca.issue(ca, local_ca.LOCAL_SERVER_NAMES, server=True, client=False)
+            server.write(directory / "server.crt", directory / "server.key")
+            self._tls = BenchTls(
+                client=ClientTls(ca_file=str(directory / "ca.crt")),
+                server_env={
+                    "TLS_CERT_FILE": str(directory / "server.crt"),
+                    "TLS_KEY_FILE": str(directory / "server.key"),
+                },
+            )
+        return self._tls
 
     def __enter__(self) -> BenchStack:
         try:
@@ -316,6 +405,8 @@ class BenchStack:
         self.redis = devstack.start_redis(self.redis_port, self.workdir / "redis", detach=True)
         asyncio.run(_admin(f'CREATE DATABASE "{self.database}"'))
         self._database_created = True
+        self.admin_key, render_key = asyncio.run(_issue_keys(self.database_url))
+        self.env["PROFILE_SERVICE_API_KEY"] = render_key
         for service in self.services:  # in suite order: profile creates the stream and consumer
             self.running.append(self._launch(service, self.env))
 
@@ -347,10 +438,33 @@ class BenchStack:
     def start_variant(self, service: suite.Service, label: str, overrides: Mapping[str, str]) -> str:
         """Start one more ``service`` process on a port of its own, configured with ``overrides``
         (named ``label`` in logs and CPU tables); its target. Stopped with the services."""
-        env = {**self.env, **overrides, service.address_variable: f"127.0.0.1:{devstack.free_port()}"}
+        env = {
+            **self.env,
+            **overrides,
+            service.address_variable: f"127.0.0.1:{devstack.free_port()}",
+            service.health_address_variable: f"127.0.0.1:{devstack.free_port()}",
+        }
         variant = replace(service, name=label)
         self.variants.append(self._launch(variant, env))
         return variant.target(env)
+
+    def pid_of(self, label: str) -> int:
+        """The process id of the variant ``label``."""
+        return next(v.process.pid for v in self.variants if v.service.name == label)
+
+    def stop_variant(self, label: str) -> None:
+        """SIGTERM the variant ``label`` and wait for it (its log stays until ``close``). Between
+        phases: the CPU it used in the phase it stops in would count as the rest of the machine's."""
+        stopping = [v for v in self.variants if v.service.name == label]
+        self.variants = [v for v in self.variants if v.service.name != label]
+        started = time.monotonic()
+        for name, code in suite.stop_services(stopping).items():
+            if code not in (0, None):  # the log is removed with the working directory: say it now
+                log = (self.workdir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                say(
+                    f"bench: {name} exited with {code} {time.monotonic() - started:.1f}s after SIGTERM;"
+                    " its last log lines:\n  " + "\n  ".join(log[-8:])
+                )
 
     def start_empty_server(self) -> str:
         """Start the empty gRPC server (a process of its own, like a service); its target."""

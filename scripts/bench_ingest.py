@@ -264,13 +264,18 @@ class StreamResult:
 
 
 async def drive_stream(
-    channel: grpc.aio.Channel, requests: Sequence[bytes], ids: Sequence[str], window: int, rate: float | None
+    channel: grpc.aio.Channel,
+    requests: Sequence[bytes],
+    ids: Sequence[str],
+    window: int,
+    rate: float | None,
+    metadata: tuple[tuple[str, str], ...],
 ) -> StreamResult:
-    """One StreamEvents call: write ``requests`` keeping ``window`` unanswered (and, given a
-    ``rate``, no faster than that many per second); count outcomes and time each event from
-    write to result."""
+    """One StreamEvents call with ``metadata`` (the API key): write ``requests`` keeping
+    ``window`` unanswered (and, given a ``rate``, no faster than that many per second); count
+    outcomes and time each event from write to result."""
     method = channel.stream_stream(STREAM_EVENTS, request_serializer=None, response_deserializer=None)
-    call = method(None)  # no request iterator: the writer task below writes
+    call = method(None, metadata=metadata)  # no request iterator: the writer task below writes
     slots = asyncio.Semaphore(window)
     sent_at: dict[str, float] = {}
     result = StreamResult()
@@ -446,11 +451,17 @@ async def wait_merged(js: Any, started: float, stall_s: float) -> ConsumerPoint:
 
 
 async def send_all(
-    target: str, load: Load, window: int, rate: float | None = None
+    target: str,
+    load: Load,
+    window: int,
+    metadata: tuple[tuple[str, str], ...],
+    rate: float | None = None,
 ) -> tuple[list[StreamResult], float]:
     """Run one StreamEvents call per stream of ``load``, each on its own channel (own HTTP/2
     connection, as separate producers would have), together at most ``rate`` events per second
-    when given; their results and the seconds until the last answer."""
+    when given, each call presenting the key in ``metadata`` (per call, not through a client
+    interceptor, whose per-message queue would weigh on the load generator); their results and
+    the seconds until the last answer."""
     per_stream_rate = None if rate is None else rate / len(load.per_stream)
     channels = [grpc.aio.insecure_channel(target) for _ in load.per_stream]
     try:
@@ -459,7 +470,7 @@ async def send_all(
         started = time.perf_counter()
         results = await asyncio.gather(
             *(
-                drive_stream(channel, requests, ids, window, per_stream_rate)
+                drive_stream(channel, requests, ids, window, per_stream_rate, metadata)
                 for channel, requests, ids in zip(channels, load.per_stream, load.ids_per_stream, strict=True)
             )
         )
@@ -586,8 +597,8 @@ class PhaseRunner:
             say(f"   a freshness marker every {interval_s * 1000:.0f} ms, {options.samples} at most")
         ingest_target = stack.target(suite.INGEST)
         async with (
-            grpc.aio.insecure_channel(ingest_target) as sample_ingest,
-            grpc.aio.insecure_channel(stack.target(suite.PROFILE)) as sample_profile,
+            stack.channel(ingest_target) as sample_ingest,
+            stack.channel(stack.target(suite.PROFILE)) as sample_profile,
         ):
             stop_sampling = asyncio.Event()
             snap_load = meter.snapshot()
@@ -597,7 +608,9 @@ class PhaseRunner:
                 sampler = Sampler(f"{stack.run_id}-{load.tag}", sample_ingest, sample_profile)
                 sampling = asyncio.create_task(sampler.run(stop_sampling, interval_s, options.samples))
             try:
-                results, load_seconds = await send_all(ingest_target, load, options.in_flight, rate)
+                results, load_seconds = await send_all(
+                    ingest_target, load, options.in_flight, stack.key_metadata, rate
+                )
             finally:
                 stop_sampling.set()
             snap_loaded = meter.snapshot()
@@ -647,7 +660,9 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
     try:
         say(f"warm-up: {warmup.total:,} events" + ("" if options.ingest_only else ", then wait until merged"))
-        warm_results, warm_seconds = await send_all(stack.target(suite.INGEST), warmup, options.in_flight)
+        warm_results, warm_seconds = await send_all(
+            stack.target(suite.INGEST), warmup, options.in_flight, stack.key_metadata
+        )
         _raise_on_problems(warm_results, "warm-up")
         runner = PhaseRunner(stack, options, client.jetstream(), meter, warm_seconds / warmup.total)
         say("load 1/2: full speed")

@@ -17,16 +17,23 @@ Redis, a fresh database, profile and ingest as their own processes), then:
    primary-key read (asyncpg, ``SELECT state FROM customers WHERE customer_id=$1``) and one of
    100 rows, each one at a time and (where it applies) at ``--concurrency``;
 5. GetProfile on a cache hit, one at a time and at ``--concurrency``, after a second read of
-   every customer: as configured by default, the service serves hits from its near cache;
+   every customer: as configured by default, the service serves hits from its near cache. Then
+   TLS beside plaintext: two more profile services started together, alike but for TLS (one
+   plaintext, one serving a certificate from a CA made for the run), get the same hits, taking
+   turns in short segments (A B B A B A A B, over and over; ``measure_alternating``), both
+   connections warmed up first: the TLS p50 over the plaintext p50, goal at most 1.10. Then the
+   key check alone, timed in process, and the database transactions made during those calls
+   (the keys are held in memory);
 6. a second profile service with the near cache off (``PROFILE_NEAR_CACHE_ENTRIES=0``): hits
    that read Redis; misses (the customer's Redis key deleted, untimed, before each call;
    PostgreSQL's buffers are warm); and BatchGetProfiles of 100, warm and cold.
 
-Calls go out as pre-serialized bytes and answers are not parsed (one per phase is checked), as
-in the empty-call floor, so the client's protobuf work is in neither. It prints a table of each
+Every call to a service carries the bench's API key (in its metadata, as ``bearer_auth``
+would add it). Calls go out as pre-serialized bytes and answers are not parsed (one per phase is
+checked), as in the empty-call floor, so the client's protobuf work is in neither. It prints a table of each
 measure against its floors and the goal, and the CPU each process used in each phase. A missed
 goal is reported, not an error: the exit code is 0 unless the bench broke. Defaults take about
-80 s on a 2-core machine (about 40 s of it merging the 15,000 events).
+100 s on a 2-core machine (about 40 s of it merging the 15,000 events).
 """
 
 from __future__ import annotations
@@ -40,21 +47,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
 import nats
 import redis.asyncio as redis
 from bench_common import (
+    CLOCK_TICKS,
+    PLAINTEXT,
     BenchError,
     BenchStack,
     CallFloor,
     CpuMeter,
+    CpuSnapshot,
     Row,
+    _process_ticks,
     add_output_arguments,
     fmt_rate,
     machine_info,
@@ -76,8 +87,14 @@ from profile_service.cache import cache_key
 from profile_service.repository import create_pool
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.auth.access import Authenticator
+from sendtime_common.auth.client import bearer_metadata
+from sendtime_common.auth.key_store import KeyStore
+from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierKind
+from sendtime_common.tls import ClientTls
+from sendtime_common.tls import channel as open_channel
 
 GET_PROFILE = "/sendtime.profile.v1.ProfileService/GetProfile"
 BATCH_GET_PROFILES = "/sendtime.profile.v1.ProfileService/BatchGetProfiles"
@@ -94,6 +111,11 @@ CALL_TIMEOUT_S = 10.0
 STALL_S = 60.0
 
 GOAL_HIT_VS_FLOOR = 1.5
+GOAL_TLS_VS_PLAINTEXT = 1.10  # TLS p50 / plaintext p50, both with a key, in the same run
+# Segments of the plaintext / TLS alternation, one call at a time and concurrently.
+SEGMENT_ONE_S = 0.25
+SEGMENT_MANY_S = 0.5
+SETTLE_MANY_S = 0.02  # ~3 calls' time at 16 concurrent
 
 
 # --- timing ------------------------------------------------------------------------------------
@@ -115,10 +137,30 @@ class Measured:
     p99_s: float
     max_s: float
     errors: dict[str, int] = field(default_factory=dict)
+    latencies: tuple[float, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def rate(self) -> float:
         return self.calls / self.seconds if self.seconds > 0 else math.nan
+
+    @classmethod
+    def pooled(cls, parts: Sequence[Measured]) -> Measured:
+        """One measure of the same calls made in several segments: every latency, the rate over
+        the segments' time taken together."""
+        latencies = [latency for part in parts for latency in part.latencies]
+        errors: Counter[str] = Counter()
+        for part in parts:
+            errors.update(part.errors)
+        return cls(
+            concurrency=parts[0].concurrency,
+            calls=sum(part.calls for part in parts),
+            seconds=sum(part.seconds for part in parts),
+            p50_s=percentile(latencies, 50),
+            p99_s=percentile(latencies, 99),
+            max_s=max(latencies, default=math.nan),
+            errors=dict(errors),
+            latencies=tuple(latencies),
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -140,13 +182,17 @@ async def measure(
     duration_s: float,
     prepare: Callable[[int], Awaitable[object]] | None = None,
     max_calls: int | None = None,
+    settle_s: float = 0.0,
 ) -> Measured:
     """``concurrency`` callers each awaiting ``call(i)`` back to back (``i`` counts calls across
     callers) for ``duration_s`` or ``max_calls`` calls. ``prepare(i)`` runs before a call and is
-    not timed (the rate then includes it). gRPC errors are counted by code, not raised."""
+    not timed (the rate then includes it). gRPC errors are counted by code, not raised. Calls
+    begun in the first ``settle_s`` are made but not counted: the first wave of concurrent
+    callers finds no queue, and would lower the p50 of a short measure."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     counter = itertools.count()
+    count_from = time.perf_counter() + settle_s
     stop_at = time.perf_counter() + duration_s
 
     async def caller() -> None:
@@ -162,11 +208,12 @@ async def measure(
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
                 continue
-            latencies.append(time.perf_counter() - started)
+            if started >= count_from:
+                latencies.append(time.perf_counter() - started)
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - max(started, count_from)
     return Measured(
         concurrency=concurrency,
         calls=len(latencies),
@@ -175,12 +222,116 @@ async def measure(
         p99_s=percentile(latencies, 99),
         max_s=max(latencies, default=math.nan),
         errors=dict(errors),
+        latencies=tuple(latencies),
     )
 
 
 def _fail_on_errors(name: str, measured: Measured) -> None:
     if measured.errors:
         raise BenchError(f"{name}: calls failed: {measured.errors}")
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    """One side of an alternated measure: its segments pooled, and each segment."""
+
+    measured: Measured
+    segments: tuple[Measured, ...]
+    server_cpu_per_call_s: float = math.nan  # the CPU its server used per call, where known
+
+    def halves(self) -> tuple[Measured, Measured]:
+        """The segments of the first and of the second half of the measure, each pooled."""
+        middle = len(self.segments) // 2
+        return Measured.pooled(self.segments[:middle]), Measured.pooled(self.segments[middle:])
+
+    def as_json(self) -> dict[str, Any]:
+        first, second = self.halves()
+        return {
+            **self.measured.as_json(),
+            "segments": len(self.segments),
+            "half_p50_s": [first.p50_s, second.p50_s],
+            "server_cpu_per_call_s": self.server_cpu_per_call_s,
+        }
+
+
+def balanced(sides: int) -> list[int]:
+    """One cycle of an alternated measure's segments: A B B A B A A B for two sides. Each side
+    has the same sum of positions (a steady drift of the machine weighs the same on every side),
+    and as many of its segments follow the other side's as follow its own (a segment's first
+    calls find its server idle)."""
+    mirrored = [*range(sides), *reversed(range(sides))]
+    return [*mirrored, *(sides - 1 - index for index in mirrored)]
+
+
+async def measure_alternating(
+    calls: Sequence[Callable[[int], Awaitable[object]]],
+    *,
+    concurrency: int,
+    duration_s: float,
+    segment_s: float,
+    settle_s: float = 0.0,
+) -> list[Side]:
+    """Each of ``calls`` measured as ``measure`` does, for about twice ``duration_s`` each in
+    all, in segments of ``segment_s`` taking turns in ``balanced`` cycles (the sides never run at
+    the same time); a ``Side`` for each. ``settle_s`` as for ``measure``, in each segment.
+
+    Short segments, many of them: the speed of this 2-core machine moves in steps that last
+    seconds (where the scheduler puts the processes, what else runs), and segments of seconds
+    take such a step on one side only. Two plaintext profile services alike, compared with
+    GetProfile hits one at a time over 8 runs, differed with a standard deviation of 6-7% in
+    segments of 3 s (one A B B A) and of 2-3.5% in segments of 0.25 s
+    (docs/benchmarks-profile-render.md, experiment F)."""
+    order = balanced(len(calls))
+    cycles = max(1, round(2 * duration_s * len(calls) / (segment_s * len(order))))
+    segments: list[list[Measured]] = [[] for _ in calls]
+    for _ in range(cycles):
+        for index in order:
+            measured = await measure(
+                calls[index], concurrency=concurrency, duration_s=segment_s, settle_s=settle_s
+            )
+            segments[index].append(measured)
+    return [Side(Measured.pooled(parts), tuple(parts)) for parts in segments]
+
+
+def _cpu_seconds(pid: int) -> float:
+    ticks = _process_ticks(pid)
+    return math.nan if ticks is None else ticks / CLOCK_TICKS
+
+
+async def alternate_with_cpu(
+    calls: Sequence[Callable[[int], Awaitable[object]]],
+    server_pids: Sequence[int],
+    meter: CpuMeter,
+    *,
+    concurrency: int,
+    duration_s: float,
+    segment_s: float,
+    settle_s: float = 0.0,
+) -> tuple[list[Side], CpuSnapshot, CpuSnapshot]:
+    """``measure_alternating``, each side's server (the process ``server_pids`` names, serving
+    that side only) charged its CPU per call (counted calls: a little high with ``settle_s``);
+    and the CPU snapshots around it."""
+    start = meter.snapshot()
+    before = [_cpu_seconds(pid) for pid in server_pids]
+    sides = await measure_alternating(
+        calls, concurrency=concurrency, duration_s=duration_s, segment_s=segment_s, settle_s=settle_s
+    )
+    used = [_cpu_seconds(pid) - at_start for pid, at_start in zip(server_pids, before, strict=True)]
+    end = meter.snapshot()
+    return (
+        [
+            replace(side, server_cpu_per_call_s=seconds / max(1, side.measured.calls))
+            for side, seconds in zip(sides, used, strict=True)
+        ],
+        start,
+        end,
+    )
+
+
+def ratio_halves(plain: Side, tls: Side) -> str:
+    """TLS p50 / plaintext p50 in the first and in the second half of an alternated measure."""
+    halves = zip(plain.halves(), tls.halves(), strict=True)
+    return " / ".join(f"{b.p50_s / a.p50_s:.2f}" for a, b in halves)
 
 
 # --- loading customers through ingest ----------------------------------------------------------
@@ -317,7 +468,7 @@ async def load_customers(
     stream = JetStreamSettings.from_env(stack.env).stream
     client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
     js = client.jetstream()
-    channels = [grpc.aio.insecure_channel(stack.target(suite.INGEST)) for _ in range(SENDERS)]
+    channels = [stack.channel(stack.target(suite.INGEST)) for _ in range(SENDERS)]
     try:
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), 10)
@@ -553,11 +704,13 @@ async def measure_read_floors(
 # --- the profile reads -------------------------------------------------------------------------
 
 
-async def read_every_customer(target: str, user_ids: Sequence[str]) -> None:
+async def read_every_customer(
+    stack: BenchStack, target: str, user_ids: Sequence[str], tls: ClientTls = PLAINTEXT
+) -> None:
     """Read each customer once. The merger keeps a profile in Redis in full only once someone
     has read it (other entries are version markers), so the first read makes a Redis hit a hit;
     the next keeps a copy in the service's near cache."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with stack.channel(target, tls) as channel:
         batch_get = channel.unary_unary(
             BATCH_GET_PROFILES, request_serializer=None, response_deserializer=None
         )
@@ -579,9 +732,29 @@ def batch_request(user_ids: Sequence[str]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class Auth:
+    """What checking the key costs: in process, and in database reads during the hit measures."""
+
+    authenticate_s: float  # one Authenticator.authenticate of a known key, in this process
+    calls: int  # GetProfile calls made during the hit measures (both sides)
+    database_transactions: int  # in the bench database meanwhile, by every process
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "authenticate_s": self.authenticate_s,
+            "calls_during_hit_measures": self.calls,
+            "database_transactions_during_hit_measures": self.database_transactions,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Reads:
     hit_1: Measured  # the service as configured by default: hits served from the near cache
     hit_n: Measured
+    twin_hit_1: Side  # the same on two twins started after the merge, plaintext and TLS
+    tls_hit_1: Side
+    twin_hit_n: Side
+    tls_hit_n: Side
     redis_hit_1: Measured  # a profile service with the near cache off: every hit reads Redis
     redis_hit_n: Measured
     miss_1: Measured
@@ -589,11 +762,16 @@ class Reads:
     batch_warm: Measured
     batch_cold: Measured
     response_bytes: int
+    auth: Auth
 
     def as_json(self) -> dict[str, Any]:
         return {
             "get_profile_hit_1": self.hit_1.as_json(),
             "get_profile_hit_n": self.hit_n.as_json(),
+            "get_profile_hit_twin_1": self.twin_hit_1.as_json(),
+            "get_profile_hit_tls_1": self.tls_hit_1.as_json(),
+            "get_profile_hit_twin_n": self.twin_hit_n.as_json(),
+            "get_profile_hit_tls_n": self.tls_hit_n.as_json(),
             "get_profile_redis_hit_1": self.redis_hit_1.as_json(),
             "get_profile_redis_hit_n": self.redis_hit_n.as_json(),
             "get_profile_miss_1": self.miss_1.as_json(),
@@ -601,25 +779,62 @@ class Reads:
             "batch_get_100_warm": self.batch_warm.as_json(),
             "batch_get_100_cold": self.batch_cold.as_json(),
             "get_profile_response_bytes": self.response_bytes,
+            "auth": self.auth.as_json(),
         }
 
 
+async def database_transactions(database_url: str) -> int:
+    """Transactions committed or rolled back in the database so far, as PostgreSQL's statistics
+    have them (each backend reports within a second or so of its last transaction)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+async def time_authentication(database_url: str, key: str, calls: int = 20_000) -> float:
+    """Seconds per ``Authenticator.authenticate`` of ``key`` (an API key the ring holds) with
+    the metadata a call carries, in this process: what the access check spends on the key."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        keyring = KeyRing(KeyStore(pool))
+        await keyring.load()
+        authenticator = Authenticator(keyring)
+        metadata = (("user-agent", f"grpc-python-asyncio/{grpc.__version__}"), *bearer_metadata(key))
+        context = cast(grpc.aio.ServicerContext[Any, Any], None)  # read only for mutual TLS
+        await authenticator.authenticate(metadata, context)
+        started = time.perf_counter()
+        for _ in range(calls):
+            await authenticator.authenticate(metadata, context)
+        return (time.perf_counter() - started) / calls
+    finally:
+        await pool.close()
+
+
 async def measure_hits(
-    target: str, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any], name: str
+    target: str,
+    metadata: tuple[tuple[str, str], ...],
+    options: Options,
+    user_ids: Sequence[str],
+    meter: CpuMeter,
+    cpu: dict[str, Any],
+    name: str,
 ) -> tuple[Measured, Measured, int]:
     """GetProfile of customers whose profiles are cached, 1 at a time and concurrently; and the
     size of an answer."""
     n, seconds = options.concurrency, options.seconds
     requests = [get_request(u) for u in user_ids]
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target, PLAINTEXT) as channel:
         get = channel.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
 
         async def get_one(i: int) -> None:
-            await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S)
+            await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S, metadata=metadata)
 
-        first = profile_pb2.GetProfileResponse.FromString(await get(requests[0], timeout=CALL_TIMEOUT_S))
-        if user_ids[0] not in {i.value for i in first.profile.identifiers}:
-            raise BenchError("GetProfile answered another customer")
+        first = await first_answer(get, requests[0], user_ids[0], metadata)
         await measure(get_one, concurrency=n, duration_s=0.5)  # warm up
         say(f"{name}: 1 at a time, then {n} concurrent ({seconds:.0f}s each)")
         snap = meter.snapshot()
@@ -632,22 +847,131 @@ async def measure_hits(
     return hit_1, hit_n, first.ByteSize()
 
 
+async def first_answer(
+    get: Any, request: bytes, user_id: str, metadata: tuple[tuple[str, str], ...]
+) -> profile_pb2.GetProfileResponse:
+    """One GetProfile, checked to answer the customer asked about."""
+    first = profile_pb2.GetProfileResponse.FromString(
+        await get(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
+    )
+    if user_id not in {i.value for i in first.profile.identifiers}:
+        raise BenchError("GetProfile answered another customer")
+    return first
+
+
+async def compare_hits(
+    stack: BenchStack,
+    targets: tuple[str, str],
+    pids: tuple[int, int],
+    options: Options,
+    user_ids: Sequence[str],
+    meter: CpuMeter,
+    cpu: dict[str, Any],
+) -> tuple[list[Side], list[Side], Auth]:
+    """GetProfile hits on the plaintext twin (A) and on the TLS twin (B) of the profile service,
+    with the same key, one at a time and then concurrently, each side ``2 x --seconds`` in all,
+    in short segments taking turns (``measure_alternating``). Each connection is opened and
+    warmed up first, so no handshake is timed. The sides at 1 and at n, and what authentication
+    cost."""
+    n, seconds = options.concurrency, options.seconds
+    requests = [get_request(u) for u in user_ids]
+    metadata = stack.key_metadata
+    async with (
+        open_channel(targets[0], PLAINTEXT) as plain,
+        open_channel(targets[1], stack.tls.client) as secure,
+    ):
+        gets = [
+            c.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
+            for c in (plain, secure)
+        ]
+
+        def caller(get: Any) -> Callable[[int], Awaitable[None]]:
+            async def get_one(i: int) -> None:
+                await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S, metadata=metadata)
+
+            return get_one
+
+        answers = [await first_answer(get, requests[0], user_ids[0], metadata) for get in gets]
+        if answers[0].profile.identifiers != answers[1].profile.identifiers:
+            raise BenchError("the TLS profile service answered another profile")
+        calls = [caller(get) for get in gets]
+        for call in calls:
+            await measure(call, concurrency=n, duration_s=0.5)  # connect (TLS: the handshake), warm up
+        transactions_before = await database_transactions(stack.database_url)
+        say(
+            f"GetProfile hit on the twins, plaintext (A) and TLS (B) taking turns (A B B A B A A B,"
+            f" {SEGMENT_ONE_S}s segments, {2 * seconds:.0f}s each in all): 1 at a time"
+        )
+        one, start, _ = await alternate_with_cpu(
+            calls, pids, meter, concurrency=1, duration_s=seconds, segment_s=SEGMENT_ONE_S
+        )
+        say(
+            f"   p50 {ms(one[0].measured.p50_s)} plaintext, {ms(one[1].measured.p50_s)} TLS"
+            f" (TLS / plaintext by half: {ratio_halves(*one)})"
+        )
+        say(f"   the same, {n} concurrent ({SEGMENT_MANY_S}s segments)")
+        many, _, end = await alternate_with_cpu(
+            calls,
+            pids,
+            meter,
+            concurrency=n,
+            duration_s=seconds,
+            segment_s=SEGMENT_MANY_S,
+            settle_s=SETTLE_MANY_S,
+        )
+        say(
+            f"   p50 {ms(many[0].measured.p50_s)} plaintext, {ms(many[1].measured.p50_s)} TLS;"
+            f" {fmt_rate(many[0].measured.rate)} / {fmt_rate(many[1].measured.rate)} calls/s"
+        )
+        await asyncio.sleep(1.5)  # let every backend report its transactions
+        transactions = await database_transactions(stack.database_url) - transactions_before
+    cpu["GetProfile hit, twins (plaintext, TLS)"] = CpuMeter.usage(start, end)
+    for side in (*one, *many):
+        _fail_on_errors("GetProfile hit", side.measured)
+    calls_made = sum(side.measured.calls for side in (*one, *many))
+    say("authentication: Authenticator.authenticate of the key, timed in this process")
+    authenticate_s = await time_authentication(stack.database_url, stack.admin_key)
+    say(
+        f"   {authenticate_s * 1e6:.1f} us a call; {transactions:,} database transactions during the"
+        f" {calls_made:,} GetProfile calls above (every process's)"
+    )
+    return one, many, Auth(authenticate_s, calls_made, transactions)
+
+
 async def measure_reads(
     stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
 ) -> Reads:
     n, seconds = options.concurrency, options.seconds
+    metadata = stack.key_metadata
     say("warm: read every customer again, so the profile service keeps copies in process")
-    await read_every_customer(stack.target(suite.PROFILE), user_ids)
+    await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
     hit_1, hit_n, response_bytes = await measure_hits(
-        stack.target(suite.PROFILE), options, user_ids, meter, cpu, "GetProfile hit"
+        stack.target(suite.PROFILE), metadata, options, user_ids, meter, cpu, "GetProfile hit"
     )
+
+    # TLS beside plaintext: two twins of the service, started together once everything is
+    # merged (their mergers, on the same durable consumer, find nothing to do), alike but for
+    # TLS. Not the service above: the process that merged the load differs from a fresh one by
+    # a few per cent on its own (experiment F). The first read left full Redis entries, so one
+    # read leaves each twin its copies in process.
+    say("two more profile services, one in plaintext, one serving TLS (a CA made for this run)")
+    twins = (
+        stack.start_variant(suite.PROFILE, "profile-twin", {}),
+        stack.start_variant(suite.PROFILE, "profile-tls", stack.tls.server_env),
+    )
+    await read_every_customer(stack, twins[0], user_ids)
+    await read_every_customer(stack, twins[1], user_ids, stack.tls.client)
+    pids = (stack.pid_of("profile-twin"), stack.pid_of("profile-tls"))
+    one, many, auth = await compare_hits(stack, twins, pids, options, user_ids, meter, cpu)
+    for label in ("profile-twin", "profile-tls"):
+        stack.stop_variant(label)  # the measures below are as before: one variant, no TLS
 
     # Misses and batches delete Redis entries before calls; a service without copies in process
     # measures them without racing Redis's invalidation, and gives the hit that reads Redis.
     say("a second profile service with the near cache off (PROFILE_NEAR_CACHE_ENTRIES=0)")
     target = stack.start_variant(suite.PROFILE, "profile-no-near-cache", {"PROFILE_NEAR_CACHE_ENTRIES": "0"})
     redis_hit_1, redis_hit_n, _ = await measure_hits(
-        target, options, user_ids, meter, cpu, "GetProfile hit, from Redis"
+        target, metadata, options, user_ids, meter, cpu, "GetProfile hit, from Redis"
     )
     requests = [get_request(u) for u in user_ids]
     keys = [cache_key(IdentifierKind.USER_ID, u) for u in user_ids]
@@ -656,20 +980,22 @@ async def measure_reads(
     batch_keys = [[cache_key(IdentifierKind.USER_ID, u) for u in g] for g in groups]
     client = redis.Redis.from_url(stack.redis_url)
     try:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with open_channel(target, PLAINTEXT) as channel:
             get = channel.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
             batch_get = channel.unary_unary(
                 BATCH_GET_PROFILES, request_serializer=None, response_deserializer=None
             )
 
             async def get_one(i: int) -> None:
-                await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S)
+                await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S, metadata=metadata)
 
             async def forget_one(i: int) -> None:
                 await client.delete(keys[i % len(keys)])
 
             async def get_batch(i: int) -> None:
-                await batch_get(batch_requests[i % len(batch_requests)], timeout=CALL_TIMEOUT_S)
+                await batch_get(
+                    batch_requests[i % len(batch_requests)], timeout=CALL_TIMEOUT_S, metadata=metadata
+                )
 
             async def forget_batch(i: int) -> None:
                 await client.delete(*batch_keys[i % len(batch_keys)])
@@ -682,7 +1008,7 @@ async def measure_reads(
             say(f"   p50 {ms(miss_1.p50_s)} (1), {ms(miss_n.p50_s)} ({n})")
             say(f"BatchGetProfiles of {BATCH}: warm, then cold (its {BATCH} keys deleted before each call)")
             response = profile_pb2.BatchGetProfilesResponse.FromString(
-                await batch_get(batch_requests[0], timeout=CALL_TIMEOUT_S)
+                await batch_get(batch_requests[0], timeout=CALL_TIMEOUT_S, metadata=metadata)
             )
             if sum(r.found for r in response.results) != BATCH:
                 raise BenchError("BatchGetProfiles did not find every customer")
@@ -700,7 +1026,22 @@ async def measure_reads(
         ("BatchGetProfiles", cold),
     ):
         _fail_on_errors(name, measured)
-    return Reads(hit_1, hit_n, redis_hit_1, redis_hit_n, miss_1, miss_n, warm, cold, response_bytes)
+    return Reads(
+        hit_1,
+        hit_n,
+        one[0],
+        one[1],
+        many[0],
+        many[1],
+        redis_hit_1,
+        redis_hit_n,
+        miss_1,
+        miss_n,
+        warm,
+        cold,
+        response_bytes,
+        auth,
+    )
 
 
 # --- the bench ---------------------------------------------------------------------------------
@@ -750,7 +1091,7 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     shuffled = user_ids[:]
     random.Random(5).shuffle(shuffled)
     say("warm: read every customer once (BatchGetProfiles), as sends would")
-    await read_every_customer(stack.target(suite.PROFILE), user_ids)
+    await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
 
     floors = await measure_read_floors(stack, options, shuffled, customer_ids, meter, cpu)
     reads = await measure_reads(stack, options, shuffled, meter, cpu)
@@ -782,6 +1123,13 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
                 "value": reads.hit_1.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
                 "goal": GOAL_HIT_VS_FLOOR,
             },
+            "tls_hit_p50_vs_plaintext": {  # the same run, taking turns
+                "value": reads.tls_hit_1.measured.p50_s / reads.twin_hit_1.measured.p50_s,
+                "goal": GOAL_TLS_VS_PLAINTEXT,
+            },
+            "tls_hit_p99_vs_plaintext": {  # informational
+                "value": reads.tls_hit_1.measured.p99_s / reads.twin_hit_1.measured.p99_s,
+            },
             "redis_hit_p50_vs_empty_plus_redis": {  # the near cache off
                 "value": reads.redis_hit_1.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
                 "goal": GOAL_HIT_VS_FLOOR,
@@ -803,6 +1151,8 @@ def report(results: Mapping[str, Any]) -> str:
     p1, pn = floors["pg_pk_read_1"], floors["pg_pk_read_n"]
     mget, pg100, write = floors["redis_mget_100"], floors["pg_pk_read_100"], floors["pg_write_txn"]
     hit1, hitn = reads["get_profile_hit_1"], reads["get_profile_hit_n"]
+    twin1, tls1 = reads["get_profile_hit_twin_1"], reads["get_profile_hit_tls_1"]
+    twinn, tlsn, auth = reads["get_profile_hit_twin_n"], reads["get_profile_hit_tls_n"], reads["auth"]
     redis1, redisn = reads["get_profile_redis_hit_1"], reads["get_profile_redis_hit_n"]
     miss1, missn = reads["get_profile_miss_1"], reads["get_profile_miss_n"]
     warm, cold = reads["batch_get_100_warm"], reads["batch_get_100_cold"]
@@ -816,6 +1166,7 @@ def report(results: Mapping[str, Any]) -> str:
 
     hit_floor, hit_floor_s = floor_sum("", ("empty call", e1["p50_s"]), ("Redis GET", r1["p50_s"]))
     hit_ratio = hit1["p50_s"] / hit_floor_s
+    tls_ratio = tls1["p50_s"] / twin1["p50_s"]
     hit99_floor, hit99_s = floor_sum("", ("empty", e1["p99_s"]), ("GET", r1["p99_s"]))
     hitn_floor, hitn_s = floor_sum("", ("empty", en["p50_s"]), ("GET", rn["p50_s"]))
     miss_floor, miss_s = floor_sum("", ("empty", e1["p50_s"]), ("GET", r1["p50_s"]), ("PG read", p1["p50_s"]))
@@ -835,6 +1186,32 @@ def report(results: Mapping[str, Any]) -> str:
         ),
         Row(
             "  hit p99 (1 at a time)", ms(hit1["p99_s"]), hit99_floor.strip(), _ratio(hit1["p99_s"], hit99_s)
+        ),
+        Row(
+            "GetProfile hit p50 over TLS (1 at a time)",
+            ms(tls1["p50_s"]),
+            f"plaintext twin p50 {ms(twin1['p50_s'])} (taking turns)",
+            f"{tls_ratio:.2f} x",
+            f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
+            verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
+        ),
+        Row(
+            "  TLS hit p99 (1 at a time)",
+            ms(tls1["p99_s"]),
+            f"plaintext twin p99 {ms(twin1['p99_s'])}",
+            _ratio(tls1["p99_s"], twin1["p99_s"]),
+        ),
+        Row(
+            f"  TLS hit p50 / p99 ({n} concurrent)",
+            both(tlsn["p50_s"], tlsn["p99_s"]),
+            f"plaintext twin {both(twinn['p50_s'], twinn['p99_s'])}",
+            _ratio(tlsn["p50_s"], twinn["p50_s"]),
+        ),
+        Row(
+            f"  TLS hit calls/s ({n} concurrent)",
+            fmt_rate(tlsn["per_s"]),
+            f"plaintext twin {fmt_rate(twinn['per_s'])}",
+            _ratio(tlsn["per_s"], twinn["per_s"]),
         ),
         Row(
             "  hit from Redis, near cache off: p50 (1)",
@@ -921,9 +1298,28 @@ def report(results: Mapping[str, Any]) -> str:
         f" per measure, {options['floor_seconds']:.0f}s per floor",
     ]
     lines += report_warnings(results, options["cprofile"])
+    halves = " / ".join(
+        f"{tls_half / plain_half:.2f}"
+        for plain_half, tls_half in zip(twin1["half_p50_s"], tls1["half_p50_s"], strict=True)
+    )
+
+    def us(seconds: float) -> str:
+        return f"{seconds * 1e6:.0f}"
+
     lines += [
         "",
         render_table(rows),
+        "",
+        f"GetProfile hit on the twins, plaintext and TLS taking turns in {twin1['segments']} segments each:"
+        f" TLS p50 / plaintext p50 in the first / second half {halves}; server CPU per call, plaintext /"
+        f" TLS: {us(twin1['server_cpu_per_call_s'])} / {us(tls1['server_cpu_per_call_s'])} us (1 at a"
+        f" time), {us(twinn['server_cpu_per_call_s'])} / {us(tlsn['server_cpu_per_call_s'])} us ({n}"
+        " concurrent)",
+        f"Authentication: the hit p50, key checked, is {hit_ratio:.2f} x (empty call + Redis GET); the empty"
+        " server has no interceptor at all.",
+        f"  Authenticator.authenticate of a known key: {auth['authenticate_s'] * 1e6:.1f} us in process;"
+        f" {auth['database_transactions_during_hit_measures']:,} database transactions (every process)"
+        f" during the {auth['calls_during_hit_measures']:,} GetProfile calls of the hit measures.",
         "",
         f"CPU, % of one core ({machine['cores']} cores:"
         f" {100 * (machine['cores'] or 1)}% is the whole machine):",

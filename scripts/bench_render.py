@@ -28,15 +28,23 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
 4. ``RenderService/Render`` by ``template_name`` at ``--concurrency`` (64) calls, each with a 1 s
    deadline, warm (render's template, compiled-template and last-known-good caches, profile's
    Redis cache), beside the ideal path at the same concurrency; then one at a time, beside both
-   floors;
+   floors. Then TLS beside plaintext: two more render services started before the floors,
+   alike but for TLS (one plaintext, one serving a certificate from a CA made for the run),
+   both calling the same profile service (``--tls-profile``: the TLS one calls a profile service
+   that serves TLS), each given an untimed RenderBatch for its caches and a warmed-up
+   connection, get the same Render calls, taking turns in short segments
+   (bench_profile.measure_alternating): the TLS p50 over the plaintext p50 at 64 concurrent,
+   goal at most 1.10;
 5. fault: SIGTERM the profile service, wait for it to exit, then ``--fault-renders`` renders at
    ``--concurrency`` with a 150 ms deadline each (a tenth of them for customers render has
    never seen): each must answer in time with a fallback (last known good profile, or the
    template's fallback values / a skip, with ``fallback_reason`` set).
 
-It prints a table of each measure against its floors and goal, and the CPU each process used in
-each phase. A missed goal is reported, not an error: the exit code is 0 unless the bench broke.
-Defaults take about 95 s on a 2-core machine (about 55 s of it loading and merging 25,000 events).
+Every call to a service carries the bench's API key (in its metadata, as ``bearer_auth`` would
+add it); render calls profile with its own. It prints a table of each measure against its
+floors and goal, and the CPU each process used in each phase. A missed goal is reported, not an
+error: the exit code is 0 unless the bench broke. Defaults take about 130 s on a 2-core machine
+(about 55 s of it loading and merging 25,000 events).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,10 +68,12 @@ from typing import Any
 import grpc
 import redis.asyncio as redis
 from bench_common import (
+    PLAINTEXT,
     BenchError,
     BenchStack,
     CallFloor,
     CpuMeter,
+    CpuSnapshot,
     Row,
     add_output_arguments,
     fmt_rate,
@@ -83,12 +93,15 @@ from bench_profile import (
     MERGER,
     SEND_BATCH,
     Measured,
+    Side,
+    alternate_with_cpu,
     batches_of,
     check_merged,
     customer_events,
     load_customers,
     measure,
     ms,
+    ratio_halves,
     read_every_customer,
     user_id_of,
 )
@@ -98,10 +111,12 @@ import devstack
 import suite
 from profile_service.cache import cache_key, decode_entry
 from render.context import message_to_context, render_context, struct_to_dict
+from render.profiles import LKG_REFRESH_AFTER_S
 from render.templates import CompiledTemplate, TemplateCompiler, render_part
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.identifier_proto import PROTO_TO_KIND
+from sendtime_common.tls import channel as open_channel
 
 RENDER = "/sendtime.render.v1.RenderService/Render"
 RENDER_BATCH = "/sendtime.render.v1.RenderService/RenderBatch"
@@ -113,10 +128,17 @@ TEMPLATE_NAME = f"templates/{TEMPLATE_ID}"
 DEADLINE_S = 1.0
 FAULT_DEADLINE_S = 0.150
 FAULT_UNKNOWN_SHARE = 0.1
+Metadata = tuple[tuple[str, str], ...]
 IDEAL_CHUNK = 500  # customers per MGET in the in-process batch floor (RenderBatch's chunk)
 VARIABLES: dict[str, Any] = {"discount_code": "COMEBACK10"}
 
 GOAL_RENDER_VS_IDEAL = 2.0
+GOAL_TLS_VS_PLAINTEXT = 1.10  # Render p50 over TLS / in plaintext, both with a key, in the same run
+# Segments of the plaintext / TLS alternation (bench_profile.measure_alternating): at 64
+# concurrent, the first wave of each segment finds no queue and is not counted.
+SEGMENT_N_S = 1.25
+SETTLE_N_S = 0.2
+SEGMENT_ONE_S = 0.25
 
 FALLBACK_VALUES: dict[str, Any] = {
     "profile": {"traits": {"first_name": "there"}},
@@ -323,21 +345,94 @@ class Renders:
         return {**self.measured.as_json(), "outcomes": self.outcomes}
 
 
-async def measure_renders(
-    channel: grpc.aio.Channel, method: str, requests: Sequence[bytes], concurrency: int, seconds: float
-) -> Renders:
-    """``method`` at ``concurrency`` for ``seconds``, each call with a DEADLINE_S deadline; every
-    answer is kept (not parsed while timing) and described afterwards."""
+def render_caller(
+    channel: grpc.aio.Channel,
+    method: str,
+    requests: Sequence[bytes],
+    metadata: Metadata | None,
+    answers: list[bytes],
+) -> Callable[[int], Awaitable[None]]:
+    """A ``measure`` call: ``method`` for the i-th request (from a random offset) with a DEADLINE_S
+    deadline, its answer kept in ``answers`` (not parsed while timing)."""
     call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-    answers: list[bytes] = []
     offset = random.randrange(len(requests))
 
     async def one(i: int) -> None:
-        answers.append(await call(requests[(offset + i) % len(requests)], timeout=DEADLINE_S))
+        answers.append(
+            await call(requests[(offset + i) % len(requests)], timeout=DEADLINE_S, metadata=metadata)
+        )
 
+    return one
+
+
+def outcomes_of(answers: Sequence[bytes]) -> dict[str, int]:
+    return dict(Counter(describe(render_pb2.RenderResponse.FromString(a)) for a in answers))
+
+
+async def measure_renders(
+    channel: grpc.aio.Channel,
+    method: str,
+    requests: Sequence[bytes],
+    concurrency: int,
+    seconds: float,
+    metadata: Metadata | None = None,
+) -> Renders:
+    """``method`` at ``concurrency`` for ``seconds``, each call with a DEADLINE_S deadline; every
+    answer is kept (not parsed while timing) and described afterwards."""
+    answers: list[bytes] = []
+    one = render_caller(channel, method, requests, metadata, answers)
     measured = await measure(one, concurrency=concurrency, duration_s=seconds)
-    outcomes = Counter(describe(render_pb2.RenderResponse.FromString(a)) for a in answers)
-    return Renders(measured, dict(outcomes))
+    return Renders(measured, outcomes_of(answers))
+
+
+@dataclass(frozen=True, slots=True)
+class RenderSides:
+    """Render on the render service (plaintext, A) and on its TLS twin (B), taking turns, and
+    the CPU snapshots around the measure."""
+
+    plain: Renders
+    tls: Renders
+    sides: list[Side]
+    start: CpuSnapshot
+    end: CpuSnapshot
+
+    def as_json(self, index: int) -> dict[str, Any]:
+        renders = (self.plain, self.tls)[index]
+        return {**self.sides[index].as_json(), "outcomes": renders.outcomes}
+
+
+async def compare_renders(
+    channels: Sequence[grpc.aio.Channel],
+    server_pids: Sequence[int],
+    requests: Sequence[bytes],
+    metadata: Metadata,
+    concurrency: int,
+    seconds: float,
+    meter: CpuMeter,
+    segment_s: float,
+    settle_s: float = 0.0,
+) -> RenderSides:
+    """Render on each channel (plaintext, then TLS), ``2 x seconds`` each in all, in segments of
+    ``segment_s`` taking turns (bench_profile.measure_alternating); each side's render process
+    (``server_pids``) charged its CPU per render."""
+    answers: list[list[bytes]] = [[] for _ in channels]
+    calls = [
+        render_caller(channel, RENDER, requests, metadata, kept)
+        for channel, kept in zip(channels, answers, strict=True)
+    ]
+    sides, start, end = await alternate_with_cpu(
+        calls,
+        server_pids,
+        meter,
+        concurrency=concurrency,
+        duration_s=seconds,
+        segment_s=segment_s,
+        settle_s=settle_s,
+    )
+    plain, tls = (
+        Renders(side.measured, outcomes_of(kept)) for side, kept in zip(sides, answers, strict=True)
+    )
+    return RenderSides(plain, tls, sides, start, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +458,7 @@ class Batch:
         }
 
 
-async def render_batch(channel: grpc.aio.Channel, user_ids: Sequence[str]) -> Batch:
+async def render_batch(channel: grpc.aio.Channel, user_ids: Sequence[str], metadata: Metadata) -> Batch:
     """One RenderBatch call for ``user_ids``: from the call to its last answer."""
     variables = struct_pb2.Struct()
     variables.update(VARIABLES)
@@ -374,7 +469,7 @@ async def render_batch(channel: grpc.aio.Channel, user_ids: Sequence[str]) -> Ba
     answers: list[bytes] = []
     first = math.nan
     started = time.perf_counter()
-    async for answer in method(request, timeout=600):
+    async for answer in method(request, timeout=600, metadata=metadata):
         if not answers:
             first = time.perf_counter() - started
         answers.append(answer)
@@ -421,7 +516,11 @@ ANSWERED = frozenset({render_pb2.RENDER_STATUS_RENDERED, render_pb2.RENDER_STATU
 
 
 async def fault_run(
-    channel: grpc.aio.Channel, requests: Sequence[bytes], concurrency: int, deadline_s: float
+    channel: grpc.aio.Channel,
+    requests: Sequence[bytes],
+    concurrency: int,
+    deadline_s: float,
+    metadata: Metadata,
 ) -> tuple[int, Counter[str], list[float]]:
     """Each request once, ``concurrency`` at a time, with ``deadline_s`` each: how many answered
     with a fallback in time, outcomes, and every call's latency (answered or not)."""
@@ -436,7 +535,7 @@ async def fault_run(
         for request in queue:
             started = time.perf_counter()
             try:
-                answer = await call(request, timeout=deadline_s)
+                answer = await call(request, timeout=deadline_s, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 latencies.append(time.perf_counter() - started)
                 outcomes[f"error {exc.code().name}"] += 1
@@ -476,12 +575,13 @@ class Options:
     floor_seconds: float
     fault_renders: int
     analyze: bool
+    tls_profile: bool
     json_path: Path | None
     cprofile_dir: Path | None
 
 
-async def create_template(target: str) -> int:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def create_template(stack: BenchStack, target: str) -> int:
+    async with stack.channel(target) as channel:
         stub = render_pb2_grpc.TemplateServiceStub(channel)
         response = await stub.CreateTemplate(
             render_pb2.CreateTemplateRequest(
@@ -490,6 +590,29 @@ async def create_template(target: str) -> int:
             timeout=10,
         )
     return int(response.template.published_version)
+
+
+async def start_twins(stack: BenchStack, options: Options, user_ids: Sequence[str]) -> tuple[str, str]:
+    """Start two more render services on the same database, Redis and NATS, alike but for TLS:
+    one in plaintext, one that serves TLS (a certificate from a CA made for this run); their
+    targets. Both call the same profile service, in plaintext with render's key; with
+    ``--tls-profile`` the TLS one calls a profile service that serves TLS instead (started and
+    warmed up here), so that its whole chain is TLS."""
+    overrides = dict(stack.tls.server_env)
+    if options.tls_profile:
+        say("a profile service serving TLS, for the TLS render service to call (--tls-profile)")
+        profile_target = stack.start_variant(suite.PROFILE, "profile-tls", stack.tls.server_env)
+        await read_every_customer(stack, profile_target, user_ids, stack.tls.client)  # copies in process
+        overrides.update(
+            PROFILE_SERVICE_TARGET=profile_target,
+            PROFILE_SERVICE_PLAINTEXT="false",
+            PROFILE_SERVICE_CA_FILE=stack.tls.client.ca_file,
+        )
+    say("two more render services, one in plaintext, one serving TLS (a CA made for this run)")
+    return (
+        stack.start_variant(suite.RENDER, "render-twin", {}),
+        stack.start_variant(suite.RENDER, "render-tls", overrides),
+    )
 
 
 def _call_floor(floor: CallFloor) -> dict[str, Any]:
@@ -532,25 +655,29 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
     )
     await check_merged(stack.database_url, events, options.customers)
     say("warm: read every customer once from the profile service (BatchGetProfiles), as sends would")
-    await read_every_customer(stack.target(suite.PROFILE), user_ids)
-    version = await create_template(stack.target(suite.RENDER))
+    await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
+    version = await create_template(stack, stack.target(suite.RENDER))
     say(f"template {TEMPLATE_NAME} version {version} published")
+    twin_target, tls_target = await start_twins(stack, options, user_ids)
 
     shuffled = user_ids[:]
     random.Random(5).shuffle(shuffled)
     render_requests = [render_request(user_identifier(u)) for u in shuffled]
+    metadata = stack.key_metadata
     async with (
-        grpc.aio.insecure_channel(stack.target(suite.RENDER)) as render_channel,
-        grpc.aio.insecure_channel(ideal_target) as ideal_channel,
+        open_channel(stack.target(suite.RENDER), PLAINTEXT) as render_channel,
+        open_channel(ideal_target, PLAINTEXT) as ideal_channel,
+        open_channel(twin_target, PLAINTEXT) as twin_channel,
+        open_channel(tls_target, stack.tls.client) as tls_channel,
     ):
         say(f"warm-up: Render and the ideal path, {n} concurrent, 1s each")
         for channel, method in ((render_channel, RENDER), (ideal_channel, IDEAL)):
-            warm = await measure_renders(channel, method, render_requests, n, 1.0)
+            warm = await measure_renders(channel, method, render_requests, n, 1.0, metadata)
             if warm.measured.calls == 0:
                 raise BenchError(f"{method}: no call succeeded during the warm-up: {warm.measured.errors}")
         sample = render_pb2.RenderResponse.FromString(
             await render_channel.unary_unary(RENDER, request_serializer=None, response_deserializer=None)(
-                render_requests[0], timeout=DEADLINE_S
+                render_requests[0], timeout=DEADLINE_S, metadata=metadata
             )
         )
         if sample.status != render_pb2.RENDER_STATUS_RENDERED:
@@ -574,15 +701,17 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         # render's caches (last known good, stored under a minute ago), so that the Render
         # measures after it see warm caches for whichever customer they pick.
         say(f"RenderBatch: {len(user_ids):,} customers in one call (after one of {IDEAL_CHUNK} to warm up)")
-        await render_batch(render_channel, user_ids[:IDEAL_CHUNK])
+        await render_batch(render_channel, user_ids[:IDEAL_CHUNK], metadata)
         snap = meter.snapshot()
-        batch = await render_batch(render_channel, user_ids)
+        batch = await render_batch(render_channel, user_ids, metadata)
         cpu["RenderBatch"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   {fmt_rate(batch.rate)} renders/s ({batch.seconds:.1f}s)")
 
         say(f"Render, {n} concurrent, {options.seconds:.0f}s (deadline {DEADLINE_S:.0f}s each)")
         snap = meter.snapshot()
-        render_n = await measure_renders(render_channel, RENDER, render_requests, n, options.seconds)
+        render_n = await measure_renders(
+            render_channel, RENDER, render_requests, n, options.seconds, metadata
+        )
         cpu[f"Render x{n}"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   p50 {ms(render_n.measured.p50_s)}, {fmt_rate(render_n.measured.rate)} renders/s")
         say(f"floor: the ideal path, {n} concurrent, {options.seconds:.0f}s")
@@ -591,9 +720,62 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         cpu[f"ideal x{n}"] = CpuMeter.usage(snap, meter.snapshot())
         say(f"   p50 {ms(ideal_n.measured.p50_s)}, {fmt_rate(ideal_n.measured.rate)} renders/s")
         say(f"Render and the ideal path one at a time, {options.floor_seconds:.0f}s each")
-        render_1 = await measure_renders(render_channel, RENDER, render_requests, 1, options.floor_seconds)
+        render_1 = await measure_renders(
+            render_channel, RENDER, render_requests, 1, options.floor_seconds, metadata
+        )
         ideal_1 = await measure_renders(ideal_channel, IDEAL, render_requests, 1, options.floor_seconds)
         say(f"   p50 {ms(render_1.measured.p50_s)} Render, {ms(ideal_1.measured.p50_s)} ideal")
+
+        # TLS beside plaintext, on the two twins: each gets the same untimed RenderBatch for its
+        # caches, and a warmed-up connection (TLS: the handshake), before they take turns.
+        say("TLS beside plaintext: RenderBatch on each twin, untimed, to fill its caches; warm-up")
+        twins_batched = time.monotonic()
+        for channel in (twin_channel, tls_channel):
+            await render_batch(channel, user_ids, metadata)
+        for channel in (twin_channel, tls_channel):
+            warm = await measure_renders(channel, RENDER, render_requests, n, 1.0, metadata)
+            if warm.measured.calls == 0:
+                raise BenchError(f"a twin: no call succeeded during the warm-up: {warm.measured.errors}")
+        twin_pids = (stack.pid_of("render-twin"), stack.pid_of("render-tls"))
+        say(
+            f"Render on the twins, {n} concurrent: plaintext (A) and TLS (B) taking turns (A B B A B A A"
+            f" B, {SEGMENT_N_S}s segments, the first {SETTLE_N_S}s of each not counted),"
+            f" {2 * options.seconds:.0f}s each in all"
+        )
+        compared_n = await compare_renders(
+            [twin_channel, tls_channel],
+            twin_pids,
+            render_requests,
+            metadata,
+            n,
+            options.seconds,
+            meter,
+            SEGMENT_N_S,
+            SETTLE_N_S,
+        )
+        twin_n, tls_n = compared_n.plain, compared_n.tls
+        cpu[f"Render x{n}, twins (plaintext, TLS)"] = CpuMeter.usage(compared_n.start, compared_n.end)
+        say(
+            f"   p50 {ms(twin_n.measured.p50_s)} plaintext, {ms(tls_n.measured.p50_s)} TLS;"
+            f" {fmt_rate(twin_n.measured.rate)} / {fmt_rate(tls_n.measured.rate)} renders/s"
+            f" (TLS / plaintext p50 by half: {ratio_halves(*compared_n.sides)})"
+        )
+        say(f"   one at a time ({SEGMENT_ONE_S}s segments), {2 * options.floor_seconds:.0f}s each in all")
+        compared_1 = await compare_renders(
+            [twin_channel, tls_channel],
+            twin_pids,
+            render_requests,
+            metadata,
+            1,
+            options.floor_seconds,
+            meter,
+            SEGMENT_ONE_S,
+        )
+        twin_1, tls_1 = compared_1.plain, compared_1.tls
+        caches_age_s = time.monotonic() - twins_batched
+        say(f"   p50 {ms(twin_1.measured.p50_s)} plaintext, {ms(tls_1.measured.p50_s)} TLS")
+        for label in ("render-twin", "render-tls", "profile-tls"):
+            stack.stop_variant(label)  # what follows is as before
 
         say("fault: SIGTERM the profile service and wait until it has exited")
         exit_code = await stop_profile(stack)
@@ -610,7 +792,9 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
             f" {FAULT_DEADLINE_S * 1000:.0f} ms deadline each"
         )
         snap = meter.snapshot()
-        good, outcomes, latencies = await fault_run(render_channel, fault_requests, n, FAULT_DEADLINE_S)
+        good, outcomes, latencies = await fault_run(
+            render_channel, fault_requests, n, FAULT_DEADLINE_S, metadata
+        )
         cpu["fault"] = CpuMeter.usage(snap, meter.snapshot())
         say(
             f"   {good}/{len(fault_requests)} answered with a fallback"
@@ -662,6 +846,16 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         },
         "render_n": render_n.as_json(),
         "render_1": render_1.as_json(),
+        "render_twin_n": compared_n.as_json(0),
+        "render_tls_n": compared_n.as_json(1),
+        "render_twin_1": compared_1.as_json(0),
+        "render_tls_1": compared_1.as_json(1),
+        "tls": {
+            "render_tls_calls_profile": "a TLS profile service"
+            if options.tls_profile
+            else "the same profile service, plaintext",
+            "seconds_from_twins_render_batch_to_last_measure": caches_age_s,
+        },
         "render_batch": batch.as_json(),
         "fault": fault.as_json(),
         "goals": {
@@ -669,6 +863,11 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "value": render_n.measured.p50_s / ideal_n.measured.p50_s,
                 "goal": GOAL_RENDER_VS_IDEAL,
             },
+            "tls_render_p50_vs_plaintext": {  # the twins taking turns, 64 concurrent
+                "value": tls_n.measured.p50_s / twin_n.measured.p50_s,
+                "goal": GOAL_TLS_VS_PLAINTEXT,
+            },
+            "tls_render_p99_vs_plaintext": {"value": tls_n.measured.p99_s / twin_n.measured.p99_s},
             "fault_fallback_in_time": {"value": good, "goal": len(fault_requests)},
         },
         "cpu_percent_of_one_core": cpu,
@@ -695,6 +894,9 @@ def report(results: Mapping[str, Any]) -> str:
         results["fault"],
     )
     ratio = render_n["p50_s"] / ideal_n["p50_s"]
+    twin_n, tls_n = results["render_twin_n"], results["render_tls_n"]
+    twin_1, tls_1, tls = results["render_twin_1"], results["render_tls_1"], results["tls"]
+    tls_ratio = tls_n["p50_s"] / twin_n["p50_s"]
     all_answered = fault["fallback_in_time"] == fault["renders"]
     errors_n = sum(render_n["errors"].values())
     rows = [
@@ -707,6 +909,32 @@ def report(results: Mapping[str, Any]) -> str:
             verdict(ratio <= GOAL_RENDER_VS_IDEAL),
         ),
         Row("", "", f"empty call p50 {ms(en['p50_s'])}", _ratio(render_n["p50_s"], en["p50_s"])),
+        Row(
+            f"Render p50 over TLS ({n} concurrent, warm)",
+            ms(tls_n["p50_s"]),
+            f"plaintext twin p50 {ms(twin_n['p50_s'])} (taking turns)",
+            f"{tls_ratio:.2f} x",
+            f"<= {GOAL_TLS_VS_PLAINTEXT:.2f} x",
+            verdict(tls_ratio <= GOAL_TLS_VS_PLAINTEXT),
+        ),
+        Row(
+            f"  TLS Render p99 ({n} concurrent)",
+            ms(tls_n["p99_s"]),
+            f"plaintext twin p99 {ms(twin_n['p99_s'])}",
+            _ratio(tls_n["p99_s"], twin_n["p99_s"]),
+        ),
+        Row(
+            f"  TLS Render throughput ({n} concurrent)",
+            f"{fmt_rate(tls_n['per_s'])} renders/s",
+            f"plaintext twin {fmt_rate(twin_n['per_s'])}/s",
+            _ratio(tls_n["per_s"], twin_n["per_s"]),
+        ),
+        Row(
+            "  TLS Render p50 / p99 (1 at a time)",
+            f"{ms(tls_1['p50_s'])} / {ms(tls_1['p99_s'])}",
+            f"plaintext twin {ms(twin_1['p50_s'])} / {ms(twin_1['p99_s'])}",
+            _ratio(tls_1["p50_s"], twin_1["p50_s"]),
+        ),
         Row(
             f"  Render p99 ({n} concurrent)",
             ms(render_n["p99_s"]),
@@ -768,13 +996,33 @@ def report(results: Mapping[str, Any]) -> str:
         f" deadline {options['deadline_s']:.0f}s per Render",
     ]
     lines += report_warnings(results, options["cprofile"])
+    caches_age_s = tls["seconds_from_twins_render_batch_to_last_measure"]
+    if caches_age_s > LKG_REFRESH_AFTER_S:
+        lines.append(
+            f"WARNING: the twins' Render measures ended {caches_age_s:.0f}s after their RenderBatch, past"
+            f" render's {LKG_REFRESH_AFTER_S:.0f}s: later renders rewrote last-known-good copies."
+        )
+    halves = " / ".join(
+        f"{tls_half / plain_half:.2f}"
+        for plain_half, tls_half in zip(twin_n["half_p50_s"], tls_n["half_p50_s"], strict=True)
+    )
+    errors_tls = sum(twin_n["errors"].values()) + sum(tls_n["errors"].values())
     lines += [
         "",
         render_table(rows),
         "",
+        f"Render at {n} concurrent on the twins, plaintext and TLS taking turns in {twin_n['segments']}"
+        f" segments each: TLS p50 / plaintext p50 in the first / second half {halves}; CPU per render"
+        f" of the plaintext twin {twin_n['server_cpu_per_call_s'] * 1e6:.0f} us, of the TLS one"
+        f" {tls_n['server_cpu_per_call_s'] * 1e6:.0f} us; the TLS twin calls"
+        f" {tls['render_tls_calls_profile']}.",
+        "",
         "Answers (status/profile source/fallback reason):",
         f"  Render x{n}: {_outcomes(render_n['outcomes'])}"
         + (f"; errors {render_n['errors']}" if errors_n else ""),
+        f"  Render x{n} on the twins: plaintext {_outcomes(twin_n['outcomes'])}; TLS"
+        f" {_outcomes(tls_n['outcomes'])}"
+        + (f"; errors {twin_n['errors']} {tls_n['errors']}" if errors_tls else ""),
         f"  RenderBatch: {_outcomes(batch['outcomes'])}"
         + (f"; {batch['errors']} errors" if batch["errors"] else ""),
         f"  profile service stopped: {_outcomes(fault['outcomes'])}",
@@ -812,6 +1060,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="do not ANALYZE the database during the load (slower setup; see the module docstring)",
     )
+    parser.add_argument(
+        "--tls-profile",
+        action="store_true",
+        help="the TLS render service calls a second profile service that serves TLS (the whole chain"
+        " in TLS), not the plaintext one",
+    )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.command is None and (
@@ -835,6 +1089,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor_seconds=args.floor_seconds,
         fault_renders=args.fault_renders,
         analyze=not args.no_analyze,
+        tls_profile=args.tls_profile,
         json_path=args.json,
         cprofile_dir=args.cprofile,
     )
