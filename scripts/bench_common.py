@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -348,6 +350,8 @@ class BenchStack:
             # and render calls profile in plaintext, with its key.
             ALLOW_PLAINTEXT="true",
             PROFILE_SERVICE_PLAINTEXT="true",
+            # Keyed identifier hashes, as in production (a service refuses to start without).
+            IDENTIFIER_HASH_KEYS=base64.b64encode(secrets.token_bytes(32)).decode(),
         )
         for service in suite.SERVICES:
             env[service.address_variable] = f"127.0.0.1:{devstack.free_port()}"
