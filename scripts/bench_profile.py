@@ -33,7 +33,7 @@ would add it). Calls go out as pre-serialized bytes and answers are not parsed (
 checked), as in the empty-call floor, so the client's protobuf work is in neither. It prints a table of each
 measure against its floors and the goal, and the CPU each process used in each phase. A missed
 goal is reported, not an error: the exit code is 0 unless the bench broke. Defaults take about
-100 s on a 2-core machine (about 40 s of it merging the 15,000 events).
+95 s on a 2-core machine (about 40 s of it merging the 15,000 events).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
 Every call to a service carries the bench's API key (in its metadata, as ``bearer_auth`` would
 add it); render calls profile with its own. It prints a table of each measure against its
 floors and goal, and the CPU each process used in each phase. A missed goal is reported, not an
-error: the exit code is 0 unless the bench broke. Defaults take about 130 s on a 2-core machine
+error: the exit code is 0 unless the bench broke. Defaults take about 100 s on a 2-core machine
 (about 55 s of it loading and merging 25,000 events).
 """
 
