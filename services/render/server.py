@@ -143,7 +143,7 @@ async def create_app(settings: Settings) -> RenderApp:
         ),
     )
     profile_channel.on_reopen(profiles.use_stub)
-    compiler = TemplateCompiler(settings.template_cache_size)
+    compiler = TemplateCompiler(settings.template_cache_size, settings.template_limits)
     renderer = Renderer(
         compiler,
         profiles,
@@ -152,7 +152,12 @@ async def create_app(settings: Settings) -> RenderApp:
         recommendation_limit=settings.recommendation_limit,
     )
     store = TemplateStore(pool, cache_size=settings.template_cache_size)
-    render_servicer = RenderServicer(renderer, store, default_deadline_s=settings.default_deadline_s)
+    render_servicer = RenderServicer(
+        renderer,
+        store,
+        default_deadline_s=settings.default_deadline_s,
+        inline_templates=settings.inline_templates,
+    )
     template_servicer = TemplateServicer(
         store, compiler, renderer, default_deadline_s=settings.default_deadline_s
     )

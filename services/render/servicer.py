@@ -10,18 +10,23 @@ from typing import Any, Protocol
 
 import grpc
 from cachetools import LRUCache
+from google.rpc import code_pb2
 
 from render.context import struct_to_dict
 from render.renderer import Renderer, RenderJob
+from render.template_errors import template_error_status
 from render.template_store import StoreError
 from render.templates import CompiledTemplate, InvalidTemplate, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.auth.access import current_principal
+from sendtime_common.auth.api_keys import Scope
 from sendtime_common.errors import (
     FieldViolation,
     abort_invalid,
     abort_with,
     bad_request_status,
+    error_info_status,
     not_found_status,
     retry_status,
 )
@@ -41,11 +46,19 @@ class TemplateSource(Protocol):
 
 class RenderServicer(render_pb2_grpc.RenderServiceServicer):
     def __init__(
-        self, renderer: Renderer, templates: TemplateSource | None, *, default_deadline_s: float
+        self,
+        renderer: Renderer,
+        templates: TemplateSource | None,
+        *,
+        default_deadline_s: float,
+        inline_templates: bool = True,
     ) -> None:
+        """``inline_templates``: whether Render takes a template in the request (from callers
+        that also hold templates.write) or only stored ones."""
         self._renderer = renderer
         self._templates = templates
         self._default_deadline_s = default_deadline_s
+        self._inline_templates = inline_templates
         # A stored version never changes, so its fallback is converted to a dict once, not on
         # every send (MessageToDict was ~8% of a Render).
         self._fallbacks: LRUCache[tuple[str, int], dict[str, Any]] = LRUCache(FALLBACKS_CACHED)
@@ -60,6 +73,8 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         inline = request.HasField("template")
         if inline == bool(request.template_name):
             violations.append(FieldViolation("template", "set exactly one of template and template_name"))
+        if inline:
+            await self._check_inline_allowed(context)
         content, version, have_content = request.template, 0, inline
         fallback: dict[str, Any] | None = None
         if request.template_name and not inline:
@@ -92,11 +107,34 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             return await self._renderer.render(
                 job, self._default_deadline_s if time_left is None else time_left
             )
-        except TemplateError as exc:  # compiled, but fails on this data
-            await abort_invalid(
+        except TemplateError as exc:  # compiled, but fails on this data or went past a limit
+            await abort_with(context, template_error_status(exc, self._renderer.limits, "template"))
+
+    async def _check_inline_allowed(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """An inline template is authoring: it needs templates.write besides render, and the
+        service may take none at all (RENDER_INLINE_TEMPLATES=false)."""
+        if not self._inline_templates:
+            await abort_with(
                 context,
-                "the template cannot be rendered",
-                [FieldViolation(f"template.{exc.part}", exc.detail)],
+                error_info_status(
+                    code_pb2.FAILED_PRECONDITION,
+                    "inline templates are switched off here (RENDER_INLINE_TEMPLATES): render a stored "
+                    "template by template_name",
+                    "INLINE_TEMPLATES_OFF",
+                    {"setting": "RENDER_INLINE_TEMPLATES"},
+                ),
+            )
+        principal = current_principal()
+        if Scope.TEMPLATES_WRITE not in principal.scopes:
+            await abort_with(
+                context,
+                error_info_status(
+                    code_pb2.PERMISSION_DENIED,
+                    f"{principal.name} lacks the scope 'templates.write' that an inline template needs "
+                    "(or render a stored template by template_name)",
+                    "SCOPE_MISSING",
+                    {"scope": Scope.TEMPLATES_WRITE.value, "principal": principal.name, "field": "template"},
+                ),
             )
 
     async def RenderBatch(
@@ -169,9 +207,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             try:
                 result = await self._renderer.render(job, BATCH_CHUNK_DEADLINE_S, lookup=lookup)
             except TemplateError as exc:
-                error = bad_request_status(
-                    "the template cannot be rendered", [FieldViolation(f"template.{exc.part}", exc.detail)]
-                )
+                error = template_error_status(exc, self._renderer.limits, "template")
                 responses.append(
                     render_pb2.RenderBatchResponse(customer=chunk[index - offset], index=index, error=error)
                 )

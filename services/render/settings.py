@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from render.templates import TemplateLimits
 from sendtime_common.auth.server_auth import AuthSettings
-from sendtime_common.config import env_float, env_int, env_str, secret_from_env
+from sendtime_common.config import env_bool, env_float, env_int, env_str, secret_from_env
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
@@ -37,6 +38,11 @@ class Settings:
     # that did not answer in time.
     fallback_reserve_s: float = 0.02
     template_cache_size: int = 1024
+    # What one template may cost (docs/limits.md).
+    template_limits: TemplateLimits = field(default_factory=TemplateLimits)
+    # Whether Render takes inline templates at all; when it does, the caller also needs the
+    # scope templates.write (an inline template is template authoring).
+    inline_templates: bool = True
     # Consecutive profile-service failures that open the circuit, and how long it stays open.
     breaker_failures: int = 5
     breaker_recovery_s: float = 5.0
@@ -81,6 +87,8 @@ class Settings:
             template_cache_size=env_int(
                 env, "RENDER_TEMPLATE_CACHE_SIZE", defaults.template_cache_size, minimum=1
             ),
+            template_limits=_template_limits(env),
+            inline_templates=env_bool(env, "RENDER_INLINE_TEMPLATES", defaults.inline_templates),
             breaker_failures=env_int(env, "RENDER_BREAKER_FAILURES", defaults.breaker_failures, minimum=1),
             breaker_recovery_s=env_float(
                 env, "RENDER_BREAKER_RECOVERY_SECONDS", defaults.breaker_recovery_s, minimum=0.1
@@ -106,3 +114,22 @@ class Settings:
             identifier_hasher=hasher_from_env(env),
             auth=AuthSettings.from_env(env),
         )
+
+
+def _template_limits(env: Mapping[str, str]) -> TemplateLimits:
+    """RENDER_TEMPLATE_MAX_SOURCE_BYTES, _LOOP_ITERATIONS, _OUTPUT_BYTES, _CONTEXT_DEPTH,
+    _LOCAL_BYTES and _RENDER_MS.
+
+    Raises:
+        sendtime_common.config.ConfigError: a value is not a positive integer.
+    """
+    d = TemplateLimits()
+    return TemplateLimits(
+        max_source_bytes=env_int(env, "RENDER_TEMPLATE_MAX_SOURCE_BYTES", d.max_source_bytes, minimum=1),
+        loop_iterations=env_int(env, "RENDER_TEMPLATE_LOOP_ITERATIONS", d.loop_iterations, minimum=1),
+        output_bytes=env_int(env, "RENDER_TEMPLATE_OUTPUT_BYTES", d.output_bytes, minimum=1),
+        context_depth=env_int(env, "RENDER_TEMPLATE_CONTEXT_DEPTH", d.context_depth, minimum=1),
+        local_namespace_bytes=env_int(env, "RENDER_TEMPLATE_LOCAL_BYTES", d.local_namespace_bytes, minimum=1),
+        render_time_s=env_int(env, "RENDER_TEMPLATE_RENDER_MS", round(d.render_time_s * 1000), minimum=1)
+        / 1000,
+    )

@@ -11,6 +11,7 @@ import grpc
 from google.rpc import code_pb2
 
 from render.context import struct_to_dict
+from render.template_errors import template_error_status
 from render.template_store import (
     StoreError,
     TemplateAlreadyExists,
@@ -248,12 +249,8 @@ class TemplateServicer(render_pb2_grpc.TemplateServiceServicer):
                 version,
                 self._default_deadline_s if time_left is None else time_left,
             )
-        except TemplateError as exc:  # compiled, but fails on this data
-            await abort_invalid(
-                context,
-                "the template cannot be rendered with this data",
-                [FieldViolation(f"content.{exc.part}", exc.detail)],
-            )
+        except TemplateError as exc:  # compiled, but fails on this data or went past a limit
+            await abort_with(context, template_error_status(exc, self._compiler.limits, "content"))
         except InvalidTemplate as exc:  # stored before today's rules (content was checked above)
             await abort_invalid(
                 context,

@@ -3,11 +3,19 @@
 The HTML part is autoescaped (profile data is untrusted input from many sources); subject and
 text are plain text and are not. Unknown filters are found when the template is compiled, not
 half-way through a send.
+
+Templates come from callers, so what one may cost is bounded (``TemplateLimits``, docs/limits.md):
+its source size when it is compiled; and when it renders, python-liquid's limits (loop
+iterations, counting nested loops multiplied, output size, context depth, the size of local
+variables) and a time budget per render, checked at every output, assignment and loop start.
+A render runs on the event loop, so the budget (40 ms) also bounds how long one render can hold
+the replica's other calls, health checks included.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,8 +27,16 @@ from babel import Locale
 from babel.numbers import UnknownCurrencyError, format_currency
 from liquid import BoundTemplate, Environment
 from liquid.context import RenderContext
-from liquid.exceptions import LiquidError
+from liquid.exceptions import (
+    ContextDepthError,
+    LiquidError,
+    LocalNamespaceLimitError,
+    LoopIterationLimitError,
+    OutputStreamLimitError,
+    ResourceLimitError,
+)
 from liquid.filter import with_context
+from liquid.output import LimitedStringIO
 
 PARTS = ("subject", "html", "text")
 MONEY_LOCALE = "en_US"
@@ -28,15 +44,51 @@ _MONEY_LOCALE = Locale.parse(MONEY_LOCALE)  # parsed once: a third of a format_c
 
 
 @dataclass(frozen=True, slots=True)
+class TemplateLimits:
+    """What one template may cost; each is a setting of the render service (docs/limits.md)."""
+
+    max_source_bytes: int = 100_000  # per part, UTF-8
+    loop_iterations: int = 10_000  # per render of a part; nested loops multiply
+    output_bytes: int = 512_000  # per part
+    context_depth: int = 30  # nested includes and renders
+    local_namespace_bytes: int = 256_000  # what {% assign %} and {% capture %} may hold
+    render_time_s: float = 0.04  # per render, the three parts together
+
+
+# The setting (environment variable) of each limit.
+LIMIT_SETTINGS = {
+    "max_source_bytes": "RENDER_TEMPLATE_MAX_SOURCE_BYTES",
+    "loop_iterations": "RENDER_TEMPLATE_LOOP_ITERATIONS",
+    "output_bytes": "RENDER_TEMPLATE_OUTPUT_BYTES",
+    "context_depth": "RENDER_TEMPLATE_CONTEXT_DEPTH",
+    "local_namespace_bytes": "RENDER_TEMPLATE_LOCAL_BYTES",
+    "render_time_s": "RENDER_TEMPLATE_RENDER_MS",
+}
+
+# The limit each python-liquid error stands for, by its name in TemplateLimits.
+_LIMIT_NAMES: dict[type[LiquidError], str] = {
+    LoopIterationLimitError: "loop_iterations",
+    OutputStreamLimitError: "output_bytes",
+    ContextDepthError: "context_depth",
+    LocalNamespaceLimitError: "local_namespace_bytes",
+}
+
+
+class RenderTimeLimitError(ResourceLimitError):
+    """The render took longer than its time budget."""
+
+
+@dataclass(eq=False)  # not frozen: raising sets __traceback__ and friends on it
 class TemplateError(Exception):
     """A template part that cannot be compiled or rendered, with the 1-based position where
     Liquid knows it (it does not for some errors at the end of the source, e.g. a missing
-    ``endif``)."""
+    ``endif``). ``limit`` names the TemplateLimits field it went past, if that is why."""
 
     part: str
     line: int | None
     column: int | None
     reason: str
+    limit: str | None = None
 
     def __str__(self) -> str:
         return f"{self.part}: {self.detail}"
@@ -105,8 +157,13 @@ def local_date(value: object, date_format: object = "%Y-%m-%d %H:%M", *, context
     return value.astimezone(zone).strftime(str(date_format))
 
 
-def _environment(*, autoescape: bool) -> Environment:
+def _environment(*, autoescape: bool, limits: TemplateLimits) -> Environment:
     environment = Environment(autoescape=autoescape)
+    # python-liquid reads these from the environment (class defaults: no limits).
+    environment.loop_iteration_limit = limits.loop_iterations  # type: ignore[misc]
+    environment.output_stream_limit = limits.output_bytes  # type: ignore[misc]
+    environment.context_depth_limit = limits.context_depth  # type: ignore[misc]
+    environment.local_namespace_limit = limits.local_namespace_bytes  # type: ignore[misc]
     environment.add_filter("money", money)
     environment.add_filter("local_date", local_date)
     return environment
@@ -115,18 +172,32 @@ def _environment(*, autoescape: bool) -> Environment:
 class TemplateCompiler:
     """Compiles (subject, html, text) sources, keeping the last ``cache_size`` compiled."""
 
-    def __init__(self, cache_size: int) -> None:
-        self._html_environment = _environment(autoescape=True)
-        self._text_environment = _environment(autoescape=False)
+    def __init__(self, cache_size: int, limits: TemplateLimits = TemplateLimits()) -> None:
+        self.limits = limits
+        self._html_environment = _environment(autoescape=True, limits=limits)
+        self._text_environment = _environment(autoescape=False, limits=limits)
         self._compile_cached = functools.lru_cache(maxsize=cache_size)(self._compile)
 
     def compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
         """The compiled template; the same sources are compiled once.
 
         Raises:
-            InvalidTemplate: parts have a syntax error or use an unknown filter (every such part
-                is reported, not only the first).
+            InvalidTemplate: parts are too large, have a syntax error or use an unknown filter
+                (every such part is reported, not only the first).
         """
+        too_large = [
+            TemplateError(
+                part,
+                None,
+                None,
+                f"is {size} bytes; at most {self.limits.max_source_bytes} (RENDER_TEMPLATE_MAX_SOURCE_BYTES)",
+                limit="max_source_bytes",
+            )
+            for part, source in zip(PARTS, (subject, html, text), strict=True)
+            if (size := len(source.encode())) > self.limits.max_source_bytes
+        ]
+        if too_large:
+            raise InvalidTemplate(too_large)
         return self._compile_cached(subject, html, text)
 
     def _compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
@@ -158,20 +229,75 @@ class TemplateCompiler:
         return template
 
 
-def render_part(template: BoundTemplate, part: str, context: Mapping[str, Any]) -> str:
-    """Render one part.
+class _TimedBuffer(LimitedStringIO):
+    """python-liquid's size-limited output, also ending the render at its deadline."""
+
+    def __init__(self, limit: int, deadline: float) -> None:
+        super().__init__(limit=limit)
+        self.deadline = deadline
+
+    def write(self, text: str) -> int:
+        if time.monotonic() > self.deadline:
+            raise RenderTimeLimitError("render time limit reached", token=None)
+        return super().write(text)
+
+
+class _TimedContext(RenderContext):
+    """A render context that ends the render at its deadline: checked at every output (its
+    buffers), assignment and loop start, which a loop of any cost passes through."""
+
+    deadline = float("inf")
+
+    def _check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise RenderTimeLimitError("render time limit reached", token=None)
+
+    def raise_for_loop_limit(self, length: int = 1) -> None:
+        self._check_time()
+        super().raise_for_loop_limit(length)
+
+    def assign(self, key: str, val: Any) -> None:
+        self._check_time()
+        super().assign(key, val)
+
+    def copy(self, *args: Any, **kwargs: Any) -> RenderContext:
+        child = super().copy(*args, **kwargs)
+        if isinstance(child, _TimedContext):
+            child.deadline = self.deadline
+        return child
+
+    def get_buffer(self, buf: Any = None) -> Any:
+        return _TimedBuffer(limit=self.env.output_stream_limit or 2**62, deadline=self.deadline)
+
+
+def render_deadline(limits: TemplateLimits) -> float:
+    """When a render started now must end (``time.monotonic()``)."""
+    return time.monotonic() + limits.render_time_s
+
+
+def render_part(
+    template: BoundTemplate, part: str, context: Mapping[str, Any], deadline: float = float("inf")
+) -> str:
+    """Render one part, ending it at ``deadline`` (``time.monotonic()``; the render service
+    passes ``render_deadline``).
 
     Raises:
-        TemplateError: the template failed on this data (a filter given the wrong type, say).
+        TemplateError: the template failed on this data (a filter given the wrong type, say), or
+            went past a limit (its ``limit`` says which).
     """
+    render_context = _TimedContext(template, globals=template.make_globals(dict(context)))
+    render_context.deadline = deadline
+    buffer = _TimedBuffer(limit=template.env.output_stream_limit or 2**62, deadline=deadline)
     try:
-        return str(template.render(**context))
+        template.render_with_context(render_context, buffer)
     except LiquidError as exc:
         raise _template_error(part, exc) from None
+    return buffer.getvalue()
 
 
 def _template_error(part: str, exc: LiquidError) -> TemplateError:
+    limit = "render_time_s" if isinstance(exc, RenderTimeLimitError) else _LIMIT_NAMES.get(type(exc))
     position = exc.context()
     if position is None:
-        return TemplateError(part, None, None, str(exc.message))
-    return TemplateError(part, position[0], position[1] + 1, str(exc.message))
+        return TemplateError(part, None, None, str(exc.message), limit)
+    return TemplateError(part, position[0], position[1] + 1, str(exc.message), limit)
