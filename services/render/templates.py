@@ -7,7 +7,8 @@ half-way through a send.
 Templates come from callers, so what one may cost is bounded (``TemplateLimits``, docs/limits.md):
 its source size when it is compiled; and when it renders, python-liquid's limits (loop
 iterations, counting nested loops multiplied, output size, context depth, the size of local
-variables) and a time budget per render, checked at every output, assignment and loop start.
+variables) and a time budget per render, checked as every node renders (a loop's body each
+time round included).
 A render runs on the event loop, so the budget (40 ms) also bounds how long one render can hold
 the replica's other calls, health checks included.
 """
@@ -229,24 +230,41 @@ class TemplateCompiler:
         return template
 
 
-class _TimedBuffer(LimitedStringIO):
-    """python-liquid's size-limited output, also ending the render at its deadline."""
+class _Deadline:
+    """Stands in a render context's ``disabled_tags``, which python-liquid tests for truth before
+    rendering every node: so every node (a loop's body each time round included) looks at the
+    clock, every 16th time, at the cost of a counter. It holds the tags a ``render`` tag
+    disables, and answers ``in`` for them as the list would."""
 
-    def __init__(self, limit: int, deadline: float) -> None:
-        super().__init__(limit=limit)
+    __slots__ = ("deadline", "tags", "_count")
+
+    def __init__(self, deadline: float, tags: list[str] | None = None) -> None:
         self.deadline = deadline
+        self.tags = list(tags or ())
+        self._count = 0
 
-    def write(self, text: str) -> int:
-        if time.monotonic() > self.deadline:
+    def __bool__(self) -> bool:
+        self._count += 1
+        if not self._count & 15 and time.monotonic() > self.deadline:
             raise RenderTimeLimitError("render time limit reached", token=None)
-        return super().write(text)
+        return bool(self.tags)
+
+    def __contains__(self, tag: object) -> bool:
+        return tag in self.tags
+
+    def __iter__(self) -> Any:
+        return iter(self.tags)
 
 
 class _TimedContext(RenderContext):
-    """A render context that ends the render at its deadline: checked at every output (its
-    buffers), assignment and loop start, which a loop of any cost passes through."""
+    """A render context that ends the render at its deadline (see ``_Deadline``; loop starts
+    and assignments look at the clock too)."""
 
     deadline = float("inf")
+
+    def start_clock(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.disabled_tags = _Deadline(deadline, self.disabled_tags)  # type: ignore[assignment]
 
     def _check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -263,11 +281,8 @@ class _TimedContext(RenderContext):
     def copy(self, *args: Any, **kwargs: Any) -> RenderContext:
         child = super().copy(*args, **kwargs)
         if isinstance(child, _TimedContext):
-            child.deadline = self.deadline
+            child.start_clock(self.deadline)
         return child
-
-    def get_buffer(self, buf: Any = None) -> Any:
-        return _TimedBuffer(limit=self.env.output_stream_limit or 2**62, deadline=self.deadline)
 
 
 def render_deadline(limits: TemplateLimits) -> float:
@@ -286,8 +301,8 @@ def render_part(
             went past a limit (its ``limit`` says which).
     """
     render_context = _TimedContext(template, globals=template.make_globals(dict(context)))
-    render_context.deadline = deadline
-    buffer = _TimedBuffer(limit=template.env.output_stream_limit or 2**62, deadline=deadline)
+    render_context.start_clock(deadline)
+    buffer = LimitedStringIO(limit=template.env.output_stream_limit or 2**62)
     try:
         template.render_with_context(render_context, buffer)
     except LiquidError as exc:
