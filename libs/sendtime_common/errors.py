@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -93,6 +93,21 @@ def field_violations(status: status_pb2.Status) -> list[FieldViolation]:
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
             found.extend(FieldViolation(v.field, v.description) for v in bad_request.field_violations)
+    return found
+
+
+DetailT = TypeVar("DetailT", bound=Message)
+
+
+def details_of(status: status_pb2.Status, kind: type[DetailT]) -> list[DetailT]:
+    """The details of type ``kind`` (``ErrorInfo``, ``RetryInfo``...) in ``status``, unpacked
+    (for clients and tests)."""
+    found: list[DetailT] = []
+    for detail in status.details:
+        if detail.Is(kind.DESCRIPTOR):  # type: ignore[arg-type]
+            unpacked = kind()
+            detail.Unpack(unpacked)
+            found.append(unpacked)
     return found
 
 

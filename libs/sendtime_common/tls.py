@@ -30,6 +30,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from sendtime_common.call_limits import message_size_options
 from sendtime_common.config import ConfigError, env_bool, env_str
 
 log = logging.getLogger(__name__)
@@ -263,10 +264,12 @@ def channel(
     interceptors: list[object] | None = None,
     options: list[tuple[str, object]] | None = None,
 ) -> grpc.aio.Channel:
-    """A grpc.aio channel to ``target`` as ``tls`` says.
+    """A grpc.aio channel to ``target`` as ``tls`` says, taking any Sendtime response and
+    sending any Sendtime request (``options`` may set other sizes).
 
     Raises: UnusableCertificate: the client's certificate files are not usable.
     """
+    options = [*message_size_options(), *(options or [])]  # later entries win
     if tls.plaintext:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)  # type: ignore[arg-type]
     return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)  # type: ignore[arg-type]

@@ -160,6 +160,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         auth.interceptor,
         tls=settings.tls,
         health_address=settings.health_address,
+        limits=settings.limits,
     )
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:

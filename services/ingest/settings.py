@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 
 from ingest.webhooks import WebhookSettings
 from sendtime_common.auth.server_auth import AuthSettings
+from sendtime_common.call_limits import MIB, CallLimits
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 from sendtime_common.tls import TlsSettings
+
+INGEST_CALL_LIMITS = CallLimits(max_receive_bytes=4 * MIB, max_send_bytes=40 * MIB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,11 @@ class Settings:
     health_address: str = "[::]:50061"
     # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # Concurrent calls, queued calls and message sizes (docs/limits.md).
+    # Messages: a SendEvents request is at most 4 MiB (1,000 events, each at most 32 KiB, fit
+    # only when the average is under 4 KiB: ingest.proto says so); a ListRejectedEvents page of
+    # 1,000 rejected events of 32 KiB with their reasons needs up to 40 MiB.
+    limits: CallLimits = INGEST_CALL_LIMITS
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
@@ -65,6 +73,7 @@ class Settings:
             address=env_str(env, "INGEST_ADDRESS", defaults.address),
             health_address=env.get("INGEST_HEALTH_ADDRESS", defaults.health_address).strip(),
             tls=TlsSettings.from_env(env),
+            limits=CallLimits.from_env(env, INGEST_CALL_LIMITS),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),

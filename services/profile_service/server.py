@@ -180,6 +180,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         auth.interceptor,
         tls=settings.tls,
         health_address=settings.health_address,
+        limits=settings.limits,
     )
     return ProfileApp(
         grpc=server,

@@ -6,11 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sendtime_common.auth.server_auth import AuthSettings
+from sendtime_common.call_limits import MIB, PROFILE_RESPONSE_BYTES, CallLimits
 from sendtime_common.config import env_float, env_int, env_str
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 from sendtime_common.tls import TlsSettings
+
+PROFILE_CALL_LIMITS = CallLimits(max_receive_bytes=4 * MIB, max_send_bytes=PROFILE_RESPONSE_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,10 @@ class Settings:
     health_address: str = "[::]:50062"
     # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # Concurrent calls, queued calls and message sizes (docs/limits.md).
+    # Messages: the largest request is a BatchGetProfiles of 1,000 identifiers (~270 KB); the
+    # largest response a BatchGetProfiles of 1,000 profiles.
+    limits: CallLimits = PROFILE_CALL_LIMITS
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
@@ -62,6 +69,7 @@ class Settings:
             address=env_str(env, "PROFILE_ADDRESS", defaults.address),
             health_address=env.get("PROFILE_HEALTH_ADDRESS", defaults.health_address).strip(),
             tls=TlsSettings.from_env(env),
+            limits=CallLimits.from_env(env, PROFILE_CALL_LIMITS),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),

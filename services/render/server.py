@@ -20,13 +20,14 @@ from render.profile_channel import ProfileChannel
 from render.profiles import FetcherSettings, ProfileFetcher
 from render.recommendations import Recommender
 from render.renderer import Renderer
-from render.servicer import RenderServicer
+from render.servicer import BATCH_IDENTIFIER_BYTES, MAX_BATCH, RenderServicer
 from render.settings import Settings
 from render.template_servicer import TemplateServicer
 from render.template_store import TemplateStore
 from render.templates import TemplateCompiler
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
+from sendtime_common.call_limits import MIB
 from sendtime_common.config import ConfigError
 from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
@@ -89,6 +90,22 @@ class RenderApp:
         await self.close()
 
 
+def check_message_sizes(settings: Settings) -> None:
+    """Check that the largest valid RenderBatch request, and the largest rendered customer,
+    fit the configured message sizes.
+
+    Raises:
+        ConfigError: one does not.
+    """
+    settings.limits.require_receive(
+        MAX_BATCH * BATCH_IDENTIFIER_BYTES + MIB, f"a RenderBatch of {MAX_BATCH} customers"
+    )
+    settings.limits.require_send(
+        3 * settings.template_limits.output_bytes + 64 * 1024,
+        "a rendered customer (three parts of RENDER_TEMPLATE_OUTPUT_BYTES)",
+    )
+
+
 async def create_app(settings: Settings) -> RenderApp:
     """Connect to PostgreSQL (applying migrations) and NATS; build the server, not yet started.
     The profile channel and Redis connect lazily: render serves (with fallbacks) even while the
@@ -143,6 +160,7 @@ async def create_app(settings: Settings) -> RenderApp:
         ),
     )
     profile_channel.on_reopen(profiles.use_stub)
+    check_message_sizes(settings)
     compiler = TemplateCompiler(settings.template_cache_size, settings.template_limits)
     renderer = Renderer(
         compiler,
@@ -174,6 +192,7 @@ async def create_app(settings: Settings) -> RenderApp:
             auth.interceptor,
             tls=settings.tls,
             health_address=settings.health_address,
+            limits=settings.limits,
         ),
         profile_channel=profile_channel,
         profiles=profiles,

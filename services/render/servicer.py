@@ -4,6 +4,7 @@ Renderer, encode."""
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -34,6 +35,9 @@ from sendtime_common.identifier_proto import KIND_TO_PROTO, parse_identifier
 
 TEMPLATE_NAME_PREFIX = "templates/"
 MAX_BATCH = 100_000
+# What one customer of a RenderBatch request may take on average for the request to fit the
+# server's message size: an identifier of 256 ASCII characters and its framing (render.proto).
+BATCH_IDENTIFIER_BYTES = 300
 BATCH_CHUNK = 500  # customers per BatchGetProfiles call
 BATCH_CONCURRENCY = 4  # chunks in flight at once
 BATCH_CHUNK_DEADLINE_S = 5.0
@@ -154,24 +158,33 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 [FieldViolation(f"template.{e.part}", e.detail) for e in exc.errors],
             )  # fmt: skip
         variables = struct_to_dict(request.variables)
-        results: asyncio.Queue[list[render_pb2.RenderBatchResponse]] = asyncio.Queue()
-        slots = asyncio.Semaphore(BATCH_CONCURRENCY)
+        # Chunks render in order, at most BATCH_CONCURRENCY ahead of what the caller has read:
+        # each yield waits until the transport has taken the message (HTTP/2 flow control), so
+        # a slow reader slows the rendering down instead of piling results up in memory.
+        starts = iter(range(0, len(request.customers), BATCH_CHUNK))
+        ahead: collections.deque[asyncio.Task[list[render_pb2.RenderBatchResponse]]] = collections.deque()
 
-        async def render_chunk(start: int) -> None:
-            async with slots:
+        def render_next_chunk() -> None:
+            start = next(starts, None)
+            if start is not None:
                 chunk = list(request.customers[start : start + BATCH_CHUNK])
-                results.put_nowait(await self._render_chunk(chunk, start, found, compiled, variables))
+                budget_s = _chunk_budget_s(context)
+                ahead.append(
+                    asyncio.create_task(
+                        self._render_chunk(chunk, start, found, compiled, variables, budget_s)
+                    )
+                )
 
-        tasks = [
-            asyncio.create_task(render_chunk(start))
-            for start in range(0, len(request.customers), BATCH_CHUNK)
-        ]
+        for _ in range(BATCH_CONCURRENCY):
+            render_next_chunk()
         try:
-            for _ in tasks:
-                for response in await results.get():
+            while ahead:
+                responses = await ahead.popleft()
+                render_next_chunk()
+                for response in responses:
                     yield response
         finally:
-            for task in tasks:
+            for task in ahead:
                 task.cancel()
 
     async def _render_chunk(
@@ -181,6 +194,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         template: render_pb2.StoredTemplate,
         compiled: CompiledTemplate,
         variables: dict[str, Any],
+        budget_s: float,
     ) -> list[render_pb2.RenderBatchResponse]:
         responses: list[render_pb2.RenderBatchResponse] = []
         valid: list[tuple[int, profile_pb2.Identifier]] = []
@@ -193,7 +207,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
                 )
             else:
                 valid.append((offset + i, profile_pb2.Identifier(kind=KIND_TO_PROTO[key[0]], value=key[1])))
-        lookups = await self._renderer.lookup_many([c for _, c in valid], BATCH_CHUNK_DEADLINE_S)
+        lookups = await self._renderer.lookup_many([c for _, c in valid], budget_s)
         base = RenderJob(
             profile_pb2.Identifier(),
             template.content,
@@ -205,7 +219,7 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         for (index, customer), lookup in zip(valid, lookups, strict=True):
             job = replace(base, customer=customer)
             try:
-                result = await self._renderer.render(job, BATCH_CHUNK_DEADLINE_S, lookup=lookup)
+                result = await self._renderer.render(job, budget_s, lookup=lookup)
             except TemplateError as exc:
                 error = template_error_status(exc, self._renderer.limits, "template")
                 responses.append(
@@ -247,3 +261,10 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             what = f"{name} version {version}" if version else f"a published version of {name}"
             await abort_with(context, not_found_status(f"no {what}", "TEMPLATE_NOT_FOUND", {"name": name}))
         return found
+
+
+def _chunk_budget_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """How long a RenderBatch chunk may take: BATCH_CHUNK_DEADLINE_S, or less when the caller's
+    deadline is nearer (it propagates to the profile lookups)."""
+    time_left = context.time_remaining()
+    return BATCH_CHUNK_DEADLINE_S if time_left is None else max(0.0, min(BATCH_CHUNK_DEADLINE_S, time_left))

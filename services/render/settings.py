@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 
 from render.templates import TemplateLimits
 from sendtime_common.auth.server_auth import AuthSettings
+from sendtime_common.call_limits import MIB, CallLimits
 from sendtime_common.config import env_bool, env_float, env_int, env_str, secret_from_env
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
 from sendtime_common.tls import ClientTls, TlsSettings
+
+RENDER_CALL_LIMITS = CallLimits(max_receive_bytes=32 * MIB, max_send_bytes=4 * MIB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +24,10 @@ class Settings:
     health_address: str = "[::]:50063"
     # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # Concurrent calls, queued calls and message sizes (docs/limits.md).
+    # Messages: a RenderBatch of 100,000 customers with 256-character identifiers is ~26 MB; one
+    # rendered customer is at most three parts of RENDER_TEMPLATE_OUTPUT_BYTES.
+    limits: CallLimits = RENDER_CALL_LIMITS
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
@@ -73,6 +80,7 @@ class Settings:
             address=env_str(env, "RENDER_ADDRESS", defaults.address),
             health_address=env.get("RENDER_HEALTH_ADDRESS", defaults.health_address).strip(),
             tls=TlsSettings.from_env(env),
+            limits=CallLimits.from_env(env, RENDER_CALL_LIMITS),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),

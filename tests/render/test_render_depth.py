@@ -26,7 +26,7 @@ from render.profiles import LKG_KEY_PREFIX
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
-from sendtime_common.errors import abort_with, not_found_status
+from sendtime_common.errors import FieldViolation, abort_with, field_violations, not_found_status, status_of
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.conftest import RenderServiceFactory, eventually, repo_root, user, wait_for_profile
@@ -67,6 +67,7 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
         self.mode = "ok"
         self.delay_s = 0.0
         self.calls = 0
+        self.time_left: list[float | None] = []  # each call's deadline, as time remaining
 
     def profile(self) -> profile_pb2.Profile:
         profile = profile_pb2.Profile(customer_id="c-1", version=7)
@@ -98,6 +99,7 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
 
     async def play(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.calls += 1
+        self.time_left.append(context.time_remaining())
         await asyncio.sleep(self.delay_s)
         if self.mode == "fail":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
@@ -482,6 +484,94 @@ async def test_a_batch_streams_one_result_per_customer(
     assert service.calls == 3  # 500 customers per profile lookup
     (bad,) = [r for r in results if r.HasField("error")]
     assert bad.index == 1200 and bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+async def test_a_batch_of_100000_long_identifiers_fits_and_150000_short_ones_name_the_limit(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
+    unique: str,
+) -> None:
+    """The contract allows 100,000 customers: with 256-character identifiers that is ~26 MB,
+    over gRPC's default 4 MiB. Before explicit sizes, 150,000 short ones got the transport's raw
+    "Received message larger than max (8250016 vs. 4194304)"."""
+    _, target = scripted
+    created = await template_stub.CreateTemplate(
+        render_pb2.CreateTemplateRequest(template_id=f"big-{unique}", content=CART_EMAIL, publish=True)
+    )
+    largest = render_pb2.RenderBatchRequest(
+        customers=[user(f"{i:06d}" + "x" * 250) for i in range(100_000)], template_name=created.template.name
+    )
+    assert largest.ByteSize() > 25_000_000
+    too_many = render_pb2.RenderBatchRequest(
+        customers=[user(f"customer-{i:06d}") for i in range(150_000)], template_name=created.template.name
+    )
+    async with render_service(target) as stub:
+        first = await anext(aiter(stub.RenderBatch(largest, timeout=30)))
+        assert first.HasField("result")  # taken and rendering; the rest is not read
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await anext(aiter(stub.RenderBatch(too_many, timeout=30)))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_of(refused.value)
+    assert status is not None
+    assert field_violations(status) == [FieldViolation("customers", "must hold 1 to 100000 customers")]
+
+
+async def test_a_batchs_deadline_reaches_its_profile_lookups(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
+    unique: str,
+) -> None:
+    service, target = scripted
+    created = await template_stub.CreateTemplate(
+        render_pb2.CreateTemplateRequest(template_id=f"due-{unique}", content=CART_EMAIL, publish=True)
+    )
+    batch = render_pb2.RenderBatchRequest(customers=[user("u-1")], template_name=created.template.name)
+    async with render_service(target) as stub:
+        results = [r async for r in stub.RenderBatch(batch, timeout=2)]
+    assert len(results) == 1 and results[0].HasField("result")
+    (time_left,) = service.time_left
+    assert time_left is not None and time_left <= 2  # a chunk alone may take 5 s
+
+
+async def test_a_batch_renders_only_as_fast_as_its_reader_reads(
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
+    unique: str,
+) -> None:
+    """A reader that stops after ten results holds a batch of 20 chunks (500 customers, one
+    profile lookup each) at a few chunks ahead of it, once HTTP/2's flow-control window is full:
+    before, every chunk rendered and waited in memory. Each email is ~6.5 KB, as real ones are."""
+    service, target = scripted
+    long_email = render_pb2.Template(
+        subject="Hi {{ profile.traits.first_name }}",
+        html="{% for i in (1..200) %}<p>{{ profile.traits.first_name }}, item {{ i }}: lorem ipsum</p>"
+        "{% endfor %}",
+    )
+    created = await template_stub.CreateTemplate(
+        render_pb2.CreateTemplateRequest(template_id=f"slow-{unique}", content=long_email, publish=True)
+    )
+    batch = render_pb2.RenderBatchRequest(
+        customers=[user(f"u-{i}") for i in range(10_000)], template_name=created.template.name
+    )
+    async with render_service(target) as stub:
+        call = stub.RenderBatch(batch, timeout=120)
+        read = 0
+        async for response in call:
+            assert len(response.result.html) > 6_000
+            read += 1
+            if read == 10:
+                break
+        held_at = -1
+        while held_at != service.calls:  # until the batch stops moving
+            held_at = service.calls
+            await asyncio.sleep(1)
+        assert held_at <= 8  # the chunk being read, 4 ahead, what the window holds
+        rest = [r async for r in call]
+    assert [r.index for r in rest] == list(range(10, 10_000))  # all, in order
+    assert service.calls == 20
 
 
 async def test_a_stored_template_renders_at_its_published_or_a_given_version(

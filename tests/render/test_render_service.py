@@ -12,9 +12,14 @@ import pytest
 from google.protobuf import struct_pb2
 
 import devstack
+from render.server import check_message_sizes
+from render.settings import Settings as RenderSettings
+from render.templates import TemplateLimits
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
+from sendtime_common.call_limits import MIB, CallLimits
+from sendtime_common.config import ConfigError
 from sendtime_common.errors import FieldViolation, field_violations, status_of
 from tests.conftest import RenderServiceFactory, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
@@ -221,3 +226,11 @@ async def test_bad_request_names_every_bad_field(render_stub: render_pb2_grpc.Re
     missing_customer = render_pb2.RenderRequest(template=ABANDONED_CART)
     violations = await invalid_argument(lambda: render_stub.Render(missing_customer))
     assert [v.field for v in violations] == ["customer.kind"]
+
+
+def test_render_will_not_start_with_message_sizes_its_contract_does_not_fit() -> None:
+    check_message_sizes(RenderSettings())  # the defaults fit
+    with pytest.raises(ConfigError, match="a RenderBatch of 100000 customers"):
+        check_message_sizes(RenderSettings(limits=CallLimits(max_receive_bytes=4 * MIB)))
+    with pytest.raises(ConfigError, match="RENDER_TEMPLATE_OUTPUT_BYTES"):
+        check_message_sizes(RenderSettings(template_limits=TemplateLimits(output_bytes=2 * MIB)))

@@ -19,6 +19,7 @@ The handler sees the caller as ``current_principal()``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -36,6 +37,7 @@ from sendtime_common.auth.api_keys import Scope
 from sendtime_common.auth.audit import AuditTrail, audit_target
 from sendtime_common.auth.keyring import AuthFailure, KeyRing, Principal, Unauthenticated
 from sendtime_common.errors import abort_with, error_info_status
+from sendtime_common.handlers import Behavior, replace_behavior
 from sendtime_common.identifiers import IdentifierHasher
 
 log = logging.getLogger(__name__)
@@ -205,8 +207,6 @@ def _no_rule(method: str) -> status_pb2.Status:
     )
 
 
-Behavior = Callable[..., Any]
-
 if TYPE_CHECKING:  # generic only in the type stubs
     _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
@@ -254,11 +254,11 @@ class AccessInterceptor(_ServerInterceptor):
         rule = self._rules.get(method)
         if rule is None:
             if not method.startswith(REFLECTION_PREFIXES):
-                return _replace_behavior(handler, _refusing(_no_rule(method)))
+                return replace_behavior(handler, _refusing(_no_rule(method)))
             if self._reflection_open:
                 return handler
             rule = MethodAccess(method, scope=None)
-        return _replace_behavior(handler, lambda behavior: self._guard(rule, behavior))
+        return replace_behavior(handler, lambda behavior: self._guard(rule, behavior))
 
     async def _authorize(
         self, rule: MethodAccess, request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -296,7 +296,10 @@ class AccessInterceptor(_ServerInterceptor):
                     async for response in behavior(request, context):
                         yield response
                 finally:
-                    _current_principal.reset(token)
+                    # A stream the client cancels is closed by the loop's async-generator
+                    # finalizer, in a context of its own, where the token does not apply.
+                    with contextlib.suppress(ValueError):
+                        _current_principal.reset(token)
 
             return guarded_stream
 
@@ -351,18 +354,3 @@ def _refusing(status: status_pb2.Status) -> Callable[[Behavior], Behavior]:
         return refuse
 
     return wrap
-
-
-_BEHAVIOR_FIELDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-
-
-def _replace_behavior(
-    handler: grpc.RpcMethodHandler[Any, Any], wrap: Callable[[Behavior], Behavior]
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """The same handler with its behavior wrapped (handlers are named tuples)."""
-    for field in _BEHAVIOR_FIELDS:
-        behavior = getattr(handler, field)
-        if behavior is not None:
-            replaced: grpc.RpcMethodHandler[Any, Any] = handler._replace(**{field: wrap(behavior)})  # type: ignore[attr-defined]
-            return replaced
-    return handler

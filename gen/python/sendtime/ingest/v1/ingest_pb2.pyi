@@ -1167,7 +1167,10 @@ class SendEventsRequest(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
-        """The events to ingest, 1 to 1000."""
+        """The events to ingest, 1 to 1000. The request is at most 4 MiB in all
+        (GRPC_MAX_RECEIVE_BYTES): 1,000 events fit when they average under 4 KiB;
+        send larger ones in smaller calls, or over StreamEvents.
+        """
 
     def __init__(
         self,

@@ -405,7 +405,9 @@ class RenderBatchRequest(_message.Message):
     """Its version; 0 renders the published version."""
     @_builtins.property
     def customers(self) -> _containers.RepeatedCompositeFieldContainer[_profile_pb2.Identifier]:
-        """The customers, 1 to 100,000."""
+        """The customers, 1 to 100,000. The request is at most 32 MiB
+        (GRPC_MAX_RECEIVE_BYTES): 100,000 identifiers of 256 ASCII characters fit.
+        """
 
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:

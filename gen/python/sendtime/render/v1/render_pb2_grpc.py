@@ -64,8 +64,9 @@ class RenderServiceServicer:
 
     def RenderBatch(self, request, context):
         """RenderBatch renders one template for a campaign's customers, streaming a
-        result per customer as it is ready (in no particular order), each with its
-        own status. Profiles are fetched in batches with bounded concurrency.
+        result per customer, in order, each with its own status. Profiles are
+        fetched in batches with bounded concurrency, and rendering stays a few
+        batches ahead of what the caller has read: a slow reader slows it down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -40,8 +40,9 @@ class RenderServiceStub:
     """Render renders a stored template (or an inline one) for one customer."""
     RenderBatch: _grpc.UnaryStreamMultiCallable[_render_pb2.RenderBatchRequest, _render_pb2.RenderBatchResponse]
     """RenderBatch renders one template for a campaign's customers, streaming a
-    result per customer as it is ready (in no particular order), each with its
-    own status. Profiles are fetched in batches with bounded concurrency.
+    result per customer, in order, each with its own status. Profiles are
+    fetched in batches with bounded concurrency, and rendering stays a few
+    batches ahead of what the caller has read: a slow reader slows it down.
     """
 
 @_typing.type_check_only
@@ -56,8 +57,9 @@ class RenderServiceAsyncStub(RenderServiceStub):
     """Render renders a stored template (or an inline one) for one customer."""
     RenderBatch: _aio.UnaryStreamMultiCallable[_render_pb2.RenderBatchRequest, _render_pb2.RenderBatchResponse]  # type: ignore[assignment]
     """RenderBatch renders one template for a campaign's customers, streaming a
-    result per customer as it is ready (in no particular order), each with its
-    own status. Profiles are fetched in batches with bounded concurrency.
+    result per customer, in order, each with its own status. Profiles are
+    fetched in batches with bounded concurrency, and rendering stays a few
+    batches ahead of what the caller has read: a slow reader slows it down.
     """
 
 class RenderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -81,8 +83,9 @@ class RenderServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_render_pb2.RenderBatchResponse], _abc.AsyncIterator[_render_pb2.RenderBatchResponse]]:
         """RenderBatch renders one template for a campaign's customers, streaming a
-        result per customer as it is ready (in no particular order), each with its
-        own status. Profiles are fetched in batches with bounded concurrency.
+        result per customer, in order, each with its own status. Profiles are
+        fetched in batches with bounded concurrency, and rendering stays a few
+        batches ahead of what the caller has read: a slow reader slows it down.
         """
 
 def add_RenderServiceServicer_to_server(servicer: RenderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
