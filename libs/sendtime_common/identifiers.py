@@ -2,6 +2,23 @@
 
 Both services normalize the same way, so an email written ``Ada@Example.COM `` by one source and
 ``ada@example.com`` by another resolves to the same customer.
+
+Identity strings are checked so that what looks alike is alike (docs/limits.md, "Identity
+strings"):
+
+- ASCII spaces, tabs and line breaks around a value are trimmed;
+- every value is put in Unicode normalization form C, so a precomposed ``é`` and ``e`` with a
+  combining accent are one identifier;
+- a value holding an invisible, control, formatting or bidi character, or any space but U+0020,
+  is refused, never stripped: stripping would make ``bob`` and ``bo<zero-width space>b`` one
+  customer, keeping them would make two that look the same;
+- a value that mixes scripts is refused unless Unicode TR 39's "Highly Restrictive" level allows
+  the mix (one script; or Latin with Han and Japanese kana, with Han and Bopomofo, or with Han
+  and Hangul), so ``pаypal`` with a Cyrillic ``а`` is refused. An email is checked by part (the
+  local part, each domain label), as browsers check domain labels;
+- whole-script confusables (``раура`` written all in Cyrillic) are accepted: they are a
+  different string for a different person, and merging them by their TR 39 skeleton would merge
+  people who are distinct.
 """
 
 from __future__ import annotations
@@ -13,10 +30,13 @@ import functools
 import hashlib
 import hmac
 import logging
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
+import regex
 from email_validator import EmailNotValidError, validate_email
+from fontTools.unicodedata import script_extension
 
 from sendtime_common.config import ConfigError, secret_from_env
 
@@ -34,6 +54,9 @@ class IdentifierKind(enum.StrEnum):
 
 
 MAX_IDENTIFIER_LENGTH = 256
+# Trimmed from both ends of a value (sources pad them); any other hidden character, at an end
+# or not, is refused.
+TRIMMED = " \t\r\n"
 
 
 UNKEYED = "unkeyed"  # in IDENTIFIER_HASH_KEYS: plain SHA-256, as releases before keyed hashes
@@ -131,21 +154,101 @@ class InvalidIdentifier(ValueError):
 
 
 def normalize_identifier(kind: IdentifierKind, value: str) -> str:
-    """The canonical form of an identifier value.
-
-    Emails are checked for syntax (no DNS lookups) and lower-cased; other kinds are trimmed.
+    """The canonical form of an identifier value: trimmed of ASCII spaces, tabs and line breaks
+    at both ends, in NFC; emails also checked for syntax (no DNS lookups) and lower-cased.
 
     Raises:
-        InvalidIdentifier: empty, too long, or (for emails) not a well-formed address.
+        InvalidIdentifier: empty, too long, holding a hidden character or a mix of scripts, or
+            (for emails) not a well-formed address.
     """
-    value = value.strip()
+    value = value.strip(TRIMMED)
     if not value:
         raise InvalidIdentifier("must not be empty")
     if len(value) > MAX_IDENTIFIER_LENGTH:
         raise InvalidIdentifier(f"must be at most {MAX_IDENTIFIER_LENGTH} characters")
+    if not value.isascii():
+        value = _checked_text(value)
+    elif not value.isprintable():  # ASCII: one script; only control characters to refuse
+        raise InvalidIdentifier(_hidden_reason(value))
     if kind is IdentifierKind.EMAIL:
         return _normalize_email(value)
     return value
+
+
+# Hidden characters: controls, formats (zero-width, bidi, BOM), surrogates, private use and
+# unassigned code points (\p{C}); line and paragraph separators; spaces other than U+0020; and
+# the rest of Default_Ignorable_Code_Point (variation selectors, Hangul fillers...).
+_HIDDEN = regex.compile(r"[\p{C}\p{Zl}\p{Zp}\p{Default_Ignorable_Code_Point}]|[^\P{Zs} ]")
+_COMMON = frozenset({"Zyyy", "Zinh"})  # Common and Inherited: compatible with every script
+# TR 39's composite scripts: Han with what Japanese, Chinese (Bopomofo) and Korean add to it.
+_HAN_COMPOSITES = frozenset({"Jpan", "Hanb", "Kore"})
+
+
+def _hidden_reason(value: str) -> str:
+    hidden = next(c for c in value if not c.isprintable() or _HIDDEN.match(c))
+    # The code point, not the value: reasons reach logs and dead letters.
+    return f"must not hold invisible, control or bidi characters (U+{ord(hidden):04X})"
+
+
+@functools.lru_cache(maxsize=16384)
+def _checked_text(value: str) -> str:
+    """A non-ASCII value in NFC, checked for hidden characters and mixed scripts.
+
+    Raises:
+        InvalidIdentifier: it holds either.
+    """
+    value = unicodedata.normalize("NFC", value)
+    if _HIDDEN.search(value):
+        raise InvalidIdentifier(_hidden_reason(value))
+    parts = value.rpartition("@")[::2] if "@" in value else (value,)
+    for part in [parts[0], *parts[1].split(".")] if len(parts) == 2 else parts:
+        if not highly_restrictive(part):
+            raise InvalidIdentifier(
+                "must not mix scripts (Unicode TR 39, Highly Restrictive: one script, or Latin "
+                "with Han and kana, Han and Bopomofo, or Han and Hangul)"
+            )
+    return value
+
+
+def _augmented_scripts(char: str) -> frozenset[str] | None:
+    """TR 39's augmented script set of ``char`` (its Script_Extensions, with the composite
+    scripts Han belongs to); None for Common and Inherited, which go with any script."""
+    scripts = frozenset(script_extension(char))
+    if scripts <= _COMMON:
+        return None
+    if "Hani" in scripts:
+        scripts |= _HAN_COMPOSITES
+    if scripts & {"Hira", "Kana"}:
+        scripts |= {"Jpan"}
+    if "Hang" in scripts:
+        scripts |= {"Kore"}
+    if "Bopo" in scripts:
+        scripts |= {"Hanb"}
+    return scripts
+
+
+def _resolved_scripts(text: str) -> frozenset[str] | None:
+    """TR 39's resolved script set: the scripts every character belongs to; None when every
+    character is Common or Inherited (any script), empty when the text mixes scripts."""
+    resolved: frozenset[str] | None = None
+    for char in text:
+        scripts = _augmented_scripts(char)
+        if scripts is not None:
+            resolved = scripts if resolved is None else resolved & scripts
+            if not resolved:
+                break
+    return resolved
+
+
+def highly_restrictive(text: str) -> bool:
+    """Whether ``text`` meets TR 39's "Highly Restrictive" level: single-script, or Latin with
+    one of Han + Hiragana + Katakana, Han + Bopomofo, Han + Hangul."""
+    resolved = _resolved_scripts(text)
+    if resolved is None or resolved:
+        return True
+    without_latin = "".join(c for c in text if "Latn" not in script_extension(c))
+    rest = _resolved_scripts(without_latin)
+    return rest is None or bool(rest & _HAN_COMPOSITES)
 
 
 # Checking an address costs tens of microseconds and the same ones come again and again (every

@@ -68,6 +68,7 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
         self.delay_s = 0.0
         self.calls = 0
         self.time_left: list[float | None] = []  # each call's deadline, as time remaining
+        self.identifiers_asked = 0
 
     def profile(self) -> profile_pb2.Profile:
         profile = profile_pb2.Profile(customer_id="c-1", version=7)
@@ -87,6 +88,7 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.BatchGetProfilesResponse:
+        self.identifiers_asked += len(request.identifiers)
         await self.play(context)
         if self.mode == "erased":
             results = [profile_pb2.ProfileResult(identifier=i, erased=True) for i in request.identifiers]
@@ -193,7 +195,8 @@ async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
     async with render_service(target, redis_url=redis_url) as stub:
         live = await stub.Render(request(user("u-lkg"), CART_EMAIL))
         assert live.profile_source == render_pb2.PROFILE_SOURCE_LIVE
-        await asyncio.sleep(0.05)  # the Redis copy is written off the hot path
+        async with Redis.from_url(redis_url) as redis:  # the copy is written off the hot path
+            await eventually(lambda: redis.exists(lkg_key("u-lkg")))
         service.mode = "fail"
         stale = await stub.Render(request(user("u-lkg"), CART_EMAIL))
     assert stale.status == RENDERED and stale.subject == live.subject
@@ -541,9 +544,9 @@ async def test_a_batch_renders_only_as_fast_as_its_reader_reads(
     template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
     unique: str,
 ) -> None:
-    """A reader that stops after ten results holds a batch of 20 chunks (500 customers, one
-    profile lookup each) at a few chunks ahead of it, once HTTP/2's flow-control window is full:
-    before, every chunk rendered and waited in memory. Each email is ~6.5 KB, as real ones are."""
+    """A reader that stops after ten results holds a batch of 20 chunks (500 customers, looked
+    up together) at a few chunks ahead of it, once HTTP/2's flow-control window is full:
+    before, every chunk rendered and waited in memory. Each email is ~6 KB, as real ones are."""
     service, target = scripted
     long_email = render_pb2.Template(
         subject="Hi {{ profile.traits.first_name }}",
@@ -560,18 +563,18 @@ async def test_a_batch_renders_only_as_fast_as_its_reader_reads(
         call = stub.RenderBatch(batch, timeout=120)
         read = 0
         async for response in call:
-            assert len(response.result.html) > 6_000
+            assert len(response.result.html) > 5_000  # with the profile or, late, without
             read += 1
             if read == 10:
                 break
         held_at = -1
-        while held_at != service.calls:  # until the batch stops moving
-            held_at = service.calls
+        while held_at != service.identifiers_asked:  # until the batch stops moving
+            held_at = service.identifiers_asked
             await asyncio.sleep(1)
-        assert held_at <= 8  # the chunk being read, 4 ahead, what the window holds
+        assert held_at <= 8 * 500  # the chunk being read, 4 ahead, what the window holds
         rest = [r async for r in call]
     assert [r.index for r in rest] == list(range(10, 10_000))  # all, in order
-    assert service.calls == 20
+    assert service.identifiers_asked == 10_000
 
 
 async def test_a_stored_template_renders_at_its_published_or_a_given_version(
