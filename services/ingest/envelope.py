@@ -17,6 +17,12 @@ from sendtime_common.identifiers import (
     identifiers_of,
     normalize_identifier,
 )
+from sendtime_common.storable import (
+    NANOS_PER_SECOND,
+    TIMESTAMP_MAX_SECONDS,
+    TIMESTAMP_MIN_SECONDS,
+    valid_timestamp,
+)
 
 DERIVED_ID_PREFIX = "auto-"
 
@@ -67,14 +73,23 @@ def stamp(event: ingest_pb2.Event, received_at: datetime) -> ingest_pb2.Event:
     stamped.received_at.FromDatetime(received_at)
     if event.HasField("occurred_at"):
         stamped.original_occurred_at.CopyFrom(event.occurred_at)
-        if event.HasField("sent_at"):
+        # Invalid times are left as sent, for validation to name.
+        readable = valid_timestamp(event.occurred_at) and valid_timestamp(event.sent_at)
+        if event.HasField("sent_at") and readable:
             skew_ns = _nanos(stamped.received_at) - _nanos(event.sent_at)
-            stamped.occurred_at.FromNanoseconds(_nanos(event.occurred_at) + skew_ns)
+            corrected = _nanos(event.occurred_at) + skew_ns
+            # A sent_at centuries off moves occurred_at out of Timestamp's range: kept at its edge,
+            # which validation refuses as too old or in the future, as the corrected time is.
+            stamped.occurred_at.FromNanoseconds(min(max(corrected, _MIN_NANOS), _MAX_NANOS))
     return stamped
 
 
 def _nanos(ts: timestamp_pb2.Timestamp) -> int:
     return int(ts.ToNanoseconds())
+
+
+_MIN_NANOS = TIMESTAMP_MIN_SECONDS * NANOS_PER_SECOND
+_MAX_NANOS = TIMESTAMP_MAX_SECONDS * NANOS_PER_SECOND
 
 
 def business_key(event: ingest_pb2.Event) -> BusinessKey | None:
