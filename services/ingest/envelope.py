@@ -10,21 +10,14 @@ from datetime import datetime
 from google.protobuf import timestamp_pb2
 
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.identifiers import (
-    IdentifierHasher,
-    IdentifierKind,
-    InvalidIdentifier,
-    identifiers_of,
-    normalize_identifier,
-)
+from sendtime_common.event_integrity import DERIVED_ID_PREFIX
+from sendtime_common.identifiers import InvalidIdentifier, identifiers_of
 from sendtime_common.storable import (
     NANOS_PER_SECOND,
     TIMESTAMP_MAX_SECONDS,
     TIMESTAMP_MIN_SECONDS,
     valid_timestamp,
 )
-
-DERIVED_ID_PREFIX = "auto-"
 
 BusinessKey = tuple[str, str]  # (kind, value), e.g. ("order", "1001")
 
@@ -103,24 +96,3 @@ def business_key(event: ingest_pb2.Event) -> BusinessKey | None:
     if payload == "order_refunded" and event.order_refunded.refund_id:
         return ("order_refunded", event.order_refunded.refund_id)
     return None
-
-
-def identifier_hashes(event: ingest_pb2.Event, hasher: IdentifierHasher) -> tuple[bytes, ...]:
-    """The (current-key) hashes of the identifiers an event names (its customer's, and an alias's other), as
-    an erasure notice names them: a dead letter is found by them when its person is erased. A
-    value that does not normalize (often why the event was rejected) is hashed as sent."""
-    customers = [event.customer]
-    if event.WhichOneof("payload") == "alias":
-        customers.append(event.alias.other)
-    hashes: dict[bytes, None] = {}
-    for customer in customers:
-        for kind in IdentifierKind:
-            raw = getattr(customer, kind.value)
-            if not raw:
-                continue
-            try:
-                value = normalize_identifier(kind, raw)
-            except InvalidIdentifier:
-                value = raw
-            hashes[hasher.hash((kind, value))] = None
-    return tuple(hashes)
