@@ -1,6 +1,8 @@
 """NATS users for the Sendtime services, each with only the permissions it needs.
 
-- **ingest** publishes events (``sendtime.events.>``) and follows erasure notices.
+- **ingest** publishes events (``sendtime.events.>``), reads one back by its position (the first
+  of two events under one id, to tell a resend from an idempotency conflict) and follows
+  erasure notices.
 - **profile** makes the two streams, reads events through its durable consumer, publishes
   erasure notices, and deletes an erased person's events from the stream.
 - **render** reads events through its catalog consumer and follows erasure notices.
@@ -74,7 +76,7 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
     """The NATS permissions of ``service``'s user."""
     publish = _follow_erasures(names)
     if service == "ingest":
-        publish += [f"{names.subject_prefix}.>"]
+        publish += [f"{names.subject_prefix}.>", f"{API}.STREAM.MSG.GET.{names.events_stream}"]
     elif service == "profile":
         publish += [
             *(

@@ -78,7 +78,8 @@ class RetryLater(Exception):
 
 @dataclass(frozen=True, slots=True)
 class PublishReceipt:
-    """The log's confirmation that it holds the message."""
+    """The log's confirmation that it holds the message: at ``sequence``, or, for a
+    ``duplicate`` (its message id already in the duplicate window), the first one's there."""
 
     sequence: int
     duplicate: bool
@@ -162,6 +163,15 @@ class EventLog(Protocol):
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         """A durable subscription to every message; it resumes after the last acked one."""
+        ...
+
+    async def read(self, position: int) -> bytes | None:
+        """The payload of the message at ``position``; None when there is none (erased, or
+        aged out of the log).
+
+        Raises:
+            EventLogUnavailable: the log did not answer.
+        """
         ...
 
     async def erase(self, positions: Sequence[int]) -> None:
@@ -669,6 +679,19 @@ class JetStreamEventLog:
             ),
         )
         return _JetStreamSubscription(subscription)
+
+    async def read(self, position: int) -> bytes | None:
+        try:
+            msg = await self._js.get_msg(self._settings.stream, seq=position)
+        except nats.js.errors.NotFoundError:
+            return None
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _NO_SUCH_MESSAGE:
+                return None
+            raise EventLogUnavailable(f"could not read message {position}: {exc}") from exc
+        except (nats.errors.Error, OSError) as exc:
+            raise EventLogUnavailable(f"could not read message {position}: {exc}") from exc
+        return msg.data or b""
 
     async def erase(self, positions: Sequence[int]) -> None:
         # STREAM.MSG.DELETE without no_erase: the server overwrites the message's data on disk.

@@ -145,7 +145,14 @@ class Pacer:
 
 
 _FINAL_OUTCOMES = frozenset(
-    {ingest_pb2.EVENT_OUTCOME_ACCEPTED, ingest_pb2.EVENT_OUTCOME_DUPLICATE, ingest_pb2.EVENT_OUTCOME_REJECTED}
+    {
+        ingest_pb2.EVENT_OUTCOME_ACCEPTED,
+        ingest_pb2.EVENT_OUTCOME_DUPLICATE,
+        ingest_pb2.EVENT_OUTCOME_REJECTED,
+        # Another event was stored under the line's id: kept by ingest for review; a rejected
+        # line here, with the reason.
+        ingest_pb2.EVENT_OUTCOME_CONFLICT,
+    }
 )
 _RETRYABLE_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
@@ -155,7 +162,7 @@ _RETRYABLE_CODES = frozenset(
 async def deliver(
     events: Sequence[ingest_pb2.Event], send: Sender, policy: RetryPolicy
 ) -> list[ingest_pb2.EventResult]:
-    """Final results (ACCEPTED, DUPLICATE or REJECTED) for ``events``, in their order. Events
+    """Final results (ACCEPTED, DUPLICATE, REJECTED or CONFLICT) for ``events``, in their order. Events
     answered RETRY, and whole calls that failed transiently, are sent again with the same ids
     after a backoff.
 

@@ -1,5 +1,6 @@
-"""The dead-letter store as the API shows it: listing rejected events (AIP-158 pages) and
-replaying one once the cause of its rejection is fixed; and forgetting an erased person's."""
+"""The dead-letter store as the API shows it: listing rejected events and idempotency conflicts
+(AIP-158 pages) and replaying one once the cause of its rejection is fixed; and forgetting an
+erased person's."""
 
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ class DeadLetters:
     ) -> tuple[ingest_pb2.EventResult, ingest_pb2.RejectedEvent] | None:
         """Ingest the dead letter (or its correction) again; None when there is no such one.
 
-        Accepted (or already stored): the dead letter is marked replayed. Rejected again: it
-        stays pending with the new reasons. RETRY: nothing changes.
+        Accepted (or already stored): the dead letter is marked replayed. Rejected again, or
+        an idempotency conflict again: it stays pending with the new reasons. RETRY: nothing
+        changes.
 
         Raises:
             AlreadyReplayed: it was replayed before.
@@ -118,7 +120,7 @@ class DeadLetters:
             updated = await self._store.update_rejection(
                 rejection_id, status=None, replayed_at=replayed_at
             ) or replace(rejection, replayed_at=replayed_at)
-        elif result.outcome == ingest_pb2.EVENT_OUTCOME_REJECTED:
+        elif result.outcome in (ingest_pb2.EVENT_OUTCOME_REJECTED, ingest_pb2.EVENT_OUTCOME_CONFLICT):
             status = result.status.SerializeToString()
             updated = await self._store.update_rejection(
                 rejection_id, status=status, replayed_at=None

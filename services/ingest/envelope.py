@@ -10,15 +10,14 @@ from datetime import datetime
 from google.protobuf import timestamp_pb2
 
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.identifiers import (
-    IdentifierHasher,
-    IdentifierKind,
-    InvalidIdentifier,
-    identifiers_of,
-    normalize_identifier,
+from sendtime_common.event_integrity import DERIVED_ID_PREFIX
+from sendtime_common.identifiers import InvalidIdentifier, identifiers_of
+from sendtime_common.storable import (
+    NANOS_PER_SECOND,
+    TIMESTAMP_MAX_SECONDS,
+    TIMESTAMP_MIN_SECONDS,
+    valid_timestamp,
 )
-
-DERIVED_ID_PREFIX = "auto-"
 
 BusinessKey = tuple[str, str]  # (kind, value), e.g. ("order", "1001")
 
@@ -67,14 +66,23 @@ def stamp(event: ingest_pb2.Event, received_at: datetime) -> ingest_pb2.Event:
     stamped.received_at.FromDatetime(received_at)
     if event.HasField("occurred_at"):
         stamped.original_occurred_at.CopyFrom(event.occurred_at)
-        if event.HasField("sent_at"):
+        # Invalid times are left as sent, for validation to name.
+        readable = valid_timestamp(event.occurred_at) and valid_timestamp(event.sent_at)
+        if event.HasField("sent_at") and readable:
             skew_ns = _nanos(stamped.received_at) - _nanos(event.sent_at)
-            stamped.occurred_at.FromNanoseconds(_nanos(event.occurred_at) + skew_ns)
+            corrected = _nanos(event.occurred_at) + skew_ns
+            # A sent_at centuries off moves occurred_at out of Timestamp's range: kept at its edge,
+            # which validation refuses as too old or in the future, as the corrected time is.
+            stamped.occurred_at.FromNanoseconds(min(max(corrected, _MIN_NANOS), _MAX_NANOS))
     return stamped
 
 
 def _nanos(ts: timestamp_pb2.Timestamp) -> int:
     return int(ts.ToNanoseconds())
+
+
+_MIN_NANOS = TIMESTAMP_MIN_SECONDS * NANOS_PER_SECOND
+_MAX_NANOS = TIMESTAMP_MAX_SECONDS * NANOS_PER_SECOND
 
 
 def business_key(event: ingest_pb2.Event) -> BusinessKey | None:
@@ -88,24 +96,3 @@ def business_key(event: ingest_pb2.Event) -> BusinessKey | None:
     if payload == "order_refunded" and event.order_refunded.refund_id:
         return ("order_refunded", event.order_refunded.refund_id)
     return None
-
-
-def identifier_hashes(event: ingest_pb2.Event, hasher: IdentifierHasher) -> tuple[bytes, ...]:
-    """The (current-key) hashes of the identifiers an event names (its customer's, and an alias's other), as
-    an erasure notice names them: a dead letter is found by them when its person is erased. A
-    value that does not normalize (often why the event was rejected) is hashed as sent."""
-    customers = [event.customer]
-    if event.WhichOneof("payload") == "alias":
-        customers.append(event.alias.other)
-    hashes: dict[bytes, None] = {}
-    for customer in customers:
-        for kind in IdentifierKind:
-            raw = getattr(customer, kind.value)
-            if not raw:
-                continue
-            try:
-                value = normalize_identifier(kind, raw)
-            except InvalidIdentifier:
-                value = raw
-            hashes[hasher.hash((kind, value))] = None
-    return tuple(hashes)

@@ -1,5 +1,12 @@
 """The ingest pipeline: stamp, validate, deduplicate, store durably, report one outcome per event.
 
+A second event under a stored event's id is a DUPLICATE when it is the same event (the same
+fingerprint: ``sendtime_common.event_integrity``), and a CONFLICT when it is another one: it is
+then kept in the dead-letter store for review, never counted as a duplicate and dropped. The
+fingerprint comes from ingest's record of stored ids, from the first event of a batch holding
+both, or, when the event log caught the resend in its duplicate window first, from the first
+event as the log holds it (read back by its position: rare, one read per such resend).
+
 For a batch of events it makes a fixed number of round trips: one PostgreSQL query for ids seen
 before, one to claim business keys, pipelined publishes to the event log, one write recording
 what was stored (and one for dead letters). ``StreamEvents`` feeds single events through a
@@ -21,15 +28,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from opentelemetry import trace
 
-from ingest.envelope import BusinessKey, business_key, event_type, identifier_hashes, stamp
+from ingest.envelope import BusinessKey, business_key, event_type, stamp
 from ingest.stats import OutcomeCounters
 from ingest.store import IngestStore, Rejection, StoreError
 from ingest.validation import ValidationRules, validate_event
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.batching import MicroBatcher, Turns
 from sendtime_common.errors import bad_request_status, retry_status
+from sendtime_common.event_integrity import conflict_status, conflicts, fingerprint, identifier_hashes
 from sendtime_common.event_log import (
     EventLog,
     EventLogFull,
@@ -52,6 +62,7 @@ ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = ingest_pb2.EVENT_OUTCOME_DUPLICATE
 REJECTED = ingest_pb2.EVENT_OUTCOME_REJECTED
 RETRY = ingest_pb2.EVENT_OUTCOME_RETRY
+CONFLICT = ingest_pb2.EVENT_OUTCOME_CONFLICT
 DUPLICATE_IN_LOG_WINDOW = ingest_pb2.DUPLICATE_KIND_EVENT_LOG_WINDOW
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
@@ -68,6 +79,9 @@ class _Work:
     result: ingest_pb2.EventResult | None = None
     duplicate_kind: int = ingest_pb2.DUPLICATE_KIND_UNSPECIFIED
     key: BusinessKey | None = None
+    fingerprint: bytes | None = None  # of a valid event
+    dead_letter: Rejection | None = None  # what the dead-letter store keeps of it, if anything
+    first_copy_at: int | None = None  # a log-window duplicate: where the log holds the first
 
     def finish(self, outcome: int, kind: int = ingest_pb2.DUPLICATE_KIND_UNSPECIFIED) -> None:
         self.result = ingest_pb2.EventResult(event_id=self.event.event_id, outcome=outcome)  # type: ignore[arg-type]
@@ -114,7 +128,7 @@ class Ingestor:
         self, events: list[ingest_pb2.Event], *, dead_letter: bool = True
     ) -> list[ingest_pb2.EventResult]:
         """Outcomes in input order. ``dead_letter=False`` (a replay of a dead letter) answers
-        REJECTED without storing the event again."""
+        REJECTED or CONFLICT without storing the event again."""
         turn = self._publish_turns.ticket()
         try:
             return await self._ingest_batch(events, dead_letter, turn)
@@ -126,7 +140,7 @@ class Ingestor:
     ) -> list[ingest_pb2.EventResult]:
         received_at = self._clock()
         work = [_Work(_normalized(stamp(e, received_at))) for e in events]
-        rejections = self._validate(work, received_at)
+        self._validate(work, received_at)
         self._mark_repeats_within_batch(work)
         try:
             await self._deduplicate(work)
@@ -135,66 +149,77 @@ class Ingestor:
             self._retry_all(work, "the dedup store is unavailable", "DEDUP_STORE_UNAVAILABLE")
             return self._report(work, received_at)
         claims = {w.key: w.event.event_id for w in work if w.result is None and w.key is not None}
-        dead_letters = dead_letter and rejections
+        kept = [w for w in work if w.dead_letter is not None] if dead_letter else []
         await self._publish_turns.wait(turn)
-        storing = (
-            asyncio.ensure_future(self._store_rejections(rejections, received_at)) if dead_letters else None
-        )
-        await self._publish([w for w in work if w.result is None], turn)
-        if storing is not None and not await storing:
-            for w in work:
-                if w.result is not None and w.result.outcome == REJECTED:
-                    w.result = _retry(
-                        w.event, grpc.StatusCode.UNAVAILABLE, "the dead-letter store is unavailable",
-                        "DEAD_LETTER_STORE_UNAVAILABLE", RETRY_AFTER_UNAVAILABLE_S,
-                    )  # fmt: skip
+        storing = asyncio.ensure_future(self._store_dead_letters(kept, received_at)) if kept else None
+        published = [w for w in work if w.result is None]
+        await self._publish(published, turn)
+        found_in_log = await self._compare_with_first_copies(published)
+        if storing is not None:
+            await storing
+        if found_in_log and dead_letter:
+            await self._store_dead_letters(found_in_log, received_at)
         await self._record(work, claims, received_at)
         return self._report(work, received_at)
 
-    def _validate(self, work: list[_Work], now: datetime) -> list[Rejection]:
-        rejections: list[Rejection] = []
+    def _validate(self, work: list[_Work], now: datetime) -> None:
         for w in work:
             violations = validate_event(w.event, now, self._rules)
             if violations:
                 status = bad_request_status("the event is invalid", violations)
                 w.result = ingest_pb2.EventResult(event_id=w.event.event_id, outcome=REJECTED, status=status)
-                rejections.append(
-                    Rejection(
-                        w.event.event_id,
-                        w.event.source,
-                        w.event.SerializeToString(),
-                        status.SerializeToString(),
-                        identifier_hashes(w.event, self._hasher),
-                    )
-                )
+                w.dead_letter = self._rejection(w.event, status)
             else:
                 w.key = business_key(w.event)
-        return rejections
+                w.fingerprint = fingerprint(w.event)
 
-    @staticmethod
-    def _mark_repeats_within_batch(work: list[_Work]) -> None:
-        ids: set[str] = set()
+    def _rejection(self, event: ingest_pb2.Event, status: status_pb2.Status) -> Rejection:
+        return Rejection(
+            event.event_id,
+            event.source,
+            event.SerializeToString(),
+            status.SerializeToString(),
+            identifier_hashes(event, self._hasher),
+        )
+
+    def _conflict(self, w: _Work) -> None:
+        """Another event under a stored event's id: answered CONFLICT, kept for review."""
+        status = conflict_status(w.event.event_id)
+        w.result = ingest_pb2.EventResult(event_id=w.event.event_id, outcome=CONFLICT, status=status)
+        w.duplicate_kind = ingest_pb2.DUPLICATE_KIND_UNSPECIFIED
+        w.dead_letter = self._rejection(w.event, status)
+        log.warning("idempotency conflict", extra={"event_id": w.event.event_id})
+
+    def _mark_repeats_within_batch(self, work: list[_Work]) -> None:
+        first: dict[str, bytes | None] = {}  # event id -> the fingerprint of its first event
         keys: set[BusinessKey] = set()
         for w in work:
             if w.result is not None:
                 continue
-            if w.event.event_id in ids:
-                w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_ID)
+            if w.event.event_id in first:
+                if conflicts(first[w.event.event_id], w.fingerprint):
+                    self._conflict(w)
+                else:
+                    w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_ID)
             elif w.key is not None and w.key in keys:
                 w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_BUSINESS_KEY)
-            ids.add(w.event.event_id)
+            first.setdefault(w.event.event_id, w.fingerprint)
             if w.key is not None:
                 keys.add(w.key)
 
     async def _deduplicate(self, work: list[_Work]) -> None:
-        """Ids stored before, then business keys owned by other events: DUPLICATE."""
+        """Ids stored before (DUPLICATE, or CONFLICT when the event differs), then business keys
+        owned by other events (DUPLICATE)."""
         open_work = [w for w in work if w.result is None]
         if not open_work:
             return
         seen = await self._store.seen_event_ids([w.event.event_id for w in open_work])
         for w in open_work:
             if w.event.event_id in seen:
-                w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_ID)
+                if conflicts(seen[w.event.event_id], w.fingerprint):
+                    self._conflict(w)
+                else:
+                    w.finish(DUPLICATE, ingest_pb2.DUPLICATE_KIND_EVENT_ID)
         claims = {w.key: w.event.event_id for w in work if w.result is None and w.key is not None}
         owners = await self._store.claim_business_keys(claims, self._claim_stale_after)
         for w in work:
@@ -228,6 +253,7 @@ class Ingestor:
             if isinstance(outcome, PublishReceipt):
                 if outcome.duplicate:
                     w.finish(DUPLICATE, DUPLICATE_IN_LOG_WINDOW)
+                    w.first_copy_at = outcome.sequence
                 else:
                     w.finish(ACCEPTED)
             elif isinstance(outcome, EventLogFull):
@@ -268,13 +294,47 @@ class Ingestor:
             for w in work
         ]
 
-    async def _store_rejections(self, rejections: list[Rejection], at: datetime) -> bool:
+    async def _compare_with_first_copies(self, published: list[_Work]) -> list[_Work]:
+        """For each event the log caught in its duplicate window: read the first event under its
+        id back from the log and compare. The same event stays DUPLICATE; another one becomes a
+        CONFLICT (returned, for the dead-letter store); RETRY when the log cannot be read."""
+        caught = [
+            (w, w.first_copy_at)
+            for w in published
+            if w.duplicate_kind == DUPLICATE_IN_LOG_WINDOW and w.first_copy_at is not None and w.fingerprint
+        ]
+        if not caught:
+            return []
+        firsts = await asyncio.gather(
+            *(self._event_log.read(position) for _, position in caught), return_exceptions=True
+        )
+        found: list[_Work] = []
+        for (w, _), first in zip(caught, firsts, strict=True):
+            if isinstance(first, EventLogUnavailable):
+                w.result = _retry(
+                    w.event, grpc.StatusCode.UNAVAILABLE, "the event log is unavailable",
+                    "EVENT_LOG_UNAVAILABLE", RETRY_AFTER_UNAVAILABLE_S,
+                )  # fmt: skip
+                w.duplicate_kind = ingest_pb2.DUPLICATE_KIND_UNSPECIFIED
+            elif isinstance(first, BaseException):
+                raise first
+            elif first is not None and conflicts(_fingerprint_of(first), w.fingerprint):
+                self._conflict(w)
+                found.append(w)
+        return found
+
+    async def _store_dead_letters(self, kept: list[_Work], at: datetime) -> None:
+        """Keep the rejected and conflicting events; if the store cannot, they are answered RETRY:
+        never REJECTED or CONFLICT without the record."""
         try:
-            await self._store.add_rejections(rejections, at)
+            await self._store.add_rejections([w.dead_letter for w in kept if w.dead_letter is not None], at)
         except StoreError as exc:
             log.warning("dead-letter store unavailable", extra={"error": str(exc)})
-            return False
-        return True
+            for w in kept:
+                w.result = _retry(
+                    w.event, grpc.StatusCode.UNAVAILABLE, "the dead-letter store is unavailable",
+                    "DEAD_LETTER_STORE_UNAVAILABLE", RETRY_AFTER_UNAVAILABLE_S,
+                )  # fmt: skip
 
     async def _record(self, work: list[_Work], claims: dict[BusinessKey, str], received_at: datetime) -> None:
         """Remember what the event log stored (for dedup beyond its window); give back the
@@ -288,10 +348,13 @@ class Ingestor:
             )
         ]
         stored_keys = {w.key for w in stored if w.key is not None and w.key in claims}
-        unstored = {key: event_id for key, event_id in claims.items() if key not in stored_keys}
+        # A claim under the id of an event the log holds already (a resend it caught, a conflict
+        # among them) is the first copy's: its own batch confirms or releases it.
+        held = {w.key for w in work if w.first_copy_at is not None}
+        unstored = {k: event_id for k, event_id in claims.items() if k not in stored_keys and k not in held}
         try:
             await self._store.record_stored(
-                [w.event.event_id for w in stored],
+                [(w.event.event_id, w.fingerprint) for w in stored],
                 list(stored_keys),
                 received_at,
             )
@@ -371,6 +434,15 @@ def _normalized(event: ingest_pb2.Event) -> ingest_pb2.Event:
         except ValueError:
             pass
     return event
+
+
+def _fingerprint_of(payload: bytes) -> bytes | None:
+    """The fingerprint of an event as the log holds it; None when it does not decode (then
+    there is nothing to compare with, and the resend stays a duplicate)."""
+    try:
+        return fingerprint(ingest_pb2.Event.FromString(payload))
+    except DecodeError:
+        return None
 
 
 def _retry(

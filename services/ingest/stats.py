@@ -44,6 +44,8 @@ def stats_response(
             stats.rejected += count
         elif outcome == ingest_pb2.EVENT_OUTCOME_RETRY:
             stats.retried += count
+        elif outcome == ingest_pb2.EVENT_OUTCOME_CONFLICT:
+            stats.conflicts += count
         elif outcome == ingest_pb2.EVENT_OUTCOME_DUPLICATE:
             duplicates.setdefault(source, Counter())[kind] += count
     for source, kinds in duplicates.items():

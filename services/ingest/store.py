@@ -1,5 +1,6 @@
-"""Ingest's PostgreSQL tables: processed event ids and business keys (dedup beyond the event
-log's window), the dead-letter store, and outcome counts. Every method is one statement for a
+"""Ingest's PostgreSQL tables: processed event ids with their fingerprints and business keys
+(dedup beyond the event log's window), the dead-letter store (rejected events and idempotency
+conflicts), and outcome counts. Every method is one statement for a
 whole batch: the ingest hot path makes a fixed number of round trips per batch, not per event.
 """
 
@@ -46,8 +47,9 @@ class StoredRejection:
 # batch of 256 at 40,000 rows, paid by every batch (docs/benchmarks.md). LIMIT 1 keeps the
 # subquery from being flattened into a join the planner could turn into that same scan.
 SEEN_EVENT_IDS = (
-    "SELECT q.event_id FROM unnest($1::text[]) AS q(event_id),"
-    " LATERAL (SELECT 1 FROM ingest_processed_events p WHERE p.event_id = q.event_id LIMIT 1) AS seen"
+    "SELECT q.event_id, seen.fingerprint FROM unnest($1::text[]) AS q(event_id),"
+    " LATERAL (SELECT p.fingerprint FROM ingest_processed_events p WHERE p.event_id = q.event_id LIMIT 1)"
+    " AS seen"
 )
 
 
@@ -56,10 +58,11 @@ class IngestStore:
         self._pool = pool
         self._purge_chunk = purge_chunk
 
-    async def seen_event_ids(self, event_ids: Sequence[str]) -> set[str]:
-        """Which of these ids were stored in the event log before (within the dedup window)."""
+    async def seen_event_ids(self, event_ids: Sequence[str]) -> dict[str, bytes | None]:
+        """Which of these ids were stored in the event log before (within the dedup window), each
+        with the fingerprint of the event stored (None when unknown)."""
         rows = await self._pool.fetch(SEEN_EVENT_IDS, list(event_ids))
-        return {row["event_id"] for row in rows}
+        return {row["event_id"]: row["fingerprint"] for row in rows}
 
     async def claim_business_keys(
         self, claims: Mapping[BusinessKey, str], stale_after: timedelta
@@ -112,20 +115,25 @@ class IngestStore:
         return owners
 
     async def record_stored(
-        self, event_ids: Sequence[str], keys: Sequence[BusinessKey], received_at: datetime
+        self,
+        events: Sequence[tuple[str, bytes | None]],
+        keys: Sequence[BusinessKey],
+        received_at: datetime,
     ) -> None:
-        """Remember ids stored in the event log and confirm their business keys, atomically: one
-        statement (a data-modifying CTE runs whether or not the rest reads it), one round trip."""
-        if not event_ids and not keys:
+        """Remember the ids (each with its event's fingerprint) stored in the event log and
+        confirm their business keys, atomically: one statement (a data-modifying CTE runs
+        whether or not the rest reads it), one round trip."""
+        if not events and not keys:
             return
         await self._pool.execute(
             "WITH recorded AS ("
-            " INSERT INTO ingest_processed_events (event_id, received_at)"
-            " SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING)"
+            " INSERT INTO ingest_processed_events (event_id, fingerprint, received_at)"
+            " SELECT e, f, $3 FROM unnest($1::text[], $2::bytea[]) AS s(e, f) ON CONFLICT DO NOTHING)"
             " UPDATE ingest_business_keys k SET stored = true"
-            " FROM unnest($3::text[], $4::text[]) AS s(key_kind, key_value)"
+            " FROM unnest($4::text[], $5::text[]) AS s(key_kind, key_value)"
             " WHERE k.key_kind = s.key_kind AND k.key_value = s.key_value",
-            list(event_ids),
+            [event_id for event_id, _ in events],
+            [fingerprint for _, fingerprint in events],
             received_at,
             [k[0] for k in keys],
             [k[1] for k in keys],

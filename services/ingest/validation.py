@@ -2,6 +2,12 @@
 
 Pure functions: no I/O, no clock reads (the caller passes ``now``). docs/ingest.md has the rules
 as a table; each rule has a test in tests/ingest/test_validation.py.
+
+An event that passes is one every store after ingest can keep and the merger can merge
+(docs/limits.md, "Events: what ingest accepts, conflicts and poison"): no NUL in a string, no
+NaN or Infinity, timestamps in range (``sendtime_common.storable``), amounts and quantities in
+ranges the profile's sums stay exact in. And validation itself never raises, whatever the
+event holds: each check reads only what the checks before it found readable.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from google.type import money_pb2
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.errors import FieldViolation
 from sendtime_common.identifiers import IdentifierKind, InvalidIdentifier, normalize_identifier
+from sendtime_common.storable import unstorable_values, valid_timestamp
 
 EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PROPERTY_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]{1,64}$")
@@ -32,7 +39,16 @@ MAX_TRAITS = 100
 MAX_PROPERTIES = 50
 MAX_NESTING = 3
 MAX_LINES = 500
+# More than any order in any currency (10^15 Iranian rials are ~24 billion US dollars), and small
+# enough that a profile's sums of amounts stay exact in Decimal's 28 digits.
+MAX_MONEY_UNITS = 10**15
+# A line of a million items is already a wholesale order; a cart's sums of quantities stay far
+# inside int64.
+MAX_QUANTITY = 1_000_000
 _CURRENCIES = frozenset(list_currencies())
+# The IANA names tzdata knows. Looked up in a set: zoneinfo.ZoneInfo() opens a file named by the
+# value, so "Europe" raised IsADirectoryError and a long name "File name too long".
+_TIME_ZONES = frozenset(zoneinfo.available_timezones())
 _NANOS_PER_UNIT = 1_000_000_000
 
 _Fail = Callable[[str, str], None]  # records one violation: (field path, description)
@@ -65,6 +81,11 @@ def validate_event(event: ingest_pb2.Event, now: datetime, rules: ValidationRule
     elif not EVENT_ID_PATTERN.match(event.event_id):
         fail("event_id", "must be 1 to 128 characters of letters, digits and . _ : -")
 
+    serialized = event.SerializeToString()
+    # original_occurred_at is ingest's copy of occurred_at as sent: named once, as occurred_at.
+    violations.extend(
+        v for v in unstorable_values(event, serialized=serialized) if v.field != "original_occurred_at"
+    )
     _check_identifiers(event.customer, "customer", fail)
     _check_times(event, now, rules, fail)
 
@@ -82,7 +103,7 @@ def validate_event(event: ingest_pb2.Event, now: datetime, rules: ValidationRule
     else:
         _PAYLOAD_CHECKS[payload](getattr(event, payload), payload, rules, fail)
 
-    size = event.ByteSize()
+    size = len(serialized)
     if size > rules.max_event_bytes:
         fail("event", f"is {size} bytes; at most {rules.max_event_bytes} are allowed")
     return violations
@@ -104,6 +125,9 @@ def _check_times(event: ingest_pb2.Event, now: datetime, rules: ValidationRules,
     if not event.HasField("occurred_at"):
         fail("occurred_at", "required")
         return
+    times = [event.occurred_at, event.sent_at, event.original_occurred_at]
+    if not all(valid_timestamp(t) for t in times):
+        return  # named by unstorable_values; not readable as times
     occurred_at = event.occurred_at.ToDatetime(tzinfo=now.tzinfo)
     if occurred_at > now + rules.max_future_skew:
         fail("occurred_at", f"is more than {int(rules.max_future_skew.total_seconds())}s in the future")
@@ -126,11 +150,8 @@ def _check_context(context: ingest_pb2.EventContext, fail: _Fail) -> None:
             Locale.parse(context.locale, sep="-")
         except (ValueError, UnknownLocaleError):
             fail("context.locale", "must be a BCP 47 locale such as en-US or de-AT")
-    if context.timezone:
-        try:
-            zoneinfo.ZoneInfo(context.timezone)
-        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-            fail("context.timezone", "must be an IANA time zone such as Europe/Vienna")
+    if context.timezone and context.timezone not in _TIME_ZONES:
+        fail("context.timezone", "must be an IANA time zone such as Europe/Vienna")
 
 
 def _check_text(value: str, field: str, fail: _Fail, *, required: bool, limit: int = MAX_TEXT_LENGTH) -> None:
@@ -156,6 +177,8 @@ def _check_money(money: money_pb2.Money, field: str, fail: _Fail) -> None:
         fail(f"{field}.nanos", "must have the same sign as units")
     if money.units < 0 or money.nanos < 0:
         fail(field, "must not be negative")
+    elif money.units > MAX_MONEY_UNITS:
+        fail(f"{field}.units", f"must be at most {MAX_MONEY_UNITS} (10^15)")
 
 
 def _check_required_money(holder: Any, name: str, prefix: str, fail: _Fail) -> None:
@@ -168,6 +191,8 @@ def _check_required_money(holder: Any, name: str, prefix: str, fail: _Fail) -> N
 def _check_quantity(quantity: int, field: str, fail: _Fail) -> None:
     if quantity <= 0:
         fail(field, "must be positive")
+    elif quantity > MAX_QUANTITY:
+        fail(field, f"must be at most {MAX_QUANTITY}")
 
 
 def _check_struct(struct: struct_pb2.Struct, field: str, fail: _Fail, *, max_fields: int) -> None:

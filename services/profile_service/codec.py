@@ -57,10 +57,23 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def money_to_proto(money: Money) -> money_pb2.Money:
+    """Raises: ValueError: the amount is beyond ``google.type.Money``'s int64 units (see
+    ``_sums_in_range``: single amounts are bounded at ingest, sums are not)."""
     units = int(money.amount)  # truncates toward zero, as google.type.Money wants
     nanos = int((money.amount - units) * 1_000_000_000)
     return money_pb2.Money(currency_code=money.currency, units=units, nanos=nanos)
+
+
+def _sums_in_range(amounts: Iterable[Money]) -> list[Money]:
+    """The sums that fit ``google.type.Money`` (int64 units). Ingest bounds each amount
+    (10^15 units) and quantity (10^6), but a cart of a few such lines, or thousands of such
+    orders, adds up past 9.2 * 10^18: such a total is left out of the profile rather than make
+    it unreadable."""
+    return [m for m in amounts if abs(int(m.amount)) <= _INT64_MAX]
 
 
 def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
@@ -74,7 +87,7 @@ def _sum_by_currency(amounts: Iterable[Money]) -> list[money_pb2.Money]:
     totals: dict[str, Decimal] = defaultdict(Decimal)
     for m in amounts:
         totals[m.currency] += m.amount
-    return [money_to_proto(Money(amount, currency)) for currency, amount in sorted(totals.items())]
+    return [money_to_proto(m) for m in _sums_in_range(Money(a, c) for c, a in sorted(totals.items()))]
 
 
 def _provenance(p: Provenance) -> profile_pb2.Provenance:
@@ -220,10 +233,11 @@ def _fill_cart(profile: profile_pb2.Profile, state: ProfileState) -> None:
                 unit_price=money_to_proto(line.unit_price),
             )
         )
+    currencies = {c.unit_price.currency for c in lines}
     line_totals = _sum_by_currency(
         Money(c.unit_price.amount * c.quantity, c.unit_price.currency) for c in lines
     )
-    if len(line_totals) == 1:  # a total only makes sense in one currency
+    if len(currencies) == 1 and len(line_totals) == 1:  # a total only makes sense in one currency
         cart.total.CopyFrom(line_totals[0])
     if state.cart_updated_at is not None:
         cart.update_time.CopyFrom(_timestamp(state.cart_updated_at))
@@ -236,8 +250,8 @@ def _fill_orders(profile: profile_pb2.Profile, state: ProfileState) -> None:
     orders = profile.orders
     orders.count = summary.count
     orders.cancelled_count = summary.cancelled_count
-    orders.lifetime_value.extend(money_to_proto(m) for m in summary.lifetime_value)
-    orders.average_order_value.extend(money_to_proto(m) for m in summary.average_order_value)
+    orders.lifetime_value.extend(money_to_proto(m) for m in _sums_in_range(summary.lifetime_value))
+    orders.average_order_value.extend(money_to_proto(m) for m in _sums_in_range(summary.average_order_value))
     if summary.last_order_time is not None:
         orders.last_order_time.CopyFrom(_timestamp(summary.last_order_time))
     for view in summary.orders[:RECENT_ORDERS_LIMIT]:

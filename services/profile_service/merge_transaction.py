@@ -31,6 +31,7 @@ from profile_service.identity import IdentityLimits, best_identifier
 from profile_service.merge_rules import MergeRules
 from profile_service.state import ProfileState, apply_event, from_json, replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.event_integrity import conflicts, fingerprint
 from sendtime_common.identifier_proto import IdentifierKey
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind, identifiers_of
 
@@ -104,16 +105,18 @@ class _Customer:
 class EventOutcome:
     """What merging one event of the batch did; customers are final (after the batch's merges)."""
 
-    customer_id: uuid.UUID | None  # None: dropped as a late event of an erased person
+    customer_id: uuid.UUID | None  # None: dropped as a late event of an erased person, or a conflict
     duplicate: bool = False
     merged_customer_ids: tuple[uuid.UUID, ...] = ()
+    conflict: bool = False  # another event was merged under its id: not merged
 
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    customer: _Customer | uuid.UUID | None  # None: erased
+    customer: _Customer | uuid.UUID | None  # None: erased, or a conflict
     duplicate: bool = False
     losers: tuple[uuid.UUID, ...] = ()
+    conflict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +184,24 @@ class BatchMerge:
         erased_at = await self._tombstones(all_keys)
         await self._load_owners(all_keys)
 
-        placed: dict[str, _Customer] = {}  # event id -> customer, for this batch
+        placed: dict[str, tuple[_Customer, ingest_pb2.Event]] = {}  # event id -> customer, event
         outcomes: list[_Pending] = []
         for event, keys in zip(events, keys_of, strict=True):
+            # The same id again: a redelivery (or a resend past ingest's record) changes nothing;
+            # another event under it is an idempotency conflict, left for the caller to keep.
             if event.event_id in stored_events:
-                outcomes.append(_Pending(stored_events[event.event_id], duplicate=True))
+                customer_id, body = stored_events[event.event_id]
+                if conflicts(fingerprint(ingest_pb2.Event.FromString(body)), fingerprint(event)):
+                    outcomes.append(_Pending(None, conflict=True))
+                else:
+                    outcomes.append(_Pending(customer_id, duplicate=True))
                 continue
             if event.event_id in placed:
-                outcomes.append(_Pending(placed[event.event_id], duplicate=True))
+                customer, first = placed[event.event_id]
+                if conflicts(fingerprint(first), fingerprint(event)):
+                    outcomes.append(_Pending(None, conflict=True))
+                else:
+                    outcomes.append(_Pending(customer, duplicate=True))
                 continue
             occurred_at = event.occurred_at.ToDatetime(tzinfo=UTC)
             erased = max((erased_at[k] for k in keys if k in erased_at), default=None)
@@ -198,7 +211,7 @@ class BatchMerge:
                     self._erased_positions.append(self._positions[event.event_id])
                 continue
             customer, losers = self._place(event, keys, occurred_at)
-            placed[event.event_id] = customer
+            placed[event.event_id] = (customer, event)
             outcomes.append(_Pending(customer, losers=tuple(c.customer_id for c in losers)))
 
         changed = await self._write()
@@ -209,15 +222,16 @@ class BatchMerge:
         if isinstance(who, uuid.UUID):  # stored before this batch; maybe merged away by it
             who = self._customers.get(who, who)
         customer_id = who.final().customer_id if isinstance(who, _Customer) else who
-        return EventOutcome(customer_id, pending.duplicate, pending.losers)
+        return EventOutcome(customer_id, pending.duplicate, pending.losers, pending.conflict)
 
     # --- reads ---------------------------------------------------------------------------------
 
-    async def _stored_events(self, event_ids: list[str]) -> dict[str, uuid.UUID]:
+    async def _stored_events(self, event_ids: list[str]) -> dict[str, tuple[uuid.UUID, bytes]]:
+        """The batch's ids merged before: their customers and events (redeliveries, mostly)."""
         rows = await self._conn.fetch(
-            "SELECT event_id, customer_id FROM events WHERE event_id = ANY($1::text[])", event_ids
+            "SELECT event_id, customer_id, body FROM events WHERE event_id = ANY($1::text[])", event_ids
         )
-        return {r["event_id"]: r["customer_id"] for r in rows}
+        return {r["event_id"]: (r["customer_id"], r["body"]) for r in rows}
 
     async def _tombstones(self, keys: list[IdentifierKey]) -> dict[IdentifierKey, datetime]:
         by_hash = {h: key for key in keys for h in self._hasher.all_hashes(key)}

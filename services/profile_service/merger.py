@@ -9,6 +9,13 @@ at any point means a redelivery, which the event-id key turns into a no-op. When
 be merged, its events are merged one at a time, so one event the database refuses holds back no
 other.
 
+An event that fails on its own is judged (``profile_service.unmerged``): a transient failure
+(the database down) is retried with backoff for as long as it takes; a poison event (one whose
+data no store can keep, or that does not decode) is set aside at once in ``unmerged_events``
+with the reason, and settled for good, so it neither blocks the consumer nor loops; anything
+else is retried and set aside after ``max_deliveries`` deliveries. Another event under an id
+merged before (an idempotency conflict) is set aside there too, for review.
+
 ``concurrency`` batches may merge at once (the repository's locks keep one customer's updates
 serial), but concurrent fetches split the stream between them, so a customer's later event may
 commit before an earlier one and cost a replay of that customer's history. One batch at a time
@@ -24,12 +31,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
 from opentelemetry import trace
 
 from profile_service.cache import CacheUnavailable, ChangedProfile, ProfileCache, cache_key
 from profile_service.merge_transaction import event_identifiers
 from profile_service.repository import MergeResult, ProfileRepository
+from profile_service.unmerged import (
+    FailureKind,
+    StoreError,
+    UnmergedStore,
+    failure_kind,
+    merge_failure_status,
+    undecodable_status,
+)
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.event_integrity import conflict_status
 from sendtime_common.event_log import Delivery, EventLogSubscription
 from sendtime_common.telemetry import extract_trace_context, unsampled
 
@@ -41,6 +58,7 @@ tracer = trace.get_tracer(__name__)
 NOT_ABOUT_A_CUSTOMER = frozenset({"product_upserted"})
 
 MAX_RETRY_DELAY_S = 30.0
+DEFAULT_MAX_DELIVERIES = 10  # an unknown failure's: ~2.5 minutes of backoff (1, 2, 4 ... 30 s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +89,10 @@ class EventMerger:
         subscriptions: Sequence[EventLogSubscription],
         repository: ProfileRepository,
         cache: ProfileCache,
+        unmerged: UnmergedStore,
         *,
         batch_size: int,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
     ) -> None:
         """One merge loop per subscription, each fetching from its own: nats-py's fetches on one
         pull subscription share its queue and take each other's messages and status replies,
@@ -81,7 +101,9 @@ class EventMerger:
         self._subscriptions = list(subscriptions)
         self._repository = repository
         self._cache = cache
+        self._unmerged = unmerged
         self._batch_size = batch_size
+        self._max_deliveries = max_deliveries
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -138,8 +160,7 @@ class EventMerger:
                 event = ingest_pb2.Event.FromString(delivery.payload)
             except DecodeError:
                 # Ingest only writes valid events; an undecodable one will never merge.
-                log.error("undecodable event discarded", extra={"attempt": delivery.attempt})
-                await _settle(delivery.discard())
+                await self._set_aside(delivery, None, undecodable_status(len(delivery.payload)))
                 continue
             if event.WhichOneof("payload") in NOT_ABOUT_A_CUSTOMER:
                 await _settle(delivery.ack())
@@ -156,7 +177,7 @@ class EventMerger:
             )
         except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
             if len(work) == 1:
-                await self._retry_later(work[0], exc)
+                await self._failed(work[0], exc)
                 return None
             log.warning(
                 "batch merge failed, merging its events one at a time",
@@ -168,20 +189,70 @@ class EventMerger:
         return self._finish(work, results)
 
     async def _finish(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
-        await self._refresh_cache(work, results)
-        await asyncio.gather(*(self._ack(item, result) for item, result in zip(work, results, strict=True)))
+        await self._refresh_cache([w.event for w in work], results)
+        await asyncio.gather(
+            *(self._settle_merged(item, result) for item, result in zip(work, results, strict=True))
+        )
 
     async def _merge_batch_of_one(self, item: _Work) -> None:
         try:
             (result,) = await self._repository.merge_events([item.event], [item.delivery.position])
         except Exception as exc:  # noqa: BLE001 - one event must never stop the merger
-            await self._retry_later(item, exc)
+            await self._failed(item, exc)
             return
-        await self._refresh_cache([item], [result])
-        await self._ack(item, result)
+        await self._refresh_cache([item.event], [result])
+        await self._settle_merged(item, result)
+
+    async def merge_now(self, event: ingest_pb2.Event, position: int | None) -> tuple[str, bool]:
+        """Merge one event now, outside the log's deliveries (a replay of an unmerged event),
+        and refresh the cache; its customer id, and whether it was an idempotency conflict.
+
+        Raises:
+            Exception: whatever the merge raised; nothing was written.
+        """
+        (result,) = await self._repository.merge_events([event], [position])
+        await self._refresh_cache([event], [result])
+        return result.customer_id, result.conflict
+
+    async def _settle_merged(self, item: _Work, result: MergeResult) -> None:
+        if result.conflict:
+            log.warning("idempotency conflict set aside", extra={"event_id": item.event.event_id})
+            await self._set_aside(item.delivery, item, conflict_status(item.event.event_id))
+        else:
+            await self._ack(item, result)
+
+    async def _failed(self, item: _Work, exc: Exception) -> None:
+        """An event failed on its own: retried later, or set aside (module docstring)."""
+        kind = failure_kind(exc)
+        attempt = item.delivery.attempt
+        if kind is FailureKind.POISON or (kind is FailureKind.UNKNOWN and attempt >= self._max_deliveries):
+            log.error(
+                "merge failed, event set aside",
+                extra={"event_id": item.event.event_id, "attempt": attempt, "error": type(exc).__name__},
+            )
+            await self._set_aside(item.delivery, item, merge_failure_status(item.event, exc, attempt))
+        else:
+            await self._retry_later(item, exc)
+
+    async def _set_aside(self, delivery: Delivery, item: _Work | None, status: status_pb2.Status) -> None:
+        """Keep the delivery's message in ``unmerged_events`` with why, then settle it for good;
+        when that store cannot be written, the delivery comes back later instead."""
+        try:
+            await self._unmerged.add(delivery.payload, delivery.position, delivery.attempt, status)
+        except StoreError as exc:
+            log.warning(
+                "could not set an event aside; it will be delivered again",
+                extra={"attempt": delivery.attempt, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            await _settle(delivery.retry_later(_retry_delay(delivery.attempt)))
+        else:
+            await _settle(delivery.discard())
+        if item is not None:
+            item.span.set_status(trace.StatusCode.ERROR, status.message)
+            item.span.end()
 
     async def _retry_later(self, item: _Work, exc: Exception) -> None:
-        delay = min(MAX_RETRY_DELAY_S, 0.5 * 2 ** min(item.delivery.attempt, 6))
+        delay = _retry_delay(item.delivery.attempt)
         log.warning(
             "merge failed, will retry",
             extra={
@@ -206,15 +277,25 @@ class EventMerger:
         span.end()
         log.debug("event merged", extra={"event_id": item.event.event_id, "customer_id": result.customer_id})
 
-    async def _refresh_cache(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
+    async def _refresh_cache(
+        self, events: Sequence[ingest_pb2.Event], results: Sequence[MergeResult]
+    ) -> None:
+        try:
+            await self._refresh(events, results)
+        except Exception:  # noqa: BLE001 - committed: the events are merged whatever the cache says
+            # Had it propagated, it would have ended the merge loop for good (as a profile that
+            # could not be encoded did): the entries are marked stale, so readers go to PostgreSQL.
+            log.exception("cache refresh failed", extra={"events": len(events)})
+
+    async def _refresh(self, events: Sequence[ingest_pb2.Event], results: Sequence[MergeResult]) -> None:
         profiles = {r.profile.stored.customer_id: r.profile for r in results if r.profile is not None}
         # A redelivery after a crash between commit and ack: the cache may have missed that
         # commit. Re-reading is cheap and the versioned write cannot regress it.
         redelivered = [
             key
-            for item, r in zip(work, results, strict=True)
+            for event, r in zip(events, results, strict=True)
             if r.duplicate and r.profile is None
-            for key in event_identifiers(item.event)
+            for key in event_identifiers(event)
         ]
         try:
             if redelivered:
@@ -233,7 +314,11 @@ class EventMerger:
             )
         except CacheUnavailable as exc:
             # The record is in PostgreSQL; readers fall back to it and re-fill the cache.
-            log.warning("cache refresh failed", extra={"events": len(work), "error": str(exc)})
+            log.warning("cache refresh failed", extra={"events": len(events), "error": str(exc)})
+
+
+def _retry_delay(attempt: int) -> float:
+    return min(MAX_RETRY_DELAY_S, 0.5 * 2.0 ** min(attempt, 6))
 
 
 async def _settle(settling: Awaitable[None]) -> bool:

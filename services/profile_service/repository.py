@@ -67,14 +67,16 @@ class ProfileRecord:
 
 @dataclass(frozen=True, slots=True)
 class MergeResult:
-    """What merging one event did. ``profile`` is None when nothing changed: a duplicate, or a
-    late event of an erased person (``erased``)."""
+    """What merging one event did. ``profile`` is None when nothing changed: a duplicate, a
+    late event of an erased person (``erased``), or another event under an id merged before
+    (``conflict``: an idempotency conflict; the event was not merged)."""
 
     customer_id: str
     duplicate: bool
     profile: ProfileRecord | None
     merged_customer_ids: tuple[str, ...] = ()
     erased: bool = False
+    conflict: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +175,8 @@ class ProfileRepository:
                 duplicate=o.duplicate,
                 profile=None if o.duplicate or o.customer_id is None else records.get(o.customer_id),
                 merged_customer_ids=tuple(str(x) for x in o.merged_customer_ids),
-                erased=o.customer_id is None,
+                erased=o.customer_id is None and not o.conflict,
+                conflict=o.conflict,
             )
             for o in outcome.events
         ]
@@ -343,6 +346,14 @@ class ProfileRepository:
             )
             deleted = await conn.execute("DELETE FROM events WHERE customer_id = $1", customer_id)
             await conn.execute("DELETE FROM customers WHERE customer_id = $1", customer_id)
+            # The merger's dead letters naming the person go too, with their copies in the log.
+            await conn.execute(
+                "WITH gone AS (DELETE FROM unmerged_events WHERE identifier_hashes && $1::bytea[]"
+                " RETURNING log_position)"
+                " INSERT INTO log_erasure_outbox (log_position)"
+                " SELECT log_position FROM gone WHERE log_position IS NOT NULL ON CONFLICT DO NOTHING",
+                [h for k in keys for h in self._hasher.all_hashes(k)],
+            )
         return ErasedCustomer(str(customer_id), keys, int(deleted.split()[-1]))
 
 

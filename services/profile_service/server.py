@@ -1,5 +1,5 @@
-"""Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger, the
-erasure-notice publisher and the gRPC server."""
+"""Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger and its
+dead letters, the erasure-notice publisher and the gRPC server."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from profile_service.merger import EventMerger
 from profile_service.near_cache import InvalidationListener, NearCache
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository, create_pool
-from profile_service.servicer import ProfileServicer
+from profile_service.servicer import ProfileServicer, UnmergedEventServicer
 from profile_service.settings import Settings
+from profile_service.unmerged import StoreError, UnmergedStore
 from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
@@ -38,13 +39,14 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
-# The profile service also hosts key management and the audit trail.
+# The profile service also hosts the merger's dead letters, key management and the audit trail.
 SERVICE_NAMES = [
     SERVICE_NAME,
+    profile_pb2.DESCRIPTOR.services_by_name["UnmergedEventService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
-AUDIT_PURGE_INTERVAL_S = 3600.0
+PURGE_INTERVAL_S = 3600.0
 
 
 @dataclass(slots=True)
@@ -57,6 +59,8 @@ class ProfileApp:
     erasure_outbox: ErasureOutbox
     auth: ServerAuth
     audit_retention: timedelta
+    unmerged: UnmergedStore
+    dead_letter_retention: timedelta
     invalidations: InvalidationListener | None = None  # None: no near cache
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _listening: asyncio.Task[None] | None = None
@@ -74,7 +78,7 @@ class ProfileApp:
             asyncio.create_task(self.merger.run(), name="merger"),
             asyncio.create_task(self.erasure_outbox.run(), name="erasure-outbox"),
         ]
-        self._purging = asyncio.create_task(self._purge_audit_trail(), name="purge-audit-trail")
+        self._purging = asyncio.create_task(self._purge_expired(), name="purge-expired")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
             self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
 
@@ -103,14 +107,21 @@ class ProfileApp:
         await self.grpc.stop(grace_s)
         await self.close()
 
-    async def _purge_audit_trail(self) -> None:
+    async def _purge_expired(self) -> None:
+        """Hourly (and at start): audit records and the merger's dead letters past retention."""
         while True:
+            now = datetime.now(UTC)
             try:
-                purged = await self.auth.audit.purge(datetime.now(UTC) - self.audit_retention)
+                purged = await self.auth.audit.purge(now - self.audit_retention)
                 log.info("purged expired audit records", extra={"audit_records": purged})
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("could not purge expired audit records", extra={"error": str(exc)})
-            await asyncio.sleep(AUDIT_PURGE_INTERVAL_S)
+            try:
+                purged = await self.unmerged.purge(now - self.dead_letter_retention)
+                log.info("purged expired unmerged events", extra={"unmerged_events": purged})
+            except StoreError as exc:
+                log.warning("could not purge expired unmerged events", extra={"error": str(exc)})
+            await asyncio.sleep(PURGE_INTERVAL_S)
 
 
 async def create_app(settings: Settings) -> ProfileApp:
@@ -151,11 +162,14 @@ async def create_app(settings: Settings) -> ProfileApp:
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s, near=near)
     event_log = await JetStreamEventLog.connect(settings.event_log)
     repository = ProfileRepository(pool, limits, rules, settings.identifier_hasher)
+    unmerged = UnmergedStore(pool, settings.identifier_hasher)
     merger = EventMerger(
         [await event_log.subscribe(settings.consumer_name) for _ in range(settings.merge_concurrency)],
         repository,
         cache,
+        unmerged,
         batch_size=settings.merge_batch_size,
+        max_deliveries=settings.merge_max_deliveries,
     )
     erasure_outbox = ErasureOutbox(pool, event_log)
     servicer = ProfileServicer(
@@ -167,9 +181,11 @@ async def create_app(settings: Settings) -> ProfileApp:
         max_batch_get=settings.max_batch_get,
     )
     key_servicer, audit_servicer = KeyServicer(auth.keys), AuditServicer(auth.audit)
+    unmerged_servicer = UnmergedEventServicer(unmerged, merger)
 
     def register(server: grpc.aio.Server) -> None:
         profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
+        profile_pb2_grpc.add_UnmergedEventServiceServicer_to_server(unmerged_servicer, server)
         auth_pb2_grpc.add_KeyServiceServicer_to_server(key_servicer, server)
         auth_pb2_grpc.add_AuditServiceServicer_to_server(audit_servicer, server)
 
@@ -191,5 +207,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         erasure_outbox=erasure_outbox,
         auth=auth,
         audit_retention=timedelta(days=settings.audit_retention_days),
+        unmerged=unmerged,
+        dead_letter_retention=timedelta(days=settings.dead_letter_retention_days),
         invalidations=invalidations,
     )

@@ -1,4 +1,5 @@
-"""gRPC handlers of ProfileService: decode and check identifiers, read, encode."""
+"""gRPC handlers of ProfileService (decode and check identifiers, read, encode) and of
+UnmergedEventService (the merger's dead letters: list, replay)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,24 @@ from profile_service.codec import InvalidReadMask, apply_read_mask, check_read_m
 from profile_service.customer_data import EVENT_TYPES, CustomerData, CustomerNotFound
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRepository
+from profile_service.unmerged import (
+    AlreadyReplayed,
+    InvalidName,
+    Merging,
+    StoreError,
+    UnmergedStore,
+    list_page,
+    parse_name,
+    replay,
+)
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
-from sendtime_common.errors import FieldViolation, abort_invalid, abort_with, not_found_status
+from sendtime_common.errors import (
+    FieldViolation,
+    abort_invalid,
+    abort_with,
+    not_found_status,
+    retry_status,
+)
 from sendtime_common.identifier_proto import IdentifierKey, parse_identifier
 from sendtime_common.paging import InvalidPageToken, page_size
 
@@ -167,3 +184,63 @@ def _read_mask_violations(
     except InvalidReadMask as exc:
         return [FieldViolation("read_mask", str(exc))]
     return []
+
+
+class UnmergedEventServicer(profile_pb2_grpc.UnmergedEventServiceServicer):
+    def __init__(self, store: UnmergedStore, merging: Merging) -> None:
+        self._store = store
+        self._merging = merging
+
+    async def ListUnmergedEvents(
+        self, request: profile_pb2.ListUnmergedEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.ListUnmergedEventsResponse:
+        violations = []
+        if request.page_size < 0:
+            violations.append(FieldViolation("page_size", "must not be negative"))
+        if request.state not in profile_pb2.UnmergedEventState.values():
+            violations.append(FieldViolation("state", f"unknown value {request.state}"))
+        if violations:
+            await abort_invalid(context, "invalid ListUnmergedEvents request", violations)
+        try:
+            unmerged, token = await list_page(
+                self._store,
+                page_size=page_size(request.page_size),
+                page_token=request.page_token,
+                state=request.state,
+            )
+        except InvalidPageToken as exc:
+            await abort_invalid(context, "invalid page token", [FieldViolation("page_token", str(exc))])
+        except StoreError:
+            await _abort_database_unavailable(context)
+        return profile_pb2.ListUnmergedEventsResponse(unmerged_events=unmerged, next_page_token=token)
+
+    async def ReplayUnmergedEvent(
+        self, request: profile_pb2.ReplayUnmergedEventRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> profile_pb2.ReplayUnmergedEventResponse:
+        try:
+            unmerged_id = parse_name(request.name)
+        except InvalidName as exc:
+            await abort_invalid(context, "invalid name", [FieldViolation("name", str(exc))])
+        try:
+            replayed = await replay(self._store, self._merging, unmerged_id)
+        except AlreadyReplayed as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StoreError:
+            await _abort_database_unavailable(context)
+        if replayed is None:
+            await abort_with(
+                context,
+                not_found_status(f"no {request.name}", "UNMERGED_EVENT_NOT_FOUND", {"name": request.name}),
+            )
+        return profile_pb2.ReplayUnmergedEventResponse(
+            unmerged_event=replayed.unmerged, customer_id=replayed.customer_id
+        )
+
+
+async def _abort_database_unavailable(context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    await abort_with(
+        context,
+        retry_status(
+            grpc.StatusCode.UNAVAILABLE, "the profile database is unavailable", "DATABASE_UNAVAILABLE", 1.0
+        ),
+    )

@@ -42,6 +42,11 @@ class Settings:
     consumer_name: str = "profile-merger"
     merge_batch_size: int = 512  # see docs/benchmarks.md: 256 left the merger behind ingest
     merge_concurrency: int = 1  # batches merged at once; see profile_service.merger
+    # Deliveries after which an event that fails in an unknown way is set aside (a poison event
+    # is set aside at once, a transient failure never): see profile_service.unmerged.
+    merge_max_deliveries: int = 10
+    # The merger's dead letters carry personal data as it was sent: kept this long, then deleted.
+    dead_letter_retention_days: int = 30
     max_batch_get: int = 1000
     # Identifiers of a kind one profile may hold, e.g. "email=3,device_id=10" (others: defaults).
     identity_limits: str = ""
@@ -90,6 +95,12 @@ class Settings:
             merge_batch_size=env_int(env, "PROFILE_MERGE_BATCH_SIZE", defaults.merge_batch_size, minimum=1),
             merge_concurrency=env_int(
                 env, "PROFILE_MERGE_CONCURRENCY", defaults.merge_concurrency, minimum=1
+            ),
+            merge_max_deliveries=env_int(
+                env, "PROFILE_MERGE_MAX_DELIVERIES", defaults.merge_max_deliveries, minimum=1
+            ),
+            dead_letter_retention_days=env_int(
+                env, "PROFILE_DEAD_LETTER_RETENTION_DAYS", defaults.dead_letter_retention_days, minimum=1
             ),
             identity_limits=env_str(env, "PROFILE_IDENTITY_LIMITS", defaults.identity_limits),
             source_priority_file=env_str(env, "PROFILE_SOURCE_PRIORITY_FILE", defaults.source_priority_file),

@@ -113,6 +113,24 @@ async def test_import_jsonl_reports_rejected_lines_and_reruns_safely(
     assert len(rejected_out.read_text().splitlines()) == 2
 
 
+async def test_a_line_reusing_a_stored_event_id_for_another_event_is_a_rejected_line(
+    tmp_path: Path, importing: Callable[..., ImportOptions], unique: str
+) -> None:
+    # It stopped the whole import before ("ingest answered EVENT_OUTCOME_CONFLICT").
+    lines = [
+        json.loads(identify_line(f"imp-{unique}", plan=plan)) | {"eventId": f"imp-{unique}"}
+        for plan in ("pro", "free")
+    ]
+    path = tmp_path / "reused.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    code, out, _ = await run(importing(path=path, quiet=True))
+
+    assert code == 2, out
+    assert "accepted   1" in out and "rejected   1" in out
+    assert "line 2: an event with this id was stored before with another payload" in out
+
+
 async def test_all_good_lines_exit_0_and_show_rejected_limits_the_list(
     tmp_path: Path, importing: Callable[..., ImportOptions], unique: str
 ) -> None:

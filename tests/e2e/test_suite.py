@@ -111,6 +111,7 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
             "PROFILE_ADDRESS",
             [
                 "sendtime.profile.v1.ProfileService",
+                "sendtime.profile.v1.UnmergedEventService",
                 "sendtime.auth.v1.KeyService",
                 "sendtime.auth.v1.AuditService",
             ],
@@ -135,6 +136,14 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
             ca=running_suite["SENDTIME_CA_FILE"],
         )
         assert health == {"status": "SERVING"}
+    # The merger's dead letters answer the way docs/limits.md calls them: the key's scope, TLS.
+    unmerged = grpcurl_json(
+        target(running_suite, "PROFILE_ADDRESS"),
+        "sendtime.profile.v1.UnmergedEventService/ListUnmergedEvents",
+        key=running_suite["SENDTIME_KEY"],
+        ca=running_suite["SENDTIME_CA_FILE"],
+    )
+    assert set(unmerged) <= {"unmergedEvents", "nextPageToken"}
 
 
 def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_suite: dict[str, str]) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from ingest.envelope import business_key, derive_event_id, event_type, identifier_hashes, stamp
+from ingest.envelope import business_key, derive_event_id, event_type, stamp
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.event_integrity import identifier_hashes
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.factories import NOW, event, identify, order_completed, timestamp
 

@@ -341,6 +341,9 @@ class SlowEventLog:
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         return await self.inner.subscribe(durable_name)
 
+    async def read(self, position: int) -> bytes | None:
+        return await self.inner.read(position)
+
     async def erase(self, positions: Sequence[int]) -> None:
         await self.inner.erase(positions)
 

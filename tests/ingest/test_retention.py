@@ -73,8 +73,8 @@ async def test_the_purge_deletes_only_what_has_expired_in_chunks(
     ids_cutoff = now - retention.processed_ids
     keys_cutoff = now - retention.business_keys
     letters_cutoff = now - retention.dead_letters
-    await store.record_stored(old, [], ids_cutoff - second)
-    await store.record_stored(new, [], ids_cutoff + second)
+    await store.record_stored([(i, None) for i in old], [], ids_cutoff - second)
+    await store.record_stored([(i, None) for i in new], [], ids_cutoff + second)
     for ids, claimed_at in ((old, keys_cutoff - second), (new, keys_cutoff + second)):
         await pool.execute(
             "INSERT INTO ingest_business_keys (key_kind, key_value, event_id, stored, claimed_at)"

@@ -25,8 +25,8 @@ async def test_recording_a_stored_event_keeps_its_business_key_from_a_later_clai
     first = await store.claim_business_keys({kept: "e1", abandoned: "e2"}, stale_at_once)
     assert first == {kept: "e1", abandoned: "e2"}
 
-    await store.record_stored(["e1"], [kept], datetime.now(UTC))  # e2's publish failed
+    await store.record_stored([("e1", b"fingerprint-1")], [kept], datetime.now(UTC))  # e2's publish failed
 
     again = await store.claim_business_keys({kept: "e3", abandoned: "e4"}, stale_at_once)
     assert again == {kept: "e1", abandoned: "e4"}
-    assert await store.seen_event_ids(["e1", "e2", "e3"]) == {"e1"}
+    assert await store.seen_event_ids(["e1", "e2", "e3"]) == {"e1": b"fingerprint-1"}

@@ -1,10 +1,13 @@
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from google.protobuf import timestamp_pb2
 
+from ingest.envelope import stamp
 from ingest.validation import ValidationRules, validate_event
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.storable import NOT_FINITE_DESCRIPTION, NUL_DESCRIPTION, TIMESTAMP_DESCRIPTION
 from tests.factories import NOW, cart_item_added, event, identify, money, order_completed, product_viewed
 
 SKEW = timedelta(minutes=5)
@@ -277,3 +280,68 @@ def test_an_event_over_the_size_limit_is_rejected() -> None:
     violations = validate_event(big, NOW, rules)
     assert [v.field for v in violations] == ["event"]
     assert violations[0].description.endswith("at most 2048 are allowed")
+
+
+# --- acknowledged means mergeable: what no store after ingest could keep --------------------
+
+
+def test_a_nul_anywhere_is_refused_by_field() -> None:
+    e = event(user_id="u", occurred_at=NOW, order_completed=order_completed("o\x001", "5", "sku\x00"))
+    assert fields(e) == {
+        "order_completed.order_id": NUL_DESCRIPTION,
+        "order_completed.lines[0].sku": NUL_DESCRIPTION,
+    }
+    assert "customer.user_id" in fields(event(user_id="u\x00", occurred_at=NOW, identify=identify(a=1)))
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinity_are_refused_in_traits_and_properties(number: float) -> None:
+    trait = event(user_id="u", occurred_at=NOW, identify=identify(score=number))
+    assert fields(trait) == {"identify.traits.score": NOT_FINITE_DESCRIPTION}
+    props = ingest_pb2.CustomEvent(name="quiz", properties=identify(x={"y": number}).traits)
+    assert fields(event(user_id="u", occurred_at=NOW, custom=props)) == {
+        "custom.properties.x.y": NOT_FINITE_DESCRIPTION
+    }
+
+
+def test_amounts_and_quantities_beyond_their_ranges_are_refused() -> None:
+    huge = ingest_pb2.CartItemAdded(sku="s", quantity=1_000_001, unit_price=money("1000000000000001"))
+    assert fields(event(user_id="u", occurred_at=NOW, cart_item_added=huge)) == {
+        "cart_item_added.quantity": "must be at most 1000000",
+        "cart_item_added.unit_price.units": "must be at most 1000000000000000 (10^15)",
+    }
+    edge = ingest_pb2.CartItemAdded(sku="s", quantity=1_000_000, unit_price=money("1000000000000000"))
+    assert fields(event(user_id="u", occurred_at=NOW, cart_item_added=edge)) == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "seconds", "nanos"),
+    [("occurred_at", 10**15, 0), ("occurred_at", 0, -5), ("sent_at", -(10**15), 0)],
+)
+def test_a_timestamp_out_of_range_is_refused_not_raised(field: str, seconds: int, nanos: int) -> None:
+    e = event(user_id="u", occurred_at=NOW, identify=identify(a=1))
+    getattr(e, field).CopyFrom(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
+    stamped = stamp(e, NOW)  # raised ValueError before: the caller got UNKNOWN
+    assert fields(stamped) == {field: TIMESTAMP_DESCRIPTION}
+
+
+def test_a_correction_past_the_timestamp_range_is_refused_as_the_corrected_time() -> None:
+    # occurred_at += received_at - sent_at would leave Timestamp's range (and raised before): it
+    # is kept at the range's edge, which is refused as the corrected time is.
+    e = event(user_id="u", occurred_at=datetime(9000, 1, 1, tzinfo=UTC), identify=identify(a=1))
+    e.sent_at.FromDatetime(datetime(1, 1, 1, tzinfo=UTC))
+    assert fields(stamp(e, NOW)) == {
+        "occurred_at": "is more than 300s in the future",
+        "sent_at": "must not be before occurred_at (both by the sender's clock)",
+    }
+    e = event(user_id="u", occurred_at=datetime(1, 1, 1, tzinfo=UTC), identify=identify(a=1))
+    e.sent_at.FromDatetime(datetime(9999, 1, 1, tzinfo=UTC))
+    assert fields(stamp(e, NOW)) == {"occurred_at": "is older than the retention window of 730 days"}
+
+
+@pytest.mark.parametrize("zone", ["Europe", "America/Argentina", "x" * 5000, "Europe/Vienna\x00"])
+def test_a_time_zone_that_names_a_directory_or_no_file_is_refused(zone: str) -> None:
+    # zoneinfo.ZoneInfo raised IsADirectoryError and "File name too long" for the first three.
+    e = event(user_id="u", occurred_at=NOW, identify=identify(a=1))
+    e.context.timezone = zone
+    assert fields(e)["context.timezone"] == "must be an IANA time zone such as Europe/Vienna"

@@ -48,6 +48,20 @@ async def test_a_resent_message_id_is_a_duplicate(nats_url: str) -> None:
         await log.close()
 
 
+async def test_a_duplicate_s_receipt_points_at_the_first_copy_which_reads_back(nats_url: str) -> None:
+    log = await JetStreamEventLog.connect(settings(nats_url))
+    try:
+        first = await log.publish(message(1))
+        again = await log.publish(OutgoingMessage(key="thing", message_id="m-1", payload=b"other payload"))
+        assert again.duplicate and again.sequence == first.sequence
+        assert await log.read(again.sequence) == b"payload-1"  # what the log holds under the id
+        await log.erase([first.sequence])
+        assert await log.read(first.sequence) is None
+        assert await log.read(first.sequence + 1000) is None
+    finally:
+        await log.close()
+
+
 async def test_an_unacked_delivery_comes_back_and_an_acked_one_does_not(nats_url: str) -> None:
     config = settings(nats_url)
     log = await JetStreamEventLog.connect(config)

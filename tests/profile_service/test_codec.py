@@ -21,7 +21,7 @@ from profile_service.codec import (
     money_to_proto,
     to_proto,
 )
-from profile_service.state import Money, ProfileState, from_json, replay
+from profile_service.state import Money, OrderRecord, ProfileState, Provenance, from_json, replay
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifiers import IdentifierKind
@@ -348,3 +348,20 @@ def test_email_flags_and_their_provenance() -> None:
     lifted = to_proto(stored(replay([*events, opt_in])))
     assert (lifted.email.unsubscribed, lifted.email.spam_reported) == (False, True)
     assert lifted.provenance["email.unsubscribed"].event_id == "e-opt-in"
+
+
+def test_sums_past_google_money_s_range_are_left_out_not_raised() -> None:
+    # The largest amounts and quantities ingest accepts (10^15 units, 10^6 items) add up past
+    # int64 units in a few cart lines or in thousands of orders: to_proto raised ValueError, so
+    # GetProfile failed and a merge that refreshed the cache stopped the merger.
+    most = Money(Decimal(10**15), "EUR")
+    lines = [cart_item_added(f"s-{i}", quantity=1_000_000, price=str(most.amount)) for i in range(3)]
+    cart = to_proto(stored(replay([ev(minutes=i, cart_item_added=line) for i, line in enumerate(lines)])))
+    assert [i.quantity for i in cart.cart.items] == [1_000_000] * 3
+    assert not cart.cart.HasField("total")  # 3 * 10^21 units: beyond int64
+
+    by = Provenance(WEB, NOW, "e-1")
+    orders = tuple(OrderRecord(f"o-{i}", most, NOW, by) for i in range(9_300))
+    summary = to_proto(stored(ProfileState(orders=orders))).orders
+    assert summary.count == 9_300 and not summary.lifetime_value  # 9.3 * 10^18 units
+    assert [(m.currency_code, m.units) for m in summary.average_order_value] == [("EUR", 10**15)]

@@ -60,7 +60,11 @@ async def test_an_unconfirmed_ack_does_not_stop_the_merger(
 
     subscription = ScriptedSubscription([[delivery(first)], [delivery(second)], [delivery(first)]])
     merger = EventMerger(  # two loops; a scripted subscription, unlike nats-py's, can be shared
-        [subscription, subscription], ProfileRepository(profile_app.pool), profile_app.cache, batch_size=10
+        [subscription, subscription],
+        ProfileRepository(profile_app.pool),
+        profile_app.cache,
+        profile_app.unmerged,
+        batch_size=10,
     )
     task = asyncio.create_task(merger.run())
     try:

@@ -124,6 +124,12 @@ class _EventOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventOut
     """Could not be stored now (the event log is down or full); safe to retry
     with the same event_id. The status carries RetryInfo.
     """
+    EVENT_OUTCOME_CONFLICT: _EventOutcome.ValueType  # 5
+    """An event with this id was stored before with another payload: an
+    idempotency conflict. Nothing was stored for the event log; the event is kept
+    for review in the dead-letter store (ListRejectedEvents). Not retryable as
+    is: send it under an id of its own if it is a new event.
+    """
 
 class EventOutcome(_EventOutcome, metaclass=_EventOutcomeEnumTypeWrapper):
     """What happened to one event."""
@@ -138,6 +144,12 @@ EVENT_OUTCOME_REJECTED: EventOutcome.ValueType  # 3
 EVENT_OUTCOME_RETRY: EventOutcome.ValueType  # 4
 """Could not be stored now (the event log is down or full); safe to retry
 with the same event_id. The status carries RetryInfo.
+"""
+EVENT_OUTCOME_CONFLICT: EventOutcome.ValueType  # 5
+"""An event with this id was stored before with another payload: an
+idempotency conflict. Nothing was stored for the event log; the event is kept
+for review in the dead-letter store (ListRejectedEvents). Not retryable as
+is: send it under an id of its own if it is a new event.
 """
 Global___EventOutcome: _TypeAlias = EventOutcome  # noqa: Y015
 
@@ -302,7 +314,8 @@ class Event(_message.Message):
     CUSTOM_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id, 1 to 128 characters of [A-Za-z0-9._:-]. A resend
-    with the same id is a duplicate, never a second event. When empty, ingest
+    with the same id is a duplicate, never a second event; the same id with
+    another payload is a conflict (EVENT_OUTCOME_CONFLICT). When empty, ingest
     derives a deterministic id from the source, identifiers, type, occurred_at
     and payload, so a resend of the same fact is still a duplicate.
     """
@@ -1226,6 +1239,8 @@ class EventResult(_message.Message):
     def status(self) -> _status_pb2.Status:
         """For REJECTED: INVALID_ARGUMENT with google.rpc.BadRequest field violations.
         For RETRY: UNAVAILABLE or RESOURCE_EXHAUSTED with google.rpc.RetryInfo.
+        For CONFLICT: ALREADY_EXISTS with google.rpc.ErrorInfo, reason
+        IDEMPOTENCY_CONFLICT, metadata event_id.
         Unset otherwise.
         """
 
@@ -1246,7 +1261,9 @@ Global___EventResult: _TypeAlias = EventResult  # noqa: Y015
 
 @_typing.final
 class RejectedEvent(_message.Message):
-    """An event that was rejected, kept in the dead-letter store with its reason."""
+    """An event that was rejected, or an idempotency conflict, kept in the
+    dead-letter store with its reason.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1266,7 +1283,10 @@ class RejectedEvent(_message.Message):
 
     @_builtins.property
     def status(self) -> _status_pb2.Status:
-        """Why it was rejected: INVALID_ARGUMENT with google.rpc.BadRequest."""
+        """Why it was rejected: INVALID_ARGUMENT with google.rpc.BadRequest; for an
+        idempotency conflict ALREADY_EXISTS with google.rpc.ErrorInfo (reason
+        IDEMPOTENCY_CONFLICT).
+        """
 
     @_builtins.property
     def reject_time(self) -> _timestamp_pb2.Timestamp:
@@ -1449,6 +1469,7 @@ class SourceStats(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     RETRIED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
+    CONFLICTS_FIELD_NUMBER: _builtins.int
     source: Global___EventSource.ValueType
     """The source."""
     accepted: _builtins.int
@@ -1457,6 +1478,8 @@ class SourceStats(_message.Message):
     """Events rejected (and dead-lettered)."""
     retried: _builtins.int
     """Events answered with RETRY."""
+    conflicts: _builtins.int
+    """Idempotency conflicts: a stored event's id with another payload."""
     @_builtins.property
     def duplicates(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicateCount]:
         """Duplicates, by how they were caught."""
@@ -1469,10 +1492,11 @@ class SourceStats(_message.Message):
         rejected: _builtins.int = ...,
         retried: _builtins.int = ...,
         duplicates: _abc.Iterable[Global___DuplicateCount] | None = ...,
+        conflicts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejected", b"rejected", "retried", b"retried", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "conflicts", b"conflicts", "duplicates", b"duplicates", "rejected", b"rejected", "retried", b"retried", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

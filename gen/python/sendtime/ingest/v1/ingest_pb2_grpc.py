@@ -28,7 +28,8 @@ if _version_not_supported:
 class IngestServiceStub:
     """IngestService is the front door for customer events. An event is acknowledged
     (EVENT_OUTCOME_ACCEPTED) only after the durable event log has stored it, so an
-    accepted event is never lost.
+    accepted event is never lost; and only when every store after ingest can keep
+    it, so an accepted event is one the profile merger can merge.
     """
 
     def __init__(self, channel):
@@ -67,7 +68,8 @@ class IngestServiceStub:
 class IngestServiceServicer:
     """IngestService is the front door for customer events. An event is acknowledged
     (EVENT_OUTCOME_ACCEPTED) only after the durable event log has stored it, so an
-    accepted event is never lost.
+    accepted event is never lost; and only when every store after ingest can keep
+    it, so an accepted event is one the profile merger can merge.
     """
 
     def StreamEvents(self, request_iterator, context):
@@ -89,7 +91,8 @@ class IngestServiceServicer:
 
     def ListRejectedEvents(self, request, context):
         """ListRejectedEvents lists the dead-letter store: events that were rejected,
-        newest first, with the reasons (AIP-158 paging).
+        and idempotency conflicts kept for review, newest first, with the reasons
+        (AIP-158 paging).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,7 +103,8 @@ class IngestServiceServicer:
         as stored (after a configuration change, e.g. a newly allowed custom event
         name) or replaced by a corrected event. The answer is a normal event result;
         the dead letter is marked replayed only when the event was accepted (or was a
-        duplicate of a stored one).
+        duplicate of a stored one). A conflict replayed as stored is a conflict
+        again; replayed as a corrected event with an id of its own, it is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,7 +158,8 @@ def add_IngestServiceServicer_to_server(servicer, server):
 class IngestService:
     """IngestService is the front door for customer events. An event is acknowledged
     (EVENT_OUTCOME_ACCEPTED) only after the durable event log has stored it, so an
-    accepted event is never lost.
+    accepted event is never lost; and only when every store after ingest can keep
+    it, so an accepted event is one the profile merger can merge.
     """
 
     @staticmethod

@@ -29,7 +29,8 @@ GRPC_VERSION: str
 class IngestServiceStub:
     """IngestService is the front door for customer events. An event is acknowledged
     (EVENT_OUTCOME_ACCEPTED) only after the durable event log has stored it, so an
-    accepted event is never lost.
+    accepted event is never lost; and only when every store after ingest can keep
+    it, so an accepted event is one the profile merger can merge.
     """
 
     @_typing.overload
@@ -47,14 +48,16 @@ class IngestServiceStub:
     """
     ListRejectedEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListRejectedEventsRequest, _ingest_pb2.ListRejectedEventsResponse]
     """ListRejectedEvents lists the dead-letter store: events that were rejected,
-    newest first, with the reasons (AIP-158 paging).
+    and idempotency conflicts kept for review, newest first, with the reasons
+    (AIP-158 paging).
     """
     ReplayRejectedEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]
     """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
     as stored (after a configuration change, e.g. a newly allowed custom event
     name) or replaced by a corrected event. The answer is a normal event result;
     the dead letter is marked replayed only when the event was accepted (or was a
-    duplicate of a stored one).
+    duplicate of a stored one). A conflict replayed as stored is a conflict
+    again; replayed as a corrected event with an id of its own, it is stored.
     """
     GetIngestStats: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]
     """GetIngestStats reports what ingest has counted (all replicas, kept in
@@ -66,7 +69,8 @@ class IngestServiceStub:
 class IngestServiceAsyncStub(IngestServiceStub):
     """IngestService is the front door for customer events. An event is acknowledged
     (EVENT_OUTCOME_ACCEPTED) only after the durable event log has stored it, so an
-    accepted event is never lost.
+    accepted event is never lost; and only when every store after ingest can keep
+    it, so an accepted event is one the profile merger can merge.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -81,14 +85,16 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """
     ListRejectedEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListRejectedEventsRequest, _ingest_pb2.ListRejectedEventsResponse]  # type: ignore[assignment]
     """ListRejectedEvents lists the dead-letter store: events that were rejected,
-    newest first, with the reasons (AIP-158 paging).
+    and idempotency conflicts kept for review, newest first, with the reasons
+    (AIP-158 paging).
     """
     ReplayRejectedEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]  # type: ignore[assignment]
     """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
     as stored (after a configuration change, e.g. a newly allowed custom event
     name) or replaced by a corrected event. The answer is a normal event result;
     the dead letter is marked replayed only when the event was accepted (or was a
-    duplicate of a stored one).
+    duplicate of a stored one). A conflict replayed as stored is a conflict
+    again; replayed as a corrected event with an id of its own, it is stored.
     """
     GetIngestStats: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]  # type: ignore[assignment]
     """GetIngestStats reports what ingest has counted (all replicas, kept in
@@ -99,7 +105,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """IngestService is the front door for customer events. An event is acknowledged
     (EVENT_OUTCOME_ACCEPTED) only after the durable event log has stored it, so an
-    accepted event is never lost.
+    accepted event is never lost; and only when every store after ingest can keep
+    it, so an accepted event is one the profile merger can merge.
     """
 
     @_abc_1.abstractmethod
@@ -130,7 +137,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListRejectedEventsResponse, _abc.Awaitable[_ingest_pb2.ListRejectedEventsResponse]]:
         """ListRejectedEvents lists the dead-letter store: events that were rejected,
-        newest first, with the reasons (AIP-158 paging).
+        and idempotency conflicts kept for review, newest first, with the reasons
+        (AIP-158 paging).
         """
 
     @_abc_1.abstractmethod
@@ -143,7 +151,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         as stored (after a configuration change, e.g. a newly allowed custom event
         name) or replaced by a corrected event. The answer is a normal event result;
         the dead letter is marked replayed only when the event was accepted (or was a
-        duplicate of a stored one).
+        duplicate of a stored one). A conflict replayed as stored is a conflict
+        again; replayed as a corrected event with an id of its own, it is stored.
         """
 
     @_abc_1.abstractmethod

@@ -11,6 +11,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from google.type import money_pb2 as _money_pb2
 from sendtime.ingest.v1 import ingest_pb2 as _ingest_pb2
 import builtins as _builtins
@@ -83,6 +84,28 @@ BOUNCE_STATE_SOFT: BounceState.ValueType  # 2
 BOUNCE_STATE_HARD: BounceState.ValueType  # 3
 """The address bounced hard: do not send to it."""
 Global___BounceState: _TypeAlias = BounceState  # noqa: Y015
+
+class _UnmergedEventState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UnmergedEventStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnmergedEventState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    UNMERGED_EVENT_STATE_UNSPECIFIED: _UnmergedEventState.ValueType  # 0
+    UNMERGED_EVENT_STATE_PENDING: _UnmergedEventState.ValueType  # 1
+    """Waiting for its cause to be fixed."""
+    UNMERGED_EVENT_STATE_REPLAYED: _UnmergedEventState.ValueType  # 2
+    """Replayed and merged; kept for the record."""
+
+class UnmergedEventState(_UnmergedEventState, metaclass=_UnmergedEventStateEnumTypeWrapper):
+    """What state an unmerged event is in."""
+
+UNMERGED_EVENT_STATE_UNSPECIFIED: UnmergedEventState.ValueType  # 0
+UNMERGED_EVENT_STATE_PENDING: UnmergedEventState.ValueType  # 1
+"""Waiting for its cause to be fixed."""
+UNMERGED_EVENT_STATE_REPLAYED: UnmergedEventState.ValueType  # 2
+"""Replayed and merged; kept for the record."""
+Global___UnmergedEventState: _TypeAlias = UnmergedEventState  # noqa: Y015
 
 @_typing.final
 class Identifier(_message.Message):
@@ -1129,3 +1152,176 @@ class ErasureNotice(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ErasureNotice: _TypeAlias = ErasureNotice  # noqa: Y015
+
+@_typing.final
+class UnmergedEvent(_message.Message):
+    """An event of the event log that the merger did not merge, kept with why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REPLAY_TIME_FIELD_NUMBER: _builtins.int
+    LOG_POSITION_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: "unmergedEvents/{id}"."""
+    state: Global___UnmergedEventState.ValueType
+    """Pending or replayed."""
+    log_position: _builtins.int
+    """Where it sits in the event log (its stream sequence); 0 when unknown."""
+    delivery_count: _builtins.int
+    """How many times the log had delivered it when it was set aside."""
+    @_builtins.property
+    def event(self) -> _ingest_pb2.Event:
+        """The event as the log held it; unset when it could not be decoded."""
+
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """Why it was not merged. Its google.rpc.ErrorInfo reason is EVENT_UNDECODABLE,
+        UNSTORABLE_VALUE (INVALID_ARGUMENT, with a google.rpc.BadRequest naming the
+        values), MERGE_FAILED (INTERNAL: the merge failed the same way on every
+        delivery) or IDEMPOTENCY_CONFLICT (ALREADY_EXISTS: the event id was merged
+        before with another payload).
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was set aside."""
+
+    @_builtins.property
+    def replay_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was replayed; unset while pending."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        event: _ingest_pb2.Event | None = ...,
+        status: _status_pb2.Status | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___UnmergedEventState.ValueType = ...,
+        replay_time: _timestamp_pb2.Timestamp | None = ...,
+        log_position: _builtins.int = ...,
+        delivery_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "event", b"event", "replay_time", b"replay_time", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delivery_count", b"delivery_count", "event", b"event", "log_position", b"log_position", "name", b"name", "replay_time", b"replay_time", "state", b"state", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnmergedEvent: _TypeAlias = UnmergedEvent  # noqa: Y015
+
+@_typing.final
+class ListUnmergedEventsRequest(_message.Message):
+    """Request for UnmergedEventService.ListUnmergedEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many; 1 to 1000, default 100."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; the other fields must be the same."""
+    state: Global___UnmergedEventState.ValueType
+    """Only this state; unspecified lists every state."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        state: Global___UnmergedEventState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnmergedEventsRequest: _TypeAlias = ListUnmergedEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListUnmergedEventsResponse(_message.Message):
+    """Response for UnmergedEventService.ListUnmergedEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNMERGED_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def unmerged_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnmergedEvent]:
+        """The unmerged events, newest first."""
+
+    def __init__(
+        self,
+        *,
+        unmerged_events: _abc.Iterable[Global___UnmergedEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "unmerged_events", b"unmerged_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUnmergedEventsResponse: _TypeAlias = ListUnmergedEventsResponse  # noqa: Y015
+
+@_typing.final
+class ReplayUnmergedEventRequest(_message.Message):
+    """Request for UnmergedEventService.ReplayUnmergedEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The unmerged event: "unmergedEvents/{id}"; required."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayUnmergedEventRequest: _TypeAlias = ReplayUnmergedEventRequest  # noqa: Y015
+
+@_typing.final
+class ReplayUnmergedEventResponse(_message.Message):
+    """Response for UnmergedEventService.ReplayUnmergedEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNMERGED_EVENT_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The customer it was merged into; empty when it was not merged."""
+    @_builtins.property
+    def unmerged_event(self) -> Global___UnmergedEvent:
+        """The unmerged event after the replay: REPLAYED when merged, else PENDING
+        with the new reason.
+        """
+
+    def __init__(
+        self,
+        *,
+        unmerged_event: Global___UnmergedEvent | None = ...,
+        customer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["unmerged_event", b"unmerged_event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "unmerged_event", b"unmerged_event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayUnmergedEventResponse: _TypeAlias = ReplayUnmergedEventResponse  # noqa: Y015

@@ -286,3 +286,142 @@ class ProfileService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class UnmergedEventServiceStub:
+    """UnmergedEventService holds the merger's dead letters: events of the event log
+    that the profile merger did not merge, each with why. A poison event (one it
+    can never store or merge) is set aside at once instead of being retried for
+    ever; an idempotency conflict (an event id it merged before, with another
+    payload) is kept for review. An event it cannot merge for now (the database
+    down) is retried, never set aside. The profile service hosts it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListUnmergedEvents = channel.unary_unary(
+                '/sendtime.profile.v1.UnmergedEventService/ListUnmergedEvents',
+                request_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListUnmergedEventsRequest.SerializeToString,
+                response_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListUnmergedEventsResponse.FromString,
+                _registered_method=True)
+        self.ReplayUnmergedEvent = channel.unary_unary(
+                '/sendtime.profile.v1.UnmergedEventService/ReplayUnmergedEvent',
+                request_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ReplayUnmergedEventRequest.SerializeToString,
+                response_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ReplayUnmergedEventResponse.FromString,
+                _registered_method=True)
+
+
+class UnmergedEventServiceServicer:
+    """UnmergedEventService holds the merger's dead letters: events of the event log
+    that the profile merger did not merge, each with why. A poison event (one it
+    can never store or merge) is set aside at once instead of being retried for
+    ever; an idempotency conflict (an event id it merged before, with another
+    payload) is kept for review. An event it cannot merge for now (the database
+    down) is retried, never set aside. The profile service hosts it.
+    """
+
+    def ListUnmergedEvents(self, request, context):
+        """ListUnmergedEvents lists the unmerged events, newest first, with why
+        (AIP-158 paging).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayUnmergedEvent(self, request, context):
+        """ReplayUnmergedEvent merges an unmerged event again, as stored, once its
+        cause is fixed (a release that can merge it). Merged, or found merged
+        already: it becomes REPLAYED. Refused again: it stays PENDING with the new
+        reason. FAILED_PRECONDITION when it was replayed before.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_UnmergedEventServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListUnmergedEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUnmergedEvents,
+                    request_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListUnmergedEventsRequest.FromString,
+                    response_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ListUnmergedEventsResponse.SerializeToString,
+            ),
+            'ReplayUnmergedEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayUnmergedEvent,
+                    request_deserializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ReplayUnmergedEventRequest.FromString,
+                    response_serializer=sendtime_dot_profile_dot_v1_dot_profile__pb2.ReplayUnmergedEventResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'sendtime.profile.v1.UnmergedEventService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('sendtime.profile.v1.UnmergedEventService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class UnmergedEventService:
+    """UnmergedEventService holds the merger's dead letters: events of the event log
+    that the profile merger did not merge, each with why. A poison event (one it
+    can never store or merge) is set aside at once instead of being retried for
+    ever; an idempotency conflict (an event id it merged before, with another
+    payload) is kept for review. An event it cannot merge for now (the database
+    down) is retried, never set aside. The profile service hosts it.
+    """
+
+    @staticmethod
+    def ListUnmergedEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.profile.v1.UnmergedEventService/ListUnmergedEvents',
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ListUnmergedEventsRequest.SerializeToString,
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ListUnmergedEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayUnmergedEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.profile.v1.UnmergedEventService/ReplayUnmergedEvent',
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ReplayUnmergedEventRequest.SerializeToString,
+            sendtime_dot_profile_dot_v1_dot_profile__pb2.ReplayUnmergedEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

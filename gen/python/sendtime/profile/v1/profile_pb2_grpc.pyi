@@ -143,3 +143,82 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class UnmergedEventServiceStub:
+    """UnmergedEventService holds the merger's dead letters: events of the event log
+    that the profile merger did not merge, each with why. A poison event (one it
+    can never store or merge) is set aside at once instead of being retried for
+    ever; an idempotency conflict (an event id it merged before, with another
+    payload) is kept for review. An event it cannot merge for now (the database
+    down) is retried, never set aside. The profile service hosts it.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> UnmergedEventServiceAsyncStub: ...
+    ListUnmergedEvents: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListUnmergedEventsRequest, _profile_pb2.ListUnmergedEventsResponse]
+    """ListUnmergedEvents lists the unmerged events, newest first, with why
+    (AIP-158 paging).
+    """
+    ReplayUnmergedEvent: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ReplayUnmergedEventRequest, _profile_pb2.ReplayUnmergedEventResponse]
+    """ReplayUnmergedEvent merges an unmerged event again, as stored, once its
+    cause is fixed (a release that can merge it). Merged, or found merged
+    already: it becomes REPLAYED. Refused again: it stays PENDING with the new
+    reason. FAILED_PRECONDITION when it was replayed before.
+    """
+
+@_typing.type_check_only
+class UnmergedEventServiceAsyncStub(UnmergedEventServiceStub):
+    """UnmergedEventService holds the merger's dead letters: events of the event log
+    that the profile merger did not merge, each with why. A poison event (one it
+    can never store or merge) is set aside at once instead of being retried for
+    ever; an idempotency conflict (an event id it merged before, with another
+    payload) is kept for review. An event it cannot merge for now (the database
+    down) is retried, never set aside. The profile service hosts it.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListUnmergedEvents: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListUnmergedEventsRequest, _profile_pb2.ListUnmergedEventsResponse]  # type: ignore[assignment]
+    """ListUnmergedEvents lists the unmerged events, newest first, with why
+    (AIP-158 paging).
+    """
+    ReplayUnmergedEvent: _aio.UnaryUnaryMultiCallable[_profile_pb2.ReplayUnmergedEventRequest, _profile_pb2.ReplayUnmergedEventResponse]  # type: ignore[assignment]
+    """ReplayUnmergedEvent merges an unmerged event again, as stored, once its
+    cause is fixed (a release that can merge it). Merged, or found merged
+    already: it becomes REPLAYED. Refused again: it stays PENDING with the new
+    reason. FAILED_PRECONDITION when it was replayed before.
+    """
+
+class UnmergedEventServiceServicer(metaclass=_abc_1.ABCMeta):
+    """UnmergedEventService holds the merger's dead letters: events of the event log
+    that the profile merger did not merge, each with why. A poison event (one it
+    can never store or merge) is set aside at once instead of being retried for
+    ever; an idempotency conflict (an event id it merged before, with another
+    payload) is kept for review. An event it cannot merge for now (the database
+    down) is retried, never set aside. The profile service hosts it.
+    """
+
+    @_abc_1.abstractmethod
+    def ListUnmergedEvents(
+        self,
+        request: _profile_pb2.ListUnmergedEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ListUnmergedEventsResponse, _abc.Awaitable[_profile_pb2.ListUnmergedEventsResponse]]:
+        """ListUnmergedEvents lists the unmerged events, newest first, with why
+        (AIP-158 paging).
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayUnmergedEvent(
+        self,
+        request: _profile_pb2.ReplayUnmergedEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ReplayUnmergedEventResponse, _abc.Awaitable[_profile_pb2.ReplayUnmergedEventResponse]]:
+        """ReplayUnmergedEvent merges an unmerged event again, as stored, once its
+        cause is fixed (a release that can merge it). Merged, or found merged
+        already: it becomes REPLAYED. Refused again: it stays PENDING with the new
+        reason. FAILED_PRECONDITION when it was replayed before.
+        """
+
+def add_UnmergedEventServiceServicer_to_server(servicer: UnmergedEventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
