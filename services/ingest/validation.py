@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from babel import Locale, UnknownLocaleError
-from babel.numbers import get_currency_precision, list_currencies
+from babel.core import get_global
+from babel.numbers import get_currency_precision
 from google.protobuf import struct_pb2
 from google.type import money_pb2
 
@@ -32,7 +34,6 @@ MAX_TRAITS = 100
 MAX_PROPERTIES = 50
 MAX_NESTING = 3
 MAX_LINES = 500
-_CURRENCIES = frozenset(list_currencies())
 _NANOS_PER_UNIT = 1_000_000_000
 
 _Fail = Callable[[str, str], None]  # records one violation: (field path, description)
@@ -140,12 +141,34 @@ def _check_text(value: str, field: str, fail: _Fail, *, required: bool, limit: i
         fail(field, f"must be at most {limit} characters")
 
 
+def is_http_url(value: str) -> bool:
+    """An absolute http or https URL with a host: what a link in an email or a page may be
+    (never javascript:, data: or file:, which a template would put in front of a customer)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unbalanced [ in the host
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+# ISO 4217 codes of the legal tender in use today somewhere (CLDR's territory data, through
+# babel): no withdrawn currency (DEM), fund code (USN), metal (XAU), nor XTS or XXX.
+CURRENCY_CODES = frozenset(
+    code
+    for currencies in get_global("territory_currencies").values()
+    for code, _start, end, tender in currencies
+    if end is None and tender
+)
+
+
 def _check_url(value: str, field: str, fail: _Fail, *, required: bool) -> None:
     _check_text(value, field, fail, required=required, limit=MAX_URL_LENGTH)
+    if value.strip() and len(value) <= MAX_URL_LENGTH and not is_http_url(value.strip()):
+        fail(field, "must be an http or https URL")
 
 
 def _check_money(money: money_pb2.Money, field: str, fail: _Fail) -> None:
-    if money.currency_code not in _CURRENCIES:
+    if money.currency_code not in CURRENCY_CODES:
         fail(f"{field}.currency_code", "must be an ISO 4217 currency code such as EUR or USD")
     elif money.nanos % 10 ** (9 - get_currency_precision(money.currency_code)):
         digits = get_currency_precision(money.currency_code)
