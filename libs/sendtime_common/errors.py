@@ -3,6 +3,7 @@ call's status and in the ``grpc-status-details-bin`` trailer that clients and gr
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -102,3 +103,9 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     # know the synchronous grpc.Call.
     status: status_pb2.Status | None = rpc_status.from_call(error)  # type: ignore[arg-type]
     return status
+
+
+def new_error_id() -> str:
+    """An opaque id for an unexpected error: logged with the exception, and the only thing the
+    caller is shown of it (never an exception's class or message), so support can find it."""
+    return secrets.token_hex(8)

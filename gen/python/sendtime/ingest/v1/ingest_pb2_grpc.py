@@ -98,9 +98,10 @@ class IngestServiceServicer:
     def ReplayRejectedEvent(self, request, context):
         """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
         as stored (after a configuration change, e.g. a newly allowed custom event
-        name) or replaced by a corrected event. The answer is a normal event result;
-        the dead letter is marked replayed only when the event was accepted (or was a
-        duplicate of a stored one).
+        name; for a webhook item, after an upgrade that maps it) or replaced by a
+        corrected event. The answer is a normal event result; the dead letter is
+        marked replayed only when the event was accepted (or was a duplicate of a
+        stored one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,9 +52,10 @@ class IngestServiceStub:
     ReplayRejectedEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]
     """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
     as stored (after a configuration change, e.g. a newly allowed custom event
-    name) or replaced by a corrected event. The answer is a normal event result;
-    the dead letter is marked replayed only when the event was accepted (or was a
-    duplicate of a stored one).
+    name; for a webhook item, after an upgrade that maps it) or replaced by a
+    corrected event. The answer is a normal event result; the dead letter is
+    marked replayed only when the event was accepted (or was a duplicate of a
+    stored one).
     """
     GetIngestStats: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]
     """GetIngestStats reports what ingest has counted (all replicas, kept in
@@ -86,9 +87,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
     ReplayRejectedEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]  # type: ignore[assignment]
     """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
     as stored (after a configuration change, e.g. a newly allowed custom event
-    name) or replaced by a corrected event. The answer is a normal event result;
-    the dead letter is marked replayed only when the event was accepted (or was a
-    duplicate of a stored one).
+    name; for a webhook item, after an upgrade that maps it) or replaced by a
+    corrected event. The answer is a normal event result; the dead letter is
+    marked replayed only when the event was accepted (or was a duplicate of a
+    stored one).
     """
     GetIngestStats: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]  # type: ignore[assignment]
     """GetIngestStats reports what ingest has counted (all replicas, kept in
@@ -141,9 +143,10 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_pb2.ReplayRejectedEventResponse, _abc.Awaitable[_ingest_pb2.ReplayRejectedEventResponse]]:
         """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
         as stored (after a configuration change, e.g. a newly allowed custom event
-        name) or replaced by a corrected event. The answer is a normal event result;
-        the dead letter is marked replayed only when the event was accepted (or was a
-        duplicate of a stored one).
+        name; for a webhook item, after an upgrade that maps it) or replaced by a
+        corrected event. The answer is a normal event result; the dead letter is
+        marked replayed only when the event was accepted (or was a duplicate of a
+        stored one).
         """
 
     @_abc_1.abstractmethod
