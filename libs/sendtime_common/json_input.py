@@ -400,7 +400,10 @@ def _dump(value: Any, parts: list[str]) -> None:
             parts.append("," if i else "")
             _dump(item, parts)
         parts.append("]")
-    elif isinstance(value, Decimal):
-        parts.append(str(value))  # finite: parse_json refuses the others
+    elif isinstance(value, Decimal):  # finite: parse_json refuses the others
+        text = str(value)
+        # 1234567890123456789012e0 was a Decimal, but str() writes it as an integer, which
+        # parses back as an int (here: out of range): keep a written exponent.
+        parts.append(text if "." in text or "E" in text else f"{text}E0")
     else:  # str, int, bool, None
         parts.append(json.dumps(value, ensure_ascii=False))

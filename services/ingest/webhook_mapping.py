@@ -156,8 +156,10 @@ def verify_shopify_signature(secret: str, headers: Mapping[str, str], body: byte
     if not received:
         raise WebhookSignatureError(f"missing {SHOPIFY_HMAC_HEADER} header")
     expected = shopify_hmac(secret, body)
-    # Constant time, so the response time does not reveal how much of a forgery was right.
-    if not hmac.compare_digest(expected.encode("ascii"), received.encode("utf-8")):
+    # Constant time, so the response time does not reveal how much of a forgery was right. A
+    # base64 value is ASCII; a header byte that is not UTF-8 reaches here as a lone surrogate
+    # (aiohttp decodes with surrogateescape), which encoding would raise on: a 500, not a 401.
+    if not received.isascii() or not hmac.compare_digest(expected.encode("ascii"), received.encode("ascii")):
         raise WebhookSignatureError("signature does not match the body")
 
 

@@ -746,6 +746,14 @@ def test_a_bad_shopify_signature_is_refused(headers: dict[str, str], message: st
         verify_shopify_signature(SECRET, headers, b"{}")
 
 
+def test_a_shopify_signature_header_that_is_not_utf8_is_refused_not_a_crash() -> None:
+    """Found by tests/fuzz: aiohttp decodes header bytes that are not UTF-8 into lone surrogates,
+    and encoding the header raised UnicodeEncodeError (a 500) instead of refusing it (a 401)."""
+    for value in ("\udcff", "\ud800", "é" + shopify_hmac(SECRET, b"{}")):
+        with pytest.raises(WebhookSignatureError, match="does not match"):
+            verify_shopify_signature(SECRET, {"X-Shopify-Hmac-Sha256": value}, b"{}")
+
+
 def test_a_shopify_signature_of_another_body_or_secret_is_refused() -> None:
     body = b'{"id": 1}'
     with pytest.raises(WebhookSignatureError):

@@ -3,6 +3,7 @@ event log, the profile service); a stub sink only where the sink itself is the s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -619,6 +620,29 @@ async def test_tampered_stale_or_unsigned_sendgrid_batches_are_401_and_nothing_i
         )
         assert unsigned[0] == 401
         assert sink.batches == []
+    finally:
+        await server.stop()
+
+
+async def test_a_header_that_is_not_utf8_is_401_not_500(unique: str) -> None:
+    """aiohttp hands header bytes that are not UTF-8 on as lone surrogates; the signature check
+    raised on them (a 500). Sent over a raw socket, as no HTTP client sends such a header."""
+    server = await started(RecordingSink())
+    try:
+        body = b"{}"
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /webhooks/shopify HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nX-Shopify-Topic: orders/create\r\n"
+            b"X-Shopify-Hmac-Sha256: \xff\xfe\r\nContent-Length: 2\r\n\r\n" + body
+        )
+        await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 401 Unauthorized"
+        assert b'"SIGNATURE_INVALID"' in rest
     finally:
         await server.stop()
 

@@ -272,3 +272,11 @@ def test_an_error_as_json_names_reason_message_and_path() -> None:
         "path": "$.a",
     }
     assert refused(b"[").to_json().keys() == {"reason", "message"}
+
+
+def test_a_decimal_written_without_point_or_exponent_keeps_one() -> None:
+    """Found by tests/fuzz: 1234567890123456789012e0 parsed as a Decimal, dumps wrote it as an
+    integer, and that did not parse back (an integer beyond 64 bits)."""
+    value = parse_json(b"[1234567890123456789012e0, 5e0, 0e0]")
+    assert dumps(value) == b"[1234567890123456789012E0,5E0,0E0]"
+    assert parse_json(dumps(value)) == value
