@@ -365,17 +365,17 @@ class WebhookServer:
                     exc_info=item.error,
                     extra={**about, "index": item.index, "error_id": error_ids[item.index]},
                 )
-            else:
-                log.warning(
-                    "webhook item not mapped",
-                    extra={
-                        **about,
-                        "index": item.index,
-                        "type": item.type,
-                        "reason": ITEM_REASONS[item.outcome],
-                    },
-                )
         if unmapped:
+            # One line a delivery, however many items: a batch can hold thousands.
+            log.warning(
+                "webhook items not mapped",
+                extra={
+                    **about,
+                    "reasons": dict(Counter(ITEM_REASONS[item.outcome] for item in unmapped)),
+                    "types": sorted({item.type for item in unmapped})[:10],
+                    "indexes": [item.index for item in unmapped[:20]],
+                },
+            )
             try:
                 await self._quarantine.quarantine(
                     delivery.provider,

@@ -25,7 +25,7 @@ from ingest.server import IngestApp, create_app
 from ingest.settings import Settings
 from ingest.webhook_mapping import MappedItem, Provider, shopify_hmac
 from ingest.webhooks import EventSink, Quarantine, WebhookServer, WebhookSettings
-from sendtime.ingest.v1 import ingest_pb2
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common import json_input
 from sendtime_common.config import ConfigError
@@ -454,8 +454,9 @@ async def test_a_quarantined_item_is_mapped_again_when_replayed(
     assert after.webhook_item.type == "machine_open"
 
 
-async def test_a_replayed_item_that_now_maps_to_nothing_is_resolved(
+async def test_through_the_api_a_quarantined_item_is_listed_and_replayed_to_nothing(
     ingest_app: IngestApp,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     server: WebhookServer,
     http: aiohttp.ClientSession,
     unique: str,
@@ -464,21 +465,25 @@ async def test_a_replayed_item_that_now_maps_to_nothing_is_resolved(
     raw = {"event": "newsletter_preview", "email": f"reader-{unique}@example.com", "timestamp": 1}
     body = json.dumps([raw]).encode()
     assert (await post(http, url(server, "/webhooks/sendgrid"), body, sendgrid_headers(body)))[0] == 200
-    dead_letter = await dead_letter_of(
-        ingest_app, webhook_mapping.quarantine_id(Provider.SENDGRID, "newsletter_preview", raw)
+    event_id = webhook_mapping.quarantine_id(Provider.SENDGRID, "newsletter_preview", raw)
+    listed = await ingest_stub.ListRejectedEvents(
+        ingest_pb2.ListRejectedEventsRequest(page_size=1000, source=ingest_pb2.EVENT_SOURCE_EMAIL)
     )
+    [dead_letter] = [d for d in listed.rejected_events if d.event.event_id == event_id]
+    assert dead_letter.webhook_item.provider == ingest_pb2.WEBHOOK_PROVIDER_SENDGRID
+    assert json_input.parse_json(dead_letter.webhook_item.json) == raw
+
+    # An upgrade that knowingly ignores the type: the replay resolves it, with no event to show.
     monkeypatch.setattr(
         webhook_mapping,
         "SENDGRID_IGNORED_TYPES",
         webhook_mapping.SENDGRID_IGNORED_TYPES | {"newsletter_preview"},
     )
-    replayed = await ingest_app.dead_letters.replay(
-        int(dead_letter.name.removeprefix("rejectedEvents/")), None
+    replayed = await ingest_stub.ReplayRejectedEvent(
+        ingest_pb2.ReplayRejectedEventRequest(name=dead_letter.name)
     )
-    assert replayed is not None
-    result, after = replayed
-    assert result is None
-    assert after.state == ingest_pb2.REJECTED_EVENT_STATE_REPLAYED
+    assert not replayed.HasField("result")
+    assert replayed.rejected_event.state == ingest_pb2.REJECTED_EVENT_STATE_REPLAYED
 
 
 async def test_an_erased_persons_quarantined_items_are_deleted(
