@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 # Events handed to the sink at once: SendGrid batches can hold thousands, and the sink stores a
 # batch concurrently. Matches ingest's SendEvents limit.
 MAX_EVENTS_PER_SINK_CALL = 1000
+# Items of one SendGrid delivery: a 1 MiB body of 3-byte items would be 350,000 dead letters and
+# a 25 MB answer. SendGrid's real batches hold a few thousand events at most.
+MAX_ITEMS_PER_DELIVERY = 10_000
 DEFAULT_RETRY_AFTER_S = 1
 
 
@@ -132,7 +135,7 @@ def _error(
 
 def _refused(exc: JsonInputError) -> web.Response:
     headers = None
-    if exc.reason == JsonReason.UNSUPPORTED_CONTENT_ENCODING:  # RFC 9110 15.5.16: say what is
+    if exc.reason == JsonReason.UNSUPPORTED_CONTENT_ENCODING:  # RFC 9110 15.5.16: say what works
         headers = {"Accept-Encoding": ", ".join(("identity", *SUPPORTED_ENCODINGS))}
     return _json(exc.http_status, {"error": exc.to_json()}, headers)
 
@@ -188,7 +191,7 @@ async def _unexpected_errors(
 
 class WebhookServer:
     """An aiohttp server for ``POST /webhooks/shopify``, ``POST /webhooks/sendgrid`` and
-    ``GET /healthz``, feeding ``sink``."""
+    ``GET /healthz``, feeding events to ``sink`` and items it cannot map to ``quarantine``."""
 
     def __init__(
         self,
@@ -344,6 +347,11 @@ class WebhookServer:
             payload = parse_json(body, top_level="array")
         except JsonInputError as exc:
             return self._log_refused(Provider.SENDGRID, exc)
+        if len(payload) > MAX_ITEMS_PER_DELIVERY:
+            log.warning("webhook refused", extra={"provider": "sendgrid", "reason": "WEBHOOK_TOO_MANY_ITEMS"})
+            return _error(
+                413, "WEBHOOK_TOO_MANY_ITEMS", f"a delivery may hold at most {MAX_ITEMS_PER_DELIVERY} events"
+            )
         return await self._answer(sendgrid_events(payload), {"provider": "sendgrid"})
 
     @staticmethod

@@ -771,6 +771,23 @@ async def test_every_json_edge_is_400_with_its_reason(
         await server.stop()
 
 
+async def test_a_sendgrid_delivery_of_more_than_10000_items_is_413(http: aiohttp.ClientSession) -> None:
+    sink, quarantine = RecordingSink(), RecordingQuarantine()
+    server = await started(sink, quarantine)
+    try:
+        body = json.dumps([1] * 10_001).encode()  # 30 KB: past the item limit, not the size limit
+        status, answer = await post(http, url(server, "/webhooks/sendgrid"), body, sendgrid_headers(body))
+        assert (status, answer["error"]["reason"]) == (413, "WEBHOOK_TOO_MANY_ITEMS")
+        at_limit = json.dumps([1] * 10_000).encode()
+        status, answer = await post(
+            http, url(server, "/webhooks/sendgrid"), at_limit, sendgrid_headers(at_limit)
+        )
+        assert (status, answer["rejected"], len(quarantine.items)) == (200, 10_000, 10_000)
+        assert sink.batches == []
+    finally:
+        await server.stop()
+
+
 async def test_an_unexpected_envelope_or_a_missing_topic_is_400(http: aiohttp.ClientSession) -> None:
     sink = RecordingSink()
     server = await started(sink)
