@@ -123,9 +123,6 @@ class MappedDelivery:
         """The events of the mapped items, in order."""
         return [e for item in self.items for e in item.events]
 
-    def count(self, outcome: ItemOutcome) -> int:
-        return sum(1 for item in self.items if item.outcome == outcome)
-
 
 # --- signatures -------------------------------------------------------------------------------
 
