@@ -78,7 +78,12 @@ def optional(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, An
 
 
 line_items = optional(
-    sku=json_text, variant_id=ids, name=json_text, title=json_text, quantity=st.integers(), price=amounts
+    sku=json_text,
+    variant_id=ids,
+    name=json_text,
+    title=json_text,
+    quantity=st.integers(INT_MIN, INT_MAX),
+    price=amounts,
 )
 transactions = optional(
     kind=st.sampled_from(["refund", "sale"]),
