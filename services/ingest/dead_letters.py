@@ -26,7 +26,7 @@ from ingest.webhook_mapping import (
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common import json_input
-from sendtime_common.errors import error_info_status, new_error_id
+from sendtime_common.errors import error_info_status, log_unexpected, new_error_id
 from sendtime_common.event_log import RetryLater
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.paging import decode_time_position, encode_time_position
@@ -205,10 +205,11 @@ class DeadLetters:
             error_id = ""
             if item.error is not None:
                 error_id = new_error_id()
-                log.error(
+                log_unexpected(
+                    log,
                     "webhook item could not be mapped",
-                    exc_info=item.error,
-                    extra={"error_id": error_id, "provider": str(provider), "dead_letter": rejection.id},
+                    item.error,
+                    {"error_id": error_id, "provider": str(provider), "dead_letter": rejection.id},
                 )
             status = webhook_item_status(provider, item, error_id)
             result = ingest_pb2.EventResult(

@@ -52,7 +52,7 @@ from ingest.webhook_mapping import (
     verify_shopify_signature,
 )
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.errors import field_violations, new_error_id
+from sendtime_common.errors import field_violations, log_unexpected, new_error_id
 from sendtime_common.json_input import (
     SUPPORTED_ENCODINGS,
     JsonInputError,
@@ -183,9 +183,9 @@ async def _unexpected_errors(
         return await handler(request)
     except web.HTTPException:
         raise
-    except Exception:
+    except Exception as exc:
         error_id = new_error_id()
-        log.exception("webhook request failed", extra={"error_id": error_id, "path": request.path})
+        log_unexpected(log, "webhook request failed", exc, {"error_id": error_id, "path": request.path})
         return _error(500, "INTERNAL", f"an unexpected error; error id {error_id}", error_id=error_id)
 
 
@@ -368,10 +368,11 @@ class WebhookServer:
         for item in unmapped:
             if item.error is not None:
                 error_ids[item.index] = new_error_id()
-                log.error(
+                log_unexpected(
+                    log,
                     "webhook item could not be mapped",
-                    exc_info=item.error,
-                    extra={**about, "index": item.index, "error_id": error_ids[item.index]},
+                    item.error,
+                    {**about, "index": item.index, "error_id": error_ids[item.index]},
                 )
         if unmapped:
             # One line a delivery, however many items: a batch can hold thousands.
