@@ -10,12 +10,13 @@ PY := $(BIN)/python
 export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install up down run demo test test-fast lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render
+.PHONY: help install up down run demo test test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render
 
 help:
 	@echo "make run        start Postgres/Redis/NATS if needed, the three services, a demo; Ctrl-C stops"
 	@echo "make demo       the same, but exit after the demo (0 when it worked)"
 	@echo "make test       install what is needed and run the whole test suite"
+	@echo "make fuzz       the fuzz tests (tests/fuzz) with many examples each; make test runs a small slice"
 	@echo "make lint       buf lint, ruff, mypy"
 	@echo "make gen        regenerate gen/python from protos/;  make gen-check: fail when stale"
 	@echo "make breaking   buf breaking against main"
@@ -46,6 +47,11 @@ demo: install
 test: install
 	$(PY) scripts/devstack.py ensure
 	$(PY) -m pytest
+
+# Long: 20,000 examples a test, random each run; failures are kept in .hypothesis/ and replayed
+# first next time. `make test` runs the same tests as a derandomized slice of seconds.
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/fuzz --timeout=0
 
 lint: install
 	$(BIN)/buf lint

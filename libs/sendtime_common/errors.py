@@ -3,6 +3,9 @@ call's status and in the ``grpc-status-details-bin`` trailer that clients and gr
 
 from __future__ import annotations
 
+import logging
+import traceback
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -117,3 +120,22 @@ def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     # know the synchronous grpc.Call.
     status: status_pb2.Status | None = rpc_status.from_call(error)  # type: ignore[arg-type]
     return status
+
+
+def new_error_id() -> str:
+    """An opaque id for an unexpected error: logged with the exception, and the only thing the
+    caller is shown of it (never an exception's class or message), so support can find it."""
+    return uuid.uuid4().hex
+
+
+def log_unexpected(logger: logging.Logger, message: str, error: BaseException, extra: dict[str, Any]) -> None:
+    """An error line for a bug: the exception's class and traceback, not its message, which may
+    quote data (a database's message quotes the values it refused); ``extra`` holds the error id."""
+    logger.error(
+        message,
+        extra={
+            **extra,
+            "exception": f"{type(error).__module__}.{type(error).__qualname__}",
+            "traceback": "".join(traceback.format_tb(error.__traceback__)),
+        },
+    )

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import traceback
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 
-from sendtime_common.errors import abort_with, error_info_status
+from sendtime_common.errors import abort_with, error_info_status, log_unexpected, new_error_id
 from sendtime_common.handlers import Behavior, replace_behavior
 
 log = logging.getLogger(__name__)
@@ -46,18 +44,8 @@ def internal_status(error_id: str) -> status_pb2.Status:
 async def _answer_internal(
     method: str, error: Exception, context: grpc.aio.ServicerContext[Any, Any]
 ) -> None:
-    error_id = uuid.uuid4().hex
-    # The exception's class and where it was raised, not its message: a database's message may
-    # quote the values it refused, and logs never hold personal data.
-    log.error(
-        "unexpected error in a handler",
-        extra={
-            "method": method,
-            "error_id": error_id,
-            "exception": f"{type(error).__module__}.{type(error).__qualname__}",
-            "traceback": "".join(traceback.format_tb(error.__traceback__)),
-        },
-    )
+    error_id = new_error_id()
+    log_unexpected(log, "unexpected error in a handler", error, {"method": method, "error_id": error_id})
     await abort_with(context, internal_status(error_id))
 
 

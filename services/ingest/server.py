@@ -144,7 +144,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         hasher=settings.identifier_hasher,
         stream_linger=timedelta(milliseconds=settings.stream_linger_ms),
     )
-    dead_letters = DeadLetters(store, ingestor)
+    dead_letters = DeadLetters(store, ingestor, settings.identifier_hasher)
     servicer = IngestServicer(
         ingestor,
         dead_letters,
@@ -165,7 +165,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
         try:
-            webhooks = WebhookServer(ingestor, settings.webhooks, tls=settings.tls)
+            webhooks = WebhookServer(ingestor, settings.webhooks, tls=settings.tls, quarantine=dead_letters)
         except ValueError as exc:
             await event_log.close()
             await pool.close()

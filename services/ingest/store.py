@@ -30,6 +30,8 @@ class Rejection:
     event: bytes
     status: bytes
     identifier_hashes: tuple[bytes, ...]
+    # A webhook item that could not be mapped: a ``sendtime.ingest.v1.WebhookItem``.
+    webhook_item: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +41,10 @@ class StoredRejection:
     status: bytes
     rejected_at: datetime
     replayed_at: datetime | None
+    webhook_item: bytes | None = None
+
+
+_REJECTION_COLUMNS = "id, event, status, rejected_at, replayed_at, webhook_item"
 
 
 # One primary-key probe per id, whatever the table's statistics say. ``event_id = ANY($1)``
@@ -165,6 +171,21 @@ class IngestStore:
             [(r.event_id, r.source, r.event, r.status, list(r.identifier_hashes), at) for r in rejections],
         )
 
+    async def add_webhook_items(self, rejections: Sequence[Rejection], at: datetime) -> None:
+        """Store webhook items that could not be mapped, rejected ``at``; one already stored (a
+        redelivery: the same digest for its event id) is left as it is."""
+        if not rejections:
+            return
+        await self._pool.executemany(
+            "INSERT INTO ingest_rejected_events (event_id, source, event, status, identifier_hashes,"
+            " rejected_at, webhook_item) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (event_id) WHERE webhook_item IS NOT NULL DO NOTHING",
+            [
+                (r.event_id, r.source, r.event, r.status, list(r.identifier_hashes), at, r.webhook_item)
+                for r in rejections
+            ],
+        )
+
     async def delete_rejections_of(self, identifier_hashes: Sequence[bytes]) -> int:
         """Delete the dead letters naming any of these identifiers (an erased person's); how many."""
         result = await self._pool.execute(
@@ -178,8 +199,8 @@ class IngestStore:
     ) -> list[StoredRejection]:
         """Dead letters newest first, after the (rejected_at, id) position ``after``."""
         rows = await self._pool.fetch(
-            """
-            SELECT id, event, status, rejected_at, replayed_at FROM ingest_rejected_events
+            f"""
+            SELECT {_REJECTION_COLUMNS} FROM ingest_rejected_events
             WHERE ($1::timestamptz IS NULL OR (rejected_at, id) < ($1, $2))
               AND ($3::boolean IS NULL OR (replayed_at IS NOT NULL) = $3)
               AND ($4::int IS NULL OR source = $4)
@@ -196,7 +217,7 @@ class IngestStore:
 
     async def get_rejection(self, rejection_id: int) -> StoredRejection | None:
         row = await self._pool.fetchrow(
-            "SELECT id, event, status, rejected_at, replayed_at FROM ingest_rejected_events WHERE id = $1",
+            f"SELECT {_REJECTION_COLUMNS} FROM ingest_rejected_events WHERE id = $1",
             rejection_id,
         )
         return StoredRejection(**dict(row)) if row else None
@@ -208,7 +229,7 @@ class IngestStore:
         when it is gone (its retention ran out during the replay)."""
         row = await self._pool.fetchrow(
             "UPDATE ingest_rejected_events SET status = coalesce($2, status), replayed_at = $3"
-            " WHERE id = $1 RETURNING id, event, status, rejected_at, replayed_at",
+            f" WHERE id = $1 RETURNING {_REJECTION_COLUMNS}",
             rejection_id,
             status,
             replayed_at,

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from babel import Locale, UnknownLocaleError
-from babel.numbers import get_currency_precision, list_currencies
+from babel.core import get_global
+from babel.numbers import get_currency_precision
 from google.protobuf import struct_pb2
 from google.type import money_pb2
 
@@ -45,7 +47,6 @@ MAX_MONEY_UNITS = 10**15
 # A line of a million items is already a wholesale order; a cart's sums of quantities stay far
 # inside int64.
 MAX_QUANTITY = 1_000_000
-_CURRENCIES = frozenset(list_currencies())
 # The IANA names tzdata knows. Looked up in a set: zoneinfo.ZoneInfo() opens a file named by the
 # value, so "Europe" raised IsADirectoryError and a long name "File name too long".
 _TIME_ZONES = frozenset(zoneinfo.available_timezones())
@@ -161,12 +162,34 @@ def _check_text(value: str, field: str, fail: _Fail, *, required: bool, limit: i
         fail(field, f"must be at most {limit} characters")
 
 
+def is_http_url(value: str) -> bool:
+    """An absolute http or https URL with a host: what a link in an email or a page may be
+    (never javascript:, data: or file:, which a template would put in front of a customer)."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unbalanced [ in the host
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+# ISO 4217 codes of the legal tender in use today somewhere (CLDR's territory data, through
+# babel): no withdrawn currency (DEM), fund code (USN), metal (XAU), nor XTS or XXX.
+CURRENCY_CODES = frozenset(
+    code
+    for currencies in get_global("territory_currencies").values()
+    for code, _start, end, tender in currencies
+    if end is None and tender
+)
+
+
 def _check_url(value: str, field: str, fail: _Fail, *, required: bool) -> None:
     _check_text(value, field, fail, required=required, limit=MAX_URL_LENGTH)
+    if value.strip() and len(value) <= MAX_URL_LENGTH and not is_http_url(value.strip()):
+        fail(field, "must be an http or https URL")
 
 
 def _check_money(money: money_pb2.Money, field: str, fail: _Fail) -> None:
-    if money.currency_code not in _CURRENCIES:
+    if money.currency_code not in CURRENCY_CODES:
         fail(f"{field}.currency_code", "must be an ISO 4217 currency code such as EUR or USD")
     elif money.nanos % 10 ** (9 - get_currency_precision(money.currency_code)):
         digits = get_currency_precision(money.currency_code)

@@ -3,26 +3,36 @@
 Pure functions: no I/O, no clock reads (the caller passes ``now``), so every rule can be tested
 with literal payloads. docs/webhooks.md has the mapping tables.
 
-Mapping is strict about shape and lenient about content. A body that is not the provider's
-format (not JSON, wrong JSON types, an amount that is not a decimal) raises
-``WebhookPayloadError`` and the whole request is refused with 400. A well-formed event that lacks
-something Sendtime needs (an order without an email) still becomes an event: ingest rejects it
-with field violations and keeps it in its dead-letter store, where it can be replayed once fixed,
-and the provider is not made to retry a delivery that can never succeed.
+Every item of a delivery (the one resource of a Shopify webhook, each element of a SendGrid
+batch) is mapped on its own, so one bad item never fails the others. Only a body that is not
+the provider's envelope (a Shopify body that is not an object, a SendGrid body that is not an
+array) raises ``WebhookPayloadError`` and refuses the whole delivery. An item becomes:
+
+- ``MAPPED``: events for ingest. A well-formed item that lacks something Sendtime needs (an order
+  without an email) still becomes an event: ingest rejects it with field violations into its
+  dead-letter store, where it can be replayed once fixed.
+- ``IGNORED``: deliberately not modelled (SendGrid's ``processed``, an anonymous checkout).
+- ``UNKNOWN_TYPE``: a Shopify topic or SendGrid event type this code does not map; quarantined
+  in the dead-letter store as received, and mapped again when replayed (after an upgrade).
+- ``MALFORMED``: not the provider's format (a field of the wrong type, an amount that is not an
+  exact decimal, a URL that is not http(s), a currency that is not ISO 4217); the message names
+  the field, never its value. Dead-lettered as received.
+- ``FAILED``: mapping raised something unexpected (a bug); dead-lettered as received, with the
+  exception for the caller to log.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Decimal, Inexact, InvalidOperation, localcontext
+from decimal import Context, Decimal, Inexact, InvalidOperation, localcontext
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -31,7 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 
+from ingest.validation import CURRENCY_CODES, is_http_url
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common import json_input
 
 SHOPIFY_HMAC_HEADER = "X-Shopify-Hmac-Sha256"
 SHOPIFY_TOPIC_HEADER = "X-Shopify-Topic"
@@ -43,6 +55,9 @@ SENDGRID_TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 _ID_PART = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
 _NANOS_PER_UNIT = 1_000_000_000
 _INT64_MAX = 2**63 - 1
+# What google.protobuf.Timestamp can hold: 0001-01-01 to 9999-12-31 (UTC).
+_TIMESTAMP_MIN_S = -62_135_596_800
+_TIMESTAMP_MAX_S = 253_402_300_799
 
 
 class WebhookPayloadError(ValueError):
@@ -54,15 +69,59 @@ class WebhookSignatureError(ValueError):
     """The request is not provably from the provider; the message says why."""
 
 
-@dataclass(frozen=True, slots=True)
-class MappedEvents:
-    """What one webhook delivery holds: the events to ingest, and how many provider events were
-    deliberately left out (types Sendtime does not model, anonymous checkouts)."""
+class Provider(enum.StrEnum):
+    SHOPIFY = "shopify"
+    SENDGRID = "sendgrid"
 
+
+class ItemOutcome(enum.StrEnum):
+    """What became of one item of a delivery (the module docstring says what each means)."""
+
+    MAPPED = "mapped"
+    IGNORED = "ignored"
+    UNKNOWN_TYPE = "unknown_type"
+    MALFORMED = "malformed"
+    FAILED = "failed"
+
+
+# The ErrorInfo reason of an item that was not mapped, in the HTTP answer and the dead letter.
+ITEM_REASONS = {
+    ItemOutcome.UNKNOWN_TYPE: "WEBHOOK_UNKNOWN_TYPE",
+    ItemOutcome.MALFORMED: "WEBHOOK_ITEM_MALFORMED",
+    ItemOutcome.FAILED: "WEBHOOK_ITEM_MAPPING_FAILED",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MappedItem:
+    """One item of a delivery and what it became."""
+
+    index: int
+    outcome: ItemOutcome
+    # The Shopify topic or SendGrid event type ('' when the item has none), at most 64 characters.
+    type: str
+    # The item as parsed: what the dead-letter store keeps of an item that was not mapped.
+    raw: Any
     events: list[ingest_pb2.Event] = field(default_factory=list)
-    ignored: int = 0
-    # Provider event types this code does not know (newer than it), for the log.
-    unknown_types: frozenset[str] = frozenset()
+    # UNKNOWN_TYPE and MALFORMED: what is wrong, naming fields, never their values.
+    problem: str = ""
+    # FAILED: what mapping raised.
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MappedDelivery:
+    """The items of one webhook delivery, in order."""
+
+    provider: Provider
+    items: list[MappedItem]
+    # X-Shopify-Webhook-Id ('' for SendGrid): kept with a dead-lettered item.
+    webhook_id: str = ""
+
+    @property
+    def events(self) -> list[ingest_pb2.Event]:
+        """The events of the mapped items, in order."""
+        return [e for item in self.items for e in item.events]
 
 
 # --- signatures -------------------------------------------------------------------------------
@@ -94,8 +153,10 @@ def verify_shopify_signature(secret: str, headers: Mapping[str, str], body: byte
     if not received:
         raise WebhookSignatureError(f"missing {SHOPIFY_HMAC_HEADER} header")
     expected = shopify_hmac(secret, body)
-    # Constant time, so the response time does not reveal how much of a forgery was right.
-    if not hmac.compare_digest(expected.encode("ascii"), received.encode("utf-8")):
+    # Constant time, so the response time does not reveal how much of a forgery was right. A
+    # base64 value is ASCII; a header byte that is not UTF-8 reaches here as a lone surrogate
+    # (aiohttp decodes with surrogateescape), which encoding would raise on: a 500, not a 401.
+    if not received.isascii() or not hmac.compare_digest(expected.encode("ascii"), received.encode("ascii")):
         raise WebhookSignatureError("signature does not match the body")
 
 
@@ -156,25 +217,7 @@ def verify_sendgrid_signature(
         raise WebhookSignatureError(f"timestamp is more than {int(max_age.total_seconds())}s from now")
 
 
-# --- JSON -------------------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
-
-
-def parse_json(body: bytes) -> Any:
-    """The body as JSON. Non-integer numbers become ``Decimal`` (exact, as sent), never float.
-
-    Raises:
-        WebhookPayloadError: not UTF-8 JSON.
-    """
-    try:
-        return json.loads(body.decode("utf-8"), parse_float=Decimal, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        # The message of a JSON error holds a position, not the content.
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-        raise WebhookPayloadError(f"the body is not valid JSON: {reason}") from None
+# --- fields ---------------------------------------------------------------------------------
 
 
 def _object(value: Any, path: str) -> dict[str, Any]:
@@ -226,20 +269,29 @@ def _required_id(obj: dict[str, Any], key: str, path: str) -> str:
     return value
 
 
-def _integer(obj: dict[str, Any], key: str, path: str) -> int | None:
+def _integer(
+    obj: dict[str, Any], key: str, path: str, *, low: int = -_INT64_MAX - 1, high: int = _INT64_MAX
+) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
-    if isinstance(value, Decimal) and value == value.to_integral_value():
+    # 1.7E+9 is an integer written as a JSON number with an exponent; adjusted() first, so that
+    # 1E+999999 is never expanded.
+    if isinstance(value, Decimal) and value.adjusted() <= 18 and value == value.to_integral_value():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise WebhookPayloadError(f"{path}.{key}: must be an integer")
+    if not low <= value <= high:
+        raise WebhookPayloadError(f"{path}.{key}: must be between {low} and {high}")
     return value
 
 
 def _decimal(value: Any, path: str) -> Decimal:
-    """An amount: a decimal string as Shopify sends money, or a JSON number (parsed exactly)."""
+    """An amount: a decimal string as Shopify sends money, or a JSON number (parsed exactly).
+    At most 18 digits before the point and 9 after, so that sums of amounts stay exact."""
     if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
+        raise WebhookPayloadError(f'{path}: must be a decimal amount such as "19.99"')
+    if isinstance(value, str) and not value.isascii():  # Decimal() also reads other scripts' digits
         raise WebhookPayloadError(f'{path}: must be a decimal amount such as "19.99"')
     try:
         amount = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
@@ -247,7 +299,35 @@ def _decimal(value: Any, path: str) -> Decimal:
         raise WebhookPayloadError(f'{path}: must be a decimal amount such as "19.99"') from None
     if not amount.is_finite():
         raise WebhookPayloadError(f"{path}: must be a finite amount")
+    if not amount.is_zero() and amount.adjusted() > 18:
+        raise WebhookPayloadError(f"{path}: too large")
+    try:
+        amount.quantize(_NANO, context=_EXACT)  # raises Inexact rather than round
+    except (Inexact, InvalidOperation):
+        raise WebhookPayloadError(f"{path}: more than 9 decimal places") from None
     return amount
+
+
+_NANO = Decimal("1E-9")
+# Wide enough for any amount _decimal lets through, and for sums of a million of them; any
+# rounding raises Inexact instead of silently changing an amount.
+_EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])
+
+
+def _currency(obj: dict[str, Any], key: str, path: str) -> str:
+    """An ISO 4217 code in use ('' when absent: ingest then rejects the money that needs one)."""
+    code = _text(obj, key, path)
+    if code and code not in CURRENCY_CODES:
+        raise WebhookPayloadError(f"{path}.{key}: must be an ISO 4217 currency code such as EUR or USD")
+    return code
+
+
+def _url(obj: dict[str, Any], key: str, path: str) -> str:
+    """An http or https URL ('' when absent)."""
+    url = _text(obj, key, path)
+    if url and not is_http_url(url):
+        raise WebhookPayloadError(f"{path}.{key}: must be an http or https URL")
+    return url
 
 
 def to_money(amount: Decimal, currency: str, path: str) -> money_pb2.Money:
@@ -292,7 +372,10 @@ def _iso_time(obj: dict[str, Any], key: str, path: str) -> timestamp_pb2.Timesta
     if at.tzinfo is None:
         raise WebhookPayloadError(f"{path}.{key}: must carry a UTC offset")
     ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(at)
+    try:
+        ts.FromDatetime(at)  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+    except (ValueError, OverflowError):
+        raise WebhookPayloadError(f"{path}.{key}: must be between the years 1 and 9999 in UTC") from None
     return ts
 
 
@@ -361,7 +444,7 @@ def _shopify_lines(resource: dict[str, Any], currency: str, path: str) -> list[i
 
 def _order_completed(order: dict[str, Any]) -> list[ingest_pb2.Event]:
     order_id = _required_id(order, "id", "order")
-    currency = _text(order, "currency", "order")
+    currency = _currency(order, "currency", "order")
     completed = ingest_pb2.OrderCompleted(order_id=order_id, lines=_shopify_lines(order, currency, "order"))
     total = _money_field(order, "total_price", currency, "order")
     if total is not None:
@@ -401,8 +484,8 @@ def _refund_amount(refund: dict[str, Any], path: str) -> money_pb2.Money | None:
         tx = _object(raw, tx_path)
         if _text(tx, "kind", tx_path) != "refund" or _text(tx, "status", tx_path) in ("failure", "error"):
             continue
-        total += _decimal(tx.get("amount"), f"{tx_path}.amount")
-        currencies.add(_text(tx, "currency", tx_path))
+        total = _EXACT.add(total, _decimal(tx.get("amount"), f"{tx_path}.amount"))
+        currencies.add(_currency(tx, "currency", tx_path))
     if not currencies:
         return None
     if len(currencies) > 1:
@@ -430,14 +513,14 @@ def _order_refunded(
     return event
 
 
-def _refund_created(refund: dict[str, Any]) -> MappedEvents:
+def _refund_created(refund: dict[str, Any]) -> list[ingest_pb2.Event]:
     # A refund payload names no customer (its user_id is the staff member), so this event has no
     # identifiers and ingest rejects it into the dead-letter store; see docs/webhooks.md.
     event = _order_refunded(refund, ingest_pb2.CustomerIdentifiers(), "refund")
-    return MappedEvents([event]) if event else MappedEvents(ignored=1)
+    return [event] if event else []
 
 
-def _order_updated(order: dict[str, Any]) -> MappedEvents:
+def _order_updated(order: dict[str, Any]) -> list[ingest_pb2.Event]:
     """The refunds of an updated order, with the order's customer: the way to get refunds that
     can be attributed. The update itself is not an event."""
     order_id = _required_id(order, "id", "order")
@@ -448,21 +531,23 @@ def _order_updated(order: dict[str, Any]) -> MappedEvents:
         if event is not None:
             event.order_refunded.order_id = event.order_refunded.order_id or order_id
             events.append(event)
-    return MappedEvents(events) if events else MappedEvents(ignored=1)
+    return events
 
 
-def _checkout_started(checkout: dict[str, Any], webhook_id: str) -> MappedEvents:
+def _checkout_started(checkout: dict[str, Any], webhook_id: str) -> list[ingest_pb2.Event]:
     customer = _shopify_customer(checkout, "checkout")
     if not customer.email and not customer.user_id:
         # Most checkouts start before the buyer types an email: about nobody yet, not an error.
-        return MappedEvents(ignored=1)
+        return []
     if not _ID_PART.match(webhook_id):
         raise WebhookPayloadError(
             f"{SHOPIFY_WEBHOOK_ID_HEADER} header: required, letters, digits and . _ : -"
         )
     checkout_id = _id(checkout, "token", "checkout") or _required_id(checkout, "id", "checkout")
     # Amounts of a checkout are in the buyer's (presentment) currency.
-    currency = _text(checkout, "presentment_currency", "checkout") or _text(checkout, "currency", "checkout")
+    currency = _currency(checkout, "presentment_currency", "checkout") or _currency(
+        checkout, "currency", "checkout"
+    )
     started = ingest_pb2.CheckoutStarted(
         checkout_id=checkout_id, lines=_shopify_lines(checkout, currency, "checkout")
     )
@@ -477,13 +562,14 @@ def _checkout_started(checkout: dict[str, Any], webhook_id: str) -> MappedEvents
         ingest_pb2.EVENT_SOURCE_SERVER,
     )
     event.checkout_started.CopyFrom(started)
-    return MappedEvents([event])
+    return [event]
 
 
-_SHOPIFY_TOPICS: dict[str, Callable[[dict[str, Any], str], MappedEvents]] = {
-    "orders/create": lambda p, _: MappedEvents(_order_completed(p)),
-    "orders/paid": lambda p, _: MappedEvents(_order_completed(p)),
-    "orders/cancelled": lambda p, _: MappedEvents(_order_cancelled(p)),
+# Each maps the topic's resource and webhook id to its events; none: deliberately ignored.
+_SHOPIFY_TOPICS: dict[str, Callable[[dict[str, Any], str], list[ingest_pb2.Event]]] = {
+    "orders/create": lambda p, _: _order_completed(p),
+    "orders/paid": lambda p, _: _order_completed(p),
+    "orders/cancelled": lambda p, _: _order_cancelled(p),
     "orders/updated": lambda p, _: _order_updated(p),
     "refunds/create": lambda p, _: _refund_created(p),
     "checkouts/create": _checkout_started,
@@ -492,17 +578,44 @@ _SHOPIFY_TOPICS: dict[str, Callable[[dict[str, Any], str], MappedEvents]] = {
 SHOPIFY_TOPICS = frozenset(_SHOPIFY_TOPICS)
 
 
-def shopify_events(topic: str, webhook_id: str, payload: Any) -> MappedEvents:
-    """The events of one Shopify webhook. A topic Sendtime does not map is ignored (answered
-    200, so Shopify does not retry it or drop the subscription).
+def _item(
+    index: int, item_type: str, raw: Any, unknown: bool, mapping: Callable[[], list[ingest_pb2.Event]]
+) -> MappedItem:
+    """One item through ``mapping``, whatever it raises: the other items of the delivery go on."""
+    if unknown:
+        return MappedItem(
+            index,
+            ItemOutcome.UNKNOWN_TYPE,
+            item_type,
+            raw,
+            problem=f"type {item_type!r} is not one Sendtime maps",
+        )
+    try:
+        events = mapping()
+    except WebhookPayloadError as exc:
+        return MappedItem(index, ItemOutcome.MALFORMED, item_type, raw, problem=str(exc))
+    except Exception as exc:  # a bug: the caller logs it; the item is dead-lettered, not lost
+        return MappedItem(index, ItemOutcome.FAILED, item_type, raw, problem="mapping failed", error=exc)
+    if not events:
+        return MappedItem(index, ItemOutcome.IGNORED, item_type, raw)
+    return MappedItem(index, ItemOutcome.MAPPED, item_type, raw, events)
+
+
+def shopify_events(topic: str, webhook_id: str, payload: Any) -> MappedDelivery:
+    """The one item of a Shopify webhook: its topic's resource. A topic Sendtime does not map
+    is UNKNOWN_TYPE (quarantined, answered 200, so Shopify neither retries it nor drops the
+    subscription).
 
     Raises:
-        WebhookPayloadError: the payload is not the topic's resource.
+        WebhookPayloadError: the payload is not a JSON object.
     """
-    handler = _SHOPIFY_TOPICS.get(topic.strip())
-    if handler is None:
-        return MappedEvents(ignored=1)
-    return handler(_object(payload, "body"), webhook_id)
+    resource = _object(payload, "body")
+    topic = topic.strip()
+    handler = _SHOPIFY_TOPICS.get(topic)
+    item = _item(
+        0, topic[:64], resource, handler is None, lambda: handler(resource, webhook_id) if handler else []
+    )
+    return MappedDelivery(Provider.SHOPIFY, [item], webhook_id)
 
 
 # --- SendGrid ---------------------------------------------------------------------------------
@@ -554,7 +667,7 @@ def _custom_arg(raw: dict[str, Any], key: str) -> str:
 
 
 def _sendgrid_event(raw: dict[str, Any], payload_field: str, path: str) -> ingest_pb2.Event:
-    timestamp = _integer(raw, "timestamp", path)
+    timestamp = _integer(raw, "timestamp", path, low=_TIMESTAMP_MIN_S, high=_TIMESTAMP_MAX_S)
     occurred_at = None
     if timestamp is not None:
         occurred_at = timestamp_pb2.Timestamp(seconds=timestamp)
@@ -570,7 +683,7 @@ def _sendgrid_event(raw: dict[str, Any], payload_field: str, path: str) -> inges
     payload = getattr(event, payload_field)
     payload.message.CopyFrom(message)
     if payload_field == "email_clicked":
-        payload.url = _text(raw, "url", path)
+        payload.url = _url(raw, "url", path)
     elif payload_field == "email_bounced":
         bounce_type = _text(raw, "type", path)
         payload.bounce_type = _BOUNCE_TYPES.get(bounce_type, ingest_pb2.BOUNCE_TYPE_UNSPECIFIED)
@@ -583,28 +696,70 @@ def _sendgrid_event(raw: dict[str, Any], payload_field: str, path: str) -> inges
     return event
 
 
-def sendgrid_events(payload: Any) -> MappedEvents:
-    """The events of one SendGrid Event Webhook batch (a JSON array of events), in order.
+def _sendgrid_item(index: int, raw: Any) -> MappedItem:
+    path = f"body[{index}]"
+    if not isinstance(raw, dict):
+        return MappedItem(index, ItemOutcome.MALFORMED, "", raw, problem=f"{path}: must be an object")
+    sendgrid_type = raw.get("event")
+    if not isinstance(sendgrid_type, str) or not sendgrid_type.strip():
+        return MappedItem(index, ItemOutcome.MALFORMED, "", raw, problem=f"{path}.event: required, a string")
+    sendgrid_type = sendgrid_type.strip()
+    payload_field = _SENDGRID_EVENT_TYPES.get(sendgrid_type)
+    if payload_field is None and sendgrid_type in SENDGRID_IGNORED_TYPES:
+        return MappedItem(index, ItemOutcome.IGNORED, sendgrid_type, raw)
+    return _item(
+        index,
+        sendgrid_type[:64],
+        raw,
+        payload_field is None,
+        lambda: [_sendgrid_event(raw, payload_field, path)] if payload_field else [],
+    )
+
+
+def sendgrid_events(payload: Any) -> MappedDelivery:
+    """The items of one SendGrid Event Webhook batch (a JSON array of events), in order.
 
     Raises:
-        WebhookPayloadError: not an array of event objects, or a field has the wrong type.
+        WebhookPayloadError: the payload is not a JSON array.
     """
     if not isinstance(payload, list):
         raise WebhookPayloadError("body: must be a JSON array of events")
-    events = []
-    ignored = 0
-    unknown: set[str] = set()
-    for i, raw in enumerate(payload):
-        path = f"body[{i}]"
-        item = _object(raw, path)
-        sendgrid_type = _text(item, "event", path)
-        if not sendgrid_type:
-            raise WebhookPayloadError(f"{path}.event: required")
-        payload_field = _SENDGRID_EVENT_TYPES.get(sendgrid_type)
-        if payload_field is None:
-            ignored += 1
-            if sendgrid_type not in SENDGRID_IGNORED_TYPES:
-                unknown.add(sendgrid_type[:64])
-            continue
-        events.append(_sendgrid_event(item, payload_field, path))
-    return MappedEvents(events, ignored, frozenset(unknown))
+    return MappedDelivery(Provider.SENDGRID, [_sendgrid_item(i, raw) for i, raw in enumerate(payload)])
+
+
+def map_item(provider: Provider, item_type: str, webhook_id: str, raw: Any) -> MappedItem:
+    """One item mapped again, as a delivery would map it now: a dead letter's replay.
+
+    Raises:
+        WebhookPayloadError: a Shopify item that is not an object.
+    """
+    if provider == Provider.SHOPIFY:
+        return shopify_events(item_type, webhook_id, raw).items[0]
+    return _sendgrid_item(0, raw)
+
+
+def quarantine_id(provider: Provider, item_type: str, raw: Any) -> str:
+    """The dead letter's event id for an item that was not mapped: a digest of what was
+    received, so a redelivery of the same item finds the dead letter it already has."""
+    digest = hashlib.sha256(f"{provider}\0{item_type}\0".encode() + json_input.dumps(raw)).hexdigest()
+    return f"{provider}:q:{digest[:40]}"
+
+
+def item_identifiers(provider: Provider, raw: Any) -> ingest_pb2.CustomerIdentifiers:
+    """The identifiers an item names, as far as they can be read whatever its shape (never
+    raises): a dead-lettered item is found by them when its person is erased."""
+
+    def text(obj: Any, key: str) -> str:
+        value = obj.get(key) if isinstance(obj, dict) else None
+        return value.strip() if isinstance(value, str) else ""
+
+    if provider == Provider.SENDGRID:
+        return ingest_pb2.CustomerIdentifiers(email=text(raw, "email"))
+    customer = raw.get("customer") if isinstance(raw, dict) else None
+    customer_id = customer.get("id") if isinstance(customer, dict) else None
+    return ingest_pb2.CustomerIdentifiers(
+        email=text(raw, "email") or text(raw, "contact_email") or text(customer, "email"),
+        user_id=str(customer_id)
+        if isinstance(customer_id, int | str) and not isinstance(customer_id, bool)
+        else "",
+    )

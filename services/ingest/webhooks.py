@@ -1,13 +1,22 @@
 """Provider webhooks over HTTP: a store (Shopify) and an email provider (SendGrid) push events.
 
-Each request is checked in this order: endpoint configured (else 404), body size (413),
-signature (401: nothing is parsed or ingested), body format (400), then the events go to ingest
-as one batch. Both providers retry any non-2xx answer, so the answer follows what ingest did:
-200 once every event has a final outcome (accepted, duplicate, or rejected into the dead-letter
-store), 503 with Retry-After while the event log cannot store some of them. Event ids are
-deterministic, so a retried delivery counts the already stored events as duplicates.
+Each request is checked in this order: endpoint configured (else 404), media type (415), body
+size (413), Content-Encoding (415, or 413 when it inflates past the size limit), signature (401:
+nothing is parsed or ingested), the body as I-JSON and the provider's envelope (400, with a
+machine-readable reason). Then every item of the delivery is mapped on its own, and the answer
+is per item.
 
-Logs carry counts, topics and event ids only: never a body, an email address or a header value.
+Both providers retry any non-2xx answer, and in the end drop the delivery, good items with bad.
+So one bad item never fails a delivery: the answer is 200 once every item has a final outcome
+(accepted, duplicate, ignored; rejected or quarantined into the dead-letter store, where it can
+be replayed), with the outcome of each item and the index and reason of each bad one. It is 503
+with Retry-After only while something could not be stored (the event log, the dead-letter
+store): a retry can then succeed, and event ids are deterministic, so the items stored the
+first time count as duplicates. An unexpected error is 500 with an opaque error id, logged with
+the exception; the body never shows the exception.
+
+Logs carry counts, topics, indexes, reasons and event ids only: never a body, an email address
+or a header value.
 """
 
 from __future__ import annotations
@@ -17,30 +26,41 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.rpc import error_details_pb2
 
+from ingest.store import StoreError
 from ingest.webhook_mapping import (
+    ITEM_REASONS,
     SHOPIFY_TOPIC_HEADER,
     SHOPIFY_WEBHOOK_ID_HEADER,
-    MappedEvents,
-    WebhookPayloadError,
+    ItemOutcome,
+    MappedDelivery,
+    MappedItem,
+    Provider,
     WebhookSignatureError,
     load_sendgrid_public_key,
-    parse_json,
     sendgrid_events,
     shopify_events,
     verify_sendgrid_signature,
     verify_shopify_signature,
 )
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.errors import field_violations
+from sendtime_common.errors import field_violations, log_unexpected, new_error_id
+from sendtime_common.json_input import (
+    SUPPORTED_ENCODINGS,
+    JsonInputError,
+    JsonReason,
+    check_media_type,
+    decode_content,
+    parse_json,
+)
 from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
 
 log = logging.getLogger(__name__)
@@ -48,6 +68,9 @@ log = logging.getLogger(__name__)
 # Events handed to the sink at once: SendGrid batches can hold thousands, and the sink stores a
 # batch concurrently. Matches ingest's SendEvents limit.
 MAX_EVENTS_PER_SINK_CALL = 1000
+# Items of one SendGrid delivery: a 1 MiB body of 3-byte items would be 350,000 dead letters and
+# a 25 MB answer. SendGrid's real batches hold a few thousand events at most.
+MAX_ITEMS_PER_DELIVERY = 10_000
 DEFAULT_RETRY_AFTER_S = 1
 
 
@@ -55,6 +78,20 @@ class EventSink(Protocol):
     """Where mapped events go: ``ingest.ingestor.Ingestor`` (outcomes in input order)."""
 
     async def ingest_batch(self, events: list[ingest_pb2.Event]) -> list[ingest_pb2.EventResult]: ...
+
+
+class Quarantine(Protocol):
+    """Where items that could not be mapped go: ``ingest.dead_letters.DeadLetters``."""
+
+    async def quarantine(
+        self, provider: Provider, webhook_id: str, items: Sequence[tuple[MappedItem, str]]
+    ) -> None:
+        """Keep each item, with the error id logged for it ('' when none).
+
+        Raises:
+            ingest.store.StoreError: the dead-letter store is unavailable.
+        """
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,25 +126,72 @@ def _json(status: int, body: dict[str, object], headers: dict[str, str] | None =
     return web.json_response(body, status=status, headers=headers)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json(status, {"error": message})
+def _error(
+    status: int, reason: str, message: str, headers: dict[str, str] | None = None, **more: object
+) -> web.Response:
+    """``{"error": {"reason", "message", ...}}``: ``reason`` is stable for clients to branch on."""
+    return _json(status, {"error": {"reason": reason, "message": message, **more}}, headers)
 
 
-def _retry_after_s(results: list[ingest_pb2.EventResult]) -> int:
-    """The longest RetryInfo delay among the results, in whole seconds (at least 1)."""
+def _refused(exc: JsonInputError) -> web.Response:
+    headers = None
+    if exc.reason == JsonReason.UNSUPPORTED_CONTENT_ENCODING:  # RFC 9110 15.5.16: say what works
+        headers = {"Accept-Encoding": ", ".join(("identity", *SUPPORTED_ENCODINGS))}
+    return _json(exc.http_status, {"error": exc.to_json()}, headers)
+
+
+def _retry_info(results: list[ingest_pb2.EventResult]) -> tuple[int, str]:
+    """The longest RetryInfo delay among the results, in whole seconds (at least 1), and the
+    ErrorInfo reason of the first result that has one."""
     longest = 0.0
+    reason = ""
     for result in results:
         for detail in result.status.details:
             if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):  # type: ignore[arg-type]
                 info = error_details_pb2.RetryInfo()
                 detail.Unpack(info)
                 longest = max(longest, info.retry_delay.ToTimedelta().total_seconds())
-    return max(DEFAULT_RETRY_AFTER_S, math.ceil(longest))
+            elif not reason and detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]
+                error_info = error_details_pb2.ErrorInfo()
+                detail.Unpack(error_info)
+                reason = error_info.reason
+    return max(DEFAULT_RETRY_AFTER_S, math.ceil(longest)), reason or "RETRY_LATER"
+
+
+_OUTCOME_NAMES = {
+    ingest_pb2.EVENT_OUTCOME_ACCEPTED: "accepted",
+    ingest_pb2.EVENT_OUTCOME_DUPLICATE: "duplicate",
+    ingest_pb2.EVENT_OUTCOME_REJECTED: "rejected",
+    ingest_pb2.EVENT_OUTCOME_RETRY: "retry",
+}
+# Outcomes of items that were not mapped, as the answer names them: the sender's malformed item
+# is rejected; one of a type Sendtime does not map, or whose mapping failed (a bug here), is
+# quarantined. Both are in the dead-letter store.
+_UNMAPPED_NAMES = {
+    ItemOutcome.UNKNOWN_TYPE: "quarantined",
+    ItemOutcome.FAILED: "quarantined",
+    ItemOutcome.MALFORMED: "rejected",
+}
+
+
+@web.middleware
+async def _unexpected_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A 500 with an opaque error id for anything unexpected; the exception is only logged."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        error_id = new_error_id()
+        log_unexpected(log, "webhook request failed", exc, {"error_id": error_id, "path": request.path})
+        return _error(500, "INTERNAL", f"an unexpected error; error id {error_id}", error_id=error_id)
 
 
 class WebhookServer:
     """An aiohttp server for ``POST /webhooks/shopify``, ``POST /webhooks/sendgrid`` and
-    ``GET /healthz``, feeding ``sink``."""
+    ``GET /healthz``, feeding events to ``sink`` and items it cannot map to ``quarantine``."""
 
     def __init__(
         self,
@@ -115,6 +199,7 @@ class WebhookServer:
         settings: WebhookSettings,
         *,
         tls: TlsSettings,
+        quarantine: Quarantine,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         """Check the configuration here, so that a bad one fails start-up, not every request.
@@ -128,6 +213,7 @@ class WebhookServer:
         """
         tls.check()
         self._sink = sink
+        self._quarantine = quarantine
         self._settings = settings
         self._tls = tls
         self._ssl = server_ssl_context(tls) if tls.enabled else None
@@ -148,7 +234,7 @@ class WebhookServer:
         return self._port
 
     def _app(self) -> web.Application:
-        app = web.Application(client_max_size=self._settings.max_body_bytes)
+        app = web.Application(client_max_size=self._settings.max_body_bytes, middlewares=[_unexpected_errors])
         app.router.add_post("/webhooks/shopify", self._shopify)
         app.router.add_post("/webhooks/sendgrid", self._sendgrid)
         app.router.add_get("/healthz", self._healthz)
@@ -157,7 +243,14 @@ class WebhookServer:
     async def start(self) -> None:
         """Bind the address and serve."""
         # No access log: one structured line per webhook is written below instead.
-        runner = web.AppRunner(self._app(), access_log=None, shutdown_timeout=self._settings.shutdown_grace_s)
+        # auto_decompress off: aiohttp would inflate any coding it knows before the size check;
+        # decode_content inflates only gzip and deflate, and never past the limit.
+        runner = web.AppRunner(
+            self._app(),
+            access_log=None,
+            shutdown_timeout=self._settings.shutdown_grace_s,
+            auto_decompress=False,
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl)
@@ -192,103 +285,188 @@ class WebhookServer:
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
-    async def _read_body(self, request: web.Request) -> bytes | web.Response:
-        """The raw body (signatures are over the exact bytes), or a 413 answer."""
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body as the provider signed it: its media type checked, its Content-Encoding
+        undone, at most ``max_body_bytes`` (read or inflated).
+
+        Raises:
+            JsonInputError: UNSUPPORTED_MEDIA_TYPE, BODY_TOO_LARGE, UNSUPPORTED_CONTENT_ENCODING
+                or CONTENT_ENCODING_INVALID.
+        """
+        check_media_type(request.headers.get("Content-Type"))
         limit = self._settings.max_body_bytes
+        too_large = JsonInputError(JsonReason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            return _error(413, f"the body is larger than {limit} bytes")
+            raise too_large
         try:
-            return await request.read()
+            body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length
-            return _error(413, f"the body is larger than {limit} bytes")
+            raise too_large from None
+        return decode_content(body, request.headers.get("Content-Encoding"), limit)
 
     async def _shopify(self, request: web.Request) -> web.Response:
         secret = self._settings.shopify_secret
         if not secret:
-            return _error(404, "the Shopify webhook is not configured")
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
-            return body
+            return _error(404, "WEBHOOK_NOT_CONFIGURED", "the Shopify webhook is not configured")
+        try:
+            body = await self._read_body(request)
+        except JsonInputError as exc:
+            return self._log_refused(Provider.SHOPIFY, exc)
         try:
             verify_shopify_signature(secret, request.headers, body)
         except WebhookSignatureError as exc:
             log.warning("webhook refused", extra={"provider": "shopify", "reason": str(exc)})
-            return _error(401, f"invalid signature: {exc}")
+            return _error(401, "SIGNATURE_INVALID", f"invalid signature: {exc}")
         topic = request.headers.get(SHOPIFY_TOPIC_HEADER, "").strip()
         webhook_id = request.headers.get(SHOPIFY_WEBHOOK_ID_HEADER, "").strip()
+        if not topic:
+            log.warning("webhook malformed", extra={"provider": "shopify", "reason": "WEBHOOK_TOPIC_MISSING"})
+            return _error(400, "WEBHOOK_TOPIC_MISSING", f"missing {SHOPIFY_TOPIC_HEADER} header")
         try:
-            if not topic:
-                raise WebhookPayloadError(f"missing {SHOPIFY_TOPIC_HEADER} header")
-            mapped = shopify_events(topic, webhook_id, parse_json(body))
-        except WebhookPayloadError as exc:
-            log.warning(
-                "webhook malformed", extra={"provider": "shopify", "topic": topic[:64], "reason": str(exc)}
-            )
-            return _error(400, str(exc))
-        return await self._ingest(
-            mapped, {"provider": "shopify", "topic": topic[:64], "webhook_id": webhook_id[:64]}
-        )
+            payload = parse_json(body, top_level="object")
+        except JsonInputError as exc:
+            return self._log_refused(Provider.SHOPIFY, exc)
+        about: dict[str, object] = {"provider": "shopify", "topic": topic[:64], "webhook_id": webhook_id[:64]}
+        return await self._answer(shopify_events(topic, webhook_id, payload), about)
 
     async def _sendgrid(self, request: web.Request) -> web.Response:
         key = self._sendgrid_key
         if key is None:
-            return _error(404, "the SendGrid webhook is not configured")
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
-            return body
+            return _error(404, "WEBHOOK_NOT_CONFIGURED", "the SendGrid webhook is not configured")
+        try:
+            body = await self._read_body(request)
+        except JsonInputError as exc:
+            return self._log_refused(Provider.SENDGRID, exc)
         max_age = timedelta(seconds=self._settings.signature_max_age_s)
         try:
             verify_sendgrid_signature(key, request.headers, body, self._clock(), max_age)
         except WebhookSignatureError as exc:
             log.warning("webhook refused", extra={"provider": "sendgrid", "reason": str(exc)})
-            return _error(401, f"invalid signature: {exc}")
+            return _error(401, "SIGNATURE_INVALID", f"invalid signature: {exc}")
         try:
-            mapped = sendgrid_events(parse_json(body))
-        except WebhookPayloadError as exc:
-            log.warning("webhook malformed", extra={"provider": "sendgrid", "reason": str(exc)})
-            return _error(400, str(exc))
-        if mapped.unknown_types:
-            log.warning(
-                "unknown SendGrid event types ignored",
-                extra={"provider": "sendgrid", "types": sorted(mapped.unknown_types)},
+            payload = parse_json(body, top_level="array")
+        except JsonInputError as exc:
+            return self._log_refused(Provider.SENDGRID, exc)
+        if len(payload) > MAX_ITEMS_PER_DELIVERY:
+            log.warning("webhook refused", extra={"provider": "sendgrid", "reason": "WEBHOOK_TOO_MANY_ITEMS"})
+            return _error(
+                413, "WEBHOOK_TOO_MANY_ITEMS", f"a delivery may hold at most {MAX_ITEMS_PER_DELIVERY} events"
             )
-        return await self._ingest(mapped, {"provider": "sendgrid"})
+        return await self._answer(sendgrid_events(payload), {"provider": "sendgrid"})
 
-    async def _ingest(self, mapped: MappedEvents, about: dict[str, object]) -> web.Response:
-        """Hand the events to the sink and answer with the counts (503 while any must be retried)."""
+    @staticmethod
+    def _log_refused(provider: Provider, exc: JsonInputError) -> web.Response:
+        # The reason only: the message and path may quote keys the sender wrote.
+        log.warning("webhook refused", extra={"provider": str(provider), "reason": str(exc.reason)})
+        return _refused(exc)
+
+    async def _answer(self, delivery: MappedDelivery, about: dict[str, object]) -> web.Response:
+        """Dead-letter the items that were not mapped, ingest the events of the others, and
+        answer per item (503 while anything must be retried)."""
+        unmapped = [item for item in delivery.items if item.outcome in ITEM_REASONS]
+        error_ids: dict[int, str] = {}
+        for item in unmapped:
+            if item.error is not None:
+                error_ids[item.index] = new_error_id()
+                log_unexpected(
+                    log,
+                    "webhook item could not be mapped",
+                    item.error,
+                    {**about, "index": item.index, "error_id": error_ids[item.index]},
+                )
+        if unmapped:
+            # One line a delivery, however many items: a batch can hold thousands.
+            log.warning(
+                "webhook items not mapped",
+                extra={
+                    **about,
+                    "reasons": dict(Counter(ITEM_REASONS[item.outcome] for item in unmapped)),
+                    "types": sorted({item.type for item in unmapped})[:10],
+                    "indexes": [item.index for item in unmapped[:20]],
+                },
+            )
+            try:
+                await self._quarantine.quarantine(
+                    delivery.provider,
+                    delivery.webhook_id,
+                    [(item, error_ids.get(item.index, "")) for item in unmapped],
+                )
+            except StoreError as exc:
+                # Nothing is ingested either: the whole delivery comes again.
+                log.warning("dead-letter store unavailable", extra={**about, "error": str(exc)})
+                return _error(
+                    503,
+                    "DEAD_LETTER_STORE_UNAVAILABLE",
+                    "the dead-letter store is unavailable; retry the delivery",
+                    headers={"Retry-After": str(DEFAULT_RETRY_AFTER_S)},
+                )
+
+        events = delivery.events
         results: list[ingest_pb2.EventResult] = []
-        try:
-            for start in range(0, len(mapped.events), MAX_EVENTS_PER_SINK_CALL):
-                results.extend(
-                    await self._sink.ingest_batch(mapped.events[start : start + MAX_EVENTS_PER_SINK_CALL])
-                )
-        except Exception:
-            log.exception("webhook events could not be ingested", extra=about)
-            return _error(500, "the events could not be ingested")
+        for start in range(0, len(events), MAX_EVENTS_PER_SINK_CALL):
+            results.extend(await self._sink.ingest_batch(events[start : start + MAX_EVENTS_PER_SINK_CALL]))
 
-        outcomes = Counter(r.outcome for r in results)
+        answers: list[dict[str, Any]] = []
+        remaining = iter(results)
+        for item in delivery.items:
+            if item.outcome == ItemOutcome.MAPPED:
+                answers.extend(self._event_answer(item.index, next(remaining), about) for _ in item.events)
+            elif item.outcome == ItemOutcome.IGNORED:
+                answers.append({"index": item.index, "outcome": "ignored", "type": item.type})
+            else:
+                answer = {
+                    "index": item.index,
+                    "outcome": _UNMAPPED_NAMES[item.outcome],
+                    "type": item.type,
+                    "reason": ITEM_REASONS[item.outcome],
+                    "message": item.problem,
+                }
+                if item.index in error_ids:
+                    answer["error_id"] = error_ids[item.index]
+                answers.append(answer)
+
+        tally = Counter(answer["outcome"] for answer in answers)
         counts = {
-            "accepted": outcomes[ingest_pb2.EVENT_OUTCOME_ACCEPTED],
-            "duplicate": outcomes[ingest_pb2.EVENT_OUTCOME_DUPLICATE],
-            "rejected": outcomes[ingest_pb2.EVENT_OUTCOME_REJECTED],
-            "ignored": mapped.ignored,
+            name: tally[name] for name in ("accepted", "duplicate", "rejected", "quarantined", "ignored")
         }
-        for result in results:
-            if result.outcome == ingest_pb2.EVENT_OUTCOME_REJECTED:
-                # Field paths only: a violation's description could quote what was sent.
-                fields = sorted({v.field for v in field_violations(result.status)})
-                log.warning(
-                    "webhook event rejected", extra={**about, "event_id": result.event_id, "fields": fields}
-                )
-
-        retry = outcomes[ingest_pb2.EVENT_OUTCOME_RETRY]
-        if retry:
-            after = _retry_after_s(results)
-            log.warning("webhook events must be retried", extra={**about, **counts, "retry": retry})
+        if tally["retry"]:
+            after, reason = _retry_info(results)
+            log.warning("webhook events must be retried", extra={**about, **counts, "retry": tally["retry"]})
             return _json(
                 503,
-                {**counts, "retry": retry, "error": "the event log is unavailable; retry the delivery"},
+                {
+                    "error": {
+                        "reason": reason,
+                        "message": "some events could not be stored; retry the delivery",
+                    },
+                    **counts,
+                    "retry": tally["retry"],
+                    "items": answers,
+                },
                 headers={"Retry-After": str(after)},
             )
         log.info("webhook ingested", extra={**about, **counts})
-        return _json(200, dict(counts))
+        return _json(200, {**counts, "items": answers})
+
+    @staticmethod
+    def _event_answer(index: int, result: ingest_pb2.EventResult, about: dict[str, object]) -> dict[str, Any]:
+        answer: dict[str, Any] = {
+            "index": index,
+            "outcome": _OUTCOME_NAMES.get(result.outcome, "retry"),
+            "event_id": result.event_id,
+        }
+        if result.outcome == ingest_pb2.EVENT_OUTCOME_REJECTED:
+            violations = field_violations(result.status)
+            # The field paths only in the log: a violation's description could quote what was sent.
+            log.warning(
+                "webhook event rejected",
+                extra={
+                    **about,
+                    "index": index,
+                    "event_id": result.event_id,
+                    "fields": sorted({v.field for v in violations}),
+                },
+            )
+            answer["reason"] = "EVENT_INVALID"
+            answer["violations"] = [{"field": v.field, "description": v.description} for v in violations]
+        return answer

@@ -327,10 +327,14 @@ async def test_webhooks_serve_https_and_reload_a_rotated_certificate(pki: Pki) -
         async def ingest_batch(self, events: list[Any]) -> list[Any]:
             return []
 
+        async def quarantine(self, provider: Any, webhook_id: str, items: Any) -> None:
+            return None
+
     server = WebhookServer(
         NoEvents(),
         WebhookSettings(address="127.0.0.1:0", shopify_secret="s"),
         tls=TlsSettings(cert_file=str(cert), key_file=str(key)),
+        quarantine=NoEvents(),
     )
     await server.start()
     try:

@@ -120,11 +120,13 @@ async def test_a_replay_that_races_the_purge_still_answers_what_it_did(
     )
     (row,) = await pool.fetch("SELECT id FROM ingest_rejected_events WHERE event_id = $1", rejected.event_id)
 
-    answered = await DeadLetters(store, ingest_app.ingestor).replay(row["id"], None)
+    answered = await DeadLetters(store, ingest_app.ingestor, IdentifierHasher.unkeyed()).replay(
+        row["id"], None
+    )
 
     assert answered is not None
     result, dead_letter = answered
-    assert result.outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED
+    assert result is not None and result.outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED
     assert dead_letter.state == ingest_pb2.REJECTED_EVENT_STATE_REPLAYED
     assert await IngestStore(pool).get_rejection(row["id"]) is None
 

@@ -345,3 +345,61 @@ def test_a_time_zone_that_names_a_directory_or_no_file_is_refused(zone: str) -> 
     e = event(user_id="u", occurred_at=NOW, identify=identify(a=1))
     e.context.timezone = zone
     assert fields(e)["context.timezone"] == "must be an IANA time zone such as Europe/Vienna"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)",
+        "data:text/html,<b>x</b>",
+        "file:///etc/passwd",
+        "ftp://shop.example/",
+        "//shop.example/p",
+        "/p/1",
+        "https://",
+        "http://[::1",
+    ],
+)
+def test_url_fields_accept_only_http_and_https(url: str) -> None:
+    found = fields(
+        event(user_id="u", occurred_at=NOW, page_viewed=ingest_pb2.PageViewed(url=url, referrer=url))
+    )
+    assert found == {
+        "page_viewed.url": "must be an http or https URL",
+        "page_viewed.referrer": "must be an http or https URL",
+    }
+    clicked = ingest_pb2.EmailClicked(message=EMAIL_MESSAGE, url=url)
+    assert fields(event(user_id="u", occurred_at=NOW, email_clicked=clicked)) == {
+        "email_clicked.url": "must be an http or https URL"
+    }
+
+
+@pytest.mark.parametrize(
+    "url", ["https://shop.example/p/1?q=2#x", "HTTP://SHOP.EXAMPLE", "https://[2001:db8::1]:8443/"]
+)
+def test_http_and_https_urls_are_valid(url: str) -> None:
+    assert fields(event(user_id="u", occurred_at=NOW, page_viewed=ingest_pb2.PageViewed(url=url))) == {}
+
+
+@pytest.mark.parametrize("code", ["DEM", "XTS", "XXX", "XAU", "USN", "CNH", "usd", "US", "EURO"])
+def test_currencies_must_be_iso_4217_legal_tender_in_use(code: str) -> None:
+    found = fields(
+        event(
+            user_id="u",
+            occurred_at=NOW,
+            product_viewed=ingest_pb2.ProductViewed(sku="s", price=money("1", code)),
+        )
+    )
+    assert found == {"product_viewed.price.currency_code": CURRENCY_RULE}
+
+
+@pytest.mark.parametrize("code", ["EUR", "USD", "JPY", "CHF", "XOF", "ZWG", "SLE"])
+def test_iso_4217_currencies_in_use_are_valid(code: str) -> None:
+    found = fields(
+        event(
+            user_id="u",
+            occurred_at=NOW,
+            product_viewed=ingest_pb2.ProductViewed(sku="s", price=money("1", code)),
+        )
+    )
+    assert found == {}

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import hmac
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -20,11 +21,16 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ingest import webhook_mapping
 from ingest.webhook_mapping import (
+    ItemOutcome,
+    MappedItem,
+    Provider,
     WebhookPayloadError,
     WebhookSignatureError,
     load_sendgrid_public_key,
-    parse_json,
+    map_item,
+    quarantine_id,
     sendgrid_events,
     shopify_events,
     shopify_hmac,
@@ -33,6 +39,7 @@ from ingest.webhook_mapping import (
     verify_shopify_signature,
 )
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.json_input import parse_json
 
 WEBHOOK_ID = "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043"
 
@@ -291,14 +298,21 @@ def seconds(iso: str) -> int:
     return int(datetime.fromisoformat(iso).timestamp())
 
 
+def only_item(topic: str, payload: Any, webhook_id: str = WEBHOOK_ID) -> MappedItem:
+    delivery = shopify_events(topic, webhook_id, payload)
+    [item] = delivery.items
+    assert (item.index, item.type, item.raw) == (0, topic, payload)
+    return item
+
+
 # --- Shopify ----------------------------------------------------------------------------------
 
 
 def test_an_order_becomes_order_completed_keyed_by_the_order_id() -> None:
-    mapped = shopify_events("orders/create", WEBHOOK_ID, order_payload())
+    item = only_item("orders/create", order_payload())
 
-    assert mapped.ignored == 0
-    [event] = mapped.events
+    assert item.outcome == ItemOutcome.MAPPED
+    [event] = item.events
     assert event.event_id == "shopify:order:450789469:completed"
     assert event.source == ingest_pb2.EVENT_SOURCE_SERVER
     # The customer's id, not the top-level user_id (the staff member).
@@ -367,8 +381,8 @@ def test_a_refund_sums_its_successful_refund_transactions_exactly() -> None:
 def test_a_refund_without_money_is_ignored() -> None:
     payload = refund_payload()
     payload["transactions"] = []
-    assert shopify_events("refunds/create", WEBHOOK_ID, payload).events == []
-    assert shopify_events("refunds/create", WEBHOOK_ID, payload).ignored == 1
+    item = only_item("refunds/create", payload)
+    assert (item.outcome, item.events) == (ItemOutcome.IGNORED, [])
 
 
 def test_an_updated_order_yields_its_refunds_with_the_customer() -> None:
@@ -380,7 +394,7 @@ def test_an_updated_order_yields_its_refunds_with_the_customer() -> None:
     assert event.customer.email == "Bob.Norman@Mail.example.com"
     assert event.order_refunded.amount.units == 202
 
-    assert shopify_events("orders/updated", WEBHOOK_ID, order_payload()).ignored == 1
+    assert only_item("orders/updated", order_payload()).outcome == ItemOutcome.IGNORED
 
 
 def test_a_checkout_with_an_email_becomes_checkout_started_in_the_buyers_currency() -> None:
@@ -401,18 +415,21 @@ def test_a_checkout_with_an_email_becomes_checkout_started_in_the_buyers_currenc
 
 
 def test_an_anonymous_checkout_is_ignored() -> None:
-    mapped = shopify_events("checkouts/create", "", checkout_payload(email=None))
-    assert (mapped.events, mapped.ignored) == ([], 1)
+    item = only_item("checkouts/create", checkout_payload(email=None), webhook_id="")
+    assert (item.outcome, item.events) == (ItemOutcome.IGNORED, [])
 
 
 def test_a_checkout_needs_the_webhook_id_for_its_event_id() -> None:
-    with pytest.raises(WebhookPayloadError, match="X-Shopify-Webhook-Id"):
-        shopify_events("checkouts/create", "", checkout_payload())
+    item = only_item("checkouts/create", checkout_payload(), webhook_id="")
+    assert item.outcome == ItemOutcome.MALFORMED
+    assert "X-Shopify-Webhook-Id" in item.problem
 
 
-def test_a_topic_sendtime_does_not_map_is_ignored() -> None:
-    mapped = shopify_events("products/update", WEBHOOK_ID, {"id": 1, "title": "T-Shirt"})
-    assert (mapped.events, mapped.ignored) == ([], 1)
+def test_a_topic_sendtime_does_not_map_is_an_unknown_type_kept_as_received() -> None:
+    product = {"id": 1, "title": "T-Shirt"}
+    item = only_item("products/update", product)
+    assert (item.outcome, item.events, item.raw) == (ItemOutcome.UNKNOWN_TYPE, [], product)
+    assert item.problem == "type 'products/update' is not one Sendtime maps"
 
 
 @pytest.mark.parametrize(
@@ -430,17 +447,54 @@ def test_a_topic_sendtime_does_not_map_is_ignored() -> None:
         (lambda o: o["line_items"][1].update(quantity="2"), r"order\.line_items\[1\]\.quantity: must be an"),
         (lambda o: o.update(customer="207119551"), r"order\.customer: must be an object"),
         (lambda o: o.update(email=7), r"order\.email: must be a string"),
+        (lambda o: o.update(currency="DEM"), r"order\.currency: must be an ISO 4217 currency code"),
+        (lambda o: o.update(currency="usd"), r"order\.currency: must be an ISO 4217 currency code"),
+        (lambda o: o.update(total_price="1E+19"), r"order\.total_price: too large"),
+        (lambda o: o.update(total_price="١٢"), r"order\.total_price: must be a decimal amount"),
+        (
+            lambda o: o.update(processed_at="0001-01-01T00:00:00+01:00"),
+            r"order\.processed_at: must be between",
+        ),
+        (lambda o: o["line_items"][0].update(quantity=2**63), r"quantity: must be between"),
     ],
 )
-def test_a_malformed_order_is_refused_with_the_field_named(mutate: Any, message: str) -> None:
+def test_a_malformed_order_is_an_item_with_the_field_named(mutate: Any, message: str) -> None:
     payload = order_payload()
     mutate(payload)
-    with pytest.raises(WebhookPayloadError, match=message) as caught:
-        shopify_events("orders/create", WEBHOOK_ID, payload)
-    assert "Bob" not in str(caught.value)
+    item = only_item("orders/create", payload)
+    assert (item.outcome, item.events) == (ItemOutcome.MALFORMED, [])
+    assert re.search(message, item.problem)
+    assert "Bob" not in item.problem
 
 
-def test_a_body_that_is_not_an_object_is_refused() -> None:
+def test_a_refund_whose_transactions_add_up_past_any_amount_is_malformed_not_an_overflow() -> None:
+    payload = refund_payload()
+    for tx in payload["transactions"]:
+        tx["amount"] = "999999999999999999.999999999"
+    payload["transactions"] *= 1000
+    item = only_item("refunds/create", payload)
+    assert (item.outcome, item.problem) == (ItemOutcome.MALFORMED, "refund.transactions: too large")
+
+
+def test_a_refund_in_a_currency_that_is_not_iso_4217_is_malformed() -> None:
+    payload = refund_payload()
+    payload["transactions"][0]["currency"] = "XTS"
+    item = only_item("refunds/create", payload)
+    assert item.outcome == ItemOutcome.MALFORMED
+    assert item.problem.startswith("refund.transactions[0].currency: must be an ISO 4217")
+
+
+def test_an_error_inside_a_mapping_fails_that_item_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(payload: dict[str, Any], webhook_id: str) -> list[ingest_pb2.Event]:
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(webhook_mapping._SHOPIFY_TOPICS, "orders/create", broken)
+    item = only_item("orders/create", order_payload())
+    assert (item.outcome, item.problem) == (ItemOutcome.FAILED, "mapping failed")
+    assert isinstance(item.error, KeyError)
+
+
+def test_a_body_that_is_not_an_object_is_refused_whole() -> None:
     with pytest.raises(WebhookPayloadError, match="body: must be an object"):
         shopify_events("orders/create", WEBHOOK_ID, [order_payload()])
 
@@ -483,14 +537,17 @@ def test_json_numbers_are_parsed_as_decimals_never_floats() -> None:
     assert (event.order_completed.total.units, event.order_completed.total.nanos) == (0, 300_000_000)
 
     float_noise = json.dumps(payload).replace('"__NUMBER__"', "0.30000000000000004").encode()
-    with pytest.raises(WebhookPayloadError, match="more than 9 decimal places"):
-        shopify_events("orders/create", WEBHOOK_ID, parse_json(float_noise))
+    [item] = shopify_events("orders/create", WEBHOOK_ID, parse_json(float_noise)).items
+    assert (item.outcome, item.problem) == (
+        ItemOutcome.MALFORMED,
+        "order.total_price: more than 9 decimal places",
+    )
 
 
-@pytest.mark.parametrize("body", [b"", b"{", b"\xff\xfe", b'{"total_price": NaN}', b"[1, 2"])
-def test_a_body_that_is_not_json_is_refused(body: bytes) -> None:
-    with pytest.raises(WebhookPayloadError, match="not valid JSON"):
-        parse_json(body)
+def test_json_integers_beyond_2_53_stay_exact_in_ids() -> None:
+    body = json.dumps(order_payload()).replace("450789469", "9007199254740993").encode()
+    [event] = shopify_events("orders/create", WEBHOOK_ID, parse_json(body)).events
+    assert event.order_completed.order_id == "9007199254740993"
 
 
 # --- SendGrid ---------------------------------------------------------------------------------
@@ -499,8 +556,14 @@ def test_a_body_that_is_not_json_is_refused(body: bytes) -> None:
 def test_a_sendgrid_batch_maps_each_engagement_event_and_counts_the_rest_as_ignored() -> None:
     mapped = sendgrid_events(sendgrid_batch())
 
-    assert mapped.ignored == 3  # processed, deferred, dropped
-    assert mapped.unknown_types == frozenset()
+    assert [item.outcome for item in mapped.items] == [
+        ItemOutcome.IGNORED,  # processed
+        *[ItemOutcome.MAPPED] * 5,
+        ItemOutcome.IGNORED,  # deferred
+        ItemOutcome.IGNORED,  # dropped
+        *[ItemOutcome.MAPPED] * 3,
+    ]
+    assert [item.index for item in mapped.items] == list(range(11))
     assert [e.WhichOneof("payload") for e in mapped.events] == [
         "email_delivered",
         "email_opened",
@@ -558,12 +621,14 @@ def test_bounce_classification(bounce_type: str | None, expected: int) -> None:
     assert event.email_bounced.bounce_type == expected
 
 
-def test_unknown_sendgrid_types_are_ignored_and_reported() -> None:
-    mapped = sendgrid_events(
-        [{"event": "account_status_change", "timestamp": 1}, {"event": "group_resubscribe"}]
-    )
-    assert (mapped.events, mapped.ignored) == ([], 2)
-    assert mapped.unknown_types == frozenset({"account_status_change"})
+def test_unknown_sendgrid_types_are_unknown_and_known_unmodelled_ones_ignored() -> None:
+    unknown = {"event": "account_status_change", "timestamp": 1}
+    mapped = sendgrid_events([unknown, {"event": "group_resubscribe"}])
+    assert [(i.outcome, i.type) for i in mapped.items] == [
+        (ItemOutcome.UNKNOWN_TYPE, "account_status_change"),
+        (ItemOutcome.IGNORED, "group_resubscribe"),
+    ]
+    assert (mapped.items[0].raw, mapped.events) == (unknown, [])
 
 
 def test_sendgrid_event_ids_that_an_event_id_cannot_hold_are_hashed_deterministically() -> None:
@@ -586,22 +651,72 @@ def test_a_sendgrid_event_without_an_id_leaves_the_id_to_ingest() -> None:
     assert event.event_id == ""
 
 
+def test_a_sendgrid_body_that_is_not_an_array_is_refused_whole() -> None:
+    with pytest.raises(WebhookPayloadError, match="body: must be a JSON array"):
+        sendgrid_events({"event": "open"})
+
+
+GOOD_OPEN = {"event": "open", "email": "a@example.com", "timestamp": 1795000000, "sg_event_id": "good-1"}
+
+
 @pytest.mark.parametrize(
-    ("payload", "message"),
+    ("bad", "message"),
     [
-        ({"event": "open"}, r"body: must be a JSON array"),
-        (["open"], r"body\[0\]: must be an object"),
-        ([{"email": "a@example.com"}], r"body\[0\]\.event: required"),
-        ([{"event": "open", "timestamp": "1795000000"}], r"body\[0\]\.timestamp: must be an integer"),
+        ("open", r"body\[1\]: must be an object"),
+        ({"email": "a@example.com"}, r"body\[1\]\.event: required"),
+        ({"event": 7}, r"body\[1\]\.event: required"),
+        ({"event": "open", "timestamp": "1795000000"}, r"body\[1\]\.timestamp: must be an integer"),
         (
-            [{"event": "open", "timestamp": 1, "email": ["a@example.com"]}],
-            r"body\[0\]\.email: must be a string",
+            {"event": "open", "timestamp": 1, "email": ["a@example.com"]},
+            r"body\[1\]\.email: must be a string",
+        ),
+        # Past what a Timestamp holds: once a ValueError deep in protobuf, and an HTTP 500.
+        ({"event": "open", "timestamp": 10**15}, r"body\[1\]\.timestamp: must be between"),
+        ({"event": "open", "timestamp": 2**63}, r"body\[1\]\.timestamp: must be between"),
+        ({"event": "open", "timestamp": Decimal("1E+400")}, r"body\[1\]\.timestamp: must be an integer"),
+        (
+            {"event": "click", "timestamp": 1, "url": "javascript:alert(1)"},
+            r"body\[1\]\.url: must be an http",
         ),
     ],
 )
-def test_a_malformed_sendgrid_batch_is_refused(payload: Any, message: str) -> None:
-    with pytest.raises(WebhookPayloadError, match=message):
-        sendgrid_events(payload)
+def test_a_malformed_sendgrid_event_fails_alone(bad: Any, message: str) -> None:
+    mapped = sendgrid_events([GOOD_OPEN, bad, {**GOOD_OPEN, "sg_event_id": "good-2"}])
+    good, malformed, also_good = mapped.items
+    assert (good.outcome, also_good.outcome) == (ItemOutcome.MAPPED, ItemOutcome.MAPPED)
+    assert [e.event_id for e in mapped.events] == ["sendgrid:good-1", "sendgrid:good-2"]
+    assert (malformed.index, malformed.outcome, malformed.raw) == (1, ItemOutcome.MALFORMED, bad)
+    assert re.search(message, malformed.problem)
+
+
+def test_a_sendgrid_timestamp_may_be_a_json_number_with_an_exponent() -> None:
+    [event] = sendgrid_events([{**GOOD_OPEN, "timestamp": Decimal("1.795E+9")}]).events
+    assert event.occurred_at.seconds == 1_795_000_000
+
+
+def test_an_item_is_mapped_again_as_a_delivery_would_map_it() -> None:
+    order = order_payload()
+    assert (
+        map_item(Provider.SHOPIFY, "orders/paid", "", order).events
+        == shopify_events("orders/create", WEBHOOK_ID, order).events
+    )
+    assert map_item(Provider.SHOPIFY, "products/create", "", {"id": 1}).outcome == ItemOutcome.UNKNOWN_TYPE
+    again = map_item(Provider.SENDGRID, "open", "", GOOD_OPEN)
+    assert (again.index, again.events) == (0, sendgrid_events([GOOD_OPEN]).events)
+
+
+def test_the_quarantine_id_is_a_digest_of_the_item() -> None:
+    first = quarantine_id(Provider.SENDGRID, "machine_open", {"event": "machine_open", "n": Decimal("1.50")})
+    assert first == quarantine_id(
+        Provider.SENDGRID, "machine_open", {"event": "machine_open", "n": Decimal("1.50")}
+    )
+    assert first.startswith("sendgrid:q:") and len(first) == len("sendgrid:q:") + 40
+    assert first != quarantine_id(
+        Provider.SENDGRID, "machine_open", {"event": "machine_open", "n": Decimal("1.5")}
+    )
+    assert first != quarantine_id(
+        Provider.SHOPIFY, "machine_open", {"event": "machine_open", "n": Decimal("1.50")}
+    )
 
 
 # --- signatures -------------------------------------------------------------------------------
@@ -629,6 +744,14 @@ def test_shopify_signature_is_base64_hmac_sha256_of_the_raw_body() -> None:
 def test_a_bad_shopify_signature_is_refused(headers: dict[str, str], message: str) -> None:
     with pytest.raises(WebhookSignatureError, match=message):
         verify_shopify_signature(SECRET, headers, b"{}")
+
+
+def test_a_shopify_signature_header_that_is_not_utf8_is_refused_not_a_crash() -> None:
+    """Found by tests/fuzz: aiohttp decodes header bytes that are not UTF-8 into lone surrogates,
+    and encoding the header raised UnicodeEncodeError (a 500) instead of refusing it (a 401)."""
+    for value in ("\udcff", "\ud800", "é" + shopify_hmac(SECRET, b"{}")):
+        with pytest.raises(WebhookSignatureError, match="does not match"):
+            verify_shopify_signature(SECRET, {"X-Shopify-Hmac-Sha256": value}, b"{}")
 
 
 def test_a_shopify_signature_of_another_body_or_secret_is_refused() -> None:

@@ -175,6 +175,28 @@ REJECTED_EVENT_STATE_REPLAYED: RejectedEventState.ValueType  # 2
 """Replayed and stored; kept for the record."""
 Global___RejectedEventState: _TypeAlias = RejectedEventState  # noqa: Y015
 
+class _WebhookProvider:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookProviderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookProvider.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_PROVIDER_UNSPECIFIED: _WebhookProvider.ValueType  # 0
+    WEBHOOK_PROVIDER_SHOPIFY: _WebhookProvider.ValueType  # 1
+    """Shopify: one resource per delivery."""
+    WEBHOOK_PROVIDER_SENDGRID: _WebhookProvider.ValueType  # 2
+    """SendGrid's Event Webhook: an array of events per delivery."""
+
+class WebhookProvider(_WebhookProvider, metaclass=_WebhookProviderEnumTypeWrapper):
+    """A provider whose webhooks ingest receives."""
+
+WEBHOOK_PROVIDER_UNSPECIFIED: WebhookProvider.ValueType  # 0
+WEBHOOK_PROVIDER_SHOPIFY: WebhookProvider.ValueType  # 1
+"""Shopify: one resource per delivery."""
+WEBHOOK_PROVIDER_SENDGRID: WebhookProvider.ValueType  # 2
+"""SendGrid's Event Webhook: an array of events per delivery."""
+Global___WebhookProvider: _TypeAlias = WebhookProvider  # noqa: Y015
+
 class _DuplicateKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -1273,19 +1295,26 @@ class RejectedEvent(_message.Message):
     REJECT_TIME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REPLAY_TIME_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ITEM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: "rejectedEvents/{id}"."""
     state: Global___RejectedEventState.ValueType
     """Pending or replayed."""
     @_builtins.property
     def event(self) -> Global___Event:
-        """The event as received."""
+        """The event as received. For a webhook item that could not be mapped (see
+        webhook_item), what could be read of it: an id (a digest of the item),
+        the source, and the identifiers it names where they could be found.
+        """
 
     @_builtins.property
     def status(self) -> _status_pb2.Status:
         """Why it was rejected: INVALID_ARGUMENT with google.rpc.BadRequest; for an
         idempotency conflict ALREADY_EXISTS with google.rpc.ErrorInfo (reason
-        IDEMPOTENCY_CONFLICT).
+        IDEMPOTENCY_CONFLICT). For a webhook item: UNIMPLEMENTED (a type Sendtime
+        does not map), INVALID_ARGUMENT (malformed) or INTERNAL (mapping failed),
+        each with a google.rpc.ErrorInfo whose reason is WEBHOOK_UNKNOWN_TYPE,
+        WEBHOOK_ITEM_MALFORMED or WEBHOOK_ITEM_MAPPING_FAILED.
         """
 
     @_builtins.property
@@ -1296,6 +1325,12 @@ class RejectedEvent(_message.Message):
     def replay_time(self) -> _timestamp_pb2.Timestamp:
         """When it was replayed; unset while pending."""
 
+    @_builtins.property
+    def webhook_item(self) -> Global___WebhookItem:
+        """Set when a provider's webhook item could not be mapped to events: the item
+        as received. Replaying it without a corrected event maps it again.
+        """
+
     def __init__(
         self,
         *,
@@ -1305,14 +1340,55 @@ class RejectedEvent(_message.Message):
         reject_time: _timestamp_pb2.Timestamp | None = ...,
         state: Global___RejectedEventState.ValueType = ...,
         replay_time: _timestamp_pb2.Timestamp | None = ...,
+        webhook_item: Global___WebhookItem | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "reject_time", b"reject_time", "replay_time", b"replay_time", "status", b"status"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "reject_time", b"reject_time", "replay_time", b"replay_time", "status", b"status", "webhook_item", b"webhook_item"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "name", b"name", "reject_time", b"reject_time", "replay_time", b"replay_time", "state", b"state", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "name", b"name", "reject_time", b"reject_time", "replay_time", b"replay_time", "state", b"state", "status", b"status", "webhook_item", b"webhook_item"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RejectedEvent: _TypeAlias = RejectedEvent  # noqa: Y015
+
+@_typing.final
+class WebhookItem(_message.Message):
+    """One item of a webhook delivery, as received (docs/webhooks.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    provider: Global___WebhookProvider.ValueType
+    """Who sent it."""
+    type: _builtins.str
+    """The Shopify topic (X-Shopify-Topic) or the SendGrid event type."""
+    webhook_id: _builtins.str
+    """X-Shopify-Webhook-Id; empty for SendGrid."""
+    index: _builtins.int
+    """Its position in the delivery: 0 for Shopify, the array index for SendGrid."""
+    json: _builtins.bytes
+    """The item as compact UTF-8 JSON, numbers exactly as sent: the Shopify
+    resource, or one element of a SendGrid batch.
+    """
+    def __init__(
+        self,
+        *,
+        provider: Global___WebhookProvider.ValueType = ...,
+        type: _builtins.str = ...,
+        webhook_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index", "json", b"json", "provider", b"provider", "type", b"type", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookItem: _TypeAlias = WebhookItem  # noqa: Y015
 
 @_typing.final
 class ListRejectedEventsRequest(_message.Message):
@@ -1414,7 +1490,11 @@ class ReplayRejectedEventResponse(_message.Message):
     REJECTED_EVENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def result(self) -> Global___EventResult:
-        """The result of ingesting it again."""
+        """The result of ingesting it again. A webhook item mapped again may give
+        several events: the first result that is neither ACCEPTED nor DUPLICATE,
+        else the first one. Unset when the item now maps to no event (a type
+        Sendtime knowingly ignores); the dead letter is then marked replayed.
+        """
 
     @_builtins.property
     def rejected_event(self) -> Global___RejectedEvent:

@@ -101,10 +101,11 @@ class IngestServiceServicer:
     def ReplayRejectedEvent(self, request, context):
         """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
         as stored (after a configuration change, e.g. a newly allowed custom event
-        name) or replaced by a corrected event. The answer is a normal event result;
-        the dead letter is marked replayed only when the event was accepted (or was a
-        duplicate of a stored one). A conflict replayed as stored is a conflict
-        again; replayed as a corrected event with an id of its own, it is stored.
+        name; for a webhook item, after an upgrade that maps it) or replaced by a
+        corrected event. The answer is a normal event result; the dead letter is
+        marked replayed only when the event was accepted (or was a duplicate of a
+        stored one). A conflict replayed as stored is a conflict again; replayed as
+        a corrected event with an id of its own, it is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

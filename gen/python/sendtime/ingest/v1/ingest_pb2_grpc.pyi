@@ -54,10 +54,11 @@ class IngestServiceStub:
     ReplayRejectedEvent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]
     """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
     as stored (after a configuration change, e.g. a newly allowed custom event
-    name) or replaced by a corrected event. The answer is a normal event result;
-    the dead letter is marked replayed only when the event was accepted (or was a
-    duplicate of a stored one). A conflict replayed as stored is a conflict
-    again; replayed as a corrected event with an id of its own, it is stored.
+    name; for a webhook item, after an upgrade that maps it) or replaced by a
+    corrected event. The answer is a normal event result; the dead letter is
+    marked replayed only when the event was accepted (or was a duplicate of a
+    stored one). A conflict replayed as stored is a conflict again; replayed as
+    a corrected event with an id of its own, it is stored.
     """
     GetIngestStats: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]
     """GetIngestStats reports what ingest has counted (all replicas, kept in
@@ -91,10 +92,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     ReplayRejectedEvent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ReplayRejectedEventRequest, _ingest_pb2.ReplayRejectedEventResponse]  # type: ignore[assignment]
     """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
     as stored (after a configuration change, e.g. a newly allowed custom event
-    name) or replaced by a corrected event. The answer is a normal event result;
-    the dead letter is marked replayed only when the event was accepted (or was a
-    duplicate of a stored one). A conflict replayed as stored is a conflict
-    again; replayed as a corrected event with an id of its own, it is stored.
+    name; for a webhook item, after an upgrade that maps it) or replaced by a
+    corrected event. The answer is a normal event result; the dead letter is
+    marked replayed only when the event was accepted (or was a duplicate of a
+    stored one). A conflict replayed as stored is a conflict again; replayed as
+    a corrected event with an id of its own, it is stored.
     """
     GetIngestStats: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIngestStatsRequest, _ingest_pb2.GetIngestStatsResponse]  # type: ignore[assignment]
     """GetIngestStats reports what ingest has counted (all replicas, kept in
@@ -149,10 +151,11 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_pb2.ReplayRejectedEventResponse, _abc.Awaitable[_ingest_pb2.ReplayRejectedEventResponse]]:
         """ReplayRejectedEvent ingests a rejected event again, once the cause is fixed:
         as stored (after a configuration change, e.g. a newly allowed custom event
-        name) or replaced by a corrected event. The answer is a normal event result;
-        the dead letter is marked replayed only when the event was accepted (or was a
-        duplicate of a stored one). A conflict replayed as stored is a conflict
-        again; replayed as a corrected event with an id of its own, it is stored.
+        name; for a webhook item, after an upgrade that maps it) or replaced by a
+        corrected event. The answer is a normal event result; the dead letter is
+        marked replayed only when the event was accepted (or was a duplicate of a
+        stored one). A conflict replayed as stored is a conflict again; replayed as
+        a corrected event with an id of its own, it is stored.
         """
 
     @_abc_1.abstractmethod
