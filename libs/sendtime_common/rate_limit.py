@@ -340,7 +340,7 @@ class RateLimiter:
         self._shared = False
         self._next_probe = time.monotonic() + self._settings.redis_retry_s
         log.warning(
-            "rate limits: Redis did not answer, limiting per replica until it does",
+            "rate limits: Redis failed or was too slow, limiting per replica until it answers",
             extra={
                 "error": str(exc) or type(exc).__name__,
                 "replicas": self._settings.replicas,
