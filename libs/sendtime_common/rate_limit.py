@@ -133,7 +133,7 @@ DEFAULT_RATES: Mapping[Scope, Rate] = {
     Scope.TEMPLATES_WRITE: Rate(20, 100),
     Scope.RENDER: Rate(2000, 4000),
     Scope.DEAD_LETTERS_MANAGE: Rate(20, 100),
-    Scope.KEYS_MANAGE: Rate(2, 20),
+    Scope.KEYS_MANAGE: Rate(5, 50),
     Scope.AUDIT_READ: Rate(10, 50),
     Scope.STATS_READ: Rate(20, 100),
 }

@@ -89,7 +89,7 @@ async def test_every_method_declares_a_scope_and_refuses_a_call_without_credenti
     servers: list[tuple[str, list[str]]],
 ) -> None:
     methods = hosted_methods(servers)
-    assert len(methods) == 5 + 5 + 5 + 1 + 8  # ingest; profile, keys, audit; render and templates
+    assert len(methods) == 5 + 5 + 6 + 1 + 8  # ingest; profile, keys, audit; render and templates
     for _, names in servers:
         access_rules(names)  # raises for a method without a usable rule
     for target, path, method in methods:

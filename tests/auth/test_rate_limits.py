@@ -2,7 +2,8 @@
 sharing a Redis of the test's own): past its rate a key gets RESOURCE_EXHAUSTED with RetryInfo
 and an ErrorInfo, while another key goes on; a stream is limited when it opens, not per message;
 with that Redis killed each replica limits alone and no call fails otherwise, and once Redis is
-back the limits are shared again; a client certificate is limited by its identity."""
+back the limits are shared again; a client certificate is limited by its identity. And a key's
+own rate limits, set with KeyService, in place of the defaults."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from redis.asyncio import Redis
 
@@ -28,16 +30,17 @@ from profile_service.server import create_app as create_profile_app
 from profile_service.settings import Settings as ProfileSettings
 from render.server import RenderApp
 from render.server import create_app as create_render_app
+from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.access import AccessInterceptor, Authenticator, MethodAccess
-from sendtime_common.auth.api_keys import Scope, key_id_of
+from sendtime_common.auth.api_keys import Scope, key_id_of, new_key
 from sendtime_common.auth.audit import AuditTrail
 from sendtime_common.auth.key_store import KeyStore
 from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.auth.server_auth import AuthSettings
-from sendtime_common.errors import status_of
+from sendtime_common.errors import field_violations, status_of
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.identifiers import IdentifierHasher
@@ -344,3 +347,111 @@ async def test_a_client_certificate_is_limited_by_its_identity(
         await server.stop(0)
         await limiter.close()
         await pool.close()
+
+
+# --- A key's own rate limits (KeyService, on the session's services with the default rates) ---
+
+
+@pytest.fixture
+async def keys(profile_app: ProfileApp, admin_key: str) -> AsyncIterator[auth_pb2_grpc.KeyServiceAsyncStub]:
+    async with keyed_channel(f"127.0.0.1:{profile_app.grpc.port}", admin_key) as opened:
+        yield auth_pb2_grpc.KeyServiceStub(opened)
+
+
+async def get_profile(profile_app: ProfileApp, key: str) -> grpc.StatusCode:
+    nobody = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value="nobody")
+    async with keyed_channel(f"127.0.0.1:{profile_app.grpc.port}", key) as opened:
+        try:
+            await profile_pb2_grpc.ProfileServiceStub(opened).GetProfile(
+                profile_pb2.GetProfileRequest(identifier=nobody), timeout=5
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == RESOURCE_EXHAUSTED:
+                assert details(exc)[0].metadata["limit"] == "1/s burst 2"  # its own, not the default
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_key_with_its_own_rate_is_held_to_it_until_it_is_set_back_to_the_default(
+    keys: auth_pb2_grpc.KeyServiceAsyncStub, profile_app: ProfileApp, admin_key: str
+) -> None:
+    own = auth_pb2.RateLimit(scope=auth_pb2.SCOPE_PROFILES_READ, calls_per_second=1, burst=2)
+    made = await keys.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(
+            display_name="slow reader", scopes=[auth_pb2.SCOPE_PROFILES_READ], rate_limits=[own]
+        )
+    )
+    assert list(made.api_key.rate_limits) == [own]
+    outcomes = [await get_profile(profile_app, made.key) for _ in range(3)]
+    assert outcomes == [grpc.StatusCode.NOT_FOUND] * 2 + [RESOURCE_EXHAUSTED]  # default: 20,000 at once
+
+    rotated = await keys.RotateApiKey(
+        auth_pb2.RotateApiKeyRequest(
+            name=made.api_key.name, old_key_grace_period=duration_pb2.Duration(seconds=60)
+        )
+    )
+    assert list(rotated.api_key.rate_limits) == [own]  # a rotated key keeps them
+
+    cleared = await keys.SetApiKeyRateLimits(auth_pb2.SetApiKeyRateLimitsRequest(name=made.api_key.name))
+    assert not cleared.api_key.rate_limits
+
+    async def default_again() -> bool:  # every replica reloads the keys within about a second
+        return all([await get_profile(profile_app, made.key) == grpc.StatusCode.NOT_FOUND for _ in range(3)])
+
+    await eventually(default_again, timeout_s=10)
+    shown = await keys.GetApiKey(auth_pb2.GetApiKeyRequest(name=made.api_key.name))
+    assert not shown.api_key.rate_limits
+
+    async with keyed_channel(f"127.0.0.1:{profile_app.grpc.port}", admin_key) as opened:
+        trail = await auth_pb2_grpc.AuditServiceStub(opened).ListAuditEvents(
+            auth_pb2.ListAuditEventsRequest(method="/sendtime.auth.v1.KeyService/SetApiKeyRateLimits")
+        )
+    assert [(e.target, e.outcome) for e in trail.audit_events][:1] == [(made.api_key.name, "OK")]
+
+
+async def test_rate_limit_requests_are_checked_field_by_field(
+    keys: auth_pb2_grpc.KeyServiceAsyncStub,
+) -> None:
+    def limit(scope: int, calls_per_second: float = 10, burst: int = 10) -> auth_pb2.RateLimit:
+        return auth_pb2.RateLimit(scope=scope, calls_per_second=calls_per_second, burst=burst)  # type: ignore[arg-type]
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await keys.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(
+                display_name="wrong limits",
+                scopes=[auth_pb2.SCOPE_EVENTS_WRITE],
+                rate_limits=[
+                    limit(auth_pb2.SCOPE_PROFILES_READ),  # not one of its scopes
+                    limit(auth_pb2.SCOPE_EVENTS_WRITE, calls_per_second=0),
+                    limit(auth_pb2.SCOPE_EVENTS_WRITE, burst=0),
+                    limit(auth_pb2.SCOPE_EVENTS_WRITE, calls_per_second=float("nan")),
+                    limit(auth_pb2.SCOPE_UNSPECIFIED),
+                ],
+            )
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = status_of(caught.value)
+    assert status is not None
+    assert [v.field for v in field_violations(status)] == [
+        "rate_limits[0].scope",
+        "rate_limits[1].calls_per_second",
+        "rate_limits[2].burst",
+        "rate_limits[3].calls_per_second",
+        "rate_limits[4].scope",
+    ]
+
+    made = await keys.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(display_name="limits checked", scopes=[auth_pb2.SCOPE_EVENTS_WRITE])
+    )
+    twice = [limit(auth_pb2.SCOPE_EVENTS_WRITE), limit(auth_pb2.SCOPE_EVENTS_WRITE)]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await keys.SetApiKeyRateLimits(
+            auth_pb2.SetApiKeyRateLimitsRequest(name=made.api_key.name, rate_limits=twice)
+        )
+    status = status_of(caught.value)
+    assert status is not None and [v.field for v in field_violations(status)] == ["rate_limits[1].scope"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await keys.SetApiKeyRateLimits(
+            auth_pb2.SetApiKeyRateLimitsRequest(name=f"apiKeys/{new_key().key_id}")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

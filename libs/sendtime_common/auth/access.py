@@ -341,11 +341,11 @@ class AccessInterceptor(_ServerInterceptor):
     async def _limit(
         self, principal: Principal, scope: Scope, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        """Let the call through if ``principal`` is within its rate for ``scope``, or end it
-        (aborted) here. Refusals are not audited: a flood of them would be a flood of audit
-        rows."""
+        """Let the call through if ``principal`` is within its rate for ``scope`` (the key's own
+        rate, else the scope's), or end it (aborted) here. Refusals are not audited: a flood of
+        them would be a flood of audit rows."""
         assert self._limiter is not None
-        rate = self._limiter.rate(scope)
+        rate = principal.rate_limits.get(scope) or self._limiter.rate(scope)
         if rate is None:
             return
         decision = await self._limiter.decide(scope, principal.name, rate)
