@@ -4,11 +4,19 @@ fallback while Redis does not answer.
 Each credential (an API key by its id, a client certificate by its identity) gets a budget per
 scope, ``rate`` calls a second with bursts of up to ``burst``, kept as a GCRA (generic cell rate
 algorithm) bucket: one number per bucket, its theoretical arrival time (TAT), in
-``sendtime:ratelimit:<service>:<scope>:<principal>``. A decision is one Lua script run
+``sendtime:ratelimit:<service>:<scope>:<principal>``. Redis decides with one Lua script run
 (``register_script``: EVALSHA, and SCRIPT LOAD again after a Redis restart's NOSCRIPT) that reads
-Redis's own clock (``TIME``), so replicas with drifting clocks agree. Decisions of concurrent
-calls share a script run (``MicroBatcher``): under light load a run holds one decision, under
-heavy load up to ``MAX_BATCH``, and each decision in it is exact (the script takes them in turn).
+Redis's own clock (``TIME``), so replicas with drifting clocks agree. Requests of concurrent
+calls share a script run (``MicroBatcher``).
+
+A call makes at most one round trip, and on a busy bucket none: a replica asks Redis for as
+many calls as are waiting, plus, where the burst is large enough, about ``LEASE_WINDOW_S`` of
+the calls it has been seeing (at most ``burst / (replicas x LEASE_SHARE)``), and spends those
+in process. Each granted call was charged in Redis first, so replicas together never let more
+through than the bucket holds; calls a replica leased and did not spend within ``LEASE_TTL_S``
+are dropped, never spent late. After Redis refuses, the replica refuses that bucket's calls
+itself until the time Redis gave. Awaiting any socket inside a grpc.aio call costs the server
+~150-200 µs of CPU (measured: docs/limits.md), which a call per round trip would pay.
 
 When Redis fails or takes longer than ``redis_timeout_s``, the limiter decides in process, each
 replica allowing ``rate / replicas`` with bursts of ``burst / replicas``: neither an open door nor
@@ -45,33 +53,48 @@ RATE_LIMITED = "RATE_LIMITED"  # the ErrorInfo reason callers get
 # Decisions per script run, and script runs in flight at once (each holds a connection).
 MAX_BATCH = 256
 MAX_CONCURRENT_BATCHES = 8
-# Buckets the per-replica limiter keeps before it drops the full ones.
+# Buckets each limiter keeps in process before it drops the idle ones.
 LOCAL_BUCKETS_SWEPT_AT = 10_000
+# A lease covers about this much of the calls a replica has been seeing on a bucket, ...
+LEASE_WINDOW_S = 0.05
+# ... at most burst / (replicas x LEASE_SHARE) calls beyond those waiting (0 for small bursts:
+# those buckets are decided call by call), and is dropped if not spent within LEASE_TTL_S.
+LEASE_SHARE = 4
+LEASE_TTL_S = 1.0
 
-# KEYS: one bucket per decision, a key may come more than once; ARGV: each decision's emission
-# interval (µs between calls at the rate) and burst, in turn. A bucket holds its TAT in µs of
-# Redis's clock and expires when it is full again. Returns four integers per decision: allowed
-# (1 or 0), calls left in the burst, µs until the next call would be allowed, µs until the
-# bucket is full again. With no KEYS it decides nothing: the recovery probe.
+# KEYS: one bucket per request, a key may come more than once; ARGV: each request's emission
+# interval (µs between calls at the rate), burst and the calls it asks for, in turn. A bucket
+# holds its TAT in µs of Redis's clock and expires when it is full again. A request is granted
+# as many of the calls it asks for as fit now (maybe fewer, maybe none). Returns four integers
+# per request: calls granted, calls left in the burst, µs until the next call would fit (when
+# none was granted), µs until the bucket is full again. With no KEYS it decides nothing: the
+# recovery probe.
 _GCRA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local emission = tonumber(ARGV[2 * i - 1])
-  local tolerance = emission * tonumber(ARGV[2 * i])
+  local emission = tonumber(ARGV[3 * i - 2])
+  local tolerance = emission * tonumber(ARGV[3 * i - 1])
   local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
-  local new_tat = tat + emission
+  if tat > now + tolerance then
+    -- owed under another rate: keep at most a burst's worth, so a new rate applies at once
+    tat = now + tolerance
+    redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil(tolerance / 1000))
+  end
+  local fit = math.floor((tolerance - (tat - now)) / emission)
+  local granted = math.max(0, math.min(tonumber(ARGV[3 * i]), fit))
   local n = #out
-  if new_tat - now > tolerance then
+  if granted == 0 then
     out[n + 1] = 0
     out[n + 2] = 0
-    out[n + 3] = new_tat - tolerance - now
+    out[n + 3] = tat + emission - tolerance - now
     out[n + 4] = tat - now
   else
+    local new_tat = tat + granted * emission
     redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
-    out[n + 1] = 1
-    out[n + 2] = math.floor((tolerance - (new_tat - now)) / emission)
+    out[n + 1] = granted
+    out[n + 2] = fit - granted
     out[n + 3] = 0
     out[n + 4] = new_tat - now
   end
@@ -225,6 +248,8 @@ class LocalLimiter:
         emission = 1 / part.per_second
         tolerance = emission * part.burst
         tat = max(self._tats.get(key, now), now)
+        if tat > now + tolerance:  # owed under another rate, as the script does
+            tat = self._tats[key] = now + tolerance
         new_tat = tat + emission
         if new_tat - now > tolerance + 1e-9:  # float slack: the burst-th call of a full bucket
             return Decision(False, 0, new_tat - tolerance - now, tat - now, shared=False)
@@ -240,6 +265,31 @@ class LocalLimiter:
 class _Ask:
     key: str
     rate: Rate
+    calls: int  # how many the replica asks for: calls waiting, and a lease
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    calls: int  # 0: refused
+    remaining: int
+    retry_after_s: float
+    reset_after_s: float
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """This replica's part of one shared bucket, at one rate."""
+
+    rate: Rate
+    leased: int = 0  # calls granted by Redis, not spent yet
+    lease_ends: float = 0.0
+    refused_until: float = 0.0  # Redis said no call fits before then
+    remaining: int = 0  # in the burst, at Redis's last answer (for the caller's information)
+    full_at: float = 0.0  # when the bucket is full again, at Redis's last answer
+    waiting: int = 0  # calls waiting for the request in flight
+    asking: asyncio.Future[None] | None = None  # a request to Redis in flight
+    calls: int = 0  # calls seen since the last request
+    asked_at: float = 0.0
 
 
 class RateLimiter:
@@ -261,12 +311,15 @@ class RateLimiter:
             )
             self._script = self._client.register_script(_GCRA)
         self._shared = self._client is not None
+        self._buckets: dict[str, _Bucket] = {}
+        self._sweep_at = LOCAL_BUCKETS_SWEPT_AT
         self._running = 0  # script runs in flight
         self._next_probe = 0.0
         self._probing: asyncio.Task[None] | None = None
-        self._batcher: MicroBatcher[_Ask, Decision] = MicroBatcher(
-            self._decide_in_redis, max_batch=MAX_BATCH, max_concurrent_batches=MAX_CONCURRENT_BATCHES
+        self._batcher: MicroBatcher[_Ask, _Grant | None] = MicroBatcher(
+            self._ask_redis, max_batch=MAX_BATCH, max_concurrent_batches=MAX_CONCURRENT_BATCHES
         )
+        self.redis_requests = 0  # requests sent to Redis (one per bucket per script run)
 
     @property
     def settings(self) -> RateLimitSettings:
@@ -302,33 +355,88 @@ class RateLimiter:
         if not self._shared:
             self._probe_when_due()
             return self._local.decide(key, rate)
-        if self._running:  # join the next batch
-            return await self._batcher.submit(_Ask(key, rate))
-        # Nothing in flight: go at once, in this task, rather than a loop turn or two later in
-        # a batch's (~35 µs of CPU and that latency, one call at a time).
-        (decision,) = await self._decide_in_redis([_Ask(key, rate)])
-        return decision
+        bucket = self._buckets.get(key)
+        if bucket is None or (bucket.rate is not rate and bucket.rate != rate):
+            bucket = self._bucket(key, rate)  # what it knew of another rate no longer holds
+        bucket.calls += 1
+        while True:
+            now = time.monotonic()
+            if now < bucket.refused_until:
+                return Decision(False, 0, bucket.refused_until - now, bucket.full_at - now, shared=True)
+            if bucket.leased and now < bucket.lease_ends:
+                bucket.leased -= 1
+                return Decision(
+                    True, bucket.remaining + bucket.leased, 0.0, bucket.full_at - now, shared=True
+                )
+            if bucket.asking is None:
+                return await self._ask(key, bucket, rate, now)
+            bucket.waiting += 1
+            try:
+                await asyncio.shield(bucket.asking)
+            finally:
+                bucket.waiting -= 1
+            if not self._shared:  # Redis failed meanwhile
+                return self._local.decide(key, rate)
 
-    async def _decide_in_redis(self, asks: list[_Ask]) -> Sequence[Decision]:
+    def _bucket(self, key: str, rate: Rate) -> _Bucket:
+        if len(self._buckets) >= self._sweep_at:  # drop the idle ones
+            now = time.monotonic()
+            self._buckets = {
+                k: b
+                for k, b in self._buckets.items()
+                if b.asking is not None or max(b.lease_ends, b.refused_until, b.full_at) > now
+            }
+            self._sweep_at = max(LOCAL_BUCKETS_SWEPT_AT, 2 * len(self._buckets))
+        bucket = self._buckets[key] = _Bucket(rate)
+        return bucket
+
+    async def _ask(self, key: str, bucket: _Bucket, rate: Rate, now: float) -> Decision:
+        """Ask Redis for this call, the calls waiting on this bucket, and a lease; decide this
+        call from the answer (the others take what is left when it comes)."""
+        seen = bucket.calls / max(now - bucket.asked_at, LEASE_WINDOW_S)  # calls a second here
+        lease = min(int(seen * LEASE_WINDOW_S), rate.burst // (self._settings.replicas * LEASE_SHARE))
+        bucket.calls, bucket.asked_at = 0, now
+        asking = bucket.asking = asyncio.get_running_loop().create_future()
+        ask = _Ask(key, rate, 1 + bucket.waiting + lease)
+        try:
+            if self._running:  # join the next script run
+                grant = await self._batcher.submit(ask)
+            else:  # nothing in flight: go at once, in this task, not a loop turn or two later
+                (grant,) = await self._ask_redis([ask])
+        finally:
+            bucket.asking = None
+            asking.set_result(None)
+        if grant is None:  # Redis failed: this replica decides alone for now
+            return self._local.decide(key, rate)
+        now = time.monotonic()
+        bucket.remaining, bucket.full_at = grant.remaining, now + grant.reset_after_s
+        if not grant.calls:
+            bucket.refused_until = now + grant.retry_after_s
+            return Decision(False, 0, grant.retry_after_s, grant.reset_after_s, shared=True)
+        bucket.leased, bucket.lease_ends = grant.calls - 1, now + LEASE_TTL_S
+        return Decision(True, grant.remaining + bucket.leased, 0.0, grant.reset_after_s, shared=True)
+
+    async def _ask_redis(self, asks: list[_Ask]) -> Sequence[_Grant | None]:
+        """One script run for ``asks``: each one's grant; None each when Redis failed."""
         arguments: list[int] = []
         for ask in asks:
-            arguments += (ask.rate.emission_us, ask.rate.burst)
+            arguments += (ask.rate.emission_us, ask.rate.burst, ask.calls)
         self._running += 1
+        self.redis_requests += len(asks)
         try:
             async with asyncio.timeout(self._settings.redis_timeout_s):
                 answer = await self._script([ask.key for ask in asks], arguments)
         except (RedisError, OSError, TimeoutError) as exc:
             self._fall_back(exc)
-            return [self._local.decide(ask.key, ask.rate) for ask in asks]
+            return [None] * len(asks)
         finally:
             self._running -= 1
         return [
-            Decision(
-                allowed=bool(answer[i]),
+            _Grant(
+                calls=int(answer[i]),
                 remaining=int(answer[i + 1]),
                 retry_after_s=int(answer[i + 2]) / 1e6,
                 reset_after_s=int(answer[i + 3]) / 1e6,
-                shared=True,
             )
             for i in range(0, len(answer), 4)
         ]

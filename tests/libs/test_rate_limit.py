@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 import devstack
+from sendtime_common import rate_limit
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.config import ConfigError
 from sendtime_common.rate_limit import (
@@ -96,21 +97,79 @@ async def test_callers_and_scopes_have_budgets_of_their_own(redis_url: str) -> N
 
 
 async def test_two_replicas_share_one_budget(redis_url: str) -> None:
-    rate = Rate(per_second=1, burst=10)
-    async with limiter(redis_url) as one, limiter(redis_url) as other:
+    rate = Rate(per_second=1, burst=10)  # small: decided call by call
+    async with limiter(redis_url, replicas=2) as one, limiter(redis_url, replicas=2) as other:
         who = caller()
         decisions = await asyncio.gather(*(replica.decide(SCOPE, who, rate) for replica in [one, other] * 10))
         assert sum(d.allowed for d in decisions) == 10
         assert all(d.shared for d in decisions)
 
 
-async def test_concurrent_decisions_share_script_runs_and_stay_exact(redis_url: str) -> None:
+async def test_two_busy_replicas_lease_calls_and_never_let_more_through_than_the_bucket_holds(
+    redis_url: str,
+) -> None:
+    rate = Rate(per_second=1, burst=400)  # a replica leases up to 400 / (2 x 4) = 50 calls
+    async with limiter(redis_url, replicas=2) as one, limiter(redis_url, replicas=2) as other:
+        who = caller()
+        decided = await asyncio.gather(*(decide_many(replica, who, rate, 50) for replica in [one, other] * 8))
+        allowed = sum(d.allowed for decisions in decided for d in decisions)
+        # Never more than the burst (and the one call a second it refills meanwhile); less only
+        # by what a replica leased and had no call left to spend on.
+        assert 400 - 2 * 50 <= allowed <= 401
+        assert one.redis_requests + other.redis_requests < 800 / 5
+
+
+async def test_concurrent_decisions_share_requests_and_stay_exact(redis_url: str) -> None:
     rate = Rate(per_second=1, burst=100)
     async with limiter(redis_url) as rate_limiter:
         who = caller()
         decisions = await asyncio.gather(*(rate_limiter.decide(SCOPE, who, rate) for _ in range(300)))
-        assert sum(d.allowed for d in decisions) == 100
-        assert sorted(d.remaining for d in decisions if d.allowed) == list(range(100))
+        assert sum(d.allowed for d in decisions) == 100  # one replica spends every call it leased
+        assert max(d.remaining for d in decisions if d.allowed) == 99
+        assert rate_limiter.redis_requests < 300
+
+
+async def test_a_busy_bucket_goes_to_redis_a_lease_at_a_time_and_refusals_stay_in_process(
+    redis_url: str,
+) -> None:
+    rate = Rate(per_second=1, burst=1000)  # one replica: leases of up to 250 calls
+    async with limiter(redis_url) as rate_limiter:
+        who = caller()
+        decided = await asyncio.gather(*(decide_many(rate_limiter, who, rate, 100) for _ in range(20)))
+        assert 1000 <= sum(d.allowed for decisions in decided for d in decisions) <= 1001
+        asked = rate_limiter.redis_requests
+        assert asked < 2000 / 10
+        refused = await decide_many(rate_limiter, who, rate, 500)
+        assert not any(d.allowed for d in refused) and all(0 < d.retry_after_s <= 1 for d in refused)
+        assert rate_limiter.redis_requests - asked <= 1  # refused until the time Redis gave
+
+
+async def test_calls_leased_and_not_spent_in_time_are_dropped(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rate_limit, "LEASE_TTL_S", 0.1)
+    rate = Rate(per_second=1, burst=1000)
+    async with limiter(redis_url) as rate_limiter:
+        who = caller()
+        await asyncio.gather(*(decide_many(rate_limiter, who, rate, 10) for _ in range(10)))
+        asked = rate_limiter.redis_requests
+        await asyncio.sleep(0.15)
+        after = await rate_limiter.decide(SCOPE, who, rate)
+        assert after.allowed and rate_limiter.redis_requests == asked + 1  # from Redis, not the lease
+        # Redis charged the dropped calls too: fewer are left than the 101 made would leave.
+        assert after.remaining < 1000 - 101
+
+
+async def test_a_new_rate_for_a_bucket_takes_effect_at_once(redis_url: str) -> None:
+    async with limiter(redis_url) as rate_limiter:
+        who = caller()
+        slow, fast = Rate(per_second=0.1, burst=1), Rate(per_second=100, burst=100)
+        assert [(await rate_limiter.decide(SCOPE, who, slow)).allowed for _ in range(2)] == [True, False]
+        # The 10 s the slow rate owed are cut to a burst at the new rate: one 10 ms interval.
+        first = await rate_limiter.decide(SCOPE, who, fast)
+        assert first.allowed or first.retry_after_s <= 0.01
+        await asyncio.sleep(0.02)
+        assert (await rate_limiter.decide(SCOPE, who, fast)).allowed
 
 
 async def test_a_bucket_lives_in_redis_until_it_is_full_again(redis_url: str) -> None:
@@ -123,13 +182,13 @@ async def test_a_bucket_lives_in_redis_until_it_is_full_again(redis_url: str) ->
 
 
 async def test_a_script_redis_forgot_is_loaded_again(redis_url: str) -> None:
-    rate = Rate(per_second=100, burst=100)
+    rate = Rate(per_second=100, burst=3)
     async with limiter(redis_url) as rate_limiter, Redis.from_url(redis_url) as client:
         who = caller()
         assert (await rate_limiter.decide(SCOPE, who, rate)).shared
         await client.script_flush()  # as after a restart: EVALSHA answers NOSCRIPT
         decision = await rate_limiter.decide(SCOPE, who, rate)
-        assert decision.allowed and decision.shared and decision.remaining == 98
+        assert decision.allowed and decision.shared and decision.remaining == 1
         assert rate_limiter.shared
 
 
@@ -219,6 +278,9 @@ def test_the_local_limiter_runs_gcra_on_the_replicas_share() -> None:
     assert local.decide("other", rate).remaining == 2
     now[0] += 10
     assert local.decide("k", rate).remaining == 2  # full again
+    slow = Rate(per_second=0.2, burst=2)  # each replica: 0.1/s: 10 s a call
+    assert [local.decide("s", slow).allowed for _ in range(2)] == [True, False]
+    assert local.decide("s", rate).retry_after_s == pytest.approx(0.2)  # owed at the slow rate: cut
 
 
 # --- Settings and HTTP -----------------------------------------------------------------------
