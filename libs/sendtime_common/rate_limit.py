@@ -61,6 +61,9 @@ LEASE_WINDOW_S = 0.05
 # those buckets are decided call by call), and is dropped if not spent within LEASE_TTL_S.
 LEASE_SHARE = 4
 LEASE_TTL_S = 1.0
+# The shortest span the calls seen are counted over: a few calls arriving at once do not make
+# a rate of thousands a second.
+LEASE_MIN_SPAN_S = 0.005
 
 # KEYS: one bucket per request, a key may come more than once; ARGV: each request's emission
 # interval (µs between calls at the rate), burst and the calls it asks for, in turn. A bucket
@@ -393,7 +396,7 @@ class RateLimiter:
     async def _ask(self, key: str, bucket: _Bucket, rate: Rate, now: float) -> Decision:
         """Ask Redis for this call, the calls waiting on this bucket, and a lease; decide this
         call from the answer (the others take what is left when it comes)."""
-        seen = bucket.calls / max(now - bucket.asked_at, LEASE_WINDOW_S)  # calls a second here
+        seen = bucket.calls / max(now - bucket.asked_at, LEASE_MIN_SPAN_S)  # calls a second here
         lease = min(int(seen * LEASE_WINDOW_S), rate.burst // (self._settings.replicas * LEASE_SHARE))
         bucket.calls, bucket.asked_at = 0, now
         asking = bucket.asking = asyncio.get_running_loop().create_future()
