@@ -364,13 +364,12 @@ class RateLimiter:
         bucket.calls += 1
         while True:
             now = time.monotonic()
+            full_in = max(0.0, bucket.full_at - now)
             if now < bucket.refused_until:
-                return Decision(False, 0, bucket.refused_until - now, bucket.full_at - now, shared=True)
+                return Decision(False, 0, bucket.refused_until - now, full_in, shared=True)
             if bucket.leased and now < bucket.lease_ends:
                 bucket.leased -= 1
-                return Decision(
-                    True, bucket.remaining + bucket.leased, 0.0, bucket.full_at - now, shared=True
-                )
+                return Decision(True, bucket.remaining + bucket.leased, 0.0, full_in, shared=True)
             if bucket.asking is None:
                 return await self._ask(key, bucket, rate, now)
             bucket.waiting += 1

@@ -11,11 +11,15 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 import devstack
+from ingest.settings import Settings as IngestSettings
+from profile_service.settings import Settings as ProfileSettings
+from render.settings import Settings as RenderSettings
 from sendtime_common import rate_limit
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.config import ConfigError
@@ -341,3 +345,15 @@ def test_a_refused_decision_becomes_429_header_fields() -> None:
         ("RateLimit-Policy", '"events.write";q=50;w=5'),
         ("RateLimit", '"events.write";r=49;t=1'),
     ]
+
+
+@pytest.mark.parametrize("settings_class", [IngestSettings, ProfileSettings, RenderSettings])
+def test_every_service_reads_its_rate_limits_at_start(settings_class: Any) -> None:
+    read = settings_class.from_env({"RATE_LIMIT_REPLICAS": "3", "RATE_LIMIT_EVENTS_WRITE": "10/s"})
+    assert read.auth.rate_limits.replicas == 3
+    assert read.auth.rate_limits.rates[Scope.EVENTS_WRITE] == Rate(10, 10)
+    with pytest.raises(ConfigError, match="RATE_LIMIT_RENDER"):
+        settings_class.from_env({"RATE_LIMIT_RENDER": "fast"})
+    assert (
+        IngestSettings.from_env({"REDIS_URL": "redis://limits:6379/0"}).redis_url == "redis://limits:6379/0"
+    )
