@@ -23,7 +23,10 @@ Redis, a fresh database, profile and ingest as their own processes), then:
    turns in short segments (A B B A B A A B, over and over; ``measure_alternating``), both
    connections warmed up first: the TLS p50 over the plaintext p50, goal at most 1.10. Then the
    key check alone, timed in process, and the database transactions made during those calls
-   (the keys are held in memory);
+   (the keys are held in memory). Then rate limits beside none: two more profile services
+   started together, alike but for ``RATE_LIMITS=false`` on one, get the same hits taking turns
+   the same way; and a rate-limit decision alone, timed in process against the bench's Redis,
+   one at a time and at ``--concurrency``, and made per replica (the fallback);
 6. a second profile service with the near cache off (``PROFILE_NEAR_CACHE_ENTRIES=0``): hits
    that read Redis; misses (the customer's Redis key deleted, untimed, before each call;
    PostgreSQL's buffers are warm); and BatchGetProfiles of 100, warm and cold.
@@ -88,11 +91,13 @@ from profile_service.repository import create_pool
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.auth.access import Authenticator
+from sendtime_common.auth.api_keys import Scope
 from sendtime_common.auth.client import bearer_metadata
 from sendtime_common.auth.key_store import KeyStore
 from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierKind
+from sendtime_common.rate_limit import LocalLimiter, Rate, RateLimiter, RateLimitSettings
 from sendtime_common.tls import ClientTls
 from sendtime_common.tls import channel as open_channel
 
@@ -748,6 +753,27 @@ class Auth:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitCost:
+    """What rate limits cost a hit: the twin with them (the default) beside the twin without,
+    taking turns; and one decision timed in this process."""
+
+    limited_1: Side
+    unlimited_1: Side
+    limited_n: Side
+    unlimited_n: Side
+    decisions: dict[str, float]  # time_rate_limit_decisions
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "get_profile_hit_limited_1": self.limited_1.as_json(),
+            "get_profile_hit_unlimited_1": self.unlimited_1.as_json(),
+            "get_profile_hit_limited_n": self.limited_n.as_json(),
+            "get_profile_hit_unlimited_n": self.unlimited_n.as_json(),
+            **self.decisions,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Reads:
     hit_1: Measured  # the service as configured by default: hits served from the near cache
     hit_n: Measured
@@ -763,6 +789,7 @@ class Reads:
     batch_cold: Measured
     response_bytes: int
     auth: Auth
+    rate_limits: RateLimitCost
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -780,6 +807,7 @@ class Reads:
             "batch_get_100_cold": self.batch_cold.as_json(),
             "get_profile_response_bytes": self.response_bytes,
             "auth": self.auth.as_json(),
+            "rate_limits": self.rate_limits.as_json(),
         }
 
 
@@ -813,6 +841,119 @@ async def time_authentication(database_url: str, key: str, calls: int = 20_000) 
         return (time.perf_counter() - started) / calls
     finally:
         await pool.close()
+
+
+async def time_rate_limit_decisions(redis_url: str, concurrency: int) -> dict[str, float]:
+    """Rate-limit decisions timed in this process against ``redis_url``, with a RateLimiter as
+    the services make and budgets never exhausted: a bucket decided in Redis call by call (a
+    burst too small to lease from: the p50 latency, and the CPU per decision one at a time and
+    at ``concurrency``); a busy bucket, whose calls are leased (CPU per decision); and a
+    decision made per replica (the fallback)."""
+    limiter = RateLimiter(RateLimitSettings(), "bench", redis_url)
+    scope, each_call, leased = Scope.PROFILES_READ, Rate(1_000_000, 3), Rate(1_000_000, 1_000_000_000)
+
+    async def decide(n: int, rate: Rate) -> None:
+        for i in range(n):
+            if not (await limiter.decide(scope, f"bench-{i % 10}", rate)).shared:
+                raise BenchError("the rate limiter could not use the bench's Redis")
+
+    try:
+        latencies = []
+        for i in range(5_000):
+            started = time.perf_counter()
+            await limiter.decide(scope, f"bench-{i % 10}", each_call)
+            latencies.append(time.perf_counter() - started)
+        timed: dict[str, float] = {"decision_1_p50_s": percentile(latencies, 50)}
+        for name, rate, callers, calls in (
+            ("decision_1_cpu_s", each_call, 1, 5_000),
+            ("decision_n_cpu_s", each_call, concurrency, 20_000),
+            ("leased_decision_n_cpu_s", leased, concurrency, 100_000),
+        ):
+            started_cpu = time.process_time()
+            await asyncio.gather(*(decide(calls // callers, rate) for _ in range(callers)))
+            timed[name] = (time.process_time() - started_cpu) / (calls // callers * callers)
+    finally:
+        await limiter.close()
+    local = LocalLimiter()
+    started = time.perf_counter()
+    for i in range(100_000):
+        local.decide(f"bench-{i % 10}", each_call)
+    timed["local_decision_s"] = (time.perf_counter() - started) / 100_000
+    return timed
+
+
+async def compare_rate_limits(
+    stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
+) -> RateLimitCost:
+    """GetProfile hits on a twin with rate limits (as by default, A) and one without (B), both
+    plaintext, with the same key, taking turns as compare_hits does; then a decision alone."""
+    n, seconds = options.concurrency, options.seconds
+    say("two more profile services, alike but for rate limits: on (the default) and RATE_LIMITS=false")
+    twins = (
+        stack.start_variant(suite.PROFILE, "profile-limited", {}),
+        stack.start_variant(suite.PROFILE, "profile-unlimited", {"RATE_LIMITS": "false"}),
+    )
+    try:
+        for twin in twins:
+            await read_every_customer(stack, twin, user_ids)
+        pids = (stack.pid_of("profile-limited"), stack.pid_of("profile-unlimited"))
+        requests = [get_request(u) for u in user_ids]
+        metadata = stack.key_metadata
+        async with (
+            open_channel(twins[0], PLAINTEXT) as limited,
+            open_channel(twins[1], PLAINTEXT) as unlimited,
+        ):
+            gets = [
+                c.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
+                for c in (limited, unlimited)
+            ]
+
+            def caller(get: Any) -> Callable[[int], Awaitable[None]]:
+                async def get_one(i: int) -> None:
+                    await get(requests[i % len(requests)], timeout=CALL_TIMEOUT_S, metadata=metadata)
+
+                return get_one
+
+            for get in gets:
+                await first_answer(get, requests[0], user_ids[0], metadata)
+            calls = [caller(get) for get in gets]
+            for call in calls:
+                await measure(call, concurrency=n, duration_s=0.5)  # connect, warm up
+            say(
+                f"GetProfile hit, rate limits on (A) and off (B) taking turns: 1 at a time, then {n}"
+                " concurrent"
+            )
+            one, start, _ = await alternate_with_cpu(
+                calls, pids, meter, concurrency=1, duration_s=seconds, segment_s=SEGMENT_ONE_S
+            )
+            many, _, end = await alternate_with_cpu(
+                calls,
+                pids,
+                meter,
+                concurrency=n,
+                duration_s=seconds,
+                segment_s=SEGMENT_MANY_S,
+                settle_s=SETTLE_MANY_S,
+            )
+        cpu["GetProfile hit, twins (rate limits on, off)"] = CpuMeter.usage(start, end)
+    finally:
+        for label in ("profile-limited", "profile-unlimited"):
+            stack.stop_variant(label)
+    for side in (*one, *many):
+        _fail_on_errors("GetProfile hit, rate limits", side.measured)
+    say(
+        f"   p50 {ms(one[0].measured.p50_s)} on, {ms(one[1].measured.p50_s)} off (1);"
+        f" {ms(many[0].measured.p50_s)} on, {ms(many[1].measured.p50_s)} off ({n})"
+    )
+    say("rate-limit decisions alone, timed in this process against the bench's Redis")
+    timed = await time_rate_limit_decisions(stack.redis_url, n)
+    say(
+        f"   call by call: p50 {timed['decision_1_p50_s'] * 1e6:.0f} us, CPU"
+        f" {timed['decision_1_cpu_s'] * 1e6:.0f} us (1 at a time), {timed['decision_n_cpu_s'] * 1e6:.1f} us"
+        f" ({n}); leased: {timed['leased_decision_n_cpu_s'] * 1e6:.1f} us CPU ({n}); per replica"
+        f" {timed['local_decision_s'] * 1e6:.1f} us"
+    )
+    return RateLimitCost(one[0], one[1], many[0], many[1], timed)
 
 
 async def measure_hits(
@@ -965,6 +1106,7 @@ async def measure_reads(
     one, many, auth = await compare_hits(stack, twins, pids, options, user_ids, meter, cpu)
     for label in ("profile-twin", "profile-tls"):
         stack.stop_variant(label)  # the measures below are as before: one variant, no TLS
+    rate_limits = await compare_rate_limits(stack, options, user_ids, meter, cpu)
 
     # Misses and batches delete Redis entries before calls; a service without copies in process
     # measures them without racing Redis's invalidation, and gives the hit that reads Redis.
@@ -1041,6 +1183,7 @@ async def measure_reads(
         cold,
         response_bytes,
         auth,
+        rate_limits,
     )
 
 
@@ -1153,6 +1296,9 @@ def report(results: Mapping[str, Any]) -> str:
     hit1, hitn = reads["get_profile_hit_1"], reads["get_profile_hit_n"]
     twin1, tls1 = reads["get_profile_hit_twin_1"], reads["get_profile_hit_tls_1"]
     twinn, tlsn, auth = reads["get_profile_hit_twin_n"], reads["get_profile_hit_tls_n"], reads["auth"]
+    limits = reads["rate_limits"]
+    limited1, unlimited1 = limits["get_profile_hit_limited_1"], limits["get_profile_hit_unlimited_1"]
+    limitedn, unlimitedn = limits["get_profile_hit_limited_n"], limits["get_profile_hit_unlimited_n"]
     redis1, redisn = reads["get_profile_redis_hit_1"], reads["get_profile_redis_hit_n"]
     miss1, missn = reads["get_profile_miss_1"], reads["get_profile_miss_n"]
     warm, cold = reads["batch_get_100_warm"], reads["batch_get_100_cold"]
@@ -1212,6 +1358,18 @@ def report(results: Mapping[str, Any]) -> str:
             fmt_rate(tlsn["per_s"]),
             f"plaintext twin {fmt_rate(twinn['per_s'])}",
             _ratio(tlsn["per_s"], twinn["per_s"]),
+        ),
+        Row(
+            "GetProfile hit p50 with rate limits (1 at a time)",
+            ms(limited1["p50_s"]),
+            f"twin without p50 {ms(unlimited1['p50_s'])} (taking turns)",
+            _ratio(limited1["p50_s"], unlimited1["p50_s"]),
+        ),
+        Row(
+            f"  with rate limits: p50 / p99; calls/s ({n} concurrent)",
+            f"{both(limitedn['p50_s'], limitedn['p99_s'])}; {fmt_rate(limitedn['per_s'])}",
+            f"twin without {both(unlimitedn['p50_s'], unlimitedn['p99_s'])}; {fmt_rate(unlimitedn['per_s'])}",
+            _ratio(limitedn["p50_s"], unlimitedn["p50_s"]),
         ),
         Row(
             "  hit from Redis, near cache off: p50 (1)",
@@ -1315,6 +1473,14 @@ def report(results: Mapping[str, Any]) -> str:
         f" TLS: {us(twin1['server_cpu_per_call_s'])} / {us(tls1['server_cpu_per_call_s'])} us (1 at a"
         f" time), {us(twinn['server_cpu_per_call_s'])} / {us(tlsn['server_cpu_per_call_s'])} us ({n}"
         " concurrent)",
+        f"Rate limits: server CPU per hit with / without: {us(limited1['server_cpu_per_call_s'])} /"
+        f" {us(unlimited1['server_cpu_per_call_s'])} us (1 at a time),"
+        f" {us(limitedn['server_cpu_per_call_s'])} / {us(unlimitedn['server_cpu_per_call_s'])} us"
+        f" ({n} concurrent). Decisions in process: call by call in Redis p50"
+        f" {us(limits['decision_1_p50_s'])} us and {us(limits['decision_1_cpu_s'])} us CPU one at a time,"
+        f" {limits['decision_n_cpu_s'] * 1e6:.1f} us CPU at {n}; leased (a busy bucket)"
+        f" {limits['leased_decision_n_cpu_s'] * 1e6:.1f} us CPU at {n}; per replica"
+        f" {limits['local_decision_s'] * 1e6:.1f} us.",
         f"Authentication: the hit p50, key checked, is {hit_ratio:.2f} x (empty call + Redis GET); the empty"
         " server has no interceptor at all.",
         f"  Authenticator.authenticate of a known key: {auth['authenticate_s'] * 1e6:.1f} us in process;"

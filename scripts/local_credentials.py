@@ -79,8 +79,8 @@ class LocalCredentials:
             env.update(nats_service_env(self.run_dir, service))
         if service in self.database_urls:
             env["DATABASE_URL"] = self.database_urls[service]
-        if service == "profile" and "profile" in self.redis_urls:
-            env["REDIS_URL"] = self.redis_urls["profile"]
+        if service in ("ingest", "profile") and service in self.redis_urls:
+            env["REDIS_URL"] = self.redis_urls[service]
         if service == "render" and "render" in self.redis_urls:
             env["RENDER_REDIS_URL"] = self.redis_urls["render"]
         return env

@@ -5,10 +5,14 @@
   ``__redis__:invalidate``) for its near cache. Nothing ``@dangerous`` (FLUSHALL, CONFIG, KEYS).
 - **render** keeps last known good profiles under ``sendtime:render:lkg:*``: GET, SET and DEL
   there, nothing else.
+- **Every service** keeps its callers' rate limits under ``sendtime:ratelimit:<service>:*``
+  (sendtime_common.rate_limit): EVALSHA of the limiter's script, SCRIPT LOAD to load it again
+  after a restart, and the script's own TIME, GET and SET, on its own buckets only. Ingest's
+  user may do nothing else.
 
-Ingest does not use Redis. ``devstack``/``make run`` creates these users (``ACL SETUSER``) on the
-local Redis; on a managed Redis an administrator creates them from ``acl_rules`` (docs/security.md
-prints them), and the default user should be disabled there.
+``devstack``/``make run`` creates these users (``ACL SETUSER``) on the local Redis; on a managed
+Redis an administrator creates them from ``acl_rules`` (docs/security.md prints them), and the
+default user should be disabled there.
 """
 
 from __future__ import annotations
@@ -17,11 +21,16 @@ from collections.abc import Mapping
 
 import redis.asyncio as redis
 
-SERVICES = ("profile", "render")
+SERVICES = ("ingest", "profile", "render")
+
+# The rate limiter's script: EVALSHA (SCRIPT LOAD after NOSCRIPT) and what it runs.
+_LIMITER = ["+evalsha", "+script|load", "+time", "+get", "+set"]
 
 _RULES = {
+    "ingest": ["~sendtime:ratelimit:ingest:*", "+@connection", *_LIMITER],
     "profile": [
         "~sendtime:profile:*",
+        "~sendtime:ratelimit:profile:*",
         "&__redis__:invalidate",
         "+@connection",
         "+@read",
@@ -31,8 +40,19 @@ _RULES = {
         "+client|id",
         "+client|tracking",
         "+subscribe",
+        "+time",
     ],
-    "render": ["~sendtime:render:lkg:*", "+@connection", "+get", "+set", "+del"],
+    "render": [
+        "~sendtime:render:lkg:*",
+        "~sendtime:ratelimit:render:*",
+        "+@connection",
+        "+get",
+        "+set",
+        "+del",
+        "+evalsha",
+        "+script|load",
+        "+time",
+    ],
 }
 
 

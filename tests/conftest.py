@@ -202,9 +202,14 @@ async def profile_app(nats_url: str, redis_url: str, database_url: str) -> Async
 
 
 @pytest.fixture(scope="session")
-async def ingest_app(nats_url: str, database_url: str) -> AsyncIterator[IngestApp]:
+async def ingest_app(nats_url: str, redis_url: str, database_url: str) -> AsyncIterator[IngestApp]:
     app = await create_ingest_app(
-        IngestSettings(**LOCAL_SERVER, database_url=database_url, event_log=JetStreamSettings(url=nats_url))
+        IngestSettings(
+            **LOCAL_SERVER,
+            database_url=database_url,
+            redis_url=redis_url,  # its callers' rate limits
+            event_log=JetStreamSettings(url=nats_url),
+        )
     )
     await app.start()
     yield app

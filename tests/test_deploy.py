@@ -89,6 +89,8 @@ def test_each_deployment_runs_its_service_on_its_port_with_health_probes(name: s
     # Its own least-privilege NATS user; only profile makes the streams.
     assert env["NATS_USER"] == nats_auth.user_name(name)
     assert env["NATS_MANAGE_STREAMS"] == ("true" if name == "profile" else "false")
+    # While Redis does not answer, the replicas share each rate limit out among them.
+    assert env["RATE_LIMIT_REPLICAS"] == str(deployment["spec"]["replicas"])
     for variable in container["env"]:
         assert variable["name"] in variables_the_code_reads()
         if variable["name"].endswith("_ADDRESS") and "WEBHOOK" not in variable["name"]:

@@ -1,6 +1,7 @@
 """The Redis ACL users (scripts/redis_acl.py) on a real Redis: the profile user can do all the
 hot cache and its near cache need, and nothing dangerous; render's user can keep its last known
-good copies and touch nothing else."""
+good copies and touch nothing else; each service's user runs its rate limiter on its own
+buckets, and ingest's user can do nothing else."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from redis.exceptions import NoPermissionError, ResponseError
 import redis_acl
 from profile_service.cache import cache_key
 from render.profiles import LKG_KEY_PREFIX
+from sendtime_common.auth.api_keys import Scope
 from sendtime_common.identifiers import IdentifierKind
+from sendtime_common.rate_limit import Rate, RateLimiter, RateLimitSettings
 from tests.profile_service.test_near_cache import listening, stop
 from tests.profile_service.test_profile_service import cached_profile
 
@@ -55,6 +58,15 @@ async def test_the_profile_user_runs_the_cache_and_the_near_cache(users: str, un
         ("render", ("SET", "sendtime:profile:user_id:x", "1")),
         ("render", ("EVAL", "return 1", "0")),
         ("render", ("FLUSHDB",)),
+        ("render", ("GET", "sendtime:ratelimit:ingest:events.write:apiKeys/x")),
+        ("ingest", ("GET", "sendtime:profile:user_id:x")),
+        ("ingest", ("GET", f"{LKG_KEY_PREFIX}x")),
+        ("ingest", ("SET", "sendtime:ratelimit:profile:profiles.read:apiKeys/x", "1")),
+        ("ingest", ("DEL", "sendtime:ratelimit:ingest:events.write:apiKeys/x")),
+        ("ingest", ("EVAL", "return 1", "0")),
+        ("ingest", ("KEYS", "*")),
+        ("ingest", ("FLUSHALL",)),
+        ("profile", ("GET", "sendtime:ratelimit:render:render:apiKeys/x")),
     ],
 )
 async def test_each_user_is_refused_what_its_service_does_not_do(
@@ -70,6 +82,20 @@ async def test_the_render_user_keeps_its_copies(users: str, unique: str) -> None
         await client.set(f"{LKG_KEY_PREFIX}{unique}", b"copy", ex=60)
         assert await client.get(f"{LKG_KEY_PREFIX}{unique}") == b"copy"
         await client.delete(f"{LKG_KEY_PREFIX}{unique}")
+
+
+@pytest.mark.parametrize("service", redis_acl.SERVICES)
+async def test_each_user_runs_its_rate_limiter_in_redis(users: str, service: str, unique: str) -> None:
+    limiter = RateLimiter(RateLimitSettings(redis_retry_s=60), service, as_user(users, service))
+    try:
+        async with Redis.from_url(users) as admin:
+            await admin.script_flush()  # the first decision loads the script (SCRIPT LOAD)
+        rate = Rate(per_second=1, burst=2)
+        decisions = [await limiter.decide(Scope.RENDER, f"apiKeys/{unique}", rate) for _ in range(3)]
+        assert [(d.allowed, d.shared) for d in decisions] == [(True, True), (True, True), (False, True)]
+        assert limiter.shared  # no permission was missing: it never fell back
+    finally:
+        await limiter.close()
 
 
 async def test_a_wrong_password_is_refused(users: str) -> None:

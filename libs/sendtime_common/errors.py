@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -47,15 +47,23 @@ def bad_request_status(message: str, violations: Iterable[FieldViolation]) -> st
     )
 
 
-def retry_status(code: grpc.StatusCode, message: str, reason: str, retry_after_s: float) -> status_pb2.Status:
-    """A retryable failure (UNAVAILABLE, RESOURCE_EXHAUSTED) with ``ErrorInfo`` and ``RetryInfo``."""
+def retry_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    retry_after_s: float,
+    metadata: Mapping[str, str] | None = None,
+) -> status_pb2.Status:
+    """A retryable failure (UNAVAILABLE, RESOURCE_EXHAUSTED) with ``ErrorInfo`` (``reason``,
+    ``metadata``) and ``RetryInfo``."""
     seconds = int(retry_after_s)
     delay = duration_pb2.Duration(seconds=seconds, nanos=int((retry_after_s - seconds) * 1e9))
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
     return status_pb2.Status(
         code=code.value[0],
         message=message,
         details=[
-            pack_detail(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN)),
+            pack_detail(info),
             pack_detail(error_details_pb2.RetryInfo(retry_delay=delay)),
         ],
     )

@@ -1,6 +1,7 @@
-"""``sendtime keys``: make, list, show, rotate and revoke API keys, directly in the database
-(DATABASE_URL), as an operator with database access does; this is also how the first admin key
-is made. Each change is recorded in the audit trail as ``cli:{user}``."""
+"""``sendtime keys``: make, list, show, rotate and revoke API keys and set a key's own rate
+limits, directly in the database (DATABASE_URL), as an operator with database access does; this
+is also how the first admin key is made. Each change is recorded in the audit trail as
+``cli:{user}``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import getpass
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -19,6 +20,7 @@ from sendtime_common.auth.api_keys import Scope, valid_key_id
 from sendtime_common.auth.audit import AuditTrail
 from sendtime_common.auth.key_store import ApiKeyRecord, KeyNotActive, KeyNotFound, KeyStore
 from sendtime_common.config import env_str
+from sendtime_common.rate_limit import Rate
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/sendtime"
 _DURATION = re.compile(r"(\d+)([smhd])")
@@ -39,6 +41,19 @@ def duration(text: str) -> timedelta:
 def scope(text: str) -> Scope:
     try:
         return Scope.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def rate_limit(text: str) -> tuple[Scope, Rate]:
+    """``SCOPE=RATE``, e.g. ``events.write=5000/s burst 10000`` or ``keys.manage=60/min``."""
+    name, separator, rate = text.partition("=")
+    if not separator:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not SCOPE=RATE, e.g. 'events.write=5000/s burst 10000'"
+        )
+    try:
+        return Scope.parse(name), Rate.parse(rate)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -68,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeatable",
     )
     create.add_argument("--expires-in", type=duration, metavar="DURATION", help="e.g. 90d; default: never")
+    create.add_argument(
+        "--rate-limit",
+        dest="rate_limits",
+        action="append",
+        type=rate_limit,
+        default=[],
+        metavar="SCOPE=RATE",
+        help="the key's own rate for one of its scopes, e.g. 'events.write=5000/s burst 10000'; repeatable",
+    )
     create.add_argument("--quiet", action="store_true", help="print the key only")
     create.set_defaults(handler=_handler(_create))
 
@@ -95,6 +119,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     revoke = commands.add_parser("revoke", help="end a key now (every replica within seconds)")
     revoke.add_argument("key_id", type=key_id, metavar="KEY_ID")
     revoke.set_defaults(handler=_handler(_revoke))
+
+    limits = commands.add_parser(
+        "rate-limit",
+        help="set a key's own rate limits, replacing the ones it had (every replica within seconds)",
+        description=(
+            "Give a key its own rate for some of its scopes, in place of the services' defaults "
+            "(docs/limits.md). RATE: '5000/s', '60/min' or '100/h', optionally followed by 'burst N'."
+        ),
+    )
+    limits.add_argument("key_id", type=key_id, metavar="KEY_ID")
+    limits.add_argument("rate_limits", nargs="*", type=rate_limit, metavar="SCOPE=RATE")
+    limits.add_argument(
+        "--defaults", action="store_true", help="drop the key's own limits: the defaults again"
+    )
+    limits.set_defaults(handler=_handler(_rate_limit))
 
 
 Action = Callable[[argparse.Namespace, KeyStore, AuditTrail, str], Awaitable[int]]
@@ -129,11 +168,13 @@ def _describe(record: ApiKeyRecord) -> str:
     def when(at: datetime | None) -> str:
         return at.isoformat(timespec="seconds") if at else "-"
 
+    own = "; ".join(f"{scope.value} {rate}" for scope, rate in sorted(record.rate_limits.items()))
     return "\n".join(
         [
             f"key id:    {record.key_id}",
             f"name:      {record.display_name}",
             f"scopes:    {', '.join(sorted(record.scopes))}",
+            f"limits:    {own or 'the defaults'}",
             f"state:     {record.state(now).value}",
             f"creator:   {record.creator}",
             f"created:   {when(record.created_at)}",
@@ -145,9 +186,26 @@ def _describe(record: ApiKeyRecord) -> str:
     )
 
 
+def _own_limits(pairs: Sequence[tuple[Scope, Rate]], scopes: Iterable[Scope]) -> Mapping[Scope, Rate] | str:
+    """The rate limits given, one per scope, each for one of the key's ``scopes``; or what is
+    wrong with them."""
+    held, limits = frozenset(scopes), {}
+    for scope, rate in pairs:
+        if scope not in held:
+            return f"{scope.value} is not one of the key's scopes ({', '.join(sorted(held))})"
+        if scope in limits:
+            return f"{scope.value} has two rate limits"
+        limits[scope] = rate
+    return limits
+
+
 async def _create(args: argparse.Namespace, store: KeyStore, audit: AuditTrail, who: str) -> int:
     expires_at = datetime.now(UTC) + args.expires_in if args.expires_in else None
-    record, key = await store.create(args.name, args.scopes, who, expires_at)
+    limits = _own_limits(args.rate_limits, args.scopes)
+    if isinstance(limits, str):
+        print(f"sendtime keys: --rate-limit: {limits}", file=sys.stderr)
+        return 1
+    record, key = await store.create(args.name, args.scopes, who, expires_at, limits)
     await audit.record(who, "sendtime keys create", args.name, "OK")
     if args.quiet:
         print(key)
@@ -221,5 +279,27 @@ async def _revoke(args: argparse.Namespace, store: KeyStore, audit: AuditTrail, 
         print(f"sendtime keys: no key {args.key_id}", file=sys.stderr)
         return 1
     await audit.record(who, "sendtime keys revoke", f"apiKeys/{args.key_id}", "OK")
+    print(_describe(record))
+    return 0
+
+
+async def _rate_limit(args: argparse.Namespace, store: KeyStore, audit: AuditTrail, who: str) -> int:
+    if bool(args.rate_limits) == args.defaults:
+        print("sendtime keys rate-limit: give SCOPE=RATE limits, or --defaults", file=sys.stderr)
+        return 1
+    record = await store.get(args.key_id)
+    if record is None:
+        print(f"sendtime keys: no key {args.key_id}", file=sys.stderr)
+        return 1
+    limits = _own_limits(args.rate_limits, record.scopes)
+    if isinstance(limits, str):
+        print(f"sendtime keys rate-limit: {limits}", file=sys.stderr)
+        return 1
+    try:
+        record = await store.set_rate_limits(args.key_id, limits)
+    except KeyNotFound:
+        print(f"sendtime keys: no key {args.key_id}", file=sys.stderr)
+        return 1
+    await audit.record(who, "sendtime keys rate-limit", f"apiKeys/{args.key_id}", "OK")
     print(_describe(record))
     return 0

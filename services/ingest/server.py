@@ -1,6 +1,6 @@
 """Wiring of the ingest service: PostgreSQL (migrated), the event log, the ingestor, the gRPC
-server, and the background work (counts flushed each second, expired records purged hourly,
-erased people's dead letters deleted)."""
+server (its callers' rate limits kept in Redis), and the background work (counts flushed each
+second, expired records purged hourly, erased people's dead letters deleted)."""
 
 from __future__ import annotations
 
@@ -125,7 +125,9 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         random_page_cost=settings.database_random_page_cost,
     )
     await migrate(pool, MIGRATIONS_DIR, table="ingest_schema_migrations")
-    auth = await create_server_auth(pool, "ingest", [SERVICE_NAME], settings.auth, settings.identifier_hasher)
+    auth = await create_server_auth(
+        pool, "ingest", [SERVICE_NAME], settings.auth, settings.identifier_hasher, settings.redis_url
+    )
     if event_log is None:
         event_log = await JetStreamEventLog.connect(settings.event_log)
     store, counters = IngestStore(pool), OutcomeCounters()

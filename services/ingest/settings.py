@@ -35,6 +35,8 @@ class Settings:
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
     database_pool_size: int = 10
     database_random_page_cost: float = DEFAULT_RANDOM_PAGE_COST
+    # Where the rate limits of every replica are kept (RATE_LIMIT_REDIS_URL overrides).
+    redis_url: str = "redis://127.0.0.1:6379/0"
     # How far in the future occurred_at may be (after skew correction: sender clocks drift).
     max_future_skew_s: float = 300.0
     # How old an event may be; older ones are outside every retention window downstream.
@@ -82,6 +84,7 @@ class Settings:
             database_random_page_cost=env_float(
                 env, "DATABASE_RANDOM_PAGE_COST", defaults.database_random_page_cost, minimum=0.1
             ),
+            redis_url=env_str(env, "REDIS_URL", defaults.redis_url),
             max_future_skew_s=env_float(env, "INGEST_MAX_FUTURE_SKEW_SECONDS", defaults.max_future_skew_s),
             max_event_age_days=env_int(
                 env, "INGEST_MAX_EVENT_AGE_DAYS", defaults.max_event_age_days, minimum=1

@@ -3,7 +3,7 @@ hosts: decode and check, call the key store or audit trail, encode."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -24,9 +24,11 @@ from sendtime_common.errors import (
     not_found_status,
 )
 from sendtime_common.paging import InvalidPageToken, decode_time_position, encode_time_position, page_size
+from sendtime_common.rate_limit import Rate
 
 MAX_DISPLAY_NAME = 200
 MAX_GRACE = timedelta(days=30)
+MAX_RATE = 1_000_000  # calls a second, and calls at once, of a key's own rate limit
 _STATES = {
     KeyState.ACTIVE: auth_pb2.API_KEY_STATE_ACTIVE,
     KeyState.REVOKED: auth_pb2.API_KEY_STATE_REVOKED,
@@ -58,6 +60,10 @@ def api_key_message(record: ApiKeyRecord, now: datetime) -> auth_pb2.ApiKey:
         revoke_time=_timestamp(record.revoked_at),
         state=_STATES[record.state(now)],
         rotated_from=key_resource_name(record.rotated_from) if record.rotated_from else "",
+        rate_limits=[
+            auth_pb2.RateLimit(scope=scope.proto, calls_per_second=rate.per_second, burst=rate.burst)
+            for scope, rate in sorted(record.rate_limits.items(), key=lambda item: item[0].proto)
+        ],
     )
 
 
@@ -90,6 +96,50 @@ def _scope_violations(scopes: list[int]) -> list[FieldViolation]:
         except ValueError:
             violations.append(FieldViolation(f"scopes[{i}]", f"not a scope; scopes are {', '.join(Scope)}"))
     return violations
+
+
+def _known(values: Iterable[int]) -> list[Scope]:
+    """The scopes among ``values`` (a request's; _scope_violations reports the others)."""
+    known = []
+    for value in values:
+        try:
+            known.append(Scope.from_proto(value))
+        except ValueError:
+            pass
+    return known
+
+
+def _rate_limits(
+    limits: Sequence[auth_pb2.RateLimit], scopes: Iterable[Scope], field: str
+) -> tuple[dict[Scope, Rate], list[FieldViolation]]:
+    """A key's own rate limits as requested, at most one per scope, each for one of ``scopes``
+    (the key's); and what is wrong with them."""
+    held = frozenset(scopes)
+    found: dict[Scope, Rate] = {}
+    violations: list[FieldViolation] = []
+    for i, limit in enumerate(limits):
+        wrong: list[FieldViolation] = []
+        try:
+            scope: Scope | None = Scope.from_proto(limit.scope)
+        except ValueError:
+            scope = None
+            wrong.append(FieldViolation(f"{field}[{i}].scope", "not a scope"))
+        if scope is not None and scope not in held:
+            wrong.append(
+                FieldViolation(f"{field}[{i}].scope", f"{scope.value} is not one of the key's scopes")
+            )
+        elif scope is not None and scope in found:
+            wrong.append(FieldViolation(f"{field}[{i}].scope", f"{scope.value} has a rate limit already"))
+        if not 0 < limit.calls_per_second <= MAX_RATE:  # NaN fails this too
+            wrong.append(
+                FieldViolation(f"{field}[{i}].calls_per_second", f"must be above 0 and at most {MAX_RATE:,}")
+            )
+        if not 1 <= limit.burst <= MAX_RATE:
+            wrong.append(FieldViolation(f"{field}[{i}].burst", f"must be 1 to {MAX_RATE:,}"))
+        if scope is not None and not wrong:
+            found[scope] = Rate(limit.calls_per_second, limit.burst)
+        violations += wrong
+    return found, violations
 
 
 class PagedRequest(Protocol):
@@ -134,6 +184,10 @@ class KeyServicer(auth_pb2_grpc.KeyServiceServicer):
         expires_at = request.expire_time.ToDatetime(tzinfo=UTC) if request.HasField("expire_time") else None
         if expires_at is not None and expires_at <= now:
             violations.append(FieldViolation("expire_time", "must be in the future"))
+        rate_limits, rate_violations = _rate_limits(
+            request.rate_limits, _known(request.scopes), "rate_limits"
+        )
+        violations += rate_violations
         if violations:
             await abort_invalid(context, "invalid CreateApiKey request", violations)
         record, key = await self._keys.create(
@@ -141,6 +195,7 @@ class KeyServicer(auth_pb2_grpc.KeyServiceServicer):
             [Scope.from_proto(value) for value in request.scopes],
             current_principal().name,
             expires_at,
+            rate_limits,
         )
         return auth_pb2.CreateApiKeyResponse(api_key=api_key_message(record, now), key=key)
 
@@ -211,6 +266,24 @@ class KeyServicer(auth_pb2_grpc.KeyServiceServicer):
         except KeyNotFound:
             await _abort_key_not_found(context, request.name)
         return auth_pb2.RevokeApiKeyResponse(api_key=api_key_message(record, now))
+
+    async def SetApiKeyRateLimits(
+        self, request: auth_pb2.SetApiKeyRateLimitsRequest, context: Context
+    ) -> auth_pb2.SetApiKeyRateLimitsResponse:
+        key_id = _key_id(request.name, "name")
+        if isinstance(key_id, FieldViolation):
+            await abort_invalid(context, "invalid SetApiKeyRateLimits request", [key_id])
+        record = await self._keys.get(key_id)
+        if record is None:
+            await _abort_key_not_found(context, request.name)
+        rate_limits, violations = _rate_limits(request.rate_limits, record.scopes, "rate_limits")
+        if violations:
+            await abort_invalid(context, "invalid SetApiKeyRateLimits request", violations)
+        try:
+            record = await self._keys.set_rate_limits(key_id, rate_limits)
+        except KeyNotFound:
+            await _abort_key_not_found(context, request.name)
+        return auth_pb2.SetApiKeyRateLimitsResponse(api_key=api_key_message(record, datetime.now(UTC)))
 
 
 class AuditServicer(auth_pb2_grpc.AuditServiceServicer):

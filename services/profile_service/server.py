@@ -154,7 +154,9 @@ async def create_app(settings: Settings) -> ProfileApp:
         random_page_cost=settings.database_random_page_cost,
     )
     await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
-    auth = await create_server_auth(pool, "profile", SERVICE_NAMES, settings.auth, settings.identifier_hasher)
+    auth = await create_server_auth(
+        pool, "profile", SERVICE_NAMES, settings.auth, settings.identifier_hasher, settings.redis_url
+    )
     near, invalidations = None, None
     if settings.near_cache_entries:
         near = NearCache(settings.near_cache_entries, settings.near_cache_ttl_s)

@@ -133,7 +133,9 @@ async def create_app(settings: Settings) -> RenderApp:
         random_page_cost=settings.database_random_page_cost,
     )
     await migrate(pool, MIGRATIONS_DIR, table="render_schema_migrations")
-    auth = await create_server_auth(pool, "render", SERVICE_NAMES, settings.auth, settings.identifier_hasher)
+    auth = await create_server_auth(
+        pool, "render", SERVICE_NAMES, settings.auth, settings.identifier_hasher, settings.redis_url
+    )
     event_log = await JetStreamEventLog.connect(settings.event_log)
     catalog = CatalogConsumer(
         await event_log.subscribe(settings.catalog_consumer_name),

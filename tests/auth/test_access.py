@@ -90,7 +90,7 @@ async def test_every_method_declares_a_scope_and_refuses_a_call_without_credenti
 ) -> None:
     methods = hosted_methods(servers)
     # ingest; profile, unmerged events, keys, audit; render and templates
-    assert len(methods) == 5 + 5 + 2 + 5 + 1 + 8
+    assert len(methods) == 5 + 5 + 2 + 6 + 1 + 8
     for _, names in servers:
         access_rules(names)  # raises for a method without a usable rule
     for target, path, method in methods:

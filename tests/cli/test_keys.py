@@ -91,3 +91,41 @@ def test_bad_arguments_are_refused_before_anything_is_made(database_url: str) ->
     )
     assert "not a key id" in keys(database_url, "revoke", "nope", expect=1)
     assert "no key AAAAAAAAAAAA" in keys(database_url, "revoke", "AAAAAAAAAAAA", expect=1)
+
+
+async def test_a_key_gets_its_own_rate_limits_from_the_command_line(
+    database_url: str, ingest_app: IngestApp
+) -> None:
+    made = keys(
+        database_url,
+        "create",
+        "--name",
+        "nightly export",
+        "--scope",
+        "stats.read",
+        "--rate-limit",
+        "stats.read=60/min burst 1",
+    )
+    (key,) = KEY_PATTERN.findall(made)
+    assert "limits:    stats.read 1/s burst 1" in made
+    assert [await stats_answer(ingest_app, key) for _ in range(2)] == ["OK", "RESOURCE_EXHAUSTED"]
+
+    key_id = key_id_of(key)
+    assert "limits:    the defaults" in keys(database_url, "rate-limit", key_id, "--defaults")
+    started = time.monotonic()
+    while await stats_answer(ingest_app, key) != "OK":  # every replica within about a second
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0.05)
+    assert "limits:    stats.read 2/s burst 5" in keys(
+        database_url, "rate-limit", key_id, "stats.read=2/s burst 5"
+    )
+    assert "limits:    stats.read 2/s burst 5" in keys(database_url, "show", key_id)
+
+    assert "render is not one of the key's scopes" in keys(
+        database_url, "rate-limit", key_id, "render=5/s", expect=1
+    )
+    assert "give SCOPE=RATE limits, or --defaults" in keys(database_url, "rate-limit", key_id, expect=1)
+    assert "is not a rate" in keys(database_url, "rate-limit", key_id, "stats.read=lots", expect=1)
+    assert "not SCOPE=RATE" in keys(
+        database_url, "create", "--name", "x", "--scope", "render", "--rate-limit", "5/s", expect=1
+    )

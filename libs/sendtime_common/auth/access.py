@@ -10,6 +10,10 @@ and in front of every call:
   client certificate's identity when it is mapped to scopes. Missing or bad credentials:
   UNAUTHENTICATED with an ``ErrorInfo`` reason (``sendtime_common.auth.keyring.AuthFailure``);
 - checks the scope: PERMISSION_DENIED naming the scope when the credential lacks it;
+- takes one rate-limit decision per call (``sendtime_common.rate_limit``; a stream's when it
+  opens): past the credential's rate for the scope, RESOURCE_EXHAUSTED with an ``ErrorInfo``
+  (reason ``RATE_LIMITED``, the scope, the limit, the key id) and a ``RetryInfo`` saying when to
+  try again;
 - for audited RPCs, appends the call and its outcome to the audit trail;
 - refuses every call of a method without a rule (fail closed), and asks reflection for a valid
   credential of any scope unless the operator opened it.
@@ -23,6 +27,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,9 +41,10 @@ from sendtime.auth.v1 import auth_pb2
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.auth.audit import AuditTrail, audit_target
 from sendtime_common.auth.keyring import AuthFailure, KeyRing, Principal, Unauthenticated
-from sendtime_common.errors import abort_with, error_info_status
+from sendtime_common.errors import abort_with, error_info_status, retry_status
 from sendtime_common.handlers import Behavior, replace_behavior
 from sendtime_common.identifiers import IdentifierHasher
+from sendtime_common.rate_limit import RATE_LIMITED, Decision, Rate, RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +204,48 @@ def _permission_denied(principal: Principal, rule: MethodAccess) -> status_pb2.S
     )
 
 
+def _rate_limited(principal: Principal, scope: Scope, rate: Rate, decision: Decision) -> status_pb2.Status:
+    return retry_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{principal.name} is over its rate limit for {scope.value} ({rate}); "
+        f"retry in {decision.retry_after_s:.3g} s",
+        RATE_LIMITED,
+        decision.retry_after_s,
+        {"scope": scope.value, "limit": str(rate), "key_id": principal.key_id, "principal": principal.name},
+    )
+
+
+# A caller over its limit is logged at most this often per scope, with the count refused since.
+RATE_LIMIT_LOG_INTERVAL_S = 10.0
+
+
+class _RefusalLog:
+    """Logs refusals for rate, at most once per interval per caller and scope: a caller
+    hammering past its limit must not turn each refused call into a log line."""
+
+    def __init__(self, interval_s: float = RATE_LIMIT_LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._seen: dict[tuple[str, Scope], tuple[float, int]] = {}  # last logged, refused since
+
+    def refused(self, principal: Principal, scope: Scope, rate: Rate, decision: Decision) -> None:
+        now = time.monotonic()
+        last, count = self._seen.get((principal.name, scope), (float("-inf"), 0))
+        if now - last < self._interval_s:
+            self._seen[(principal.name, scope)] = (last, count + 1)
+            return
+        self._seen[(principal.name, scope)] = (now, 0)
+        log.info(
+            "calls refused for rate",
+            extra={
+                "principal": principal.name,
+                "scope": scope.value,
+                "limit": str(rate),
+                "shared": decision.shared,
+                "refused_since_last_log": count,
+            },
+        )
+
+
 def _no_rule(method: str) -> status_pb2.Status:
     return error_info_status(
         code_pb2.PERMISSION_DENIED,
@@ -222,12 +270,16 @@ class AccessInterceptor(_ServerInterceptor):
         hasher: IdentifierHasher,
         *,
         reflection_open: bool = False,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        """``limiter`` None: no rate limits."""
         self._rules = dict(rules)
         self._authenticator = authenticator
         self._audit = audit
         self._hasher = hasher
         self._reflection_open = reflection_open
+        self._limiter = limiter
+        self._refusals = _RefusalLog()
         # The guarded handler of each method, made on its first call: the same for every call,
         # which reads its credentials from its own context.
         self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
@@ -282,7 +334,24 @@ class AccessInterceptor(_ServerInterceptor):
                 target = audit_target(request, rule.audit_target, self._hasher)
                 await self._audit.record(principal.name, rule.method, target, "PERMISSION_DENIED")
             await abort_with(context, _permission_denied(principal, rule))
+        if self._limiter is not None and rule.scope is not None:
+            await self._limit(principal, rule.scope, context)
         return principal
+
+    async def _limit(
+        self, principal: Principal, scope: Scope, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Let the call through if ``principal`` is within its rate for ``scope`` (the key's own
+        rate, else the scope's), or end it (aborted) here. Refusals are not audited: a flood of
+        them would be a flood of audit rows."""
+        assert self._limiter is not None
+        rate = principal.rate_limits.get(scope) or self._limiter.rate(scope)
+        if rate is None:
+            return
+        decision = await self._limiter.decide(scope, principal.name, rate)
+        if not decision.allowed:
+            self._refusals.refused(principal, scope, rate, decision)
+            await abort_with(context, _rate_limited(principal, scope, rate, decision))
 
     def _guard(self, rule: MethodAccess, behavior: Behavior) -> Behavior:
         if inspect.isasyncgenfunction(behavior):

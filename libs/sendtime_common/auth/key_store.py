@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import asyncpg
 
 from sendtime_common.auth.api_keys import MalformedKey, Scope, key_id_of, matches, new_key
 from sendtime_common.migrate import migrate
+from sendtime_common.rate_limit import Rate
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 MIGRATIONS_TABLE = "auth_schema_migrations"
@@ -40,6 +42,8 @@ class ApiKeyRecord:
     revoked_at: datetime | None
     last_used_at: datetime | None
     rotated_from: str | None
+    # Its own rate per scope, in place of the scope's default (at most one per scope it holds).
+    rate_limits: Mapping[Scope, Rate] = field(default_factory=dict, hash=False)
 
     def state(self, now: datetime) -> KeyState:
         if self.revoked_at is not None and self.revoked_at <= now:
@@ -58,6 +62,7 @@ class KeyEntry:
     scopes: frozenset[Scope]
     expires_at: datetime | None
     revoked_at: datetime | None
+    rate_limits: Mapping[Scope, Rate] = field(default_factory=dict, hash=False)
 
 
 class KeyNotFound(LookupError):
@@ -73,6 +78,21 @@ def _scopes(names: Iterable[str]) -> frozenset[Scope]:
     return frozenset(Scope(name) for name in names if name in Scope._value2member_map_)
 
 
+def _rate_limits(stored: str) -> dict[Scope, Rate]:
+    """A key's rate limits as stored (jsonb); a scope this version does not know is left out."""
+    limits = {}
+    for name, rate in json.loads(stored).items():
+        if name in Scope._value2member_map_:
+            limits[Scope(name)] = Rate(float(rate["per_second"]), int(rate["burst"]))
+    return limits
+
+
+def _stored(limits: Mapping[Scope, Rate]) -> str:
+    return json.dumps(
+        {scope.value: {"per_second": rate.per_second, "burst": rate.burst} for scope, rate in limits.items()}
+    )
+
+
 def _record(row: asyncpg.Record) -> ApiKeyRecord:
     return ApiKeyRecord(
         key_id=row["key_id"],
@@ -84,11 +104,13 @@ def _record(row: asyncpg.Record) -> ApiKeyRecord:
         revoked_at=row["revoked_at"],
         last_used_at=row["last_used_at"],
         rotated_from=row["rotated_from"],
+        rate_limits=_rate_limits(row["rate_limits"]),
     )
 
 
 _COLUMNS = (
-    "key_id, display_name, scopes, creator, created_at, expires_at, revoked_at, last_used_at, rotated_from"
+    "key_id, display_name, scopes, creator, created_at, expires_at, revoked_at, last_used_at, rotated_from,"
+    " rate_limits::text AS rate_limits"  # as text: some pools decode jsonb, some do not
 )
 _BUMP_GENERATION = "UPDATE api_key_generation SET generation = generation + 1"
 
@@ -109,10 +131,13 @@ class KeyStore:
         scopes: Iterable[Scope],
         creator: str,
         expires_at: datetime | None = None,
+        rate_limits: Mapping[Scope, Rate] | None = None,
     ) -> tuple[ApiKeyRecord, str]:
         """Make a key; its record and the key itself (to be shown once, never stored)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            return await self._insert(conn, display_name, scopes, creator, expires_at, None)
+            return await self._insert(
+                conn, display_name, scopes, creator, expires_at, None, rate_limits or {}
+            )
 
     async def _insert(
         self,
@@ -122,11 +147,13 @@ class KeyStore:
         creator: str,
         expires_at: datetime | None,
         rotated_from: str | None,
+        rate_limits: Mapping[Scope, Rate],
     ) -> tuple[ApiKeyRecord, str]:
         issued = new_key()
         row = await conn.fetchrow(
-            f"INSERT INTO api_keys (key_id, secret_hash, display_name, scopes, creator, expires_at,"
-            f" rotated_from) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_COLUMNS}",
+            "INSERT INTO api_keys (key_id, secret_hash, display_name, scopes, creator, expires_at,"
+            " rotated_from, rate_limits) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text::jsonb)"
+            f" RETURNING {_COLUMNS}",
             issued.key_id,
             issued.secret_hash,
             display_name,
@@ -134,6 +161,7 @@ class KeyStore:
             creator,
             expires_at,
             rotated_from,
+            _stored(rate_limits),
         )
         await conn.execute(_BUMP_GENERATION)
         assert row is not None
@@ -180,8 +208,8 @@ class KeyStore:
     async def rotate(
         self, key_id: str, grace: timedelta, creator: str, now: datetime
     ) -> tuple[ApiKeyRecord, str, ApiKeyRecord]:
-        """A new key with the old one's name, scopes and expiry; the old one ends ``grace`` from
-        now (revoked at once for no grace). (new record, new key, old record).
+        """A new key with the old one's name, scopes, rate limits and expiry; the old one ends
+        ``grace`` from now (revoked at once for no grace). (new record, new key, old record).
 
         Raises:
             KeyNotFound: no such key.
@@ -195,7 +223,7 @@ class KeyStore:
             if old.state(now) is not KeyState.ACTIVE:
                 raise KeyNotActive(f"the key is {old.state(now).value}")
             new, key = await self._insert(
-                conn, old.display_name, old.scopes, creator, old.expires_at, rotated_from=key_id
+                conn, old.display_name, old.scopes, creator, old.expires_at, key_id, old.rate_limits
             )
             if grace > timedelta(0):
                 ends = now + grace
@@ -230,6 +258,24 @@ class KeyStore:
             await conn.execute(_BUMP_GENERATION)
         return _record(row)
 
+    async def set_rate_limits(self, key_id: str, rate_limits: Mapping[Scope, Rate]) -> ApiKeyRecord:
+        """Replace a key's own rate limits (empty: its scopes' defaults again); every replica
+        reloads the keys.
+
+        Raises:
+            KeyNotFound: no such key.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE api_keys SET rate_limits = $2::text::jsonb WHERE key_id = $1 RETURNING {_COLUMNS}",
+                key_id,
+                _stored(rate_limits),
+            )
+            if row is None:
+                raise KeyNotFound(key_id)
+            await conn.execute(_BUMP_GENERATION)
+        return _record(row)
+
     async def generation(self) -> int:
         """A number that changes whenever a key is made, rotated or revoked."""
         value: int = await self._pool.fetchval("SELECT generation FROM api_key_generation")
@@ -241,7 +287,8 @@ class KeyStore:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             generation = await conn.fetchval("SELECT generation FROM api_key_generation")
             rows = await conn.fetch(
-                "SELECT key_id, secret_hash, scopes, expires_at, revoked_at FROM api_keys"
+                "SELECT key_id, secret_hash, scopes, expires_at, revoked_at, rate_limits::text AS rate_limits"
+                " FROM api_keys"
                 " WHERE coalesce(least(revoked_at, expires_at), 'infinity') > $1",
                 now - ENDED_KEYS_KEPT,
             )
@@ -252,6 +299,7 @@ class KeyStore:
                 scopes=_scopes(row["scopes"]),
                 expires_at=row["expires_at"],
                 revoked_at=row["revoked_at"],
+                rate_limits=_rate_limits(row["rate_limits"]),
             )
             for row in rows
         ]

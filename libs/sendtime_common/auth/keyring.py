@@ -22,14 +22,15 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
 
 from sendtime_common.auth.api_keys import MalformedKey, Scope, key_id_of, key_resource_name, matches
 from sendtime_common.auth.key_store import KeyEntry, KeyStore
+from sendtime_common.rate_limit import Rate
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,13 @@ class Unauthenticated(Exception):
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling, and what they may do. ``name`` is what the audit trail and logs keep:
-    ``apiKeys/{key_id}``, ``mtls:{identity}`` or ``cli:{user}``."""
+    ``apiKeys/{key_id}``, ``mtls:{identity}`` or ``cli:{user}``. ``rate_limits``: the key's own
+    rate per scope, in place of the scope's default."""
 
     name: str
     scopes: frozenset[Scope]
     key_id: str = ""
+    rate_limits: Mapping[Scope, Rate] = field(default_factory=dict, hash=False)
 
 
 def _now() -> datetime:
@@ -130,7 +133,10 @@ class KeyRing:
     async def _reload(self) -> None:
         generation, entries = await self._store.entries(self._clock())
         self._entries = {
-            entry.key_id: (entry, Principal(key_resource_name(entry.key_id), entry.scopes, entry.key_id))
+            entry.key_id: (
+                entry,
+                Principal(key_resource_name(entry.key_id), entry.scopes, entry.key_id, entry.rate_limits),
+            )
             for entry in entries
         }
         self._verified = {}

@@ -1,6 +1,6 @@
 """What every service sets up to check its callers: the key tables (migrated), the key ring that
-follows them, the audit trail, and the interceptor built from the access rules of the services
-it hosts."""
+follows them, the audit trail, the rate limiter, and the interceptor built from the access rules
+of the services it hosts."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sendtime_common.auth.key_store import KeyStore
 from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.config import ConfigError, env_bool, env_float, env_str
 from sendtime_common.identifiers import IdentifierHasher
+from sendtime_common.rate_limit import RateLimiter, RateLimitSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +31,13 @@ class AuthSettings:
     # Client-certificate identities (subject alternative names) and their scopes, honoured on a
     # port that verifies client certificates (mutual TLS).
     mtls_identities: Mapping[str, frozenset[Scope]] = field(default_factory=dict)
+    # How often each credential may call, per scope (sendtime_common.rate_limit).
+    rate_limits: RateLimitSettings = field(default_factory=RateLimitSettings)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> AuthSettings:
-        """AUTH_KEYS_REFRESH_SECONDS, AUTH_REFLECTION_OPEN, AUTH_MTLS_IDENTITIES.
+        """AUTH_KEYS_REFRESH_SECONDS, AUTH_REFLECTION_OPEN, AUTH_MTLS_IDENTITIES and the
+        RATE_LIMIT* variables (RateLimitSettings.from_env).
 
         Raises:
             ConfigError: a variable has an unusable value.
@@ -47,6 +51,7 @@ class AuthSettings:
             keys_refresh_s=env_float(env, "AUTH_KEYS_REFRESH_SECONDS", defaults.keys_refresh_s, minimum=0.05),
             reflection_open=env_bool(env, "AUTH_REFLECTION_OPEN", defaults.reflection_open),
             mtls_identities=identities,
+            rate_limits=RateLimitSettings.from_env(env),
         )
 
 
@@ -56,18 +61,23 @@ class ServerAuth:
     keyring: KeyRing
     audit: AuditTrail
     interceptor: AccessInterceptor
+    limiter: RateLimiter | None = None  # None: rate limits off
     _following: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Follow key changes (and record keys' last use) in the background."""
         self._following = asyncio.create_task(self.keyring.run(), name="key-ring")
+        if self.limiter is not None:
+            self.limiter.start()
 
     async def close(self) -> None:
-        """Stop following, writing the last uses first."""
+        """Stop following, writing the last uses first; close the limiter's connections."""
         self.keyring.stop()
         if self._following is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._following
+        if self.limiter is not None:
+            await self.limiter.close()
 
 
 async def create_server_auth(
@@ -76,9 +86,12 @@ async def create_server_auth(
     service_names: Iterable[str],
     settings: AuthSettings,
     hasher: IdentifierHasher,
+    redis_url: str = "",
 ) -> ServerAuth:
     """Migrate the key and audit tables, load the keys, and build the interceptor for the
-    services ``service_names`` (every method of which must declare an access rule).
+    services ``service_names`` (every method of which must declare an access rule). Rate limits
+    are shared in the Redis at ``settings.rate_limits.redis_url``, else at ``redis_url`` (the
+    service's own); with neither, they are kept per replica.
 
     Raises:
         sendtime_common.auth.access.MissingAccessRule: a method declares no access rule.
@@ -90,11 +103,14 @@ async def create_server_auth(
     keyring = KeyRing(keys, refresh_s=settings.keys_refresh_s)
     await keyring.load()
     audit = AuditTrail(pool, service)
+    limits = settings.rate_limits
+    limiter = RateLimiter(limits, service, limits.redis_url or redis_url) if limits.enabled else None
     interceptor = AccessInterceptor(
         rules,
         Authenticator(keyring, settings.mtls_identities),
         audit,
         hasher,
         reflection_open=settings.reflection_open,
+        limiter=limiter,
     )
-    return ServerAuth(keys, keyring, audit, interceptor)
+    return ServerAuth(keys, keyring, audit, interceptor, limiter)

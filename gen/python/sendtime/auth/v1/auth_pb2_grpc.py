@@ -64,6 +64,11 @@ class KeyServiceStub:
                 request_serializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.SetApiKeyRateLimits = channel.unary_unary(
+                '/sendtime.auth.v1.KeyService/SetApiKeyRateLimits',
+                request_serializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.SetApiKeyRateLimitsRequest.SerializeToString,
+                response_deserializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.SetApiKeyRateLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -111,6 +116,15 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetApiKeyRateLimits(self, request, context):
+        """SetApiKeyRateLimits replaces a key's own rate limits; none puts the key
+        back on each scope's default rate. Every replica applies them within
+        seconds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +152,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'SetApiKeyRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetApiKeyRateLimits,
+                    request_deserializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.SetApiKeyRateLimitsRequest.FromString,
+                    response_serializer=sendtime_dot_auth_dot_v1_dot_auth__pb2.SetApiKeyRateLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,6 +299,33 @@ class KeyService:
             '/sendtime.auth.v1.KeyService/RevokeApiKey',
             sendtime_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyRequest.SerializeToString,
             sendtime_dot_auth_dot_v1_dot_auth__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetApiKeyRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sendtime.auth.v1.KeyService/SetApiKeyRateLimits',
+            sendtime_dot_auth_dot_v1_dot_auth__pb2.SetApiKeyRateLimitsRequest.SerializeToString,
+            sendtime_dot_auth_dot_v1_dot_auth__pb2.SetApiKeyRateLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,11 @@ class KeyServiceStub:
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.RevokeApiKeyResponse]
     """RevokeApiKey ends a key now. Revoking a revoked key changes nothing."""
+    SetApiKeyRateLimits: _grpc.UnaryUnaryMultiCallable[_auth_pb2.SetApiKeyRateLimitsRequest, _auth_pb2.SetApiKeyRateLimitsResponse]
+    """SetApiKeyRateLimits replaces a key's own rate limits; none puts the key
+    back on each scope's default rate. Every replica applies them within
+    seconds.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -77,6 +82,11 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """RevokeApiKey ends a key now. Revoking a revoked key changes nothing."""
+    SetApiKeyRateLimits: _aio.UnaryUnaryMultiCallable[_auth_pb2.SetApiKeyRateLimitsRequest, _auth_pb2.SetApiKeyRateLimitsResponse]  # type: ignore[assignment]
+    """SetApiKeyRateLimits replaces a key's own rate limits; none puts the key
+    back on each scope's default rate. Every replica applies them within
+    seconds.
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService creates, lists, rotates and revokes the API keys callers send as
@@ -129,6 +139,17 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RevokeApiKeyResponse, _abc.Awaitable[_auth_pb2.RevokeApiKeyResponse]]:
         """RevokeApiKey ends a key now. Revoking a revoked key changes nothing."""
+
+    @_abc_1.abstractmethod
+    def SetApiKeyRateLimits(
+        self,
+        request: _auth_pb2.SetApiKeyRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.SetApiKeyRateLimitsResponse, _abc.Awaitable[_auth_pb2.SetApiKeyRateLimitsResponse]]:
+        """SetApiKeyRateLimits replaces a key's own rate limits; none puts the key
+        back on each scope's default rate. Every replica applies them within
+        seconds.
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
