@@ -5,6 +5,11 @@ details "Unexpected <class 'asyncpg.exceptions...'>: <the database's message>": 
 our internals and the message may quote data. ``InternalErrors`` answers INTERNAL with an
 ``ErrorInfo`` (``INTERNAL_ERROR``) whose ``error_id`` is also in the log line that holds the
 exception, so an operator can find one from the other.
+
+A request that does not decode (a string that is not UTF-8, a truncated message) never reached
+a handler: grpc.aio answered UNKNOWN, "Unexpected <class 'DecodeError'>". Here the request's
+deserializer keeps the failure, and the call is answered INVALID_ARGUMENT with an ``ErrorInfo``
+(``REQUEST_UNDECODABLE``, the message type) before any handler runs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from sendtime_common.errors import abort_with, error_info_status, log_unexpected, new_error_id
@@ -23,6 +29,7 @@ from sendtime_common.handlers import Behavior, replace_behavior
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "INTERNAL_ERROR"
+REQUEST_UNDECODABLE = "REQUEST_UNDECODABLE"
 
 
 if TYPE_CHECKING:  # generic only in the type stubs
@@ -69,8 +76,84 @@ class InternalErrors(_ServerInterceptor):
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = replace_behavior(handler, lambda behavior: _contained(method, behavior))
+        deserializer = handler.request_deserializer
+        if deserializer is not None:  # None: raw bytes, nothing to decode
+            wrapped = wrapped._replace(request_deserializer=_tolerant(deserializer))  # type: ignore[attr-defined]
+            wrapped = replace_behavior(
+                wrapped, lambda behavior: _decoded_only(_type_name(deserializer, method), behavior)
+            )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+
+class _Undecodable:
+    """What a request that failed to decode is handed on as (so that it can be answered)."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _type_name(deserializer: Callable[[bytes], Any], method: str) -> str:
+    """The message type a ``FromString`` deserializer makes (the method, for another kind)."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", method))
+
+
+def undecodable_status(type_name: str) -> status_pb2.Status:
+    """INVALID_ARGUMENT for a request that is not a ``type_name`` message."""
+    return error_info_status(
+        code_pb2.INVALID_ARGUMENT,
+        f"the request is not a valid {type_name} message (is every string valid UTF-8?)",
+        REQUEST_UNDECODABLE,
+        {"type": type_name},
+    )
+
+
+def _decoded_only(type_name: str, behavior: Behavior) -> Behavior:
+    """``behavior`` run only on requests that decoded; a stream ends at its first that did not."""
+    refusal = undecodable_status(type_name)
+
+    async def checked(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if request is _UNDECODABLE:
+                await abort_with(context, refusal)
+            yield request
+
+    def request_of(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        return checked(request, context) if hasattr(request, "__aiter__") else request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def decoded_stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if request is _UNDECODABLE:
+                await abort_with(context, refusal)
+            async for response in behavior(request_of(request, context), context):
+                yield response
+
+        return decoded_stream
+
+    async def decoded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if request is _UNDECODABLE:
+            await abort_with(context, refusal)
+        return await behavior(request_of(request, context), context)
+
+    return decoded
 
 
 def _contained(method: str, behavior: Behavior) -> Behavior:

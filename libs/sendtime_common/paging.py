@@ -3,6 +3,10 @@
 A token carries the position after the last item returned and a fingerprint of the filters it
 was issued for; reusing it with other filters is an error (AIP-158 requires the other request
 fields to stay the same).
+
+A token is not signed: a caller can write one. So decoding accepts only what the listings can
+query with (short strings without NUL, 64-bit integers) and refuses the rest, as it refuses a
+malformed token, with InvalidPageToken (tests/fuzz/test_fuzz_page_tokens.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ K = TypeVar("K")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# Our tokens are well under this; a longer one is refused before it is decoded.
+MAX_PAGE_TOKEN_CHARS = 4096
+MAX_POSITION_TEXT = 1000
 
 
 class InvalidPageToken(ValueError):
@@ -51,14 +58,27 @@ def decode_page_token(token: str, filters: dict[str, Any]) -> list[Any]:
     Raises:
         InvalidPageToken: it is not one of ours, or the filters differ.
     """
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidPageToken(f"is longer than this API's page tokens ({MAX_PAGE_TOKEN_CHARS} characters)")
     try:
         body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         position, fingerprint = body["p"], body["f"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
+    except (binascii.Error, ValueError, KeyError, TypeError, RecursionError):
         raise InvalidPageToken("is not a page token from this API") from None
     if fingerprint != _fingerprint(filters) or not isinstance(position, list):
         raise InvalidPageToken("was issued for a request with other filters")
+    if not all(_queryable(value) for value in position):
+        raise InvalidPageToken("is not a page token from this API")
     return position
+
+
+def _queryable(value: Any) -> bool:
+    """Whether a position value is one a listing can pass to PostgreSQL as text or bigint."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**63
+    return isinstance(value, str) and len(value) <= MAX_POSITION_TEXT and "\x00" not in value
 
 
 def encode_time_position(at: datetime, key: str | int, filters: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -118,13 +119,32 @@ def _with_id(file_format: Format, event: ingest_pb2.Event) -> ingest_pb2.Event:
 # --- JSONL -------------------------------------------------------------------------------------
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _NotFinite(text)
+    return value
+
+
+def _no_constant(text: str) -> float:
+    raise _NotFinite(text)
+
+
 def parse_jsonl_line(text: str) -> Mapped:
     """One JSONL line: a ``sendtime.ingest.v1.Event`` in protobuf JSON form. The source defaults
     to EVENT_SOURCE_IMPORT; a missing event_id is derived."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         return rejected("", f"invalid JSON: {exc}")
+    except _NotFinite:  # found by tests/fuzz: 1e999 parsed as Infinity, which no event can carry
+        return rejected("", "invalid JSON: a number beyond a double, NaN or Infinity")
+    except RecursionError:  # found by tests/fuzz: 50,000 nested arrays
+        return rejected("", "invalid JSON: nested too deeply")
     if not isinstance(data, dict):
         return rejected("", f"must be a JSON object (an Event), not {type(data).__name__}")
     event = ingest_pb2.Event()

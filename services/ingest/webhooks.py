@@ -162,6 +162,9 @@ _OUTCOME_NAMES = {
     ingest_pb2.EVENT_OUTCOME_ACCEPTED: "accepted",
     ingest_pb2.EVENT_OUTCOME_DUPLICATE: "duplicate",
     ingest_pb2.EVENT_OUTCOME_REJECTED: "rejected",
+    # The event id was stored with another payload (an order edited under the id of its first
+    # delivery): kept for review in the dead-letter store; retrying cannot change it.
+    ingest_pb2.EVENT_OUTCOME_CONFLICT: "conflict",
     ingest_pb2.EVENT_OUTCOME_RETRY: "retry",
 }
 # Outcomes of items that were not mapped, as the answer names them: the sender's malformed item
@@ -427,7 +430,8 @@ class WebhookServer:
 
         tally = Counter(answer["outcome"] for answer in answers)
         counts = {
-            name: tally[name] for name in ("accepted", "duplicate", "rejected", "quarantined", "ignored")
+            name: tally[name]
+            for name in ("accepted", "duplicate", "rejected", "conflict", "quarantined", "ignored")
         }
         if tally["retry"]:
             after, reason = _retry_info(results)
@@ -469,4 +473,6 @@ class WebhookServer:
             )
             answer["reason"] = "EVENT_INVALID"
             answer["violations"] = [{"field": v.field, "description": v.description} for v in violations]
+        elif result.outcome == ingest_pb2.EVENT_OUTCOME_CONFLICT:
+            answer["reason"] = "IDEMPOTENCY_CONFLICT"
         return answer

@@ -115,12 +115,18 @@ async def server(ingest_app: IngestApp) -> AsyncIterator[WebhookServer]:
 
 
 def counts(
-    accepted: int = 0, duplicate: int = 0, rejected: int = 0, quarantined: int = 0, ignored: int = 0
+    accepted: int = 0,
+    duplicate: int = 0,
+    rejected: int = 0,
+    quarantined: int = 0,
+    ignored: int = 0,
+    conflict: int = 0,
 ) -> dict[str, int]:
     return {
         "accepted": accepted,
         "duplicate": duplicate,
         "rejected": rejected,
+        "conflict": conflict,
         "quarantined": quarantined,
         "ignored": ignored,
     }
@@ -202,6 +208,29 @@ async def test_a_shopify_order_reaches_the_profile_and_a_redelivery_is_a_duplica
     )
     duplicate = {**counts(duplicate=1), "items": [{"index": 0, "outcome": "duplicate", "event_id": event_id}]}
     assert again == paid == (200, duplicate)
+
+
+async def test_an_order_changed_under_the_id_of_its_first_delivery_is_a_conflict_kept_for_review(
+    server: WebhookServer, http: aiohttp.ClientSession, ingest_app: IngestApp, unique: str
+) -> None:
+    order, _ = a_recent_order(unique)
+    body = json.dumps(order).encode()
+    assert (await post(http, url(server, "/webhooks/shopify"), body, shopify_headers(body)))[0] == 200
+    order["total_price"] = "999.00"
+    changed = json.dumps(order).encode()
+    event_id = f"shopify:order:{order['id']}:completed"
+    status, answer = await post(http, url(server, "/webhooks/shopify"), changed, shopify_headers(changed))
+    assert (status, answer) == (  # 200: a retry could not change it, and would hold the rest back
+        200,
+        {
+            **counts(conflict=1),
+            "items": [
+                {"index": 0, "outcome": "conflict", "event_id": event_id, "reason": "IDEMPOTENCY_CONFLICT"}
+            ],
+        },
+    )
+    kept = await dead_letter_of(ingest_app, event_id)
+    assert kept.status.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
 
 
 async def test_a_bad_shopify_signature_is_401_and_nothing_is_ingested(

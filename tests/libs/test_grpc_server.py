@@ -12,6 +12,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ingest.server import IngestApp
+from profile_service.server import ProfileApp
 from sendtime_common.auth.access import AccessInterceptor, Authenticator, MethodAccess
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.auth.audit import AuditTrail
@@ -386,3 +388,28 @@ async def test_a_bug_in_a_handler_answers_internal_with_an_error_id_and_nothing_
     assert [r.__dict__["exception"] for r in logged] == ["builtins.RuntimeError", "builtins.KeyError"]
     assert all("in fail" in r.__dict__["traceback"] for r in logged)
     assert "ada@example.com" not in caplog.text
+
+
+async def test_a_request_that_does_not_decode_is_invalid_argument_before_any_handler(
+    profile_app: ProfileApp, ingest_app: IngestApp, admin_key: str
+) -> None:
+    """Before, grpc.aio answered UNKNOWN, "Unexpected <class 'DecodeError'>"."""
+    # GetProfileRequest{identifier: Identifier{value: b"\xff"}}: a string that is not UTF-8.
+    not_utf8 = bytes([0x0A, 0x03, 0x12, 0x01, 0xFF])
+    async with channel(f"127.0.0.1:{profile_app.grpc.port}", admin_key) as calls:
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await calls.unary_unary("/sendtime.profile.v1.ProfileService/GetProfile", None, None)(not_utf8)
+    async with channel(f"127.0.0.1:{ingest_app.grpc.port}", admin_key) as calls:
+        stream = calls.stream_stream("/sendtime.ingest.v1.IngestService/StreamEvents", None, None)()  # type: ignore[call-arg]
+        await stream.write(b"\x0a\x02\x0a")  # truncated: a length past the end
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            await stream.read()
+    for error, type_name in [
+        (unary.value, "sendtime.profile.v1.GetProfileRequest"),
+        (streamed.value, "sendtime.ingest.v1.StreamEventsRequest"),
+    ]:
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = status_of(error)
+        assert status is not None
+        (info,) = details_of(status, error_details_pb2.ErrorInfo)
+        assert (info.reason, dict(info.metadata)) == ("REQUEST_UNDECODABLE", {"type": type_name})
