@@ -1,15 +1,17 @@
 """How much one server takes on at once, and how large a message may be.
 
-``LoadShedder`` bounds the calls a server works on at once: past the bound it answers at once
-with RESOURCE_EXHAUSTED and a ``RetryInfo`` saying when to try again, instead of queueing the
-call. Without it, a burst waits in gRPC core's queue of calls not yet picked up, and past that
-queue's bound core cancels calls at random: of 20,000 concurrent GetProfile calls on one
-connection, 2,116 came back CANCELLED (a code callers cannot safely retry) and the rest took
-14.4 s, while the server grew to 312 MB (docs/limits.md).
+``LoadShedder`` bounds the calls a server works on at once (from pick-up to answer): past the
+bound it answers at once with RESOURCE_EXHAUSTED and a ``RetryInfo`` saying when to try again,
+instead of letting calls pile up behind a slow dependency. Unary calls and streams have
+separate bounds, so that long-lived streams (StreamEvents, RenderBatch) cannot take every slot
+from the short calls of a send-time fetch. Health checks are never shed: a probe that fails
+under load would restart a replica that is working.
 
-Unary calls and streams have separate bounds, so that long-lived streams (StreamEvents,
-RenderBatch) cannot take every slot from the short calls of a send-time fetch. Health checks
-are never shed: a probe that fails under load would restart a replica that is working.
+What it cannot see: grpc.aio picks up one new call per turn of the event loop, so a burst that
+arrives faster waits in gRPC core first. That queue is bounded by ``max_queued_calls``
+(``GrpcServer`` sets core's soft and hard bounds to it; past it core cancels calls). With
+gRPC's defaults, 2,116 of 20,000 concurrent GetProfile calls came back CANCELLED; with the
+bound at 30,000, none (docs/limits.md, "Overload and message sizes").
 
 Message sizes are set explicitly on every server and channel (``message_size_options``), from
 each contract's documented maxima, instead of gRPC's defaults (4 MiB to receive, no bound to
@@ -22,7 +24,7 @@ import inspect
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -112,9 +114,6 @@ class CallLimits:
             raise ConfigError(
                 f"GRPC_MAX_SEND_BYTES={self.max_send_bytes} is below the {needed} bytes that {what} may take"
             )
-
-    def with_sizes(self, *, receive: int, send: int) -> CallLimits:
-        return replace(self, max_receive_bytes=receive, max_send_bytes=send)
 
 
 def message_size_options(
