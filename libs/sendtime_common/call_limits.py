@@ -23,9 +23,9 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -33,7 +33,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from sendtime_common.config import ConfigError, env_float, env_int
 from sendtime_common.errors import ERROR_DOMAIN, abort_with, pack_detail
-from sendtime_common.handlers import Behavior, replace_behavior
+from sendtime_common.handlers import Behavior, Handler, WrappingInterceptor, replace_behavior
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,7 @@ class CallLimits:
         Raises:
             ConfigError: it does not.
         """
-        if needed > self.max_receive_bytes:
-            raise ConfigError(
-                f"GRPC_MAX_RECEIVE_BYTES={self.max_receive_bytes} is below the {needed} bytes that "
-                f"{what} may take"
-            )
+        _require_fit(needed, self.max_receive_bytes, "GRPC_MAX_RECEIVE_BYTES", what)
 
     def require_send(self, needed: int, what: str) -> None:
         """Check that a response of ``needed`` bytes fits.
@@ -110,10 +106,12 @@ class CallLimits:
         Raises:
             ConfigError: it does not.
         """
-        if needed > self.max_send_bytes:
-            raise ConfigError(
-                f"GRPC_MAX_SEND_BYTES={self.max_send_bytes} is below the {needed} bytes that {what} may take"
-            )
+        _require_fit(needed, self.max_send_bytes, "GRPC_MAX_SEND_BYTES", what)
+
+
+def _require_fit(needed: int, limit: int, setting: str, what: str) -> None:
+    if needed > limit:
+        raise ConfigError(f"{setting}={limit} is below the {needed} bytes that {what} may take")
 
 
 def message_size_options(
@@ -143,12 +141,6 @@ def overload_status(limit: int, setting: str, retry_after_s: float) -> status_pb
     )
 
 
-if TYPE_CHECKING:  # generic only in the type stubs
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
 class _Slots:
     """A count of calls in progress against a bound (one event loop: no lock needed)."""
 
@@ -161,40 +153,28 @@ class _Slots:
         self.shed = 0
 
 
-class LoadShedder(_ServerInterceptor):
+class LoadShedder(WrappingInterceptor):
     """The outermost interceptor of a server: admits a call while fewer than the bound of its
     kind are in progress, and answers the others at once with RESOURCE_EXHAUSTED and RetryInfo.
     Health checks pass untouched."""
 
     def __init__(self, limits: CallLimits) -> None:
+        super().__init__()
         self._limits = limits
         self.calls = _Slots(limits.max_concurrent_calls, "GRPC_MAX_CONCURRENT_CALLS")
         self.streams = _Slots(limits.max_concurrent_streams, "GRPC_MAX_CONCURRENT_STREAMS")
-        # Each method's handler, wrapped on its first call (handlers are the same every call).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     @property
     def shed_total(self) -> int:
         """Calls answered RESOURCE_EXHAUSTED since start."""
         return self.calls.shed + self.streams.shed
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(details)
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler  # type: ignore[return-value]  # None: an unknown method, UNIMPLEMENTED
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        if method.startswith(HEALTH_PREFIX):
+            return handler
         streaming = handler.request_streaming or handler.response_streaming
         slots = self.streams if streaming else self.calls
-        wrapped = replace_behavior(handler, lambda behavior: _limited(behavior, slots, self._retry_after_s))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return replace_behavior(handler, lambda behavior: _limited(behavior, slots, self._retry_after_s))
 
     def _retry_after_s(self) -> float:
         return self._limits.retry_after_s * (1 + random.random())

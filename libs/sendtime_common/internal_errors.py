@@ -16,26 +16,20 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from sendtime_common.errors import abort_with, error_info_status, log_unexpected, new_error_id
-from sendtime_common.handlers import Behavior, replace_behavior
+from sendtime_common.handlers import Behavior, Handler, WrappingInterceptor, replace_behavior
 
 log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "INTERNAL_ERROR"
 REQUEST_UNDECODABLE = "REQUEST_UNDECODABLE"
-
-
-if TYPE_CHECKING:  # generic only in the type stubs
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
 
 
 def internal_status(error_id: str) -> status_pb2.Status:
@@ -56,34 +50,18 @@ async def _answer_internal(
     await abort_with(context, internal_status(error_id))
 
 
-class InternalErrors(_ServerInterceptor):
+class InternalErrors(WrappingInterceptor):
     """Turns an exception a handler did not expect into INTERNAL with an error id (logged with
-    the exception). Aborts (``context.abort``) and cancellations pass through."""
+    the exception), and a request that does not decode into INVALID_ARGUMENT. Aborts
+    (``context.abort``) and cancellations pass through."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(details)
-        if handler is None:
-            return handler  # type: ignore[return-value]  # an unknown method: UNIMPLEMENTED
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = replace_behavior(handler, lambda behavior: _contained(method, behavior))
+    def wrap(self, method: str, handler: Handler) -> Handler:
         deserializer = handler.request_deserializer
-        if deserializer is not None:  # None: raw bytes, nothing to decode
-            wrapped = wrapped._replace(request_deserializer=_tolerant(deserializer))  # type: ignore[attr-defined]
-            wrapped = replace_behavior(
-                wrapped, lambda behavior: _decoded_only(_type_name(deserializer, method), behavior)
-            )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        if deserializer is None:  # raw bytes: nothing to decode
+            return replace_behavior(handler, lambda behavior: _contained(method, None, behavior))
+        type_name = _type_name(deserializer, method)
+        tolerant: Handler = handler._replace(request_deserializer=_tolerant(deserializer))  # type: ignore[attr-defined]
+        return replace_behavior(tolerant, lambda behavior: _contained(method, type_name, behavior))
 
 
 class _Undecodable:
@@ -121,47 +99,33 @@ def undecodable_status(type_name: str) -> status_pb2.Status:
     )
 
 
-def _decoded_only(type_name: str, behavior: Behavior) -> Behavior:
-    """``behavior`` run only on requests that decoded; a stream ends at its first that did not."""
-    refusal = undecodable_status(type_name)
+def _contained(method: str, type_name: str | None, behavior: Behavior) -> Behavior:
+    """``behavior``, answering a bug INTERNAL and, when ``type_name`` is given (the request
+    type), a request that did not decode INVALID_ARGUMENT (a stream at its first such message)."""
+    refusal = undecodable_status(type_name) if type_name is not None else None
 
     async def checked(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         async for request in requests:
             if request is _UNDECODABLE:
-                await abort_with(context, refusal)
+                await abort_with(context, refusal)  # type: ignore[arg-type]  # set with a type
             yield request
 
-    def request_of(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return checked(request, context) if hasattr(request, "__aiter__") else request
-
-    if inspect.isasyncgenfunction(behavior):
-
-        async def decoded_stream(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            if request is _UNDECODABLE:
-                await abort_with(context, refusal)
-            async for response in behavior(request_of(request, context), context):
-                yield response
-
-        return decoded_stream
-
     async def decoded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """The request, or its checked stream; or the call ends here."""
+        if refusal is None:
+            return request
         if request is _UNDECODABLE:
             await abort_with(context, refusal)
-        return await behavior(request_of(request, context), context)
+        return checked(request, context) if hasattr(request, "__aiter__") else request
 
-    return decoded
-
-
-def _contained(method: str, behavior: Behavior) -> Behavior:
     if inspect.isasyncgenfunction(behavior):
 
         async def contained_stream(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
+            request = await decoded(request, context)
             try:
                 async for response in behavior(request, context):
                     yield response
@@ -173,6 +137,7 @@ def _contained(method: str, behavior: Behavior) -> Behavior:
         return contained_stream
 
     async def contained(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        request = await decoded(request, context)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:

@@ -28,9 +28,9 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -42,7 +42,7 @@ from sendtime_common.auth.api_keys import Scope
 from sendtime_common.auth.audit import AuditTrail, audit_target
 from sendtime_common.auth.keyring import AuthFailure, KeyRing, Principal, Unauthenticated
 from sendtime_common.errors import abort_with, error_info_status, retry_status
-from sendtime_common.handlers import Behavior, replace_behavior
+from sendtime_common.handlers import Behavior, Handler, WrappingInterceptor, replace_behavior
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.rate_limit import RATE_LIMITED, Decision, Rate, RateLimiter
 
@@ -255,13 +255,7 @@ def _no_rule(method: str) -> status_pb2.Status:
     )
 
 
-if TYPE_CHECKING:  # generic only in the type stubs
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
-class AccessInterceptor(_ServerInterceptor):
+class AccessInterceptor(WrappingInterceptor):
     def __init__(
         self,
         rules: Mapping[str, MethodAccess],
@@ -273,6 +267,7 @@ class AccessInterceptor(_ServerInterceptor):
         limiter: RateLimiter | None = None,
     ) -> None:
         """``limiter`` None: no rate limits."""
+        super().__init__()
         self._rules = dict(rules)
         self._authenticator = authenticator
         self._audit = audit
@@ -280,29 +275,11 @@ class AccessInterceptor(_ServerInterceptor):
         self._reflection_open = reflection_open
         self._limiter = limiter
         self._refusals = _RefusalLog()
-        # The guarded handler of each method, made on its first call: the same for every call,
-        # which reads its credentials from its own context.
-        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler: grpc.RpcMethodHandler[Any, Any] | None = await continuation(details)
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler  # type: ignore[return-value]  # None: an unknown method, UNIMPLEMENTED
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        guarded = self._guard_handler(method, handler)
-        self._guarded[method] = (handler, guarded)
-        return guarded
-
-    def _guard_handler(
-        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler guarded by ``method``'s rule (health checks: as it is)."""
+        if method.startswith(HEALTH_PREFIX):
+            return handler
         rule = self._rules.get(method)
         if rule is None:
             if not method.startswith(REFLECTION_PREFIXES):
