@@ -31,6 +31,8 @@ from sendtime_common.event_integrity import identifier_hashes
 from sendtime_common.event_log import RetryLater
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.paging import decode_time_position, encode_time_position
+from sendtime_common.resource_names import InvalidName as InvalidName
+from sendtime_common.resource_names import numeric_id
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,6 @@ _ITEM_CODES = {
 }
 
 
-class InvalidName(ValueError):
-    """Not a ``rejectedEvents/{id}`` name."""
-
-
 class AlreadyReplayed(Exception):
     """The dead letter was replayed before; it is kept for the record only."""
 
@@ -62,10 +60,7 @@ def parse_name(name: str) -> int:
     Raises:
         InvalidName: the name has another shape.
     """
-    suffix = name.removeprefix(NAME_PREFIX)
-    if suffix == name or not suffix.isdigit():
-        raise InvalidName(f"must look like {NAME_PREFIX}123")
-    return int(suffix)
+    return numeric_id(name, NAME_PREFIX)
 
 
 def to_proto(rejection: StoredRejection) -> ingest_pb2.RejectedEvent:

@@ -46,6 +46,8 @@ from sendtime_common.errors import (
 from sendtime_common.event_integrity import CONFLICT_REASON, conflict_status, identifier_hashes
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.paging import decode_time_position, encode_time_position
+from sendtime_common.resource_names import InvalidName as InvalidName
+from sendtime_common.resource_names import numeric_id
 from sendtime_common.storable import unstorable_values
 
 log = logging.getLogger(__name__)
@@ -246,10 +248,6 @@ class UnmergedStore:
 # --- the API's view -----------------------------------------------------------------------------
 
 
-class InvalidName(ValueError):
-    """Not an ``unmergedEvents/{id}`` name."""
-
-
 class AlreadyReplayed(Exception):
     """It was replayed before; it is kept for the record only."""
 
@@ -260,10 +258,7 @@ def parse_name(name: str) -> int:
     Raises:
         InvalidName: the name has another shape.
     """
-    suffix = name.removeprefix(NAME_PREFIX)
-    if suffix == name or not suffix.isdigit() or len(suffix) > 18:
-        raise InvalidName(f"must look like {NAME_PREFIX}123")
-    return int(suffix)
+    return numeric_id(name, NAME_PREFIX)
 
 
 def to_proto(row: StoredUnmerged) -> profile_pb2.UnmergedEvent:
