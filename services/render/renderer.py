@@ -22,7 +22,7 @@ from opentelemetry import trace
 from render.context import deep_merge, fallback_paths_used, message_to_context, render_context, struct_to_dict
 from render.profiles import Failure, ProfileFetcher, ProfileLookup, Source
 from render.suppression import Skip, missing_required, suppression
-from render.templates import CompiledTemplate, TemplateCompiler, TemplateLimits, render_deadline, render_part
+from render.templates import CompiledTemplate, RenderClock, TemplateCompiler, TemplateLimits, render_part
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2
 
@@ -204,10 +204,10 @@ class Renderer:
             return _skipped(job, skip, lookup)
         response = _base(job, lookup)
         response.status = render_pb2.RENDER_STATUS_RENDERED
-        deadline = render_deadline(self._compiler.limits)  # the three parts together
-        response.subject = render_part(job.compiled.subject, "subject", context, deadline).strip()
-        response.html = render_part(job.compiled.html, "html", context, deadline)
-        response.text = render_part(job.compiled.text, "text", context, deadline)
+        clock = RenderClock(self._compiler.limits.render_time_s)  # the three parts together
+        response.subject = render_part(job.compiled.subject, "subject", context, clock).strip()
+        response.html = render_part(job.compiled.html, "html", context, clock)
+        response.text = render_part(job.compiled.text, "text", context, clock)
         response.fallbacks_used.extend(fallbacks_used)
         response.degraded = response.degraded or degraded_extra
         return response

@@ -7,6 +7,7 @@ templates.write."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -18,7 +19,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from render.server import RenderApp
-from render.templates import TemplateLimits
+from render.templates import RenderClock, TemplateCompiler, TemplateError, TemplateLimits, render_part
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.errors import field_violations, status_of
@@ -178,3 +179,40 @@ async def test_a_template_within_the_limits_renders_as_before(
         )
     )
     assert answer.subject == "123" and answer.text == "." * 5000
+
+
+class Sleepy:
+    """A value that takes ``seconds`` to print without working: as if the process were
+    descheduled mid-render."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        time.sleep(self.seconds)
+        return "awake"
+
+
+def test_the_time_budget_counts_work_not_time_the_process_spent_elsewhere() -> None:
+    """A 40 ms budget failed one of 1,200 harmless renders in CI: wall-clock time counted the
+    process being descheduled (or collecting garbage) against the template."""
+    compiled = TemplateCompiler(cache_size=0).compile("Hi", "{% for s in slow %}{{ s }} {% endfor %}", "")
+    clock = RenderClock(0.04)
+    rendered = render_part(compiled.html, "html", {"slow": [Sleepy(0.005)] * 40}, clock)  # 200 ms
+    assert rendered == "awake " * 40
+    assert clock.used_s() < 0.04
+
+    spinning = TemplateCompiler(cache_size=0).compile("Hi", TIME_BOMB, "")
+    with pytest.raises(TemplateError) as caught:
+        render_part(spinning.html, "html", {}, RenderClock(0.04))
+    assert caught.value.limit == "render_time_s"
+
+
+def test_garbage_collection_is_not_counted_against_a_render() -> None:
+    heap = [[i] for i in range(1_000_000)]  # a full collection walks every one
+    clock = RenderClock(10.0)
+    started = time.perf_counter()
+    gc.collect()
+    collecting = time.perf_counter() - started
+    assert clock.used_s() < 0.2 * collecting + 0.002, (clock.used_s(), collecting)
+    del heap
