@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
@@ -31,7 +32,7 @@ from sendtime.auth.v1 import auth_pb2 as sendtime_dot_auth_dot_v1_dot_auth__pb2
 from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_ingest__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/profile/v1/profile.proto\x12\x13sendtime.profile.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x17google/type/money.proto\x1a\x1bsendtime/auth/v1/auth.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\"N\n\nIdentifier\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sendtime.profile.v1.IdentifierKind\x12\r\n\x05value\x18\x02 \x01(\t\"\xf6\x06\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x34\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\'\n\x06traits\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04\x63\x61rt\x18\x05 \x01(\x0b\x32\x19.sendtime.profile.v1.Cart\x12\x39\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32 .sendtime.profile.v1.ProductView\x12\x31\n\x06orders\x18\x07 \x01(\x0b\x32!.sendtime.profile.v1.OrderSummary\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07loyalty\x18\x0b \x01(\x0b\x32\x1c.sendtime.profile.v1.Loyalty\x12.\n\x08\x63onsents\x18\x0c \x03(\x0b\x32\x1c.sendtime.profile.v1.Consent\x12\x33\n\x05\x65mail\x18\r \x01(\x0b\x32$.sendtime.profile.v1.EmailEngagement\x12\x30\n\tlast_seen\x18\x0e \x01(\x0b\x32\x1d.sendtime.profile.v1.LastSeen\x12@\n\nprovenance\x18\x0f \x03(\x0b\x32,.sendtime.profile.v1.Profile.ProvenanceEntry\x12\x30\n\x06merges\x18\x10 \x03(\x0b\x32 .sendtime.profile.v1.MergeRecord\x12\x39\n\x0e\x62locked_merges\x18\x11 \x03(\x0b\x32!.sendtime.profile.v1.BlockedMerge\x12\x16\n\x0epurchased_skus\x18\x12 \x03(\t\x1aR\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.sendtime.profile.v1.Provenance:\x02\x38\x01\"\x7f\n\nProvenance\x12/\n\x06source\x18\x01 \x01(\x0e\x32\x1f.sendtime.ingest.v1.EventSource\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\"X\n\x07Loyalty\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x07\x43onsent\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\x12\x12\n\nsubscribed\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x04\n\x0f\x45mailEngagement\x12\x37\n\x13last_delivered_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_open_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_click_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topens_30d\x18\x04 \x01(\x03\x12\x12\n\nclicks_30d\x18\x05 \x01(\x03\x12\x15\n\rdelivered_30d\x18\x06 \x01(\x03\x12\x36\n\x0c\x62ounce_state\x18\x07 \x01(\x0e\x32 .sendtime.profile.v1.BounceState\x12\x14\n\x0cunsubscribed\x18\x08 \x01(\x08\x12\x15\n\rspam_reported\x18\t \x01(\x08\x12\x35\n\x11recent_open_times\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12recent_click_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16recent_delivered_times\x18\x0c \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x08LastSeen\x12-\n\tseen_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x62rowser\x18\x06 \x01(\t\"k\n\x0bMergeRecord\x12\x1a\n\x12merged_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42lockedMerge\x12\x19\n\x11other_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nblock_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x01\n\x04\x43\x61rt\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sendtime.profile.v1.CartItem\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tabandoned\x18\x04 \x01(\x08\"_\n\x08\x43\x61rtItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12&\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x99\x01\n\x0bProductView\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12-\n\tview_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12.\n\norder_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12$\n\x08refunded\x18\x05 \x01(\x0b\x32\x12.google.type.Money\"\xf4\x01\n\x0cOrderSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12*\n\x0elifetime_value\x18\x02 \x03(\x0b\x32\x12.google.type.Money\x12*\n\x06recent\x18\x03 \x03(\x0b\x32\x1a.sendtime.profile.v1.Order\x12/\n\x13\x61verage_order_value\x18\x04 \x03(\x0b\x32\x12.google.type.Money\x12\x17\n\x0f\x63\x61ncelled_count\x18\x05 \x01(\x03\x12\x33\n\x0flast_order_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\x11GetProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\"~\n\x17\x42\x61tchGetProfilesRequest\x12\x34\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"O\n\x18\x42\x61tchGetProfilesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.ProfileResult\"\x92\x01\n\rProfileResult\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\x07profile\x18\x02 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x0e\n\x06\x65rased\x18\x04 \x01(\x08\"\xe9\x01\n\x18ListProfileEventsRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x19ListProfileEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x14\x45xportProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"@\n\x15\x45xportProfileResponse\x12\'\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x14\x44\x65leteProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"a\n\x15\x44\x65leteProfileResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1b\n\x13identifiers_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03\"Z\n\rErasureNotice\x12\x19\n\x11identifier_hashes\x18\x01 \x03(\x0c\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x02\n\rUnmergedEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x05state\x18\x05 \x01(\x0e\x32\'.sendtime.profile.v1.UnmergedEventState\x12/\n\x0breplay_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clog_position\x18\x07 \x01(\x03\x12\x16\n\x0e\x64\x65livery_count\x18\x08 \x01(\x05\"z\n\x19ListUnmergedEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\'.sendtime.profile.v1.UnmergedEventState\"r\n\x1aListUnmergedEventsResponse\x12;\n\x0funmerged_events\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.UnmergedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x1aReplayUnmergedEventRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"n\n\x1bReplayUnmergedEventResponse\x12:\n\x0eunmerged_event\x18\x01 \x01(\x0b\x32\".sendtime.profile.v1.UnmergedEvent\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t*\xc6\x01\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IDENTIFIER_KIND_USER_ID\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x02\x12 \n\x1cIDENTIFIER_KIND_ANONYMOUS_ID\x10\x03\x12\x1a\n\x16IDENTIFIER_KIND_CRM_ID\x10\x04\x12\x1d\n\x19IDENTIFIER_KIND_DEVICE_ID\x10\x05*p\n\x0b\x42ounceState\x12\x1c\n\x18\x42OUNCE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OUNCE_STATE_NONE\x10\x01\x12\x15\n\x11\x42OUNCE_STATE_SOFT\x10\x02\x12\x15\n\x11\x42OUNCE_STATE_HARD\x10\x03*\x7f\n\x12UnmergedEventState\x12$\n UNMERGED_EVENT_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cUNMERGED_EVENT_STATE_PENDING\x10\x01\x12!\n\x1dUNMERGED_EVENT_STATE_REPLAYED\x10\x02\x32\xe8\x04\n\x0eProfileService\x12\x65\n\nGetProfile\x12&.sendtime.profile.v1.GetProfileRequest\x1a\'.sendtime.profile.v1.GetProfileResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12w\n\x10\x42\x61tchGetProfiles\x12,.sendtime.profile.v1.BatchGetProfilesRequest\x1a-.sendtime.profile.v1.BatchGetProfilesResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12z\n\x11ListProfileEvents\x12-.sendtime.profile.v1.ListProfileEventsRequest\x1a..sendtime.profile.v1.ListProfileEventsResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12|\n\rExportProfile\x12).sendtime.profile.v1.ExportProfileRequest\x1a*.sendtime.profile.v1.ExportProfileResponse\"\x14\x92\xa1\x19\x10\x08\x03\x10\x01\x1a\nidentifier\x12|\n\rDeleteProfile\x12).sendtime.profile.v1.DeleteProfileRequest\x1a*.sendtime.profile.v1.DeleteProfileResponse\"\x14\x92\xa1\x19\x10\x08\x04\x10\x01\x1a\nidentifier2\xa0\x02\n\x14UnmergedEventService\x12}\n\x12ListUnmergedEvents\x12..sendtime.profile.v1.ListUnmergedEventsRequest\x1a/.sendtime.profile.v1.ListUnmergedEventsResponse\"\x06\x92\xa1\x19\x02\x08\x08\x12\x88\x01\n\x13ReplayUnmergedEvent\x12/.sendtime.profile.v1.ReplayUnmergedEventRequest\x1a\x30.sendtime.profile.v1.ReplayUnmergedEventResponse\"\x0e\x92\xa1\x19\n\x08\x08\x10\x01\x1a\x04nameb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!sendtime/profile/v1/profile.proto\x12\x13sendtime.profile.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x17google/type/money.proto\x1a\x1bsendtime/auth/v1/auth.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\"N\n\nIdentifier\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.sendtime.profile.v1.IdentifierKind\x12\r\n\x05value\x18\x02 \x01(\t\"\xf6\x06\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12\x34\n\x0bidentifiers\x18\x03 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\'\n\x06traits\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\x04\x63\x61rt\x18\x05 \x01(\x0b\x32\x19.sendtime.profile.v1.Cart\x12\x39\n\x0frecently_viewed\x18\x06 \x03(\x0b\x32 .sendtime.profile.v1.ProductView\x12\x31\n\x06orders\x18\x07 \x01(\x0b\x32!.sendtime.profile.v1.OrderSummary\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07loyalty\x18\x0b \x01(\x0b\x32\x1c.sendtime.profile.v1.Loyalty\x12.\n\x08\x63onsents\x18\x0c \x03(\x0b\x32\x1c.sendtime.profile.v1.Consent\x12\x33\n\x05\x65mail\x18\r \x01(\x0b\x32$.sendtime.profile.v1.EmailEngagement\x12\x30\n\tlast_seen\x18\x0e \x01(\x0b\x32\x1d.sendtime.profile.v1.LastSeen\x12@\n\nprovenance\x18\x0f \x03(\x0b\x32,.sendtime.profile.v1.Profile.ProvenanceEntry\x12\x30\n\x06merges\x18\x10 \x03(\x0b\x32 .sendtime.profile.v1.MergeRecord\x12\x39\n\x0e\x62locked_merges\x18\x11 \x03(\x0b\x32!.sendtime.profile.v1.BlockedMerge\x12\x16\n\x0epurchased_skus\x18\x12 \x03(\t\x1aR\n\x0fProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.sendtime.profile.v1.Provenance:\x02\x38\x01\"\x7f\n\nProvenance\x12/\n\x06source\x18\x01 \x01(\x0e\x32\x1f.sendtime.ingest.v1.EventSource\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x03 \x01(\t\"X\n\x07Loyalty\x12\x0e\n\x06points\x18\x01 \x01(\x03\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x07\x43onsent\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\x12\x12\n\nsubscribed\x18\x02 \x01(\x08\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x81\x04\n\x0f\x45mailEngagement\x12\x37\n\x13last_delivered_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_open_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_click_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\topens_30d\x18\x04 \x01(\x03\x12\x12\n\nclicks_30d\x18\x05 \x01(\x03\x12\x15\n\rdelivered_30d\x18\x06 \x01(\x03\x12\x36\n\x0c\x62ounce_state\x18\x07 \x01(\x0e\x32 .sendtime.profile.v1.BounceState\x12\x14\n\x0cunsubscribed\x18\x08 \x01(\x08\x12\x15\n\rspam_reported\x18\t \x01(\x08\x12\x35\n\x11recent_open_times\x18\n \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12recent_click_times\x18\x0b \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x16recent_delivered_times\x18\x0c \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x08LastSeen\x12-\n\tseen_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06locale\x18\x02 \x01(\t\x12\x10\n\x08timezone\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\x12\x0f\n\x07\x62rowser\x18\x06 \x01(\t\"k\n\x0bMergeRecord\x12\x1a\n\x12merged_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12.\n\nmerge_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x0c\x42lockedMerge\x12\x19\n\x11other_customer_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\nblock_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9b\x01\n\x04\x43\x61rt\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.sendtime.profile.v1.CartItem\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12/\n\x0bupdate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tabandoned\x18\x04 \x01(\x08\"_\n\x08\x43\x61rtItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12&\n\nunit_price\x18\x04 \x01(\x0b\x32\x12.google.type.Money\"\x99\x01\n\x0bProductView\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12!\n\x05price\x18\x03 \x01(\x0b\x32\x12.google.type.Money\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x0b\n\x03url\x18\x05 \x01(\t\x12-\n\tview_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa5\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12!\n\x05total\x18\x02 \x01(\x0b\x32\x12.google.type.Money\x12.\n\norder_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x04 \x01(\x08\x12$\n\x08refunded\x18\x05 \x01(\x0b\x32\x12.google.type.Money\"\xf4\x01\n\x0cOrderSummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12*\n\x0elifetime_value\x18\x02 \x03(\x0b\x32\x12.google.type.Money\x12*\n\x06recent\x18\x03 \x03(\x0b\x32\x1a.sendtime.profile.v1.Order\x12/\n\x13\x61verage_order_value\x18\x04 \x03(\x0b\x32\x12.google.type.Money\x12\x17\n\x0f\x63\x61ncelled_count\x18\x05 \x01(\x03\x12\x33\n\x0flast_order_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x85\x01\n\x11GetProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04name\x18\x03 \x01(\t\"C\n\x12GetProfileResponse\x12-\n\x07profile\x18\x01 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\"~\n\x17\x42\x61tchGetProfilesRequest\x12\x34\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\tread_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"O\n\x18\x42\x61tchGetProfilesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.ProfileResult\"\x92\x01\n\rProfileResult\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12-\n\x07profile\x18\x02 \x01(\x0b\x32\x1c.sendtime.profile.v1.Profile\x12\r\n\x05\x66ound\x18\x03 \x01(\x08\x12\x0e\n\x06\x65rased\x18\x04 \x01(\x08\"\xe9\x01\n\x18ListProfileEventsRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x04 \x03(\t\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x19ListProfileEventsResponse\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"K\n\x14\x45xportProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"@\n\x15\x45xportProfileResponse\x12\'\n\x06\x65xport\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\"K\n\x14\x44\x65leteProfileRequest\x12\x33\n\nidentifier\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\"a\n\x15\x44\x65leteProfileResponse\x12\x13\n\x0b\x63ustomer_id\x18\x01 \x01(\t\x12\x1b\n\x13identifiers_deleted\x18\x02 \x01(\x03\x12\x16\n\x0e\x65vents_deleted\x18\x03 \x01(\x03\"Z\n\rErasureNotice\x12\x19\n\x11identifier_hashes\x18\x01 \x03(\x0c\x12.\n\nerase_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb3\x02\n\rUnmergedEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x19.sendtime.ingest.v1.Event\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x05state\x18\x05 \x01(\x0e\x32\'.sendtime.profile.v1.UnmergedEventState\x12/\n\x0breplay_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clog_position\x18\x07 \x01(\x03\x12\x16\n\x0e\x64\x65livery_count\x18\x08 \x01(\x05\"z\n\x19ListUnmergedEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32\'.sendtime.profile.v1.UnmergedEventState\"r\n\x1aListUnmergedEventsResponse\x12;\n\x0funmerged_events\x18\x01 \x03(\x0b\x32\".sendtime.profile.v1.UnmergedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x1aReplayUnmergedEventRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"n\n\x1bReplayUnmergedEventResponse\x12:\n\x0eunmerged_event\x18\x01 \x01(\x0b\x32\".sendtime.profile.v1.UnmergedEvent\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t*\xc6\x01\n\x0eIdentifierKind\x12\x1f\n\x1bIDENTIFIER_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17IDENTIFIER_KIND_USER_ID\x10\x01\x12\x19\n\x15IDENTIFIER_KIND_EMAIL\x10\x02\x12 \n\x1cIDENTIFIER_KIND_ANONYMOUS_ID\x10\x03\x12\x1a\n\x16IDENTIFIER_KIND_CRM_ID\x10\x04\x12\x1d\n\x19IDENTIFIER_KIND_DEVICE_ID\x10\x05*p\n\x0b\x42ounceState\x12\x1c\n\x18\x42OUNCE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x42OUNCE_STATE_NONE\x10\x01\x12\x15\n\x11\x42OUNCE_STATE_SOFT\x10\x02\x12\x15\n\x11\x42OUNCE_STATE_HARD\x10\x03*\x7f\n\x12UnmergedEventState\x12$\n UNMERGED_EVENT_STATE_UNSPECIFIED\x10\x00\x12 \n\x1cUNMERGED_EVENT_STATE_PENDING\x10\x01\x12!\n\x1dUNMERGED_EVENT_STATE_REPLAYED\x10\x02\x32\xa7\x05\n\x0eProfileService\x12\x82\x01\n\nGetProfile\x12&.sendtime.profile.v1.GetProfileRequest\x1a\'.sendtime.profile.v1.GetProfileResponse\"#\x92\xa1\x19\x02\x08\x02\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=profiles/*}\x12\x97\x01\n\x10\x42\x61tchGetProfiles\x12,.sendtime.profile.v1.BatchGetProfilesRequest\x1a-.sendtime.profile.v1.BatchGetProfilesResponse\"&\x92\xa1\x19\x02\x08\x02\x82\xd3\xe4\x93\x02\x1a\"\x15/v1/profiles:batchGet:\x01*\x12z\n\x11ListProfileEvents\x12-.sendtime.profile.v1.ListProfileEventsRequest\x1a..sendtime.profile.v1.ListProfileEventsResponse\"\x06\x92\xa1\x19\x02\x08\x02\x12|\n\rExportProfile\x12).sendtime.profile.v1.ExportProfileRequest\x1a*.sendtime.profile.v1.ExportProfileResponse\"\x14\x92\xa1\x19\x10\x08\x03\x10\x01\x1a\nidentifier\x12|\n\rDeleteProfile\x12).sendtime.profile.v1.DeleteProfileRequest\x1a*.sendtime.profile.v1.DeleteProfileResponse\"\x14\x92\xa1\x19\x10\x08\x04\x10\x01\x1a\nidentifier2\xa0\x02\n\x14UnmergedEventService\x12}\n\x12ListUnmergedEvents\x12..sendtime.profile.v1.ListUnmergedEventsRequest\x1a/.sendtime.profile.v1.ListUnmergedEventsResponse\"\x06\x92\xa1\x19\x02\x08\x08\x12\x88\x01\n\x13ReplayUnmergedEvent\x12/.sendtime.profile.v1.ReplayUnmergedEventRequest\x1a\x30.sendtime.profile.v1.ReplayUnmergedEventResponse\"\x0e\x92\xa1\x19\n\x08\x08\x10\x01\x1a\x04nameb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,9 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROFILE_PROVENANCEENTRY']._loaded_options = None
   _globals['_PROFILE_PROVENANCEENTRY']._serialized_options = b'8\001'
   _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._loaded_options = None
-  _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._serialized_options = b'\222\241\031\002\010\002'
+  _globals['_PROFILESERVICE'].methods_by_name['GetProfile']._serialized_options = b'\222\241\031\002\010\002\202\323\344\223\002\027\022\025/v1/{name=profiles/*}'
   _globals['_PROFILESERVICE'].methods_by_name['BatchGetProfiles']._loaded_options = None
-  _globals['_PROFILESERVICE'].methods_by_name['BatchGetProfiles']._serialized_options = b'\222\241\031\002\010\002'
+  _globals['_PROFILESERVICE'].methods_by_name['BatchGetProfiles']._serialized_options = b'\222\241\031\002\010\002\202\323\344\223\002\032\"\025/v1/profiles:batchGet:\001*'
   _globals['_PROFILESERVICE'].methods_by_name['ListProfileEvents']._loaded_options = None
   _globals['_PROFILESERVICE'].methods_by_name['ListProfileEvents']._serialized_options = b'\222\241\031\002\010\002'
   _globals['_PROFILESERVICE'].methods_by_name['ExportProfile']._loaded_options = None
@@ -54,78 +55,78 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNMERGEDEVENTSERVICE'].methods_by_name['ListUnmergedEvents']._serialized_options = b'\222\241\031\002\010\010'
   _globals['_UNMERGEDEVENTSERVICE'].methods_by_name['ReplayUnmergedEvent']._loaded_options = None
   _globals['_UNMERGEDEVENTSERVICE'].methods_by_name['ReplayUnmergedEvent']._serialized_options = b'\222\241\031\n\010\010\020\001\032\004name'
-  _globals['_IDENTIFIERKIND']._serialized_start=5295
-  _globals['_IDENTIFIERKIND']._serialized_end=5493
-  _globals['_BOUNCESTATE']._serialized_start=5495
-  _globals['_BOUNCESTATE']._serialized_end=5607
-  _globals['_UNMERGEDEVENTSTATE']._serialized_start=5609
-  _globals['_UNMERGEDEVENTSTATE']._serialized_end=5736
-  _globals['_IDENTIFIER']._serialized_start=267
-  _globals['_IDENTIFIER']._serialized_end=345
-  _globals['_PROFILE']._serialized_start=348
-  _globals['_PROFILE']._serialized_end=1234
-  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1152
-  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1234
-  _globals['_PROVENANCE']._serialized_start=1236
-  _globals['_PROVENANCE']._serialized_end=1363
-  _globals['_LOYALTY']._serialized_start=1365
-  _globals['_LOYALTY']._serialized_end=1453
-  _globals['_CONSENT']._serialized_start=1455
-  _globals['_CONSENT']._serialized_end=1579
-  _globals['_EMAILENGAGEMENT']._serialized_start=1582
-  _globals['_EMAILENGAGEMENT']._serialized_end=2095
-  _globals['_LASTSEEN']._serialized_start=2098
-  _globals['_LASTSEEN']._serialized_end=2234
-  _globals['_MERGERECORD']._serialized_start=2236
-  _globals['_MERGERECORD']._serialized_end=2343
-  _globals['_BLOCKEDMERGE']._serialized_start=2345
-  _globals['_BLOCKEDMERGE']._serialized_end=2468
-  _globals['_CART']._serialized_start=2471
-  _globals['_CART']._serialized_end=2626
-  _globals['_CARTITEM']._serialized_start=2628
-  _globals['_CARTITEM']._serialized_end=2723
-  _globals['_PRODUCTVIEW']._serialized_start=2726
-  _globals['_PRODUCTVIEW']._serialized_end=2879
-  _globals['_ORDER']._serialized_start=2882
-  _globals['_ORDER']._serialized_end=3047
-  _globals['_ORDERSUMMARY']._serialized_start=3050
-  _globals['_ORDERSUMMARY']._serialized_end=3294
-  _globals['_GETPROFILEREQUEST']._serialized_start=3296
-  _globals['_GETPROFILEREQUEST']._serialized_end=3415
-  _globals['_GETPROFILERESPONSE']._serialized_start=3417
-  _globals['_GETPROFILERESPONSE']._serialized_end=3484
-  _globals['_BATCHGETPROFILESREQUEST']._serialized_start=3486
-  _globals['_BATCHGETPROFILESREQUEST']._serialized_end=3612
-  _globals['_BATCHGETPROFILESRESPONSE']._serialized_start=3614
-  _globals['_BATCHGETPROFILESRESPONSE']._serialized_end=3693
-  _globals['_PROFILERESULT']._serialized_start=3696
-  _globals['_PROFILERESULT']._serialized_end=3842
-  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_start=3845
-  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_end=4078
-  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_start=4080
-  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_end=4175
-  _globals['_EXPORTPROFILEREQUEST']._serialized_start=4177
-  _globals['_EXPORTPROFILEREQUEST']._serialized_end=4252
-  _globals['_EXPORTPROFILERESPONSE']._serialized_start=4254
-  _globals['_EXPORTPROFILERESPONSE']._serialized_end=4318
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=4320
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=4395
-  _globals['_DELETEPROFILERESPONSE']._serialized_start=4397
-  _globals['_DELETEPROFILERESPONSE']._serialized_end=4494
-  _globals['_ERASURENOTICE']._serialized_start=4496
-  _globals['_ERASURENOTICE']._serialized_end=4586
-  _globals['_UNMERGEDEVENT']._serialized_start=4589
-  _globals['_UNMERGEDEVENT']._serialized_end=4896
-  _globals['_LISTUNMERGEDEVENTSREQUEST']._serialized_start=4898
-  _globals['_LISTUNMERGEDEVENTSREQUEST']._serialized_end=5020
-  _globals['_LISTUNMERGEDEVENTSRESPONSE']._serialized_start=5022
-  _globals['_LISTUNMERGEDEVENTSRESPONSE']._serialized_end=5136
-  _globals['_REPLAYUNMERGEDEVENTREQUEST']._serialized_start=5138
-  _globals['_REPLAYUNMERGEDEVENTREQUEST']._serialized_end=5180
-  _globals['_REPLAYUNMERGEDEVENTRESPONSE']._serialized_start=5182
-  _globals['_REPLAYUNMERGEDEVENTRESPONSE']._serialized_end=5292
-  _globals['_PROFILESERVICE']._serialized_start=5739
-  _globals['_PROFILESERVICE']._serialized_end=6355
-  _globals['_UNMERGEDEVENTSERVICE']._serialized_start=6358
-  _globals['_UNMERGEDEVENTSERVICE']._serialized_end=6646
+  _globals['_IDENTIFIERKIND']._serialized_start=5340
+  _globals['_IDENTIFIERKIND']._serialized_end=5538
+  _globals['_BOUNCESTATE']._serialized_start=5540
+  _globals['_BOUNCESTATE']._serialized_end=5652
+  _globals['_UNMERGEDEVENTSTATE']._serialized_start=5654
+  _globals['_UNMERGEDEVENTSTATE']._serialized_end=5781
+  _globals['_IDENTIFIER']._serialized_start=297
+  _globals['_IDENTIFIER']._serialized_end=375
+  _globals['_PROFILE']._serialized_start=378
+  _globals['_PROFILE']._serialized_end=1264
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_start=1182
+  _globals['_PROFILE_PROVENANCEENTRY']._serialized_end=1264
+  _globals['_PROVENANCE']._serialized_start=1266
+  _globals['_PROVENANCE']._serialized_end=1393
+  _globals['_LOYALTY']._serialized_start=1395
+  _globals['_LOYALTY']._serialized_end=1483
+  _globals['_CONSENT']._serialized_start=1485
+  _globals['_CONSENT']._serialized_end=1609
+  _globals['_EMAILENGAGEMENT']._serialized_start=1612
+  _globals['_EMAILENGAGEMENT']._serialized_end=2125
+  _globals['_LASTSEEN']._serialized_start=2128
+  _globals['_LASTSEEN']._serialized_end=2264
+  _globals['_MERGERECORD']._serialized_start=2266
+  _globals['_MERGERECORD']._serialized_end=2373
+  _globals['_BLOCKEDMERGE']._serialized_start=2375
+  _globals['_BLOCKEDMERGE']._serialized_end=2498
+  _globals['_CART']._serialized_start=2501
+  _globals['_CART']._serialized_end=2656
+  _globals['_CARTITEM']._serialized_start=2658
+  _globals['_CARTITEM']._serialized_end=2753
+  _globals['_PRODUCTVIEW']._serialized_start=2756
+  _globals['_PRODUCTVIEW']._serialized_end=2909
+  _globals['_ORDER']._serialized_start=2912
+  _globals['_ORDER']._serialized_end=3077
+  _globals['_ORDERSUMMARY']._serialized_start=3080
+  _globals['_ORDERSUMMARY']._serialized_end=3324
+  _globals['_GETPROFILEREQUEST']._serialized_start=3327
+  _globals['_GETPROFILEREQUEST']._serialized_end=3460
+  _globals['_GETPROFILERESPONSE']._serialized_start=3462
+  _globals['_GETPROFILERESPONSE']._serialized_end=3529
+  _globals['_BATCHGETPROFILESREQUEST']._serialized_start=3531
+  _globals['_BATCHGETPROFILESREQUEST']._serialized_end=3657
+  _globals['_BATCHGETPROFILESRESPONSE']._serialized_start=3659
+  _globals['_BATCHGETPROFILESRESPONSE']._serialized_end=3738
+  _globals['_PROFILERESULT']._serialized_start=3741
+  _globals['_PROFILERESULT']._serialized_end=3887
+  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_start=3890
+  _globals['_LISTPROFILEEVENTSREQUEST']._serialized_end=4123
+  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_start=4125
+  _globals['_LISTPROFILEEVENTSRESPONSE']._serialized_end=4220
+  _globals['_EXPORTPROFILEREQUEST']._serialized_start=4222
+  _globals['_EXPORTPROFILEREQUEST']._serialized_end=4297
+  _globals['_EXPORTPROFILERESPONSE']._serialized_start=4299
+  _globals['_EXPORTPROFILERESPONSE']._serialized_end=4363
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=4365
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=4440
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=4442
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=4539
+  _globals['_ERASURENOTICE']._serialized_start=4541
+  _globals['_ERASURENOTICE']._serialized_end=4631
+  _globals['_UNMERGEDEVENT']._serialized_start=4634
+  _globals['_UNMERGEDEVENT']._serialized_end=4941
+  _globals['_LISTUNMERGEDEVENTSREQUEST']._serialized_start=4943
+  _globals['_LISTUNMERGEDEVENTSREQUEST']._serialized_end=5065
+  _globals['_LISTUNMERGEDEVENTSRESPONSE']._serialized_start=5067
+  _globals['_LISTUNMERGEDEVENTSRESPONSE']._serialized_end=5181
+  _globals['_REPLAYUNMERGEDEVENTREQUEST']._serialized_start=5183
+  _globals['_REPLAYUNMERGEDEVENTREQUEST']._serialized_end=5225
+  _globals['_REPLAYUNMERGEDEVENTRESPONSE']._serialized_start=5227
+  _globals['_REPLAYUNMERGEDEVENTRESPONSE']._serialized_end=5337
+  _globals['_PROFILESERVICE']._serialized_start=5784
+  _globals['_PROFILESERVICE']._serialized_end=6463
+  _globals['_UNMERGEDEVENTSERVICE']._serialized_start=6466
+  _globals['_UNMERGEDEVENTSERVICE']._serialized_end=6754
 # @@protoc_insertion_point(module_scope)

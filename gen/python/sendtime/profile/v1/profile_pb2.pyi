@@ -179,7 +179,11 @@ class Profile(_message.Message):
     BLOCKED_MERGES_FIELD_NUMBER: _builtins.int
     PURCHASED_SKUS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Resource name, "profiles/{customer_id}"."""
+    """Resource name, "profiles/{customer_id}". GetProfile also takes the alias
+    "profiles/{kind}:{value}" for any of the customer's identifiers, e.g.
+    "profiles/email:ada@example.com" (kinds: user_id, email, anonymous_id,
+    crm_id, device_id).
+    """
     customer_id: _builtins.str
     """Sendtime's id for the customer."""
     version: _builtins.int
@@ -793,9 +797,15 @@ class GetProfileRequest(_message.Message):
 
     IDENTIFIER_FIELD_NUMBER: _builtins.int
     READ_MASK_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The profile's name: "profiles/{customer_id}", or an identifier alias such
+    as "profiles/email:ada@example.com" (see Profile.name); set this or
+    identifier.
+    """
     @_builtins.property
     def identifier(self) -> Global___Identifier:
-        """Any identifier of the customer; required."""
+        """Any identifier of the customer; set this or name."""
 
     @_builtins.property
     def read_mask(self) -> _field_mask_pb2.FieldMask:
@@ -808,10 +818,11 @@ class GetProfileRequest(_message.Message):
         *,
         identifier: Global___Identifier | None = ...,
         read_mask: _field_mask_pb2.FieldMask | None = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "read_mask", b"read_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "name", b"name", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,8 +71,8 @@ class ProfileServiceServicer:
     """
 
     def GetProfile(self, request, context):
-        """GetProfile returns the profile of the customer an identifier belongs to.
-        NOT_FOUND when no customer has that identifier.
+        """GetProfile returns the profile of the customer a name or an identifier
+        belongs to. NOT_FOUND when no customer has it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,8 +37,8 @@ class ProfileServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProfileServiceAsyncStub: ...
     GetProfile: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetProfileRequest, _profile_pb2.GetProfileResponse]
-    """GetProfile returns the profile of the customer an identifier belongs to.
-    NOT_FOUND when no customer has that identifier.
+    """GetProfile returns the profile of the customer a name or an identifier
+    belongs to. NOT_FOUND when no customer has it.
     """
     BatchGetProfiles: _grpc.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]
     """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
@@ -66,8 +66,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetProfile: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetProfileRequest, _profile_pb2.GetProfileResponse]  # type: ignore[assignment]
-    """GetProfile returns the profile of the customer an identifier belongs to.
-    NOT_FOUND when no customer has that identifier.
+    """GetProfile returns the profile of the customer a name or an identifier
+    belongs to. NOT_FOUND when no customer has it.
     """
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
     """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
@@ -98,8 +98,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_pb2.GetProfileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.GetProfileResponse, _abc.Awaitable[_profile_pb2.GetProfileResponse]]:
-        """GetProfile returns the profile of the customer an identifier belongs to.
-        NOT_FOUND when no customer has that identifier.
+        """GetProfile returns the profile of the customer a name or an identifier
+        belongs to. NOT_FOUND when no customer has it.
         """
 
     @_abc_1.abstractmethod

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
@@ -32,7 +33,7 @@ from sendtime.ingest.v1 import ingest_pb2 as sendtime_dot_ingest_dot_v1_dot_inge
 from sendtime.profile.v1 import profile_pb2 as sendtime_dot_profile_dot_v1_dot_profile__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsendtime/render/v1/render.proto\x12\x12sendtime.render.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1bsendtime/auth/v1/auth.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\x1a!sendtime/profile/v1/profile.proto\"\xd8\x01\n\x08Template\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08\x66\x61llback\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rrequired_data\x18\x05 \x03(\t\x12/\n\x0cmax_data_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\"\xc0\x01\n\x0eStoredTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x07\x63ontent\x18\x04 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x19\n\x11published_version\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xcf\x01\n\rRenderRequest\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12.\n\x08template\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rtemplate_name\x18\x04 \x01(\t\x12\x18\n\x10template_version\x18\x05 \x01(\x03\"\xd2\x03\n\x0eRenderResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfallback_used\x18\x04 \x01(\x08\x12;\n\x0f\x66\x61llback_reason\x18\x05 \x01(\x0e\x32\".sendtime.render.v1.FallbackReason\x12\x17\n\x0fprofile_version\x18\x06 \x01(\x03\x12\x30\n\x06status\x18\x07 \x01(\x0e\x32 .sendtime.render.v1.RenderStatus\x12\x33\n\x0bskip_reason\x18\x08 \x01(\x0e\x32\x1e.sendtime.render.v1.SkipReason\x12\x13\n\x0bskip_detail\x18\t \x01(\t\x12\x18\n\x10template_version\x18\n \x01(\x03\x12+\n\x08\x64\x61ta_age\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x0eprofile_source\x18\x0c \x01(\x0e\x32!.sendtime.render.v1.ProfileSource\x12\x16\n\x0e\x66\x61llbacks_used\x18\r \x03(\t\x12\x10\n\x08\x64\x65graded\x18\x0e \x01(\x08\"\xa5\x01\n\x12RenderBatchRequest\x12\x32\n\tcustomers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x15\n\rtemplate_name\x18\x02 \x01(\t\x12\x18\n\x10template_version\x18\x03 \x01(\x03\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xae\x01\n\x13RenderBatchResponse\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x82\x01\n\x15\x43reateTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"N\n\x16\x43reateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xac\x01\n\x15UpdateTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0f\n\x07publish\x18\x05 \x01(\x08\"N\n\x16UpdateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"3\n\x12GetTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"K\n\x13GetTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"=\n\x14ListTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x15ListTemplatesResponse\x12\x35\n\ttemplates\x18\x01 \x03(\x0b\x32\".sendtime.render.v1.StoredTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x16PublishTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\x17PublishTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xf3\x01\n\x16PreviewTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x31\n\x08\x63ustomer\x18\x04 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12,\n\x0bsample_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tvariables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\x17PreviewTemplateResponse\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse*\xc8\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12%\n!FALLBACK_REASON_PROFILE_NOT_FOUND\x10\x01\x12#\n\x1f\x46\x41LLBACK_REASON_PROFILE_TIMEOUT\x10\x02\x12\'\n#FALLBACK_REASON_PROFILE_UNAVAILABLE\x10\x03\x12 \n\x1c\x46\x41LLBACK_REASON_CIRCUIT_OPEN\x10\x04*d\n\x0cRenderStatus\x12\x1d\n\x19RENDER_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RENDER_STATUS_RENDERED\x10\x01\x12\x19\n\x15RENDER_STATUS_SKIPPED\x10\x02*\xdf\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12%\n!SKIP_REASON_REQUIRED_DATA_MISSING\x10\x01\x12\x1c\n\x18SKIP_REASON_UNSUBSCRIBED\x10\x02\x12\x1c\n\x18SKIP_REASON_HARD_BOUNCED\x10\x03\x12\x1a\n\x16SKIP_REASON_NO_CONSENT\x10\x04\x12\x16\n\x12SKIP_REASON_ERASED\x10\x05\x12\x1d\n\x19SKIP_REASON_SPAM_REPORTED\x10\x06*\x9f\x01\n\rProfileSource\x12\x1e\n\x1aPROFILE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13PROFILE_SOURCE_LIVE\x10\x01\x12\x18\n\x14PROFILE_SOURCE_CACHE\x10\x02\x12\"\n\x1ePROFILE_SOURCE_LAST_KNOWN_GOOD\x10\x03\x12\x17\n\x13PROFILE_SOURCE_NONE\x10\x04\x32\xd2\x01\n\rRenderService\x12W\n\x06Render\x12!.sendtime.render.v1.RenderRequest\x1a\".sendtime.render.v1.RenderResponse\"\x06\x92\xa1\x19\x02\x08\x07\x12h\n\x0bRenderBatch\x12&.sendtime.render.v1.RenderBatchRequest\x1a\'.sendtime.render.v1.RenderBatchResponse\"\x06\x92\xa1\x19\x02\x08\x07\x30\x01\x32\xd0\x05\n\x0fTemplateService\x12~\n\x0e\x43reateTemplate\x12).sendtime.render.v1.CreateTemplateRequest\x1a*.sendtime.render.v1.CreateTemplateResponse\"\x15\x92\xa1\x19\x11\x08\x06\x10\x01\x1a\x0btemplate_id\x12w\n\x0eUpdateTemplate\x12).sendtime.render.v1.UpdateTemplateRequest\x1a*.sendtime.render.v1.UpdateTemplateResponse\"\x0e\x92\xa1\x19\n\x08\x06\x10\x01\x1a\x04name\x12\x66\n\x0bGetTemplate\x12&.sendtime.render.v1.GetTemplateRequest\x1a\'.sendtime.render.v1.GetTemplateResponse\"\x06\x92\xa1\x19\x02\x08\x05\x12l\n\rListTemplates\x12(.sendtime.render.v1.ListTemplatesRequest\x1a).sendtime.render.v1.ListTemplatesResponse\"\x06\x92\xa1\x19\x02\x08\x05\x12z\n\x0fPublishTemplate\x12*.sendtime.render.v1.PublishTemplateRequest\x1a+.sendtime.render.v1.PublishTemplateResponse\"\x0e\x92\xa1\x19\n\x08\x06\x10\x01\x1a\x04name\x12r\n\x0fPreviewTemplate\x12*.sendtime.render.v1.PreviewTemplateRequest\x1a+.sendtime.render.v1.PreviewTemplateResponse\"\x06\x92\xa1\x19\x02\x08\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fsendtime/render/v1/render.proto\x12\x12sendtime.render.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1bsendtime/auth/v1/auth.proto\x1a\x1fsendtime/ingest/v1/ingest.proto\x1a!sendtime/profile/v1/profile.proto\"\xd8\x01\n\x08Template\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08\x66\x61llback\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rrequired_data\x18\x05 \x03(\t\x12/\n\x0cmax_data_age\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x07\x63hannel\x18\x07 \x01(\x0e\x32\x1b.sendtime.ingest.v1.Channel\"\xc0\x01\n\x0eStoredTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12-\n\x07\x63ontent\x18\x04 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x19\n\x11published_version\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x01\n\rRenderRequest\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12.\n\x08template\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rtemplate_name\x18\x04 \x01(\t\x12\x18\n\x10template_version\x18\x05 \x01(\x03\x12\x0f\n\x07profile\x18\x06 \x01(\t\"\xd2\x03\n\x0eRenderResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04html\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfallback_used\x18\x04 \x01(\x08\x12;\n\x0f\x66\x61llback_reason\x18\x05 \x01(\x0e\x32\".sendtime.render.v1.FallbackReason\x12\x17\n\x0fprofile_version\x18\x06 \x01(\x03\x12\x30\n\x06status\x18\x07 \x01(\x0e\x32 .sendtime.render.v1.RenderStatus\x12\x33\n\x0bskip_reason\x18\x08 \x01(\x0e\x32\x1e.sendtime.render.v1.SkipReason\x12\x13\n\x0bskip_detail\x18\t \x01(\t\x12\x18\n\x10template_version\x18\n \x01(\x03\x12+\n\x08\x64\x61ta_age\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x0eprofile_source\x18\x0c \x01(\x0e\x32!.sendtime.render.v1.ProfileSource\x12\x16\n\x0e\x66\x61llbacks_used\x18\r \x03(\t\x12\x10\n\x08\x64\x65graded\x18\x0e \x01(\x08\"\xa5\x01\n\x12RenderBatchRequest\x12\x32\n\tcustomers\x18\x01 \x03(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\x15\n\rtemplate_name\x18\x02 \x01(\t\x12\x18\n\x10template_version\x18\x03 \x01(\x03\x12*\n\tvariables\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xae\x01\n\x13RenderBatchResponse\x12\x31\n\x08\x63ustomer\x18\x01 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse\x12!\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\"\x82\x01\n\x15\x43reateTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x0f\n\x07publish\x18\x04 \x01(\x08\"N\n\x16\x43reateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xac\x01\n\x15UpdateTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x07\x63ontent\x18\x02 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0f\n\x07publish\x18\x05 \x01(\x08\"N\n\x16UpdateTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"3\n\x12GetTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"K\n\x13GetTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"=\n\x14ListTemplatesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"g\n\x15ListTemplatesResponse\x12\x35\n\ttemplates\x18\x01 \x03(\x0b\x32\".sendtime.render.v1.StoredTemplate\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x16PublishTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"O\n\x17PublishTemplateResponse\x12\x34\n\x08template\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.StoredTemplate\"\xf3\x01\n\x16PreviewTemplateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x1c.sendtime.render.v1.Template\x12\x31\n\x08\x63ustomer\x18\x04 \x01(\x0b\x32\x1f.sendtime.profile.v1.Identifier\x12,\n\x0bsample_data\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\tvariables\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"M\n\x17PreviewTemplateResponse\x12\x32\n\x06result\x18\x01 \x01(\x0b\x32\".sendtime.render.v1.RenderResponse*\xc8\x01\n\x0e\x46\x61llbackReason\x12\x1f\n\x1b\x46\x41LLBACK_REASON_UNSPECIFIED\x10\x00\x12%\n!FALLBACK_REASON_PROFILE_NOT_FOUND\x10\x01\x12#\n\x1f\x46\x41LLBACK_REASON_PROFILE_TIMEOUT\x10\x02\x12\'\n#FALLBACK_REASON_PROFILE_UNAVAILABLE\x10\x03\x12 \n\x1c\x46\x41LLBACK_REASON_CIRCUIT_OPEN\x10\x04*d\n\x0cRenderStatus\x12\x1d\n\x19RENDER_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RENDER_STATUS_RENDERED\x10\x01\x12\x19\n\x15RENDER_STATUS_SKIPPED\x10\x02*\xdf\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12%\n!SKIP_REASON_REQUIRED_DATA_MISSING\x10\x01\x12\x1c\n\x18SKIP_REASON_UNSUBSCRIBED\x10\x02\x12\x1c\n\x18SKIP_REASON_HARD_BOUNCED\x10\x03\x12\x1a\n\x16SKIP_REASON_NO_CONSENT\x10\x04\x12\x16\n\x12SKIP_REASON_ERASED\x10\x05\x12\x1d\n\x19SKIP_REASON_SPAM_REPORTED\x10\x06*\x9f\x01\n\rProfileSource\x12\x1e\n\x1aPROFILE_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13PROFILE_SOURCE_LIVE\x10\x01\x12\x18\n\x14PROFILE_SOURCE_CACHE\x10\x02\x12\"\n\x1ePROFILE_SOURCE_LAST_KNOWN_GOOD\x10\x03\x12\x17\n\x13PROFILE_SOURCE_NONE\x10\x04\x32\xae\x02\n\rRenderService\x12\xb2\x01\n\x06Render\x12!.sendtime.render.v1.RenderRequest\x1a\".sendtime.render.v1.RenderResponse\"a\x92\xa1\x19\x02\x08\x07\x82\xd3\xe4\x93\x02U\"&/v1/{template_name=templates/*}:render:\x01*Z(\x12&/v1/{template_name=templates/*}:render\x12h\n\x0bRenderBatch\x12&.sendtime.render.v1.RenderBatchRequest\x1a\'.sendtime.render.v1.RenderBatchResponse\"\x06\x92\xa1\x19\x02\x08\x07\x30\x01\x32\xea\x06\n\x0fTemplateService\x12\x96\x01\n\x0e\x43reateTemplate\x12).sendtime.render.v1.CreateTemplateRequest\x1a*.sendtime.render.v1.CreateTemplateResponse\"-\x92\xa1\x19\x11\x08\x06\x10\x01\x1a\x0btemplate_id\x82\xd3\xe4\x93\x02\x12\"\r/v1/templates:\x01*\x12\x98\x01\n\x0eUpdateTemplate\x12).sendtime.render.v1.UpdateTemplateRequest\x1a*.sendtime.render.v1.UpdateTemplateResponse\"/\x92\xa1\x19\n\x08\x06\x10\x01\x1a\x04name\x82\xd3\xe4\x93\x02\x1b\x32\x16/v1/{name=templates/*}:\x01*\x12\x84\x01\n\x0bGetTemplate\x12&.sendtime.render.v1.GetTemplateRequest\x1a\'.sendtime.render.v1.GetTemplateResponse\"$\x92\xa1\x19\x02\x08\x05\x82\xd3\xe4\x93\x02\x18\x12\x16/v1/{name=templates/*}\x12\x81\x01\n\rListTemplates\x12(.sendtime.render.v1.ListTemplatesRequest\x1a).sendtime.render.v1.ListTemplatesResponse\"\x1b\x92\xa1\x19\x02\x08\x05\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/templates\x12\xa3\x01\n\x0fPublishTemplate\x12*.sendtime.render.v1.PublishTemplateRequest\x1a+.sendtime.render.v1.PublishTemplateResponse\"7\x92\xa1\x19\n\x08\x06\x10\x01\x1a\x04name\x82\xd3\xe4\x93\x02#\"\x1e/v1/{name=templates/*}:publish:\x01*\x12r\n\x0fPreviewTemplate\x12*.sendtime.render.v1.PreviewTemplateRequest\x1a+.sendtime.render.v1.PreviewTemplateResponse\"\x06\x92\xa1\x19\x02\x08\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,67 +41,67 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sendtime.render.v1.render_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RENDERSERVICE'].methods_by_name['Render']._loaded_options = None
-  _globals['_RENDERSERVICE'].methods_by_name['Render']._serialized_options = b'\222\241\031\002\010\007'
+  _globals['_RENDERSERVICE'].methods_by_name['Render']._serialized_options = b'\222\241\031\002\010\007\202\323\344\223\002U\"&/v1/{template_name=templates/*}:render:\001*Z(\022&/v1/{template_name=templates/*}:render'
   _globals['_RENDERSERVICE'].methods_by_name['RenderBatch']._loaded_options = None
   _globals['_RENDERSERVICE'].methods_by_name['RenderBatch']._serialized_options = b'\222\241\031\002\010\007'
   _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplate']._loaded_options = None
-  _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplate']._serialized_options = b'\222\241\031\021\010\006\020\001\032\013template_id'
+  _globals['_TEMPLATESERVICE'].methods_by_name['CreateTemplate']._serialized_options = b'\222\241\031\021\010\006\020\001\032\013template_id\202\323\344\223\002\022\"\r/v1/templates:\001*'
   _globals['_TEMPLATESERVICE'].methods_by_name['UpdateTemplate']._loaded_options = None
-  _globals['_TEMPLATESERVICE'].methods_by_name['UpdateTemplate']._serialized_options = b'\222\241\031\n\010\006\020\001\032\004name'
+  _globals['_TEMPLATESERVICE'].methods_by_name['UpdateTemplate']._serialized_options = b'\222\241\031\n\010\006\020\001\032\004name\202\323\344\223\002\0332\026/v1/{name=templates/*}:\001*'
   _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplate']._loaded_options = None
-  _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplate']._serialized_options = b'\222\241\031\002\010\005'
+  _globals['_TEMPLATESERVICE'].methods_by_name['GetTemplate']._serialized_options = b'\222\241\031\002\010\005\202\323\344\223\002\030\022\026/v1/{name=templates/*}'
   _globals['_TEMPLATESERVICE'].methods_by_name['ListTemplates']._loaded_options = None
-  _globals['_TEMPLATESERVICE'].methods_by_name['ListTemplates']._serialized_options = b'\222\241\031\002\010\005'
+  _globals['_TEMPLATESERVICE'].methods_by_name['ListTemplates']._serialized_options = b'\222\241\031\002\010\005\202\323\344\223\002\017\022\r/v1/templates'
   _globals['_TEMPLATESERVICE'].methods_by_name['PublishTemplate']._loaded_options = None
-  _globals['_TEMPLATESERVICE'].methods_by_name['PublishTemplate']._serialized_options = b'\222\241\031\n\010\006\020\001\032\004name'
+  _globals['_TEMPLATESERVICE'].methods_by_name['PublishTemplate']._serialized_options = b'\222\241\031\n\010\006\020\001\032\004name\202\323\344\223\002#\"\036/v1/{name=templates/*}:publish:\001*'
   _globals['_TEMPLATESERVICE'].methods_by_name['PreviewTemplate']._loaded_options = None
   _globals['_TEMPLATESERVICE'].methods_by_name['PreviewTemplate']._serialized_options = b'\222\241\031\002\010\006'
-  _globals['_FALLBACKREASON']._serialized_start=2974
-  _globals['_FALLBACKREASON']._serialized_end=3174
-  _globals['_RENDERSTATUS']._serialized_start=3176
-  _globals['_RENDERSTATUS']._serialized_end=3276
-  _globals['_SKIPREASON']._serialized_start=3279
-  _globals['_SKIPREASON']._serialized_end=3502
-  _globals['_PROFILESOURCE']._serialized_start=3505
-  _globals['_PROFILESOURCE']._serialized_end=3664
-  _globals['_TEMPLATE']._serialized_start=307
-  _globals['_TEMPLATE']._serialized_end=523
-  _globals['_STOREDTEMPLATE']._serialized_start=526
-  _globals['_STOREDTEMPLATE']._serialized_end=718
-  _globals['_RENDERREQUEST']._serialized_start=721
-  _globals['_RENDERREQUEST']._serialized_end=928
-  _globals['_RENDERRESPONSE']._serialized_start=931
-  _globals['_RENDERRESPONSE']._serialized_end=1397
-  _globals['_RENDERBATCHREQUEST']._serialized_start=1400
-  _globals['_RENDERBATCHREQUEST']._serialized_end=1565
-  _globals['_RENDERBATCHRESPONSE']._serialized_start=1568
-  _globals['_RENDERBATCHRESPONSE']._serialized_end=1742
-  _globals['_CREATETEMPLATEREQUEST']._serialized_start=1745
-  _globals['_CREATETEMPLATEREQUEST']._serialized_end=1875
-  _globals['_CREATETEMPLATERESPONSE']._serialized_start=1877
-  _globals['_CREATETEMPLATERESPONSE']._serialized_end=1955
-  _globals['_UPDATETEMPLATEREQUEST']._serialized_start=1958
-  _globals['_UPDATETEMPLATEREQUEST']._serialized_end=2130
-  _globals['_UPDATETEMPLATERESPONSE']._serialized_start=2132
-  _globals['_UPDATETEMPLATERESPONSE']._serialized_end=2210
-  _globals['_GETTEMPLATEREQUEST']._serialized_start=2212
-  _globals['_GETTEMPLATEREQUEST']._serialized_end=2263
-  _globals['_GETTEMPLATERESPONSE']._serialized_start=2265
-  _globals['_GETTEMPLATERESPONSE']._serialized_end=2340
-  _globals['_LISTTEMPLATESREQUEST']._serialized_start=2342
-  _globals['_LISTTEMPLATESREQUEST']._serialized_end=2403
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=2405
-  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=2508
-  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_start=2510
-  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_end=2565
-  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_start=2567
-  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_end=2646
-  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=2649
-  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=2892
-  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=2894
-  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=2971
-  _globals['_RENDERSERVICE']._serialized_start=3667
-  _globals['_RENDERSERVICE']._serialized_end=3877
-  _globals['_TEMPLATESERVICE']._serialized_start=3880
-  _globals['_TEMPLATESERVICE']._serialized_end=4600
+  _globals['_FALLBACKREASON']._serialized_start=3021
+  _globals['_FALLBACKREASON']._serialized_end=3221
+  _globals['_RENDERSTATUS']._serialized_start=3223
+  _globals['_RENDERSTATUS']._serialized_end=3323
+  _globals['_SKIPREASON']._serialized_start=3326
+  _globals['_SKIPREASON']._serialized_end=3549
+  _globals['_PROFILESOURCE']._serialized_start=3552
+  _globals['_PROFILESOURCE']._serialized_end=3711
+  _globals['_TEMPLATE']._serialized_start=337
+  _globals['_TEMPLATE']._serialized_end=553
+  _globals['_STOREDTEMPLATE']._serialized_start=556
+  _globals['_STOREDTEMPLATE']._serialized_end=748
+  _globals['_RENDERREQUEST']._serialized_start=751
+  _globals['_RENDERREQUEST']._serialized_end=975
+  _globals['_RENDERRESPONSE']._serialized_start=978
+  _globals['_RENDERRESPONSE']._serialized_end=1444
+  _globals['_RENDERBATCHREQUEST']._serialized_start=1447
+  _globals['_RENDERBATCHREQUEST']._serialized_end=1612
+  _globals['_RENDERBATCHRESPONSE']._serialized_start=1615
+  _globals['_RENDERBATCHRESPONSE']._serialized_end=1789
+  _globals['_CREATETEMPLATEREQUEST']._serialized_start=1792
+  _globals['_CREATETEMPLATEREQUEST']._serialized_end=1922
+  _globals['_CREATETEMPLATERESPONSE']._serialized_start=1924
+  _globals['_CREATETEMPLATERESPONSE']._serialized_end=2002
+  _globals['_UPDATETEMPLATEREQUEST']._serialized_start=2005
+  _globals['_UPDATETEMPLATEREQUEST']._serialized_end=2177
+  _globals['_UPDATETEMPLATERESPONSE']._serialized_start=2179
+  _globals['_UPDATETEMPLATERESPONSE']._serialized_end=2257
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=2259
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=2310
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=2312
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=2387
+  _globals['_LISTTEMPLATESREQUEST']._serialized_start=2389
+  _globals['_LISTTEMPLATESREQUEST']._serialized_end=2450
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_start=2452
+  _globals['_LISTTEMPLATESRESPONSE']._serialized_end=2555
+  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_start=2557
+  _globals['_PUBLISHTEMPLATEREQUEST']._serialized_end=2612
+  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_start=2614
+  _globals['_PUBLISHTEMPLATERESPONSE']._serialized_end=2693
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=2696
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=2939
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=2941
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=3018
+  _globals['_RENDERSERVICE']._serialized_start=3714
+  _globals['_RENDERSERVICE']._serialized_end=4016
+  _globals['_TEMPLATESERVICE']._serialized_start=4019
+  _globals['_TEMPLATESERVICE']._serialized_end=4893
 # @@protoc_insertion_point(module_scope)

@@ -274,13 +274,18 @@ class RenderRequest(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     TEMPLATE_NAME_FIELD_NUMBER: _builtins.int
     TEMPLATE_VERSION_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
     template_name: _builtins.str
     """A stored template: "templates/{template_id}"."""
     template_version: _builtins.int
     """Its version; 0 renders the published version."""
+    profile: _builtins.str
+    """The customer as a profile name (sendtime.profile.v1.Profile.name), e.g.
+    "profiles/email:ada@example.com"; set this or customer.
+    """
     @_builtins.property
     def customer(self) -> _profile_pb2.Identifier:
-        """The customer to render for; required."""
+        """The customer to render for; set this or profile."""
 
     @_builtins.property
     def template(self) -> Global___Template:
@@ -298,10 +303,11 @@ class RenderRequest(_message.Message):
         variables: _struct_pb2.Struct | None = ...,
         template_name: _builtins.str = ...,
         template_version: _builtins.int = ...,
+        profile: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "template", b"template", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "template", b"template", "template_name", b"template_name", "template_version", b"template_version", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "profile", b"profile", "template", b"template", "template_name", b"template_name", "template_version", b"template_version", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
