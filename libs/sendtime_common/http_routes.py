@@ -187,7 +187,7 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule) -> HttpRoute:
     if method.client_streaming or method.server_streaming:
         raise RouteError(f"{method.full_name}: a streaming RPC has no HTTP binding here")
     if rule.body not in ("", "*"):
-        raise RouteError(f"{method.full_name}: body must be \"*\" or absent")
+        raise RouteError(f'{method.full_name}: body must be "*" or absent')
     template = getattr(rule, kind)
     variables, pattern = compile_template(template)
     for variable in variables:
@@ -197,7 +197,9 @@ def _route(method: MethodDescriptor, rule: http_pb2.HttpRule) -> HttpRoute:
     return HttpRoute(kind.upper(), template, method, rule.body, variables, pattern)
 
 
-def _query_parameters(message: Descriptor, json_prefix: str, proto_prefix: str, depth: int) -> list[QueryParameter]:
+def _query_parameters(
+    message: Descriptor, json_prefix: str, proto_prefix: str, depth: int
+) -> list[QueryParameter]:
     parameters: list[QueryParameter] = []
     for field in message.fields:
         json_path, proto_path = json_prefix + field.json_name, proto_prefix + field.name
@@ -211,11 +213,14 @@ def _query_parameters(message: Descriptor, json_prefix: str, proto_prefix: str, 
             and field.message_type.full_name.startswith("sendtime.")
             and depth + 1 < _MAX_QUERY_DEPTH
         ):
-            parameters.extend(_query_parameters(field.message_type, json_path + ".", proto_path + ".", depth + 1))
+            nested = _query_parameters(field.message_type, json_path + ".", proto_path + ".", depth + 1)
+            parameters.extend(nested)
     return parameters
 
 
-def query_to_json(route: HttpRoute, query: Iterable[tuple[str, str]]) -> tuple[dict[str, Any], list[FieldViolation]]:
+def query_to_json(
+    route: HttpRoute, query: Iterable[tuple[str, str]]
+) -> tuple[dict[str, Any], list[FieldViolation]]:
     """The query string as a JSON object for the request message (canonical JSON), and a
     violation per parameter the route does not take."""
     by_name: dict[str, QueryParameter] = {}
