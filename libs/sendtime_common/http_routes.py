@@ -52,7 +52,9 @@ _STRING_JSON_MESSAGES = frozenset(
         "google.protobuf.DoubleValue",
     }
 )
-_MAX_QUERY_DEPTH = 3  # customer.kind is 2
+_MAX_QUERY_DEPTH = 3
+# googleapis' stubs type the extension as a plain FieldDescriptor, which Extensions[] refuses.
+_HTTP_EXTENSION: Any = annotations_pb2.http  # customer.kind is 2
 
 
 class RouteError(ValueError):
@@ -172,9 +174,9 @@ def routes_of(service_names: Iterable[str]) -> list[HttpRoute]:
     for service_name in service_names:
         for method in pool.FindServiceByName(service_name).methods:
             options = method.GetOptions()
-            if not options.HasExtension(annotations_pb2.http):
+            if not options.HasExtension(_HTTP_EXTENSION):
                 continue
-            rule: http_pb2.HttpRule = options.Extensions[annotations_pb2.http]
+            rule: http_pb2.HttpRule = options.Extensions[_HTTP_EXTENSION]
             for binding in [rule, *rule.additional_bindings]:
                 routes.append(_route(method, binding))
     return routes
@@ -203,17 +205,16 @@ def _query_parameters(
     parameters: list[QueryParameter] = []
     for field in message.fields:
         json_path, proto_path = json_prefix + field.json_name, proto_prefix + field.name
-        if field.type != FieldDescriptor.TYPE_MESSAGE:
-            parameters.append(QueryParameter(json_path, proto_path, field))
-        elif field.message_type.full_name in _STRING_JSON_MESSAGES:
+        nested_type = field.message_type
+        if nested_type is None or nested_type.full_name in _STRING_JSON_MESSAGES:
             parameters.append(QueryParameter(json_path, proto_path, field))
         elif (
             not field.is_repeated
-            and not field.message_type.GetOptions().map_entry
-            and field.message_type.full_name.startswith("sendtime.")
+            and not nested_type.GetOptions().map_entry
+            and nested_type.full_name.startswith("sendtime.")
             and depth + 1 < _MAX_QUERY_DEPTH
         ):
-            nested = _query_parameters(field.message_type, json_path + ".", proto_path + ".", depth + 1)
+            nested = _query_parameters(nested_type, json_path + ".", proto_path + ".", depth + 1)
             parameters.extend(nested)
     return parameters
 
@@ -231,10 +232,11 @@ def query_to_json(
     violations: list[FieldViolation] = []
     seen: set[str] = set()
     for name, value in query:
-        parameter = by_name.get(name)
-        if parameter is None:
+        found = by_name.get(name)
+        if found is None:
             violations.append(FieldViolation(name, "is not a parameter of this route"))
             continue
+        parameter = found
         if parameter.json_path in seen and not parameter.repeated:
             violations.append(FieldViolation(name, "is given more than once"))
             continue
