@@ -356,6 +356,7 @@ class BenchStack:
         for service in suite.SERVICES:
             env[service.address_variable] = f"127.0.0.1:{devstack.free_port()}"
             env[service.health_address_variable] = f"127.0.0.1:{devstack.free_port()}"
+            env[service.http_address_variable] = f"127.0.0.1:{devstack.free_port()}"
         env["PROFILE_SERVICE_TARGET"] = suite.PROFILE.target(env)
         return suite.service_env(env)
 
@@ -447,6 +448,7 @@ class BenchStack:
             **overrides,
             service.address_variable: f"127.0.0.1:{devstack.free_port()}",
             service.health_address_variable: f"127.0.0.1:{devstack.free_port()}",
+            service.http_address_variable: f"127.0.0.1:{devstack.free_port()}",
         }
         variant = replace(service, name=label)
         self.variants.append(self._launch(variant, env))

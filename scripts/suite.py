@@ -59,10 +59,22 @@ class SuiteError(RuntimeError):
 class Service:
     name: str  # as in `python -m <module>`
     module: str
-    address_variable: str
+    variable_prefix: str  # PROFILE: PROFILE_ADDRESS, PROFILE_HEALTH_ADDRESS, PROFILE_HTTP_ADDRESS
     default_port: int
-    health_address_variable: str
     default_health_port: int
+    default_http_port: int
+
+    @property
+    def address_variable(self) -> str:
+        return f"{self.variable_prefix}_ADDRESS"
+
+    @property
+    def health_address_variable(self) -> str:
+        return f"{self.variable_prefix}_HEALTH_ADDRESS"
+
+    @property
+    def http_address_variable(self) -> str:
+        return f"{self.variable_prefix}_HTTP_ADDRESS"
 
     def port(self, env: Mapping[str, str]) -> int:
         address = env.get(self.address_variable) or f"[::]:{self.default_port}"
@@ -76,11 +88,16 @@ class Service:
         address = env.get(self.health_address_variable) or f"[::]:{self.default_health_port}"
         return int(address.rpartition(":")[2])
 
+    def http_port(self, env: Mapping[str, str]) -> int:
+        """The HTTP/JSON port (docs/http.md)."""
+        address = env.get(self.http_address_variable) or f"[::]:{self.default_http_port}"
+        return int(address.rpartition(":")[2])
+
 
 SERVICES = (
-    Service("profile", "profile_service", "PROFILE_ADDRESS", 50052, "PROFILE_HEALTH_ADDRESS", 50062),
-    Service("ingest", "ingest", "INGEST_ADDRESS", 50051, "INGEST_HEALTH_ADDRESS", 50061),
-    Service("render", "render", "RENDER_ADDRESS", 50053, "RENDER_HEALTH_ADDRESS", 50063),
+    Service("profile", "profile_service", "PROFILE", 50052, 50062, 8082),
+    Service("ingest", "ingest", "INGEST", 50051, 50061, 8080),
+    Service("render", "render", "RENDER", 50053, 50063, 8083),
 )
 PROFILE, INGEST, RENDER = SERVICES
 
@@ -122,6 +139,7 @@ def start_services(
         for port, variable in [
             (service.port(env), service.address_variable),
             (service.health_port(env), service.health_address_variable),
+            (service.http_port(env), service.http_address_variable),
         ]:
             if devstack.tcp_reachable("127.0.0.1", port):
                 raise SuiteError(
@@ -207,6 +225,7 @@ def _tail(path: Path, lines: int = 8) -> str:
 
 # --- the demo --------------------------------------------------------------------------------
 
+DEMO_TEMPLATE = "templates/demo-abandoned-cart"
 ABANDONED_CART_EMAIL = render_pb2.Template(
     subject="{{ profile.traits.first_name }}, your {{ profile.cart.items.first.name }} is waiting",
     html=(
@@ -317,7 +336,30 @@ async def run_demo(env: Mapping[str, str], key: str, tls: ClientTls) -> str:
         _say(f"   Subject: {rendered.subject}\n")
         _say("   " + rendered.text.replace("\n", "\n   ") + "\n")
         _say("   " + rendered.html.replace("\n", "\n   "))
+
+        _say(f"\n4. the template stored as {DEMO_TEMPLATE}, for send-time fetches (render.TemplateService)")
+        await _store_demo_template(render_pb2_grpc.TemplateServiceStub(render_channel))
     return user_id
+
+
+async def _store_demo_template(templates: render_pb2_grpc.TemplateServiceAsyncStub) -> None:
+    """The demo's email as a published stored template (a new version when it exists)."""
+    content = render_pb2.Template()
+    content.CopyFrom(ABANDONED_CART_EMAIL)
+    content.max_data_age.FromSeconds(60)
+    try:
+        await templates.CreateTemplate(
+            render_pb2.CreateTemplateRequest(
+                template_id=DEMO_TEMPLATE.removeprefix("templates/"), content=content, publish=True
+            ),
+            timeout=5,
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise SuiteError(f"CreateTemplate failed: {exc.code().name} {exc.details()}") from None
+        await templates.UpdateTemplate(
+            render_pb2.UpdateTemplateRequest(name=DEMO_TEMPLATE, content=content, publish=True), timeout=5
+        )
 
 
 async def _wait_for_cart(
@@ -376,6 +418,32 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Pa
     header = shlex.quote(f"authorization: Bearer {key}")
     trust = shlex.quote(os.path.relpath(ca_file))
     return "\n".join(f"  {grpcurl} -cacert {trust} -H {header} {command}" for command in commands)
+
+
+def curl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Path) -> str:
+    """The send-time fetches an email platform makes, as curl commands to paste: the demo
+    customer's profile and the stored template rendered for them; and an event sent over HTTP."""
+    ingest, profile, render = (f"https://localhost:{s.http_port(env)}" for s in (INGEST, PROFILE, RENDER))
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    event = {
+        "events": [
+            {
+                "eventId": f"curl-{uuid.uuid4().hex[:8]}",
+                "customer": {"userId": user_id},
+                "occurredAt": now,
+                "source": "EVENT_SOURCE_WEB",
+                "identify": {"traits": {"plan": "pro"}},
+            }
+        ]
+    }
+    commands = [
+        shlex.quote(f"{profile}/v1/profiles/user_id:{user_id}?readMask=traits,cart"),
+        shlex.quote(f"{render}/v1/{DEMO_TEMPLATE}:render?profile=profiles/user_id:{user_id}"),
+        f"-H 'Content-Type: application/json' -d {shlex.quote(json.dumps(event))} {ingest}/v1/events:send",
+    ]
+    header = shlex.quote(f"Authorization: Bearer {key}")
+    trust = shlex.quote(os.path.relpath(ca_file))
+    return "\n".join(f"  curl -sS --cacert {trust} -H {header} {command}" for command in commands)
 
 
 # --- the commands ------------------------------------------------------------------------------
@@ -441,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"  {key}")
             _say("Try it yourself with grpcurl:")
             _say(grpcurl_examples(env, user_id, key, ca_file))
+            _say("Or over HTTPS, as an email platform fetches at send time (docs/http.md):")
+            _say(curl_examples(env, user_id, key, ca_file))
             if args.command == "run":
                 signal.signal(signal.SIGINT, request_stop)
                 signal.signal(signal.SIGTERM, request_stop)

@@ -14,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_options
+from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls
+from sendtime_common.http_routes import routes_of
+from sendtime_common.http_server import HttpListener
 from sendtime_common.internal_errors import InternalErrors
 from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
@@ -70,6 +74,9 @@ class GrpcServer:
         tls.check()
         self._service_names = list(service_names)
         self._tls = tls
+        self._register = register
+        self._access = access
+        self.http: HttpListener | None = None
         self.certificates = ServerCertificates(tls) if tls.enabled else None
         self.limits = limits or CallLimits()
         self.shedder = LoadShedder(self.limits)
@@ -132,10 +139,41 @@ class GrpcServer:
         """The services hosted (besides health and reflection)."""
         return list(self._service_names)
 
+    def serve_http(
+        self,
+        address: str,
+        *,
+        grace_s: float,
+        cache_policies: Mapping[str, CachePolicy] | None = None,
+        add_routes: Callable[[web.Application], None] | None = None,
+    ) -> None:
+        """Also serve the hosted services' HTTP routes (sendtime_common.http_gateway) on
+        ``address``, with this server's TLS, interceptors and limits; ``add_routes`` adds a
+        service's own HTTP routes first.
+
+        Raises:
+            ValueError: the address is unusable.
+        """
+        calls = InProcessCalls(self._register, [self.shedder, InternalErrors(), self._access])
+        gateway = HttpGateway(
+            routes_of(self._service_names),
+            calls,
+            max_body_bytes=self.limits.max_receive_bytes,
+            cache_policies=cache_policies,
+        )
+        app = web.Application(client_max_size=self.limits.max_receive_bytes)
+        app.router.add_get("/healthz", _healthz)
+        if add_routes is not None:
+            add_routes(app)
+        gateway.add_to(app)
+        self.http = HttpListener(app, address, tls=self._tls, name="HTTP", grace_s=grace_s)
+
     async def start(self) -> None:
         """Start serving and report SERVING for the server and each service."""
         warn_if_plaintext(self._tls, lambda: f"gRPC port {self.port}")
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         if self._health_server is not None:
             await self._health_server.start()
         for name in [OVERALL_HEALTH, *self._service_names]:
@@ -144,9 +182,16 @@ class GrpcServer:
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new calls, and give in-flight calls ``grace_s`` to finish."""
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace_s)
         if self._health_server is not None:
             await self._health_server.stop(0)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    """Open, as gRPC health is: load balancers and probes carry no key."""
+    return web.json_response({"status": "SERVING"})
 
 
 async def run_until_signalled(

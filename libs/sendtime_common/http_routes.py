@@ -139,9 +139,9 @@ def compile_template(template: str) -> tuple[tuple[PathVariable, ...], re.Patter
     """
     if not template.startswith("/"):
         raise RouteError(f"{template}: must start with /")
-    path, colon, verb = template.rpartition(":")
-    if not colon or "/" in verb or "}" in verb:  # the colon is inside a segment, not a verb
-        path, verb = template, ""
+    last_segment_start = max(template.rfind("}"), template.rfind("/")) + 1
+    last_segment, colon, verb = template[last_segment_start:].partition(":")
+    path = template[:last_segment_start] + last_segment
     variables: list[PathVariable] = []
     regex = ""
     for piece in re.split(r"(\{[^}]*\})", path):
@@ -150,6 +150,8 @@ def compile_template(template: str) -> tuple[tuple[PathVariable, ...], re.Patter
                 raise RouteError(f"{template}: unsupported segment {piece!r}")
             regex += re.escape(piece)
             continue
+        if not regex.endswith("/"):
+            raise RouteError(f"{template}: a variable must be a whole path segment")
         field, _, bound = piece[1:-1].partition("=")
         bound = bound or "*"
         *literals, last = bound.split("/")
@@ -158,7 +160,9 @@ def compile_template(template: str) -> tuple[tuple[PathVariable, ...], re.Patter
         prefix = "".join(f"{s}/" for s in literals)
         regex += re.escape(prefix) + f"(?P<v{len(variables)}>[^/]+)"
         variables.append(PathVariable(field, prefix))
-    if verb:
+    if colon:
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", verb):
+            raise RouteError(f"{template}: unsupported custom verb {verb!r}")
         regex += re.escape(":" + verb)
     return tuple(variables), re.compile(regex)
 

@@ -164,6 +164,8 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         health_address=settings.health_address,
         limits=settings.limits,
     )
+    if settings.http_address:
+        server.serve_http(settings.http_address, grace_s=settings.shutdown_grace_s)
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
         try:

@@ -22,6 +22,9 @@ class Settings:
     address: str = "[::]:50051"
     # Health only, plaintext, for kubelet\'s gRPC probes (which cannot speak TLS); empty: none.
     health_address: str = "[::]:50061"
+    # The HTTP/JSON face (the contracts' google.api.http routes, same keys, scopes and limits;
+    # docs/http.md); empty: none.
+    http_address: str = "[::]:8080"
     # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Concurrent calls, queued calls and message sizes (docs/limits.md).
@@ -74,6 +77,7 @@ class Settings:
         return cls(
             address=env_str(env, "INGEST_ADDRESS", defaults.address),
             health_address=env.get("INGEST_HEALTH_ADDRESS", defaults.health_address).strip(),
+            http_address=env.get("INGEST_HTTP_ADDRESS", defaults.http_address).strip(),
             tls=TlsSettings.from_env(env),
             limits=CallLimits.from_env(env, INGEST_CALL_LIMITS),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),

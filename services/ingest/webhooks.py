@@ -21,8 +21,6 @@ or a header value.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 from collections import Counter
@@ -53,15 +51,14 @@ from ingest.webhook_mapping import (
 )
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.errors import field_violations, log_unexpected, new_error_id
+from sendtime_common.http_server import HttpListener, read_json_body
 from sendtime_common.json_input import (
     SUPPORTED_ENCODINGS,
     JsonInputError,
     JsonReason,
-    check_media_type,
-    decode_content,
     parse_json,
 )
-from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
+from sendtime_common.tls import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +109,6 @@ class WebhookSettings:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port``."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"webhook address must be host:port, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _json(status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> web.Response:
@@ -214,27 +203,21 @@ class WebhookServer:
             ConfigError: no certificate, and plaintext not allowed.
             UnusableCertificate: the certificate files are not usable.
         """
-        tls.check()
         self._sink = sink
         self._quarantine = quarantine
         self._settings = settings
-        self._tls = tls
-        self._ssl = server_ssl_context(tls) if tls.enabled else None
-        self._reloading: asyncio.Task[None] | None = None
         self._clock = clock
-        self._host, self._requested_port = _split_address(settings.address)
         self._sendgrid_key: ec.EllipticCurvePublicKey | None = (
             load_sendgrid_public_key(settings.sendgrid_public_key) if settings.sendgrid_public_key else None
         )
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
+        self._listener = HttpListener(
+            self._app(), settings.address, tls=tls, name="webhook", grace_s=settings.shutdown_grace_s
+        )
 
     @property
     def port(self) -> int:
         """The bound port (the real one when the address asked for port 0)."""
-        if self._port is None:
-            raise RuntimeError("the webhook server is not started")
-        return self._port
+        return self._listener.port
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=self._settings.max_body_bytes, middlewares=[_unexpected_errors])
@@ -245,31 +228,11 @@ class WebhookServer:
 
     async def start(self) -> None:
         """Bind the address and serve."""
-        # No access log: one structured line per webhook is written below instead.
-        # auto_decompress off: aiohttp would inflate any coding it knows before the size check;
-        # decode_content inflates only gzip and deflate, and never past the limit.
-        runner = web.AppRunner(
-            self._app(),
-            access_log=None,
-            shutdown_timeout=self._settings.shutdown_grace_s,
-            auto_decompress=False,
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
-        if self._ssl is not None:
-            self._reloading = asyncio.create_task(watch_ssl_context(self._ssl, self._tls), name="webhook-tls")
-        warn_if_plaintext(self._tls, lambda: f"webhook port {self._port}")
+        await self._listener.start()
         log.info(
             "webhooks listening",
             extra={
-                "port": self._port,
+                "port": self._listener.port,
                 "shopify": bool(self._settings.shopify_secret),
                 "sendgrid": self._sendgrid_key is not None,
             },
@@ -277,35 +240,19 @@ class WebhookServer:
 
     async def stop(self) -> None:
         """Stop accepting, let requests in progress finish, close."""
-        if self._reloading is not None:
-            self._reloading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reloading
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self._listener.stop()
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The body as the provider signed it: its media type checked, its Content-Encoding
-        undone, at most ``max_body_bytes`` (read or inflated).
+        """The body as the provider signed it (sendtime_common.http_server.read_json_body).
 
         Raises:
             JsonInputError: UNSUPPORTED_MEDIA_TYPE, BODY_TOO_LARGE, UNSUPPORTED_CONTENT_ENCODING
                 or CONTENT_ENCODING_INVALID.
         """
-        check_media_type(request.headers.get("Content-Type"))
-        limit = self._settings.max_body_bytes
-        too_large = JsonInputError(JsonReason.BODY_TOO_LARGE, f"the body is larger than {limit} bytes")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length
-            raise too_large from None
-        return decode_content(body, request.headers.get("Content-Encoding"), limit)
+        return await read_json_body(request, self._settings.max_body_bytes)
 
     async def _shopify(self, request: web.Request) -> web.Response:
         secret = self._settings.shopify_secret

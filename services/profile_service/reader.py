@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -64,6 +65,18 @@ class ProfileReader:
             None if p is None else as_of(p, now, cart_abandoned_after=self._cart_abandoned_after)
             for p in found
         ]
+
+    async def get_by_customer_id(self, customer_id: uuid.UUID) -> profile_pb2.Profile | None:
+        """The profile of ``customer_id``, from PostgreSQL (the cache is keyed by identifier:
+        send-time reads name a customer by an identifier).
+
+        Raises:
+            asyncpg.PostgresError, OSError: PostgreSQL failed.
+        """
+        record = await self._repository.find_by_customer_id(customer_id)
+        if record is None:
+            return None
+        return as_of(record.to_proto(), self._clock(), cart_abandoned_after=self._cart_abandoned_after)
 
     async def _load(self, keys: list[IdentifierKey], *, refill_cache: bool) -> _Loaded:
         """Read ``keys`` from PostgreSQL, joining reads of the same keys already under way."""

@@ -201,6 +201,18 @@ class ProfileRepository:
         )
         return {(IdentifierKind(r["q_kind"]), r["q_value"]): _record(r, from_json(r["state"])) for r in rows}
 
+    async def find_by_customer_id(self, customer_id: uuid.UUID) -> ProfileRecord | None:
+        """The profile of ``customer_id`` (None when no customer has it: never one, erased, or
+        merged into another), in one query.
+
+        Raises:
+            asyncpg.PostgresError, OSError: the database failed.
+        """
+        row = await self._pool.fetchrow(
+            _PROFILE_COLUMNS + ", c.state FROM customers c WHERE c.customer_id = $1", customer_id
+        )
+        return None if row is None else _record(row, from_json(row["state"]))
+
     async def _records(
         self,
         conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],

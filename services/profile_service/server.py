@@ -33,6 +33,7 @@ from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,16 @@ SERVICE_NAMES = [
     auth_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
 PURGE_INTERVAL_S = 3600.0
+GET_PROFILE = f"/{SERVICE_NAME}/GetProfile"
+
+
+def profile_cache_policy(max_age_s: int) -> CachePolicy:
+    """A profile over HTTP: its ETag changes with what the answer holds (a version bump, or a
+    field computed at read time such as an abandoned cart), max-age is a setting."""
+    return CachePolicy(
+        max_age_s=lambda answer: max_age_s,
+        etag_basis=lambda answer: answer.SerializeToString(deterministic=True),
+    )
 
 
 @dataclass(slots=True)
@@ -200,6 +211,12 @@ async def create_app(settings: Settings) -> ProfileApp:
         health_address=settings.health_address,
         limits=settings.limits,
     )
+    if settings.http_address:
+        server.serve_http(
+            settings.http_address,
+            grace_s=settings.shutdown_grace_s,
+            cache_policies={GET_PROFILE: profile_cache_policy(settings.http_max_age_s)},
+        )
     return ProfileApp(
         grpc=server,
         merger=merger,

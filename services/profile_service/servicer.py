@@ -3,6 +3,7 @@ UnmergedEventService (the merger's dead letters: list, replay)."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC
 from typing import Any, NoReturn
 
@@ -30,7 +31,7 @@ from sendtime_common.errors import (
     not_found_status,
     retry_status,
 )
-from sendtime_common.identifier_proto import IdentifierKey, parse_identifier
+from sendtime_common.identifier_proto import IdentifierKey, parse_identifier, requested_customer
 from sendtime_common.paging import InvalidPageToken, page_size
 
 
@@ -52,20 +53,29 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.GetProfileResponse:
         violations: list[FieldViolation] = []
-        key = parse_identifier(request.identifier, "identifier")
+        identifier = request.identifier if request.HasField("identifier") else None
+        key = requested_customer(identifier, request.name, "identifier", "name")
         if isinstance(key, FieldViolation):
             violations.append(key)
         violations.extend(_read_mask_violations(request))
         if violations or isinstance(key, FieldViolation):
             await abort_invalid(context, "invalid GetProfile request", violations)
-        (profile,) = await self._reader.get_many([key])
-        if profile is None:
-            if await self._repository.erased_among([key]):
+        if isinstance(key, uuid.UUID):
+            profile = await self._reader.get_by_customer_id(key)
+            if profile is None:
                 await abort_with(
                     context,
-                    not_found_status("the customer was erased", "PROFILE_ERASED", {"kind": key[0].value}),
+                    not_found_status("no customer has this id", "PROFILE_NOT_FOUND", {"name": request.name}),
                 )
-            await _abort_not_found(context, key)
+        else:
+            (profile,) = await self._reader.get_many([key])
+            if profile is None:
+                if await self._repository.erased_among([key]):
+                    await abort_with(
+                        context,
+                        not_found_status("the customer was erased", "PROFILE_ERASED", {"kind": key[0].value}),
+                    )
+                await _abort_not_found(context, key)
         return profile_pb2.GetProfileResponse(profile=apply_read_mask(profile, request.read_mask))
 
     async def BatchGetProfiles(

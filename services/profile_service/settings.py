@@ -21,6 +21,11 @@ class Settings:
     address: str = "[::]:50052"
     # Health only, plaintext, for kubelet\'s gRPC probes (which cannot speak TLS); empty: none.
     health_address: str = "[::]:50062"
+    # The HTTP/JSON face (the contracts' google.api.http routes, same keys, scopes and limits;
+    # docs/http.md); empty: none.
+    http_address: str = "[::]:8082"
+    # Cache-Control max-age of a profile fetched over HTTP (its ETag lets a client revalidate).
+    http_max_age_s: int = 0
     # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Concurrent calls, queued calls and message sizes (docs/limits.md).
@@ -73,6 +78,8 @@ class Settings:
         return cls(
             address=env_str(env, "PROFILE_ADDRESS", defaults.address),
             health_address=env.get("PROFILE_HEALTH_ADDRESS", defaults.health_address).strip(),
+            http_address=env.get("PROFILE_HTTP_ADDRESS", defaults.http_address).strip(),
+            http_max_age_s=env_int(env, "PROFILE_HTTP_MAX_AGE_SECONDS", defaults.http_max_age_s, minimum=0),
             tls=TlsSettings.from_env(env),
             limits=CallLimits.from_env(env, PROFILE_CALL_LIMITS),
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),

@@ -222,6 +222,9 @@ def _base(job: RenderJob, lookup: ProfileLookup) -> render_pb2.RenderResponse:
     )
     if lookup.failure in FALLBACK_REASONS:
         response.fallback_reason = FALLBACK_REASONS[lookup.failure]
+    elif job.content.HasField("max_data_age") and not response.degraded:
+        # As long as the data may be old anyway; a render from fallbacks is not to be reused.
+        response.max_age.CopyFrom(job.content.max_data_age)
     if lookup.profile is not None:
         response.profile_version = lookup.profile.version
         if lookup.profile.HasField("update_time"):

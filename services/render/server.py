@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import redis.asyncio as redis
+from google.protobuf.message import Message
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from render.catalog import CatalogConsumer, CatalogStore
@@ -32,6 +33,7 @@ from sendtime_common.config import ConfigError
 from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -39,6 +41,33 @@ SERVICE_NAMES = [
     render_pb2.DESCRIPTOR.services_by_name["RenderService"].full_name,
     render_pb2.DESCRIPTOR.services_by_name["TemplateService"].full_name,
 ]
+RENDER = f"/{SERVICE_NAMES[0]}/Render"
+
+
+def _render_etag_basis(answer: Message) -> bytes:
+    """What a render's (weak) ETag hashes: what the message says and the versions it came from.
+    Not its data age, which grows every second, nor where the profile came from (live, or the
+    cache the template's max_data_age allows): the same message either way."""
+    assert isinstance(answer, render_pb2.RenderResponse)
+    same = render_pb2.RenderResponse(
+        subject=answer.subject,
+        html=answer.html,
+        text=answer.text,
+        status=answer.status,
+        skip_reason=answer.skip_reason,
+        fallback_reason=answer.fallback_reason,
+        profile_version=answer.profile_version,
+        template_version=answer.template_version,
+    )
+    return same.SerializeToString(deterministic=True)
+
+
+# A render over HTTP may be reused for as long as its template lets data be old (max_age).
+RENDER_CACHE_POLICY = CachePolicy(
+    max_age_s=lambda answer: int(answer.max_age.seconds),  # type: ignore[attr-defined]
+    etag_basis=_render_etag_basis,
+    weak=True,
+)
 
 
 @dataclass(slots=True)
@@ -186,16 +215,23 @@ async def create_app(settings: Settings) -> RenderApp:
         render_pb2_grpc.add_RenderServiceServicer_to_server(render_servicer, server)
         render_pb2_grpc.add_TemplateServiceServicer_to_server(template_servicer, server)
 
+    server = GrpcServer(
+        settings.address,
+        SERVICE_NAMES,
+        register,
+        auth.interceptor,
+        tls=settings.tls,
+        health_address=settings.health_address,
+        limits=settings.limits,
+    )
+    if settings.http_address:
+        server.serve_http(
+            settings.http_address,
+            grace_s=settings.shutdown_grace_s,
+            cache_policies={RENDER: RENDER_CACHE_POLICY},
+        )
     return RenderApp(
-        grpc=GrpcServer(
-            settings.address,
-            SERVICE_NAMES,
-            register,
-            auth.interceptor,
-            tls=settings.tls,
-            health_address=settings.health_address,
-            limits=settings.limits,
-        ),
+        grpc=server,
         profile_channel=profile_channel,
         profiles=profiles,
         pool=pool,

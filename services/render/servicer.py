@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from sendtime_common.errors import (
     not_found_status,
     retry_status,
 )
-from sendtime_common.identifier_proto import KIND_TO_PROTO, parse_identifier
+from sendtime_common.identifier_proto import KIND_TO_PROTO, parse_identifier, requested_customer
 
 TEMPLATE_NAME_PREFIX = "templates/"
 MAX_BATCH = 100_000
@@ -71,7 +72,11 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         self, request: render_pb2.RenderRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> render_pb2.RenderResponse:
         violations: list[FieldViolation] = []
-        customer = parse_identifier(request.customer, "customer")
+        identifier = request.customer if request.HasField("customer") else None
+        customer = requested_customer(identifier, request.profile, "customer", "profile")
+        if isinstance(customer, uuid.UUID):  # profiles are fetched by identifier
+            by_identifier = "must name the customer by an identifier: profiles/{kind}:{value}"
+            customer = FieldViolation("profile", by_identifier)
         if isinstance(customer, FieldViolation):
             violations.append(customer)
         inline = request.HasField("template")

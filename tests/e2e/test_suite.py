@@ -33,6 +33,7 @@ HEALTH_PORTS = {
     "50062": "PROFILE_HEALTH_ADDRESS",
     "50063": "RENDER_HEALTH_ADDRESS",
 }
+HTTP_PORTS = {"8080": "INGEST_HTTP_ADDRESS", "8082": "PROFILE_HTTP_ADDRESS", "8083": "RENDER_HTTP_ADDRESS"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def suite_env(
         "SENDTIME_RUN_DIR": str(tmp_path_factory.mktemp("e2e-run")),
         "SHUTDOWN_GRACE_SECONDS": "5",
     }
-    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:
+    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values(), *HTTP_PORTS.values()]:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     return env
 
@@ -295,6 +296,67 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
     assert '{"field":"customer.value"' in bad_request and '{"field":"template.subject"' in bad_request
 
 
+def readme_curl_blocks() -> list[str]:
+    """The shell blocks of README.md's curl section."""
+    readme = (repo_root() / "README.md").read_text()
+    section = readme.split("## Try it with curl", 1)[1].split("\n## ", 1)[0]
+    return [block.split("\n", 1)[1].split("```")[0] for block in section.split("```sh")[1:]]
+
+
+def test_the_readme_curl_examples_work_when_pasted(running_suite: dict[str, str]) -> None:
+    """Over HTTPS with the local CA, as an engineer pastes them: events sent, the profile
+    fetched by email, a template stored and rendered at send time with its caching headers."""
+    blocks = readme_curl_blocks()
+    assert len(blocks) == 3
+    outputs = []
+    for block in blocks:
+        for port, variable in HTTP_PORTS.items():
+            served_on = running_suite[variable].rpartition(":")[2]
+            block = block.replace(f"localhost:{port}", f"localhost:{served_on}")
+        block = block.replace(".run/tls/ca.crt", shlex.quote(running_suite["SENDTIME_CA_FILE"]))
+        deadline = time.monotonic() + 10
+        while True:  # a pasted lookup may run before the merge of what was sent just before
+            result = subprocess.run(
+                ["bash", "-c", f"set -e\n{block}"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env={**os.environ, "SENDTIME_KEY": running_suite["SENDTIME_KEY"]},
+            )
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
+        outputs.append(result.stdout)
+    sent, profiles, rendered = outputs
+    assert sent.count('"EVENT_OUTCOME_ACCEPTED"') == 2
+    assert '"first_name":"Grace"' in profiles and '"sku":"TRAIL-42"' in profiles
+    assert "HTTP/1.1 404" in profiles and '"reason":"PROFILE_NOT_FOUND"' in profiles
+    assert '"subject":"Grace, your Trail runner is waiting"' in rendered
+    assert "cache-control: private, max-age=60" in rendered.lower() and "etag: w/" in rendered.lower()
+
+
+def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str]) -> None:
+    ca = running_suite["SENDTIME_CA_FILE"]
+    routes = {
+        "INGEST_HTTP_ADDRESS": "/v1/ingestStats",
+        "PROFILE_HTTP_ADDRESS": "/v1/profiles/user_id:nobody",
+        "RENDER_HTTP_ADDRESS": "/v1/templates",
+    }
+    for variable, route in routes.items():
+        port = running_suite[variable].rpartition(":")[2]
+
+        def curl(*args: str) -> subprocess.CompletedProcess[str]:
+            command = ["curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", *args]
+            return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+        assert curl(f"http://localhost:{port}/healthz").stdout == "000"  # no plaintext answer
+        assert curl("--cacert", ca, f"https://localhost:{port}/healthz").stdout == "200"  # open, as probes
+        assert curl("--cacert", ca, f"https://localhost:{port}{route}").stdout == "401"
+        assert curl(f"https://localhost:{port}/healthz").returncode != 0  # not the system's CA
+
+
 def test_no_log_holds_a_key_an_email_a_raw_identifier_or_a_password(running_suite: dict[str, str]) -> None:
     """Seed a known key, email and user id through every path that touches them (keys made and
     refused, events, lookups, export, erasure, a bad request), then read every log the suite
@@ -371,7 +433,7 @@ def fresh_checkout(suite_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The suite's environment as another checkout sees it: ports and a run directory of its
     own (so its own NATS, certificates and keys), the same database."""
     env = {**suite_env, "SENDTIME_RUN_DIR": str(tmp_path / "run")}
-    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values()]:
+    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values(), *HTTP_PORTS.values()]:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     return env
 

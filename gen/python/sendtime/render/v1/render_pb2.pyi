@@ -333,6 +333,7 @@ class RenderResponse(_message.Message):
     PROFILE_SOURCE_FIELD_NUMBER: _builtins.int
     FALLBACKS_USED_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    MAX_AGE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """The rendered subject line."""
     html: _builtins.str
@@ -369,6 +370,12 @@ class RenderResponse(_message.Message):
         of the profile, e.g. "profile.traits.first_name".
         """
 
+    @_builtins.property
+    def max_age(self) -> _duration_pb2.Duration:
+        """How long this result may be reused: the template's max_data_age (HTTP
+        answers carry it as Cache-Control max-age). Unset: not at all.
+        """
+
     def __init__(
         self,
         *,
@@ -386,10 +393,11 @@ class RenderResponse(_message.Message):
         profile_source: Global___ProfileSource.ValueType = ...,
         fallbacks_used: _abc.Iterable[_builtins.str] | None = ...,
         degraded: _builtins.bool = ...,
+        max_age: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data_age", b"data_age"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data_age", b"data_age", "max_age", b"max_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_age", b"data_age", "degraded", b"degraded", "fallback_reason", b"fallback_reason", "fallback_used", b"fallback_used", "fallbacks_used", b"fallbacks_used", "html", b"html", "profile_source", b"profile_source", "profile_version", b"profile_version", "skip_detail", b"skip_detail", "skip_reason", b"skip_reason", "status", b"status", "subject", b"subject", "template_version", b"template_version", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_age", b"data_age", "degraded", b"degraded", "fallback_reason", b"fallback_reason", "fallback_used", b"fallback_used", "fallbacks_used", b"fallbacks_used", "html", b"html", "max_age", b"max_age", "profile_source", b"profile_source", "profile_version", b"profile_version", "skip_detail", b"skip_detail", "skip_reason", b"skip_reason", "status", b"status", "subject", b"subject", "template_version", b"template_version", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

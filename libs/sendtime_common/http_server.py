@@ -1,0 +1,120 @@
+"""Serving an aiohttp application the way every Sendtime HTTP port is served: HTTPS with the
+service's certificate (reloaded when its files change) unless plaintext was explicitly allowed,
+no access log (handlers write one structured line without personal data), request bodies
+inflated only by the handlers (never past their limit), and a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from aiohttp import web
+
+from sendtime_common.json_input import JsonInputError, JsonReason, check_media_type, decode_content
+from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
+
+log = logging.getLogger(__name__)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``.
+
+    Raises:
+        ValueError: not of that form.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"an HTTP address must be host:port, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+async def read_json_body(request: web.Request, max_bytes: int) -> bytes:
+    """The body of a JSON request: its media type checked, its Content-Encoding undone, at most
+    ``max_bytes`` (read or inflated). The application's ``client_max_size`` must be at least
+    ``max_bytes``.
+
+    Raises:
+        JsonInputError: UNSUPPORTED_MEDIA_TYPE, BODY_TOO_LARGE, UNSUPPORTED_CONTENT_ENCODING
+            or CONTENT_ENCODING_INVALID.
+    """
+    check_media_type(request.headers.get("Content-Type"))
+    too_large = JsonInputError(JsonReason.BODY_TOO_LARGE, f"the body is larger than {max_bytes} bytes")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise too_large
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # chunked bodies have no Content-Length
+        raise too_large from None
+    if len(body) > max_bytes:
+        raise too_large
+    return decode_content(body, request.headers.get("Content-Encoding"), max_bytes)
+
+
+class HttpListener:
+    """One aiohttp application on one address."""
+
+    def __init__(
+        self, app: web.Application, address: str, *, tls: TlsSettings, name: str, grace_s: float
+    ) -> None:
+        """Raises:
+        ValueError: the address is unusable.
+        ConfigError: no certificate, and plaintext not allowed.
+        UnusableCertificate: the certificate files are not usable.
+        """
+        tls.check()
+        self._app = app
+        self._host, self._requested_port = split_address(address)
+        self._tls = tls
+        self._ssl = server_ssl_context(tls) if tls.enabled else None
+        self._name = name
+        self._grace_s = grace_s
+        self._runner: web.AppRunner | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (the real one when the address asked for port 0)."""
+        if self._port is None:
+            raise RuntimeError(f"the {self._name} listener is not started")
+        return self._port
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._ssl is not None else "http"
+
+    async def start(self) -> None:
+        """Bind the address and serve."""
+        # auto_decompress off: aiohttp would inflate any coding it knows before a size check;
+        # json_input.decode_content inflates only gzip and deflate, and never past the limit.
+        runner = web.AppRunner(
+            self._app, access_log=None, shutdown_timeout=self._grace_s, auto_decompress=False
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._requested_port, ssl_context=self._ssl)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        if self._ssl is not None:
+            self._reloading = asyncio.create_task(
+                watch_ssl_context(self._ssl, self._tls), name=f"{self._name}-tls"
+            )
+        warn_if_plaintext(self._tls, lambda: f"{self._name} port {self._port}")
+        log.info(f"{self._name} listening", extra={"port": self._port, "scheme": self.scheme})
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in progress finish (up to the grace period), close."""
+        if self._reloading is not None:
+            self._reloading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloading
+            self._reloading = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
