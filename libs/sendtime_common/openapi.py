@@ -49,8 +49,10 @@ SECURITY_SCHEME = "bearerAuth"
 STATUS_SCHEMA = status_pb2.Status.DESCRIPTOR.full_name  # "google.rpc.Status"
 OPEN_PATHS = ("/healthz", "/openapi.json")
 
-_INT64_PATTERN = "^-?[0-9]+$"
-_UINT64_PATTERN = "^[0-9]+$"
+# Decimal digits, at most as many as the type's extremes have (json_format refuses a value out of
+# range with 400; the pattern keeps generated requests near the range without excluding any value).
+_INT64_PATTERN = "^-?[0-9]{1,19}$"
+_UINT64_PATTERN = "^[0-9]{1,20}$"
 
 # Error responses every API operation may give: (HTTP status, component name, gRPC codes, retry).
 _ERRORS: tuple[tuple[str, str, str, bool], ...] = (
@@ -99,8 +101,9 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
     "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
     "google.protobuf.Duration": {
         "type": "string",
-        "pattern": r"^-?[0-9]+(\.[0-9]{1,9})?s$",
-        "description": 'Seconds with up to 9 fractional digits and the suffix "s", e.g. "1.5s".',
+        "pattern": r"^-?[0-9]{1,12}(\.[0-9]{1,9})?s$",
+        "description": 'Seconds with up to 9 fractional digits and the suffix "s", e.g. "1.5s";'
+        " at most 315,576,000,000 s either way.",
     },
     "google.protobuf.FieldMask": {
         "type": "string",
