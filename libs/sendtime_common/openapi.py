@@ -479,7 +479,9 @@ class _Builder:
             if containing is not None and containing.name in oneofs:
                 comment += ("\n\n" if comment else "") + f"A member of the oneof `{containing.name}`."
             if comment:
-                schema = {**schema, "description": comment}
+                # A well-known type's own description (the Duration format) stays, after the field's.
+                own = schema.get("description")
+                schema = {**schema, "description": comment + (f"\n\n{own}" if own else "")}
             properties[field.json_name] = schema
         result: dict[str, Any] = {"type": "object", "properties": properties}
         text = self.comments.get(message.full_name, "")

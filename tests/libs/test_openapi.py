@@ -137,6 +137,10 @@ def test_well_known_types_map_to_canonical_json(document: dict[str, Any]) -> Non
     assert "purchased_skus" not in fields and "purchasedSkus" in fields
     template = schema(document, "sendtime.render.v1.Template")["properties"]
     assert template["maxDataAge"]["type"] == "string" and template["maxDataAge"]["pattern"].endswith("s$")
+    assert template["maxDataAge"]["description"].startswith("How old the profile data may be")
+    assert template["maxDataAge"]["description"].endswith("at most 315,576,000,000 s either way.")
+    item = schema(document, "sendtime.ingest.v1.WebhookItem")["properties"]
+    assert item["json"]["type"] == "string" and item["json"]["contentEncoding"] == "base64"
     update = schema(document, "sendtime.render.v1.UpdateTemplateRequest")["properties"]
     assert update["updateMask"]["type"] == "string"
     cart = schema(document, "sendtime.profile.v1.Cart")["properties"]
