@@ -28,11 +28,10 @@ import binascii
 import enum
 import hashlib
 import hmac
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import Context, Decimal, Inexact, InvalidOperation, localcontext
+from decimal import Decimal
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -41,7 +40,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 
-from ingest.validation import CURRENCY_CODES, is_http_url
+from ingest import payload_fields as fields
+from ingest.payload_fields import PayloadError
+from ingest.payload_fields import to_money as to_money  # re-exported: callers import it from here
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common import json_input
 
@@ -51,18 +52,14 @@ SHOPIFY_WEBHOOK_ID_HEADER = "X-Shopify-Webhook-Id"
 SENDGRID_SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 SENDGRID_TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 
-# The characters ingest allows in an event id (ingest.validation.EVENT_ID_PATTERN).
-_ID_PART = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")
-_NANOS_PER_UNIT = 1_000_000_000
-_INT64_MAX = 2**63 - 1
 # What google.protobuf.Timestamp can hold: 0001-01-01 to 9999-12-31 (UTC).
 _TIMESTAMP_MIN_S = -62_135_596_800
 _TIMESTAMP_MAX_S = 253_402_300_799
 
 
-class WebhookPayloadError(ValueError):
-    """The body is not in the provider's format; the message names the offending field (never
-    its value, which may be personal data)."""
+# The body is not in the provider's format; the message names the offending field (never its
+# value, which may be personal data). The field readers of ingest.payload_fields raise it.
+WebhookPayloadError = PayloadError
 
 
 class WebhookSignatureError(ValueError):
@@ -217,176 +214,6 @@ def verify_sendgrid_signature(
         raise WebhookSignatureError(f"timestamp is more than {int(max_age.total_seconds())}s from now")
 
 
-# --- fields ---------------------------------------------------------------------------------
-
-
-def _object(value: Any, path: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise WebhookPayloadError(f"{path}: must be an object")
-    return value
-
-
-def _optional_object(obj: dict[str, Any], key: str, path: str) -> dict[str, Any]:
-    value = obj.get(key)
-    return {} if value is None else _object(value, f"{path}.{key}")
-
-
-def _list(obj: dict[str, Any], key: str, path: str) -> list[Any]:
-    value = obj.get(key)
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise WebhookPayloadError(f"{path}.{key}: must be a list")
-    return value
-
-
-def _text(obj: dict[str, Any], key: str, path: str) -> str:
-    """A string field; '' when absent or null (Shopify sends null for unset fields)."""
-    value = obj.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise WebhookPayloadError(f"{path}.{key}: must be a string")
-    return value.strip()
-
-
-def _id(obj: dict[str, Any], key: str, path: str) -> str:
-    """An id sent as a JSON integer or string; '' when absent or null."""
-    value = obj.get(key)
-    if value is None:
-        return ""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise WebhookPayloadError(f"{path}.{key}: must be an integer or a string")
-    return str(value).strip()
-
-
-def _required_id(obj: dict[str, Any], key: str, path: str) -> str:
-    value = _id(obj, key, path)
-    if not value:
-        raise WebhookPayloadError(f"{path}.{key}: required")
-    if not _ID_PART.match(value):
-        raise WebhookPayloadError(f"{path}.{key}: must be 1 to 100 letters, digits and . _ : -")
-    return value
-
-
-def _integer(
-    obj: dict[str, Any], key: str, path: str, *, low: int = -_INT64_MAX - 1, high: int = _INT64_MAX
-) -> int | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    # 1.7E+9 is an integer written as a JSON number with an exponent; adjusted() first, so that
-    # 1E+999999 is never expanded.
-    if isinstance(value, Decimal) and value.adjusted() <= 18 and value == value.to_integral_value():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise WebhookPayloadError(f"{path}.{key}: must be an integer")
-    if not low <= value <= high:
-        raise WebhookPayloadError(f"{path}.{key}: must be between {low} and {high}")
-    return value
-
-
-def _decimal(value: Any, path: str) -> Decimal:
-    """An amount: a decimal string as Shopify sends money, or a JSON number (parsed exactly).
-    At most 18 digits before the point and 9 after, so that sums of amounts stay exact."""
-    if isinstance(value, bool) or not isinstance(value, str | int | Decimal):
-        raise WebhookPayloadError(f'{path}: must be a decimal amount such as "19.99"')
-    if isinstance(value, str) and not value.isascii():  # Decimal() also reads other scripts' digits
-        raise WebhookPayloadError(f'{path}: must be a decimal amount such as "19.99"')
-    try:
-        amount = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
-    except InvalidOperation:
-        raise WebhookPayloadError(f'{path}: must be a decimal amount such as "19.99"') from None
-    if not amount.is_finite():
-        raise WebhookPayloadError(f"{path}: must be a finite amount")
-    if not amount.is_zero() and amount.adjusted() > 18:
-        raise WebhookPayloadError(f"{path}: too large")
-    try:
-        amount.quantize(_NANO, context=_EXACT)  # raises Inexact rather than round
-    except (Inexact, InvalidOperation):
-        raise WebhookPayloadError(f"{path}: more than 9 decimal places") from None
-    return amount
-
-
-_NANO = Decimal("1E-9")
-# Wide enough for any amount _decimal lets through, and for sums of a million of them; any
-# rounding raises Inexact instead of silently changing an amount.
-_EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])
-
-
-def _currency(obj: dict[str, Any], key: str, path: str) -> str:
-    """An ISO 4217 code in use ('' when absent: ingest then rejects the money that needs one)."""
-    code = _text(obj, key, path)
-    if code and code not in CURRENCY_CODES:
-        raise WebhookPayloadError(f"{path}.{key}: must be an ISO 4217 currency code such as EUR or USD")
-    return code
-
-
-def _url(obj: dict[str, Any], key: str, path: str) -> str:
-    """An http or https URL ('' when absent)."""
-    url = _text(obj, key, path)
-    if url and not is_http_url(url):
-        raise WebhookPayloadError(f"{path}.{key}: must be an http or https URL")
-    return url
-
-
-def to_money(amount: Decimal, currency: str, path: str) -> money_pb2.Money:
-    """``amount`` as google.type.Money, exactly: units and nanos carry the same sign.
-
-    Raises:
-        WebhookPayloadError: more than 9 decimal places, or beyond int64 units.
-    """
-    if amount.adjusted() > 18:  # checked first: int() of 1E+999999 would be slow
-        raise WebhookPayloadError(f"{path}: too large")
-    try:
-        with localcontext() as ctx:
-            ctx.prec = 60
-            ctx.traps[Inexact] = True  # any rounding is an error, never a silent change
-            units = int(amount)  # truncates toward zero, so the remainder has the amount's sign
-            fraction = (amount - units) * _NANOS_PER_UNIT
-    except (Inexact, InvalidOperation):
-        raise WebhookPayloadError(f"{path}: too many digits") from None
-    if fraction != fraction.to_integral_value():
-        raise WebhookPayloadError(f"{path}: more than 9 decimal places")
-    if abs(units) > _INT64_MAX:
-        raise WebhookPayloadError(f"{path}: too large")
-    return money_pb2.Money(currency_code=currency, units=units, nanos=int(fraction))
-
-
-def _money_field(obj: dict[str, Any], key: str, currency: str, path: str) -> money_pb2.Money | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    return to_money(_decimal(value, f"{path}.{key}"), currency, f"{path}.{key}")
-
-
-def _iso_time(obj: dict[str, Any], key: str, path: str) -> timestamp_pb2.Timestamp | None:
-    """An ISO 8601 time with an offset, as Shopify sends them ("2026-11-24T07:15:03-05:00")."""
-    text = _text(obj, key, path)
-    if not text:
-        return None
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise WebhookPayloadError(f"{path}.{key}: must be an ISO 8601 time") from None
-    if at.tzinfo is None:
-        raise WebhookPayloadError(f"{path}.{key}: must carry a UTC offset")
-    ts = timestamp_pb2.Timestamp()
-    try:
-        ts.FromDatetime(at)  # 0001-01-01T00:00+01:00 is in year 0 in UTC
-    except (ValueError, OverflowError):
-        raise WebhookPayloadError(f"{path}.{key}: must be between the years 1 and 9999 in UTC") from None
-    return ts
-
-
-def _first_time(obj: dict[str, Any], keys: tuple[str, ...], path: str) -> timestamp_pb2.Timestamp | None:
-    for key in keys:
-        ts = _iso_time(obj, key, path)
-        if ts is not None:
-            return ts
-    return None
-
-
 def _event(
     event_id: str,
     customer: ingest_pb2.CustomerIdentifiers,
@@ -408,34 +235,36 @@ def _shopify_customer(resource: dict[str, Any], path: str) -> ingest_pb2.Custome
     ``user_id`` at the top of an order, checkout or refund is the staff member who made it,
     never the customer, so it is not read.
     """
-    customer = _optional_object(resource, "customer", path)
+    customer = fields.optional_object(resource, "customer", path)
     email = (
-        _text(resource, "email", path)
-        or _text(resource, "contact_email", path)
-        or _text(customer, "email", f"{path}.customer")
+        fields.text(resource, "email", path)
+        or fields.text(resource, "contact_email", path)
+        or fields.text(customer, "email", f"{path}.customer")
     )
-    return ingest_pb2.CustomerIdentifiers(email=email, user_id=_id(customer, "id", f"{path}.customer"))
+    return ingest_pb2.CustomerIdentifiers(
+        email=email, user_id=fields.id_text(customer, "id", f"{path}.customer")
+    )
 
 
 def _shopify_lines(resource: dict[str, Any], currency: str, path: str) -> list[ingest_pb2.OrderLine]:
     """Order lines by SKU. A variant without a SKU is named ``variant:<id>``; a line with
     neither (a tip, a custom item) is left out: it names no product."""
     lines = []
-    for i, raw in enumerate(_list(resource, "line_items", path)):
+    for i, raw in enumerate(fields.list_field(resource, "line_items", path)):
         item_path = f"{path}.line_items[{i}]"
-        item = _object(raw, item_path)
-        sku = _text(item, "sku", item_path)
+        item = fields.as_object(raw, item_path)
+        sku = fields.text(item, "sku", item_path)
         if not sku:
-            variant_id = _id(item, "variant_id", item_path)
+            variant_id = fields.id_text(item, "variant_id", item_path)
             if not variant_id:
                 continue
             sku = f"variant:{variant_id}"
         line = ingest_pb2.OrderLine(
             sku=sku,
-            name=_text(item, "name", item_path) or _text(item, "title", item_path),
-            quantity=_integer(item, "quantity", item_path) or 0,
+            name=fields.text(item, "name", item_path) or fields.text(item, "title", item_path),
+            quantity=fields.integer(item, "quantity", item_path) or 0,
         )
-        price = _money_field(item, "price", currency, item_path)
+        price = fields.money_field(item, "price", currency, item_path)
         if price is not None:
             line.unit_price.CopyFrom(price)
         lines.append(line)
@@ -443,17 +272,17 @@ def _shopify_lines(resource: dict[str, Any], currency: str, path: str) -> list[i
 
 
 def _order_completed(order: dict[str, Any]) -> list[ingest_pb2.Event]:
-    order_id = _required_id(order, "id", "order")
-    currency = _currency(order, "currency", "order")
+    order_id = fields.required_id(order, "id", "order")
+    currency = fields.currency(order, "currency", "order")
     completed = ingest_pb2.OrderCompleted(order_id=order_id, lines=_shopify_lines(order, currency, "order"))
-    total = _money_field(order, "total_price", currency, "order")
+    total = fields.money_field(order, "total_price", currency, "order")
     if total is not None:
         completed.total.CopyFrom(total)
     event = _event(
         # orders/create and orders/paid report the same order: one id, so the second is a duplicate.
         f"shopify:order:{order_id}:completed",
         _shopify_customer(order, "order"),
-        _first_time(order, ("processed_at", "created_at"), "order"),
+        fields.first_time(order, ("processed_at", "created_at"), "order"),
         ingest_pb2.EVENT_SOURCE_SERVER,
     )
     event.order_completed.CopyFrom(completed)
@@ -461,15 +290,15 @@ def _order_completed(order: dict[str, Any]) -> list[ingest_pb2.Event]:
 
 
 def _order_cancelled(order: dict[str, Any]) -> list[ingest_pb2.Event]:
-    order_id = _required_id(order, "id", "order")
+    order_id = fields.required_id(order, "id", "order")
     event = _event(
         f"shopify:order:{order_id}:cancelled",
         _shopify_customer(order, "order"),
-        _first_time(order, ("cancelled_at", "updated_at"), "order"),
+        fields.first_time(order, ("cancelled_at", "updated_at"), "order"),
         ingest_pb2.EVENT_SOURCE_SERVER,
     )
     event.order_cancelled.CopyFrom(
-        ingest_pb2.OrderCancelled(order_id=order_id, reason=_text(order, "cancel_reason", "order"))
+        ingest_pb2.OrderCancelled(order_id=order_id, reason=fields.text(order, "cancel_reason", "order"))
     )
     return [event]
 
@@ -479,13 +308,16 @@ def _refund_amount(refund: dict[str, Any], path: str) -> money_pb2.Money | None:
     when there is none (a restock or a note without money)."""
     total = Decimal(0)
     currencies: set[str] = set()
-    for i, raw in enumerate(_list(refund, "transactions", path)):
+    for i, raw in enumerate(fields.list_field(refund, "transactions", path)):
         tx_path = f"{path}.transactions[{i}]"
-        tx = _object(raw, tx_path)
-        if _text(tx, "kind", tx_path) != "refund" or _text(tx, "status", tx_path) in ("failure", "error"):
+        tx = fields.as_object(raw, tx_path)
+        if fields.text(tx, "kind", tx_path) != "refund" or fields.text(tx, "status", tx_path) in (
+            "failure",
+            "error",
+        ):
             continue
-        total = _EXACT.add(total, _decimal(tx.get("amount"), f"{tx_path}.amount"))
-        currencies.add(_currency(tx, "currency", tx_path))
+        total = fields.EXACT.add(total, fields.decimal(tx.get("amount"), f"{tx_path}.amount"))
+        currencies.add(fields.currency(tx, "currency", tx_path))
     if not currencies:
         return None
     if len(currencies) > 1:
@@ -496,7 +328,7 @@ def _refund_amount(refund: dict[str, Any], path: str) -> money_pb2.Money | None:
 def _order_refunded(
     refund: dict[str, Any], customer: ingest_pb2.CustomerIdentifiers, path: str
 ) -> ingest_pb2.Event | None:
-    refund_id = _required_id(refund, "id", path)
+    refund_id = fields.required_id(refund, "id", path)
     amount = _refund_amount(refund, path)
     if amount is None:
         return None
@@ -504,11 +336,13 @@ def _order_refunded(
         # One id per refund, whichever topic reports it.
         f"shopify:refund:{refund_id}",
         customer,
-        _first_time(refund, ("processed_at", "created_at"), path),
+        fields.first_time(refund, ("processed_at", "created_at"), path),
         ingest_pb2.EVENT_SOURCE_SERVER,
     )
     event.order_refunded.CopyFrom(
-        ingest_pb2.OrderRefunded(order_id=_id(refund, "order_id", path), refund_id=refund_id, amount=amount)
+        ingest_pb2.OrderRefunded(
+            order_id=fields.id_text(refund, "order_id", path), refund_id=refund_id, amount=amount
+        )
     )
     return event
 
@@ -523,11 +357,11 @@ def _refund_created(refund: dict[str, Any]) -> list[ingest_pb2.Event]:
 def _order_updated(order: dict[str, Any]) -> list[ingest_pb2.Event]:
     """The refunds of an updated order, with the order's customer: the way to get refunds that
     can be attributed. The update itself is not an event."""
-    order_id = _required_id(order, "id", "order")
+    order_id = fields.required_id(order, "id", "order")
     customer = _shopify_customer(order, "order")
     events = []
-    for i, raw in enumerate(_list(order, "refunds", "order")):
-        event = _order_refunded(_object(raw, f"order.refunds[{i}]"), customer, f"order.refunds[{i}]")
+    for i, raw in enumerate(fields.list_field(order, "refunds", "order")):
+        event = _order_refunded(fields.as_object(raw, f"order.refunds[{i}]"), customer, f"order.refunds[{i}]")
         if event is not None:
             event.order_refunded.order_id = event.order_refunded.order_id or order_id
             events.append(event)
@@ -539,26 +373,28 @@ def _checkout_started(checkout: dict[str, Any], webhook_id: str) -> list[ingest_
     if not customer.email and not customer.user_id:
         # Most checkouts start before the buyer types an email: about nobody yet, not an error.
         return []
-    if not _ID_PART.match(webhook_id):
+    if not fields.ID_PART.match(webhook_id):
         raise WebhookPayloadError(
             f"{SHOPIFY_WEBHOOK_ID_HEADER} header: required, letters, digits and . _ : -"
         )
-    checkout_id = _id(checkout, "token", "checkout") or _required_id(checkout, "id", "checkout")
+    checkout_id = fields.id_text(checkout, "token", "checkout") or fields.required_id(
+        checkout, "id", "checkout"
+    )
     # Amounts of a checkout are in the buyer's (presentment) currency.
-    currency = _currency(checkout, "presentment_currency", "checkout") or _currency(
+    currency = fields.currency(checkout, "presentment_currency", "checkout") or fields.currency(
         checkout, "currency", "checkout"
     )
     started = ingest_pb2.CheckoutStarted(
         checkout_id=checkout_id, lines=_shopify_lines(checkout, currency, "checkout")
     )
-    total = _money_field(checkout, "total_price", currency, "checkout")
+    total = fields.money_field(checkout, "total_price", currency, "checkout")
     if total is not None:
         started.total.CopyFrom(total)
     event = _event(
         # Every update is a new snapshot of the checkout; a redelivery keeps its webhook id.
         f"shopify:{webhook_id}",
         customer,
-        _first_time(checkout, ("updated_at", "created_at"), "checkout"),
+        fields.first_time(checkout, ("updated_at", "created_at"), "checkout"),
         ingest_pb2.EVENT_SOURCE_SERVER,
     )
     event.checkout_started.CopyFrom(started)
@@ -609,7 +445,7 @@ def shopify_events(topic: str, webhook_id: str, payload: Any) -> MappedDelivery:
     Raises:
         WebhookPayloadError: the payload is not a JSON object.
     """
-    resource = _object(payload, "body")
+    resource = fields.as_object(payload, "body")
     topic = topic.strip()
     handler = _SHOPIFY_TOPICS.get(topic)
     item = _item(
@@ -647,10 +483,10 @@ _BOUNCE_TYPES = {
 def _sendgrid_event_id(raw: dict[str, Any], path: str) -> str:
     """``sendgrid:<sg_event_id>``. An sg_event_id with characters an event id cannot hold (old
     ones are base64 with + / =) is hashed instead; without one, ingest derives an id."""
-    sg_event_id = _id(raw, "sg_event_id", path)
+    sg_event_id = fields.id_text(raw, "sg_event_id", path)
     if not sg_event_id:
         return ""
-    if _ID_PART.match(sg_event_id):
+    if fields.ID_PART.match(sg_event_id):
         return f"sendgrid:{sg_event_id}"
     return f"sendgrid:h:{hashlib.sha256(sg_event_id.encode('utf-8')).hexdigest()[:40]}"
 
@@ -667,32 +503,32 @@ def _custom_arg(raw: dict[str, Any], key: str) -> str:
 
 
 def _sendgrid_event(raw: dict[str, Any], payload_field: str, path: str) -> ingest_pb2.Event:
-    timestamp = _integer(raw, "timestamp", path, low=_TIMESTAMP_MIN_S, high=_TIMESTAMP_MAX_S)
+    timestamp = fields.integer(raw, "timestamp", path, low=_TIMESTAMP_MIN_S, high=_TIMESTAMP_MAX_S)
     occurred_at = None
     if timestamp is not None:
         occurred_at = timestamp_pb2.Timestamp(seconds=timestamp)
     event = _event(
         _sendgrid_event_id(raw, path),
-        ingest_pb2.CustomerIdentifiers(email=_text(raw, "email", path)),
+        ingest_pb2.CustomerIdentifiers(email=fields.text(raw, "email", path)),
         occurred_at,
         ingest_pb2.EVENT_SOURCE_EMAIL,
     )
     message = ingest_pb2.EmailMessage(
-        message_id=_text(raw, "sg_message_id", path), campaign_id=_custom_arg(raw, "campaign_id")
+        message_id=fields.text(raw, "sg_message_id", path), campaign_id=_custom_arg(raw, "campaign_id")
     )
     payload = getattr(event, payload_field)
     payload.message.CopyFrom(message)
     if payload_field == "email_clicked":
-        payload.url = _url(raw, "url", path)
+        payload.url = fields.url(raw, "url", path)
     elif payload_field == "email_bounced":
-        bounce_type = _text(raw, "type", path)
+        bounce_type = fields.text(raw, "type", path)
         payload.bounce_type = _BOUNCE_TYPES.get(bounce_type, ingest_pb2.BOUNCE_TYPE_UNSPECIFIED)
-        payload.reason = _text(raw, "reason", path)
+        payload.reason = fields.text(raw, "reason", path)
     if payload_field in ("email_opened", "email_clicked"):
         # Only for opens and clicks are ip and useragent the recipient's (for deliveries, the ip
         # is SendGrid's sending server).
-        event.context.ip = _text(raw, "ip", path)
-        event.context.user_agent = _text(raw, "useragent", path)
+        event.context.ip = fields.text(raw, "ip", path)
+        event.context.user_agent = fields.text(raw, "useragent", path)
     return event
 
 
