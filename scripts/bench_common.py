@@ -295,6 +295,15 @@ class BenchError(RuntimeError):
     """The bench could not run (a process did not start, an event was refused): it exits 1."""
 
 
+class CallFailed(Exception):
+    """A timed call that was answered with a failure other than a gRPC error (an HTTP status):
+    counted by ``reason`` like a gRPC error's code, not raised."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class BenchTls:
     """A server certificate for 127.0.0.1 from a CA made for one bench run: ``server_env`` serves

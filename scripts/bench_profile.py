@@ -64,6 +64,7 @@ from bench_common import (
     PLAINTEXT,
     BenchError,
     BenchStack,
+    CallFailed,
     CallFloor,
     CpuMeter,
     CpuSnapshot,
@@ -212,6 +213,9 @@ async def measure(
                 await call(i)
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
+                continue
+            except CallFailed as exc:
+                errors[exc.reason] += 1
                 continue
             if started >= count_from:
                 latencies.append(time.perf_counter() - started)

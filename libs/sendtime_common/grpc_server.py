@@ -12,9 +12,11 @@ calls, lets in-flight calls finish within a grace period, then exits.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,6 +34,11 @@ from sendtime_common.internal_errors import InternalErrors
 from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
 log = logging.getLogger(__name__)
+
+# The contracts' OpenAPI document (scripts/gen_openapi.py), served open at /openapi.json on every
+# HTTP port: each port serves the routes of its own services, the document describes all of them,
+# as one base URL behind the Ingress does.
+OPENAPI_DOCUMENT = Path(__file__).resolve().parents[2] / "openapi" / "sendtime.openapi.json"
 
 OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what probes ask about
 
@@ -163,6 +170,7 @@ class GrpcServer:
         )
         app = web.Application(client_max_size=self.limits.max_receive_bytes)
         app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/openapi.json", _static_json(OPENAPI_DOCUMENT.read_bytes()))
         if add_routes is not None:
             add_routes(app)
         gateway.add_to(app)
@@ -187,6 +195,20 @@ class GrpcServer:
         await self.server.stop(grace_s)
         if self._health_server is not None:
             await self._health_server.stop(0)
+
+
+def _static_json(body: bytes) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A handler answering ``body``, with an ETag (a client generator or fuzzer that polls it
+    gets 304) and a short shared max-age: the document changes only with a deploy."""
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    headers = {"ETag": etag, "Cache-Control": "public, max-age=300"}
+
+    async def handler(request: web.Request) -> web.Response:
+        if etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    return handler
 
 
 async def _healthz(request: web.Request) -> web.Response:

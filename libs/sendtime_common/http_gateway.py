@@ -291,7 +291,7 @@ class HttpGateway:
 
     def add_to(self, app: web.Application) -> None:
         """Serve the routes from ``app`` (after the app's other routes: a catch-all)."""
-        app.router.add_route("*", "/v1/{tail:.*}", self.handle)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path

@@ -18,6 +18,7 @@ from render.context import struct_to_dict
 from render.renderer import Renderer, RenderJob
 from render.template_errors import template_error_status
 from render.template_store import StoreError
+from render.template_validation import InvalidName, parse_name
 from render.templates import CompiledTemplate, InvalidTemplate, TemplateError
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
@@ -34,7 +35,6 @@ from sendtime_common.errors import (
 )
 from sendtime_common.identifier_proto import KIND_TO_PROTO, parse_identifier, requested_customer
 
-TEMPLATE_NAME_PREFIX = "templates/"
 MAX_BATCH = 100_000
 # What one customer of a RenderBatch request may take on average for the request to fit the
 # server's message size: an identifier of 256 ASCII characters and its framing (render.proto).
@@ -243,9 +243,13 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         violations: list[FieldViolation],
     ) -> render_pb2.StoredTemplate | None:
-        template_id = name.removeprefix(TEMPLATE_NAME_PREFIX)
-        if not name.startswith(TEMPLATE_NAME_PREFIX) or not template_id:
-            violations.append(FieldViolation("template_name", "must look like templates/abandoned-cart"))
+        try:
+            template_id = parse_name(name)
+        except InvalidName as exc:
+            violations.append(FieldViolation("template_name", str(exc)))
+            return None
+        if version < 0:
+            violations.append(FieldViolation("template_version", "must not be negative (0: published)"))
             return None
         if self._templates is None:
             violations.append(FieldViolation("template_name", "stored templates are not configured"))

@@ -73,7 +73,8 @@ _SELECT_VERSION = """
     FROM render_templates t
     LEFT JOIN render_template_versions v
       ON v.template_id = t.id
-     AND v.version = CASE WHEN $2 <> 0 THEN $2 WHEN $3 THEN t.published_version ELSE t.latest_version END
+     AND v.version = CASE WHEN $2::bigint <> 0 THEN $2::bigint
+                          WHEN $3 THEN t.published_version ELSE t.latest_version END
     WHERE t.id = $1
 """
 

@@ -22,6 +22,7 @@ from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.api_keys import Scope
+from sendtime_common.grpc_server import OPENAPI_DOCUMENT
 from tests.conftest import channel, eventually
 from tests.factories import event, identify
 from tests.keys import issue_key
@@ -265,3 +266,19 @@ async def test_curl_fetches_a_profile_as_the_readme_shows(
 
     body = await eventually(curled)
     assert body["profile"]["traits"] == {"first_name": "Curl"}
+
+
+async def test_every_http_port_serves_the_committed_openapi_document_without_a_key(
+    http: aiohttp.ClientSession, ingest_app: IngestApp, profile_app: ProfileApp, render_app: RenderApp
+) -> None:
+    committed = json.loads(OPENAPI_DOCUMENT.read_text())
+    for app in (ingest_app, profile_app, render_app):
+        async with http.get(f"{base_url(app)}/openapi.json") as answer:
+            assert answer.status == 200
+            assert answer.content_type == "application/json"
+            assert await answer.json() == committed
+            etag = answer.headers["ETag"]
+        async with http.get(f"{base_url(app)}/openapi.json", headers={"If-None-Match": etag}) as again:
+            assert again.status == 304
+        async with http.get(f"{base_url(app)}/healthz") as health:
+            assert (health.status, await health.json()) == (200, {"status": "SERVING"})

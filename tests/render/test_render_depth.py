@@ -604,9 +604,25 @@ async def test_a_stored_template_renders_at_its_published_or_a_given_version(
             await stub.Render(
                 render_pb2.RenderRequest(customer=user("u-1"), template_name=f"templates/none-{unique}")
             )
+        # Found by schemathesis: a version past 32 bits, a negative one, or a name no template
+        # can have, were the template store "unavailable" (503).
+        refused = {}
+        for version, template_name in ((461718108206, name), (-7, name), (0, "templates/Not\x0bAnId")):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.Render(
+                    render_pb2.RenderRequest(
+                        customer=user("u-1"), template_name=template_name, template_version=version
+                    )
+                )
+            refused[version] = failed.value.code()
     assert (published.template_version, published.subject) == (1, "Ada, 1 items wait for you")
     assert (second.template_version, second.subject) == (2, "v2 for Ada")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused == {
+        461718108206: grpc.StatusCode.NOT_FOUND,
+        -7: grpc.StatusCode.INVALID_ARGUMENT,
+        0: grpc.StatusCode.INVALID_ARGUMENT,
+    }
 
 
 EMAIL_MESSAGE = ingest_pb2.EmailMessage(message_id="m-1")

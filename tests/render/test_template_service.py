@@ -496,6 +496,12 @@ async def test_error_codes(stub: render_pb2_grpc.TemplateServiceAsyncStub, uniqu
         grpc.StatusCode.NOT_FOUND,
         "TEMPLATE_VERSION_NOT_FOUND",
     )
+    # Past 32 bits (found by schemathesis: it was a 503, the database "unavailable").
+    beyond = await failing(stub.GetTemplate(render_pb2.GetTemplateRequest(name=name, version=461718108206)))
+    assert (beyond.code(), error_info(beyond).reason) == (
+        grpc.StatusCode.NOT_FOUND,
+        "TEMPLATE_VERSION_NOT_FOUND",
+    )
     update_missing = await failing(
         stub.UpdateTemplate(render_pb2.UpdateTemplateRequest(name=f"templates/none-{unique}", content=CART))
     )
