@@ -16,6 +16,7 @@ import nats_auth
 from ingest.settings import Settings as IngestSettings
 from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
+from sendtime_common.http_routes import routes_of
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -111,3 +112,49 @@ def test_the_dockerfile_copies_what_exists_and_sets_the_source_path() -> None:
     path = re.search(r"PYTHONPATH=(\S+)", dockerfile)
     assert path is not None
     assert path.group(1).split(":") == ["/app/gen/python", "/app/libs", "/app/services", "/app/scripts"]
+
+
+def ingress_backend(paths: list[dict[str, Any]], path: str) -> tuple[str, str] | None:
+    """The (service, port name) Kubernetes sends ``path`` to: the longest matching rule path,
+    Exact before Prefix at the same length; Prefix matches whole path elements."""
+
+    def matches(rule: dict[str, Any]) -> bool:
+        if rule["pathType"] == "Exact":
+            return bool(path == rule["path"])
+        prefix: list[str] = rule["path"].rstrip("/").split("/")
+        return path.split("/")[: len(prefix)] == prefix
+
+    found = [r for r in paths if matches(r)]
+    if not found:
+        return None
+    best = max(found, key=lambda r: (len(r["path"]), r["pathType"] == "Exact"))
+    service = best["backend"]["service"]
+    return service["name"], service["port"]["name"]
+
+
+def test_the_ingress_sends_every_route_of_the_contracts_to_the_service_that_serves_it() -> None:
+    (ingress,) = documents("ingress.yaml")
+    (rule,) = ingress["spec"]["rules"]
+    paths = rule["http"]["paths"]
+    hosting = {
+        "ingest": ["sendtime.ingest.v1.IngestService"],
+        "profile": ["sendtime.profile.v1.ProfileService"],
+        "render": ["sendtime.render.v1.RenderService", "sendtime.render.v1.TemplateService"],
+    }
+    routed = 0
+    for service, names in hosting.items():
+        for route in routes_of(names):
+            sample = re.sub(r"\{[^}]+\}", "id-1", route.openapi_path)
+            assert ingress_backend(paths, sample) == (service, "http"), (route.template, sample)
+            routed += 1
+    assert routed >= 12
+    for provider in ("shopify", "sendgrid"):
+        assert ingress_backend(paths, f"/webhooks/{provider}") == ("ingest", "webhooks")
+    assert ingress_backend(paths, "/openapi.json") is not None
+    assert ingress_backend(paths, "/healthz") is None  # probes stay inside the cluster
+    # Each backend port exists on its Service and serves HTTPS, as the annotation says.
+    for service in hosting:
+        _, manifest, _ = documents(f"{service}.yaml")
+        ports = {p["name"]: p for p in manifest["spec"]["ports"]}
+        assert ports["http"]["appProtocol"] == "https"
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
