@@ -12,7 +12,6 @@ calls, lets in-flight calls finish within a grace period, then exits.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_options
-from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls
+from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls, etag_matches, etag_of
 from sendtime_common.http_routes import routes_of
 from sendtime_common.http_server import HttpListener
 from sendtime_common.internal_errors import InternalErrors
@@ -200,11 +199,11 @@ class GrpcServer:
 def _static_json(body: bytes) -> Callable[[web.Request], Awaitable[web.Response]]:
     """A handler answering ``body``, with an ETag (a client generator or fuzzer that polls it
     gets 304) and a short shared max-age: the document changes only with a deploy."""
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    etag = etag_of(body)
     headers = {"ETag": etag, "Cache-Control": "public, max-age=300"}
 
     async def handler(request: web.Request) -> web.Response:
-        if etag in request.headers.get("If-None-Match", ""):
+        if etag_matches(request.headers.get("If-None-Match"), etag):
             return web.Response(status=304, headers=headers)
         return web.Response(body=body, content_type="application/json", headers=headers)
 

@@ -34,6 +34,7 @@ from opentelemetry import propagate, trace
 from sendtime_common.errors import (
     FieldViolation,
     bad_request_status,
+    details_of,
     error_info_status,
     log_unexpected,
     new_error_id,
@@ -250,22 +251,20 @@ def status_response(
 
 def _retry_after_s(status: status_pb2.Status) -> int | None:
     """RetryInfo's delay in whole seconds (at least 1; Retry-After has no fractions)."""
-    for detail in status.details:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):  # type: ignore[arg-type]
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return max(1, math.ceil(info.retry_delay.ToTimedelta().total_seconds()))
+    for info in details_of(status, error_details_pb2.RetryInfo):
+        return max(1, math.ceil(info.retry_delay.ToTimedelta().total_seconds()))
     if status.code in (code_pb2.UNAVAILABLE, code_pb2.RESOURCE_EXHAUSTED):
         return 1
     return None
 
 
-def _etag(basis: bytes) -> str:
+def etag_of(basis: bytes) -> str:
+    """A strong ETag naming ``basis`` (a hash of it)."""
     digest = hashlib.sha256(basis).digest()[:12]
     return '"' + base64.urlsafe_b64encode(digest).decode().rstrip("=") + '"'
 
 
-def _matches(if_none_match: str | None, etag: str) -> bool:
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110 13.1.2: weak comparison; ``*`` matches any current representation."""
     if not if_none_match:
         return False
@@ -396,10 +395,10 @@ class HttpGateway:
         if policy is None:
             return web.Response(body=body, content_type=_JSON, headers={"Cache-Control": "no-store"})
         headers = {
-            "ETag": ("W/" if policy.weak else "") + _etag(policy.etag_basis(answer)),
+            "ETag": ("W/" if policy.weak else "") + etag_of(policy.etag_basis(answer)),
             "Cache-Control": f"private, max-age={max(0, policy.max_age_s(answer))}",
         }
-        if request.method in ("GET", "HEAD") and _matches(
+        if request.method in ("GET", "HEAD") and etag_matches(
             request.headers.get("If-None-Match"), headers["ETag"]
         ):
             return web.Response(status=304, headers=headers)

@@ -50,7 +50,7 @@ from ingest.webhook_mapping import (
     verify_shopify_signature,
 )
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.errors import field_violations, log_unexpected, new_error_id
+from sendtime_common.errors import details_of, field_violations, log_unexpected, new_error_id
 from sendtime_common.http_server import HttpListener, read_json_body
 from sendtime_common.json_input import (
     SUPPORTED_ENCODINGS,
@@ -135,15 +135,10 @@ def _retry_info(results: list[ingest_pb2.EventResult]) -> tuple[int, str]:
     longest = 0.0
     reason = ""
     for result in results:
-        for detail in result.status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):  # type: ignore[arg-type]
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                longest = max(longest, info.retry_delay.ToTimedelta().total_seconds())
-            elif not reason and detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):  # type: ignore[arg-type]
-                error_info = error_details_pb2.ErrorInfo()
-                detail.Unpack(error_info)
-                reason = error_info.reason
+        for info in details_of(result.status, error_details_pb2.RetryInfo):
+            longest = max(longest, info.retry_delay.ToTimedelta().total_seconds())
+        if not reason:
+            reason = next((i.reason for i in details_of(result.status, error_details_pb2.ErrorInfo)), "")
     return max(DEFAULT_RETRY_AFTER_S, math.ceil(longest)), reason or "RETRY_LATER"
 
 
