@@ -422,7 +422,8 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Pa
 
 def curl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Path) -> str:
     """The send-time fetches an email platform makes, as curl commands to paste: the demo
-    customer's profile and the stored template rendered for them; and an event sent over HTTP."""
+    customer's profile and the stored template rendered for them; an event sent over HTTP, and
+    a Segment-style track call."""
     ingest, profile, render = (f"https://localhost:{s.http_port(env)}" for s in (INGEST, PROFILE, RENDER))
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     event = {
@@ -443,7 +444,21 @@ def curl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Path)
     ]
     header = shlex.quote(f"Authorization: Bearer {key}")
     trust = shlex.quote(os.path.relpath(ca_file))
-    return "\n".join(f"  curl -sS --cacert {trust} -H {header} {command}" for command in commands)
+    # Segment's HTTP Tracking API, as its libraries call it: the key as the write key (Basic).
+    track = {
+        "userId": user_id,
+        "event": "Product Viewed",
+        "properties": {"sku": "TRAIL-43", "name": "Trail runner GTX", "price": 119, "currency": "EUR"},
+        "messageId": f"curl-{uuid.uuid4().hex[:8]}",
+        "timestamp": now,
+    }
+    return "\n".join(
+        [
+            *(f"  curl -sS --cacert {trust} -H {header} {command}" for command in commands),
+            f"  curl -sS --cacert {trust} -u {shlex.quote(key + ':')} -H 'Content-Type: application/json' "
+            f"-d {shlex.quote(json.dumps(track))} {ingest}/v1/track",
+        ]
+    )
 
 
 # --- the commands ------------------------------------------------------------------------------

@@ -150,6 +150,8 @@ def test_the_ingress_sends_every_route_of_the_contracts_to_the_service_that_serv
     assert routed >= 12
     for provider in ("shopify", "sendgrid"):
         assert ingress_backend(paths, f"/webhooks/{provider}") == ("ingest", "webhooks")
+    for call in ("track", "identify", "page", "screen", "alias", "group", "batch"):
+        assert ingress_backend(paths, f"/v1/{call}") == ("ingest", "http")
     assert ingress_backend(paths, "/openapi.json") is not None
     assert ingress_backend(paths, "/healthz") is None  # probes stay inside the cluster
     # Each backend port exists on its Service and serves HTTPS, as the annotation says.

@@ -151,11 +151,11 @@ class GrpcServer:
         *,
         grace_s: float,
         cache_policies: Mapping[str, CachePolicy] | None = None,
-        add_routes: Callable[[web.Application], None] | None = None,
+        add_routes: Callable[[web.Application, InProcessCalls], None] | None = None,
     ) -> None:
         """Also serve the hosted services' HTTP routes (sendtime_common.http_gateway) on
         ``address``, with this server's TLS, interceptors and limits; ``add_routes`` adds a
-        service's own HTTP routes first.
+        service's own HTTP routes first, given the server's handlers behind its interceptors.
 
         Raises:
             ValueError: the address is unusable.
@@ -171,7 +171,7 @@ class GrpcServer:
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/openapi.json", _static_json(OPENAPI_DOCUMENT.read_bytes()))
         if add_routes is not None:
-            add_routes(app)
+            add_routes(app, calls)
         gateway.add_to(app)
         self.http = HttpListener(app, address, tls=self._tls, name="HTTP", grace_s=grace_s)
 

@@ -39,11 +39,11 @@ from sendtime_common.errors import (
     log_unexpected,
     new_error_id,
 )
-from sendtime_common.handlers import Handler
+from sendtime_common.handlers import Handler, WrappingInterceptor
 from sendtime_common.http_routes import HttpRoute, query_to_json, set_path_values
 from sendtime_common.http_server import read_json_body
 from sendtime_common.internal_errors import internal_status
-from sendtime_common.json_input import JsonInputError, parse_json
+from sendtime_common.json_input import SUPPORTED_ENCODINGS, JsonInputError, JsonReason, parse_json
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -223,6 +223,27 @@ class InProcessCalls:
         self._wrapped[method] = wrapped
         return wrapped
 
+    def handler_in_place_of(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Handler:
+        """A unary handler running ``behavior`` behind ``method``'s guards: the interceptors wrap
+        it as they wrap ``method`` (its access rule and scope, the caller's rate limit, load
+        shedding, internal errors), and inside it ``current_principal()`` is the caller. For an
+        HTTP route that is an RPC in all but the shape of its body (Segment's calls are
+        SendEvents): one policy, not a copy of it.
+
+        Raises:
+            KeyError: the server hosts no such method.
+        """
+        if method not in self._handlers:
+            raise KeyError(method)
+        handler: Handler = grpc.unary_unary_rpc_method_handler(behavior)
+        for interceptor in reversed(self._interceptors):
+            # Wrapped directly, not through intercept_service: that caches one handler per
+            # method, and the gRPC server shares these interceptors.
+            if not isinstance(interceptor, WrappingInterceptor):
+                raise TypeError(f"{type(interceptor).__name__} cannot wrap a handler in place of another")
+            handler = interceptor.wrap(method, handler)
+        return handler
+
 
 def _continue_with(
     interceptor: grpc.aio.ServerInterceptor[Any, Any], inner: Callable[[Any], Awaitable[Handler]]
@@ -236,13 +257,14 @@ def _continue_with(
 def status_response(
     status: status_pb2.Status, extra_headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    """``status`` as JSON under its HTTP status, with Retry-After when it says when to retry."""
+    """``status`` as JSON under its HTTP status, with Retry-After when it says when to retry
+    (and a Bearer challenge on a 401, unless ``extra_headers`` has one)."""
     headers = {"Cache-Control": "no-store", **(extra_headers or {})}
     retry_after = _retry_after_s(status)
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     if status.code == code_pb2.UNAUTHENTICATED:
-        headers["WWW-Authenticate"] = 'Bearer realm="sendtime"'
+        headers.setdefault("WWW-Authenticate", 'Bearer realm="sendtime"')
     body = json_format.MessageToDict(status)
     return web.Response(
         body=orjson.dumps(body), status=HTTP_STATUS.get(status.code, 500), content_type=_JSON, headers=headers
@@ -371,11 +393,7 @@ class HttpGateway:
             try:
                 fields = parse_json(await read_json_body(request, self._max_body_bytes), top_level="object")
             except JsonInputError as exc:
-                return web.Response(
-                    body=orjson.dumps(json_format.MessageToDict(_json_input_status(exc))),
-                    status=exc.http_status,
-                    content_type=_JSON,
-                )
+                return json_input_response(exc)
         else:
             fields, violations = query_to_json(route, request.rel_url.query.items())
         if violations:
@@ -408,6 +426,20 @@ class HttpGateway:
 def _violation(error: json_format.ParseError) -> FieldViolation:
     """json_format names the field in its message (``Failed to parse readMask field: ...``)."""
     return FieldViolation("", str(error))
+
+
+def json_input_response(error: JsonInputError) -> web.Response:
+    """A body refused before it was parsed, as a Status under the refusal's HTTP status (413,
+    415, 400); a 415 for a Content-Encoding says which ones work (RFC 9110 15.5.16)."""
+    headers = {"Cache-Control": "no-store"}
+    if error.reason == JsonReason.UNSUPPORTED_CONTENT_ENCODING:
+        headers["Accept-Encoding"] = ", ".join(("identity", *SUPPORTED_ENCODINGS))
+    return web.Response(
+        body=orjson.dumps(json_format.MessageToDict(_json_input_status(error))),
+        status=error.http_status,
+        content_type=_JSON,
+        headers=headers,
+    )
 
 
 def _json_input_status(error: JsonInputError) -> status_pb2.Status:

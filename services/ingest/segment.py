@@ -683,6 +683,11 @@ def _identify(
     event: ingest_pb2.Event, call: dict[str, Any], context: dict[str, Any], path: str, settings: _Settings
 ) -> list[ingest_pb2.Event]:
     traits = fields.optional_object(call, "traits", path)
+    traits_path = f"{path}.traits"
+    if call.get("traits") is None:
+        # RudderStack's libraries send an identify's traits in context.traits only.
+        traits = fields.optional_object(context, "traits", f"{path}.context")
+        traits_path = f"{path}.context.traits"
     renamed: dict[str, Any] = {}
     for name, value in traits.items():
         sendtime_name = _TRAIT_NAMES.get(name, name)
@@ -690,7 +695,7 @@ def _identify(
             continue  # first_name sent as well as firstName: the snake_case one wins
         renamed[sendtime_name] = value
     if renamed:
-        event.identify.traits.CopyFrom(_struct(renamed, f"{path}.traits", MAX_TRAITS))
+        event.identify.traits.CopyFrom(_struct(renamed, traits_path, MAX_TRAITS))
         return [event]
     # Without traits, an identify only says that its identifiers are one person.
     customer = event.customer

@@ -12,10 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+from aiohttp import web
 
 from ingest.dead_letters import DeadLetters
 from ingest.ingestor import Ingestor
 from ingest.retention import Retention, purge_expired
+from ingest.segment_routes import SegmentRoutes
 from ingest.servicer import IngestServicer
 from ingest.settings import Settings
 from ingest.stats import OutcomeCounters
@@ -28,6 +30,7 @@ from sendtime_common.config import ConfigError
 from sendtime_common.database import create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.http_gateway import InProcessCalls
 from sendtime_common.migrate import migrate
 
 log = logging.getLogger(__name__)
@@ -165,7 +168,18 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         limits=settings.limits,
     )
     if settings.http_address:
-        server.serve_http(settings.http_address, grace_s=settings.shutdown_grace_s)
+
+        def add_segment_routes(app: web.Application, calls: InProcessCalls) -> None:
+            SegmentRoutes(
+                calls,
+                ingestor,
+                max_events_per_batch=settings.max_batch_size,
+                default_currency=settings.segment_default_currency,
+            ).add_to(app)
+
+        server.serve_http(
+            settings.http_address, grace_s=settings.shutdown_grace_s, add_routes=add_segment_routes
+        )
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
         try:

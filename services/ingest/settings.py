@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ingest.validation import CURRENCY_CODES
 from ingest.webhooks import WebhookSettings
 from sendtime_common.auth.server_auth import AuthSettings
 from sendtime_common.call_limits import MIB, CallLimits
-from sendtime_common.config import env_float, env_int, env_str
+from sendtime_common.config import ConfigError, env_float, env_int, env_str
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
@@ -58,6 +59,9 @@ class Settings:
     # round trips and its one fsync in the event log): fewer, larger batches under a paced load.
     stream_linger_ms: float = 20.0
     max_batch_size: int = 1000
+    # The currency of a Segment call's amounts when the call names none (ISO 4217; empty: such
+    # a call is rejected, as money without a currency).
+    segment_default_currency: str = ""
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
     # IDENTIFIER_HASH_KEYS: how erased identifiers are named (sendtime_common.identifiers).
     identifier_hasher: IdentifierHasher = field(default_factory=IdentifierHasher.unkeyed)
@@ -105,6 +109,7 @@ class Settings:
                 env, "INGEST_MAX_IN_FLIGHT_PER_STREAM", defaults.max_in_flight_per_stream, minimum=1
             ),
             stream_linger_ms=env_float(env, "INGEST_STREAM_LINGER_MS", defaults.stream_linger_ms),
+            segment_default_currency=_currency(env, "INGEST_SEGMENT_DEFAULT_CURRENCY"),
             event_log=JetStreamSettings.from_env(env),
             identifier_hasher=hasher_from_env(env),
             auth=AuthSettings.from_env(env),
@@ -124,3 +129,15 @@ class Settings:
                 shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
             ),
         )
+
+
+def _currency(env: Mapping[str, str], name: str) -> str:
+    """An ISO 4217 currency code in use, or empty.
+
+    Raises:
+        sendtime_common.config.ConfigError: any other value.
+    """
+    code = env.get(name, "").strip().upper()
+    if code and code not in CURRENCY_CODES:
+        raise ConfigError(f"{name} must be an ISO 4217 currency code such as EUR or USD, got {code!r}")
+    return code

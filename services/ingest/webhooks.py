@@ -22,7 +22,6 @@ or a header value.
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +30,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
-from google.rpc import error_details_pb2
 
+from ingest.event_answers import DEFAULT_RETRY_AFTER_S, event_answer, outcome_counts, retry_info
 from ingest.store import StoreError
 from ingest.webhook_mapping import (
     ITEM_REASONS,
@@ -50,7 +49,7 @@ from ingest.webhook_mapping import (
     verify_shopify_signature,
 )
 from sendtime.ingest.v1 import ingest_pb2
-from sendtime_common.errors import details_of, field_violations, log_unexpected, new_error_id
+from sendtime_common.errors import log_unexpected, new_error_id
 from sendtime_common.http_server import HttpListener, read_json_body
 from sendtime_common.json_input import (
     SUPPORTED_ENCODINGS,
@@ -68,7 +67,6 @@ MAX_EVENTS_PER_SINK_CALL = 1000
 # Items of one SendGrid delivery: a 1 MiB body of 3-byte items would be 350,000 dead letters and
 # a 25 MB answer. SendGrid's real batches hold a few thousand events at most.
 MAX_ITEMS_PER_DELIVERY = 10_000
-DEFAULT_RETRY_AFTER_S = 1
 
 
 class EventSink(Protocol):
@@ -129,28 +127,6 @@ def _refused(exc: JsonInputError) -> web.Response:
     return _json(exc.http_status, {"error": exc.to_json()}, headers)
 
 
-def _retry_info(results: list[ingest_pb2.EventResult]) -> tuple[int, str]:
-    """The longest RetryInfo delay among the results, in whole seconds (at least 1), and the
-    ErrorInfo reason of the first result that has one."""
-    longest = 0.0
-    reason = ""
-    for result in results:
-        for info in details_of(result.status, error_details_pb2.RetryInfo):
-            longest = max(longest, info.retry_delay.ToTimedelta().total_seconds())
-        if not reason:
-            reason = next((i.reason for i in details_of(result.status, error_details_pb2.ErrorInfo)), "")
-    return max(DEFAULT_RETRY_AFTER_S, math.ceil(longest)), reason or "RETRY_LATER"
-
-
-_OUTCOME_NAMES = {
-    ingest_pb2.EVENT_OUTCOME_ACCEPTED: "accepted",
-    ingest_pb2.EVENT_OUTCOME_DUPLICATE: "duplicate",
-    ingest_pb2.EVENT_OUTCOME_REJECTED: "rejected",
-    # The event id was stored with another payload (an order edited under the id of its first
-    # delivery): kept for review in the dead-letter store; retrying cannot change it.
-    ingest_pb2.EVENT_OUTCOME_CONFLICT: "conflict",
-    ingest_pb2.EVENT_OUTCOME_RETRY: "retry",
-}
 # Outcomes of items that were not mapped, as the answer names them: the sender's malformed item
 # is rejected; one of a type Sendtime does not map, or whose mapping failed (a bug here), is
 # quarantined. Both are in the dead-letter store.
@@ -355,7 +331,7 @@ class WebhookServer:
         remaining = iter(results)
         for item in delivery.items:
             if item.outcome == ItemOutcome.MAPPED:
-                answers.extend(self._event_answer(item.index, next(remaining), about) for _ in item.events)
+                answers.extend(event_answer(item.index, next(remaining), about) for _ in item.events)
             elif item.outcome == ItemOutcome.IGNORED:
                 answers.append({"index": item.index, "outcome": "ignored", "type": item.type})
             else:
@@ -370,14 +346,10 @@ class WebhookServer:
                     answer["error_id"] = error_ids[item.index]
                 answers.append(answer)
 
-        tally = Counter(answer["outcome"] for answer in answers)
-        counts = {
-            name: tally[name]
-            for name in ("accepted", "duplicate", "rejected", "conflict", "quarantined", "ignored")
-        }
-        if tally["retry"]:
-            after, reason = _retry_info(results)
-            log.warning("webhook events must be retried", extra={**about, **counts, "retry": tally["retry"]})
+        counts, retry = outcome_counts(answers)
+        if retry:
+            after, reason = retry_info(results)
+            log.warning("webhook events must be retried", extra={**about, **counts, "retry": retry})
             return _json(
                 503,
                 {
@@ -386,35 +358,10 @@ class WebhookServer:
                         "message": "some events could not be stored; retry the delivery",
                     },
                     **counts,
-                    "retry": tally["retry"],
+                    "retry": retry,
                     "items": answers,
                 },
                 headers={"Retry-After": str(after)},
             )
         log.info("webhook ingested", extra={**about, **counts})
         return _json(200, {**counts, "items": answers})
-
-    @staticmethod
-    def _event_answer(index: int, result: ingest_pb2.EventResult, about: dict[str, object]) -> dict[str, Any]:
-        answer: dict[str, Any] = {
-            "index": index,
-            "outcome": _OUTCOME_NAMES.get(result.outcome, "retry"),
-            "event_id": result.event_id,
-        }
-        if result.outcome == ingest_pb2.EVENT_OUTCOME_REJECTED:
-            violations = field_violations(result.status)
-            # The field paths only in the log: a violation's description could quote what was sent.
-            log.warning(
-                "webhook event rejected",
-                extra={
-                    **about,
-                    "index": index,
-                    "event_id": result.event_id,
-                    "fields": sorted({v.field for v in violations}),
-                },
-            )
-            answer["reason"] = "EVENT_INVALID"
-            answer["violations"] = [{"field": v.field, "description": v.description} for v in violations]
-        elif result.outcome == ingest_pb2.EVENT_OUTCOME_CONFLICT:
-            answer["reason"] = "IDEMPOTENCY_CONFLICT"
-        return answer

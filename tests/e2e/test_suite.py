@@ -305,9 +305,10 @@ def readme_curl_blocks() -> list[str]:
 
 def test_the_readme_curl_examples_work_when_pasted(running_suite: dict[str, str]) -> None:
     """Over HTTPS with the local CA, as an engineer pastes them: events sent, the profile
-    fetched by email, a template stored and rendered at send time with its caching headers."""
+    fetched by email, a template stored and rendered at send time with its caching headers, a
+    Segment-style track call."""
     blocks = readme_curl_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     outputs = []
     for block in blocks:
         for port, variable in HTTP_PORTS.items():
@@ -329,12 +330,40 @@ def test_the_readme_curl_examples_work_when_pasted(running_suite: dict[str, str]
             time.sleep(0.1)
         assert result.returncode == 0, f"{block}\n{result.stdout}\n{result.stderr}"
         outputs.append(result.stdout)
-    sent, profiles, rendered = outputs
+    sent, profiles, rendered, tracked = outputs
     assert sent.count('"EVENT_OUTCOME_ACCEPTED"') == 2
     assert '"first_name":"Grace"' in profiles and '"sku":"TRAIL-42"' in profiles
     assert "HTTP/1.1 404" in profiles and '"reason":"PROFILE_NOT_FOUND"' in profiles
     assert '"subject":"Grace, your Trail runner is waiting"' in rendered
     assert "cache-control: private, max-age=60" in rendered.lower() and "etag: w/" in rendered.lower()
+    assert '"accepted":1' in tracked and '"outcome":"accepted"' in tracked
+
+
+def test_the_curl_lines_make_run_prints_work_when_pasted(running_suite: dict[str, str]) -> None:
+    """Each line as printed (the CA's relative path, the key inline): the event sent over HTTP
+    and the Segment-style track call, then the send-time fetches of that customer."""
+    user_id = f"printed-{uuid.uuid4().hex[:8]}"
+    profile, render, send, track = suite.curl_examples(
+        running_suite, user_id, running_suite["SENDTIME_KEY"], Path(running_suite["SENDTIME_CA_FILE"])
+    ).splitlines()
+
+    def paste(line: str) -> subprocess.CompletedProcess[str]:
+        command = line.strip() + " --fail-with-body"
+        return subprocess.run(
+            ["bash", "-c", command], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    sent, tracked = paste(send), paste(track)
+    assert sent.returncode == 0 and '"EVENT_OUTCOME_ACCEPTED"' in sent.stdout, sent
+    assert "-u " in track and "/v1/track" in track
+    assert tracked.returncode == 0 and '"outcome":"accepted"' in tracked.stdout, tracked
+    deadline = time.monotonic() + 10
+    while (fetched := paste(profile)).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until the events have merged
+    assert fetched.returncode == 0 and '"plan":"pro"' in fetched.stdout, fetched
+    # `make run` stores the demo template first (its demo step); this suite has not.
+    rendered = paste(render)
+    assert '"reason":"TEMPLATE_NOT_FOUND"' in rendered.stdout, rendered
 
 
 def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str]) -> None:

@@ -494,6 +494,19 @@ def test_a_snake_case_trait_wins_over_its_camel_case_twin() -> None:
     assert json_format.MessageToDict(event.identify.traits) == {"first_name": "Ada"}
 
 
+def test_an_identify_with_traits_only_in_its_context_as_rudderstack_sends_it_maps_them() -> None:
+    context = {"library": LIBRARY, "traits": {"email": "ada@example.com", "lastName": "Lovelace"}}
+    event = one_event(batch_body(segment_call("identify", traits=None, context=context)))
+    assert event.customer.email == "ada@example.com"
+    assert json_format.MessageToDict(event.identify.traits) == {
+        "email": "ada@example.com",
+        "last_name": "Lovelace",
+    }
+    context["traits"] = {"p": "x" * 1025}
+    result = mapped(batch_body(segment_call("identify", traits=None, context=context)))
+    assert reason(result)[0] == "batch[0].context.traits.p"
+
+
 def test_identify_without_traits_links_its_identifiers() -> None:
     event = one_event(batch_body(segment_call("identify", traits={})))
     assert event.WhichOneof("payload") == "alias"
