@@ -162,6 +162,12 @@ DEFAULT_RATES: Mapping[Scope, Rate] = {
     Scope.KEYS_MANAGE: Rate(5, 50),
     Scope.AUDIT_READ: Rate(10, 50),
     Scope.STATS_READ: Rate(20, 100),
+    Scope.TRIGGERS_READ: Rate(100, 200),
+    Scope.TRIGGERS_WRITE: Rate(20, 100),
+    Scope.DESTINATIONS_MANAGE: Rate(20, 100),
+    Scope.DELIVERIES_READ: Rate(100, 200),
+    # An adapter acknowledges deliveries in batches: a call per batch, not per delivery.
+    Scope.DELIVERIES_SUBSCRIBE: Rate(200, 400),
 }
 
 

@@ -29,7 +29,13 @@ def document() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def routes(document: dict[str, Any]) -> list[HttpRoute]:
     services = [tag["name"] for tag in document["tags"] if tag["name"] != "Server"]
-    packages = {"IngestService": "ingest", "ProfileService": "profile"}
+    packages = {
+        "IngestService": "ingest",
+        "ProfileService": "profile",
+        "TriggerService": "triggers",
+        "DestinationService": "triggers",
+        "DeliveryService": "triggers",
+    }
     return routes_of(f"sendtime.{packages.get(s, 'render')}.v1.{s}" for s in services)
 
 
@@ -59,6 +65,9 @@ def test_every_http_route_is_an_operation(document: dict[str, Any], routes: list
         "sendtime.profile.v1.ProfileService",
         "sendtime.render.v1.RenderService",
         "sendtime.render.v1.TemplateService",
+        "sendtime.triggers.v1.TriggerService",
+        "sendtime.triggers.v1.DestinationService",
+        "sendtime.triggers.v1.DeliveryService",
     }
     operations = {
         (path, method.upper())

@@ -47,6 +47,11 @@ class Scope(enum.StrEnum):
     KEYS_MANAGE = "keys.manage"
     AUDIT_READ = "audit.read"
     STATS_READ = "stats.read"
+    TRIGGERS_READ = "triggers.read"
+    TRIGGERS_WRITE = "triggers.write"
+    DESTINATIONS_MANAGE = "destinations.manage"
+    DELIVERIES_READ = "deliveries.read"
+    DELIVERIES_SUBSCRIBE = "deliveries.subscribe"
 
     @property
     def proto(self) -> auth_pb2.Scope.ValueType:

@@ -54,6 +54,22 @@ class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType
     """Read the audit trail: "audit.read"."""
     SCOPE_STATS_READ: _Scope.ValueType  # 11
     """Read operational counts (ingest's stats): "stats.read"."""
+    SCOPE_TRIGGERS_READ: _Scope.ValueType  # 12
+    """Read triggers and destinations (never a destination's secret):
+    "triggers.read".
+    """
+    SCOPE_TRIGGERS_WRITE: _Scope.ValueType  # 13
+    """Create, change, pause and delete triggers: "triggers.write"."""
+    SCOPE_DESTINATIONS_MANAGE: _Scope.ValueType  # 14
+    """Create, change and delete destinations, rotate their secrets, redeliver:
+    "destinations.manage".
+    """
+    SCOPE_DELIVERIES_READ: _Scope.ValueType  # 15
+    """Read the delivery log (which holds what was sent, personal data):
+    "deliveries.read".
+    """
+    SCOPE_DELIVERIES_SUBSCRIBE: _Scope.ValueType  # 16
+    """Read and acknowledge a subscription's deliveries: "deliveries.subscribe"."""
 
 class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
     """What a credential may do. Each RPC declares the one scope it needs."""
@@ -83,6 +99,22 @@ SCOPE_AUDIT_READ: Scope.ValueType  # 10
 """Read the audit trail: "audit.read"."""
 SCOPE_STATS_READ: Scope.ValueType  # 11
 """Read operational counts (ingest's stats): "stats.read"."""
+SCOPE_TRIGGERS_READ: Scope.ValueType  # 12
+"""Read triggers and destinations (never a destination's secret):
+"triggers.read".
+"""
+SCOPE_TRIGGERS_WRITE: Scope.ValueType  # 13
+"""Create, change, pause and delete triggers: "triggers.write"."""
+SCOPE_DESTINATIONS_MANAGE: Scope.ValueType  # 14
+"""Create, change and delete destinations, rotate their secrets, redeliver:
+"destinations.manage".
+"""
+SCOPE_DELIVERIES_READ: Scope.ValueType  # 15
+"""Read the delivery log (which holds what was sent, personal data):
+"deliveries.read".
+"""
+SCOPE_DELIVERIES_SUBSCRIBE: Scope.ValueType  # 16
+"""Read and acknowledge a subscription's deliveries: "deliveries.subscribe"."""
 Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 class _ApiKeyState:
