@@ -1,0 +1,1 @@
+"""The triggers service: durable timers that fire once per episode, and signed deliveries."""
