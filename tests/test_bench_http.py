@@ -9,10 +9,11 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from bench_http import open_loop, poisson_schedule
+from bench_http import open_alternating, open_loop, poisson_schedule
 
 from tests.conftest import repo_root
 
@@ -34,12 +35,27 @@ async def test_the_open_loop_counts_a_stall_for_every_request_it_delays() -> Non
         async with lock:
             await asyncio.sleep(0.2 if i == 0 else 0)
 
-    result = await open_loop(call, rate=1000, seconds=0.3, rng=random.Random(2))
+    result = await open_loop(call, 1000, 0.3, random.Random(2))
     assert len(result.latencies) == result.offered > 200
     assert not result.errors
     # ~100 requests are scheduled in the stall's first 100 ms: each waits at least 100 ms.
     assert sum(latency >= 0.1 for latency in result.latencies) >= 50
     assert max(result.lags) < 0.2  # sent on time, not after the stall
+
+
+async def test_sides_taking_turns_in_the_open_loop_get_the_same_arrival_times() -> None:
+    sent: list[list[int]] = [[], []]
+
+    def recorder(side: int) -> Callable[[int], Awaitable[None]]:
+        async def call(i: int) -> None:
+            sent[side].append(i)
+
+        return call
+
+    floor, measured = await open_alternating([recorder(0), recorder(1)], 2000, 0.2, seed=3)
+    assert floor.segments == measured.segments == 4  # A B B A B A A B
+    assert floor.offered == measured.offered == len(sent[0]) == len(sent[1]) > 300
+    assert floor.seconds == measured.seconds == pytest.approx(0.2)
 
 
 @pytest.mark.e2e
@@ -61,7 +77,7 @@ def test_the_bench_runs_with_tiny_sizes_and_reports_every_goal(tmp_path: Path) -
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for row in ("profile GET hit p50 (1 at a time)", "render GET p50 (4 concurrent)", "open loop at"):
+    for row in ("profile GET hit (1 at a time) p50", "render GET (4 concurrent) p50", "open loop at"):
         assert row in result.stdout
     results = json.loads(results_path.read_text())
     assert set(results["goals"]) == {
@@ -70,8 +86,11 @@ def test_the_bench_runs_with_tiny_sizes_and_reports_every_goal(tmp_path: Path) -
         "open_loop_profile_p99_s",
         "open_loop_render_p99_s",
     }
-    for measured in (results["profile_get"], results["render_get"], results["floors"]["empty_http"]):
-        assert measured["one_at_a_time"]["calls"] > 0 and measured["concurrent"]["calls"] > 0
-        assert not measured["one_at_a_time"]["errors"] and not measured["concurrent"]["errors"]
+    for path in ("profile_get", "render_get"):
+        for concurrency in ("one_at_a_time", "concurrent"):
+            for side in ("floor", "measured"):
+                measured = results[path][concurrency][side]
+                assert measured["calls"] > 0 and not measured["errors"], (path, concurrency, side)
+        loop = results["open_loop"][path]["measured"]
+        assert loop["answered"] == loop["offered"] > 0 and not loop["errors"]
     assert set(results["render_get"]["outcomes"]) == {"RENDERED/LIVE"}
-    assert results["open_loop"]["render_get"]["answered"] == results["open_loop"]["render_get"]["offered"]
