@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Protocol
 
 import asyncpg
+
+from sendtime_common.shutdown import RELEASE_S
+
+log = logging.getLogger(__name__)
 
 
 class ConnectionSetup(Protocol):
@@ -51,3 +57,18 @@ async def create_pool(
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout_s: float = RELEASE_S) -> None:
+    """Close ``pool``, waiting at most ``timeout_s`` for connections still in use; then
+    terminate them. asyncpg's ``Pool.close()`` alone waits, without a bound, until every
+    connection is released: one held by a request that never ends (a handler left running
+    after its client went away) would keep a service from ever exiting."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await pool.close()
+    except TimeoutError:
+        log.warning("database connections still in use at shutdown: terminated", extra={"after_s": timeout_s})
+    except Exception as exc:  # noqa: BLE001 - a failed close terminates (below); the shutdown goes on
+        log.warning("closing the database pool failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+    pool.terminate()  # nothing when the close completed; else (timeout, an error) every connection

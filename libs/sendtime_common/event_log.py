@@ -48,6 +48,7 @@ from nats.js.api import (
 )
 
 from sendtime_common.config import env_bool, env_float, env_int, env_str, secret_from_env
+from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S
 
 log = logging.getLogger(__name__)
 
@@ -756,14 +757,19 @@ class JetStreamEventLog:
         )
         return _Following(subscription)
 
-    async def close(self) -> None:
-        """Flush what is pending and disconnect; while NATS is unreachable, just disconnect."""
+    async def close(self, timeout_s: float = FINISH_S) -> None:
+        """Flush what is pending and disconnect, within ``timeout_s``; past it (or while NATS
+        is unreachable), just disconnect. nats-py's own drain waits up to 30 s."""
         if self._client.is_closed:
             return
         try:
-            await self._client.drain()
-        except (nats.errors.Error, OSError):
-            # The socket is already gone; closing may trip over it too (nats-py surfaces the
-            # reset), but the client ends up closed either way.
-            with contextlib.suppress(OSError):
-                await self._client.close()
+            async with asyncio.timeout(timeout_s):
+                await self._client.drain()
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                log.warning("NATS drain cut short at shutdown", extra={"timeout_s": timeout_s})
+            # The socket may be gone already; closing may trip over it too (nats-py surfaces
+            # the reset), but the client ends up closed either way.
+            with contextlib.suppress(OSError, nats.errors.Error, TimeoutError):
+                async with asyncio.timeout(CANCEL_WAIT_S):
+                    await self._client.close()

@@ -30,6 +30,7 @@ from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCall
 from sendtime_common.http_routes import routes_of
 from sendtime_common.http_server import HttpListener
 from sendtime_common.internal_errors import InternalErrors
+from sendtime_common.shutdown import CANCEL_WAIT_S, bounded
 from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
 log = logging.getLogger(__name__)
@@ -187,13 +188,25 @@ class GrpcServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING, refuse new calls, and give in-flight calls ``grace_s`` to finish."""
+        """Report NOT_SERVING, refuse new calls and requests, and give those in flight
+        ``grace_s`` to finish; then they are cancelled. The gRPC and HTTP ports drain side by
+        side, and the whole stop returns within ``grace_s`` plus a few ``CANCEL_WAIT_S``."""
         await self.health.enter_graceful_shutdown()
-        if self.http is not None:
-            await self.http.stop()
-        await self.server.stop(grace_s)
+        await asyncio.gather(
+            self._stop_grpc(grace_s),
+            self.http.stop(grace_s) if self.http is not None else asyncio.sleep(0),
+        )
         if self._health_server is not None:
-            await self._health_server.stop(0)
+            await bounded("gRPC health port", self._health_server.stop(0), CANCEL_WAIT_S)
+
+    async def _stop_grpc(self, grace_s: float) -> None:
+        # grpc.aio cancels the calls still running at the end of the grace period and then
+        # waits for them to end; a handler that ignores its cancellation must not hold the
+        # shutdown past the bound (the stop goes on in the background then).
+        stopping = asyncio.ensure_future(self.server.stop(grace_s))
+        done, _ = await asyncio.wait({stopping}, timeout=grace_s + CANCEL_WAIT_S)
+        if not done:
+            log.error("gRPC calls did not end after their cancellation", extra={"grace_s": grace_s})
 
 
 def _static_json(body: bytes) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -220,11 +233,12 @@ async def run_until_signalled(
     *,
     grace_s: float,
     on_start: Callable[[], Awaitable[None]] | None = None,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
+    stop: Callable[[float], Awaitable[None]] | None = None,
 ) -> None:
     """Start ``server`` (then ``on_start``: background work such as consumers), serve until
-    SIGTERM or SIGINT, then drain it and run ``on_stop`` (closing pools and connections after
-    the last call has finished)."""
+    SIGTERM or SIGINT, then ``stop(grace_s)``: the app's drain of every port it serves and its
+    close (pools and connections, after the last call has finished); the server's own drain
+    when None."""
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -237,7 +251,6 @@ async def run_until_signalled(
     )
     await stop_requested.wait()
     log.info("draining", extra={"grace_s": grace_s})
-    await server.stop(grace_s)
-    if on_stop is not None:
-        await on_stop()
-    log.info("stopped")
+    started = loop.time()
+    await (stop or server.stop)(grace_s)
+    log.info("stopped", extra={"took_s": round(loop.time() - started, 3)})

@@ -1,7 +1,7 @@
 """Serving an aiohttp application the way every Sendtime HTTP port is served: HTTPS with the
 service's certificate (reloaded when its files change) unless plaintext was explicitly allowed,
 no access log (handlers write one structured line without personal data), request bodies
-inflated only by the handlers (never past their limit), and a graceful stop.
+inflated only by the handlers (never past their limit), and a graceful stop within a bound.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from sendtime_common.json_input import JsonInputError, JsonReason, check_media_type, decode_content
+from sendtime_common.shutdown import CANCEL_WAIT_S
 from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
 
 log = logging.getLogger(__name__)
@@ -53,17 +55,28 @@ async def read_json_body(request: web.Request, max_bytes: int) -> bytes:
 
 
 class HttpListener:
-    """One aiohttp application on one address."""
+    """One aiohttp application on one address.
+
+    Its stop is bounded: requests in progress get the grace period, then are cancelled. That
+    includes requests whose client has gone: aiohttp leaves their handlers running (it cancels
+    a handler only on shutdown, and only while the client is still connected), so the listener
+    keeps the task of every handler it has started, to cancel them too.
+    """
 
     def __init__(
         self, app: web.Application, address: str, *, tls: TlsSettings, name: str, grace_s: float
     ) -> None:
-        """Raises:
-        ValueError: the address is unusable.
-        ConfigError: no certificate, and plaintext not allowed.
-        UnusableCertificate: the certificate files are not usable.
+        """``grace_s``: how long requests in progress may finish when the listener stops,
+        unless ``stop`` is given another.
+
+        Raises:
+            ValueError: the address is unusable.
+            ConfigError: no certificate, and plaintext not allowed.
+            UnusableCertificate: the certificate files are not usable.
         """
         tls.check()
+        self._handling: set[asyncio.Task[object]] = set()
+        app.middlewares.append(self._track)
         self._app = app
         self._host, self._requested_port = split_address(address)
         self._tls = tls
@@ -85,12 +98,32 @@ class HttpListener:
     def scheme(self) -> str:
         return "https" if self._ssl is not None else "http"
 
+    @property
+    def requests_in_progress(self) -> int:
+        """Handlers running, for a client still connected or not."""
+        return len(self._handling)
+
+    @web.middleware
+    async def _track(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        # aiohttp runs each request's handler (middlewares included) in a task of its own.
+        task = asyncio.current_task()
+        assert task is not None
+        self._handling.add(task)
+        try:
+            return await handler(request)
+        finally:
+            self._handling.discard(task)
+
     async def start(self) -> None:
         """Bind the address and serve."""
         # auto_decompress off: aiohttp would inflate any coding it knows before a size check;
         # json_input.decode_content inflates only gzip and deflate, and never past the limit.
+        # shutdown_timeout: what aiohttp itself waits, twice, for a request still in progress
+        # when the runner is cleaned up; stop() has drained and cancelled them by then.
         runner = web.AppRunner(
-            self._app, access_log=None, shutdown_timeout=self._grace_s, auto_decompress=False
+            self._app, access_log=None, shutdown_timeout=CANCEL_WAIT_S, auto_decompress=False
         )
         await runner.setup()
         try:
@@ -108,13 +141,33 @@ class HttpListener:
         warn_if_plaintext(self._tls, lambda: f"{self._name} port {self._port}")
         log.info(f"{self._name} listening", extra={"port": self._port, "scheme": self.scheme})
 
-    async def stop(self) -> None:
-        """Stop accepting, let requests in progress finish (up to the grace period), close."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let requests in progress finish for up to ``grace_s`` (the
+        listener's own grace period when None), cancel those still running, and close every
+        connection (idle keep-alive ones at once). Returns within the grace period plus about
+        two ``CANCEL_WAIT_S``, whatever the handlers do."""
+        grace_s = self._grace_s if grace_s is None else grace_s
         if self._reloading is not None:
             self._reloading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reloading
             self._reloading = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()  # no new connections
+        if self._handling:
+            await asyncio.wait(set(self._handling), timeout=grace_s)
+        if self._handling:
+            late = set(self._handling)
+            log.warning(
+                f"{self._name}: requests still in progress after the grace period, cancelled",
+                extra={"requests": len(late), "grace_s": grace_s},
+            )
+            for task in late:
+                task.cancel()
+            _, stuck = await asyncio.wait(late, timeout=CANCEL_WAIT_S)
+            if stuck:
+                log.error(f"{self._name}: handlers ignore cancellation", extra={"requests": len(stuck)})
+        await runner.cleanup()

@@ -36,6 +36,11 @@ class ServiceApp(Protocol):
         """Stop that work and close connections, after the last call has finished."""
         ...
 
+    async def stop(self, grace_s: float) -> None:
+        """Drain every port (calls in flight get ``grace_s``, then are cancelled) and close:
+        bounded (sendtime_common.shutdown), so that it ends inside the pod's grace period."""
+        ...
+
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
@@ -70,5 +75,5 @@ async def _serve(
     app = await create_app(settings)
     tune_garbage_collector(gc_gen0_threshold)  # once start-up is done, so that it is frozen
     await run_until_signalled(
-        app.grpc, grace_s=settings.shutdown_grace_s, on_start=app.start_background, on_stop=app.close
+        app.grpc, grace_s=settings.shutdown_grace_s, on_start=app.start_background, stop=app.stop
     )

@@ -5,7 +5,6 @@ second, expired records purged hourly, erased people's dead letters deleted)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,11 +26,12 @@ from ingest.webhooks import WebhookServer
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
-from sendtime_common.database import create_pool
+from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import InProcessCalls
 from sendtime_common.migrate import migrate
+from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +74,31 @@ class IngestApp:
         self._erasures = await self.event_log.follow_erasures(self.dead_letters.on_erasure_notice)
 
     async def close(self) -> None:
-        """After the gRPC server has drained: stop the webhooks and background work, write the
-        last counts, close the event log (in-flight publishes finish first) and the pool."""
+        """After the drain: stop the webhooks (if ``stop`` has not) and the background work,
+        write the last counts, close the event log (in-flight publishes finish first) and the
+        pool; each step bounded (sendtime_common.shutdown)."""
         if self.webhooks is not None:
-            await self.webhooks.stop()
-        if self._erasures is not None:
-            await self._erasures.close()
+            await self.webhooks.stop(CANCEL_WAIT_S)
         for task in self._background:
             task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.counters.flush(self.store)
-        await self.auth.close()
-        await self.event_log.close()
-        await self.pool.close()
+        await finish_or_cancel("periodic work", self._background, CANCEL_WAIT_S)
+        await asyncio.gather(
+            bounded("erasure notices", self._erasures.close()) if self._erasures else asyncio.sleep(0),
+            bounded("last counts", self.counters.flush(self.store), FINISH_S),
+        )
+        await asyncio.gather(
+            self.auth.close(),
+            bounded("event log", self.event_log.close(), FINISH_S + CANCEL_WAIT_S),
+        )
+        await close_pool(self.pool)
 
     async def stop(self, grace_s: float) -> None:
-        await self.grpc.stop(grace_s)
+        """Drain the gRPC and HTTP ports and the webhooks side by side, then close: within
+        ``grace_s`` plus STOP_MARGIN_S."""
+        await asyncio.gather(
+            self.grpc.stop(grace_s),
+            self.webhooks.stop(grace_s) if self.webhooks is not None else asyncio.sleep(0),
+        )
         await self.close()
 
     async def _flush_counts(self) -> None:

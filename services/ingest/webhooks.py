@@ -209,9 +209,10 @@ class WebhookServer:
             },
         )
 
-    async def stop(self) -> None:
-        """Stop accepting, let requests in progress finish, close."""
-        await self._listener.stop()
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let requests in progress finish within ``grace_s`` (the settings'
+        shutdown grace when None), cancel those still running, close."""
+        await self._listener.stop(grace_s)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})

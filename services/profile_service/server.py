@@ -4,7 +4,6 @@ dead letters, the erasure-notice publisher and the gRPC server."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,10 +30,12 @@ from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
+from sendtime_common.database import close_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
+from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +95,27 @@ class ProfileApp:
             self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
 
     async def close(self) -> None:
-        """After the gRPC server has drained: finish the merges under way and the notices being
-        published, then close connections."""
+        """After the drain: finish the merges under way and the notices being published, then
+        close connections; each step bounded (sendtime_common.shutdown)."""
         self.merger.stop()
         self.erasure_outbox.stop()
-        for task in self._background:
-            await task
-        if self._purging is not None:
-            self._purging.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purging
-        await self.auth.close()
-        if self._listening is not None:
-            self._listening.cancel()
-            await asyncio.gather(self._listening, return_exceptions=True)
-        if self.invalidations is not None:
-            await self.invalidations.close()
-        await self.event_log.close()
-        await self.cache.close()
-        await self.pool.close()
+        for task in (self._purging, self._listening):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            finish_or_cancel("merges and erasure notices in hand", self._background),
+            finish_or_cancel("purge and invalidations", [self._purging, self._listening], CANCEL_WAIT_S),
+        )
+        await asyncio.gather(
+            self.auth.close(),
+            bounded("near cache", self.invalidations.close()) if self.invalidations else asyncio.sleep(0),
+            bounded("event log", self.event_log.close(), FINISH_S + CANCEL_WAIT_S),
+            bounded("profile cache", self.cache.close()),
+        )
+        await close_pool(self.pool)
 
     async def stop(self, grace_s: float) -> None:
+        """Drain, then close: within ``grace_s`` plus STOP_MARGIN_S."""
         await self.grpc.stop(grace_s)
         await self.close()
 

@@ -35,6 +35,7 @@ from sendtime_common.batching import MicroBatcher
 from sendtime_common.event_log import RetryLater
 from sendtime_common.identifier_proto import PROTO_TO_KIND
 from sendtime_common.identifiers import IdentifierHasher
+from sendtime_common.shutdown import RELEASE_S, bounded, finish_or_cancel
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -333,10 +334,11 @@ class ProfileFetcher:
         self._stub = stub
 
     async def close(self) -> None:
-        for task in list(self._background):
-            await task
+        """Let the copies being written to Redis finish (within RELEASE_S), then close Redis
+        (within RELEASE_S)."""
+        await finish_or_cancel("last known good copies being written", list(self._background), RELEASE_S)
         if self._redis is not None:
-            await self._redis.aclose()
+            await bounded("last known good store", self._redis.aclose())
 
 
 def _retrieve(future: asyncio.Future[tuple[float, profile_pb2.Profile]]) -> None:

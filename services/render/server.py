@@ -5,7 +5,6 @@ the catalog consumer and the erasure notices on the event log, the renderer, and
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -30,11 +29,12 @@ from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.call_limits import MIB
 from sendtime_common.config import ConfigError
-from sendtime_common.database import create_pool
+from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
+from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SERVICE_NAMES = [
@@ -96,25 +96,26 @@ class RenderApp:
         self._erasures = await self.event_log.follow_erasures(self.profiles.on_erasure_notice)
 
     async def close(self) -> None:
-        """After the gRPC server has drained: finish the catalog batch under way, close clients."""
+        """After the drain: finish the catalog batch under way, close clients; each step
+        bounded (sendtime_common.shutdown)."""
         self.catalog.stop()
-        if self._catalog_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._catalog_task
-        if self._erasures is not None:
-            await self._erasures.close()
-        await self.event_log.close()
-        await self.profiles.close()
         if self._watching is not None:
             self._watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watching
-        await self.profile_channel.close()
-        await self.auth.close()
-        await self.pool.close()
+        await asyncio.gather(
+            finish_or_cancel("catalog batch in hand", [self._catalog_task]),
+            finish_or_cancel("profile channel TLS watch", [self._watching], CANCEL_WAIT_S),
+            bounded("erasure notices", self._erasures.close()) if self._erasures else asyncio.sleep(0),
+        )
+        await asyncio.gather(
+            bounded("event log", self.event_log.close(), FINISH_S + CANCEL_WAIT_S),
+            self.profiles.close(),
+            bounded("profile channel", self.profile_channel.close()),
+            self.auth.close(),
+        )
+        await close_pool(self.pool)
 
     async def stop(self, grace_s: float) -> None:
-        """Drain calls, then close what they use."""
+        """Drain calls, then close what they use: within ``grace_s`` plus STOP_MARGIN_S."""
         await self.grpc.stop(grace_s)
         await self.close()
 

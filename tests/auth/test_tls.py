@@ -105,24 +105,26 @@ async def guarded_server(
     database_url: str, tls: TlsSettings, identities: dict[str, frozenset[Scope]] | None = None
 ) -> AsyncIterator[GrpcServer]:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    store = KeyStore(pool)
-    await store.migrate()
-    ring = KeyRing(store)
-    await ring.load()
-    access = AccessInterceptor(
-        {READ: MethodAccess(READ, Scope.PROFILES_READ), ERASE: MethodAccess(ERASE, Scope.PROFILES_ERASE)},
-        Authenticator(ring, identities),
-        AuditTrail(pool, "test"),
-        IdentifierHasher.unkeyed(),
-    )
-    server = GrpcServer(
-        "127.0.0.1:0", ["test.Guarded"], Guarded().register, access, tls=tls, health_address="127.0.0.1:0"
-    )
-    await server.start()
-    try:
-        yield server
+    try:  # closed also when the server refuses to start (else it outlives the test's database)
+        store = KeyStore(pool)
+        await store.migrate()
+        ring = KeyRing(store)
+        await ring.load()
+        access = AccessInterceptor(
+            {READ: MethodAccess(READ, Scope.PROFILES_READ), ERASE: MethodAccess(ERASE, Scope.PROFILES_ERASE)},
+            Authenticator(ring, identities),
+            AuditTrail(pool, "test"),
+            IdentifierHasher.unkeyed(),
+        )
+        server = GrpcServer(
+            "127.0.0.1:0", ["test.Guarded"], Guarded().register, access, tls=tls, health_address="127.0.0.1:0"
+        )
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop(0)
     finally:
-        await server.stop(0)
         await pool.close()
 
 

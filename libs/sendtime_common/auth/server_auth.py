@@ -5,7 +5,6 @@ of the services it hosts."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.config import ConfigError, env_bool, env_float, env_str
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.rate_limit import RateLimiter, RateLimitSettings
+from sendtime_common.shutdown import bounded, finish_or_cancel
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +71,13 @@ class ServerAuth:
             self.limiter.start()
 
     async def close(self) -> None:
-        """Stop following, writing the last uses first; close the limiter's connections."""
+        """Stop following, writing the last uses first (within FINISH_S), and close the
+        limiter's connections (within RELEASE_S), side by side."""
         self.keyring.stop()
-        if self._following is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._following
-        if self.limiter is not None:
-            await self.limiter.close()
+        await asyncio.gather(
+            finish_or_cancel("key ring", [self._following]),
+            bounded("rate limiter", self.limiter.close()) if self.limiter is not None else asyncio.sleep(0),
+        )
 
 
 async def create_server_auth(
