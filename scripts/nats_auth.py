@@ -89,6 +89,7 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
             ),
             f"{API}.STREAM.MSG.DELETE.{names.events_stream}",  # an erased person's events
             names.erasure_subject,
+            f"{API}.STREAM.INFO.{names.profile_change_stream}",
             f"{names.profile_change_subject_prefix}.>",
             *_durable(names.events_stream, names.merger_consumer),
         ]

@@ -1172,8 +1172,11 @@ class ProfileChange(_message.Message):
     without an event) for services that act on what profiles now hold (triggers).
     A log contract, not an RPC; see docs/profiles.md#profile-change-notices.
 
-    - Published only after the merge committed: a GetProfile at profile_version
-      or later includes the event.
+    - Published only after the merge committed, and normally after the profile
+      cache was refreshed too: a GetProfile once the change is heard answers
+      profile_version or later, which includes the event. A consumer that gets an
+      older version (the cache refresh failed, or another replica published the
+      change in the moment between the commit and the refresh) reads again.
     - At least once: a change is written in the merge's own transaction and
       published from there until the log confirms it; a publish repeated within
       the stream's duplicate window (2 minutes by default) is stored once, one
