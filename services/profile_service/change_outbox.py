@@ -41,25 +41,41 @@ RELAY_LOCK = (0x50C4, 1)
 NO_EVENT_KEY = "customer_merged"  # the subject of a change without an event
 
 
+def change_id(sequence: int, customer_id: str) -> str:
+    """A change's id: its sequence, and its customer so that another database publishing on the
+    same stream (or a restored one) cannot reuse one inside the duplicate window."""
+    return f"{sequence}-{customer_id}"
+
+
 def change_message(row: Any) -> OutgoingMessage:
-    """A row of ``profile_change_outbox``, with its event's ``body``, ``event_type`` and
-    ``log_position`` (NULL without an event), as the stream's message."""
+    """A row read by ``_READ`` as the stream's message."""
     change = profile_pb2.ProfileChange(
-        change_id=str(row["change_id"]),
+        change_id=change_id(row["id"], row["customer_id"]),
         sequence=row["id"],
-        customer_id=str(row["customer_id"]),
+        customer_id=row["customer_id"],
         profile_version=row["profile_version"],
-        merged_customer_ids=[str(c) for c in row["merged_customer_ids"]],
+        merged_customer_ids=row["merged_customer_ids"],
         log_position=row["log_position"] or 0,
     )
-    change.merge_time.FromDatetime(row["merged_at"])
+    # From microseconds: FromDatetime of an aware datetime took a third of the relay's time.
+    change.merge_time.FromMicroseconds(row["merged_at_us"])
     if row["body"] is not None:
         change.event.ParseFromString(row["body"])
     return OutgoingMessage(
-        key=row["event_type"] or NO_EVENT_KEY,
-        message_id=str(row["change_id"]),
-        payload=change.SerializeToString(deterministic=True),
+        key=row["event_type"] or NO_EVENT_KEY, message_id=change.change_id, payload=change.SerializeToString()
     )
+
+
+# The oldest changes with their events; ids as text and the time in microseconds, which cost
+# less to decode and encode again than uuid and datetime objects. FOR UPDATE: an erasure
+# deleting some of them waits until they are out (and then leaves the stream with its max age).
+_READ = (
+    "SELECT o.id, o.customer_id::text, o.event_id, o.profile_version,"
+    " o.merged_customer_ids::text[], (extract(epoch FROM o.merged_at) * 1000000)::bigint AS merged_at_us,"
+    " e.event_type, e.body, e.log_position"
+    " FROM profile_change_outbox o LEFT JOIN events e ON e.event_id = o.event_id"
+    " ORDER BY o.id LIMIT $1 FOR UPDATE OF o"
+)
 
 
 class ProfileChangeOutbox:
@@ -85,15 +101,7 @@ class ProfileChangeOutbox:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *RELAY_LOCK)
-            # FOR UPDATE: an erasure deleting some of these waits until they are out (and then
-            # leaves the stream with its max age).
-            rows = await conn.fetch(
-                "SELECT o.id, o.change_id, o.customer_id, o.event_id, o.profile_version,"
-                " o.merged_customer_ids, o.merged_at, e.event_type, e.body, e.log_position"
-                " FROM profile_change_outbox o LEFT JOIN events e ON e.event_id = o.event_id"
-                " ORDER BY o.id LIMIT $1 FOR UPDATE OF o",
-                PUBLISH_BATCH,
-            )
+            rows = await conn.fetch(_READ, PUBLISH_BATCH)
             if not rows:
                 return 0
             # An event gone with its row still here cannot happen (an erasure deletes both in one

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 import devstack
-from profile_service.change_outbox import PUBLISH_BATCH, ProfileChangeOutbox
+from profile_service.change_outbox import PUBLISH_BATCH, ProfileChangeOutbox, change_id
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.server import MIGRATIONS_DIR, ProfileApp
 from profile_service.server import create_app as create_profile_app
@@ -125,7 +125,7 @@ async def test_a_merged_event_is_announced_once_after_its_commit_with_its_custom
     assert first.sequence < second.sequence
     assert first.profile_version < second.profile_version <= profile.version
     assert list(second.merged_customer_ids) == []
-    assert second.change_id and second.change_id != first.change_id
+    assert second.change_id == f"{second.sequence}-{second.customer_id}" != first.change_id
     assert second.merge_time.ToDatetime(tzinfo=UTC) > datetime.now(UTC) - timedelta(minutes=1)
     position = await profile_app.pool.fetchval(
         "SELECT log_position FROM events WHERE event_id = $1", add.event_id
@@ -342,8 +342,8 @@ async def test_only_the_confirmed_prefix_is_taken_out_so_what_follows_a_refused_
         [event(user_id=f"u-{unique}", identify=identify(step=i)) for i in range(4)]
     )
     ids = [
-        str(r["change_id"])
-        for r in await pool.fetch("SELECT change_id FROM profile_change_outbox ORDER BY id")
+        change_id(r["id"], str(r["customer_id"]))
+        for r in await pool.fetch("SELECT id, customer_id FROM profile_change_outbox ORDER BY id")
     ]
     log = ScriptedLog(outcomes=[["ok", "down", "ok", "ok"], ["ok", "ok", "ok"]], published=[])
     relay = ProfileChangeOutbox(pool, cast(EventLog, log))
