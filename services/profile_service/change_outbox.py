@@ -39,6 +39,9 @@ PUBLISH_BATCH = 500
 # migration runner's namespace is another).
 RELAY_LOCK = (0x50C4, 1)
 NO_EVENT_KEY = "customer_merged"  # the subject of a change without an event
+# PostgreSQL failing: asyncpg raises InterfaceError, not a PostgresError, for a connection lost
+# in the middle of a round.
+DatabaseError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def change_id(sequence: int, customer_id: str) -> str:
@@ -97,7 +100,8 @@ class ProfileChangeOutbox:
         Raises:
             EventLogUnavailable: the log did not confirm a change; it and the ones after it stay
                 (the confirmed ones before it are taken out).
-            OSError, asyncpg.PostgresError: PostgreSQL failed; every change stays.
+            OSError, asyncpg.PostgresError, asyncpg.InterfaceError: PostgreSQL failed; the changes
+                not yet taken out stay (ones already published go again).
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *RELAY_LOCK)
@@ -129,8 +133,10 @@ class ProfileChangeOutbox:
             try:
                 while await self.publish_changes() == PUBLISH_BATCH:
                     pass
-            except (EventLogUnavailable, OSError, asyncpg.PostgresError) as exc:
+            except (EventLogUnavailable, *DatabaseError) as exc:
                 log.warning("profile changes not published yet; retrying", extra={"error": str(exc)})
+            except Exception:  # noqa: BLE001 - the relay must outlive a bug; the rows wait for it
+                log.exception("profile changes not published; retrying")
             if stopping:
                 return
             try:

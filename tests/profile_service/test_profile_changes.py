@@ -356,6 +356,39 @@ async def test_only_the_confirmed_prefix_is_taken_out_so_what_follows_a_refused_
     assert await outbox(pool) == []
 
 
+@dataclass
+class BrokenOnceLog:
+    """An event log whose first profile-change publish fails in a way nobody planned for."""
+
+    published: list[list[str]]
+
+    async def publish_profile_changes(self, changes: Sequence[OutgoingMessage]) -> list[PublishOutcome]:
+        if not self.published:
+            self.published.append([])
+            raise RuntimeError("a bug")
+        self.published.append([c.message_id for c in changes])
+        return [PublishReceipt(sequence=i, duplicate=False) for i, _ in enumerate(changes)]
+
+
+async def test_the_relay_outlives_a_failed_round_and_publishes_the_rows_at_the_next(
+    pool: asyncpg.Pool, unique: str
+) -> None:
+    await ProfileRepository(pool).merge_events([event(user_id=f"u-{unique}", identify=identify(a=1))])
+    log = BrokenOnceLog(published=[])
+    relay = ProfileChangeOutbox(pool, cast(EventLog, log), retry_after_s=0.05)
+    running = asyncio.create_task(relay.run())
+    try:
+
+        async def outbox_empty() -> bool:
+            return not await outbox(pool)
+
+        await eventually(outbox_empty)
+    finally:
+        relay.stop()
+        await running
+    assert [len(batch) for batch in log.published[:2]] == [0, 1]
+
+
 async def test_with_nats_down_changes_wait_in_the_outbox_and_go_out_in_order_once_it_is_back(
     pool: asyncpg.Pool, tmp_path: Path, unique: str
 ) -> None:
