@@ -3,8 +3,9 @@
 - **ingest** publishes events (``sendtime.events.>``), reads one back by its position (the first
   of two events under one id, to tell a resend from an idempotency conflict) and follows
   erasure notices.
-- **profile** makes the two streams, reads events through its durable consumer, publishes
-  erasure notices, and deletes an erased person's events from the stream.
+- **profile** makes the three streams, reads events through its durable consumer, publishes
+  erasure notices and profile changes (``sendtime.profile_changes.>``), and deletes an erased
+  person's events from the stream.
 - **render** reads events through its catalog consumer and follows erasure notices.
 
 Nobody else may publish an event, so nothing reaches the merger without ingest's validation.
@@ -38,6 +39,8 @@ class NatsNames:
     erasure_stream: str = JetStreamSettings().erasure_stream
     subject_prefix: str = JetStreamSettings().subject_prefix
     erasure_subject: str = JetStreamSettings().erasure_subject
+    profile_change_stream: str = JetStreamSettings().profile_change_stream
+    profile_change_subject_prefix: str = JetStreamSettings().profile_change_subject_prefix
     merger_consumer: str = "profile-merger"
     catalog_consumer: str = "render-catalog"
 
@@ -82,10 +85,12 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
             *(
                 f"{API}.STREAM.{verb}.{stream}"
                 for verb in ("CREATE", "UPDATE")
-                for stream in (names.events_stream, names.erasure_stream)
+                for stream in (names.events_stream, names.erasure_stream, names.profile_change_stream)
             ),
             f"{API}.STREAM.MSG.DELETE.{names.events_stream}",  # an erased person's events
             names.erasure_subject,
+            f"{API}.STREAM.INFO.{names.profile_change_stream}",
+            f"{names.profile_change_subject_prefix}.>",
             *_durable(names.events_stream, names.merger_consumer),
         ]
     elif service == "render":

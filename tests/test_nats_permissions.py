@@ -35,6 +35,7 @@ from tests.keys import issue_key
 
 EVENTS = JetStreamSettings().stream
 ERASURES = JetStreamSettings().erasure_stream
+CHANGES = JetStreamSettings().profile_change_stream
 
 
 @dataclass
@@ -133,6 +134,7 @@ async def test_the_services_work_end_to_end_under_their_own_users(
     errors: list[str] = []
     watcher = await locked_nats.connect_as("profile", errors)
     notices_before = (await watcher.jetstream().stream_info(ERASURES)).state.last_seq
+    changes_before = (await watcher.jetstream().stream_info(CHANGES)).state.last_seq
     async with (
         channel(f"127.0.0.1:{ingest.grpc.port}", admin_key) as ingest_calls,
         channel(f"127.0.0.1:{profile.grpc.port}", admin_key) as profile_calls,
@@ -149,8 +151,11 @@ async def test_the_services_work_end_to_end_under_their_own_users(
             profile_pb2.DeleteProfileRequest(identifier=user(f"n-{unique}"))
         )
         assert erased.events_deleted == 1
-    # The notice went out on the erasure stream (profile may publish there).
+    # The merge's change went out on the profile change stream, and the notice on the erasure
+    # stream (profile may publish on both).
     try:
+        while (await watcher.jetstream().stream_info(CHANGES)).state.last_seq == changes_before:
+            await asyncio.sleep(0.05)
         while (await watcher.jetstream().stream_info(ERASURES)).state.last_seq == notices_before:
             await asyncio.sleep(0.05)
     finally:
@@ -193,7 +198,10 @@ async def test_render_cannot_publish_an_event_nor_read_another_services_inbox(
         ("render", f"$JS.API.STREAM.MSG.DELETE.{EVENTS}"),
         ("render", f"$JS.API.CONSUMER.DELETE.{EVENTS}.profile-merger"),
         ("render", "sendtime.erasures"),
+        ("render", "sendtime.profile_changes.identify"),
+        ("ingest", "sendtime.profile_changes.identify"),
         ("profile", f"$JS.API.STREAM.DELETE.{EVENTS}"),
+        ("profile", f"$JS.API.STREAM.PURGE.{CHANGES}"),
         ("profile", "sendtime.events.identify"),
     ],
 )

@@ -1,20 +1,25 @@
-"""The durable event log between ingest and profile resolution, and the erasure notices from
-profile to the services that keep copies of profiles.
+"""The durable event log between ingest and profile resolution, the erasure notices from
+profile to the services that keep copies of profiles, and the profile changes from profile to
+the services that act on them (triggers).
 
 Services see two small interfaces, ``EventLog`` (publish, acknowledged only once stored; erasure
-notices published and followed) and ``EventLogSubscription`` (fetch, then ack or retry each
-delivery), so that another log such as Kafka can stand in for NATS JetStream.
+notices published and followed; profile changes published and read) and
+``EventLogSubscription`` (fetch, then ack or retry each delivery), so that another log such as
+Kafka can stand in for NATS JetStream.
 ``JetStreamEventLog`` is the JetStream implementation: a stream of events on file storage,
 ``Nats-Msg-Id`` set to the event id so that a resend inside the duplicate window is reported as
 a duplicate instead of stored twice, durable pull consumers with explicit acks so that an event
-is redelivered until a consumer has merged it; and a second stream for erasure notices, which
-every follower reads whole (ordered consumers), so each replica of a service hears every one.
+is redelivered until a consumer has merged it; a second stream for erasure notices, which
+every follower reads whole (ordered consumers), so each replica of a service hears every one;
+and a third for profile changes (``sendtime.profile.v1.ProfileChange``), read like the events
+through durable pull consumers, kept only a day (docs/profiles.md#profile-change-notices).
 
-A batch of events goes out as one JetStream atomic batch (ADR-50, nats-server 2.12+) where the
-server supports it: the server stores the batch with one write and one fsync instead of one per
-event, which is most of what a publish costs under ``sync_interval: always``. A batch is stored
-whole or not at all; one the server refuses (an event id already in the duplicate window, the
-stream full) is sent again event by event, so that each event still gets its own answer.
+A batch of events (or of profile changes) goes out as one JetStream atomic batch (ADR-50,
+nats-server 2.12+) where the server supports it: the server stores the batch with one write and
+one fsync instead of one per event, which is most of what a publish costs under
+``sync_interval: always``. A batch is stored whole or not at all; one the server refuses (an
+event id already in the duplicate window, the stream full) is sent again event by event, so that
+each event still gets its own answer.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import logging
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import nats
@@ -200,6 +205,24 @@ class EventLog(Protocol):
         ``handle`` raises anything else is logged and not handed again."""
         ...
 
+    async def publish_profile_changes(self, changes: Sequence[OutgoingMessage]) -> list[PublishOutcome]:
+        """Store profile changes (``sendtime.profile.v1.ProfileChange``; ``key`` the event
+        type), in order, and return each one's outcome once the log has answered or failed to
+        in time; a resend with the same message id inside the duplicate window is reported as a
+        duplicate. Where the log takes atomic batches, a batch is stored whole or not at all
+        (one with an id already stored is sent again change by change, in order). Never
+        raises."""
+        ...
+
+    async def subscribe_profile_changes(self, durable_name: str) -> EventLogSubscription:
+        """A durable subscription to every profile change; it resumes after the last acked one.
+
+        Raises:
+            EventLogUnavailable: the profile change stream did not appear in time (a service
+                that does not manage the streams waits for the profile service to make it).
+        """
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -228,12 +251,21 @@ class JetStreamSettings:
     # Erasure notices: a stream of their own, kept as long as events (max_age_s).
     erasure_stream: str = "SENDTIME_ERASURES"
     erasure_subject: str = "sendtime.erasures"
+    # Profile changes: a stream of their own, published by the profile service after each
+    # merge commits. Kept a day: a hand-off to consumers that keep up, not a store, and its
+    # changes carry the events' personal data (docs/profiles.md#profile-change-notices). Full
+    # (max bytes), it refuses new changes, which wait in the profile service's outbox.
+    profile_change_stream: str = "SENDTIME_PROFILE_CHANGES"
+    profile_change_subject_prefix: str = "sendtime.profile_changes"
+    profile_change_max_age_s: float = 24 * 3600.0
+    profile_change_max_bytes: int = -1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
         """NATS_URL, NATS_USER, NATS_PASSWORD (or NATS_PASSWORD_FILE), NATS_CA_FILE,
         NATS_MANAGE_STREAMS, NATS_STREAM, NATS_REPLICAS, NATS_DUPLICATE_WINDOW_SECONDS,
-        NATS_MAX_AGE_SECONDS, NATS_ATOMIC_BATCHES; unset ones keep their local defaults.
+        NATS_MAX_AGE_SECONDS, NATS_ATOMIC_BATCHES, NATS_PROFILE_CHANGES_MAX_AGE_SECONDS,
+        NATS_PROFILE_CHANGES_MAX_BYTES; unset ones keep their local defaults.
 
         Raises:
             sendtime_common.config.ConfigError: a variable has an unusable value.
@@ -252,6 +284,12 @@ class JetStreamSettings:
             ),
             max_age_s=env_float(env, "NATS_MAX_AGE_SECONDS", defaults.max_age_s, minimum=1),
             atomic_batches=env_bool(env, "NATS_ATOMIC_BATCHES", defaults.atomic_batches),
+            profile_change_max_age_s=env_float(
+                env, "NATS_PROFILE_CHANGES_MAX_AGE_SECONDS", defaults.profile_change_max_age_s, minimum=1
+            ),
+            profile_change_max_bytes=env_int(
+                env, "NATS_PROFILE_CHANGES_MAX_BYTES", defaults.profile_change_max_bytes, minimum=-1
+            ),
         )
 
 
@@ -432,6 +470,16 @@ async def _log_reconnected() -> None:
     log.info("NATS reconnected")
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A stream messages are published to: its name, its subjects' prefix (a message's key
+    follows it), and whether it takes atomic batches (see ``_ensure_stream``)."""
+
+    stream: str
+    subject_prefix: str
+    atomic: bool = False
+
+
 class JetStreamEventLog:
     """``EventLog`` on NATS JetStream. Create with ``connect``."""
 
@@ -440,7 +488,9 @@ class JetStreamEventLog:
         self._js = client.jetstream(timeout=settings.publish_timeout_s)
         self._settings = settings
         self._acks = _AckInbox(client)
-        self._atomic = False  # whether the stream takes atomic batches: see _ensure_stream
+        self._events = _Target(settings.stream, settings.subject_prefix)
+        self._changes = _Target(settings.profile_change_stream, settings.profile_change_subject_prefix)
+        self._changes_exist = settings.manage_streams  # else looked for at the first subscription
 
     @classmethod
     async def connect(cls, settings: JetStreamSettings) -> JetStreamEventLog:
@@ -539,8 +589,32 @@ class JetStreamEventLog:
             discard=DiscardPolicy.NEW,
         )
 
+    def _profile_change_stream_config(self) -> StreamConfig:
+        s = self._settings
+        return StreamConfig(
+            name=s.profile_change_stream,
+            subjects=[f"{s.profile_change_subject_prefix}.>"],
+            retention=RetentionPolicy.LIMITS,  # every consumer reads every change
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s,
+            max_age=s.profile_change_max_age_s,
+            max_bytes=s.profile_change_max_bytes,
+            # Full, it refuses new changes, which wait in the publisher's outbox; dropping old
+            # ones would lose them for a consumer that has not read them yet.
+            discard=DiscardPolicy.NEW,
+            allow_atomic=True if s.atomic_batches else None,
+        )
+
     async def _ensure_stream(self) -> None:
-        for config in (self._stream_config(), self._erasure_stream_config()):
+        """The streams exist with ``settings`` (made or updated where this service manages
+        them). Only the managing service (profile) makes the profile change stream; the others
+        look for it when they first subscribe to it, so one that never reads it needs no
+        permission on it."""
+        configs = [self._stream_config(), self._erasure_stream_config()]
+        if self._settings.manage_streams:
+            configs.append(self._profile_change_stream_config())
+        for config in configs:
             if self._settings.manage_streams:
                 try:
                     info = await self._js.add_stream(config)
@@ -549,9 +623,11 @@ class JetStreamEventLog:
                     info = await self._js.update_stream(config)
             else:
                 info = await self._stream_made_by_another(str(config.name))
-            if config.name == self._settings.stream:
-                # A server older than 2.12 ignores allow_atomic and answers without it.
-                self._atomic = bool(info.config.allow_atomic)
+            # A server older than 2.12 ignores allow_atomic and answers without it.
+            if config.name == self._events.stream:
+                self._events = replace(self._events, atomic=bool(info.config.allow_atomic))
+            elif config.name == self._changes.stream:
+                self._changes = replace(self._changes, atomic=bool(info.config.allow_atomic))
 
     async def _stream_made_by_another(self, name: str) -> StreamInfo:
         """The stream the managing service (profile) makes, once it exists.
@@ -578,37 +654,49 @@ class JetStreamEventLog:
         return outcome
 
     async def publish_batch(self, messages: Sequence[OutgoingMessage]) -> Awaitable[list[PublishOutcome]]:
-        if not self._atomic or len(messages) < 2:
-            return self._outcomes(await self._send_each(messages))
-        batches = [messages[i : i + ATOMIC_BATCH_MAX] for i in range(0, len(messages), ATOMIC_BATCH_MAX)]
-        commits = [await self._send_atomic(batch) for batch in batches]
-        return self._atomic_outcomes(batches, commits)
+        return await self._publish_to(self._events, messages)
 
-    def _headers(self, message: OutgoingMessage) -> dict[str, str]:
+    async def publish_profile_changes(self, changes: Sequence[OutgoingMessage]) -> list[PublishOutcome]:
+        return await (await self._publish_to(self._changes, changes))
+
+    async def _publish_to(
+        self, target: _Target, messages: Sequence[OutgoingMessage]
+    ) -> Awaitable[list[PublishOutcome]]:
+        if not target.atomic or len(messages) < 2:
+            return self._outcomes(await self._send_each(target, messages))
+        batches = [messages[i : i + ATOMIC_BATCH_MAX] for i in range(0, len(messages), ATOMIC_BATCH_MAX)]
+        commits = [await self._send_atomic(target, batch) for batch in batches]
+        return self._atomic_outcomes(target, batches, commits)
+
+    @staticmethod
+    def _headers(target: _Target, message: OutgoingMessage) -> dict[str, str]:
         return {
             **message.headers,
             MSG_ID_HEADER: message.message_id,
-            EXPECTED_STREAM_HEADER: self._settings.stream,
+            EXPECTED_STREAM_HEADER: target.stream,
         }
 
-    def _subject(self, message: OutgoingMessage) -> str:
-        return f"{self._settings.subject_prefix}.{message.key}"
+    @staticmethod
+    def _subject(target: _Target, message: OutgoingMessage) -> str:
+        return f"{target.subject_prefix}.{message.key}"
 
     async def _send_each(
-        self, messages: Sequence[OutgoingMessage]
+        self, target: _Target, messages: Sequence[OutgoingMessage]
     ) -> list[asyncio.Future[Msg] | EventLogUnavailable]:
         sent: list[asyncio.Future[Msg] | EventLogUnavailable] = []
         for message in messages:
             try:
                 sent.append(
-                    await self._acks.publish(self._subject(message), message.payload, self._headers(message))
+                    await self._acks.publish(
+                        self._subject(target, message), message.payload, self._headers(target, message)
+                    )
                 )
             except (nats.errors.Error, OSError) as exc:  # closed, or the outbound buffer is full
                 sent.append(EventLogUnavailable(f"{type(exc).__name__}: {exc}"))
         return sent
 
     async def _send_atomic(
-        self, messages: Sequence[OutgoingMessage]
+        self, target: _Target, messages: Sequence[OutgoingMessage]
     ) -> asyncio.Future[Msg] | EventLogUnavailable:
         """Send ``messages`` as one atomic batch; the future gets the server's answer to the commit,
         the batch's last message. A batch left unfinished (the connection lost midway) is dropped
@@ -616,21 +704,22 @@ class JetStreamEventLog:
         batch_id = uuid.uuid4().hex
         try:
             for sequence, message in enumerate(messages[:-1], start=1):
-                headers = self._headers(message)
+                headers = self._headers(target, message)
                 headers[BATCH_ID_HEADER] = batch_id
                 headers[BATCH_SEQUENCE_HEADER] = str(sequence)
-                await self._client.publish(self._subject(message), message.payload, headers=headers)
+                await self._client.publish(self._subject(target, message), message.payload, headers=headers)
             last = messages[-1]
-            headers = self._headers(last)
+            headers = self._headers(target, last)
             headers[BATCH_ID_HEADER] = batch_id
             headers[BATCH_SEQUENCE_HEADER] = str(len(messages))
             headers[BATCH_COMMIT_HEADER] = "1"
-            return await self._acks.publish(self._subject(last), last.payload, headers)
+            return await self._acks.publish(self._subject(target, last), last.payload, headers)
         except (nats.errors.Error, OSError) as exc:
             return EventLogUnavailable(f"{type(exc).__name__}: {exc}")
 
     async def _atomic_outcomes(
         self,
+        target: _Target,
         batches: list[Sequence[OutgoingMessage]],
         commits: list[asyncio.Future[Msg] | EventLogUnavailable],
     ) -> list[PublishOutcome]:
@@ -651,7 +740,7 @@ class JetStreamEventLog:
                 log.info(
                     "an atomic batch was refused; publishing its events one by one", extra={"error": answer}
                 )
-                outcomes.extend(await self._outcomes(await self._send_each(batch)))
+                outcomes.extend(await self._outcomes(await self._send_each(target, batch)))
         return outcomes
 
     async def _outcomes(self, sent: list[asyncio.Future[Msg] | EventLogUnavailable]) -> list[PublishOutcome]:
@@ -666,11 +755,20 @@ class JetStreamEventLog:
                 future.cancel()
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
+        return await self._pull_subscribe(self._events, durable_name)
+
+    async def subscribe_profile_changes(self, durable_name: str) -> EventLogSubscription:
+        if not self._changes_exist:
+            await self._stream_made_by_another(self._changes.stream)
+            self._changes_exist = True
+        return await self._pull_subscribe(self._changes, durable_name)
+
+    async def _pull_subscribe(self, target: _Target, durable_name: str) -> EventLogSubscription:
         s = self._settings
         subscription = await self._js.pull_subscribe(
-            f"{s.subject_prefix}.>",
+            f"{target.subject_prefix}.>",
             durable=durable_name,
-            stream=s.stream,
+            stream=target.stream,
             config=ConsumerConfig(
                 durable_name=durable_name,
                 ack_policy=AckPolicy.EXPLICIT,

@@ -5,7 +5,9 @@ tombstones, owners of the identifiers, the customers' rows), applies the events 
 memory — identity first (new customers, merges, limits), then each touched profile's state —
 and writes the outcome back with one statement per table. A customer touched by many events of
 the batch is decoded, encoded and saved once; a merge or a late event replays that customer's
-whole history once, at the end.
+whole history once, at the end. Each event merged also leaves its profile change in
+``profile_change_outbox`` (one statement for the batch), published once this commits
+(``profile_service.change_outbox``).
 
 Serialization: advisory locks on the batch's identifiers (taken in sorted order, so batches on
 several replicas cannot deadlock on them) and row locks on the customers; a customer moved or
@@ -215,6 +217,7 @@ class BatchMerge:
             outcomes.append(_Pending(customer, losers=tuple(c.customer_id for c in losers)))
 
         changed = await self._write()
+        await self._write_changes(events, outcomes)
         return BatchOutcome([self._outcome(p) for p in outcomes], changed)
 
     def _outcome(self, pending: _Pending) -> EventOutcome:
@@ -479,3 +482,27 @@ class BatchMerge:
                 [orjson.dumps(to_json(c.current_state())).decode() for c in updated],
             )
         return {c.customer_id: c.current_state() for c in finals}
+
+    async def _write_changes(self, events: Sequence[ingest_pb2.Event], outcomes: Sequence[_Pending]) -> None:
+        """A profile change per event merged, in the batch's order (their ids, the changes'
+        sequence, follow it): the customer and version the batch left, and the customers the
+        event merged into it. None for a duplicate, a conflict or a late event of an erased
+        person: a duplicate redelivered after a crash between the commit and the ack has its
+        change from the commit already, in this table or on the stream."""
+        merged = [
+            (event, pending.customer.final(), pending.losers)
+            for event, pending in zip(events, outcomes, strict=True)
+            if isinstance(pending.customer, _Customer) and not pending.duplicate
+        ]
+        if not merged:
+            return
+        await self._conn.execute(
+            "INSERT INTO profile_change_outbox (customer_id, event_id, profile_version, merged_customer_ids)"
+            " SELECT c, e, v, string_to_array(m, ',')::uuid[] FROM"
+            " unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY AS n(c, e, v, m, i)"
+            " ORDER BY i",
+            [customer.customer_id for _, customer, _ in merged],
+            [event.event_id for event, _, _ in merged],
+            [customer.version for _, customer, _ in merged],
+            [",".join(str(loser) for loser in losers) for _, _, losers in merged],
+        )

@@ -325,9 +325,9 @@ class ProfileRepository:
         return records[customer_id], [ingest_pb2.Event.FromString(r["body"]) for r in rows]
 
     async def delete_customer(self, key: IdentifierKey) -> ErasedCustomer | None:
-        """Erase the customer ``key`` belongs to: identifiers, events, merge records and profile,
-        leaving a hashed tombstone per identifier and an erasure notice to publish. None when no
-        customer has ``key``."""
+        """Erase the customer ``key`` belongs to: identifiers, events, merge records, profile and
+        profile changes not yet published, leaving a hashed tombstone per identifier and an
+        erasure notice to publish. None when no customer has ``key``."""
         async with self._pool.acquire() as conn, conn.transaction():
             customer_id = await conn.fetchval(
                 "SELECT customer_id FROM identifiers WHERE kind = $1 AND value = $2", key[0].value, key[1]
@@ -349,6 +349,15 @@ class ProfileRepository:
             await conn.execute(
                 "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())",
                 [h for k in keys for h in self._hasher.all_hashes(k)],
+            )
+            # Their profile changes not yet published go too, under their customer id or one merged
+            # into it (an unpublished change keeps the id its merge left); one being published now
+            # holds its row, so this waits for it. Published ones leave the stream with its max
+            # age (docs/profiles.md#profile-change-notices).
+            await conn.execute(
+                "DELETE FROM profile_change_outbox WHERE customer_id = $1 OR customer_id IN"
+                " (SELECT merged_customer_id FROM merges WHERE survivor_id = $1)",
+                customer_id,
             )
             # Their raw copies in the event log go too (profile_service.erasure_outbox).
             await conn.execute(

@@ -1,5 +1,5 @@
 """Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger and its
-dead letters, the erasure-notice publisher and the gRPC server."""
+dead letters, the profile-change and erasure-notice publishers and the gRPC server."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import redis.asyncio as redis
 
 from profile_service.access_servicers import AuditServicer, KeyServicer
 from profile_service.cache import KEY_PREFIX, ProfileCache
+from profile_service.change_outbox import ProfileChangeOutbox
 from profile_service.customer_data import CustomerData
 from profile_service.erasure_outbox import ErasureOutbox
 from profile_service.identity import IdentityLimits, InvalidLimits
@@ -69,18 +70,20 @@ class ProfileApp:
     cache: ProfileCache
     event_log: EventLog
     erasure_outbox: ErasureOutbox
+    change_outbox: ProfileChangeOutbox
     auth: ServerAuth
     audit_retention: timedelta
     unmerged: UnmergedStore
     dead_letter_retention: timedelta
     invalidations: InvalidationListener | None = None  # None: no near cache
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _relaying: asyncio.Task[None] | None = None
     _listening: asyncio.Task[None] | None = None
     _purging: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Serve gRPC, and start merging events, publishing erasure notices and following the
-        near cache's invalidations."""
+        """Serve gRPC, and start merging events, publishing profile changes and erasure notices
+        and following the near cache's invalidations."""
         await self.grpc.start()
         await self.start_background()
 
@@ -90,13 +93,15 @@ class ProfileApp:
             asyncio.create_task(self.merger.run(), name="merger"),
             asyncio.create_task(self.erasure_outbox.run(), name="erasure-outbox"),
         ]
+        self._relaying = asyncio.create_task(self.change_outbox.run(), name="profile-change-outbox")
         self._purging = asyncio.create_task(self._purge_expired(), name="purge-expired")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
             self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
 
     async def close(self) -> None:
-        """After the drain: finish the merges under way and the notices being published, then
-        close connections; each step bounded (sendtime_common.shutdown)."""
+        """After the drain: finish the merges under way and the notices being published, publish
+        the changes of the last merges, then close connections; each step bounded
+        (sendtime_common.shutdown)."""
         self.merger.stop()
         self.erasure_outbox.stop()
         for task in (self._purging, self._listening):
@@ -106,6 +111,9 @@ class ProfileApp:
             finish_or_cancel("merges and erasure notices in hand", self._background),
             finish_or_cancel("purge and invalidations", [self._purging, self._listening], CANCEL_WAIT_S),
         )
+        if self._relaying is not None:
+            self.change_outbox.stop()  # after the merger: one more round for its last batch
+            await finish_or_cancel("profile changes of the last merges", [self._relaying])
         await asyncio.gather(
             self.auth.close(),
             bounded("near cache", self.invalidations.close()) if self.invalidations else asyncio.sleep(0),
@@ -177,6 +185,7 @@ async def create_app(settings: Settings) -> ProfileApp:
     event_log = await JetStreamEventLog.connect(settings.event_log)
     repository = ProfileRepository(pool, limits, rules, settings.identifier_hasher)
     unmerged = UnmergedStore(pool, settings.identifier_hasher)
+    change_outbox = ProfileChangeOutbox(pool, event_log)
     merger = EventMerger(
         [await event_log.subscribe(settings.consumer_name) for _ in range(settings.merge_concurrency)],
         repository,
@@ -184,6 +193,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         unmerged,
         batch_size=settings.merge_batch_size,
         max_deliveries=settings.merge_max_deliveries,
+        on_merged=change_outbox.wake,
     )
     erasure_outbox = ErasureOutbox(pool, event_log)
     servicer = ProfileServicer(
@@ -225,6 +235,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         cache=cache,
         event_log=event_log,
         erasure_outbox=erasure_outbox,
+        change_outbox=change_outbox,
         auth=auth,
         audit_retention=timedelta(days=settings.audit_retention_days),
         unmerged=unmerged,

@@ -353,6 +353,12 @@ class SlowEventLog:
     async def follow_erasures(self, handle: ErasureHandler) -> Following:
         return await self.inner.follow_erasures(handle)
 
+    async def publish_profile_changes(self, changes: Sequence[OutgoingMessage]) -> list[PublishOutcome]:
+        return await self.inner.publish_profile_changes(changes)
+
+    async def subscribe_profile_changes(self, durable_name: str) -> EventLogSubscription:
+        return await self.inner.subscribe_profile_changes(durable_name)
+
     async def close(self) -> None:
         await self.inner.close()
 

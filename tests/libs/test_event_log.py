@@ -30,7 +30,13 @@ from tests.conftest import eventually
 
 def settings(url: str) -> JetStreamSettings:
     unique = uuid.uuid4().hex[:8]
-    return JetStreamSettings(url=url, stream=f"TEST_{unique}", subject_prefix=f"test.{unique}")
+    return JetStreamSettings(
+        url=url,
+        stream=f"TEST_{unique}",
+        subject_prefix=f"test.{unique}",
+        profile_change_stream=f"TEST_CHANGES_{unique}",
+        profile_change_subject_prefix=f"test-changes.{unique}",
+    )
 
 
 def message(i: int) -> OutgoingMessage:
@@ -345,3 +351,85 @@ async def test_two_subscriptions_to_one_durable_consumer_fetch_side_by_side_each
         await second.close()
     finally:
         await log.close()
+
+
+async def test_profile_changes_are_stored_in_order_on_their_own_stream_and_read_by_a_durable_consumer(
+    nats_url: str,
+) -> None:
+    config = settings(nats_url)
+    log = await JetStreamEventLog.connect(config)
+    try:
+        outcomes = await log.publish_profile_changes([message(i) for i in range(5)])
+        assert await stored_receipts(nats_url, config.profile_change_stream, outcomes) == published(
+            5, atomically=True
+        )
+        again = await log.publish_profile_changes([message(3), message(5)])  # a resend, and a new one
+        assert [(type(o), getattr(o, "duplicate", None)) for o in again] == [
+            (PublishReceipt, True),
+            (PublishReceipt, False),
+        ]
+        client = await nats.connect(nats_url)
+        try:
+            info = await client.jetstream().stream_info(config.profile_change_stream)
+        finally:
+            await client.close()
+        assert info.config.subjects == [f"{config.profile_change_subject_prefix}.>"]
+        assert info.config.max_age == config.profile_change_max_age_s == 24 * 3600
+        assert info.state.messages == 6
+        assert await log.read(1) is None  # none on the event stream
+
+        subscription = await log.subscribe_profile_changes("triggers")
+        seen: list[bytes] = []
+        while batch := await subscription.fetch(4, timeout_s=0.5):
+            for delivery in batch:
+                seen.append(delivery.payload)
+                await delivery.ack()
+        await subscription.close()
+        assert seen == [b"payload-%d" % i for i in range(6)]
+        resumed = await log.subscribe_profile_changes("triggers")  # after the last acked one
+        assert await resumed.fetch(4, timeout_s=0.3) == []
+        await resumed.close()
+    finally:
+        await log.close()
+
+
+def test_the_profile_change_stream_s_limits_are_settings() -> None:
+    env = {"NATS_PROFILE_CHANGES_MAX_AGE_SECONDS": "3600", "NATS_PROFILE_CHANGES_MAX_BYTES": "1048576"}
+    config = JetStreamSettings.from_env(env)
+    assert (config.profile_change_max_age_s, config.profile_change_max_bytes) == (3600, 1048576)
+    assert JetStreamSettings.from_env({}).profile_change_max_age_s == 24 * 3600
+
+
+async def test_a_service_that_does_not_manage_the_streams_waits_for_the_profile_change_stream_only_to_read_it(
+    nats_url: str,
+) -> None:
+    config = settings(nats_url)
+    other = settings(nats_url)  # makes the events' and erasures' streams, and another for changes
+    await (
+        await JetStreamEventLog.connect(
+            replace(
+                config,
+                profile_change_stream=other.profile_change_stream,
+                profile_change_subject_prefix=other.profile_change_subject_prefix,
+            )
+        )
+    ).close()
+    # The events' and erasures' streams exist, the profile changes' not yet: connecting does not
+    # wait for it (ingest and render never read it, and may not look at it).
+    reader = await asyncio.wait_for(JetStreamEventLog.connect(replace(config, manage_streams=False)), 5)
+    try:
+        subscribing = asyncio.create_task(reader.subscribe_profile_changes("reader"))
+        await asyncio.sleep(0.3)
+        assert not subscribing.done()
+        maker = await JetStreamEventLog.connect(config)  # the profile service makes it
+        try:
+            await maker.publish_profile_changes([message(1)])
+        finally:
+            await maker.close()
+        subscription = await asyncio.wait_for(subscribing, 5)
+        (delivery,) = await subscription.fetch(1, timeout_s=2)
+        assert delivery.payload == b"payload-1"
+        await delivery.ack()
+        await subscription.close()
+    finally:
+        await reader.close()

@@ -1165,6 +1165,94 @@ class ErasureNotice(_message.Message):
 Global___ErasureNotice: _TypeAlias = ErasureNotice  # noqa: Y015
 
 @_typing.final
+class ProfileChange(_message.Message):
+    """A change the profile merger committed, announced on the event log's profile
+    change stream (SENDTIME_PROFILE_CHANGES; subjects
+    "sendtime.profile_changes.<event type>", "customer_merged" for a change
+    without an event) for services that act on what profiles now hold (triggers).
+    A log contract, not an RPC; see docs/profiles.md#profile-change-notices.
+
+    - Published only after the merge committed, and normally after the profile
+      cache was refreshed too: a GetProfile once the change is heard answers
+      profile_version or later, which includes the event. A consumer that gets an
+      older version (the cache refresh failed, or another replica published the
+      change in the moment between the commit and the refresh) reads again.
+    - At least once: a change is written in the merge's own transaction and
+      published from there until the log confirms it; a publish repeated within
+      the stream's duplicate window (2 minutes by default) is stored once, one
+      repeated later is stored again under the same change_id.
+    - In commit order per customer: a customer's changes are stored on the
+      stream in the order of their sequence.
+    - One change per merged event: none for a redelivered or resent event
+      (a duplicate), an idempotency conflict, or a late event of an erased person.
+    - Kept on the stream for its max age (24 hours by default), not longer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    PROFILE_VERSION_FIELD_NUMBER: _builtins.int
+    MERGED_CUSTOMER_IDS_FIELD_NUMBER: _builtins.int
+    LOG_POSITION_FIELD_NUMBER: _builtins.int
+    MERGE_TIME_FIELD_NUMBER: _builtins.int
+    change_id: _builtins.str
+    """Unique; the same on every delivery of this change, and its message id on
+    the stream.
+    """
+    sequence: _builtins.int
+    """Increases in commit order: for one customer, a later change has a greater
+    sequence (sequences of different customers are not ordered by commit).
+    """
+    customer_id: _builtins.str
+    """The customer the event was merged into, after every merge of its batch."""
+    profile_version: _builtins.int
+    """The profile's version after the merge committed; changes of one
+    transaction share it.
+    """
+    log_position: _builtins.int
+    """Where the event sits in the event stream (its stream sequence); 0 when
+    unknown or for no event.
+    """
+    @_builtins.property
+    def event(self) -> _ingest_pb2.Event:
+        """The event merged, as received; unset for a merge of customers that no
+        event caused (none is made today).
+        """
+
+    @_builtins.property
+    def merged_customer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The customers merged into customer_id by this change, which no longer
+        exist: their episodes, counters and the like move to customer_id.
+        """
+
+    @_builtins.property
+    def merge_time(self) -> _timestamp_pb2.Timestamp:
+        """When the merge's transaction began."""
+
+    def __init__(
+        self,
+        *,
+        change_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        customer_id: _builtins.str = ...,
+        event: _ingest_pb2.Event | None = ...,
+        profile_version: _builtins.int = ...,
+        merged_customer_ids: _abc.Iterable[_builtins.str] | None = ...,
+        log_position: _builtins.int = ...,
+        merge_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "merge_time", b"merge_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "customer_id", b"customer_id", "event", b"event", "log_position", b"log_position", "merge_time", b"merge_time", "merged_customer_ids", b"merged_customer_ids", "profile_version", b"profile_version", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileChange: _TypeAlias = ProfileChange  # noqa: Y015
+
+@_typing.final
 class UnmergedEvent(_message.Message):
     """An event of the event log that the merger did not merge, kept with why."""
 
