@@ -99,6 +99,11 @@ def fmt_rate(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:,.0f}"
 
 
+def fmt_ratio(value: float, floor: float) -> str:
+    """``value`` as a multiple of ``floor`` ("1.31 x"), or n/a without both."""
+    return "n/a" if not floor or math.isnan(value) or math.isnan(floor) else f"{value / floor:.2f} x"
+
+
 def fmt_ms(seconds: float) -> str:
     return "n/a" if math.isnan(seconds) else f"{seconds * 1000:,.0f} ms"
 

@@ -78,6 +78,7 @@ from bench_common import (
     Row,
     add_output_arguments,
     fmt_rate,
+    fmt_ratio,
     machine_info,
     percentile,
     render_cpu,
@@ -715,10 +716,6 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
     }
 
 
-def _ratio(value: float, floor: float) -> str:
-    return "n/a" if not floor or math.isnan(value) or math.isnan(floor) else f"{value / floor:.2f} x"
-
-
 def _outcomes(outcomes: Mapping[str, int]) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in sorted(outcomes.items(), key=lambda kv: -kv[1]))
 
@@ -748,19 +745,19 @@ def _pair_rows(
             "  p99",
             ms(measured["p99_s"]),
             f"{floor_name} p99 {ms(floor['p99_s'])}",
-            _ratio(measured["p99_s"], floor["p99_s"]),
+            fmt_ratio(measured["p99_s"], floor["p99_s"]),
         ),
         Row(
             f"  {unit}/s",
             fmt_rate(measured["per_s"]),
             f"{floor_name} {fmt_rate(floor['per_s'])}/s",
-            _ratio(measured["per_s"], floor["per_s"]),
+            fmt_ratio(measured["per_s"], floor["per_s"]),
         ),
         Row(
             "  server process CPU per call",
             _us(measured["server_cpu_per_call_s"]),
             f"{floor_name} {_us(floor['server_cpu_per_call_s'])}",
-            _ratio(measured["server_cpu_per_call_s"], floor["server_cpu_per_call_s"]),
+            fmt_ratio(measured["server_cpu_per_call_s"], floor["server_cpu_per_call_s"]),
         ),
     ]
 
@@ -779,7 +776,7 @@ def _open_rows(label: str, pair: Mapping[str, Any], rate_of: str) -> list[Row]:
             f"{label}, open loop at {fmt_rate(measured['offered_per_s'])}/s: p99",
             ms(measured["p99_s"]),
             f"empty HTTP at that rate p99 {ms(floor['p99_s'])} (taking turns)",
-            _ratio(measured["p99_s"], floor["p99_s"]),
+            fmt_ratio(measured["p99_s"], floor["p99_s"]),
             f"<= {GOAL_OPEN_LOOP_P99_S * 1000:g} ms",
             verdict(measured["p99_s"] <= GOAL_OPEN_LOOP_P99_S),
         ),
@@ -787,7 +784,7 @@ def _open_rows(label: str, pair: Mapping[str, Any], rate_of: str) -> list[Row]:
             f"  ({rate_of}) p50 / p99.9 / max",
             tail(measured),
             f"empty HTTP {tail(floor)}",
-            _ratio(measured["p50_s"], floor["p50_s"]),
+            fmt_ratio(measured["p50_s"], floor["p50_s"]),
         ),
         Row("  client's dispatch lag p50 / p99", lag(measured), f"empty HTTP {lag(floor)}"),
     ]
@@ -814,7 +811,7 @@ def report(results: Mapping[str, Any]) -> str:
             "",
             "",
             f"empty HTTP + Redis GET p50 {ms(empty1_p50 + redis1['p50_s'])}",
-            _ratio(profile1["measured"]["p50_s"], empty1_p50 + redis1["p50_s"]),
+            fmt_ratio(profile1["measured"]["p50_s"], empty1_p50 + redis1["p50_s"]),
         ),
         *_pair_rows("profile GET hit (1 at a time)", "calls", "empty HTTP", profile1, None)[1:],
         *_pair_rows(f"profile GET hit ({n} concurrent)", "calls", "empty HTTP", profilen, None),

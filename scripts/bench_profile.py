@@ -72,6 +72,7 @@ from bench_common import (
     _process_ticks,
     add_output_arguments,
     fmt_rate,
+    fmt_ratio,
     machine_info,
     measure_empty_unary,
     percentile,
@@ -1286,10 +1287,6 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     }
 
 
-def _ratio(value: float, floor: float) -> str:
-    return "n/a" if not floor or math.isnan(value) or math.isnan(floor) else f"{value / floor:.2f} x"
-
-
 def report(results: Mapping[str, Any]) -> str:
     floors, reads, merge = results["floors"], results["reads"], results["merge"]
     n = results["options"]["concurrency"]
@@ -1335,7 +1332,10 @@ def report(results: Mapping[str, Any]) -> str:
             verdict(hit_ratio <= GOAL_HIT_VS_FLOOR),
         ),
         Row(
-            "  hit p99 (1 at a time)", ms(hit1["p99_s"]), hit99_floor.strip(), _ratio(hit1["p99_s"], hit99_s)
+            "  hit p99 (1 at a time)",
+            ms(hit1["p99_s"]),
+            hit99_floor.strip(),
+            fmt_ratio(hit1["p99_s"], hit99_s),
         ),
         Row(
             "GetProfile hit p50 over TLS (1 at a time)",
@@ -1349,37 +1349,37 @@ def report(results: Mapping[str, Any]) -> str:
             "  TLS hit p99 (1 at a time)",
             ms(tls1["p99_s"]),
             f"plaintext twin p99 {ms(twin1['p99_s'])}",
-            _ratio(tls1["p99_s"], twin1["p99_s"]),
+            fmt_ratio(tls1["p99_s"], twin1["p99_s"]),
         ),
         Row(
             f"  TLS hit p50 / p99 ({n} concurrent)",
             both(tlsn["p50_s"], tlsn["p99_s"]),
             f"plaintext twin {both(twinn['p50_s'], twinn['p99_s'])}",
-            _ratio(tlsn["p50_s"], twinn["p50_s"]),
+            fmt_ratio(tlsn["p50_s"], twinn["p50_s"]),
         ),
         Row(
             f"  TLS hit calls/s ({n} concurrent)",
             fmt_rate(tlsn["per_s"]),
             f"plaintext twin {fmt_rate(twinn['per_s'])}",
-            _ratio(tlsn["per_s"], twinn["per_s"]),
+            fmt_ratio(tlsn["per_s"], twinn["per_s"]),
         ),
         Row(
             "GetProfile hit p50 with rate limits (1 at a time)",
             ms(limited1["p50_s"]),
             f"twin without p50 {ms(unlimited1['p50_s'])} (taking turns)",
-            _ratio(limited1["p50_s"], unlimited1["p50_s"]),
+            fmt_ratio(limited1["p50_s"], unlimited1["p50_s"]),
         ),
         Row(
             f"  with rate limits: p50 / p99; calls/s ({n} concurrent)",
             f"{both(limitedn['p50_s'], limitedn['p99_s'])}; {fmt_rate(limitedn['per_s'])}",
             f"twin without {both(unlimitedn['p50_s'], unlimitedn['p99_s'])}; {fmt_rate(unlimitedn['per_s'])}",
-            _ratio(limitedn["p50_s"], unlimitedn["p50_s"]),
+            fmt_ratio(limitedn["p50_s"], unlimitedn["p50_s"]),
         ),
         Row(
             "  hit from Redis, near cache off: p50 (1)",
             ms(redis1["p50_s"]),
             hit_floor.strip(),
-            _ratio(redis1["p50_s"], hit_floor_s),
+            fmt_ratio(redis1["p50_s"], hit_floor_s),
             f"<= {GOAL_HIT_VS_FLOOR} x",
             verdict(redis1["p50_s"] / hit_floor_s <= GOAL_HIT_VS_FLOOR),
         ),
@@ -1387,61 +1387,61 @@ def report(results: Mapping[str, Any]) -> str:
             f"  hit from Redis, near cache off: p50 / p99 ({n})",
             both(redisn["p50_s"], redisn["p99_s"]),
             hitn_floor.strip(),
-            _ratio(redisn["p50_s"], hitn_s),
+            fmt_ratio(redisn["p50_s"], hitn_s),
         ),
         Row(
             "  hit calls/s (1 at a time)",
             fmt_rate(hit1["per_s"]),
             f"empty calls/s {fmt_rate(e1['per_s'])}",
-            _ratio(hit1["per_s"], e1["per_s"]),
+            fmt_ratio(hit1["per_s"], e1["per_s"]),
         ),
         Row(
             f"GetProfile hit p50 / p99 ({n} concurrent)",
             both(hitn["p50_s"], hitn["p99_s"]),
             hitn_floor.strip(),
-            _ratio(hitn["p50_s"], hitn_s),
+            fmt_ratio(hitn["p50_s"], hitn_s),
         ),
         Row(
             f"  hit calls/s ({n} concurrent)",
             fmt_rate(hitn["per_s"]),
             f"empty calls/s {fmt_rate(en['per_s'])}; Redis GETs/s {fmt_rate(rn['per_s'])}",
-            _ratio(hitn["per_s"], en["per_s"]),
+            fmt_ratio(hitn["per_s"], en["per_s"]),
         ),
         Row(
             "GetProfile miss p50 / p99 (1 at a time)",
             both(miss1["p50_s"], miss1["p99_s"]),
             miss_floor.strip(),
-            _ratio(miss1["p50_s"], miss_s),
+            fmt_ratio(miss1["p50_s"], miss_s),
         ),
         Row(
             f"GetProfile miss p50 / p99 ({n} concurrent)",
             both(missn["p50_s"], missn["p99_s"]),
             missn_floor.strip(),
-            _ratio(missn["p50_s"], missn_s),
+            fmt_ratio(missn["p50_s"], missn_s),
         ),
         Row(
             f"BatchGetProfiles({BATCH}) warm p50 / p99",
             both(warm["p50_s"], warm["p99_s"]),
             warm_floor.strip(),
-            _ratio(warm["p50_s"], warm_s),
+            fmt_ratio(warm["p50_s"], warm_s),
         ),
         Row(
             "  warm profiles/s (1 batch at a time)",
             fmt_rate(warm["per_s"] * BATCH),
             f"MGET 100: {fmt_rate(mget['per_s'] * BATCH)} keys/s",
-            _ratio(warm["per_s"], mget["per_s"]),
+            fmt_ratio(warm["per_s"], mget["per_s"]),
         ),
         Row(
             f"BatchGetProfiles({BATCH}) cold p50 / p99",
             both(cold["p50_s"], cold["p99_s"]),
             cold_floor.strip(),
-            _ratio(cold["p50_s"], cold_s),
+            fmt_ratio(cold["p50_s"], cold_s),
         ),
         Row(
             "merge (load start -> all merged)",
             f"{fmt_rate(merge['merged_events_per_s'])} ev/s",
             f"raw PG 1-INSERT txns ({write['concurrency']} concurrent) {fmt_rate(write['per_s'])}/s",
-            _ratio(merge["merged_events_per_s"], write["per_s"]),
+            fmt_ratio(merge["merged_events_per_s"], write["per_s"]),
         ),
         Row(
             "  ingest acked (SendEvents x 500)",

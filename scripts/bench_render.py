@@ -77,6 +77,7 @@ from bench_common import (
     Row,
     add_output_arguments,
     fmt_rate,
+    fmt_ratio,
     machine_info,
     measure_empty_unary,
     percentile,
@@ -874,10 +875,6 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
     }
 
 
-def _ratio(value: float, floor: float) -> str:
-    return "n/a" if not floor or math.isnan(value) or math.isnan(floor) else f"{value / floor:.2f} x"
-
-
 def _outcomes(outcomes: Mapping[str, int]) -> str:
     return ", ".join(f"{name} {count:,}" for name, count in sorted(outcomes.items(), key=lambda kv: -kv[1]))
 
@@ -908,7 +905,7 @@ def report(results: Mapping[str, Any]) -> str:
             f"<= {GOAL_RENDER_VS_IDEAL} x",
             verdict(ratio <= GOAL_RENDER_VS_IDEAL),
         ),
-        Row("", "", f"empty call p50 {ms(en['p50_s'])}", _ratio(render_n["p50_s"], en["p50_s"])),
+        Row("", "", f"empty call p50 {ms(en['p50_s'])}", fmt_ratio(render_n["p50_s"], en["p50_s"])),
         Row(
             f"Render p50 over TLS ({n} concurrent, warm)",
             ms(tls_n["p50_s"]),
@@ -921,56 +918,56 @@ def report(results: Mapping[str, Any]) -> str:
             f"  TLS Render p99 ({n} concurrent)",
             ms(tls_n["p99_s"]),
             f"plaintext twin p99 {ms(twin_n['p99_s'])}",
-            _ratio(tls_n["p99_s"], twin_n["p99_s"]),
+            fmt_ratio(tls_n["p99_s"], twin_n["p99_s"]),
         ),
         Row(
             f"  TLS Render throughput ({n} concurrent)",
             f"{fmt_rate(tls_n['per_s'])} renders/s",
             f"plaintext twin {fmt_rate(twin_n['per_s'])}/s",
-            _ratio(tls_n["per_s"], twin_n["per_s"]),
+            fmt_ratio(tls_n["per_s"], twin_n["per_s"]),
         ),
         Row(
             "  TLS Render p50 / p99 (1 at a time)",
             f"{ms(tls_1['p50_s'])} / {ms(tls_1['p99_s'])}",
             f"plaintext twin {ms(twin_1['p50_s'])} / {ms(twin_1['p99_s'])}",
-            _ratio(tls_1["p50_s"], twin_1["p50_s"]),
+            fmt_ratio(tls_1["p50_s"], twin_1["p50_s"]),
         ),
         Row(
             f"  Render p99 ({n} concurrent)",
             ms(render_n["p99_s"]),
             f"ideal path p99 {ms(ideal_n['p99_s'])}",
-            _ratio(render_n["p99_s"], ideal_n["p99_s"]),
+            fmt_ratio(render_n["p99_s"], ideal_n["p99_s"]),
         ),
         Row(
             f"  Render throughput ({n} concurrent)",
             f"{fmt_rate(render_n['per_s'])} renders/s",
             f"ideal path {fmt_rate(ideal_n['per_s'])}/s",
-            _ratio(render_n["per_s"], ideal_n["per_s"]),
+            fmt_ratio(render_n["per_s"], ideal_n["per_s"]),
         ),
-        Row("", "", f"empty calls {fmt_rate(en['per_s'])}/s", _ratio(render_n["per_s"], en["per_s"])),
+        Row("", "", f"empty calls {fmt_rate(en['per_s'])}/s", fmt_ratio(render_n["per_s"], en["per_s"])),
         Row(
             "Render p50 / p99 (1 at a time)",
             f"{ms(render_1['p50_s'])} / {ms(render_1['p99_s'])}",
             f"ideal path {ms(ideal_1['p50_s'])} / {ms(ideal_1['p99_s'])}",
-            _ratio(render_1["p50_s"], ideal_1["p50_s"]),
+            fmt_ratio(render_1["p50_s"], ideal_1["p50_s"]),
         ),
         Row(
             "",
             "",
             f"empty call {ms(e1['p50_s'])} / {ms(e1['p99_s'])}",
-            _ratio(render_1["p50_s"], e1["p50_s"]),
+            fmt_ratio(render_1["p50_s"], e1["p50_s"]),
         ),
         Row(
             f"RenderBatch ({batch['customers']:,} customers)",
             f"{fmt_rate(batch['renders_per_s'])} renders/s",
             f"in-process ideal batch {fmt_rate(in_process['renders_per_s'])}/s",
-            _ratio(batch["renders_per_s"], in_process["renders_per_s"]),
+            fmt_ratio(batch["renders_per_s"], in_process["renders_per_s"]),
         ),
         Row(
             "",
             "",
             f"ideal path x{n} {fmt_rate(ideal_n['per_s'])}/s",
-            _ratio(batch["renders_per_s"], ideal_n["per_s"]),
+            fmt_ratio(batch["renders_per_s"], ideal_n["per_s"]),
         ),
         Row(
             f"Profile service stopped: fallback within {fault['deadline_s'] * 1000:.0f} ms",

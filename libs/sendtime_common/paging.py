@@ -81,6 +81,25 @@ def _queryable(value: Any) -> bool:
     return isinstance(value, str) and len(value) <= MAX_POSITION_TEXT and "\x00" not in value
 
 
+def encode_id_position(key: str, filters: dict[str, Any]) -> str:
+    """A token for keyset paging by id: after ``key``, the id of the last item."""
+    return encode_page_token([key], filters)
+
+
+def decode_id_position(token: str, filters: dict[str, Any]) -> str | None:
+    """The id ``encode_id_position`` put in ``token``; None for no token (the first page).
+
+    Raises:
+        InvalidPageToken: not such a token, or issued for other filters.
+    """
+    if not token:
+        return None
+    position = decode_page_token(token, filters)
+    if len(position) != 1 or not isinstance(position[0], str):
+        raise InvalidPageToken("is not a page token from this API")
+    return position[0]
+
+
 def encode_time_position(at: datetime, key: str | int, filters: dict[str, Any]) -> str:
     """A token for keyset paging newest first: after (``at``, ``key``) of the last item."""
     return encode_page_token([at.isoformat(), key], filters)

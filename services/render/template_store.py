@@ -27,7 +27,7 @@ from cachetools import LRUCache
 
 from render.template_validation import template_name
 from sendtime.render.v1 import render_pb2
-from sendtime_common.paging import InvalidPageToken, decode_page_token, encode_page_token
+from sendtime_common.paging import decode_id_position, encode_id_position
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +213,7 @@ class TemplateStore:
         Raises:
             sendtime_common.paging.InvalidPageToken: not a token from this listing.
         """
-        after: str | None = None
-        if page_token:
-            position = decode_page_token(page_token, _LIST_FILTERS)
-            if len(position) != 1 or not isinstance(position[0], str):
-                raise InvalidPageToken("is not a page token from this API")
-            after = position[0]
+        after = decode_id_position(page_token, _LIST_FILTERS)
         rows = await self._pool.fetch(
             """
             SELECT t.id, t.display_name, coalesce(t.published_version, 0) AS published_version,
@@ -233,7 +228,7 @@ class TemplateStore:
             page_size + 1,
         )
         page = rows[:page_size]
-        token = encode_page_token([page[-1]["id"]], _LIST_FILTERS) if len(rows) > page_size else ""
+        token = encode_id_position(page[-1]["id"], _LIST_FILTERS) if len(rows) > page_size else ""
         return [_stored(row["id"], row) for row in page], token
 
     async def publish(self, template_id: str, version: int) -> render_pb2.StoredTemplate:

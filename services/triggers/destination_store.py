@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 
 from sendtime.triggers.v1 import triggers_pb2
-from sendtime_common.paging import InvalidPageToken, decode_page_token, encode_page_token
+from sendtime_common.paging import decode_id_position, encode_id_position
 from triggers.delivery_log import DestinationHealth
 from triggers.secret_box import SecretBox
 from triggers.signing import SigningKeys
@@ -248,12 +248,7 @@ class DestinationStore:
         Raises:
             sendtime_common.paging.InvalidPageToken: not a token from this listing.
         """
-        after: str | None = None
-        if page_token:
-            position = decode_page_token(page_token, _LIST_FILTERS)
-            if len(position) != 1 or not isinstance(position[0], str):
-                raise InvalidPageToken("is not a page token from this API")
-            after = position[0]
+        after = decode_id_position(page_token, _LIST_FILTERS)
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM triggers_destinations WHERE $1::text IS NULL OR id > $1"
             " ORDER BY id LIMIT $2",
@@ -261,7 +256,7 @@ class DestinationStore:
             page_size + 1,
         )
         page = rows[:page_size]
-        token = encode_page_token([page[-1]["id"]], _LIST_FILTERS) if len(rows) > page_size else ""
+        token = encode_id_position(page[-1]["id"], _LIST_FILTERS) if len(rows) > page_size else ""
         return [destination_of(row) for row in page], token
 
     def _seal(self, destination_id: str, keys: SigningKeys) -> bytes:

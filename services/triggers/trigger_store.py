@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import asyncpg
 
 from sendtime.triggers.v1 import triggers_pb2
-from sendtime_common.paging import InvalidPageToken, decode_page_token, encode_page_token
+from sendtime_common.paging import decode_id_position, encode_id_position
 from triggers.store import AlreadyExists, EtagMismatch, NotFound, new_etag
 from triggers.trigger_validation import trigger_name
 
@@ -64,7 +64,7 @@ class TriggerStore:
         Raises:
             sendtime_common.paging.InvalidPageToken: not a token from this listing.
         """
-        after = _position(page_token)
+        after = decode_id_position(page_token, _LIST_FILTERS)
         rows = await self._pool.fetch(
             f"SELECT {_COLUMNS} FROM triggers_triggers WHERE $1::text IS NULL OR id > $1"
             " ORDER BY id LIMIT $2",
@@ -72,7 +72,7 @@ class TriggerStore:
             page_size + 1,
         )
         page = rows[:page_size]
-        token = encode_page_token([page[-1]["id"]], _LIST_FILTERS) if len(rows) > page_size else ""
+        token = encode_id_position(page[-1]["id"], _LIST_FILTERS) if len(rows) > page_size else ""
         return [trigger_of(row) for row in page], token
 
     async def update(
@@ -108,21 +108,7 @@ class TriggerStore:
         Raises:
             NotFound: no trigger has the id.
         """
-        row = await self._pool.fetchrow(
-            f"""
-            UPDATE triggers_triggers
-            SET state = $2, etag = CASE WHEN state = $2 THEN etag ELSE $3 END,
-                updated_at = CASE WHEN state = $2 THEN updated_at ELSE now() END
-            WHERE id = $1
-            RETURNING {_COLUMNS}
-            """,
-            trigger_id,
-            triggers_pb2.TRIGGER_STATE_PAUSED,
-            new_etag(),
-        )
-        if row is None:
-            raise NotFound(f"{trigger_name(trigger_id)} does not exist")
-        return trigger_of(row)
+        return trigger_of(await _set_state(self._pool, trigger_id, triggers_pb2.TRIGGER_STATE_PAUSED))
 
     async def resume(self, trigger_id: str, now: datetime) -> tuple[triggers_pb2.Trigger, int]:
         """Make the trigger active again, and in the same transaction make the episodes the
@@ -136,20 +122,7 @@ class TriggerStore:
             NotFound: no trigger has the id.
         """
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                f"""
-                UPDATE triggers_triggers
-                SET state = $2, etag = CASE WHEN state = $2 THEN etag ELSE $3 END,
-                    updated_at = CASE WHEN state = $2 THEN updated_at ELSE now() END
-                WHERE id = $1
-                RETURNING {_COLUMNS}
-                """,
-                trigger_id,
-                triggers_pb2.TRIGGER_STATE_ACTIVE,
-                new_etag(),
-            )
-            if row is None:
-                raise NotFound(f"{trigger_name(trigger_id)} does not exist")
+            row = await _set_state(conn, trigger_id, triggers_pb2.TRIGGER_STATE_ACTIVE)
             woken = await conn.execute(
                 """
                 UPDATE triggers_episodes SET due_at = $2, version = version + 1, updated_at = now()
@@ -191,13 +164,31 @@ class TriggerStore:
         raise EtagMismatch(f"{trigger_name(trigger_id)} changed since it was read")
 
 
-def _position(page_token: str) -> str | None:
-    if not page_token:
-        return None
-    position = decode_page_token(page_token, _LIST_FILTERS)
-    if len(position) != 1 or not isinstance(position[0], str):
-        raise InvalidPageToken("is not a page token from this API")
-    return str(position[0])
+async def _set_state(
+    db: asyncpg.Pool | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+    trigger_id: str,
+    state: triggers_pb2.TriggerState.ValueType,
+) -> asyncpg.Record:
+    """Set the trigger's state; its etag and update time change only when the state does.
+
+    Raises:
+        NotFound: no trigger has the id.
+    """
+    row = await db.fetchrow(
+        f"""
+        UPDATE triggers_triggers
+        SET state = $2, etag = CASE WHEN state = $2 THEN etag ELSE $3 END,
+            updated_at = CASE WHEN state = $2 THEN updated_at ELSE now() END
+        WHERE id = $1
+        RETURNING {_COLUMNS}
+        """,
+        trigger_id,
+        state,
+        new_etag(),
+    )
+    if row is None:
+        raise NotFound(f"{trigger_name(trigger_id)} does not exist")
+    return row
 
 
 def _content(trigger: triggers_pb2.Trigger) -> bytes:
