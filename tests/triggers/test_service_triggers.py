@@ -13,6 +13,11 @@ from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
 from tests.triggers.service_support import new_subscription, new_trigger, reason, violated_fields, violations
 from tests.triggers.store_support import unique
 from triggers import builtin
+from triggers.destination_store import DestinationStore
+from triggers.secret_box import SecretBox
+from triggers.server import TriggersApp
+from triggers.trigger_servicer import TriggerServicer
+from triggers.trigger_store import TriggerStore
 
 # Strings: the async stub types exist for type checkers only.
 Triggers: TypeAlias = "triggers_pb2_grpc.TriggerServiceAsyncStub"
@@ -172,3 +177,34 @@ async def test_triggers_are_listed_by_name_a_page_at_a_time(
     with pytest.raises(grpc.aio.AioRpcError) as bad_token:
         await trigger_stub.ListTriggers(triggers_pb2.ListTriggersRequest(page_token="not-a-token"))
     assert violated_fields(bad_token.value) == {"page_token"}
+
+
+async def test_the_engine_is_told_of_each_stored_change_and_not_of_a_refused_one(
+    triggers_app: TriggersApp, destination_stub: Destinations
+) -> None:
+    told: list[str] = []
+
+    async def on_triggers_changed(name: str) -> None:
+        told.append(name)
+
+    servicer = TriggerServicer(
+        TriggerStore(triggers_app.pool),
+        DestinationStore(triggers_app.pool, SecretBox.generate()),
+        on_triggers_changed=on_triggers_changed,
+    )
+    server = grpc.aio.server()
+    triggers_pb2_grpc.add_TriggerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as calls:
+            stub = triggers_pb2_grpc.TriggerServiceStub(calls)
+            trigger = await new_trigger(stub, destination_stub)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await new_trigger(stub, destination_stub, trigger.name.removeprefix("triggers/"))
+            await stub.PauseTrigger(triggers_pb2.PauseTriggerRequest(name=trigger.name))
+            await stub.ResumeTrigger(triggers_pb2.ResumeTriggerRequest(name=trigger.name))
+            await stub.DeleteTrigger(triggers_pb2.DeleteTriggerRequest(name=trigger.name))
+    finally:
+        await server.stop(grace=None)
+    assert told == [trigger.name] * 4
