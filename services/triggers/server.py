@@ -32,6 +32,7 @@ from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or
 from triggers.clients import GrpcMessageRenderer, GrpcProfileReader, ProfileChannel, RenderChannel
 from triggers.delivery_servicer import DeliveryServicer
 from triggers.delivery_store import DeliveryStore
+from triggers.dependencies import MessageRenderer, ProfileReader
 from triggers.destination_servicer import DestinationServicer
 from triggers.destination_store import DestinationStore
 from triggers.settings import Settings
@@ -69,6 +70,9 @@ class TriggersApp:
     auth: ServerAuth
     profile_channel: ProfileChannel
     render_channel: RenderChannel
+    # What the engine reads profiles and renders fires with (triggers.dependencies).
+    profiles: ProfileReader
+    renderer: MessageRenderer
     resolver: AbstractResolver
     deliveries: DeliveryServicer
     # The engine, once wired in; None serves the API alone.
@@ -185,7 +189,6 @@ async def create_app(settings: Settings) -> TriggersApp:
     # change consumer settings.changes_consumer_name, erasure notices), ``profiles`` and
     # ``renderer``; the servicers tell it of changes through its hooks.
     engine: Engine | None = None
-    del renderer  # the engine's, once it is wired in
 
     resolver = DefaultResolver()
     trigger_servicer = TriggerServicer(
@@ -222,6 +225,8 @@ async def create_app(settings: Settings) -> TriggersApp:
         auth=auth,
         profile_channel=profile_channel,
         render_channel=render_channel,
+        profiles=profiles,
+        renderer=renderer,
         resolver=resolver,
         deliveries=delivery_servicer,
         engine=engine,

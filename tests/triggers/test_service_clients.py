@@ -59,8 +59,7 @@ async def test_the_live_profile_is_read_by_customer_id_and_rendered_for(
             publish=True,
         )
     )
-    profiles = GrpcProfileReader(triggers_app.profile_channel, deadline_s=2)
-    renderer = GrpcMessageRenderer(triggers_app.render_channel, profiles, deadline_s=5)
+    profiles, renderer = triggers_app.profiles, triggers_app.renderer  # as the engine gets them
 
     profile = await profiles.get_profile(stored.customer_id)
     variables = struct_pb2.Struct()
