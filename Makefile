@@ -13,7 +13,7 @@ export PATH := $(BIN):$(PATH)
 .PHONY: help install up down run demo test test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http
 
 help:
-	@echo "make run        start Postgres/Redis/NATS if needed, the three services, a demo; Ctrl-C stops"
+	@echo "make run        start Postgres/Redis/NATS if needed, the four services, a demo; Ctrl-C stops"
 	@echo "make demo       the same, but exit after the demo (0 when it worked)"
 	@echo "make test       install what is needed and run the whole test suite"
 	@echo "make fuzz       the fuzz tests (tests/fuzz) with many examples each; make test runs a small slice"

@@ -3,8 +3,10 @@
 - a local CA and a server certificate for localhost, 127.0.0.1 and ::1 (``.run/tls/``), so that
   every port serves TLS; and a client certificate for render (``spiffe://sendtime.local/render``)
   for when profile asks for one (mutual TLS);
-- an admin API key for the person at the keyboard, and render's own key, which can only read
-  profiles (``.run/secrets/``, readable by the owner only);
+- an admin API key for the person at the keyboard, render's own key, which can only read
+  profiles, and the triggers service's two: one that can only read profiles, one that can only
+  render (``.run/secrets/``, readable by the owner only); and the key triggers seals webhook
+  secrets with;
 - a NATS user per service (devstack's NATS) and a PostgreSQL role per service, each with only
   what its service needs (passwords in ``.run/secrets/``).
 
@@ -53,6 +55,8 @@ class LocalTls:
 class LocalCredentials:
     admin_key_file: Path
     render_key_file: Path
+    triggers_profile_key_file: Path
+    triggers_render_key_file: Path
     tls: LocalTls
     run_dir: Path
     own_nats: bool  # devstack's NATS, with a user per service
@@ -66,8 +70,8 @@ class LocalCredentials:
         return self.admin_key_file.read_text().strip()
 
     def service_env(self, service: str) -> dict[str, str]:
-        """What ``service`` needs in its environment: TLS on every port, render's key and trust
-        for its calls to profile, and its NATS user on devstack's NATS."""
+        """What ``service`` needs in its environment: TLS on every port, its own keys and trust
+        for its calls to other services, and its NATS user on devstack's NATS."""
         env = {
             "IDENTIFIER_HASH_KEYS_FILE": str(identifier_hash_keys(self.run_dir)),
             "TLS_CERT_FILE": str(self.tls.server_cert_file),
@@ -75,11 +79,18 @@ class LocalCredentials:
             "PROFILE_SERVICE_CA_FILE": str(self.tls.ca_file),
             "PROFILE_SERVICE_API_KEY_FILE": str(self.render_key_file),
         }
+        if service == "triggers":
+            env |= {
+                "PROFILE_SERVICE_API_KEY_FILE": str(self.triggers_profile_key_file),
+                "RENDER_SERVICE_CA_FILE": str(self.tls.ca_file),
+                "RENDER_SERVICE_API_KEY_FILE": str(self.triggers_render_key_file),
+                "TRIGGERS_SECRET_KEYS_FILE": str(triggers_secret_keys(self.run_dir)),
+            }
         if self.own_nats:
             env.update(nats_service_env(self.run_dir, service))
         if service in self.database_urls:
             env["DATABASE_URL"] = self.database_urls[service]
-        if service in ("ingest", "profile") and service in self.redis_urls:
+        if service in ("ingest", "profile", "triggers") and service in self.redis_urls:
             env["REDIS_URL"] = self.redis_urls[service]
         if service == "render" and "render" in self.redis_urls:
             env["RENDER_REDIS_URL"] = self.redis_urls["render"]
@@ -130,6 +141,15 @@ def identifier_hash_keys(run_dir: Path) -> Path:
     """The file holding the key every service names erased people with (IDENTIFIER_HASH_KEYS):
     32 random bytes, base64, made once."""
     path = secrets_dir(run_dir) / "identifier-hash-keys"
+    if not path.exists() or not path.read_text().strip():
+        _write_secret(path, base64.b64encode(secrets.token_bytes(32)).decode())
+    return path
+
+
+def triggers_secret_keys(run_dir: Path) -> Path:
+    """The file holding the key triggers seals webhooks' signing secrets with
+    (TRIGGERS_SECRET_KEYS): 32 random bytes, base64, made once."""
+    path = secrets_dir(run_dir) / "triggers-secret-keys"
     if not path.exists() or not path.read_text().strip():
         _write_secret(path, base64.b64encode(secrets.token_bytes(32)).decode())
     return path
@@ -237,6 +257,8 @@ async def _ensure(
         credentials = LocalCredentials(
             directory / "admin.key",
             directory / "render.key",
+            directory / "triggers-profile.key",
+            directory / "triggers-render.key",
             tls,
             run_dir,
             own_nats,
@@ -245,6 +267,15 @@ async def _ensure(
         )
         await _ensure_key(store, credentials.admin_key_file, "local admin (make run)", ALL_SCOPES)
         await _ensure_key(store, credentials.render_key_file, "render (make run)", [Scope.PROFILES_READ])
+        await _ensure_key(
+            store,
+            credentials.triggers_profile_key_file,
+            "triggers to profile (make run)",
+            [Scope.PROFILES_READ],
+        )
+        await _ensure_key(
+            store, credentials.triggers_render_key_file, "triggers to render (make run)", [Scope.RENDER]
+        )
         return credentials
     finally:
         await pool.close()

@@ -7,6 +7,8 @@
   erasure notices and profile changes (``sendtime.profile_changes.>``), and deletes an erased
   person's events from the stream.
 - **render** reads events through its catalog consumer and follows erasure notices.
+- **triggers** reads the profile change stream through its durable consumer
+  (``triggers-changes``) and follows erasure notices; it publishes nothing.
 
 Nobody else may publish an event, so nothing reaches the merger without ingest's validation.
 Each user may subscribe only to its own inboxes (``_INBOX_<user>.>``; the services connect
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 
 from sendtime_common.event_log import JetStreamSettings, inbox_prefix
 
-SERVICES = ("ingest", "profile", "render")
+SERVICES = ("ingest", "profile", "render", "triggers")
 API = "$JS.API"
 
 
@@ -43,6 +45,7 @@ class NatsNames:
     profile_change_subject_prefix: str = JetStreamSettings().profile_change_subject_prefix
     merger_consumer: str = "profile-merger"
     catalog_consumer: str = "render-catalog"
+    changes_consumer: str = "triggers-changes"
 
 
 def user_name(service: str) -> str:
@@ -95,6 +98,11 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
         ]
     elif service == "render":
         publish += _durable(names.events_stream, names.catalog_consumer)
+    elif service == "triggers":
+        publish += [
+            f"{API}.STREAM.INFO.{names.profile_change_stream}",
+            *_durable(names.profile_change_stream, names.changes_consumer),
+        ]
     else:
         raise ValueError(f"no such service {service!r}")
     return {

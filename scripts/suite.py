@@ -1,7 +1,7 @@
-"""Run the whole Sendtime suite locally: dependencies, the three services, a demo.
+"""Run the whole Sendtime suite locally: dependencies, the four services, a demo.
 
 ``python scripts/suite.py run``  (``make run``): make PostgreSQL, Redis and NATS reachable
-(devstack), start ingest, profile and render, run the demo, print grpcurl commands to try, and
+(devstack), start profile, ingest, render and triggers, run the demo, print grpcurl commands to try, and
 serve until Ctrl-C, which stops everything this command started.
 
 ``python scripts/suite.py demo`` (``make demo``): the same, then stop; exit 0 only when the demo
@@ -9,7 +9,8 @@ worked.
 
 The services run as separate processes exactly as in production (``python -m <service>``), with
 their logs in ``.run/logs/``. Their addresses come from the same environment variables the
-services read (INGEST_ADDRESS, PROFILE_ADDRESS, RENDER_ADDRESS; defaults ports 50051-50053).
+services read (INGEST_ADDRESS, PROFILE_ADDRESS, RENDER_ADDRESS, TRIGGERS_ADDRESS; defaults ports
+50051-50054).
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ SERVICES = (
     Service("profile", "profile_service", "PROFILE", 50052, 50062, 8082),
     Service("ingest", "ingest", "INGEST", 50051, 50061, 8080),
     Service("render", "render", "RENDER", 50053, 50063, 8083),
+    Service("triggers", "triggers", "TRIGGERS", 50054, 50064, 8084),  # after the services it calls
 )
-PROFILE, INGEST, RENDER = SERVICES
+PROFILE, INGEST, RENDER, TRIGGERS = SERVICES
 
 
 def _say(message: str = "") -> None:
@@ -107,11 +109,12 @@ def _say(message: str = "") -> None:
 
 
 def service_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The environment the services run with: the caller's, plus the source tree on the path and
-    render pointed at this suite's profile service."""
+    """The environment the services run with: the caller's, plus the source tree on the path,
+    render pointed at this suite's profile service and triggers at its profile and render."""
     merged = dict(env)
     merged["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHONPATH, env.get("PYTHONPATH", "")) if p)
     merged.setdefault("PROFILE_SERVICE_TARGET", PROFILE.target(env))
+    merged.setdefault("RENDER_SERVICE_TARGET", RENDER.target(env))
     return merged
 
 
@@ -128,7 +131,7 @@ def start_services(
     services: Sequence[Service] = SERVICES,
     credentials: LocalCredentials | None = None,
 ) -> list[RunningService]:
-    """Start ``services`` (the three, by default) as processes, in order, and wait until each
+    """Start ``services`` (all four, by default) as processes, in order, and wait until each
     reports SERVING.
 
     Raises:
@@ -383,6 +386,7 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Pa
     proto files are needed."""
     grpcurl = os.path.relpath(GRPCURL) if GRPCURL.exists() else "grpcurl"
     ingest, profile, render = INGEST.target(env), PROFILE.target(env), RENDER.target(env)
+    triggers = TRIGGERS.target(env)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     customer = {"kind": "IDENTIFIER_KIND_USER_ID", "value": user_id}
     event = {
@@ -405,6 +409,19 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Pa
         },
     }
 
+    # An adapter's subscription, and a cart reminder delivering to it (ids made per run).
+    suffix = uuid.uuid4().hex[:6]
+    destination = {"destination_id": f"try-adapter-{suffix}", "destination": {"subscription": {}}}
+    trigger = {
+        "trigger_id": f"try-cart-{suffix}",
+        "trigger": {
+            "entry": {"event_type": "cart_item_added"},
+            "delay": {"after": "3600s"},
+            "exits": [{"event": {"event_type": "order_completed"}}],
+            "delivery": {"destinations": [f"destinations/try-adapter-{suffix}"], "template": DEMO_TEMPLATE},
+        },
+    }
+
     def data(body: object) -> str:
         return shlex.quote(json.dumps(body))
 
@@ -414,6 +431,9 @@ def grpcurl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Pa
         f"-d {data(event)} {ingest} sendtime.ingest.v1.IngestService/SendEvents",
         f"-d {data(render_request)} {render} sendtime.render.v1.RenderService/Render",
         f"{render} grpc.health.v1.Health/Check",
+        f"-d {data(destination)} {triggers} sendtime.triggers.v1.DestinationService/CreateDestination",
+        f"-d {data(trigger)} {triggers} sendtime.triggers.v1.TriggerService/CreateTrigger",
+        f"{triggers} sendtime.triggers.v1.TriggerService/ListTriggers",
     ]
     header = shlex.quote(f"authorization: Bearer {key}")
     trust = shlex.quote(os.path.relpath(ca_file))

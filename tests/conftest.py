@@ -48,6 +48,11 @@ from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.tls import ClientTls, TlsSettings
 from tests.keys import issue_key
+from triggers.secret_box import SecretBox
+from triggers.server import TriggersApp
+from triggers.server import create_app as create_triggers_app
+from triggers.settings import Settings as TriggersSettings
+from triggers.ssrf import AllowList
 
 _SPAN_EXPORTER = InMemorySpanExporter()
 _provider = TracerProvider()
@@ -310,6 +315,57 @@ async def render_stub(
 ) -> AsyncIterator[render_pb2_grpc.RenderServiceAsyncStub]:
     async with channel(f"127.0.0.1:{render_app.grpc.port}", admin_key) as render_channel:
         yield render_pb2_grpc.RenderServiceStub(render_channel)
+
+
+# --- The triggers service, in this process, calling the profile and render services above ----
+
+# Test receivers listen on loopback, which webhooks may not reach unless allow-listed.
+TEST_WEBHOOK_ALLOW = AllowList.parse(["127.0.0.0/8", "::1"])
+
+
+def triggers_settings(
+    profile_target: str, render_target: str, database_url: str, nats_url: str, **overrides: Any
+) -> TriggersSettings:
+    """Triggers settings for tests: its own ports, the test run's database and NATS, plaintext
+    to profile and render, a fresh sealing key, loopback webhooks allowed."""
+    return TriggersSettings(
+        **{
+            **LOCAL_SERVER,
+            "profile_target": profile_target,
+            "profile_tls": ClientTls(plaintext=True),
+            "render_target": render_target,
+            "render_tls": ClientTls(plaintext=True),
+            "database_url": database_url,
+            "event_log": JetStreamSettings(url=nats_url),
+            "secret_box": SecretBox.generate(),
+            "webhook_allow": TEST_WEBHOOK_ALLOW,
+            "subscription_poll_s": 0.05,
+            **overrides,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+async def triggers_app(
+    profile_app: ProfileApp, render_app: RenderApp, database_url: str, nats_url: str, redis_url: str
+) -> AsyncIterator[TriggersApp]:
+    """The triggers service with its own keys for profile (profiles.read) and render (render)."""
+    app = await create_triggers_app(
+        triggers_settings(
+            f"127.0.0.1:{profile_app.grpc.port}",
+            f"127.0.0.1:{render_app.grpc.port}",
+            database_url,
+            nats_url,
+            redis_url=redis_url,
+            profile_api_key=await issue_key(
+                database_url, [Scope.PROFILES_READ], "tests: triggers to profile"
+            ),
+            render_api_key=await issue_key(database_url, [Scope.RENDER], "tests: triggers to render"),
+        )
+    )
+    await app.start()
+    yield app
+    await app.stop(grace_s=1)
 
 
 T = TypeVar("T")

@@ -22,6 +22,7 @@ from sendtime_cli.database import SERVICES, role_name, setup_roles
 from sendtime_common.migrate import migrate
 from tests.conftest import empty_database, repo_root
 from tests.keys import issue_key
+from triggers.store import MIGRATIONS_DIR as TRIGGERS_MIGRATIONS
 
 PASSWORDS = {service: secrets.token_urlsafe(16) for service in SERVICES}
 
@@ -46,6 +47,7 @@ async def roles_database() -> AsyncIterator[str]:
         for service, directory, table in [
             ("ingest", INGEST_MIGRATIONS, "ingest_schema_migrations"),
             ("render", RENDER_MIGRATIONS, "render_schema_migrations"),
+            ("triggers", TRIGGERS_MIGRATIONS, "triggers_schema_migrations"),
         ]:
             pool = await asyncpg.create_pool(as_role(url, service), min_size=1, max_size=1)
             try:
@@ -77,6 +79,7 @@ async def test_each_service_owns_its_tables_and_the_key_tables_are_profiles(role
     assert owners["api_keys"] == owners["audit_events"] == "sendtime_profile"
     assert owners["ingest_rejected_events"] == "sendtime_ingest"
     assert owners["render_templates"] == "sendtime_render"
+    assert owners["triggers_destinations"] == owners["triggers_schema_migrations"] == "sendtime_triggers"
 
 
 @pytest.mark.parametrize(
@@ -100,11 +103,28 @@ async def test_render_cannot_touch_what_is_not_its_own(roles_database: str, stat
         assert await refused(roles_database, "render", statement)
 
 
-async def test_ingest_and_render_may_read_keys_note_their_use_and_append_audit_records(
+@pytest.mark.parametrize(
+    ("service", "statement"),
+    [
+        ("render", "SELECT signing_keys FROM triggers_destinations"),
+        ("ingest", "DELETE FROM triggers_deliveries"),
+        ("profile", "SELECT * FROM triggers_triggers"),
+        ("triggers", "SELECT * FROM customers"),
+        ("triggers", "SELECT * FROM render_templates"),
+        ("triggers", "UPDATE api_keys SET scopes = '{keys.manage}'"),
+    ],
+)
+async def test_only_triggers_touches_the_triggers_tables_and_it_nothing_else(
+    roles_database: str, service: str, statement: str
+) -> None:
+    assert await refused(roles_database, service, statement)
+
+
+async def test_ingest_render_and_triggers_may_read_keys_note_their_use_and_append_audit_records(
     roles_database: str,
 ) -> None:
     key = await issue_key(roles_database)
-    for service in ("ingest", "render"):
+    for service in ("ingest", "render", "triggers"):
         conn = await asyncpg.connect(as_role(roles_database, service))
         try:
             assert await conn.fetchval("SELECT count(*) FROM api_keys") == 1
@@ -143,5 +163,7 @@ def run_roles(tmp_path: Path, database_url: str) -> str:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "roles ready: sendtime_ingest, sendtime_profile, sendtime_render" in result.stdout
+    assert (
+        "roles ready: sendtime_ingest, sendtime_profile, sendtime_render, sendtime_triggers" in result.stdout
+    )
     return result.stdout

@@ -18,6 +18,7 @@ from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
 from sendtime_common.http_routes import routes_of
 from sendtime_common.shutdown import STOP_MARGIN_S
+from triggers.settings import Settings as TriggersSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -25,6 +26,7 @@ SERVICES = {
     "ingest": ("ingest", IngestSettings().address, IngestSettings().health_address),
     "profile": ("profile_service", ProfileSettings().address, ProfileSettings().health_address),
     "render": ("render", RenderSettings().address, RenderSettings().health_address),
+    "triggers": ("triggers", TriggersSettings().address, TriggersSettings().health_address),
 }
 # Read by the OpenTelemetry SDK and exporter themselves.
 STANDARD_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
@@ -144,6 +146,11 @@ def test_the_ingress_sends_every_route_of_the_contracts_to_the_service_that_serv
         "ingest": ["sendtime.ingest.v1.IngestService"],
         "profile": ["sendtime.profile.v1.ProfileService"],
         "render": ["sendtime.render.v1.RenderService", "sendtime.render.v1.TemplateService"],
+        "triggers": [
+            "sendtime.triggers.v1.TriggerService",
+            "sendtime.triggers.v1.DestinationService",
+            "sendtime.triggers.v1.DeliveryService",
+        ],
     }
     routed = 0
     for service, names in hosting.items():
@@ -151,7 +158,7 @@ def test_the_ingress_sends_every_route_of_the_contracts_to_the_service_that_serv
             sample = re.sub(r"\{[^}]+\}", "id-1", route.openapi_path)
             assert ingress_backend(paths, sample) == (service, "http"), (route.template, sample)
             routed += 1
-    assert routed >= 12
+    assert routed >= 12 + 17  # the triggers contracts' 17 routes too
     for provider in ("shopify", "sendgrid"):
         assert ingress_backend(paths, f"/webhooks/{provider}") == ("ingest", "webhooks")
     for call in ("track", "identify", "page", "screen", "alias", "group", "batch"):

@@ -1,6 +1,7 @@
 """The services under their least-privilege NATS users (scripts/nats_auth.py), on a NATS of the
 test's own: the whole path works (ingest publishes, profile merges and publishes erasure
-notices, render keeps its catalog and hears erasures), and what each must not do is refused."""
+notices, render keeps its catalog and hears erasures, triggers starts and reads the profile
+change stream through its durable consumer), and what each must not do is refused."""
 
 from __future__ import annotations
 
@@ -28,10 +29,26 @@ from render.server import create_app as create_render_app
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.auth.api_keys import Scope
-from sendtime_common.event_log import EventLogUnavailable, JetStreamEventLog, JetStreamSettings, inbox_prefix
-from tests.conftest import LOCAL_SERVER, channel, empty_database, render_settings, user, wait_for_profile
+from sendtime_common.event_log import (
+    Delivery,
+    EventLogUnavailable,
+    JetStreamEventLog,
+    JetStreamSettings,
+    inbox_prefix,
+)
+from tests.conftest import (
+    LOCAL_SERVER,
+    channel,
+    empty_database,
+    render_settings,
+    triggers_settings,
+    user,
+    wait_for_profile,
+)
 from tests.factories import event, identify
 from tests.keys import issue_key
+from triggers.server import TriggersApp
+from triggers.server import create_app as create_triggers_app
 
 EVENTS = JetStreamSettings().stream
 ERASURES = JetStreamSettings().erasure_stream
@@ -86,7 +103,7 @@ async def locked_database() -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 async def locked_apps(
     locked_nats: LockedNats, locked_database: str, redis_url: str
-) -> AsyncIterator[tuple[IngestApp, ProfileApp, RenderApp]]:
+) -> AsyncIterator[tuple[IngestApp, ProfileApp, RenderApp, TriggersApp]]:
     database_url = locked_database
     # ingest first: it waits for the streams profile makes, as it would on a cluster.
     ingest_starting = asyncio.create_task(
@@ -116,23 +133,44 @@ async def locked_apps(
             event_log=locked_nats.settings("render"),
         )
     )
-    for app in (profile, ingest, render):
+    triggers = await create_triggers_app(
+        triggers_settings(
+            f"127.0.0.1:{profile.grpc.port}",
+            f"127.0.0.1:{render.grpc.port}",
+            database_url,
+            locked_nats.url,
+            redis_url="",
+            profile_api_key="unused",
+            render_api_key="unused",
+            event_log=locked_nats.settings("triggers"),
+        )
+    )
+    for app in (profile, ingest, render, triggers):
         await app.start()
-    yield ingest, profile, render
-    for app in (render, ingest, profile):
+    yield ingest, profile, render, triggers
+    for app in (triggers, render, ingest, profile):
         await app.stop(grace_s=1)
 
 
 async def test_the_services_work_end_to_end_under_their_own_users(
-    locked_apps: tuple[IngestApp, ProfileApp, RenderApp],
+    locked_apps: tuple[IngestApp, ProfileApp, RenderApp, TriggersApp],
     locked_nats: LockedNats,
     locked_database: str,
     unique: str,
 ) -> None:
-    ingest, profile, _ = locked_apps
+    ingest, profile, _, _ = locked_apps
     admin_key = await issue_key(locked_database)
     errors: list[str] = []
     watcher = await locked_nats.connect_as("profile", errors)
+    # What the triggers engine reads: the changes, through its durable consumer, and the notices.
+    triggers_log = await JetStreamEventLog.connect(locked_nats.settings("triggers"))
+    changes = await triggers_log.subscribe_profile_changes("triggers-changes")
+    notices: list[bytes] = []
+
+    async def heard(payload: bytes) -> None:
+        notices.append(payload)
+
+    following = await triggers_log.follow_erasures(heard)
     notices_before = (await watcher.jetstream().stream_info(ERASURES)).state.last_seq
     changes_before = (await watcher.jetstream().stream_info(CHANGES)).state.last_seq
     async with (
@@ -158,13 +196,23 @@ async def test_the_services_work_end_to_end_under_their_own_users(
             await asyncio.sleep(0.05)
         while (await watcher.jetstream().stream_info(ERASURES)).state.last_seq == notices_before:
             await asyncio.sleep(0.05)
+        fetched: list[Delivery] = []
+        while not fetched:
+            fetched = list(await changes.fetch(10, timeout_s=1))
+        for delivery in fetched:
+            await delivery.ack()
+        while not notices:
+            await asyncio.sleep(0.05)
     finally:
         await watcher.close()
+        await following.close()
+        await changes.close()
+        await triggers_log.close()
     assert not errors
 
 
 async def test_render_cannot_publish_an_event_nor_read_another_services_inbox(
-    locked_nats: LockedNats, locked_apps: tuple[IngestApp, ProfileApp, RenderApp]
+    locked_nats: LockedNats, locked_apps: tuple[IngestApp, ProfileApp, RenderApp, TriggersApp]
 ) -> None:
     errors: list[str] = []
     render = await locked_nats.connect_as("render", errors)
@@ -203,10 +251,20 @@ async def test_render_cannot_publish_an_event_nor_read_another_services_inbox(
         ("profile", f"$JS.API.STREAM.DELETE.{EVENTS}"),
         ("profile", f"$JS.API.STREAM.PURGE.{CHANGES}"),
         ("profile", "sendtime.events.identify"),
+        ("triggers", "sendtime.events.identify"),
+        ("triggers", "sendtime.profile_changes.identify"),
+        ("triggers", "sendtime.erasures"),
+        ("triggers", f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.profile-merger"),
+        ("triggers", f"$JS.API.STREAM.PURGE.{CHANGES}"),
+        ("triggers", f"$JS.API.STREAM.UPDATE.{CHANGES}"),
+        ("render", f"$JS.API.CONSUMER.MSG.NEXT.{CHANGES}.triggers-changes"),
     ],
 )
 async def test_no_user_may_do_what_its_service_does_not(
-    locked_nats: LockedNats, locked_apps: tuple[IngestApp, ProfileApp, RenderApp], service: str, subject: str
+    locked_nats: LockedNats,
+    locked_apps: tuple[IngestApp, ProfileApp, RenderApp, TriggersApp],
+    service: str,
+    subject: str,
 ) -> None:
     errors: list[str] = []
     client = await locked_nats.connect_as(service, errors)

@@ -67,6 +67,9 @@ async def test_the_profile_user_runs_the_cache_and_the_near_cache(users: str, un
         ("ingest", ("KEYS", "*")),
         ("ingest", ("FLUSHALL",)),
         ("profile", ("GET", "sendtime:ratelimit:render:render:apiKeys/x")),
+        ("triggers", ("GET", "sendtime:profile:user_id:x")),
+        ("triggers", ("SET", "sendtime:ratelimit:ingest:events.write:apiKeys/x", "1")),
+        ("triggers", ("KEYS", "*")),
     ],
 )
 async def test_each_user_is_refused_what_its_service_does_not_do(

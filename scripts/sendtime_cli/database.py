@@ -36,6 +36,7 @@ SERVICES = {
     "ingest": ("ingest", "ingest_schema_migrations"),
     "profile": ("profile_service", "schema_migrations"),
     "render": ("render", "render_schema_migrations"),
+    "triggers": ("triggers", "triggers_schema_migrations"),
 }
 AUTH_OWNER = "profile"
 _CREATE_TABLE = re.compile(

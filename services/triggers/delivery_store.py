@@ -335,6 +335,19 @@ class DeliveryStore:
         )
         return int(status.rpartition(" ")[2])
 
+    async def still_pending(self, destination_id: str, delivery_ids: Sequence[int]) -> set[int]:
+        """Which of these deliveries of the destination are still pending (a stream's sent ones
+        that nobody acknowledged yet)."""
+        if not delivery_ids:
+            return set()
+        rows = await self._pool.fetch(
+            f"SELECT id FROM triggers_deliveries"
+            f" WHERE destination_id = $1 AND id = ANY($2::bigint[]) AND state = {PENDING}",
+            destination_id,
+            list(delivery_ids),
+        )
+        return {row["id"] for row in rows}
+
     async def list(
         self,
         destination_id: str,

@@ -1,4 +1,4 @@
-"""Keys and scopes on the real services (ingest, profile, render on real PostgreSQL, Redis and
+"""Keys and scopes on the real services (ingest, profile, render, triggers on real PostgreSQL, Redis and
 NATS): every method of every hosted service declares a scope and refuses a call without
 credentials; each refusal carries its reason; a revoked key stops working on every service
 within seconds."""
@@ -31,6 +31,7 @@ from sendtime_common.auth.client import bearer_metadata
 from sendtime_common.errors import field_violations, status_of
 from tests.conftest import channel
 from tests.keys import issue_key
+from triggers.server import TriggersApp
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -66,12 +67,12 @@ async def raw_call(
 
 @pytest.fixture(scope="module")
 def servers(
-    ingest_app: IngestApp, profile_app: ProfileApp, render_app: RenderApp
+    ingest_app: IngestApp, profile_app: ProfileApp, render_app: RenderApp, triggers_app: TriggersApp
 ) -> list[tuple[str, list[str]]]:
     """(target, hosted service names) of each service."""
     return [
         (f"127.0.0.1:{app.grpc.port}", app.grpc.service_names)
-        for app in (ingest_app, profile_app, render_app)
+        for app in (ingest_app, profile_app, render_app, triggers_app)
     ]
 
 
@@ -89,8 +90,9 @@ async def test_every_method_declares_a_scope_and_refuses_a_call_without_credenti
     servers: list[tuple[str, list[str]]],
 ) -> None:
     methods = hosted_methods(servers)
-    # ingest; profile, unmerged events, keys, audit; render and templates
-    assert len(methods) == 5 + 5 + 2 + 6 + 1 + 8
+    # ingest; profile, unmerged events, keys, audit; render and templates; triggers, destinations
+    # and deliveries
+    assert len(methods) == 5 + 5 + 2 + 6 + 1 + 8 + 7 + 6 + 5
     for _, names in servers:
         access_rules(names)  # raises for a method without a usable rule
     for target, path, method in methods:

@@ -1,4 +1,4 @@
-"""The suite as operators and engineers use it: three service processes, driven from outside
+"""The suite as operators and engineers use it: four service processes, driven from outside
 with the real grpcurl binary, and `suite.py demo` (what `make demo` runs) end to end."""
 
 from __future__ import annotations
@@ -27,13 +27,24 @@ from tests.conftest import database_dropped_after, repo_root
 pytestmark = pytest.mark.e2e
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
-DEFAULT_PORTS = {"50051": "INGEST_ADDRESS", "50052": "PROFILE_ADDRESS", "50053": "RENDER_ADDRESS"}
+DEFAULT_PORTS = {
+    "50051": "INGEST_ADDRESS",
+    "50052": "PROFILE_ADDRESS",
+    "50053": "RENDER_ADDRESS",
+    "50054": "TRIGGERS_ADDRESS",
+}
 HEALTH_PORTS = {
     "50061": "INGEST_HEALTH_ADDRESS",
     "50062": "PROFILE_HEALTH_ADDRESS",
     "50063": "RENDER_HEALTH_ADDRESS",
+    "50064": "TRIGGERS_HEALTH_ADDRESS",
 }
-HTTP_PORTS = {"8080": "INGEST_HTTP_ADDRESS", "8082": "PROFILE_HTTP_ADDRESS", "8083": "RENDER_HTTP_ADDRESS"}
+HTTP_PORTS = {
+    "8080": "INGEST_HTTP_ADDRESS",
+    "8082": "PROFILE_HTTP_ADDRESS",
+    "8083": "RENDER_HTTP_ADDRESS",
+    "8084": "TRIGGERS_HTTP_ADDRESS",
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,7 @@ def suite_env(
 
 @pytest.fixture(scope="module")
 def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """The three services as processes, as `make run` starts them."""
+    """The four services as processes, as `make run` starts them."""
     started = devstack.up(suite_env)  # NATS (locked down); the rest listens already; the database
     credentials = ensure_local_credentials(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]))
     env = {
@@ -76,7 +87,7 @@ def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
     yield env
     codes = suite.stop_services(running)
     devstack.down(suite_env, names=started)
-    assert codes == {"render": 0, "ingest": 0, "profile": 0}, "a service did not exit 0 on SIGTERM"
+    assert codes == {"triggers": 0, "render": 0, "ingest": 0, "profile": 0}, "a service did not exit 0"
 
 
 def target(env: dict[str, str], variable: str) -> str:
@@ -118,6 +129,14 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
             ],
         ),
         ("RENDER_ADDRESS", ["sendtime.render.v1.RenderService", "sendtime.render.v1.TemplateService"]),
+        (
+            "TRIGGERS_ADDRESS",
+            [
+                "sendtime.triggers.v1.DeliveryService",
+                "sendtime.triggers.v1.DestinationService",
+                "sendtime.triggers.v1.TriggerService",
+            ],
+        ),
     ]:
         result = grpcurl(
             target(running_suite, variable),
@@ -266,7 +285,7 @@ def run_readme_block(block: str, env: dict[str, str]) -> subprocess.CompletedPro
 
 def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, str]) -> None:
     blocks = readme_grpcurl_blocks()
-    assert len(blocks) == 8
+    assert len(blocks) == 9
     outputs = []
     for block in blocks:
         deadline = time.monotonic() + 10
@@ -277,7 +296,7 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
             time.sleep(0.1)
         assert result.returncode == 0, f"{block}\n{result.stderr}"
         outputs.append(result.stdout + result.stderr)
-    listing, sent, profiles, rendered, stored, dead_letters, bad_request, erased = outputs
+    listing, sent, profiles, rendered, stored, dead_letters, bad_request, triggers, erased = outputs
     assert "sendtime.ingest.v1.IngestService" in listing and '"status": "SERVING"' in listing
     assert sent.count("EVENT_OUTCOME_ACCEPTED") == 2
     assert '"first_name": "Ada"' in profiles and '"found": true' in profiles
@@ -292,6 +311,8 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
         and '"state": "REJECTED_EVENT_STATE_PENDING"' in dead_letters
     )
     assert '"rejected": "1"' in dead_letters  # GetIngestStats
+    assert '"name": "destinations/adapter"' in triggers and '"name": "triggers/cart-reminder"' in triggers
+    assert '"state": "TRIGGER_STATE_ACTIVE"' in triggers and '"deliveries": [' not in triggers  # none yet
     assert '"eventsDeleted"' in erased or '"events_deleted"' in erased
     assert '{"field":"customer.value"' in bad_request and '{"field":"template.subject"' in bad_request
 
@@ -372,6 +393,7 @@ def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str
         "INGEST_HTTP_ADDRESS": "/v1/ingestStats",
         "PROFILE_HTTP_ADDRESS": "/v1/profiles/user_id:nobody",
         "RENDER_HTTP_ADDRESS": "/v1/templates",
+        "TRIGGERS_HTTP_ADDRESS": "/v1/triggers",
     }
     for variable, route in routes.items():
         port = running_suite[variable].rpartition(":")[2]
@@ -480,7 +502,7 @@ def test_demo_command_runs_the_whole_path_and_exits_zero(suite_env: dict[str, st
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Subject: Ada, your Trail runner is waiting" in result.stdout
     assert "<li>1 × Trail runner: €89.90</li>" in result.stdout
-    assert "render exited 0, ingest exited 0, profile exited 0" in result.stdout
+    assert "triggers exited 0, render exited 0, ingest exited 0, profile exited 0" in result.stdout
 
 
 def test_run_serves_until_ctrl_c_then_stops_everything_it_started(
@@ -514,7 +536,7 @@ def test_run_serves_until_ctrl_c_then_stops_everything_it_started(
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, "".join(lines) + rest
-    assert "render exited 0, ingest exited 0, profile exited 0" in rest
+    assert "triggers exited 0, render exited 0, ingest exited 0, profile exited 0" in rest
     assert "stopped: redis, nats" in rest  # its own NATS (a user per service) and the Redis it started
     assert not devstack.tcp_reachable("127.0.0.1", redis_port)
     for variable in DEFAULT_PORTS.values():

@@ -5,7 +5,7 @@ answer that breaks the document's schema, status codes or content types, or a ro
 without a key, fails the test, with schemathesis' report (and a curl line to reproduce) in the
 failure message.
 
-The three services are fuzzed at the same time, each for at most RUN_SECONDS: the whole test
+The four services are fuzzed at the same time, each for at most RUN_SECONDS: the whole test
 stays under the issue's two minutes. When it ends, the session's services are the ones the rest
 of the suite uses: schemathesis leaves their clients and requests behind it (a request it gave up
 on goes on in its handler), and their stop at the end of the session cancels what is left after
@@ -22,6 +22,7 @@ from ingest.server import IngestApp
 from profile_service.server import ProfileApp
 from render.server import RenderApp
 from sendtime_common.grpc_server import OPENAPI_DOCUMENT
+from triggers.server import TriggersApp
 
 RUN_SECONDS = 30  # per service, side by side: make test stays near 6 min on 2 cores (40 s found nothing more)
 CHECKS = (
@@ -90,12 +91,18 @@ async def fuzz(base_url: str, tags: tuple[str, ...], key: str, report_dir: Path)
 
 
 async def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(
-    ingest_app: IngestApp, profile_app: ProfileApp, render_app: RenderApp, admin_key: str, tmp_path: Path
+    ingest_app: IngestApp,
+    profile_app: ProfileApp,
+    render_app: RenderApp,
+    triggers_app: TriggersApp,
+    admin_key: str,
+    tmp_path: Path,
 ) -> None:
-    runs: dict[str, tuple[IngestApp | ProfileApp | RenderApp, tuple[str, ...]]] = {
+    runs: dict[str, tuple[IngestApp | ProfileApp | RenderApp | TriggersApp, tuple[str, ...]]] = {
         "ingest": (ingest_app, ("IngestService",)),
         "profile": (profile_app, ("ProfileService",)),
         "render": (render_app, ("RenderService", "TemplateService")),
+        "triggers": (triggers_app, ("TriggerService", "DestinationService", "DeliveryService")),
     }
     results = await asyncio.gather(
         *(

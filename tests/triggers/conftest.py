@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from sendtime.triggers.v1 import triggers_pb2_grpc
 from sendtime_common.database import create_pool
+from tests.conftest import channel
 from tests.triggers.store_support import Stores, migrated_database
 from triggers.secret_box import SecretBox
+from triggers.server import TriggersApp
 
 _TABLES = (
     "triggers_triggers, triggers_destinations, triggers_episodes, triggers_known_exits, triggers_fires,"
@@ -41,3 +44,30 @@ async def stores(store_pool: asyncpg.Pool, box: SecretBox) -> Stores:
     """Replica A's stores, on an empty database."""
     await store_pool.execute(f"TRUNCATE {_TABLES}")
     return Stores.on(store_pool, box, "replica-a")
+
+
+# --- The triggers service, served (tests/triggers/test_service_*.py) -----------------------------
+
+
+@pytest.fixture(scope="session")
+async def trigger_stub(
+    triggers_app: TriggersApp, admin_key: str
+) -> AsyncIterator[triggers_pb2_grpc.TriggerServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{triggers_app.grpc.port}", admin_key) as calls:
+        yield triggers_pb2_grpc.TriggerServiceStub(calls)
+
+
+@pytest.fixture(scope="session")
+async def destination_stub(
+    triggers_app: TriggersApp, admin_key: str
+) -> AsyncIterator[triggers_pb2_grpc.DestinationServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{triggers_app.grpc.port}", admin_key) as calls:
+        yield triggers_pb2_grpc.DestinationServiceStub(calls)
+
+
+@pytest.fixture(scope="session")
+async def delivery_stub(
+    triggers_app: TriggersApp, admin_key: str
+) -> AsyncIterator[triggers_pb2_grpc.DeliveryServiceAsyncStub]:
+    async with channel(f"127.0.0.1:{triggers_app.grpc.port}", admin_key) as calls:
+        yield triggers_pb2_grpc.DeliveryServiceStub(calls)
