@@ -71,7 +71,7 @@ from triggers.delivery_store import PENDING, delivery_of
 from triggers.destination_store import parse_destination_name
 from triggers.episodes import DueAction, DueDecision, Episode, EpisodeState, Reason
 from triggers.signing import new_webhook_id
-from triggers.store import NotFound
+from triggers.store import MAX_KNOWN_EXITS, NotFound
 from triggers.trigger_store import trigger_of
 from triggers.trigger_validation import MAX_FIRES, trigger_name
 
@@ -80,9 +80,6 @@ Connection: TypeAlias = (
 )
 
 DEFAULT_LEASE: Final = timedelta(seconds=60)
-# The newest exit times kept per (customer, trigger, exit key): enough for any entry that can
-# still open an episode (docs/triggers-storage.md).
-MAX_KNOWN_EXITS: Final = 16
 _EPISODE_COLUMNS = (
     "customer_id, trigger_id, episode_key, state, opened_at, last_entry_at, fire_at, closed_at,"
     " close_reason, version"
@@ -367,6 +364,14 @@ class EpisodeStore:
                 )
             )
         return claimed
+
+    async def next_due_at(self) -> datetime | None:
+        """When the earliest waiting episode falls due (parked ones never do); None when none
+        waits. One read of the claims' index: what an idle firer polls."""
+        due: datetime | None = await self._pool.fetchval(
+            "SELECT min(due_at) FROM triggers_episodes WHERE state = 'waiting' AND due_at < 'infinity'"
+        )
+        return due
 
     async def fire_facts(self, customer_id: str, trigger_id: str, *, since: datetime) -> FireFacts:
         """The trigger's last fire for the customer, the customer's fires of every trigger after
