@@ -31,7 +31,7 @@ from sendtime_common.event_log import EventLog, Following, RetryLater
 from sendtime_common.shutdown import FINISH_S, RELEASE_S, bounded, finish_or_cancel
 from triggers.change_consumer import ChangeConsumer, ConsumerSettings
 from triggers.definitions import TriggerCache
-from triggers.delivery import Dispatcher, DispatcherSettings
+from triggers.delivery import Dispatcher, DispatcherSettings, Sleep
 from triggers.delivery_pump import DeliveryPump, PumpSettings
 from triggers.delivery_store import DeliveryStore
 from triggers.dependencies import MessageRenderer, ProfileReader
@@ -97,9 +97,11 @@ class TriggersEngine:
         url_policy: UrlPolicy,
         settings: EngineSettings | None = None,
         clock: Clock = _utc_now,
+        dispatcher_sleep: Sleep = asyncio.sleep,
         resolver: AbstractResolver | None = None,
     ) -> None:
-        """``clock`` drives claims, decisions and the dispatcher's schedule (tests move it);
+        """``clock`` drives claims, decisions and the dispatcher's schedule (tests move it;
+        ``dispatcher_sleep`` is how the dispatcher waits for the next retry by it);
         ``resolver`` resolves webhook hosts (default: getaddrinfo; guarded by ``url_policy``)."""
         s = settings or EngineSettings()
         self.settings = s
@@ -111,7 +113,7 @@ class TriggersEngine:
         self.deliveries = DeliveryStore(pool, owner=s.owner, lease=s.delivery_lease)
         self.destinations = DestinationStore(pool, secret_box)
         self.dispatcher = Dispatcher(
-            self.deliveries, url_policy, s.dispatcher, clock=clock, resolver=resolver
+            self.deliveries, url_policy, s.dispatcher, clock=clock, sleep=dispatcher_sleep, resolver=resolver
         )
         self.pump = DeliveryPump(
             dispatcher=self.dispatcher,

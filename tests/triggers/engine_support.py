@@ -214,6 +214,8 @@ async def running_engine(
         url_policy=LOOPBACK_ALLOWED,
         settings=fast_settings(owner, **overrides),
         clock=clock,
+        # The dispatcher's waits for retries are short real sleeps: it sees the clock move.
+        dispatcher_sleep=lambda seconds: asyncio.sleep(min(seconds, 0.02)),
     )
     await engine.start()
     try:
