@@ -116,8 +116,10 @@ class DeliveryPump:
             self._not_webhooks.clear()
             self._synced_at = started
 
-    async def hand(self, deliveries: Sequence[triggers_pb2.Delivery]) -> None:
-        """Submit a fire's webhook deliveries (held by this replica) to the dispatcher."""
+    async def hand(self, deliveries: Sequence[triggers_pb2.Delivery], body: bytes | None = None) -> None:
+        """Submit a fire's webhook deliveries (held by this replica) to the dispatcher. ``body``:
+        their payload as JSON, when the caller has it (a fire's deliveries share it), which
+        saves reading each one's Struct back."""
         for delivery in deliveries:
             if delivery.destination in self._not_webhooks:
                 continue
@@ -132,7 +134,18 @@ class DeliveryPump:
                 self._not_webhooks.add(delivery.destination)
                 await self._release([delivery.name])  # a subscription's: nothing held
                 continue
-            if not self._submit(OutboundDelivery.from_proto(delivery)):
+            outbound = (
+                OutboundDelivery.from_proto(delivery)
+                if body is None
+                else OutboundDelivery(
+                    delivery.name,
+                    delivery.destination,
+                    delivery.webhook_id,
+                    body,
+                    customer_id=delivery.profile.removeprefix("profiles/"),
+                )
+            )
+            if not self._submit(outbound):
                 await self._release([delivery.name])
 
     def drop_customer(self, customer_id: str) -> int:

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Final
 
+import orjson
+
 from sendtime.render.v1 import render_pb2
 from sendtime.triggers.v1 import triggers_pb2
 from sendtime_common.errors import log_unexpected, new_error_id
@@ -56,7 +58,8 @@ _MAX_DECISIONS: Final = 8  # FIRES_CHANGED rounds on one claim before it is rele
 _MAX_BACKOFFS: Final = 10_000  # episodes whose release backoff is remembered
 
 Clock = Callable[[], datetime]
-HandOff = Callable[[Sequence[triggers_pb2.Delivery]], Awaitable[None]]
+# Gives a fire's committed deliveries, and their body (JSON), to this replica's dispatcher.
+HandOff = Callable[[Sequence[triggers_pb2.Delivery], bytes], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +210,6 @@ class Firer:
             self._failures.clear()
         self._failures[slot] = failures + 1
         backoff = min(s.release_base * 2**failures, s.release_max)
-        self.stats.released += 1
-        self.stats.outcomes[f"released:{why}"] += 1
         log.info(
             "due episode released",
             extra={"trigger": claimed.trigger_id, "why": why, "retry_in": str(backoff)},
@@ -217,6 +218,8 @@ class Firer:
             await self._episodes.release(claimed, due_at=self._clock() + backoff)
         except StoreError:
             pass  # the lease ends by itself
+        self.stats.released += 1
+        self.stats.outcomes[f"released:{why}"] += 1
 
     async def _settle(self, claimed: ClaimedEpisode) -> None:
         definition = self._triggers.definition_of(claimed.trigger)
@@ -281,7 +284,7 @@ class Firer:
                 self.stats.fired += 1
                 self.stats.outcomes[str(Reason.FIRED)] += 1
                 self.stats.lateness.append(self._clock() - due_at(definition, claimed.episode))
-                await self._hand_off(result.deliveries)
+                await self._hand_off(result.deliveries, orjson.dumps(payload))
             return
         raise _Release("other fires of the customer kept committing first")
 
