@@ -26,7 +26,7 @@ from tests.triggers.engine_support import (
     publish,
     running_engine,
 )
-from tests.triggers.store_support import T0, Stores, episode_row, unique
+from tests.triggers.store_support import T0, Stores, episode_row, insert_delivery, unique
 from tests.triggers.support import Receiver
 from tests.triggers.test_engine_cart import DUE, cart_trigger
 from triggers.secret_box import SecretBox
@@ -343,3 +343,73 @@ async def test_a_trigger_created_in_this_replica_is_applied_at_once_after_trigge
         await publish(publisher, change(customer, cart_added(T0)))
         await eventually_true(lambda: replica.engine.consumer.stats.changes == 1)
     assert await episode_states(stores.pool, customer) == {f"{trigger_id}/": "waiting:"}
+
+
+async def test_a_paused_trigger_s_due_episode_is_parked_and_fires_after_the_resume(
+    stores: Stores,
+    store_url: str,
+    box: SecretBox,
+    log_config: JetStreamSettings,
+    publisher: JetStreamEventLog,
+    receiver: Receiver,
+    customer: str,
+    profiles: Profiles,
+) -> None:
+    trigger_id = await cart_trigger(stores, receiver)
+    clock = MovingClock(T0)
+    async with running_engine(
+        store_url, box, log_config, owner="a", profiles=profiles, renderer=Renderer(), clock=clock
+    ) as replica:
+        await publish(publisher, change(customer, cart_added(T0)))
+        await eventually_true(lambda: replica.engine.consumer.stats.changes == 1)
+        await stores.triggers.pause(trigger_id)
+        replica.engine.triggers_changed()
+        clock.now = DUE
+
+        async def parked() -> bool:
+            return bool(
+                await stores.pool.fetchval(
+                    "SELECT due_at = 'infinity' FROM triggers_episodes WHERE customer_id = $1", customer
+                )
+            )
+
+        await eventually_true(parked)
+        await asyncio.sleep(0.1)
+        assert receiver.requests == []
+
+        clock.move(timedelta(minutes=30))
+        await stores.triggers.resume(trigger_id, clock.now)
+        replica.engine.triggers_changed()
+        await eventually_true(lambda: len(receiver.requests) == 1)
+    assert await episode_states(stores.pool, customer) == {f"{trigger_id}/": "fired:fired"}
+
+
+async def test_the_sweep_takes_up_a_dead_replica_s_delivery_and_a_deleted_destination_leaves_the_dispatcher(
+    stores: Stores,
+    store_url: str,
+    box: SecretBox,
+    log_config: JetStreamSettings,
+    receiver: Receiver,
+    profiles: Profiles,
+) -> None:
+    trigger = await stores.triggers.get(await cart_trigger(stores, receiver))
+    [destination] = trigger.delivery.destinations
+    # Pending, held by a replica that died (its lease ended at T0).
+    left = await insert_delivery(
+        stores.pool, destination, customer_id="c-left", created_at=T0 - timedelta(minutes=5)
+    )
+    await stores.pool.execute(
+        "UPDATE triggers_deliveries SET claimed_by = 'dead', available_at = $1", T0 - timedelta(seconds=1)
+    )
+    async with running_engine(
+        store_url, box, log_config, owner="a", profiles=profiles, renderer=Renderer(), clock=MovingClock(T0)
+    ) as replica:
+        await eventually_true(lambda: len(receiver.requests) == 1)
+        assert receiver.requests[0].verified[receiver.secrets[0]]
+        assert replica.engine.pump.stats.taken == 1
+        delivered = await stores.deliveries.get(int(left.removeprefix("deliveries/")))
+        assert len(delivered.attempts) == 1
+
+        await stores.destinations.delete(destination.removeprefix("destinations/"))
+        replica.engine.destinations_changed()
+        await eventually_true(lambda: not replica.engine.dispatcher.knows(destination))
