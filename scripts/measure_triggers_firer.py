@@ -96,7 +96,7 @@ async def insert_episodes(
         SELECT $1 || '-' || i, $2, '', 'waiting', d - interval '1 hour 5 seconds',
             d - interval '1 hour 5 seconds', d - interval '5 seconds', d
         FROM generate_series(0, $3 - 1) AS i,
-             LATERAL (SELECT $4::timestamptz + i * $5 * interval '1 second' AS d) AS due
+             LATERAL (SELECT $4::timestamptz + i * $5::float8 * interval '1 second' AS d) AS due
         """,
         prefix,
         TRIGGER_ID,

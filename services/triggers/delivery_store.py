@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from sendtime.triggers.v1 import triggers_pb2
 from sendtime_common.paging import decode_time_position, encode_time_position
@@ -404,7 +404,7 @@ def _prefixed(alias: str) -> str:
 def delivery_of(row: Any, attempts: Iterable[triggers_pb2.DeliveryAttempt] = ()) -> triggers_pb2.Delivery:
     """The Delivery of a row with the columns of ``COLUMNS``."""
     payload = struct_pb2.Struct()
-    json_format.ParseDict(orjson.loads(row["payload"]), payload)
+    payload.update(orjson.loads(row["payload"]))  # a JSON object; a third of ParseDict's time
     delivery = triggers_pb2.Delivery(
         name=delivery_name(row["id"]),
         destination=destination_name(row["destination_id"]),
