@@ -172,11 +172,13 @@ class ChangeConsumer:
             await self._subscription.close()
 
     async def apply_batch(self, batch: Sequence[Delivery]) -> None:
-        """Apply a fetched batch: each customer's changes in order, customers side by side."""
-        by_customer: dict[str, list[tuple[Delivery, profile_pb2.ProfileChange]]] = {}
+        """Apply a fetched batch: each customer's changes in order, customers side by side. A
+        change that merges customers is ordered with the merged customers' changes too (their
+        earlier changes first, so none lands under a merged id after the merge moved it)."""
+        decoded: list[tuple[Delivery, profile_pb2.ProfileChange]] = []
         for delivery in batch:
             try:
-                change = profile_pb2.ProfileChange.FromString(delivery.payload)
+                decoded.append((delivery, profile_pb2.ProfileChange.FromString(delivery.payload)))
             except DecodeError:
                 self.stats.undecodable += 1
                 log.error(
@@ -184,8 +186,6 @@ class ChangeConsumer:
                     extra={"position": delivery.position, "bytes": len(delivery.payload)},
                 )
                 await delivery.discard()
-                continue
-            by_customer.setdefault(change.customer_id, []).append((delivery, change))
         limit = asyncio.Semaphore(self._settings.concurrency)
 
         async def apply_in_order(changes: list[tuple[Delivery, profile_pb2.ProfileChange]]) -> None:
@@ -197,7 +197,7 @@ class ChangeConsumer:
                             await self._retry_later(later)
                         return
 
-        await asyncio.gather(*(apply_in_order(changes) for changes in by_customer.values()))
+        await asyncio.gather(*(apply_in_order(group) for group in customer_groups(decoded)))
 
     async def _apply_one(self, delivery: Delivery, change: profile_pb2.ProfileChange) -> bool:
         """Apply and acknowledge; False when handed back to the log."""
@@ -317,3 +317,26 @@ class ChangeConsumer:
                 return
             self.stats.decisions["conflict"] += 1
         raise EpisodeBusy(f"{known.trigger_id}: the episode kept changing")
+
+
+def customer_groups(
+    changes: Sequence[tuple[Delivery, profile_pb2.ProfileChange]],
+) -> list[list[tuple[Delivery, profile_pb2.ProfileChange]]]:
+    """``changes`` split into groups that share no customer (its id or a merged one), each in
+    the batch's order: groups can be applied side by side, a group in order."""
+    parent: dict[str, str] = {}
+
+    def root(customer_id: str) -> str:
+        parent.setdefault(customer_id, customer_id)
+        while parent[customer_id] != customer_id:
+            parent[customer_id] = parent[parent[customer_id]]
+            customer_id = parent[customer_id]
+        return customer_id
+
+    for _, change in changes:
+        for merged in change.merged_customer_ids:
+            parent[root(merged)] = root(change.customer_id)
+    groups: dict[str, list[tuple[Delivery, profile_pb2.ProfileChange]]] = {}
+    for item in changes:
+        groups.setdefault(root(item[1].customer_id), []).append(item)
+    return list(groups.values())

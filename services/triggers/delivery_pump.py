@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sendtime.triggers.v1 import triggers_pb2
+from sendtime_common.errors import log_unexpected, new_error_id
 from triggers.delivery import (
     BacklogFull,
     Dispatcher,
@@ -187,6 +188,8 @@ class DeliveryPump:
                     pass
             except StoreError as exc:
                 log.warning("delivery sweep failed; trying again", extra={"error": type(exc).__name__})
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the loop
+                log_unexpected(log, "delivery sweep failed", exc, {"error_id": new_error_id()})
             self._changed.clear()
             try:
                 async with asyncio.timeout(s.sweep_interval_s):

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _MAX_DECISIONS: Final = 8  # FIRES_CHANGED rounds on one claim before it is released
 _MAX_BACKOFFS: Final = 10_000  # episodes whose release backoff is remembered
+_MIN_WAIT_S: Final = 0.005
 
 Clock = Callable[[], datetime]
 # Gives a fire's committed deliveries, and their body (JSON), to this replica's dispatcher.
@@ -141,6 +142,10 @@ class Firer:
                 log.warning("due episodes could not be claimed", extra={"error": type(exc).__name__})
                 await self._sleep(s.poll_interval_s)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the loop
+                log_unexpected(log, "claiming due episodes failed", exc, {"error_id": new_error_id()})
+                await self._sleep(s.poll_interval_s)
+                continue
             self.stats.claimed += len(claimed)
             for episode in claimed:
                 task = asyncio.create_task(self.settle(episode), name="trigger-fire")
@@ -172,7 +177,10 @@ class Firer:
         except StoreError:
             next_due = None
         now = self._clock()
-        wait_s = poll_s if next_due is None else min(max((next_due - now).total_seconds(), 0.0), poll_s)
+        # At least a moment: an episode another firer is claiming right now still looks due.
+        wait_s = (
+            poll_s if next_due is None else min(max((next_due - now).total_seconds(), _MIN_WAIT_S), poll_s)
+        )
         self._sleeping_until = now + timedelta(seconds=wait_s)
         try:
             await self._sleep(wait_s)
