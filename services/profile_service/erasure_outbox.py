@@ -51,12 +51,14 @@ class ErasureOutbox:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
-                "SELECT id, identifier_hashes, erased_at FROM erasure_notice_outbox"
+                "SELECT id, identifier_hashes, erased_at, customer_id FROM erasure_notice_outbox"
                 " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",  # replicas share the work
                 PUBLISH_BATCH,
             )
             for row in rows:
-                notice = profile_pb2.ErasureNotice(identifier_hashes=row["identifier_hashes"])
+                notice = profile_pb2.ErasureNotice(
+                    identifier_hashes=row["identifier_hashes"], customer_id=row["customer_id"]
+                )
                 notice.erase_time.FromDatetime(row["erased_at"])
                 await self._event_log.publish_erasure(f"erasure-{row['id']}", notice.SerializeToString())
             await conn.execute(

@@ -347,8 +347,10 @@ class ProfileRepository:
             # Published by profile_service.erasure_outbox once this commits. Under every key, so
             # copies named under a key being rotated out are found too.
             await conn.execute(
-                "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at) VALUES ($1, now())",
+                "INSERT INTO erasure_notice_outbox (identifier_hashes, erased_at, customer_id)"
+                " VALUES ($1, now(), $2)",
                 [h for k in keys for h in self._hasher.all_hashes(k)],
+                str(customer_id),
             )
             # Their profile changes not yet published go too, under their customer id or one merged
             # into it (an unpublished change keeps the id its merge left); one being published now

@@ -36,7 +36,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -149,11 +149,15 @@ class OutboundDelivery:
     attempts_made: int = 0
     # When the next attempt is due; None: at once.
     next_attempt_time: datetime | None = None
+    # The customer it is about (opaque id; "" when unknown): an erasure drops what it holds.
+    customer_id: str = ""
 
     @classmethod
-    def of(cls, name: str, destination: str, webhook_id: str, payload: dict[str, Any]) -> OutboundDelivery:
+    def of(
+        cls, name: str, destination: str, webhook_id: str, payload: dict[str, Any], customer_id: str = ""
+    ) -> OutboundDelivery:
         """A new delivery of ``payload`` as JSON, due at once."""
-        return cls(name, destination, webhook_id, orjson.dumps(payload))
+        return cls(name, destination, webhook_id, orjson.dumps(payload), customer_id=customer_id)
 
     @classmethod
     def from_proto(cls, delivery: triggers_pb2.Delivery) -> OutboundDelivery:
@@ -168,6 +172,7 @@ class OutboundDelivery:
             body=orjson.dumps(json_format.MessageToDict(delivery.payload)),
             attempts_made=len(delivery.attempts),
             next_attempt_time=next_time,
+            customer_id=delivery.profile.removeprefix("profiles/"),
         )
 
 
@@ -293,11 +298,43 @@ class _Lane:
             auto_decompress=False,
         )
         self._attempts: set[asyncio.Task[None]] = set()
+        # Taken off the queue (waiting to be admitted, or in flight), and those of them dropped
+        # meanwhile: a dropped one is not attempted, nor tried again.
+        self._taken: dict[str, OutboundDelivery] = {}
+        self._dropped: set[str] = set()
         self._pump_task = asyncio.create_task(self._pump(), name=f"webhook-lane {destination.name}")
 
     def hand(self, delivery: OutboundDelivery) -> None:
         """``delivery`` is due: attempt it when the lane can."""
         self._ready.put_nowait(delivery)
+
+    def drop(self, unwanted: Callable[[OutboundDelivery], bool]) -> int:
+        """Forget the deliveries held here (due, or taken and not yet ended) for which
+        ``unwanted`` holds: none of them is attempted again (one in flight finishes its
+        attempt). How many."""
+        kept: list[OutboundDelivery] = []
+        dropped = 0
+        while not self._ready.empty():
+            delivery = self._ready.get_nowait()
+            if unwanted(delivery):
+                dropped += 1
+            else:
+                kept.append(delivery)
+        for delivery in kept:
+            self._ready.put_nowait(delivery)
+        self.pending -= dropped
+        for name, delivery in self._taken.items():
+            if unwanted(delivery) and name not in self._dropped:
+                self._dropped.add(name)  # counted out of ``pending`` when it ends
+                dropped += 1
+        return dropped
+
+    def retry_later(self, delivery: OutboundDelivery) -> None:
+        """Hand ``delivery`` to the timer for its next attempt, unless it was dropped."""
+        if delivery.name in self._dropped:
+            self.pending -= 1
+        else:
+            self._context.wait_for_retry(self, delivery)
 
     async def update(self, destination: WebhookDestination) -> None:
         """New settings (URL, keys, headers, limits, enabled) for the attempts to come."""
@@ -320,7 +357,13 @@ class _Lane:
     async def _pump(self) -> None:
         while True:
             delivery = await self._ready.get()
+            self._taken[delivery.name] = delivery
             await self._admit()
+            if delivery.name in self._dropped:
+                self._dropped.discard(delivery.name)
+                del self._taken[delivery.name]
+                self.pending -= 1
+                continue
             self._in_flight += 1
             task = asyncio.create_task(self._attempt(delivery), name=f"webhook-attempt {delivery.name}")
             self._attempts.add(task)
@@ -349,6 +392,9 @@ class _Lane:
 
     async def _attempt(self, delivery: OutboundDelivery) -> None:
         try:
+            if delivery.name in self._dropped:
+                self.pending -= 1
+                return
             destination = self.destination
             started = self._context.clock()
             began = time.monotonic()
@@ -378,9 +424,11 @@ class _Lane:
                 exc,
                 {"error_id": new_error_id(), "destination": self.destination.name, "delivery": delivery.name},
             )
-            self._context.wait_for_retry(self, self._later(delivery))
+            self.retry_later(self._later(delivery))
         finally:
             self._in_flight -= 1
+            self._taken.pop(delivery.name, None)
+            self._dropped.discard(delivery.name)
             await self._notify()
 
     async def _settle(
@@ -405,11 +453,10 @@ class _Lane:
             if decision.step == Step.RETRY:
                 assert decision.next_attempt_time is not None
                 await context.log.schedule_next(delivery.name, decision.next_attempt_time)
-                context.wait_for_retry(
-                    self,
+                self.retry_later(
                     replace(
                         delivery, attempts_made=attempts_made, next_attempt_time=decision.next_attempt_time
-                    ),
+                    )
                 )
             elif decision.step == Step.DELIVERED:
                 await context.log.mark_delivered(delivery.name)
@@ -423,7 +470,7 @@ class _Lane:
                 "delivery log unavailable",
                 extra={"destination": destination.name, "delivery": delivery.name},
             )
-            context.wait_for_retry(self, self._later(delivery))
+            self.retry_later(self._later(delivery))
             return
         if decision.disables_destination:
             await self._disable(GONE_REASON)
@@ -525,6 +572,15 @@ class _Timers:
         due = delivery.next_attempt_time or self._clock()
         heapq.heappush(self._heap, (due, next(self._order), lane, delivery))
         self._changed.set()
+
+    def remove(self, unwanted: Callable[[OutboundDelivery], bool]) -> list[tuple[_Lane, OutboundDelivery]]:
+        """Take the waiting deliveries for which ``unwanted`` holds out; them, with their lanes."""
+        removed = [(lane, delivery) for _, _, lane, delivery in self._heap if unwanted(delivery)]
+        if removed:
+            self._heap = [entry for entry in self._heap if not unwanted(entry[3])]
+            heapq.heapify(self._heap)
+            self._changed.set()
+        return removed
 
     async def run(self) -> None:
         while True:
@@ -651,6 +707,32 @@ class Dispatcher:
             lane.hand(delivery)
         else:
             self._timers.add(lane, delivery)
+
+    def drop_customer(self, customer_id: str) -> int:
+        """Forget every delivery held here about ``customer_id`` (erased): waiting for a retry,
+        due, or waiting for its lane; none is attempted again. One in flight finishes its
+        attempt (its record then finds nothing to update). How many were dropped."""
+        if not customer_id:
+            return 0
+        return self._drop(lambda delivery: delivery.customer_id == customer_id)
+
+    def drop_deliveries(self, names: Collection[str]) -> int:
+        """Forget these deliveries (by name) wherever they are held here; how many were."""
+        wanted_gone = set(names)
+        return self._drop(lambda delivery: delivery.name in wanted_gone)
+
+    def _drop(self, unwanted: Callable[[OutboundDelivery], bool]) -> int:
+        dropped = 0
+        for lane, _ in self._timers.remove(unwanted):
+            lane.pending -= 1
+            dropped += 1
+        for lane in self._lanes.values():
+            dropped += lane.drop(unwanted)
+        return dropped
+
+    def knows(self, destination: str) -> bool:
+        """Whether ``destination`` was set (and not removed)."""
+        return destination in self._lanes
 
     def pending(self, destination: str) -> int:
         """How many deliveries ``destination`` holds: waiting, due, or in flight."""

@@ -71,7 +71,7 @@ from triggers.delivery_store import PENDING, delivery_of
 from triggers.destination_store import parse_destination_name
 from triggers.episodes import DueAction, DueDecision, Episode, EpisodeState, Reason
 from triggers.signing import new_webhook_id
-from triggers.store import NotFound
+from triggers.store import MAX_KNOWN_EXITS, NotFound
 from triggers.trigger_store import trigger_of
 from triggers.trigger_validation import MAX_FIRES, trigger_name
 
@@ -80,9 +80,6 @@ Connection: TypeAlias = (
 )
 
 DEFAULT_LEASE: Final = timedelta(seconds=60)
-# The newest exit times kept per (customer, trigger, exit key): enough for any entry that can
-# still open an episode (docs/triggers-storage.md).
-MAX_KNOWN_EXITS: Final = 16
 _EPISODE_COLUMNS = (
     "customer_id, trigger_id, episode_key, state, opened_at, last_entry_at, fire_at, closed_at,"
     " close_reason, version"
@@ -368,6 +365,14 @@ class EpisodeStore:
             )
         return claimed
 
+    async def next_due_at(self) -> datetime | None:
+        """When the earliest waiting episode falls due (parked ones never do); None when none
+        waits. One read of the claims' index: what an idle firer polls."""
+        due: datetime | None = await self._pool.fetchval(
+            "SELECT min(due_at) FROM triggers_episodes WHERE state = 'waiting' AND due_at < 'infinity'"
+        )
+        return due
+
     async def fire_facts(self, customer_id: str, trigger_id: str, *, since: datetime) -> FireFacts:
         """The trigger's last fire for the customer, the customer's fires of every trigger after
         ``since`` (the newest ``MAX_FIRES``: enough for any cap), and the fire sequence, in one
@@ -433,58 +438,72 @@ class EpisodeStore:
         fired_at: datetime,
         delivery_lease: timedelta,
     ) -> tuple[triggers_pb2.Delivery, ...]:
-        """The fire's statements, in the caller's transaction (raising ``_Abort`` to roll it
-        back). Separate so that tests can end a transaction halfway, as a killed firer does."""
-        if not await self._write_claimed(conn, claimed, fired, None, Reason.FIRED):
-            raise _Abort(CommitOutcome.EPISODE_CHANGED)
-        fenced = await conn.fetchval(
-            """
-            INSERT INTO triggers_customer_fires AS c (customer_id, fire_sequence) VALUES ($1, 1)
-            ON CONFLICT (customer_id) DO UPDATE SET fire_sequence = c.fire_sequence + 1
-                WHERE c.fire_sequence = $2
-            RETURNING fire_sequence
-            """,
-            claimed.customer_id,
-            facts.sequence,
-        )
-        if fenced is None:
-            raise _Abort(CommitOutcome.FIRES_CHANGED)
-        await conn.execute(
-            "INSERT INTO triggers_fires (customer_id, trigger_id, fired_at, episode_key)"
-            " VALUES ($1, $2, $3, $4)",
-            claimed.customer_id,
-            claimed.trigger_id,
-            fired_at,
-            claimed.episode.key,
-        )
-        if not deliveries:
-            return ()
+        """The fire, in the caller's transaction (raising ``_Abort`` to roll it back). Separate
+        so that tests can end a transaction halfway, as a killed firer does.
+
+        One statement (one round trip: the fire is the firers' hot path): the episode FIRED at
+        the claim's version, the fence, the fire and the deliveries, each conditional on the one
+        before through data-modifying CTEs; when the episode or the fence did not apply, what
+        did is rolled back with the transaction."""
         rows = await conn.fetch(
             f"""
-            INSERT INTO triggers_deliveries (destination_id, kind, webhook_id, trigger_id, customer_id,
-                episode_key, fired_at, state, payload, next_attempt_time, available_at, claimed_by,
-                created_at)
-            SELECT d.id, d.kind, n.webhook_id, $4::text, $5::text, $6::text, $7::timestamptz, {PENDING},
-                   n.payload::jsonb, $7, CASE WHEN d.kind = 'webhook' THEN $8::timestamptz ELSE $7 END,
-                   CASE WHEN d.kind = 'webhook' THEN $9::text END, $7
-            FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS n(destination_id, webhook_id,
-                payload, position)
-            JOIN triggers_destinations d ON d.id = n.destination_id
-            ORDER BY n.position
-            RETURNING id, destination_id, webhook_id, trigger_id, customer_id, episode_key, state, payload,
-                next_attempt_time, created_at
+            WITH ep AS (
+                UPDATE triggers_episodes SET {_SET_EPISODE}
+                WHERE customer_id = $1 AND trigger_id = $2 AND episode_key = $3 AND version = $11
+                  AND state = 'waiting'
+                RETURNING 1
+            ), fence AS (
+                INSERT INTO triggers_customer_fires AS c (customer_id, fire_sequence)
+                SELECT $1, 1 FROM ep
+                ON CONFLICT (customer_id) DO UPDATE SET fire_sequence = c.fire_sequence + 1
+                    WHERE c.fire_sequence = $12
+                RETURNING fire_sequence
+            ), fire AS (
+                INSERT INTO triggers_fires (customer_id, trigger_id, fired_at, episode_key)
+                SELECT $1, $2, $13, $3 FROM fence
+            ), made AS (
+                INSERT INTO triggers_deliveries (destination_id, kind, webhook_id, trigger_id, customer_id,
+                    episode_key, fired_at, state, payload, next_attempt_time, available_at, claimed_by,
+                    created_at)
+                SELECT d.id, d.kind, n.webhook_id, $2, $1, $3, $13, {PENDING},
+                       n.payload::jsonb, $13, CASE WHEN d.kind = 'webhook' THEN $17::timestamptz ELSE $13 END,
+                       CASE WHEN d.kind = 'webhook' THEN $18::text END, $13
+                FROM unnest($14::text[], $15::text[], $16::text[]) WITH ORDINALITY
+                    AS n(destination_id, webhook_id, payload, position)
+                JOIN triggers_destinations d ON d.id = n.destination_id
+                WHERE EXISTS (SELECT 1 FROM fence)
+                ORDER BY n.position
+                RETURNING id, destination_id, webhook_id, trigger_id, customer_id, episode_key, state,
+                    payload, next_attempt_time, created_at
+            )
+            SELECT (SELECT count(*) FROM ep) AS fired_episodes, (SELECT count(*) FROM fence) AS fenced, m.*
+            FROM (SELECT 1) AS one LEFT JOIN made m ON true
             """,
+            claimed.customer_id,
+            claimed.trigger_id,
+            claimed.episode.key,
+            str(fired.state),
+            fired.opened_at,
+            fired.last_entry_at,
+            fired.fire_at,
+            None,
+            fired.closed_at,
+            str(Reason.FIRED),
+            claimed.version,
+            facts.sequence,
+            fired_at,
             [parse_destination_name(d.destination) for d in deliveries],
             [new_webhook_id(fired_at) for _ in deliveries],
             [orjson.dumps(dict(d.payload)).decode() for d in deliveries],
-            claimed.trigger_id,
-            claimed.customer_id,
-            claimed.episode.key,
-            fired_at,
             fired_at + delivery_lease,
             claimed.owner,
         )
-        return tuple(delivery_of(row) for row in sorted(rows, key=lambda r: r["id"]))
+        if not rows[0]["fired_episodes"]:
+            raise _Abort(CommitOutcome.EPISODE_CHANGED)
+        if not rows[0]["fenced"]:
+            raise _Abort(CommitOutcome.FIRES_CHANGED)
+        made = [row for row in rows if row["id"] is not None]
+        return tuple(delivery_of(row) for row in sorted(made, key=lambda r: r["id"]))
 
     async def commit_decision(
         self, claimed: ClaimedEpisode, decision: DueDecision, *, now: datetime

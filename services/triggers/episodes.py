@@ -119,6 +119,10 @@ class Reason(enum.StrEnum):
     SPAM_REPORTED = "spam_reported"
     HARD_BOUNCED = "hard_bounced"
     NO_CONSENT = "no_consent"
+    # the engine, at the fire: the template's render says not to send (required data missing,
+    # suppressed in render), or the template no longer exists
+    RENDER_SKIPPED = "render_skipped"
+    TEMPLATE_MISSING = "template_missing"
     # on_event and on_due
     PROFILE_CONDITIONS = "profile_conditions"
     COOLDOWN = "cooldown"

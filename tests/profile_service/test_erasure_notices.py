@@ -42,7 +42,7 @@ class Heard:
         return await eventually(heard, timeout_s)
 
 
-async def test_delete_profile_announces_the_erasure_by_identifier_hashes(
+async def test_delete_profile_announces_the_erasure_by_identifier_hashes_and_customer_id(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     nats_url: str,
@@ -51,7 +51,7 @@ async def test_delete_profile_announces_the_erasure_by_identifier_hashes(
 ) -> None:
     who = f"noticed-{unique}@example.com"
     await send(ingest_stub, event(user_id=f"u-{unique}", email=who, identify=identify(a=1)))
-    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.identifiers) == 2)
+    profile = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.identifiers) == 2)
     heard = Heard()
     log = await JetStreamEventLog.connect(JetStreamSettings(url=nats_url))
     following = await log.follow_erasures(heard.handle)
@@ -67,6 +67,8 @@ async def test_delete_profile_announces_the_erasure_by_identifier_hashes(
         unkeyed_hash((IdentifierKind.USER_ID, f"u-{unique}")),
     }
     assert notice.erase_time.seconds > 0
+    # The customer's opaque id too: triggers keeps episodes, fires and deliveries by it.
+    assert notice.customer_id == profile.customer_id != ""
     assert all(who.encode() not in h for h in notice.identifier_hashes)  # hashes, never values
     outbox = await asyncpg.connect(database_url)
     try:

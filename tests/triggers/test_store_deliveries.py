@@ -330,3 +330,28 @@ async def test_old_fires_and_exits_are_purged(stores: Stores) -> None:
     assert (purged.fires, purged.known_exits) == (1, 0)
     purged = await purge_history(stores.pool, T0 + timedelta(days=400))
     assert (purged.fires, purged.known_exits) == (1, 1)
+
+
+async def test_a_2xx_attempt_s_record_ends_the_delivery_and_its_mark_delivered_writes_nothing_more(
+    stores: Stores,
+) -> None:
+    destination, _ = await new_webhook(stores)
+    delivered_name = await insert_delivery(stores.pool, destination)
+    retried_name = await insert_delivery(stores.pool, destination)
+    log = stores.deliveries
+    await log.record_attempt(retried_name, destination, AttemptRecord(T0, timedelta(milliseconds=5), 503))
+    await log.record_attempt(delivered_name, destination, AttemptRecord(T0, timedelta(milliseconds=5), 204))
+    done = await log.get(parse_delivery_name(delivered_name))
+    assert done.state == triggers_pb2.DELIVERY_STATE_DELIVERED and not done.HasField("next_attempt_time")
+    assert (await log.get(parse_delivery_name(retried_name))).state == triggers_pb2.DELIVERY_STATE_PENDING
+    await stores.pool.execute("UPDATE triggers_deliveries SET failure_reason = 'untouched'")
+    await log.mark_delivered(delivered_name)  # no statement: the record did it
+    await log.mark_delivered(retried_name)  # a statement, as before
+    reasons = {
+        row["id"]: row["failure_reason"]
+        for row in await stores.pool.fetch("SELECT id, failure_reason FROM triggers_deliveries")
+    }
+    assert reasons == {
+        parse_delivery_name(delivered_name): "untouched",
+        parse_delivery_name(retried_name): "",
+    }

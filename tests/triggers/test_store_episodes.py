@@ -37,14 +37,13 @@ from tests.triggers.store_support import (
 from triggers import builtin
 from triggers.episode_store import (
     DEFAULT_LEASE,
-    MAX_KNOWN_EXITS,
     CommitOutcome,
     FireResult,
     NewDelivery,
 )
 from triggers.episodes import DueAction, Episode, EpisodeState, EventAction, IncomingEvent, Reason, on_event
 from triggers.secret_box import SecretBox
-from triggers.store import NotFound
+from triggers.store import MAX_KNOWN_EXITS, NotFound
 from triggers.trigger_validation import validate_trigger
 
 

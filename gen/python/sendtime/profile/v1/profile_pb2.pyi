@@ -1137,6 +1137,12 @@ class ErasureNotice(_message.Message):
 
     IDENTIFIER_HASHES_FIELD_NUMBER: _builtins.int
     ERASE_TIME_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    customer_id: _builtins.str
+    """The erased customer's opaque id (as in ProfileChange.customer_id), for
+    services that keep data by customer id rather than by identifier (triggers'
+    episodes, fires and deliveries). Empty in notices written before it existed.
+    """
     @_builtins.property
     def identifier_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """HMAC-SHA256 of "<kind>:<value>" under the deployment's identifier hash keys
@@ -1155,10 +1161,11 @@ class ErasureNotice(_message.Message):
         *,
         identifier_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
         erase_time: _timestamp_pb2.Timestamp | None = ...,
+        customer_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["erase_time", b"erase_time", "identifier_hashes", b"identifier_hashes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "erase_time", b"erase_time", "identifier_hashes", b"identifier_hashes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
