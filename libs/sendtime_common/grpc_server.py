@@ -25,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from sendtime_common.answer_memo import AnswerMemo
 from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_options
 from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls, etag_matches, etag_of
 from sendtime_common.http_routes import routes_of
@@ -152,11 +153,13 @@ class GrpcServer:
         *,
         grace_s: float,
         cache_policies: Mapping[str, CachePolicy] | None = None,
+        answer_memos: Mapping[str, AnswerMemo] | None = None,
         add_routes: Callable[[web.Application, InProcessCalls], None] | None = None,
     ) -> None:
         """Also serve the hosted services' HTTP routes (sendtime_common.http_gateway) on
         ``address``, with this server's TLS, interceptors and limits; ``add_routes`` adds a
         service's own HTTP routes first, given the server's handlers behind its interceptors.
+        ``cache_policies`` and ``answer_memos`` are by method (``/package.Service/Method``).
 
         Raises:
             ValueError: the address is unusable.
@@ -167,6 +170,7 @@ class GrpcServer:
             calls,
             max_body_bytes=self.limits.max_receive_bytes,
             cache_policies=cache_policies,
+            answer_memos=answer_memos,
         )
         app = web.Application(client_max_size=self.limits.max_receive_bytes)
         app.router.add_get("/healthz", _healthz)

@@ -10,7 +10,14 @@ grpc-gateway answers), under the standard gRPC-to-HTTP status (400, 401, 403, 40
 503 with Retry-After, ...).
 
 A method may give a ``CachePolicy``: its answers then carry an ETag and ``Cache-Control``, and a
-GET whose ``If-None-Match`` names the current ETag is answered 304 without a body.
+GET whose ``If-None-Match`` names the current ETag is answered 304 without a body. A method may
+also give an ``AnswerMemo`` (sendtime_common.answer_memo): its answers' JSON and ETag are then
+kept by what the answer holds, and an answer holding the same is not encoded again.
+
+What is per route (the request message's class, its query parameters) is worked out once, when
+the gateway is made; a request that carries no query string and only ASCII in its path skips
+``json_format.ParseDict`` (its message is built from the path's values directly, as ParseDict
+would).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from opentelemetry import propagate, trace
 
+from sendtime_common.answer_memo import AnswerMemo, EncodedAnswer
 from sendtime_common.errors import (
     FieldViolation,
     bad_request_status,
@@ -40,7 +48,13 @@ from sendtime_common.errors import (
     new_error_id,
 )
 from sendtime_common.handlers import Handler, WrappingInterceptor
-from sendtime_common.http_routes import HttpRoute, query_to_json, set_path_values
+from sendtime_common.http_routes import (
+    HttpRoute,
+    QueryParameter,
+    query_index,
+    query_to_json,
+    set_path_values,
+)
 from sendtime_common.http_server import read_json_body
 from sendtime_common.internal_errors import internal_status
 from sendtime_common.json_input import SUPPORTED_ENCODINGS, JsonInputError, JsonReason, parse_json
@@ -294,6 +308,18 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in candidates or any(c.removeprefix("W/") == etag.removeprefix("W/") for c in candidates)
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the gateway works out once per route."""
+
+    route: HttpRoute
+    message_class: type[Message]
+    query: Mapping[str, QueryParameter]  # the route's query_index
+    policy: CachePolicy | None
+    memo: AnswerMemo | None
+    encode: Callable[[Message], EncodedAnswer]  # the answer's body and ETag, under the policy
+
+
 class HttpGateway:
     """Answers ``routes`` by calling ``calls`` in process."""
 
@@ -304,11 +330,23 @@ class HttpGateway:
         *,
         max_body_bytes: int,
         cache_policies: Mapping[str, CachePolicy] | None = None,
+        answer_memos: Mapping[str, AnswerMemo] | None = None,
     ) -> None:
-        self._routes = list(routes)
+        """``cache_policies`` and ``answer_memos``: by method (``/package.Service/Method``)."""
+        policies, memos = cache_policies or {}, answer_memos or {}
+        self._plans = [
+            _Plan(
+                route,
+                message_factory.GetMessageClass(route.method.input_type),
+                query_index(route),
+                policies.get(route.grpc_method),
+                memos.get(route.grpc_method),
+                _encoder(policies.get(route.grpc_method)),
+            )
+            for route in routes
+        ]
         self._calls = calls
         self._max_body_bytes = max_body_bytes
-        self._cache_policies = dict(cache_policies or {})
 
     def add_to(self, app: web.Application) -> None:
         """Serve the routes from ``app`` (after the app's other routes: a catch-all)."""
@@ -317,7 +355,8 @@ class HttpGateway:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.rel_url.raw_path
         allowed: list[str] = []
-        for route in self._routes:
+        for plan in self._plans:
+            route = plan.route
             try:
                 values = route.match(raw_path)
             except UnicodeDecodeError:
@@ -327,7 +366,7 @@ class HttpGateway:
             if route.http_method == request.method or (
                 route.http_method == "GET" and request.method == "HEAD"
             ):
-                return await self._answer(request, route, values)
+                return await self._answer(request, plan, values)
             allowed.append(route.http_method)
         if allowed:
             status = error_info_status(
@@ -343,9 +382,8 @@ class HttpGateway:
             error_info_status(code_pb2.NOT_FOUND, f"no route {request.rel_url.path}", ROUTE_NOT_FOUND, {})
         )
 
-    async def _answer(
-        self, request: web.Request, route: HttpRoute, values: dict[str, str]
-    ) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, plan: _Plan, values: dict[str, str]) -> web.StreamResponse:
+        route = plan.route
         context = propagate.extract(request.headers)
         with tracer.start_as_current_span(
             f"{route.http_method} {route.template}",
@@ -354,7 +392,7 @@ class HttpGateway:
             attributes={"http.request.method": request.method, "http.route": route.template},
         ) as span:
             try:
-                response = await self._call(request, route, values)
+                response = await self._call(request, plan, values)
             except Exception as exc:  # noqa: BLE001 - a bug here: the caller gets an id, the log the rest
                 error_id = new_error_id()
                 log_unexpected(
@@ -364,10 +402,9 @@ class HttpGateway:
             span.set_attribute("http.response.status_code", response.status)
             return response
 
-    async def _call(
-        self, request: web.Request, route: HttpRoute, values: dict[str, str]
-    ) -> web.StreamResponse:
-        message = await self._request_message(request, route, values)
+    async def _call(self, request: web.Request, plan: _Plan, values: dict[str, str]) -> web.StreamResponse:
+        route = plan.route
+        message = await self._request_message(request, plan, values)
         if isinstance(message, web.Response):
             return message
         metadata = [("authorization", v) for v in request.headers.getall("Authorization", [])]
@@ -377,13 +414,19 @@ class HttpGateway:
             answer: Message = await handler.unary_unary(message, call)  # type: ignore[arg-type,misc]
         except HttpAbort as aborted:
             return status_response(aborted.status)
-        return self._ok(request, route, answer)
+        return self._ok(request, plan, answer)
 
     async def _request_message(
-        self, request: web.Request, route: HttpRoute, values: dict[str, str]
+        self, request: web.Request, plan: _Plan, values: dict[str, str]
     ) -> Message | web.Response:
         """The request message, or the answer refusing it."""
+        route = plan.route
         violations: list[FieldViolation] = []
+        query = request.rel_url.query
+        if route.body != "*" and not query and all(value.isascii() for value in values.values()):
+            # What ParseDict makes of the path's values alone: each is a string field (checked
+            # when the route was read), and ASCII holds nothing ParseDict would refuse.
+            return plan.message_class(**values)
         if route.body == "*":
             if request.rel_url.query:
                 violations.extend(
@@ -395,10 +438,10 @@ class HttpGateway:
             except JsonInputError as exc:
                 return json_input_response(exc)
         else:
-            fields, violations = query_to_json(route, request.rel_url.query.items())
+            fields, violations = query_to_json(route, query.items(), plan.query)
         if violations:
             return status_response(bad_request_status("invalid request parameters", violations))
-        message: Message = message_factory.GetMessageClass(route.method.input_type)()
+        message: Message = plan.message_class()
         try:
             json_format.ParseDict(set_path_values(fields, values, route), message)
         except json_format.ParseError as exc:
@@ -407,13 +450,14 @@ class HttpGateway:
             )
         return message
 
-    def _ok(self, request: web.Request, route: HttpRoute, answer: Message) -> web.StreamResponse:
-        body = orjson.dumps(json_format.MessageToDict(answer))
-        policy = self._cache_policies.get(route.grpc_method)
-        if policy is None:
+    def _ok(self, request: web.Request, plan: _Plan, answer: Message) -> web.StreamResponse:
+        policy = plan.policy
+        encoded = plan.encode(answer) if plan.memo is None else plan.memo.encoded(answer, plan.encode)
+        body = encoded.body
+        if policy is None or encoded.etag is None:
             return web.Response(body=body, content_type=_JSON, headers={"Cache-Control": "no-store"})
         headers = {
-            "ETag": ("W/" if policy.weak else "") + etag_of(policy.etag_basis(answer)),
+            "ETag": encoded.etag,
             "Cache-Control": f"private, max-age={max(0, policy.max_age_s(answer))}",
         }
         if request.method in ("GET", "HEAD") and etag_matches(
@@ -421,6 +465,18 @@ class HttpGateway:
         ):
             return web.Response(status=304, headers=headers)
         return web.Response(body=body, content_type=_JSON, headers=headers)
+
+
+def _encoder(policy: CachePolicy | None) -> Callable[[Message], EncodedAnswer]:
+    """How an answer becomes its body (canonical JSON) and, under ``policy``, its ETag."""
+
+    def encode(answer: Message) -> EncodedAnswer:
+        body = orjson.dumps(json_format.MessageToDict(answer))
+        if policy is None:
+            return EncodedAnswer(body, None)
+        return EncodedAnswer(body, ("W/" if policy.weak else "") + etag_of(policy.etag_basis(answer)))
+
+    return encode
 
 
 def _violation(error: json_format.ParseError) -> FieldViolation:

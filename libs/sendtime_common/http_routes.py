@@ -223,15 +223,25 @@ def _query_parameters(
     return parameters
 
 
-def query_to_json(
-    route: HttpRoute, query: Iterable[tuple[str, str]]
-) -> tuple[dict[str, Any], list[FieldViolation]]:
-    """The query string as a JSON object for the request message (canonical JSON), and a
-    violation per parameter the route does not take."""
+def query_index(route: HttpRoute) -> dict[str, QueryParameter]:
+    """The route's query parameters by JSON and by proto path: what ``query_to_json`` looks a
+    parameter up in (a server computes it once per route)."""
     by_name: dict[str, QueryParameter] = {}
     for parameter in route.query_parameters():
         by_name[parameter.json_path] = parameter
         by_name[parameter.proto_path] = parameter
+    return by_name
+
+
+def query_to_json(
+    route: HttpRoute,
+    query: Iterable[tuple[str, str]],
+    index: Mapping[str, QueryParameter] | None = None,
+) -> tuple[dict[str, Any], list[FieldViolation]]:
+    """The query string as a JSON object for the request message (canonical JSON), and a
+    violation per parameter the route does not take. ``index``: the route's ``query_index``,
+    when the caller keeps it."""
+    by_name = query_index(route) if index is None else index
     values: dict[str, Any] = {}
     violations: list[FieldViolation] = []
     seen: set[str] = set()

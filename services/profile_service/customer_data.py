@@ -32,11 +32,15 @@ class CustomerData:
         cache: ProfileCache,
         *,
         on_erased: Callable[[], None] = lambda: None,
+        forget: Callable[[str], None] = lambda customer_id: None,
     ) -> None:
-        """``on_erased`` is called after each erasure commits (to publish its notice now)."""
+        """``on_erased`` is called after each erasure commits (to publish its notice now);
+        ``forget(customer_id)`` then, to drop what the process keeps of the person outside the
+        cache (the HTTP answers encoded from their profile)."""
         self._repository = repository
         self._cache = cache
         self._on_erased = on_erased
+        self._forget = forget
 
     async def list_events(
         self,
@@ -111,6 +115,7 @@ class CustomerData:
         if erased is None:
             raise CustomerNotFound()
         self._on_erased()
+        self._forget(erased.customer_id)
         try:
             await self._cache.erase([cache_key(kind, value) for kind, value in erased.identifiers])
         except CacheUnavailable as exc:

@@ -17,6 +17,14 @@ whichever replica, CLI or operator changes an entry, every replica drops its cop
 
 The server's own writes drop its copies at once (``ProfileCache`` does that), so a replica reads
 its own writes.
+
+What else the process keeps of a profile (the HTTP answers encoded from it,
+sendtime_common.answer_memo) can follow the copies: ``holds(customer_id)`` says whether a copy of
+the customer is linked here, ``on_dropped`` hears the customer id of every copy that leaves (an
+invalidation of its key, whether or not the copy had expired meanwhile; the bound; its age) and
+``on_cleared`` that every copy was dropped. What is kept only while ``holds`` and dropped on
+``on_dropped`` leaves when the copies do: an erasure, by any replica, invalidates every key of
+the person.
 """
 
 from __future__ import annotations
@@ -37,18 +45,56 @@ log = logging.getLogger(__name__)
 _INVALIDATIONS = "__redis__:invalidate"
 
 
+class _Copies(TTLCache[str, profile_pb2.Profile]):
+    """A TTLCache that says which keys it drops by itself (the bound, their age)."""
+
+    def __init__(
+        self, maxsize: int, ttl: float, timer: Callable[[], float], evicted: Callable[[str], None]
+    ) -> None:
+        super().__init__(maxsize, ttl, timer=timer)
+        self._evicted = evicted
+
+    def popitem(self) -> tuple[str, profile_pb2.Profile]:
+        key, value = super().popitem()
+        self._evicted(key)
+        return key, value
+
+    def expire(self, time: Any = None) -> list[tuple[str, profile_pb2.Profile]]:
+        expired: list[tuple[str, profile_pb2.Profile]] = list(super().expire(time))
+        for key, _ in expired:
+            self._evicted(key)
+        return expired
+
+
 class NearCache:
     """Decoded profiles by cache key, bounded in number and age. Pure bookkeeping: the
     ``InvalidationListener`` drives it from Redis."""
 
     def __init__(
-        self, max_entries: int, ttl_s: float, *, timer: Callable[[], float] = time.monotonic
+        self,
+        max_entries: int,
+        ttl_s: float,
+        *,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1:
             raise ValueError("a near cache needs room for at least one entry")
-        self._entries: TTLCache[str, profile_pb2.Profile] = TTLCache(max_entries, ttl_s, timer=timer)
+        self._entries: TTLCache[str, profile_pb2.Profile] = _Copies(max_entries, ttl_s, timer, self._unlink)
+        # Whose copy each key holds, until it is invalidated or leaves: kept apart from the
+        # copies, so that an invalidation names the customer of a copy that expired unseen.
+        self._customer_of: dict[str, str] = {}
+        self._keys_of: dict[str, set[str]] = {}
         self._reserved: dict[str, set[Reservation]] = {}
         self._tracking = False
+        self._on_dropped: Callable[[str], None] = lambda customer_id: None
+        self._on_cleared: Callable[[], None] = lambda: None
+
+    def follow(self, on_dropped: Callable[[str], None], on_cleared: Callable[[], None]) -> None:
+        """Tell ``on_dropped(customer_id)`` whenever a copy of that customer's profile leaves
+        (invalidated, bounded out or expired), and ``on_cleared()`` when every copy was dropped
+        (tracking started or stopped, Redis flushed)."""
+        self._on_dropped = on_dropped
+        self._on_cleared = on_cleared
 
     @property
     def tracking(self) -> bool:
@@ -68,6 +114,11 @@ class NearCache:
         self._tracking = False
         self._drop_all()
 
+    def holds(self, customer_id: str) -> bool:
+        """Whether a copy of the customer is linked here: an invalidation of its key will say
+        so through ``on_dropped``."""
+        return customer_id in self._keys_of
+
     def get(self, key: str) -> profile_pb2.Profile | None:
         """The copy for ``key``; the caller must not modify it."""
         return self._entries.get(key)
@@ -83,6 +134,7 @@ class NearCache:
     def invalidate(self, keys: Iterable[str]) -> None:
         for key in keys:
             self._entries.pop(key, None)
+            self._unlink(key)
             for reservation in self._reserved.pop(key, ()):
                 reservation.keys.discard(key)
 
@@ -92,13 +144,32 @@ class NearCache:
 
     def _drop_all(self) -> None:
         self._entries.clear()
+        self._customer_of.clear()
+        self._keys_of.clear()
+        self._on_cleared()
         for reservations in self._reserved.values():
             for reservation in reservations:
                 reservation.keys.clear()
         self._reserved.clear()
 
     def _fill(self, key: str, profile: profile_pb2.Profile) -> None:
+        customer_id = profile.customer_id
+        if self._customer_of.get(key) != customer_id:
+            self._unlink(key)  # another customer's copy under this key leaves
         self._entries[key] = profile
+        self._customer_of[key] = customer_id
+        self._keys_of.setdefault(customer_id, set()).add(key)
+
+    def _unlink(self, key: str) -> None:
+        customer_id = self._customer_of.pop(key, None)
+        if customer_id is None:
+            return
+        keys = self._keys_of.get(customer_id)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys_of[customer_id]
+        self._on_dropped(customer_id)
 
     def _release(self, reservation: Reservation) -> None:
         for key in reservation.keys:

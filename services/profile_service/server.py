@@ -12,6 +12,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import redis.asyncio as redis
+from google.protobuf.message import Message
 
 from profile_service.access_servicers import AuditServicer, KeyServicer
 from profile_service.cache import KEY_PREFIX, ProfileCache
@@ -29,6 +30,7 @@ from profile_service.settings import Settings
 from profile_service.unmerged import StoreError, UnmergedStore
 from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.answer_memo import AnswerMemo
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
 from sendtime_common.database import close_pool
@@ -51,6 +53,23 @@ SERVICE_NAMES = [
 ]
 PURGE_INTERVAL_S = 3600.0
 GET_PROFILE = f"/{SERVICE_NAME}/GetProfile"
+
+
+def profile_answer_memo(near: NearCache, max_entries: int, ttl_s: float) -> AnswerMemo:
+    """The profiles' HTTP answers, encoded, by what they hold. They follow the near cache's
+    copies: an answer is kept only while a copy of its customer is (``near.holds``), and leaves
+    when one of the customer's copies does (any write or erasure of the customer's entries, by
+    any replica, invalidates them), or when every copy does; an erasure here also forgets the
+    person at once (``CustomerData``'s ``forget``)."""
+
+    def owner(answer: Message) -> str | None:
+        assert isinstance(answer, profile_pb2.GetProfileResponse)
+        customer_id = answer.profile.customer_id
+        return customer_id if near.holds(customer_id) else None
+
+    answers = AnswerMemo(max_entries, ttl_s, owner=owner)
+    near.follow(on_dropped=answers.forget, on_cleared=answers.clear)
+    return answers
 
 
 def profile_cache_policy(max_age_s: int) -> CachePolicy:
@@ -76,6 +95,7 @@ class ProfileApp:
     unmerged: UnmergedStore
     dead_letter_retention: timedelta
     invalidations: InvalidationListener | None = None  # None: no near cache
+    answers: AnswerMemo | None = None  # the HTTP answers kept encoded; None: no near cache
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _relaying: asyncio.Task[None] | None = None
     _listening: asyncio.Task[None] | None = None
@@ -177,9 +197,12 @@ async def create_app(settings: Settings) -> ProfileApp:
     auth = await create_server_auth(
         pool, "profile", SERVICE_NAMES, settings.auth, settings.identifier_hasher, settings.redis_url
     )
-    near, invalidations = None, None
+    near, invalidations, answers = None, None, None
     if settings.near_cache_entries:
         near = NearCache(settings.near_cache_entries, settings.near_cache_ttl_s)
+        # The HTTP answers encoded from profiles are kept as the copies are (as many, as long),
+        # and leave with them.
+        answers = profile_answer_memo(near, settings.near_cache_entries, settings.near_cache_ttl_s)
         invalidations = InvalidationListener(near, settings.redis_url, KEY_PREFIX)
     cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s, near=near)
     event_log = await JetStreamEventLog.connect(settings.event_log)
@@ -200,7 +223,12 @@ async def create_app(settings: Settings) -> ProfileApp:
         ProfileReader(
             repository, cache, cart_abandoned_after=timedelta(minutes=settings.cart_abandoned_after_minutes)
         ),
-        CustomerData(repository, cache, on_erased=erasure_outbox.wake),
+        CustomerData(
+            repository,
+            cache,
+            on_erased=erasure_outbox.wake,
+            forget=answers.forget if answers is not None else lambda customer_id: None,
+        ),
         repository,
         max_batch_get=settings.max_batch_get,
     )
@@ -227,6 +255,7 @@ async def create_app(settings: Settings) -> ProfileApp:
             settings.http_address,
             grace_s=settings.shutdown_grace_s,
             cache_policies={GET_PROFILE: profile_cache_policy(settings.http_max_age_s)},
+            answer_memos={GET_PROFILE: answers} if answers is not None else None,
         )
     return ProfileApp(
         grpc=server,
@@ -241,4 +270,5 @@ async def create_app(settings: Settings) -> ProfileApp:
         unmerged=unmerged,
         dead_letter_retention=timedelta(days=settings.dead_letter_retention_days),
         invalidations=invalidations,
+        answers=answers,
     )

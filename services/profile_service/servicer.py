@@ -76,7 +76,9 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                         not_found_status("the customer was erased", "PROFILE_ERASED", {"kind": key[0].value}),
                     )
                 await _abort_not_found(context, key)
-        return profile_pb2.GetProfileResponse(profile=apply_read_mask(profile, request.read_mask))
+        response = profile_pb2.GetProfileResponse()
+        apply_read_mask(profile, request.read_mask, into=response.profile)
+        return response
 
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]

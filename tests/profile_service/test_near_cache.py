@@ -71,6 +71,40 @@ def test_a_released_reservation_cannot_fill_and_leaves_nothing_behind() -> None:
     assert near.get("a") == copy(2)
 
 
+def test_what_the_process_keeps_beside_a_copy_hears_whenever_the_copy_leaves() -> None:
+    clock = [0.0]
+    dropped: list[str] = []
+    cleared: list[bool] = []
+    near = tracking_cache(max_entries=2, ttl_s=10, timer=clock)
+    near.follow(on_dropped=dropped.append, on_cleared=lambda: cleared.append(True))
+
+    def fill(key: str, customer_id: str) -> None:
+        with near.reserve([key]) as reservation:
+            reservation.fill(key, profile_pb2.Profile(customer_id=customer_id, version=1))
+
+    fill("a", "c-a")
+    assert near.holds("c-a") and not near.holds("c-b")
+    near.invalidate(["a", "b"])  # b held no copy: nothing to say of it
+    assert dropped == ["c-a"] and not near.holds("c-a")
+
+    fill("a", "c-a")
+    fill("b", "c-b")
+    fill("c", "c-c")  # past the bound: the oldest copy leaves
+    assert dropped == ["c-a", "c-a"] and not near.holds("c-a") and near.holds("c-c")
+
+    clock[0] = 11.0  # b and c expired; an invalidation of an expired copy still names its customer
+    near.invalidate(["b"])
+    assert dropped[-1] == "c-b" and not near.holds("c-b")
+    fill("d", "c-d")  # the next write expires c
+    assert "c-c" in dropped and not near.holds("c-c") and near.holds("c-d")
+
+    near.invalidate_all()
+    assert cleared == [True] and not near.holds("c-d")
+    fill("a", "c-a")
+    near.stop_tracking()
+    assert cleared == [True, True] and not near.holds("c-a")
+
+
 def test_without_tracking_nothing_is_kept_or_served() -> None:
     near = NearCache(10, 60)
     with near.reserve(["a"]) as reservation:
