@@ -10,7 +10,7 @@ PY := $(BIN)/python
 export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install up down run demo test test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http
+.PHONY: help install up down run demo test test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http bench-triggers
 
 help:
 	@echo "make run        start Postgres/Redis/NATS if needed, the four services, a demo; Ctrl-C stops"
@@ -22,7 +22,7 @@ help:
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
 	@echo "make bench      every benchmark (docs/benchmarks.md); or one: bench-ingest, bench-profile, bench-render,"
-	@echo "                bench-http"
+	@echo "                bench-http, bench-triggers"
 	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -70,7 +70,7 @@ gen-check: gen
 		|| (echo "gen/python or openapi/ is stale: run 'make gen' and commit it" >&2; exit 1)
 
 # Benchmarks start their own NATS, Redis, database and services; only PostgreSQL must be reachable.
-bench: bench-ingest bench-profile bench-render bench-http
+bench: bench-ingest bench-profile bench-render bench-http bench-triggers
 
 bench-ingest: install
 	$(PY) scripts/devstack.py ensure
@@ -87,6 +87,10 @@ bench-render: install
 bench-http: install
 	$(PY) scripts/devstack.py ensure
 	$(PY) scripts/bench_http.py $(BENCH_ARGS)
+
+bench-triggers: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) scripts/bench_triggers.py $(BENCH_ARGS)
 
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'

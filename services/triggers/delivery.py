@@ -291,6 +291,7 @@ class _Lane:
             name=destination.name,
         )
         self._half_open_at = 0.0  # time.monotonic() when an open breaker lets a probe through
+        self._open_reported = False  # "circuit open" was logged for the current opening
         # A session per lane: a hung receiver's connections are not in anyone else's pool.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=context.resolver, limit=0),
@@ -500,7 +501,6 @@ class _Lane:
     async def _send_through_breaker(
         self, destination: WebhookDestination, delivery: OutboundDelivery
     ) -> _Answer:
-        was_open = not self._breaker.closed
         try:
             with self._breaker:
                 answer = await self._send(destination, delivery)
@@ -510,8 +510,13 @@ class _Lane:
             answer = strained.answer
             if self._breaker.opened:
                 self._half_open_at = time.monotonic() + self._context.settings.breaker_recovery_s
-                if not was_open:
+                # Once per opening: up to max_concurrency attempts in flight fail after it opened.
+                if not self._open_reported:
+                    self._open_reported = True
                     log.warning("destination circuit open", extra={"destination": destination.name})
+            return answer
+        if self._breaker.closed:
+            self._open_reported = False
         return answer
 
     async def _send(self, destination: WebhookDestination, delivery: OutboundDelivery) -> _Answer:
