@@ -211,6 +211,14 @@ class TriggersEngine:
         """A destination was created, updated (enabled, disabled, rotated) or deleted here."""
         self.pump.destinations_changed()
 
+    # The servicers' hooks (they name what changed; the engine reads everything again).
+
+    async def on_triggers_changed(self, name: str) -> None:
+        self.triggers_changed()
+
+    async def on_destinations_changed(self, name: str) -> None:
+        self.destinations_changed()
+
     async def on_erasure_notice(self, payload: bytes) -> None:
         """Erase what the service keeps about the notice's customer, and drop what the
         dispatcher holds for them. Notices without a customer id (older ones) name nobody

@@ -2,9 +2,9 @@
 deliveries), the event log (NATS), the clients of the profile and render services, and the gRPC
 server (TriggerService, DestinationService, DeliveryService) with its HTTP face.
 
-The engine (the profile change consumer, the firers, the dispatcher pump, erasures) runs beside
-the server: ``create_app`` builds it where marked, ``TriggersApp`` starts it after the gRPC
-server and closes it before the clients and the pool it uses.
+The engine (the profile change consumer, the firer, the dispatcher pump, erasures) runs beside
+the server: ``TriggersApp`` starts it after the gRPC server and closes it before the clients and
+the pool it uses; the servicers tell it of every stored change to a trigger or destination.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import timedelta
 
 import asyncpg
 import grpc
@@ -35,6 +35,7 @@ from triggers.delivery_store import DeliveryStore
 from triggers.dependencies import MessageRenderer, ProfileReader
 from triggers.destination_servicer import DestinationServicer
 from triggers.destination_store import DestinationStore
+from triggers.engine import EngineSettings, TriggersEngine
 from triggers.settings import Settings
 from triggers.ssrf import UrlPolicy
 from triggers.store import migrate_store
@@ -45,21 +46,6 @@ SERVICE_NAMES = [
     triggers_pb2.DESCRIPTOR.services_by_name[name].full_name
     for name in ("TriggerService", "DestinationService", "DeliveryService")
 ]
-
-
-class Engine(Protocol):
-    """What runs beside the server (triggers.engine): it starts once the server serves and is
-    told of every stored change to a trigger or destination (by name)."""
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None:
-        """Finish or cancel the work in hand, within ``sendtime_common.shutdown``'s bounds."""
-        ...
-
-    async def on_triggers_changed(self, name: str) -> None: ...
-
-    async def on_destinations_changed(self, name: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -75,8 +61,8 @@ class TriggersApp:
     renderer: MessageRenderer
     resolver: AbstractResolver
     deliveries: DeliveryServicer
-    # The engine, once wired in; None serves the API alone.
-    engine: Engine | None = None
+    # Runs the triggers beside the API (triggers.engine).
+    engine: TriggersEngine
     _watching: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -90,8 +76,7 @@ class TriggersApp:
             asyncio.create_task(self.profile_channel.watch(), name="profile-channel-tls"),
             asyncio.create_task(self.render_channel.watch(), name="render-channel-tls"),
         ]
-        if self.engine is not None:
-            await self.engine.start()
+        await self.engine.start()
 
     async def close(self) -> None:
         """After the drain: the engine finishes its work in hand, then the clients close side by
@@ -99,9 +84,7 @@ class TriggersApp:
         for task in self._watching:
             task.cancel()
         await asyncio.gather(
-            bounded("engine", self.engine.close(), FINISH_S + CANCEL_WAIT_S)
-            if self.engine is not None
-            else asyncio.sleep(0),
+            bounded("engine", self.engine.close(), FINISH_S + CANCEL_WAIT_S),
             finish_or_cancel("client TLS watches", self._watching, CANCEL_WAIT_S),
         )
         await asyncio.gather(
@@ -124,6 +107,21 @@ class TriggersApp:
 def replica_name() -> str:
     """This process among the running replicas: it names the dispatcher's delivery leases."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def engine_settings(settings: Settings, owner: str) -> EngineSettings:
+    """The engine's settings from the service's (``owner``: this replica's name in claims and
+    leases)."""
+    return EngineSettings(
+        owner=owner,
+        changes_durable_name=settings.changes_consumer_name,
+        fire_concurrency=settings.fire_concurrency,
+        claim_limit=min(EngineSettings().claim_limit, settings.fire_concurrency),
+        poll_interval_s=settings.poll_interval_s,
+        claim_lease=timedelta(seconds=settings.claim_lease_s),
+        delivery_lease=timedelta(seconds=settings.delivery_lease_s),
+        trigger_refresh_s=settings.trigger_refresh_s,
+    )
 
 
 def _check_credentials(settings: Settings) -> None:
@@ -185,20 +183,23 @@ async def create_app(settings: Settings) -> TriggersApp:
     destinations = DestinationStore(pool, settings.secret_box)
     deliveries = DeliveryStore(pool, owner=replica_name())
 
-    # The engine goes here (triggers.engine), built from the stores, ``event_log`` (the profile
-    # change consumer settings.changes_consumer_name, erasure notices), ``profiles`` and
-    # ``renderer``; the servicers tell it of changes through its hooks.
-    engine: Engine | None = None
-
     resolver = DefaultResolver()
-    trigger_servicer = TriggerServicer(
-        triggers, destinations, on_triggers_changed=engine.on_triggers_changed if engine else None
+    engine = TriggersEngine(
+        pool=pool,
+        event_log=event_log,
+        profiles=profiles,
+        renderer=renderer,
+        secret_box=settings.secret_box,
+        url_policy=UrlPolicy(settings.webhook_allow),
+        settings=engine_settings(settings, deliveries.owner),
+        resolver=resolver,
     )
+    trigger_servicer = TriggerServicer(triggers, destinations, on_triggers_changed=engine.on_triggers_changed)
     destination_servicer = DestinationServicer(
         destinations,
         UrlPolicy(settings.webhook_allow),
         resolver,
-        on_destinations_changed=engine.on_destinations_changed if engine else None,
+        on_destinations_changed=engine.on_destinations_changed,
     )
     delivery_servicer = DeliveryServicer(deliveries, destinations, poll_s=settings.subscription_poll_s)
 

@@ -55,6 +55,16 @@ class Settings:
     subscription_poll_s: float = 0.25
     # The profile change stream is read through this durable consumer (the engine's).
     changes_consumer_name: str = "triggers-changes"
+    # The firer: due episodes claimed and settled at once, and how often an idle replica looks
+    # for due ones (it also wakes at the earliest due time it knows of).
+    fire_concurrency: int = 64
+    poll_interval_s: float = 0.5
+    # How long a replica holds a claimed episode, or a delivery it attempts, before another
+    # replica may take it up (a replica that died).
+    claim_lease_s: float = 60.0
+    delivery_lease_s: float = 120.0
+    # Trigger definitions changed in another replica are seen within this long.
+    trigger_refresh_s: float = 10.0
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
     # Where the callers' rate limits are shared by every replica.
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -103,6 +113,15 @@ class Settings:
             ),
             changes_consumer_name=env_str(
                 env, "TRIGGERS_CHANGES_CONSUMER_NAME", defaults.changes_consumer_name
+            ),
+            fire_concurrency=env_int(env, "TRIGGERS_FIRE_CONCURRENCY", defaults.fire_concurrency, minimum=1),
+            poll_interval_s=env_float(env, "TRIGGERS_POLL_SECONDS", defaults.poll_interval_s, minimum=0.01),
+            claim_lease_s=env_float(env, "TRIGGERS_CLAIM_LEASE_SECONDS", defaults.claim_lease_s, minimum=5),
+            delivery_lease_s=env_float(
+                env, "TRIGGERS_DELIVERY_LEASE_SECONDS", defaults.delivery_lease_s, minimum=35
+            ),
+            trigger_refresh_s=env_float(
+                env, "TRIGGERS_REFRESH_SECONDS", defaults.trigger_refresh_s, minimum=0.1
             ),
             event_log=JetStreamSettings.from_env(env),
             redis_url=env_str(env, "REDIS_URL", defaults.redis_url),
