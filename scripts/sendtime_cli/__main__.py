@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sendtime_cli import database, importer, keys, profiles
+from sendtime_cli import database, importer, keys, profiles, triggers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
             "keys",
             help="API keys: create, list, show, rotate, revoke",
             description="API keys, made and ended in the database (DATABASE_URL). See docs/security.md.",
+        )
+    )
+    triggers.add_arguments(
+        commands.add_parser(
+            "triggers",
+            help="the ready-made triggers: list, create",
+            description="The ready-made triggers (cart abandoned, browse abandoned, order completed), "
+            "created in the triggers service over gRPC. See docs/triggers.md.",
         )
     )
     database.add_arguments(
