@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sendtime.triggers.v1 import triggers_pb2
+from sendtime_common.batching import MicroBatcher
 from sendtime_common.errors import log_unexpected, new_error_id
 from triggers.delivery import (
     BacklogFull,
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 
 _ERASED_REMEMBERED = 10_000
+_RELEASES_TOGETHER = 100  # hand-offs and sweeps whose refused deliveries are released in one statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,10 @@ class DeliveryPump:
         self._synced_at = float("-inf")
         self._changed = asyncio.Event()
         self._stopping = False
+        # One statement releases what the hand-offs and sweeps of a moment refused.
+        self._releases: MicroBatcher[Sequence[str], None] = MicroBatcher(
+            self._release_together, max_batch=_RELEASES_TOGETHER, max_concurrent_batches=1
+        )
         self.stats = PumpStats()
 
     def destinations_changed(self) -> None:
@@ -117,15 +123,18 @@ class DeliveryPump:
             self._not_webhooks.clear()
             self._synced_at = started
 
-    async def hand(self, deliveries: Sequence[triggers_pb2.Delivery], body: bytes | None = None) -> None:
+    async def hand(self, deliveries: Sequence[triggers_pb2.Delivery], body: bytes) -> None:
         """Submit a fire's webhook deliveries (held by this replica) to the dispatcher. ``body``:
-        their payload as JSON, when the caller has it (a fire's deliveries share it), which
-        saves reading each one's Struct back."""
+        their payload as JSON, as the firer encoded it (a fire's deliveries share it; theirs is
+        left out of ``deliveries``). What the dispatcher does not take is released in the log,
+        together with what the fires handed over at the same time refused (a destination whose
+        backlog is full refuses every fire's delivery)."""
+        refused: list[str] = []
         for delivery in deliveries:
             if delivery.destination in self._not_webhooks:
                 continue
             if delivery.profile.removeprefix("profiles/") in self._erased:
-                await self._release([delivery.name])
+                refused.append(delivery.name)
                 continue
             if not self._dispatcher.knows(delivery.destination) and await self._is_webhook(
                 delivery.destination
@@ -133,21 +142,19 @@ class DeliveryPump:
                 await self._refresh_quietly()
             if not self._dispatcher.knows(delivery.destination):
                 self._not_webhooks.add(delivery.destination)
-                await self._release([delivery.name])  # a subscription's: nothing held
+                refused.append(delivery.name)  # a subscription's: nothing held
                 continue
-            outbound = (
-                OutboundDelivery.from_proto(delivery)
-                if body is None
-                else OutboundDelivery(
-                    delivery.name,
-                    delivery.destination,
-                    delivery.webhook_id,
-                    body,
-                    customer_id=delivery.profile.removeprefix("profiles/"),
-                )
+            outbound = OutboundDelivery(
+                delivery.name,
+                delivery.destination,
+                delivery.webhook_id,
+                body,
+                customer_id=delivery.profile.removeprefix("profiles/"),
             )
             if not self._submit(outbound):
-                await self._release([delivery.name])
+                refused.append(delivery.name)
+        if refused:
+            await self._release(refused)
 
     def drop_customer(self, customer_id: str) -> int:
         """Forget what the dispatcher holds about an erased customer, and refuse what a fire
@@ -212,9 +219,13 @@ class DeliveryPump:
 
     async def _release(self, names: Sequence[str]) -> None:
         try:
-            self.stats.released += await self._deliveries.release(names)
+            await self._releases.submit(names)
         except StoreError:
             pass  # the lease ends by itself
+
+    async def _release_together(self, batches: list[Sequence[str]]) -> list[None]:
+        self.stats.released += await self._deliveries.release([name for names in batches for name in names])
+        return [None] * len(batches)
 
     async def _is_webhook(self, destination: str) -> bool:
         try:

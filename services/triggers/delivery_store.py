@@ -1,7 +1,7 @@
 """Deliveries and their attempts in PostgreSQL: the dispatcher's ``DeliveryLog``, and what the
 service reads and does with deliveries (ListDeliveries, GetDelivery, Redeliver, subscriptions).
 
-Deliveries are made by a fire, in the fire's transaction (EpisodeStore.commit_fire), one per
+Deliveries are made by a fire, in the fire's transaction (EpisodeStore.commit_fires), one per
 destination, each with a ``webhook_id`` it keeps for good (Redeliver too).
 
 **Who attempts a webhook delivery.** Every replica runs a dispatcher; a pending delivery is
@@ -35,7 +35,6 @@ from typing import Any, Final
 
 import asyncpg
 import orjson
-from google.protobuf import struct_pb2
 
 from sendtime.triggers.v1 import triggers_pb2
 from sendtime_common.paging import decode_time_position, encode_time_position
@@ -432,10 +431,12 @@ def _prefixed(alias: str) -> str:
     return ", ".join(f"{alias}.{column.strip()}" for column in COLUMNS.split(","))
 
 
-def delivery_of(row: Any, attempts: Iterable[triggers_pb2.DeliveryAttempt] = ()) -> triggers_pb2.Delivery:
-    """The Delivery of a row with the columns of ``COLUMNS``."""
-    payload = struct_pb2.Struct()
-    payload.update(orjson.loads(row["payload"]))  # a JSON object; a third of ParseDict's time
+def delivery_of(
+    row: Any, attempts: Iterable[triggers_pb2.DeliveryAttempt] = (), *, payload: bool = True
+) -> triggers_pb2.Delivery:
+    """The Delivery of a row with the columns of ``COLUMNS``. ``payload`` False leaves the
+    payload out (the row need not have the column): a caller that has the body already saves
+    decoding it into a Struct, the costliest part of this."""
     delivery = triggers_pb2.Delivery(
         name=delivery_name(row["id"]),
         destination=destination_name(row["destination_id"]),
@@ -444,9 +445,10 @@ def delivery_of(row: Any, attempts: Iterable[triggers_pb2.DeliveryAttempt] = ())
         profile=f"profiles/{row['customer_id']}",
         episode_key=row["episode_key"],
         state=row["state"],
-        payload=payload,
         attempts=list(attempts),
     )
+    if payload:
+        delivery.payload.update(orjson.loads(row["payload"]))  # a JSON object; a third of ParseDict's time
     if row["state"] == PENDING and row["next_attempt_time"] is not None:
         delivery.next_attempt_time.FromDatetime(row["next_attempt_time"])
     delivery.create_time.FromDatetime(row["created_at"])

@@ -26,8 +26,11 @@ live profile, a template rendered by the render service: network calls):
    no restart, no other claim after a lapsed lease, no delete, no erasure), the customer's
    fire sequence is still the one read with the facts (no other fire for the customer
    committed since: the cooldown and the cap held), and then the fire row and one delivery per
-   destination are inserted. Anything else (``commit_decision``: a deferral, an end, a wait)
-   is conditional on the version the same way.
+   destination are inserted. ``commit_fires`` commits a batch of fires in one transaction, each
+   with the outcome it would have had alone: it locks the episodes, then the customers' fences,
+   each in key order (so two firers' batches never deadlock), decides each fire on the locked
+   rows, and writes them all in one statement. Anything else (``commit_decision``: a deferral,
+   an end, a wait) is conditional on the version the same way.
 
 **Why it fires at most once.** Only a transaction that moves the episode from WAITING at the
 claim's version to FIRED inserts the fire and its deliveries, and it does both or neither.
@@ -57,6 +60,7 @@ parked after a resume.
 from __future__ import annotations
 
 import enum
+import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -74,6 +78,8 @@ from triggers.signing import new_webhook_id
 from triggers.store import MAX_KNOWN_EXITS, NotFound
 from triggers.trigger_store import trigger_of
 from triggers.trigger_validation import MAX_FIRES, trigger_name
+
+log = logging.getLogger(__name__)
 
 Connection: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
@@ -134,11 +140,47 @@ class FireFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class FactsQuery:
+    """Whose fire facts to read (``fire_facts_of``): the customer's, for the trigger's last fire,
+    with the customer's fires after ``since`` (the cap window)."""
+
+    customer_id: str
+    trigger_id: str
+    since: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class NewDelivery:
     """One destination's delivery of a fire."""
 
     destination: str  # destinations/{id}
     payload: Mapping[str, Any] = field(repr=False)  # the JSON body; personal data
+
+
+@dataclass(frozen=True, slots=True)
+class FireCommit:
+    """One FIRE decision for ``commit_fires``: what ``commit_fire`` takes, with one body for all
+    the fire's destinations, encoded once by the caller (who hands the same bytes to its
+    dispatcher).
+
+    Raises:
+        ValueError: ``fired`` is not a FIRED episode of the claimed key.
+    """
+
+    claimed: ClaimedEpisode
+    fired: Episode  # the decision's episode, FIRED at its closed_at
+    facts: FireFacts
+    destinations: tuple[str, ...]  # destinations/{id}
+    body: bytes = field(repr=False)  # the JSON body of each delivery; personal data
+
+    def __post_init__(self) -> None:
+        # Checked here, in the caller's own task, so that a bad commit never sinks a batch.
+        _check_fired(self.claimed, self.fired)
+
+    @property
+    def fired_at(self) -> datetime:
+        assert self.fired.closed_at is not None  # __post_init__
+        return self.fired.closed_at
 
 
 class CommitOutcome(enum.StrEnum):
@@ -164,6 +206,19 @@ class _Abort(Exception):
     def __init__(self, outcome: CommitOutcome) -> None:
         super().__init__(outcome)
         self.outcome = outcome
+
+
+class _BatchRaced(Exception):
+    """A batch's writes did not all apply although its rows were locked: another transaction
+    inserted a customer's first fence row meanwhile. The batch is rolled back and tried again."""
+
+
+# A batch that deadlocked with another writer (a merge, an erasure, a trigger's delete) is tried
+# again this many times in all before it is committed one fire at a time.
+_BATCH_TRIES: Final = 5
+
+# An episode as ``commit_fires`` names and locks it.
+_EpisodeKey: TypeAlias = tuple[str, str, str]  # (customer_id, trigger_id, episode_key)
 
 
 class EpisodeStore:
@@ -377,23 +432,31 @@ class EpisodeStore:
         """The trigger's last fire for the customer, the customer's fires of every trigger after
         ``since`` (the newest ``MAX_FIRES``: enough for any cap), and the fire sequence, in one
         snapshot."""
-        row = await self._pool.fetchrow(
+        [facts] = await self.fire_facts_of([FactsQuery(customer_id, trigger_id, since)])
+        return facts
+
+    async def fire_facts_of(self, queries: Sequence[FactsQuery]) -> list[FireFacts]:
+        """``fire_facts`` for each query, in order, in one statement (one snapshot): the facts of
+        the fires a firer decides at once."""
+        rows = await self._pool.fetch(
             """
             SELECT
-                coalesce((SELECT fire_sequence FROM triggers_customer_fires WHERE customer_id = $1), 0)
-                    AS sequence,
-                (SELECT max(fired_at) FROM triggers_fires WHERE customer_id = $1 AND trigger_id = $2)
-                    AS last_fire_time,
-                ARRAY(SELECT fired_at FROM triggers_fires WHERE customer_id = $1 AND fired_at > $3
-                      ORDER BY fired_at DESC LIMIT $4) AS recent
+                coalesce((SELECT fire_sequence FROM triggers_customer_fires c
+                          WHERE c.customer_id = q.customer_id), 0) AS sequence,
+                (SELECT max(fired_at) FROM triggers_fires f
+                 WHERE f.customer_id = q.customer_id AND f.trigger_id = q.trigger_id) AS last_fire_time,
+                ARRAY(SELECT fired_at FROM triggers_fires f WHERE f.customer_id = q.customer_id
+                      AND f.fired_at > q.since ORDER BY fired_at DESC LIMIT $4) AS recent
+            FROM unnest($1::text[], $2::text[], $3::timestamptz[]) WITH ORDINALITY
+                AS q(customer_id, trigger_id, since, position)
+            ORDER BY q.position
             """,
-            customer_id,
-            trigger_id,
-            since,
+            [q.customer_id for q in queries],
+            [q.trigger_id for q in queries],
+            [q.since for q in queries],
             MAX_FIRES,
         )
-        assert row is not None
-        return FireFacts(row["last_fire_time"], tuple(row["recent"]), row["sequence"])
+        return [FireFacts(row["last_fire_time"], tuple(row["recent"]), row["sequence"]) for row in rows]
 
     async def commit_fire(
         self,
@@ -413,15 +476,85 @@ class EpisodeStore:
         Raises:
             ValueError: ``fired`` is not a FIRED episode of the claimed key.
         """
-        if fired.state != EpisodeState.FIRED or fired.closed_at is None or fired.key != claimed.episode.key:
-            raise ValueError("commit_fire applies a FIRED episode of the claimed key")
+        _check_fired(claimed, fired)
+        encoded = [(d.destination, orjson.dumps(dict(d.payload)).decode()) for d in deliveries]
+        return await self._commit_alone(claimed, fired, facts, encoded, delivery_lease, with_payloads=True)
+
+    async def commit_fires(
+        self, commits: Sequence[FireCommit], *, delivery_lease: timedelta = DEFAULT_DELIVERY_LEASE
+    ) -> list[FireResult]:
+        """Apply FIRE decisions in one transaction; one result per commit, in order. Each is what
+        ``commit_fire`` would have answered had the commits been made one after another in this
+        order: a commit applies only over its claim's version (else EPISODE_CHANGED) and its
+        facts' fire sequence (else FIRES_CHANGED; so of two fires of a customer decided on the
+        same facts, the first commits and the second is decided again). The deliveries come
+        without their payload: the caller has the body.
+
+        The episodes are locked first, then the customers' fire fences, each in key order, so
+        the batches of two firers never deadlock each other. A deadlock with another writer (a
+        merge, an erasure, a trigger's delete) rolls the batch back and tries it again, up to
+        ``_BATCH_TRIES`` times. A destination deleted while the batch commits (its foreign key
+        fails) would roll every fire back with it; the batch is then committed one fire at a
+        time (``commit_fire``), as it also is when it kept deadlocking, so that one fire never
+        holds up the others.
+
+        Raises:
+            triggers.store.StoreError: PostgreSQL failed; nothing was committed, or, one fire at
+                a time, only the fires before the failing one.
+        """
+        if not commits:
+            return []
+        for tries in range(1, _BATCH_TRIES + 1):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await self._fires_in(conn, commits, delivery_lease)
+            except (asyncpg.DeadlockDetectedError, _BatchRaced) as exc:
+                log.info(
+                    "a batch of fires rolled back; trying it again"
+                    if tries < _BATCH_TRIES
+                    else "a batch of fires kept rolling back; committing them one at a time",
+                    extra={"fires": len(commits), "why": type(exc).__name__, "try": tries},
+                )
+            except asyncpg.ForeignKeyViolationError:
+                break  # a destination deleted meanwhile: only its fire must be decided again
+        return [
+            await self._commit_alone(
+                c.claimed,
+                c.fired,
+                c.facts,
+                [(destination, c.body.decode()) for destination in c.destinations],
+                delivery_lease,
+                with_payloads=False,
+            )
+            for c in commits
+        ]
+
+    async def _commit_alone(
+        self,
+        claimed: ClaimedEpisode,
+        fired: Episode,
+        facts: FireFacts,
+        deliveries: Sequence[tuple[str, str]],
+        delivery_lease: timedelta,
+        *,
+        with_payloads: bool,
+    ) -> FireResult:
+        """One fire in its own transaction; ``deliveries``: (destination name, JSON payload)."""
         fired_at = fired.closed_at
+        assert fired_at is not None  # _check_fired
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                return FireResult(
-                    CommitOutcome.COMMITTED,
-                    await self._fire_in(conn, claimed, fired, facts, deliveries, fired_at, delivery_lease),
+                made = await self._fire_statement(
+                    conn,
+                    claimed,
+                    fired,
+                    facts,
+                    deliveries,
+                    fired_at,
+                    delivery_lease,
+                    with_payloads=with_payloads,
                 )
+                return FireResult(CommitOutcome.COMMITTED, made)
         except _Abort as abort:
             return FireResult(abort.outcome)
         except asyncpg.ForeignKeyViolationError:
@@ -438,13 +571,29 @@ class EpisodeStore:
         fired_at: datetime,
         delivery_lease: timedelta,
     ) -> tuple[triggers_pb2.Delivery, ...]:
-        """The fire, in the caller's transaction (raising ``_Abort`` to roll it back). Separate
-        so that tests can end a transaction halfway, as a killed firer does.
+        """One fire, in the caller's transaction (raising ``_Abort`` to roll it back). Separate
+        so that tests can end a transaction halfway, as a killed firer does."""
+        encoded = [(d.destination, orjson.dumps(dict(d.payload)).decode()) for d in deliveries]
+        return await self._fire_statement(
+            conn, claimed, fired, facts, encoded, fired_at, delivery_lease, with_payloads=True
+        )
 
-        One statement (one round trip: the fire is the firers' hot path): the episode FIRED at
+    async def _fire_statement(
+        self,
+        conn: Connection,
+        claimed: ClaimedEpisode,
+        fired: Episode,
+        facts: FireFacts,
+        deliveries: Sequence[tuple[str, str]],
+        fired_at: datetime,
+        delivery_lease: timedelta,
+        *,
+        with_payloads: bool,
+    ) -> tuple[triggers_pb2.Delivery, ...]:
+        """One statement (one round trip: the fire is the firers' hot path): the episode FIRED at
         the claim's version, the fence, the fire and the deliveries, each conditional on the one
-        before through data-modifying CTEs; when the episode or the fence did not apply, what
-        did is rolled back with the transaction."""
+        before through data-modifying CTEs; when the episode or the fence did not apply,
+        ``_Abort`` rolls back what did with the transaction."""
         rows = await conn.fetch(
             f"""
             WITH ep AS (
@@ -473,8 +622,7 @@ class EpisodeStore:
                 JOIN triggers_destinations d ON d.id = n.destination_id
                 WHERE EXISTS (SELECT 1 FROM fence)
                 ORDER BY n.position
-                RETURNING id, destination_id, webhook_id, trigger_id, customer_id, episode_key, state,
-                    payload, next_attempt_time, created_at
+                RETURNING {_MADE_COLUMNS}{", payload" if with_payloads else ""}
             )
             SELECT (SELECT count(*) FROM ep) AS fired_episodes, (SELECT count(*) FROM fence) AS fenced, m.*
             FROM (SELECT 1) AS one LEFT JOIN made m ON true
@@ -492,9 +640,9 @@ class EpisodeStore:
             claimed.version,
             facts.sequence,
             fired_at,
-            [parse_destination_name(d.destination) for d in deliveries],
+            [parse_destination_name(destination) for destination, _ in deliveries],
             [new_webhook_id(fired_at) for _ in deliveries],
-            [orjson.dumps(dict(d.payload)).decode() for d in deliveries],
+            [payload for _, payload in deliveries],
             fired_at + delivery_lease,
             claimed.owner,
         )
@@ -503,7 +651,161 @@ class EpisodeStore:
         if not rows[0]["fenced"]:
             raise _Abort(CommitOutcome.FIRES_CHANGED)
         made = [row for row in rows if row["id"] is not None]
-        return tuple(delivery_of(row) for row in sorted(made, key=lambda r: r["id"]))
+        return tuple(delivery_of(row, payload=with_payloads) for row in sorted(made, key=lambda r: r["id"]))
+
+    async def _fires_in(
+        self, conn: Connection, commits: Sequence[FireCommit], delivery_lease: timedelta
+    ) -> list[FireResult]:
+        """A batch of fires in the caller's transaction: lock, decide, write (``commit_fires``).
+        Separate so that tests can end a transaction halfway, as a killed firer does."""
+        waiting = await self._lock_episodes(conn, {_key_of(c.claimed) for c in commits})
+        fences = await self._lock_fences(conn, {c.claimed.customer_id for c in commits})
+        outcomes, fences_after = _decide_in_order(commits, waiting, fences)
+        firing = [
+            c for c, outcome in zip(commits, outcomes, strict=True) if outcome == CommitOutcome.COMMITTED
+        ]
+        made = await self._write_fires(conn, firing, fences, fences_after, delivery_lease) if firing else {}
+        return [
+            FireResult(outcome, made.get(_key_of(c.claimed), ()))
+            if outcome == CommitOutcome.COMMITTED
+            else FireResult(outcome)
+            for c, outcome in zip(commits, outcomes, strict=True)
+        ]
+
+    async def _lock_episodes(self, conn: Connection, keys: Collection[_EpisodeKey]) -> dict[_EpisodeKey, int]:
+        """Lock the episodes in key order (merge_customers and TriggerStore.delete lock in the
+        same order); the version of each that is still WAITING."""
+        ordered = sorted(keys)
+        rows = await conn.fetch(
+            """
+            SELECT customer_id, trigger_id, episode_key, e.version, e.state
+            FROM triggers_episodes e
+            JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(customer_id, trigger_id, episode_key)
+              USING (customer_id, trigger_id, episode_key)
+            ORDER BY customer_id, trigger_id, episode_key
+            FOR UPDATE OF e
+            """,
+            [k[0] for k in ordered],
+            [k[1] for k in ordered],
+            [k[2] for k in ordered],
+        )
+        return {
+            (r["customer_id"], r["trigger_id"], r["episode_key"]): r["version"]
+            for r in rows
+            if r["state"] == EpisodeState.WAITING
+        }
+
+    async def _lock_fences(self, conn: Connection, customer_ids: Collection[str]) -> dict[str, int]:
+        """Lock the customers' fire fences in customer order; their sequences (a customer who
+        never fired has none)."""
+        rows = await conn.fetch(
+            "SELECT customer_id, fire_sequence FROM triggers_customer_fires"
+            " WHERE customer_id = ANY($1::text[]) ORDER BY customer_id FOR UPDATE",
+            sorted(customer_ids),
+        )
+        return {r["customer_id"]: r["fire_sequence"] for r in rows}
+
+    async def _write_fires(
+        self,
+        conn: Connection,
+        firing: Sequence[FireCommit],
+        fences_before: Mapping[str, int],
+        fences_after: Mapping[str, int],
+        delivery_lease: timedelta,
+    ) -> dict[_EpisodeKey, tuple[triggers_pb2.Delivery, ...]]:
+        """Write the fires decided on locked rows, in one statement: the episodes FIRED, the
+        fences moved on, the fires, one delivery per destination that still exists. Their
+        deliveries by episode (without payloads).
+
+        Raises:
+            _BatchRaced: a customer's first fence row was inserted meanwhile (nothing locked it).
+        """
+        moved_fences = sorted(c for c in fences_after if c in fences_before)
+        first_fences = sorted(c for c in fences_after if c not in fences_before)
+        fire_numbers, destination_ids, webhook_ids = [], [], []
+        for number, commit in enumerate(firing, start=1):
+            for destination in commit.destinations:
+                fire_numbers.append(number)
+                destination_ids.append(parse_destination_name(destination))
+                webhook_ids.append(new_webhook_id(commit.fired_at))
+        rows = await conn.fetch(
+            f"""
+            WITH firing AS (
+                SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[],
+                    $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])
+                    WITH ORDINALITY AS f(customer_id, trigger_id, episode_key, version, opened_at,
+                        last_entry_at, fire_at, fired_at, body, owner, number)
+            ), ep AS (
+                -- The rows are locked and checked: the conditions only guard.
+                UPDATE triggers_episodes e SET state = 'fired', opened_at = f.opened_at,
+                    last_entry_at = f.last_entry_at, fire_at = f.fire_at, due_at = NULL,
+                    closed_at = f.fired_at, close_reason = '{Reason.FIRED}', version = e.version + 1,
+                    claimed_by = NULL, claimed_at = NULL, updated_at = now()
+                FROM firing f
+                WHERE e.customer_id = f.customer_id AND e.trigger_id = f.trigger_id
+                  AND e.episode_key = f.episode_key AND e.version = f.version AND e.state = 'waiting'
+                RETURNING 1
+            ), moved_fence AS (
+                UPDATE triggers_customer_fires c SET fire_sequence = s.fire_sequence
+                FROM unnest($11::text[], $12::bigint[]) AS s(customer_id, fire_sequence)
+                WHERE c.customer_id = s.customer_id
+                RETURNING 1
+            ), first_fence AS (
+                -- In customer order too: two batches inserting the same customers wait in one order.
+                INSERT INTO triggers_customer_fires (customer_id, fire_sequence)
+                SELECT customer_id, fire_sequence FROM unnest($13::text[], $14::bigint[])
+                    AS s(customer_id, fire_sequence)
+                ORDER BY customer_id
+                ON CONFLICT (customer_id) DO NOTHING
+                RETURNING 1
+            ), fire AS (
+                INSERT INTO triggers_fires (customer_id, trigger_id, fired_at, episode_key)
+                SELECT customer_id, trigger_id, fired_at, episode_key FROM firing
+            ), made AS (
+                INSERT INTO triggers_deliveries (destination_id, kind, webhook_id, trigger_id, customer_id,
+                    episode_key, fired_at, state, payload, next_attempt_time, available_at, claimed_by,
+                    created_at)
+                SELECT d.id, d.kind, n.webhook_id, f.trigger_id, f.customer_id, f.episode_key, f.fired_at,
+                       {PENDING}, f.body::jsonb, f.fired_at,
+                       CASE WHEN d.kind = 'webhook' THEN f.fired_at + $18::interval ELSE f.fired_at END,
+                       CASE WHEN d.kind = 'webhook' THEN f.owner END, f.fired_at
+                FROM unnest($15::bigint[], $16::text[], $17::text[]) WITH ORDINALITY
+                    AS n(number, destination_id, webhook_id, position)
+                JOIN firing f ON f.number = n.number
+                JOIN triggers_destinations d ON d.id = n.destination_id
+                ORDER BY n.position
+                RETURNING {_MADE_COLUMNS}
+            )
+            SELECT (SELECT count(*) FROM ep) AS fired_episodes,
+                (SELECT count(*) FROM moved_fence) + (SELECT count(*) FROM first_fence) AS fences, m.*
+            FROM (SELECT 1) AS one LEFT JOIN made m ON true
+            """,
+            [c.claimed.customer_id for c in firing],
+            [c.claimed.trigger_id for c in firing],
+            [c.claimed.episode.key for c in firing],
+            [c.claimed.version for c in firing],
+            [c.fired.opened_at for c in firing],
+            [c.fired.last_entry_at for c in firing],
+            [c.fired.fire_at for c in firing],
+            [c.fired_at for c in firing],
+            [c.body.decode() for c in firing],
+            [c.claimed.owner for c in firing],
+            moved_fences,
+            [fences_after[customer_id] for customer_id in moved_fences],
+            first_fences,
+            [fences_after[customer_id] for customer_id in first_fences],
+            fire_numbers,
+            destination_ids,
+            webhook_ids,
+            delivery_lease,
+        )
+        if rows[0]["fired_episodes"] != len(firing) or rows[0]["fences"] != len(fences_after):
+            raise _BatchRaced()
+        made: dict[_EpisodeKey, list[triggers_pb2.Delivery]] = {}
+        for row in sorted((r for r in rows if r["id"] is not None), key=lambda r: r["id"]):
+            key = (row["customer_id"], row["trigger_id"], row["episode_key"])
+            made.setdefault(key, []).append(delivery_of(row, payload=False))
+        return {key: tuple(deliveries) for key, deliveries in made.items()}
 
     async def commit_decision(
         self, claimed: ClaimedEpisode, decision: DueDecision, *, now: datetime
@@ -589,6 +891,12 @@ class EpisodeStore:
 # a naive datetime.max).
 PARKED: Final = datetime.max.replace(tzinfo=UTC)
 
+# What a fire's statement returns of each delivery it made (delivery_of without the payload).
+_MADE_COLUMNS: Final = (
+    "id, destination_id, webhook_id, trigger_id, customer_id, episode_key, state, next_attempt_time,"
+    " created_at"
+)
+
 # The SET list of a write of a whole episode, from parameters $4 to $10 (state, opened_at,
 # last_entry_at, fire_at, due_at, closed_at, close_reason); any claim ends.
 _SET_EPISODE: Final = """
@@ -614,3 +922,39 @@ def _stored(row: Any) -> StoredEpisode:
     return StoredEpisode(
         row["customer_id"], row["trigger_id"], _episode(row), row["version"], row["close_reason"]
     )
+
+
+def _decide_in_order(
+    commits: Sequence[FireCommit], waiting: Mapping[_EpisodeKey, int], fences: Mapping[str, int]
+) -> tuple[list[CommitOutcome], dict[str, int]]:
+    """Each commit's outcome, as commit_fire's statement would decide it after the commits
+    before it, on the locked rows (``waiting``: the versions of the episodes still waiting;
+    ``fences``: the customers' fire sequences); and the fence of each customer who fires, after
+    the batch."""
+    waiting = dict(waiting)
+    sequences = dict(fences)
+    fences_after: dict[str, int] = {}
+    outcomes = []
+    for commit in commits:
+        key = _key_of(commit.claimed)
+        customer_id = commit.claimed.customer_id
+        sequence = sequences.get(customer_id)  # None: the customer never fired
+        if waiting.get(key) != commit.claimed.version:
+            outcomes.append(CommitOutcome.EPISODE_CHANGED)
+        # Without a fence row, the fire applies whatever sequence it read (commit_fire's insert).
+        elif sequence is not None and sequence != commit.facts.sequence:
+            outcomes.append(CommitOutcome.FIRES_CHANGED)
+        else:
+            outcomes.append(CommitOutcome.COMMITTED)
+            sequences[customer_id] = fences_after[customer_id] = (sequence or 0) + 1
+            del waiting[key]  # FIRED now: a second commit of the episode finds it changed
+    return outcomes, fences_after
+
+
+def _key_of(claimed: ClaimedEpisode) -> _EpisodeKey:
+    return (claimed.customer_id, claimed.trigger_id, claimed.episode.key)
+
+
+def _check_fired(claimed: ClaimedEpisode, fired: Episode) -> None:
+    if fired.state != EpisodeState.FIRED or fired.closed_at is None or fired.key != claimed.episode.key:
+        raise ValueError("a fire commits a FIRED episode of the claimed key")

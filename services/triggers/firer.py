@@ -20,10 +20,18 @@ Settling a claimed episode:
    - rendered on fallback data (no live profile: ``fallback_used`` or ``degraded``), or the
      render service unavailable: the claim is released, due again after a backoff. A fire is
      never sent on fallback data;
-   then ``commit_fire`` with the webhook body (``payload.fired_payload``): COMMITTED hands the
-   deliveries to the dispatcher at once; FIRES_CHANGED reads the facts again and decides again
-   (the render is reused); EPISODE_CHANGED drops the decision (an exit or an erasure won);
+   then the fire is committed with the webhook body (``payload.fired_payload``, encoded once):
+   COMMITTED hands the deliveries and that body to the dispatcher at once; FIRES_CHANGED reads
+   the facts again and decides again (the render is reused); EPISODE_CHANGED drops the decision
+   (an exit or an erasure won);
 4. any other decision: ``commit_decision`` (DEFER, END, WAIT).
+
+**Settles read and commit in batches.** The settles under way do not each make their own round
+trips: the fire facts asked for within one turn of the event loop (and, while a batch is being
+read, all those asked for meanwhile), up to ``claim_limit``, are read in one statement
+(``EpisodeStore.fire_facts_of``), and the fires decided likewise go together to
+``EpisodeStore.commit_fires``: one transaction and a few round trips for the batch instead of
+three per fire, with each fire's outcome what ``commit_fire`` would have said.
 
 The profile service unavailable, or PostgreSQL failing, releases the claim with a backoff
 (1 s doubling to 60 s per episode); if even the release fails, the lease ends by itself.
@@ -43,11 +51,20 @@ import orjson
 
 from sendtime.render.v1 import render_pb2
 from sendtime.triggers.v1 import triggers_pb2
+from sendtime_common.batching import MicroBatcher
 from sendtime_common.errors import log_unexpected, new_error_id
 from triggers.conditions import profile_document
 from triggers.definitions import TriggerCache
 from triggers.dependencies import DependencyUnavailable, MessageRenderer, ProfileReader
-from triggers.episode_store import ClaimedEpisode, CommitOutcome, EpisodeStore, NewDelivery
+from triggers.episode_store import (
+    ClaimedEpisode,
+    CommitOutcome,
+    EpisodeStore,
+    FactsQuery,
+    FireCommit,
+    FireFacts,
+    FireResult,
+)
 from triggers.episodes import DueAction, DueDecision, EpisodeState, Reason, due_at, on_due
 from triggers.payload import fired_payload
 from triggers.store import StoreError
@@ -57,9 +74,12 @@ log = logging.getLogger(__name__)
 _MAX_DECISIONS: Final = 8  # FIRES_CHANGED rounds on one claim before it is released
 _MAX_BACKOFFS: Final = 10_000  # episodes whose release backoff is remembered
 _MIN_WAIT_S: Final = 0.005
+# Batches of fact reads, and of fire commits, under way at once: one runs while the next fills.
+_BATCHES_AT_ONCE: Final = 2
 
 Clock = Callable[[], datetime]
-# Gives a fire's committed deliveries, and their body (JSON), to this replica's dispatcher.
+# Gives a fire's committed deliveries (without their payload), and their body (JSON), to this
+# replica's dispatcher.
 HandOff = Callable[[Sequence[triggers_pb2.Delivery], bytes], Awaitable[None]]
 
 
@@ -114,6 +134,12 @@ class Firer:
         self._stopping = False
         self._settling: set[asyncio.Task[None]] = set()
         self._failures: dict[tuple[str, str, str], int] = {}
+        self._fact_reads: MicroBatcher[FactsQuery, FireFacts] = MicroBatcher(
+            episodes.fire_facts_of, max_batch=settings.claim_limit, max_concurrent_batches=_BATCHES_AT_ONCE
+        )
+        self._fire_commits: MicroBatcher[FireCommit, FireResult] = MicroBatcher(
+            self._commit_fires, max_batch=settings.claim_limit, max_concurrent_batches=_BATCHES_AT_ONCE
+        )
         self.stats = FirerStats()
 
     def wake(self, due: datetime | None = None) -> None:
@@ -246,7 +272,7 @@ class Firer:
         rendered: render_pb2.RenderResponse | None = None
         template = definition.delivery.template
         for _ in range(_MAX_DECISIONS):
-            facts = await self._episodes.fire_facts(claimed.customer_id, claimed.trigger_id, since=since)
+            facts = await self._fact_reads.submit(FactsQuery(claimed.customer_id, claimed.trigger_id, since))
             decision = on_due(
                 definition,
                 claimed.episode,
@@ -278,12 +304,9 @@ class Firer:
                 template=template,
                 rendered=rendered,
             )
-            result = await self._episodes.commit_fire(
-                claimed,
-                fired,
-                facts,
-                [NewDelivery(destination, payload) for destination in definition.delivery.destinations],
-                delivery_lease=self._settings.delivery_lease,
+            body = orjson.dumps(payload)
+            result = await self._fire_commits.submit(
+                FireCommit(claimed, fired, facts, definition.delivery.destinations, body)
             )
             self.stats.outcomes[str(result.outcome)] += 1
             if result.outcome == CommitOutcome.FIRES_CHANGED:
@@ -292,9 +315,12 @@ class Firer:
                 self.stats.fired += 1
                 self.stats.outcomes[str(Reason.FIRED)] += 1
                 self.stats.lateness.append(self._clock() - due_at(definition, claimed.episode))
-                await self._hand_off(result.deliveries, orjson.dumps(payload))
+                await self._hand_off(result.deliveries, body)
             return
         raise _Release("other fires of the customer kept committing first")
+
+    async def _commit_fires(self, commits: list[FireCommit]) -> list[FireResult]:
+        return await self._episodes.commit_fires(commits, delivery_lease=self._settings.delivery_lease)
 
     async def _render(self, claimed: ClaimedEpisode, template: str) -> render_pb2.RenderResponse | Reason:
         """The rendered message, or why the episode ends instead.

@@ -149,6 +149,13 @@ class TriggerStore:
             )
             if found is None:
                 raise NotFound(f"{trigger_name(trigger_id)} does not exist")
+            # Its episodes locked in the order a firer's batch locks them (commit_fires): a batch
+            # holding some of them is waited for, never deadlocked with.
+            await conn.execute(
+                "SELECT 1 FROM triggers_episodes WHERE trigger_id = $1"
+                " ORDER BY customer_id, trigger_id, episode_key FOR UPDATE",
+                trigger_id,
+            )
             waiting = await conn.fetchval(
                 "WITH gone AS (DELETE FROM triggers_episodes WHERE trigger_id = $1 RETURNING state)"
                 " SELECT count(*) FILTER (WHERE state = 'waiting') FROM gone",

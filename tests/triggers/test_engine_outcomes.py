@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import orjson
 import pytest
 
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage
@@ -26,9 +27,10 @@ from tests.triggers.engine_support import (
     publish,
     running_engine,
 )
-from tests.triggers.store_support import T0, Stores, episode_row, insert_delivery, unique
+from tests.triggers.store_support import T0, Stores, episode_row, insert_delivery, open_episode, unique
 from tests.triggers.support import Receiver
 from tests.triggers.test_engine_cart import DUE, cart_trigger
+from triggers.delivery import DispatcherSettings
 from triggers.secret_box import SecretBox
 from triggers.signing import new_signing_secret
 
@@ -413,3 +415,36 @@ async def test_the_sweep_takes_up_a_dead_replica_s_delivery_and_a_deleted_destin
         await stores.destinations.delete(destination.removeprefix("destinations/"))
         replica.engine.destinations_changed()
         await eventually_true(lambda: not replica.engine.dispatcher.knows(destination))
+
+
+async def test_carts_due_together_fire_in_batches_and_what_a_full_backlog_refused_goes_out_later(
+    stores: Stores, store_url: str, box: SecretBox, log_config: JetStreamSettings, receiver: Receiver
+) -> None:
+    """24 carts due at once: the firer commits them in batches, each one webhook with its own
+    id; the dispatcher, holding at most 4, refuses the others, which are released in the log
+    together and sent by the sweep."""
+    trigger_id = await cart_trigger(stores, receiver)
+    customers = [unique("c") for _ in range(24)]
+    profiles = Profiles()
+    for customer in customers:
+        profiles.by_id[customer] = cart_profile(customer)
+        await open_episode(stores, trigger_id, customer)
+    async with running_engine(
+        store_url,
+        box,
+        log_config,
+        owner="a",
+        profiles=profiles,
+        renderer=Renderer(),
+        clock=MovingClock(DUE),
+        dispatcher=DispatcherSettings(max_pending_per_destination=4),
+    ) as replica:
+        await eventually_true(lambda: len(receiver.requests) >= len(customers), timeout_s=15)
+        assert replica.engine.firer.stats.fired == len(customers)
+        assert replica.engine.pump.stats.released > 0
+    assert len(receiver.requests) == len(customers)
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == len(customers)
+    assert all(r.verified[receiver.secrets[0]] for r in receiver.requests)
+    assert {orjson.loads(r.body)["data"]["profile"] for r in receiver.requests} == {
+        f"profiles/{customer}" for customer in customers
+    }
