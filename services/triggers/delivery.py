@@ -739,6 +739,11 @@ class Dispatcher:
         """Whether ``destination`` was set (and not removed)."""
         return destination in self._lanes
 
+    def full(self) -> list[str]:
+        """The destinations holding as many deliveries as they may (``submit`` refuses more)."""
+        limit = self._settings.max_pending_per_destination
+        return [name for name, lane in self._lanes.items() if lane.pending >= limit]
+
     def pending(self, destination: str) -> int:
         """How many deliveries ``destination`` holds: waiting, due, or in flight."""
         lane = self._lanes.get(destination)

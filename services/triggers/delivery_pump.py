@@ -12,8 +12,8 @@
   are not the dispatcher's (the subscription streams take them).
 - **The sweep**, every ``sweep_interval_s``: ``renew_leases`` (a heartbeat for what is held),
   then ``take_due(now, horizon, limit)``: deliveries nobody holds that are due within the
-  horizon, and those of a replica whose lease ended (it died). Taken ones are submitted; their
-  schedule resumes where it stood.
+  horizon, and those of a replica whose lease ended (it died), but none of a destination
+  whose backlog here is full. Taken ones are submitted; their schedule resumes where it stood.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class PumpSettings:
 class PumpStats:
     submitted: int = 0
     released: int = 0  # refused by a full backlog, or for a destination unknown here
-    taken: int = 0  # by the sweep
+    taken: int = 0  # by the sweep, and held (not refused)
 
 
 class DeliveryPump:
@@ -165,8 +165,13 @@ class DeliveryPump:
             self._erased.popitem(last=False)
         return self._dispatcher.drop_customer(customer_id)
 
-    async def sweep(self) -> int:
-        """Renew this replica's leases and take up the deliveries due; how many were taken.
+    async def sweep(self) -> bool:
+        """Renew this replica's leases and take up the deliveries due; whether more may be due
+        (a full take, all of it held).
+
+        Destinations whose backlog here is full are skipped: what they refused was released to
+        the log due, and taking it again would only release it again, round after round (other
+        replicas, or this one once the backlog drains, take it).
 
         Raises:
             triggers.store.StoreError: PostgreSQL failed.
@@ -174,15 +179,16 @@ class DeliveryPump:
         s = self._settings
         now = self._clock()
         await self._deliveries.renew_leases(now)
-        taken = await self._deliveries.take_due(now, horizon=s.horizon, limit=s.take_limit)
+        full = [parse_destination_name(name) for name in self._dispatcher.full()]
+        taken = await self._deliveries.take_due(now, horizon=s.horizon, limit=s.take_limit, skipping=full)
         refused = []
         for delivery in taken:
             if not self._submit(OutboundDelivery.from_proto(delivery)):
                 refused.append(delivery.name)
         if refused:
             await self._release(refused)
-        self.stats.taken += len(taken)
-        return len(taken)
+        self.stats.taken += len(taken) - len(refused)
+        return len(taken) == s.take_limit and not refused
 
     async def run(self) -> None:
         """Sweep and refresh the destinations until ``stop``."""
@@ -191,7 +197,7 @@ class DeliveryPump:
             try:
                 if time.monotonic() - self._synced_at >= s.destinations_refresh_s:
                     await self.sync_destinations()
-                while await self.sweep() == s.take_limit:
+                while await self.sweep():
                     pass
             except StoreError as exc:
                 log.warning("delivery sweep failed; trying again", extra={"error": type(exc).__name__})

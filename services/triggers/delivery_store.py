@@ -29,7 +29,7 @@ deleted, its customer erased) changes nothing.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -206,12 +206,15 @@ class DeliveryStore:
 
     # ---- the dispatchers' leases -----------------------------------------------------------------
 
-    async def take_due(self, now: datetime, *, horizon: timedelta, limit: int) -> list[triggers_pb2.Delivery]:
+    async def take_due(
+        self, now: datetime, *, horizon: timedelta, limit: int, skipping: Collection[str] = ()
+    ) -> list[triggers_pb2.Delivery]:
         """Up to ``limit`` pending webhook deliveries of enabled destinations for this dispatcher
         to hold: those nobody holds whose next attempt is due by ``now + horizon``, and those
         whose holder's lease ended by ``now``; earliest first, each with its attempts (so
         ``OutboundDelivery.from_proto`` resumes its schedule). Two dispatchers taking at once
-        never take the same delivery."""
+        never take the same delivery. ``skipping``: destination ids whose deliveries are left
+        alone (the dispatcher could not hold more of them)."""
         rows = await self._pool.fetch(
             f"""
             WITH c AS (
@@ -222,6 +225,7 @@ class DeliveryStore:
                   AND d.available_at
                       <= CASE WHEN d.claimed_by IS NULL THEN $2::timestamptz ELSE $1::timestamptz END
                   AND t.state = {triggers_pb2.DESTINATION_STATE_ENABLED}
+                  AND d.destination_id <> ALL($6::text[])
                 ORDER BY d.available_at
                 LIMIT $3
                 FOR UPDATE OF d SKIP LOCKED
@@ -236,6 +240,7 @@ class DeliveryStore:
             limit,
             self._owner,
             self._lease,
+            list(skipping),
         )
         return await with_attempts(self._pool, sorted(rows, key=lambda r: (r["next_attempt_time"], r["id"])))
 

@@ -13,15 +13,20 @@ from datetime import timedelta
 from sendtime.triggers.v1 import triggers_pb2
 from tests.triggers.store_support import (
     DUE,
+    HOUR,
+    T0,
     Stores,
     fire_due,
+    insert_delivery,
     new_trigger,
+    new_webhook,
     open_episode,
     replica,
     webhook,
 )
 from tests.triggers.support import FakeTime, Receiver, statuses, until
-from triggers.delivery import Dispatcher, OutboundDelivery, WebhookDestination
+from triggers.delivery import Dispatcher, DispatcherSettings, OutboundDelivery, WebhookDestination
+from triggers.delivery_pump import DeliveryPump, PumpSettings
 from triggers.delivery_store import DEFAULT_LEASE, parse_delivery_name
 from triggers.secret_box import SecretBox
 from triggers.signing import SigningKeys, new_signing_secret
@@ -36,10 +41,17 @@ async def _never(seconds: float) -> None:
 
 
 @asynccontextmanager
-async def dispatching(stores: Stores, time: FakeTime, *, retries: bool = True) -> AsyncIterator[Dispatcher]:
+async def dispatching(
+    stores: Stores,
+    time: FakeTime,
+    *,
+    retries: bool = True,
+    settings: DispatcherSettings | None = None,
+) -> AsyncIterator[Dispatcher]:
     dispatcher = Dispatcher(
         stores.deliveries,
         LOOPBACK_ALLOWED,
+        settings or DispatcherSettings(),
         clock=time.clock,
         sleep=time.sleep if retries else _never,
         rng=random.Random(7),
@@ -104,3 +116,47 @@ async def test_a_delivery_left_by_a_dead_replica_is_finished_by_another(
         assert health.last_success_time is not None and health.failing_since is None
     finally:
         await receiver.stop()
+
+
+async def test_the_sweep_leaves_a_full_destination_s_deliveries_alone_and_takes_the_others(
+    stores: Stores,
+) -> None:
+    """A destination whose backlog here is full refuses what the sweep would take: taking its
+    due deliveries only to release them again would go round and round, and keep the others'
+    from being taken."""
+    full, _ = await new_webhook(stores, "full")
+    other, _ = await new_webhook(stores, "other")
+    time = FakeTime(DUE)
+    # The full destination's due deliveries are the earliest in the log.
+    waiting = [
+        await insert_delivery(stores.pool, full, customer_id=f"c{n}", created_at=T0 + timedelta(seconds=n))
+        for n in range(5)
+    ]
+    taken_up = await insert_delivery(
+        stores.pool, other, customer_id="c9", created_at=T0 + timedelta(minutes=1)
+    )
+    async with dispatching(
+        stores, time, retries=False, settings=DispatcherSettings(max_pending_per_destination=2)
+    ) as dispatcher:
+        for n in range(2):  # the lane holds 2, waiting for a retry that never comes here
+            later = OutboundDelivery("deliveries/0", full, f"msg_{n}", b"{}", next_attempt_time=DUE + HOUR)
+            dispatcher.submit(later)
+        assert dispatcher.full() == [full]
+        pump = DeliveryPump(
+            dispatcher=dispatcher,
+            deliveries=stores.deliveries,
+            destinations=stores.destinations,
+            clock=time.clock,
+            settings=PumpSettings(take_limit=3),
+        )
+        assert await pump.sweep() is False  # nothing more to take: the loop stops here
+        assert pump.stats.taken == 1 and pump.stats.released == 0
+        assert dispatcher.pending(other) == 1
+        holders = await stores.pool.fetch(
+            "SELECT id, claimed_by FROM triggers_deliveries WHERE id = ANY($1::bigint[])",
+            [parse_delivery_name(name) for name in [*waiting, taken_up]],
+        )
+        assert {f"deliveries/{row['id']}": row["claimed_by"] for row in holders} == {
+            **{name: None for name in waiting},
+            taken_up: stores.deliveries.owner,
+        }
