@@ -3,6 +3,7 @@ for both), and a destination's health as attempts are recorded."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -218,3 +219,28 @@ async def test_enabling_a_destination_again_forgets_its_failures(under_test: Log
 async def test_the_memory_log_knows_only_deliveries_it_recorded() -> None:
     with pytest.raises(KeyError):
         await MemoryDeliveryLog().mark_delivered("deliveries/never-attempted")
+
+
+async def test_attempts_recorded_at_once_make_the_health_their_order_makes(under_test: LogUnderTest) -> None:
+    """Attempts recorded at the same moment (PostgreSQL: one statement for all): each is
+    appended to its delivery, and each destination's health is what its attempts in order
+    make of it; every caller is told its destination's health after them."""
+    log = under_test.log
+    d1 = [await under_test.new_delivery("destinations/d1") for _ in range(4)]
+    d2 = [await under_test.new_delivery("destinations/d2") for _ in range(2)]
+    made = [
+        (d1[0], "destinations/d1", attempt(0, 503)),
+        (d2[0], "destinations/d2", attempt(1, 503)),
+        (d1[1], "destinations/d1", attempt(2, 204)),
+        (d1[2], "destinations/d1", attempt(3, 0, "timed out")),
+        (d2[1], "destinations/d2", attempt(4, 500)),
+        (d1[3], "destinations/d1", attempt(5, 503)),
+    ]
+    told = await asyncio.gather(*(log.record_attempt(*one) for one in made))
+    d1_after = DestinationHealth(T0 + timedelta(minutes=2), T0 + timedelta(minutes=3))
+    d2_after = DestinationHealth(None, T0 + timedelta(minutes=1))
+    assert await under_test.health("destinations/d1") == d1_after
+    assert await under_test.health("destinations/d2") == d2_after
+    assert told[-1] == d1_after and told[-2] == d2_after
+    for delivery, _, recorded in made:
+        assert await under_test.attempts(delivery) == [recorded]

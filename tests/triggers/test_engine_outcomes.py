@@ -12,6 +12,7 @@ from datetime import timedelta
 import orjson
 import pytest
 
+from sendtime.triggers.v1 import triggers_pb2
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage
 from tests.triggers.engine_support import (
     MovingClock,
@@ -409,8 +410,14 @@ async def test_the_sweep_takes_up_a_dead_replica_s_delivery_and_a_deleted_destin
         await eventually_true(lambda: len(receiver.requests) == 1)
         assert receiver.requests[0].verified[receiver.secrets[0]]
         assert replica.engine.pump.stats.taken == 1
-        delivered = await stores.deliveries.get(int(left.removeprefix("deliveries/")))
+        # The attempt is recorded once its answer is in: a moment after the receiver saw it.
+        for _ in range(250):
+            delivered = await stores.deliveries.get(int(left.removeprefix("deliveries/")))
+            if delivered.attempts:
+                break
+            await asyncio.sleep(0.02)
         assert len(delivered.attempts) == 1
+        assert delivered.state == triggers_pb2.DELIVERY_STATE_DELIVERED
 
         await stores.destinations.delete(destination.removeprefix("destinations/"))
         replica.engine.destinations_changed()
