@@ -14,6 +14,8 @@ served as deployed but in plaintext, ``ALLOW_PLAINTEXT=true``), then:
 2. floors, served by a process of this bench's own (``serve-floor``: an aiohttp application
    served with sendtime_common.http_server.HttpListener, with the services' TLS setting, so it
    does not share the load generator's event loop): ``GET /empty`` answers a tiny JSON object,
+   ``GET /cached/{user}`` makes one Redis GET of the profile service's cache entry and answers
+   it as it is (the floor the issue sets a profile hit: an HTTP handler plus a Redis GET),
    ``GET /ideal/{user}`` makes one Redis GET of the profile service's cache entry and renders
    the same template with bench_render.IdealRenderer (render's own compiler and context code)
    into canonical JSON as the gateway does: the least work a render over HTTP could do. No key
@@ -25,10 +27,12 @@ served as deployed but in plaintext, ``ALLOW_PLAINTEXT=true``), then:
    warmed up first), ``--seconds`` each in all, so that whatever else the machine does weighs on
    both alike, and each side's server process is charged its CPU per call: first the Redis GET
    floor alone; then, after a second read of every customer (the profile service then keeps
-   copies in process: a send's GetProfile is a hit), ``GET /v1/profiles/user_id:<u>`` beside the
-   empty HTTP call, one at a time (p50, p99) and with ``--concurrency`` callers (throughput,
-   p50, p99); then, after one untimed render of every customer (render's template caches and
-   last-known-good copies warm), ``GET /v1/templates/abandoned-cart:render?profile=
+   copies in process, for 600 s here, NEAR_CACHE_TTL_S says why: a send's GetProfile is a
+   hit), ``GET /v1/profiles/user_id:<u>`` beside
+   the HTTP + Redis GET floor, one at a time (p50, p99) and with ``--concurrency`` callers
+   (throughput, p50, p99), and one at a time beside the empty HTTP call too; then, after one
+   untimed render of every customer (render's template caches and last-known-good copies
+   warm), ``GET /v1/templates/abandoned-cart:render?profile=
    profiles/user_id:<u>`` beside the ideal render, at ``--concurrency`` and one at a time;
 4. open loop, right after each of those two: the GET offered at half its closed-loop
    throughput at ``--concurrency``, arrivals a Poisson process (seeded), beside its floor, the
@@ -43,8 +47,9 @@ served as deployed but in plaintext, ``ALLOW_PLAINTEXT=true``), then:
 Any answer other than 200 is counted and then fails the bench (exit 1); so does an error of the
 connection. A render answer that is not RENDERED from the LIVE profile is reported. Goals
 (PASS/MISS, never a failing exit code, as the other benches): profile hit p50 one at a time at
-most 1.5 x the empty HTTP call's; render p50 at ``--concurrency`` at most 2 x the ideal
-render's; open-loop p99 at most 5 ms for both. Defaults take about 2 minutes on a 2-core machine.
+most 1.5 x the HTTP + Redis GET floor's; render p50 at ``--concurrency`` at most 2 x the ideal
+render's; the profile hit's open-loop p99 at most 5 ms (render's is reported beside it, with no
+goal). Defaults take about 2 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import math
 import os
 import random
@@ -128,14 +134,20 @@ from sendtime_common.http_server import HttpListener
 from sendtime_common.identifiers import IdentifierKind
 from sendtime_common.tls import TlsSettings
 
-GOAL_PROFILE_VS_EMPTY = 1.5  # profile hit p50 / empty HTTP p50, one at a time
+GOAL_PROFILE_VS_FLOOR = 1.5  # profile hit p50 / (an HTTP handler making a Redis GET) p50, one at a time
 GOAL_RENDER_VS_IDEAL = 2.0  # render p50 / ideal render p50, at --concurrency
-GOAL_OPEN_LOOP_P99_S = 0.005
+GOAL_OPEN_LOOP_P99_S = 0.005  # the profile hit's, at half its throughput at --concurrency
 OPEN_LOOP_SHARE = 0.5  # of the closed-loop throughput
 CALL_TIMEOUT_S = 10.0  # the client's; render answers within its own 1 s default deadline
 MAX_CONNECTIONS = 1024  # the session's pool: the open loop opens as many as it has in flight
 WARM_UP_S = 0.5  # at --concurrency before each closed-loop measure (--seconds if shorter)
 OPEN_SEGMENT_S = 1.0  # open loop: each side's segments, taking turns
+# The profile service's copies in process live 60 s by default; the warm-up puts them all in at
+# once, so they would all expire together in the middle of the profile measures (~55 s) and
+# turn the rest of them into misses; measured so, the open loop's p99 was 1.7 s. In a service
+# copies enter one by one as customers are read, and expire as spread out. What a hit costs
+# does not depend on how long copies live.
+NEAR_CACHE_TTL_S = 600
 EMPTY_BODY = orjson.dumps({"ok": True})
 RENDERED_LIVE = "RENDERED/LIVE"
 
@@ -144,12 +156,19 @@ RENDERED_LIVE = "RENDERED/LIVE"
 
 
 def floor_app(client: redis.Redis, renderer: IdealRenderer) -> web.Application:
-    """``GET /empty``: a tiny JSON object. ``GET /ideal/{user}``: the profile service's cache
-    entry for user id ``user`` (one Redis GET) rendered with the ideal path's code, answered as
-    the gateway answers a RenderResponse (canonical JSON, orjson)."""
+    """``GET /empty``: a tiny JSON object. ``GET /cached/{user}``: the profile service's cache
+    entry for user id ``user`` (one Redis GET), answered as it is: the least a profile hit over
+    HTTP can do. ``GET /ideal/{user}``: that entry rendered with the ideal path's code, answered
+    as the gateway answers a RenderResponse (canonical JSON, orjson)."""
 
     async def empty(request: web.Request) -> web.Response:
         return web.Response(body=EMPTY_BODY, content_type="application/json")
+
+    async def cached(request: web.Request) -> web.Response:
+        entry = await client.get(cache_key(IdentifierKind.USER_ID, request.match_info["user"]))
+        if entry is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=entry, content_type="application/octet-stream")
 
     async def ideal(request: web.Request) -> web.Response:
         entry = await client.get(cache_key(IdentifierKind.USER_ID, request.match_info["user"]))
@@ -160,6 +179,7 @@ def floor_app(client: redis.Redis, renderer: IdealRenderer) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/empty", empty)
+    app.router.add_get("/cached/{user}", cached)
     app.router.add_get("/ideal/{user}", ideal)
     return app
 
@@ -425,6 +445,23 @@ def poisson_schedule(rate: float, seconds: float, rng: random.Random) -> list[fl
     return times
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """This process's cycle collector off for the block, after a full collection.
+
+    An open loop charges every request with any stall of its sender. Measured with the
+    collector's default thresholds, the bench's own full collections (~35 ms each, over the
+    latencies it keeps) landed in its open-loop segments every ~10 s and made the p99 of
+    whichever side was running then, the floor's as well; a segment is short enough to run
+    without a collection."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 async def open_loop(
     call: Callable[[int], Awaitable[None]], rate: float, seconds: float, rng: random.Random
 ) -> OpenLoop:
@@ -455,16 +492,17 @@ async def open_loop(
         latencies.append(last_answer - scheduled)
 
     tasks: set[asyncio.Task[None]] = set()
-    start = time.perf_counter() + 0.01
-    for i, offset in enumerate(schedule):
-        scheduled = start + offset
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i, scheduled))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    await asyncio.gather(*tasks)
+    with collector_paused():
+        start = time.perf_counter() + 0.01
+        for i, offset in enumerate(schedule):
+            scheduled = start + offset
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(i, scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
     return OpenLoop(
         rate=rate,
         seconds=seconds,
@@ -586,6 +624,7 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
         URL(f"{render_base}/v1/templates/{TEMPLATE_ID}:render?profile=profiles/user_id:{u}") for u in shuffled
     ]
     ideal_urls = [URL(f"{floor_url}/ideal/{u}") for u in shuffled]
+    cached_urls = [URL(f"{floor_url}/cached/{u}") for u in shuffled]
     keys = [cache_key(IdentifierKind.USER_ID, u) for u in shuffled]
     profile_pid, render_pid = service_pid(stack, suite.PROFILE), service_pid(stack, suite.RENDER)
     redis_client = redis.Redis.from_url(stack.redis_url)  # as the services create theirs (hiredis)
@@ -603,18 +642,29 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
             cpu["Redis GET"] = CpuMeter.usage(snap, meter.snapshot())
             say(f"   p50 {ms(redis_1.p50_s)} (1), {ms(redis_n.p50_s)} ({n}); {fmt_rate(redis_n.rate)}/s")
 
-            # Each path's measures follow its warm-up closely: the profile service's copies in
-            # process live 60 s (PROFILE_NEAR_CACHE_TTL_SECONDS), render rewrites its
-            # last-known-good copy of a profile at most once a minute.
+            # Each path's measures follow its warm-up closely: render rewrites its last-known-good
+            # copy of a profile at most once a minute. The profile service's copies in process
+            # outlive the profile measures (NEAR_CACHE_TTL_S).
             say("warm: read every customer again: the profile service keeps copies in process")
             await read_every_customer(stack, stack.target(suite.PROFILE), user_ids)
             first_check(orjson.loads(await get(session, profile_urls[0])), shuffled[0], profile_urls[0])
-            names = ("empty HTTP", "profile GET")
-            profile_calls = (empty, http_caller(session, profile_urls))
+            profile_get = http_caller(session, profile_urls)
             pids = (floor_pid, profile_pid)
+            names = ("HTTP + Redis GET", "profile GET")
+            profile_calls = (http_caller(session, cached_urls), profile_get)
             profile_1 = await compare(
                 names,
                 profile_calls,
+                pids,
+                meter,
+                cpu,
+                concurrency=1,
+                seconds=seconds,
+                segment_s=SEGMENT_ONE_S,
+            )
+            profile_1_empty = await compare(
+                ("empty HTTP", "profile GET"),
+                (empty, profile_get),
                 pids,
                 meter,
                 cpu,
@@ -635,7 +685,13 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
             )
             profile_rate = OPEN_LOOP_SHARE * profile_n.measured.measured.rate
             profile_open = await compare_open(
-                names, profile_calls, profile_rate, options.open_seconds, 23, meter, cpu
+                ("empty HTTP", "profile GET"),
+                (empty, profile_get),
+                profile_rate,
+                options.open_seconds,
+                23,
+                meter,
+                cpu,
             )
 
             say(f"warm: render every customer once over HTTP ({n} concurrent), untimed")
@@ -695,7 +751,11 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
         },
         "load": {"events": events, "merged_after_s": loaded.consumers_done_s[MERGER]},
         "redis_get": {"one_at_a_time": redis_1.as_json(), "concurrent": redis_n.as_json()},
-        "profile_get": {"one_at_a_time": profile_1.as_json(), "concurrent": profile_n.as_json()},
+        "profile_get": {
+            "one_at_a_time": profile_1.as_json(),
+            "one_at_a_time_vs_empty_http": profile_1_empty.as_json(),
+            "concurrent": profile_n.as_json(),
+        },
         "render_get": {
             "one_at_a_time": render_1.as_json(),
             "concurrent": render_n.as_json(),
@@ -707,10 +767,9 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
             "render_get": {"floor": render_open[0].as_json(), "measured": render_open[1].as_json()},
         },
         "goals": {
-            "profile_p50_vs_empty_http": {"value": profile_1.ratio, "goal": GOAL_PROFILE_VS_EMPTY},
+            "profile_p50_vs_http_redis_get": {"value": profile_1.ratio, "goal": GOAL_PROFILE_VS_FLOOR},
             "render_p50_vs_ideal": {"value": render_n.ratio, "goal": GOAL_RENDER_VS_IDEAL},
             "open_loop_profile_p99_s": {"value": profile_open[1].p(99), "goal": GOAL_OPEN_LOOP_P99_S},
-            "open_loop_render_p99_s": {"value": render_open[1].p(99), "goal": GOAL_OPEN_LOOP_P99_S},
         },
         "cpu_percent_of_one_core": cpu,
     }
@@ -762,7 +821,7 @@ def _pair_rows(
     ]
 
 
-def _open_rows(label: str, pair: Mapping[str, Any], rate_of: str) -> list[Row]:
+def _open_rows(label: str, pair: Mapping[str, Any], rate_of: str, *, goal: bool) -> list[Row]:
     floor, measured = pair["floor"], pair["measured"]
 
     def tail(m: Mapping[str, Any]) -> str:
@@ -777,8 +836,11 @@ def _open_rows(label: str, pair: Mapping[str, Any], rate_of: str) -> list[Row]:
             ms(measured["p99_s"]),
             f"empty HTTP at that rate p99 {ms(floor['p99_s'])} (taking turns)",
             fmt_ratio(measured["p99_s"], floor["p99_s"]),
-            f"<= {GOAL_OPEN_LOOP_P99_S * 1000:g} ms",
-            verdict(measured["p99_s"] <= GOAL_OPEN_LOOP_P99_S),
+            *(
+                (f"<= {GOAL_OPEN_LOOP_P99_S * 1000:g} ms", verdict(measured["p99_s"] <= GOAL_OPEN_LOOP_P99_S))
+                if goal
+                else ()
+            ),
         ),
         Row(
             f"  ({rate_of}) p50 / p99.9 / max",
@@ -795,26 +857,20 @@ def report(results: Mapping[str, Any]) -> str:
     n = options["concurrency"]
     redis1, redisn = results["redis_get"]["one_at_a_time"], results["redis_get"]["concurrent"]
     profile1, profilen = results["profile_get"]["one_at_a_time"], results["profile_get"]["concurrent"]
+    profile1_empty = results["profile_get"]["one_at_a_time_vs_empty_http"]
     render = results["render_get"]
     render1, rendern = render["one_at_a_time"], render["concurrent"]
     profile_open, render_open = results["open_loop"]["profile_get"], results["open_loop"]["render_get"]
-    empty1_p50 = profile1["floor"]["p50_s"]
     rows = [
         *_pair_rows(
             "profile GET hit (1 at a time)",
             "calls",
-            "empty HTTP",
+            "HTTP + Redis GET",
             profile1,
-            (f"<= {GOAL_PROFILE_VS_EMPTY} x", profile1["p50_ratio"] <= GOAL_PROFILE_VS_EMPTY),
-        )[:1],
-        Row(
-            "",
-            "",
-            f"empty HTTP + Redis GET p50 {ms(empty1_p50 + redis1['p50_s'])}",
-            fmt_ratio(profile1["measured"]["p50_s"], empty1_p50 + redis1["p50_s"]),
+            (f"<= {GOAL_PROFILE_VS_FLOOR} x", profile1["p50_ratio"] <= GOAL_PROFILE_VS_FLOOR),
         ),
-        *_pair_rows("profile GET hit (1 at a time)", "calls", "empty HTTP", profile1, None)[1:],
-        *_pair_rows(f"profile GET hit ({n} concurrent)", "calls", "empty HTTP", profilen, None),
+        *_pair_rows("  the same", "calls", "empty HTTP", profile1_empty, None)[:1],
+        *_pair_rows(f"profile GET hit ({n} concurrent)", "calls", "HTTP + Redis GET", profilen, None),
         *_pair_rows(
             f"render GET ({n} concurrent)",
             "renders",
@@ -824,9 +880,17 @@ def report(results: Mapping[str, Any]) -> str:
         ),
         *_pair_rows("render GET (1 at a time)", "renders", "ideal render", render1, None),
         *_open_rows(
-            "profile GET", profile_open, f"half the {fmt_rate(profilen['measured']['per_s'])}/s at {n}"
+            "profile GET",
+            profile_open,
+            f"half the {fmt_rate(profilen['measured']['per_s'])}/s at {n}",
+            goal=True,
         ),
-        *_open_rows("render GET", render_open, f"half the {fmt_rate(rendern['measured']['per_s'])}/s at {n}"),
+        *_open_rows(
+            "render GET",
+            render_open,
+            f"half the {fmt_rate(rendern['measured']['per_s'])}/s at {n}",
+            goal=False,
+        ),
         Row("floor: Redis GET p50 / p99 (1 at a time)", _both(redis1)),
         Row(f"  p50 / p99; calls/s ({n} concurrent)", f"{_both(redisn)}; {fmt_rate(redisn['per_s'])}"),
     ]
@@ -853,7 +917,8 @@ def report(results: Mapping[str, Any]) -> str:
         render_table(rows),
         "",
         "p50 ratio to the floor in the first / second half of the turns: profile GET"
-        f" {halves(profile1)} (1), {halves(profilen)} ({n}); render GET {halves(rendern)} ({n}),"
+        f" {halves(profile1)} (1, beside HTTP + Redis GET), {halves(profile1_empty)} (1, beside empty"
+        f" HTTP), {halves(profilen)} ({n}); render GET {halves(rendern)} ({n}),"
         f" {halves(render1)} (1). Server CPU per call is the serving process's own: a render's"
         " profile lookup also costs the profile service.",
         "",
@@ -910,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve-floor":
         asyncio.run(serve_floor(args.port, args.redis, args.template))
         return 0
+    os.environ.setdefault("PROFILE_NEAR_CACHE_TTL_SECONDS", str(NEAR_CACHE_TTL_S))  # the stack's
     options = Options(
         customers=args.customers,
         concurrency=args.concurrency,
