@@ -629,6 +629,16 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
     profile_pid, render_pid = service_pid(stack, suite.PROFILE), service_pid(stack, suite.RENDER)
     redis_client = redis.Redis.from_url(stack.redis_url)  # as the services create theirs (hiredis)
     render_answers: list[bytes] = []
+
+    def one_at_a_time(
+        names: tuple[str, str],
+        calls: tuple[Callable[[int], Awaitable[None]], Callable[[int], Awaitable[None]]],
+        pids: tuple[int, int],
+    ) -> Awaitable[Pair]:
+        return compare(
+            names, calls, pids, meter, cpu, concurrency=1, seconds=seconds, segment_s=SEGMENT_ONE_S
+        )
+
     ideal_answers: list[bytes] = []
     try:
         async with open_session(stack.admin_key) as session:
@@ -652,26 +662,8 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
             pids = (floor_pid, profile_pid)
             names = ("HTTP + Redis GET", "profile GET")
             profile_calls = (http_caller(session, cached_urls), profile_get)
-            profile_1 = await compare(
-                names,
-                profile_calls,
-                pids,
-                meter,
-                cpu,
-                concurrency=1,
-                seconds=seconds,
-                segment_s=SEGMENT_ONE_S,
-            )
-            profile_1_empty = await compare(
-                ("empty HTTP", "profile GET"),
-                (empty, profile_get),
-                pids,
-                meter,
-                cpu,
-                concurrency=1,
-                seconds=seconds,
-                segment_s=SEGMENT_ONE_S,
-            )
+            profile_1 = await one_at_a_time(names, profile_calls, pids)
+            profile_1_empty = await one_at_a_time(("empty HTTP", "profile GET"), (empty, profile_get), pids)
             profile_n = await compare(
                 names,
                 profile_calls,
@@ -719,9 +711,7 @@ async def run_bench(stack: BenchStack, options: Options, floor_url: str, floor_p
                 segment_s=SEGMENT_N_S,
                 settle_s=SETTLE_N_S,
             )
-            render_1 = await compare(
-                names, render_calls, pids, meter, cpu, concurrency=1, seconds=seconds, segment_s=SEGMENT_ONE_S
-            )
+            render_1 = await one_at_a_time(names, render_calls, pids)
             render_rate = OPEN_LOOP_SHARE * render_n.measured.measured.rate
             render_open = await compare_open(
                 ("empty HTTP", "render GET"),
