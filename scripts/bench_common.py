@@ -371,6 +371,7 @@ class BenchStack:
             env[service.address_variable] = f"127.0.0.1:{devstack.free_port()}"
             env[service.health_address_variable] = f"127.0.0.1:{devstack.free_port()}"
             env[service.http_address_variable] = f"127.0.0.1:{devstack.free_port()}"
+            env[service.metrics_address_variable] = f"127.0.0.1:{devstack.free_port()}"
         env["PROFILE_SERVICE_TARGET"] = suite.PROFILE.target(env)
         return suite.service_env(env)
 
@@ -459,10 +460,11 @@ class BenchStack:
         (named ``label`` in logs and CPU tables); its target. Stopped with the services."""
         env = {
             **self.env,
-            **overrides,
             service.address_variable: f"127.0.0.1:{devstack.free_port()}",
             service.health_address_variable: f"127.0.0.1:{devstack.free_port()}",
             service.http_address_variable: f"127.0.0.1:{devstack.free_port()}",
+            service.metrics_address_variable: f"127.0.0.1:{devstack.free_port()}",
+            **overrides,  # an empty address turns its port off
         }
         variant = replace(service, name=label)
         self.variants.append(self._launch(variant, env))

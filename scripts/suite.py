@@ -64,6 +64,7 @@ class Service:
     default_port: int
     default_health_port: int
     default_http_port: int
+    default_metrics_port: int
 
     @property
     def address_variable(self) -> str:
@@ -76,6 +77,10 @@ class Service:
     @property
     def http_address_variable(self) -> str:
         return f"{self.variable_prefix}_HTTP_ADDRESS"
+
+    @property
+    def metrics_address_variable(self) -> str:
+        return f"{self.variable_prefix}_METRICS_ADDRESS"
 
     def port(self, env: Mapping[str, str]) -> int:
         address = env.get(self.address_variable) or f"[::]:{self.default_port}"
@@ -94,12 +99,17 @@ class Service:
         address = env.get(self.http_address_variable) or f"[::]:{self.default_http_port}"
         return int(address.rpartition(":")[2])
 
+    def metrics_port(self, env: Mapping[str, str]) -> int:
+        """The plaintext port that serves Prometheus metrics (GET /metrics)."""
+        address = env.get(self.metrics_address_variable) or f"[::]:{self.default_metrics_port}"
+        return int(address.rpartition(":")[2])
+
 
 SERVICES = (
-    Service("profile", "profile_service", "PROFILE", 50052, 50062, 8082),
-    Service("ingest", "ingest", "INGEST", 50051, 50061, 8080),
-    Service("render", "render", "RENDER", 50053, 50063, 8083),
-    Service("triggers", "triggers", "TRIGGERS", 50054, 50064, 8084),  # after the services it calls
+    Service("profile", "profile_service", "PROFILE", 50052, 50062, 8082, 9462),
+    Service("ingest", "ingest", "INGEST", 50051, 50061, 8080, 9461),
+    Service("render", "render", "RENDER", 50053, 50063, 8083, 9463),
+    Service("triggers", "triggers", "TRIGGERS", 50054, 50064, 8084, 9464),  # after the services it calls
 )
 PROFILE, INGEST, RENDER, TRIGGERS = SERVICES
 
@@ -143,6 +153,7 @@ def start_services(
             (service.port(env), service.address_variable),
             (service.health_port(env), service.health_address_variable),
             (service.http_port(env), service.http_address_variable),
+            (service.metrics_port(env), service.metrics_address_variable),
         ]:
             if devstack.tcp_reachable("127.0.0.1", port):
                 raise SuiteError(
@@ -166,7 +177,8 @@ def start_services(
             running.append(RunningService(service, process, log_path))
             wait_until_serving(running[-1], env, timeout_s=30)
             _say(
-                f"{service.name + ':':<9}serving on {service.target(env)} (pid {process.pid}, log {log_path})"
+                f"{service.name + ':':<9}serving on {service.target(env)} (pid {process.pid},"
+                f" log {log_path}); metrics http://127.0.0.1:{service.metrics_port(env)}/metrics"
             )
     except BaseException:
         stop_services(running)

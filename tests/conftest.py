@@ -65,6 +65,7 @@ LOCAL_SERVER: dict[str, Any] = {
     "address": "127.0.0.1:0",
     "health_address": "127.0.0.1:0",
     "http_address": "127.0.0.1:0",
+    "metrics_address": "127.0.0.1:0",
     "tls": TlsSettings(allow_plaintext=True),
 }
 
@@ -77,6 +78,7 @@ def local_env(service: str, **variables: str) -> dict[str, str]:
         f"{service}_ADDRESS": "127.0.0.1:0",
         f"{service}_HEALTH_ADDRESS": "127.0.0.1:0",
         f"{service}_HTTP_ADDRESS": "127.0.0.1:0",
+        f"{service}_METRICS_ADDRESS": "127.0.0.1:0",
         "ALLOW_PLAINTEXT": "true",
         "IDENTIFIER_HASH_KEYS": "unkeyed",
         **variables,

@@ -31,6 +31,7 @@ from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCall
 from sendtime_common.http_routes import routes_of
 from sendtime_common.http_server import HttpListener
 from sendtime_common.internal_errors import InternalErrors
+from sendtime_common.metrics import RpcMetrics, metrics_app
 from sendtime_common.shutdown import CANCEL_WAIT_S, bounded
 from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
@@ -72,9 +73,14 @@ class GrpcServer:
         *,
         tls: TlsSettings,
         health_address: str,
+        metrics_address: str = "",
         limits: CallLimits | None = None,
     ) -> None:
-        """Raises:
+        """``metrics_address``: where to serve Prometheus metrics (``GET /metrics``, plaintext,
+        no key: they name methods and routes, never a customer); empty: none are kept (the
+        benchmarks measure their cost so).
+
+        Raises:
         ConfigError: no certificate, and plaintext not allowed.
         UnusableCertificate: the certificate files are not usable.
         OSError: an address cannot be listened on.
@@ -93,6 +99,7 @@ class GrpcServer:
             # errors, so that nothing inside answers a bug with its exception; then tracing, so
             # that calls refused for their credentials are traced too.
             interceptors=[
+                *([RpcMetrics()] if metrics_address else []),  # outermost: shed and refused calls too
                 self.shedder,
                 InternalErrors(),
                 aio_server_interceptor(filter_=_traced_call),  # type: ignore[no-untyped-call]
@@ -136,6 +143,16 @@ class GrpcServer:
             self.health_port = self._health_server.add_insecure_port(health_address)
             if self.health_port == 0:
                 raise OSError(f"cannot listen on {health_address}")
+        self.metrics: HttpListener | None = None
+        if metrics_address:
+            self.metrics = HttpListener(
+                metrics_app(),
+                metrics_address,
+                tls=TlsSettings(allow_plaintext=True),
+                name="metrics",
+                grace_s=0,
+                plaintext_by_design=True,
+            )
 
     @property
     def tls_mode(self) -> str:
@@ -178,7 +195,9 @@ class GrpcServer:
         if add_routes is not None:
             add_routes(app, calls)
         gateway.add_to(app)
-        self.http = HttpListener(app, address, tls=self._tls, name="HTTP", grace_s=grace_s)
+        self.http = HttpListener(
+            app, address, tls=self._tls, name="HTTP", grace_s=grace_s, metered=self.metrics is not None
+        )
 
     async def start(self) -> None:
         """Start serving and report SERVING for the server and each service."""
@@ -188,6 +207,8 @@ class GrpcServer:
             await self.http.start()
         if self._health_server is not None:
             await self._health_server.start()
+        if self.metrics is not None:
+            await self.metrics.start()
         for name in [OVERALL_HEALTH, *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -202,6 +223,8 @@ class GrpcServer:
         )
         if self._health_server is not None:
             await bounded("gRPC health port", self._health_server.stop(0), CANCEL_WAIT_S)
+        if self.metrics is not None:  # last: a final scrape may still see the drain
+            await self.metrics.stop(0)
 
     async def _stop_grpc(self, grace_s: float) -> None:
         # grpc.aio cancels the calls still running at the end of the grace period and then
@@ -251,7 +274,13 @@ async def run_until_signalled(
     if on_start is not None:
         await on_start()
     log.info(
-        "serving", extra={"port": server.port, "health_port": server.health_port, "tls": server.tls_mode}
+        "serving",
+        extra={
+            "port": server.port,
+            "health_port": server.health_port,
+            "metrics_port": server.metrics.port if server.metrics is not None else None,
+            "tls": server.tls_mode,
+        },
     )
     await stop_requested.wait()
     log.info("draining", extra={"grace_s": grace_s})

@@ -58,6 +58,7 @@ from sendtime_common.http_routes import (
 from sendtime_common.http_server import read_json_body
 from sendtime_common.internal_errors import internal_status
 from sendtime_common.json_input import SUPPORTED_ENCODINGS, JsonInputError, JsonReason, parse_json
+from sendtime_common.metrics import ROUTE_KEY, UNMATCHED_ROUTE
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -353,6 +354,7 @@ class HttpGateway:
         app.router.add_route("*", r"/{tail:[\s\S]*}", self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        request[ROUTE_KEY] = UNMATCHED_ROUTE
         raw_path = request.rel_url.raw_path
         allowed: list[str] = []
         for plan in self._plans:
@@ -366,6 +368,7 @@ class HttpGateway:
             if route.http_method == request.method or (
                 route.http_method == "GET" and request.method == "HEAD"
             ):
+                request[ROUTE_KEY] = route.template
                 return await self._answer(request, plan, values)
             allowed.append(route.http_method)
         if allowed:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sendtime_common.json_input import JsonInputError, JsonReason, check_media_type, decode_content
+from sendtime_common.metrics import HttpMetrics
 from sendtime_common.shutdown import CANCEL_WAIT_S
 from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
 
@@ -64,10 +65,21 @@ class HttpListener:
     """
 
     def __init__(
-        self, app: web.Application, address: str, *, tls: TlsSettings, name: str, grace_s: float
+        self,
+        app: web.Application,
+        address: str,
+        *,
+        tls: TlsSettings,
+        name: str,
+        grace_s: float,
+        plaintext_by_design: bool = False,
+        metered: bool = True,
     ) -> None:
         """``grace_s``: how long requests in progress may finish when the listener stops,
-        unless ``stop`` is given another.
+        unless ``stop`` is given another. ``name`` also labels the listener's request metrics
+        (sendtime_common.metrics.HttpMetrics; ``metered``: kept at all). ``plaintext_by_design``:
+        a port that carries neither credentials nor personal data (metrics), served without the
+        plaintext warning.
 
         Raises:
             ValueError: the address is unusable.
@@ -77,6 +89,9 @@ class HttpListener:
         tls.check()
         self._handling: set[asyncio.Task[object]] = set()
         app.middlewares.append(self._track)
+        if metered:
+            app.middlewares.append(HttpMetrics(name).middleware)
+        self._plaintext_by_design = plaintext_by_design
         self._app = app
         self._host, self._requested_port = split_address(address)
         self._tls = tls
@@ -138,7 +153,8 @@ class HttpListener:
             self._reloading = asyncio.create_task(
                 watch_ssl_context(self._ssl, self._tls), name=f"{self._name}-tls"
             )
-        warn_if_plaintext(self._tls, lambda: f"{self._name} port {self._port}")
+        if not self._plaintext_by_design:
+            warn_if_plaintext(self._tls, lambda: f"{self._name} port {self._port}")
         log.info(f"{self._name} listening", extra={"port": self._port, "scheme": self.scheme})
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -172,6 +172,7 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         auth.interceptor,
         tls=settings.tls,
         health_address=settings.health_address,
+        metrics_address=settings.metrics_address,
         limits=settings.limits,
     )
     if settings.http_address:
@@ -190,7 +191,13 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
     webhooks = None
     if settings.webhooks.shopify_secret or settings.webhooks.sendgrid_public_key:
         try:
-            webhooks = WebhookServer(ingestor, settings.webhooks, tls=settings.tls, quarantine=dead_letters)
+            webhooks = WebhookServer(
+                ingestor,
+                settings.webhooks,
+                tls=settings.tls,
+                quarantine=dead_letters,
+                metered=bool(settings.metrics_address),
+            )
         except ValueError as exc:
             await event_log.close()
             await pool.close()

@@ -164,10 +164,12 @@ class WebhookServer:
         tls: TlsSettings,
         quarantine: Quarantine,
         clock: Callable[[], datetime] = _utc_now,
+        metered: bool = True,
     ) -> None:
         """Check the configuration here, so that a bad one fails start-up, not every request.
         HTTPS with the service's certificate (reloaded when its files change) unless plaintext is
-        allowed and no certificate is set.
+        allowed and no certificate is set. ``metered``: requests counted in the service's
+        metrics (sendtime_common.metrics).
 
         Raises:
             ValueError: the address or the SendGrid key is unusable.
@@ -182,7 +184,12 @@ class WebhookServer:
             load_sendgrid_public_key(settings.sendgrid_public_key) if settings.sendgrid_public_key else None
         )
         self._listener = HttpListener(
-            self._app(), settings.address, tls=tls, name="webhook", grace_s=settings.shutdown_grace_s
+            self._app(),
+            settings.address,
+            tls=tls,
+            name="webhook",
+            grace_s=settings.shutdown_grace_s,
+            metered=metered,
         )
 
     @property

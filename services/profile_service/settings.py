@@ -21,6 +21,8 @@ class Settings:
     address: str = "[::]:50052"
     # Health only, plaintext, for kubelet\'s gRPC probes (which cannot speak TLS); empty: none.
     health_address: str = "[::]:50062"
+    # Prometheus metrics (GET /metrics), plaintext and open, like health; empty: none.
+    metrics_address: str = "[::]:9462"
     # The HTTP/JSON face (the contracts' google.api.http routes, same keys, scopes and limits;
     # docs/http.md); empty: none.
     http_address: str = "[::]:8082"
@@ -78,6 +80,7 @@ class Settings:
         return cls(
             address=env_str(env, "PROFILE_ADDRESS", defaults.address),
             health_address=env.get("PROFILE_HEALTH_ADDRESS", defaults.health_address).strip(),
+            metrics_address=env.get("PROFILE_METRICS_ADDRESS", defaults.metrics_address).strip(),
             http_address=env.get("PROFILE_HTTP_ADDRESS", defaults.http_address).strip(),
             http_max_age_s=env_int(env, "PROFILE_HTTP_MAX_AGE_SECONDS", defaults.http_max_age_s, minimum=0),
             tls=TlsSettings.from_env(env),

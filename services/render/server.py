@@ -223,6 +223,7 @@ async def create_app(settings: Settings) -> RenderApp:
         auth.interceptor,
         tls=settings.tls,
         health_address=settings.health_address,
+        metrics_address=settings.metrics_address,
         limits=settings.limits,
     )
     if settings.http_address:

@@ -22,6 +22,8 @@ class Settings:
     address: str = "[::]:50053"
     # Health only, plaintext, for kubelet\'s gRPC probes (which cannot speak TLS); empty: none.
     health_address: str = "[::]:50063"
+    # Prometheus metrics (GET /metrics), plaintext and open, like health; empty: none.
+    metrics_address: str = "[::]:9463"
     # The HTTP/JSON face (the contracts' google.api.http routes, same keys, scopes and limits;
     # docs/http.md); empty: none.
     http_address: str = "[::]:8083"
@@ -82,6 +84,7 @@ class Settings:
         return cls(
             address=env_str(env, "RENDER_ADDRESS", defaults.address),
             health_address=env.get("RENDER_HEALTH_ADDRESS", defaults.health_address).strip(),
+            metrics_address=env.get("RENDER_METRICS_ADDRESS", defaults.metrics_address).strip(),
             http_address=env.get("RENDER_HTTP_ADDRESS", defaults.http_address).strip(),
             tls=TlsSettings.from_env(env),
             limits=CallLimits.from_env(env, RENDER_CALL_LIMITS),

@@ -215,6 +215,7 @@ async def create_app(settings: Settings) -> TriggersApp:
         auth.interceptor,
         tls=settings.tls,
         health_address=settings.health_address,
+        metrics_address=settings.metrics_address,
         limits=settings.limits,
     )
     if settings.http_address:

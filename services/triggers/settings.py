@@ -25,6 +25,8 @@ class Settings:
     address: str = "[::]:50054"
     # Health only, plaintext, for kubelet's gRPC probes (which cannot speak TLS); empty: none.
     health_address: str = "[::]:50064"
+    # Prometheus metrics (GET /metrics), plaintext and open, like health; empty: none.
+    metrics_address: str = "[::]:9464"
     # The HTTP/JSON face (the contracts' google.api.http routes; docs/http.md); empty: none.
     http_address: str = "[::]:8084"
     # TLS (or mutual TLS) on every port but the health one; plaintext only when allowed.
@@ -83,6 +85,7 @@ class Settings:
         return cls(
             address=env_str(env, "TRIGGERS_ADDRESS", defaults.address),
             health_address=env.get("TRIGGERS_HEALTH_ADDRESS", defaults.health_address).strip(),
+            metrics_address=env.get("TRIGGERS_METRICS_ADDRESS", defaults.metrics_address).strip(),
             http_address=env.get("TRIGGERS_HTTP_ADDRESS", defaults.http_address).strip(),
             tls=TlsSettings.from_env(env),
             limits=CallLimits.from_env(env, TRIGGERS_CALL_LIMITS),

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
@@ -22,6 +23,7 @@ import grpc
 import pytest
 from google.type import money_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 import devstack
 import suite
@@ -56,6 +58,18 @@ HTTP_PORTS = {
     "8083": "RENDER_HTTP_ADDRESS",
     "8084": "TRIGGERS_HTTP_ADDRESS",
 }
+METRICS_PORTS = {
+    "9461": "INGEST_METRICS_ADDRESS",
+    "9462": "PROFILE_METRICS_ADDRESS",
+    "9463": "RENDER_METRICS_ADDRESS",
+    "9464": "TRIGGERS_METRICS_ADDRESS",
+}
+PORT_VARIABLES = [
+    *DEFAULT_PORTS.values(),
+    *HEALTH_PORTS.values(),
+    *HTTP_PORTS.values(),
+    *METRICS_PORTS.values(),
+]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +94,7 @@ def suite_env(
         # The cart story's receiver listens on loopback, which webhooks may not reach by default.
         "TRIGGERS_WEBHOOK_ALLOW": "127.0.0.1",
     }
-    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values(), *HTTP_PORTS.values()]:
+    for variable in PORT_VARIABLES:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     return env
 
@@ -400,6 +414,62 @@ def test_the_curl_lines_make_run_prints_work_when_pasted(running_suite: dict[str
     assert '"reason":"TEMPLATE_NOT_FOUND"' in rendered.stdout, rendered
 
 
+def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, str]) -> None:
+    """Each service's metrics port answers GET /metrics without a key (what Prometheus
+    scrapes), with the calls it served counted by method and route template: a profile asked
+    for by email with grpcurl and with curl is counted under its method and its route, and the
+    email is in no label."""
+    env = running_suite
+    email = f"metrics-{uuid.uuid4().hex[:8]}@example.com"
+    asked = grpcurl(
+        "-d", json.dumps({"name": f"profiles/email:{email}"}), target(env, "PROFILE_ADDRESS"),
+        "sendtime.profile.v1.ProfileService/GetProfile", key=env["SENDTIME_KEY"], ca=env["SENDTIME_CA_FILE"],
+    )  # fmt: skip
+    assert "NotFound" in asked.stderr, asked.stderr
+    fetched = subprocess.run(
+        ["curl", "-sS", "--cacert", env["SENDTIME_CA_FILE"],
+         "-H", f"Authorization: Bearer {env['SENDTIME_KEY']}",
+         f"https://localhost:{env['PROFILE_HTTP_ADDRESS'].rpartition(':')[2]}/v1/profiles/email:{email}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    assert '"PROFILE_NOT_FOUND"' in fetched.stdout
+    samples: dict[str, list[Any]] = {}
+    for variable in METRICS_PORTS.values():
+        with urllib.request.urlopen(f"http://{target(env, variable)}/metrics", timeout=10) as answer:
+            assert answer.status == 200
+            text = answer.read().decode()
+        assert "example.com" not in text, variable
+        samples[variable] = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        assert any(s.name == "process_cpu_seconds_total" for s in samples[variable]), variable
+
+    def counted(name: str, **labels: str) -> float:
+        return sum(
+            float(s.value)
+            for s in samples["PROFILE_METRICS_ADDRESS"]
+            if s.name == name and labels.items() <= s.labels.items()
+        )
+
+    assert (
+        counted(
+            "grpc_server_handled_total",
+            grpc_service="sendtime.profile.v1.ProfileService",
+            grpc_method="GetProfile",
+            grpc_code="NOT_FOUND",
+        )
+        >= 1
+    )
+    assert (
+        counted(
+            "http_server_requests_total",
+            listener="HTTP",
+            route="/v1/{name=profiles/*}",
+            method="GET",
+            code="404",
+        )
+        >= 1
+    )
+
+
 def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str]) -> None:
     ca = running_suite["SENDTIME_CA_FILE"]
     routes = {
@@ -436,7 +506,7 @@ def test_an_abandoned_cart_sends_one_signed_webhook_and_an_order_sends_none(
         **env,
         **credentials.service_env("triggers"),
         **{variable: f"127.0.0.1:{devstack.free_port()}" for variable in ("TRIGGERS_ADDRESS",
-           "TRIGGERS_HEALTH_ADDRESS", "TRIGGERS_HTTP_ADDRESS")},
+           "TRIGGERS_HEALTH_ADDRESS", "TRIGGERS_HTTP_ADDRESS", "TRIGGERS_METRICS_ADDRESS")},
     }  # fmt: skip
     replica = suite.start_services(
         replica_env,
@@ -596,7 +666,7 @@ def fresh_checkout(suite_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
     """The suite's environment as another checkout sees it: ports and a run directory of its
     own (so its own NATS, certificates and keys), the same database."""
     env = {**suite_env, "SENDTIME_RUN_DIR": str(tmp_path / "run")}
-    for variable in [*DEFAULT_PORTS.values(), *HEALTH_PORTS.values(), *HTTP_PORTS.values()]:
+    for variable in PORT_VARIABLES:
         env[variable] = f"127.0.0.1:{devstack.free_port()}"
     return env
 

@@ -416,6 +416,7 @@ def render_process_without_profiles(
         "RENDER_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
         "RENDER_HEALTH_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
         "RENDER_HTTP_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
+        "RENDER_METRICS_ADDRESS": f"127.0.0.1:{devstack.free_port()}",
         "ALLOW_PLAINTEXT": "true",  # the client measures deadlines, not handshakes
         "IDENTIFIER_HASH_KEYS": "unkeyed",
         "PROFILE_SERVICE_PLAINTEXT": "true",

@@ -1,0 +1,263 @@
+"""Prometheus metrics: every RPC and HTTP request counted by method or route template and
+status, timed, and served on the plaintext metrics port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import grpc
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from sendtime_common.auth.access import AccessInterceptor, Authenticator, MethodAccess
+from sendtime_common.auth.api_keys import Scope
+from sendtime_common.auth.audit import AuditTrail
+from sendtime_common.auth.key_store import KeyStore
+from sendtime_common.auth.keyring import KeyRing
+from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.http_server import HttpListener
+from sendtime_common.identifiers import IdentifierHasher
+from sendtime_common.metrics import metrics_app
+from tests.conftest import LOCAL_SERVER, channel
+
+METHODS = ("/test.Metered/Echo", "/test.Metered/Fail", "/test.Metered/Count")
+
+
+class MeteredService:
+    """Raw bytes: Echo answers, Fail aborts NOT_FOUND, Count streams three answers."""
+
+    async def echo(self, request: bytes, context: Any) -> bytes:
+        return request
+
+    async def fail(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        raise AssertionError("abort returned")
+
+    async def count(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield str(i).encode()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        handler = grpc.method_handlers_generic_handler(
+            "test.Metered",
+            {
+                "Echo": grpc.unary_unary_rpc_method_handler(self.echo),
+                "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+                "Count": grpc.unary_stream_rpc_method_handler(self.count),
+            },
+        )
+        server.add_generic_rpc_handlers((handler,))
+
+
+@pytest.fixture
+async def access(database_url: str) -> AsyncIterator[AccessInterceptor]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    store = KeyStore(pool)
+    await store.migrate()
+    ring = KeyRing(store)
+    await ring.load()
+    yield AccessInterceptor(
+        {method: MethodAccess(method, Scope.RENDER) for method in METHODS},
+        Authenticator(ring),
+        AuditTrail(pool, "test"),
+        IdentifierHasher.unkeyed(),
+    )
+    await pool.close()
+
+
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample the metrics port serves, by name and labels."""
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as answer:
+        assert answer.status == 200
+        assert answer.content_type == "text/plain"
+        text = await answer.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def test_rpcs_are_counted_by_method_and_code_and_timed(
+    access: AccessInterceptor, admin_key: str
+) -> None:
+    server = GrpcServer(
+        "127.0.0.1:0",
+        ["test.Metered"],
+        MeteredService().register,
+        access,
+        tls=LOCAL_SERVER["tls"],
+        health_address="127.0.0.1:0",
+        metrics_address="127.0.0.1:0",
+    )
+    await server.start()
+    try:
+        assert server.metrics is not None
+        port = server.metrics.port
+        labels = {"grpc_service": "test.Metered", "grpc_type": "unary"}
+        before = await scrape(port)
+        async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
+            echo = calls.unary_unary("/test.Metered/Echo", None, None)
+            fail = calls.unary_unary("/test.Metered/Fail", None, None)
+            count = calls.unary_stream("/test.Metered/Count", None, None)
+            for _ in range(3):
+                assert await echo(b"x", timeout=5) == b"x"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await fail(b"x", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            assert [m async for m in count(b"", timeout=5)] == [b"0", b"1", b"2"]
+        async with channel(f"127.0.0.1:{server.port}", "st_wrong.key") as calls:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await calls.unary_unary("/test.Metered/Echo", None, None)(b"x", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        after = await scrape(port)
+
+        def delta(name: str, **more: str) -> float:
+            return value(after, name, **more) - value(before, name, **more)
+
+        handled = "grpc_server_handled_total"
+        assert delta(handled, **labels, grpc_method="Echo", grpc_code="OK") == 3
+        assert delta(handled, **labels, grpc_method="Echo", grpc_code="UNAUTHENTICATED") == 1
+        assert delta(handled, **labels, grpc_method="Fail", grpc_code="NOT_FOUND") == 1
+        assert (
+            delta(
+                handled,
+                grpc_service="test.Metered",
+                grpc_type="server_stream",
+                grpc_method="Count",
+                grpc_code="OK",
+            )
+            == 1
+        )
+        assert delta("grpc_server_handling_seconds_count", **labels, grpc_method="Echo") == 4
+        assert delta("grpc_server_handling_seconds_bucket", **labels, grpc_method="Echo", le="+Inf") == 4
+        # The process's own collectors come with it.
+        assert value(after, "process_resident_memory_bytes") > 0
+    finally:
+        await server.stop(grace_s=1)
+
+
+async def test_http_requests_are_counted_by_route_template_never_the_path() -> None:
+    app = web.Application()
+
+    async def thing(request: web.Request) -> web.Response:
+        if request.match_info["thing_id"] == "missing":
+            raise web.HTTPNotFound()
+        return web.json_response({"id": request.match_info["thing_id"]})
+
+    app.router.add_get("/things/{thing_id}", thing)
+    listener = HttpListener(app, "127.0.0.1:0", tls=LOCAL_SERVER["tls"], name="test-http", grace_s=1)
+    metrics = HttpListener(
+        metrics_app(),
+        "127.0.0.1:0",
+        tls=LOCAL_SERVER["tls"],
+        name="test-metrics",
+        grace_s=1,
+        plaintext_by_design=True,
+    )
+    await listener.start()
+    await metrics.start()
+    try:
+        before = await scrape(metrics.port)
+        async with aiohttp.ClientSession() as session:
+            for path, status in [
+                ("/things/a@example.com", 200),
+                ("/things/b@example.com", 200),
+                ("/things/missing", 404),
+                ("/nowhere/c@example.com", 404),
+            ]:
+                async with session.get(f"http://127.0.0.1:{listener.port}{path}") as answer:
+                    assert answer.status == status
+        after = await scrape(metrics.port)
+        labels = {"listener": "test-http", "method": "GET"}
+        requests = "http_server_requests_total"
+        assert (
+            value(after, requests, **labels, route="/things/{thing_id}", code="200")
+            - value(before, requests, **labels, route="/things/{thing_id}", code="200")
+            == 2
+        )
+        assert value(after, requests, **labels, route="/things/{thing_id}", code="404") == 1
+        assert value(after, requests, **labels, route="unmatched", code="404") == 1
+        assert (
+            value(after, "http_server_request_duration_seconds_count", **labels, route="/things/{thing_id}")
+            >= 3
+        )
+        exposed = "\n".join(f"{name} {sorted(labels)}" for name, labels in after)
+        assert "example.com" not in exposed, "a path as sent became a label"
+    finally:
+        await listener.stop()
+        await metrics.stop()
+
+
+async def test_the_metrics_port_serves_metrics_only() -> None:
+    metrics = HttpListener(
+        metrics_app(),
+        "127.0.0.1:0",
+        tls=LOCAL_SERVER["tls"],
+        name="test-metrics",
+        grace_s=1,
+        plaintext_by_design=True,
+    )
+    await metrics.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{metrics.port}/metrics/../v1/profiles") as answer:
+                assert answer.status == 404
+            async with session.post(f"http://127.0.0.1:{metrics.port}/metrics", data=b"x") as answer:
+                assert answer.status == 405
+            async with session.get(
+                f"http://127.0.0.1:{metrics.port}/metrics",
+                headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+            ) as answer:
+                assert answer.status == 200
+                assert answer.content_type == "application/openmetrics-text"
+                assert (await answer.text()).rstrip().endswith("# EOF")
+    finally:
+        await metrics.stop()
+
+
+async def test_without_a_metrics_address_nothing_is_counted(
+    access: AccessInterceptor, admin_key: str
+) -> None:
+    """The switch the benchmarks measure metrics' cost with: no port, no counting."""
+    server = GrpcServer(
+        "127.0.0.1:0",
+        ["test.Metered"],
+        MeteredService().register,
+        access,
+        tls=LOCAL_SERVER["tls"],
+        health_address="",
+    )
+    metrics = HttpListener(
+        metrics_app(),
+        "127.0.0.1:0",
+        tls=LOCAL_SERVER["tls"],
+        name="test-metrics",
+        grace_s=1,
+        plaintext_by_design=True,
+    )
+    await server.start()
+    await metrics.start()
+    try:
+        assert server.metrics is None
+        labels = {
+            "grpc_service": "test.Metered",
+            "grpc_type": "unary",
+            "grpc_method": "Echo",
+            "grpc_code": "OK",
+        }
+        before = value(await scrape(metrics.port), "grpc_server_handled_total", **labels)
+        async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
+            assert await calls.unary_unary("/test.Metered/Echo", None, None)(b"x", timeout=5) == b"x"
+        assert value(await scrape(metrics.port), "grpc_server_handled_total", **labels) == before
+    finally:
+        await server.stop(grace_s=1)
+        await metrics.stop()
