@@ -26,7 +26,9 @@ Redis, a fresh database, profile and ingest as their own processes), then:
    (the keys are held in memory). Then rate limits beside none: two more profile services
    started together, alike but for ``RATE_LIMITS=false`` on one, get the same hits taking turns
    the same way; and a rate-limit decision alone, timed in process against the bench's Redis,
-   one at a time and at ``--concurrency``, and made per replica (the fallback);
+   one at a time and at ``--concurrency``, and made per replica (the fallback). Then metrics
+   beside none, the same way: two twins, alike but for an empty ``PROFILE_METRICS_ADDRESS`` on
+   one (no metrics kept): the p50 with metrics over the p50 without, goal at most 1.03;
 6. a second profile service with the near cache off (``PROFILE_NEAR_CACHE_ENTRIES=0``): hits
    that read Redis; misses (the customer's Redis key deleted, untimed, before each call;
    PostgreSQL's buffers are warm); and BatchGetProfiles of 100, warm and cold.
@@ -36,7 +38,7 @@ would add it). Calls go out as pre-serialized bytes and answers are not parsed (
 checked), as in the empty-call floor, so the client's protobuf work is in neither. It prints a table of each
 measure against its floors and the goal, and the CPU each process used in each phase. A missed
 goal is reported, not an error: the exit code is 0 unless the bench broke. Defaults take about
-95 s on a 2-core machine (about 40 s of it merging the 15,000 events).
+160 s on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ STALL_S = 60.0
 
 GOAL_HIT_VS_FLOOR = 1.5
 GOAL_TLS_VS_PLAINTEXT = 1.10  # TLS p50 / plaintext p50, both with a key, in the same run
+GOAL_METRICS_COST = 1.03  # hit p50 with Prometheus metrics / without, in the same run
 # Segments of the plaintext / TLS alternation, one call at a time and concurrently.
 SEGMENT_ONE_S = 0.25
 SEGMENT_MANY_S = 0.5
@@ -779,6 +782,25 @@ class RateLimitCost:
 
 
 @dataclass(frozen=True, slots=True)
+class TwinCost:
+    """Hits on a twin with a feature (A, as by default) beside a twin without it (B), taking
+    turns, one at a time and at --concurrency."""
+
+    with_1: Side
+    without_1: Side
+    with_n: Side
+    without_n: Side
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "get_profile_hit_with_1": self.with_1.as_json(),
+            "get_profile_hit_without_1": self.without_1.as_json(),
+            "get_profile_hit_with_n": self.with_n.as_json(),
+            "get_profile_hit_without_n": self.without_n.as_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Reads:
     hit_1: Measured  # the service as configured by default: hits served from the near cache
     hit_n: Measured
@@ -795,6 +817,7 @@ class Reads:
     response_bytes: int
     auth: Auth
     rate_limits: RateLimitCost
+    metrics: TwinCost
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -813,6 +836,7 @@ class Reads:
             "get_profile_response_bytes": self.response_bytes,
             "auth": self.auth.as_json(),
             "rate_limits": self.rate_limits.as_json(),
+            "metrics": self.metrics.as_json(),
         }
 
 
@@ -887,30 +911,35 @@ async def time_rate_limit_decisions(redis_url: str, concurrency: int) -> dict[st
     return timed
 
 
-async def compare_rate_limits(
-    stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
-) -> RateLimitCost:
-    """GetProfile hits on a twin with rate limits (as by default, A) and one without (B), both
-    plaintext, with the same key, taking turns as compare_hits does; then a decision alone."""
+async def compare_twins(
+    stack: BenchStack,
+    options: Options,
+    user_ids: Sequence[str],
+    meter: CpuMeter,
+    cpu: dict[str, Any],
+    twins: Sequence[tuple[str, Mapping[str, str]]],
+    what: str,
+) -> tuple[list[Side], list[Side]]:
+    """GetProfile hits on two more profile services, labelled and configured as ``twins``
+    (A, B), both plaintext, with the same key, taking turns as compare_hits does: one at a
+    time, then at --concurrency. ``what`` names the difference in the output."""
     n, seconds = options.concurrency, options.seconds
-    say("two more profile services, alike but for rate limits: on (the default) and RATE_LIMITS=false")
-    twins = (
-        stack.start_variant(suite.PROFILE, "profile-limited", {}),
-        stack.start_variant(suite.PROFILE, "profile-unlimited", {"RATE_LIMITS": "false"}),
-    )
+    labels = [label for label, _ in twins]
+    say(f"two more profile services, alike but for {what}: {', '.join(labels)}")
+    targets = [stack.start_variant(suite.PROFILE, label, overrides) for label, overrides in twins]
     try:
-        for twin in twins:
-            await read_every_customer(stack, twin, user_ids)
-        pids = (stack.pid_of("profile-limited"), stack.pid_of("profile-unlimited"))
+        for target in targets:
+            await read_every_customer(stack, target, user_ids)
+        pids = (stack.pid_of(labels[0]), stack.pid_of(labels[1]))
         requests = [get_request(u) for u in user_ids]
         metadata = stack.key_metadata
         async with (
-            open_channel(twins[0], PLAINTEXT) as limited,
-            open_channel(twins[1], PLAINTEXT) as unlimited,
+            open_channel(targets[0], PLAINTEXT) as channel_a,
+            open_channel(targets[1], PLAINTEXT) as channel_b,
         ):
             gets = [
                 c.unary_unary(GET_PROFILE, request_serializer=None, response_deserializer=None)
-                for c in (limited, unlimited)
+                for c in (channel_a, channel_b)
             ]
 
             def caller(get: Any) -> Callable[[int], Awaitable[None]]:
@@ -925,8 +954,8 @@ async def compare_rate_limits(
             for call in calls:
                 await measure(call, concurrency=n, duration_s=0.5)  # connect, warm up
             say(
-                f"GetProfile hit, rate limits on (A) and off (B) taking turns: 1 at a time, then {n}"
-                " concurrent"
+                f"GetProfile hit, {labels[0]} (A) and {labels[1]} (B) taking turns: 1 at a time,"
+                f" then {n} concurrent"
             )
             one, start, _ = await alternate_with_cpu(
                 calls, pids, meter, concurrency=1, duration_s=seconds, segment_s=SEGMENT_ONE_S
@@ -940,16 +969,43 @@ async def compare_rate_limits(
                 segment_s=SEGMENT_MANY_S,
                 settle_s=SETTLE_MANY_S,
             )
-        cpu["GetProfile hit, twins (rate limits on, off)"] = CpuMeter.usage(start, end)
+        cpu[f"GetProfile hit, twins ({what})"] = CpuMeter.usage(start, end)
     finally:
-        for label in ("profile-limited", "profile-unlimited"):
+        for label in labels:
             stack.stop_variant(label)
     for side in (*one, *many):
-        _fail_on_errors("GetProfile hit, rate limits", side.measured)
+        _fail_on_errors(f"GetProfile hit, {what}", side.measured)
     say(
-        f"   p50 {ms(one[0].measured.p50_s)} on, {ms(one[1].measured.p50_s)} off (1);"
-        f" {ms(many[0].measured.p50_s)} on, {ms(many[1].measured.p50_s)} off ({n})"
+        f"   p50 {ms(one[0].measured.p50_s)} A, {ms(one[1].measured.p50_s)} B (1);"
+        f" {ms(many[0].measured.p50_s)} A, {ms(many[1].measured.p50_s)} B ({n})"
     )
+    return one, many
+
+
+async def compare_metrics(
+    stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
+) -> TwinCost:
+    """What Prometheus metrics cost a hit: a twin keeping them (as by default, A) beside one
+    with no metrics port, which keeps none (B) (``compare_twins``)."""
+    twins: list[tuple[str, Mapping[str, str]]] = [
+        ("profile-metered", {}),
+        ("profile-unmetered", {suite.PROFILE.metrics_address_variable: ""}),
+    ]
+    one, many = await compare_twins(stack, options, user_ids, meter, cpu, twins, "metrics")
+    return TwinCost(one[0], one[1], many[0], many[1])
+
+
+async def compare_rate_limits(
+    stack: BenchStack, options: Options, user_ids: Sequence[str], meter: CpuMeter, cpu: dict[str, Any]
+) -> RateLimitCost:
+    """GetProfile hits on a twin with rate limits (as by default, A) and one without (B)
+    (``compare_twins``); then a decision alone."""
+    twins: list[tuple[str, Mapping[str, str]]] = [
+        ("profile-limited", {}),
+        ("profile-unlimited", {"RATE_LIMITS": "false"}),
+    ]
+    one, many = await compare_twins(stack, options, user_ids, meter, cpu, twins, "rate limits")
+    n = options.concurrency
     say("rate-limit decisions alone, timed in this process against the bench's Redis")
     timed = await time_rate_limit_decisions(stack.redis_url, n)
     say(
@@ -1112,6 +1168,7 @@ async def measure_reads(
     for label in ("profile-twin", "profile-tls"):
         stack.stop_variant(label)  # the measures below are as before: one variant, no TLS
     rate_limits = await compare_rate_limits(stack, options, user_ids, meter, cpu)
+    metrics = await compare_metrics(stack, options, user_ids, meter, cpu)
 
     # Misses and batches delete Redis entries before calls; a service without copies in process
     # measures them without racing Redis's invalidation, and gives the hit that reads Redis.
@@ -1189,6 +1246,7 @@ async def measure_reads(
         response_bytes,
         auth,
         rate_limits,
+        metrics,
     )
 
 
@@ -1282,6 +1340,10 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
                 "value": reads.redis_hit_1.p50_s / (floors.empty_1.p50_s + floors.redis_get_1.p50_s),
                 "goal": GOAL_HIT_VS_FLOOR,
             },
+            "metered_hit_p50_vs_unmetered": {  # the same run, taking turns
+                "value": reads.metrics.with_1.measured.p50_s / reads.metrics.without_1.measured.p50_s,
+                "goal": GOAL_METRICS_COST,
+            },
         },
         "cpu_percent_of_one_core": cpu,
     }
@@ -1300,6 +1362,9 @@ def report(results: Mapping[str, Any]) -> str:
     limits = reads["rate_limits"]
     limited1, unlimited1 = limits["get_profile_hit_limited_1"], limits["get_profile_hit_unlimited_1"]
     limitedn, unlimitedn = limits["get_profile_hit_limited_n"], limits["get_profile_hit_unlimited_n"]
+    metered = reads["metrics"]
+    metered1, unmetered1 = metered["get_profile_hit_with_1"], metered["get_profile_hit_without_1"]
+    meteredn, unmeteredn = metered["get_profile_hit_with_n"], metered["get_profile_hit_without_n"]
     redis1, redisn = reads["get_profile_redis_hit_1"], reads["get_profile_redis_hit_n"]
     miss1, missn = reads["get_profile_miss_1"], reads["get_profile_miss_n"]
     warm, cold = reads["batch_get_100_warm"], reads["batch_get_100_cold"]
@@ -1374,6 +1439,26 @@ def report(results: Mapping[str, Any]) -> str:
             f"{both(limitedn['p50_s'], limitedn['p99_s'])}; {fmt_rate(limitedn['per_s'])}",
             f"twin without {both(unlimitedn['p50_s'], unlimitedn['p99_s'])}; {fmt_rate(unlimitedn['per_s'])}",
             fmt_ratio(limitedn["p50_s"], unlimitedn["p50_s"]),
+        ),
+        Row(
+            "GetProfile hit p50 with metrics (1 at a time)",
+            ms(metered1["p50_s"]),
+            f"twin without p50 {ms(unmetered1['p50_s'])} (taking turns)",
+            f"{metered1['p50_s'] / unmetered1['p50_s']:.2f} x",
+            f"<= {GOAL_METRICS_COST:.2f} x",
+            verdict(metered1["p50_s"] / unmetered1["p50_s"] <= GOAL_METRICS_COST),
+        ),
+        Row(
+            "  with metrics: server CPU per hit (1 at a time)",
+            f"{metered1['server_cpu_per_call_s'] * 1e6:.0f} us",
+            f"twin without {unmetered1['server_cpu_per_call_s'] * 1e6:.0f} us",
+            fmt_ratio(metered1["server_cpu_per_call_s"], unmetered1["server_cpu_per_call_s"]),
+        ),
+        Row(
+            f"  with metrics: p50 / p99; calls/s ({n} concurrent)",
+            f"{both(meteredn['p50_s'], meteredn['p99_s'])}; {fmt_rate(meteredn['per_s'])}",
+            f"twin without {both(unmeteredn['p50_s'], unmeteredn['p99_s'])}; {fmt_rate(unmeteredn['per_s'])}",
+            fmt_ratio(meteredn["per_s"], unmeteredn["per_s"]),
         ),
         Row(
             "  hit from Redis, near cache off: p50 (1)",

@@ -34,7 +34,9 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
    that serves TLS), each given an untimed RenderBatch for its caches and a warmed-up
    connection, get the same Render calls, taking turns in short segments
    (bench_profile.measure_alternating): the TLS p50 over the plaintext p50 at 64 concurrent,
-   goal at most 1.10;
+   goal at most 1.10. Then metrics beside none: two more render services, alike but for an
+   empty ``RENDER_METRICS_ADDRESS`` on one (no metrics kept), the same way: throughput with
+   metrics over throughput without at 64 concurrent, goal at least 0.97;
 5. fault: SIGTERM the profile service, wait for it to exit, then ``--fault-renders`` renders at
    ``--concurrency`` with a 150 ms deadline each (a tenth of them for customers render has
    never seen): each must answer in time with a fallback (last known good profile, or the
@@ -43,7 +45,7 @@ Redis, a fresh database, profile, ingest and render as their own processes), the
 Every call to a service carries the bench's API key (in its metadata, as ``bearer_auth`` would
 add it); render calls profile with its own. It prints a table of each measure against its
 floors and goal, and the CPU each process used in each phase. A missed goal is reported, not an
-error: the exit code is 0 unless the bench broke. Defaults take about 100 s on a 2-core machine
+error: the exit code is 0 unless the bench broke. Defaults take about 145 s on a 2-core machine
 (about 55 s of it loading and merging 25,000 events).
 """
 
@@ -135,6 +137,7 @@ VARIABLES: dict[str, Any] = {"discount_code": "COMEBACK10"}
 
 GOAL_RENDER_VS_IDEAL = 2.0
 GOAL_TLS_VS_PLAINTEXT = 1.10  # Render p50 over TLS / in plaintext, both with a key, in the same run
+GOAL_METRICS_RATE = 0.97  # Render throughput with Prometheus metrics / without, in the same run
 # Segments of the plaintext / TLS alternation (bench_profile.measure_alternating): at 64
 # concurrent, the first wave of each segment finds no queue and is not counted.
 SEGMENT_N_S = 1.25
@@ -434,6 +437,58 @@ async def compare_renders(
         Renders(side.measured, outcomes_of(kept)) for side, kept in zip(sides, answers, strict=True)
     )
     return RenderSides(plain, tls, sides, start, end)
+
+
+async def compare_metrics(
+    stack: BenchStack,
+    user_ids: Sequence[str],
+    requests: Sequence[bytes],
+    metadata: Metadata,
+    concurrency: int,
+    seconds: float,
+    meter: CpuMeter,
+) -> RenderSides:
+    """What Prometheus metrics cost Render's throughput: two more render services, both
+    plaintext, one keeping metrics (as by default, A), one with no metrics port, which keeps
+    none (B); each gets an untimed RenderBatch for its caches and a warm-up, then they take
+    turns at ``concurrency`` (``compare_renders``). Stopped after."""
+    say("metrics beside none: two more render services, one with no metrics port (RENDER_METRICS_ADDRESS=)")
+    labels = ("render-metered", "render-unmetered")
+    targets = (
+        stack.start_variant(suite.RENDER, labels[0], {}),
+        stack.start_variant(suite.RENDER, labels[1], {suite.RENDER.metrics_address_variable: ""}),
+    )
+    try:
+        async with (
+            open_channel(targets[0], PLAINTEXT) as metered,
+            open_channel(targets[1], PLAINTEXT) as unmetered,
+        ):
+            for channel in (metered, unmetered):
+                await render_batch(channel, user_ids, metadata)
+            for channel in (metered, unmetered):
+                warm = await measure_renders(channel, RENDER, requests, concurrency, 1.0, metadata)
+                if warm.measured.calls == 0:
+                    raise BenchError(f"a twin: no call succeeded during the warm-up: {warm.measured.errors}")
+            compared = await compare_renders(
+                [metered, unmetered],
+                (stack.pid_of(labels[0]), stack.pid_of(labels[1])),
+                requests,
+                metadata,
+                concurrency,
+                seconds,
+                meter,
+                SEGMENT_N_S,
+                SETTLE_N_S,
+            )
+    finally:
+        for label in labels:
+            stack.stop_variant(label)
+    with_metrics, without = (side.measured for side in compared.sides)
+    say(
+        f"   {fmt_rate(with_metrics.rate)} renders/s with metrics, {fmt_rate(without.rate)} without;"
+        f" p50 {ms(with_metrics.p50_s)} / {ms(without.p50_s)}"
+    )
+    return compared
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,7 +831,11 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         caches_age_s = time.monotonic() - twins_batched
         say(f"   p50 {ms(twin_1.measured.p50_s)} plaintext, {ms(tls_1.measured.p50_s)} TLS")
         for label in ("render-twin", "render-tls", "profile-tls"):
-            stack.stop_variant(label)  # what follows is as before
+            stack.stop_variant(label)
+        metered_n = await compare_metrics(
+            stack, user_ids, render_requests, metadata, n, options.seconds, meter
+        )
+        cpu[f"Render x{n}, twins (metrics, none)"] = CpuMeter.usage(metered_n.start, metered_n.end)
 
         say("fault: SIGTERM the profile service and wait until it has exited")
         exit_code = await stop_profile(stack)
@@ -857,6 +916,8 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
             else "the same profile service, plaintext",
             "seconds_from_twins_render_batch_to_last_measure": caches_age_s,
         },
+        "render_metered_n": metered_n.as_json(0),
+        "render_unmetered_n": metered_n.as_json(1),
         "render_batch": batch.as_json(),
         "fault": fault.as_json(),
         "goals": {
@@ -869,6 +930,10 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
                 "goal": GOAL_TLS_VS_PLAINTEXT,
             },
             "tls_render_p99_vs_plaintext": {"value": tls_n.measured.p99_s / twin_n.measured.p99_s},
+            "metered_render_rate_vs_unmetered": {  # the twins taking turns, at --concurrency
+                "value": metered_n.sides[0].measured.rate / metered_n.sides[1].measured.rate,
+                "goal": GOAL_METRICS_RATE,
+            },
             "fault_fallback_in_time": {"value": good, "goal": len(fault_requests)},
         },
         "cpu_percent_of_one_core": cpu,
@@ -894,6 +959,8 @@ def report(results: Mapping[str, Any]) -> str:
     twin_n, tls_n = results["render_twin_n"], results["render_tls_n"]
     twin_1, tls_1, tls = results["render_twin_1"], results["render_tls_1"], results["tls"]
     tls_ratio = tls_n["p50_s"] / twin_n["p50_s"]
+    metered, unmetered = results["render_metered_n"], results["render_unmetered_n"]
+    metered_ratio = metered["per_s"] / unmetered["per_s"]
     all_answered = fault["fallback_in_time"] == fault["renders"]
     errors_n = sum(render_n["errors"].values())
     rows = [
@@ -925,6 +992,20 @@ def report(results: Mapping[str, Any]) -> str:
             f"{fmt_rate(tls_n['per_s'])} renders/s",
             f"plaintext twin {fmt_rate(twin_n['per_s'])}/s",
             fmt_ratio(tls_n["per_s"], twin_n["per_s"]),
+        ),
+        Row(
+            f"Render throughput with metrics ({n} concurrent)",
+            f"{fmt_rate(metered['per_s'])} renders/s",
+            f"twin without {fmt_rate(unmetered['per_s'])}/s (taking turns)",
+            f"{metered_ratio:.2f} x",
+            f">= {GOAL_METRICS_RATE:.2f} x",
+            verdict(metered_ratio >= GOAL_METRICS_RATE),
+        ),
+        Row(
+            "  with metrics: p50; server CPU per render",
+            f"{ms(metered['p50_s'])}; {metered['server_cpu_per_call_s'] * 1e6:.0f} us",
+            f"twin without {ms(unmetered['p50_s'])}; {unmetered['server_cpu_per_call_s'] * 1e6:.0f} us",
+            fmt_ratio(metered["server_cpu_per_call_s"], unmetered["server_cpu_per_call_s"]),
         ),
         Row(
             "  TLS Render p50 / p99 (1 at a time)",

@@ -27,6 +27,7 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from sendtime_common.answer_memo import AnswerMemo
 from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_options
+from sendtime_common.handlers import ComposedInterceptor
 from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls, etag_matches, etag_of
 from sendtime_common.http_routes import routes_of
 from sendtime_common.http_server import HttpListener
@@ -95,13 +96,14 @@ class GrpcServer:
         self.limits = limits or CallLimits()
         self.shedder = LoadShedder(self.limits)
         self.server = grpc.aio.server(
-            # Shedding outermost, so that a shed call costs as little as possible; then internal
-            # errors, so that nothing inside answers a bug with its exception; then tracing, so
-            # that calls refused for their credentials are traced too.
+            # Metrics outermost, so that shed and refused calls are counted too; then shedding,
+            # so that a shed call costs as little as possible; then internal errors, so that
+            # nothing inside answers a bug with its exception (those three as one layer); then
+            # tracing, so that calls refused for their credentials are traced too.
             interceptors=[
-                *([RpcMetrics()] if metrics_address else []),  # outermost: shed and refused calls too
-                self.shedder,
-                InternalErrors(),
+                ComposedInterceptor(
+                    [*([RpcMetrics()] if metrics_address else []), self.shedder, InternalErrors()]
+                ),
                 aio_server_interceptor(filter_=_traced_call),  # type: ignore[no-untyped-call]
                 access,
             ],
