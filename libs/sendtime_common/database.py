@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 import asyncpg
+from prometheus_client import Gauge
 
 from sendtime_common.shutdown import RELEASE_S
 
@@ -56,7 +57,22 @@ async def create_pool(
         reset=_keep_session,
     )
     assert pool is not None
+    _watch_pool(pool)
     return pool
+
+
+POOL_CONNECTIONS = Gauge(
+    "sendtime_db_pool_connections",
+    "The service's PostgreSQL pool: connections in use, open and idle, and its maximum.",
+    ["state"],
+)
+
+
+def _watch_pool(pool: asyncpg.Pool) -> None:
+    """Report ``pool``'s connections at each scrape (the service's one pool)."""
+    POOL_CONNECTIONS.labels("in_use").set_function(lambda: pool.get_size() - pool.get_idle_size())
+    POOL_CONNECTIONS.labels("idle").set_function(pool.get_idle_size)
+    POOL_CONNECTIONS.labels("max").set_function(pool.get_max_size)
 
 
 async def close_pool(pool: asyncpg.Pool, timeout_s: float = RELEASE_S) -> None:

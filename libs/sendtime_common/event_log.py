@@ -106,6 +106,14 @@ class OutgoingMessage:
 PublishOutcome = PublishReceipt | EventLogUnavailable | EventLogFull
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumerBacklog:
+    """A durable consumer's distance behind its stream."""
+
+    pending: int  # stored, not yet delivered to it
+    ack_pending: int  # delivered, not yet acknowledged (being worked on, or lost with a crash)
+
+
 class Delivery(Protocol):
     """One delivered message; it is redelivered later unless acked. An ack lost in a crash can
     bring it back once more, so consumers must be idempotent."""
@@ -123,6 +131,12 @@ class Delivery(Protocol):
     def position(self) -> int | None:
         """Where the message sits in the log (its stream sequence), for ``EventLog.erase``;
         None when unknown."""
+        ...
+
+    @property
+    def stored_at_s(self) -> float | None:
+        """When the log stored the message (seconds since the epoch): the moment before its
+        publisher was acknowledged. None when unknown."""
         ...
 
     async def ack(self) -> None: ...
@@ -314,6 +328,10 @@ class _JetStreamDelivery:
     @property
     def position(self) -> int | None:
         return int(self._msg.metadata.sequence.stream)
+
+    @property
+    def stored_at_s(self) -> float | None:
+        return self._msg.metadata.timestamp.timestamp()
 
     async def ack(self) -> None:
         # A plain ack, not a confirmed one (ack_sync, a round trip per message): consumers are
@@ -756,6 +774,20 @@ class JetStreamEventLog:
 
     async def subscribe(self, durable_name: str) -> EventLogSubscription:
         return await self._pull_subscribe(self._events, durable_name)
+
+    async def backlog(self, durable_name: str, *, profile_changes: bool = False) -> ConsumerBacklog:
+        """How far the durable consumer ``durable_name`` (of the events, or of the profile
+        changes) is behind.
+
+        Raises:
+            EventLogUnavailable: NATS did not answer, or there is no such consumer.
+        """
+        target = self._changes if profile_changes else self._events
+        try:
+            info = await self._js.consumer_info(target.stream, durable_name)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise EventLogUnavailable(f"could not read consumer {durable_name}: {exc}") from exc
+        return ConsumerBacklog(pending=info.num_pending or 0, ack_pending=info.num_ack_pending or 0)
 
     async def subscribe_profile_changes(self, durable_name: str) -> EventLogSubscription:
         if not self._changes_exist:

@@ -33,6 +33,7 @@ from google.rpc import status_pb2
 from opentelemetry import trace
 
 from ingest.envelope import BusinessKey, business_key, event_type, stamp
+from ingest.metrics import count_outcome
 from ingest.stats import OutcomeCounters
 from ingest.store import IngestStore, Rejection, StoreError
 from ingest.validation import ValidationRules, validate_event
@@ -376,6 +377,7 @@ class Ingestor:
         for w in work:
             assert w.result is not None
             self._counters.add(day, w.event.source, w.result.outcome, w.duplicate_kind)
+            count_outcome(w.event.source, w.result, w.duplicate_kind)
             results.append(w.result)
         return results
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from profile_service.metrics import READ_FROM_NEAR, READ_FROM_REDIS
 from profile_service.near_cache import NearCache
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import PROTO_TO_KIND
@@ -135,9 +136,12 @@ class ProfileCache:
         """
         near = self._near
         if near is None:
-            return await self._get_from_redis(keys)
+            from_redis = await self._get_from_redis(keys)
+            READ_FROM_REDIS.inc(sum(p is not None for p in from_redis))
+            return from_redis
         found = [near.get(key) for key in keys]
         wanted = [i for i, profile in enumerate(found) if profile is None]
+        READ_FROM_NEAR.inc(len(keys) - len(wanted))
         if not wanted:
             return found
         wanted_keys = [keys[i] for i in wanted]
@@ -148,6 +152,7 @@ class ProfileCache:
                 if profile is not None:
                     found[i] = profile
                     reservation.fill(key, profile)
+                    READ_FROM_REDIS.inc()
         return found
 
     async def _get_from_redis(self, keys: Sequence[str]) -> list[profile_pb2.Profile | None]:

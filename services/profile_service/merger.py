@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,12 @@ from opentelemetry import trace
 
 from profile_service.cache import CacheUnavailable, ChangedProfile, ProfileCache, cache_key
 from profile_service.merge_transaction import event_identifiers
+from profile_service.metrics import (
+    MERGE_BATCH_EVENTS,
+    MERGE_BATCH_SECONDS,
+    VISIBLE_AFTER_OCCURRED,
+    VISIBLE_AFTER_STORED,
+)
 from profile_service.repository import MergeResult, ProfileRepository
 from profile_service.unmerged import (
     FailureKind,
@@ -176,10 +183,13 @@ class EventMerger:
     async def _merge_batch(self, work: Sequence[_Work]) -> Coroutine[Any, Any, None] | None:
         """Merge a batch; returns, to be awaited, the cache write and the acks of what it
         committed."""
+        started = time.perf_counter()
         try:
             results = await self._repository.merge_events(
                 [w.event for w in work], [w.delivery.position for w in work]
             )
+            MERGE_BATCH_SECONDS.observe(time.perf_counter() - started)
+            MERGE_BATCH_EVENTS.observe(len(work))
         except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
             if len(work) == 1:
                 await self._failed(work[0], exc)
@@ -195,6 +205,7 @@ class EventMerger:
 
     async def _finish(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
         await self._refresh_cache([w.event for w in work], results)
+        _observe_freshness(work, results)
         self._merged(results)
         await asyncio.gather(
             *(self._settle_merged(item, result) for item, result in zip(work, results, strict=True))
@@ -207,6 +218,7 @@ class EventMerger:
             await self._failed(item, exc)
             return
         await self._refresh_cache([item.event], [result])
+        _observe_freshness([item], [result])
         self._merged([result])
         await self._settle_merged(item, result)
 
@@ -346,3 +358,17 @@ async def _settle(settling: Awaitable[None]) -> bool:
         )
         return False
     return True
+
+
+def _observe_freshness(work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
+    """How old each merged event was when its merge became readable (committed, the cache
+    refreshed): from the log's storing it, and from when it occurred."""
+    now = time.time()
+    for item, result in zip(work, results, strict=True):
+        if result.conflict:
+            continue
+        stored_at = item.delivery.stored_at_s
+        if stored_at is not None:
+            VISIBLE_AFTER_STORED.observe(max(0.0, now - stored_at))
+        if item.event.HasField("occurred_at"):
+            VISIBLE_AFTER_OCCURRED.observe(max(0.0, now - item.event.occurred_at.ToNanoseconds() / 1e9))

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 
 from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
 from profile_service.codec import as_of
+from profile_service.metrics import READ_FROM_DATABASE, READ_MISSING
 from profile_service.repository import ProfileRepository
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.identifier_proto import IdentifierKey
@@ -55,6 +56,10 @@ class ProfileReader:
 
         misses = list(dict.fromkeys(i for i, hit in zip(identifiers, cached, strict=True) if hit is None))
         loaded = await self._load(misses, refill_cache=cache_ok) if misses else {}
+        if misses:
+            from_database = sum(loaded.get(key) is not None for key in misses)
+            READ_FROM_DATABASE.inc(from_database)
+            READ_MISSING.inc(len(misses) - from_database)
         now = self._clock()
         found = (
             hit if hit is not None else loaded.get(key) for key, hit in zip(identifiers, cached, strict=True)

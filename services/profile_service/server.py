@@ -7,6 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -33,6 +34,7 @@ from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.answer_memo import AnswerMemo
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
+from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.database import close_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
@@ -96,7 +98,9 @@ class ProfileApp:
     dead_letter_retention: timedelta
     invalidations: InvalidationListener | None = None  # None: no near cache
     answers: AnswerMemo | None = None  # the HTTP answers kept encoded; None: no near cache
+    consumer_name: str = "profile-merger"  # the merger's durable consumer, whose backlog it reports
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _lag: asyncio.Task[None] | None = None
     _relaying: asyncio.Task[None] | None = None
     _listening: asyncio.Task[None] | None = None
     _purging: asyncio.Task[None] | None = None
@@ -117,6 +121,11 @@ class ProfileApp:
         self._purging = asyncio.create_task(self._purge_expired(), name="purge-expired")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
             self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
+        if isinstance(self.event_log, JetStreamEventLog):
+            self._lag = asyncio.create_task(
+                watch_backlog(self.consumer_name, partial(self.event_log.backlog, self.consumer_name)),
+                name="merger-backlog",
+            )
 
     async def close(self) -> None:
         """After the drain: finish the merges under way and the notices being published, publish
@@ -124,12 +133,14 @@ class ProfileApp:
         (sendtime_common.shutdown)."""
         self.merger.stop()
         self.erasure_outbox.stop()
-        for task in (self._purging, self._listening):
+        for task in (self._purging, self._listening, self._lag):
             if task is not None:
                 task.cancel()
         await asyncio.gather(
             finish_or_cancel("merges and erasure notices in hand", self._background),
-            finish_or_cancel("purge and invalidations", [self._purging, self._listening], CANCEL_WAIT_S),
+            finish_or_cancel(
+                "purge, invalidations and backlog", [self._purging, self._listening, self._lag], CANCEL_WAIT_S
+            ),
         )
         if self._relaying is not None:
             self.change_outbox.stop()  # after the merger: one more round for its last batch
@@ -272,4 +283,5 @@ async def create_app(settings: Settings) -> ProfileApp:
         dead_letter_retention=timedelta(days=settings.dead_letter_retention_days),
         invalidations=invalidations,
         answers=answers,
+        consumer_name=settings.consumer_name,
     )

@@ -30,6 +30,7 @@ from opentelemetry import trace
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from render.metrics import watch_breaker
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.batching import MicroBatcher
 from sendtime_common.event_log import RetryLater
@@ -135,6 +136,7 @@ class ProfileFetcher:
             name=f"profile-service-{id(self)}",
         )
         self._call_batch = self.breaker(self._get_batch)
+        watch_breaker(lambda: bool(self.breaker.opened))
         # Lookups of concurrent renders go out together: one BatchGetProfiles instead of one
         # GetProfile each (under light load a batch is one lookup, sent on the next loop turn).
         self._lookups: MicroBatcher[_Lookup, profile_pb2.ProfileResult] = MicroBatcher(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -29,6 +30,7 @@ from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.call_limits import MIB
 from sendtime_common.config import ConfigError
+from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
@@ -82,6 +84,8 @@ class RenderApp:
     _catalog_task: asyncio.Task[None] | None = field(default=None)
     _erasures: Following | None = field(default=None)
     _watching: asyncio.Task[None] | None = field(default=None)
+    catalog_consumer: str = "render-catalog"  # the catalog's durable consumer, whose backlog it reports
+    _lag: asyncio.Task[None] | None = field(default=None)
 
     async def start(self) -> None:
         await self.grpc.start()
@@ -93,17 +97,22 @@ class RenderApp:
         self.auth.start()
         self._catalog_task = asyncio.create_task(self.catalog.run(), name="catalog")
         self._watching = asyncio.create_task(self.profile_channel.watch(), name="profile-channel-tls")
+        if isinstance(self.event_log, JetStreamEventLog):
+            read = partial(self.event_log.backlog, self.catalog_consumer)
+            watching = watch_backlog(self.catalog_consumer, read)
+            self._lag = asyncio.create_task(watching, name="catalog-backlog")
         self._erasures = await self.event_log.follow_erasures(self.profiles.on_erasure_notice)
 
     async def close(self) -> None:
         """After the drain: finish the catalog batch under way, close clients; each step
         bounded (sendtime_common.shutdown)."""
         self.catalog.stop()
-        if self._watching is not None:
-            self._watching.cancel()
+        for task in (self._watching, self._lag):
+            if task is not None:
+                task.cancel()
         await asyncio.gather(
             finish_or_cancel("catalog batch in hand", [self._catalog_task]),
-            finish_or_cancel("profile channel TLS watch", [self._watching], CANCEL_WAIT_S),
+            finish_or_cancel("TLS watch and backlog", [self._watching, self._lag], CANCEL_WAIT_S),
             bounded("erasure notices", self._erasures.close()) if self._erasures else asyncio.sleep(0),
         )
         await asyncio.gather(
@@ -240,4 +249,5 @@ async def create_app(settings: Settings) -> RenderApp:
         event_log=event_log,
         catalog=catalog,
         auth=auth,
+        catalog_consumer=settings.catalog_consumer_name,
     )

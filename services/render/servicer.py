@@ -15,6 +15,7 @@ from cachetools import LRUCache
 from google.rpc import code_pb2
 
 from render.context import struct_to_dict
+from render.metrics import count_render, count_template_error
 from render.renderer import Renderer, RenderJob
 from render.template_errors import template_error_status
 from render.template_store import StoreError
@@ -113,11 +114,14 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             fallback=struct_to_dict(content.fallback) if fallback is None else fallback,
         )
         try:
-            return await self._renderer.render(
+            response = await self._renderer.render(
                 job, self._default_deadline_s if time_left is None else time_left
             )
         except TemplateError as exc:  # compiled, but fails on this data or went past a limit
+            count_template_error()
             await abort_with(context, template_error_status(exc, self._renderer.limits, "template"))
+        count_render(response)
+        return response
 
     async def _check_inline_allowed(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """An inline template is authoring: it needs templates.write besides render, and the
@@ -226,11 +230,13 @@ class RenderServicer(render_pb2_grpc.RenderServiceServicer):
             try:
                 result = await self._renderer.render(job, budget_s, lookup=lookup)
             except TemplateError as exc:
+                count_template_error()
                 error = template_error_status(exc, self._renderer.limits, "template")
                 responses.append(
                     render_pb2.RenderBatchResponse(customer=chunk[index - offset], index=index, error=error)
                 )
                 continue
+            count_render(result)
             responses.append(
                 render_pb2.RenderBatchResponse(customer=chunk[index - offset], index=index, result=result)
             )

@@ -15,6 +15,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 import asyncpg
 import grpc
@@ -25,6 +26,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
+from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
@@ -63,6 +65,7 @@ class TriggersApp:
     deliveries: DeliveryServicer
     # Runs the triggers beside the API (triggers.engine).
     engine: TriggersEngine
+    changes_consumer: str = "triggers-changes"  # the engine's durable consumer of profile changes
     _watching: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -76,6 +79,10 @@ class TriggersApp:
             asyncio.create_task(self.profile_channel.watch(), name="profile-channel-tls"),
             asyncio.create_task(self.render_channel.watch(), name="render-channel-tls"),
         ]
+        if isinstance(self.event_log, JetStreamEventLog):
+            read = partial(self.event_log.backlog, self.changes_consumer, profile_changes=True)
+            watching = watch_backlog(self.changes_consumer, read)
+            self._watching.append(asyncio.create_task(watching, name="changes-backlog"))
         await self.engine.start()
 
     async def close(self) -> None:
@@ -232,4 +239,5 @@ async def create_app(settings: Settings) -> TriggersApp:
         resolver=resolver,
         deliveries=delivery_servicer,
         engine=engine,
+        changes_consumer=settings.changes_consumer_name,
     )

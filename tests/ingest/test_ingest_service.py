@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import nats
 import pytest
+from prometheus_client import REGISTRY
 
 import devstack
 from ingest.server import create_app
@@ -216,3 +217,30 @@ async def test_stream_events_arriving_within_the_linger_go_to_the_log_as_one_bat
         await client.close()
         await app.stop(grace_s=1)
     assert len({published_in[e.event_id] for e in events}) == batches
+
+
+async def test_outcomes_are_counted_for_prometheus_by_source_outcome_and_reason(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub, unique: str
+) -> None:
+    good = event(user_id=f"m-{unique}", product_viewed=product_viewed("sku-1"))
+    no_customer = event(cart_item_added=cart_item_added("sku-1"))
+    source = ingest_pb2.EventSource.Name(good.source).removeprefix("EVENT_SOURCE_").lower()
+    kinds = ("event_log_window", "event_id", "business_key")
+
+    def counts() -> list[float]:
+        def counted(name: str, **labels: str) -> float:
+            return REGISTRY.get_sample_value(name, {"source": source, **labels}) or 0.0
+
+        events = "sendtime_ingest_events_total"
+        return [
+            counted(events, outcome="accepted", reason=""),
+            counted(events, outcome="rejected", reason="INVALID_ARGUMENT"),
+            counted(events, outcome="duplicate", reason=""),
+            sum(counted("sendtime_ingest_duplicates_total", kind=kind) for kind in kinds),
+        ]
+
+    before = counts()
+    await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[good, no_customer]))
+    again = await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[good]))
+    assert again.results[0].outcome == DUPLICATE
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [1, 1, 1, 1]

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import nats
 import pytest
+from prometheus_client import REGISTRY
 
 import devstack
 from sendtime_common import event_log
+from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.event_log import (
     BATCH_ID_HEADER,
     MSG_ID_HEADER,
+    ConsumerBacklog,
     EventLogFull,
     EventLogUnavailable,
     JetStreamEventLog,
@@ -433,3 +438,40 @@ async def test_a_service_that_does_not_manage_the_streams_waits_for_the_profile_
         await subscription.close()
     finally:
         await reader.close()
+
+
+async def test_a_consumers_backlog_is_read_and_reported_for_prometheus(nats_url: str) -> None:
+    """Pending (stored, not delivered) and ack-pending (delivered, not acknowledged), as the
+    watcher sets the gauges; and when each delivery was stored."""
+    log = await JetStreamEventLog.connect(settings(nats_url))
+    consumer = f"backlog-{uuid.uuid4().hex[:8]}"
+    try:
+        subscription = await log.subscribe(consumer)
+        for i in range(3):
+            await log.publish(message(i))
+        assert await log.backlog(consumer) == ConsumerBacklog(pending=3, ack_pending=0)
+        delivered = await subscription.fetch(2, timeout_s=2)
+        stored_at = delivered[0].stored_at_s
+        assert stored_at is not None and abs(stored_at - time.time()) < 60
+        assert await log.backlog(consumer) == ConsumerBacklog(pending=1, ack_pending=2)
+
+        watching = asyncio.create_task(watch_backlog(consumer, partial(log.backlog, consumer), every_s=0.05))
+        labels = {"consumer": consumer}
+
+        def reported(name: str) -> float | None:
+            return REGISTRY.get_sample_value(f"sendtime_consumer_{name}_messages", labels)
+
+        async def ack_pending_reported(count: int) -> bool:
+            return reported("ack_pending") == count
+
+        await eventually(partial(ack_pending_reported, 2))
+        for delivery in delivered:
+            await delivery.ack()
+        await eventually(partial(ack_pending_reported, 0))
+        assert reported("pending") == 1
+        watching.cancel()
+        await subscription.close()
+        with pytest.raises(EventLogUnavailable):
+            await log.backlog("no-such-consumer")
+    finally:
+        await log.close()

@@ -176,6 +176,7 @@ class RecordingDelivery:
         self.headers: Mapping[str, str] = {}
         self.attempt = 1
         self.position: int | None = None  # not from the log: nothing to erase there
+        self.stored_at_s: float | None = None
         self._event_id, self._settled = message.event_id, settled
 
     async def ack(self) -> None:

@@ -23,6 +23,7 @@ class OnceUnconfirmedDelivery:
         self.headers: Mapping[str, str] = {}
         self.attempt = 1
         self.position: int | None = None  # not from the log: nothing to erase there
+        self.stored_at_s: float | None = None
 
     async def ack(self) -> None:
         if self._event_id not in self._acks:

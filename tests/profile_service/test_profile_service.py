@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, json_format
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from profile_service.cache import ChangedProfile, ProfileCache, cache_key, decode_entry
@@ -289,3 +290,40 @@ async def test_the_cache_entry_follows_each_merge(
         assert cached is not None and [i.sku for i in cached.cart.items] == ["a", "b"]
     finally:
         await cache.close()
+
+
+async def test_merges_freshness_and_reads_are_measured_for_prometheus(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    """A merged batch, the age of its events when they became readable (from the log's storing
+    them and from when they occurred), and where each read was answered from."""
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = [
+        ("sendtime_profile_merge_batch_events_count", {}),
+        ("sendtime_profile_freshness_from_stored_seconds_count", {}),
+        ("sendtime_profile_freshness_from_occurred_seconds_count", {}),
+        ("sendtime_profile_freshness_from_occurred_seconds_bucket", {"le": "60.0"}),  # it occurred just now
+        ("sendtime_profile_reads_total", {"source": "missing"}),
+    ]
+    before = {name + str(labels): sample(name, **labels) for name, labels in names}
+    await send(ingest_stub, event(user_id=f"fresh-{unique}", identify=identify(first_name="Ada")))
+    customer = user(f"fresh-{unique}")
+    await wait_for_profile(profile_stub, customer, lambda p: p.traits["first_name"] == "Ada")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"nobody-{unique}")))
+    reads_before = sample("sendtime_profile_reads_total", source="near") + sample(
+        "sendtime_profile_reads_total", source="redis"
+    )
+    await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=customer))
+    after = {name + str(labels): sample(name, **labels) for name, labels in names}
+    assert all(after[key] >= before[key] + 1 for key in before), (before, after)
+    assert sample("sendtime_profile_merge_batch_seconds_count") >= 1
+    cached_reads = sample("sendtime_profile_reads_total", source="near") + sample(
+        "sendtime_profile_reads_total", source="redis"
+    )
+    assert cached_reads == reads_before + 1  # the read after the merge came from a cache

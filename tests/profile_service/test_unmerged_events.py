@@ -159,6 +159,7 @@ class _Delivery:
         self.payload, self._subscription, self.attempt = payload, subscription, attempt
         self.headers: Mapping[str, str] = {}
         self.position: int | None = None
+        self.stored_at_s: float | None = None
 
     async def ack(self) -> None:
         self._subscription.settled[self.payload] = "acked"

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from prometheus_client import REGISTRY
 
 import devstack
 from render.server import check_message_sizes
@@ -234,3 +235,26 @@ def test_render_will_not_start_with_message_sizes_its_contract_does_not_fit() ->
         check_message_sizes(RenderSettings(limits=CallLimits(max_receive_bytes=4 * MIB)))
     with pytest.raises(ConfigError, match="RENDER_TEMPLATE_OUTPUT_BYTES"):
         check_message_sizes(RenderSettings(template_limits=TemplateLimits(output_bytes=2 * MIB)))
+
+
+async def test_renders_fallbacks_and_the_open_breaker_are_measured_for_prometheus(
+    render_service: RenderServiceFactory,
+) -> None:
+    """With the profile service down, renders fall back (counted by reason) until the breaker
+    opens (reported as open, and renders then fall back at once)."""
+
+    def renders(reason: str) -> float:
+        labels = {"status": "rendered", "profile_source": "none", "fallback_reason": reason}
+        labels["skip_reason"] = ""
+        return REGISTRY.get_sample_value("sendtime_render_renders_total", labels) or 0.0
+
+    before = {reason: renders(reason) for reason in ("profile_unavailable", "circuit_open")}
+    async with render_service(f"127.0.0.1:{devstack.free_port()}") as stub:
+        for _ in range(8):
+            request = render_request(user("u-1"), abandoned_cart(first_name="there"))
+            response = await stub.Render(request, timeout=2)
+            assert response.fallback_used
+        assert REGISTRY.get_sample_value("sendtime_render_profile_breaker_open") == 1.0
+    assert renders("profile_unavailable") > before["profile_unavailable"]
+    assert renders("circuit_open") > before["circuit_open"]
+    assert renders("profile_unavailable") + renders("circuit_open") == sum(before.values()) + 8

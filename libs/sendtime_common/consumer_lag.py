@@ -1,0 +1,50 @@
+"""How far each durable consumer of the event log is behind, as Prometheus gauges
+(docs/operations.md): read from NATS every few seconds by the service that consumes, since a
+scrape cannot wait on NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from prometheus_client import Gauge
+
+from sendtime_common.event_log import ConsumerBacklog, EventLogUnavailable
+
+log = logging.getLogger(__name__)
+
+READ_EVERY_S = 5.0
+
+PENDING = Gauge(
+    "sendtime_consumer_pending_messages",
+    "Messages stored in the event log and not yet delivered to the durable consumer.",
+    ["consumer"],
+)
+ACK_PENDING = Gauge(
+    "sendtime_consumer_ack_pending_messages",
+    "Messages delivered to the durable consumer and not yet acknowledged.",
+    ["consumer"],
+)
+
+
+async def watch_backlog(
+    consumer: str, read: Callable[[], Awaitable[ConsumerBacklog]], every_s: float = READ_EVERY_S
+) -> None:
+    """Set ``consumer``'s gauges from ``read()`` every ``every_s`` until cancelled. While NATS
+    does not answer, the gauges keep their last values and one warning is logged."""
+    pending, ack_pending = PENDING.labels(consumer), ACK_PENDING.labels(consumer)
+    warned = False
+    while True:
+        try:
+            backlog = await read()
+        except EventLogUnavailable as exc:
+            if not warned:
+                extra = {"consumer": consumer, "error": str(exc)}
+                log.warning("cannot read the consumer's backlog", extra=extra)
+                warned = True
+        else:
+            pending.set(backlog.pending)
+            ack_pending.set(backlog.ack_pending)
+            warned = False
+        await asyncio.sleep(every_s)
