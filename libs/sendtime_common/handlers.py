@@ -36,7 +36,9 @@ def replace_behavior(
 class WrappingInterceptor(_ServerInterceptor):
     """A server interceptor that puts ``wrap(method, handler)`` in place of each method's
     handler. The wrapped handler is made on a method's first call and reused for as long as
-    gRPC hands over the same handler (it does, every call), so a call costs a lookup."""
+    the same handler is handed over: gRPC's own, every call; but an interceptor further in that
+    wraps each call (OpenTelemetry's does) hands over a new one each call, so ``wrap`` must be
+    cheap, with what it can prepare per method kept."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}

@@ -55,13 +55,25 @@ class InternalErrors(WrappingInterceptor):
     the exception), and a request that does not decode into INVALID_ARGUMENT. Aborts
     (``context.abort``) and cancellations pass through."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # By method: its deserializer, the tolerant one in its place, the refusal of a request
+        # that does not decode. A wrapper outside the tracing interceptor wraps every call anew
+        # (tracing hands over a new handler each call); these are made once.
+        self._prepared: dict[
+            str, tuple[Callable[[bytes], Any], Callable[[bytes], Any], status_pb2.Status]
+        ] = {}
+
     def wrap(self, method: str, handler: Handler) -> Handler:
         deserializer = handler.request_deserializer
         if deserializer is None:  # raw bytes: nothing to decode
             return replace_behavior(handler, lambda behavior: _contained(method, None, behavior))
-        type_name = _type_name(deserializer, method)
-        tolerant: Handler = handler._replace(request_deserializer=_tolerant(deserializer))  # type: ignore[attr-defined]
-        return replace_behavior(tolerant, lambda behavior: _contained(method, type_name, behavior))
+        prepared = self._prepared.get(method)
+        if prepared is None or prepared[0] is not deserializer:
+            refusal = undecodable_status(_type_name(deserializer, method))
+            prepared = self._prepared[method] = (deserializer, _tolerant(deserializer), refusal)
+        tolerant: Handler = handler._replace(request_deserializer=prepared[1])  # type: ignore[attr-defined]
+        return replace_behavior(tolerant, lambda behavior: _contained(method, prepared[2], behavior))
 
 
 class _Undecodable:
@@ -99,10 +111,10 @@ def undecodable_status(type_name: str) -> status_pb2.Status:
     )
 
 
-def _contained(method: str, type_name: str | None, behavior: Behavior) -> Behavior:
-    """``behavior``, answering a bug INTERNAL and, when ``type_name`` is given (the request
-    type), a request that did not decode INVALID_ARGUMENT (a stream at its first such message)."""
-    refusal = undecodable_status(type_name) if type_name is not None else None
+def _contained(method: str, refusal: status_pb2.Status | None, behavior: Behavior) -> Behavior:
+    """``behavior``, answering a bug INTERNAL and, when ``refusal`` is given (the request type's
+    ``undecodable_status``), a request that did not decode with it (a stream at its first such
+    message)."""
 
     async def checked(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]

@@ -104,9 +104,17 @@ class RpcMetrics(WrappingInterceptor):
     load shedder or the access check refuse are counted too). A call whose client went away
     counts as CANCELLED."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # By method, made once: a wrapper outside the tracing interceptor wraps every call anew
+        # (tracing hands over a new handler each call).
+        self._series: dict[str, _RpcSeries] = {}
+
     def wrap(self, method: str, handler: Handler) -> Handler:
-        kind = next(field for field in _GRPC_TYPES if getattr(handler, field) is not None)
-        series = _RpcSeries(method, _GRPC_TYPES[kind])
+        series = self._series.get(method)
+        if series is None:
+            kind = next(field for field in _GRPC_TYPES if getattr(handler, field) is not None)
+            series = self._series[method] = _RpcSeries(method, _GRPC_TYPES[kind])
         return replace_behavior(handler, lambda behavior: _observed(series, behavior))
 
 

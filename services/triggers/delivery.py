@@ -52,6 +52,7 @@ from multidict import CIMultiDict
 from sendtime.triggers.v1 import triggers_pb2
 from sendtime_common.errors import FieldViolation, log_unexpected, new_error_id
 from triggers.delivery_log import AttemptRecord, DeliveryLog, DeliveryLogError
+from triggers.metrics import ATTEMPT_SECONDS, ATTEMPTS, DISABLES
 from triggers.retry_schedule import (
     DEFAULT_DISABLE_AFTER,
     RetrySchedule,
@@ -406,6 +407,7 @@ class _Lane:
                 http_status=answer.http_status,
                 error=answer.error,
             )
+            ATTEMPT_SECONDS.labels(destination.name).observe(attempt.latency.total_seconds())
             log.info(
                 "webhook attempt",
                 extra={
@@ -451,6 +453,7 @@ class _Lane:
             decision = decide(
                 settings.schedule, attempts_made, answer.http_status, retry_after, now, context.rng
             )
+            ATTEMPTS.labels(destination.name, decision.step.value).inc()
             if decision.step == Step.RETRY:
                 assert decision.next_attempt_time is not None
                 await context.log.schedule_next(delivery.name, decision.next_attempt_time)
@@ -490,6 +493,7 @@ class _Lane:
         # Locally first: attempts that end meanwhile must not disable it again.
         self.destination = replace(self.destination, enabled=False)
         log.warning("destination disabled", extra={"destination": self.destination.name, "reason": reason})
+        DISABLES.labels(self.destination.name).inc()
         try:
             await self._context.log.disable_destination(self.destination.name, reason)
         except DeliveryLogError:

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from prometheus_client import REGISTRY
 
 from sendtime.triggers.v1 import triggers_pb2
 from sendtime_common.errors import FieldViolation
@@ -592,3 +594,31 @@ def test_destinations_and_deliveries_from_the_contract() -> None:
     resumed = OutboundDelivery.from_proto(stored)
     assert (resumed.attempts_made, resumed.next_attempt_time) == (1, due)
     assert orjson.loads(resumed.body) == {"trigger": "triggers/t1", "items": [{"sku": "S-1"}]}
+
+
+def attempted_once(log: MemoryDeliveryLog, delivery_name: str) -> bool:
+    return len(log.attempts(delivery_name)) == 1
+
+
+async def test_attempts_and_disables_are_measured_for_prometheus(receivers: MakeReceiver) -> None:
+    """Each attempt by destination and what followed it, its latency, and the destination's
+    disabling; a destination of its own, so that the counts start at zero."""
+    receiver = await receivers(statuses(503, 204, 410))
+    name = f"destinations/metrics-{time.monotonic_ns()}"
+    log = MemoryDeliveryLog()
+    async with dispatching(log) as d:
+        await d.set_destination(webhook(receiver, name=name))
+        for n in (1, 2, 3):  # one at a time: the 503's retry is scheduled minutes later
+            d.submit(delivery(n, destination=name))
+            await until(partial(attempted_once, log, f"deliveries/{n}"))
+        await until(lambda: log.disabled_reason(name) == GONE_REASON)
+
+    def counted(metric: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"destination": name, **labels}) or 0.0
+
+    attempts = "sendtime_triggers_delivery_attempts_total"
+    assert counted(attempts, result="retry") == 1  # the 503
+    assert counted(attempts, result="delivered") == 1
+    assert counted(attempts, result="failed") == 1  # the 410
+    assert counted("sendtime_triggers_delivery_attempt_seconds_count") == 3
+    assert counted("sendtime_triggers_destination_disables_total") == 1
