@@ -439,6 +439,23 @@ async def compare_renders(
     return RenderSides(plain, tls, sides, start, end)
 
 
+async def warm_twins(
+    channels: Sequence[grpc.aio.Channel],
+    user_ids: Sequence[str],
+    requests: Sequence[bytes],
+    metadata: Metadata,
+    concurrency: int,
+) -> None:
+    """Before twins take turns: an untimed RenderBatch of every customer on each (its caches),
+    then a second of Render at ``concurrency`` on each (its connection, a TLS handshake)."""
+    for channel in channels:
+        await render_batch(channel, user_ids, metadata)
+    for channel in channels:
+        warm = await measure_renders(channel, RENDER, requests, concurrency, 1.0, metadata)
+        if warm.measured.calls == 0:
+            raise BenchError(f"a twin: no call succeeded during the warm-up: {warm.measured.errors}")
+
+
 async def compare_metrics(
     stack: BenchStack,
     user_ids: Sequence[str],
@@ -463,12 +480,7 @@ async def compare_metrics(
             open_channel(targets[0], PLAINTEXT) as metered,
             open_channel(targets[1], PLAINTEXT) as unmetered,
         ):
-            for channel in (metered, unmetered):
-                await render_batch(channel, user_ids, metadata)
-            for channel in (metered, unmetered):
-                warm = await measure_renders(channel, RENDER, requests, concurrency, 1.0, metadata)
-                if warm.measured.calls == 0:
-                    raise BenchError(f"a twin: no call succeeded during the warm-up: {warm.measured.errors}")
+            await warm_twins((metered, unmetered), user_ids, requests, metadata, concurrency)
             compared = await compare_renders(
                 [metered, unmetered],
                 (stack.pid_of(labels[0]), stack.pid_of(labels[1])),
@@ -786,12 +798,7 @@ async def run_bench(stack: BenchStack, options: Options, ideal_target: str, idea
         # caches, and a warmed-up connection (TLS: the handshake), before they take turns.
         say("TLS beside plaintext: RenderBatch on each twin, untimed, to fill its caches; warm-up")
         twins_batched = time.monotonic()
-        for channel in (twin_channel, tls_channel):
-            await render_batch(channel, user_ids, metadata)
-        for channel in (twin_channel, tls_channel):
-            warm = await measure_renders(channel, RENDER, render_requests, n, 1.0, metadata)
-            if warm.measured.calls == 0:
-                raise BenchError(f"a twin: no call succeeded during the warm-up: {warm.measured.errors}")
+        await warm_twins((twin_channel, tls_channel), user_ids, render_requests, metadata, n)
         twin_pids = (stack.pid_of("render-twin"), stack.pid_of("render-tls"))
         say(
             f"Render on the twins, {n} concurrent: plaintext (A) and TLS (B) taking turns (A B B A B A A"

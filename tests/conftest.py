@@ -17,7 +17,7 @@ import asyncio  # noqa: E402 - after the environment above, as grpc reads it on 
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,9 +43,14 @@ from render.settings import Settings as RenderSettings
 from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.render.v1 import render_pb2_grpc
+from sendtime_common.auth.access import AccessInterceptor, Authenticator, MethodAccess
 from sendtime_common.auth.api_keys import Scope
+from sendtime_common.auth.audit import AuditTrail
 from sendtime_common.auth.client import authenticated_channel
+from sendtime_common.auth.key_store import KeyStore
+from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.tls import ClientTls, TlsSettings
 from tests.keys import issue_key
 from triggers.secret_box import SecretBox
@@ -83,6 +88,26 @@ def local_env(service: str, **variables: str) -> dict[str, str]:
         "IDENTIFIER_HASH_KEYS": "unkeyed",
         **variables,
     }
+
+
+@asynccontextmanager
+async def access_checked(database_url: str, methods: Iterable[str]) -> AsyncIterator[AccessInterceptor]:
+    """The access check every service has, over the keys in ``database_url``, with ``methods``
+    (test methods of a raw-bytes service) each needing the scope ``render``."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    store = KeyStore(pool)
+    await store.migrate()
+    ring = KeyRing(store)
+    await ring.load()
+    try:
+        yield AccessInterceptor(
+            {method: MethodAccess(method, Scope.RENDER) for method in methods},
+            Authenticator(ring),
+            AuditTrail(pool, "test"),
+            IdentifierHasher.unkeyed(),
+        )
+    finally:
+        await pool.close()
 
 
 ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

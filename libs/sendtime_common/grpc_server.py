@@ -30,9 +30,9 @@ from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_op
 from sendtime_common.handlers import ComposedInterceptor
 from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls, etag_matches, etag_of
 from sendtime_common.http_routes import routes_of
-from sendtime_common.http_server import HttpListener
+from sendtime_common.http_server import HttpListener, metrics_listener
 from sendtime_common.internal_errors import InternalErrors
-from sendtime_common.metrics import RpcMetrics, metrics_app
+from sendtime_common.metrics import RpcMetrics
 from sendtime_common.shutdown import CANCEL_WAIT_S, bounded
 from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
@@ -147,14 +147,7 @@ class GrpcServer:
                 raise OSError(f"cannot listen on {health_address}")
         self.metrics: HttpListener | None = None
         if metrics_address:
-            self.metrics = HttpListener(
-                metrics_app(),
-                metrics_address,
-                tls=TlsSettings(allow_plaintext=True),
-                name="metrics",
-                grace_s=0,
-                plaintext_by_design=True,
-            )
+            self.metrics = metrics_listener(metrics_address)
 
     @property
     def tls_mode(self) -> str:

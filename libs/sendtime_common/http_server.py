@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sendtime_common.json_input import JsonInputError, JsonReason, check_media_type, decode_content
-from sendtime_common.metrics import HttpMetrics
+from sendtime_common.metrics import HttpMetrics, metrics_app
 from sendtime_common.shutdown import CANCEL_WAIT_S
 from sendtime_common.tls import TlsSettings, server_ssl_context, warn_if_plaintext, watch_ssl_context
 
@@ -187,3 +187,16 @@ class HttpListener:
             if stuck:
                 log.error(f"{self._name}: handlers ignore cancellation", extra={"requests": len(stuck)})
         await runner.cleanup()
+
+
+def metrics_listener(address: str) -> HttpListener:
+    """The metrics port on ``address``: ``GET /metrics`` (sendtime_common.metrics), plaintext by
+    design (it carries neither credentials nor personal data), not started."""
+    return HttpListener(
+        metrics_app(),
+        address,
+        tls=TlsSettings(allow_plaintext=True),
+        name="metrics",
+        grace_s=0,
+        plaintext_by_design=True,
+    )

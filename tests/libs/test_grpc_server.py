@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -14,17 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ingest.server import IngestApp
 from profile_service.server import ProfileApp
-from sendtime_common.auth.access import AccessInterceptor, Authenticator, MethodAccess
-from sendtime_common.auth.api_keys import Scope
-from sendtime_common.auth.audit import AuditTrail
-from sendtime_common.auth.key_store import KeyStore
-from sendtime_common.auth.keyring import KeyRing
+from sendtime_common.auth.access import AccessInterceptor
 from sendtime_common.call_limits import MIB, CallLimits
 from sendtime_common.config import ConfigError
 from sendtime_common.errors import details_of, status_of
 from sendtime_common.grpc_server import GrpcServer
-from sendtime_common.identifiers import IdentifierHasher
-from tests.conftest import LOCAL_SERVER, channel
+from tests.conftest import LOCAL_SERVER, access_checked, channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -36,18 +30,8 @@ TEST_METHODS = ("/test.Slow/Wait", "/test.Burst/Pause", "/test.Burst/Follow")
 @pytest.fixture
 async def access(database_url: str) -> AsyncIterator[AccessInterceptor]:
     """The access check every service has, with rules for the test methods."""
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    store = KeyStore(pool)
-    await store.migrate()
-    ring = KeyRing(store)
-    await ring.load()
-    yield AccessInterceptor(
-        {method: MethodAccess(method, Scope.RENDER) for method in TEST_METHODS},
-        Authenticator(ring),
-        AuditTrail(pool, "test"),
-        IdentifierHasher.unkeyed(),
-    )
-    await pool.close()
+    async with access_checked(database_url, TEST_METHODS) as checked:
+        yield checked
 
 
 class SlowService:

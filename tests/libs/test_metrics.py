@@ -7,22 +7,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import asyncpg
 import grpc
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sendtime_common.auth.access import AccessInterceptor, Authenticator, MethodAccess
-from sendtime_common.auth.api_keys import Scope
-from sendtime_common.auth.audit import AuditTrail
-from sendtime_common.auth.key_store import KeyStore
-from sendtime_common.auth.keyring import KeyRing
+from sendtime_common.auth.access import AccessInterceptor
 from sendtime_common.grpc_server import GrpcServer
-from sendtime_common.http_server import HttpListener
-from sendtime_common.identifiers import IdentifierHasher
-from sendtime_common.metrics import metrics_app
-from tests.conftest import LOCAL_SERVER, channel
+from sendtime_common.http_server import HttpListener, metrics_listener
+from tests.conftest import LOCAL_SERVER, access_checked, channel
 
 METHODS = ("/test.Metered/Echo", "/test.Metered/Fail", "/test.Metered/Count")
 
@@ -55,18 +48,8 @@ class MeteredService:
 
 @pytest.fixture
 async def access(database_url: str) -> AsyncIterator[AccessInterceptor]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    store = KeyStore(pool)
-    await store.migrate()
-    ring = KeyRing(store)
-    await ring.load()
-    yield AccessInterceptor(
-        {method: MethodAccess(method, Scope.RENDER) for method in METHODS},
-        Authenticator(ring),
-        AuditTrail(pool, "test"),
-        IdentifierHasher.unkeyed(),
-    )
-    await pool.close()
+    async with access_checked(database_url, METHODS) as checked:
+        yield checked
 
 
 async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -155,14 +138,7 @@ async def test_http_requests_are_counted_by_route_template_never_the_path() -> N
 
     app.router.add_get("/things/{thing_id}", thing)
     listener = HttpListener(app, "127.0.0.1:0", tls=LOCAL_SERVER["tls"], name="test-http", grace_s=1)
-    metrics = HttpListener(
-        metrics_app(),
-        "127.0.0.1:0",
-        tls=LOCAL_SERVER["tls"],
-        name="test-metrics",
-        grace_s=1,
-        plaintext_by_design=True,
-    )
+    metrics = metrics_listener("127.0.0.1:0")
     await listener.start()
     await metrics.start()
     try:
@@ -198,14 +174,7 @@ async def test_http_requests_are_counted_by_route_template_never_the_path() -> N
 
 
 async def test_the_metrics_port_serves_metrics_only() -> None:
-    metrics = HttpListener(
-        metrics_app(),
-        "127.0.0.1:0",
-        tls=LOCAL_SERVER["tls"],
-        name="test-metrics",
-        grace_s=1,
-        plaintext_by_design=True,
-    )
+    metrics = metrics_listener("127.0.0.1:0")
     await metrics.start()
     try:
         async with aiohttp.ClientSession() as session:
@@ -236,14 +205,7 @@ async def test_without_a_metrics_address_nothing_is_counted(
         tls=LOCAL_SERVER["tls"],
         health_address="",
     )
-    metrics = HttpListener(
-        metrics_app(),
-        "127.0.0.1:0",
-        tls=LOCAL_SERVER["tls"],
-        name="test-metrics",
-        grace_s=1,
-        plaintext_by_design=True,
-    )
+    metrics = metrics_listener("127.0.0.1:0")
     await server.start()
     await metrics.start()
     try:
