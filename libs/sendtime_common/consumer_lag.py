@@ -4,15 +4,12 @@ scrape cannot wait on NATS."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
 from sendtime_common.event_log import ConsumerBacklog, EventLogUnavailable
-
-log = logging.getLogger(__name__)
+from sendtime_common.metrics import sample_every
 
 READ_EVERY_S = 5.0
 
@@ -34,17 +31,11 @@ async def watch_backlog(
     """Set ``consumer``'s gauges from ``read()`` every ``every_s`` until cancelled. While NATS
     does not answer, the gauges keep their last values and one warning is logged."""
     pending, ack_pending = PENDING.labels(consumer), ACK_PENDING.labels(consumer)
-    warned = False
-    while True:
-        try:
-            backlog = await read()
-        except EventLogUnavailable as exc:
-            if not warned:
-                extra = {"consumer": consumer, "error": str(exc)}
-                log.warning("cannot read the consumer's backlog", extra=extra)
-                warned = True
-        else:
-            pending.set(backlog.pending)
-            ack_pending.set(backlog.ack_pending)
-            warned = False
-        await asyncio.sleep(every_s)
+
+    def record(backlog: ConsumerBacklog) -> None:
+        pending.set(backlog.pending)
+        ack_pending.set(backlog.ack_pending)
+
+    await sample_every(
+        every_s, read, record, unavailable=(EventLogUnavailable,), what=f"the backlog of {consumer}"
+    )

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from aiohttp import web
@@ -26,6 +27,10 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sendtime_common.handlers import Behavior, Handler, WrappingInterceptor, replace_behavior
+
+log = logging.getLogger(__name__)
+
+SampleT = TypeVar("SampleT")
 
 # Seconds. From a profile hit (well under a millisecond) to render's deadline and the 2 s an
 # email platform waits at send time, and past it for batch calls.
@@ -216,3 +221,28 @@ def metrics_app() -> web.Application:
     app = web.Application(client_max_size=1024)
     app.router.add_get("/metrics", make_aiohttp_handler(REGISTRY))
     return app
+
+
+async def sample_every(
+    every_s: float,
+    read: Callable[[], Awaitable[SampleT]],
+    record: Callable[[SampleT], None],
+    *,
+    unavailable: tuple[type[BaseException], ...],
+    what: str,
+) -> None:
+    """Hand ``record`` what ``read()`` returns every ``every_s`` seconds until cancelled: for
+    gauges read from a dependency, since a scrape cannot wait on one. While ``read`` raises one
+    of ``unavailable`` the gauges keep their last values and one warning names ``what``."""
+    warned = False
+    while True:
+        try:
+            sample = await read()
+        except unavailable as exc:
+            if not warned:
+                log.warning("cannot read %s for the metrics", what, extra={"error": str(exc)})
+                warned = True
+        else:
+            record(sample)
+            warned = False
+        await asyncio.sleep(every_s)

@@ -183,6 +183,14 @@ class FireCommit:
         return self.fired.closed_at
 
 
+@dataclass(frozen=True, slots=True)
+class Timers:
+    """The episodes waiting to fall due, and those of them overdue (EpisodeStore.timers)."""
+
+    pending: int
+    overdue: int
+
+
 class CommitOutcome(enum.StrEnum):
     COMMITTED = "committed"
     # Written since the claim (an exit, a restart, another claim after the lease ended, the
@@ -427,6 +435,19 @@ class EpisodeStore:
             "SELECT min(due_at) FROM triggers_episodes WHERE state = 'waiting' AND due_at < 'infinity'"
         )
         return due
+
+    async def timers(self, now: datetime, *, overdue_after: timedelta) -> Timers:
+        """How many waiting episodes will fall due (parked ones never do; claimed ones count until
+        settled), and how many of them fell due more than ``overdue_after`` before ``now``: one
+        read of the claims' partial index."""
+        row: Any = await self._pool.fetchrow(
+            """
+            SELECT count(*) AS pending, count(*) FILTER (WHERE due_at < $1) AS overdue
+            FROM triggers_episodes WHERE state = 'waiting' AND due_at < 'infinity'
+            """,
+            now - overdue_after,
+        )
+        return Timers(pending=row["pending"], overdue=row["overdue"])
 
     async def fire_facts(self, customer_id: str, trigger_id: str, *, since: datetime) -> FireFacts:
         """The trigger's last fire for the customer, the customer's fires of every trigger after

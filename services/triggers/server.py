@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 import asyncpg
@@ -30,6 +30,7 @@ from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.metrics import sample_every
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 from triggers.clients import GrpcMessageRenderer, GrpcProfileReader, ProfileChannel, RenderChannel
 from triggers.delivery_servicer import DeliveryServicer
@@ -38,11 +39,16 @@ from triggers.dependencies import MessageRenderer, ProfileReader
 from triggers.destination_servicer import DestinationServicer
 from triggers.destination_store import DestinationStore
 from triggers.engine import EngineSettings, TriggersEngine
+from triggers.episode_store import EpisodeStore, Timers
+from triggers.metrics import OVERDUE_AFTER, TIMERS_OVERDUE, TIMERS_PENDING
 from triggers.settings import Settings
 from triggers.ssrf import UrlPolicy
 from triggers.store import migrate_store
 from triggers.trigger_servicer import TriggerServicer
 from triggers.trigger_store import TriggerStore
+
+# A count over the claims' index: cheap, but not worth a query per scrape.
+TIMERS_READ_EVERY_S = 15.0
 
 SERVICE_NAMES = [
     triggers_pb2.DESCRIPTOR.services_by_name[name].full_name
@@ -83,7 +89,28 @@ class TriggersApp:
             read = partial(self.event_log.backlog, self.changes_consumer, profile_changes=True)
             watching = watch_backlog(self.changes_consumer, read)
             self._watching.append(asyncio.create_task(watching, name="changes-backlog"))
+        self._watching.append(asyncio.create_task(self._watch_timers(), name="timers"))
         await self.engine.start()
+
+    async def _watch_timers(self) -> None:
+        """Keep the timer gauges current (triggers.metrics) until cancelled."""
+
+        def record(timers: Timers) -> None:
+            TIMERS_PENDING.set(timers.pending)
+            TIMERS_OVERDUE.set(timers.overdue)
+
+        episodes = EpisodeStore(self.pool)
+
+        async def read() -> Timers:
+            return await episodes.timers(datetime.now(UTC), overdue_after=OVERDUE_AFTER)
+
+        await sample_every(
+            TIMERS_READ_EVERY_S,
+            read,
+            record,
+            unavailable=(OSError, asyncpg.PostgresError, asyncpg.InterfaceError),
+            what="the trigger timers",
+        )
 
     async def close(self) -> None:
         """After the drain: the engine finishes its work in hand, then the clients close side by

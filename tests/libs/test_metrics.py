@@ -3,6 +3,7 @@ status, timed, and served on the plaintext metrics port."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sendtime_common.auth.access import AccessInterceptor
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_server import HttpListener, metrics_listener
+from sendtime_common.metrics import sample_every
 from tests.conftest import LOCAL_SERVER, access_checked, channel
 
 METHODS = ("/test.Metered/Echo", "/test.Metered/Fail", "/test.Metered/Count")
@@ -223,3 +225,29 @@ async def test_without_a_metrics_address_nothing_is_counted(
     finally:
         await server.stop(grace_s=1)
         await metrics.stop()
+
+
+async def test_gauges_sampled_from_a_dependency_keep_their_last_values_while_it_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    answers: list[int | OSError] = [1, OSError("refused"), OSError("refused"), 2]
+    recorded: list[int] = []
+    done = asyncio.Event()
+
+    async def read() -> int:
+        answer = answers.pop(0)
+        if not answers:
+            done.set()
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    sampling = asyncio.create_task(
+        sample_every(0.001, read, recorded.append, unavailable=(OSError,), what="the answers")
+    )
+    await asyncio.wait_for(done.wait(), 5)
+    await asyncio.sleep(0.01)
+    sampling.cancel()
+    assert recorded == [1, 2]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["cannot read the answers for the metrics"]  # once while down

@@ -40,6 +40,7 @@ from triggers.episode_store import (
     CommitOutcome,
     FireResult,
     NewDelivery,
+    Timers,
 )
 from triggers.episodes import DueAction, Episode, EpisodeState, EventAction, IncomingEvent, Reason, on_event
 from triggers.secret_box import SecretBox
@@ -134,6 +135,28 @@ async def test_an_exit_that_arrived_first_keeps_the_late_entry_from_opening(stor
 
 
 # ---- claims ----------------------------------------------------------------------------------------
+
+
+async def test_timers_count_the_episodes_waiting_and_those_overdue(stores: Stores) -> None:
+    """What the timer gauges show (triggers.metrics): parked episodes never fall due, a claimed
+    one counts until settled, a fired one no more."""
+    trigger_id, paused_id = await new_trigger(stores), await new_trigger(stores)
+    await open_episode(stores, trigger_id, "c1")
+    await open_episode(stores, trigger_id, "c2")
+    await open_episode(stores, trigger_id, "c3", at=T0 + 2 * HOUR)
+    await open_episode(stores, paused_id, "c4")
+    minute = timedelta(minutes=1)
+    assert await stores.episodes.timers(T0, overdue_after=minute) == Timers(pending=4, overdue=0)
+    assert await stores.episodes.timers(DUE + minute, overdue_after=minute) == Timers(pending=4, overdue=0)
+    late = DUE + 2 * minute
+    assert await stores.episodes.timers(late, overdue_after=minute) == Timers(pending=4, overdue=3)
+
+    [claimed] = await stores.episodes.claim_due(late, 1, owner=stores.owner)  # its due time is the lease's end
+    assert await stores.episodes.timers(late, overdue_after=minute) == Timers(pending=4, overdue=2)
+    await stores.triggers.pause(paused_id)
+    await settle(stores, claimed, late)
+    await fire_due(stores, late)  # the other fires; c4's trigger is paused: parked
+    assert await stores.episodes.timers(late, overdue_after=minute) == Timers(pending=1, overdue=0)
 
 
 async def test_a_due_episode_is_claimed_once_with_its_trigger(stores: Stores) -> None:
