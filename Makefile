@@ -18,7 +18,7 @@ help:
 	@echo "make test       install what is needed and run the whole test suite"
 	@echo "make fuzz       the fuzz tests (tests/fuzz) with many examples each; make test runs a small slice"
 	@echo "make lint       buf lint, ruff, mypy"
-	@echo "make gen        regenerate gen/python and openapi/ from protos/;  make gen-check: fail when stale"
+	@echo "make gen        regenerate gen/python and openapi/ from protos/, the Grafana dashboards;  make gen-check: fail when stale"
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
 	@echo "make bench      every benchmark (docs/benchmarks.md); or one: bench-ingest, bench-profile, bench-render,"
@@ -60,14 +60,18 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# gen/python first: the OpenAPI document is built from the generated descriptors.
+# gen/python first: the OpenAPI document is built from the generated descriptors. The Grafana
+# dashboards (deploy/components/prometheus/dashboards/) come from scripts/gen_dashboards.py.
 gen: install
 	$(PY) scripts/gen_protos.py
 	$(PY) scripts/gen_openapi.py
+	$(PY) scripts/gen_dashboards.py
+
+DASHBOARDS := deploy/components/prometheus/dashboards/
 
 gen-check: gen
-	@git diff --exit-code --stat -- gen/ openapi/ && test -z "$$(git status --porcelain -- gen/ openapi/)" \
-		|| (echo "gen/python or openapi/ is stale: run 'make gen' and commit it" >&2; exit 1)
+	@git diff --exit-code --stat -- gen/ openapi/ $(DASHBOARDS) && test -z "$$(git status --porcelain -- gen/ openapi/ $(DASHBOARDS))" \
+		|| (echo "gen/python, openapi/ or the dashboards are stale: run 'make gen' and commit them" >&2; exit 1)
 
 # Benchmarks start their own NATS, Redis, database and services; only PostgreSQL must be reachable.
 bench: bench-ingest bench-profile bench-render bench-http bench-triggers

@@ -327,6 +327,37 @@ def _apt_install(package: str, missing: str) -> None:
         raise DevstackError(f"apt-get install {package} failed; install it yourself")
 
 
+def require_promtool() -> str:
+    """promtool (the rules' checks and unit tests), installed with Debian's prometheus package
+    if it is missing and we may. The package also brings the prometheus server the monitoring
+    test runs; its own service is kept from starting and from starting at boot."""
+    if shutil.which("promtool") is None:
+        _apt_install_without_starting("prometheus", "promtool")
+        if Path("/run/systemd/system").is_dir():  # systemd runs: the postinst enabled the unit
+            subprocess.run(["systemctl", "disable", "--now", "prometheus.service"], check=False)
+    found = shutil.which("promtool")
+    if found is None:
+        raise DevstackError("promtool still not found after installing prometheus")
+    return found
+
+
+def _apt_install_without_starting(package: str, missing: str) -> None:
+    """_apt_install with a policy-rc.d that denies starting services (unless one is in place),
+    so that a package's postinst starts no daemon (prometheus would listen on 9090)."""
+    policy = Path("/usr/sbin/policy-rc.d")
+    ours = os.geteuid() == 0 and not policy.exists()
+    if ours:
+        policy.write_text(
+            "#!/bin/sh\n# devstack.py: no service starts while it installs packages\nexit 101\n"
+        )
+        policy.chmod(0o755)
+    try:
+        _apt_install(package, missing)
+    finally:
+        if ours:
+            policy.unlink(missing_ok=True)
+
+
 def require_redis_server() -> str:
     """The redis-server binary, installed with apt-get first if it is missing and we may."""
     if shutil.which("redis-server") is None:
@@ -624,12 +655,14 @@ def up(env: Mapping[str, str] | None = None) -> list[str]:
 def ensure(env: Mapping[str, str] | None = None) -> None:
     """What `make test` needs: the tests start their own NATS and Redis, but use an admin database.
 
-    So: the venv's nats-server and a redis-server binary exist, and PostgreSQL listens at
-    TEST_DATABASE_URL (a private cluster is started if not). No database is created.
+    So: the venv's nats-server, a redis-server binary and promtool (with prometheus) exist, and
+    PostgreSQL listens at TEST_DATABASE_URL (a private cluster is started if not). No database is
+    created.
     """
     env = os.environ if env is None else env
     _say(f"nats:     {nats_server_binary()}")
     _say(f"redis:    {require_redis_server()}")
+    _say(f"promtool: {require_promtool()}")
     postgres = endpoint("postgres", env.get("TEST_DATABASE_URL") or DEFAULT_TEST_DATABASE_URL, 5432)
     _ensure_postgres(postgres, run_dir(env))
 
@@ -682,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands.add_parser("down", help="stop what `up`/`ensure` started in this checkout")
     commands.add_parser(
-        "ensure", help="for the tests: nats-server and redis-server installed, Postgres at TEST_DATABASE_URL"
+        "ensure",
+        help="for the tests: nats-server, redis-server and promtool installed, Postgres at TEST_DATABASE_URL",
     )
     args = parser.parse_args(argv)
     try:
