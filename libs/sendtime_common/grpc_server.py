@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 # as one base URL behind the Ingress does.
 OPENAPI_DOCUMENT = Path(__file__).resolve().parents[2] / "openapi" / "sendtime.openapi.json"
 
+# Callers balance round robin over the addresses a name resolves to (service_channel), resolved
+# when they connect: closing each connection after about this long (gRPC adds +-10% jitter)
+# makes them resolve again, so a replica added later gets its share within minutes. Calls and
+# streams on a closing connection finish there: no grace bound is set.
+MAX_CONNECTION_AGE_S = 300
+
 OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what probes ask about
 
 # Probes and reflection are not traced: they are noise in traces, and the tracing interceptor
@@ -110,6 +116,7 @@ class GrpcServer:
             options=[
                 *message_size_options(self.limits.max_receive_bytes, self.limits.max_send_bytes),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
                 # Calls that arrived but that the Python side has not picked up yet wait in gRPC
                 # core, which picks them up one per turn of the event loop. Past this bound core
                 # cancels them (CANCELLED, a code callers cannot safely retry); below gRPC's
