@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from sendtime_common.answer_memo import AnswerMemo
+from sendtime_common.auth.access import AccessInterceptor
 from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_options
 from sendtime_common.handlers import ComposedInterceptor
 from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls, etag_matches, etag_of
@@ -76,7 +77,7 @@ class GrpcServer:
         address: str,
         service_names: Sequence[str],
         register: Callable[[grpc.aio.Server], None],
-        access: grpc.aio.ServerInterceptor[Any, Any],
+        access: AccessInterceptor,
         *,
         tls: TlsSettings,
         health_address: str,
@@ -84,8 +85,8 @@ class GrpcServer:
         limits: CallLimits | None = None,
     ) -> None:
         """``metrics_address``: where to serve Prometheus metrics (``GET /metrics``, plaintext,
-        no key: they name methods and routes, never a customer); empty: none are kept (the
-        benchmarks measure their cost so).
+        for a key with the scope metrics.read: they name methods and routes, never a customer);
+        empty: none are kept (the benchmarks measure their cost so).
 
         Raises:
         ConfigError: no certificate, and plaintext not allowed.
@@ -154,7 +155,7 @@ class GrpcServer:
                 raise OSError(f"cannot listen on {health_address}")
         self.metrics: HttpListener | None = None
         if metrics_address:
-            self.metrics = metrics_listener(metrics_address)
+            self.metrics = metrics_listener(metrics_address, access)
 
     @property
     def tls_mode(self) -> str:

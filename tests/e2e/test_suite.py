@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -109,6 +110,7 @@ def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
         "NATS_URL": devstack.nats_url(suite_env),
         "SENDTIME_KEY": credentials.admin_key,
         "SENDTIME_CA_FILE": str(credentials.tls.ca_file),
+        "SENDTIME_METRICS_KEY_FILE": str(credentials.prometheus_key_file),
     }
     running = suite.start_services(env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs", credentials=credentials)
     yield env
@@ -414,11 +416,13 @@ def test_the_curl_lines_make_run_prints_work_when_pasted(running_suite: dict[str
     assert '"reason":"TEMPLATE_NOT_FOUND"' in rendered.stdout, rendered
 
 
-def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, str]) -> None:
-    """Each service's metrics port answers GET /metrics without a key (what Prometheus
-    scrapes), with the calls it served counted by method and route template: a profile asked
-    for by email with grpcurl and with curl is counted under its method and its route, and the
-    email is in no label."""
+def test_every_service_serves_its_metrics_in_plaintext_to_the_prometheus_key(
+    running_suite: dict[str, str],
+) -> None:
+    """Each service's metrics port answers GET /metrics to the key `make run` makes for
+    Prometheus (metrics.read) and to nobody else, with the calls it served counted by method and
+    route template: a profile asked for by email with grpcurl and with curl is counted under its
+    method and its route, and the email is in no label. The scrape `make run` prints works."""
     env = running_suite
     email = f"metrics-{uuid.uuid4().hex[:8]}@example.com"
     asked = grpcurl(
@@ -434,8 +438,15 @@ def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, 
     )  # fmt: skip
     assert '"PROFILE_NOT_FOUND"' in fetched.stdout
     samples: dict[str, list[Any]] = {}
+    key = Path(env["SENDTIME_METRICS_KEY_FILE"]).read_text().strip()
     for variable in METRICS_PORTS.values():
-        with urllib.request.urlopen(f"http://{target(env, variable)}/metrics", timeout=10) as answer:
+        url = f"http://{target(env, variable)}/metrics"
+        for refused in ({}, {"Authorization": f"Bearer {env['SENDTIME_KEY']}x"}):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(urllib.request.Request(url, headers=refused), timeout=10)
+            assert caught.value.code == 401, variable
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
             assert answer.status == 200
             text = answer.read().decode()
         assert "example.com" not in text, variable
@@ -468,6 +479,11 @@ def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, 
         )
         >= 1
     )
+    printed = suite.metrics_example(env, Path(env["SENDTIME_METRICS_KEY_FILE"]))
+    pasted = subprocess.run(
+        ["bash", "-c", printed.strip() + " --fail-with-body"], capture_output=True, text=True
+    )
+    assert pasted.returncode == 0 and "grpc_server_handled_total" in pasted.stdout, pasted
 
 
 def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str]) -> None:

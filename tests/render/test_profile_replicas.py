@@ -64,9 +64,9 @@ class ProfileReplica:
                         pass
                     await asyncio.sleep(0.1)
 
-    async def profile_lookups(self) -> float:
+    async def profile_lookups(self, metrics_key: str) -> float:
         """The profile lookups this replica answered, whatever their status."""
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {metrics_key}"}) as session:
             async with session.get(f"http://127.0.0.1:{self.metrics_port}/metrics") as response:
                 text = await response.text()
         return sum(
@@ -104,20 +104,21 @@ def profile_replicas(
 
 
 async def test_render_spreads_profile_lookups_over_every_replica(
-    profile_replicas: list[ProfileReplica], render_service: RenderServiceFactory
+    profile_replicas: list[ProfileReplica], render_service: RenderServiceFactory, metrics_key: str
 ) -> None:
     await asyncio.gather(*(replica.wait_until_serving() for replica in profile_replicas))
     # The static form of a name with two addresses; a headless Service's DNS name gives the
     # channel the same list (dns:///profile-headless:50052).
     target = "ipv4:" + ",".join(f"127.0.0.1:{replica.port}" for replica in profile_replicas)
-    before = [await replica.profile_lookups() for replica in profile_replicas]
+    before = [await replica.profile_lookups(metrics_key) for replica in profile_replicas]
     async with render_service(target) as stub:
         for i in range(RENDERS):
             response = await stub.Render(render_request(user(f"u-{i}"), abandoned_cart()), timeout=5)
             # Nobody of these names: each lookup answered, NOT_FOUND.
             assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_NOT_FOUND
     served = [
-        await replica.profile_lookups() - old for replica, old in zip(profile_replicas, before, strict=True)
+        await replica.profile_lookups(metrics_key) - old
+        for replica, old in zip(profile_replicas, before, strict=True)
     ]
     assert sum(served) == RENDERS
     assert min(served) >= RENDERS // 4, served  # round robin: about half each
