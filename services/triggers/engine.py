@@ -185,6 +185,12 @@ class TriggersEngine:
             asyncio.create_task(self.pump.run(), name="trigger-deliveries"),
         ]
 
+    @property
+    def running(self) -> bool:
+        """Whether the loops (profile changes, firer, deliveries) are all running: one that
+        crashed or returned does its work no more."""
+        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+
     async def close(self) -> None:
         """Stop within a bound (sendtime_common.shutdown): the loops finish what they have in
         hand (a batch of changes, the fires being settled) or are cancelled; unfinished claims

@@ -5,6 +5,10 @@ server (TriggerService, DestinationService, DeliveryService) with its HTTP face.
 The engine (the profile change consumer, the firer, the dispatcher pump, erasures) runs beside
 the server: ``TriggersApp`` starts it after the gRPC server and closes it before the clients and
 the pool it uses; the servicers tell it of every stored change to a trigger or destination.
+
+Ready while the store answers, the engine's loops run and its consumer of the profile changes
+answers (docs/operations.md#health). Profile and render being down is not a reason: the API
+still serves, and the engine retries fires later.
 """
 
 from __future__ import annotations
@@ -84,6 +88,11 @@ class TriggersApp:
             watching = watch_backlog(self.changes_consumer, read)
             self._watching.append(asyncio.create_task(watching, name="changes-backlog"))
         await self.engine.start()
+        # Watched once the engine runs: its consumer exists from then on.
+        self.grpc.readiness.watch("engine", lambda: self.engine.running)
+        if isinstance(self.event_log, JetStreamEventLog):
+            consuming = partial(self.event_log.usable, self.changes_consumer, profile_changes=True)
+            self.grpc.readiness.watch("profile changes", consuming)
 
     async def close(self) -> None:
         """After the drain: the engine finishes its work in hand, then the clients close side by
@@ -109,6 +118,11 @@ class TriggersApp:
         self.deliveries.end_streams()
         await self.grpc.stop(grace_s)
         await self.close()
+
+
+async def store_answers(pool: asyncpg.Pool) -> bool:
+    """A readiness check: PostgreSQL answers through the pool (raises when it does not)."""
+    return bool(await pool.fetchval("SELECT 1") == 1)
 
 
 def replica_name() -> str:
@@ -224,7 +238,10 @@ async def create_app(settings: Settings) -> TriggersApp:
         health_address=settings.health_address,
         metrics_address=settings.metrics_address,
         limits=settings.limits,
+        readiness=settings.readiness,
     )
+    # Every call of the API and every step of the engine goes through the store.
+    server.readiness.watch("store", partial(store_answers, pool))
     if settings.http_address:
         server.serve_http(settings.http_address, grace_s=settings.shutdown_grace_s)
     return TriggersApp(

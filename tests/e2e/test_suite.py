@@ -269,10 +269,13 @@ def test_every_port_serves_tls_needs_a_key_and_probes_use_a_plaintext_health_por
 
         probe = grpc.insecure_channel(target(running_suite, health_variable))
         try:
-            reply = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health = health_pb2_grpc.HealthStub(probe)
+            ready = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
         finally:
             probe.close()
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # no TLS, no key: as kubelet calls
+        # No TLS, no key: as kubelet's readiness and liveness probes call (docs/operations.md#health).
+        assert ready.status == alive.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_bad_request_shows_field_violations_in_grpcurl(running_suite: dict[str, str]) -> None:
