@@ -183,5 +183,25 @@ class ReadinessMonitor:
 
 def task_running(task: asyncio.Task[Any]) -> Callable[[], bool]:
     """A check: ``task`` has not ended (a background loop that crashed or returned cannot do
-    its work)."""
-    return lambda: not task.done()
+    its work). How it ended is logged once, when first seen (the exception's type only: its
+    message may carry data)."""
+    seen_done = False
+
+    def running() -> bool:
+        nonlocal seen_done
+        if not task.done():
+            return True
+        if not seen_done:
+            seen_done = True
+            failed = None if task.cancelled() else task.exception()
+            log.error(
+                "background task ended",
+                extra={
+                    "task": task.get_name(),
+                    "ended": "cancelled" if task.cancelled() else "failed" if failed else "returned",
+                    "error": type(failed).__name__ if failed else None,
+                },
+            )
+        return False
+
+    return running

@@ -186,10 +186,10 @@ class TriggersEngine:
         ]
 
     @property
-    def running(self) -> bool:
-        """Whether the loops (profile changes, firer, deliveries) are all running: one that
-        crashed or returned does its work no more."""
-        return bool(self._tasks) and not any(task.done() for task in self._tasks)
+    def loops(self) -> list[asyncio.Task[None]]:
+        """The loops (profile changes, firer, deliveries) once started: one that crashed or
+        returned does its work no more."""
+        return list(self._tasks)
 
     async def close(self) -> None:
         """Stop within a bound (sendtime_common.shutdown): the loops finish what they have in

@@ -34,6 +34,7 @@ from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
+from sendtime_common.readiness import task_running
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 from triggers.clients import GrpcMessageRenderer, GrpcProfileReader, ProfileChannel, RenderChannel
 from triggers.delivery_servicer import DeliveryServicer
@@ -89,7 +90,9 @@ class TriggersApp:
             self._watching.append(asyncio.create_task(watching, name="changes-backlog"))
         await self.engine.start()
         # Watched once the engine runs: its consumer exists from then on.
-        self.grpc.readiness.watch("engine", lambda: self.engine.running)
+        loops = [task_running(task) for task in self.engine.loops]
+        # Every loop asked (a list, not a generator): each logs how it ended.
+        self.grpc.readiness.watch("engine", lambda: all([running() for running in loops]))
         if isinstance(self.event_log, JetStreamEventLog):
             consuming = partial(self.event_log.usable, self.changes_consumer, profile_changes=True)
             self.grpc.readiness.watch("profile changes", consuming)

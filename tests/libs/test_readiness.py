@@ -142,12 +142,25 @@ async def test_the_monitor_reports_each_change_once_and_counts_errors_and_hangs_
     assert monitor.conditions == ["store", "event log"]
 
 
-async def test_a_task_is_running_until_it_ends() -> None:
+async def test_a_task_is_running_until_it_ends_and_how_it_ended_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     release = asyncio.Event()
-    task = asyncio.create_task(release.wait())
+
+    async def loop_that_crashes() -> None:
+        await release.wait()
+        raise KeyError("customer-42")  # its message is not logged: it may carry data
+
+    task = asyncio.create_task(loop_that_crashes(), name="merger")
     running = task_running(task)
     await asyncio.sleep(0)
     assert running()
     release.set()
-    await task
-    assert not running()
+    with pytest.raises(KeyError):
+        await task
+    assert not running() and not running()
+    ended = [r for r in caplog.records if r.getMessage() == "background task ended"]
+    assert [(r.__dict__["task"], r.__dict__["ended"], r.__dict__["error"]) for r in ended] == [
+        ("merger", "failed", "KeyError")
+    ]
+    assert "customer-42" not in caplog.text
