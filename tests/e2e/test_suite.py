@@ -176,13 +176,16 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
             [*services, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
         )
         # Health needs no key, but grpcurl asks reflection (which does) for its descriptor.
-        health = grpcurl_json(
-            target(running_suite, variable),
-            "grpc.health.v1.Health/Check",
-            key=running_suite["SENDTIME_KEY"],
-            ca=running_suite["SENDTIME_CA_FILE"],
-        )
-        assert health == {"status": "SERVING"}
+        # Readiness, and liveness as docs/operations.md#health asks it.
+        for asked in ({}, {"service": "liveness"}):
+            health = grpcurl_json(
+                target(running_suite, variable),
+                "grpc.health.v1.Health/Check",
+                key=running_suite["SENDTIME_KEY"],
+                ca=running_suite["SENDTIME_CA_FILE"],
+                data=asked,
+            )
+            assert health == {"status": "SERVING"}, asked
     # The merger's dead letters answer the way docs/limits.md calls them: the key's scope, TLS.
     unmerged = grpcurl_json(
         target(running_suite, "PROFILE_ADDRESS"),
