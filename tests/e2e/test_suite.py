@@ -178,13 +178,16 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
             [*services, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
         )
         # Health needs no key, but grpcurl asks reflection (which does) for its descriptor.
-        health = grpcurl_json(
-            target(running_suite, variable),
-            "grpc.health.v1.Health/Check",
-            key=running_suite["SENDTIME_KEY"],
-            ca=running_suite["SENDTIME_CA_FILE"],
-        )
-        assert health == {"status": "SERVING"}
+        # Readiness, and liveness as docs/operations.md#health asks it.
+        for asked in ({}, {"service": "liveness"}):
+            health = grpcurl_json(
+                target(running_suite, variable),
+                "grpc.health.v1.Health/Check",
+                key=running_suite["SENDTIME_KEY"],
+                ca=running_suite["SENDTIME_CA_FILE"],
+                data=asked,
+            )
+            assert health == {"status": "SERVING"}, asked
     # The merger's dead letters answer the way docs/limits.md calls them: the key's scope, TLS.
     unmerged = grpcurl_json(
         target(running_suite, "PROFILE_ADDRESS"),
@@ -271,10 +274,13 @@ def test_every_port_serves_tls_needs_a_key_and_probes_use_a_plaintext_health_por
 
         probe = grpc.insecure_channel(target(running_suite, health_variable))
         try:
-            reply = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health = health_pb2_grpc.HealthStub(probe)
+            ready = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
         finally:
             probe.close()
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # no TLS, no key: as kubelet calls
+        # No TLS, no key: as kubelet's readiness and liveness probes call (docs/operations.md#health).
+        assert ready.status == alive.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_bad_request_shows_field_violations_in_grpcurl(running_suite: dict[str, str]) -> None:
