@@ -206,6 +206,7 @@ SLO_ROWS = (
                     ),
                 ),
                 unit="reqps",
+                width=6,
                 description="The codes the SLOs count against the service; 0 when there are none.",
             ),
             Panel(
@@ -218,6 +219,7 @@ SLO_ROWS = (
                     ),
                 ),
                 unit="reqps",
+                width=6,
                 description="Callers' mistakes (NOT_FOUND, INVALID_ARGUMENT), refusals (UNAUTHENTICATED,"
                 " RESOURCE_EXHAUSTED) and server errors.",
             ),
@@ -231,6 +233,20 @@ SLO_ROWS = (
                     ),
                 ),
                 unit="reqps",
+                width=6,
+            ),
+            Panel(
+                "Dead letters by source and kind",
+                (
+                    Query(
+                        f"sum by (source, kind) (rate(sendtime_ingest_dead_letters_total[{RATE}]))",
+                        "{{source}} {{kind}}",
+                    ),
+                ),
+                unit="ops",
+                width=6,
+                description="Kept for review in ingest's dead-letter store: events rejected or conflicting,"
+                " webhook items that could not be mapped.",
             ),
         ),
     ),

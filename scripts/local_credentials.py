@@ -57,6 +57,7 @@ class LocalCredentials:
     render_key_file: Path
     triggers_profile_key_file: Path
     triggers_render_key_file: Path
+    prometheus_key_file: Path  # what a Prometheus scrapes the metrics ports with (metrics.read)
     tls: LocalTls
     run_dir: Path
     own_nats: bool  # devstack's NATS, with a user per service
@@ -259,6 +260,7 @@ async def _ensure(
             directory / "render.key",
             directory / "triggers-profile.key",
             directory / "triggers-render.key",
+            directory / "prometheus.key",
             tls,
             run_dir,
             own_nats,
@@ -275,6 +277,9 @@ async def _ensure(
         )
         await _ensure_key(
             store, credentials.triggers_render_key_file, "triggers to render (make run)", [Scope.RENDER]
+        )
+        await _ensure_key(
+            store, credentials.prometheus_key_file, "prometheus (make run)", [Scope.METRICS_READ]
         )
         return credentials
     finally:

@@ -493,6 +493,12 @@ def curl_examples(env: Mapping[str, str], user_id: str, key: str, ca_file: Path)
     )
 
 
+def metrics_example(env: Mapping[str, str], key_file: Path) -> str:
+    """A scrape of the profile service's metrics port, as a curl command to paste."""
+    header = f"Authorization: Bearer $(cat {shlex.quote(os.path.relpath(key_file))})"
+    return f'  curl -sS -H "{header}" http://127.0.0.1:{PROFILE.metrics_port(env)}/metrics'
+
+
 # --- the commands ------------------------------------------------------------------------------
 
 
@@ -558,6 +564,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(grpcurl_examples(env, user_id, key, ca_file))
             _say("Or over HTTPS, as an email platform fetches at send time (docs/http.md):")
             _say(curl_examples(env, user_id, key, ca_file))
+            _say("Metrics (profile's), with the key a Prometheus scrapes with (metrics.read):")
+            _say(metrics_example(env, running.credentials.prometheus_key_file))
             if args.command == "run":
                 signal.signal(signal.SIGINT, request_stop)
                 signal.signal(signal.SIGTERM, request_stop)

@@ -51,6 +51,7 @@ from sendtime_common.auth.key_store import KeyStore
 from sendtime_common.auth.keyring import KeyRing
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher
+from sendtime_common.rate_limit import RateLimiter
 from sendtime_common.tls import ClientTls, TlsSettings
 from tests.keys import issue_key
 from triggers.secret_box import SecretBox
@@ -91,9 +92,12 @@ def local_env(service: str, **variables: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def access_checked(database_url: str, methods: Iterable[str]) -> AsyncIterator[AccessInterceptor]:
+async def access_checked(
+    database_url: str, methods: Iterable[str], limiter: RateLimiter | None = None
+) -> AsyncIterator[AccessInterceptor]:
     """The access check every service has, over the keys in ``database_url``, with ``methods``
-    (test methods of a raw-bytes service) each needing the scope ``render``."""
+    (test methods of a raw-bytes service) each needing the scope ``render``; rate limits by
+    ``limiter`` (None: none)."""
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     store = KeyStore(pool)
     await store.migrate()
@@ -105,6 +109,7 @@ async def access_checked(database_url: str, methods: Iterable[str]) -> AsyncIter
             Authenticator(ring),
             AuditTrail(pool, "test"),
             IdentifierHasher.unkeyed(),
+            limiter=limiter,
         )
     finally:
         await pool.close()
@@ -201,6 +206,12 @@ async def admin_key(database_url: str) -> str:
 async def profile_reader_key(database_url: str) -> str:
     """A key that can only read profiles: what render calls profile with."""
     return await issue_key(database_url, [Scope.PROFILES_READ], display_name="tests: render")
+
+
+@pytest.fixture(scope="session")
+async def metrics_key(database_url: str) -> str:
+    """A key that can only scrape metrics: what Prometheus scrapes with."""
+    return await issue_key(database_url, [Scope.METRICS_READ], display_name="tests: prometheus")
 
 
 def channel(target: str, key: str) -> grpc.aio.Channel:

@@ -202,6 +202,9 @@ async def test_the_services_work_end_to_end_under_their_own_users(
     assert engine.consumer.stats.undecodable == 0
     assert engine.consumer.stats.retried == 0
     assert not errors
+    # Their readiness checks ask NATS only what their users may ask (docs/operations.md#health).
+    for app in locked_apps:
+        assert await app.grpc.readiness.evaluate(), app.grpc.readiness.conditions
 
 
 async def test_render_cannot_publish_an_event_nor_read_another_services_inbox(

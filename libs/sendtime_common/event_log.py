@@ -789,6 +789,22 @@ class JetStreamEventLog:
             raise EventLogUnavailable(f"could not read consumer {durable_name}: {exc}") from exc
         return ConsumerBacklog(pending=info.num_pending or 0, ack_pending=info.num_ack_pending or 0)
 
+    async def usable(self, durable_name: str = "", *, profile_changes: bool = False) -> bool:
+        """Whether the connection is up and JetStream answers for the event stream (or the
+        profile change stream), or for its durable consumer ``durable_name``: what a readiness
+        check asks (sendtime_common.readiness). Never raises; the caller bounds the wait."""
+        if not self._client.is_connected:  # reconnecting: a request would only wait in a buffer
+            return False
+        target = self._changes if profile_changes else self._events
+        try:
+            if durable_name:
+                await self._js.consumer_info(target.stream, durable_name)
+            else:
+                await self._js.stream_info(target.stream)
+        except (nats.errors.Error, OSError, TimeoutError):
+            return False
+        return True
+
     async def subscribe_profile_changes(self, durable_name: str) -> EventLogSubscription:
         if not self._changes_exist:
             await self._stream_made_by_another(self._changes.stream)

@@ -7,6 +7,13 @@ reloaded when their files change) unless plaintext was explicitly allowed. Healt
 served on a port of its own, in plaintext, for kubelet's gRPC probes, which cannot speak TLS.
 It shuts down the way Kubernetes expects: on SIGTERM it reports NOT_SERVING, stops taking new
 calls, lets in-flight calls finish within a grace period, then exits.
+
+Health means two things (docs/operations.md#health). Readiness, the overall status (service
+"") and each hosted service's: SERVING while the service can do its job, which the service
+says through the conditions it watches (``readiness``, sendtime_common.readiness). Liveness,
+the name ``liveness``: SERVING from the end of start-up (migrations applied, listeners up) until
+shutdown, whatever the dependencies do; a wedged process does not answer at all, and the
+probe's timeout catches that.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from sendtime_common.answer_memo import AnswerMemo
+from sendtime_common.auth.access import AccessInterceptor
 from sendtime_common.call_limits import CallLimits, LoadShedder, message_size_options
 from sendtime_common.handlers import ComposedInterceptor
 from sendtime_common.http_gateway import CachePolicy, HttpGateway, InProcessCalls, etag_matches, etag_of
@@ -33,6 +41,7 @@ from sendtime_common.http_routes import routes_of
 from sendtime_common.http_server import HttpListener, metrics_listener
 from sendtime_common.internal_errors import InternalErrors
 from sendtime_common.metrics import RpcMetrics
+from sendtime_common.readiness import ReadinessMonitor, ReadinessSettings
 from sendtime_common.shutdown import CANCEL_WAIT_S, bounded
 from sendtime_common.tls import ServerCertificates, TlsSettings, warn_if_plaintext
 
@@ -43,7 +52,16 @@ log = logging.getLogger(__name__)
 # as one base URL behind the Ingress does.
 OPENAPI_DOCUMENT = Path(__file__).resolve().parents[2] / "openapi" / "sendtime.openapi.json"
 
-OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what probes ask about
+# Callers balance round robin over the addresses a name resolves to (service_channel), resolved
+# when they connect: closing each connection after about this long (gRPC adds +-10% jitter)
+# makes them resolve again, so a replica added later gets its share within minutes. Calls and
+# streams on a closing connection finish there: no grace bound is set.
+MAX_CONNECTION_AGE_S = 300
+
+OVERALL_HEALTH = ""  # the empty service name: the server as a whole, what readiness probes ask about
+LIVENESS = "liveness"  # what liveness and startup probes ask about
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Probes and reflection are not traced: they are noise in traces, and the tracing interceptor
 # cannot wrap handlers that stream with context.write() (health's Watch).
@@ -70,16 +88,18 @@ class GrpcServer:
         address: str,
         service_names: Sequence[str],
         register: Callable[[grpc.aio.Server], None],
-        access: grpc.aio.ServerInterceptor[Any, Any],
+        access: AccessInterceptor,
         *,
         tls: TlsSettings,
         health_address: str,
         metrics_address: str = "",
         limits: CallLimits | None = None,
+        readiness: ReadinessSettings | None = None,
     ) -> None:
         """``metrics_address``: where to serve Prometheus metrics (``GET /metrics``, plaintext,
-        no key: they name methods and routes, never a customer); empty: none are kept (the
-        benchmarks measure their cost so).
+        for a key with the scope metrics.read: they name methods and routes, never a customer);
+        empty: none are kept (the benchmarks measure their cost so). ``readiness``: how the
+        conditions the service watches (``self.readiness``) are checked and forgiven.
 
         Raises:
         ConfigError: no certificate, and plaintext not allowed.
@@ -110,6 +130,7 @@ class GrpcServer:
             options=[
                 *message_size_options(self.limits.max_receive_bytes, self.limits.max_send_bytes),
                 ("grpc.so_reuseport", 0),
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_S * 1000),
                 # Calls that arrived but that the Python side has not picked up yet wait in gRPC
                 # core, which picks them up one per turn of the event loop. Past this bound core
                 # cancels them (CANCELLED, a code callers cannot safely retry); below gRPC's
@@ -121,6 +142,8 @@ class GrpcServer:
             ],
         )
         self.health = health_aio.HealthServicer()
+        self.readiness = ReadinessMonitor(readiness or ReadinessSettings(), self._report_readiness)
+        self._watching_readiness: asyncio.Task[None] | None = None
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         register(self.server)
         reflection.enable_server_reflection(
@@ -147,7 +170,7 @@ class GrpcServer:
                 raise OSError(f"cannot listen on {health_address}")
         self.metrics: HttpListener | None = None
         if metrics_address:
-            self.metrics = metrics_listener(metrics_address)
+            self.metrics = metrics_listener(metrics_address, access)
 
     @property
     def tls_mode(self) -> str:
@@ -195,8 +218,11 @@ class GrpcServer:
         )
 
     async def start(self) -> None:
-        """Start serving and report SERVING for the server and each service."""
+        """Start serving; then report liveness SERVING, and readiness as the conditions watched
+        so far say (SERVING when there are none), checking them from now on."""
         warn_if_plaintext(self._tls, lambda: f"gRPC port {self.port}")
+        for name in [LIVENESS, *self._readiness_names]:
+            await self.health.set(name, NOT_SERVING)
         await self.server.start()
         if self.http is not None:
             await self.http.start()
@@ -204,13 +230,26 @@ class GrpcServer:
             await self._health_server.start()
         if self.metrics is not None:
             await self.metrics.start()
-        for name in [OVERALL_HEALTH, *self._service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.readiness.evaluate()
+        await self.health.set(LIVENESS, SERVING)
+        self._watching_readiness = asyncio.create_task(self.readiness.run(), name="readiness")
+
+    @property
+    def _readiness_names(self) -> list[str]:
+        return [OVERALL_HEALTH, *self._service_names]
+
+    async def _report_readiness(self, ready: bool) -> None:
+        for name in self._readiness_names:
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
 
     async def stop(self, grace_s: float) -> None:
-        """Report NOT_SERVING, refuse new calls and requests, and give those in flight
-        ``grace_s`` to finish; then they are cancelled. The gRPC and HTTP ports drain side by
-        side, and the whole stop returns within ``grace_s`` plus a few ``CANCEL_WAIT_S``."""
+        """Report NOT_SERVING (readiness and liveness), refuse new calls and requests, and give
+        those in flight ``grace_s`` to finish; then they are cancelled. The gRPC and HTTP ports
+        drain side by side, and the whole stop returns within ``grace_s`` plus a few
+        ``CANCEL_WAIT_S``."""
+        if self._watching_readiness is not None:
+            self._watching_readiness.cancel()
+            await asyncio.wait({self._watching_readiness}, timeout=CANCEL_WAIT_S)
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(
             self._stop_grpc(grace_s),

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from sendtime_common.auth.access import AccessInterceptor
 from sendtime_common.json_input import JsonInputError, JsonReason, check_media_type, decode_content
 from sendtime_common.metrics import HttpMetrics, metrics_app
 from sendtime_common.shutdown import CANCEL_WAIT_S
@@ -189,11 +190,12 @@ class HttpListener:
         await runner.cleanup()
 
 
-def metrics_listener(address: str) -> HttpListener:
-    """The metrics port on ``address``: ``GET /metrics`` (sendtime_common.metrics), plaintext by
-    design (it carries neither credentials nor personal data), not started."""
+def metrics_listener(address: str, access: AccessInterceptor) -> HttpListener:
+    """The metrics port on ``address``: ``GET /metrics`` for a key with the scope metrics.read,
+    checked by ``access`` (sendtime_common.metrics); plaintext by design (it carries no personal
+    data; the scraper's key crosses it, so only Prometheus should reach it); not started."""
     return HttpListener(
-        metrics_app(),
+        metrics_app(access),
         address,
         tls=TlsSettings(allow_plaintext=True),
         name="metrics",

@@ -17,15 +17,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from sendtime_common.auth.access import AccessInterceptor
+from sendtime_common.auth.api_keys import Scope
 from sendtime_common.handlers import Behavior, Handler, WrappingInterceptor, replace_behavior
 
 log = logging.getLogger(__name__)
@@ -215,11 +218,27 @@ def _route_of(request: web.Request) -> str:
     return UNMATCHED_ROUTE if resource is None else resource.canonical
 
 
-def metrics_app() -> web.Application:
+def metrics_app(access: AccessInterceptor) -> web.Application:
     """The metrics port's application: ``GET /metrics`` (Prometheus text, or OpenMetrics when
-    asked for), nothing else."""
+    asked for) for an API key with the scope ``metrics.read``, within its rate, nothing else. The
+    metrics name no customer, but they tell traffic and errors, and building them costs the
+    service's event loop: so not for anyone who can reach the port. A refusal costs no more than
+    a key lookup (an unknown key is looked for at most once a second)."""
     app = web.Application(client_max_size=1024)
-    app.router.add_get("/metrics", make_aiohttp_handler(REGISTRY))
+    serve = make_aiohttp_handler(REGISTRY)
+
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        refusal = await access.admit_http(request.headers.get(hdrs.AUTHORIZATION), Scope.METRICS_READ)
+        if refusal is None:
+            return await serve(request)
+        headers = {}
+        if refusal.status == 401:
+            headers[hdrs.WWW_AUTHENTICATE] = 'Bearer realm="metrics"'
+        if refusal.retry_after_s is not None:
+            headers[hdrs.RETRY_AFTER] = str(max(1, math.ceil(refusal.retry_after_s)))
+        return web.Response(status=refusal.status, text=refusal.message + "\n", headers=headers)
+
+    app.router.add_get("/metrics", scrape)
     return app
 
 

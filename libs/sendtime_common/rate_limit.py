@@ -168,6 +168,9 @@ DEFAULT_RATES: Mapping[Scope, Rate] = {
     Scope.DELIVERIES_READ: Rate(100, 200),
     # An adapter acknowledges deliveries in batches: a call per batch, not per delivery.
     Scope.DELIVERIES_SUBSCRIBE: Rate(200, 400),
+    # One Prometheus key scrapes every replica of every service (the rate is per key, across
+    # them all): 100 targets every 5 s by two Prometheus servers is 40/s.
+    Scope.METRICS_READ: Rate(100, 200),
 }
 
 

@@ -2,12 +2,19 @@
 render): TLS (mutual TLS with a client certificate where the callee asks for one) and the
 caller's own API key on every call, if it has one. When the certificate files change (a
 renewal), a new channel is opened and calls move to it; the old one closes once the calls
-already on it have had time to finish."""
+already on it have had time to finish.
+
+Calls go round robin over every address the target names: ``dns:///profile-headless:50052``
+(a headless Kubernetes Service: one address per ready pod) spreads them over all replicas,
+where gRPC's default (pick_first) would send every call down one connection to one pod.
+Servers close connections after a while (GrpcServer's max_connection_age), and the reconnect
+resolves the name again, so replicas added later get their share."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -20,6 +27,7 @@ from sendtime_common.tls import ClientTls, UnusableCertificate, channel
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 5.0
+ROUND_ROBIN = ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))
 OLD_CHANNEL_GRACE_S = 30.0
 
 StubT = TypeVar("StubT")
@@ -59,7 +67,7 @@ class ServiceChannel(Generic[StubT]):
         self._reopened.append(use_stub)
 
     def _open(self) -> grpc.aio.Channel:
-        opened = channel(self._target, self._tls, interceptors=self._interceptors)
+        opened = channel(self._target, self._tls, interceptors=self._interceptors, options=[ROUND_ROBIN])
         self._stub = self._make_stub(opened)
         for use_stub in self._reopened:
             use_stub(self._stub)

@@ -1,6 +1,9 @@
-"""Ingest's Prometheus metrics (docs/operations.md): what became of each event, by source."""
+"""Ingest's Prometheus metrics (docs/operations.md): what became of each event, by source, and
+the dead letters kept."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from prometheus_client import Counter
@@ -17,6 +20,14 @@ EVENTS = Counter(
 DUPLICATES = Counter(
     "sendtime_ingest_duplicates_total",
     "Events answered DUPLICATE, by source and by what caught them.",
+    ["source", "kind"],
+)
+
+DEAD_LETTERS = Counter(
+    "sendtime_ingest_dead_letters_total",
+    "Dead letters kept (ListRejectedEvents shows them), by source and kind: a rejected or"
+    " conflicting event, or a webhook item that could not be mapped (a redelivered one counts"
+    " each time).",
     ["source", "kind"],
 )
 
@@ -42,3 +53,9 @@ def count_outcome(source: int, result: ingest_pb2.EventResult, duplicate_kind: i
     if result.outcome == ingest_pb2.EVENT_OUTCOME_DUPLICATE:
         kind = _short(ingest_pb2.DuplicateKind.Name(duplicate_kind), "DUPLICATE_KIND_")  # type: ignore[arg-type]
         DUPLICATES.labels(source_name, kind).inc()
+
+
+def count_dead_letters(sources: Iterable[int], kind: str) -> None:
+    """Count dead letters kept, one per source given; ``kind``: ``event`` or ``webhook_item``."""
+    for source in sources:
+        DEAD_LETTERS.labels(_short(ingest_pb2.EventSource.Name(source), "EVENT_SOURCE_"), kind).inc()  # type: ignore[arg-type]

@@ -1,6 +1,7 @@
 """Wiring of the ingest service: PostgreSQL (migrated), the event log, the ingestor, the gRPC
 server (its callers' rate limits kept in Redis), and the background work (counts flushed each
-second, expired records purged hourly, erased people's dead letters deleted)."""
+second, expired records purged hourly, erased people's dead letters deleted). Ready while the
+event log is usable (docs/operations.md#health)."""
 
 from __future__ import annotations
 
@@ -174,7 +175,12 @@ async def create_app(settings: Settings, event_log: EventLog | None = None) -> I
         health_address=settings.health_address,
         metrics_address=settings.metrics_address,
         limits=settings.limits,
+        readiness=settings.readiness,
     )
+    if isinstance(event_log, JetStreamEventLog):
+        # Without the event log ingest cannot acknowledge an event durably: every call would
+        # answer UNAVAILABLE, so callers are better sent to a replica whose connection works.
+        server.readiness.watch("event log", event_log.usable)
     if settings.http_address:
 
         def add_segment_routes(app: web.Application, calls: InProcessCalls) -> None:

@@ -13,6 +13,7 @@ from datetime import date, datetime, timedelta
 import asyncpg
 
 from ingest.envelope import BusinessKey
+from ingest.metrics import count_dead_letters
 
 StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 """What a store call raises when PostgreSQL is unreachable or fails."""
@@ -170,6 +171,7 @@ class IngestStore:
             " rejected_at) VALUES ($1, $2, $3, $4, $5, $6)",
             [(r.event_id, r.source, r.event, r.status, list(r.identifier_hashes), at) for r in rejections],
         )
+        count_dead_letters((r.source for r in rejections), "event")
 
     async def add_webhook_items(self, rejections: Sequence[Rejection], at: datetime) -> None:
         """Store webhook items that could not be mapped, rejected ``at``; one already stored (a
@@ -185,6 +187,7 @@ class IngestStore:
                 for r in rejections
             ],
         )
+        count_dead_letters((r.source for r in rejections), "webhook_item")
 
     async def delete_rejections_of(self, identifier_hashes: Sequence[bytes]) -> int:
         """Delete the dead letters naming any of these identifiers (an erased person's); how many."""

@@ -1,5 +1,6 @@
 """The profile service's Prometheus metrics (docs/operations.md): merge batches, how fresh a
-merged event is when it becomes visible, and where reads are answered from."""
+merged event is when it becomes visible, where reads are answered from, and events set aside
+unmerged."""
 
 from __future__ import annotations
 
@@ -43,3 +44,10 @@ READ_FROM_NEAR = READS.labels("near")
 READ_FROM_REDIS = READS.labels("redis")
 READ_FROM_DATABASE = READS.labels("database")
 READ_MISSING = READS.labels("missing")
+
+UNMERGED = Counter(
+    "sendtime_profile_unmerged_events_total",
+    "Events the merger set aside unmerged (ListUnmergedEvents shows them), by reason:"
+    " EVENT_UNDECODABLE, UNSTORABLE_VALUE, MERGE_FAILED or a conflict.",
+    ["reason"],
+)

@@ -1,5 +1,6 @@
 """Wiring of the profile service: PostgreSQL (migrated), Redis, the event log, the merger and its
-dead letters, the profile-change and erasure-notice publishers and the gRPC server."""
+dead letters, the profile-change and erasure-notice publishers and the gRPC server. Ready while
+the merger runs and its consumer in the event log answers (docs/operations.md#health)."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
+from sendtime_common.readiness import task_running
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 
 log = logging.getLogger(__name__)
@@ -113,10 +115,11 @@ class ProfileApp:
 
     async def start_background(self) -> None:
         self.auth.start()
-        self._background = [
-            asyncio.create_task(self.merger.run(), name="merger"),
-            asyncio.create_task(self.erasure_outbox.run(), name="erasure-outbox"),
-        ]
+        merging = asyncio.create_task(self.merger.run(), name="merger")
+        self._background = [merging, asyncio.create_task(self.erasure_outbox.run(), name="erasure-outbox")]
+        # A merger that crashed or returned merges nothing more: not ready (never restarted
+        # for it, though: liveness follows only the process).
+        self.grpc.readiness.watch("merger", task_running(merging))
         self._relaying = asyncio.create_task(self.change_outbox.run(), name="profile-change-outbox")
         self._purging = asyncio.create_task(self._purge_expired(), name="purge-expired")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
@@ -261,7 +264,10 @@ async def create_app(settings: Settings) -> ProfileApp:
         health_address=settings.health_address,
         metrics_address=settings.metrics_address,
         limits=settings.limits,
+        readiness=settings.readiness,
     )
+    # The merger cannot consume without the event log: profiles would go stale unseen.
+    server.readiness.watch("event log", partial(event_log.usable, settings.consumer_name))
     if settings.http_address:
         server.serve_http(
             settings.http_address,

@@ -34,12 +34,14 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from profile_service.merge_transaction import MergeConflict
+from profile_service.metrics import UNMERGED
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
 from sendtime_common.errors import (
     ERROR_DOMAIN,
     FieldViolation,
     bad_request_status,
+    details_of,
     error_info_status,
     pack_detail,
 )
@@ -184,7 +186,7 @@ class UnmergedStore:
         lost and the log delivered it again) keeps its first row."""
         event = event_of(payload)
         hashes = list(identifier_hashes(event, self._hasher)) if event is not None else []
-        await self._pool.execute(
+        inserted = await self._pool.execute(
             "INSERT INTO unmerged_events (payload, log_position, delivery_count, status, identifier_hashes)"
             " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (log_position) DO NOTHING",
             payload,
@@ -193,6 +195,9 @@ class UnmergedStore:
             status.SerializeToString(),
             hashes,
         )
+        if inserted == "INSERT 0 1":
+            infos = details_of(status, error_details_pb2.ErrorInfo)
+            UNMERGED.labels(infos[0].reason if infos else "").inc()
 
     async def list(
         self, *, limit: int, after: tuple[datetime, int] | None, replayed: bool | None

@@ -234,7 +234,12 @@ async def create_app(settings: Settings) -> RenderApp:
         health_address=settings.health_address,
         metrics_address=settings.metrics_address,
         limits=settings.limits,
+        readiness=settings.readiness,
     )
+    # No readiness conditions: ready from start-up to shutdown. Render answers with fallbacks
+    # while the profile service is slow or down (the breaker, last-known-good copies) and
+    # without Redis; the catalog consumer only freshens recommendations. Taking every replica
+    # out of rotation for a shared dependency would turn degraded answers into none.
     if settings.http_address:
         server.serve_http(
             settings.http_address,

@@ -12,6 +12,7 @@ from sendtime_common.config import env_bool, env_float, env_int, env_str, secret
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
+from sendtime_common.readiness import ReadinessSettings
 from sendtime_common.tls import ClientTls, TlsSettings
 
 RENDER_CALL_LIMITS = CallLimits(max_receive_bytes=32 * MIB, max_send_bytes=4 * MIB)
@@ -36,6 +37,8 @@ class Settings:
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
+    # How long a failing dependency is forgiven before NOT_SERVING, how often it is checked.
+    readiness: ReadinessSettings = field(default_factory=ReadinessSettings)
     profile_target: str = "127.0.0.1:50052"
     # The API key render calls profile with: one that can only read profiles (profiles.read).
     profile_api_key: str = ""
@@ -91,6 +94,7 @@ class Settings:
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            readiness=ReadinessSettings.from_env(env),
             profile_target=env_str(env, "PROFILE_SERVICE_TARGET", defaults.profile_target),
             profile_api_key=secret_from_env(env, "PROFILE_SERVICE_API_KEY"),
             profile_tls=ClientTls.from_env(env, "PROFILE_SERVICE"),

@@ -185,6 +185,12 @@ class TriggersEngine:
             asyncio.create_task(self.pump.run(), name="trigger-deliveries"),
         ]
 
+    @property
+    def loops(self) -> list[asyncio.Task[None]]:
+        """The loops (profile changes, firer, deliveries) once started: one that crashed or
+        returned does its work no more."""
+        return list(self._tasks)
+
     async def close(self) -> None:
         """Stop within a bound (sendtime_common.shutdown): the loops finish what they have in
         hand (a batch of changes, the fires being settled) or are cancelled; unfinished claims

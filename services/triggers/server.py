@@ -5,6 +5,10 @@ server (TriggerService, DestinationService, DeliveryService) with its HTTP face.
 The engine (the profile change consumer, the firer, the dispatcher pump, erasures) runs beside
 the server: ``TriggersApp`` starts it after the gRPC server and closes it before the clients and
 the pool it uses; the servicers tell it of every stored change to a trigger or destination.
+
+Ready while the store answers, the engine's loops run and its consumer of the profile changes
+answers (docs/operations.md#health). Profile and render being down is not a reason: the API
+still serves, and the engine retries fires later.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sendtime_common.database import close_pool, create_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.metrics import sample_every
+from sendtime_common.readiness import task_running
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 from triggers.clients import GrpcMessageRenderer, GrpcProfileReader, ProfileChannel, RenderChannel
 from triggers.delivery_servicer import DeliveryServicer
@@ -91,6 +96,13 @@ class TriggersApp:
             self._watching.append(asyncio.create_task(watching, name="changes-backlog"))
         self._watching.append(asyncio.create_task(self._watch_timers(), name="timers"))
         await self.engine.start()
+        # Watched once the engine runs: its consumer exists from then on.
+        loops = [task_running(task) for task in self.engine.loops]
+        # Every loop asked (a list, not a generator): each logs how it ended.
+        self.grpc.readiness.watch("engine", lambda: all([running() for running in loops]))
+        if isinstance(self.event_log, JetStreamEventLog):
+            consuming = partial(self.event_log.usable, self.changes_consumer, profile_changes=True)
+            self.grpc.readiness.watch("profile changes", consuming)
 
     async def _watch_timers(self) -> None:
         """Keep the timer gauges current (triggers.metrics) until cancelled."""
@@ -136,6 +148,11 @@ class TriggersApp:
         self.deliveries.end_streams()
         await self.grpc.stop(grace_s)
         await self.close()
+
+
+async def store_answers(pool: asyncpg.Pool) -> bool:
+    """A readiness check: PostgreSQL answers through the pool (raises when it does not)."""
+    return bool(await pool.fetchval("SELECT 1") == 1)
 
 
 def replica_name() -> str:
@@ -251,7 +268,10 @@ async def create_app(settings: Settings) -> TriggersApp:
         health_address=settings.health_address,
         metrics_address=settings.metrics_address,
         limits=settings.limits,
+        readiness=settings.readiness,
     )
+    # Every call of the API and every step of the engine goes through the store.
+    server.readiness.watch("store", partial(store_answers, pool))
     if settings.http_address:
         server.serve_http(settings.http_address, grace_s=settings.shutdown_grace_s)
     return TriggersApp(

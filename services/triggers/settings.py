@@ -11,6 +11,7 @@ from sendtime_common.config import ConfigError, env_float, env_int, env_str, sec
 from sendtime_common.database import DEFAULT_RANDOM_PAGE_COST
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher, hasher_from_env
+from sendtime_common.readiness import ReadinessSettings
 from sendtime_common.tls import ClientTls, TlsSettings
 from triggers.secret_box import SecretBox
 from triggers.ssrf import AllowList
@@ -35,6 +36,8 @@ class Settings:
     log_level: str = "INFO"
     otlp_endpoint: str = ""
     shutdown_grace_s: float = 10.0
+    # How long a failing dependency is forgiven before NOT_SERVING, how often it is checked.
+    readiness: ReadinessSettings = field(default_factory=ReadinessSettings)
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sendtime"
     database_pool_size: int = 10
     database_random_page_cost: float = DEFAULT_RANDOM_PAGE_COST
@@ -92,6 +95,7 @@ class Settings:
             log_level=env_str(env, "LOG_LEVEL", defaults.log_level),
             otlp_endpoint=env_str(env, "OTEL_EXPORTER_OTLP_ENDPOINT", ""),
             shutdown_grace_s=env_float(env, "SHUTDOWN_GRACE_SECONDS", defaults.shutdown_grace_s),
+            readiness=ReadinessSettings.from_env(env),
             database_url=env_str(env, "DATABASE_URL", defaults.database_url),
             database_pool_size=env_int(env, "DATABASE_POOL_SIZE", defaults.database_pool_size, minimum=2),
             database_random_page_cost=env_float(

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -109,6 +110,7 @@ def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
         "NATS_URL": devstack.nats_url(suite_env),
         "SENDTIME_KEY": credentials.admin_key,
         "SENDTIME_CA_FILE": str(credentials.tls.ca_file),
+        "SENDTIME_METRICS_KEY_FILE": str(credentials.prometheus_key_file),
     }
     running = suite.start_services(env, Path(suite_env["SENDTIME_RUN_DIR"]) / "logs", credentials=credentials)
     yield env
@@ -176,13 +178,16 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
             [*services, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
         )
         # Health needs no key, but grpcurl asks reflection (which does) for its descriptor.
-        health = grpcurl_json(
-            target(running_suite, variable),
-            "grpc.health.v1.Health/Check",
-            key=running_suite["SENDTIME_KEY"],
-            ca=running_suite["SENDTIME_CA_FILE"],
-        )
-        assert health == {"status": "SERVING"}
+        # Readiness, and liveness as docs/operations.md#health asks it.
+        for asked in ({}, {"service": "liveness"}):
+            health = grpcurl_json(
+                target(running_suite, variable),
+                "grpc.health.v1.Health/Check",
+                key=running_suite["SENDTIME_KEY"],
+                ca=running_suite["SENDTIME_CA_FILE"],
+                data=asked,
+            )
+            assert health == {"status": "SERVING"}, asked
     # The merger's dead letters answer the way docs/limits.md calls them: the key's scope, TLS.
     unmerged = grpcurl_json(
         target(running_suite, "PROFILE_ADDRESS"),
@@ -269,10 +274,13 @@ def test_every_port_serves_tls_needs_a_key_and_probes_use_a_plaintext_health_por
 
         probe = grpc.insecure_channel(target(running_suite, health_variable))
         try:
-            reply = health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            health = health_pb2_grpc.HealthStub(probe)
+            ready = health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
         finally:
             probe.close()
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING  # no TLS, no key: as kubelet calls
+        # No TLS, no key: as kubelet's readiness and liveness probes call (docs/operations.md#health).
+        assert ready.status == alive.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_bad_request_shows_field_violations_in_grpcurl(running_suite: dict[str, str]) -> None:
@@ -414,11 +422,13 @@ def test_the_curl_lines_make_run_prints_work_when_pasted(running_suite: dict[str
     assert '"reason":"TEMPLATE_NOT_FOUND"' in rendered.stdout, rendered
 
 
-def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, str]) -> None:
-    """Each service's metrics port answers GET /metrics without a key (what Prometheus
-    scrapes), with the calls it served counted by method and route template: a profile asked
-    for by email with grpcurl and with curl is counted under its method and its route, and the
-    email is in no label."""
+def test_every_service_serves_its_metrics_in_plaintext_to_the_prometheus_key(
+    running_suite: dict[str, str],
+) -> None:
+    """Each service's metrics port answers GET /metrics to the key `make run` makes for
+    Prometheus (metrics.read) and to nobody else, with the calls it served counted by method and
+    route template: a profile asked for by email with grpcurl and with curl is counted under its
+    method and its route, and the email is in no label. The scrape `make run` prints works."""
     env = running_suite
     email = f"metrics-{uuid.uuid4().hex[:8]}@example.com"
     asked = grpcurl(
@@ -434,8 +444,15 @@ def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, 
     )  # fmt: skip
     assert '"PROFILE_NOT_FOUND"' in fetched.stdout
     samples: dict[str, list[Any]] = {}
+    key = Path(env["SENDTIME_METRICS_KEY_FILE"]).read_text().strip()
     for variable in METRICS_PORTS.values():
-        with urllib.request.urlopen(f"http://{target(env, variable)}/metrics", timeout=10) as answer:
+        url = f"http://{target(env, variable)}/metrics"
+        for refused in ({}, {"Authorization": f"Bearer {env['SENDTIME_KEY']}x"}):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(urllib.request.Request(url, headers=refused), timeout=10)
+            assert caught.value.code == 401, variable
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
             assert answer.status == 200
             text = answer.read().decode()
         assert "example.com" not in text, variable
@@ -468,6 +485,11 @@ def test_every_service_serves_its_metrics_in_plaintext(running_suite: dict[str, 
         )
         >= 1
     )
+    printed = suite.metrics_example(env, Path(env["SENDTIME_METRICS_KEY_FILE"]))
+    pasted = subprocess.run(
+        ["bash", "-c", printed.strip() + " --fail-with-body"], capture_output=True, text=True
+    )
+    assert pasted.returncode == 0 and "grpc_server_handled_total" in pasted.stdout, pasted
 
 
 def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str]) -> None:

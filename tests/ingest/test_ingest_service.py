@@ -237,10 +237,11 @@ async def test_outcomes_are_counted_for_prometheus_by_source_outcome_and_reason(
             counted(events, outcome="rejected", reason="INVALID_ARGUMENT"),
             counted(events, outcome="duplicate", reason=""),
             sum(counted("sendtime_ingest_duplicates_total", kind=kind) for kind in kinds),
+            counted("sendtime_ingest_dead_letters_total", kind="event"),
         ]
 
     before = counts()
     await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[good, no_customer]))
     again = await ingest_stub.SendEvents(ingest_pb2.SendEventsRequest(events=[good]))
     assert again.results[0].outcome == DUPLICATE
-    assert [a - b for a, b in zip(counts(), before, strict=True)] == [1, 1, 1, 1]
+    assert [a - b for a, b in zip(counts(), before, strict=True)] == [1, 1, 1, 1, 1]

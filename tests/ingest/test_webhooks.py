@@ -19,6 +19,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client import REGISTRY
 
 from ingest import webhook_mapping
 from ingest.server import IngestApp, create_app
@@ -308,7 +309,10 @@ async def test_a_shopify_topic_sendtime_does_not_map_is_quarantined_once_and_ans
 ) -> None:
     body = f'{{"id": {random.getrandbits(52)}, "title": "T-Shirt {unique}", "price": 19.90}}'.encode()
     headers = shopify_headers(body, "products/update")
+    kept = {"source": "server", "kind": "webhook_item"}
+    kept_before = REGISTRY.get_sample_value("sendtime_ingest_dead_letters_total", kept) or 0.0
     status, answer = await post(http, url(server, "/webhooks/shopify"), body, headers)
+    assert REGISTRY.get_sample_value("sendtime_ingest_dead_letters_total", kept) == kept_before + 1
     assert (status, answer) == (
         200,
         {

@@ -475,3 +475,32 @@ async def test_a_consumers_backlog_is_read_and_reported_for_prometheus(nats_url:
             await log.backlog("no-such-consumer")
     finally:
         await log.close()
+
+
+async def test_usable_says_whether_jetstream_answers_for_the_stream_or_a_durable_consumer(
+    tmp_path: Path,
+) -> None:
+    """What the readiness checks ask (sendtime_common.readiness): never raises, false at once
+    while the connection is down."""
+    port = devstack.free_port()
+    server = devstack.start_nats(port, tmp_path / "nats")
+    log = await JetStreamEventLog.connect(settings(f"nats://127.0.0.1:{port}"))
+    try:
+        subscription = await log.subscribe("merger")
+        assert await log.usable() and await log.usable("merger")
+        assert await log.usable(profile_changes=True)
+        assert not await log.usable("no-such-consumer")
+        assert not await log.usable("merger", profile_changes=True)  # a consumer of the events only
+        await subscription.close()
+        await asyncio.to_thread(devstack.stop_process, server)
+
+        async def down() -> bool:
+            return not log.connected
+
+        await eventually(down, timeout_s=5)
+        started = asyncio.get_running_loop().time()
+        assert not await log.usable() and not await log.usable("merger")
+        assert asyncio.get_running_loop().time() - started < 0.1  # no request waits in a buffer
+    finally:
+        await log.close()
+        devstack.stop_process(server)

@@ -14,9 +14,11 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from sendtime_common.auth.access import AccessInterceptor
+from sendtime_common.auth.api_keys import Scope
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_server import HttpListener, metrics_listener
 from sendtime_common.metrics import sample_every
+from sendtime_common.rate_limit import Rate, RateLimiter, RateLimitSettings
 from tests.conftest import LOCAL_SERVER, access_checked, channel
 
 METHODS = ("/test.Metered/Echo", "/test.Metered/Fail", "/test.Metered/Count")
@@ -54,9 +56,12 @@ async def access(database_url: str) -> AsyncIterator[AccessInterceptor]:
         yield checked
 
 
-async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample the metrics port serves, by name and labels."""
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as answer:
+async def scrape(port: int, key: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample the metrics port serves (to ``key``), by name and labels."""
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as answer,
+    ):
         assert answer.status == 200
         assert answer.content_type == "text/plain"
         text = await answer.text()
@@ -72,7 +77,7 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
 
 
 async def test_rpcs_are_counted_by_method_and_code_and_timed(
-    access: AccessInterceptor, admin_key: str
+    access: AccessInterceptor, admin_key: str, metrics_key: str
 ) -> None:
     server = GrpcServer(
         "127.0.0.1:0",
@@ -88,7 +93,7 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
         assert server.metrics is not None
         port = server.metrics.port
         labels = {"grpc_service": "test.Metered", "grpc_type": "unary"}
-        before = await scrape(port)
+        before = await scrape(port, metrics_key)
         async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
             echo = calls.unary_unary("/test.Metered/Echo", None, None)
             fail = calls.unary_unary("/test.Metered/Fail", None, None)
@@ -103,7 +108,7 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await calls.unary_unary("/test.Metered/Echo", None, None)(b"x", timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        after = await scrape(port)
+        after = await scrape(port, metrics_key)
 
         def delta(name: str, **more: str) -> float:
             return value(after, name, **more) - value(before, name, **more)
@@ -130,7 +135,9 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
         await server.stop(grace_s=1)
 
 
-async def test_http_requests_are_counted_by_route_template_never_the_path() -> None:
+async def test_http_requests_are_counted_by_route_template_never_the_path(
+    access: AccessInterceptor, metrics_key: str
+) -> None:
     app = web.Application()
 
     async def thing(request: web.Request) -> web.Response:
@@ -140,11 +147,11 @@ async def test_http_requests_are_counted_by_route_template_never_the_path() -> N
 
     app.router.add_get("/things/{thing_id}", thing)
     listener = HttpListener(app, "127.0.0.1:0", tls=LOCAL_SERVER["tls"], name="test-http", grace_s=1)
-    metrics = metrics_listener("127.0.0.1:0")
+    metrics = metrics_listener("127.0.0.1:0", access)
     await listener.start()
     await metrics.start()
     try:
-        before = await scrape(metrics.port)
+        before = await scrape(metrics.port, metrics_key)
         async with aiohttp.ClientSession() as session:
             for path, status in [
                 ("/things/a@example.com", 200),
@@ -154,7 +161,7 @@ async def test_http_requests_are_counted_by_route_template_never_the_path() -> N
             ]:
                 async with session.get(f"http://127.0.0.1:{listener.port}{path}") as answer:
                     assert answer.status == status
-        after = await scrape(metrics.port)
+        after = await scrape(metrics.port, metrics_key)
         labels = {"listener": "test-http", "method": "GET"}
         requests = "http_server_requests_total"
         assert (
@@ -175,11 +182,26 @@ async def test_http_requests_are_counted_by_route_template_never_the_path() -> N
         await metrics.stop()
 
 
-async def test_the_metrics_port_serves_metrics_only() -> None:
-    metrics = metrics_listener("127.0.0.1:0")
+async def test_the_metrics_port_serves_metrics_only_to_a_key_with_the_metrics_scope(
+    access: AccessInterceptor, metrics_key: str, profile_reader_key: str
+) -> None:
+    metrics = metrics_listener("127.0.0.1:0", access)
     await metrics.start()
+    url = f"http://127.0.0.1:{metrics.port}/metrics"
     try:
         async with aiohttp.ClientSession() as session:
+            for headers, status in [
+                ({}, 401),
+                ({"Authorization": "Basic cHJvbWV0aGV1czpwYXNz"}, 401),
+                ({"Authorization": "Bearer st_wrong.key"}, 401),
+                ({"Authorization": f"Bearer {profile_reader_key}"}, 403),
+            ]:
+                async with session.get(url, headers=headers) as answer:
+                    assert answer.status == status, headers
+                    assert "# TYPE" not in await answer.text()
+                    if status == 401:
+                        assert answer.headers["WWW-Authenticate"] == 'Bearer realm="metrics"'
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {metrics_key}"}) as session:
             async with session.get(f"http://127.0.0.1:{metrics.port}/metrics/../v1/profiles") as answer:
                 assert answer.status == 404
             async with session.post(f"http://127.0.0.1:{metrics.port}/metrics", data=b"x") as answer:
@@ -195,8 +217,29 @@ async def test_the_metrics_port_serves_metrics_only() -> None:
         await metrics.stop()
 
 
+async def test_scrapes_are_rate_limited_per_key(database_url: str, metrics_key: str) -> None:
+    limits = RateLimitSettings(rates={Scope.METRICS_READ: Rate(1, 2)})
+    limiter = RateLimiter(limits, "test", "")  # per replica: no Redis
+    async with access_checked(database_url, METHODS, limiter) as access:
+        metrics = metrics_listener("127.0.0.1:0", access)
+        await metrics.start()
+        try:
+            headers = {"Authorization": f"Bearer {metrics_key}"}
+            async with aiohttp.ClientSession(headers=headers) as session:
+                statuses = []
+                for _ in range(3):
+                    async with session.get(f"http://127.0.0.1:{metrics.port}/metrics") as answer:
+                        statuses.append(answer.status)
+                        retry_after = answer.headers.get("Retry-After")
+            assert statuses == [200, 200, 429]  # the burst of two, then a second's wait
+            assert retry_after == "1"
+        finally:
+            await metrics.stop()
+            await limiter.close()
+
+
 async def test_without_a_metrics_address_nothing_is_counted(
-    access: AccessInterceptor, admin_key: str
+    access: AccessInterceptor, admin_key: str, metrics_key: str
 ) -> None:
     """The switch the benchmarks measure metrics' cost with: no port, no counting."""
     server = GrpcServer(
@@ -207,7 +250,7 @@ async def test_without_a_metrics_address_nothing_is_counted(
         tls=LOCAL_SERVER["tls"],
         health_address="",
     )
-    metrics = metrics_listener("127.0.0.1:0")
+    metrics = metrics_listener("127.0.0.1:0", access)
     await server.start()
     await metrics.start()
     try:
@@ -218,10 +261,10 @@ async def test_without_a_metrics_address_nothing_is_counted(
             "grpc_method": "Echo",
             "grpc_code": "OK",
         }
-        before = value(await scrape(metrics.port), "grpc_server_handled_total", **labels)
+        before = value(await scrape(metrics.port, metrics_key), "grpc_server_handled_total", **labels)
         async with channel(f"127.0.0.1:{server.port}", admin_key) as calls:
             assert await calls.unary_unary("/test.Metered/Echo", None, None)(b"x", timeout=5) == b"x"
-        assert value(await scrape(metrics.port), "grpc_server_handled_total", **labels) == before
+        assert value(await scrape(metrics.port, metrics_key), "grpc_server_handled_total", **labels) == before
     finally:
         await server.stop(grace_s=1)
         await metrics.stop()

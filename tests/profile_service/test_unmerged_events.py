@@ -22,6 +22,7 @@ import nats
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from nats.js import JetStreamContext
+from prometheus_client import REGISTRY
 
 import devstack
 from profile_service.merger import EventMerger
@@ -99,6 +100,14 @@ async def test_poison_events_are_set_aside_at_once_and_the_consumer_goes_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="profile_service.merger")
+
+    def set_aside_counted() -> list[float]:
+        return [
+            REGISTRY.get_sample_value("sendtime_profile_unmerged_events_total", {"reason": reason}) or 0.0
+            for reason in ("UNSTORABLE_VALUE", "EVENT_UNDECODABLE")
+        ]
+
+    counted_before = set_aside_counted()
     nan = event(user_id=f"u-{unique}", identify=identify(score=float("nan")))
     nul = event(user_id=f"u-{unique}\x00", identify=identify(a=1))
     positions = {
@@ -126,6 +135,8 @@ async def test_poison_events_are_set_aside_at_once_and_the_consumer_goes_on(
         code_pb2.INVALID_ARGUMENT,
         False,
     )
+    counted = [a - b for a, b in zip(set_aside_counted(), counted_before, strict=True)]
+    assert counted == [2, 1]  # for Prometheus, by reason
     # Settled for good: none of them waits for an ack or comes back.
     await eventually(lambda: _nothing_pending(js))
     ids = {nan.event_id, nul.event_id}

@@ -151,7 +151,8 @@ async def test_timers_count_the_episodes_waiting_and_those_overdue(stores: Store
     late = DUE + 2 * minute
     assert await stores.episodes.timers(late, overdue_after=minute) == Timers(pending=4, overdue=3)
 
-    [claimed] = await stores.episodes.claim_due(late, 1, owner=stores.owner)  # its due time is the lease's end
+    # Claimed: due at the lease's end.
+    [claimed] = await stores.episodes.claim_due(late, 1, owner=stores.owner)
     assert await stores.episodes.timers(late, overdue_after=minute) == Timers(pending=4, overdue=2)
     await stores.triggers.pause(paused_id)
     await settle(stores, claimed, late)

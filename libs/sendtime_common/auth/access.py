@@ -166,12 +166,9 @@ class Authenticator:
         """
         for key, value in metadata or ():
             if key == "authorization":
-                text = value.decode(errors="replace") if isinstance(value, bytes) else value
-                if text[: len(BEARER)].lower() != BEARER:
-                    raise Unauthenticated(
-                        AuthFailure.MALFORMED, "the authorization header must be 'Bearer <API key>'"
-                    )
-                return await self._keyring.verify(text[len(BEARER) :].strip())
+                return await self.authenticate_header(
+                    value.decode(errors="replace") if isinstance(value, bytes) else value
+                )
         if self._identities:
             for identity in _certificate_identities(context):
                 principal = self._identities.get(identity)
@@ -182,6 +179,20 @@ class Authenticator:
                 "send 'authorization: Bearer <API key>', or a client certificate whose identity has scopes",
             )
         raise Unauthenticated(AuthFailure.MISSING, "send 'authorization: Bearer <API key>'")
+
+    async def authenticate_header(self, authorization: str | None) -> Principal:
+        """The principal of an ``Authorization`` header's API key (an HTTP request's; None: the
+        request sent none).
+
+        Raises: Unauthenticated: no usable credential.
+        """
+        if authorization is None:
+            raise Unauthenticated(AuthFailure.MISSING, "send 'authorization: Bearer <API key>'")
+        if authorization[: len(BEARER)].lower() != BEARER:
+            raise Unauthenticated(
+                AuthFailure.MALFORMED, "the authorization header must be 'Bearer <API key>'"
+            )
+        return await self._keyring.verify(authorization[len(BEARER) :].strip())
 
 
 def _certificate_identities(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
@@ -255,6 +266,15 @@ def _no_rule(method: str) -> status_pb2.Status:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class HttpRefusal:
+    """Why an HTTP request is refused (AccessInterceptor.admit_http): its status and message."""
+
+    status: int
+    message: str
+    retry_after_s: float | None = None
+
+
 class AccessInterceptor(WrappingInterceptor):
     def __init__(
         self,
@@ -321,14 +341,39 @@ class AccessInterceptor(WrappingInterceptor):
         """Let the call through if ``principal`` is within its rate for ``scope`` (the key's own
         rate, else the scope's), or end it (aborted) here. Refusals are not audited: a flood of
         them would be a flood of audit rows."""
-        assert self._limiter is not None
+        refused = await self._over_rate(principal, scope)
+        if refused is not None:
+            await abort_with(context, _rate_limited(principal, scope, *refused))
+
+    async def _over_rate(self, principal: Principal, scope: Scope) -> tuple[Rate, Decision] | None:
+        """None if ``principal`` is within its rate for ``scope``; else the rate and decision."""
+        if self._limiter is None:
+            return None
         rate = principal.rate_limits.get(scope) or self._limiter.rate(scope)
         if rate is None:
-            return
+            return None
         decision = await self._limiter.decide(scope, principal.name, rate)
-        if not decision.allowed:
-            self._refusals.refused(principal, scope, rate, decision)
-            await abort_with(context, _rate_limited(principal, scope, rate, decision))
+        if decision.allowed:
+            return None
+        self._refusals.refused(principal, scope, rate, decision)
+        return rate, decision
+
+    async def admit_http(self, authorization: str | None, scope: Scope) -> HttpRefusal | None:
+        """Whether an HTTP request with the ``Authorization`` header ``authorization`` may do
+        what ``scope`` allows, on a port outside the gateway (the metrics port): None if it may,
+        else the answer to give. Authenticated, scoped and rate limited as a call is; not audited."""
+        try:
+            principal = await self._authenticator.authenticate_header(authorization)
+        except Unauthenticated as exc:
+            return HttpRefusal(401, str(exc))
+        if scope not in principal.scopes:
+            return HttpRefusal(403, f"{principal.name} lacks the scope {scope.value!r}")
+        refused = await self._over_rate(principal, scope)
+        if refused is not None:
+            rate, decision = refused
+            message = f"{principal.name} is over its rate limit for {scope.value} ({rate})"
+            return HttpRefusal(429, message, retry_after_s=decision.retry_after_s)
+        return None
 
     def _guard(self, rule: MethodAccess, behavior: Behavior) -> Behavior:
         if inspect.isasyncgenfunction(behavior):

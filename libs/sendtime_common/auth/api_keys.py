@@ -52,6 +52,7 @@ class Scope(enum.StrEnum):
     DESTINATIONS_MANAGE = "destinations.manage"
     DELIVERIES_READ = "deliveries.read"
     DELIVERIES_SUBSCRIBE = "deliveries.subscribe"
+    METRICS_READ = "metrics.read"
 
     @property
     def proto(self) -> auth_pb2.Scope.ValueType:

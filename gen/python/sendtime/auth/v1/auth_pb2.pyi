@@ -70,6 +70,10 @@ class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType
     """
     SCOPE_DELIVERIES_SUBSCRIBE: _Scope.ValueType  # 16
     """Read and acknowledge a subscription's deliveries: "deliveries.subscribe"."""
+    SCOPE_METRICS_READ: _Scope.ValueType  # 17
+    """Scrape a service's Prometheus metrics (its metrics port, GET /metrics):
+    "metrics.read".
+    """
 
 class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
     """What a credential may do. Each RPC declares the one scope it needs."""
@@ -115,6 +119,10 @@ SCOPE_DELIVERIES_READ: Scope.ValueType  # 15
 """
 SCOPE_DELIVERIES_SUBSCRIBE: Scope.ValueType  # 16
 """Read and acknowledge a subscription's deliveries: "deliveries.subscribe"."""
+SCOPE_METRICS_READ: Scope.ValueType  # 17
+"""Scrape a service's Prometheus metrics (its metrics port, GET /metrics):
+"metrics.read".
+"""
 Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 class _ApiKeyState:
