@@ -5,9 +5,11 @@ a second run changing only what changed."""
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -15,9 +17,10 @@ import nats
 import pytest
 
 import devstack
+import nats_auth
 from sendtime_cli import setup
 from sendtime_cli.database import AUTH_OWNER, SERVICES, objects_of, role_name
-from sendtime_common.event_log import JetStreamSettings
+from sendtime_common.event_log import JetStreamSettings, inbox_prefix
 from tests.conftest import ADMIN_DATABASE_URL, empty_database, repo_root
 
 STREAMS = [
@@ -27,12 +30,29 @@ STREAMS = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class OwnNats:
+    """A NATS of the test's own (the setup rewrites stream settings other tests rely on), with a
+    user per service as on a cluster (deploy/nats/authorization.conf)."""
+
+    url: str
+    passwords: dict[str, str]
+
+    def env(self, service: str) -> dict[str, str]:
+        """How the setup Job signs in: as ``service``'s NATS user."""
+        return {
+            "NATS_URL": self.url,
+            "NATS_USER": nats_auth.user_name(service),
+            "NATS_PASSWORD": self.passwords[service],
+        }
+
+
 @pytest.fixture
-def own_nats(tmp_path: Path) -> Iterator[str]:
-    """A NATS of the test's own: the setup rewrites stream settings other tests rely on."""
+def own_nats(tmp_path: Path) -> Iterator[OwnNats]:
+    passwords = {service: secrets.token_urlsafe(16) for service in nats_auth.SERVICES}
     port = devstack.free_port()
-    process = devstack.start_nats(port, tmp_path / "nats")
-    yield f"nats://127.0.0.1:{port}"
+    process = devstack.start_nats(port, tmp_path / "nats", passwords=passwords)
+    yield OwnNats(f"nats://127.0.0.1:{port}", passwords)
     devstack.stop_process(process)
 
 
@@ -86,8 +106,11 @@ async def recorded(database_url: str, table: str) -> set[str]:
         await conn.close()
 
 
-async def stream_max_ages(nats_url: str) -> dict[str, float]:
-    client = await nats.connect(nats_url)
+async def stream_max_ages(own_nats: OwnNats) -> dict[str, float]:
+    user = nats_auth.user_name("profile")
+    client = await nats.connect(
+        own_nats.url, user=user, password=own_nats.passwords["profile"], inbox_prefix=inbox_prefix(user)
+    )
     try:
         js = client.jetstream()
         return {name: float((await js.stream_info(name)).config.max_age or 0) for name in STREAMS}
@@ -96,9 +119,10 @@ async def stream_max_ages(nats_url: str) -> dict[str, float]:
 
 
 async def test_setup_migrates_every_service_as_its_role_and_makes_the_streams_idempotently(
-    setup_database: str, own_nats: str
+    setup_database: str, own_nats: OwnNats
 ) -> None:
-    env = {"DATABASE_URL": setup_database, "NATS_URL": own_nats, "NATS_MAX_AGE_SECONDS": "3600"}
+    # As the Job runs it (deploy/base/setup.yaml): profile's NATS user, which may make streams.
+    env = {"DATABASE_URL": setup_database, **own_nats.env("profile"), "NATS_MAX_AGE_SECONDS": "3600"}
     first = sendtime_setup(env)
     assert first.returncode == 0, first.stderr
     assert f"streams ready: {', '.join(STREAMS)}" in first.stdout
@@ -125,10 +149,10 @@ async def test_setup_migrates_every_service_as_its_role_and_makes_the_streams_id
 
 
 async def test_setup_refuses_a_role_without_the_grants_of_sendtime_database_roles(
-    own_nats: str,
+    own_nats: OwnNats,
 ) -> None:
     async with empty_database("sendtime_setup") as url:  # no GRANT on schema public here
-        result = sendtime_setup({"DATABASE_URL": url, "NATS_URL": own_nats})
+        result = sendtime_setup({"DATABASE_URL": url, **own_nats.env("profile")})
         assert result.returncode == 1
         owner = role_name(AUTH_OWNER)
         assert f"{owner} may not create tables in this database: run `sendtime database roles`" in (
@@ -138,7 +162,7 @@ async def test_setup_refuses_a_role_without_the_grants_of_sendtime_database_role
 
 
 async def test_setup_refuses_a_user_that_may_not_act_as_the_service_roles(
-    setup_database: str, own_nats: str
+    setup_database: str, own_nats: OwnNats
 ) -> None:
     user = f"sendtime_setup_test_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(setup_database)
@@ -146,7 +170,7 @@ async def test_setup_refuses_a_user_that_may_not_act_as_the_service_roles(
         await admin.execute(f"CREATE ROLE {user} LOGIN")
         await admin.execute(f"GRANT CREATE ON SCHEMA public TO {user}")
         url = setup_database.replace("postgres@", f"{user}@", 1)
-        result = sendtime_setup({"DATABASE_URL": url, "NATS_URL": own_nats})
+        result = sendtime_setup({"DATABASE_URL": url, **own_nats.env("profile")})
     finally:
         await admin.execute(f"DROP OWNED BY {user}")
         await admin.execute(f"DROP ROLE {user}")
