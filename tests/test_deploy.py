@@ -146,6 +146,9 @@ def test_each_deployment_runs_its_service_on_its_ports_with_its_own_credentials(
 
     labels = found["spec"]["selector"]["matchLabels"]
     assert labels == {"app.kubernetes.io/name": name}
+    assert labels.items() <= pod_template(found)["metadata"]["labels"].items()
+    for spread in pod["topologySpreadConstraints"]:  # counts this service's own pods
+        assert spread["labelSelector"]["matchLabels"] == labels
     assert pod["serviceAccountName"] == named(overlay, "ServiceAccount", name)["metadata"]["name"]
     (budget,) = [
         b for b in of_kind(overlay, "PodDisruptionBudget") if b["spec"]["selector"]["matchLabels"] == labels
@@ -221,6 +224,21 @@ def test_the_setup_job_runs_sendtime_setup_as_a_nats_user_that_may_make_the_stre
     for workload in workloads(overlay):
         for other in pod_template(workload)["spec"]["containers"]:
             assert effective_env(overlay, other).get("NATS_MANAGE_STREAMS") in (None, "false")
+
+
+def test_prometheus_scrapes_each_service_once() -> None:
+    overlay = "prod"
+    (monitor,) = of_kind(overlay, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    scraped = [
+        s["metadata"]["name"]
+        for s in of_kind(overlay, "Service")
+        if selector.items() <= s["metadata"].get("labels", {}).items()
+        and endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}
+    ]
+    # The headless Services select the same pods: a metrics port there would count them twice.
+    assert sorted(scraped) == sorted(SERVICES)
 
 
 def test_prod_runs_images_pinned_by_digest_and_dev_the_local_build() -> None:
