@@ -198,6 +198,11 @@ def test_callers_reach_every_profile_and_render_replica_under_a_name_their_certi
                 c for c in of_kind(overlay, "Certificate") if c["spec"]["secretName"] == f"{caller}-tls"
             )
             assert "client auth" in mine["spec"]["usages"]
+            caller_env = effective_env(overlay, container)
+            prefix = variable.removesuffix("_TARGET")
+            assert caller_env[f"{prefix}_CERT_FILE"] == caller_env["TLS_CERT_FILE"]
+            assert caller_env[f"{prefix}_KEY_FILE"] == caller_env["TLS_KEY_FILE"]
+            assert caller_env[f"{prefix}_CA_FILE"] == "/etc/sendtime/tls/ca.crt"
             (identity,) = mine["spec"]["uris"]
             _, _, callee_container = deployment(overlay, callee)
             callee_env = effective_env(overlay, callee_container)
