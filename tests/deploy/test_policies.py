@@ -84,6 +84,14 @@ def test_every_pod_meets_pod_security_restricted_with_a_read_only_root(overlay: 
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_namespace_has_pod_security_admission_enforce_restricted(overlay: str) -> None:
+    (namespace,) = of_kind(overlay, "Namespace")
+    assert namespace["metadata"]["name"] == NAMESPACE
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {w["metadata"]["namespace"] for w in workloads(overlay)} == {NAMESPACE}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_container_has_requests_and_limits(overlay: str) -> None:
     for workload in workloads(overlay):
         for container in pod_template(workload)["spec"]["containers"]:
