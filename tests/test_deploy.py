@@ -17,6 +17,7 @@ import nats_auth
 from ingest.settings import Settings as IngestSettings
 from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
+from sendtime_common.auth.api_keys import Scope
 from sendtime_common.http_routes import routes_of
 from sendtime_common.shutdown import STOP_MARGIN_S
 from tests.deploy.manifests import (
@@ -244,6 +245,17 @@ def test_prometheus_scrapes_each_service_once() -> None:
     ]
     # The headless Services select the same pods: a metrics port there would count them twice.
     assert sorted(scraped) == sorted(SERVICES)
+    # The metrics ports answer only a key with the scope metrics.read: the one base/config.yaml
+    # has an operator make, in the Secret the scrape reads.
+    authorization = endpoint["authorization"]
+    assert authorization["type"] == "Bearer"
+    secret = authorization["credentials"]["name"]
+    made = re.search(
+        rf"create secret generic {secret} --from-literal={authorization['credentials']['key']}=.*\n.*"
+        r"--scope (\S+) --quiet",
+        (DEPLOY / "base" / "config.yaml").read_text(),
+    )
+    assert made is not None and Scope.parse(made.group(1)) == Scope.METRICS_READ
 
 
 def test_prod_runs_images_pinned_by_digest_and_dev_the_local_build() -> None:
