@@ -127,6 +127,9 @@ def test_each_service_has_startup_readiness_and_liveness_grpc_probes_on_its_heal
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     liveness = container["livenessProbe"]
     assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 30  # not on one slow answer
+    # kubelet's default, 1 s, would take a busy event loop's late answer for a failure.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["timeoutSeconds"] >= 2, probe
 
 
 def pods(overlay: str) -> list[Endpoint]:
