@@ -4,6 +4,7 @@ a second run changing only what changed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -20,7 +21,7 @@ import devstack
 import nats_auth
 from sendtime_cli import setup
 from sendtime_cli.database import AUTH_OWNER, SERVICES, objects_of, role_name
-from sendtime_common.event_log import JetStreamSettings, inbox_prefix
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, inbox_prefix
 from tests.conftest import ADMIN_DATABASE_URL, empty_database, repo_root
 
 STREAMS = [
@@ -146,6 +147,23 @@ async def test_setup_migrates_every_service_as_its_role_and_makes_the_streams_id
     assert await owners(setup_database) == tables
     ages = await stream_max_ages(own_nats)
     assert ages[STREAMS[0]] == ages[STREAMS[1]] == 7200
+
+
+async def test_after_the_setup_each_service_finds_the_streams_without_managing_them(
+    own_nats: OwnNats,
+) -> None:
+    await setup.apply_streams(JetStreamSettings.from_env(own_nats.env("profile")))
+    # As in Kubernetes: NATS_MANAGE_STREAMS=false everywhere, each service as its own user. A
+    # missing stream would keep connect waiting (up to a minute), so the bound proves they exist.
+    for service in nats_auth.SERVICES:
+        settings = JetStreamSettings.from_env(own_nats.env(service) | {"NATS_MANAGE_STREAMS": "false"})
+        log = await asyncio.wait_for(JetStreamEventLog.connect(settings), 5)
+        try:
+            if service == "triggers":  # the one reader of the profile change stream
+                subscription = await asyncio.wait_for(log.subscribe_profile_changes("triggers-changes"), 5)
+                await subscription.close()
+        finally:
+            await log.close()
 
 
 async def test_setup_refuses_a_role_without_the_grants_of_sendtime_database_roles(
