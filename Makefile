@@ -10,7 +10,7 @@ PY := $(BIN)/python
 export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install up down run demo test test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http bench-triggers
+.PHONY: help install up down run demo test deploy-check kubectl test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http bench-triggers
 
 help:
 	@echo "make run        start Postgres/Redis/NATS if needed, the four services, a demo; Ctrl-C stops"
@@ -18,6 +18,7 @@ help:
 	@echo "make test       install what is needed and run the whole test suite"
 	@echo "make fuzz       the fuzz tests (tests/fuzz) with many examples each; make test runs a small slice"
 	@echo "make lint       buf lint, ruff, mypy"
+	@echo "make deploy-check  build deploy/'s overlays, check schemas (Kubernetes 1.32) and policies"
 	@echo "make gen        regenerate gen/python and openapi/ from protos/, the Grafana dashboards;  make gen-check: fail when stale"
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
@@ -45,9 +46,18 @@ run: install
 demo: install
 	$(PY) scripts/suite.py demo
 
-test: install
+test: install kubectl
 	$(PY) scripts/devstack.py ensure
 	$(PY) -m pytest
+
+# deploy/: the overlays built by `kubectl kustomize`, checked against Kubernetes 1.32's schemas
+# and the policy (tests/deploy, tests/test_deploy.py); no cluster needed.
+deploy-check: install kubectl
+	$(PY) -m pytest tests/deploy tests/test_deploy.py
+
+kubectl:
+	@command -v kubectl >/dev/null || { echo "kubectl not found: the deploy tests build the overlays with" \
+		"'kubectl kustomize'; install kubectl 1.32 (the Kubernetes apt repository's kubectl package)" >&2; exit 1; }
 
 # Long: 20,000 examples a test, random each run; failures are kept in .hypothesis/ and replayed
 # first next time. `make test` runs the same tests as a derandomized slice of seconds.

@@ -508,7 +508,8 @@ class JetStreamEventLog:
         self._acks = _AckInbox(client)
         self._events = _Target(settings.stream, settings.subject_prefix)
         self._changes = _Target(settings.profile_change_stream, settings.profile_change_subject_prefix)
-        self._changes_exist = settings.manage_streams  # else looked for at the first subscription
+        # Else looked for at the first subscription or publication.
+        self._changes_exist = settings.manage_streams
 
     @classmethod
     async def connect(cls, settings: JetStreamSettings) -> JetStreamEventLog:
@@ -675,7 +676,21 @@ class JetStreamEventLog:
         return await self._publish_to(self._events, messages)
 
     async def publish_profile_changes(self, changes: Sequence[OutgoingMessage]) -> list[PublishOutcome]:
+        if not self._changes_exist:
+            await self._learn_changes_stream()
         return await (await self._publish_to(self._changes, changes))
+
+    async def _learn_changes_stream(self) -> None:
+        """Where the deployment made the profile change stream (NATS_MANAGE_STREAMS=false), learn
+        at the first publication whether it takes atomic batches, as ``_ensure_stream`` does for
+        the managing service. Not found or not answering: publish one by one, which fails as it
+        would have and leaves the changes in the publisher's outbox."""
+        try:
+            info = await self._js.stream_info(self._changes.stream)
+        except (TimeoutError, nats.errors.Error):
+            return
+        self._changes = replace(self._changes, atomic=bool(info.config.allow_atomic))
+        self._changes_exist = True
 
     async def _publish_to(
         self, target: _Target, messages: Sequence[OutgoingMessage]

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from sendtime_cli import database, importer, keys, profiles, triggers
+from sendtime_cli import database, importer, keys, profiles, setup, triggers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
             "database",
             help="database administration: roles",
             description="Database administration (DATABASE_URL, as an administrator).",
+        )
+    )
+    setup.add_arguments(
+        commands.add_parser(
+            "setup",
+            help="the shared setup: every service's migrations and the JetStream streams",
+            description=(
+                "Apply every service's migrations (each as its own role where `sendtime database roles` "
+                "made them; DATABASE_URL as an administrator) and make or update the JetStream streams "
+                "(NATS_URL, NATS_USER, NATS_PASSWORD, NATS_*). Idempotent; deploy runs it as a Job. "
+                "See deploy/README.md."
+            ),
         )
     )
     return parser

@@ -3,8 +3,8 @@
 Each block marked ``sendtime-recipe=NAME`` in the page is read here, its merge fields are filled
 in as the platform fills them (URL-encoded with the filter the recipe names), and exactly that
 request goes, with the platform's default headers and timeout, through the Ingress's path rules
-(deploy/kubernetes/ingress.yaml) to the in-process services. The platform's template side is
-rendered against the answer: Braze and Customer.io with python-liquid (Braze's
+(the prod overlay's, deploy/base/ingress.yaml) to the in-process services. The platform's
+template side is rendered against the answer: Braze and Customer.io with python-liquid (Braze's
 ``connected_content`` and ``abort_message`` tags emulated as Braze documents them), Iterable's
 two Handlebars forms used by the page by hand. So a wrong path, header, field or filter in the
 page fails here.
@@ -26,7 +26,6 @@ from typing import Any, TextIO
 
 import aiohttp
 import pytest
-import yaml
 from liquid import Environment
 from liquid.ast import Node
 from liquid.context import RenderContext
@@ -43,10 +42,10 @@ from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.auth.api_keys import KEY_PATTERN
 from tests.conftest import repo_root, wait_for_profile
+from tests.deploy.manifests import named
 from tests.factories import cart_item_added, event, identify
 
 DOC = repo_root() / "docs" / "esp-integration.md"
-INGRESS = repo_root() / "deploy" / "kubernetes" / "ingress.yaml"
 BLOCK = re.compile(r"^```(?P<lang>\w+) sendtime-recipe=(?P<name>[\w-]+)\n(?P<body>.*?)^```$", re.M | re.S)
 DOC_TEMPLATE_ID = "abandoned-cart"
 
@@ -103,7 +102,7 @@ class Ingress:
 
     @classmethod
     def load(cls, ports: Mapping[str, int]) -> Ingress:
-        spec = yaml.safe_load(INGRESS.read_text())["spec"]
+        spec = named("prod", "Ingress", "sendtime")["spec"]
         (rule,) = spec["rules"]
         paths = [(p["path"], p["pathType"], p["backend"]["service"]["name"]) for p in rule["http"]["paths"]]
         return cls(rule["host"], paths, ports)

@@ -398,6 +398,22 @@ async def test_profile_changes_are_stored_in_order_on_their_own_stream_and_read_
         await log.close()
 
 
+async def test_profile_changes_go_in_atomic_batches_where_the_deployment_made_their_stream(
+    nats_url: str,
+) -> None:
+    """In Kubernetes the setup Job makes the streams and profile only publishes to them."""
+    config = settings(nats_url)
+    await (await JetStreamEventLog.connect(config)).close()  # as `sendtime setup` does
+    publisher = await JetStreamEventLog.connect(replace(config, manage_streams=False))
+    try:
+        outcomes = await publisher.publish_profile_changes([message(i) for i in range(3)])
+        assert await stored_receipts(nats_url, config.profile_change_stream, outcomes) == published(
+            3, atomically=True
+        )
+    finally:
+        await publisher.close()
+
+
 def test_the_profile_change_stream_s_limits_are_settings() -> None:
     env = {"NATS_PROFILE_CHANGES_MAX_AGE_SECONDS": "3600", "NATS_PROFILE_CHANGES_MAX_BYTES": "1048576"}
     config = JetStreamSettings.from_env(env)
