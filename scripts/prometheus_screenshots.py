@@ -111,7 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
                 "rule_files": ["rules.yaml"],
                 "scrape_configs": [
-                    {"job_name": job, "static_configs": [{"targets": [env[f"{prefix}_METRICS_ADDRESS"]]}]}
+                    {
+                        "job_name": job,
+                        # The metrics ports answer only a metrics.read key: the one `make run` makes.
+                        "authorization": {
+                            "type": "Bearer",
+                            "credentials_file": str(running.credentials.prometheus_key_file),
+                        },
+                        "static_configs": [{"targets": [env[f"{prefix}_METRICS_ADDRESS"]]}],
+                    }
                     for job, prefix in JOBS.items()
                 ],
             }
