@@ -136,3 +136,10 @@ def test_unreachable_remote_host_fails_cleanly(run_dir: Path) -> None:
         "and devstack only starts local ones"
     )
     assert pids(run_dir) == {}
+
+
+def test_ensure_finds_promtool_and_the_prometheus_server_beside_it() -> None:
+    """`make test` runs promtool and Debian's prometheus from PATH: ensure's check finds them
+    (and installs the package only when promtool is missing)."""
+    assert devstack.require_promtool() == shutil.which("promtool")
+    assert shutil.which("prometheus") is not None
