@@ -314,14 +314,26 @@ INTERNAL_ROWS = (
             Panel(
                 "Pending messages by consumer",
                 (Query("max by (consumer) (sendtime_consumer_pending_messages)", "{{consumer}}"),),
-                width=12,
+                width=8,
                 description="Stored in the event log, not yet delivered to the durable consumer (every"
                 " replica reports the same figure).",
             ),
             Panel(
                 "Unacknowledged messages by consumer",
                 (Query("max by (consumer) (sendtime_consumer_ack_pending_messages)", "{{consumer}}"),),
-                width=12,
+                width=8,
+            ),
+            Panel(
+                "Events set aside unmerged",
+                (
+                    Query(
+                        f"sum by (reason) (increase(sendtime_profile_unmerged_events_total[{RATE}]))",
+                        "{{reason}}",
+                    ),
+                ),
+                width=8,
+                description="Acknowledged events the profile merger could not merge, by reason: each waits"
+                " in ListUnmergedEvents until replayed.",
             ),
         ),
     ),

@@ -76,6 +76,10 @@ class UnmergedReason(enum.StrEnum):
     CONFLICT = CONFLICT_REASON
 
 
+# Every reason's series exists from the start (at 0), so that increase() sees the first one.
+for _reason in UnmergedReason:
+    UNMERGED.labels(_reason.value)
+
 # Not the event's fault: the database, the connection, a lost race, the deployment.
 _TRANSIENT: tuple[type[BaseException], ...] = (
     OSError,  # connection refused or reset, timeouts
