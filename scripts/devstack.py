@@ -589,11 +589,17 @@ def start_postgres(
             os.chown(path, user.pw_uid, user.pw_gid)
     if not (data / "PG_VERSION").exists():
         _say(f"postgres: creating a cluster in {_shown(data)}")
+        # Made aside and renamed when complete: initdb writes PG_VERSION early, so one cut short
+        # (Ctrl-C) in place would pass for a cluster and fail every later start.
+        making = workdir / "data.initdb"
+        for unfinished in (making, data):  # neither holds a cluster: no PG_VERSION
+            shutil.rmtree(unfinished, ignore_errors=True)
         _pg_run(
-            [initdb, "-D", data, "-U", superuser, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+            [initdb, "-D", making, "-U", superuser, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
             user,
             workdir,
         )
+        making.rename(data)
     # A Unix socket path is limited to ~107 bytes; without one, clients use TCP, which is all we need.
     socket_dir = str(sockets) if len(f"{sockets}/.s.PGSQL.{port}.lock") < 100 else ""
     options = f"-p {port} -k {shlex.quote(socket_dir)} -c listen_addresses=127.0.0.1"
