@@ -109,5 +109,7 @@ bench-triggers: install
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'
 
-clean: down
+# devstack's clean: down, and the PostgreSQL cluster it may keep outside .run (scripts/devstack.py).
+clean: install
+	$(PY) scripts/devstack.py clean
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache

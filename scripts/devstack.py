@@ -6,7 +6,15 @@ Library part (used by the tests): start a private NATS (the pinned nats-server-b
 Command-line part (used by the Makefile): ``up`` makes the endpoints in NATS_URL, REDIS_URL and
 DATABASE_URL reachable, reusing whatever already listens there and starting the rest under
 ``.run/`` (or SENDTIME_RUN_DIR); ``down`` stops only what ``up`` started; ``ensure`` prepares what
-the test suite needs. Run ``python scripts/devstack.py --help``.
+the test suite needs; ``clean`` is ``down`` and deletes the PostgreSQL cluster kept outside the run
+dir. Run ``python scripts/devstack.py --help``.
+
+Where the local state lives: pid files, logs, NATS and Redis state in the run dir; PostgreSQL's
+cluster (data, socket, log) in its ``postgres/``, except when root runs devstack from a run dir
+the postgres user cannot enter (a clone under /root): then in
+``/var/lib/sendtime-devstack/<checkout>-<hash of the run dir>/``, owned by postgres, which the
+run dir's ``postgres`` links to (POSTGRES_STATE_ROOT says why). ``up`` is all or nothing: when it
+fails it stops what it started.
 """
 
 from __future__ import annotations
@@ -14,18 +22,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import glob
+import hashlib
 import os
 import pwd
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
@@ -123,14 +137,32 @@ def start_nats(
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_nats_config(workdir / "nats.conf", port, workdir / "jetstream", passwords, tls)
     with open(log_file or workdir / "nats.log", "ab") as output:  # the child keeps its own copy
-        process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=detach,
+        return _start_listening(
+            [nats_server_binary(), "-c", str(config)], output, port, start_new_session=detach
         )
-    wait_for_tcp("127.0.0.1", port, 10, process)
+
+
+def _start_listening(
+    argv: Sequence[str], output: IO[bytes], port: int, *, start_new_session: bool
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` and wait until it listens on 127.0.0.1:port; stop it if it does not, or if
+    we are interrupted meanwhile: a detached one would outlive us, and no caller has it yet."""
+    process = None
+    try:
+        with deferred_interrupts():  # an interrupt inside Popen would lose a started child
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=start_new_session,
+            )
+        wait_for_tcp("127.0.0.1", port, 10, process)
+    except BaseException:
+        if process is not None:
+            with held_signals():
+                stop_process(process)
+        raise
     return process
 
 
@@ -152,27 +184,9 @@ def start_redis(
         cert, key, ca = tls
         listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert)]
         listen += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
+    options = ["--bind", "127.0.0.1", *listen, "--save", "", "--appendonly", "no", "--dir", str(workdir)]
     with open(workdir / "redis.log", "ab") as output:  # the child keeps its own copy
-        process = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--bind",
-                "127.0.0.1",
-                *listen,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=detach,
-        )
-    wait_for_tcp("127.0.0.1", port, 10, process)
-    return process
+        return _start_listening([redis_server_binary(), *options], output, port, start_new_session=detach)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
@@ -184,6 +198,77 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10) -> Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _stop_requested(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_on_termination() -> None:
+    """Make SIGTERM and SIGHUP (a closed terminal) raise KeyboardInterrupt, as Ctrl-C does, so the
+    ``finally`` blocks that stop what a command started run for them too (their default is to die
+    on the spot, leaving the detached servers running)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop_requested)
+
+
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _python_handlers() -> dict[int, Callable[[int, FrameType | None], Any] | int]:
+    """The interrupts' handlers, those that can be put back: not one set outside Python (None)."""
+    handlers = {sig: signal.getsignal(sig) for sig in _INTERRUPTS}
+    return {sig: handler for sig, handler in handlers.items() if handler is not None}
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Put off Ctrl-C, SIGTERM and SIGHUP until the block (start a child, record it) is done, then
+    deliver the first to the handler there was. Python raises KeyboardInterrupt wherever it is:
+    inside Popen, after the fork, the child runs and nobody holds it to stop it. (Blocking the
+    signals instead would block them in the child too: it inherits the mask.) Outside the main
+    thread, where signal handlers cannot be set, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = _python_handlers()
+    received: list[int] = []
+
+    def later(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    for sig in previous:
+        signal.signal(sig, later)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+@contextmanager
+def held_signals() -> Iterator[None]:
+    """Let a cleanup finish: while it runs, Ctrl-C, SIGTERM and SIGHUP only say so. A second
+    Ctrl-C would otherwise cut short the stopping that the first one began, and leave the rest
+    running. Every stop in a cleanup is bounded (SIGKILL after a timeout), so it does end.
+    Outside the main thread, where signal handlers cannot be set, it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = _python_handlers()
+
+    def wait_for_it(signum: int, frame: object) -> None:
+        print("stopping what was started; a moment", file=sys.stderr, flush=True)
+
+    for sig in previous:
+        signal.signal(sig, wait_for_it)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --- command-line part: `up`, `down`, `ensure` ------------------------------------------------
@@ -403,20 +488,98 @@ def _postgres_user() -> pwd.struct_passwd | None:
     raise DevstackError("running as root and there is no 'postgres' or 'nobody' user to run PostgreSQL as")
 
 
-def _check_searchable(path: Path, user: pwd.struct_passwd) -> None:
-    """Fail clearly when ``user`` cannot reach ``path`` (e.g. under a 0700 home or pytest tmp dir)."""
+def _first_closed_parent(path: Path, user: pwd.struct_passwd) -> Path | None:
+    """The first directory above ``path`` that ``user`` cannot enter (e.g. a 0700 home or pytest
+    tmp dir), or None."""
     for parent in reversed(path.parents):
         st = parent.stat()
-        if (
+        if not (
             st.st_mode & 0o001
             or (st.st_uid == user.pw_uid and st.st_mode & 0o100)
             or (st.st_gid == user.pw_gid and st.st_mode & 0o010)
         ):
-            continue
+            return parent
+    return None
+
+
+def _check_searchable(path: Path, user: pwd.struct_passwd) -> None:
+    """Fail clearly when ``user`` cannot reach ``path``."""
+    parent = _first_closed_parent(path, user)
+    if parent is not None:
         raise DevstackError(
             f"postgres: user {user.pw_name} cannot enter {parent}, so cannot use {path}; "
             f"chmod o+x {parent} or set SENDTIME_RUN_DIR elsewhere"
         )
+
+
+# Where root's devstack keeps a cluster that the postgres user could not reach in the run dir.
+# A newcomer's clone under /root (0700) is the usual case. Opening /root (chmod o+x) would let
+# every local user reach whatever root keeps there, so the cluster moves instead: to a directory
+# of its own here, owned by the postgres user and 0700, under a parent only root writes (no one
+# else can plant a link in the way), named after the run dir (its checkout's name and a hash of
+# its path, so checkouts never share one). The run dir's `postgres` is a link to it: `down` and
+# people find it where it always was. /var/lib, not /tmp: the cluster outlives `down`, as it does
+# in the run dir, and a reboot.
+POSTGRES_STATE_ROOT = Path("/var/lib/sendtime-devstack")
+
+
+def postgres_dir(rd: Path) -> Path:
+    """Where the run dir's PostgreSQL cluster lives (data, socket, log): its ``postgres``, or
+    where that links to (a directory of POSTGRES_STATE_ROOT)."""
+    return (rd / "postgres").resolve()
+
+
+def _state_dir_name(rd: Path) -> str:
+    checkout = rd.parent.name if rd.name == ".run" else rd.name
+    readable = "".join(c if c.isalnum() or c in "._-" else "_" for c in checkout)[:40] or "run"
+    return f"{readable}-{hashlib.sha256(str(rd).encode()).hexdigest()[:12]}"
+
+
+def _prepare_postgres_dir(rd: Path) -> Path:
+    """postgres_dir(rd), first moved out to POSTGRES_STATE_ROOT when we are root and the
+    postgres user cannot enter the run dir (see there)."""
+    link = rd / "postgres"
+    user = _postgres_user()
+    if user is None or link.is_symlink() or _first_closed_parent(link, user) is None:
+        workdir = postgres_dir(rd)
+    elif (link / "data" / "PG_VERSION").exists():
+        return link  # a cluster made here before: start_postgres says why it cannot run here now
+    else:
+        if link.exists():  # no cluster: what an earlier, failed start left (its socket directory)
+            shutil.rmtree(link)
+        workdir = POSTGRES_STATE_ROOT / _state_dir_name(rd)
+        link.symlink_to(workdir, target_is_directory=True)
+    if user is not None and _kept_outside(workdir):
+        _make_state_dir(workdir, user)
+    return workdir
+
+
+def _kept_outside(workdir: Path) -> bool:
+    return workdir.parent in (POSTGRES_STATE_ROOT, POSTGRES_STATE_ROOT.resolve())
+
+
+def _make_state_dir(workdir: Path, user: pwd.struct_passwd) -> None:
+    root = workdir.parent
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)  # the postgres user may enter, not list
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise DevstackError(f"postgres: {root} must be a directory that only root can write to")
+    workdir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(workdir, user.pw_uid, user.pw_gid)
+
+
+def remove_postgres_dir(rd: Path) -> Path | None:
+    """Delete the cluster kept outside the run dir (``devstack.py clean``), and the run dir's
+    link to it; the directory deleted, or None. Stop it first."""
+    link = rd / "postgres"
+    if not link.is_symlink():
+        return None
+    workdir = postgres_dir(rd)
+    link.unlink()
+    if not _kept_outside(workdir):  # a link made by hand: not ours to delete
+        return None
+    shutil.rmtree(workdir, ignore_errors=True)
+    return workdir
 
 
 def _pg_run(command: Sequence[str | Path], user: pwd.struct_passwd | None, cwd: Path) -> str:
@@ -457,11 +620,17 @@ def start_postgres(
             os.chown(path, user.pw_uid, user.pw_gid)
     if not (data / "PG_VERSION").exists():
         _say(f"postgres: creating a cluster in {_shown(data)}")
+        # Made aside and renamed when complete: initdb writes PG_VERSION early, so one cut short
+        # (Ctrl-C) in place would pass for a cluster and fail every later start.
+        making = workdir / "data.initdb"
+        for unfinished in (making, data):  # neither holds a cluster: no PG_VERSION
+            shutil.rmtree(unfinished, ignore_errors=True)
         _pg_run(
-            [initdb, "-D", data, "-U", superuser, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+            [initdb, "-D", making, "-U", superuser, "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
             user,
             workdir,
         )
+        making.rename(data)
     # A Unix socket path is limited to ~107 bytes; without one, clients use TCP, which is all we need.
     socket_dir = str(sockets) if len(f"{sockets}/.s.PGSQL.{port}.lock") < 100 else ""
     options = f"-p {port} -k {shlex.quote(socket_dir)} -c listen_addresses=127.0.0.1"
@@ -475,13 +644,33 @@ def start_postgres(
         options += f" -c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
     try:
         _pg_run([pg_ctl, "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start"], user, workdir)
-    except DevstackError as exc:
-        raise DevstackError(f"{exc}; log: {_tail(log)}") from None
-    wait_for_tcp("127.0.0.1", port, 10)
-    pid = _read_pid(data / "postmaster.pid")
-    if pid is None:
-        raise DevstackError(f"postgres: started, but {data / 'postmaster.pid'} has no pid")
+        wait_for_tcp("127.0.0.1", port, 10)
+        pid = _read_pid(data / "postmaster.pid")
+        if pid is None:
+            raise DevstackError(f"postgres: started, but {data / 'postmaster.pid'} has no pid")
+    except BaseException as exc:
+        # The server is in a session of its own: stop it here, whatever went wrong (Ctrl-C too),
+        # for no caller has its pid yet.
+        with held_signals():
+            _stop_cluster(pg_ctl, data, user, workdir)
+        if isinstance(exc, DevstackError):
+            raise DevstackError(f"{exc}; log: {_tail(log)}") from None
+        raise
     return pid
+
+
+def _stop_cluster(pg_ctl: Path, data: Path, user: pwd.struct_passwd | None, workdir: Path) -> None:
+    """``pg_ctl stop -m fast``, quietly: no server (it never started) is fine."""
+    subprocess.run(
+        [str(pg_ctl), "-D", str(data), "-m", "fast", "-w", "-t", "30", "stop"],
+        capture_output=True,
+        cwd=workdir,
+        user=user.pw_uid if user else None,
+        group=user.pw_gid if user else None,
+        extra_groups=[] if user else None,
+        start_new_session=True,
+        check=False,
+    )
 
 
 def stop_postgres(workdir: Path) -> bool:
@@ -518,9 +707,9 @@ async def create_database(url: str) -> bool:
         await conn.close()
 
 
-def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> bool:
-    """Use what listens at ep, or start ours via ``start(port, workdir) -> pid`` and record its pid;
-    whether it started one."""
+def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int], started: list[str]) -> None:
+    """Use what listens at ep, or start ours via ``start(port, workdir) -> pid``, record its pid
+    and add its name to ``started``."""
     pid_file = rd / f"{ep.name}.pid"
     pid = _read_pid(pid_file)
     ours = pid is not None and _is_ours(pid, ep.name)
@@ -528,7 +717,7 @@ def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> bool:
     if tcp_reachable(ep.host, ep.port):
         how = f"started earlier by devstack, pid {pid}" if ours else "already listening"
         _say(f"{label}using {ep.address} ({how})")
-        return False
+        return
     if ours:
         raise DevstackError(
             f"{ep.name}: pid {pid} from {_shown(pid_file)} runs but {ep.address} is not reachable "
@@ -545,10 +734,13 @@ def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int]) -> bool:
         )
     workdir = rd / ep.name
     rd.mkdir(parents=True, exist_ok=True)
+    # Before the start: should we be interrupted once it has begun, the rollback stops it (down
+    # finds it from our child or its pid file; a name that did not start has nothing to stop).
+    started.append(ep.name)
     new_pid = start(ep.port, workdir)
     pid_file.write_text(f"{new_pid}\n")
-    _say(f"{label}started on {ep.address} (pid {new_pid}; state and log in {_shown(workdir)}/)")
-    return True
+    where = _shown(workdir.resolve())  # postgres's may be a link (_prepare_postgres_dir)
+    _say(f"{label}started on {ep.address} (pid {new_pid}; state and log in {where}/)")
 
 
 def _start_nats(port: int, workdir: Path) -> int:
@@ -562,15 +754,15 @@ def _start_redis(port: int, workdir: Path) -> int:
     return process.pid
 
 
-def _ensure_postgres(ep: Endpoint, rd: Path) -> bool:
+def _ensure_postgres(ep: Endpoint, rd: Path, started: list[str]) -> None:
     superuser = urlsplit(ep.url).username or "postgres"
     if ep.host in LOCAL_HOSTS and not tcp_reachable(ep.host, ep.port):
         require_postgres_tools()  # installing the package may start a server on the default port
 
     def start(port: int, workdir: Path) -> int:
-        return start_postgres(port, workdir, superuser)
+        return start_postgres(port, _prepare_postgres_dir(rd), superuser)
 
-    return _ensure(ep, rd, start)
+    _ensure(ep, rd, start, started)
 
 
 def own_nats(env: Mapping[str, str]) -> bool:
@@ -588,11 +780,11 @@ def nats_url(env: Mapping[str, str]) -> str:
         raise DevstackError("devstack's NATS is not up: run `devstack.py up` first") from None
 
 
-def _ensure_own_nats(rd: Path) -> bool:
+def _ensure_own_nats(rd: Path, started: list[str]) -> None:
     """devstack's NATS: the pinned nats-server with one least-privilege user per service
     (scripts/nats_auth.py; passwords in .run/secrets/). On 127.0.0.1:4222 when that is free,
     else the next free port from 4223 (a NATS that is not ours may hold 4222, e.g. the
-    system's). Its URL goes to .run/nats.url. Whether it was started now."""
+    system's). Its URL goes to .run/nats.url. Adds "nats" to ``started`` when it starts one."""
     passwords = {service: path.read_text().strip() for service, path in nats_passwords(rd).items()}
     pid_file, url_file = rd / "nats.pid", rd / "nats.url"
     pid = _read_pid(pid_file)
@@ -601,15 +793,15 @@ def _ensure_own_nats(rd: Path) -> bool:
         write_nats_config(rd / "nats" / "nats.conf", port, rd / "nats" / "jetstream", passwords)
         os.kill(pid, signal.SIGHUP)  # nats-server rereads its configuration (users, permissions)
         _say(f"{'nats:':<9} using 127.0.0.1:{port} (started earlier by devstack, pid {pid}; users reloaded)")
-        return False
+        return
     port = next(p for p in range(4222, 4300) if not tcp_reachable("127.0.0.1", p))
     rd.mkdir(parents=True, exist_ok=True)
+    started.append("nats")  # before the start: see _ensure
     _STARTED["nats"] = process = start_nats(port, rd / "nats", detach=True, passwords=passwords)
     pid_file.write_text(f"{process.pid}\n")
     url_file.write_text(f"nats://127.0.0.1:{port}\n")
     where = _shown(rd / "nats")
     _say(f"{'nats:':<9} started on 127.0.0.1:{port}, a user per service (pid {process.pid}; {where}/)")
-    return True
 
 
 def up(env: Mapping[str, str] | None = None) -> list[str]:
@@ -621,31 +813,34 @@ def up(env: Mapping[str, str] | None = None) -> list[str]:
     started. Idempotent: what already listens is used, never restarted. Synchronous (it runs its
     own event loop for asyncpg), so do not call it from inside a running loop. Returns the names
     of the ones it started (for ``down(names=...)``).
+
+    All or nothing: when it fails, or is interrupted, it stops what it started before raising
+    (and leaves alone what was running already).
     """
     env = os.environ if env is None else env
     rd = run_dir(env)
-    redis = endpoint("redis", env.get("REDIS_URL") or DEFAULT_REDIS_URL, 6379)
-    postgres = endpoint("postgres", env.get("DATABASE_URL") or DEFAULT_DATABASE_URL, 5432)
-    nats_started = (
-        _ensure_own_nats(rd)
-        if own_nats(env)
-        else _ensure(endpoint("nats", env["NATS_URL"], 4222), rd, _start_nats)
-    )
-    started = [
-        name
-        for name, was_started in (
-            ("nats", nats_started),
-            ("redis", _ensure(redis, rd, _start_redis)),
-            ("postgres", _ensure_postgres(postgres, rd)),
-        )
-        if was_started
-    ]
+    started: list[str] = []
     try:
-        created = asyncio.run(create_database(postgres.url))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DevstackError(
-            f"postgres: cannot create the database of {redact(postgres.url)}: {exc}"
-        ) from None
+        redis = endpoint("redis", env.get("REDIS_URL") or DEFAULT_REDIS_URL, 6379)
+        postgres = endpoint("postgres", env.get("DATABASE_URL") or DEFAULT_DATABASE_URL, 5432)
+        if own_nats(env):
+            _ensure_own_nats(rd, started)
+        else:
+            _ensure(endpoint("nats", env["NATS_URL"], 4222), rd, _start_nats, started)
+        _ensure(redis, rd, _start_redis, started)
+        _ensure_postgres(postgres, rd, started)
+        try:
+            created = asyncio.run(create_database(postgres.url))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise DevstackError(
+                f"postgres: cannot create the database of {redact(postgres.url)}: {exc}"
+            ) from None
+    except BaseException:
+        if started:
+            with held_signals():
+                _say(f"not ready: stopping what this start began ({', '.join(started)})")
+                down(env, names=started)
+        raise
     database = unquote(urlsplit(postgres.url).path.lstrip("/"))
     _say(f"postgres: {'created' if created else 'using'} database {database}")
     _say(f"ready:    {nats_url(env)}  {redact(redis.url)}  {redact(postgres.url)}")
@@ -664,7 +859,7 @@ def ensure(env: Mapping[str, str] | None = None) -> None:
     _say(f"redis:    {require_redis_server()}")
     _say(f"promtool: {require_promtool()}")
     postgres = endpoint("postgres", env.get("TEST_DATABASE_URL") or DEFAULT_TEST_DATABASE_URL, 5432)
-    _ensure_postgres(postgres, run_dir(env))
+    _ensure_postgres(postgres, run_dir(env), [])  # kept running for the next `make test`
 
 
 def down(env: Mapping[str, str] | None = None, names: Sequence[str] = ("postgres", "redis", "nats")) -> None:
@@ -676,7 +871,7 @@ def down(env: Mapping[str, str] | None = None, names: Sequence[str] = ("postgres
     rd = run_dir(env)
     stopped = []
     if "postgres" in names:
-        if stop_postgres(rd / "postgres"):
+        if stop_postgres(postgres_dir(rd)):
             stopped.append("postgres")
         (rd / "postgres.pid").unlink(missing_ok=True)
     for name in ("redis", "nats"):
@@ -685,8 +880,8 @@ def down(env: Mapping[str, str] | None = None, names: Sequence[str] = ("postgres
         pid_file = rd / f"{name}.pid"
         pid = _read_pid(pid_file)
         process = _STARTED.pop(name, None)
-        if process is not None and process.pid == pid:
-            stop_process(process)  # our child: wait() reaps it
+        if process is not None and (pid is None or process.pid == pid):
+            stop_process(process)  # our child (its pid file maybe not written yet): wait() reaps it
             stopped.append(name)
         elif pid is not None and _is_ours(pid, name):
             _terminate(pid)
@@ -718,19 +913,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ensure",
         help="for the tests: nats-server, redis-server and promtool installed, Postgres at TEST_DATABASE_URL",
     )
+    commands.add_parser(
+        "clean", help="`down`, then delete the PostgreSQL cluster kept outside the run dir (`make clean`)"
+    )
     args = parser.parse_args(argv)
+    interrupt_on_termination()
     try:
         if args.command == "up":
             up()
         elif args.command == "down":
             down()
+        elif args.command == "clean":
+            down()
+            removed = remove_postgres_dir(run_dir())
+            _say(f"deleted {removed}" if removed else "no cluster outside the run dir")
         else:
             ensure()
     except (RuntimeError, OSError) as exc:
         print(f"devstack.py {args.command}: error: {exc}", file=sys.stderr)
-        if args.command != "down" and _STARTED:
-            print("what was started keeps running: `devstack.py down` stops it", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # up stopped what it had started
+        print(f"devstack.py {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

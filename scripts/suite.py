@@ -165,7 +165,8 @@ def start_services(
     try:
         for service in services:  # profile first: it applies the migrations and creates the stream
             log_path = log_dir / f"{service.name}.log"
-            with open(log_path, "ab") as log:  # the child keeps its own copy
+            # Started and recorded before a Ctrl-C may land, so that the except below stops it.
+            with devstack.deferred_interrupts(), open(log_path, "ab") as log:  # the child keeps a copy
                 process = subprocess.Popen(
                     [sys.executable, "-m", service.module],
                     env=service_env({**env, **_credentials_env(credentials, service, env)}),
@@ -174,14 +175,15 @@ def start_services(
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # Ctrl-C reaches us only; we stop them in order
                 )
-            running.append(RunningService(service, process, log_path))
+                running.append(RunningService(service, process, log_path))
             wait_until_serving(running[-1], env, timeout_s=30)
             _say(
                 f"{service.name + ':':<9}serving on {service.target(env)} (pid {process.pid},"
                 f" log {log_path}); metrics http://127.0.0.1:{service.metrics_port(env)}/metrics"
             )
     except BaseException:
-        stop_services(running)
+        with devstack.held_signals():
+            stop_services(running)
         raise
     return running
 
@@ -512,6 +514,8 @@ class RunningSuite:
 def suite(env: Mapping[str, str]) -> Iterator[RunningSuite]:
     """Dependencies up, credentials made (or reused), services started; on exit, stop the
     services, then the dependencies this call started (not ones that were already running).
+    That holds however it exits: a failed start, a failed demo, Ctrl-C (KeyboardInterrupt) at
+    any point; devstack.up stops what it started when it fails itself.
 
     Raises:
         SuiteError: as start_services; or a service did not exit 0 on SIGTERM.
@@ -526,9 +530,10 @@ def suite(env: Mapping[str, str]) -> Iterator[RunningSuite]:
             yield RunningSuite(running, credentials)
             succeeded = True
         finally:
-            _say("\nstopping the services")
-            codes = stop_services(running)
-            _say("   " + ", ".join(f"{name} exited {code}" for name, code in codes.items()))
+            with devstack.held_signals():
+                _say("\nstopping the services")
+                codes = stop_services(running)
+                _say("   " + ", ".join(f"{name} exited {code}" for name, code in codes.items()))
         unclean = [name for name, code in codes.items() if code != 0]
         if succeeded and unclean:
             raise SuiteError(
@@ -536,7 +541,8 @@ def suite(env: Mapping[str, str]) -> Iterator[RunningSuite]:
             )
     finally:
         if started_dependencies:
-            devstack.down(env, names=started_dependencies)
+            with devstack.held_signals():
+                devstack.down(env, names=started_dependencies)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -545,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = dict(os.environ)
     stop_requested = False
+    devstack.interrupt_on_termination()  # until serving: SIGTERM and SIGHUP stop it as Ctrl-C does
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stop_requested
@@ -567,15 +574,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say("Metrics (profile's), with the key a Prometheus scrapes with (metrics.read):")
             _say(metrics_example(env, running.credentials.prometheus_key_file))
             if args.command == "run":
-                signal.signal(signal.SIGINT, request_stop)
-                signal.signal(signal.SIGTERM, request_stop)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(sig, request_stop)
                 _say("\nserving; Ctrl-C stops everything this command started")
                 while not stop_requested:
                     time.sleep(0.2)
     except (SuiteError, RuntimeError, OSError, asyncpg.PostgresError) as exc:
         print(f"suite.py {args.command}: failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C before serving began; everything has been stopped
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, SIGHUP) before serving began
+        print(f"suite.py {args.command}: interrupted; what it started has been stopped", file=sys.stderr)
         return 130
     return 0
 
