@@ -259,8 +259,12 @@ def test_every_port_serves_tls_needs_a_key_and_probes_use_a_plaintext_health_por
     key, ca = running_suite["SENDTIME_KEY"], running_suite["SENDTIME_CA_FILE"]
     for variable, health_variable in zip(DEFAULT_PORTS.values(), HEALTH_PORTS.values(), strict=True):
         address = target(running_suite, variable)
-        plaintext = grpcurl(address, "list", key=key, ca=None)
-        assert plaintext.returncode != 0, "a TLS port answered plaintext"
+        # A TLS port drops a plaintext connection at once; grpcurl would retry for its whole
+        # connect timeout (10 s by default), so give it 2.
+        plaintext = grpcurl("-connect-timeout", "2", address, "list", key=key, ca=None)
+        assert plaintext.returncode != 0 and "Failed to dial" in plaintext.stderr, (
+            "a TLS port answered plaintext"
+        )
         untrusted = subprocess.run(
             [GRPCURL, "-max-time", "10", "-H", f"authorization: Bearer {key}", address, "list"],
             capture_output=True,
