@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -136,6 +138,11 @@ async def test_ingest_is_unready_while_its_nats_is_down_and_alive_throughout(
         devstack.stop_process(nats)
 
 
+async def healthz(port: int) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as answer:
+        return answer.status, await answer.json()
+
+
 async def is_(port: int | None, service: str, wanted: int) -> bool:
     return await status(port, service) == wanted
 
@@ -161,11 +168,15 @@ async def test_profile_is_unready_once_its_merger_stops(
         names = [OVERALL_HEALTH, *PROFILE_SERVICES]
         assert [await status(health, name) for name in names] == [SERVING] * len(names)
         assert sorted(app.grpc.readiness.conditions) == ["event log", "merger"]
+        assert app.grpc.http is not None
+        assert await healthz(app.grpc.http.port) == (200, {"status": "SERVING"})
 
         app.merger.stop()  # it returns after its current fetch (at most 1 s)
         await seconds_until(lambda: is_(health, OVERALL_HEALTH, NOT_SERVING), timeout_s=DELAY_S + 3)
         assert [await status(health, name) for name in names] == [NOT_SERVING] * len(names)
         assert await status(health, LIVENESS) == SERVING  # no restart for it
+        # The same over HTTP, for load balancers that cannot ask gRPC health.
+        assert await healthz(app.grpc.http.port) == (503, {"status": "NOT_SERVING"})
     finally:
         await app.stop(grace_s=1)
         devstack.stop_process(nats)

@@ -144,6 +144,7 @@ class GrpcServer:
         self.health = health_aio.HealthServicer()
         self.readiness = ReadinessMonitor(readiness or ReadinessSettings(), self._report_readiness)
         self._watching_readiness: asyncio.Task[None] | None = None
+        self._ready = False  # what readiness last reported; /healthz answers it
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         register(self.server)
         reflection.enable_server_reflection(
@@ -208,7 +209,7 @@ class GrpcServer:
             answer_memos=answer_memos,
         )
         app = web.Application(client_max_size=self.limits.max_receive_bytes)
-        app.router.add_get("/healthz", _healthz)
+        app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/openapi.json", _static_json(OPENAPI_DOCUMENT.read_bytes()))
         if add_routes is not None:
             add_routes(app, calls)
@@ -239,8 +240,16 @@ class GrpcServer:
         return [OVERALL_HEALTH, *self._service_names]
 
     async def _report_readiness(self, ready: bool) -> None:
+        self._ready = ready
         for name in self._readiness_names:
             await self.health.set(name, SERVING if ready else NOT_SERVING)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        """Readiness over HTTP, for load balancers that cannot speak gRPC health: 200 SERVING,
+        else 503 NOT_SERVING. Open, as gRPC health is: load balancers and probes carry no key."""
+        if self._ready:
+            return web.json_response({"status": "SERVING"})
+        return web.json_response({"status": "NOT_SERVING"}, status=503)
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING (readiness and liveness), refuse new calls and requests, and give
@@ -250,6 +259,7 @@ class GrpcServer:
         if self._watching_readiness is not None:
             self._watching_readiness.cancel()
             await asyncio.wait({self._watching_readiness}, timeout=CANCEL_WAIT_S)
+        self._ready = False
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(
             self._stop_grpc(grace_s),
@@ -282,11 +292,6 @@ def _static_json(body: bytes) -> Callable[[web.Request], Awaitable[web.Response]
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     return handler
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    """Open, as gRPC health is: load balancers and probes carry no key."""
-    return web.json_response({"status": "SERVING"})
 
 
 async def run_until_signalled(
