@@ -119,8 +119,9 @@ class ConsumerBacklog:
 
 
 class Delivery(Protocol):
-    """One delivered message; it is redelivered later unless acked. An ack lost in a crash can
-    bring it back once more, so consumers must be idempotent."""
+    """One delivered message; it is redelivered later unless acked (about an ack wait after its
+    subscriber stops holding it, or dies: held, it is kept from redelivery). An ack lost in a
+    crash can bring it back once more, so consumers must be idempotent."""
 
     @property
     def payload(self) -> bytes: ...
