@@ -951,11 +951,15 @@ class JetStreamEventLog:
             current.max_ack_pending == config.max_ack_pending
         ):
             return
-        log.info(
-            "updating a durable consumer's ack wait",
-            extra={"consumer": config.durable_name, "from_s": current.ack_wait, "to_s": config.ack_wait},
-        )
-        await self._js.add_consumer(target.stream, config)
+        change = {"consumer": config.durable_name, "from_s": current.ack_wait, "to_s": config.ack_wait}
+        try:
+            await self._js.add_consumer(target.stream, config)
+        except (nats.js.errors.APIError, nats.errors.TimeoutError) as exc:
+            # Refused (made by hand with other settings, say) or not permitted: consume as it is,
+            # redelivering after its own ack wait, rather than not at all.
+            log.warning("could not update a durable consumer's ack wait", extra={**change, "error": str(exc)})
+            return
+        log.info("a durable consumer's ack wait updated", extra=change)
 
     async def read(self, position: int) -> bytes | None:
         try:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import nats
 import pytest
-from nats.js.api import ConsumerInfo
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 
 from sendtime_common.config import ConfigError
 from sendtime_common.event_log import Delivery, JetStreamEventLog, JetStreamSettings
@@ -152,6 +152,34 @@ async def test_a_durable_consumer_made_with_another_ack_wait_takes_the_setting(n
         await delivery.ack()
         await subscription.close()
     finally:
+        await log.close()
+
+
+async def test_a_consumer_the_server_will_not_update_is_consumed_as_it_is_and_said_so(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = replace(settings(nats_url), ack_wait_s=2.0)
+    log = await JetStreamEventLog.connect(config)
+    client = await nats.connect(nats_url)
+    try:
+        made_by_hand = ConsumerConfig(
+            name="merger",
+            durable_name="merger",
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.NEW,  # a policy an update cannot change
+            ack_wait=30.0,
+            filter_subject=f"{config.subject_prefix}.>",
+        )
+        await client.jetstream().add_consumer(config.stream, made_by_hand)
+        subscription = await log.subscribe("merger")
+        assert "could not update a durable consumer's ack wait" in caplog.messages
+        assert (await _consumer_info(nats_url, config.stream, "merger")).config.ack_wait == 30.0
+        await log.publish(message(1))
+        (delivery,) = await subscription.fetch(1, timeout_s=2)
+        await delivery.ack()
+        await subscription.close()
+    finally:
+        await client.close()
         await log.close()
 
 
