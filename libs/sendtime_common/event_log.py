@@ -931,26 +931,27 @@ class JetStreamEventLog:
             max_ack_pending=s.max_ack_pending,
             filter_subject=subject,
         )
-        await self._update_consumer(target, config)
+        ack_wait_s = await self._update_consumer(target, config)
         subscription = await self._js.pull_subscribe(
             subject, durable=durable_name, stream=target.stream, config=config
         )
-        return _JetStreamSubscription(subscription, s.ack_wait_s)
+        return _JetStreamSubscription(subscription, ack_wait_s)
 
-    async def _update_consumer(self, target: _Target, config: ConsumerConfig) -> None:
+    async def _update_consumer(self, target: _Target, config: ConsumerConfig) -> float:
         """An existing durable consumer takes a changed ack wait (or max ack pending): nats-py's
         pull_subscribe leaves one it finds as it is, but the server's consumer create updates
-        what may change (as ``nats consumer edit`` does). A missing one is left to pull_subscribe."""
-        assert config.durable_name is not None
+        what may change (as ``nats consumer edit`` does). A missing one is left to pull_subscribe.
+        Returns the ack wait the consumer has now, which the in-progress acks must beat."""
+        assert config.durable_name is not None and config.ack_wait is not None
         try:
             info = await self._js.consumer_info(target.stream, config.durable_name)
         except nats.js.errors.NotFoundError:
-            return
+            return config.ack_wait
         current = info.config
-        if math.isclose(current.ack_wait or 0.0, config.ack_wait or 0.0, abs_tol=1e-3) and (
+        if math.isclose(current.ack_wait or 0.0, config.ack_wait, abs_tol=1e-3) and (
             current.max_ack_pending == config.max_ack_pending
         ):
-            return
+            return config.ack_wait
         change = {"consumer": config.durable_name, "from_s": current.ack_wait, "to_s": config.ack_wait}
         try:
             await self._js.add_consumer(target.stream, config)
@@ -958,8 +959,9 @@ class JetStreamEventLog:
             # Refused (made by hand with other settings, say) or not permitted: consume as it is,
             # redelivering after its own ack wait, rather than not at all.
             log.warning("could not update a durable consumer's ack wait", extra={**change, "error": str(exc)})
-            return
+            return min(config.ack_wait, current.ack_wait or config.ack_wait)
         log.info("a durable consumer's ack wait updated", extra=change)
+        return config.ack_wait
 
     async def read(self, position: int) -> bytes | None:
         try:
