@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -52,7 +53,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
-from sendtime_common.config import env_bool, env_float, env_int, env_str, secret_from_env
+from sendtime_common.config import ConfigError, env_bool, env_float, env_int, env_str, secret_from_env
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,9 @@ ATOMIC_BATCH_MAX = 1000  # nats-server's default limit on messages in one atomic
 ERASURE_RETRY_MAX_S = 5.0  # backoff cap while an erasure handler's store is down
 STREAM_WAIT_S = 60.0  # how long a service that does not manage the streams waits for them
 ERASE_CONCURRENCY = 64  # message removals in flight at once
+# A delivery held longer than this gets no more in-progress acks, so that one a consumer forgot
+# to settle (a bug) still comes back, after this plus the ack wait.
+HOLD_MAX_S = 600.0
 _NO_SUCH_MESSAGE = 10037  # JetStream's "no message found"
 
 
@@ -115,8 +119,9 @@ class ConsumerBacklog:
 
 
 class Delivery(Protocol):
-    """One delivered message; it is redelivered later unless acked. An ack lost in a crash can
-    bring it back once more, so consumers must be idempotent."""
+    """One delivered message; it is redelivered later unless acked (about an ack wait after its
+    subscriber stops holding it, or dies: held, it is kept from redelivery). An ack lost in a
+    crash can bring it back once more, so consumers must be idempotent."""
 
     @property
     def payload(self) -> bytes: ...
@@ -259,7 +264,10 @@ class JetStreamSettings:
     max_age_s: float = 7 * 24 * 3600.0
     max_bytes: int = -1
     publish_timeout_s: float = 5.0
-    ack_wait_s: float = 30.0
+    # How long the durable consumers wait for an ack before redelivering: how soon a crashed
+    # consumer's deliveries go to another. Deliveries still held are kept with in-progress
+    # acks every quarter of it (``_InProgress``), so a slow merge is not redelivered.
+    ack_wait_s: float = 5.0
     max_ack_pending: int = 10_000
     atomic_batches: bool = True  # used only where the server supports them (2.12+)
     # Erasure notices: a stream of their own, kept as long as events (max_age_s).
@@ -278,8 +286,9 @@ class JetStreamSettings:
     def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
         """NATS_URL, NATS_USER, NATS_PASSWORD (or NATS_PASSWORD_FILE), NATS_CA_FILE,
         NATS_MANAGE_STREAMS, NATS_STREAM, NATS_REPLICAS, NATS_DUPLICATE_WINDOW_SECONDS,
-        NATS_MAX_AGE_SECONDS, NATS_ATOMIC_BATCHES, NATS_PROFILE_CHANGES_MAX_AGE_SECONDS,
-        NATS_PROFILE_CHANGES_MAX_BYTES; unset ones keep their local defaults.
+        NATS_MAX_AGE_SECONDS, NATS_ACK_WAIT_SECONDS, NATS_ATOMIC_BATCHES,
+        NATS_PROFILE_CHANGES_MAX_AGE_SECONDS, NATS_PROFILE_CHANGES_MAX_BYTES; unset ones keep their
+        local defaults.
 
         Raises:
             sendtime_common.config.ConfigError: a variable has an unusable value.
@@ -297,6 +306,7 @@ class JetStreamSettings:
                 env, "NATS_DUPLICATE_WINDOW_SECONDS", defaults.duplicate_window_s, minimum=1
             ),
             max_age_s=env_float(env, "NATS_MAX_AGE_SECONDS", defaults.max_age_s, minimum=1),
+            ack_wait_s=_ack_wait(env, defaults.ack_wait_s),
             atomic_batches=env_bool(env, "NATS_ATOMIC_BATCHES", defaults.atomic_batches),
             profile_change_max_age_s=env_float(
                 env, "NATS_PROFILE_CHANGES_MAX_AGE_SECONDS", defaults.profile_change_max_age_s, minimum=1
@@ -307,11 +317,26 @@ class JetStreamSettings:
         )
 
 
-class _JetStreamDelivery:
-    __slots__ = ("_msg",)
+def _ack_wait(env: Mapping[str, str], default: float) -> float:
+    """NATS_ACK_WAIT_SECONDS: at least 1 s (in-progress acks go every quarter of it) and at most
+    HOLD_MAX_S (past which a held delivery is let go anyway).
 
-    def __init__(self, msg: Msg) -> None:
+    Raises:
+        sendtime_common.config.ConfigError: not a number in that range.
+    """
+    value = env_float(env, "NATS_ACK_WAIT_SECONDS", default, minimum=1)
+    if not (math.isfinite(value) and value <= HOLD_MAX_S):
+        raise ConfigError(f"NATS_ACK_WAIT_SECONDS must be at most {HOLD_MAX_S:g}, got {value}")
+    return value
+
+
+class _JetStreamDelivery:
+    __slots__ = ("_msg", "_holder", "held_since", "signalled_at")
+
+    def __init__(self, msg: Msg, holder: _InProgress) -> None:
         self._msg = msg
+        self._holder = holder
+        self.held_since = self.signalled_at = asyncio.get_running_loop().time()
 
     @property
     def payload(self) -> bytes:
@@ -334,20 +359,83 @@ class _JetStreamDelivery:
         return self._msg.metadata.timestamp.timestamp()
 
     async def ack(self) -> None:
+        # Let go first: an ack that fails must leave the message to come back after the ack wait.
+        self._holder.release(self)
         # A plain ack, not a confirmed one (ack_sync, a round trip per message): consumers are
         # idempotent, so the rare redelivery of an ack lost in a crash costs nothing.
         await self._msg.ack()
 
     async def retry_later(self, delay_s: float) -> None:
+        self._holder.release(self)
         await self._msg.nak(delay=delay_s)
 
     async def discard(self) -> None:
+        self._holder.release(self)
         await self._msg.term()
+
+    async def still_in_progress(self) -> None:
+        """+WPI: the server restarts the message's ack wait; not a delivery (attempt stays)."""
+        await self._msg.in_progress()
+
+
+class _InProgress:
+    """A subscription's deliveries fetched and not yet settled, kept from redelivery with
+    in-progress acks while held (a batch waiting to merge or merging, a slow database), so that
+    the consumer's ack wait can be short: a crashed holder's deliveries come back within about
+    the ack wait, and a live one's slow work is never handed to another replica. One checks
+    every quarter of the ack wait; a delivery settled sooner than that costs nothing."""
+
+    def __init__(self, ack_wait_s: float) -> None:
+        self._interval_s = ack_wait_s / 4
+        self._held: set[_JetStreamDelivery] = set()
+        self._keeping: asyncio.Task[None] | None = None
+
+    def hold(self, deliveries: Sequence[_JetStreamDelivery]) -> None:
+        self._held.update(deliveries)
+        if deliveries and (self._keeping is None or self._keeping.done()):
+            self._keeping = asyncio.create_task(self._keep_alive())
+
+    def release(self, delivery: _JetStreamDelivery) -> None:
+        self._held.discard(delivery)
+
+    async def _keep_alive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._held:  # ends when nothing is held; ``hold`` starts it again
+            await asyncio.sleep(self._interval_s)
+            now = loop.time()
+            for delivery in [d for d in self._held if now - d.signalled_at >= self._interval_s]:
+                if delivery not in self._held:  # settled while an earlier one's signal went out
+                    continue
+                if now - delivery.held_since > HOLD_MAX_S:
+                    log.warning(
+                        "a delivery held too long is let go; it will be redelivered",
+                        extra={"held_s": round(now - delivery.held_since), "position": delivery.position},
+                    )
+                    self._held.discard(delivery)
+                    continue
+                try:
+                    await delivery.still_in_progress()
+                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                    # Going away: the server's ack wait runs on, and another gets them after it.
+                    return
+                except (nats.errors.Error, OSError) as exc:  # e.g. the outbound buffer full
+                    log.warning("in-progress acks not sent; next time", extra={"error": type(exc).__name__})
+                    break
+                delivery.signalled_at = now
+
+    async def close(self) -> None:
+        """Stop keeping deliveries: whatever is still held comes back after the ack wait."""
+        self._held.clear()
+        if self._keeping is not None:
+            self._keeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeping
 
 
 class _JetStreamSubscription:
-    def __init__(self, subscription: JetStreamContext.PullSubscription) -> None:
+    def __init__(self, subscription: JetStreamContext.PullSubscription, ack_wait_s: float) -> None:
         self._subscription = subscription
+        self._in_progress = _InProgress(ack_wait_s)
 
     async def fetch(self, max_messages: int, timeout_s: float) -> Sequence[Delivery]:
         try:
@@ -356,9 +444,12 @@ class _JetStreamSubscription:
             # nats-py raises the plain asyncio one when the deadline runs out between its
             # no-wait probe and its pull: also just "nothing came".
             return []
-        return [_JetStreamDelivery(m) for m in messages]
+        deliveries = [_JetStreamDelivery(m, self._in_progress) for m in messages]
+        self._in_progress.hold(deliveries)
+        return deliveries
 
     async def close(self) -> None:
+        await self._in_progress.close()
         # Without this, draining the connection waits out its full timeout on the pull inbox.
         with contextlib.suppress(nats.errors.Error):
             await self._subscription.unsubscribe()
@@ -828,19 +919,49 @@ class JetStreamEventLog:
 
     async def _pull_subscribe(self, target: _Target, durable_name: str) -> EventLogSubscription:
         s = self._settings
-        subscription = await self._js.pull_subscribe(
-            f"{target.subject_prefix}.>",
-            durable=durable_name,
-            stream=target.stream,
-            config=ConsumerConfig(
-                durable_name=durable_name,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=s.ack_wait_s,
-                max_ack_pending=s.max_ack_pending,
-            ),
+        subject = f"{target.subject_prefix}.>"
+        # What nats-py's pull_subscribe makes when the consumer is missing (it sets the name and
+        # the filter itself then); spelled out here so an update matches it.
+        config = ConsumerConfig(
+            name=durable_name,
+            durable_name=durable_name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=s.ack_wait_s,
+            max_ack_pending=s.max_ack_pending,
+            filter_subject=subject,
         )
-        return _JetStreamSubscription(subscription)
+        ack_wait_s = await self._update_consumer(target, config)
+        subscription = await self._js.pull_subscribe(
+            subject, durable=durable_name, stream=target.stream, config=config
+        )
+        return _JetStreamSubscription(subscription, ack_wait_s)
+
+    async def _update_consumer(self, target: _Target, config: ConsumerConfig) -> float:
+        """An existing durable consumer takes a changed ack wait (or max ack pending): nats-py's
+        pull_subscribe leaves one it finds as it is, but the server's consumer create updates
+        what may change (as ``nats consumer edit`` does). A missing one is left to pull_subscribe.
+        Returns the ack wait the consumer has now, which the in-progress acks must beat."""
+        assert config.durable_name is not None and config.ack_wait is not None
+        try:
+            info = await self._js.consumer_info(target.stream, config.durable_name)
+        except nats.js.errors.NotFoundError:
+            return config.ack_wait
+        current = info.config
+        if math.isclose(current.ack_wait or 0.0, config.ack_wait, abs_tol=1e-3) and (
+            current.max_ack_pending == config.max_ack_pending
+        ):
+            return config.ack_wait
+        change = {"consumer": config.durable_name, "from_s": current.ack_wait, "to_s": config.ack_wait}
+        try:
+            await self._js.add_consumer(target.stream, config)
+        except (nats.js.errors.APIError, nats.errors.TimeoutError) as exc:
+            # Refused (made by hand with other settings, say) or not permitted: consume as it is,
+            # redelivering after its own ack wait, rather than not at all.
+            log.warning("could not update a durable consumer's ack wait", extra={**change, "error": str(exc)})
+            return min(config.ack_wait, current.ack_wait or config.ack_wait)
+        log.info("a durable consumer's ack wait updated", extra=change)
+        return config.ack_wait
 
     async def read(self, position: int) -> bytes | None:
         try:

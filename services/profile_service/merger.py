@@ -16,7 +16,10 @@ An event that fails on its own is judged (``profile_service.unmerged``): a trans
 data no store can keep, or that does not decode) is set aside at once in ``unmerged_events``
 with the reason, and settled for good, so it neither blocks the consumer nor loops; anything
 else is retried and set aside after ``max_deliveries`` deliveries. Another event under an id
-merged before (an idempotency conflict) is set aside there too, for review.
+merged before (an idempotency conflict) is set aside there too, for review. A delivery's
+attempt counts deliveries only: while a batch waits or merges, however slowly, the log's
+subscription keeps it with in-progress acks (``sendtime_common.event_log``), which the log does
+not count; a retry or a crashed merger's redelivery (within the ack wait) does.
 
 ``concurrency`` batches may merge at once (the repository's locks keep one customer's updates
 serial), but concurrent fetches split the stream between them, so a customer's later event may
