@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -18,7 +19,9 @@ import devstack
 from sendtime_common import event_log
 from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.event_log import (
+    BATCH_COMMIT_HEADER,
     BATCH_ID_HEADER,
+    BATCH_SEQUENCE_HEADER,
     MSG_ID_HEADER,
     ConsumerBacklog,
     EventLogFull,
@@ -306,6 +309,22 @@ async def test_with_the_servers_atomic_batches_all_in_use_a_batch_still_gets_sto
                 },
             )
         await other.flush()
+
+        # The stream takes the batches in a moment after the connection did (under load a batch
+        # committed right away was stored atomically): wait until one more is refused, as ours
+        # will be. A probe let through (the 50 not all taken in yet) is committed, holding none.
+        async def one_more_refused() -> bool:
+            probe = f"probe-{uuid.uuid4().hex}"
+            headers = {BATCH_ID_HEADER: probe, BATCH_SEQUENCE_HEADER: "1", BATCH_COMMIT_HEADER: "1"}
+            answer = await other.request(
+                f"{config.subject_prefix}.thing",
+                b"probe",
+                headers={**headers, MSG_ID_HEADER: probe},
+                timeout=5,
+            )
+            return "error" in json.loads(answer.data)
+
+        await eventually(one_more_refused, timeout_s=5)
         outcomes = await (await log.publish_batch([message(i) for i in range(3)]))
         assert await stored_receipts(nats_url, config.stream, outcomes) == published(3, atomically=False)
     finally:
