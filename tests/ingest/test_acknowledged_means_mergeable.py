@@ -32,7 +32,7 @@ from profile_service.server import ProfileApp
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import field_violations
-from sendtime_common.event_log import ConsumerBacklog
+from sendtime_common.event_log import ConsumerBacklog, JetStreamEventLog
 from sendtime_common.storable import NOT_FINITE_DESCRIPTION, NUL_DESCRIPTION, TIMESTAMP_DESCRIPTION
 from tests.conftest import eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, order_completed
@@ -148,6 +148,7 @@ async def test_a_value_no_store_can_keep_is_refused_at_ingest_naming_it(
 
 
 async def nothing_left_to_merge(profile_app: ProfileApp) -> bool:
+    assert isinstance(profile_app.event_log, JetStreamEventLog)  # the tests' own, on NATS
     backlog = await profile_app.event_log.backlog(profile_app.consumer_name)
     return backlog == ConsumerBacklog(pending=0, ack_pending=0)
 
