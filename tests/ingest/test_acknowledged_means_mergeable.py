@@ -20,19 +20,21 @@ Before (measured on this stack, issue 15), each of these was ACCEPTED or crashed
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from profile_service.server import ProfileApp
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.errors import field_violations
+from sendtime_common.event_log import ConsumerBacklog, JetStreamEventLog
 from sendtime_common.storable import NOT_FINITE_DESCRIPTION, NUL_DESCRIPTION, TIMESTAMP_DESCRIPTION
-from tests.conftest import user, wait_for_profile
+from tests.conftest import eventually, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, order_completed
 
 REJECTED = ingest_pb2.EVENT_OUTCOME_REJECTED
@@ -123,6 +125,7 @@ HOSTILE: list[tuple[str, Callable[[str], ingest_pb2.Event], str, str]] = [
 async def test_a_value_no_store_can_keep_is_refused_at_ingest_naming_it(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    profile_app: ProfileApp,
     unique: str,
     build: Callable[[str], ingest_pb2.Event],
     field: str,
@@ -136,10 +139,18 @@ async def test_a_value_no_store_can_keep_is_refused_at_ingest_naming_it(
     assert (field, description) in {(v.field, v.description) for v in field_violations(bad.status)}
     assert kept.outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED  # one bad event never fails the batch
     await wait_for_profile(profile_stub, user(f"ok-{unique}"), lambda p: p.traits["a"] == 1)
-    await asyncio.sleep(0.2)  # had the bad one been published, the merger would have had it by now
+    # Had the bad one been published, the merger would have had it once it has nothing left
+    # (a fixed wait also passed while the merger was merely slow).
+    await eventually(partial(nothing_left_to_merge, profile_app))
     with pytest.raises(grpc.aio.AioRpcError) as nothing:
         await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(uid)))
     assert nothing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def nothing_left_to_merge(profile_app: ProfileApp) -> bool:
+    assert isinstance(profile_app.event_log, JetStreamEventLog)  # the tests' own, on NATS
+    backlog = await profile_app.event_log.backlog(profile_app.consumer_name)
+    return backlog == ConsumerBacklog(pending=0, ack_pending=0)
 
 
 async def test_the_largest_accepted_amounts_merge_into_a_readable_profile(

@@ -4,6 +4,7 @@ concurrent batches pass one step in the order they were formed."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -45,29 +46,80 @@ class Recorder:
         return items
 
 
-async def spaced(batcher: MicroBatcher[int, int], count: int, gap_s: float) -> list[int]:
-    """Submit ``count`` items ``gap_s`` apart, as a paced producer would; their results."""
+class FrozenClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when the test moves it: a linger runs out on
+    ``advance`` and never on its own, however fast or slow the machine is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def on_a_frozen_clock(test: Callable[[FrozenClockLoop], Awaitable[None]]) -> None:
+    loop = FrozenClockLoop()
+    try:
+        loop.run_until_complete(test(loop))
+    finally:
+        loop.close()
+
+
+async def loop_turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def spaced(batcher: MicroBatcher[int, int], count: int) -> list[int]:
+    """Submit ``count`` items a loop turn apart, as a paced producer would; their results."""
     submitted = []
     for i in range(count):
         submitted.append(asyncio.create_task(batcher.submit(i)))
-        await asyncio.sleep(gap_s)
+        await asyncio.sleep(0)
     return list(await asyncio.gather(*submitted))
 
 
-async def test_without_a_linger_items_arriving_apart_leave_apart() -> None:
-    recorder = Recorder()
-    batcher: MicroBatcher[int, int] = MicroBatcher(recorder, max_batch=100, max_concurrent_batches=4)
-    assert await spaced(batcher, 4, 0.005) == [0, 1, 2, 3]
-    assert recorder.batches == [[0], [1], [2], [3]]
+# A batch with no linger leaves within this many loop turns of its item (it takes three:
+# submit, schedule the flush, process); none of them moves a frozen clock.
+TURNS_TO_LEAVE = 10
 
 
-async def test_with_a_linger_items_arriving_within_it_leave_together() -> None:
-    recorder = Recorder()
-    batcher: MicroBatcher[int, int] = MicroBatcher(
-        recorder, max_batch=100, max_concurrent_batches=4, linger_s=0.2
-    )
-    assert await spaced(batcher, 4, 0.005) == [0, 1, 2, 3]
-    assert recorder.batches == [[0, 1, 2, 3]]
+def test_without_a_linger_items_arriving_apart_leave_apart() -> None:
+    async def test(loop: FrozenClockLoop) -> None:
+        recorder = Recorder()
+        batcher: MicroBatcher[int, int] = MicroBatcher(recorder, max_batch=100, max_concurrent_batches=4)
+        submitted = []
+        for i in range(4):
+            submitted.append(asyncio.create_task(batcher.submit(i)))
+            await loop_turns(TURNS_TO_LEAVE)  # no time passes: a batch waiting for any stays put
+            assert recorder.batches == [[j] for j in range(i + 1)]
+        assert await asyncio.gather(*submitted) == [0, 1, 2, 3]
+
+    on_a_frozen_clock(test)
+
+
+def test_with_a_linger_items_arriving_within_it_leave_together() -> None:
+    async def test(loop: FrozenClockLoop) -> None:
+        recorder = Recorder()
+        batcher: MicroBatcher[int, int] = MicroBatcher(
+            recorder, max_batch=100, max_concurrent_batches=4, linger_s=0.2
+        )
+        submitted = []
+        for i in range(4):  # as far apart as without a linger they leave apart, and 0.05 s
+            submitted.append(asyncio.create_task(batcher.submit(i)))
+            await loop_turns(TURNS_TO_LEAVE)
+            loop.advance(0.05)
+        assert recorder.batches == []  # 0.15 s after the first: still lingering
+        loop.advance(0.05)
+        await loop_turns(TURNS_TO_LEAVE)
+        assert recorder.batches == [[0, 1, 2, 3]]  # at 0.2 s, together
+        assert await asyncio.gather(*submitted) == [0, 1, 2, 3]
+
+    on_a_frozen_clock(test)
 
 
 async def test_a_batch_that_fills_up_goes_without_waiting_out_the_linger() -> None:
@@ -75,7 +127,7 @@ async def test_a_batch_that_fills_up_goes_without_waiting_out_the_linger() -> No
     batcher: MicroBatcher[int, int] = MicroBatcher(
         recorder, max_batch=3, max_concurrent_batches=1, linger_s=60
     )
-    first = await asyncio.wait_for(spaced(batcher, 3, 0.001), timeout=5)  # full at the third item
+    first = await asyncio.wait_for(spaced(batcher, 3), timeout=5)  # full at the third item
     rest = await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(3, 10))), timeout=5)
     assert first + rest == list(range(10))
     # What was left over from a full batch went on at once too, the last one alone: it had

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -18,7 +19,9 @@ import devstack
 from sendtime_common import event_log
 from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.event_log import (
+    BATCH_COMMIT_HEADER,
     BATCH_ID_HEADER,
+    BATCH_SEQUENCE_HEADER,
     MSG_ID_HEADER,
     ConsumerBacklog,
     EventLogFull,
@@ -306,6 +309,22 @@ async def test_with_the_servers_atomic_batches_all_in_use_a_batch_still_gets_sto
                 },
             )
         await other.flush()
+
+        # The stream takes the batches in a moment after the connection did (under load a batch
+        # committed right away was stored atomically): wait until one more is refused, as ours
+        # will be. A probe let through (the 50 not all taken in yet) is committed, holding none.
+        async def one_more_refused() -> bool:
+            probe = f"probe-{uuid.uuid4().hex}"
+            headers = {BATCH_ID_HEADER: probe, BATCH_SEQUENCE_HEADER: "1", BATCH_COMMIT_HEADER: "1"}
+            answer = await other.request(
+                f"{config.subject_prefix}.thing",
+                b"probe",
+                headers={**headers, MSG_ID_HEADER: probe},
+                timeout=5,
+            )
+            return "error" in json.loads(answer.data)
+
+        await eventually(one_more_refused, timeout_s=5)
         outcomes = await (await log.publish_batch([message(i) for i in range(3)]))
         assert await stored_receipts(nats_url, config.stream, outcomes) == published(3, atomically=False)
     finally:
@@ -465,11 +484,17 @@ async def test_a_consumers_backlog_is_read_and_reported_for_prometheus(nats_url:
         subscription = await log.subscribe(consumer)
         for i in range(3):
             await log.publish(message(i))
-        assert await log.backlog(consumer) == ConsumerBacklog(pending=3, ack_pending=0)
+
+        async def backlog_is(expected: ConsumerBacklog) -> bool:
+            return await log.backlog(consumer) == expected
+
+        # The server counts a consumer's pending messages a moment after it stored them (under
+        # load a read right after the publish acks said 2 of 3): poll until the count is exact.
+        await eventually(partial(backlog_is, ConsumerBacklog(pending=3, ack_pending=0)), timeout_s=5)
         delivered = await subscription.fetch(2, timeout_s=2)
         stored_at = delivered[0].stored_at_s
         assert stored_at is not None and abs(stored_at - time.time()) < 60
-        assert await log.backlog(consumer) == ConsumerBacklog(pending=1, ack_pending=2)
+        await eventually(partial(backlog_is, ConsumerBacklog(pending=1, ack_pending=2)), timeout_s=5)
 
         watching = asyncio.create_task(watch_backlog(consumer, partial(log.backlog, consumer), every_s=0.05))
         labels = {"consumer": consumer}

@@ -64,7 +64,9 @@ async def decide_many(rate_limiter: RateLimiter, who: str, rate: Rate, n: int) -
 
 
 async def test_a_full_burst_is_allowed_then_calls_are_refused_with_the_time_to_wait(redis_url: str) -> None:
-    rate = Rate(per_second=10, burst=5)
+    # One call every 2 s: the 7 calls are one burst however slow the machine (at 10 a second, a
+    # loaded one could see a call come back between them).
+    rate = Rate(per_second=0.5, burst=5)
     async with limiter(redis_url) as rate_limiter:
         who = caller()
         decisions = await decide_many(rate_limiter, who, rate, 7)
@@ -72,10 +74,10 @@ async def test_a_full_burst_is_allowed_then_calls_are_refused_with_the_time_to_w
         assert [d.remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
         assert all(d.shared for d in decisions)
         refused = decisions[5]
-        # The next call fits one emission interval (0.1 s) after the burst began, less the time
-        # the calls took; the whole burst refills in 0.5 s.
-        assert 0 < refused.retry_after_s <= 0.1
-        assert refused.retry_after_s < refused.reset_after_s <= 0.5
+        # The next call fits one emission interval (2 s) after the burst began, less the time
+        # the calls took; the whole burst refills in 10 s.
+        assert 0 < refused.retry_after_s <= 2
+        assert refused.retry_after_s < refused.reset_after_s <= 10
 
 
 async def test_after_the_burst_calls_are_spaced_at_the_rate(redis_url: str) -> None:
@@ -186,7 +188,9 @@ async def test_a_bucket_lives_in_redis_until_it_is_full_again(redis_url: str) ->
 
 
 async def test_a_script_redis_forgot_is_loaded_again(redis_url: str) -> None:
-    rate = Rate(per_second=100, burst=3)
+    # One call back every 100 s: none comes back while the script is loaded again, however long
+    # that takes (at 100 a second, 10 ms on a loaded machine gave one back: remaining 2).
+    rate = Rate(per_second=0.01, burst=3)
     async with limiter(redis_url) as rate_limiter, Redis.from_url(redis_url) as client:
         who = caller()
         assert (await rate_limiter.decide(SCOPE, who, rate)).shared
@@ -250,13 +254,15 @@ async def test_with_redis_down_each_replica_limits_its_share_and_comes_back_to_r
 async def test_a_redis_too_slow_to_answer_is_not_waited_for(own_redis: tuple[str, int, Path]) -> None:
     url, _, _ = own_redis
     rate = Rate(per_second=100, burst=100)
-    async with limiter(url, redis_timeout_s=0.05) as rate_limiter, Redis.from_url(url) as admin:
+    # 0.5 s: a loaded machine's Redis answers within it (at 0.05 s the first call, which must be
+    # answered, was not), and a decision that waited on the 3 s pause would take 3 s.
+    async with limiter(url, redis_timeout_s=0.5) as rate_limiter, Redis.from_url(url) as admin:
         who = caller()
         assert (await rate_limiter.decide(SCOPE, who, rate)).shared
         await admin.client_pause(3000)  # Redis holds every other client's commands for 3 s
         started = time.monotonic()
         decision = await rate_limiter.decide(SCOPE, who, rate)
-        assert time.monotonic() - started < 1
+        assert time.monotonic() - started < 2
         assert decision.allowed and not decision.shared
 
 

@@ -4,6 +4,7 @@ NATS, the merger, PostgreSQL and Redis, all real."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -182,11 +183,20 @@ async def test_the_event_history_is_paged_and_filtered(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def _said_dropped(caplog: pytest.LogCaptureFixture, event_id: str) -> bool:
+    return any(
+        r.getMessage() == "late event of an erased person dropped" and getattr(r, "event_id", "") == event_id
+        for r in caplog.records
+    )
+
+
 async def test_erasure_removes_everything_and_a_late_event_does_not_bring_the_person_back(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     unique: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="profile_service.merger")
     who = f"gone-{unique}@example.com"
     await send(
         ingest_stub,
@@ -211,7 +221,9 @@ async def test_erasure_removes_everything_and_a_late_event_does_not_bring_the_pe
         email=who, occurred_at=datetime.now(UTC) - timedelta(minutes=5), identify=identify(first_name="Eve")
     )
     await send(ingest_stub, late)
-    await asyncio.sleep(0.5)
+    # Absence proves something only once the merger has had the event: it says it dropped it
+    # (a fixed wait also passed while the merger was merely slow).
+    await eventually(lambda: _said_dropped(caplog, late.event_id))
     assert await not_found(profile_stub, email(who))
     fresh = event(
         email=who, occurred_at=datetime.now(UTC) + timedelta(seconds=1), identify=identify(first_name="E.")

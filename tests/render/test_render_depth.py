@@ -9,12 +9,14 @@ import asyncio
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import circuitbreaker
 import grpc
 import pytest
 from google.protobuf import duration_pb2, json_format
@@ -349,11 +351,17 @@ async def _absent(redis: Redis, key: str) -> bool:
 
 
 async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recovery(
-    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     service, target = scripted
     service.mode = "fail"
-    async with render_service(target, breaker_failures=3, breaker_recovery_s=0.5) as stub:
+    # The breaker's clock is ours: open for a minute of it whatever the machine's speed (with a
+    # real 0.5 s a slow call let the circuit half-open before it was seen open), then a minute on.
+    skipped_s = 0.0
+    monkeypatch.setattr(circuitbreaker, "monotonic", lambda: time.monotonic() + skipped_s)
+    async with render_service(target, breaker_failures=3, breaker_recovery_s=60) as stub:
         for _ in range(3):
             failed = await stub.Render(request(user("u-cb"), CART_EMAIL))
             assert failed.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_UNAVAILABLE
@@ -362,7 +370,10 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recove
         assert opened.fallback_reason == render_pb2.FALLBACK_REASON_CIRCUIT_OPEN
         assert service.calls == calls  # not even asked
         service.mode = "ok"
-        await asyncio.sleep(0.6)
+        assert (await stub.Render(request(user("u-cb"), CART_EMAIL))).fallback_reason == (
+            render_pb2.FALLBACK_REASON_CIRCUIT_OPEN
+        )  # still open while the recovery time runs, though the service is back
+        skipped_s = 61
         recovered = await stub.Render(request(user("u-cb"), CART_EMAIL))
         assert recovered.profile_source == render_pb2.PROFILE_SOURCE_LIVE
         assert (
