@@ -434,7 +434,13 @@ async def run_soak(stack: BenchStack, options: Options) -> dict[str, Any]:
 
             async def at_window_end(k: int) -> None:
                 await sampler.sample()
-                say(f"   {sampler.samples[-1]['at_s']:>7.1f}s sampled")
+                sample = sampler.samples[-1]
+                each = ", ".join(
+                    f"{name} {q['rss_bytes'] / MIB:.0f} MiB {q['open_fds']:.0f} fds"
+                    f" {q['asyncio_tasks']:.0f} tasks"
+                    for name, q in sample["services"].items()
+                )
+                say(f"   {sample['at_s']:>7.1f}s: {each}")
 
             snap = meter.snapshot()
             windows = await open_loop_windows(
