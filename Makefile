@@ -25,6 +25,8 @@ help:
 	@echo "make bench      every benchmark (docs/benchmarks.md); or one: bench-ingest, bench-profile, bench-render,"
 	@echo "                bench-http, bench-triggers"
 	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"
+	@echo "make soak       30 min of mixed load at half the maximum rate: memory, files, tasks, pools flat? p99 stable?"
+	@echo "                (docs/reliability.md); options in SOAK_ARGS, e.g. make soak SOAK_ARGS='--duration-s 300'"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +107,12 @@ bench-http: install
 bench-triggers: install
 	$(PY) scripts/devstack.py ensure
 	$(PY) scripts/bench_triggers.py $(BENCH_ARGS)
+
+# The soak (docs/reliability.md) starts its own stack, as the benchmarks do; exits 3 when a verdict fails.
+.PHONY: soak
+soak: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) scripts/soak.py $(SOAK_ARGS)
 
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'

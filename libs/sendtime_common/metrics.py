@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import grpc
 from aiohttp import hdrs, web
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from sendtime_common.auth.access import AccessInterceptor
@@ -60,6 +60,11 @@ HTTP_DURATION = Histogram(
     "Time from an HTTP request's arrival to its answer.",
     ["listener", "route", "method"],
     buckets=LATENCY_BUCKETS,
+)
+
+ASYNCIO_TASKS = Gauge(
+    "sendtime_asyncio_tasks",
+    "Tasks not yet done on the service's event loop, counted at each scrape (the scrape's own included).",
 )
 
 # The key under which a handler that matches routes itself (the gateway's catch-all) names the
@@ -230,6 +235,9 @@ def metrics_app(access: AccessInterceptor) -> web.Application:
     async def scrape(request: web.Request) -> web.StreamResponse:
         refusal = await access.admit_http(request.headers.get(hdrs.AUTHORIZATION), Scope.METRICS_READ)
         if refusal is None:
+            # Counted here, on the event loop that serves the scrape: the service's one loop (a
+            # collector could be called from another thread, where there is no loop to count).
+            ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
             return await serve(request)
         headers = {}
         if refusal.status == 401:

@@ -217,6 +217,29 @@ async def test_the_metrics_port_serves_metrics_only_to_a_key_with_the_metrics_sc
         await metrics.stop()
 
 
+async def test_the_asyncio_task_gauge_counts_the_event_loops_unfinished_tasks(
+    access: AccessInterceptor, metrics_key: str
+) -> None:
+    """What a soak watches for a task leak: tasks started and never finished show in the gauge,
+    and leave it once they end."""
+    metrics = metrics_listener("127.0.0.1:0", access)
+    await metrics.start()
+    release = asyncio.Event()
+    try:
+        before = value(await scrape(metrics.port, metrics_key), "sendtime_asyncio_tasks")
+        assert before >= 1  # the scrape's own handler at least
+        waiting = [asyncio.create_task(release.wait()) for _ in range(25)]
+        during = value(await scrape(metrics.port, metrics_key), "sendtime_asyncio_tasks")
+        release.set()
+        await asyncio.gather(*waiting)
+        after = value(await scrape(metrics.port, metrics_key), "sendtime_asyncio_tasks")
+    finally:
+        release.set()
+        await metrics.stop()
+    assert during - before == 25
+    assert after == before
+
+
 async def test_scrapes_are_rate_limited_per_key(database_url: str, metrics_key: str) -> None:
     limits = RateLimitSettings(rates={Scope.METRICS_READ: Rate(1, 2)})
     limiter = RateLimiter(limits, "test", "")  # per replica: no Redis
