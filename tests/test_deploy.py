@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
 import nats_auth
 from ingest.settings import Settings as IngestSettings
-from profile_service.settings import Settings as ProfileSettings
-from render.settings import Settings as RenderSettings
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.http_routes import routes_of
 from sendtime_common.shutdown import STOP_MARGIN_S
 from tests.deploy.manifests import (
+    DEFAULT_SETTINGS,
     DEPLOY,
     NAMESPACE,
     OVERLAYS,
     ROOT,
+    ServiceSettings,
     container_env,
     effective_env,
     named,
@@ -32,27 +32,10 @@ from tests.deploy.manifests import (
     pod_template,
     workloads,
 )
-from triggers.settings import Settings as TriggersSettings
 
-
-class ServiceSettings(Protocol):
-    """What a service's settings say about its listeners."""
-
-    @property
-    def address(self) -> str: ...
-    @property
-    def http_address(self) -> str: ...
-    @property
-    def health_address(self) -> str: ...
-    @property
-    def metrics_address(self) -> str: ...
-
-
+MODULES = {"ingest": "ingest", "profile": "profile_service", "render": "render", "triggers": "triggers"}
 SERVICES: dict[str, tuple[str, ServiceSettings]] = {
-    "ingest": ("ingest", IngestSettings()),
-    "profile": ("profile_service", ProfileSettings()),
-    "render": ("render", RenderSettings()),
-    "triggers": ("triggers", TriggersSettings()),
+    name: (module, DEFAULT_SETTINGS[name]) for name, module in MODULES.items()
 }
 # Read by the OpenTelemetry SDK and exporter themselves.
 STANDARD_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}

@@ -7,15 +7,42 @@ import functools
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
+
+from ingest.settings import Settings as IngestSettings
+from profile_service.settings import Settings as ProfileSettings
+from render.settings import Settings as RenderSettings
+from triggers.settings import Settings as TriggersSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("dev", "prod")
 NAMESPACE = "sendtime"
 SERVICES = ("ingest", "profile", "render", "triggers")
+
+
+class ServiceSettings(Protocol):
+    """What a service's settings say about its listeners."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def http_address(self) -> str: ...
+    @property
+    def health_address(self) -> str: ...
+    @property
+    def metrics_address(self) -> str: ...
+
+
+# Each service's settings as it runs with none given: the ports the manifests must use.
+DEFAULT_SETTINGS: dict[str, ServiceSettings] = {
+    "ingest": IngestSettings(),
+    "profile": ProfileSettings(),
+    "render": RenderSettings(),
+    "triggers": TriggersSettings(),
+}
 WORKLOAD_KINDS = ("Deployment", "Job")
 
 

@@ -5,37 +5,25 @@ architecture has (deploy/components/network-policies), nothing else."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
 from ingest.settings import Settings as IngestSettings
 from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
-from tests.deploy.manifests import NAMESPACE, OVERLAYS, SERVICES, of_kind, pod_template, workloads
+from tests.deploy.manifests import (
+    DEFAULT_SETTINGS,
+    NAMESPACE,
+    OVERLAYS,
+    SERVICES,
+    of_kind,
+    pod_template,
+    workloads,
+)
 from tests.deploy.network_policy import Endpoint, Port, allows, isolated
-from triggers.settings import Settings as TriggersSettings
 
-
-class ServiceSettings(Protocol):
-    """What a service's settings say about its listeners."""
-
-    @property
-    def address(self) -> str: ...
-    @property
-    def http_address(self) -> str: ...
-    @property
-    def health_address(self) -> str: ...
-    @property
-    def metrics_address(self) -> str: ...
-
-
-SETTINGS: dict[str, ServiceSettings] = {
-    "ingest": IngestSettings(),
-    "profile": ProfileSettings(),
-    "render": RenderSettings(),
-    "triggers": TriggersSettings(),
-}
+SETTINGS = DEFAULT_SETTINGS
 # Volume types Pod Security "restricted" allows.
 RESTRICTED_VOLUMES = {
     "configMap",
