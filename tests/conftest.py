@@ -418,6 +418,15 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout_s: float 
     return answer
 
 
+def times_logged(caplog: pytest.LogCaptureFixture, message: str, **extra: object) -> int:
+    """How many of ``caplog``'s records say ``message`` (with these extra fields): what a
+    component says it did, as positive evidence that it did."""
+    return sum(
+        r.getMessage() == message and all(getattr(r, k, None) == v for k, v in extra.items())
+        for r in caplog.records
+    )
+
+
 async def wait_for_profile(
     stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     identifier: profile_pb2.Identifier,

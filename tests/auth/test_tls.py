@@ -10,6 +10,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.tls import ClientTls, TlsSettings, channel
-from tests.conftest import render_settings
+from tests.conftest import eventually, render_settings
 
 RENDER_IDENTITY = "spiffe://sendtime.local/render"
 READ, ERASE = "/test.Guarded/Read", "/test.Guarded/Erase"
@@ -244,19 +245,22 @@ async def test_a_certificate_rotated_on_disk_is_served_to_new_connections_while_
                         outcomes.append(exc.code().name)
                     await asyncio.sleep(0.005)
 
+        async def answered(calls: int) -> bool:
+            return len(outcomes) >= calls
+
         callers = [asyncio.create_task(keep_calling()) for _ in range(4)]
-        await asyncio.sleep(0.2)
+        # Calls run on the open connections before the rotation (however long they take)...
+        await eventually(partial(answered, 30))
         # A bad rotation first: a new certificate with the old key. It is refused, the old one kept.
         renewed = local_ca.issue(pki.ca, local_ca.LOCAL_SERVER_NAMES, server=True, client=False)
         local_ca.write_file(cert, renewed.certificate_pem, 0o644)
         assert await server_certificate_serial(server.port, pki.ca_file) == first_serial
         assert server.certificates is not None and server.certificates.reloads == 0
         local_ca.write_file(key, renewed.key_pem, 0o600)  # now the pair is whole: served from here on
-        await asyncio.sleep(0.2)
         assert await server_certificate_serial(server.port, pki.ca_file) == renewed.certificate.serial_number
         assert server.certificates.reloads == 1
         assert await call(target, trusted, READ, bearer_metadata(admin_key)) == "ok"  # a new connection
-        await asyncio.sleep(0.2)
+        await eventually(partial(answered, len(outcomes) + 30))  # ...and after it
         stop.set()
         await asyncio.gather(*callers)
     assert len(outcomes) > 50 and set(outcomes) == {"ok"}
@@ -349,7 +353,12 @@ async def test_webhooks_serve_https_and_reload_a_rotated_certificate(pki: Pki) -
                     await reply.read()
         renewed = local_ca.issue(pki.ca, local_ca.LOCAL_SERVER_NAMES, server=True, client=False)
         renewed.write(cert, key)
-        await asyncio.sleep(1.5)  # the listener looks once a second
-        assert await server_certificate_serial(server.port, pki.ca_file) == renewed.certificate.serial_number
+
+        # The listener looks once a second: until it has (a fixed wait raced it on a busy machine).
+        async def reloaded() -> bool:
+            served = await server_certificate_serial(server.port, pki.ca_file)
+            return served == renewed.certificate.serial_number
+
+        await eventually(reloaded, timeout_s=10)
     finally:
         await server.stop()

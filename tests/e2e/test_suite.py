@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.type import money_pb2
@@ -540,10 +541,13 @@ def test_an_abandoned_cart_sends_one_signed_webhook_and_an_order_sends_none(
         [dataclasses.replace(suite.TRIGGERS, name="triggers-2")],
     )
     try:
-        suffix, made, requests = asyncio.run(_cart_story(env))
+        suffix, made, requests, settled = asyncio.run(_cart_story(env))
     finally:
         codes = suite.stop_services(replica)
     assert codes == {"triggers-2": 0}
+    assert settled.settled, settled
+    assert settled.episodes in (["fired"], ["exited", "fired"])
+    assert (settled.exits, settled.fires, settled.deliveries) == (1, 1, [(DELIVERED, 1)])
     assert len(requests) == 1, [r.body[:200] for r in requests]
     [request] = requests
     assert request.verified == {made.signing_secret: True}
@@ -554,12 +558,71 @@ def test_an_abandoned_cart_sends_one_signed_webhook_and_an_order_sends_none(
     assert "Hi Ada" in body["data"]["message"]["text"]
 
 
+DELIVERED = triggers_pb2.DELIVERY_STATE_DELIVERED
+
+
+@dataclasses.dataclass(frozen=True)
+class CartStory:
+    """Where the cart trigger's work stands in the triggers store."""
+
+    episodes: list[str]  # their states, sorted
+    exits: int  # customers with a known exit (an order)
+    fires: int
+    deliveries: list[tuple[int, int]]  # (state, attempts) of each
+
+    @property
+    def settled(self) -> bool:
+        """Both carts decided: the ordered one's order applied (its cart opened nothing, the live
+        profile's cart already empty, or exited), neither waiting, the left one fired; and no
+        delivery waits for an answer."""
+        return (
+            self.exits >= 1
+            and "waiting" not in self.episodes
+            and "fired" in self.episodes
+            and all(state != triggers_pb2.DELIVERY_STATE_PENDING for state, _ in self.deliveries)
+        )
+
+
+async def _cart_story_in_the_store(database_url: str, trigger_id: str) -> CartStory:
+    """Until both carts are decided and every delivery answered (positive evidence that nothing
+    more is on its way: a fixed wait also passed while the services were merely slow)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            story = CartStory(
+                episodes=sorted(
+                    r["state"]
+                    for r in await connection.fetch(
+                        "SELECT state FROM triggers_episodes WHERE trigger_id = $1", trigger_id
+                    )
+                ),
+                exits=await connection.fetchval(
+                    "SELECT count(*) FROM triggers_known_exits WHERE trigger_id = $1", trigger_id
+                ),
+                fires=await connection.fetchval(
+                    "SELECT count(*) FROM triggers_fires WHERE trigger_id = $1", trigger_id
+                ),
+                deliveries=[
+                    (r["state"], r["attempts"])
+                    for r in await connection.fetch(
+                        "SELECT state, attempts FROM triggers_deliveries WHERE trigger_id = $1", trigger_id
+                    )
+                ],
+            )
+            if story.settled or time.monotonic() > deadline:
+                return story
+            await asyncio.sleep(0.1)
+    finally:
+        await connection.close()
+
+
 async def _cart_story(
     env: dict[str, str],
-) -> tuple[str, triggers_pb2.CreateDestinationResponse, list[Received]]:
+) -> tuple[str, triggers_pb2.CreateDestinationResponse, list[Received], CartStory]:
     """A destination to a receiver here, the cart email, the cart trigger; a cart left alone
-    and a cart followed by an order. The names' suffix, the destination, and what the receiver
-    got until 4 s after the first request."""
+    and a cart followed by an order. The names' suffix, the destination, what the receiver got
+    once both carts were decided and every delivery answered, and the story in the store."""
     tls = ClientTls(ca_file=env["SENDTIME_CA_FILE"])
     receiver = await Receiver().start()
     suffix = uuid.uuid4().hex[:8]
@@ -610,10 +673,10 @@ async def _cart_story(
             deadline = time.monotonic() + 30
             while not receiver.requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(4)  # the ordered cart's fire time, twice over: nothing more comes
+            settled = await _cart_story_in_the_store(env["DATABASE_URL"], f"cart-{suffix}")
     finally:
         await receiver.stop()
-    return suffix, made, receiver.requests
+    return suffix, made, receiver.requests, settled
 
 
 def test_no_log_holds_a_key_an_email_a_raw_identifier_or_a_password(running_suite: dict[str, str]) -> None:
@@ -674,11 +737,19 @@ def test_no_log_holds_a_key_an_email_a_raw_identifier_or_a_password(running_suit
         },
     )
     grpcurl_json(profile, "sendtime.profile.v1.ProfileService/ExportProfile", key=key, ca=ca, data=lookup)
+    run_dir = Path(running_suite["SENDTIME_RUN_DIR"])
+    profile_log, erased = run_dir / "logs" / "profile.log", "erased events from the event log"
+    erasures_before = profile_log.read_text(errors="replace").count(erased)
     grpcurl_json(profile, "sendtime.profile.v1.ProfileService/DeleteProfile", key=key, ca=ca, data=lookup)
     grpcurl(profile, "sendtime.profile.v1.ProfileService/GetProfile", key=key, ca=ca, data=lookup)
-    time.sleep(1.5)  # erasure notices and the log erasure go out; their logs are written
+    # The erasure notice and the log erasure go out, and their logs are written: until the profile
+    # service says it erased the person's events from the event log, its last step, which follows
+    # the notice's (a fixed wait also passed while it was merely slow).
+    deadline = time.monotonic() + 15
+    while profile_log.read_text(errors="replace").count(erased) == erasures_before:
+        assert time.monotonic() < deadline, "the profile service did not erase the events from the log"
+        time.sleep(0.1)
 
-    run_dir = Path(running_suite["SENDTIME_RUN_DIR"])
     secrets = [p.read_text().strip() for p in (run_dir / "secrets").iterdir()]
     logs = {path: path.read_text(errors="replace") for path in run_dir.rglob("*.log")}
     assert {path.name for path in logs} >= {"ingest.log", "profile.log", "render.log", "nats.log"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import time
 import uuid
@@ -33,7 +34,7 @@ from sendtime_common.event_log import (
     PublishReceipt,
     RetryLater,
 )
-from tests.conftest import eventually
+from tests.conftest import eventually, times_logged
 
 
 def settings(url: str) -> JetStreamSettings:
@@ -404,14 +405,22 @@ async def test_profile_changes_are_stored_in_order_on_their_own_stream_and_read_
 
         subscription = await log.subscribe_profile_changes("triggers")
         seen: list[bytes] = []
-        while batch := await subscription.fetch(4, timeout_s=0.5):
-            for delivery in batch:
+
+        async def read_the_six() -> bool:  # until the six stored are in (a quiet fetch ended early)
+            for delivery in await subscription.fetch(4, timeout_s=0.5):
                 seen.append(delivery.payload)
                 await delivery.ack()
+            return len(seen) >= 6
+
+        await eventually(read_the_six, timeout_s=10)
         await subscription.close()
         assert seen == [b"payload-%d" % i for i in range(6)]
-        resumed = await log.subscribe_profile_changes("triggers")  # after the last acked one
-        assert await resumed.fetch(4, timeout_s=0.3) == []
+        resumed = await log.subscribe_profile_changes("triggers")  # after the last acked one:
+        await log.publish_profile_changes([message(6)])  # the next it reads is the next one stored
+        # (a fetch that found nothing for a moment also passed while the server was merely slow)
+        [following] = await resumed.fetch(1, timeout_s=5)
+        assert following.payload == b"payload-6"
+        await following.ack()
         await resumed.close()
     finally:
         await log.close()
@@ -441,8 +450,9 @@ def test_the_profile_change_stream_s_limits_are_settings() -> None:
 
 
 async def test_a_service_that_does_not_manage_the_streams_waits_for_the_profile_change_stream_only_to_read_it(
-    nats_url: str,
+    nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="sendtime_common.event_log")
     config = settings(nats_url)
     other = settings(nats_url)  # makes the events' and erasures' streams, and another for changes
     await (
@@ -459,7 +469,14 @@ async def test_a_service_that_does_not_manage_the_streams_waits_for_the_profile_
     reader = await asyncio.wait_for(JetStreamEventLog.connect(replace(config, manage_streams=False)), 5)
     try:
         subscribing = asyncio.create_task(reader.subscribe_profile_changes("reader"))
-        await asyncio.sleep(0.3)
+
+        # It looked, found no stream, and waits (as it says; a fixed wait also passed while it
+        # had not looked yet).
+        async def waiting() -> bool:
+            said = "waiting for the stream to be created"
+            return times_logged(caplog, said, stream=config.profile_change_stream) >= 1
+
+        await eventually(waiting, timeout_s=5)
         assert not subscribing.done()
         maker = await JetStreamEventLog.connect(config)  # the profile service makes it
         try:

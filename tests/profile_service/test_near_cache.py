@@ -7,9 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 
 import devstack
 from profile_service.cache import KEY_PREFIX, CacheUnavailable, ProfileCache, cache_key
@@ -316,9 +317,15 @@ async def test_the_service_serves_copies_and_each_merge_replaces_them(
     assert near is not None and near.tracking  # the service runs with a near cache by default
     await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(first_name="Ada")))
     await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "first_name" in p.traits)
-    await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: "first_name" in p.traits)
     key = cache_key(IdentifierKind.USER_ID, f"u-{unique}")
-    assert near.get(key) is not None  # the second read was served in process
+
+    async def kept() -> bool:
+        await profile_stub.GetProfile(profile_pb2.GetProfileRequest(identifier=user(f"u-{unique}")))
+        return near.get(key) is not None
+
+    # A read keeps a copy, and the next read is served in process (the merge's own invalidation
+    # may arrive after a first read and drop its copy: read until one is kept).
+    await eventually(kept, timeout_s=2)
 
     await send(ingest_stub, event(user_id=f"u-{unique}", identify=identify(first_name="Grace")))
     renamed = await wait_for_profile(
@@ -328,13 +335,30 @@ async def test_the_service_serves_copies_and_each_merge_replaces_them(
 
 
 async def test_a_listener_that_cannot_track_keeps_no_copies_and_says_so_once(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    port = devstack.free_port()
+    attempts = 0  # connections the listener made to its Redis: one an attempt
+    make_connection = ConnectionPool.make_connection
+
+    def counted(pool: ConnectionPool) -> Any:
+        nonlocal attempts
+        if pool.connection_kwargs.get("port") == port:
+            attempts += 1
+        return make_connection(pool)  # type: ignore[no-untyped-call]  # redis-py
+
+    monkeypatch.setattr(ConnectionPool, "make_connection", counted)
     near = NearCache(10, 60)
-    nowhere = f"redis://127.0.0.1:{devstack.free_port()}/0"  # no Redis: every attempt fails alike
+    nowhere = f"redis://127.0.0.1:{port}/0"  # no Redis: every attempt fails alike
     listener = InvalidationListener(near, nowhere, KEY_PREFIX, max_backoff_s=0.05)
     task = asyncio.create_task(listener.run())
-    await asyncio.sleep(0.6)  # several attempts
+
+    # Several attempts: the fifth starts once the fourth has failed and been reported or not (a
+    # fixed wait also passed after a single attempt on a slow machine).
+    async def tried_five_times() -> bool:
+        return attempts >= 5
+
+    await eventually(tried_five_times, timeout_s=5)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await listener.close()

@@ -7,6 +7,7 @@ erasure deletes a person's pending changes. Real PostgreSQL, NATS and services."
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from sendtime_common.event_log import (
 )
 from sendtime_common.identifiers import IdentifierKind
 from sendtime_common.migrate import migrate
-from tests.conftest import LOCAL_SERVER, empty_database, eventually, user, wait_for_profile
+from tests.conftest import LOCAL_SERVER, empty_database, eventually, times_logged, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed, timestamp
 from tests.profile_service.test_identity_and_privacy import anonymous
 from tests.profile_service.test_profile_service import send
@@ -390,8 +391,9 @@ async def test_the_relay_outlives_a_failed_round_and_publishes_the_rows_at_the_n
 
 
 async def test_with_nats_down_changes_wait_in_the_outbox_and_go_out_in_order_once_it_is_back(
-    pool: asyncpg.Pool, tmp_path: Path, unique: str
+    pool: asyncpg.Pool, tmp_path: Path, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="profile_service.change_outbox")
     port = devstack.free_port()
     nats = devstack.start_nats(port, tmp_path / "nats")
     log = await JetStreamEventLog.connect(bus(f"nats://127.0.0.1:{port}", unique, publish_timeout_s=0.3))
@@ -404,7 +406,16 @@ async def test_with_nats_down_changes_wait_in_the_outbox_and_go_out_in_order_onc
         for e in events:  # five commits while NATS is down
             await repository.merge_events([e])
             relay.wake()
-        await asyncio.sleep(1.0)  # several rounds, each refused
+
+        # Several rounds since the last commit, each refused (as the relay says; a fixed wait also
+        # passed while it had not tried once): the changes stay, in order.
+        refusal = "profile changes not published yet; retrying"
+        before = times_logged(caplog, refusal)
+
+        async def refused_twice() -> bool:
+            return times_logged(caplog, refusal) >= before + 2
+
+        await eventually(refused_twice)
         assert [event_id for _, event_id, _ in await outbox(pool)] == [e.event_id for e in events]
 
         nats = devstack.start_nats(port, tmp_path / "nats")  # the same store: the stream is kept

@@ -20,11 +20,13 @@ from sendtime.render.v1 import render_pb2
 from sendtime_common.database import create_pool
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage
 from tests.factories import cart_item_added, event
+from tests.triggers.store_support import Stores, episode_row, open_episode, unique
 from triggers.delivery import DispatcherSettings
 from triggers.dependencies import DependencyUnavailable
 from triggers.engine import EngineSettings, TriggersEngine
 from triggers.secret_box import SecretBox
 from triggers.ssrf import AllowList, UrlPolicy
+from triggers.trigger_validation import validate_trigger
 
 LOOPBACK_ALLOWED = UrlPolicy(AllowList.parse(["127.0.0.0/8", "::1"]))
 
@@ -237,6 +239,33 @@ async def eventually_true(check: Callable[[], object], timeout_s: float = 5.0) -
             return
         assert asyncio.get_running_loop().time() < deadline, "not within the time"
         await asyncio.sleep(0.01)
+
+
+async def nothing_more_on_the_way(stores: Stores, replica: Replica, trigger_id: str, now: datetime) -> None:
+    """Positive evidence for an absence of webhooks (a fixed wait also passed while the engine
+    was merely slow): the firer has claimed at ``now`` and settled what it claimed, and the
+    dispatcher holds nothing for the trigger's destinations, so that whatever was to be sent by
+    ``now`` has reached its receiver.
+
+    An episode of the trigger, of a customer without a profile, falls due at ``now`` (the clock
+    only moves forward: only a round at ``now`` claims it). The firer claims what is due earliest
+    first, so anything due by ``now`` was claimed in that round or before; once the marker is
+    settled (ended, written back or released), the settles of those rounds are drained: a fire
+    they committed was handed to the dispatcher, which holds it until its attempt is answered.
+    """
+    marker = unique("marker")
+    definition = validate_trigger(await stores.triggers.get(trigger_id))
+    wait = (definition.wait.after or timedelta(0)) + definition.allowed_lateness
+    await open_episode(stores, trigger_id, marker, at=now - wait)  # stored due at ``now``, version 1
+
+    async def marker_settled() -> bool:  # claimed (a new version), then given up
+        row = await episode_row(stores.pool, marker, trigger_id)
+        return bool(row["version"] > 1 and row["claimed_by"] is None)
+
+    await eventually_true(marker_settled)
+    await asyncio.wait_for(replica.engine.firer.drain(), 10)
+    destinations = (await stores.triggers.get(trigger_id)).delivery.destinations
+    await eventually_true(lambda: all(replica.engine.dispatcher.pending(d) == 0 for d in destinations))
 
 
 async def episode_states(pool: asyncpg.Pool, customer_id: str) -> Mapping[str, str]:

@@ -24,6 +24,7 @@ from tests.triggers.engine_support import (
     episode_states,
     eventually_true,
     log_settings,
+    nothing_more_on_the_way,
     order,
     publish,
     running_engine,
@@ -91,13 +92,13 @@ async def test_an_abandoned_cart_sends_one_signed_webhook_with_the_rendered_mess
         assert await episode_states(stores.pool, customer) == {f"{trigger_id}/": "waiting:"}
 
         clock.move(timedelta(minutes=59))  # not yet
-        await asyncio.sleep(0.2)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
         assert receiver.requests == []
 
         clock.now = DUE
         await eventually_true(lambda: len(receiver.requests) == 1)
-        await asyncio.sleep(0.3)  # and no second one
-        assert len(receiver.requests) == 1
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
+        assert len(receiver.requests) == 1  # and no second one
         [request] = receiver.requests
         assert request.verified[receiver.secrets[0]]
         body = orjson.loads(request.body)
@@ -148,7 +149,7 @@ async def test_an_order_within_the_wait_sends_nothing(
         assert await episode_states(stores.pool, customer) == {f"{trigger_id}/": "exited:exited"}
         clock.now = DUE + timedelta(hours=1)
         replica.engine.firer.wake()
-        await asyncio.sleep(0.3)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
     assert receiver.requests == []
     assert renderer.calls == []
 
@@ -161,7 +162,8 @@ async def test_two_engines_on_one_database_send_each_cart_reminder_exactly_once(
     publisher: JetStreamEventLog,
     receiver: Receiver,
 ) -> None:
-    await cart_trigger(stores, receiver)
+    trigger = await stores.triggers.get(await cart_trigger(stores, receiver))
+    [destination] = trigger.delivery.destinations
     customers = [unique("c") for _ in range(30)]
     profiles, renderer, clock = Profiles(), Renderer(), MovingClock(T0)
     for customer in customers:
@@ -179,7 +181,19 @@ async def test_two_engines_on_one_database_send_each_cart_reminder_exactly_once(
         await eventually_true(lambda: a.engine.consumer.stats.changes + b.engine.consumer.stats.changes == 60)
         clock.now = DUE
         await eventually_true(lambda: len(receiver.requests) >= 30)
-        await asyncio.sleep(0.3)
+
+        # Nothing more on its way (a fixed wait also passed while the engines were merely slow):
+        # no episode is left to claim, the settles under way are done, and neither dispatcher
+        # holds a delivery, so every attempt made has been answered.
+        async def none_waiting() -> bool:
+            waiting = "SELECT count(*) FROM triggers_episodes WHERE state = 'waiting'"
+            return not await stores.pool.fetchval(waiting)
+
+        await eventually_true(none_waiting)
+        for replica in (a, b):
+            await asyncio.wait_for(replica.engine.firer.drain(), 10)
+        await eventually_true(lambda: a.engine.dispatcher.pending(destination) == 0)
+        await eventually_true(lambda: b.engine.dispatcher.pending(destination) == 0)
         fired_by = (a.engine.firer.stats.fired, b.engine.firer.stats.fired)
     assert len(receiver.requests) == 30
     assert all(r.verified[receiver.secrets[0]] for r in receiver.requests)

@@ -6,7 +6,6 @@ dispatcher was holding."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -25,6 +24,7 @@ from tests.triggers.engine_support import (
     episode_states,
     eventually_true,
     log_settings,
+    nothing_more_on_the_way,
     order,
     publish,
     running_engine,
@@ -189,7 +189,7 @@ async def test_a_change_that_merges_customers_moves_their_episodes_and_the_fire_
             )
             clock.now = T0 + timedelta(minutes=70, seconds=5)
             await eventually_true(lambda: len(receiver.requests) == 1)
-            await asyncio.sleep(0.2)
+            await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
         [request] = receiver.requests
         assert orjson.loads(request.body)["data"]["profile"] == f"profiles/{known}"
     finally:
@@ -206,7 +206,8 @@ async def test_an_erasure_notice_removes_everything_and_nothing_is_sent_after_it
     # Every first attempt fails: both customers' deliveries wait in the dispatcher for a retry.
     receiver = await Receiver([new_signing_secret()], statuses(503, 503, 204)).start()
     try:
-        first = await stores.triggers.get(await cart_trigger(stores, receiver))
+        first_id = await cart_trigger(stores, receiver)
+        first = await stores.triggers.get(first_id)
         [destination] = first.delivery.destinations
         later = builtin.cart_abandoned([destination], delay=timedelta(hours=3))
         await stores.triggers.create(unique("later"), later)
@@ -252,7 +253,7 @@ async def test_an_erasure_notice_removes_everything_and_nothing_is_sent_after_it
             # The retries fall due, and the later trigger's wait ends: only the kept customer's go out.
             clock.now = DUE + 3 * HOUR
             await eventually_true(lambda: len(receiver.requests) >= 4)
-            await asyncio.sleep(0.3)
+            await nothing_more_on_the_way(stores, replica, first_id, clock.now)
         after_erasure = [orjson.loads(r.body)["data"]["profile"] for r in receiver.requests[2:]]
         assert after_erasure == [f"profiles/{kept}", f"profiles/{kept}"]
     finally:

@@ -5,7 +5,6 @@ after triggers_changed(). Real PostgreSQL, NATS and receivers."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -24,6 +23,7 @@ from tests.triggers.engine_support import (
     episode_states,
     eventually_true,
     log_settings,
+    nothing_more_on_the_way,
     order,
     publish,
     running_engine,
@@ -90,7 +90,7 @@ async def test_a_fire_while_the_profile_service_is_down_is_retried_then_sent_not
         row = await episode_row(stores.pool, customer, trigger_id)
         assert row["state"] == "waiting" and row["claimed_by"] is None
         assert row["due_at"] == DUE + timedelta(seconds=1)  # the first backoff
-        await asyncio.sleep(0.1)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
         assert receiver.requests == []
 
         profiles.down = False
@@ -129,7 +129,7 @@ async def test_a_skipped_render_ends_the_episode_without_a_webhook(
             return bool((await episode_row(stores.pool, customer, trigger_id))["state"] == "ended")
 
         await eventually_true(ended)
-        await asyncio.sleep(0.1)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
     assert await episode_states(stores.pool, customer) == {f"{trigger_id}/": f"ended:{reason}"}
     assert receiver.requests == []
     assert (
@@ -164,6 +164,7 @@ async def test_a_render_on_fallback_data_or_a_render_service_down_is_retried_nev
         row = await episode_row(stores.pool, customer, trigger_id)
         assert row["state"] == "waiting"
         assert row["due_at"] == DUE + timedelta(seconds=1 + 2)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
         assert receiver.requests == []
 
         renderer.answer = "rendered"
@@ -206,7 +207,7 @@ async def test_redelivered_changes_are_harmless(
         await publish(publisher, later_entry)
         await eventually_true(lambda: stats.changes == 7)
         clock.move(timedelta(hours=2))
-        await asyncio.sleep(0.2)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
     assert len(receiver.requests) == 1
     assert await episode_states(stores.pool, customer) == {f"{trigger_id}/": "fired:fired"}
 
@@ -234,7 +235,7 @@ async def test_a_redelivered_exit_is_harmless_and_known_for_a_late_entry(
         await eventually_true(lambda: replica.engine.consumer.stats.changes == 3)
         assert replica.engine.consumer.stats.decisions["exited_after_entry"] == 1
         clock.now = DUE
-        await asyncio.sleep(0.2)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
     assert await episode_states(stores.pool, customer) == {}
     assert receiver.requests == []
     exits = await stores.pool.fetchval(
@@ -377,7 +378,7 @@ async def test_a_paused_trigger_s_due_episode_is_parked_and_fires_after_the_resu
             )
 
         await eventually_true(parked)
-        await asyncio.sleep(0.1)
+        await nothing_more_on_the_way(stores, replica, trigger_id, clock.now)
         assert receiver.requests == []
 
         clock.move(timedelta(minutes=30))
@@ -410,12 +411,15 @@ async def test_the_sweep_takes_up_a_dead_replica_s_delivery_and_a_deleted_destin
         await eventually_true(lambda: len(receiver.requests) == 1)
         assert receiver.requests[0].verified[receiver.secrets[0]]
         assert replica.engine.pump.stats.taken == 1
-        # The attempt is recorded once its answer is in: a moment after the receiver saw it.
-        for _ in range(250):
-            delivered = await stores.deliveries.get(int(left.removeprefix("deliveries/")))
-            if delivered.attempts:
-                break
-            await asyncio.sleep(0.02)
+
+        # The attempt is recorded once its answer is in, a moment after the receiver saw it, and
+        # its outcome a moment after that (waiting for the attempt alone read it still pending).
+        async def settled() -> bool:
+            delivery = await stores.deliveries.get(int(left.removeprefix("deliveries/")))
+            return delivery.state != triggers_pb2.DELIVERY_STATE_PENDING
+
+        await eventually_true(settled)
+        delivered = await stores.deliveries.get(int(left.removeprefix("deliveries/")))
         assert len(delivered.attempts) == 1
         assert delivered.state == triggers_pb2.DELIVERY_STATE_DELIVERED
 

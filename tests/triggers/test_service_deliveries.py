@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 import grpc
 import pytest
 
 from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
-from tests.conftest import channel, triggers_settings
+from tests.conftest import channel, eventually, triggers_settings
 from tests.triggers.service_support import new_subscription, new_webhook, reason, violated_fields
 from tests.triggers.store_support import T0, insert_delivery
+from triggers.delivery_store import DeliveryStore
 from triggers.server import TriggersApp, create_app
 
 # Strings: the async stub types exist for type checkers only.
@@ -39,20 +41,27 @@ class Received:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.got: list[str] = []  # everything sent, in order
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._reading = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
         async for answer in self.stream:
+            self.got.append(answer.delivery.name)
             self._queue.put_nowait(answer.delivery.name)
 
     async def next(self, n: int, timeout_s: float = 5) -> list[str]:
         async with asyncio.timeout(timeout_s):
             return [await self._queue.get() for _ in range(n)]
 
-    async def nothing_more(self, wait_s: float = 0.3) -> None:
-        await asyncio.sleep(wait_s)
+    def nothing_more(self) -> None:
         assert self._queue.empty(), self._queue.get_nowait()
+
+    async def at_least(self, n: int) -> None:
+        async def got_them() -> bool:
+            return len(self.got) >= n
+
+        await eventually(got_them, timeout_s=5)
 
     async def ended(self) -> grpc.StatusCode:
         await self._reading
@@ -62,6 +71,52 @@ class Received:
     def cancel(self) -> None:
         self.stream.cancel()
         self._reading.cancel()
+
+
+class Rounds:
+    """What the streams of one subscription asked the store, round by round (the session's
+    triggers service runs in this process): each round with deliveries out asks which of them
+    are still pending, and each round with room takes what is due. Positive evidence of what a
+    stream did and did not send, however slow the machine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, destination: str) -> None:
+        self.looked = 0  # rounds that asked which of the deliveries out are still pending
+        self.takes: list[tuple[datetime, list[str]]] = []  # each take: its time, what it took
+        destination_id = destination.removeprefix("destinations/")
+        still_pending, take = DeliveryStore.still_pending, DeliveryStore.take_for_subscription
+
+        async def looking(store: DeliveryStore, of: str, delivery_ids: Sequence[int]) -> set[int]:
+            self.looked += of == destination_id
+            return await still_pending(store, of, delivery_ids)
+
+        async def taking(
+            store: DeliveryStore, of: str, now: datetime, *, ack_timeout: timedelta, limit: int
+        ) -> list[triggers_pb2.Delivery]:
+            taken = await take(store, of, now, ack_timeout=ack_timeout, limit=limit)
+            if of == destination_id:
+                self.takes.append((now, [d.name for d in taken]))
+            return taken
+
+        monkeypatch.setattr(DeliveryStore, "still_pending", looking)
+        monkeypatch.setattr(DeliveryStore, "take_for_subscription", taking)
+
+    async def more_looks(self, rounds: int) -> None:
+        """Until the streams have looked ``rounds`` more times (the rounds before the last have
+        taken what they took)."""
+        target = self.looked + rounds
+
+        async def looked() -> bool:
+            return self.looked >= target
+
+        await eventually(looked, timeout_s=5)
+
+    async def a_take_at(self, when: datetime) -> None:
+        """Until a round at ``when`` or later has taken what it took."""
+
+        async def taken() -> bool:
+            return any(now >= when for now, _ in self.takes)
+
+        await eventually(taken, timeout_s=5)
 
 
 async def test_deliveries_are_listed_newest_first_read_and_redelivered(
@@ -104,10 +159,15 @@ async def test_deliveries_are_listed_newest_first_read_and_redelivered(
 
 
 async def test_a_subscription_streams_in_order_resends_after_its_ack_timeout_and_stops_once_acknowledged(
-    triggers_app: TriggersApp, destination_stub: Destinations, delivery_stub: Deliveries
+    triggers_app: TriggersApp,
+    destination_stub: Destinations,
+    delivery_stub: Deliveries,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     subscription = await new_subscription(destination_stub, ack_timeout_s=1)
+    ack_timeout = timedelta(seconds=1)
     names = await made(triggers_app, subscription.name, 3)
+    rounds = Rounds(monkeypatch, subscription.name)
     stream = Received(
         delivery_stub.SubscribeDeliveries(
             triggers_pb2.SubscribeDeliveriesRequest(destination=subscription.name, max_unacknowledged=2)
@@ -115,23 +175,43 @@ async def test_a_subscription_streams_in_order_resends_after_its_ack_timeout_and
     )
     try:
         assert await stream.next(2) == names[:2]  # the oldest first, two at most
-        await stream.nothing_more()
+        # Rounds went by with the two out, and took nothing more (a fixed wait also passed while
+        # the stream was merely slow).
+        await rounds.more_looks(3)
+        sent_at, first = rounds.takes[0]
+        assert first == names[:2] and all(taken == [] for _, taken in rounds.takes[1:])
+        stream.nothing_more()
 
         acked = await delivery_stub.AcknowledgeDeliveries(
             triggers_pb2.AcknowledgeDeliveriesRequest(destination=subscription.name, names=[names[0]])
         )
         assert acked.acknowledged == 1
         assert await stream.next(1) == [names[2]]  # room for one more
+        # Acknowledged at once, so that only the second is left out (the third's own deadline
+        # raced the steps below: sent again before they acknowledged it, on a busy machine).
+        acked = await delivery_stub.AcknowledgeDeliveries(
+            triggers_pb2.AcknowledgeDeliveriesRequest(destination=subscription.name, names=[names[2]])
+        )
+        assert acked.acknowledged == 1
 
-        # The second was not acknowledged within the second it had: sent again.
-        started = time.monotonic()
+        # The second was not acknowledged within the second it had: sent again, by the first
+        # round past its deadline (not an upper bound on the time taken, which a busy machine
+        # exceeds).
         assert await stream.next(1) == [names[1]]
-        assert time.monotonic() - started < 1.5
+        past_deadline = [taken for now, taken in rounds.takes if now >= sent_at + ack_timeout]
+        assert past_deadline[0] == [names[1]]
         acked = await delivery_stub.AcknowledgeDeliveries(
             triggers_pb2.AcknowledgeDeliveriesRequest(destination=subscription.name, names=names)
         )
-        assert acked.acknowledged == 2  # the first was already
-        await stream.nothing_more(wait_s=1.3)  # past the ack timeout: nothing comes back
+        assert acked.acknowledged == 1  # the first and the third were already
+        # Past the ack timeout of anything sent before (a round that late has taken what it took),
+        # nothing comes back: no round since took anything.
+        acked_at = datetime.now(UTC)
+        await rounds.a_take_at(acked_at + ack_timeout)
+        assert all(taken == [] for now, taken in rounds.takes if now >= acked_at)
+        taken = [name for _, names_taken in rounds.takes for name in names_taken]
+        await stream.at_least(len(taken))
+        assert stream.got == taken  # and it sent nothing it did not take
     finally:
         stream.cancel()
 
