@@ -150,8 +150,10 @@ class ProfileFetcher:
         cached = self._local.get(key)
         if cached is not None and max_age is not None and time.time() - cached[0] <= max_age.total_seconds():
             return ProfileLookup(cached[1], Source.CACHE, cached[0])
+        # The live lookup leaves time to read the last known good copy from Redis if it fails.
+        live_s = time_left_s - (LKG_REDIS_WAIT_S if self._redis is not None else 0.0)
         try:
-            fetched_at, profile = await self._shared_live(key, identifier, time_left_s)
+            fetched_at, profile = await self._shared_live(key, identifier, live_s)
         except _Missing as missing:
             self._forget_missing(key, erased=missing.erased)
             return ProfileLookup(

@@ -27,6 +27,19 @@ from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2
 
 log = logging.getLogger(__name__)
+
+# The fallback's share of a short deadline, and the least kept back whatever the deadline.
+RESERVE_SHARE = 0.1
+MIN_FALLBACK_RESERVE_S = 0.02
+
+
+def fallback_reserve(configured_s: float, time_left_s: float) -> float:
+    """What is kept back from ``time_left_s`` to render the fallback: ``configured_s``, or a
+    tenth of the time left when that is less (a short deadline keeps most of itself for the
+    live profile), but never under ``MIN_FALLBACK_RESERVE_S`` (unless configured lower)."""
+    return min(configured_s, max(MIN_FALLBACK_RESERVE_S, RESERVE_SHARE * time_left_s))
+
+
 tracer = trace.get_tracer(__name__)
 
 FALLBACK_REASONS = {
@@ -78,6 +91,9 @@ class Renderer:
         self._fallback_reserve_s = fallback_reserve_s
         self._recommendation_limit = recommendation_limit
 
+    def _reserve(self, time_left_s: float) -> float:
+        return fallback_reserve(self._fallback_reserve_s, time_left_s)
+
     def compile(self, subject: str, html: str, text: str) -> CompiledTemplate:
         """The compiled template (cached by source).
 
@@ -95,7 +111,7 @@ class Renderer:
         self, customers: list[profile_pb2.Identifier], time_left_s: float
     ) -> list[ProfileLookup]:
         """Profiles for a batch of customers in one call (RenderBatch)."""
-        return await self._profiles.get_many(customers, time_left_s=time_left_s - self._fallback_reserve_s)
+        return await self._profiles.get_many(customers, time_left_s=time_left_s - self._reserve(time_left_s))
 
     async def render(
         self, job: RenderJob, time_left_s: float, *, lookup: ProfileLookup | None = None
@@ -110,7 +126,7 @@ class Renderer:
         if lookup is None:
             max_age = job.content.max_data_age.ToTimedelta() if job.content.HasField("max_data_age") else None
             lookup = await self._profiles.get(
-                job.customer, time_left_s=time_left_s - self._fallback_reserve_s, max_age=max_age
+                job.customer, time_left_s=time_left_s - self._reserve(time_left_s), max_age=max_age
             )
         if lookup.failure is Failure.ERASED:
             return _skipped(job, Skip(render_pb2.SKIP_REASON_ERASED, "the customer was erased"))
@@ -161,7 +177,7 @@ class Renderer:
     ) -> tuple[list[dict[str, Any]], bool]:
         if "recommendations" not in job.compiled.roots or self._recommender is None:
             return [], False
-        budget = time_left_s - self._fallback_reserve_s
+        budget = time_left_s - self._reserve(time_left_s)
         if budget <= 0:
             return [], True
         purchased = list(lookup.profile.purchased_skus) if lookup.profile else []

@@ -50,8 +50,11 @@ class Settings:
     # Used when a caller sets no deadline of its own: a render must never wait without bound.
     default_deadline_s: float = 1.0
     # Kept back from the caller's deadline for rendering the fallback after a profile lookup
-    # that did not answer in time.
-    fallback_reserve_s: float = 0.02
+    # that did not answer in time (a tenth of a shorter deadline, at least 20 ms: renderer.py).
+    # 20 ms left 4-38 of ~1,100 renders with 1 s deadlines late when profile stalled under load
+    # on 2 cores (lookups time out together and their fallbacks queue); 100 ms none (make chaos,
+    # docs/reliability.md).
+    fallback_reserve_s: float = 0.1
     template_cache_size: int = 1024
     # What one template may cost (docs/limits.md).
     template_limits: TemplateLimits = field(default_factory=TemplateLimits)

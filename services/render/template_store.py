@@ -11,10 +11,16 @@ Sends read with ``get_for_render``, which caches in this process: versions witho
 are immutable; an LRU bounds the memory), and each template's published pointer for
 ``published_ttl_s``. A publish is therefore seen by every replica within ``published_ttl_s``
 (at once by the replica that made it), without a PostgreSQL round trip per send.
+
+An expired pointer is read again once (one read per template, whatever the number of sends
+waiting), and a send waits for that read at most ``REFRESH_WAIT_S``: when PostgreSQL is slow or
+stalled, sends go on with the pointer last seen instead of running past their deadline (the
+fault matrix, docs/reliability.md, found every render late during a 2 s stall).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +39,10 @@ log = logging.getLogger(__name__)
 
 StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 """What a store call raises when PostgreSQL is unreachable or fails."""
+
+# How long a send waits for its template's expired published pointer to be read again before it
+# goes on with the one last seen (a read normally takes a millisecond).
+REFRESH_WAIT_S = 0.05
 
 _LIST_FILTERS = {"collection": "templates"}  # ListTemplates has no filters; this rejects other APIs' tokens
 
@@ -95,6 +105,8 @@ class TemplateStore:
         self._clock = clock
         self._versions: LRUCache[tuple[str, int], _Version] = LRUCache(cache_size)
         self._pointers: LRUCache[str, _Pointer] = LRUCache(cache_size)
+        # The pointer reads in flight, by template id, with when each started (monotonic).
+        self._reading: dict[str, tuple[asyncio.Task[_Pointer], float]] = {}
 
     async def create(
         self, template_id: str, display_name: str, content: render_pb2.Template, *, publish: bool
@@ -264,25 +276,19 @@ class TemplateStore:
         none: no such template or version, or (for 0) nothing published.
 
         Usually answered from the cache. ``published_version`` and ``display_name`` in the
-        answer may be up to ``published_ttl_s`` old (older while PostgreSQL is unreachable: then
-        the pointer last seen is used); the content is always that of the version.
+        answer may be up to ``published_ttl_s`` old (older while PostgreSQL is unreachable or
+        slower than ``REFRESH_WAIT_S``: then the pointer last seen is used); the content is
+        always that of the version.
 
         Raises:
             StoreError: PostgreSQL failed (on a cache miss).
         """
         now = self._clock()
         pointer = self._pointers.get(template_id)
-        if pointer is None or pointer.expires_at <= now:
-            try:
-                return await self._load_for_render(template_id, version, now)
-            except StoreError:
-                if pointer is None:
-                    raise
-                # Sends go on with the pointer this replica last saw (a publish made during the
-                # outage is seen when PostgreSQL answers again), asking again after another TTL.
-                log.warning("template store unavailable; using the last published version seen")
-                pointer = replace(pointer, expires_at=now + self._published_ttl_s)
-                self._pointers[template_id] = pointer
+        if pointer is None:  # nothing to send with but what PostgreSQL says: wait for it
+            pointer = await asyncio.shield(self._read_pointer(template_id, now))
+        elif pointer.expires_at <= now:
+            pointer = await self._refreshed(template_id, pointer, now)
         if not pointer.exists:
             return None
         wanted = version or pointer.published_version
@@ -301,20 +307,51 @@ class TemplateStore:
             cached = self._cache_version(template_id, wanted, row)
         return _build(template_id, pointer.display_name, pointer.published_version, wanted, cached)
 
-    async def _load_for_render(
-        self, template_id: str, version: int, now: float
-    ) -> render_pb2.StoredTemplate | None:
-        row = await self._pool.fetchrow(_SELECT_VERSION, template_id, version, True)
+    def _read_pointer(self, template_id: str, now: float) -> asyncio.Task[_Pointer]:
+        """The read of ``template_id``'s pointer in flight, or a new one (with its published
+        version's content, cached)."""
+        reading = self._reading.get(template_id)
+        if reading is not None:
+            return reading[0]
+        task = asyncio.ensure_future(self._load_pointer(template_id, now))
+        self._reading[template_id] = (task, time.monotonic())
+        task.add_done_callback(lambda done: self._read_done(template_id, done))
+        return task
+
+    def _read_done(self, template_id: str, task: asyncio.Task[_Pointer]) -> None:
+        if self._reading.get(template_id, (None, 0.0))[0] is task:
+            del self._reading[template_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: a send that stopped waiting would leave it unread
+
+    async def _refreshed(self, template_id: str, stale: _Pointer, now: float) -> _Pointer:
+        """The pointer read again, or ``stale`` while the read fails or takes longer than
+        ``REFRESH_WAIT_S`` (from its start: later sends do not each wait again)."""
+        task = self._read_pointer(template_id, now)
+        waited = time.monotonic() - self._reading[template_id][1] if template_id in self._reading else 0.0
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), max(0.0, REFRESH_WAIT_S - waited))
+        except TimeoutError:
+            return stale  # the read goes on; the sends after it will see what it found
+        except StoreError:
+            # Sends go on with the pointer this replica last saw (a publish made during the
+            # outage is seen when PostgreSQL answers again), asking again after another TTL.
+            log.warning("template store unavailable; using the last published version seen")
+            pointer = replace(stale, expires_at=now + self._published_ttl_s)
+            self._pointers[template_id] = pointer
+            return pointer
+
+    async def _load_pointer(self, template_id: str, now: float) -> _Pointer:
+        row = await self._pool.fetchrow(_SELECT_VERSION, template_id, 0, True)
         expires_at = now + self._published_ttl_s
         if row is None:
-            self._pointers[template_id] = _Pointer(False, "", 0, expires_at)
-            return None
-        pointer = _Pointer(True, row["display_name"], row["published_version"], expires_at)
+            pointer = _Pointer(False, "", 0, expires_at)
+        else:
+            pointer = _Pointer(True, row["display_name"], row["published_version"], expires_at)
+            if row["version"] is not None:
+                self._cache_version(template_id, row["version"], row)
         self._pointers[template_id] = pointer
-        if row["version"] is None:
-            return None
-        cached = self._cache_version(template_id, row["version"], row)
-        return _build(template_id, pointer.display_name, pointer.published_version, row["version"], cached)
+        return pointer
 
     def _cache_version(self, template_id: str, version: int, row: Any) -> _Version:
         cached = _Version(render_pb2.Template.FromString(row["content"]), row["created_at"])

@@ -74,11 +74,14 @@ class CountingPool:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool, self.queries, self.down = pool, 0, False
+        self.flowing = asyncio.Event()  # cleared: queries stall (a PostgreSQL that does not answer)
+        self.flowing.set()
 
     async def fetchrow(self, *args: Any) -> Any:
         self.queries += 1
         if self.down:
             raise ConnectionRefusedError("PostgreSQL is down")
+        await self.flowing.wait()
         return await self.pool.fetchrow(*args)
 
 
@@ -239,6 +242,37 @@ async def test_sends_keep_the_last_published_version_while_postgres_is_down(
     assert counting.queries == 2  # asked once more, then not again within the TTL
     with pytest.raises(OSError):
         await store.get_for_render(f"other-{unique}", 0)  # nothing seen before: the error shows
+
+
+async def test_sends_go_on_with_the_last_published_version_while_postgres_stalls(
+    pool: asyncpg.Pool, unique: str
+) -> None:
+    """Found by the fault matrix (docs/reliability.md): every render waited for an expired
+    pointer's read while PostgreSQL stalled, past its deadline. One read goes out; each send
+    waits for it at most REFRESH_WAIT_S, then uses the pointer last seen."""
+    counting, clock = CountingPool(pool), Clock()
+    store = TemplateStore(counting, published_ttl_s=2.0, clock=clock)  # type: ignore[arg-type]
+    tid = f"t-{unique}"
+    await TemplateStore(pool).create(tid, "", content("v1"), publish=True)
+    assert (await store.get_for_render(tid, 0)).version == 1  # type: ignore[union-attr]
+    await TemplateStore(pool).update(tid, content=content("v2"), display_name=None, publish=True)
+
+    counting.flowing.clear()
+    clock.now += 5
+    sends = [asyncio.ensure_future(store.get_for_render(tid, 0)) for _ in range(20)]
+    done, _ = await asyncio.wait(sends, timeout=30)  # each bounded by REFRESH_WAIT_S, not by PostgreSQL
+    assert done == set(sends)
+    assert {s.result().version for s in sends} == {1}  # type: ignore[union-attr]
+    assert counting.queries == 2  # one read of the pointer for all of them, still stalled
+    assert (await store.get_for_render(tid, 0)).version == 1  # type: ignore[union-attr]
+    assert counting.queries == 2  # a send after the wait does not start another
+
+    counting.flowing.set()
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await store.get_for_render(tid, 0)).version != 2:  # type: ignore[union-attr]
+        assert asyncio.get_running_loop().time() < deadline, "the stalled read never landed"
+        await asyncio.sleep(0.01)
+    assert counting.queries == 2  # the read that stalled brought v2 and its content
 
 
 async def test_the_version_cache_is_bounded(pool: asyncpg.Pool, unique: str) -> None:
