@@ -27,6 +27,8 @@ help:
 	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"
 	@echo "make soak       30 min of mixed load at half the maximum rate: memory, files, tasks, pools flat? p99 stable?"
 	@echo "                (docs/reliability.md); options in SOAK_ARGS, e.g. make soak SOAK_ARGS='--duration-s 300'"
+	@echo "make chaos      the fault matrix under load: kills, restarts, slow and cut-off dependencies; lost?"
+	@echo "                duplicated? late renders? recovery? (docs/reliability.md); e.g. CHAOS_ARGS='--runs 1'"
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -116,6 +118,12 @@ soak: install
 
 breaking: install
 	$(BIN)/buf breaking --against '.git#branch=main'
+
+# The fault matrix (docs/reliability.md): a stack of its own, PostgreSQL cluster included, under a
+# mixed load; one fault at a time, then a reconciliation. Exits 3 when an invariant broke.
+.PHONY: chaos
+chaos: install
+	$(PY) scripts/chaos.py $(CHAOS_ARGS)
 
 # devstack's clean: down, and the PostgreSQL cluster it may keep outside .run (scripts/devstack.py).
 clean: install

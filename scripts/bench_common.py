@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 import asyncpg
 import grpc
@@ -274,8 +274,8 @@ def _with_database(url: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(ADMIN_DATABASE_URL, timeout=10)
+async def _admin(admin_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=10)
     try:
         await conn.execute(sql)
     finally:
@@ -331,8 +331,14 @@ class BenchStack:
     """
 
     def __init__(
-        self, services: Sequence[suite.Service], *, keep_dir: bool = False, cprofile_dir: Path | None = None
+        self,
+        services: Sequence[suite.Service],
+        *,
+        keep_dir: bool = False,
+        cprofile_dir: Path | None = None,
+        admin_database_url: str = ADMIN_DATABASE_URL,
     ) -> None:
+        self.admin_database_url = admin_database_url
         self.run_id = uuid.uuid4().hex[:8]
         self.database = f"sendtime_bench_{self.run_id}"
         self.services = list(services)
@@ -342,7 +348,7 @@ class BenchStack:
         self.nats_port, self.redis_port = devstack.free_port(), devstack.free_port()
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.database_url = _with_database(ADMIN_DATABASE_URL, self.database)
+        self.database_url = _with_database(admin_database_url, self.database)
         self.env = self._service_env()
         self.nats: subprocess.Popen[bytes] | None = None
         self.redis: subprocess.Popen[bytes] | None = None
@@ -409,7 +415,7 @@ class BenchStack:
             )
         return self._tls
 
-    def __enter__(self) -> BenchStack:
+    def __enter__(self) -> Self:
         try:
             self._start()
         except BaseException:
@@ -423,7 +429,7 @@ class BenchStack:
     def _start(self) -> None:
         self.nats = devstack.start_nats(self.nats_port, self.workdir / "nats", detach=True)
         self.redis = devstack.start_redis(self.redis_port, self.workdir / "redis", detach=True)
-        asyncio.run(_admin(f'CREATE DATABASE "{self.database}"'))
+        asyncio.run(_admin(self.admin_database_url, f'CREATE DATABASE "{self.database}"'))
         self._database_created = True
         self.admin_key, render_key = asyncio.run(_issue_keys(self.database_url))
         self.env["PROFILE_SERVICE_API_KEY"] = render_key
@@ -554,7 +560,11 @@ class BenchStack:
             self.extra = []
             if self._database_created:
                 try:
-                    asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'))
+                    asyncio.run(
+                        _admin(
+                            self.admin_database_url, f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)'
+                        )
+                    )
                     self._database_created = False
                 except (OSError, asyncpg.PostgresError) as exc:
                     say(f"bench: could not drop database {self.database}: {exc}")

@@ -687,6 +687,26 @@ def stop_postgres(workdir: Path) -> bool:
     return True
 
 
+def restart_postgres(workdir: Path, mode: str) -> int:
+    """``pg_ctl restart -m <mode>`` the private cluster in ``workdir`` (``fast``: clients are
+    disconnected and the server shuts down cleanly; ``immediate``: it quits without a
+    checkpoint and recovers from its WAL on start), with the options it was started with;
+    the new server's pid. For fault tests (scripts/chaos.py)."""
+    if mode not in ("fast", "immediate"):
+        raise ValueError(f"restart mode {mode!r}: fast or immediate")
+    _, pg_ctl = require_postgres_tools()
+    data = workdir / "data"
+    _pg_run(
+        [pg_ctl, "-D", data, "-l", workdir / "log", "-m", mode, "-w", "-t", "60", "restart"],
+        _postgres_user(),
+        workdir,
+    )
+    pid = _read_pid(data / "postmaster.pid")
+    if pid is None:
+        raise DevstackError(f"postgres: restarted, but {data / 'postmaster.pid'} has no pid")
+    return pid
+
+
 async def create_database(url: str) -> bool:
     """Create the database named in a PostgreSQL URL unless it exists; whether it was created."""
     parts = urlsplit(url)

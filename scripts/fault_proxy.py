@@ -6,9 +6,10 @@ a GIL: in one process, every pause of the load generator would also be a pause o
 forwarded, and the faults injected would not be the only ones.
 
 ``python scripts/fault_proxy.py --route NAME=LISTEN_PORT:UPSTREAM_HOST:UPSTREAM_PORT [--route ...]``
-listens on 127.0.0.1:LISTEN_PORT for each route and forwards each connection it accepts to the
-upstream. Once every listener is bound it prints ``ready``, then answers each line on stdin with
-one line, ``ok`` or ``error <reason>``:
+listens on 127.0.0.1:LISTEN_PORT for each route (0: a port the system picks) and forwards each
+connection it accepts to the upstream. Once every listener is bound it prints ``ready
+NAME=PORT,...`` (the ports it listens on), then answers each line on stdin with one line, ``ok``
+or ``error <reason>``:
 
 - ``latency NAME SECONDS``: each chunk forwarded on the route, either way, on the open connections
   and the new ones, is written SECONDS after it was read. It is a pipeline delay: chunks read
@@ -26,7 +27,9 @@ one line, ``ok`` or ``error <reason>``:
 NAME may be ``all`` for latency, stall, resume and reset. EOF on stdin or SIGTERM closes everything
 and exits 0. The proxy needs only the standard library; its log (stderr) says what it did.
 
-``FaultProxy`` is the harness's side: it starts the process on free ports and sends it commands.
+``FaultProxy`` is the harness's side: it starts the process (on ports the system picks: ports
+chosen beforehand could be taken by then, by the services the harness starts next) and sends it
+commands.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ class Route:
     """A listener's faults, read afresh for every chunk: a command applies to open connections."""
 
     spec: RouteSpec
+    port: int = 0  # where it listens, once it does
     latency_s: float = 0.0
     stalled: bool = False
     connections: set[Connection] = field(default_factory=set)
@@ -225,8 +229,9 @@ class Proxy:
         for route in self.routes.values():
             server = await asyncio.start_server(route.serve, "127.0.0.1", route.spec.listen_port)
             self.servers.append(server)
+            route.port = server.sockets[0].getsockname()[1]
             spec = route.spec
-            log(f"{spec.name}: 127.0.0.1:{spec.listen_port} -> {spec.upstream_host}:{spec.upstream_port}")
+            log(f"{spec.name}: 127.0.0.1:{route.port} -> {spec.upstream_host}:{spec.upstream_port}")
 
     def selected(self, name: str) -> list[Route]:
         if name == ALL:
@@ -299,7 +304,7 @@ async def run(specs: Sequence[RouteSpec]) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(READY, flush=True)
+    print(f"{READY} " + ",".join(f"{name}={route.port}" for name, route in proxy.routes.items()), flush=True)
     until = [asyncio.create_task(proxy.answer_commands(stdin)), asyncio.create_task(stop.wait())]
     done, pending = await asyncio.wait(until, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
@@ -359,10 +364,9 @@ class FaultProxy:
         # standard library (devstack would bring the whole project, and a slower start).
         import devstack
 
-        ports = {name: devstack.free_port() for name in routes}
         argv = [sys.executable, str(Path(__file__).resolve())]
         for name, (host, port) in routes.items():
-            argv += ["--route", f"{name}={ports[name]}:{host}:{port}"]
+            argv += ["--route", f"{name}=0:{host}:{port}"]
         log_path = workdir / "fault_proxy.log"
         proxy = None
         try:
@@ -374,10 +378,13 @@ class FaultProxy:
                     stderr=log_file,  # the child keeps its own copy
                     start_new_session=True,  # Ctrl-C reaches the harness only; it closes us
                 )
-                proxy = cls(process, ports, log_path)
+                proxy = cls(process, {}, log_path)
             answer = proxy._read_line(timeout_s)
-            if answer != READY:
+            word, _, listening = answer.partition(" ")
+            if word != READY:
                 raise FaultProxyError(f"the fault proxy said {answer!r} instead of {READY!r}")
+            pairs = (item.partition("=") for item in listening.split(","))
+            proxy.ports = {name: int(port) for name, _, port in pairs}
         except BaseException:
             if proxy is not None:
                 with devstack.held_signals():

@@ -218,26 +218,36 @@ async def test_the_metrics_port_serves_metrics_only_to_a_key_with_the_metrics_sc
 
 
 async def test_the_asyncio_task_gauge_counts_the_event_loops_unfinished_tasks(
-    access: AccessInterceptor, metrics_key: str
+    access: AccessInterceptor, metrics_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a soak watches for a task leak: tasks started and never finished show in the gauge,
-    and leave it once they end."""
+    and leave it once they end. The tests' event loop runs other tests' background tasks too, so
+    each scrape's value is compared with the tasks the gauge was read from, not with the others'."""
+    read: list[set[asyncio.Task[Any]]] = []
+    all_tasks = asyncio.all_tasks
+
+    def recorded(loop: asyncio.AbstractEventLoop | None = None) -> set[asyncio.Task[Any]]:
+        tasks = all_tasks(loop)
+        read.append(tasks)
+        return tasks
+
+    monkeypatch.setattr(asyncio, "all_tasks", recorded)
     metrics = metrics_listener("127.0.0.1:0", access)
     await metrics.start()
     release = asyncio.Event()
     try:
         before = value(await scrape(metrics.port, metrics_key), "sendtime_asyncio_tasks")
-        assert before >= 1  # the scrape's own handler at least
+        assert before == len(read[-1]) >= 1  # the scrape's own handler at least
         waiting = [asyncio.create_task(release.wait()) for _ in range(25)]
         during = value(await scrape(metrics.port, metrics_key), "sendtime_asyncio_tasks")
+        assert during == len(read[-1]) and set(waiting) <= read[-1]
         release.set()
         await asyncio.gather(*waiting)
         after = value(await scrape(metrics.port, metrics_key), "sendtime_asyncio_tasks")
+        assert after == len(read[-1]) and not set(waiting) & read[-1]
     finally:
         release.set()
         await metrics.stop()
-    assert during - before == 25
-    assert after == before
 
 
 async def test_scrapes_are_rate_limited_per_key(database_url: str, metrics_key: str) -> None:

@@ -1,0 +1,156 @@
+"""scripts/chaos.py: the reconciliation's pure parts (recovery, duplicates, episodes, the summary
+line), and the short matrix, one fault of each kind, run against the real stack as ``make test``'s
+slice of ``make chaos`` (the whole matrix is ``make chaos``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from chaos import (
+    EXIT_INVARIANT_BROKEN,
+    FAULTS,
+    Probe,
+    RunResult,
+    episode_counts,
+    recovered,
+    recovery_s,
+    short_matrix,
+    stream_duplicates,
+    summary_line,
+)
+
+from tests.conftest import repo_root
+
+
+def _probes(freshness: list[float | None], start: float = 100.0, every: float = 0.5) -> list[Probe]:
+    times = [start + i * every for i in range(len(freshness))]
+    pairs = enumerate(zip(times, freshness, strict=True))
+    return [Probe(i, at, None if f is None else at + f) for i, (at, f) in pairs]
+
+
+def test_no_stale_probe_is_no_recovery_to_wait_for() -> None:
+    assert recovery_s(_probes([0.05] * 10), fault_at=101.0, streak=3) == 0.0
+
+
+def test_recovery_runs_to_the_first_streak_of_fresh_probes() -> None:
+    # probes every 0.5 s from t=100; the fault at 101.0; stale from 101.0 to 102.5 with one lucky
+    # fresh probe among them (101.5), which is no streak.
+    freshness: list[float | None] = [0.05, 0.05, 3.0, 0.1, 2.0, 1.5, 0.2, 0.1, 0.1]
+    assert recovery_s(_probes(freshness), fault_at=101.0, streak=3) == pytest.approx(2.0)  # from 103.0
+    assert recovery_s(_probes(freshness), fault_at=101.0, streak=4) is None  # no four in a row after it
+    # One slow probe after the streak is noise, not a second outage.
+    assert recovery_s(_probes([*freshness, 1.2, 0.1]), fault_at=101.0, streak=3) == pytest.approx(2.0)
+
+
+def test_a_probe_never_seen_is_stale() -> None:
+    assert recovery_s(_probes([0.05, None, 0.05, 0.05]), fault_at=100.0, streak=2) == pytest.approx(1.0)
+    assert recovery_s(_probes([0.05, 0.05, None]), fault_at=100.0, streak=3) is None
+
+
+def test_a_probe_sent_just_before_the_fault_counts_and_older_ones_do_not() -> None:
+    # Probe 0 (t=100) is stale but from before fault_at - 1 s: left out; probe 3 (t=101.5, just
+    # before the fault at 102) was caught by it.
+    freshness: list[float | None] = [5.0, 0.05, 0.05, 2.0, 0.05, 0.05]
+    assert recovery_s(_probes(freshness), fault_at=102.0, streak=2) == pytest.approx(0.0)  # streak at 102.0
+    assert recovery_s(_probes(freshness[:3] + [0.05, 0.05]), fault_at=102.0, streak=2) == 0.0
+
+
+def test_recovered_judges_only_probes_old_enough() -> None:
+    probes = _probes([0.05, 3.0, 0.05, 0.05, 0.05])  # at 100 ... 102; stale at 100.5
+    assert not recovered(probes, fault_at=100.4, now=102.0, streak=2)  # 101.5 not judged yet
+    assert recovered(probes, fault_at=100.4, now=102.5, streak=2)  # 101 and 101.5 fresh
+    assert not recovered(_probes([0.05, None, None]), fault_at=100.0, now=103.0, streak=2)
+    assert not recovered([], fault_at=100.0, now=102.0, streak=1)
+
+
+def test_stream_duplicates_count_extra_copies_across_runs() -> None:
+    seen: set[str] = set()
+    assert stream_duplicates(["a", "b", "c"], seen) == 0
+    assert stream_duplicates(["d", "d", "a"], seen) == 2  # d twice in this stretch, a from before
+    assert seen == {"a", "b", "c", "d"}
+
+
+def test_episodes_undelivered_and_delivered_under_two_webhook_ids() -> None:
+    deliveries = [("msg_1", "o-1"), ("msg_1", "o-1"), ("msg_2", "o-2"), ("msg_3", "o-2"), ("msg_4", "o-9")]
+    # o-1 retried under the same id: once; o-2 under two ids: a duplicate; o-3 never arrived.
+    assert episode_counts(deliveries, ["o-1", "o-2", "o-3"]) == (1, 1)
+    assert episode_counts(deliveries, []) == (0, 0)
+
+
+def test_breaches_and_the_summary_line() -> None:
+    clean = RunResult("kill-profile", "process", 1, recovery_s=2.5, renders=100)
+    slow = RunResult("kill-ingest", "process", 1, recovery_s=6.0)
+    broken = RunResult("postgres-fast", "dependency", 1, lost_events=2, stream_duplicates=1, renders_late=3)
+    unrecovered = RunResult("slow-nats", "network", 1, recovery_s=None)
+    assert clean.breaches() == []
+    assert slow.breaches() == ["recovery 6.0 s (goal < 5 s)"]
+    assert broken.breaches() == ["lost 2", "duplicated 1", "late renders 3"]
+    assert unrecovered.breaches() == []  # recovery is a goal for process faults
+    assert summary_line([clean, slow, broken]) == (
+        "chaos: 3 faults, 3 runs, lost 2, duplicated 1, late renders 3, worst recovery 6.0 s"
+    )
+    assert summary_line([clean, unrecovered]).endswith("worst recovery never")
+
+
+def test_the_short_matrix_has_one_fault_of_each_kind() -> None:
+    kinds = {f.kind for f in FAULTS}
+    short = short_matrix()
+    assert sorted(f.kind for f in short) == sorted(kinds)
+    assert kinds == {"process", "dependency", "network"}
+
+
+def test_the_short_matrix_runs_clean(tmp_path: Path) -> None:
+    """One fault of each kind under the mixed load (short timings), against real processes:
+    nothing lost or duplicated, profiles equal their replay, no late render, process faults
+    recover within the goal."""
+    out = tmp_path / "chaos.json"
+    # A fire whose claim PostgreSQL's restart cut waits out the claim's lease (60 s by default:
+    # docs/reliability.md); 5 s here, so that the slice stays short.
+    env = {**os.environ, "TRIGGERS_CLAIM_LEASE_SECONDS": "5"}
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(repo_root() / "scripts" / "chaos.py"),
+            "--faults",
+            "short",
+            "--runs",
+            "1",
+            "--customers",
+            "50",
+            "--ingest-rate",
+            "200",
+            "--render-callers",
+            "16",
+            "--before-s",
+            "0.5",
+            "--after-s",
+            "1",
+            "--hold-s",
+            "1.5",
+            "--allowed-lateness-s",  # fires are delivered sooner: the reconciliation waits less
+            "0.5",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+        env=env,
+    )
+    assert completed.returncode in (0, EXIT_INVARIANT_BROKEN), completed.stderr + completed.stdout
+    results = json.loads(out.read_text())
+    runs = {r["fault"]: r for r in results["runs"]}
+    assert set(runs) == {f.name for f in short_matrix()}
+    for run in runs.values():
+        assert run["events_acked"] > 0 and run["renders"] > 0 and run["customers_checked"] > 0, run
+    assert runs["kill-profile"]["orders_acked"] > 0
+    assert [r["breaches"] for r in results["runs"]] == [[] for _ in results["runs"]], completed.stdout
+    assert completed.returncode == 0
+    assert completed.stdout.strip().splitlines()[-1] == results["summary"]
+    assert results["summary"].startswith("chaos: 3 faults, 3 runs, lost 0, duplicated 0, late renders 0,")
