@@ -58,6 +58,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import argparse  # noqa: E402 - after the environment above, as grpc reads it on import
 import asyncio
 import base64
+import gc
 import itertools
 import random
 import secrets
@@ -201,6 +202,7 @@ class RunResult:
     duplicated_episodes: int = 0
     webhook_retries: int = 0  # deliveries that arrived again under the same webhook-id
     seconds: dict[str, float] = field(default_factory=dict)  # the run's phases: load, settle, reconcile
+    longest_gc_pause_s: float = 0.0  # the harness's own, during the run
     customers_checked: int = 0
     profiles_differing: int = 0
     renders: int = 0
@@ -246,6 +248,27 @@ class RunResult:
         if self.kind == "process" and (self.recovery_s is None or self.recovery_s >= RECOVERY_GOAL_S):
             found.append(f"recovery {_seconds(self.recovery_s)} (goal < {RECOVERY_GOAL_S:g} s)")
         return found
+
+
+class GcPauses:
+    """The longest pause of the harness's own garbage collector since the last ``take``: a pause
+    stalls the load's event loop, and a caller stalled past a deadline counts an answer that
+    came in time as late."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.longest_s = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
+
+    def take(self) -> float:
+        longest, self.longest_s = self.longest_s, 0.0
+        return longest
 
 
 def _seconds(value: float | None) -> str:
@@ -1176,10 +1199,17 @@ async def run_matrix(stack: ChaosStack, options: Options) -> dict[str, Any]:
         warmup = load.new_tally()
         for event in warmup.acked:  # the calibration's events count in the replays
             chaos.acked[event.customer.user_id].append(event)
+        pauses = GcPauses()
         for fault in faults:
             for run in range(1, options.runs + 1):
                 say(f"{fault.name} #{run}: {fault.what}")
+                # What the harness keeps for the replays (every acknowledged event) is never
+                # garbage: out of the collector's scans, which would otherwise grow with it.
+                gc.collect()
+                gc.freeze()
+                pauses.take()
                 result = await run_once(chaos, fault, run)
+                result.longest_gc_pause_s = round(pauses.take(), 3)
                 results.append(result)
                 say(
                     f"   {result.events_acked:,} events, {result.orders_acked:,} orders,"
@@ -1193,7 +1223,8 @@ async def run_matrix(stack: ChaosStack, options: Options) -> dict[str, Any]:
                     f" worst freshness {_seconds(result.worst_freshness_s)};"
                     f" delivery lag p50 {_seconds(result.delivery_lag_p50_s)},"
                     f" max {_seconds(result.delivery_lag_max_s)};"
-                    f" took {', '.join(f'{k} {v:g} s' for k, v in result.seconds.items())}"
+                    f" took {', '.join(f'{k} {v:g} s' for k, v in result.seconds.items())};"
+                    f" longest GC pause {result.longest_gc_pause_s * 1000:.0f} ms"
                 )
         # A retry can arrive after its run ended: count each run's episodes again with every record.
         await chaos.receiver_in_flight()
