@@ -44,6 +44,8 @@ from typing import Any, Self
 
 import asyncpg
 import grpc
+from aiohttp import web
+from google.protobuf import timestamp_pb2
 from redis.exceptions import RedisError
 
 import devstack
@@ -76,6 +78,11 @@ _DROPPED_ENV = (
     "PROFILE_SERVICE_KEY_FILE",
 )
 PLAINTEXT = ClientTls(plaintext=True)
+
+
+def timestamp_from_ns(ns: int) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp of ``ns`` nanoseconds since the epoch (an event's occurred_at)."""
+    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def say(message: str = "") -> None:
@@ -784,6 +791,18 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="run the services under cProfile and write DIR/<service>.prof (slows them down)",
     )
+
+
+async def serve_http_until_sigterm(app: web.Application, port: int) -> None:
+    """Serve ``app`` on 127.0.0.1:``port`` (a receiver the bench starts as a process of its own)
+    until SIGTERM; returns once it is cleaned up."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    stopped = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+    await stopped.wait()
+    await runner.cleanup()
 
 
 async def serve_until_signalled(handler: grpc.GenericRpcHandler[Any, Any], port: int) -> None:

@@ -64,9 +64,10 @@ from bench_common import (
     run_bench_main,
     say,
     source_info,
+    timestamp_from_ns,
     verdict,
 )
-from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2
 from google.type import money_pb2
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
@@ -118,10 +119,6 @@ class Load:
         return sum(len(s) for s in self.per_stream)
 
 
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
 def make_load(
     run_id: str,
     tag: str,
@@ -147,7 +144,7 @@ def make_load(
         user_id = f"bench-{run_id}-u{customer}"
         event = ingest_pb2.Event(
             event_id=f"bench-{run_id}-{tag}-{i}",
-            occurred_at=_timestamp(base_ns + i * 1000),
+            occurred_at=timestamp_from_ns(base_ns + i * 1000),
             customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
         )
         sku = f"SKU-{rng.randrange(200):03d}"
@@ -179,7 +176,7 @@ def make_load(
         per_stream[customer % streams].append(ingest_pb2.StreamEventsRequest(event=event).SerializeToString())
         ids[customer % streams].append(event.event_id)
         # What ingest publishes: the event as received, stamped with received_at.
-        event.received_at.CopyFrom(_timestamp(time.time_ns()))
+        event.received_at.CopyFrom(timestamp_from_ns(time.time_ns()))
         payload = event.SerializeToString(deterministic=True)
         raw.append(payload)
         total_bytes += len(payload)
@@ -366,7 +363,7 @@ class Sampler:
         event = ingest_pb2.Event(
             event_id=f"bench-{self._run_id}-marker-{n}",
             customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
-            occurred_at=_timestamp(int(occurred * 1e9)),
+            occurred_at=timestamp_from_ns(int(occurred * 1e9)),
             source=ingest_pb2.EVENT_SOURCE_SERVER,
             identify=ingest_pb2.Identify(traits=traits),
         )

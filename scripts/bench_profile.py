@@ -84,9 +84,10 @@ from bench_common import (
     run_bench_main,
     say,
     source_info,
+    timestamp_from_ns,
     verdict,
 )
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 from google.type import money_pb2
 
 import suite
@@ -106,6 +107,7 @@ from sendtime_common.tls import ClientTls
 from sendtime_common.tls import channel as open_channel
 
 GET_PROFILE = "/sendtime.profile.v1.ProfileService/GetProfile"
+SEND_EVENTS = "/sendtime.ingest.v1.IngestService/SendEvents"
 BATCH_GET_PROFILES = "/sendtime.profile.v1.ProfileService/BatchGetProfiles"
 MERGER = "profile-merger"
 ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
@@ -350,10 +352,6 @@ def ratio_halves(plain: Side, tls: Side) -> str:
 # --- loading customers through ingest ----------------------------------------------------------
 
 
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
 def user_id_of(run_id: str, index: int) -> str:
     return f"bench-{run_id}-c{index}"
 
@@ -382,7 +380,7 @@ def customer_events(
     def event(source: int, **payload: Any) -> ingest_pb2.Event:
         built = ingest_pb2.Event(
             event_id=f"bench-{run_id}-c{index}-e{len(events)}",
-            occurred_at=_timestamp(at_ns + len(events)),
+            occurred_at=timestamp_from_ns(at_ns + len(events)),
             customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
             source=source,  # type: ignore[arg-type]
         )

@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -72,6 +71,7 @@ from bench_common import (
     render_table,
     run_bench_main,
     say,
+    serve_http_until_sigterm,
     verdict,
 )
 from google.protobuf import duration_pb2, struct_pb2
@@ -137,13 +137,7 @@ def serve_receiver(port: int, secret: str, arrivals_path: Path) -> None:
         app = web.Application()
         app.router.add_post("/hooks", receive)
         app.router.add_post("/floor", floor)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-        stopped = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
-        await stopped.wait()
-        await runner.cleanup()
+        await serve_http_until_sigterm(app, port)
         arrivals_path.write_bytes(orjson.dumps({"arrivals": arrivals, "unverified": unverified}))
 
     asyncio.run(main())

@@ -87,13 +87,16 @@ from bench_common import (
     fmt_rate,
     machine_info,
     say,
+    serve_http_until_sigterm,
     sigterm_as_sigint,
     source_info,
+    timestamp_from_ns,
 )
+from bench_profile import GET_PROFILE, MERGER, SEND_EVENTS
 from bench_render import RENDER as RENDER_METHOD
 from bench_render import create_template, render_request, user_identifier
 from fault_proxy import FaultProxy
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from google.type import money_pb2
 from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -107,9 +110,6 @@ from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
 from sendtime_common.event_log import MSG_ID_HEADER, JetStreamSettings
 from triggers import builtin
 
-SEND_EVENTS = "/sendtime.ingest.v1.IngestService/SendEvents"
-GET_PROFILE = "/sendtime.profile.v1.ProfileService/GetProfile"
-MERGER = "profile-merger"  # profile's durable consumer of the events stream
 TRIGGER_ID = "chaos-orders"
 DESTINATION_ID = "chaos-receiver"
 PROBE_USER = "chaos-probe"
@@ -293,6 +293,14 @@ def summary_line(results: Sequence[RunResult]) -> str:
 # --- the stack ---------------------------------------------------------------------------------
 
 
+def _kill_now(process: subprocess.Popen[bytes]) -> float:
+    """SIGKILL ``process`` and reap it; the monotonic time of the kill."""
+    killed_at = time.monotonic()
+    process.kill()
+    process.wait()
+    return killed_at
+
+
 class ChaosStack(BenchStack):
     """A BenchStack with its own PostgreSQL cluster, the triggers service, a fault proxy in front
     of PostgreSQL, NATS, Redis and (for render) profile, and a webhook receiver."""
@@ -372,35 +380,25 @@ class ChaosStack(BenchStack):
     def receiver_url(self) -> str:
         return f"http://127.0.0.1:{self.receiver_port}"
 
-    def process_of(self, service: suite.Service) -> subprocess.Popen[bytes]:
-        return next(r.process for r in self.running if r.service.name == service.name)
-
     def kill_and_restart(self, service: suite.Service) -> float:
         """SIGKILL ``service`` and start it again at once, as an orchestrator would; the
         monotonic time of the kill. Blocking (run it in a thread)."""
         index = next(i for i, r in enumerate(self.running) if r.service.name == service.name)
-        process = self.running[index].process
-        killed_at = time.monotonic()
-        process.kill()
-        process.wait()
+        killed_at = _kill_now(self.running[index].process)
         env = self.triggers_env if service == suite.TRIGGERS else self.env
         self.running[index] = self._launch(service, env)
         return killed_at
 
     def kill_and_restart_nats(self) -> float:
         assert self.nats is not None
-        killed_at = time.monotonic()
-        self.nats.kill()
-        self.nats.wait()
+        killed_at = _kill_now(self.nats)
         self.nats = devstack.start_nats(self.nats_port, self.workdir / "nats", detach=True)
         return killed_at
 
     def kill_and_restart_redis(self) -> float:
         """SIGKILL Redis and start an empty one on its port (it keeps nothing on disk)."""
         assert self.redis is not None
-        killed_at = time.monotonic()
-        self.redis.kill()
-        self.redis.wait()
+        killed_at = _kill_now(self.redis)
         self.redis = devstack.start_redis(self.redis_port, self.workdir / "redis", detach=True)
         return killed_at
 
@@ -456,26 +454,13 @@ def serve_receiver(port: int, delay_s: float) -> None:
         after = int(request.query.get("after", "0"))
         return web.json_response({"records": records[after:], "in_flight": in_flight})
 
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/hooks", receive)
-        app.router.add_get("/records", read)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-        stopped = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
-        await stopped.wait()
-        await runner.cleanup()
-
-    asyncio.run(main())
+    app = web.Application()
+    app.router.add_post("/hooks", receive)
+    app.router.add_get("/records", read)
+    asyncio.run(serve_http_until_sigterm(app, port))
 
 
 # --- the load ----------------------------------------------------------------------------------
-
-
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
 
 
 def _money(units: int, cents: int) -> money_pb2.Money:
@@ -500,7 +485,7 @@ class EventMaker:
         self._last_ns = max(time.time_ns(), self._last_ns + 1)  # strictly increasing
         return ingest_pb2.Event(
             event_id=f"chaos-{self._run_id}-e{n}",
-            occurred_at=_timestamp(self._last_ns),
+            occurred_at=timestamp_from_ns(self._last_ns),
             customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
             source=ingest_pb2.EVENT_SOURCE_WEB,
         )
@@ -621,6 +606,14 @@ class Load:
         finally:
             self.sends_in_flight -= 1
 
+    async def get_profile(
+        self, request: profile_pb2.GetProfileRequest, timeout_s: float
+    ) -> profile_pb2.GetProfileResponse:
+        answer: profile_pb2.GetProfileResponse = await self._get(
+            request, timeout=timeout_s, metadata=self._metadata
+        )
+        return answer
+
     def _spawn(self, coroutine: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coroutine)
         self._pending.add(task)
@@ -667,7 +660,7 @@ class Load:
         while True:
             await asyncio.sleep(0.02)
             try:
-                answer = await self._get(request, timeout=1, metadata=self._metadata)
+                answer = await self.get_profile(request, 1)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     self.tally.call_errors[f"GetProfile {exc.code().name}"] += 1
@@ -1112,7 +1105,7 @@ async def _resolve_customers(chaos: Chaos, user_ids: Sequence[str]) -> None:
         )
         async with semaphore:
             try:
-                answer = await chaos.load._get(request, timeout=5, metadata=chaos.load._metadata)
+                answer = await chaos.load.get_profile(request, 5)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise

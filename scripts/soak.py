@@ -56,12 +56,14 @@ from bench_common import (
     run_bench_main,
     say,
     source_info,
+    timestamp_from_ns,
 )
 from bench_profile import (
     GET_PROFILE,
     MERGER,
     PRODUCTS,
     SEND_BATCH,
+    SEND_EVENTS,
     batches_of,
     customer_events,
     get_request,
@@ -71,7 +73,6 @@ from bench_profile import (
     user_id_of,
 )
 from bench_render import CATALOG, RENDER, create_template, describe, render_request, user_identifier
-from google.protobuf import timestamp_pb2
 from google.type import money_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -81,7 +82,6 @@ from sendtime.render.v1 import render_pb2
 
 # Triggers is not started: it needs keys and a secret of its own that BenchStack does not make.
 SERVICES = (suite.PROFILE, suite.INGEST, suite.RENDER)
-SEND_EVENTS = "/sendtime.ingest.v1.IngestService/SendEvents"
 KINDS = ("SendEvents", "GetProfile", "Render")  # the i-th call of the mix is KINDS[i % 3]
 CALL_TIMEOUT_S = 5.0
 LOAD_SHARE = 0.5  # of the calibrated maximum rate
@@ -150,16 +150,12 @@ def flatness(series: Sequence[float], allowance: Allowance, *, warmup: int) -> F
 # --- the load ----------------------------------------------------------------------------------
 
 
-def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ns // 1_000_000_000, nanos=ns % 1_000_000_000)
-
-
 def view_request(run_id: str, user_id: str, n: int) -> bytes:
     """A SendEvents request of one product view by ``user_id``, with an id of its own."""
     sku, name, units = PRODUCTS[n % len(PRODUCTS)]
     event = ingest_pb2.Event(
         event_id=f"soak-{run_id}-v{n}",
-        occurred_at=_timestamp(time.time_ns()),
+        occurred_at=timestamp_from_ns(time.time_ns()),
         customer=ingest_pb2.CustomerIdentifiers(user_id=user_id),
         source=ingest_pb2.EVENT_SOURCE_WEB,
         product_viewed=ingest_pb2.ProductViewed(

@@ -286,7 +286,7 @@ class TemplateStore:
         now = self._clock()
         pointer = self._pointers.get(template_id)
         if pointer is None:  # nothing to send with but what PostgreSQL says: wait for it
-            pointer = await asyncio.shield(self._read_pointer(template_id, now))
+            pointer = await asyncio.shield(self._read_pointer(template_id, now)[0])
         elif pointer.expires_at <= now:
             pointer = await self._refreshed(template_id, pointer, now)
         if not pointer.exists:
@@ -307,16 +307,15 @@ class TemplateStore:
             cached = self._cache_version(template_id, wanted, row)
         return _build(template_id, pointer.display_name, pointer.published_version, wanted, cached)
 
-    def _read_pointer(self, template_id: str, now: float) -> asyncio.Task[_Pointer]:
+    def _read_pointer(self, template_id: str, now: float) -> tuple[asyncio.Task[_Pointer], float]:
         """The read of ``template_id``'s pointer in flight, or a new one (with its published
-        version's content, cached)."""
+        version's content, cached), and when it started (monotonic)."""
         reading = self._reading.get(template_id)
-        if reading is not None:
-            return reading[0]
-        task = asyncio.ensure_future(self._load_pointer(template_id, now))
-        self._reading[template_id] = (task, time.monotonic())
-        task.add_done_callback(lambda done: self._read_done(template_id, done))
-        return task
+        if reading is None:
+            task = asyncio.ensure_future(self._load_pointer(template_id, now))
+            reading = self._reading[template_id] = (task, time.monotonic())
+            task.add_done_callback(lambda done: self._read_done(template_id, done))
+        return reading
 
     def _read_done(self, template_id: str, task: asyncio.Task[_Pointer]) -> None:
         if self._reading.get(template_id, (None, 0.0))[0] is task:
@@ -327,8 +326,8 @@ class TemplateStore:
     async def _refreshed(self, template_id: str, stale: _Pointer, now: float) -> _Pointer:
         """The pointer read again, or ``stale`` while the read fails or takes longer than
         ``REFRESH_WAIT_S`` (from its start: later sends do not each wait again)."""
-        task = self._read_pointer(template_id, now)
-        waited = time.monotonic() - self._reading[template_id][1] if template_id in self._reading else 0.0
+        task, started = self._read_pointer(template_id, now)
+        waited = time.monotonic() - started
         try:
             return await asyncio.wait_for(asyncio.shield(task), max(0.0, REFRESH_WAIT_S - waited))
         except TimeoutError:
