@@ -916,7 +916,7 @@ FAULTS: tuple[Fault, ...] = (
         "kill-triggers",
         "process",
         "kill -9 of triggers in a delivery, restarted",
-        # A fire waits for the trigger's allowed lateness (5 s) before it is delivered.
+        # Orders come at random: up to 10 s for a delivery to be in flight.
         _kill(suite.TRIGGERS, lambda c: c.receiver_in_flight, "deliveries", wait_s=10.0),
     ),
     Fault("kill-nats", "process", "kill -9 of nats-server, restarted", _kill_nats),
@@ -1351,7 +1351,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--allowed-lateness-s",
         type=float,
         default=None,
-        help="the trigger's allowed lateness, how long a fire waits for late events (default: its own, 5 s)",
+        help="the trigger's allowed lateness, how long a fire waits for late events (default: its own: none)",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the logs and data (the directory is printed)"

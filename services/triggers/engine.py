@@ -5,6 +5,8 @@
 - the **firer** (firer.py) claims due episodes, decides at the fire, renders and commits;
 - the **delivery pump** (delivery_pump.py) keeps the webhook dispatcher's destinations, hands it
   the firer's deliveries, renews its leases and takes up what is due (a dead replica's too);
+- the **heartbeat** (replicas.py) says this replica is alive, and hands back at once what a
+  replica that stopped beating held (its claims and delivery leases), instead of when they end;
 - the **erasure follower** hears every erasure notice (``ErasureNotice.customer_id``) and
   removes the customer's episodes, exits, fires and deliveries (``store.erase_customer``), and
   drops what the dispatcher holds for them.
@@ -19,6 +21,7 @@ import asyncio
 import logging
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -38,6 +41,7 @@ from triggers.dependencies import MessageRenderer, ProfileReader
 from triggers.destination_store import DestinationStore
 from triggers.episode_store import EpisodeStore
 from triggers.firer import Clock, Firer, FirerSettings
+from triggers.replicas import DEFAULT_INTERVAL, DEFAULT_TTL, ReplicaRegistry
 from triggers.secret_box import SecretBox
 from triggers.ssrf import UrlPolicy
 from triggers.store import StoreError, erase_customer
@@ -47,8 +51,10 @@ log = logging.getLogger(__name__)
 
 
 def default_owner() -> str:
-    """This replica's name in claims and leases: the host name and the process id."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """This replica's name in claims, leases and heartbeats: the host name, the process id and
+    a random part (a container restarted in the same pod has the same host name and pid, and
+    must not pass for the process that died)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _utc_now() -> datetime:
@@ -76,6 +82,9 @@ class EngineSettings:
     poll_interval_s: float = 0.5  # an idle firer looks for due episodes at least this often
     release_base: timedelta = timedelta(seconds=1)  # a fire that could not be decided, again after...
     release_max: timedelta = timedelta(seconds=60)
+    # Heartbeats (triggers.replicas): a replica silent for replica_ttl is taken over at once.
+    replica_ttl: timedelta = DEFAULT_TTL
+    heartbeat_interval: timedelta = DEFAULT_INTERVAL
     # Deliveries.
     delivery_lease: timedelta = timedelta(minutes=2)
     delivery_sweep_s: float = 5.0
@@ -145,6 +154,7 @@ class TriggersEngine:
                 release_max=s.release_max,
             ),
         )
+        self.replicas = ReplicaRegistry(pool, owner=s.owner, ttl=s.replica_ttl, interval=s.heartbeat_interval)
         self.consumer = ChangeConsumer(
             event_log=event_log,
             pool=pool,
@@ -175,6 +185,7 @@ class TriggersEngine:
                 appear in time.
             triggers.store.StoreError: PostgreSQL failed.
         """
+        await self.replicas.beat()  # alive before anything is claimed under this owner
         await self.dispatcher.start()
         await self.pump.sync_destinations()
         await self.consumer.start()
@@ -183,22 +194,25 @@ class TriggersEngine:
             asyncio.create_task(self.consumer.run(), name="trigger-changes"),
             asyncio.create_task(self.firer.run(), name="trigger-firer"),
             asyncio.create_task(self.pump.run(), name="trigger-deliveries"),
+            asyncio.create_task(self.replicas.run(self._clock), name="trigger-heartbeat"),
         ]
 
     @property
     def loops(self) -> list[asyncio.Task[None]]:
-        """The loops (profile changes, firer, deliveries) once started: one that crashed or
+        """The loops (profile changes, firer, deliveries, heartbeat) once started: one that crashed or
         returned does its work no more."""
         return list(self._tasks)
 
     async def close(self) -> None:
         """Stop within a bound (sendtime_common.shutdown): the loops finish what they have in
-        hand (a batch of changes, the fires being settled) or are cancelled; unfinished claims
-        and leases simply end. Then the subscriptions and the dispatcher close. The pool and
+        hand (a batch of changes, the fires being settled) or are cancelled. Then the
+        subscriptions and the dispatcher close, and what this replica still holds (unfinished
+        claims, leased deliveries) is handed back for the other replicas at once. The pool and
         the event log are the caller's."""
         self.consumer.stop()
         self.firer.stop()
         self.pump.stop()
+        self.replicas.stop()
         await finish_or_cancel("triggers engine loops", self._tasks, FINISH_S)
         await bounded("fires in hand", self.firer.drain(), FINISH_S)
         await asyncio.gather(
@@ -206,7 +220,20 @@ class TriggersEngine:
             bounded("erasure notices", self._following.close()) if self._following else asyncio.sleep(0),
         )
         await bounded("webhook dispatcher", self.dispatcher.close(), RELEASE_S + FINISH_S)
+        await bounded("claims and leases handed back", self._leave(), RELEASE_S)
         self._tasks = []
+
+    async def _leave(self) -> None:
+        try:
+            handed = await self.replicas.leave(self._clock())
+        except StoreError as exc:  # they end with their leases
+            log.warning("claims and leases not handed back", extra={"error": type(exc).__name__})
+            return
+        if handed.episodes or handed.deliveries:
+            log.info(
+                "claims and leases handed back",
+                extra={"episodes": handed.episodes, "deliveries": handed.deliveries},
+            )
 
     def triggers_changed(self) -> None:
         """A trigger was created, updated, paused, resumed or deleted in this replica."""

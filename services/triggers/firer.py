@@ -34,7 +34,9 @@ read, all those asked for meanwhile), up to ``claim_limit``, are read in one sta
 three per fire, with each fire's outcome what ``commit_fire`` would have said.
 
 The profile service unavailable, or PostgreSQL failing, releases the claim with a backoff
-(1 s doubling to 60 s per episode); if even the release fails, the lease ends by itself.
+(1 s doubling to 60 s per episode); a release that fails too (PostgreSQL away) is tried again
+before each claim round, so the episode is due again soon after PostgreSQL is back, not when the
+lease ends (60 s); the lease is what is left if the replica dies meanwhile.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class Firer:
         self._stopping = False
         self._settling: set[asyncio.Task[None]] = set()
         self._failures: dict[tuple[str, str, str], int] = {}
+        # Claims whose release failed, with the due time asked for: released again next round.
+        self._unreleased: dict[tuple[str, str, str], tuple[ClaimedEpisode, datetime]] = {}
         self._fact_reads: MicroBatcher[FactsQuery, FireFacts] = MicroBatcher(
             episodes.fire_facts_of, max_batch=settings.claim_limit, max_concurrent_batches=_BATCHES_AT_ONCE
         )
@@ -163,6 +167,7 @@ class Firer:
                 continue
             asked = min(batch, free)
             try:
+                await self._release_again()
                 claimed = await self._episodes.claim_due(self._clock(), asked, owner=s.owner, lease=s.lease)
             except StoreError as exc:
                 log.warning("due episodes could not be claimed", extra={"error": type(exc).__name__})
@@ -248,12 +253,25 @@ class Firer:
             "due episode released",
             extra={"trigger": claimed.trigger_id, "why": why, "retry_in": str(backoff)},
         )
+        due_at = self._clock() + backoff
         try:
-            await self._episodes.release(claimed, due_at=self._clock() + backoff)
+            await self._episodes.release(claimed, due_at=due_at)
         except StoreError:
-            pass  # the lease ends by itself
+            if len(self._unreleased) < _MAX_BACKOFFS:  # past that, the leases end by themselves
+                self._unreleased[slot] = (claimed, due_at)
         self.stats.released += 1
         self.stats.outcomes[f"released:{why}"] += 1
+
+    async def _release_again(self) -> None:
+        """Release the claims whose release failed, one statement each, oldest first.
+
+        Raises:
+            StoreError: PostgreSQL failed again (the rest wait for the next round).
+        """
+        while self._unreleased:
+            slot, (claimed, due_at) = next(iter(self._unreleased.items()))
+            await self._episodes.release(claimed, due_at=due_at)  # False: changed since: nothing held
+            del self._unreleased[slot]
 
     async def _settle(self, claimed: ClaimedEpisode) -> None:
         definition = self._triggers.definition_of(claimed.trigger)

@@ -14,9 +14,6 @@ still serves, and the engine retries fires later.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -43,7 +40,7 @@ from triggers.delivery_store import DeliveryStore
 from triggers.dependencies import MessageRenderer, ProfileReader
 from triggers.destination_servicer import DestinationServicer
 from triggers.destination_store import DestinationStore
-from triggers.engine import EngineSettings, TriggersEngine
+from triggers.engine import EngineSettings, TriggersEngine, default_owner
 from triggers.episode_store import EpisodeStore, Timers
 from triggers.metrics import OVERDUE_AFTER, TIMERS_OVERDUE, TIMERS_PENDING
 from triggers.settings import Settings
@@ -155,11 +152,6 @@ async def store_answers(pool: asyncpg.Pool) -> bool:
     return bool(await pool.fetchval("SELECT 1") == 1)
 
 
-def replica_name() -> str:
-    """This process among the running replicas: it names the dispatcher's delivery leases."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def engine_settings(settings: Settings, owner: str) -> EngineSettings:
     """The engine's settings from the service's (``owner``: this replica's name in claims and
     leases)."""
@@ -171,6 +163,8 @@ def engine_settings(settings: Settings, owner: str) -> EngineSettings:
         poll_interval_s=settings.poll_interval_s,
         claim_lease=timedelta(seconds=settings.claim_lease_s),
         delivery_lease=timedelta(seconds=settings.delivery_lease_s),
+        replica_ttl=timedelta(seconds=settings.replica_ttl_s),
+        heartbeat_interval=timedelta(seconds=settings.replica_ttl_s / 5),
         trigger_refresh_s=settings.trigger_refresh_s,
     )
 
@@ -232,7 +226,7 @@ async def create_app(settings: Settings) -> TriggersApp:
     renderer = GrpcMessageRenderer(render_channel, profiles, settings.render_deadline_s)
     triggers = TriggerStore(pool)
     destinations = DestinationStore(pool, settings.secret_box)
-    deliveries = DeliveryStore(pool, owner=replica_name())
+    deliveries = DeliveryStore(pool, owner=default_owner())
 
     resolver = DefaultResolver()
     engine = TriggersEngine(

@@ -65,9 +65,12 @@ class Settings:
     fire_concurrency: int = 64
     poll_interval_s: float = 0.5
     # How long a replica holds a claimed episode, or a delivery it attempts, before another
-    # replica may take it up (a replica that died).
+    # replica may take it up (one that hangs: one that died is taken over after replica_ttl_s).
     claim_lease_s: float = 60.0
     delivery_lease_s: float = 120.0
+    # A replica whose heartbeat (written every fifth of this) is this old is taken over: what
+    # it held is handed to the others at once (triggers.replicas).
+    replica_ttl_s: float = 5.0
     # Trigger definitions changed in another replica are seen within this long.
     trigger_refresh_s: float = 10.0
     event_log: JetStreamSettings = field(default_factory=JetStreamSettings)
@@ -127,6 +130,7 @@ class Settings:
             delivery_lease_s=env_float(
                 env, "TRIGGERS_DELIVERY_LEASE_SECONDS", defaults.delivery_lease_s, minimum=35
             ),
+            replica_ttl_s=env_float(env, "TRIGGERS_REPLICA_TTL_SECONDS", defaults.replica_ttl_s, minimum=1),
             trigger_refresh_s=env_float(
                 env, "TRIGGERS_REFRESH_SECONDS", defaults.trigger_refresh_s, minimum=0.1
             ),

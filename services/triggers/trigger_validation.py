@@ -370,7 +370,9 @@ class _Checker:
         delivery = self.delivery(trigger.delivery) if trigger.HasField("delivery") else None
         if not trigger.HasField("delivery"):
             self.fail("delivery", "required")
-        allowed_lateness = self.allowed_lateness(trigger)
+        # Late events can change a fire only through an exit, a profile condition or a restart.
+        late_events_matter = bool(trigger.exits or trigger.profile_conditions) or reentry == Reentry.RESTART
+        allowed_lateness = self.allowed_lateness(trigger, late_events_matter=late_events_matter)
         if self.violations:
             return None
         assert entry is not None and wait is not None and delivery is not None and reentry is not None
@@ -557,9 +559,11 @@ class _Checker:
         variables: dict[str, Any] = json_format.MessageToDict(delivery.variables)
         return Delivery(tuple(delivery.destinations), delivery.template, variables)
 
-    def allowed_lateness(self, trigger: triggers_pb2.Trigger) -> timedelta:
+    def allowed_lateness(self, trigger: triggers_pb2.Trigger, *, late_events_matter: bool) -> timedelta:
+        """As set; unset: the default, or none for a trigger whose fire no late event can change
+        (an order confirmation would only be later, for nothing)."""
         if not trigger.HasField("allowed_lateness"):
-            return DEFAULT_ALLOWED_LATENESS
+            return DEFAULT_ALLOWED_LATENESS if late_events_matter else timedelta(0)
         lateness = self.duration(
             trigger.allowed_lateness, "allowed_lateness", low=timedelta(0), high=MAX_ALLOWED_LATENESS
         )

@@ -17,7 +17,7 @@ from triggers.server import TriggersApp
 
 _TABLES = (
     "triggers_triggers, triggers_destinations, triggers_episodes, triggers_known_exits, triggers_fires,"
-    " triggers_customer_fires, triggers_deliveries, triggers_delivery_attempts"
+    " triggers_customer_fires, triggers_deliveries, triggers_delivery_attempts, triggers_replicas"
 )
 
 

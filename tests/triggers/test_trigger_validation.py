@@ -108,6 +108,29 @@ def test_a_minimal_trigger_gets_the_defaults() -> None:
     assert definition.delivery.template == ""
 
 
+KEEP: dict[str, Any] = {**MINIMAL, "reentry": "REENTRY_KEEP"}
+AN_EXIT: dict[str, Any] = {"event": {"event_type": "order_completed"}}
+A_CONDITION: dict[str, Any] = {"path": "orders.count", "operator": "OPERATOR_LESS_THAN", "value": 10}
+
+
+@pytest.mark.parametrize(
+    ("base", "changes", "lateness"),
+    [
+        (KEEP, {"episode_key": "cart_item_added.sku"}, timedelta(0)),
+        (KEEP, {"allowed_lateness": "2s"}, timedelta(seconds=2)),  # as set
+        (KEEP, {"exits": [AN_EXIT]}, timedelta(seconds=5)),
+        (KEEP, {"profile_conditions": [A_CONDITION]}, timedelta(seconds=5)),
+        (MINIMAL, {"reentry": "REENTRY_RESTART"}, timedelta(seconds=5)),
+    ],
+)
+def test_the_default_lateness_is_waited_only_where_a_late_event_can_change_the_fire(
+    base: dict[str, Any], changes: dict[str, Any], lateness: timedelta
+) -> None:
+    """No exit, no profile condition, no restart: a late event changes nothing, and an order
+    confirmation is sent at once rather than 5 s later."""
+    assert validate_trigger(trigger(base, **changes)).allowed_lateness == lateness
+
+
 def test_output_only_fields_are_not_read() -> None:
     message = trigger(MINIMAL, name="whatever", state="TRIGGER_STATE_PAUSED", etag="x")
     validate_trigger(message)

@@ -270,7 +270,9 @@ class Trigger(_message.Message):
     @_builtins.property
     def allowed_lateness(self) -> _duration_pb2.Duration:
         """How long after its fire time an episode waits for late events before it
-        fires (events are judged by when they occurred); unset: 5 s.
+        fires (events are judged by when they occurred); unset: 5 s, or none when
+        no late event can change the fire (no exits, no profile conditions, and
+        reentry KEEP).
         """
 
     @_builtins.property
