@@ -229,9 +229,9 @@ class RunResult:
 
     @property
     def bad_calls(self) -> int:
-        return self.renders_bad + sum(
-            n for code, n in self.call_errors.items() if code in ("INTERNAL", "UNKNOWN")
-        )
+        bad = {code.name for code in BAD_CODES}
+        answered = self.call_errors.items()  # "<method> <code>": how many
+        return self.renders_bad + sum(n for call, n in answered if call.rpartition(" ")[2] in bad)
 
     def breaches(self) -> list[str]:
         """What broke an invariant or missed a goal in this run."""
@@ -401,6 +401,14 @@ class ChaosStack(BenchStack):
         killed_at = _kill_now(self.redis)
         self.redis = devstack.start_redis(self.redis_port, self.workdir / "redis", detach=True)
         return killed_at
+
+    def take_postgres_down(self, seconds: float) -> float:
+        """PostgreSQL stopped as in a crash (immediate) for ``seconds``, then started; when it
+        accepted connections again."""
+        devstack.stop_postgres(self.postgres_dir, mode="immediate")
+        time.sleep(seconds)
+        devstack.start_postgres(self.postgres_port, self.postgres_dir)
+        return time.monotonic()
 
     def restart_postgres(self, mode: str) -> float:
         started = time.monotonic()
@@ -865,9 +873,18 @@ async def _flush_redis(chaos: Chaos) -> tuple[float, str]:
 def _restart_postgres(mode: str) -> Callable[[Chaos], Awaitable[tuple[float, str]]]:
     async def inject(chaos: Chaos) -> tuple[float, str]:
         found = await _when_busy(chaos.ack_pending)
-        return await asyncio.to_thread(chaos.stack.restart_postgres, mode), f"{found} unacked"
+        at = await asyncio.to_thread(chaos.stack.restart_postgres, mode)
+        return at, f"{found} unacked, PostgreSQL back after {time.monotonic() - at:.1f} s"
 
     return inject
+
+
+async def _postgres_down(chaos: Chaos) -> tuple[float, str]:
+    """PostgreSQL crashed and away for twice the hold (8 s by default: about a failover)."""
+    found = await _when_busy(chaos.ack_pending)
+    away_s = 2 * chaos.options.hold_s
+    back = await asyncio.to_thread(chaos.stack.take_postgres_down, away_s)
+    return back, f"{found} unacked, PostgreSQL away {away_s:g} s"
 
 
 def _slow(route: str) -> Callable[[Chaos], Awaitable[tuple[float, str]]]:
@@ -928,6 +945,7 @@ FAULTS: tuple[Fault, ...] = (
         _restart_postgres("immediate"),
     ),
     Fault("postgres-fast", "dependency", "PostgreSQL restarted in fast mode", _restart_postgres("fast")),
+    Fault("postgres-down", "dependency", "PostgreSQL crashed, away for 2 holds, started", _postgres_down),
     Fault("redis-flushall", "dependency", "Redis FLUSHALL", _flush_redis),
     Fault("redis-restart", "dependency", "kill -9 of Redis, restarted empty", _kill_redis),
     # network: a route stalled or slow (the fault proxy)

@@ -673,8 +673,9 @@ def _stop_cluster(pg_ctl: Path, data: Path, user: pwd.struct_passwd | None, work
     )
 
 
-def stop_postgres(workdir: Path) -> bool:
-    """``pg_ctl stop -m fast`` the private cluster in ``workdir`` if it runs; whether it did."""
+def stop_postgres(workdir: Path, mode: str = "fast") -> bool:
+    """``pg_ctl stop -m <mode>`` the private cluster in ``workdir`` if it runs (``immediate``: as
+    a crash, for fault tests); whether it did."""
     data = workdir / "data"
     pid = _read_pid(data / "postmaster.pid")
     if pid is None or not _is_ours(pid, "postgres"):
@@ -683,7 +684,7 @@ def stop_postgres(workdir: Path) -> bool:
     if tools is None:  # uninstalled under a running server: fast shutdown is SIGINT
         os.kill(pid, signal.SIGINT)
         return True
-    _pg_run([tools[1], "-D", data, "-m", "fast", "-w", "stop"], _postgres_user(), workdir)
+    _pg_run([tools[1], "-D", data, "-m", mode, "-w", "stop"], _postgres_user(), workdir)
     return True
 
 

@@ -90,6 +90,16 @@ def test_breaches_and_the_summary_line() -> None:
     assert slow.breaches() == ["recovery 6.0 s (goal < 5 s)"]
     assert broken.breaches() == ["lost 2", "duplicated 1", "late renders 3"]
     assert unrecovered.breaches() == []  # recovery is a goal for process faults
+    # Every call of the load counts, not only the renders (a GetProfile probe answered INTERNAL
+    # while PostgreSQL restarted went unnoticed once).
+    answered_badly = RunResult(
+        "postgres-immediate",
+        "dependency",
+        1,
+        renders_bad=1,
+        call_errors={"GetProfile INTERNAL": 2, "SendEvents UNKNOWN": 1, "GetProfile DEADLINE_EXCEEDED": 5},
+    )
+    assert answered_badly.breaches() == ["INTERNAL/UNKNOWN answers 4"]
     assert summary_line([clean, slow, broken]) == (
         "chaos: 3 faults, 3 runs, lost 2, duplicated 1, late renders 3, worst recovery 6.0 s"
     )

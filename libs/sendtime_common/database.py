@@ -27,6 +27,36 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     and take advisory locks per transaction (the migration runner unlocks its own)."""
 
 
+# What a call to PostgreSQL raises when PostgreSQL is unreachable or refuses: each service's
+# StoreError. asyncpg's InternalClientError ("cannot switch to state ...") is what a connection
+# whose server went away in the middle of a statement sometimes raises instead of a connection
+# error (MagicStack/asyncpg#1069; seen once per PostgreSQL restart under load).
+STORE_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+# PostgreSQL itself away (down, restarting, in recovery, unreachable), as opposed to a statement
+# it refused: whatever the work, it fails alike until PostgreSQL is back.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,  # connection refused or reset, the pool's connect or acquire timing out
+    asyncpg.InterfaceError,  # the connection closed under the call
+    asyncpg.InternalClientError,  # the same, seen from asyncpg's protocol state (above)
+    asyncpg.PostgresConnectionError,  # 08
+    asyncpg.AdminShutdownError,  # 57P01
+    asyncpg.CrashShutdownError,  # 57P02
+    asyncpg.CannotConnectNowError,  # 57P03: starting up, in recovery
+)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a call that raised ``exc`` failed because PostgreSQL could not be reached at
+    all, not because of what was asked (a statement timeout or a deadlock is not this)."""
+    return isinstance(exc, _UNREACHABLE)
+
+
 # The SSD setting PostgreSQL's documentation suggests, for data that is mostly cached: with the
 # default of 4, a batch of a few hundred key lookups into a table of 10^4-10^5 rows is planned
 # as a scan of the whole table (hash join), ~10 times slower than probing the primary key.

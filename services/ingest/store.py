@@ -14,8 +14,9 @@ import asyncpg
 
 from ingest.envelope import BusinessKey
 from ingest.metrics import count_dead_letters
+from sendtime_common.database import STORE_ERRORS
 
-StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+StoreError = STORE_ERRORS
 """What a store call raises when PostgreSQL is unreachable or fails."""
 
 CountKey = tuple[date, int, int, int]  # (day, source, outcome, duplicate kind)

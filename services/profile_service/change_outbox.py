@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.database import STORE_ERRORS
 from sendtime_common.event_log import EventLog, EventLogUnavailable, OutgoingMessage, PublishReceipt
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ RELAY_LOCK = (0x50C4, 1)
 NO_EVENT_KEY = "customer_merged"  # the subject of a change without an event
 # PostgreSQL failing: asyncpg raises InterfaceError, not a PostgresError, for a connection lost
 # in the middle of a round.
-DatabaseError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+DatabaseError = STORE_ERRORS
 
 
 def change_id(sequence: int, customer_id: str) -> str:

@@ -11,8 +11,15 @@ none; ``profile_service.change_outbox``). When a batch cannot
 be merged, its events are merged one at a time, so one event the database refuses holds back no
 other.
 
+While PostgreSQL cannot be reached at all (down, restarting, in recovery), a batch is held, as a
+whole, and tried again every ``OUTAGE_RETRY_MIN_S`` doubling to ``OUTAGE_RETRY_MAX_S``: the log's
+in-progress acks keep its messages, no delivery attempt is spent, and merging resumes within a
+second of PostgreSQL's return, in the log's order. (Retrying each event on its own with its own
+backoff, as before, sent the whole outage's events back in waves over the next 30 s, and
+freshness with them: ``make chaos``, postgres-immediate.)
+
 An event that fails on its own is judged (``profile_service.unmerged``): a transient failure
-(the database down) is retried with backoff for as long as it takes; a poison event (one whose
+(a deadlock, a timeout) is retried with backoff for as long as it takes; a poison event (one whose
 data no store can keep, or that does not decode) is set aside at once in ``unmerged_events``
 with the reason, and settled for good, so it neither blocks the consumer nor loops; anything
 else is retried and set aside after ``max_deliveries`` deliveries. Another event under an id
@@ -58,6 +65,7 @@ from profile_service.unmerged import (
     undecodable_status,
 )
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.database import unreachable
 from sendtime_common.event_integrity import conflict_status
 from sendtime_common.event_log import Delivery, EventLogSubscription
 from sendtime_common.telemetry import extract_trace_context, unsampled
@@ -70,6 +78,8 @@ tracer = trace.get_tracer(__name__)
 NOT_ABOUT_A_CUSTOMER = frozenset({"product_upserted"})
 
 MAX_RETRY_DELAY_S = 30.0
+OUTAGE_RETRY_MIN_S = 0.1  # a batch held while PostgreSQL is unreachable is tried again after...
+OUTAGE_RETRY_MAX_S = 1.0  # ...doubling up to this
 DEFAULT_MAX_DELIVERIES = 10  # an unknown failure's: ~2.5 minutes of backoff (1, 2, 4 ... 30 s)
 
 
@@ -93,6 +103,29 @@ def _merge_span(delivery: Delivery, event: ingest_pb2.Event) -> trace.Span:
         kind=trace.SpanKind.CONSUMER,
         attributes={"sendtime.event_id": event.event_id},
     )
+
+
+class _Held:
+    """A batch held while PostgreSQL cannot be reached: its waits, and one log line at each end
+    of the outage (not one per try)."""
+
+    def __init__(self, events: int, exc: Exception) -> None:
+        self._since = time.monotonic()
+        self._tries = 0
+        log.warning(
+            "PostgreSQL unreachable: the batch is held and tried again until it answers",
+            extra={"events": events, "error": f"{type(exc).__name__}: {exc}"},
+        )
+
+    def next_wait_s(self) -> float:
+        self._tries += 1
+        return min(OUTAGE_RETRY_MAX_S, OUTAGE_RETRY_MIN_S * 2.0 ** (self._tries - 1))
+
+    def merged(self) -> None:
+        log.info(
+            "PostgreSQL answers again: the held batch merged",
+            extra={"tries": self._tries + 1, "held_s": round(time.monotonic() - self._since, 3)},
+        )
 
 
 class EventMerger:
@@ -185,26 +218,46 @@ class EventMerger:
 
     async def _merge_batch(self, work: Sequence[_Work]) -> Coroutine[Any, Any, None] | None:
         """Merge a batch; returns, to be awaited, the cache write and the acks of what it
-        committed."""
-        started = time.perf_counter()
-        try:
-            results = await self._repository.merge_events(
-                [w.event for w in work], [w.delivery.position for w in work]
-            )
-            MERGE_BATCH_SECONDS.observe(time.perf_counter() - started)
-            MERGE_BATCH_EVENTS.observe(len(work))
-        except Exception as exc:  # noqa: BLE001 - the batch is retried event by event
-            if len(work) == 1:
-                await self._failed(work[0], exc)
-                return None
-            log.warning(
-                "batch merge failed, merging its events one at a time",
-                extra={"events": len(work), "error": f"{type(exc).__name__}: {exc}"},
-            )
-            for item in work:
-                await self._merge_batch_of_one(item)
-            return None
+        committed. Held while PostgreSQL cannot be reached (module docstring)."""
+        held: _Held | None = None
+        while True:
+            started = time.perf_counter()
+            try:
+                results = await self._repository.merge_events(
+                    [w.event for w in work], [w.delivery.position for w in work]
+                )
+                break
+            except Exception as exc:  # noqa: BLE001 - held, or retried event by event
+                if not unreachable(exc) or self._stopping.is_set():
+                    await self._merge_one_by_one(work, exc)
+                    return None
+                held = held or _Held(len(work), exc)
+                await self._wait_or_stop(held.next_wait_s())
+        MERGE_BATCH_SECONDS.observe(time.perf_counter() - started)
+        MERGE_BATCH_EVENTS.observe(len(work))
+        if held is not None:
+            held.merged()
         return self._finish(work, results)
+
+    async def _wait_or_stop(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
+    async def _merge_one_by_one(self, work: Sequence[_Work], exc: Exception) -> None:
+        """After the batch failed with ``exc``: each event on its own, so that one the database
+        refuses holds back no other."""
+        if len(work) == 1:
+            await self._failed(work[0], exc)
+            return
+        log.warning(
+            "batch merge failed, merging its events one at a time",
+            extra={"events": len(work), "error": f"{type(exc).__name__}: {exc}"},
+        )
+        for item in work:
+            await self._merge_batch_of_one(item)
 
     async def _finish(self, work: Sequence[_Work], results: Sequence[MergeResult]) -> None:
         await self._refresh_cache([w.event for w in work], results)

@@ -3,9 +3,11 @@ UnmergedEventService (the merger's dead letters: list, replay)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -24,6 +26,7 @@ from profile_service.unmerged import (
     replay,
 )
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
+from sendtime_common.database import unreachable
 from sendtime_common.errors import (
     FieldViolation,
     abort_invalid,
@@ -33,6 +36,32 @@ from sendtime_common.errors import (
 )
 from sendtime_common.identifier_proto import IdentifierKey, parse_identifier, requested_customer
 from sendtime_common.paging import InvalidPageToken, page_size
+
+_Servicer = TypeVar("_Servicer")
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
+_Handler = Callable[[_Servicer, _Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[_Response]]
+
+
+def _database_away_is_unavailable(
+    handler: _Handler[_Servicer, _Request, _Response],
+) -> _Handler[_Servicer, _Request, _Response]:
+    """PostgreSQL unreachable (down, restarting) answers UNAVAILABLE with a retry delay, which
+    callers retry or fall back on (render does), not INTERNAL: nothing is wrong with the
+    request nor the code. Other database errors stay INTERNAL: those are bugs."""
+
+    @functools.wraps(handler)
+    async def guarded(
+        self: _Servicer, request: _Request, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _Response:
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            if unreachable(exc):
+                await _abort_database_unavailable(context)
+            raise
+
+    return guarded
 
 
 class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
@@ -49,6 +78,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self._customer_data = customer_data
         self._max_batch_get = max_batch_get
 
+    @_database_away_is_unavailable
     async def GetProfile(
         self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.GetProfileResponse:
@@ -80,6 +110,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         apply_read_mask(profile, request.read_mask, into=response.profile)
         return response
 
+    @_database_away_is_unavailable
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.BatchGetProfilesResponse:
@@ -114,6 +145,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             ]
         )
 
+    @_database_away_is_unavailable
     async def ListProfileEvents(
         self, request: profile_pb2.ListProfileEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.ListProfileEventsResponse:
@@ -149,6 +181,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             await _abort_not_found(context, key)
         return profile_pb2.ListProfileEventsResponse(events=events, next_page_token=token)
 
+    @_database_away_is_unavailable
     async def ExportProfile(
         self, request: profile_pb2.ExportProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.ExportProfileResponse:
@@ -158,6 +191,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         except CustomerNotFound:
             await _abort_not_found(context, key)
 
+    @_database_away_is_unavailable
     async def DeleteProfile(
         self, request: profile_pb2.DeleteProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.DeleteProfileResponse:

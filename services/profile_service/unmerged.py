@@ -37,6 +37,7 @@ from profile_service.merge_transaction import MergeConflict
 from profile_service.metrics import UNMERGED
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
+from sendtime_common.database import STORE_ERRORS
 from sendtime_common.errors import (
     ERROR_DOMAIN,
     FieldViolation,
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 NAME_PREFIX = "unmergedEvents/"
 MAX_ERROR_TEXT = 500
 
-StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+StoreError = STORE_ERRORS
 """What a store call raises when PostgreSQL is unreachable or fails."""
 
 

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from opentelemetry import trace
 
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.database import STORE_ERRORS
 from sendtime_common.event_log import Delivery, EventLogSubscription
 from sendtime_common.telemetry import extract_trace_context
 
@@ -41,7 +42,7 @@ MAX_SKUS_FOR_PAIRS = 50
 
 MAX_RETRY_DELAY_S = 30.0
 # Failures after which the same batch may well succeed: the database restarting or busy.
-RETRYABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+RETRYABLE = STORE_ERRORS
 NANOS_PER_UNIT = Decimal(1_000_000_000)
 
 

@@ -33,11 +33,12 @@ from cachetools import LRUCache
 
 from render.template_validation import template_name
 from sendtime.render.v1 import render_pb2
+from sendtime_common.database import STORE_ERRORS
 from sendtime_common.paging import decode_id_position, encode_id_position
 
 log = logging.getLogger(__name__)
 
-StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+StoreError = STORE_ERRORS
 """What a store call raises when PostgreSQL is unreachable or fails."""
 
 # How long a send waits for its template's expired published pointer to be read again before it

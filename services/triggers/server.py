@@ -28,7 +28,7 @@ from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
 from sendtime_common.consumer_lag import watch_backlog
-from sendtime_common.database import close_pool, create_pool
+from sendtime_common.database import STORE_ERRORS, close_pool, create_pool
 from sendtime_common.event_log import EventLog, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.metrics import sample_every
@@ -117,7 +117,7 @@ class TriggersApp:
             TIMERS_READ_EVERY_S,
             read,
             record,
-            unavailable=(OSError, asyncpg.PostgresError, asyncpg.InterfaceError),
+            unavailable=STORE_ERRORS,
             what="the trigger timers",
         )
 

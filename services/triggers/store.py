@@ -21,6 +21,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from sendtime_common.database import STORE_ERRORS
 from sendtime_common.migrate import migrate
 
 # The newest exit times kept per (customer, trigger, exit key): enough for any entry that can
@@ -30,7 +31,7 @@ MAX_KNOWN_EXITS: Final = 16
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 MIGRATIONS_TABLE: Final = "triggers_schema_migrations"
 
-StoreError = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+StoreError = STORE_ERRORS
 """What a store call raises when PostgreSQL is unreachable or fails."""
 
 # The longest frequency-cap window and cooldown a trigger may have (trigger_validation): fires

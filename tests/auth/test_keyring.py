@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
+import asyncpg
 import pytest
 
 import sendtime_common.auth.keyring as keyring_module
@@ -123,3 +125,56 @@ async def test_another_key_with_the_id_of_a_remembered_key_is_refused(hashes: li
         await ring.verify(forged)
     assert refused.value.reason is AuthFailure.UNKNOWN
     assert hashes == [issued.key, forged]  # checked against the stored hash, not let through by id
+
+
+class FailingThenWorking(MemoryStore):
+    """A store whose reads first fail as a PostgreSQL restart made them fail (asyncpg's
+    InternalClientError on a connection whose server went away mid-statement), then with a
+    bug's exception, then work."""
+
+    def __init__(self, entries: list[KeyEntry]) -> None:
+        super().__init__(entries)
+        self.failures: list[Exception] = [
+            asyncpg.InternalClientError("cannot switch to state 11; another operation (2) is in progress"),
+            RuntimeError("a bug"),
+        ]
+        self.reads = 0
+
+    async def generation(self) -> int:
+        self.reads += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return await super().generation()
+
+
+async def test_the_refresh_loop_outlives_a_broken_connection_and_a_bug() -> None:
+    """It once ended for good on an error it did not expect: keys revoked afterwards stayed valid."""
+    issued = new_key()
+    clock = Clock()
+    store = FailingThenWorking([entry_for(issued)])
+    ring = KeyRing(cast(KeyStore, store), clock=clock, refresh_s=0.01)
+    await ring.load()
+    running = asyncio.create_task(ring.run())
+    try:
+        for _ in range(500):
+            if not store.failures or running.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not store.failures and not running.done()
+        store.replace_entries([entry_for(issued, revoked_at=clock.now)])
+
+        async def refused() -> bool:
+            try:
+                await ring.verify(issued.key)
+            except Unauthenticated:
+                return True
+            return False
+
+        for _ in range(500):
+            if await refused():
+                break
+            await asyncio.sleep(0.01)
+        assert await refused() and not running.done()
+    finally:
+        ring.stop()
+        await running

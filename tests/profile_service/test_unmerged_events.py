@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import nats
 import pytest
@@ -30,16 +31,24 @@ from profile_service.repository import MergeResult, ProfileRepository
 from profile_service.server import ProfileApp
 from profile_service.server import create_app as create_profile_app
 from profile_service.settings import Settings as ProfileSettings
-from profile_service.unmerged import StoreError, UnmergedStore
+from profile_service.unmerged import (
+    FailureKind,
+    StoreError,
+    UnmergedStore,
+    failure_kind,
+)
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
-from sendtime_common.errors import field_violations
+from sendtime_common.auth.api_keys import Scope
+from sendtime_common.database import unreachable
+from sendtime_common.errors import details_of, field_violations, status_of
 from sendtime_common.event_integrity import CONFLICT_REASON
 from sendtime_common.event_log import Delivery, JetStreamSettings, OutgoingMessage
 from sendtime_common.identifiers import IdentifierHasher
 from sendtime_common.storable import NOT_FINITE_DESCRIPTION, NUL_DESCRIPTION
 from tests.conftest import LOCAL_SERVER, channel, eventually, user, wait_for_profile
 from tests.factories import event, identify
+from tests.keys import issue_key
 
 CONSUMER = ProfileSettings().consumer_name
 STREAM = JetStreamSettings().stream
@@ -330,7 +339,7 @@ async def test_unmerged_events_past_their_retention_are_purged(profile_app: Prof
     assert sorted(bytes(r["payload"]) for r in left) == payloads[3:]
 
 
-async def test_with_the_database_down_an_event_is_retried_until_it_merges_never_set_aside(
+async def test_with_the_database_down_the_batch_is_held_and_merges_once_it_is_back_no_delivery_spent(
     private_postgres: tuple[str, Path],
     nats_url: str,
     redis_url: str,
@@ -346,11 +355,12 @@ async def test_with_the_database_down_an_event_is_retried_until_it_merges_never_
         erasure_stream=f"DOWN_ERASURES_{unique}",
         erasure_subject=f"down-erasures.{unique}",
     )
-    # Deliveries of an unknown failure before it is set aside: 2. A transient one is never.
+    # Deliveries of an unknown failure before it is set aside: 2. An outage spends none.
     settings: dict[str, Any] = {"database_url": url, "redis_url": redis_url, "event_log": bus}
+    reader_key = await issue_key(url, [Scope.PROFILES_READ], "tests: reads while the database is down")
     app = await create_profile_app(ProfileSettings(**LOCAL_SERVER, **settings, merge_max_deliveries=2))
     await app.start()
-    caplog.set_level(logging.WARNING, logger="profile_service.merger")
+    caplog.set_level(logging.INFO, logger="profile_service.merger")
     down = False
     try:
         before = event(user_id=f"u-{unique}", identify=identify(step=1))
@@ -360,16 +370,39 @@ async def test_with_the_database_down_an_event_is_retried_until_it_merges_never_
         down = True
         during = event(user_id=f"u-{unique}", identify=identify(step=2))
         await publish_event(app, during)
-        # Past max deliveries (2): had the outage counted as an unknown failure, it was set aside.
-        await eventually(lambda: _failed_deliveries(caplog, during, at_least=3), timeout_s=20)
+        await eventually(lambda: _logged(caplog, "PostgreSQL unreachable"), timeout_s=20)
+
+        # Reads that need the database answer UNAVAILABLE with a retry delay, not INTERNAL.
+        async with channel(f"127.0.0.1:{app.grpc.port}", reader_key) as calls:
+            profiles = profile_pb2_grpc.ProfileServiceStub(calls)
+            not_cached = user(f"nobody-{unique}")
+            for call in (
+                profiles.GetProfile(profile_pb2.GetProfileRequest(identifier=not_cached)),
+                profiles.BatchGetProfiles(profile_pb2.BatchGetProfilesRequest(identifiers=[not_cached])),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                status = status_of(refused.value)
+                assert status is not None and reason_of(status) == "DATABASE_UNAVAILABLE"
+                assert len(details_of(status, error_details_pb2.RetryInfo)) == 1
+
         devstack.start_postgres(port, workdir)
         down = False
         await eventually(lambda: _merged(app, during), timeout_s=30)
+        [back] = await _logged(caplog, "PostgreSQL answers again")
+        assert back.tries >= 2  # type: ignore[attr-defined]
+        # Held, never handed back to the log: no retry of its own, so no attempt counted.
+        assert not await _failed_deliveries(caplog, during, at_least=1)
         assert not await app.pool.fetchval("SELECT count(*) FROM unmerged_events")
     finally:
         if down:  # for the app's own shutdown
             devstack.start_postgres(port, workdir)
         await app.stop(grace_s=1)
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, starting: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith(starting)]
 
 
 async def _merged(app: ProfileApp, e: ingest_pb2.Event) -> bool:
@@ -393,3 +426,25 @@ def test_the_merger_s_limits_are_settings() -> None:
     settings = ProfileSettings.from_env(env)
     assert (settings.merge_max_deliveries, settings.dead_letter_retention_days) == (3, 7)
     assert (ProfileSettings().merge_max_deliveries, ProfileSettings().dead_letter_retention_days) == (10, 30)
+
+
+@pytest.mark.parametrize(
+    ("exc", "unavailable"),
+    [
+        (ConnectionRefusedError(), True),  # down
+        (TimeoutError(), True),  # the pool could not connect in time
+        (asyncpg.CannotConnectNowError("the database system is starting up"), True),
+        (asyncpg.AdminShutdownError("terminating connection due to administrator command"), True),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"), True),
+        # PostgreSQL answered: the batch is retried event by event, as before.
+        (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), False),
+        (asyncpg.DeadlockDetectedError("deadlock detected"), False),
+        (asyncpg.DataError("invalid byte sequence"), False),
+    ],
+)
+def test_only_an_unreachable_postgresql_holds_the_batch_or_answers_unavailable(
+    exc: Exception, unavailable: bool
+) -> None:
+    assert unreachable(exc) is unavailable
+    if unavailable:  # also what it was before: transient, never set aside
+        assert failure_kind(exc) is FailureKind.TRANSIENT

@@ -12,6 +12,7 @@ from datetime import datetime
 import asyncpg
 from google.protobuf.message import Message
 
+from sendtime_common.database import STORE_ERRORS
 from sendtime_common.identifier_proto import parse_identifier
 from sendtime_common.identifiers import IdentifierHasher
 
@@ -61,7 +62,7 @@ class AuditTrail:
                 target,
                 outcome,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except STORE_ERRORS as exc:
             log.error(
                 "could not append to the audit trail",
                 extra={

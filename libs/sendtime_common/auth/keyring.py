@@ -26,10 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import asyncpg
-
 from sendtime_common.auth.api_keys import MalformedKey, Scope, key_id_of, key_resource_name, matches
 from sendtime_common.auth.key_store import KeyEntry, KeyStore
+from sendtime_common.database import STORE_ERRORS
+from sendtime_common.errors import log_unexpected, new_error_id
 from sendtime_common.rate_limit import Rate
 
 log = logging.getLogger(__name__)
@@ -116,10 +116,12 @@ class KeyRing:
                 if time.monotonic() >= next_flush or self._stopped.is_set():
                     next_flush = time.monotonic() + self._use_flush_s
                     await self.flush_uses()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except STORE_ERRORS as exc:
                 log.warning(
                     "could not refresh the API keys; keeping the ones held", extra={"error": str(exc)}
                 )
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the refreshes for good
+                log_unexpected(log, "refreshing the API keys failed", exc, {"error_id": new_error_id()})
 
     def stop(self) -> None:
         self._stopped.set()
@@ -210,5 +212,5 @@ class KeyRing:
         self._last_miss_refresh = time.monotonic()
         try:
             await self.refresh()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("could not look for new API keys", extra={"error": str(exc)})
