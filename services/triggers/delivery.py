@@ -280,7 +280,9 @@ class _Lane:
     def __init__(self, destination: WebhookDestination, context: _Context) -> None:
         self.destination = destination
         self.closed = False
-        self.pending = 0  # held here: waiting for a retry, due, or in flight
+        # The deliveries held here: waiting for a retry, due, or in flight (their leases are
+        # renewed, and only theirs: delivery_pump).
+        self.held: set[str] = set()
         self._context = context
         self._ready: asyncio.Queue[OutboundDelivery] = asyncio.Queue()
         self._in_flight = 0
@@ -306,6 +308,10 @@ class _Lane:
         self._dropped: set[str] = set()
         self._pump_task = asyncio.create_task(self._pump(), name=f"webhook-lane {destination.name}")
 
+    @property
+    def pending(self) -> int:
+        return len(self.held)
+
     def hand(self, delivery: OutboundDelivery) -> None:
         """``delivery`` is due: attempt it when the lane can."""
         self._ready.put_nowait(delivery)
@@ -320,21 +326,21 @@ class _Lane:
             delivery = self._ready.get_nowait()
             if unwanted(delivery):
                 dropped += 1
+                self.held.discard(delivery.name)
             else:
                 kept.append(delivery)
         for delivery in kept:
             self._ready.put_nowait(delivery)
-        self.pending -= dropped
         for name, delivery in self._taken.items():
             if unwanted(delivery) and name not in self._dropped:
-                self._dropped.add(name)  # counted out of ``pending`` when it ends
+                self._dropped.add(name)  # no longer held once it ends
                 dropped += 1
         return dropped
 
     def retry_later(self, delivery: OutboundDelivery) -> None:
         """Hand ``delivery`` to the timer for its next attempt, unless it was dropped."""
         if delivery.name in self._dropped:
-            self.pending -= 1
+            self.held.discard(delivery.name)
         else:
             self._context.wait_for_retry(self, delivery)
 
@@ -364,7 +370,7 @@ class _Lane:
             if delivery.name in self._dropped:
                 self._dropped.discard(delivery.name)
                 del self._taken[delivery.name]
-                self.pending -= 1
+                self.held.discard(delivery.name)
                 continue
             self._in_flight += 1
             task = asyncio.create_task(self._attempt(delivery), name=f"webhook-attempt {delivery.name}")
@@ -395,7 +401,7 @@ class _Lane:
     async def _attempt(self, delivery: OutboundDelivery) -> None:
         try:
             if delivery.name in self._dropped:
-                self.pending -= 1
+                self.held.discard(delivery.name)
                 return
             destination = self.destination
             started = self._context.clock()
@@ -464,11 +470,11 @@ class _Lane:
                 )
             elif decision.step == Step.DELIVERED:
                 await context.log.mark_delivered(delivery.name)
-                self.pending -= 1
+                self.held.discard(delivery.name)
             else:
                 assert decision.failure is not None
                 await context.log.mark_failed(delivery.name, decision.failure)
-                self.pending -= 1
+                self.held.discard(delivery.name)
         except DeliveryLogError:
             log.warning(
                 "delivery log unavailable",
@@ -711,7 +717,7 @@ class Dispatcher:
             raise UnknownDestination(delivery.destination)
         if lane.pending >= self._settings.max_pending_per_destination:
             raise BacklogFull(delivery.destination)
-        lane.pending += 1
+        lane.held.add(delivery.name)
         if delivery.next_attempt_time is None or delivery.next_attempt_time <= self._clock():
             lane.hand(delivery)
         else:
@@ -732,8 +738,8 @@ class Dispatcher:
 
     def _drop(self, unwanted: Callable[[OutboundDelivery], bool]) -> int:
         dropped = 0
-        for lane, _ in self._timers.remove(unwanted):
-            lane.pending -= 1
+        for lane, delivery in self._timers.remove(unwanted):
+            lane.held.discard(delivery.name)
             dropped += 1
         for lane in self._lanes.values():
             dropped += lane.drop(unwanted)
@@ -747,6 +753,10 @@ class Dispatcher:
         """The destinations holding as many deliveries as they may (``submit`` refuses more)."""
         limit = self._settings.max_pending_per_destination
         return [name for name, lane in self._lanes.items() if lane.pending >= limit]
+
+    def held(self) -> list[str]:
+        """The deliveries held here, in every lane: waiting for a retry, due, or in flight."""
+        return [name for lane in self._lanes.values() for name in lane.held]
 
     def pending(self, destination: str) -> int:
         """How many deliveries ``destination`` holds: waiting, due, or in flight."""

@@ -10,7 +10,8 @@
   replica holds their leases). One the dispatcher cannot take (its destination's backlog is
   full, or unknown here) is released in the log for any dispatcher's sweep; a subscription's
   are not the dispatcher's (the subscription streams take them).
-- **The sweep**, every ``sweep_interval_s``: ``renew_leases`` (a heartbeat for what is held),
+- **The sweep**, every ``sweep_interval_s``: ``renew_leases`` (a heartbeat for what the dispatcher
+  holds, and only that),
   then ``take_due(now, horizon, limit)``: deliveries nobody holds that are due within the
   horizon, and those of a replica whose lease ended (it died), but none of a destination
   whose backlog here is full. Taken ones are submitted; their schedule resumes where it stood.
@@ -178,7 +179,7 @@ class DeliveryPump:
         """
         s = self._settings
         now = self._clock()
-        await self._deliveries.renew_leases(now)
+        await self._deliveries.renew_leases(now, self._dispatcher.held())
         full = [parse_destination_name(name) for name in self._dispatcher.full()]
         taken = await self._deliveries.take_due(now, horizon=s.horizon, limit=s.take_limit, skipping=full)
         refused = []

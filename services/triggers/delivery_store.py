@@ -11,9 +11,10 @@ attempt time). The firing replica holds the deliveries its fire made; ``take_due
 dispatcher the pending deliveries nobody holds that are due within a horizon, and those whose
 holder's lease ran out (a replica that died: this is how deliveries survive a restart);
 ``schedule_next`` extends the holder's lease past the next attempt, and ``renew_leases``
-extends all of a holder's at once (a heartbeat, for deliveries a disabled destination or a full
-backlog keeps waiting). A lapsed lease can make two replicas attempt the same delivery: a
-receiver sees the same ``webhook-id`` twice and drops one, as the Standard Webhooks spec asks
+extends those the holder's dispatcher holds in memory at once (a heartbeat, for deliveries a
+disabled destination or a full backlog keeps waiting; one leased but lost track of lapses). A
+lapsed lease can make two replicas attempt the same delivery: a receiver sees the same
+``webhook-id`` twice and drops one, as the Standard Webhooks spec asks
 of it. Nothing is lost: a delivery stays pending until an attempt is recorded as its end.
 
 **Subscriptions.** A subscription's pending deliveries are read in order of creation by
@@ -49,7 +50,7 @@ from triggers.trigger_validation import trigger_name
 
 NAME_PREFIX: Final = "deliveries/"
 _MAX_REMEMBERED: Final = 10_000
-DEFAULT_LEASE: Final = timedelta(minutes=2)
+DEFAULT_LEASE: Final = timedelta(minutes=1)
 MAX_ERROR_CHARS: Final = 1024
 PENDING: Final = triggers_pb2.DELIVERY_STATE_PENDING
 DELIVERED: Final = triggers_pb2.DELIVERY_STATE_DELIVERED
@@ -301,15 +302,18 @@ class DeliveryStore:
         )
         return await with_attempts(self._pool, sorted(rows, key=lambda r: (r["next_attempt_time"], r["id"])))
 
-    async def renew_leases(self, now: datetime) -> int:
-        """Extend the lease of every pending delivery this dispatcher holds to ``lease`` past its
-        next attempt (or past ``now``); how many."""
+    async def renew_leases(self, now: datetime, held: Iterable[str]) -> int:
+        """Extend the lease of these pending deliveries (``held``: those this dispatcher holds in
+        memory) to ``lease`` past their next attempt (or past ``now``); how many. One leased
+        here but not held (a fire whose commit's outcome was lost with the connection, so never
+        handed over) is not renewed: its lease ends, and a sweep takes it up."""
         status = await self._pool.execute(
             f"UPDATE triggers_deliveries SET available_at = greatest(next_attempt_time, $2) + $3"
-            f" WHERE claimed_by = $1 AND state = {PENDING}",
+            f" WHERE claimed_by = $1 AND state = {PENDING} AND id = ANY($4::bigint[])",
             self._owner,
             now,
             self._lease,
+            [parse_delivery_name(name) for name in held],
         )
         return int(status.rpartition(" ")[2])
 

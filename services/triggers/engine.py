@@ -86,7 +86,7 @@ class EngineSettings:
     replica_ttl: timedelta = DEFAULT_TTL
     heartbeat_interval: timedelta = DEFAULT_INTERVAL
     # Deliveries.
-    delivery_lease: timedelta = timedelta(minutes=2)
+    delivery_lease: timedelta = timedelta(minutes=1)
     delivery_sweep_s: float = 5.0
     delivery_horizon: timedelta = timedelta(seconds=10)
     delivery_take_limit: int = 500

@@ -91,7 +91,7 @@ class FirerSettings:
     claim_limit: int = 100
     concurrency: int = 64
     lease: timedelta = timedelta(seconds=60)
-    delivery_lease: timedelta = timedelta(minutes=2)
+    delivery_lease: timedelta = timedelta(minutes=1)
     poll_interval_s: float = 0.5
     release_base: timedelta = timedelta(seconds=1)
     release_max: timedelta = timedelta(seconds=60)

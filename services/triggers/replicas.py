@@ -1,7 +1,7 @@
 """Which replicas are alive, and handing back at once what a dead one held.
 
 Claims of due episodes and delivery leases name their holder (``owner``) and end by
-themselves: a claim after 60 s, a delivery lease 2 minutes past its next attempt. Long, because
+themselves: a claim after 60 s, a delivery lease a minute past its next attempt. Long, because
 a live replica must not lose them in the middle of a slow fire or attempt; too long to wait when
 the holder was killed. So every replica also writes a heartbeat (``triggers_replicas``: its
 owner, alive until PostgreSQL's clock plus ``ttl``) every ``interval``, and takes over from the

@@ -67,7 +67,7 @@ class Settings:
     # How long a replica holds a claimed episode, or a delivery it attempts, before another
     # replica may take it up (one that hangs: one that died is taken over after replica_ttl_s).
     claim_lease_s: float = 60.0
-    delivery_lease_s: float = 120.0
+    delivery_lease_s: float = 60.0
     # A replica whose heartbeat (written every fifth of this) is this old is taken over: what
     # it held is handed to the others at once (triggers.replicas).
     replica_ttl_s: float = 5.0

@@ -77,13 +77,17 @@ async def test_an_erased_customer_s_held_deliveries_are_dropped_wherever_they_wa
         dispatcher.submit(delivery(3, "erased", next_attempt_time=time.now + timedelta(minutes=5)))  # timer
         dispatcher.submit(delivery(4, "kept"))  # waiting for the lane
         assert dispatcher.pending("destinations/d1") == 4
+        assert sorted(dispatcher.held()) == [f"deliveries/{n}" for n in (1, 2, 3, 4)]
 
         assert dispatcher.drop_customer("erased") == 3
+        # The one in flight is held (its lease renewed) until its attempt ends.
+        assert sorted(dispatcher.held()) == ["deliveries/1", "deliveries/4"]
         assert dispatcher.drop_customer("") == 0
         first_answer.set()  # the attempt in flight ends (503): it is not tried again
         await until(lambda: len(receiver.requests) == 2)
         time.gate.set()  # every wait for a retry is over
         await until(lambda: dispatcher.pending("destinations/d1") == 0)
+        assert dispatcher.held() == []
         # One more, due after all of them: the lane attempts one at a time, in the order handed
         # over, so anything dropped but still attempted would come before it (a fixed wait also
         # passed while the dispatcher was merely slow).
@@ -108,5 +112,6 @@ async def test_deliveries_are_dropped_by_name() -> None:
             dispatcher.submit(delivery(n, "c", next_attempt_time=later))
         assert dispatcher.drop_deliveries(["deliveries/1", "deliveries/3", "deliveries/9"]) == 2
         assert dispatcher.pending("destinations/d1") == 1
+        assert dispatcher.held() == ["deliveries/2"]
     finally:
         await dispatcher.close()

@@ -173,12 +173,28 @@ async def test_a_horizon_takes_deliveries_due_soon_and_renewals_keep_them(stores
     other = DeliveryStore(stores.pool, owner="b")
     # Past a's lease, b would take it, unless a renews.
     late = T0 + timedelta(minutes=5) + DEFAULT_LEASE
-    assert await stores.deliveries.renew_leases(late - timedelta(seconds=1)) == 1
+    assert await stores.deliveries.renew_leases(late - timedelta(seconds=1), [soon]) == 1
     assert await other.take_due(late, horizon=timedelta(0), limit=10) == []
     assert await stores.deliveries.release([soon]) == 1
     assert [d.name for d in await other.take_due(late, horizon=timedelta(0), limit=10)] == [soon]
     assert await stores.deliveries.release([soon]) == 0  # b holds it now
     assert later
+
+
+async def test_only_what_the_dispatcher_holds_is_renewed_a_delivery_lost_track_of_lapses(
+    stores: Stores,
+) -> None:
+    """A fire whose commit answer was lost with the connection committed anyway: its delivery is
+    leased to this replica but was never handed to its dispatcher. Renewing every lease of the
+    replica kept it from any sweep for as long as the replica lived."""
+    destination, _ = await new_webhook(stores)
+    held = await insert_delivery(stores.pool, destination, customer_id="c1")
+    lost_track_of = await insert_delivery(stores.pool, destination, customer_id="c2")
+    assert len(await stores.deliveries.take_due(T0, horizon=timedelta(0), limit=10)) == 2
+    late = T0 + DEFAULT_LEASE
+    assert await stores.deliveries.renew_leases(late - timedelta(seconds=1), [held]) == 1
+    other = DeliveryStore(stores.pool, owner="b")
+    assert [d.name for d in await other.take_due(late, horizon=timedelta(0), limit=10)] == [lost_track_of]
 
 
 async def test_a_disabled_destinations_deliveries_wait(stores: Stores) -> None:

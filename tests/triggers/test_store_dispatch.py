@@ -139,7 +139,9 @@ async def test_the_sweep_leaves_a_full_destination_s_deliveries_alone_and_takes_
         stores, time, retries=False, settings=DispatcherSettings(max_pending_per_destination=2)
     ) as dispatcher:
         for n in range(2):  # the lane holds 2, waiting for a retry that never comes here
-            later = OutboundDelivery("deliveries/0", full, f"msg_{n}", b"{}", next_attempt_time=DUE + HOUR)
+            later = OutboundDelivery(
+                f"deliveries/{900_000 + n}", full, f"msg_{n}", b"{}", next_attempt_time=DUE + HOUR
+            )
             dispatcher.submit(later)
         assert dispatcher.full() == [full]
         pump = DeliveryPump(
