@@ -1429,8 +1429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results = asyncio.run(run_matrix(stack, options))
             except Exception:
                 stack.stop_services()
+                stack.keep_dir = True  # what explains a failed matrix is in its logs
                 say("chaos failed; last log lines:\n" + stack.log_tails())
+                say(f"chaos failed: logs and data kept in {stack.workdir}")
                 raise
+            if not results["passed"]:
+                stack.keep_dir = True
+                say(f"an invariant broke: logs and data kept in {stack.workdir}")
     except KeyboardInterrupt:
         print("chaos: interrupted; everything it started was stopped", file=sys.stderr)
         return 130
