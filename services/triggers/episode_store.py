@@ -853,6 +853,29 @@ class EpisodeStore:
             written = await self._write_claimed(conn, claimed, episode, due_at, decision.reason)
         return CommitOutcome.COMMITTED if written else CommitOutcome.EPISODE_CHANGED
 
+    async def release_claims_not_in_hand(
+        self, owner: str, in_hand: Collection[tuple[str, str, str]], now: datetime
+    ) -> int:
+        """Give up ``owner``'s claims other than ``in_hand`` (customer, trigger, key): due at
+        ``now``, for any firer. After a claim whose answer was lost with the connection, the
+        claim may have committed without its firer knowing of it; this spares it the lease.
+        How many were given up."""
+        status = await self._pool.execute(
+            """
+            UPDATE triggers_episodes
+            SET due_at = $2, claimed_by = NULL, claimed_at = NULL, version = version + 1, updated_at = now()
+            WHERE claimed_by = $1 AND state = 'waiting'
+              AND (customer_id, trigger_id, episode_key) NOT IN (
+                  SELECT * FROM unnest($3::text[], $4::text[], $5::text[]))
+            """,
+            owner,
+            now,
+            [slot[0] for slot in in_hand],
+            [slot[1] for slot in in_hand],
+            [slot[2] for slot in in_hand],
+        )
+        return int(status.rpartition(" ")[2])
+
     async def release(self, claimed: ClaimedEpisode, *, due_at: datetime) -> bool:
         """Give the claim up without a decision (what it needs could not be read): due again at
         ``due_at``. False when the episode changed since the claim (nothing to give up)."""

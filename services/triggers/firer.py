@@ -36,13 +36,16 @@ three per fire, with each fire's outcome what ``commit_fire`` would have said.
 The profile service unavailable, or PostgreSQL failing, releases the claim with a backoff
 (1 s doubling to 60 s per episode); a release that fails too (PostgreSQL away) is tried again
 before each claim round, so the episode is due again soon after PostgreSQL is back, not when the
-lease ends (60 s); the lease is what is left if the replica dies meanwhile.
+lease ends (60 s); the lease is what is left if the replica dies meanwhile. A claim that failed
+may have committed without its answer (the connection lost): before the next claim, the firer
+gives up the claims it holds but is not settling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -138,6 +141,10 @@ class Firer:
         self._failures: dict[tuple[str, str, str], int] = {}
         # Claims whose release failed, with the due time asked for: released again next round.
         self._unreleased: dict[tuple[str, str, str], tuple[ClaimedEpisode, datetime]] = {}
+        # The claims being settled; and whether a claim failed, so that it may have committed
+        # claims this firer never heard of (given up before the next claim).
+        self._in_hand: set[tuple[str, str, str]] = set()
+        self._claims_maybe_lost = False
         self._fact_reads: MicroBatcher[FactsQuery, FireFacts] = MicroBatcher(
             episodes.fire_facts_of, max_batch=settings.claim_limit, max_concurrent_batches=_BATCHES_AT_ONCE
         )
@@ -168,8 +175,12 @@ class Firer:
             asked = min(batch, free)
             try:
                 await self._release_again()
+                if self._claims_maybe_lost:
+                    await self._episodes.release_claims_not_in_hand(s.owner, self._in_hand, self._clock())
+                    self._claims_maybe_lost = False
                 claimed = await self._episodes.claim_due(self._clock(), asked, owner=s.owner, lease=s.lease)
             except StoreError as exc:
+                self._claims_maybe_lost = True
                 log.warning("due episodes could not be claimed", extra={"error": type(exc).__name__})
                 await self._sleep(s.poll_interval_s)
                 continue
@@ -179,12 +190,18 @@ class Firer:
                 continue
             self.stats.claimed += len(claimed)
             for episode in claimed:
+                slot = (episode.customer_id, episode.trigger_id, episode.episode.key)
+                self._in_hand.add(slot)
                 task = asyncio.create_task(self.settle(episode), name="trigger-fire")
                 self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
+                task.add_done_callback(functools.partial(self._settled, slot))
             if len(claimed) == asked:
                 continue  # more may be due: claim again at once
             await self._sleep_until_due()
+
+    def _settled(self, slot: tuple[str, str, str], task: asyncio.Task[None]) -> None:
+        self._settling.discard(task)
+        self._in_hand.discard(slot)
 
     async def drain(self) -> None:
         """Wait for the settles under way (the caller bounds the wait)."""

@@ -1,5 +1,6 @@
-"""A claim the firer could not settle nor release (PostgreSQL away just then) is released again
-as soon as PostgreSQL answers, not left to its lease (60 s). Real store; the firer's loop."""
+"""Claims the firer lost track of (a release that failed, a claim whose answer was lost) are
+given up as soon as PostgreSQL answers, not left to their lease (60 s). Real store; the firer's
+loop."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sendtime.triggers.v1 import triggers_pb2
-from tests.triggers.engine_support import MovingClock, Profiles, Renderer, eventually_true
+from tests.triggers.engine_support import MovingClock, Profiles, Renderer, cart_profile, eventually_true
 from tests.triggers.store_support import DUE, Stores, episode_row, new_trigger, open_episode
 from triggers.definitions import TriggerCache
-from triggers.episode_store import ClaimedEpisode, EpisodeStore
+from triggers.episode_store import DEFAULT_LEASE, ClaimedEpisode, EpisodeStore
 from triggers.firer import Firer, FirerSettings
 from triggers.trigger_store import TriggerStore
 
@@ -67,3 +68,69 @@ async def test_a_claim_whose_release_failed_is_released_once_postgresql_answers(
     finally:
         firer.stop()
         await loop
+
+
+class ClaimAnswerLost(EpisodeStore):
+    """The real store, whose first claim commits and then loses its answer with the connection
+    (PostgreSQL restarting between the commit and the reply)."""
+
+    lost = 0
+
+    async def claim_due(
+        self, now: datetime, limit: int, *, owner: str, lease: timedelta = DEFAULT_LEASE
+    ) -> list[ClaimedEpisode]:
+        claimed = await super().claim_due(now, limit, owner=owner, lease=lease)
+        if claimed and not self.lost:
+            self.lost = len(claimed)
+            raise ConnectionResetError("PostgreSQL went away before the answer (test)")
+        return claimed
+
+
+async def test_a_claim_whose_answer_was_lost_is_given_up_before_the_next_claim(stores: Stores) -> None:
+    """Not left to the claim's lease (60 s): the firer gives up the claims it holds and is not
+    settling, and the episode is claimed again and fired at once."""
+    trigger_id = await new_trigger(stores)
+    await open_episode(stores, trigger_id, "c1")
+    episodes = ClaimAnswerLost(stores.pool)
+    profiles = Profiles()
+    profiles.by_id["c1"] = cart_profile("c1")
+    handed: list[str] = []
+
+    async def hand_off(deliveries: Sequence[triggers_pb2.Delivery], body: bytes) -> None:
+        handed.extend(d.name for d in deliveries)
+
+    firer = Firer(
+        episodes=episodes,
+        triggers=TriggerCache(TriggerStore(stores.pool)),
+        profiles=profiles,
+        renderer=Renderer(),
+        hand_off=hand_off,
+        clock=MovingClock(DUE),
+        settings=FirerSettings(owner="a", poll_interval_s=0.02),
+    )
+    loop = asyncio.create_task(firer.run())
+    try:
+        await eventually_true(lambda: len(handed) == 1)
+    finally:
+        firer.stop()
+        await loop
+    assert episodes.lost == 1
+    row = await episode_row(stores.pool, "c1", trigger_id)
+    assert row["state"] == "fired"
+
+
+async def test_the_claims_in_hand_are_kept_the_others_given_up(stores: Stores) -> None:
+    trigger_id = await new_trigger(stores)
+    for customer in ("c1", "c2"):
+        await open_episode(stores, trigger_id, customer)
+    claimed = await stores.episodes.claim_due(DUE, 10, owner="a")
+    assert sorted(c.customer_id for c in claimed) == ["c1", "c2"]
+    other_owner = await stores.episodes.claim_due(DUE, 10, owner="b")
+    assert other_owner == []
+    given_up = await stores.episodes.release_claims_not_in_hand("a", {("c1", trigger_id, "")}, DUE)
+    assert given_up == 1
+    kept = await episode_row(stores.pool, "c1", trigger_id)
+    freed = await episode_row(stores.pool, "c2", trigger_id)
+    assert kept["claimed_by"] == "a"
+    assert freed["claimed_by"] is None and freed["due_at"] == DUE
+    assert await stores.episodes.release_claims_not_in_hand("b", set(), DUE) == 0  # b holds none
