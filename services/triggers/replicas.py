@@ -12,9 +12,10 @@ own back the same way (``leave``).
 
 Two guards:
 - Liveness is judged by PostgreSQL's clock, one clock for all replicas.
-- A replica takes over only once its own heartbeats have succeeded for a whole ``ttl``: after
-  PostgreSQL was away (a restart), every row looks lapsed, and the first replica back must not
-  take from those that are alive but have not written theirs yet.
+- A replica takes over only once its own heartbeats have succeeded for a whole ``ttl``, each
+  within half a ``ttl`` of the one before: after PostgreSQL was away (a restart), or all
+  replicas were paused, every row looks lapsed, and the first replica back must not take from
+  those that are alive but have not written theirs yet.
 
 A replica taken over while alive (paused longer than ``ttl``) loses its claims, its commits fail
 the version check, and it may attempt a delivery another replica attempts too, under the same
@@ -92,6 +93,7 @@ class ReplicaRegistry:
         self._ttl = ttl
         self._interval = interval
         self._healthy_since: float | None = None  # monotonic time of the first heartbeat of a streak
+        self._last_beat = float("-inf")
         self._stopping = asyncio.Event()
         self.taken_over = 0  # replicas taken over by this one
 
@@ -111,8 +113,12 @@ class ReplicaRegistry:
         except StoreError:
             self._healthy_since = None
             raise
-        if self._healthy_since is None:
-            self._healthy_since = time.monotonic()
+        now = time.monotonic()
+        # A gap longer than half the ttl (this process paused, or its loop starved) ends the
+        # streak too: the others may have been paused alike (a frozen VM) and not beaten yet.
+        if self._healthy_since is None or now - self._last_beat > self._ttl.total_seconds() / 2:
+            self._healthy_since = now
+        self._last_beat = now
 
     @property
     def may_take_over(self) -> bool:
