@@ -206,6 +206,10 @@ def test_dependencies_failing_midway_stop_the_ones_already_started(
     namespace.assert_empty()
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_the_services_start_stops_everything(namespace: Namespace, closed_run_dir: Path) -> None:
     namespace.assert_empty()
     process = subprocess.Popen(
@@ -214,6 +218,9 @@ def test_ctrl_c_while_the_services_start_stops_everything(namespace: Namespace, 
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A test run started in the background of a script has SIGINT ignored, and a child
+        # inherits that: Ctrl-C as a terminal sends it is what is tested here.
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     try:
         assert process.stdout is not None
