@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -137,13 +136,13 @@ class Firer:
         self._wake = asyncio.Event()
         self._sleeping_until: datetime | None = None
         self._stopping = False
-        self._settling: set[asyncio.Task[None]] = set()
+        # The settles under way, each with its claim's episode (customer, trigger, key).
+        self._settling: dict[asyncio.Task[None], tuple[str, str, str]] = {}
         self._failures: dict[tuple[str, str, str], int] = {}
         # Claims whose release failed, with the due time asked for: released again next round.
         self._unreleased: dict[tuple[str, str, str], tuple[ClaimedEpisode, datetime]] = {}
-        # The claims being settled; and whether a claim failed, so that it may have committed
-        # claims this firer never heard of (given up before the next claim).
-        self._in_hand: set[tuple[str, str, str]] = set()
+        # Whether a claim failed, so that it may have committed claims this firer never heard of
+        # (those not being settled are given up before the next claim).
         self._claims_maybe_lost = False
         self._fact_reads: MicroBatcher[FactsQuery, FireFacts] = MicroBatcher(
             episodes.fire_facts_of, max_batch=settings.claim_limit, max_concurrent_batches=_BATCHES_AT_ONCE
@@ -170,13 +169,14 @@ class Firer:
         while not self._stopping:
             free = s.concurrency - len(self._settling)
             if free < max(batch // 2, 1):
-                await asyncio.wait(self._settling, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(set(self._settling), return_when=asyncio.FIRST_COMPLETED)
                 continue
             asked = min(batch, free)
             try:
                 await self._release_again()
                 if self._claims_maybe_lost:
-                    await self._episodes.release_claims_not_in_hand(s.owner, self._in_hand, self._clock())
+                    in_hand = set(self._settling.values())
+                    await self._episodes.release_claims_not_in_hand(s.owner, in_hand, self._clock())
                     self._claims_maybe_lost = False
                 claimed = await self._episodes.claim_due(self._clock(), asked, owner=s.owner, lease=s.lease)
             except StoreError as exc:
@@ -190,18 +190,15 @@ class Firer:
                 continue
             self.stats.claimed += len(claimed)
             for episode in claimed:
-                slot = (episode.customer_id, episode.trigger_id, episode.episode.key)
-                self._in_hand.add(slot)
                 task = asyncio.create_task(self.settle(episode), name="trigger-fire")
-                self._settling.add(task)
-                task.add_done_callback(functools.partial(self._settled, slot))
+                self._settling[task] = (episode.customer_id, episode.trigger_id, episode.episode.key)
+                task.add_done_callback(self._settled)
             if len(claimed) == asked:
                 continue  # more may be due: claim again at once
             await self._sleep_until_due()
 
-    def _settled(self, slot: tuple[str, str, str], task: asyncio.Task[None]) -> None:
-        self._settling.discard(task)
-        self._in_hand.discard(slot)
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        del self._settling[task]
 
     async def drain(self) -> None:
         """Wait for the settles under way (the caller bounds the wait)."""

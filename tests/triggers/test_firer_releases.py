@@ -5,7 +5,8 @@ loop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 
 from sendtime.triggers.v1 import triggers_pb2
@@ -13,7 +14,7 @@ from tests.triggers.engine_support import MovingClock, Profiles, Renderer, cart_
 from tests.triggers.store_support import DUE, Stores, episode_row, new_trigger, open_episode
 from triggers.definitions import TriggerCache
 from triggers.episode_store import DEFAULT_LEASE, ClaimedEpisode, EpisodeStore
-from triggers.firer import Firer, FirerSettings
+from triggers.firer import Firer, FirerSettings, HandOff
 from triggers.trigger_store import TriggerStore
 
 
@@ -30,6 +31,28 @@ class ReleasesFailing(EpisodeStore):
         return await super().release(claimed, due_at=due_at)
 
 
+@asynccontextmanager
+async def firer_running(
+    stores: Stores, episodes: EpisodeStore, profiles: Profiles, hand_off: HandOff
+) -> AsyncIterator[Firer]:
+    """Replica a's firer loop on ``episodes``, at the due time, until the block ends."""
+    firer = Firer(
+        episodes=episodes,
+        triggers=TriggerCache(TriggerStore(stores.pool)),
+        profiles=profiles,
+        renderer=Renderer(),
+        hand_off=hand_off,
+        clock=MovingClock(DUE),
+        settings=FirerSettings(owner="a", poll_interval_s=0.02),
+    )
+    loop = asyncio.create_task(firer.run())
+    try:
+        yield firer
+    finally:
+        firer.stop()
+        await loop
+
+
 async def _no_deliveries(deliveries: Sequence[triggers_pb2.Delivery], body: bytes) -> None:
     raise AssertionError("nothing fires while the profile service is down")
 
@@ -40,21 +63,10 @@ async def test_a_claim_whose_release_failed_is_released_once_postgresql_answers(
     episodes = ReleasesFailing(stores.pool)
     profiles = Profiles()
     profiles.down = True  # the settle fails: the claim is released with a backoff of 1 s
-    settings = FirerSettings(owner="a", poll_interval_s=0.02)
-    firer = Firer(
-        episodes=episodes,
-        triggers=TriggerCache(TriggerStore(stores.pool)),
-        profiles=profiles,
-        renderer=Renderer(),
-        hand_off=_no_deliveries,
-        clock=MovingClock(DUE),
-        settings=settings,
-    )
-    loop = asyncio.create_task(firer.run())
-    try:
+    async with firer_running(stores, episodes, profiles, _no_deliveries):
         await eventually_true(lambda: episodes.attempts >= 1)
         row = await episode_row(stores.pool, "c1", trigger_id)
-        assert row["claimed_by"] == "a" and row["due_at"] == DUE + settings.lease  # still claimed
+        assert row["claimed_by"] == "a" and row["due_at"] == DUE + FirerSettings().lease  # still claimed
 
         episodes.failing = False
 
@@ -65,9 +77,6 @@ async def test_a_claim_whose_release_failed_is_released_once_postgresql_answers(
         row = await episode_row(stores.pool, "c1", trigger_id)
         assert row["state"] == "waiting"
         assert row["due_at"] == DUE + timedelta(seconds=1)  # the backoff asked for
-    finally:
-        firer.stop()
-        await loop
 
 
 class ClaimAnswerLost(EpisodeStore):
@@ -99,21 +108,8 @@ async def test_a_claim_whose_answer_was_lost_is_given_up_before_the_next_claim(s
     async def hand_off(deliveries: Sequence[triggers_pb2.Delivery], body: bytes) -> None:
         handed.extend(d.name for d in deliveries)
 
-    firer = Firer(
-        episodes=episodes,
-        triggers=TriggerCache(TriggerStore(stores.pool)),
-        profiles=profiles,
-        renderer=Renderer(),
-        hand_off=hand_off,
-        clock=MovingClock(DUE),
-        settings=FirerSettings(owner="a", poll_interval_s=0.02),
-    )
-    loop = asyncio.create_task(firer.run())
-    try:
+    async with firer_running(stores, episodes, profiles, hand_off):
         await eventually_true(lambda: len(handed) == 1)
-    finally:
-        firer.stop()
-        await loop
     assert episodes.lost == 1
     row = await episode_row(stores.pool, "c1", trigger_id)
     assert row["state"] == "fired"
