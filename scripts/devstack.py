@@ -25,6 +25,7 @@ import glob
 import hashlib
 import os
 import pwd
+import random
 import shlex
 import shutil
 import signal
@@ -50,11 +51,44 @@ from local_credentials import nats_passwords
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out_ports: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a server started later.
+
+    Chosen below the kernel's ephemeral range: a port the kernel picked for ``bind(0)`` and that
+    is free again can become the local end of any outgoing connection (to PostgreSQL, Redis,
+    NATS...) before the server binds it; ports outside that range are never given to outgoing
+    connections. Random, so that processes choosing at once (the chaos harness, two test runs)
+    rarely meet, and never the same port twice in one process.
+    """
+    low, high = _ephemeral_port_range()
+    candidates = range(max(10_000, low - 16_384), low)
+    if len(candidates) < 1_000:  # an ephemeral range that starts low: take ports above it
+        candidates = range(high + 1, 65_536)
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _handed_out_ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out_ports.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {candidates.start}-{candidates.stop - 1}")
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux's default if unknown)."""
+    try:
+        low, high = (int(part) for part in _EPHEMERAL_PORTS.read_text().split())
+    except (OSError, ValueError):
+        return 32_768, 60_999
+    return low, high
 
 
 def tcp_reachable(host: str, port: int, timeout_s: float = 0.5) -> bool:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -143,3 +145,34 @@ def test_ensure_finds_promtool_and_the_prometheus_server_beside_it() -> None:
     (and installs the package only when promtool is missing)."""
     assert devstack.require_promtool() == shutil.which("promtool")
     assert shutil.which("prometheus") is not None
+
+
+def test_free_ports_are_outside_the_range_of_outgoing_connections() -> None:
+    """A port from bind(0) can be taken by any outgoing connection before its server binds it."""
+    low, high = devstack._ephemeral_port_range()
+    ports = [devstack.free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(not low <= port <= high for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
+def test_free_ports_go_above_an_ephemeral_range_that_starts_low(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("1024\t60999\n")
+    monkeypatch.setattr(devstack, "_EPHEMERAL_PORTS", ranges)
+    assert all(61_000 <= devstack.free_port() <= 65_535 for _ in range(20))
+
+
+def test_a_port_something_listens_on_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", devstack.free_port()))
+        listener.listen()
+        taken = listener.getsockname()[1]
+        devstack._handed_out_ports.discard(taken)
+        choices = iter([taken, taken, taken + 1 if taken + 1 < 32_768 else taken - 1])
+        monkeypatch.setattr(random, "choice", lambda _candidates: next(choices))
+        assert devstack.free_port() != taken

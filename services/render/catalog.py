@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 from google.protobuf.message import DecodeError
@@ -28,6 +29,7 @@ from opentelemetry import trace
 
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.database import STORE_ERRORS
+from sendtime_common.errors import log_unexpected, new_error_id
 from sendtime_common.event_log import Delivery, EventLogSubscription
 from sendtime_common.telemetry import extract_trace_context
 
@@ -387,13 +389,15 @@ class CatalogConsumer:
             return
         try:
             result = await self._store.apply(events)
-        except RETRYABLE as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug too is retried: never dropped, never held for long
             delay = min(MAX_RETRY_DELAY_S, 0.5 * 2 ** min(max(d.attempt for d in to_ack), 6))
-            log.warning(
-                "catalog batch failed, will retry",
-                extra={"events": len(events), "retry_in_s": delay, "error": str(exc)},
-            )
-            span.set_status(trace.StatusCode.ERROR, str(exc))
+            extra: dict[str, Any] = {"events": len(events), "retry_in_s": delay}
+            if isinstance(exc, RETRYABLE):
+                log.warning("catalog batch failed, will retry", extra={**extra, "error": str(exc)})
+            else:
+                extra["error_id"] = new_error_id()
+                log_unexpected(log, "catalog batch failed, will retry", exc, extra)
+            span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
             await asyncio.gather(*(d.retry_later(delay) for d in to_ack))
             return
         span.set_attribute("sendtime.applied", result.applied)

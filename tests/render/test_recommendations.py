@@ -18,7 +18,7 @@ import asyncpg
 import nats
 import pytest
 
-from render.catalog import MAX_SKUS_FOR_PAIRS, CatalogConsumer, CatalogStore
+from render.catalog import MAX_SKUS_FOR_PAIRS, ApplyResult, CatalogConsumer, CatalogStore
 from render.recommendations import Recommender
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
@@ -247,6 +247,25 @@ async def test_a_batch_the_database_cannot_take_comes_back_later(database_url: s
         event(user_id="u", identify=ingest_pb2.Identify()).SerializeToString(),
     ]
     assert await consume_one_batch(broken, [*batch, b"\xff"]) == ["retry", "acked", "discarded"]
+
+
+class FailingStore(CatalogStore):
+    async def apply(self, events: Sequence[ingest_pb2.Event]) -> ApplyResult:
+        raise ValueError("a bug in the store")
+
+
+async def test_a_batch_that_fails_for_an_unexpected_reason_comes_back_later(pool: asyncpg.Pool) -> None:
+    """Not held for the event log's longest hold (ten minutes), nor dropped: handed back at once."""
+    deliveries = [FakeDelivery(view("A").SerializeToString())]
+    consumer = CatalogConsumer(
+        FakeSubscription(deliveries), FailingStore(pool), batch_size=10, concurrency=1, fetch_timeout_s=0.01
+    )
+    running = asyncio.create_task(consumer.run())
+    while not deliveries[0].outcome:
+        await asyncio.sleep(0.01)
+    consumer.stop()
+    await running
+    assert deliveries[0].outcome == "retry"
 
 
 async def test_a_batch_is_acked_once_written(pool: asyncpg.Pool) -> None:
