@@ -12,7 +12,8 @@ publishes a template, then:
 2. runs an open loop (Poisson arrivals, latency from each call's scheduled time) at half of it,
    or ``--rate``, for ``--duration-s``;
 3. samples each service every ``--sample-s`` (and once before the load): its RSS and open file
-   descriptors from /proc, its ``sendtime_asyncio_tasks`` and ``sendtime_db_pool_connections``
+   descriptors from /proc (and the descriptors by kind: connections to each dependency, callers',
+   pipes...), its ``sendtime_asyncio_tasks`` and ``sendtime_db_pool_connections``
    from its metrics port; and per window, each call's p50, p99 and errors.
 
 Verdicts (``flatness``): after ``--warmup-windows``, the mean of the last third of a quantity's
@@ -38,9 +39,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import grpc
+import psutil
 from bench_common import (
     BenchError,
     BenchStack,
@@ -291,6 +294,32 @@ def open_fds(pid: int) -> float:
     return float(len(os.listdir(f"/proc/{pid}/fd")))
 
 
+FD_KINDS = ("postgres", "redis", "nats", "services", "inbound", "listening", "other sockets", "not sockets")
+
+
+def fds_by_kind(pid: int, peers: Mapping[int, str]) -> dict[str, int]:
+    """A process's open file descriptors by what they are: a TCP connection to a dependency or to
+    another service (``peers``: port -> name), one a caller opened to it, a listening socket,
+    another socket, or no socket (pipes, event fds, files). A rising count of open fds is read
+    through this: a pool that grew under a burst shows in one kind, a leak per call in another."""
+    process = psutil.Process(pid)
+    connections = process.net_connections(kind="inet")
+    listening = {c.laddr.port for c in connections if c.status == psutil.CONN_LISTEN}
+    kinds = dict.fromkeys(FD_KINDS, 0)
+    for connection in connections:
+        if connection.status == psutil.CONN_LISTEN:
+            kind = "listening"
+        elif connection.raddr and connection.raddr.port in peers:
+            kind = peers[connection.raddr.port]
+        elif connection.laddr.port in listening:
+            kind = "inbound"
+        else:
+            kind = "other sockets"
+        kinds[kind] += 1
+    kinds["not sockets"] = process.num_fds() - len(connections)
+    return kinds
+
+
 def from_metrics(text: str) -> dict[str, float]:
     """The soak's quantities in a service's metrics (NaN for one it does not serve)."""
     found = {"asyncio_tasks": math.nan, "db_pool_in_use": math.nan, "db_pool_open": math.nan}
@@ -322,6 +351,9 @@ class Sampler:
             )
             for item in stack.running
         ]
+        database_port = urlsplit(stack.database_url).port or 5432
+        self._peers = {database_port: "postgres", stack.redis_port: "redis", stack.nats_port: "nats"}
+        self._peers.update({item.service.port(stack.env): "services" for item in stack.running})
         self.samples: list[dict[str, Any]] = []
 
     def restart_clock(self) -> None:
@@ -330,13 +362,15 @@ class Sampler:
     async def sample(self) -> None:
         at = time.perf_counter() - self._started
         services: dict[str, dict[str, float]] = {}
+        fds: dict[str, dict[str, int]] = {}
         for name, pid, url in self._targets:
             async with self._session.get(url) as answer:
                 if answer.status != 200:
                     raise BenchError(f"{name}'s metrics port answered {answer.status}")
                 text = await answer.text()
             services[name] = {"rss_bytes": rss_bytes(pid), "open_fds": open_fds(pid), **from_metrics(text)}
-        self.samples.append({"at_s": round(at, 1), "services": services})
+            fds[name] = fds_by_kind(pid, self._peers)
+        self.samples.append({"at_s": round(at, 1), "services": services, "fds_by_kind": fds})
 
 
 # --- the soak ----------------------------------------------------------------------------------
@@ -490,6 +524,17 @@ def _series_table(samples: Sequence[Mapping[str, Any]], quantity: str) -> str:
     return "\n".join(lines)
 
 
+def _fd_kinds_table(samples: Sequence[Mapping[str, Any]], service: str) -> str:
+    lines = [
+        f"{service}'s open file descriptors by kind",
+        "       t  " + "  ".join(f"{kind:>13}" for kind in FD_KINDS),
+    ]
+    for sample in samples:
+        counts = sample["fds_by_kind"][service]
+        lines.append(f"{sample['at_s']:>7.0f}s  " + "  ".join(f"{counts[kind]:>13}" for kind in FD_KINDS))
+    return "\n".join(lines)
+
+
 def _latency_table(windows: Sequence[Mapping[str, Any]]) -> str:
     header = "   until  " + "  ".join(f"{k + ' p50/p99 ms, errors':>32}" for k in KINDS)
     lines = ["each call's latency (from its scheduled time) by window", header]
@@ -540,6 +585,7 @@ def report(results: Mapping[str, Any]) -> str:
         f" the first {options['warmup_windows']} window(s) a warm-up.",
         "",
         *(_series_table(results["samples"], q) + "\n" for q in QUANTITIES),
+        *(_fd_kinds_table(results["samples"], s) + "\n" for s in results["samples"][0]["services"]),
         _latency_table(results["windows"]),
         "",
         "CPU (% of one core)",

@@ -6,16 +6,56 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from soak import EXIT_VERDICT_FAILED, KINDS, LIMITS, MIB, P99_LIMIT, Allowance, flatness, verdicts
+from soak import (
+    EXIT_VERDICT_FAILED,
+    FD_KINDS,
+    KINDS,
+    LIMITS,
+    MIB,
+    P99_LIMIT,
+    Allowance,
+    fds_by_kind,
+    flatness,
+    verdicts,
+)
 
 from tests.conftest import repo_root
 
 RSS = LIMITS["rss_bytes"]
+
+
+def test_open_fds_are_told_apart_by_what_they_connect() -> None:
+    """This process: a listener, a connection into it (two ends: ours to a 'services' port, and
+    the accepted one, inbound), a connection to a port named as a dependency, and a pipe."""
+    before = fds_by_kind(os.getpid(), {})
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_server(("127.0.0.1", 0)) as dependency,
+    ):
+        port, dependency_port = listener.getsockname()[1], dependency.getsockname()[1]
+        with (
+            socket.create_connection(("127.0.0.1", port)) as outgoing,
+            listener.accept()[0] as accepted,
+            socket.create_connection(("127.0.0.1", dependency_port)) as to_postgres,
+            dependency.accept()[0] as accepted_by_dependency,
+        ):
+            read_end, write_end = os.pipe()
+            try:
+                after = fds_by_kind(os.getpid(), {port: "services", dependency_port: "postgres"})
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+            assert outgoing and accepted and to_postgres and accepted_by_dependency
+    assert set(after) == set(FD_KINDS)
+    grew = {kind: after[kind] - before[kind] for kind in FD_KINDS if after[kind] != before[kind]}
+    # Both listeners are this process's: the accepted ends of both connections are inbound.
+    assert grew == {"listening": 2, "services": 1, "postgres": 1, "inbound": 2, "not sockets": 2}
 
 
 def test_a_flat_series_with_noise_is_flat() -> None:
@@ -128,6 +168,10 @@ def test_the_soak_runs_with_a_tiny_duration_and_reports_every_series(tmp_path: P
             assert quantities["rss_bytes"] > 10 * MIB and quantities["open_fds"] > 5
             assert quantities["asyncio_tasks"] >= 1
             assert 0 <= quantities["db_pool_in_use"] <= quantities["db_pool_open"]
+        for service, counts in sample["fds_by_kind"].items():
+            assert sum(counts.values()) == pytest.approx(sample["services"][service]["open_fds"], abs=2)
+            assert counts["postgres"] >= 1 and counts["listening"] >= 4  # gRPC, health, HTTP, metrics
+        assert sample["fds_by_kind"]["render"]["services"] >= 1  # its channel to profile
     windows = results["windows"]
     assert [w["until_s"] for w in windows] == [1, 2, 3, 4]
     for window in windows:
@@ -139,6 +183,12 @@ def test_the_soak_runs_with_a_tiny_duration_and_reports_every_series(tmp_path: P
     assert results["verdicts"] == json.loads(json.dumps(verdicts(samples, windows, warmup=1)))
     assert results["verdicts"]["flat"]["render rss_bytes"]["samples"] == 3
     assert (result.returncode == 0) == results["verdicts"]["passed"]
-    for line in ("RSS (MiB), by service", "asyncio tasks, by service", "Render p99", "calls failed"):
+    for line in (
+        "RSS (MiB), by service",
+        "asyncio tasks, by service",
+        "profile's open file descriptors by kind",
+        "Render p99",
+        "calls failed",
+    ):
         assert line in result.stdout
     assert ("PASS: every quantity" in result.stdout) == results["verdicts"]["passed"]
