@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sendtime_common.config import ConfigError, env_float
+from sendtime_common.deadlines import wait_at_most
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +167,11 @@ class ReadinessMonitor:
 
     async def _passes(self, name: str, check: Check) -> bool:
         try:
-            async with asyncio.timeout(self._check_timeout_s):
-                answer: Any = check()
-                if inspect.isawaitable(answer):
-                    answer = await answer
-                return bool(answer)
+            answer: Any = check()
+            if inspect.isawaitable(answer):
+                # Not asyncio.timeout: it waits for the cancelled check, as long as a network stall.
+                answer = await wait_at_most(answer, self._check_timeout_s)
+            return bool(answer)
         except TimeoutError:
             log.debug(
                 "readiness check timed out", extra={"condition": name, "timeout_s": self._check_timeout_s}

@@ -8,7 +8,6 @@ always time to render the fallback; recommendations get what is left of it after
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from render.suppression import Skip, missing_required, suppression
 from render.templates import CompiledTemplate, RenderClock, TemplateCompiler, TemplateLimits, render_part
 from sendtime.profile.v1 import profile_pb2
 from sendtime.render.v1 import render_pb2
+from sendtime_common.deadlines import wait_at_most
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ class Renderer:
             return [], True
         purchased = list(lookup.profile.purchased_skus) if lookup.profile else []
         try:
-            found = await asyncio.wait_for(
+            # Not asyncio.wait_for: it waits for the cancelled query, as long as PostgreSQL stalls.
+            found = await wait_at_most(
                 self._recommender.recommend(lookup.profile, purchased, self._recommendation_limit), budget
             )
         except Exception as exc:  # noqa: BLE001 - recommendations are optional content (timeouts included)

@@ -164,3 +164,32 @@ async def test_a_task_is_running_until_it_ends_and_how_it_ended_is_logged_once(
         ("merger", "failed", "KeyError")
     ]
     assert "customer-42" not in caplog.text
+
+
+async def test_a_check_cut_at_its_timeout_is_not_waited_for_while_it_unwinds() -> None:
+    """A database check on a connection the network stalls: cancelled, its query ends only when
+    the network is back (asyncpg waits for the server's answer to the cancel). The readiness
+    loop must not wait that long, or a replica cut off from PostgreSQL stays ready."""
+    network_back = asyncio.Event()
+    unwinding = asyncio.Event()
+
+    async def stalled_database() -> bool:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            unwinding.set()
+            await network_back.wait()
+            raise
+        return True
+
+    reported: list[bool] = []
+
+    async def report(ready: bool) -> None:
+        reported.append(ready)
+
+    monitor = ReadinessMonitor(ReadinessSettings(delay_s=0), report, clock=Clock(), check_timeout_s=0.05)
+    monitor.watch("store", stalled_database)
+    assert not await monitor.evaluate()
+    assert reported == [False]
+    assert unwinding.is_set() and not network_back.is_set()
+    network_back.set()

@@ -13,15 +13,21 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import nats
 import pytest
+from fault_proxy import FaultProxy
 
 from render.catalog import MAX_SKUS_FOR_PAIRS, ApplyResult, CatalogConsumer, CatalogStore
+from render.profiles import ProfileLookup, Source
 from render.recommendations import Recommender
+from render.renderer import Renderer, RenderJob
+from render.templates import TemplateCompiler
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime.profile.v1 import profile_pb2
+from sendtime.render.v1 import render_pb2
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, OutgoingMessage
 from sendtime_common.migrate import migrate
 from tests.factories import event, money, order_completed, product_viewed
@@ -413,3 +419,55 @@ async def test_without_a_profile_recommendations_are_the_popular_products(pool: 
 
 async def test_an_empty_catalog_recommends_nothing(pool: asyncpg.Pool) -> None:
     assert await Recommender(pool).recommend(profile(cart=["A"], viewed=[("B", "shoes")]), ["C"], 8) == []
+
+
+# --- within the render's deadline ---------------------------------------------------------------
+
+
+class LiveProfiles:
+    """The profile service's answer, at once: the renderer then waits only for recommendations."""
+
+    async def get(self, customer: Any, *, time_left_s: float, max_age: Any = None) -> ProfileLookup:
+        return ProfileLookup(profile(cart=["A"]), Source.LIVE)
+
+
+async def test_a_render_does_not_wait_for_recommendations_while_postgresql_stalls(
+    database_url: str, schema: str, tmp_path: Path
+) -> None:
+    """Found by the fault matrix (slow-postgres, docs/reliability.md): renders came back late
+    while the network to PostgreSQL stalled. The recommendations' bound was asyncio.wait_for,
+    which waits for the cancelled query to end, and asyncpg gives a cancelled query's connection
+    back only once the server answers the cancel: when the stall ends."""
+    upstream = urlsplit(database_url)
+    with FaultProxy.start(
+        {"postgres": (upstream.hostname or "127.0.0.1", upstream.port or 5432)}, tmp_path
+    ) as proxy:
+        proxied = urlunsplit(
+            upstream._replace(netloc=f"{upstream.username}@127.0.0.1:{proxy.port('postgres')}")
+        )
+        pool = await asyncpg.create_pool(
+            proxied, server_settings={"search_path": schema}, min_size=1, max_size=2
+        )
+        try:
+            compiler = TemplateCompiler(cache_size=4)
+            renderer = Renderer(compiler, LiveProfiles(), Recommender(pool), fallback_reserve_s=0.1)  # type: ignore[arg-type]
+            content = render_pb2.Template(
+                subject="For you", html="{% for r in recommendations %}{{ r.sku }}{% endfor %}."
+            )
+            job = RenderJob(
+                customer=profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value="u"),
+                content=content,
+                compiled=compiler.compile(content.subject, content.html, content.text),
+            )
+            assert (await renderer.render(job, time_left_s=5.0)).status == render_pb2.RENDER_STATUS_RENDERED
+
+            proxy.stall("postgres")
+            rendering = asyncio.ensure_future(renderer.render(job, time_left_s=0.3))
+            done, _ = await asyncio.wait({rendering}, timeout=10)
+            assert done, "the render waited for PostgreSQL"
+            answer = rendering.result()
+            assert answer.status == render_pb2.RENDER_STATUS_RENDERED
+            assert "recommendations" in answer.fallbacks_used  # the render went on without them
+        finally:
+            proxy.resume("postgres")
+            await pool.close()
