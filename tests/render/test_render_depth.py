@@ -447,21 +447,25 @@ def render_process_without_profiles(
         devstack.stop_process(nats)
 
 
-async def test_with_the_profile_service_stopped_every_render_answers_within_150_ms(
+async def test_with_the_profile_service_stopped_every_render_answers_at_once_with_its_fallback(
     render_process_without_profiles: str, admin_key: str
 ) -> None:
+    """Render does not wait for a profile service that is not there: each lookup fails at once
+    (UNAVAILABLE, then the circuit open), never by running out of time (TIMEOUT), and every
+    call gets its fallback. Shown by the fallback's reason, not by a clock: a 150 ms deadline
+    was missed on a loaded machine by processes waiting for a core."""
     content = template(
         CART_EMAIL, required_data=[], fallback={"profile": {"traits": {"first_name": "there"}}}
     )
     requests = [json_format.MessageToDict(request(user(f"u-{i}"), content)) for i in range(50)]
-    # 50 concurrent calls with a 150 ms deadline each, from a client process of its own
-    # (DEADLINE_EXCEEDED would come back as an error).
+    # 50 concurrent calls with a 2 s deadline (an email platform's), from a client process of its
+    # own (DEADLINE_EXCEEDED would come back as an error).
     client = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.render.concurrent_renders",
         render_process_without_profiles,
-        "0.15",
+        "2",
         cwd=repo_root(),
         env={**suite.service_env(os.environ), "SENDTIME_API_KEY": admin_key},
         stdin=asyncio.subprocess.PIPE,
@@ -559,12 +563,14 @@ async def test_a_batch_renders_only_as_fast_as_its_reader_reads(
 ) -> None:
     """A reader that stops after ten results holds a batch of 20 chunks (500 customers, looked
     up together) at a few chunks ahead of it, once HTTP/2's flow-control window is full:
-    before, every chunk rendered and waited in memory. Each email is ~6 KB, as real ones are."""
+    before, every chunk rendered and waited in memory. Each email is ~6 KB, as real ones are,
+    most of it markup that costs nothing to render: the flow control is what is tested, and
+    10,000 renders of a 200-step loop took 36 s of CPU, too long for a loaded machine."""
     service, target = scripted
     long_email = render_pb2.Template(
         subject="Hi {{ profile.traits.first_name }}",
-        html="{% for i in (1..200) %}<p>{{ profile.traits.first_name }}, item {{ i }}: lorem ipsum</p>"
-        "{% endfor %}",
+        html="<p>Hi {{ profile.traits.first_name }}</p>"
+        + "".join(f"<p>item {i}: lorem ipsum dolor sit amet</p>" for i in range(150)),
     )
     created = await template_stub.CreateTemplate(
         render_pb2.CreateTemplateRequest(template_id=f"slow-{unique}", content=long_email, publish=True)
