@@ -45,6 +45,7 @@ from redis.exceptions import RedisError
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.batching import MicroBatcher
 from sendtime_common.config import ConfigError, env_bool, env_float, env_int, env_str
+from sendtime_common.redis_client import bounded_client
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +317,9 @@ class RateLimiter:
         if redis_url:
             # No retries and short connects: a decision that cannot be made in Redis at once is
             # made in process instead.
-            self._client = redis.Redis.from_url(
+            self._client = bounded_client(
                 redis_url,
+                wait_s=settings.redis_timeout_s,
                 retry=Retry(NoBackoff(), 0),
                 socket_connect_timeout=settings.redis_timeout_s,
             )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-import redis.asyncio as redis
 from google.protobuf.message import Message
 
 from profile_service.access_servicers import AuditServicer, KeyServicer
@@ -42,6 +41,7 @@ from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
 from sendtime_common.readiness import task_running
+from sendtime_common.redis_client import bounded_client
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ async def create_app(settings: Settings) -> ProfileApp:
         # and leave with them.
         answers = profile_answer_memo(near, settings.near_cache_entries, settings.near_cache_ttl_s)
         invalidations = InvalidationListener(near, settings.redis_url, KEY_PREFIX)
-    cache = ProfileCache(redis.Redis.from_url(settings.redis_url), ttl_s=settings.cache_ttl_s, near=near)
+    cache = ProfileCache(bounded_client(settings.redis_url), ttl_s=settings.cache_ttl_s, near=near)
     event_log = await JetStreamEventLog.connect(settings.event_log)
     repository = ProfileRepository(pool, limits, rules, settings.identifier_hasher)
     unmerged = UnmergedStore(pool, settings.identifier_hasher)

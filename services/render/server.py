@@ -12,7 +12,6 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-import redis.asyncio as redis
 from google.protobuf.message import Message
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
@@ -36,6 +35,7 @@ from sendtime_common.event_log import EventLog, Following, JetStreamEventLog
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
+from sendtime_common.redis_client import bounded_client
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S, bounded, finish_or_cancel
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -191,7 +191,7 @@ async def create_app(settings: Settings) -> RenderApp:
     )
     profiles = ProfileFetcher(
         profile_channel.stub,
-        redis.Redis.from_url(settings.redis_url) if settings.redis_url else None,
+        bounded_client(settings.redis_url) if settings.redis_url else None,
         FetcherSettings(
             breaker_failures=settings.breaker_failures,
             breaker_recovery_s=settings.breaker_recovery_s,
