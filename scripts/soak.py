@@ -12,7 +12,7 @@ publishes a template, then:
 2. runs an open loop (Poisson arrivals, latency from each call's scheduled time) at half of it,
    or ``--rate``, for ``--duration-s``;
 3. samples each service every ``--sample-s`` (and once before the load): its RSS and open file
-   descriptors from /proc (and the descriptors by kind: connections to each dependency, callers',
+   descriptors (psutil; and the descriptors by kind: connections to each dependency, callers',
    pipes...), its ``sendtime_asyncio_tasks`` and ``sendtime_db_pool_connections``
    from its metrics port; and per window, each call's p50, p99 and errors.
 
@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import itertools
 import math
-import os
 import random
 import sys
 import time
@@ -283,17 +282,6 @@ async def open_loop_windows(
 # --- sampling the processes --------------------------------------------------------------------
 
 
-def rss_bytes(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return float(line.split()[1]) * 1024  # in kB
-    raise BenchError(f"no VmRSS in /proc/{pid}/status")
-
-
-def open_fds(pid: int) -> float:
-    return float(len(os.listdir(f"/proc/{pid}/fd")))
-
-
 FD_KINDS = ("postgres", "redis", "nats", "services", "inbound", "listening", "other sockets", "not sockets")
 
 
@@ -368,7 +356,12 @@ class Sampler:
                 if answer.status != 200:
                     raise BenchError(f"{name}'s metrics port answered {answer.status}")
                 text = await answer.text()
-            services[name] = {"rss_bytes": rss_bytes(pid), "open_fds": open_fds(pid), **from_metrics(text)}
+            process = psutil.Process(pid)
+            services[name] = {
+                "rss_bytes": float(process.memory_info().rss),
+                "open_fds": float(process.num_fds()),
+                **from_metrics(text),
+            }
             fds[name] = fds_by_kind(pid, self._peers)
         self.samples.append({"at_s": round(at, 1), "services": services, "fds_by_kind": fds})
 
