@@ -37,14 +37,19 @@ settles (retries until acknowledged). The reconciliation, then:
   episode reached the receiver under more than one ``webhook-id`` (a retry must reuse it);
 - **profiles**: each touched customer's stored state must equal ``replay`` (the merge's pure
   fold, services/profile_service/state.py) of the events acknowledged for it, as sent;
-- **renders**: late (DEADLINE_EXCEEDED at the caller) or INTERNAL/UNKNOWN; fallbacks are fine;
+- **renders**: late (DEADLINE_EXCEEDED at the caller) or INTERNAL/UNKNOWN; fallbacks are fine.
+  A late render while the harness's own event loop was held up for ``CALLER_STALL_S`` or more
+  is counted apart ("while the caller stalled"): the machine, not the service, made it late (a
+  benchmark beside ``make test``'s slice takes the cores), and it is no breach;
 - **recovery**: from the fault (the kill, or the end of a held fault: a stall, latency, a cut
   off) to the first of a second's worth of probes in a row that were all fresh (under 1 s).
   Goal: under 5 s after any single process fault.
 
 It ends with one line: ``chaos: <faults> faults, <runs> runs, lost <n>, duplicated <n>, late
-renders <n>, worst recovery <s> s`` (``never`` when a run did not recover), and exits 3 when an
-invariant broke or a process fault's recovery missed its goal (1 when the harness could not run).
+renders <n>, worst recovery <s> s`` (``never`` when a run did not recover; late renders all of
+them), and exits 3 when an invariant broke, 4 when none did but a process fault's recovery
+missed its goal (a goal in seconds, which a loaded machine can miss), and 1 when the harness
+could not run.
 """
 
 from __future__ import annotations
@@ -119,6 +124,10 @@ RECOVERY_GOAL_S = 5.0
 BAD_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 SETTLE_TIMEOUT_S = 90.0
 EXIT_INVARIANT_BROKEN = 3
+EXIT_GOAL_MISSED = 4
+# A caller held up this long can see an answer sent in time as late: the render keeps 100 ms of
+# its deadline back to answer with the fallback (services/render/renderer.py, fallback_reserve).
+CALLER_STALL_S = 0.1
 ACKED = frozenset({ingest_pb2.EVENT_OUTCOME_ACCEPTED, ingest_pb2.EVENT_OUTCOME_DUPLICATE})
 
 
@@ -176,6 +185,11 @@ def stream_duplicates(msg_ids: Iterable[str], seen_before: set[str]) -> int:
     return extra
 
 
+def overlapping(windows: Iterable[tuple[float, float]], stalls: Sequence[tuple[float, float]]) -> int:
+    """How many of the (start, end) ``windows`` overlap any of the (start, end) ``stalls``."""
+    return sum(1 for start, end in windows if any(s < end and start < e for s, e in stalls))
+
+
 def episode_counts(deliveries: Iterable[tuple[str, str]], orders: Iterable[str]) -> tuple[int, int]:
     """(undelivered, delivered under more than one webhook-id) among ``orders``, from the
     receiver's (webhook-id, episode key) records."""
@@ -207,6 +221,8 @@ class RunResult:
     profiles_differing: int = 0
     renders: int = 0
     renders_late: int = 0
+    renders_late_caller_stalled: int = 0  # of renders_late: while the harness itself was held up
+    longest_caller_stall_s: float = 0.0  # the harness's event loop's, during the run
     renders_bad: int = 0
     render_outcomes: dict[str, int] = field(default_factory=dict)
     # When the late renders were sent, in seconds from the fault (its end, for a held one).
@@ -235,19 +251,28 @@ class RunResult:
 
     def breaches(self) -> list[str]:
         """What broke an invariant or missed a goal in this run."""
+        return self.invariant_breaches() + self.missed_goals()
+
+    def invariant_breaches(self) -> list[str]:
+        """What broke an invariant: nothing lost or duplicated, profiles equal to their replay,
+        every render in time (unless its caller was held up), no INTERNAL/UNKNOWN answer."""
         found = []
         for name, count in (
             ("lost", self.lost),
             ("duplicated", self.duplicated),
             ("profiles differing from their replay", self.profiles_differing),
-            ("late renders", self.renders_late),
+            ("late renders", self.renders_late - self.renders_late_caller_stalled),
             ("INTERNAL/UNKNOWN answers", self.bad_calls),
         ):
             if count:
                 found.append(f"{name} {count}")
-        if self.kind == "process" and (self.recovery_s is None or self.recovery_s >= RECOVERY_GOAL_S):
-            found.append(f"recovery {_seconds(self.recovery_s)} (goal < {RECOVERY_GOAL_S:g} s)")
         return found
+
+    def missed_goals(self) -> list[str]:
+        """A goal in seconds missed: a process fault's recovery (``never`` is missed too)."""
+        if self.kind == "process" and (self.recovery_s is None or self.recovery_s >= RECOVERY_GOAL_S):
+            return [f"recovery {_seconds(self.recovery_s)} (goal < {RECOVERY_GOAL_S:g} s)"]
+        return []
 
 
 class GcPauses:
@@ -542,6 +567,8 @@ class Tally:
     call_errors: Counter[str] = field(default_factory=Counter)
     render_outcomes: Counter[str] = field(default_factory=Counter)
     late_renders_at: list[float] = field(default_factory=list)  # when each late one was sent
+    # When the harness's event loop was held up (CALLER_STALL_S or more): (due, woke) monotonic.
+    stalls: list[tuple[float, float]] = field(default_factory=list)
     probes: dict[int, Probe] = field(default_factory=dict)
 
 
@@ -683,8 +710,19 @@ class Load:
                         self.tally.probes[seq] = Probe(seq, probe.scheduled, now)
                 self._probe_seen = seen
 
+    async def _watch_stalls(self) -> None:
+        """Note when this event loop wakes CALLER_STALL_S or more past its time: the harness's
+        own process held up (its work, its garbage collector, or no core free for it)."""
+        while True:
+            due = time.monotonic() + 0.01
+            await asyncio.sleep(0.01)
+            woke = time.monotonic()
+            if woke - due >= CALLER_STALL_S:
+                self.tally.stalls.append((due, woke))
+
     def start(self) -> None:
         self._loops = [
+            asyncio.ensure_future(self._watch_stalls()),
             asyncio.ensure_future(self._ingest_loop()),
             asyncio.ensure_future(self._probe_loop()),
             asyncio.ensure_future(self._probe_watch()),
@@ -1014,6 +1052,11 @@ async def run_once(chaos: Chaos, fault: Fault, run: int) -> RunResult:
     result.renders_bad = sum(tally.render_outcomes.get(c.name, 0) for c in BAD_CODES)
     result.render_outcomes = dict(tally.render_outcomes)
     result.late_renders_at_s = [round(at - fault_at, 2) for at in tally.late_renders_at]
+    deadline_s = chaos.options.render_deadline_s
+    result.renders_late_caller_stalled = overlapping(
+        ((sent, sent + deadline_s) for sent in tally.late_renders_at), tally.stalls
+    )
+    result.longest_caller_stall_s = round(max([0.0, *(woke - due for due, woke in tally.stalls)]), 3)
     result.call_errors = dict(tally.call_errors)
     return result
 
@@ -1229,13 +1272,16 @@ async def run_matrix(stack: ChaosStack, options: Options) -> dict[str, Any]:
                     f" webhooks retried under their id: {result.webhook_retries};"
                     f" lost {result.lost}, duplicated {result.duplicated},"
                     f" profiles differing {result.profiles_differing}/{result.customers_checked},"
-                    f" renders late {result.renders_late}, bad {result.bad_calls};"
+                    f" renders late {result.renders_late}"
+                    f" ({result.renders_late_caller_stalled} while the caller stalled),"
+                    f" bad {result.bad_calls};"
                     f" recovery {_seconds(result.recovery_s)},"
                     f" worst freshness {_seconds(result.worst_freshness_s)};"
                     f" delivery lag p50 {_seconds(result.delivery_lag_p50_s)},"
                     f" max {_seconds(result.delivery_lag_max_s)};"
                     f" took {', '.join(f'{k} {v:g} s' for k, v in result.seconds.items())};"
-                    f" longest GC pause {result.longest_gc_pause_s * 1000:.0f} ms"
+                    f" longest GC pause {result.longest_gc_pause_s * 1000:.0f} ms,"
+                    f" longest stall {result.longest_caller_stall_s * 1000:.0f} ms"
                 )
         # A retry can arrive after its run ended: count each run's episodes again with every record.
         await chaos.receiver_in_flight()
@@ -1255,11 +1301,18 @@ async def run_matrix(stack: ChaosStack, options: Options) -> dict[str, Any]:
         },
         "ingest_events_per_s": load.ingest_rate * options.batch,
         "runs": [
-            {**asdict(r), "lost": r.lost, "duplicated": r.duplicated, "breaches": r.breaches()}
+            {
+                **asdict(r),
+                "lost": r.lost,
+                "duplicated": r.duplicated,
+                "breaches": r.breaches(),
+                "invariant_breaches": r.invariant_breaches(),
+            }
             for r in results
         ],
         "summary": summary_line(results),
         "passed": not any(r.breaches() for r in results),
+        "invariants_held": not any(r.invariant_breaches() for r in results),
     }
 
 
@@ -1279,6 +1332,12 @@ MATRIX_HEADER = (
 )
 
 
+def _late(runs: Sequence[Mapping[str, Any]]) -> str:
+    late = f"{sum(r['renders_late'] for r in runs)} of {sum(r['renders'] for r in runs):,}"
+    stalled = sum(r["renders_late_caller_stalled"] for r in runs)
+    return f"{late} ({stalled} caller stalled)" if stalled else late
+
+
 def matrix_table(runs: Sequence[Mapping[str, Any]]) -> str:
     """One row per fault (the table docs/reliability.md shows): its runs, the sums of what broke
     over them, and the worst recovery, probe freshness and delivery lag."""
@@ -1296,7 +1355,7 @@ def matrix_table(runs: Sequence[Mapping[str, Any]]) -> str:
                 str(len(these)),
                 str(sum(r["lost"] for r in these)),
                 str(sum(r["duplicated"] for r in these)),
-                f"{sum(r['renders_late'] for r in these)} of {sum(r['renders'] for r in these):,}",
+                _late(these),
                 worst("recovery_s"),
                 worst("worst_freshness_s"),
                 worst("delivery_lag_max_s", none="n/a"),
@@ -1320,7 +1379,7 @@ def report(results: Mapping[str, Any]) -> str:
         f" {results['options']['runs']} time(s).",
         matrix_table(runs),
         "",
-        *(breaches or ["no invariant broke"]),
+        *(breaches or ["no invariant broke, no goal missed"]),
     ]
     return "\n".join(lines)
 
@@ -1433,7 +1492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say("chaos failed; last log lines:\n" + stack.log_tails())
                 say(f"chaos failed: logs and data kept in {stack.workdir}")
                 raise
-            if not results["passed"]:
+            if not results["invariants_held"]:
                 stack.keep_dir = True
                 say(f"an invariant broke: logs and data kept in {stack.workdir}")
     except KeyboardInterrupt:
@@ -1447,7 +1506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.json_path is not None:
         options.json_path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     say(results["summary"])
-    return 0 if results["passed"] else EXIT_INVARIANT_BROKEN
+    if not results["invariants_held"]:
+        return EXIT_INVARIANT_BROKEN
+    return 0 if results["passed"] else EXIT_GOAL_MISSED
 
 
 if __name__ == "__main__":
