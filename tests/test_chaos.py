@@ -15,6 +15,8 @@ from chaos import (
     FAULTS,
     Probe,
     RunResult,
+    busiest,
+    cpu_during,
     episode_counts,
     overlapping,
     recovered,
@@ -91,13 +93,10 @@ def test_breaches_and_the_summary_line() -> None:
     assert slow.breaches() == ["recovery 6.0 s (goal < 5 s)"]
     assert (slow.invariant_breaches(), slow.missed_goals()) == ([], ["recovery 6.0 s (goal < 5 s)"])
     assert broken.breaches() == ["lost 2", "duplicated 1", "late renders 3"]
-    assert broken.missed_goals() == []
+    assert broken.missed_goals() == ["late renders 3"]  # a deadline is seconds: the machine's too
     assert unrecovered.breaches() == []  # recovery is a goal for process faults
     never = RunResult("kill-nats", "process", 1, recovery_s=None)
     assert never.missed_goals() == ["recovery never (goal < 5 s)"]
-    # Late while the harness itself was held up: the machine's doing, shown but no breach.
-    stalled = RunResult("slow-redis", "network", 1, renders=50, renders_late=5, renders_late_caller_stalled=3)
-    assert stalled.invariant_breaches() == ["late renders 2"]
     # Every call of the load counts, not only the renders (a GetProfile probe answered INTERNAL
     # while PostgreSQL restarted went unnoticed once).
     answered_badly = RunResult(
@@ -123,6 +122,24 @@ def test_late_renders_overlapping_a_stall_of_the_caller() -> None:
     assert overlapping([], stalls) == 0
 
 
+def test_cpu_while_renders_were_late_averages_the_seconds_they_overlap() -> None:
+    samples = [
+        (0.0, 1.0, {"machine": 100.0, "render service": 20.0, "profile service": 60.0}),
+        (1.0, 2.0, {"machine": 200.0, "render service": 10.0, "profile service": 150.0}),
+        (2.0, 3.0, {"machine": 180.0, "render service": 30.0, "rest of machine": 120.0}),
+    ]
+    assert cpu_during(samples, [(1.2, 2.2)]) == {
+        "machine": 190.0,
+        "profile service": 75.0,  # not sampled in the third second: 0 there
+        "render service": 20.0,
+        "rest of machine": 60.0,
+    }
+    assert cpu_during(samples, [(5.0, 6.0)]) == {}
+    assert busiest({"machine": 190.0, "profile service": 75.0, "render service": 20.0}, top=1) == (
+        "machine 190% (profile service 75%)"
+    )
+
+
 def test_the_short_matrix_has_one_fault_of_each_kind() -> None:
     kinds = {f.kind for f in FAULTS}
     short = short_matrix()
@@ -135,11 +152,14 @@ def test_the_short_matrix_has_one_fault_of_each_kind() -> None:
 @pytest.mark.timeout(360)
 def test_the_short_matrix_runs_clean(tmp_path: Path) -> None:
     """One fault of each kind under the mixed load (short timings), against real processes, and
-    the kill of triggers: nothing lost or duplicated, profiles equal their replay, no late
-    render (but while the harness itself stalled), process faults recover, and no fire waits
-    out a lease (a killed replica's deliveries and the claims PostgreSQL's restart cut are
-    handed back at once). The 5 s recovery goal is the full matrix's, on a quiet machine: a
-    benchmark beside this one makes a restarted process slow to start (kill-profile took 6.7 s)."""
+    the kill of triggers: nothing lost or duplicated, profiles equal their replay, no call
+    answered INTERNAL/UNKNOWN (a render's fallback is an answer), process faults recover, and no fire waits out a lease (a killed replica's deliveries and the claims
+    PostgreSQL's restart cut are handed back at once).
+
+    The goals in seconds (no late render, recovery within 5 s) are the full matrix's, on a quiet
+    machine: with a benchmark and the rest of the suite beside this run, render had 8-10% of a
+    core for its share while the machine ran at 200%, and renders came back late with the
+    harness never held up (chaos.py's CPU while renders were late shows who had the cores)."""
     out = tmp_path / "chaos.json"
     faults = [f.name for f in short_matrix()] + ["kill-triggers"]
     completed = subprocess.run(
