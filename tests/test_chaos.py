@@ -153,8 +153,9 @@ def test_the_short_matrix_has_one_fault_of_each_kind() -> None:
 def test_the_short_matrix_runs_clean(tmp_path: Path) -> None:
     """One fault of each kind under the mixed load (short timings), against real processes, and
     the kill of triggers: nothing lost or duplicated, profiles equal their replay, no call
-    answered INTERNAL/UNKNOWN (a render's fallback is an answer), process faults recover, and no fire waits out a lease (a killed replica's deliveries and the claims
-    PostgreSQL's restart cut are handed back at once).
+    answered INTERNAL/UNKNOWN (a render's fallback is an answer), process faults recover, and
+    no fire waits out a lease (a killed replica's deliveries and the claims PostgreSQL's
+    restart cut are handed back at once).
 
     The goals in seconds (no late render, recovery within 5 s) are the full matrix's, on a quiet
     machine: with a benchmark and the rest of the suite beside this run, render had 8-10% of a
