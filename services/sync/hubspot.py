@@ -59,8 +59,12 @@ class ContactsPage:
     """One page's events, and the cursor to keep once ingest has acknowledged them."""
 
     events: Sequence[ingest_pb2.Event]
-    contacts: int
+    records: int  # contacts on the page
     cursor_ms: int
+
+    @property
+    def cursor(self) -> dict[str, int]:
+        return {"lastmodified_ms": self.cursor_ms}
 
 
 def check_trait_map(traits: Mapping[str, str]) -> None:
@@ -158,6 +162,11 @@ class HubSpotContacts:
         self._page_size = page_size
         self._lookback_ms = round(lookback_s * 1000)
         self._result_cap = result_cap
+
+    def pull(self, cursor: Any) -> AsyncIterator[ContactsPage]:
+        """``pages`` from a stored cursor (``ContactsPage.cursor``; None: every contact)."""
+        since = cursor.get("lastmodified_ms", 0) if isinstance(cursor, dict) else 0
+        return self.pages(int(since))
 
     async def pages(self, cursor_ms: int) -> AsyncIterator[ContactsPage]:
         """The contacts changed since ``cursor_ms`` (less the lookback), a page at a time, each

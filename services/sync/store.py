@@ -1,0 +1,99 @@
+"""The connectors' durable state in PostgreSQL (``sync_connectors``, migrations/0001_sync.sql):
+each one's cursor and how its runs went, which ``GetConnectorStatus`` reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATIONS_TABLE = "sync_schema_migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorState:
+    connector_id: str
+    cursor: Any  # the connector's own JSON; None before its first page
+    cursor_saved_at: datetime | None
+    last_run_started_at: datetime | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    last_error: str
+    consecutive_failures: int
+    records_total: int
+    events_total: int
+    rejected_total: int
+    next_run_at: datetime | None
+
+
+class ConnectorStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def load(self, connector_id: str) -> ConnectorState:
+        """The connector's state (a fresh one, stored, the first time)."""
+        row = await self._pool.fetchrow(
+            "INSERT INTO sync_connectors (connector_id) VALUES ($1)"
+            " ON CONFLICT (connector_id) DO UPDATE SET connector_id = EXCLUDED.connector_id"
+            " RETURNING *",
+            connector_id,
+        )
+        assert row is not None
+        cursor = row["cursor"]
+        return ConnectorState(
+            connector_id=row["connector_id"],
+            cursor=None if cursor is None else orjson.loads(cursor),
+            cursor_saved_at=row["cursor_saved_at"],
+            last_run_started_at=row["last_run_started_at"],
+            last_success_at=row["last_success_at"],
+            last_failure_at=row["last_failure_at"],
+            last_error=row["last_error"],
+            consecutive_failures=row["consecutive_failures"],
+            records_total=row["records_total"],
+            events_total=row["events_total"],
+            rejected_total=row["rejected_total"],
+            next_run_at=row["next_run_at"],
+        )
+
+    async def run_started(self, connector_id: str) -> None:
+        await self._pool.execute(
+            "UPDATE sync_connectors SET last_run_started_at = now() WHERE connector_id = $1", connector_id
+        )
+
+    async def page_done(
+        self, connector_id: str, cursor: Any, records: int, events: int, rejected: int
+    ) -> None:
+        """Keep ``cursor``: every event of the page that reached it has ingest's answer."""
+        await self._pool.execute(
+            "UPDATE sync_connectors SET cursor = $2::jsonb, cursor_saved_at = now(),"
+            " records_total = records_total + $3, events_total = events_total + $4,"
+            " rejected_total = rejected_total + $5 WHERE connector_id = $1",
+            connector_id,
+            orjson.dumps(cursor).decode(),
+            records,
+            events,
+            rejected,
+        )
+
+    async def run_succeeded(self, connector_id: str, next_run_at: datetime) -> None:
+        await self._pool.execute(
+            "UPDATE sync_connectors SET last_success_at = now(), consecutive_failures = 0,"
+            " next_run_at = $2 WHERE connector_id = $1",
+            connector_id,
+            next_run_at,
+        )
+
+    async def run_failed(self, connector_id: str, error: str, next_run_at: datetime) -> None:
+        """``error`` is shown to operators: a kind and a provider's error code, never personal data."""
+        await self._pool.execute(
+            "UPDATE sync_connectors SET last_failure_at = now(), last_error = $2,"
+            " consecutive_failures = consecutive_failures + 1, next_run_at = $3 WHERE connector_id = $1",
+            connector_id,
+            error[:500],
+            next_run_at,
+        )
