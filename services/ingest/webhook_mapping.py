@@ -401,6 +401,68 @@ def _checkout_started(checkout: dict[str, Any], webhook_id: str) -> list[ingest_
     return [event]
 
 
+# A customer's profile fields as traits: (the customer field, or the default address's) -> trait.
+_SHOPIFY_CUSTOMER_TRAITS = (("first_name", "first_name"), ("last_name", "last_name"), ("phone", "phone"))
+_SHOPIFY_ADDRESS_TRAITS = (
+    ("city", "city"),
+    ("province_code", "state"),
+    ("country_code", "country"),
+    ("zip", "postal_code"),
+)
+# Shopify's marketing consent states: what each says about contacting the customer now; a state
+# not listed (pending double opt-in, redacted, invalid) says nothing yet.
+_SHOPIFY_CONSENT = {"subscribed": True, "not_subscribed": False, "unsubscribed": False}
+_SHOPIFY_CONSENT_CHANNELS = (
+    ("email_marketing_consent", ingest_pb2.CHANNEL_EMAIL, "email"),
+    ("sms_marketing_consent", ingest_pb2.CHANNEL_SMS, "sms"),
+)
+
+
+def _customer_updated(customer: dict[str, Any]) -> list[ingest_pb2.Event]:
+    """customers/create and customers/update: the customer's fields as an identify event (one
+    per version: its id carries ``updated_at``), and each marketing consent as a consent event
+    (one per consent change: its id and time are the consent's ``consent_updated_at``, so an
+    update that did not touch the consent repeats the same event, a duplicate)."""
+    customer_id = fields.required_id(customer, "id", "customer")
+    who = ingest_pb2.CustomerIdentifiers(
+        email=fields.text(customer, "email", "customer"), user_id=customer_id
+    )
+    updated = fields.first_time(customer, ("updated_at", "created_at"), "customer")
+    events = []
+    traits = {trait: fields.text(customer, key, "customer") for key, trait in _SHOPIFY_CUSTOMER_TRAITS}
+    address = fields.optional_object(customer, "default_address", "customer")
+    for key, trait in _SHOPIFY_ADDRESS_TRAITS:
+        traits[trait] = fields.text(address, key, "customer.default_address")
+    present = {trait: value for trait, value in traits.items() if value}  # empty: nothing said
+    if present:
+        event = _event(
+            f"shopify:customer:{customer_id}:{_ms(updated)}", who, updated, ingest_pb2.EVENT_SOURCE_SERVER
+        )
+        event.identify.traits.update(present)
+        events.append(event)
+    for key, channel, name in _SHOPIFY_CONSENT_CHANNELS:
+        consent = fields.optional_object(customer, key, "customer")
+        subscribed = _SHOPIFY_CONSENT.get(fields.text(consent, "state", f"customer.{key}"))
+        if subscribed is None:
+            continue
+        at = fields.iso_time(consent, "consent_updated_at", f"customer.{key}") or updated
+        event = _event(
+            f"shopify:customer:{customer_id}:{name}-consent:{_ms(at)}",
+            who,
+            at,
+            ingest_pb2.EVENT_SOURCE_SERVER,
+        )
+        event.consent_changed.CopyFrom(ingest_pb2.ConsentChanged(channel=channel, subscribed=subscribed))
+        events.append(event)
+    return events
+
+
+def _ms(at: timestamp_pb2.Timestamp | None) -> str:
+    """A time in an event id: epoch milliseconds ('unknown' when missing: ingest then rejects the
+    event for its missing ``occurred_at``)."""
+    return "unknown" if at is None else str(at.ToMilliseconds())
+
+
 # Each maps the topic's resource and webhook id to its events; none: deliberately ignored.
 _SHOPIFY_TOPICS: dict[str, Callable[[dict[str, Any], str], list[ingest_pb2.Event]]] = {
     "orders/create": lambda p, _: _order_completed(p),
@@ -410,6 +472,8 @@ _SHOPIFY_TOPICS: dict[str, Callable[[dict[str, Any], str], list[ingest_pb2.Event
     "refunds/create": lambda p, _: _refund_created(p),
     "checkouts/create": _checkout_started,
     "checkouts/update": _checkout_started,
+    "customers/create": lambda p, _: _customer_updated(p),
+    "customers/update": lambda p, _: _customer_updated(p),
 }
 SHOPIFY_TOPICS = frozenset(_SHOPIFY_TOPICS)
 

@@ -425,6 +425,102 @@ def test_a_checkout_needs_the_webhook_id_for_its_event_id() -> None:
     assert "X-Shopify-Webhook-Id" in item.problem
 
 
+def customer_payload(**changes: Any) -> dict[str, Any]:
+    """A customers/create or customers/update body (Shopify's customer resource)."""
+    customer: dict[str, Any] = {
+        "id": 706405506930370084,
+        "email": "bob@example.com",
+        "created_at": "2026-11-20T19:00:00-05:00",
+        "updated_at": "2026-11-24T08:00:00-05:00",
+        "first_name": "Bob",
+        "last_name": "Norman",
+        "phone": None,
+        "state": "enabled",
+        "orders_count": 3,
+        "total_spent": "199.65",
+        "note": "loves ice cream",
+        "tags": "vip",
+        "currency": "USD",
+        "email_marketing_consent": {
+            "state": "subscribed",
+            "opt_in_level": "confirmed_opt_in",
+            "consent_updated_at": "2026-11-21T10:00:00-05:00",
+        },
+        "sms_marketing_consent": {
+            "state": "not_subscribed",
+            "opt_in_level": "single_opt_in",
+            "consent_updated_at": None,
+            "consent_collected_from": "OTHER",
+        },
+        "default_address": {"city": "Ottawa", "province_code": "ON", "country_code": "CA", "zip": "K2P 1L4"},
+    }
+    customer.update(changes)
+    return customer
+
+
+def test_a_customer_becomes_traits_and_marketing_consents() -> None:
+    identify, email, sms = shopify_events("customers/create", WEBHOOK_ID, customer_payload()).events
+    updated_ms = 1795525200000  # 2026-11-24T13:00:00Z
+    assert identify.event_id == f"shopify:customer:706405506930370084:{updated_ms}"
+    assert (identify.customer.user_id, identify.customer.email) == ("706405506930370084", "bob@example.com")
+    assert identify.source == ingest_pb2.EVENT_SOURCE_SERVER
+    assert identify.occurred_at.ToMilliseconds() == updated_ms
+    # the person's own fields only: no note, no tags, no totals Sendtime computes from orders
+    assert dict(identify.identify.traits) == {
+        "first_name": "Bob",
+        "last_name": "Norman",
+        "city": "Ottawa",
+        "state": "ON",
+        "country": "CA",
+        "postal_code": "K2P 1L4",
+    }
+    consented_ms = 1795273200000  # 2026-11-21T15:00:00Z
+    assert email.event_id == f"shopify:customer:706405506930370084:email-consent:{consented_ms}"
+    assert email.consent_changed == ingest_pb2.ConsentChanged(
+        channel=ingest_pb2.CHANNEL_EMAIL, subscribed=True
+    )
+    assert email.occurred_at.ToMilliseconds() == consented_ms
+    # never subscribed to SMS, and no consent time: the update's
+    assert sms.consent_changed == ingest_pb2.ConsentChanged(channel=ingest_pb2.CHANNEL_SMS, subscribed=False)
+    assert sms.event_id == f"shopify:customer:706405506930370084:sms-consent:{updated_ms}"
+
+
+def test_an_update_that_leaves_the_consent_repeats_its_event_and_a_new_consent_is_another() -> None:
+    first = shopify_events("customers/create", WEBHOOK_ID, customer_payload()).events
+    renamed = customer_payload(first_name="Robert", updated_at="2026-11-25T08:00:00-05:00")
+    second = shopify_events("customers/update", WEBHOOK_ID, renamed).events
+    assert first[0].event_id != second[0].event_id  # a new version of the person
+    assert first[1].event_id == second[1].event_id  # the same email consent: a duplicate
+    unsubscribed = customer_payload(
+        updated_at="2026-11-26T08:00:00-05:00",
+        email_marketing_consent={"state": "unsubscribed", "consent_updated_at": "2026-11-26T07:59:00-05:00"},
+    )
+    third = shopify_events("customers/update", WEBHOOK_ID, unsubscribed).events
+    assert third[1].event_id != first[1].event_id and not third[1].consent_changed.subscribed
+
+
+@pytest.mark.parametrize("state", ["pending", "redacted", "invalid", None])
+def test_a_consent_state_that_says_nothing_yet_makes_no_consent_event(state: str | None) -> None:
+    payload = customer_payload(email_marketing_consent={"state": state}, sms_marketing_consent=None)
+    events = shopify_events("customers/update", WEBHOOK_ID, payload).events
+    assert [e.WhichOneof("payload") for e in events] == ["identify"]
+
+
+def test_a_customer_with_nothing_to_say_is_ignored() -> None:
+    bare = {"id": 5, "email": "x@example.com", "updated_at": "2026-11-24T08:00:00-05:00"}
+    item = only_item("customers/update", bare)
+    assert (item.outcome, item.events) == (ItemOutcome.IGNORED, [])
+
+
+def test_a_malformed_consent_time_is_a_malformed_item_naming_the_field() -> None:
+    payload = customer_payload(
+        email_marketing_consent={"state": "subscribed", "consent_updated_at": "yesterday"}
+    )
+    item = only_item("customers/update", payload)
+    assert item.outcome == ItemOutcome.MALFORMED
+    assert item.problem == "customer.email_marketing_consent.consent_updated_at: must be an ISO 8601 time"
+
+
 def test_a_topic_sendtime_does_not_map_is_an_unknown_type_kept_as_received() -> None:
     product = {"id": 1, "title": "T-Shirt"}
     item = only_item("products/update", product)

@@ -33,7 +33,7 @@ from sendtime_common.config import ConfigError
 from sendtime_common.errors import retry_status
 from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.conftest import LOCAL_SERVER, eventually, local_env, wait_for_profile
-from tests.ingest.test_webhook_mapping import order_payload
+from tests.ingest.test_webhook_mapping import customer_payload, order_payload
 
 SECRET = "shpss_test_secret"
 _PRIVATE_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -209,6 +209,30 @@ async def test_a_shopify_order_reaches_the_profile_and_a_redelivery_is_a_duplica
     )
     duplicate = {**counts(duplicate=1), "items": [{"index": 0, "outcome": "duplicate", "event_id": event_id}]}
     assert again == paid == (200, duplicate)
+
+
+async def test_a_shopify_customer_update_reaches_the_profile_as_traits_and_consent(
+    server: WebhookServer,
+    http: aiohttp.ClientSession,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    email = f"customer-{unique}@example.com"
+    at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    customer = customer_payload(id=random.getrandbits(52), email=email, updated_at=at)
+    customer["email_marketing_consent"]["consent_updated_at"] = at
+    body = json.dumps(customer).encode()
+    headers = shopify_headers(body, topic="customers/update")
+    status, answer = await post(http, url(server, "/webhooks/shopify"), body, headers)
+    assert (status, answer["accepted"]) == (200, 3)  # traits, email consent, SMS consent
+
+    def merged(p: profile_pb2.Profile) -> bool:
+        return p.traits.fields["first_name"].string_value == "Bob" and len(p.consents) == 2
+
+    profile = await wait_for_profile(profile_stub, by_email(email), merged)
+    consents = {c.channel: c.subscribed for c in profile.consents}
+    assert consents == {ingest_pb2.CHANNEL_EMAIL: True, ingest_pb2.CHANNEL_SMS: False}
+    assert profile.traits.fields["city"].string_value == "Ottawa"
 
 
 async def test_an_order_changed_under_the_id_of_its_first_delivery_is_a_conflict_kept_for_review(
