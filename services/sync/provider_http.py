@@ -99,7 +99,15 @@ class ProviderError(Exception):
 
 class ProviderRefused(ProviderError):
     """The provider answered no (a 4xx other than 408 and 429, or a 401 with a fresh token):
-    sending the same request again would get the same answer."""
+    sending the same request again would get the same answer. ``answer``: the provider's answer,
+    when there was one, for a caller that reads per-item errors from it (never logged: it may
+    hold personal data)."""
+
+    def __init__(
+        self, provider: str, message: str, status: int | None = None, answer: ProviderAnswer | None = None
+    ) -> None:
+        super().__init__(provider, message, status)
+        self.answer = answer
 
 
 class ProviderUnavailable(ProviderError):
@@ -355,7 +363,9 @@ class ProviderApi:
                     self.provider, f"HTTP {answer.status}, asked to wait {wait:.0f} s", answer.status, wait
                 )
             raise _RetryableAnswer(answer.status, wait)
-        raise ProviderRefused(self.provider, f"HTTP {answer.status}: {_reason(answer)}", answer.status)
+        raise ProviderRefused(
+            self.provider, f"HTTP {answer.status}: {_reason(answer)}", answer.status, answer
+        )
 
     async def _send(
         self, method: str, path: str, params: Mapping[str, str | int] | None, json: Any
