@@ -383,6 +383,16 @@ def _email_bounced(p: ingest_pb2.EmailBounced, prefix: str, rules: _Rules, fail:
     _check_text(p.reason, f"{prefix}.reason", fail, required=False)
 
 
+def _email_suppressed(p: ingest_pb2.EmailSuppressed, prefix: str, rules: _Rules, fail: _Fail) -> None:
+    if p.reason == ingest_pb2.SUPPRESSION_REASON_UNSPECIFIED:
+        fail(
+            f"{prefix}.reason",
+            "required: SUPPRESSION_REASON_HARD_BOUNCE, _SOFT_BOUNCE, _SPAM_REPORT or _UNSUBSCRIBE",
+        )
+    elif p.reason not in ingest_pb2.SuppressionReason.values():
+        fail(f"{prefix}.reason", f"unknown value {p.reason}")
+
+
 def _product_upserted(
     p: ingest_pb2.ProductUpserted, prefix: str, rules: ValidationRules, fail: _Fail
 ) -> None:
@@ -424,6 +434,7 @@ _PAYLOAD_CHECKS: dict[str, Callable[[Any, str, ValidationRules, _Fail], None]] =
     "email_bounced": _email_bounced,
     "email_unsubscribed": _email_event,
     "email_spam_reported": _email_event,
+    "email_suppressed": _email_suppressed,
     "product_upserted": _product_upserted,
     "custom": _custom,
 }

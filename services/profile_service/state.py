@@ -599,11 +599,16 @@ def _email_clicked(
 def _email_bounced(
     state: ProfileState, event: ingest_pb2.Event, by: Provenance, rules: MergeRules
 ) -> ProfileState:
+    # soft, or a bounce of unknown type, unless hard
+    return _bounced(state, event.email_bounced.bounce_type == ingest_pb2.BOUNCE_TYPE_HARD, by, rules)
+
+
+def _bounced(state: ProfileState, hard: bool, by: Provenance, rules: MergeRules) -> ProfileState:
     email = state.email
     attribute = "email.bounce_state"
-    if event.email_bounced.bounce_type == ingest_pb2.BOUNCE_TYPE_HARD:
+    if hard:
         email = replace(email, last_hard_bounce=_latest(by, email.last_hard_bounce, attribute, rules))
-    else:  # soft, or a bounce of unknown type
+    else:
         email = replace(email, last_soft_bounce=_latest(by, email.last_soft_bounce, attribute, rules))
     return replace(state, email=_bounce_state(email, rules))
 
@@ -622,6 +627,22 @@ def _email_spam_reported(
     email = state.email
     latest = _latest(by, email.last_spam_report, "email.spam_reported", rules)
     return replace(state, email=replace(email, last_spam_report=latest))
+
+
+_SUPPRESSED_AS: Mapping[int, _Handler] = {
+    ingest_pb2.SUPPRESSION_REASON_HARD_BOUNCE: lambda s, e, by, r: _bounced(s, hard=True, by=by, rules=r),
+    ingest_pb2.SUPPRESSION_REASON_SOFT_BOUNCE: lambda s, e, by, r: _bounced(s, hard=False, by=by, rules=r),
+    ingest_pb2.SUPPRESSION_REASON_SPAM_REPORT: lambda s, e, by, r: _email_spam_reported(s, e, by, r),
+    ingest_pb2.SUPPRESSION_REASON_UNSUBSCRIBE: lambda s, e, by, r: _email_unsubscribed(s, e, by, r),
+}
+
+
+def _email_suppressed(
+    state: ProfileState, event: ingest_pb2.Event, by: Provenance, rules: MergeRules
+) -> ProfileState:
+    """A suppression-list entry counts as the bounce, spam report or unsubscribe it stands for."""
+    handler = _SUPPRESSED_AS.get(event.email_suppressed.reason)
+    return state if handler is None else handler(state, event, by, rules)
 
 
 # Last seen -------------------------------------------------------------------------------------
@@ -666,6 +687,7 @@ _HANDLERS: Mapping[str, _Handler] = {
     "email_bounced": _email_bounced,
     "email_unsubscribed": _email_unsubscribed,
     "email_spam_reported": _email_spam_reported,
+    "email_suppressed": _email_suppressed,
 }
 
 

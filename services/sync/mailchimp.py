@@ -13,10 +13,11 @@ a member whenever another one changed during the run and moved to the end of the
 - A member becomes an Identify event (source email) for its ``email_address`` with the mapped
   merge fields, language and country as traits, and its ``status`` becomes email consent:
   ``subscribed`` true, ``unsubscribed`` false. ``cleaned`` (Mailchimp gave up on the address
-  after bounces), ``pending``, ``transactional`` and ``archived`` say nothing about marketing
-  consent and make no consent event.
-- Event ids: ``mailchimp-member:<list id>:<member id>:<last_changed s>`` and
-  ``mailchimp-consent:...`` (the member id is the MD5 of the lower-cased address).
+  after it bounced) is an email_suppressed hard bounce. ``pending``, ``transactional`` and
+  ``archived`` say nothing about marketing consent and make no event.
+- Event ids: ``mailchimp-member:<list id>:<member id>:<last_changed s>``,
+  ``mailchimp-consent:...`` and ``mailchimp-cleaned:...`` (the member id is the MD5 of the
+  lower-cased address).
 """
 
 from __future__ import annotations
@@ -123,7 +124,18 @@ def member_events(
                 identify=ingest_pb2.Identify(traits=struct),
             )
         )
-    subscribed = CONSENT_BY_STATUS.get(str(member.get("status")))
+    status = str(member.get("status"))
+    if status == "cleaned":
+        events.append(
+            ingest_pb2.Event(
+                event_id=f"mailchimp-cleaned:{list_id}:{member_id}:{seconds}",
+                customer=customer,
+                occurred_at=occurred_at,
+                source=ingest_pb2.EVENT_SOURCE_EMAIL,
+                email_suppressed=ingest_pb2.EmailSuppressed(reason=ingest_pb2.SUPPRESSION_REASON_HARD_BOUNCE),
+            )
+        )
+    subscribed = CONSENT_BY_STATUS.get(status)
     if subscribed is not None:
         events.append(
             ingest_pb2.Event(

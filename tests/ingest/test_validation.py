@@ -125,7 +125,19 @@ VALID_PAYLOADS: dict[str, Any] = {
         sku="sku-1", name="Shoe", price=money("10.00"), in_stock=True
     ),
     "custom": ingest_pb2.CustomEvent(name="wishlist_item_added"),
+    "email_suppressed": ingest_pb2.EmailSuppressed(reason=ingest_pb2.SUPPRESSION_REASON_HARD_BOUNCE),
 }
+
+
+def test_a_suppression_needs_its_reason_and_no_message() -> None:
+    def problems(reason: int) -> dict[str, str]:
+        suppressed = ingest_pb2.EmailSuppressed(reason=reason)  # type: ignore[arg-type]
+        return fields(event(email="a@example.com", occurred_at=NOW, email_suppressed=suppressed))
+
+    assert problems(ingest_pb2.SUPPRESSION_REASON_UNSUBSCRIBE) == {}
+    required = "required: SUPPRESSION_REASON_HARD_BOUNCE, _SOFT_BOUNCE, _SPAM_REPORT or _UNSUBSCRIBE"
+    assert problems(ingest_pb2.SUPPRESSION_REASON_UNSPECIFIED) == {"email_suppressed.reason": required}
+    assert problems(99) == {"email_suppressed.reason": "unknown value 99"}
 
 
 def test_every_event_type_has_a_valid_example() -> None:

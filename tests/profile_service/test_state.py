@@ -18,6 +18,7 @@ from profile_service import state as state_module
 from profile_service.merge_rules import DEFAULT_RULES, MergeRules
 from profile_service.state import (
     BounceState,
+    EmailState,
     Money,
     ProfileState,
     apply_event,
@@ -468,6 +469,33 @@ def test_unsubscribed_until_a_later_email_opt_in_and_spam_reports_stay() -> None
     assert later.email.unsubscribed_set_by.occurred_at == at(3)
     earlier = in_every_order([ev(minutes=0, **opt_in), ev(minutes=1, **unsub)])
     assert earlier.email.unsubscribed
+
+
+def suppressed(reason: int) -> dict[str, Any]:
+    return {"email_suppressed": ingest_pb2.EmailSuppressed(reason=reason)}  # type: ignore[arg-type]
+
+
+def test_a_suppression_list_entry_counts_as_the_bounce_report_or_unsubscribe_it_stands_for() -> None:
+    hard, soft = (
+        suppressed(ingest_pb2.SUPPRESSION_REASON_HARD_BOUNCE),
+        suppressed(ingest_pb2.SUPPRESSION_REASON_SOFT_BOUNCE),
+    )
+    assert bounce_state(hard) == BounceState.HARD
+    assert bounce_state(DELIVERED, soft) == BounceState.SOFT
+    assert bounce_state(hard, DELIVERED) == BounceState.NONE  # a later delivery lifts it, as a bounce's
+    assert bounce_state(HARD, soft) == BounceState.HARD
+    spam = in_every_order(
+        [ev(minutes=1, source=EMAIL, **suppressed(ingest_pb2.SUPPRESSION_REASON_SPAM_REPORT))]
+    )
+    assert spam.email.spam_reported and not spam.email.unsubscribed
+    opt_in: dict[str, Any] = {"consent_changed": consent(ingest_pb2.CHANNEL_EMAIL, True)}
+    unsub = suppressed(ingest_pb2.SUPPRESSION_REASON_UNSUBSCRIBE)
+    assert in_every_order([ev(minutes=0, **opt_in), ev(minutes=1, source=EMAIL, **unsub)]).email.unsubscribed
+    assert not in_every_order(
+        [ev(minutes=1, source=EMAIL, **unsub), ev(minutes=2, **opt_in)]
+    ).email.unsubscribed
+    # a reason this code does not know changes nothing
+    assert in_every_order([ev(minutes=1, source=EMAIL, **suppressed(99))]).email == EmailState()
 
 
 def test_recent_email_times_are_newest_first_bounded_and_within_30_days_of_the_newest() -> None:

@@ -67,6 +67,13 @@ def test_the_status_says_what_it_says_about_marketing_consent(status: str, subsc
     assert consents == ([] if subscribed is None else [subscribed])
 
 
+def test_a_cleaned_member_is_a_hard_bounce_suppression() -> None:
+    identify, cleaned = member_events(LIST, _member("gone@example.com", "cleaned"), {})
+    assert identify.HasField("identify")  # its language and country; no consent either way
+    assert cleaned.event_id == f"mailchimp-cleaned:{LIST}:{member_id('gone@example.com')}:{S0}"
+    assert cleaned.email_suppressed.reason == ingest_pb2.SUPPRESSION_REASON_HARD_BOUNCE
+
+
 def test_a_member_without_an_id_address_or_time_is_skipped() -> None:
     assert member_events(LIST, _member("x@example.com", id="nope"), DEFAULT_MERGE_TRAITS) == []
     assert member_events(LIST, _member("x@example.com", email_address=""), DEFAULT_MERGE_TRAITS) == []

@@ -107,6 +107,40 @@ BOUNCE_TYPE_SOFT: BounceType.ValueType  # 2
 """Temporary: mailbox full, server down."""
 Global___BounceType: _TypeAlias = BounceType  # noqa: Y015
 
+class _SuppressionReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SuppressionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SuppressionReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUPPRESSION_REASON_UNSPECIFIED: _SuppressionReason.ValueType  # 0
+    SUPPRESSION_REASON_HARD_BOUNCE: _SuppressionReason.ValueType  # 1
+    """The address bounced permanently (SendGrid's bounce list, Mailchimp's cleaned
+    members).
+    """
+    SUPPRESSION_REASON_SOFT_BOUNCE: _SuppressionReason.ValueType  # 2
+    """The receiving server refused it for now (SendGrid's block list)."""
+    SUPPRESSION_REASON_SPAM_REPORT: _SuppressionReason.ValueType  # 3
+    """The recipient reported an email as spam."""
+    SUPPRESSION_REASON_UNSUBSCRIBE: _SuppressionReason.ValueType  # 4
+    """The recipient unsubscribed from every email of the sender."""
+
+class SuppressionReason(_SuppressionReason, metaclass=_SuppressionReasonEnumTypeWrapper):
+    """Why an email platform will not send to an address."""
+
+SUPPRESSION_REASON_UNSPECIFIED: SuppressionReason.ValueType  # 0
+SUPPRESSION_REASON_HARD_BOUNCE: SuppressionReason.ValueType  # 1
+"""The address bounced permanently (SendGrid's bounce list, Mailchimp's cleaned
+members).
+"""
+SUPPRESSION_REASON_SOFT_BOUNCE: SuppressionReason.ValueType  # 2
+"""The receiving server refused it for now (SendGrid's block list)."""
+SUPPRESSION_REASON_SPAM_REPORT: SuppressionReason.ValueType  # 3
+"""The recipient reported an email as spam."""
+SUPPRESSION_REASON_UNSUBSCRIBE: SuppressionReason.ValueType  # 4
+"""The recipient unsubscribed from every email of the sender."""
+Global___SuppressionReason: _TypeAlias = SuppressionReason  # noqa: Y015
+
 class _EventOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -334,6 +368,7 @@ class Event(_message.Message):
     EMAIL_SPAM_REPORTED_FIELD_NUMBER: _builtins.int
     PRODUCT_UPSERTED_FIELD_NUMBER: _builtins.int
     CUSTOM_FIELD_NUMBER: _builtins.int
+    EMAIL_SUPPRESSED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Caller-chosen unique id, 1 to 128 characters of [A-Za-z0-9._:-]. A resend
     with the same id is a duplicate, never a second event; the same id with
@@ -413,6 +448,8 @@ class Event(_message.Message):
     def product_upserted(self) -> Global___ProductUpserted: ...
     @_builtins.property
     def custom(self) -> Global___CustomEvent: ...
+    @_builtins.property
+    def email_suppressed(self) -> Global___EmailSuppressed: ...
     def __init__(
         self,
         *,
@@ -445,12 +482,13 @@ class Event(_message.Message):
         email_spam_reported: Global___EmailSpamReported | None = ...,
         product_upserted: Global___ProductUpserted | None = ...,
         custom: Global___CustomEvent | None = ...,
+        email_suppressed: Global___EmailSuppressed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "checkout_started", b"checkout_started", "consent_changed", b"consent_changed", "context", b"context", "custom", b"custom", "customer", b"customer", "email_bounced", b"email_bounced", "email_clicked", b"email_clicked", "email_delivered", b"email_delivered", "email_opened", b"email_opened", "email_spam_reported", b"email_spam_reported", "email_unsubscribed", b"email_unsubscribed", "identify", b"identify", "loyalty_changed", b"loyalty_changed", "occurred_at", b"occurred_at", "order_cancelled", b"order_cancelled", "order_completed", b"order_completed", "order_refunded", b"order_refunded", "original_occurred_at", b"original_occurred_at", "page_viewed", b"page_viewed", "payload", b"payload", "product_searched", b"product_searched", "product_upserted", b"product_upserted", "product_viewed", b"product_viewed", "received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "checkout_started", b"checkout_started", "consent_changed", b"consent_changed", "context", b"context", "custom", b"custom", "customer", b"customer", "email_bounced", b"email_bounced", "email_clicked", b"email_clicked", "email_delivered", b"email_delivered", "email_opened", b"email_opened", "email_spam_reported", b"email_spam_reported", "email_suppressed", b"email_suppressed", "email_unsubscribed", b"email_unsubscribed", "identify", b"identify", "loyalty_changed", b"loyalty_changed", "occurred_at", b"occurred_at", "order_cancelled", b"order_cancelled", "order_completed", b"order_completed", "order_refunded", b"order_refunded", "original_occurred_at", b"original_occurred_at", "page_viewed", b"page_viewed", "payload", b"payload", "product_searched", b"product_searched", "product_upserted", b"product_upserted", "product_viewed", b"product_viewed", "received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "checkout_started", b"checkout_started", "consent_changed", b"consent_changed", "context", b"context", "custom", b"custom", "customer", b"customer", "email_bounced", b"email_bounced", "email_clicked", b"email_clicked", "email_delivered", b"email_delivered", "email_opened", b"email_opened", "email_spam_reported", b"email_spam_reported", "email_unsubscribed", b"email_unsubscribed", "event_id", b"event_id", "identify", b"identify", "loyalty_changed", b"loyalty_changed", "occurred_at", b"occurred_at", "order_cancelled", b"order_cancelled", "order_completed", b"order_completed", "order_refunded", b"order_refunded", "original_occurred_at", b"original_occurred_at", "page_viewed", b"page_viewed", "payload", b"payload", "product_searched", b"product_searched", "product_upserted", b"product_upserted", "product_viewed", b"product_viewed", "received_at", b"received_at", "sent_at", b"sent_at", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "cart_item_added", b"cart_item_added", "cart_item_removed", b"cart_item_removed", "checkout_started", b"checkout_started", "consent_changed", b"consent_changed", "context", b"context", "custom", b"custom", "customer", b"customer", "email_bounced", b"email_bounced", "email_clicked", b"email_clicked", "email_delivered", b"email_delivered", "email_opened", b"email_opened", "email_spam_reported", b"email_spam_reported", "email_suppressed", b"email_suppressed", "email_unsubscribed", b"email_unsubscribed", "event_id", b"event_id", "identify", b"identify", "loyalty_changed", b"loyalty_changed", "occurred_at", b"occurred_at", "order_cancelled", b"order_cancelled", "order_completed", b"order_completed", "order_refunded", b"order_refunded", "original_occurred_at", b"original_occurred_at", "page_viewed", b"page_viewed", "payload", b"payload", "product_searched", b"product_searched", "product_upserted", b"product_upserted", "product_viewed", b"product_viewed", "received_at", b"received_at", "sent_at", b"sent_at", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["product_viewed", "cart_item_added", "cart_item_removed", "order_completed", "identify", "page_viewed", "product_searched", "checkout_started", "order_refunded", "order_cancelled", "alias", "loyalty_changed", "consent_changed", "email_delivered", "email_opened", "email_clicked", "email_bounced", "email_unsubscribed", "email_spam_reported", "product_upserted", "custom"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["product_viewed", "cart_item_added", "cart_item_removed", "order_completed", "identify", "page_viewed", "product_searched", "checkout_started", "order_refunded", "order_cancelled", "alias", "loyalty_changed", "consent_changed", "email_delivered", "email_opened", "email_clicked", "email_bounced", "email_unsubscribed", "email_spam_reported", "product_upserted", "custom", "email_suppressed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -863,6 +901,32 @@ class EmailSpamReported(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EmailSpamReported: _TypeAlias = EmailSpamReported  # noqa: Y015
+
+@_typing.final
+class EmailSuppressed(_message.Message):
+    """The address is on an email platform's suppression list, so the platform will
+    not send to it. A list entry names no message, unlike email_bounced and the
+    other engagement events; the profile takes it as that bounce, spam report or
+    unsubscribe at occurred_at.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: Global___SuppressionReason.ValueType
+    """Why; required."""
+    def __init__(
+        self,
+        *,
+        reason: Global___SuppressionReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmailSuppressed: _TypeAlias = EmailSuppressed  # noqa: Y015
 
 @_typing.final
 class ProductUpserted(_message.Message):
