@@ -33,6 +33,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from sendtime.ingest.v1 import ingest_pb2
 from sync.hubspot import check_trait_map
 from sync.provider_http import ProviderApi, ProviderRefused
+from sync.push import ItemOutcome, ItemResult, PushItem, batches
 
 MAX_PAGE_SIZE = 1000
 # Mailchimp merge field tag -> Sendtime trait (the audience's own tags may differ: configurable).
@@ -233,3 +234,74 @@ class MailchimpMembers:
             "fields": "members.id,members.email_address,members.status,members.merge_fields,"
             "members.language,members.location.country_code,members.last_changed,total_items",
         }
+
+
+# --- pushing traits -----------------------------------------------------------------------------
+
+PUSH_BATCH_SIZE = 500  # Mailchimp's batch subscribe/update takes at most 500 members
+# Sendtime trait -> the audience's merge field tag.
+DEFAULT_PUSH_FIELDS: Mapping[str, str] = {"first_name": "FNAME", "last_name": "LNAME", "phone": "PHONE"}
+
+
+def member_object(item: PushItem, fields: Mapping[str, str], status_if_new: str) -> dict[str, Any]:
+    """The item as a member of Mailchimp's batch subscribe/update (pure): its merge fields, and
+    the status a member new to the audience gets (never its consent: see MailchimpPush)."""
+    merge = {fields[trait]: value for trait, value in item.attributes.items() if trait in fields}
+    return {"email_address": item.email, "status_if_new": status_if_new, "merge_fields": merge}
+
+
+class MailchimpPush:
+    """Traits to one audience's members: ``POST /3.0/lists/{list_id}`` with ``update_existing``,
+    500 members a request. Items are matched to the answer's ``errors`` by address (Mailchimp
+    names no index): those are REFUSED with the error code, the rest PUSHED. A member new to the
+    audience is added with ``status_if_new`` (``transactional`` by default: in the audience, not
+    subscribed to marketing), so a push never subscribes anyone; consent comes from the pull.
+    Items without an address are refused here: Mailchimp keys members by address."""
+
+    def __init__(
+        self,
+        api: ProviderApi,
+        list_id: str,
+        fields: Mapping[str, str] = DEFAULT_PUSH_FIELDS,
+        *,
+        status_if_new: str = "transactional",
+    ) -> None:
+        if not _LIST_ID.fullmatch(list_id):
+            raise ValueError("a Mailchimp audience (list) id is 1 to 32 letters and digits")
+        if status_if_new not in ("transactional", "subscribed", "unsubscribed", "pending"):
+            raise ValueError(
+                f"status_if_new {status_if_new!r}: transactional, subscribed, unsubscribed or pending"
+            )
+        self._api = api
+        self._list_id = list_id
+        self._fields = dict(fields)
+        self._status_if_new = status_if_new
+
+    async def push(self, items: Sequence[PushItem]) -> list[ItemResult]:
+        """Raises: ProviderUnavailable (a batch's items stay pending), ProviderRefused."""
+        results = [ItemResult(i, ItemOutcome.REFUSED, "no email address") for i in items if not i.email]
+        for batch in batches([i for i in items if i.email], PUSH_BATCH_SIZE):
+            body = {
+                "members": [member_object(item, self._fields, self._status_if_new) for item in batch],
+                "update_existing": True,
+            }
+            answer = (await self._api.request("POST", f"/3.0/lists/{self._list_id}", json=body)).json()
+            refused = _errors_by_address(answer)
+            for item in batch:
+                code = refused.get(item.email.strip().lower())
+                results.append(
+                    ItemResult(item, ItemOutcome.REFUSED, code)
+                    if code
+                    else ItemResult(item, ItemOutcome.PUSHED)
+                )
+        return results
+
+
+def _errors_by_address(answer: Any) -> dict[str, str]:
+    """A batch answer's ``errors``: lower-cased address -> Mailchimp's error code."""
+    found: dict[str, str] = {}
+    errors = answer.get("errors") if isinstance(answer, dict) else None
+    for error in errors if isinstance(errors, list) else []:
+        if isinstance(error, dict) and isinstance(error.get("email_address"), str):
+            found[error["email_address"].strip().lower()] = str(error.get("error_code") or "ERROR")[:100]
+    return found

@@ -9,8 +9,17 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from sync.mailchimp import DEFAULT_MERGE_TRAITS, MailchimpMembers, base_url_for_key, changed_s, member_events
+from sync.mailchimp import (
+    DEFAULT_MERGE_TRAITS,
+    MailchimpMembers,
+    MailchimpPush,
+    base_url_for_key,
+    changed_s,
+    member_events,
+    member_object,
+)
 from sync.provider_http import BasicAuth, ProviderApi, ProviderLimits, ProviderRefused
+from sync.push import ItemOutcome, PushItem
 
 from sendtime.ingest.v1 import ingest_pb2
 from tests.sync.mailchimp_server import MailchimpServer, member_id
@@ -110,12 +119,15 @@ async def apis() -> AsyncIterator[list[ProviderApi]]:
         await api.aclose()
 
 
-def _pull(server: MailchimpServer, apis: list[ProviderApi], **kw: Any) -> MailchimpMembers:
+def _api(server: MailchimpServer, apis: list[ProviderApi]) -> ProviderApi:
     assert server.api_key is not None
     limits = ProviderLimits(requests=100, per_s=1.0, backoff_initial_s=0.05, backoff_max_s=0.2)
-    api = ProviderApi("mailchimp", server.url, BasicAuth("sendtime", server.api_key), limits)
-    apis.append(api)
-    return MailchimpMembers(api, LIST, **kw)
+    apis.append(ProviderApi("mailchimp", server.url, BasicAuth("sendtime", server.api_key), limits))
+    return apis[-1]
+
+
+def _pull(server: MailchimpServer, apis: list[ProviderApi], **kw: Any) -> MailchimpMembers:
+    return MailchimpMembers(_api(server, apis), LIST, **kw)
 
 
 async def _all(pull: MailchimpMembers, cursor_s: int) -> tuple[list[ingest_pb2.Event], int]:
@@ -201,3 +213,50 @@ def test_settings_mailchimp_would_refuse_are_refused_up_front() -> None:
         MailchimpMembers(api, LIST, page_size=5000)
     with pytest.raises(ValueError, match="audience"):
         MailchimpMembers(api, "../admin")
+
+
+# --- pushing traits to the audience ------------------------------------------------------------
+
+
+def test_an_item_is_a_member_with_its_merge_fields_and_a_status_only_if_new() -> None:
+    item = PushItem("user:1", {"first_name": "Ada", "tier": "gold"}, 2, email="ada@example.com")
+    assert member_object(item, {"first_name": "FNAME"}, "transactional") == {
+        "email_address": "ada@example.com",
+        "status_if_new": "transactional",
+        "merge_fields": {"FNAME": "Ada"},  # a trait without a merge field is not sent
+    }
+
+
+async def test_a_push_updates_members_adds_new_ones_unsubscribed_and_refuses_per_address(
+    mailchimp: MailchimpServer, apis: list[ProviderApi]
+) -> None:
+    mailchimp.put("known@example.com", S0, status="subscribed", FNAME="Old")
+    push = MailchimpPush(_api(mailchimp, apis), LIST)
+    items = [
+        PushItem("user:1", {"first_name": "Known"}, 3, email="known@example.com"),
+        PushItem("user:2", {"first_name": "New"}, 3, email="new@example.com"),
+        PushItem("user:3", {"first_name": "Bad"}, 3, email="not-an-address"),
+        PushItem("user:4", {"first_name": "Nobody"}, 3),
+    ]
+    results = {r.item.customer_key: (r.outcome, r.reason) for r in await push.push(items)}
+    assert results == {
+        "user:1": (ItemOutcome.PUSHED, ""),
+        "user:2": (ItemOutcome.PUSHED, ""),
+        "user:3": (ItemOutcome.REFUSED, "ERROR_GENERIC"),  # the code, not the message with the address
+        "user:4": (ItemOutcome.REFUSED, "no email address"),
+    }
+    known = mailchimp.members[member_id("known@example.com")]
+    new = mailchimp.members[member_id("new@example.com")]
+    assert (known["status"], known["merge_fields"]["FNAME"]) == ("subscribed", "Known")  # consent untouched
+    assert (new["status"], new["merge_fields"]["FNAME"]) == (
+        "transactional",
+        "New",
+    )  # never subscribed by a push
+
+
+async def test_a_push_goes_500_members_a_request(mailchimp: MailchimpServer, apis: list[ProviderApi]) -> None:
+    push = MailchimpPush(_api(mailchimp, apis), LIST)
+    items = [PushItem(f"user:{n}", {"first_name": "x"}, 1, email=f"p{n}@example.com") for n in range(620)]
+    results = await push.push(items)
+    assert mailchimp.batch_sizes == [500, 120]
+    assert all(r.outcome == ItemOutcome.PUSHED for r in results)
