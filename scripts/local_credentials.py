@@ -57,6 +57,7 @@ class LocalCredentials:
     render_key_file: Path
     triggers_profile_key_file: Path
     triggers_render_key_file: Path
+    sync_ingest_key_file: Path  # sync to ingest: events.write only
     prometheus_key_file: Path  # what a Prometheus scrapes the metrics ports with (metrics.read)
     tls: LocalTls
     run_dir: Path
@@ -87,11 +88,16 @@ class LocalCredentials:
                 "RENDER_SERVICE_API_KEY_FILE": str(self.triggers_render_key_file),
                 "TRIGGERS_SECRET_KEYS_FILE": str(triggers_secret_keys(self.run_dir)),
             }
+        if service == "sync":
+            env |= {
+                "INGEST_SERVICE_CA_FILE": str(self.tls.ca_file),
+                "INGEST_SERVICE_API_KEY_FILE": str(self.sync_ingest_key_file),
+            }
         if self.own_nats:
             env.update(nats_service_env(self.run_dir, service))
         if service in self.database_urls:
             env["DATABASE_URL"] = self.database_urls[service]
-        if service in ("ingest", "profile", "triggers") and service in self.redis_urls:
+        if service in ("ingest", "profile", "triggers", "sync") and service in self.redis_urls:
             env["REDIS_URL"] = self.redis_urls[service]
         if service == "render" and "render" in self.redis_urls:
             env["RENDER_REDIS_URL"] = self.redis_urls["render"]
@@ -180,17 +186,21 @@ def _write_secret(path: Path, text: str) -> None:
         file.write(text + "\n")
 
 
-async def _usable(store: KeyStore, path: Path) -> bool:
-    """Whether the key in ``path`` is an active key of this database."""
+async def _usable(store: KeyStore, path: Path, scopes: frozenset[Scope]) -> bool:
+    """Whether the key in ``path`` is an active key of this database holding ``scopes`` (a key
+    made before a scope existed is made again: the admin key must hold every scope)."""
     try:
         record = await store.find(path.read_text().strip())
     except OSError:
         return False
-    return record is not None and record.state(datetime.now(UTC)) is KeyState.ACTIVE
+    return (
+        record is not None and record.state(datetime.now(UTC)) is KeyState.ACTIVE and scopes <= record.scopes
+    )
 
 
 async def _ensure_key(store: KeyStore, path: Path, name: str, scopes: Iterable[Scope]) -> None:
-    if not await _usable(store, path):
+    scopes = frozenset(scopes)
+    if not await _usable(store, path, scopes):
         _, key = await store.create(name, scopes, "cli:make-run")
         _write_secret(path, key)
 
@@ -260,6 +270,7 @@ async def _ensure(
             directory / "render.key",
             directory / "triggers-profile.key",
             directory / "triggers-render.key",
+            directory / "sync-ingest.key",
             directory / "prometheus.key",
             tls,
             run_dir,
@@ -277,6 +288,9 @@ async def _ensure(
         )
         await _ensure_key(
             store, credentials.triggers_render_key_file, "triggers to render (make run)", [Scope.RENDER]
+        )
+        await _ensure_key(
+            store, credentials.sync_ingest_key_file, "sync to ingest (make run)", [Scope.EVENTS_WRITE]
         )
         await _ensure_key(
             store, credentials.prometheus_key_file, "prometheus (make run)", [Scope.METRICS_READ]

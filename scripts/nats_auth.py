@@ -9,6 +9,8 @@
 - **render** reads events through its catalog consumer and follows erasure notices.
 - **triggers** reads the profile change stream through its durable consumer
   (``triggers-changes``) and follows erasure notices; it publishes nothing.
+- **sync** follows erasure notices only; it publishes nothing (pulled records reach the event
+  log through ingest, as anyone's).
 
 Nobody else may publish an event, so nothing reaches the merger without ingest's validation.
 Each user may subscribe only to its own inboxes (``_INBOX_<user>.>``; the services connect
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 from sendtime_common.event_log import JetStreamSettings, inbox_prefix
 
-SERVICES = ("ingest", "profile", "render", "triggers")
+SERVICES = ("ingest", "profile", "render", "triggers", "sync")
 API = "$JS.API"
 
 
@@ -103,6 +105,8 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
             f"{API}.STREAM.INFO.{names.profile_change_stream}",
             *_durable(names.profile_change_stream, names.changes_consumer),
         ]
+    elif service == "sync":
+        pass  # erasure notices only (its push ledger names customers)
     else:
         raise ValueError(f"no such service {service!r}")
     return {

@@ -7,8 +7,8 @@
   there, nothing else.
 - **Every service** keeps its callers' rate limits under ``sendtime:ratelimit:<service>:*``
   (sendtime_common.rate_limit): EVALSHA of the limiter's script, SCRIPT LOAD to load it again
-  after a restart, and the script's own TIME, GET and SET, on its own buckets only. Ingest's
-  and triggers' users may do nothing else.
+  after a restart, and the script's own TIME, GET and SET, on its own buckets only. Ingest's,
+  triggers' and sync's users may do nothing else.
 
 ``devstack``/``make run`` creates these users (``ACL SETUSER``) on the local Redis; on a managed
 Redis an administrator creates them from ``acl_rules`` (docs/security.md prints them), and the
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import redis.asyncio as redis
 
-SERVICES = ("ingest", "profile", "render", "triggers")
+SERVICES = ("ingest", "profile", "render", "triggers", "sync")
 
 # The rate limiter's script: EVALSHA (SCRIPT LOAD after NOSCRIPT) and what it runs.
 _LIMITER = ["+evalsha", "+script|load", "+time", "+get", "+set"]
@@ -29,6 +29,7 @@ _LIMITER = ["+evalsha", "+script|load", "+time", "+get", "+set"]
 _RULES = {
     "ingest": ["~sendtime:ratelimit:ingest:*", "+@connection", *_LIMITER],
     "triggers": ["~sendtime:ratelimit:triggers:*", "+@connection", *_LIMITER],
+    "sync": ["~sendtime:ratelimit:sync:*", "+@connection", *_LIMITER],
     "profile": [
         "~sendtime:profile:*",
         "~sendtime:ratelimit:profile:*",

@@ -1,4 +1,4 @@
-"""Run the whole Sendtime suite locally: dependencies, the four services, a demo.
+"""Run the whole Sendtime suite locally: dependencies, the five services, a demo.
 
 ``python scripts/suite.py run``  (``make run``): make PostgreSQL, Redis and NATS reachable
 (devstack), start profile, ingest, render and triggers, run the demo, print grpcurl commands to try, and
@@ -110,8 +110,9 @@ SERVICES = (
     Service("ingest", "ingest", "INGEST", 50051, 50061, 8080, 9461),
     Service("render", "render", "RENDER", 50053, 50063, 8083, 9463),
     Service("triggers", "triggers", "TRIGGERS", 50054, 50064, 8084, 9464),  # after the services it calls
+    Service("sync", "sync", "SYNC", 50055, 50065, 8085, 9465),  # after ingest, which it calls
 )
-PROFILE, INGEST, RENDER, TRIGGERS = SERVICES
+PROFILE, INGEST, RENDER, TRIGGERS, SYNC = SERVICES
 
 
 def _say(message: str = "") -> None:
@@ -120,11 +121,13 @@ def _say(message: str = "") -> None:
 
 def service_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment the services run with: the caller's, plus the source tree on the path,
-    render pointed at this suite's profile service and triggers at its profile and render."""
+    render pointed at this suite's profile service, triggers at its profile and render, and sync
+    at its ingest."""
     merged = dict(env)
     merged["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHONPATH, env.get("PYTHONPATH", "")) if p)
     merged.setdefault("PROFILE_SERVICE_TARGET", PROFILE.target(env))
     merged.setdefault("RENDER_SERVICE_TARGET", RENDER.target(env))
+    merged.setdefault("INGEST_SERVICE_TARGET", INGEST.target(env))
     return merged
 
 
@@ -141,7 +144,7 @@ def start_services(
     services: Sequence[Service] = SERVICES,
     credentials: LocalCredentials | None = None,
 ) -> list[RunningService]:
-    """Start ``services`` (all four, by default) as processes, in order, and wait until each
+    """Start ``services`` (all five, by default) as processes, in order, and wait until each
     reports SERVING.
 
     Raises:

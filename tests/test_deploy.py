@@ -15,6 +15,7 @@ import pytest
 
 import nats_auth
 from ingest.settings import Settings as IngestSettings
+from sendtime.sync.v1 import sync_pb2
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.http_routes import routes_of
 from sendtime_common.shutdown import STOP_MARGIN_S
@@ -33,7 +34,13 @@ from tests.deploy.manifests import (
     workloads,
 )
 
-MODULES = {"ingest": "ingest", "profile": "profile_service", "render": "render", "triggers": "triggers"}
+MODULES = {
+    "ingest": "ingest",
+    "profile": "profile_service",
+    "render": "render",
+    "triggers": "triggers",
+    "sync": "sync",
+}
 SERVICES: dict[str, tuple[str, ServiceSettings]] = {
     name: (module, DEFAULT_SETTINGS[name]) for name, module in MODULES.items()
 }
@@ -152,12 +159,15 @@ def test_each_deployment_runs_its_service_on_its_ports_with_its_own_credentials(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_callers_reach_every_profile_and_render_replica_under_a_name_their_certificates_cover(
+def test_callers_reach_every_replica_of_the_services_they_call_under_a_name_their_certificates_cover(
     overlay: str,
 ) -> None:
-    for callee, variable, callers in [
-        ("profile", "PROFILE_SERVICE_TARGET", ("render", "triggers")),
-        ("render", "RENDER_SERVICE_TARGET", ("triggers",)),
+    for callee, variable, callers, mutual in [
+        ("profile", "PROFILE_SERVICE_TARGET", ("render", "triggers"), True),
+        ("render", "RENDER_SERVICE_TARGET", ("triggers",), True),
+        # Ingest's gRPC port also serves stores, which hold keys, not certificates: TLS and
+        # sync's key (events.write), no client certificate.
+        ("ingest", "INGEST_SERVICE_TARGET", ("sync",), False),
     ]:
         _, settings = SERVICES[callee]
         headless = named(overlay, "Service", f"{callee}-headless")
@@ -176,17 +186,19 @@ def test_callers_reach_every_profile_and_render_replica_under_a_name_their_certi
             assert target == f"dns:///{callee}-headless:{port['port']}"
             host = target.removeprefix("dns:///").rpartition(":")[0]
             assert {host, f"{host}.{NAMESPACE}.svc", f"{callee}.{NAMESPACE}.svc"} <= names
+            caller_env = effective_env(overlay, container)
+            prefix = variable.removesuffix("_TARGET")
+            assert caller_env[f"{prefix}_CA_FILE"] == "/etc/sendtime/tls/ca.crt"
+            if not mutual:
+                continue
             # Mutual TLS: the caller's certificate is also a client certificate, and the callee
             # maps its identity.
             mine = next(
                 c for c in of_kind(overlay, "Certificate") if c["spec"]["secretName"] == f"{caller}-tls"
             )
             assert "client auth" in mine["spec"]["usages"]
-            caller_env = effective_env(overlay, container)
-            prefix = variable.removesuffix("_TARGET")
             assert caller_env[f"{prefix}_CERT_FILE"] == caller_env["TLS_CERT_FILE"]
             assert caller_env[f"{prefix}_KEY_FILE"] == caller_env["TLS_KEY_FILE"]
-            assert caller_env[f"{prefix}_CA_FILE"] == "/etc/sendtime/tls/ca.crt"
             (identity,) = mine["spec"]["uris"]
             _, _, callee_container = deployment(overlay, callee)
             callee_env = effective_env(overlay, callee_container)
@@ -310,6 +322,7 @@ def test_the_ingress_sends_every_route_of_the_contracts_to_the_service_that_serv
             "sendtime.triggers.v1.DestinationService",
             "sendtime.triggers.v1.DeliveryService",
         ],
+        "sync": [sync_pb2.DESCRIPTOR.services_by_name["SyncService"].full_name],
     }
     routed = 0
     for service, names in hosting.items():

@@ -172,6 +172,9 @@ DEFAULT_RATES: Mapping[Scope, Rate] = {
     # One Prometheus key scrapes every replica of every service (the rate is per key, across
     # them all): 100 targets every 5 s by two Prometheus servers is 40/s.
     Scope.METRICS_READ: Rate(100, 200),
+    # An operator's dashboard or a script: a connector's status now and then, a run on demand.
+    Scope.SYNC_READ: Rate(20, 100),
+    Scope.SYNC_WRITE: Rate(5, 20),
 }
 
 

@@ -37,6 +37,7 @@ SERVICES = {
     "profile": ("profile_service", "schema_migrations"),
     "render": ("render", "render_schema_migrations"),
     "triggers": ("triggers", "triggers_schema_migrations"),
+    "sync": ("sync", "sync_schema_migrations"),
 }
 AUTH_OWNER = "profile"
 _CREATE_TABLE = re.compile(

@@ -79,6 +79,10 @@ class IngestSink:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
 
+    def use_stub(self, stub: ingest_pb2_grpc.IngestServiceAsyncStub) -> None:
+        """Call through ``stub`` from now on (the channel was reopened with renewed certificates)."""
+        self._stub = stub
+
     async def send(self, events: Sequence[ingest_pb2.Event]) -> Delivered:
         """Every event answered finally (see the module's text).
 

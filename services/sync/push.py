@@ -103,3 +103,10 @@ class PushLedger:
             [r.item.version for r in settled],
             [r.reason for r in settled],
         )
+
+    async def forget(self, customer_key: str) -> int:
+        """Delete what the ledger holds of an erased customer; how many rows."""
+        deleted = await self._pool.execute(
+            "DELETE FROM sync_push_ledger WHERE customer_key = $1", customer_key
+        )
+        return int(deleted.split()[-1])

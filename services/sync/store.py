@@ -44,20 +44,37 @@ class ConnectorStore:
             connector_id,
         )
         assert row is not None
-        cursor = row["cursor"]
-        return ConnectorState(
-            connector_id=row["connector_id"],
-            cursor=None if cursor is None else orjson.loads(cursor),
-            cursor_saved_at=row["cursor_saved_at"],
-            last_run_started_at=row["last_run_started_at"],
-            last_success_at=row["last_success_at"],
-            last_failure_at=row["last_failure_at"],
-            last_error=row["last_error"],
-            consecutive_failures=row["consecutive_failures"],
-            records_total=row["records_total"],
-            events_total=row["events_total"],
-            rejected_total=row["rejected_total"],
-            next_run_at=row["next_run_at"],
+        return _state(row)
+
+    async def ensure(self, connector_ids: list[str]) -> None:
+        """Store a fresh state for each of ``connector_ids`` that has none (a new connector)."""
+        await self._pool.execute(
+            "INSERT INTO sync_connectors (connector_id) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+            connector_ids,
+        )
+
+    async def load_many(self, connector_ids: list[str]) -> dict[str, ConnectorState]:
+        """The states of ``connector_ids`` (fresh ones stored for those without)."""
+        await self.ensure(connector_ids)
+        rows = await self._pool.fetch(
+            "SELECT * FROM sync_connectors WHERE connector_id = ANY($1::text[])", connector_ids
+        )
+        return {row["connector_id"]: _state(row) for row in rows}
+
+    async def due(self, connector_ids: list[str]) -> list[str]:
+        """Those of ``connector_ids`` (``ensure``d) whose next run is now or past, or not set."""
+        rows = await self._pool.fetch(
+            "SELECT connector_id FROM sync_connectors WHERE connector_id = ANY($1::text[])"
+            " AND (next_run_at IS NULL OR next_run_at <= now()) ORDER BY connector_id",
+            connector_ids,
+        )
+        return [r["connector_id"] for r in rows]
+
+    async def make_due(self, connector_id: str) -> None:
+        """Due now (RunConnector): the next replica to look takes it up."""
+        await self.load(connector_id)
+        await self._pool.execute(
+            "UPDATE sync_connectors SET next_run_at = now() WHERE connector_id = $1", connector_id
         )
 
     async def run_started(self, connector_id: str) -> None:
@@ -97,3 +114,21 @@ class ConnectorStore:
             error[:500],
             next_run_at,
         )
+
+
+def _state(row: asyncpg.Record) -> ConnectorState:
+    cursor = row["cursor"]
+    return ConnectorState(
+        connector_id=row["connector_id"],
+        cursor=None if cursor is None else orjson.loads(cursor),
+        cursor_saved_at=row["cursor_saved_at"],
+        last_run_started_at=row["last_run_started_at"],
+        last_success_at=row["last_success_at"],
+        last_failure_at=row["last_failure_at"],
+        last_error=row["last_error"],
+        consecutive_failures=row["consecutive_failures"],
+        records_total=row["records_total"],
+        events_total=row["events_total"],
+        rejected_total=row["rejected_total"],
+        next_run_at=row["next_run_at"],
+    )

@@ -14,13 +14,14 @@ import yaml
 from ingest.settings import Settings as IngestSettings
 from profile_service.settings import Settings as ProfileSettings
 from render.settings import Settings as RenderSettings
+from sync.settings import Settings as SyncSettings
 from triggers.settings import Settings as TriggersSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("dev", "prod")
 NAMESPACE = "sendtime"
-SERVICES = ("ingest", "profile", "render", "triggers")
+SERVICES = ("ingest", "profile", "render", "triggers", "sync")
 
 
 class ServiceSettings(Protocol):
@@ -42,6 +43,7 @@ DEFAULT_SETTINGS: dict[str, ServiceSettings] = {
     "profile": ProfileSettings(),
     "render": RenderSettings(),
     "triggers": TriggersSettings(),
+    "sync": SyncSettings(),
 }
 WORKLOAD_KINDS = ("Deployment", "Job")
 

@@ -68,7 +68,7 @@ def test_every_pod_meets_pod_security_restricted_with_a_read_only_root(overlay: 
             assert context["readOnlyRootFilesystem"] is True, where
             assert not any("hostPort" in port for port in container.get("ports", [])), where
             checked += 1
-    assert checked == (4 + 1 + (3 if overlay == "dev" else 0))  # services, setup, dev's dependencies
+    assert checked == (5 + 1 + (3 if overlay == "dev" else 0))  # services, setup, dev's dependencies
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -214,7 +214,11 @@ def expected_flows(overlay: str) -> set[tuple[str, str, int, str]]:
         ("triggers", "profile", profile_grpc, "TCP"),
         ("triggers", "render", render_grpc, "TCP"),
     }
-    flows |= {("triggers", address, 443, "TCP") for address in PUBLIC_ADDRESSES}
+    flows.add(("sync", "ingest", port_of(IngestSettings().address), "TCP"))
+    # Webhooks (triggers) and the providers' APIs (sync): public addresses on 443.
+    flows |= {
+        (caller, address, 443, "TCP") for caller in ("triggers", "sync") for address in PUBLIC_ADDRESSES
+    }
     flows |= {("sendtime-setup", d, ports[d], "TCP") for d in databases if ports[d] != 6379}
     return flows
 

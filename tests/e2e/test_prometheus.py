@@ -51,7 +51,7 @@ from triggers.builtin import cart_abandoned
 pytestmark = pytest.mark.e2e
 
 # The same fixtures as the e2e suite's (this module gets its own suite: its own database, NATS
-# and four processes).
+# and five processes).
 suite_database = e2e.suite_database
 suite_env = e2e.suite_env
 running_suite = e2e.running_suite
@@ -61,6 +61,7 @@ JOBS = {
     "profile": "PROFILE_METRICS_ADDRESS",
     "render": "RENDER_METRICS_ADDRESS",
     "triggers": "TRIGGERS_METRICS_ADDRESS",
+    "sync": "SYNC_METRICS_ADDRESS",
 }
 # Matchers that select what a healthy suite under this load does not make (server errors,
 # events it cannot take, webhook items no provider mapping takes): a selector with one of them

@@ -47,24 +47,28 @@ DEFAULT_PORTS = {
     "50052": "PROFILE_ADDRESS",
     "50053": "RENDER_ADDRESS",
     "50054": "TRIGGERS_ADDRESS",
+    "50055": "SYNC_ADDRESS",
 }
 HEALTH_PORTS = {
     "50061": "INGEST_HEALTH_ADDRESS",
     "50062": "PROFILE_HEALTH_ADDRESS",
     "50063": "RENDER_HEALTH_ADDRESS",
     "50064": "TRIGGERS_HEALTH_ADDRESS",
+    "50065": "SYNC_HEALTH_ADDRESS",
 }
 HTTP_PORTS = {
     "8080": "INGEST_HTTP_ADDRESS",
     "8082": "PROFILE_HTTP_ADDRESS",
     "8083": "RENDER_HTTP_ADDRESS",
     "8084": "TRIGGERS_HTTP_ADDRESS",
+    "8085": "SYNC_HTTP_ADDRESS",
 }
 METRICS_PORTS = {
     "9461": "INGEST_METRICS_ADDRESS",
     "9462": "PROFILE_METRICS_ADDRESS",
     "9463": "RENDER_METRICS_ADDRESS",
     "9464": "TRIGGERS_METRICS_ADDRESS",
+    "9465": "SYNC_METRICS_ADDRESS",
 }
 PORT_VARIABLES = [
     *DEFAULT_PORTS.values(),
@@ -103,7 +107,7 @@ def suite_env(
 
 @pytest.fixture(scope="module")
 def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """The four services as processes, as `make run` starts them."""
+    """The five services as processes, as `make run` starts them."""
     started = devstack.up(suite_env)  # NATS (locked down); the rest listens already; the database
     credentials = ensure_local_credentials(suite_env, Path(suite_env["SENDTIME_RUN_DIR"]))
     env = {
@@ -117,7 +121,9 @@ def running_suite(suite_env: dict[str, str]) -> Iterator[dict[str, str]]:
     yield env
     codes = suite.stop_services(running)
     devstack.down(suite_env, names=started)
-    assert codes == {"triggers": 0, "render": 0, "ingest": 0, "profile": 0}, "a service did not exit 0"
+    assert codes == {"sync": 0, "triggers": 0, "render": 0, "ingest": 0, "profile": 0}, (
+        "a service did not exit 0"
+    )
 
 
 def target(env: dict[str, str], variable: str) -> str:
@@ -167,6 +173,7 @@ def test_list_shows_each_service_with_health_and_reflection(running_suite: dict[
                 "sendtime.triggers.v1.TriggerService",
             ],
         ),
+        ("SYNC_ADDRESS", ["sendtime.sync.v1.SyncService"]),
     ]:
         result = grpcurl(
             target(running_suite, variable),
@@ -504,6 +511,7 @@ def test_every_http_port_serves_tls_and_needs_a_key(running_suite: dict[str, str
         "PROFILE_HTTP_ADDRESS": "/v1/profiles/user_id:nobody",
         "RENDER_HTTP_ADDRESS": "/v1/templates",
         "TRIGGERS_HTTP_ADDRESS": "/v1/triggers",
+        "SYNC_HTTP_ADDRESS": "/v1/connectors",
     }
     for variable, route in routes.items():
         port = running_suite[variable].rpartition(":")[2]

@@ -35,6 +35,7 @@ def routes(document: dict[str, Any]) -> list[HttpRoute]:
         "TriggerService": "triggers",
         "DestinationService": "triggers",
         "DeliveryService": "triggers",
+        "SyncService": "sync",
     }
     return routes_of(f"sendtime.{packages.get(s, 'render')}.v1.{s}" for s in services)
 
@@ -68,6 +69,7 @@ def test_every_http_route_is_an_operation(document: dict[str, Any], routes: list
         "sendtime.triggers.v1.TriggerService",
         "sendtime.triggers.v1.DestinationService",
         "sendtime.triggers.v1.DeliveryService",
+        "sendtime.sync.v1.SyncService",
     }
     operations = {
         (path, method.upper())

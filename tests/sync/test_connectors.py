@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from sendtime_common.config import ConfigError
 from sync.braze import BrazeAttributes
 from sync.connectors import (
     ConnectorKind,
@@ -20,8 +22,6 @@ from sync.connectors import (
 )
 from sync.mailchimp import MailchimpPush
 from sync.provider_http import ApiKey, BasicAuth, OAuthClientCredentials, OAuthRefreshToken
-
-from sendtime_common.config import ConfigError
 from tests.sync.hubspot_server import HubSpotServer
 
 ENV = {

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
-from sync.hubspot import DEFAULT_TRAITS, HubSpotContacts, check_trait_map, contact_events, modified_ms
-from sync.provider_http import OAuthRefreshToken, ProviderApi, ProviderLimits, ProviderRefused
 
 from sendtime.ingest.v1 import ingest_pb2
+from sync.hubspot import DEFAULT_TRAITS, HubSpotContacts, check_trait_map, contact_events, modified_ms
+from sync.provider_http import OAuthRefreshToken, ProviderApi, ProviderLimits, ProviderRefused
 from tests.sync.hubspot_server import HubSpotServer, iso_ms
 
 T0 = 1_796_000_000_000  # epoch ms, 2026-11-30

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+
+from sendtime.ingest.v1 import ingest_pb2
 from sync.mailchimp import (
     DEFAULT_MERGE_TRAITS,
     MailchimpMembers,
@@ -20,8 +22,6 @@ from sync.mailchimp import (
 )
 from sync.provider_http import BasicAuth, ProviderApi, ProviderLimits, ProviderRefused
 from sync.push import ItemOutcome, PushItem
-
-from sendtime.ingest.v1 import ingest_pb2
 from tests.sync.mailchimp_server import MailchimpServer, member_id
 
 S0 = 1_796_000_000  # epoch seconds, 2026-11-30

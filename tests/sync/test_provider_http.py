@@ -12,6 +12,7 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
+
 from sync.provider_http import (
     ApiKey,
     BasicAuth,
@@ -23,7 +24,6 @@ from sync.provider_http import (
     ProviderUnavailable,
     retry_after_s,
 )
-
 from tests.sync.provider_server import ProviderServer, Scripted
 
 # Fast backoff so that the tests do not wait: the behaviour, not the durations, is under test.

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+
+from sendtime_common.migrate import migrate
 from sync.braze import BrazeAttributes, attribute_object, refused_indexes
 from sync.provider_http import ApiKey, ProviderApi, ProviderLimits
 from sync.push import ItemOutcome, ItemResult, PushItem, PushLedger, newest_per_customer
 from sync.store import MIGRATIONS_DIR, MIGRATIONS_TABLE
-
-from sendtime_common.migrate import migrate
 from tests.conftest import empty_database
 from tests.sync.braze_server import MISSING_ID, BrazeServer
 

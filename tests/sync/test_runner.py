@@ -14,14 +14,14 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+
+from sendtime.ingest.v1 import ingest_pb2_grpc
+from sendtime_common.migrate import migrate
 from sync.hubspot import ContactsPage, HubSpotContacts
 from sync.ingest_sink import IngestSink
 from sync.provider_http import OAuthRefreshToken, ProviderApi, ProviderLimits
 from sync.runner import Pull, retry_delay_s, run_pull
 from sync.store import MIGRATIONS_DIR, MIGRATIONS_TABLE, ConnectorStore
-
-from sendtime.ingest.v1 import ingest_pb2_grpc
-from sendtime_common.migrate import migrate
 from tests.conftest import empty_database
 from tests.sync.hubspot_server import HubSpotServer
 from tests.sync.provider_server import Scripted

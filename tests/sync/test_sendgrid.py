@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sync.provider_http import ApiKey, ProviderApi, ProviderLimits
-from sync.sendgrid import SendGridSuppressions, SuppressionsPage, address_hash, entry_event
 
 from sendtime.ingest.v1 import ingest_pb2
+from sync.provider_http import ApiKey, ProviderApi, ProviderLimits
+from sync.sendgrid import SendGridSuppressions, SuppressionsPage, address_hash, entry_event
 from tests.sync.sendgrid_server import SendGridServer
 
 NOW = 1_796_000_000

@@ -53,6 +53,8 @@ class Scope(enum.StrEnum):
     DELIVERIES_READ = "deliveries.read"
     DELIVERIES_SUBSCRIBE = "deliveries.subscribe"
     METRICS_READ = "metrics.read"
+    SYNC_READ = "sync.read"
+    SYNC_WRITE = "sync.write"
 
     @property
     def proto(self) -> auth_pb2.Scope.ValueType:

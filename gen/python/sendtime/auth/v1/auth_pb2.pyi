@@ -74,6 +74,10 @@ class _ScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Scope.ValueType
     """Scrape a service's Prometheus metrics (its metrics port, GET /metrics):
     "metrics.read".
     """
+    SCOPE_SYNC_READ: _Scope.ValueType  # 18
+    """Read the sync connectors' status: "sync.read"."""
+    SCOPE_SYNC_WRITE: _Scope.ValueType  # 19
+    """Run a sync connector now: "sync.write"."""
 
 class Scope(_Scope, metaclass=_ScopeEnumTypeWrapper):
     """What a credential may do. Each RPC declares the one scope it needs."""
@@ -123,6 +127,10 @@ SCOPE_METRICS_READ: Scope.ValueType  # 17
 """Scrape a service's Prometheus metrics (its metrics port, GET /metrics):
 "metrics.read".
 """
+SCOPE_SYNC_READ: Scope.ValueType  # 18
+"""Read the sync connectors' status: "sync.read"."""
+SCOPE_SYNC_WRITE: Scope.ValueType  # 19
+"""Run a sync connector now: "sync.write"."""
 Global___Scope: _TypeAlias = Scope  # noqa: Y015
 
 class _ApiKeyState:

@@ -1,0 +1,301 @@
+"""The sync service in this process: a HubSpot connector (the local HubSpot) run by its
+scheduler into the real ingest service, reported by GetConnectorStatus and ListConnectorStatuses
+and run at once by RunConnector; errors by AIP-193; scopes; one replica at a time per
+connector; erasure notices reach the push ledger; what it refuses to start with."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from ingest.server import IngestApp
+from sendtime.profile.v1 import profile_pb2
+from sendtime.sync.v1 import sync_pb2, sync_pb2_grpc
+from sendtime_common.auth.api_keys import Scope
+from sendtime_common.config import ConfigError
+from sendtime_common.errors import field_violations, status_of
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings
+from sendtime_common.tls import ClientTls
+from sync.connectors import parse_connectors
+from sync.push import ItemOutcome, ItemResult, PushItem
+from sync.runner import RunReport
+from sync.scheduler import Scheduler
+from sync.server import SyncApp, create_app
+from sync.settings import Settings
+from sync.store import ConnectorStore
+from tests.conftest import LOCAL_SERVER, channel, eventually
+from tests.keys import issue_key
+from tests.sync.hubspot_server import HubSpotServer
+
+# Contacts modified up to a day ago (ingest refuses times in the future), apart per run.
+T0_MS = 1_796_000_000_000 + random.Random().randrange(10**6) * 1000
+
+
+@pytest.fixture
+async def hubspot() -> AsyncIterator[HubSpotServer]:
+    server = await HubSpotServer(searches_per_s=100).start()
+    yield server
+    await server.stop()
+
+
+def _document(hubspot: HubSpotServer, *ids: str) -> dict[str, Any]:
+    return {
+        "connectors": [
+            {
+                "id": connector_id,
+                "kind": "hubspot_contacts",
+                "interval_s": 3600,
+                "base_url": hubspot.url,
+                "auth": {
+                    "oauth_refresh_token": {
+                        "token_url": hubspot.token_url,
+                        "client_id": hubspot.client_id,
+                        "client_secret_env": "HUBSPOT_CLIENT_SECRET",
+                        "refresh_token_env": "HUBSPOT_REFRESH_TOKEN",
+                    }
+                },
+                "options": {"page_size": 10, "lookback_s": 0},
+            }
+            for connector_id in ids
+        ]
+    }
+
+
+async def _sync_app(
+    hubspot: HubSpotServer, ingest_app: IngestApp, database_url: str, nats_url: str, redis_url: str, *ids: str
+) -> SyncApp:
+    env = {"HUBSPOT_CLIENT_SECRET": hubspot.client_secret, "HUBSPOT_REFRESH_TOKEN": hubspot.refresh_token}
+    settings = Settings(
+        **LOCAL_SERVER,
+        database_url=database_url,
+        redis_url=redis_url,
+        event_log=JetStreamSettings(url=nats_url),
+        ingest_target=f"127.0.0.1:{ingest_app.grpc.port}",
+        ingest_tls=ClientTls(plaintext=True),
+        ingest_api_key=await issue_key(database_url, [Scope.EVENTS_WRITE], "tests: sync to ingest"),
+        connectors=tuple(parse_connectors(_document(hubspot, *ids), env)),
+        poll_interval_s=0.1,
+    )
+    app = await create_app(settings)
+    await app.start()
+    return app
+
+
+@pytest.fixture
+async def sync_app(
+    hubspot: HubSpotServer,
+    ingest_app: IngestApp,
+    database_url: str,
+    nats_url: str,
+    redis_url: str,
+    unique: str,
+) -> AsyncIterator[SyncApp]:
+    app = await _sync_app(
+        hubspot, ingest_app, database_url, nats_url, redis_url, f"crm-{unique}", f"more-{unique}"
+    )
+    yield app
+    await app.stop(grace_s=1)
+
+
+@pytest.fixture
+async def stub(sync_app: SyncApp, database_url: str) -> AsyncIterator[sync_pb2_grpc.SyncServiceAsyncStub]:
+    key = await issue_key(database_url, [Scope.SYNC_READ, Scope.SYNC_WRITE], "tests: sync caller")
+    async with channel(f"127.0.0.1:{sync_app.grpc.port}", key) as sync_channel:
+        yield sync_pb2_grpc.SyncServiceStub(sync_channel)
+
+
+async def test_a_connector_runs_when_due_and_its_status_says_how_it_went(
+    hubspot: HubSpotServer, stub: sync_pb2_grpc.SyncServiceAsyncStub, unique: str
+) -> None:
+    name = f"connectors/crm-{unique}"
+
+    def status_when(ready: Callable[[sync_pb2.ConnectorStatus], bool]) -> Awaitable[sync_pb2.ConnectorStatus]:
+        return _until(stub, name, ready)
+
+    # A new connector is due at once: it runs (HubSpot has nothing yet), then waits an hour.
+    first = await status_when(lambda s: s.HasField("last_success_time"))
+    assert (first.kind, first.state) == (
+        sync_pb2.CONNECTOR_KIND_HUBSPOT_CONTACTS,
+        sync_pb2.CONNECTOR_STATE_WAITING,
+    )
+    assert (first.records_total, first.interval.seconds) == (0, 3600)
+    assert first.next_run_time.seconds - first.last_success_time.seconds >= 3590
+    assert not first.HasField("lag")  # nothing handed on yet
+
+    # RunConnector makes it due now; a replica takes it up within a poll.
+    for i in range(12):
+        hubspot.upsert(i + 1, T0_MS + i, firstname=f"n{i}", email=f"{unique}-{i}@example.com")
+    ran = await stub.RunConnector(sync_pb2.RunConnectorRequest(name=name))
+    assert ran.status.next_run_time.seconds <= ran.status.last_success_time.seconds + 1
+    second = await status_when(
+        lambda s: s.records_total == 12 and s.state == sync_pb2.CONNECTOR_STATE_WAITING
+    )
+    assert (second.events_total, second.rejected_total, second.consecutive_failures) == (12, 0, 0)
+    assert second.lag.seconds > 0  # the newest contact handed on is T0_MS + 11 ms old
+
+
+async def test_a_failing_provider_shows_in_the_status_and_the_connector_is_tried_later(
+    hubspot: HubSpotServer, stub: sync_pb2_grpc.SyncServiceAsyncStub, unique: str
+) -> None:
+    name = f"connectors/crm-{unique}"
+    await _until(stub, name, lambda s: s.HasField("last_success_time"))  # its first run
+    # The grant is gone (revoked at HubSpot): its token refused, and no new one to be had.
+    hubspot.refresh_token = "rotated-elsewhere"
+    hubspot.revoke_tokens()
+    await stub.RunConnector(sync_pb2.RunConnectorRequest(name=name))
+    status = await _until(stub, name, lambda s: s.consecutive_failures > 0)
+    assert status.state == sync_pb2.CONNECTOR_STATE_FAILING
+    assert status.last_error == "ProviderRefused: hubspot: token endpoint refused: invalid_grant"
+    assert status.next_run_time.seconds - status.last_failure_time.seconds >= 3600 * 0.9
+
+
+async def test_statuses_are_listed_by_name_a_page_at_a_time(
+    stub: sync_pb2_grpc.SyncServiceAsyncStub, unique: str
+) -> None:
+    first = await stub.ListConnectorStatuses(sync_pb2.ListConnectorStatusesRequest(page_size=1))
+    assert [s.name for s in first.statuses] == [f"connectors/crm-{unique}"] and first.next_page_token
+    second = await stub.ListConnectorStatuses(
+        sync_pb2.ListConnectorStatusesRequest(page_size=1, page_token=first.next_page_token)
+    )
+    assert [s.name for s in second.statuses] == [f"connectors/more-{unique}"] and not second.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await stub.ListConnectorStatuses(sync_pb2.ListConnectorStatusesRequest(page_token="not-ours"))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_unknown_connector_is_not_found_and_a_malformed_name_invalid(
+    stub: sync_pb2_grpc.SyncServiceAsyncStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await stub.RunConnector(sync_pb2.RunConnectorRequest(name="connectors/nope"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    status = status_of(missing.value)
+    assert status is not None and "CONNECTOR_NOT_FOUND" in str(status)
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        await stub.GetConnectorStatus(sync_pb2.GetConnectorStatusRequest(name="crm"))
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad = status_of(malformed.value)
+    assert bad is not None and [v.field for v in field_violations(bad)] == ["name"]
+
+
+async def test_reading_needs_sync_read_and_running_sync_write(
+    sync_app: SyncApp, database_url: str, unique: str
+) -> None:
+    name = f"connectors/crm-{unique}"
+    reader = await issue_key(database_url, [Scope.SYNC_READ], "tests: sync reader")
+    other = await issue_key(database_url, [Scope.PROFILES_READ], "tests: not sync")
+    async with channel(f"127.0.0.1:{sync_app.grpc.port}", reader) as read_only:
+        stub = sync_pb2_grpc.SyncServiceStub(read_only)
+        await stub.GetConnectorStatus(sync_pb2.GetConnectorStatusRequest(name=name))
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await stub.RunConnector(sync_pb2.RunConnectorRequest(name=name))
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    async with channel(f"127.0.0.1:{sync_app.grpc.port}", other) as unrelated:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await sync_pb2_grpc.SyncServiceStub(unrelated).ListConnectorStatuses(
+                sync_pb2.ListConnectorStatusesRequest()
+            )
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_two_replicas_never_run_one_connector_at_once(sync_app: SyncApp, unique: str) -> None:
+    store = ConnectorStore(sync_app.pool)
+    connector_id = f"solo-{unique}"
+    running = 0
+    most = 0
+    runs = 0
+    release = asyncio.Event()
+
+    async def run() -> RunReport:
+        nonlocal running, most, runs
+        running += 1
+        runs += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        await store.run_succeeded(connector_id, await _in(sync_app, 3600))
+        return RunReport(connector_id)
+
+    replicas = [Scheduler(sync_app.pool, store, {connector_id: run}, poll_interval_s=0.02) for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    await eventually(lambda: asyncio.sleep(0, result=runs or None))
+    await asyncio.sleep(0.3)  # both replicas polled several times meanwhile
+    release.set()
+    await eventually(
+        lambda: asyncio.sleep(0, result=(running == 0 and not any(r.running() for r in replicas)) or None)
+    )
+    for replica in replicas:
+        await replica.close()
+    assert (most, runs) == (1, 1)  # and once done, not due again for an hour: no second run
+
+
+async def _until(
+    stub: sync_pb2_grpc.SyncServiceAsyncStub, name: str, ready: Callable[[sync_pb2.ConnectorStatus], bool]
+) -> sync_pb2.ConnectorStatus:
+    """The connector's status once ``ready`` says so; asked every 0.2 s (within sync.read's rate)."""
+    for _ in range(75):
+        status = (await stub.GetConnectorStatus(sync_pb2.GetConnectorStatusRequest(name=name))).status
+        if ready(status):
+            return status
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"not within 15 s: {status}")
+
+
+async def _in(app: SyncApp, seconds: int) -> Any:
+    return await app.pool.fetchval("SELECT now() + make_interval(secs => $1)", seconds)
+
+
+async def test_an_erasure_notice_empties_the_push_ledger_of_that_person(
+    sync_app: SyncApp, nats_url: str, unique: str
+) -> None:
+    item = PushItem(f"cust-{unique}", {"tier": "gold"}, 1)
+    await sync_app.ledger.record("braze", [ItemResult(item, ItemOutcome.PUSHED)])
+    assert await sync_app.ledger.unsettled("braze", [item]) == []
+    log = await JetStreamEventLog.connect(JetStreamSettings(url=nats_url))
+    try:
+        notice = profile_pb2.ErasureNotice(
+            customer_id=f"cust-{unique}", erase_time=timestamp_pb2.Timestamp(seconds=1)
+        )
+        await log.publish_erasure(f"erase-{unique}", notice.SerializeToString())
+    finally:
+        await log.close()
+
+    async def forgotten() -> bool | None:
+        return (await sync_app.ledger.unsettled("braze", [item]) == [item]) or None
+
+    await eventually(forgotten)
+
+
+async def test_it_refuses_to_start_with_a_push_connector_or_without_a_key_for_ingest(
+    hubspot: HubSpotServer, database_url: str
+) -> None:
+    env = {"BRAZE_API_KEY": "k", "HUBSPOT_CLIENT_SECRET": "s", "HUBSPOT_REFRESH_TOKEN": "r"}
+    braze = {
+        "id": "braze",
+        "kind": "braze_push",
+        "base_url": "https://rest.iad-01.braze.com",
+        "auth": {"api_key_env": "BRAZE_API_KEY"},
+        "options": {"traits": ["tier"]},
+    }
+    pushing = Settings(
+        **LOCAL_SERVER,
+        database_url=database_url,
+        ingest_api_key="key",
+        connectors=tuple(parse_connectors({"connectors": [braze]}, env)),
+    )
+    with pytest.raises(ConfigError, match="runs pull connectors only"):
+        await create_app(pushing)
+    keyless = Settings(
+        **LOCAL_SERVER,
+        database_url=database_url,
+        connectors=tuple(parse_connectors(_document(hubspot, "c"), env)),
+    )
+    with pytest.raises(ConfigError, match="INGEST_SERVICE_API_KEY"):
+        await create_app(keyless)
