@@ -5,7 +5,9 @@ sent again has the same event ids: ingest answers DUPLICATE).
 
 A failure ends the run where it is: what was kept stays kept, and the connector's state records
 the error (a kind and a provider's error code, no personal data) and when to try again, later
-after each failure in a row (``retry_delay_s``).
+after each failure in a row (``retry_delay_s``). That holds for an answer not in the provider's
+documented shape and for a bug too (logged with an error id): a connector never runs again at
+once after a failure, so a failing one never loops against its provider.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sendtime.ingest.v1 import ingest_pb2
+from sendtime_common.errors import log_unexpected, new_error_id
 from sync.ingest_sink import Delivered, IngestRefused, IngestSink, IngestUnavailable
 from sync.provider_http import ProviderRefused, ProviderUnavailable
 from sync.store import ConnectorStore
@@ -86,6 +89,17 @@ async def run_pull(
             report.add(page, delivered)
     except (ProviderUnavailable, ProviderRefused, IngestUnavailable, IngestRefused) as exc:
         report.error = f"{type(exc).__name__}: {exc}"
+    except ValueError as exc:  # an answer not in the provider's documented shape (not JSON, a bad date)
+        report.error = f"malformed answer from the provider: {type(exc).__name__}"
+    except Exception as exc:  # a bug: logged with an id; the run counts as failed, tried again later
+        error_id = new_error_id()
+        log_unexpected(
+            log,
+            "connector run failed unexpectedly",
+            exc,
+            {"connector_id": connector_id, "error_id": error_id},
+        )
+        report.error = f"internal error {error_id}"
     if report.error:
         failures = state.consecutive_failures + 1
         log.warning(

@@ -9,7 +9,8 @@ ends, and the next replica to look runs the connector again from its stored curs
 
 A run's own failures are in its report and its stored state (sync.runner); an error outside
 them (the store away while taking the lock) is logged and the connector is looked at again at
-the next poll.
+the next poll. At most ``max_runs`` run at once in a replica (each holds a pooled connection for
+its lock); the others wait for a free slot, due all the while.
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ class Scheduler:
         runs: Mapping[str, Run],
         *,
         poll_interval_s: float = 1.0,
+        max_runs: int = 4,
     ) -> None:
         self._pool = pool
         self._store = store
         self._runs = dict(runs)
         self._poll_interval_s = poll_interval_s
+        # A run holds a pooled connection (its lock's) and uses others: fewer runs than the pool
+        # has connections, or they would wait for each other's.
+        self._max_runs = max_runs
         self._woken = asyncio.Event()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._loop: asyncio.Task[None] | None = None
@@ -74,7 +79,7 @@ class Scheduler:
                     await self._store.ensure(ids)
                     ensured = True
                 for connector_id in await self._store.due(ids):
-                    if connector_id not in self._running:
+                    if connector_id not in self._running and len(self._running) < self._max_runs:
                         task = asyncio.create_task(self._run(connector_id), name=f"sync-run-{connector_id}")
                         self._running[connector_id] = task
                         task.add_done_callback(partial(self._ended, connector_id))

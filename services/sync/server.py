@@ -168,7 +168,13 @@ async def create_app(settings: Settings) -> SyncApp:
     store = ConnectorStore(pool)
     apis = {c.connector_id: open_api(c) for c in settings.connectors}
     runs = {c.connector_id: _run(c, sink, store, apis[c.connector_id]) for c in settings.connectors}
-    scheduler = Scheduler(pool, store, runs, poll_interval_s=settings.poll_interval_s)
+    scheduler = Scheduler(
+        pool,
+        store,
+        runs,
+        poll_interval_s=settings.poll_interval_s,
+        max_runs=max(1, settings.database_pool_size // 2),
+    )
     servicer = SyncServicer(settings.connectors, store, scheduler.wake)
 
     def register(server: grpc.aio.Server) -> None:

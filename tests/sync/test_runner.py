@@ -168,6 +168,38 @@ async def test_ingest_away_ends_the_run_and_keeps_the_cursor(
     assert state.next_run_at is not None and state.next_run_at - datetime.now(UTC) < timedelta(seconds=67)
 
 
+async def test_an_answer_not_in_the_providers_shape_fails_the_run_for_later(
+    hubspot: HubSpotServer,
+    contacts: HubSpotContacts,
+    store: ConnectorStore,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+) -> None:
+    hubspot.script.append(Scripted(200, body=b"<html>maintenance</html>"))
+    report = await run_pull("hubspot", contacts.pull, IngestSink(ingest_stub), store, interval_s=60)
+    assert report.error == "malformed answer from the provider: JSONDecodeError"
+    state = await store.load("hubspot")
+    assert state.consecutive_failures == 1 and state.cursor is None
+    # not due again at once: a provider answering garbage is not asked again every poll
+    assert state.next_run_at is not None and state.next_run_at - datetime.now(UTC) > timedelta(seconds=50)
+
+
+async def test_a_bug_in_a_run_is_logged_with_an_id_and_fails_the_run_for_later(
+    store: ConnectorStore,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(cursor: Any) -> AsyncIterator[ContactsPage]:
+        raise RuntimeError("a bug, with data in its message: ada@example.com")
+        yield  # an async generator
+
+    report = await run_pull("broken", broken, IngestSink(ingest_stub), store, interval_s=60)
+    assert report.error.startswith("internal error ")
+    (record,) = [r for r in caplog.records if r.getMessage() == "connector run failed unexpectedly"]
+    assert record.error_id == report.error.removeprefix("internal error ")  # type: ignore[attr-defined]
+    assert "ada@" not in record.getMessage() and record.exception == "builtins.RuntimeError"  # type: ignore[attr-defined]
+    assert (await store.load("broken")).consecutive_failures == 1
+
+
 def test_a_failing_connector_is_tried_again_later_each_time_with_jitter() -> None:
     rng = random.Random(1)
     delays = [retry_delay_s(60, failures, rng) for failures in (1, 2, 3, 5, 9)]

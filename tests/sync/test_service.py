@@ -236,6 +236,40 @@ async def test_two_replicas_never_run_one_connector_at_once(sync_app: SyncApp, u
     assert (most, runs) == (1, 1)  # and once done, not due again for an hour: no second run
 
 
+async def test_a_replica_runs_at_most_max_runs_connectors_at_once(sync_app: SyncApp, unique: str) -> None:
+    store = ConnectorStore(sync_app.pool)
+    ids = [f"many-{i}-{unique}" for i in range(3)]
+    running: set[str] = set()
+    most = 0
+    release = asyncio.Event()
+
+    def run_of(connector_id: str) -> Callable[[], Awaitable[RunReport]]:
+        async def run() -> RunReport:
+            nonlocal most
+            running.add(connector_id)
+            most = max(most, len(running))
+            await release.wait()
+            running.discard(connector_id)
+            await store.run_succeeded(connector_id, await _in(sync_app, 3600))
+            return RunReport(connector_id)
+
+        return run
+
+    scheduler = Scheduler(sync_app.pool, store, {c: run_of(c) for c in ids}, poll_interval_s=0.02, max_runs=2)
+    scheduler.start()
+    await eventually(lambda: asyncio.sleep(0, result=len(running) == 2 or None))
+    await asyncio.sleep(0.2)  # polls meanwhile: the third waits for a slot
+    assert most == 2
+    release.set()
+    await eventually(lambda: _all_ran(store, ids))  # the third ran once a slot was free
+    await scheduler.close()
+
+
+async def _all_ran(store: ConnectorStore, ids: list[str]) -> bool | None:
+    states = await store.load_many(ids)
+    return all(s.last_success_at is not None for s in states.values()) or None
+
+
 async def _until(
     stub: sync_pb2_grpc.SyncServiceAsyncStub, name: str, ready: Callable[[sync_pb2.ConnectorStatus], bool]
 ) -> sync_pb2.ConnectorStatus:
