@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from ingest.server import IngestApp
-from sendtime.profile.v1 import profile_pb2
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime.sync.v1 import sync_pb2, sync_pb2_grpc
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.config import ConfigError
@@ -29,7 +29,7 @@ from sync.scheduler import Scheduler
 from sync.server import SyncApp, create_app
 from sync.settings import Settings
 from sync.store import ConnectorStore
-from tests.conftest import LOCAL_SERVER, channel, eventually
+from tests.conftest import LOCAL_SERVER, channel, eventually, wait_for_profile
 from tests.keys import issue_key
 from tests.sync.hubspot_server import HubSpotServer
 
@@ -111,7 +111,10 @@ async def stub(sync_app: SyncApp, database_url: str) -> AsyncIterator[sync_pb2_g
 
 
 async def test_a_connector_runs_when_due_and_its_status_says_how_it_went(
-    hubspot: HubSpotServer, stub: sync_pb2_grpc.SyncServiceAsyncStub, unique: str
+    hubspot: HubSpotServer,
+    stub: sync_pb2_grpc.SyncServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
 ) -> None:
     name = f"connectors/crm-{unique}"
 
@@ -129,8 +132,9 @@ async def test_a_connector_runs_when_due_and_its_status_says_how_it_went(
     assert not first.HasField("lag")  # nothing handed on yet
 
     # RunConnector makes it due now; a replica takes it up within a poll.
+    first_id = random.randrange(10**12)  # contact ids of this test's own: one person each
     for i in range(12):
-        hubspot.upsert(i + 1, T0_MS + i, firstname=f"n{i}", email=f"{unique}-{i}@example.com")
+        hubspot.upsert(first_id + i, T0_MS + i, firstname=f"n{i}", email=f"{unique}-{i}@example.com")
     ran = await stub.RunConnector(sync_pb2.RunConnectorRequest(name=name))
     assert ran.status.next_run_time.seconds <= ran.status.last_success_time.seconds + 1
     second = await status_when(
@@ -138,6 +142,11 @@ async def test_a_connector_runs_when_due_and_its_status_says_how_it_went(
     )
     assert (second.events_total, second.rejected_total, second.consecutive_failures) == (12, 0, 0)
     assert second.lag.seconds > 0  # the newest contact handed on is T0_MS + 11 ms old
+
+    # A contact changed in the CRM is in the profile within the run that took it.
+    crm = profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_CRM_ID, value=str(first_id + 5))
+    profile = await wait_for_profile(profile_stub, crm, lambda p: "first_name" in p.traits)
+    assert profile.traits["first_name"] == "n5"
 
 
 async def test_a_failing_provider_shows_in_the_status_and_the_connector_is_tried_later(
