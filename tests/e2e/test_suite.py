@@ -462,6 +462,7 @@ def test_every_service_serves_its_metrics_in_plaintext_to_the_prometheus_key(
         for refused in ({}, {"Authorization": f"Bearer {env['SENDTIME_KEY']}x"}):
             with pytest.raises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(urllib.request.Request(url, headers=refused), timeout=10)
+            caught.value.close()  # it holds the refused answer's connection open until closed
             assert caught.value.code == 401, variable
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
         with urllib.request.urlopen(request, timeout=10) as answer:

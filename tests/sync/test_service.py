@@ -33,8 +33,8 @@ from tests.conftest import LOCAL_SERVER, channel, eventually, wait_for_profile
 from tests.keys import issue_key
 from tests.sync.hubspot_server import HubSpotServer
 
-# Contacts modified up to a day ago (ingest refuses times in the future), apart per run.
-T0_MS = 1_796_000_000_000 + random.Random().randrange(10**6) * 1000
+# Contacts modified before 2026-11-30 (ingest refuses times in the future), apart per run.
+T0_MS = 1_796_000_000_000 - random.Random().randrange(10**6) * 1000
 
 
 @pytest.fixture
