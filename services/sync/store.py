@@ -72,9 +72,10 @@ class ConnectorStore:
 
     async def make_due(self, connector_id: str) -> None:
         """Due now (RunConnector): the next replica to look takes it up."""
-        await self.load(connector_id)
         await self._pool.execute(
-            "UPDATE sync_connectors SET next_run_at = now() WHERE connector_id = $1", connector_id
+            "INSERT INTO sync_connectors (connector_id, next_run_at) VALUES ($1, now())"
+            " ON CONFLICT (connector_id) DO UPDATE SET next_run_at = now()",
+            connector_id,
         )
 
     async def run_started(self, connector_id: str) -> None:

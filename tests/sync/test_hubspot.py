@@ -81,14 +81,6 @@ async def hubspot() -> AsyncIterator[HubSpotServer]:
     await server.stop()
 
 
-@pytest.fixture
-async def apis() -> AsyncIterator[list[ProviderApi]]:
-    made: list[ProviderApi] = []
-    yield made
-    for api in made:
-        await api.aclose()
-
-
 def _pull(server: HubSpotServer, apis: list[ProviderApi], **kw: Any) -> HubSpotContacts:
     credentials = OAuthRefreshToken(
         server.token_url, server.client_id, server.client_secret, server.refresh_token

@@ -111,14 +111,6 @@ async def mailchimp() -> AsyncIterator[MailchimpServer]:
     await server.stop()
 
 
-@pytest.fixture
-async def apis() -> AsyncIterator[list[ProviderApi]]:
-    made: list[ProviderApi] = []
-    yield made
-    for api in made:
-        await api.aclose()
-
-
 def _api(server: MailchimpServer, apis: list[ProviderApi]) -> ProviderApi:
     assert server.api_key is not None
     limits = ProviderLimits(requests=100, per_s=1.0, backoff_initial_s=0.05, backoff_max_s=0.2)

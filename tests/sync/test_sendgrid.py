@@ -49,14 +49,6 @@ async def sendgrid() -> AsyncIterator[SendGridServer]:
     await server.stop()
 
 
-@pytest.fixture
-async def apis() -> AsyncIterator[list[ProviderApi]]:
-    made: list[ProviderApi] = []
-    yield made
-    for api in made:
-        await api.aclose()
-
-
 def _pull(server: SendGridServer, apis: list[ProviderApi], **kw: Any) -> SendGridSuppressions:
     assert server.api_key is not None
     limits = ProviderLimits(requests=1000, per_s=1.0, backoff_initial_s=0.05, backoff_max_s=0.2, attempts=8)

@@ -213,6 +213,19 @@ async def test_reading_needs_sync_read_and_running_sync_write(
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_a_call_without_a_key_is_refused(sync_app: SyncApp, unique: str) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sync_app.grpc.port}") as anonymous:
+        stub = sync_pb2_grpc.SyncServiceStub(anonymous)
+        for call in (
+            stub.GetConnectorStatus(sync_pb2.GetConnectorStatusRequest(name=f"connectors/crm-{unique}")),
+            stub.ListConnectorStatuses(sync_pb2.ListConnectorStatusesRequest()),
+            stub.RunConnector(sync_pb2.RunConnectorRequest(name=f"connectors/crm-{unique}")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_two_replicas_never_run_one_connector_at_once(sync_app: SyncApp, unique: str) -> None:
     store = ConnectorStore(sync_app.pool)
     connector_id = f"solo-{unique}"
