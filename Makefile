@@ -10,7 +10,7 @@ PY := $(BIN)/python
 export PYTHONPATH := $(CURDIR)/gen/python:$(CURDIR)/libs:$(CURDIR)/services:$(CURDIR)/scripts
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help install up down run demo test deploy-check kubectl test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http bench-triggers
+.PHONY: help install up down run demo test deploy-check kubectl test-fast fuzz lint gen gen-check breaking clean bench bench-ingest bench-profile bench-render bench-http bench-triggers bench-sync
 
 help:
 	@echo "make run        start Postgres/Redis/NATS if needed, the four services, a demo; Ctrl-C stops"
@@ -23,7 +23,7 @@ help:
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
 	@echo "make bench      every benchmark (docs/benchmarks.md); or one: bench-ingest, bench-profile, bench-render,"
-	@echo "                bench-http, bench-triggers"
+	@echo "                bench-http, bench-triggers, bench-sync"
 	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"
 	@echo "make soak       30 min of mixed load at half the maximum rate: memory, files, tasks, pools flat? p99 stable?"
 	@echo "                (docs/reliability.md); options in SOAK_ARGS, e.g. make soak SOAK_ARGS='--duration-s 300'"
@@ -88,7 +88,7 @@ gen-check: gen
 		|| (echo "gen/python, openapi/ or the dashboards are stale: run 'make gen' and commit them" >&2; exit 1)
 
 # Benchmarks start their own NATS, Redis, database and services; only PostgreSQL must be reachable.
-bench: bench-ingest bench-profile bench-render bench-http bench-triggers
+bench: bench-ingest bench-profile bench-render bench-http bench-triggers bench-sync
 
 bench-ingest: install
 	$(PY) scripts/devstack.py ensure
@@ -109,6 +109,10 @@ bench-http: install
 bench-triggers: install
 	$(PY) scripts/devstack.py ensure
 	$(PY) scripts/bench_triggers.py $(BENCH_ARGS)
+
+bench-sync: install
+	$(PY) scripts/devstack.py ensure
+	$(PY) scripts/bench_sync.py $(BENCH_ARGS)
 
 # The soak (docs/reliability.md) starts its own stack, as the benchmarks do; exits 3 when a verdict fails.
 .PHONY: soak

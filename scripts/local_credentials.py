@@ -4,8 +4,9 @@
   every port serves TLS; and a client certificate for render (``spiffe://sendtime.local/render``)
   for when profile asks for one (mutual TLS);
 - an admin API key for the person at the keyboard, render's own key, which can only read
-  profiles, and the triggers service's two: one that can only read profiles, one that can only
-  render (``.run/secrets/``, readable by the owner only); and the key triggers seals webhook
+  profiles, the triggers service's two: one that can only read profiles, one that can only
+  render, and the sync service's two: one that can only send events, one that can only read
+  profiles (``.run/secrets/``, readable by the owner only); and the key triggers seals webhook
   secrets with;
 - a NATS user per service (devstack's NATS) and a PostgreSQL role per service, each with only
   what its service needs (passwords in ``.run/secrets/``).
@@ -58,6 +59,7 @@ class LocalCredentials:
     triggers_profile_key_file: Path
     triggers_render_key_file: Path
     sync_ingest_key_file: Path  # sync to ingest: events.write only
+    sync_profile_key_file: Path  # sync to profile (push connectors): profiles.read only
     prometheus_key_file: Path  # what a Prometheus scrapes the metrics ports with (metrics.read)
     tls: LocalTls
     run_dir: Path
@@ -92,6 +94,7 @@ class LocalCredentials:
             env |= {
                 "INGEST_SERVICE_CA_FILE": str(self.tls.ca_file),
                 "INGEST_SERVICE_API_KEY_FILE": str(self.sync_ingest_key_file),
+                "PROFILE_SERVICE_API_KEY_FILE": str(self.sync_profile_key_file),
             }
         if self.own_nats:
             env.update(nats_service_env(self.run_dir, service))
@@ -271,6 +274,7 @@ async def _ensure(
             directory / "triggers-profile.key",
             directory / "triggers-render.key",
             directory / "sync-ingest.key",
+            directory / "sync-profile.key",
             directory / "prometheus.key",
             tls,
             run_dir,
@@ -291,6 +295,9 @@ async def _ensure(
         )
         await _ensure_key(
             store, credentials.sync_ingest_key_file, "sync to ingest (make run)", [Scope.EVENTS_WRITE]
+        )
+        await _ensure_key(
+            store, credentials.sync_profile_key_file, "sync to profile (make run)", [Scope.PROFILES_READ]
         )
         await _ensure_key(
             store, credentials.prometheus_key_file, "prometheus (make run)", [Scope.METRICS_READ]

@@ -9,8 +9,9 @@
 - **render** reads events through its catalog consumer and follows erasure notices.
 - **triggers** reads the profile change stream through its durable consumer
   (``triggers-changes``) and follows erasure notices; it publishes nothing.
-- **sync** follows erasure notices only; it publishes nothing (pulled records reach the event
-  log through ingest, as anyone's).
+- **sync** reads the profile change stream through its durable consumer (``sync-changes``, for
+  its push connectors) and follows erasure notices; it publishes nothing (pulled records reach
+  the event log through ingest, as anyone's).
 
 Nobody else may publish an event, so nothing reaches the merger without ingest's validation.
 Each user may subscribe only to its own inboxes (``_INBOX_<user>.>``; the services connect
@@ -48,6 +49,7 @@ class NatsNames:
     merger_consumer: str = "profile-merger"
     catalog_consumer: str = "render-catalog"
     changes_consumer: str = "triggers-changes"
+    sync_changes_consumer: str = "sync-changes"
 
 
 def user_name(service: str) -> str:
@@ -106,7 +108,10 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
             *_durable(names.profile_change_stream, names.changes_consumer),
         ]
     elif service == "sync":
-        pass  # erasure notices only (its push ledger names customers)
+        publish += [
+            f"{API}.STREAM.INFO.{names.profile_change_stream}",
+            *_durable(names.profile_change_stream, names.sync_changes_consumer),
+        ]
     else:
         raise ValueError(f"no such service {service!r}")
     return {

@@ -110,7 +110,7 @@ SERVICES = (
     Service("ingest", "ingest", "INGEST", 50051, 50061, 8080, 9461),
     Service("render", "render", "RENDER", 50053, 50063, 8083, 9463),
     Service("triggers", "triggers", "TRIGGERS", 50054, 50064, 8084, 9464),  # after the services it calls
-    Service("sync", "sync", "SYNC", 50055, 50065, 8085, 9465),  # after ingest, which it calls
+    Service("sync", "sync", "SYNC", 50055, 50065, 8085, 9465),  # after ingest and profile, which it calls
 )
 PROFILE, INGEST, RENDER, TRIGGERS, SYNC = SERVICES
 
@@ -122,7 +122,7 @@ def _say(message: str = "") -> None:
 def service_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment the services run with: the caller's, plus the source tree on the path,
     render pointed at this suite's profile service, triggers at its profile and render, and sync
-    at its ingest."""
+    at its ingest and profile."""
     merged = dict(env)
     merged["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHONPATH, env.get("PYTHONPATH", "")) if p)
     merged.setdefault("PROFILE_SERVICE_TARGET", PROFILE.target(env))

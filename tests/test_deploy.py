@@ -1,8 +1,9 @@
 """The deployment agrees with the code, in every overlay as ``kubectl kustomize`` builds it: the
 manifests set only settings the services read, run modules that exist, expose the ports the
-services listen on, reach profile and render on every replica through names their certificates
-cover, give a shutdown time longer than the services' own grace, and leave the streams to the
-setup Job; the Dockerfile copies what exists. (No Docker engine runs here, so the image itself is
+services listen on, reach profile, render and ingest on every replica through names their
+certificates cover, with keys made with only the scope each call needs, give a shutdown time
+longer than the services' own grace, and leave the streams to the setup Job; the Dockerfile
+copies what exists. (No Docker engine runs here, so the image itself is
 not built. tests/deploy/ holds the schema and policy checks.)"""
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ SERVICES: dict[str, tuple[str, ServiceSettings]] = {
 STANDARD_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
 # What `sendtime setup` reads besides the NATS_* settings.
 SETUP_VARIABLES = {"DATABASE_URL"}
+# The scope a caller's key for each service needs (the *_SERVICE_API_KEY it calls with).
+CALLEE_SCOPES = {
+    "PROFILE_SERVICE": Scope.PROFILES_READ,
+    "RENDER_SERVICE": Scope.RENDER,
+    "INGEST_SERVICE": Scope.EVENTS_WRITE,
+}
 DIGEST = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+@sha256:[0-9a-f]{64}$")
 
 
@@ -163,7 +170,7 @@ def test_callers_reach_every_replica_of_the_services_they_call_under_a_name_thei
     overlay: str,
 ) -> None:
     for callee, variable, callers, mutual in [
-        ("profile", "PROFILE_SERVICE_TARGET", ("render", "triggers"), True),
+        ("profile", "PROFILE_SERVICE_TARGET", ("render", "triggers", "sync"), True),
         ("render", "RENDER_SERVICE_TARGET", ("triggers",), True),
         # Ingest's gRPC port also serves stores, which hold keys, not certificates: TLS and
         # sync's key (events.write), no client certificate.
@@ -204,6 +211,50 @@ def test_callers_reach_every_replica_of_the_services_they_call_under_a_name_thei
             callee_env = effective_env(overlay, callee_container)
             assert identity in (callee_env["AUTH_MTLS_IDENTITIES"] or "")
             assert callee_env["TLS_CLIENT_CA_FILE"] == "/etc/sendtime/tls/ca.crt"  # the cluster CA
+
+
+def keys_base_config_makes() -> dict[tuple[str, str], Scope]:
+    """The API keys base/config.yaml has an operator make: (Secret, key in it): the key's scope."""
+    comments = (DEPLOY / "base" / "config.yaml").read_text().splitlines()
+    text = " ".join(line.lstrip("# ") for line in comments if line.startswith("#"))
+    made: dict[tuple[str, str], Scope] = {}
+    secret = ""
+    for match in re.finditer(
+        r"create secret generic (\S+)"
+        r'|--from-literal=([\w-]+)="\$\(\s*sendtime keys create --name \S+ --scope (\S+) --quiet\)"',
+        text,
+    ):
+        if match.group(1):
+            secret = match.group(1)
+        else:
+            made[(secret, match.group(2))] = Scope.parse(match.group(3))
+    return made
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_caller_calls_with_a_key_of_its_own_made_with_only_the_scope_the_call_needs(
+    overlay: str,
+) -> None:
+    made = keys_base_config_makes()
+    calls: dict[tuple[str, str], tuple[str, str]] = {}
+    for workload in workloads(overlay):
+        for container in pod_template(workload)["spec"]["containers"]:
+            for variable, entry in container_env(container).items():
+                callee = variable.removesuffix("_API_KEY")
+                if callee not in CALLEE_SCOPES:
+                    continue
+                secret = entry["valueFrom"]["secretKeyRef"]
+                key = (secret["name"], secret["key"])
+                assert made[key] == CALLEE_SCOPES[callee], (workload["metadata"]["name"], variable)
+                calls[(workload["metadata"]["name"], callee)] = key
+    assert len(set(calls.values())) == len(calls), calls  # no key serves two calls
+    assert set(calls) == {
+        ("render", "PROFILE_SERVICE"),
+        ("triggers", "PROFILE_SERVICE"),
+        ("triggers", "RENDER_SERVICE"),
+        ("sync", "INGEST_SERVICE"),
+        ("sync", "PROFILE_SERVICE"),
+    }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

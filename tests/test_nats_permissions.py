@@ -1,8 +1,8 @@
 """The services under their least-privilege NATS users (scripts/nats_auth.py), on a NATS of the
 test's own: the whole path works (ingest publishes, profile merges and publishes erasure
 notices, render keeps its catalog and hears erasures, triggers starts and reads the profile
-change stream through its durable consumer and erases on the notices), and what each must not
-do is refused."""
+change stream through its durable consumer and erases on the notices, sync's user reads that
+stream through its own durable consumer), and what each must not do is refused."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from sendtime_common.event_log import (
     JetStreamSettings,
     inbox_prefix,
 )
+from sync.changes import DURABLE_NAME as SYNC_CHANGES
 from tests.conftest import (
     LOCAL_SERVER,
     channel,
@@ -207,6 +208,50 @@ async def test_the_services_work_end_to_end_under_their_own_users(
         assert await app.grpc.readiness.evaluate(), app.grpc.readiness.conditions
 
 
+async def test_sync_reads_the_profile_changes_through_its_own_durable_consumer(
+    locked_apps: tuple[IngestApp, ProfileApp, RenderApp, TriggersApp],
+    locked_nats: LockedNats,
+    locked_database: str,
+    unique: str,
+) -> None:
+    """What sync's push connectors do (sync.changes.ChangeFollower), under sync's user: make and
+    pull from ``sync-changes``, get a merge's change, acknowledge it."""
+    assert nats_auth.NatsNames().sync_changes_consumer == SYNC_CHANGES
+    ingest = locked_apps[0]
+    errors: list[str] = []
+    event_log = await JetStreamEventLog.connect(locked_nats.settings("sync"))
+    inspector = await locked_nats.connect_as("sync", errors)
+    try:
+        subscription = await event_log.subscribe_profile_changes(SYNC_CHANGES)
+        sent = event(user_id=f"s-{unique}", identify=identify(first_name="Ada"))
+        async with channel(f"127.0.0.1:{ingest.grpc.port}", await issue_key(locked_database)) as calls:
+            answer = await ingest_pb2_grpc.IngestServiceStub(calls).SendEvents(
+                ingest_pb2.SendEventsRequest(events=[sent])
+            )
+        assert answer.results[0].outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED
+        found: profile_pb2.ProfileChange | None = None
+        deadline = asyncio.get_running_loop().time() + 10
+        while found is None:  # the changes of the tests before come first (it reads from the start)
+            assert asyncio.get_running_loop().time() < deadline, "no change for the event"
+            for delivery in await subscription.fetch(100, 0.5):
+                change = profile_pb2.ProfileChange.FromString(delivery.payload)
+                await delivery.ack()
+                if change.event.event_id == sent.event_id:
+                    found = change
+        assert found.customer_id
+        # The acks went through (the user may ack there), and the user may read its consumer.
+        consumer = await inspector.jetstream().consumer_info(CHANGES, SYNC_CHANGES)
+        while consumer.num_ack_pending or consumer.ack_floor.stream_seq < consumer.delivered.stream_seq:
+            assert asyncio.get_running_loop().time() < deadline, consumer
+            await asyncio.sleep(0.05)
+            consumer = await inspector.jetstream().consumer_info(CHANGES, SYNC_CHANGES)
+        await subscription.close()
+    finally:
+        await inspector.close()
+        await event_log.close()
+    assert not errors
+
+
 async def test_render_cannot_publish_an_event_nor_read_another_services_inbox(
     locked_nats: LockedNats, locked_apps: tuple[IngestApp, ProfileApp, RenderApp, TriggersApp]
 ) -> None:
@@ -254,6 +299,16 @@ async def test_render_cannot_publish_an_event_nor_read_another_services_inbox(
         ("triggers", f"$JS.API.STREAM.PURGE.{CHANGES}"),
         ("triggers", f"$JS.API.STREAM.UPDATE.{CHANGES}"),
         ("render", f"$JS.API.CONSUMER.MSG.NEXT.{CHANGES}.triggers-changes"),
+        ("sync", "sendtime.events.identify"),
+        ("sync", "sendtime.profile_changes.identify"),
+        ("sync", "sendtime.erasures"),
+        ("sync", f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS}.profile-merger"),
+        ("sync", f"$JS.API.CONSUMER.MSG.NEXT.{CHANGES}.triggers-changes"),
+        ("sync", f"$JS.API.CONSUMER.DELETE.{CHANGES}.triggers-changes"),
+        ("sync", f"$JS.API.STREAM.PURGE.{CHANGES}"),
+        ("sync", f"$JS.API.STREAM.UPDATE.{CHANGES}"),
+        ("triggers", f"$JS.API.CONSUMER.MSG.NEXT.{CHANGES}.{SYNC_CHANGES}"),
+        ("render", f"$JS.API.CONSUMER.MSG.NEXT.{CHANGES}.{SYNC_CHANGES}"),
     ],
 )
 async def test_no_user_may_do_what_its_service_does_not(

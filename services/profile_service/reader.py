@@ -83,6 +83,24 @@ class ProfileReader:
             return None
         return as_of(record.to_proto(), self._clock(), cart_abandoned_after=self._cart_abandoned_after)
 
+    async def get_by_customer_ids(
+        self, customer_ids: Sequence[uuid.UUID]
+    ) -> list[profile_pb2.Profile | None]:
+        """The profile of each customer id, in order (None where no customer has it), in one
+        query (as ``get_by_customer_id``, from PostgreSQL).
+
+        Raises:
+            asyncpg.PostgresError, OSError: PostgreSQL failed.
+        """
+        found = await self._repository.find_by_customer_ids(list(dict.fromkeys(customer_ids)))
+        now = self._clock()
+        return [
+            None
+            if (record := found.get(c)) is None
+            else as_of(record.to_proto(), now, cart_abandoned_after=self._cart_abandoned_after)
+            for c in customer_ids
+        ]
+
     async def _load(self, keys: list[IdentifierKey], *, refill_cache: bool) -> _Loaded:
         """Read ``keys`` from PostgreSQL, joining reads of the same keys already under way."""
         joined = {key: self._in_flight[key] for key in keys if key in self._in_flight}

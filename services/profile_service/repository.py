@@ -213,6 +213,20 @@ class ProfileRepository:
         )
         return None if row is None else _record(row, from_json(row["state"]))
 
+    async def find_by_customer_ids(self, customer_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ProfileRecord]:
+        """The profiles of ``customer_ids``, in one query; absent ones are left out.
+
+        Raises:
+            asyncpg.PostgresError, OSError: the database failed.
+        """
+        if not customer_ids:
+            return {}
+        rows = await self._pool.fetch(
+            _PROFILE_COLUMNS + ", c.state FROM customers c WHERE c.customer_id = ANY($1::uuid[])",
+            list(customer_ids),
+        )
+        return {r["customer_id"]: _record(r, from_json(r["state"])) for r in rows}
+
     async def _records(
         self,
         conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record],

@@ -34,7 +34,12 @@ from sendtime_common.errors import (
     not_found_status,
     retry_status,
 )
-from sendtime_common.identifier_proto import IdentifierKey, parse_identifier, requested_customer
+from sendtime_common.identifier_proto import (
+    IdentifierKey,
+    parse_identifier,
+    parse_profile_name,
+    requested_customer,
+)
 from sendtime_common.paging import InvalidPageToken, page_size
 
 _Servicer = TypeVar("_Servicer")
@@ -115,35 +120,58 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.BatchGetProfilesResponse:
         violations = list(_read_mask_violations(request))
-        count = len(request.identifiers)
-        if not 1 <= count <= self._max_batch_get:
-            violations.append(
-                FieldViolation("identifiers", f"must hold 1 to {self._max_batch_get} identifiers")
-            )
-        keys: list[IdentifierKey] = []
-        for i, identifier in enumerate(request.identifiers):
-            key = parse_identifier(identifier, f"identifiers[{i}]")
+        by_names = bool(request.names)
+        field, count = (
+            ("names", len(request.names)) if by_names else ("identifiers", len(request.identifiers))
+        )
+        if by_names and request.identifiers:
+            violations.append(FieldViolation("names", "set names or identifiers, not both"))
+        elif not 1 <= count <= self._max_batch_get:
+            violations.append(FieldViolation(field, f"must hold 1 to {self._max_batch_get} {field}"))
+        keys: list[IdentifierKey | uuid.UUID] = []
+        parsed: list[IdentifierKey | uuid.UUID | FieldViolation] = [
+            parse_identifier(identifier, f"identifiers[{i}]")
+            for i, identifier in enumerate(request.identifiers)
+        ]
+        parsed += [parse_profile_name(name, f"names[{i}]") for i, name in enumerate(request.names)]
+        for key in parsed:
             if isinstance(key, FieldViolation):
                 violations.append(key)
             else:
                 keys.append(key)
         if violations:
             await abort_invalid(context, "invalid BatchGetProfiles request", violations)
-        profiles = await self._reader.get_many(keys)
+        profiles = await self._read_many(keys)
         erased = await self._repository.erased_among(
-            [key for key, profile in zip(keys, profiles, strict=True) if profile is None]
+            [k for k, p in zip(keys, profiles, strict=True) if p is None and not isinstance(k, uuid.UUID)]
         )
-        return profile_pb2.BatchGetProfilesResponse(
-            results=[
-                profile_pb2.ProfileResult(
-                    identifier=identifier,
-                    profile=apply_read_mask(profile, request.read_mask) if profile else None,
-                    found=profile is not None,
-                    erased=key in erased,
-                )
-                for identifier, key, profile in zip(request.identifiers, keys, profiles, strict=True)
-            ]
-        )
+        results = [
+            profile_pb2.ProfileResult(
+                profile=apply_read_mask(profile, request.read_mask) if profile else None,
+                found=profile is not None,
+                erased=key in erased,
+            )
+            for key, profile in zip(keys, profiles, strict=True)
+        ]
+        if by_names:
+            for result, name in zip(results, request.names, strict=True):
+                result.name = name
+        else:
+            for result, identifier in zip(results, request.identifiers, strict=True):
+                result.identifier.CopyFrom(identifier)
+        return profile_pb2.BatchGetProfilesResponse(results=results)
+
+    async def _read_many(self, keys: list[IdentifierKey | uuid.UUID]) -> list[profile_pb2.Profile | None]:
+        """Each key's profile, in order: identifiers through the cache, customer ids from
+        PostgreSQL, one read of each kind."""
+        identifiers = [k for k in keys if not isinstance(k, uuid.UUID)]
+        customer_ids = [k for k in keys if isinstance(k, uuid.UUID)]
+        by_identifier = await self._reader.get_many(identifiers) if identifiers else []
+        by_customer_id = await self._reader.get_by_customer_ids(customer_ids) if customer_ids else []
+        found: dict[IdentifierKey | uuid.UUID, profile_pb2.Profile | None] = {}
+        found.update(zip(identifiers, by_identifier, strict=True))
+        found.update(zip(customer_ids, by_customer_id, strict=True))
+        return [found[k] for k in keys]
 
     @_database_away_is_unavailable
     async def ListProfileEvents(

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from sendtime_common.config import ConfigError, secret_from_env
-from sync import braze, hubspot, mailchimp, sendgrid
+from sync import braze, hubspot, mailchimp, sendgrid, sendgrid_contacts
 from sync.braze import BrazeAttributes
 from sync.hubspot import HubSpotContacts
 from sync.provider_http import (
@@ -33,12 +33,14 @@ from sync.provider_http import (
     ProviderLimits,
     TokenSaver,
 )
+from sync.push import Destination
 from sync.runner import Pull
 from sync.sendgrid import SendGridSuppressions
 
 _CONNECTOR_ID = re.compile(r"[a-z][a-z0-9-]{0,62}")
 MIN_INTERVAL_S = 10.0
-DEFAULT_INTERVAL_S = 300.0  # "every few minutes"
+DEFAULT_INTERVAL_S = 300.0  # a pull: "every few minutes"
+DEFAULT_PUSH_INTERVAL_S = 30.0  # a push: changes batched for half a minute
 
 
 class ConnectorKind(enum.StrEnum):
@@ -47,6 +49,7 @@ class ConnectorKind(enum.StrEnum):
     SENDGRID_SUPPRESSIONS = "sendgrid_suppressions"
     BRAZE_PUSH = "braze_push"
     MAILCHIMP_PUSH = "mailchimp_push"
+    SENDGRID_PUSH = "sendgrid_push"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +66,9 @@ _DEFAULTS: Mapping[ConnectorKind, _Defaults] = {
     ConnectorKind.SENDGRID_SUPPRESSIONS: _Defaults("https://api.sendgrid.com", 10, 1.0),
     ConnectorKind.BRAZE_PUSH: _Defaults(None, 3000, 3.0),  # /users/track: 3,000 per 3 s
     ConnectorKind.MAILCHIMP_PUSH: _Defaults(None, 10, 1.0),
+    ConnectorKind.SENDGRID_PUSH: _Defaults("https://api.sendgrid.com", 10, 1.0),
 }
-PUSH_KINDS = frozenset({ConnectorKind.BRAZE_PUSH, ConnectorKind.MAILCHIMP_PUSH})
+PUSH_KINDS = frozenset({ConnectorKind.BRAZE_PUSH, ConnectorKind.MAILCHIMP_PUSH, ConnectorKind.SENDGRID_PUSH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +134,8 @@ def _connector(raw: Any, path: str, env: Mapping[str, str]) -> ConnectorConfig:
         kind = ConnectorKind(str(obj.get("kind")))
     except ValueError:
         raise ConfigError(f"{path}.kind: one of {', '.join(k.value for k in ConnectorKind)}") from None
-    interval_s = _number(obj.get("interval_s", DEFAULT_INTERVAL_S), f"{path}.interval_s", MIN_INTERVAL_S)
+    default_interval_s = DEFAULT_PUSH_INTERVAL_S if kind in PUSH_KINDS else DEFAULT_INTERVAL_S
+    interval_s = _number(obj.get("interval_s", default_interval_s), f"{path}.interval_s", MIN_INTERVAL_S)
     credentials = _auth(obj.get("auth"), f"{path}.auth", env, kind)
     defaults = _DEFAULTS[kind]
     base_url = obj.get("base_url", defaults.base_url)
@@ -213,6 +218,7 @@ _OPTIONS: Mapping[ConnectorKind, frozenset[str]] = {
     ConnectorKind.SENDGRID_SUPPRESSIONS: frozenset({"lists", "lookback_s", "lag_s"}),
     ConnectorKind.BRAZE_PUSH: frozenset({"traits", "attribute_names"}),
     ConnectorKind.MAILCHIMP_PUSH: frozenset({"list_id", "traits", "merge_fields", "status_if_new"}),
+    ConnectorKind.SENDGRID_PUSH: frozenset({"traits", "custom_field_ids"}),
 }
 
 
@@ -224,6 +230,12 @@ def _check_options(kind: ConnectorKind, options: Mapping[str, Any], path: str) -
         traits = options.get("traits")
         if not isinstance(traits, list) or not traits or not all(isinstance(t, str) for t in traits):
             raise ConfigError(f"{path}.traits: required, the trait names to push")
+    if kind == ConnectorKind.SENDGRID_PUSH:
+        ids = _object(options.get("custom_field_ids", {}), f"{path}.custom_field_ids")
+        try:
+            sendgrid_contacts.check_custom_field_ids(ids, options["traits"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}.{exc}") from None
 
 
 # --- small readers ----------------------------------------------------------------------------
@@ -319,7 +331,7 @@ def build_pull(config: ConnectorConfig, api: ProviderApi) -> Pull:
     raise ValueError(f"{config.connector_id}: {config.kind} pushes, it does not pull")
 
 
-def build_destination(config: ConnectorConfig, api: ProviderApi) -> BrazeAttributes | mailchimp.MailchimpPush:
+def build_destination(config: ConnectorConfig, api: ProviderApi) -> Destination:
     """A push connector's destination, from its options.
 
     Raises:
@@ -334,5 +346,12 @@ def build_destination(config: ConnectorConfig, api: ProviderApi) -> BrazeAttribu
             str(options["list_id"]),
             options.get("merge_fields", mailchimp.DEFAULT_PUSH_FIELDS),
             status_if_new=str(options.get("status_if_new", "transactional")),
+        )
+    if config.kind == ConnectorKind.SENDGRID_PUSH:
+        return sendgrid_contacts.SendGridContacts(
+            api,
+            options.get("custom_field_ids", {}),
+            traits=options["traits"],
+            api_base_url=config.base_url,
         )
     raise ValueError(f"{config.connector_id}: {config.kind} pulls, it does not push")

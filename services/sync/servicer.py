@@ -16,7 +16,8 @@ from sendtime.sync.v1 import sync_pb2, sync_pb2_grpc
 from sendtime_common.database import STORE_ERRORS
 from sendtime_common.errors import FieldViolation, abort_invalid, abort_with, not_found_status, retry_status
 from sendtime_common.paging import InvalidPageToken, decode_id_position, encode_id_position, page_size
-from sync.connectors import ConnectorConfig
+from sync.connectors import PUSH_KINDS, ConnectorConfig
+from sync.push import PendingPushes
 from sync.status import NAME_PREFIX, connector_status
 from sync.store import ConnectorStore
 
@@ -30,11 +31,13 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         self,
         connectors: Sequence[ConnectorConfig],
         store: ConnectorStore,
+        pending: PendingPushes,
         wake: Callable[[], None],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._connectors = {c.connector_id: c for c in connectors}
         self._store = store
+        self._pending = pending
         self._wake = wake
         self._clock = clock
 
@@ -43,8 +46,8 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
     ) -> sync_pb2.GetConnectorStatusResponse:
         connector = await self._connector(context, request.name, "GetConnectorStatus")
         async with _store_answering(context):
-            state = await self._store.load(connector.connector_id)
-        return sync_pb2.GetConnectorStatusResponse(status=connector_status(connector, state, self._clock()))
+            (status,) = await self._statuses([connector.connector_id])
+        return sync_pb2.GetConnectorStatusResponse(status=status)
 
     async def ListConnectorStatuses(
         self, request: sync_pb2.ListConnectorStatusesRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -63,9 +66,7 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         ids = [c for c in sorted(self._connectors) if after is None or c > after]
         page = ids[:size]
         async with _store_answering(context):
-            states = await self._store.load_many(page)
-        now = self._clock()
-        statuses = [connector_status(self._connectors[c], states[c], now) for c in page]
+            statuses = await self._statuses(page)
         token = encode_id_position(page[-1], {}) if len(ids) > size else ""
         return sync_pb2.ListConnectorStatusesResponse(statuses=statuses, next_page_token=token)
 
@@ -75,9 +76,17 @@ class SyncServicer(sync_pb2_grpc.SyncServiceServicer):
         connector = await self._connector(context, request.name, "RunConnector")
         async with _store_answering(context):
             await self._store.make_due(connector.connector_id)
-            state = await self._store.load(connector.connector_id)
+            (status,) = await self._statuses([connector.connector_id])
         self._wake()
-        return sync_pb2.RunConnectorResponse(status=connector_status(connector, state, self._clock()))
+        return sync_pb2.RunConnectorResponse(status=status)
+
+    async def _statuses(self, connector_ids: list[str]) -> list[sync_pb2.ConnectorStatus]:
+        """The connectors' statuses, in order (a push's with its pending customers)."""
+        states = await self._store.load_many(connector_ids)
+        pushes = [c for c in connector_ids if self._connectors[c].kind in PUSH_KINDS]
+        waiting = await self._pending.summary(pushes) if pushes else {}
+        now = self._clock()
+        return [connector_status(self._connectors[c], states[c], now, waiting.get(c)) for c in connector_ids]
 
     async def _connector(
         self, context: grpc.aio.ServicerContext[Any, Any], name: str, method: str

@@ -40,6 +40,11 @@ class Settings:
     ingest_api_key: str = ""
     ingest_tls: ClientTls = field(default_factory=ClientTls)
     ingest_deadline_s: float = 10.0
+    # The profile service, read by push connectors, with a key holding only profiles.read.
+    profile_target: str = "127.0.0.1:50052"
+    profile_api_key: str = ""
+    profile_tls: ClientTls = field(default_factory=ClientTls)
+    profile_deadline_s: float = 5.0
     # SYNC_CONNECTORS_FILE: the connectors (sync.connectors); none: the service only reports.
     connectors: tuple[ConnectorConfig, ...] = ()
     # How often a replica looks for a connector that is due (RunConnector wakes its own at once).
@@ -76,6 +81,12 @@ class Settings:
             ingest_tls=ClientTls.from_env(env, "INGEST_SERVICE"),
             ingest_deadline_s=env_float(
                 env, "SYNC_INGEST_DEADLINE_SECONDS", defaults.ingest_deadline_s, minimum=0.1
+            ),
+            profile_target=env_str(env, "PROFILE_SERVICE_TARGET", defaults.profile_target),
+            profile_api_key=secret_from_env(env, "PROFILE_SERVICE_API_KEY"),
+            profile_tls=ClientTls.from_env(env, "PROFILE_SERVICE"),
+            profile_deadline_s=env_float(
+                env, "SYNC_PROFILE_DEADLINE_SECONDS", defaults.profile_deadline_s, minimum=0.1
             ),
             connectors=tuple(load_connectors(env)),
             poll_interval_s=env_float(env, "SYNC_POLL_SECONDS", defaults.poll_interval_s, minimum=0.05),

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from sendtime.sync.v1 import sync_pb2
 from sync.connectors import ConnectorConfig, ConnectorKind
+from sync.push import PendingSummary
 from sync.store import ConnectorState
 
 NAME_PREFIX = "connectors/"
@@ -19,6 +20,7 @@ KIND_TO_PROTO: Mapping[ConnectorKind, sync_pb2.ConnectorKind.ValueType] = {
     ConnectorKind.SENDGRID_SUPPRESSIONS: sync_pb2.CONNECTOR_KIND_SENDGRID_SUPPRESSIONS,
     ConnectorKind.BRAZE_PUSH: sync_pb2.CONNECTOR_KIND_BRAZE_PUSH,
     ConnectorKind.MAILCHIMP_PUSH: sync_pb2.CONNECTOR_KIND_MAILCHIMP_PUSH,
+    ConnectorKind.SENDGRID_PUSH: sync_pb2.CONNECTOR_KIND_SENDGRID_PUSH,
 }
 
 
@@ -53,8 +55,9 @@ def connector_state(state: ConnectorState) -> sync_pb2.ConnectorState.ValueType:
 
 
 def connector_status(
-    config: ConnectorConfig, state: ConnectorState, now: datetime
+    config: ConnectorConfig, state: ConnectorState, now: datetime, waiting: PendingSummary | None = None
 ) -> sync_pb2.ConnectorStatus:
+    """``waiting``: a push connector's pending customers (its lag is the oldest one's)."""
     status = sync_pb2.ConnectorStatus(
         name=connector_name(config.connector_id),
         kind=KIND_TO_PROTO[config.kind],
@@ -65,6 +68,8 @@ def connector_status(
         records_total=state.records_total,
         events_total=state.events_total,
         rejected_total=state.rejected_total,
+        items_pushed_total=state.items_pushed_total,
+        items_refused_total=state.items_refused_total,
     )
     for name, at in (
         ("last_success_time", state.last_success_at),
@@ -73,6 +78,11 @@ def connector_status(
     ):
         if at is not None:
             getattr(status, name).CopyFrom(_timestamp(at))
+    if waiting is not None:
+        status.items_pending = waiting.count
+        oldest = waiting.oldest or now
+        status.lag.CopyFrom(_duration(max(timedelta(0), now - oldest)))
+        return status
     newest = cursor_time(config.kind, state.cursor)
     if newest is not None:
         status.lag.CopyFrom(_duration(max(timedelta(0), now - newest)))

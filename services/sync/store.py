@@ -29,6 +29,8 @@ class ConnectorState:
     events_total: int
     rejected_total: int
     next_run_at: datetime | None
+    items_pushed_total: int
+    items_refused_total: int
 
 
 class ConnectorStore:
@@ -98,6 +100,16 @@ class ConnectorStore:
             rejected,
         )
 
+    async def push_page_done(self, connector_id: str, pushed: int, refused: int) -> None:
+        """Count a push page's customers the provider took and refused."""
+        await self._pool.execute(
+            "UPDATE sync_connectors SET items_pushed_total = items_pushed_total + $2,"
+            " items_refused_total = items_refused_total + $3 WHERE connector_id = $1",
+            connector_id,
+            pushed,
+            refused,
+        )
+
     async def run_succeeded(self, connector_id: str, next_run_at: datetime) -> None:
         await self._pool.execute(
             "UPDATE sync_connectors SET last_success_at = now(), consecutive_failures = 0,"
@@ -132,4 +144,6 @@ def _state(row: asyncpg.Record) -> ConnectorState:
         events_total=row["events_total"],
         rejected_total=row["rejected_total"],
         next_run_at=row["next_run_at"],
+        items_pushed_total=row["items_pushed_total"],
+        items_refused_total=row["items_refused_total"],
     )

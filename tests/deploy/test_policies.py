@@ -215,6 +215,7 @@ def expected_flows(overlay: str) -> set[tuple[str, str, int, str]]:
         ("triggers", "render", render_grpc, "TCP"),
     }
     flows.add(("sync", "ingest", port_of(IngestSettings().address), "TCP"))
+    flows.add(("sync", "profile", profile_grpc, "TCP"))  # the live profiles its push connectors send
     # Webhooks (triggers) and the providers' APIs (sync): public addresses on 443.
     flows |= {
         (caller, address, 443, "TCP") for caller in ("triggers", "sync") for address in PUBLIC_ADDRESSES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -136,6 +137,38 @@ async def test_batch_get_keeps_order_and_reports_missing(
     assert response.results[0].profile.traits["n"] == 2
     assert not response.results[0].profile.HasField("cart")  # masked out
     assert response.results[0].profile.version > 0
+
+
+async def test_batch_get_by_customer_names_keeps_order_and_reports_missing(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, *(event(user_id=f"n{i}-{unique}", identify=identify(n=i)) for i in range(2)))
+    found = [
+        await wait_for_profile(profile_stub, user(f"n{i}-{unique}"), lambda p: "n" in p.traits)
+        for i in range(2)
+    ]
+    names = [found[1].name, f"profiles/{uuid.uuid4()}", found[0].name, f"profiles/user_id:n0-{unique}"]
+    response = await profile_stub.BatchGetProfiles(profile_pb2.BatchGetProfilesRequest(names=names))
+    assert [r.name for r in response.results] == names
+    assert [r.found for r in response.results] == [True, False, True, True]  # an alias is a name too
+    assert [r.profile.customer_id for r in response.results] == [
+        found[1].customer_id,
+        "",
+        found[0].customer_id,
+        found[0].customer_id,
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as both:
+        await profile_stub.BatchGetProfiles(
+            profile_pb2.BatchGetProfilesRequest(names=names[:1], identifiers=[user(f"n0-{unique}")])
+        )
+    status = status_of(both.value)
+    assert status is not None and [v.field for v in field_violations(status)] == ["names"]
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await profile_stub.BatchGetProfiles(profile_pb2.BatchGetProfilesRequest(names=["customers/1"]))
+    status = status_of(bad.value)
+    assert status is not None and [v.field for v in field_violations(status)] == ["names[0]"]
 
 
 async def test_bad_requests_get_field_violations(

@@ -8,6 +8,7 @@ does not have. The rate limit answers 429 with ``X-RateLimit-Limit``, ``-Remaini
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -32,6 +33,11 @@ class BrazeServer(ProviderServer):
         self.throttled = 0
         self.batch_sizes: list[int] = []
         self._window: tuple[int, int] = (0, 0)  # (window start, requests in it)
+        # A test's: with ``release_answers`` given, a request is applied, ``applied_one`` set,
+        # and the answer held until ``release_answers`` is set (a crash between Braze applying a
+        # batch and the pusher hearing so).
+        self.release_answers: asyncio.Event | None = None
+        self.applied_one = asyncio.Event()
         self.route("POST", "/users/track", self._track)
 
     async def _track(self, request: web.Request) -> web.StreamResponse:
@@ -73,4 +79,7 @@ class BrazeServer(ProviderServer):
         answer: dict[str, Any] = {"message": "success", "attributes_processed": processed}
         if errors:
             answer["errors"] = errors
+        self.applied_one.set()
+        if self.release_answers is not None:
+            await self.release_answers.wait()
         return web.json_response(answer, status=201, headers=headers)

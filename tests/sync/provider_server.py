@@ -82,14 +82,15 @@ class ProviderServer:
         """Every access token issued so far is refused from now on (401)."""
         self.access_tokens.clear()
 
-    async def start(self) -> Self:
+    async def start(self, port: int = 0) -> Self:
+        """Serve on 127.0.0.1:``port`` (0: a free one, ``self.port`` then)."""
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
         for method, path, handler in self._routes:
             app.router.add_route(method, path, self._api(handler))
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         return self

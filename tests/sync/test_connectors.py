@@ -22,6 +22,7 @@ from sync.connectors import (
 )
 from sync.mailchimp import MailchimpPush
 from sync.provider_http import ApiKey, BasicAuth, OAuthClientCredentials, OAuthRefreshToken
+from sync.sendgrid_contacts import SendGridContacts
 from tests.sync.hubspot_server import HubSpotServer
 
 ENV = {
@@ -58,6 +59,12 @@ MAILCHIMP = {
     "options": {"list_id": "a1b2c3d4e5"},
 }
 SENDGRID = {"id": "sendgrid", "kind": "sendgrid_suppressions", "auth": {"api_key_env": "SENDGRID_API_KEY"}}
+SENDGRID_PUSH = {
+    "id": "sendgrid-contacts",
+    "kind": "sendgrid_push",
+    "auth": {"api_key_env": "SENDGRID_API_KEY"},
+    "options": {"traits": ["first_name", "tier"], "custom_field_ids": {"tier": "e1_T"}},
+}
 BRAZE = {
     "id": "braze",
     "kind": "braze_push",
@@ -134,6 +141,16 @@ def test_client_credentials_and_a_rate_of_ones_own() -> None:
         ({**SENDGRID, "colour": "red"}, ENV, r"connectors\[0\]: unknown fields \['colour'\]"),
         ({**BRAZE, "base_url": None}, ENV, r"connectors\[0\]\.base_url: required"),
         ({**BRAZE, "options": {}}, ENV, r"options\.traits: required"),
+        (
+            {**SENDGRID_PUSH, "options": {"traits": ["tier"]}},
+            ENV,
+            r"options\.traits tier: neither a SendGrid reserved field nor in custom_field_ids",
+        ),
+        (
+            {**SENDGRID_PUSH, "options": {"traits": ["tier"], "custom_field_ids": {"tier": "no spaces"}}},
+            ENV,
+            r"options\.custom_field_ids\['tier'\]: 'no spaces' is not a SendGrid custom field id",
+        ),
         ({**MAILCHIMP, "options": {}}, ENV, r"options\.list_id: required"),
         (
             {**MAILCHIMP, "options": {"list_id": "x", "colour": 1}},
@@ -192,7 +209,7 @@ async def test_built_into_a_pull_that_pulls_and_destinations_that_push() -> None
         assert [e.customer.crm_id for p in pages for e in p.events] == ["7"]
     finally:
         await server.stop()
-    braze, mailchimp_push = parse_connectors(
+    braze, mailchimp_push, sendgrid_push = parse_connectors(
         document(
             BRAZE,
             {
@@ -201,10 +218,16 @@ async def test_built_into_a_pull_that_pulls_and_destinations_that_push() -> None
                 "kind": "mailchimp_push",
                 "options": {"list_id": "a1", "traits": ["x"]},
             },
+            SENDGRID_PUSH,
         ),
         ENV,
     )
-    for config, kind in ((braze, BrazeAttributes), (mailchimp_push, MailchimpPush)):
+    assert (sendgrid_push.base_url, sendgrid_push.interval_s) == ("https://api.sendgrid.com", 30.0)
+    for config, kind in (
+        (braze, BrazeAttributes),
+        (mailchimp_push, MailchimpPush),
+        (sendgrid_push, SendGridContacts),
+    ):
         api = open_api(config)
         assert isinstance(build_destination(config, api), kind)
         with pytest.raises(ValueError, match="pushes, it does not pull"):

@@ -169,8 +169,9 @@ async def test_the_published_rate_is_never_exceeded(provider: ProviderServer) ->
         await api.request("GET", "/things")
     await api.aclose()
     times = [s.at for s in provider.seen]
-    # any 5 requests in a row span at least the window: the fifth waited for the first to leave it
-    assert min(later - earlier for earlier, later in zip(times, times[4:], strict=False)) >= 0.45
+    # any 5 requests in a row span at least the window (stretched by the 95% share): the fifth
+    # waited for the first to leave it
+    assert min(later - earlier for earlier, later in zip(times, times[4:], strict=False)) >= 0.5 / 0.95 - 0.02
     assert len(times) == 10
 
 

@@ -121,7 +121,7 @@ async def ledger() -> AsyncIterator[PushLedger]:
 
 async def test_what_the_ledger_settled_is_not_sent_again_and_a_newer_version_is(ledger: PushLedger) -> None:
     items = [_item(1, 4), _item(2, 4)]
-    assert await ledger.unsettled("braze", items) == items
+    assert await ledger.unsettled("braze", items) == (items, [])
     await ledger.record(
         "braze",
         [
@@ -129,30 +129,45 @@ async def test_what_the_ledger_settled_is_not_sent_again_and_a_newer_version_is(
             ItemResult(items[1], ItemOutcome.RETRY),  # still pending
         ],
     )
-    assert await ledger.unsettled("braze", [_item(1, 4), _item(1, 3), _item(2, 4)]) == [_item(2, 4)]
-    assert await ledger.unsettled("braze", [_item(1, 5)]) == [_item(1, 5)]
-    assert await ledger.unsettled("mailchimp", [_item(1, 4)]) == [_item(1, 4)]  # per destination
+    assert await ledger.unsettled("braze", [_item(1, 4), _item(1, 3), _item(2, 4)]) == ([_item(2, 4)], [])
+    newer = _item(1, 5, first_name="Ada")
+    assert await ledger.unsettled("braze", [newer]) == ([newer], [])
+    assert await ledger.unsettled("mailchimp", [_item(1, 4)]) == ([_item(1, 4)], [])  # per destination
     # an older result recorded late never moves the ledger back
     await ledger.record("braze", [ItemResult(_item(1, 2), ItemOutcome.PUSHED)])
-    assert await ledger.unsettled("braze", [_item(1, 4)]) == []
+    assert await ledger.unsettled("braze", [_item(1, 4)]) == ([], [])
+
+
+async def test_a_newer_version_with_the_values_pushed_is_unchanged_not_sent(ledger: PushLedger) -> None:
+    await ledger.record("braze", [ItemResult(_item(1, 4), ItemOutcome.PUSHED)])
+    same_values = _item(1, 9)  # a trait the destination does not take changed
+    assert await ledger.unsettled("braze", [same_values]) == ([], [same_values])
+    await ledger.record("braze", [ItemResult(same_values, ItemOutcome.UNCHANGED)])
+    assert await ledger.unsettled("braze", [_item(1, 9)]) == ([], [])
+    moved = PushItem(
+        "user:1", {"first_name": "n1", "tier": "gold"}, 10, external_id="1", email="a@example.com"
+    )
+    assert await ledger.unsettled("braze", [moved]) == ([moved], [])  # an address is a value too
 
 
 async def test_a_refusal_is_settled_too(ledger: PushLedger) -> None:
     await ledger.record("braze", [ItemResult(_item(3, 1), ItemOutcome.REFUSED, MISSING_ID)])
-    assert await ledger.unsettled("braze", [_item(3, 1)]) == []
+    assert await ledger.unsettled("braze", [_item(3, 1)]) == ([], [])
 
 
 async def test_a_push_made_again_after_a_crash_leaves_braze_as_one_push(
     braze: BrazeServer, destination: BrazeAttributes, ledger: PushLedger
 ) -> None:
     items = [_item(n, 2) for n in range(10)]
-    await destination.push(await ledger.unsettled("braze", items))
+    to_push, _ = await ledger.unsettled("braze", items)
+    await destination.push(to_push)
     # killed here: Braze applied the batch, the ledger did not record it; started again:
-    results = await destination.push(await ledger.unsettled("braze", items))
+    to_push, _ = await ledger.unsettled("braze", items)
+    results = await destination.push(to_push)
     await ledger.record("braze", results)
     assert len(braze.users) == 10  # no second user for anyone
     assert braze.users == {f"external_id:{n}": {"first_name": f"n{n}", "tier": "gold"} for n in range(10)}
     # and once recorded, a third start sends nothing
     before = len(braze.batch_sizes)
-    assert await ledger.unsettled("braze", items) == []
+    assert await ledger.unsettled("braze", items) == ([], [])
     assert len(braze.batch_sizes) == before

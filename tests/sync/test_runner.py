@@ -5,6 +5,7 @@ nothing applied twice; a refused record is counted and passed over; ingest away 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 from collections.abc import AsyncIterator
@@ -19,8 +20,8 @@ from sendtime.ingest.v1 import ingest_pb2_grpc
 from sendtime_common.migrate import migrate
 from sync.hubspot import ContactsPage, HubSpotContacts
 from sync.ingest_sink import IngestSink
-from sync.provider_http import OAuthRefreshToken, ProviderApi, ProviderLimits
-from sync.runner import Pull, retry_delay_s, run_pull
+from sync.provider_http import OAuthRefreshToken, ProviderApi, ProviderLimits, ProviderUnavailable
+from sync.runner import Pull, fetched_ahead, retry_delay_s, run_pull
 from sync.store import MIGRATIONS_DIR, MIGRATIONS_TABLE, ConnectorStore
 from tests.conftest import empty_database
 from tests.sync.hubspot_server import HubSpotServer
@@ -205,3 +206,24 @@ def test_a_failing_connector_is_tried_again_later_each_time_with_jitter() -> Non
     delays = [retry_delay_s(60, failures, rng) for failures in (1, 2, 3, 5, 9)]
     for delay, expected in zip(delays, (60, 120, 240, 960, 960), strict=True):
         assert 0.9 * expected <= delay <= 1.1 * expected
+
+
+async def test_the_next_page_is_fetched_while_this_one_is_sent_and_its_failure_comes_after() -> None:
+    log: list[str] = []
+
+    async def pages() -> AsyncIterator[ContactsPage]:
+        for n in range(3):
+            log.append(f"fetch {n}")
+            if n == 2:
+                raise ProviderUnavailable("hubspot", "503", 503)
+            yield ContactsPage(events=[], records=0, cursor_ms=n)
+
+    handed: list[int] = []
+    with pytest.raises(ProviderUnavailable):
+        async for page in fetched_ahead(pages()):
+            assert isinstance(page, ContactsPage)
+            await asyncio.sleep(0)  # sending it to ingest: the next fetch goes meanwhile
+            log.append(f"sent {page.cursor_ms}")
+            handed.append(page.cursor_ms)
+    assert log == ["fetch 0", "fetch 1", "sent 0", "fetch 2", "sent 1"]
+    assert handed == [0, 1]  # page 1 was handed on before page 2's failure surfaced

@@ -860,23 +860,32 @@ class BatchGetProfilesRequest(_message.Message):
 
     IDENTIFIERS_FIELD_NUMBER: _builtins.int
     READ_MASK_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Identifier]:
-        """1 to 1000 identifiers."""
+        """1 to 1000 identifiers; set identifiers or names, not both."""
 
     @_builtins.property
     def read_mask(self) -> _field_mask_pb2.FieldMask:
         """As in GetProfileRequest.read_mask, applied to every profile."""
+
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 1000 profile names, as GetProfileRequest.name takes them:
+        "profiles/{customer_id}" (what profile change notices name) or an
+        identifier alias; set names or identifiers, not both.
+        """
 
     def __init__(
         self,
         *,
         identifiers: _abc.Iterable[Global___Identifier] | None = ...,
         read_mask: _field_mask_pb2.FieldMask | None = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "read_mask", b"read_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identifiers", b"identifiers", "names", b"names", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -916,13 +925,19 @@ class ProfileResult(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     FOUND_FIELD_NUMBER: _builtins.int
     ERASED_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """False when no customer has the identifier."""
     erased: _builtins.bool
-    """True when the customer was erased (DeleteProfile): do not contact them."""
+    """True when the customer was erased (DeleteProfile): do not contact them.
+    Known for identifiers only: a customer id of an erased customer is just not
+    found.
+    """
+    name: _builtins.str
+    """The name as requested (a request by names)."""
     @_builtins.property
     def identifier(self) -> Global___Identifier:
-        """The identifier as requested."""
+        """The identifier as requested (a request by identifiers)."""
 
     @_builtins.property
     def profile(self) -> Global___Profile:
@@ -935,10 +950,11 @@ class ProfileResult(_message.Message):
         profile: Global___Profile | None = ...,
         found: _builtins.bool = ...,
         erased: _builtins.bool = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["identifier", b"identifier", "profile", b"profile"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased", b"erased", "found", b"found", "identifier", b"identifier", "profile", b"profile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased", b"erased", "found", b"found", "identifier", b"identifier", "name", b"name", "profile", b"profile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

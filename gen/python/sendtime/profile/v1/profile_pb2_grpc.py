@@ -79,8 +79,8 @@ class ProfileServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BatchGetProfiles(self, request, context):
-        """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
-        order; a missing one is reported in its slot, not as an error.
+        """BatchGetProfiles returns profiles for up to 1000 identifiers or names, in
+        request order; a missing one is reported in its slot, not as an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,8 +41,8 @@ class ProfileServiceStub:
     belongs to. NOT_FOUND when no customer has it.
     """
     BatchGetProfiles: _grpc.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]
-    """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
-    order; a missing one is reported in its slot, not as an error.
+    """BatchGetProfiles returns profiles for up to 1000 identifiers or names, in
+    request order; a missing one is reported in its slot, not as an error.
     """
     ListProfileEvents: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ListProfileEventsRequest, _profile_pb2.ListProfileEventsResponse]
     """ListProfileEvents lists the events merged into a customer's profile, newest
@@ -70,8 +70,8 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     belongs to. NOT_FOUND when no customer has it.
     """
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
-    """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
-    order; a missing one is reported in its slot, not as an error.
+    """BatchGetProfiles returns profiles for up to 1000 identifiers or names, in
+    request order; a missing one is reported in its slot, not as an error.
     """
     ListProfileEvents: _aio.UnaryUnaryMultiCallable[_profile_pb2.ListProfileEventsRequest, _profile_pb2.ListProfileEventsResponse]  # type: ignore[assignment]
     """ListProfileEvents lists the events merged into a customer's profile, newest
@@ -108,8 +108,8 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _profile_pb2.BatchGetProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.BatchGetProfilesResponse, _abc.Awaitable[_profile_pb2.BatchGetProfilesResponse]]:
-        """BatchGetProfiles returns profiles for up to 1000 identifiers, in request
-        order; a missing one is reported in its slot, not as an error.
+        """BatchGetProfiles returns profiles for up to 1000 identifiers or names, in
+        request order; a missing one is reported in its slot, not as an error.
         """
 
     @_abc_1.abstractmethod

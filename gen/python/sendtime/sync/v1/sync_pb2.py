@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sendtime.auth.v1 import auth_pb2 as sendtime_dot_auth_dot_v1_dot_auth__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsendtime/sync/v1/sync.proto\x12\x10sendtime.sync.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsendtime/auth/v1/auth.proto\"\xec\x03\n\x0f\x43onnectorStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.sendtime.sync.v1.ConnectorKind\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .sendtime.sync.v1.ConnectorState\x12+\n\x08interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x11last_success_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_failure_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\x05\x12&\n\x03lag\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\rnext_run_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrecords_total\x18\x0b \x01(\x03\x12\x14\n\x0c\x65vents_total\x18\x0c \x01(\x03\x12\x16\n\x0erejected_total\x18\r \x01(\x03\")\n\x19GetConnectorStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"O\n\x1aGetConnectorStatusResponse\x12\x31\n\x06status\x18\x01 \x01(\x0b\x32!.sendtime.sync.v1.ConnectorStatus\"E\n\x1cListConnectorStatusesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x1dListConnectorStatusesResponse\x12\x33\n\x08statuses\x18\x01 \x03(\x0b\x32!.sendtime.sync.v1.ConnectorStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13RunConnectorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x14RunConnectorResponse\x12\x31\n\x06status\x18\x01 \x01(\x0b\x32!.sendtime.sync.v1.ConnectorStatus*\xe6\x01\n\rConnectorKind\x12\x1e\n\x1a\x43ONNECTOR_KIND_UNSPECIFIED\x10\x00\x12#\n\x1f\x43ONNECTOR_KIND_HUBSPOT_CONTACTS\x10\x01\x12$\n CONNECTOR_KIND_MAILCHIMP_MEMBERS\x10\x02\x12(\n$CONNECTOR_KIND_SENDGRID_SUPPRESSIONS\x10\x03\x12\x1d\n\x19\x43ONNECTOR_KIND_BRAZE_PUSH\x10\x04\x12!\n\x1d\x43ONNECTOR_KIND_MAILCHIMP_PUSH\x10\x05*\x88\x01\n\x0e\x43onnectorState\x12\x1f\n\x1b\x43ONNECTOR_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONNECTOR_STATE_WAITING\x10\x01\x12\x1b\n\x17\x43ONNECTOR_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x43ONNECTOR_STATE_FAILING\x10\x03\x32\xd5\x03\n\x0bSyncService\x12\x96\x01\n\x12GetConnectorStatus\x12+.sendtime.sync.v1.GetConnectorStatusRequest\x1a,.sendtime.sync.v1.GetConnectorStatusResponse\"%\x92\xa1\x19\x02\x08\x12\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=connectors/*}\x12\x96\x01\n\x15ListConnectorStatuses\x12..sendtime.sync.v1.ListConnectorStatusesRequest\x1a/.sendtime.sync.v1.ListConnectorStatusesResponse\"\x1c\x92\xa1\x19\x02\x08\x12\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/connectors\x12\x93\x01\n\x0cRunConnector\x12%.sendtime.sync.v1.RunConnectorRequest\x1a&.sendtime.sync.v1.RunConnectorResponse\"4\x92\xa1\x19\n\x08\x13\x10\x01\x1a\x04name\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=connectors/*}:run:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsendtime/sync/v1/sync.proto\x12\x10sendtime.sync.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsendtime/auth/v1/auth.proto\"\xbc\x04\n\x0f\x43onnectorStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x04kind\x18\x02 \x01(\x0e\x32\x1f.sendtime.sync.v1.ConnectorKind\x12/\n\x05state\x18\x03 \x01(\x0e\x32 .sendtime.sync.v1.ConnectorState\x12+\n\x08interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x11last_success_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_failure_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x1c\n\x14\x63onsecutive_failures\x18\x08 \x01(\x05\x12&\n\x03lag\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\rnext_run_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrecords_total\x18\x0b \x01(\x03\x12\x14\n\x0c\x65vents_total\x18\x0c \x01(\x03\x12\x16\n\x0erejected_total\x18\r \x01(\x03\x12\x1a\n\x12items_pushed_total\x18\x0e \x01(\x03\x12\x1b\n\x13items_refused_total\x18\x0f \x01(\x03\x12\x15\n\ritems_pending\x18\x10 \x01(\x03\")\n\x19GetConnectorStatusRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"O\n\x1aGetConnectorStatusResponse\x12\x31\n\x06status\x18\x01 \x01(\x0b\x32!.sendtime.sync.v1.ConnectorStatus\"E\n\x1cListConnectorStatusesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x1dListConnectorStatusesResponse\x12\x33\n\x08statuses\x18\x01 \x03(\x0b\x32!.sendtime.sync.v1.ConnectorStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13RunConnectorRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"I\n\x14RunConnectorResponse\x12\x31\n\x06status\x18\x01 \x01(\x0b\x32!.sendtime.sync.v1.ConnectorStatus*\x88\x02\n\rConnectorKind\x12\x1e\n\x1a\x43ONNECTOR_KIND_UNSPECIFIED\x10\x00\x12#\n\x1f\x43ONNECTOR_KIND_HUBSPOT_CONTACTS\x10\x01\x12$\n CONNECTOR_KIND_MAILCHIMP_MEMBERS\x10\x02\x12(\n$CONNECTOR_KIND_SENDGRID_SUPPRESSIONS\x10\x03\x12\x1d\n\x19\x43ONNECTOR_KIND_BRAZE_PUSH\x10\x04\x12!\n\x1d\x43ONNECTOR_KIND_MAILCHIMP_PUSH\x10\x05\x12 \n\x1c\x43ONNECTOR_KIND_SENDGRID_PUSH\x10\x06*\x88\x01\n\x0e\x43onnectorState\x12\x1f\n\x1b\x43ONNECTOR_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43ONNECTOR_STATE_WAITING\x10\x01\x12\x1b\n\x17\x43ONNECTOR_STATE_RUNNING\x10\x02\x12\x1b\n\x17\x43ONNECTOR_STATE_FAILING\x10\x03\x32\xd5\x03\n\x0bSyncService\x12\x96\x01\n\x12GetConnectorStatus\x12+.sendtime.sync.v1.GetConnectorStatusRequest\x1a,.sendtime.sync.v1.GetConnectorStatusResponse\"%\x92\xa1\x19\x02\x08\x12\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=connectors/*}\x12\x96\x01\n\x15ListConnectorStatuses\x12..sendtime.sync.v1.ListConnectorStatusesRequest\x1a/.sendtime.sync.v1.ListConnectorStatusesResponse\"\x1c\x92\xa1\x19\x02\x08\x12\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/connectors\x12\x93\x01\n\x0cRunConnector\x12%.sendtime.sync.v1.RunConnectorRequest\x1a&.sendtime.sync.v1.RunConnectorResponse\"4\x92\xa1\x19\n\x08\x13\x10\x01\x1a\x04name\x82\xd3\xe4\x93\x02 \"\x1b/v1/{name=connectors/*}:run:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,24 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNCSERVICE'].methods_by_name['ListConnectorStatuses']._serialized_options = b'\222\241\031\002\010\022\202\323\344\223\002\020\022\016/v1/connectors'
   _globals['_SYNCSERVICE'].methods_by_name['RunConnector']._loaded_options = None
   _globals['_SYNCSERVICE'].methods_by_name['RunConnector']._serialized_options = b'\222\241\031\n\010\023\020\001\032\004name\202\323\344\223\002 \"\033/v1/{name=connectors/*}:run:\001*'
-  _globals['_CONNECTORKIND']._serialized_start=1087
-  _globals['_CONNECTORKIND']._serialized_end=1317
-  _globals['_CONNECTORSTATE']._serialized_start=1320
-  _globals['_CONNECTORSTATE']._serialized_end=1456
+  _globals['_CONNECTORKIND']._serialized_start=1167
+  _globals['_CONNECTORKIND']._serialized_end=1431
+  _globals['_CONNECTORSTATE']._serialized_start=1434
+  _globals['_CONNECTORSTATE']._serialized_end=1570
   _globals['_CONNECTORSTATUS']._serialized_start=174
-  _globals['_CONNECTORSTATUS']._serialized_end=666
-  _globals['_GETCONNECTORSTATUSREQUEST']._serialized_start=668
-  _globals['_GETCONNECTORSTATUSREQUEST']._serialized_end=709
-  _globals['_GETCONNECTORSTATUSRESPONSE']._serialized_start=711
-  _globals['_GETCONNECTORSTATUSRESPONSE']._serialized_end=790
-  _globals['_LISTCONNECTORSTATUSESREQUEST']._serialized_start=792
-  _globals['_LISTCONNECTORSTATUSESREQUEST']._serialized_end=861
-  _globals['_LISTCONNECTORSTATUSESRESPONSE']._serialized_start=863
-  _globals['_LISTCONNECTORSTATUSESRESPONSE']._serialized_end=972
-  _globals['_RUNCONNECTORREQUEST']._serialized_start=974
-  _globals['_RUNCONNECTORREQUEST']._serialized_end=1009
-  _globals['_RUNCONNECTORRESPONSE']._serialized_start=1011
-  _globals['_RUNCONNECTORRESPONSE']._serialized_end=1084
-  _globals['_SYNCSERVICE']._serialized_start=1459
-  _globals['_SYNCSERVICE']._serialized_end=1928
+  _globals['_CONNECTORSTATUS']._serialized_end=746
+  _globals['_GETCONNECTORSTATUSREQUEST']._serialized_start=748
+  _globals['_GETCONNECTORSTATUSREQUEST']._serialized_end=789
+  _globals['_GETCONNECTORSTATUSRESPONSE']._serialized_start=791
+  _globals['_GETCONNECTORSTATUSRESPONSE']._serialized_end=870
+  _globals['_LISTCONNECTORSTATUSESREQUEST']._serialized_start=872
+  _globals['_LISTCONNECTORSTATUSESREQUEST']._serialized_end=941
+  _globals['_LISTCONNECTORSTATUSESRESPONSE']._serialized_start=943
+  _globals['_LISTCONNECTORSTATUSESRESPONSE']._serialized_end=1052
+  _globals['_RUNCONNECTORREQUEST']._serialized_start=1054
+  _globals['_RUNCONNECTORREQUEST']._serialized_end=1089
+  _globals['_RUNCONNECTORRESPONSE']._serialized_start=1091
+  _globals['_RUNCONNECTORRESPONSE']._serialized_end=1164
+  _globals['_SYNCSERVICE']._serialized_start=1573
+  _globals['_SYNCSERVICE']._serialized_end=2042
 # @@protoc_insertion_point(module_scope)

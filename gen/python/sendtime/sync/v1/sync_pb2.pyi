@@ -38,6 +38,8 @@ class _ConnectorKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Connect
     """Pushes traits to Braze users."""
     CONNECTOR_KIND_MAILCHIMP_PUSH: _ConnectorKind.ValueType  # 5
     """Pushes traits to a Mailchimp audience's members."""
+    CONNECTOR_KIND_SENDGRID_PUSH: _ConnectorKind.ValueType  # 6
+    """Pushes traits to SendGrid Marketing Campaigns contacts."""
 
 class ConnectorKind(_ConnectorKind, metaclass=_ConnectorKindEnumTypeWrapper):
     """What a connector does."""
@@ -53,6 +55,8 @@ CONNECTOR_KIND_BRAZE_PUSH: ConnectorKind.ValueType  # 4
 """Pushes traits to Braze users."""
 CONNECTOR_KIND_MAILCHIMP_PUSH: ConnectorKind.ValueType  # 5
 """Pushes traits to a Mailchimp audience's members."""
+CONNECTOR_KIND_SENDGRID_PUSH: ConnectorKind.ValueType  # 6
+"""Pushes traits to SendGrid Marketing Campaigns contacts."""
 Global___ConnectorKind: _TypeAlias = ConnectorKind  # noqa: Y015
 
 class _ConnectorState:
@@ -100,6 +104,9 @@ class ConnectorStatus(_message.Message):
     RECORDS_TOTAL_FIELD_NUMBER: _builtins.int
     EVENTS_TOTAL_FIELD_NUMBER: _builtins.int
     REJECTED_TOTAL_FIELD_NUMBER: _builtins.int
+    ITEMS_PUSHED_TOTAL_FIELD_NUMBER: _builtins.int
+    ITEMS_REFUSED_TOTAL_FIELD_NUMBER: _builtins.int
+    ITEMS_PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"connectors/{connector_id}"."""
     kind: Global___ConnectorKind.ValueType
@@ -120,6 +127,16 @@ class ConnectorStatus(_message.Message):
     """Of those, events ingest refused (REJECTED or CONFLICT: in its dead-letter
     store).
     """
+    items_pushed_total: _builtins.int
+    """A push: customers whose attributes the provider took, in all (one per
+    customer and push).
+    """
+    items_refused_total: _builtins.int
+    """A push: customers the provider refused (an invalid value, say), in all;
+    they are pushed again once their attributes change.
+    """
+    items_pending: _builtins.int
+    """A push: customers changed since their last push and not yet pushed."""
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """How often it runs."""
@@ -134,8 +151,10 @@ class ConnectorStatus(_message.Message):
 
     @_builtins.property
     def lag(self) -> _duration_pb2.Duration:
-        """How far behind the provider it is: now less the time of the newest change
-        it has handed on (unset before its first page).
+        """How far behind it is. A pull: now less the time of the newest provider
+        change it has handed on (unset before its first page). A push: now less
+        the time of the oldest profile change not yet pushed (zero when none is
+        waiting).
         """
 
     @_builtins.property
@@ -158,10 +177,13 @@ class ConnectorStatus(_message.Message):
         records_total: _builtins.int = ...,
         events_total: _builtins.int = ...,
         rejected_total: _builtins.int = ...,
+        items_pushed_total: _builtins.int = ...,
+        items_refused_total: _builtins.int = ...,
+        items_pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "lag", b"lag", "last_failure_time", b"last_failure_time", "last_success_time", b"last_success_time", "next_run_time", b"next_run_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "events_total", b"events_total", "interval", b"interval", "kind", b"kind", "lag", b"lag", "last_error", b"last_error", "last_failure_time", b"last_failure_time", "last_success_time", b"last_success_time", "name", b"name", "next_run_time", b"next_run_time", "records_total", b"records_total", "rejected_total", b"rejected_total", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "events_total", b"events_total", "interval", b"interval", "items_pending", b"items_pending", "items_pushed_total", b"items_pushed_total", "items_refused_total", b"items_refused_total", "kind", b"kind", "lag", b"lag", "last_error", b"last_error", "last_failure_time", b"last_failure_time", "last_success_time", b"last_success_time", "name", b"name", "next_run_time", b"next_run_time", "records_total", b"records_total", "rejected_total", b"rejected_total", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
