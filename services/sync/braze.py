@@ -60,6 +60,8 @@ def refused_indexes(answer: Any) -> dict[int, str]:
 class BrazeAttributes:
     """One Braze workspace's users, as a push destination (see the module's text)."""
 
+    keyed_by_email = False  # external_id, else email
+
     def __init__(self, api: ProviderApi, names: Mapping[str, str] = STANDARD_ATTRIBUTES) -> None:
         self._api = api
         self._names = dict(names)

@@ -258,6 +258,8 @@ class MailchimpPush:
     subscribed to marketing), so a push never subscribes anyone; consent comes from the pull.
     Items without an address are refused here: Mailchimp keys members by address."""
 
+    keyed_by_email = True
+
     def __init__(
         self,
         api: ProviderApi,

@@ -5,7 +5,8 @@ of what may be retried, and a circuit breaker.
   (Mailchimp: any user name, the key as password), or OAuth 2.0 through authlib: the
   client-credentials grant, or a refresh token. A token is refreshed ``token_leeway_s`` before it
   expires, and again when the provider answers 401 to it (revoked or rotated early); the request
-  is then sent once more. A refresh token the provider rotates goes to ``on_token`` to be kept.
+  is then sent once more. A refresh token the provider rotates is used from then on, and goes to
+  ``on_token`` (the service passes none yet: no provider it connects to rotates them).
   Secrets are never in a repr, a log line or an error.
 - **Rate**: at most ``rate_share`` (95%) of the provider's published rate (pyrate-limiter's
   sliding window); a request waits for its turn without holding the event loop. Not all of it:

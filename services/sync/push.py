@@ -65,6 +65,10 @@ class ItemResult:
 class Destination(Protocol):
     """A provider's users or contacts, as a push connector writes them."""
 
+    # True: the provider keys people by email address (Mailchimp, SendGrid): a customer without
+    # one is not pushable there (skipped, not refused, so refusals count the provider's alone).
+    keyed_by_email: bool
+
     async def push(self, items: Sequence[PushItem]) -> list[ItemResult]:
         """One result per item (one item per customer).
 

@@ -6,7 +6,8 @@ recorded in the ledger, then the marks settled.
 Per customer of a page:
 
 - **gone** (no customer has the id: erased, or merged into another, whose own change marks it)
-  or **not pushable** (neither a user id nor an address): the mark is settled, nothing sent;
+  or **not pushable** (neither a user id nor an address; no address, for a destination that
+  keys people by address): the mark is settled, nothing sent;
 - **already pushed** at this version, or **unchanged** (the values pushed last time): settled,
   nothing sent (unchanged is recorded in the ledger at the new version);
 - otherwise **pushed** or **refused** by the provider: recorded, settled; or **retry** (the
@@ -92,6 +93,8 @@ async def run_push(
         for mark in marks:
             profile = profiles_by_id[mark.customer_key]
             item = None if profile is None else push_item(profile, attribute_names)
+            if item is not None and destination.keyed_by_email and not item.email:
+                item = None  # the provider keys people by address: nowhere to put this one
             if item is None:
                 settled[mark.customer_key] = mark.profile_version if profile is None else profile.version
                 report.skipped += 1

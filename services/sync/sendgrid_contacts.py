@@ -334,6 +334,8 @@ class SendGridContacts:
     checked to have somewhere to go; ``api_base_url``: the origin ``api`` calls, to which alone
     the API key may go with the errors file."""
 
+    keyed_by_email = True
+
     def __init__(
         self,
         api: ProviderApi,

@@ -2,7 +2,9 @@
 of deploy/components/prometheus/ loaded, while a short load runs through the suite: every
 dashboard query returns data, and so does every vector selector of every rule and dashboard
 query, and every alert's expression with its thresholds taken off. A misspelled metric or label
-name fails here, where promtool's unit tests (which make up their own series) cannot tell."""
+name fails here, where promtool's unit tests (which make up their own series) cannot tell. The
+sync service runs two connectors against a local SendGrid for its metrics: one reads a new
+suppression at every run, the other's key is refused."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -26,6 +29,7 @@ import grpc
 import promql_parser
 import pytest
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 import devstack
@@ -45,6 +49,7 @@ from tests.monitoring import (
     selectors,
     write_rules_for_promtool,
 )
+from tests.sync.sendgrid_server import SendGridServer
 from tests.triggers.support import Receiver, statuses
 from triggers.builtin import cart_abandoned
 
@@ -53,7 +58,7 @@ pytestmark = pytest.mark.e2e
 # The same fixtures as the e2e suite's (this module gets its own suite: its own database, NATS
 # and five processes).
 suite_database = e2e.suite_database
-suite_env = e2e.suite_env
+e2e_suite_env = e2e.suite_env  # extended by suite_env below
 running_suite = e2e.running_suite
 
 JOBS = {
@@ -73,6 +78,69 @@ ABSENT_UNDER_THE_LOAD = {
     ("kind", "webhook_item"),
 }
 CHECK_FOR_S = 40.0
+
+
+SENDGRID_KEY = "SG.e2e-key"
+
+
+class FreshSuppressions(SendGridServer):
+    """A SendGrid whose bounces gain an entry at every request, a little older than a pull's
+    60 s lag: every run of a connector reads a new record and hands ingest a new event."""
+
+    async def _list(self, request: web.Request) -> web.StreamResponse:
+        if request.path.endswith("/bounces"):
+            self.add("bounces", f"bounce-{uuid.uuid4().hex[:12]}@example.com", int(time.time()) - 61)
+        return await super()._list(request)
+
+
+@pytest.fixture(scope="module")
+def sendgrid() -> Iterator[SendGridServer]:
+    """FreshSuppressions on a loop of its own, in a thread: it answers while the tests' own
+    loops come and go, from before sync starts."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="sendgrid", daemon=True)
+    thread.start()
+    started = asyncio.run_coroutine_threadsafe(FreshSuppressions(api_key=SENDGRID_KEY).start(), loop)
+    server = started.result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def suite_env(
+    e2e_suite_env: dict[str, str], sendgrid: SendGridServer, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
+    """The e2e suite's, with two sync connectors pulling bounces from ``sendgrid`` every 10 s:
+    ``suppressions`` with its key, ``refused-key`` with one SendGrid answers 401 to (every run
+    fails, tried again later and later)."""
+    path = tmp_path_factory.mktemp("sync") / "connectors.json"
+    pull = {"kind": "sendgrid_suppressions", "interval_s": 10, "base_url": sendgrid.url}
+    path.write_text(
+        json.dumps(
+            {
+                "connectors": [
+                    {
+                        **pull,
+                        "id": "suppressions",
+                        "auth": {"api_key_env": "E2E_SENDGRID_KEY"},
+                        "options": {"lists": ["bounces"]},
+                    },
+                    {**pull, "id": "refused-key", "auth": {"api_key_env": "E2E_SENDGRID_REVOKED_KEY"}},
+                ]
+            }
+        )
+    )
+    return {
+        **e2e_suite_env,
+        "SYNC_CONNECTORS_FILE": str(path),
+        "E2E_SENDGRID_KEY": SENDGRID_KEY,
+        "E2E_SENDGRID_REVOKED_KEY": "SG.revoked",
+    }
 
 
 @pytest.fixture(scope="module")

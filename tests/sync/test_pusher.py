@@ -21,7 +21,7 @@ from sync.changes import ChangeFollower, change_of
 from sync.profile_attributes import push_item, selected_attributes
 from sync.profiles import ProfilesUnavailable
 from sync.provider_http import ApiKey, ProviderApi, ProviderLimits
-from sync.push import Change, PendingMark, PendingPushes, PushLedger
+from sync.push import Change, ItemOutcome, ItemResult, PendingMark, PendingPushes, PushItem, PushLedger
 from sync.pusher import run_push
 from sync.runner import RunReport
 from sync.store import MIGRATIONS_DIR, MIGRATIONS_TABLE, ConnectorStore
@@ -348,3 +348,32 @@ async def test_items_braze_refuses_are_settled_and_counted_not_retried(
     report = await push.run()
     assert (report.pushed, report.items_refused, await push.waiting()) == (1, 1, 0)
     assert (await ConnectorStore(pool).load("braze")).items_refused_total == 1
+
+
+class _ByEmail:
+    """A destination that keys people by address (as Mailchimp and SendGrid do)."""
+
+    keyed_by_email = True
+
+    def __init__(self) -> None:
+        self.sent: list[PushItem] = []
+
+    async def push(self, items: Sequence[PushItem]) -> list[ItemResult]:
+        self.sent.extend(items)
+        return [ItemResult(item, ItemOutcome.PUSHED) for item in items]
+
+
+async def test_a_customer_without_an_address_is_skipped_where_the_provider_keys_by_address(
+    pool: asyncpg.Pool,
+) -> None:
+    profiles = _Profiles()
+    marks: list[Change] = []
+    profiles.change(marks, _profile("c1", 1, user_id="1", tier="gold"))  # a user id, no address
+    profiles.change(marks, _profile("c2", 1, user_id="2", email="b@example.com", tier="gold"))
+    await PendingPushes(pool).mark(["mc"], marks)
+    destination = _ByEmail()
+    report = await run_push(
+        "mc", destination, ["tier"], PendingPushes(pool), PushLedger(pool), profiles, ConnectorStore(pool), 30
+    )
+    assert [i.customer_key for i in destination.sent] == ["c2"]
+    assert (report.pushed, report.items_refused, report.skipped) == (1, 0, 1)  # not counted as refused
