@@ -244,3 +244,10 @@ def _hubspot_auth(server: HubSpotServer) -> dict[str, Any]:
             "refresh_token_env": "HUBSPOT_REFRESH_TOKEN",
         }
     }
+
+
+def test_the_example_in_the_docs_is_a_document_the_service_takes() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "connectors.md").read_text()
+    example = text.split("```json\n", 1)[1].split("```", 1)[0]
+    connectors = parse_connectors(json.loads(example), ENV)
+    assert {c.kind for c in connectors} == set(ConnectorKind)  # every kind is shown
