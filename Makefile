@@ -22,6 +22,7 @@ help:
 	@echo "make gen        regenerate gen/python and openapi/ from protos/, the Grafana dashboards;  make gen-check: fail when stale"
 	@echo "make breaking   buf breaking against main"
 	@echo "make up / down  start / stop the local dependencies this checkout started"
+	@echo "                NATS_CLUSTER_NODES=3 (with up, run or demo): NATS as a 3-server JetStream cluster, streams R3"
 	@echo "make bench      every benchmark (docs/benchmarks.md); or one: bench-ingest, bench-profile, bench-render,"
 	@echo "                bench-http, bench-triggers, bench-sync"
 	@echo "                options go in BENCH_ARGS, e.g. make bench-ingest BENCH_ARGS='--events 5000'"

@@ -354,6 +354,13 @@ class BenchStack:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"sendtime-bench-{self.run_id}-"))
         self.nats_port, self.redis_port = devstack.free_port(), devstack.free_port()
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        # NATS_CLUSTER_NODES=3 (as for `make up`): the stack's NATS is a JetStream cluster of
+        # that many servers, the streams replicated on each, as production runs it.
+        nats_nodes = devstack.nats_cluster_nodes(os.environ)
+        self.nats_cluster: devstack.NatsCluster | None = None
+        if nats_nodes > 1:
+            self.nats_cluster = devstack.NatsCluster(self.workdir / "nats", nats_nodes)
+            self.nats_url = self.nats_cluster.url
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.database_url = _with_database(admin_database_url, self.database)
         self.env = self._service_env()
@@ -379,6 +386,7 @@ class BenchStack:
             PROFILE_SERVICE_PLAINTEXT="true",
             # Keyed identifier hashes, as in production (a service refuses to start without).
             IDENTIFIER_HASH_KEYS=base64.b64encode(secrets.token_bytes(32)).decode(),
+            NATS_REPLICAS=str(len(self.nats_cluster.nodes) if self.nats_cluster is not None else 1),
         )
         for service in suite.SERVICES:
             env[service.address_variable] = f"127.0.0.1:{devstack.free_port()}"
@@ -434,7 +442,10 @@ class BenchStack:
         self.close()
 
     def _start(self) -> None:
-        self.nats = devstack.start_nats(self.nats_port, self.workdir / "nats", detach=True)
+        if self.nats_cluster is not None:
+            self.nats_cluster.start(detach=True)
+        else:
+            self.nats = devstack.start_nats(self.nats_port, self.workdir / "nats", detach=True)
         self.redis = devstack.start_redis(self.redis_port, self.workdir / "redis", detach=True)
         asyncio.run(_admin(self.admin_database_url, f'CREATE DATABASE "{self.database}"'))
         self._database_created = True
@@ -529,6 +540,9 @@ class BenchStack:
         groups["empty gRPC server (floors)"] = lambda: [p.pid for p in self.extra]
         if self.nats is not None:
             groups["nats-server"] = _fixed(self.nats.pid)
+        if self.nats_cluster is not None:
+            cluster = self.nats_cluster
+            groups["nats-server"] = lambda: [process.pid for process in cluster.processes.values()]
         if self.redis is not None:
             groups["redis-server"] = _fixed(self.redis.pid)
         database = re.escape(self.database)
@@ -579,6 +593,8 @@ class BenchStack:
                 if dependency is not None:
                     devstack.stop_process(dependency)
             self.redis = self.nats = None
+            if self.nats_cluster is not None:
+                self.nats_cluster.stop()
             if not self.keep_dir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
         finally:

@@ -35,7 +35,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,13 +199,13 @@ class RawFloor:
 
 
 async def measure_raw_jetstream(
-    nats_url: str, payloads: Sequence[bytes], window: int, duration_s: float
+    stack_env: Mapping[str, str], payloads: Sequence[bytes], window: int, duration_s: float
 ) -> RawFloor:
     """Publish ``payloads`` (cycled) to a stream configured like ingest's (file storage, Msg-Id,
     same duplicate window, discard new) in windows of ``window`` concurrent publishes, each
     window awaited before the next, for ``duration_s``. The stream is deleted afterwards."""
-    settings = JetStreamSettings()
-    client = await nats.connect(nats_url, name="sendtime-bench")
+    settings = JetStreamSettings.from_env(stack_env)
+    client = await nats.connect(settings.servers, name="sendtime-bench")
     try:
         js = client.jetstream(timeout=settings.publish_timeout_s)
         await js.add_stream(
@@ -214,7 +214,7 @@ async def measure_raw_jetstream(
                 subjects=["bench.raw.>"],
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
-                num_replicas=1,
+                num_replicas=settings.replicas,  # as ingest's stream, on a cluster too
                 duplicate_window=settings.duplicate_window_s,
                 max_age=settings.max_age_s,
                 max_bytes=settings.max_bytes,
@@ -517,7 +517,7 @@ async def measure_floors(stack: BenchStack, options: Options, load: Load, meter:
     window_total = options.streams * options.in_flight
     say(f"floor 1/3: raw JetStream publish from nats-py, windows of {window_total}")
     snap = meter.snapshot()
-    raw = await measure_raw_jetstream(stack.nats_url, load.raw_payloads, window_total, options.floor_seconds)
+    raw = await measure_raw_jetstream(stack.env, load.raw_payloads, window_total, options.floor_seconds)
     say(f"   {fmt_rate(raw.rate)} msg/s ({raw.messages:,} in {raw.seconds:.1f}s)")
     cpu = {"raw JetStream floor": meter.usage(snap, meter.snapshot())}
     empty_target = stack.start_empty_server()
@@ -654,7 +654,7 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     for n in range(2, options.profile_replicas + 1):  # more mergers on the durable consumer
         say(f"starting profile replica {n}")
         stack.start_variant(suite.PROFILE, f"profile-{n}", {})
-    client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
+    client = await nats.connect(stack.nats_url.split(","), name="sendtime-bench-monitor")
     try:
         say(f"warm-up: {warmup.total:,} events" + ("" if options.ingest_only else ", then wait until merged"))
         warm_results, warm_seconds = await send_all(

@@ -477,7 +477,7 @@ async def load_customers(
     event (a fresh database otherwise has no statistics until autovacuum gets to it: see
     docs/benchmarks-profile-render.md)."""
     stream = JetStreamSettings.from_env(stack.env).stream
-    client = await nats.connect(stack.nats_url, name="sendtime-bench-monitor")
+    client = await nats.connect(stack.nats_url.split(","), name="sendtime-bench-monitor")
     js = client.jetstream()
     channels = [stack.channel(stack.target(suite.INGEST)) for _ in range(SENDERS)]
     try:

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import glob
 import hashlib
+import json
 import os
 import pwd
 import random
@@ -35,9 +36,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
@@ -126,18 +128,52 @@ def nats_server_binary() -> str:
     raise RuntimeError("nats-server not found beside the interpreter: install requirements-dev.txt")
 
 
+NATS_CLUSTER_NAME = "sendtime"
+NATS_CLUSTER_READY_S = 30.0
+
+
+@dataclass(frozen=True)
+class NatsNode:
+    """One server of a local NATS cluster: its name (JetStream's ``server_name``), its client
+    port, the port its peers route to, and its monitoring port (``/healthz``)."""
+
+    name: str
+    port: int
+    cluster_port: int
+    monitor_port: int
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+
 def write_nats_config(
     path: Path,
     port: int,
     store_dir: Path,
     passwords: Mapping[str, str] | None = None,
     tls: tuple[Path, Path] | None = None,
+    *,
+    cluster: tuple[NatsNode, Sequence[NatsNode]] | None = None,
 ) -> Path:
     """A JetStream config that fsyncs every write, so an acknowledged event survives a crash;
-    with one user per service in ``passwords`` (scripts/nats_auth.py: least privilege), and TLS
-    with ``tls`` (certificate, key). Readable by the owner only: it holds the passwords."""
-    lines = [
-        f"listen: 127.0.0.1:{port}",
+    with one user per service in ``passwords`` (scripts/nats_auth.py: least privilege), TLS
+    with ``tls`` (certificate, key), and, with ``cluster`` (this node, all nodes), membership in
+    a cluster routed over loopback. Readable by the owner only: it holds the passwords."""
+    lines = [f"listen: 127.0.0.1:{port}"]
+    if cluster is not None:
+        node, nodes = cluster
+        routes = ", ".join(f'"nats-route://127.0.0.1:{peer.cluster_port}"' for peer in nodes if peer != node)
+        lines += [
+            f"server_name: {node.name}",  # JetStream's Raft groups name their members by it
+            f"http: 127.0.0.1:{node.monitor_port}",
+            "cluster {",
+            f"  name: {NATS_CLUSTER_NAME}",
+            f"  listen: 127.0.0.1:{node.cluster_port}",
+            f"  routes: [{routes}]",
+            "}",
+        ]
+    lines += [
         "jetstream {",
         f'  store_dir: "{store_dir}"',
         "  sync_interval: always",
@@ -174,6 +210,137 @@ def start_nats(
         return _start_listening(
             [nats_server_binary(), "-c", str(config)], output, port, start_new_session=detach
         )
+
+
+class NatsCluster:
+    """A JetStream cluster of ``size`` pinned nats-servers on loopback, each with its own state
+    under ``workdir/<name>``, routed to each other: what production runs (three servers, streams
+    replicated three times), on one machine, for tests, benches and ``make up``.
+
+    ``url`` lists every server, as NATS_URL takes them. ``start`` returns once every server
+    answers ``/healthz`` (JetStream up, its metadata leader elected); ``kill`` and ``start_node``
+    take one server down hard and bring it back with its state. Use as a context manager, or
+    call ``stop``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        size: int = 3,
+        *,
+        ports: Sequence[int] | None = None,
+        nodes: Sequence[NatsNode] | None = None,
+        passwords: Mapping[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """``size`` servers with client ``ports`` (free ones if not given), or the ``nodes`` of
+        a cluster started before (``up`` keeps them)."""
+        if nodes is None:
+            if size < 1:
+                raise ValueError("a cluster needs at least one server")
+            client_ports = list(ports) if ports is not None else [free_port() for _ in range(size)]
+            nodes = [NatsNode(f"n{i + 1}", client_ports[i], free_port(), free_port()) for i in range(size)]
+        self.nodes = list(nodes)
+        self.workdir = workdir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._passwords = passwords
+        self._tls = tls
+
+    @property
+    def url(self) -> str:
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> NatsNode:
+        return next(node for node in self.nodes if node.name == name)
+
+    def start(self, *, detach: bool = False) -> None:
+        """Start every server and wait until the cluster serves JetStream.
+
+        Raises:
+            RuntimeError: a server did not start, or the cluster was not ready within
+                NATS_CLUSTER_READY_S (the servers started are stopped again).
+        """
+        try:
+            for node in self.nodes:
+                self.start_node(node.name, detach=detach, wait=False)
+            self.wait_until_ready()
+        except BaseException:
+            with held_signals():
+                self.stop()
+            raise
+
+    def start_node(self, name: str, *, detach: bool = False, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start (or start again, with the state it had) the server ``name``; with ``wait``,
+        return once the cluster serves JetStream again."""
+        node = self.node(name)
+        config = self.write_config(node)
+        with open(config.parent / "nats.log", "ab") as output:
+            process = _start_listening(
+                [nats_server_binary(), "-c", str(config)], output, node.port, start_new_session=detach
+            )
+        self.processes[name] = process
+        if wait:
+            self.wait_until_ready()
+        return process
+
+    def write_config(self, node: NatsNode) -> Path:
+        """``node``'s configuration file (written again: a running server rereads it on SIGHUP)."""
+        workdir = self.workdir / node.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        return write_nats_config(
+            workdir / "nats.conf",
+            node.port,
+            workdir / "jetstream",
+            self._passwords,
+            self._tls,
+            cluster=(node, self.nodes),
+        )
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the server ``name`` (a crash: nothing is flushed or handed over)."""
+        process = self.processes.pop(name)
+        process.kill()
+        process.wait()
+
+    def wait_until_ready(self, timeout_s: float = NATS_CLUSTER_READY_S) -> None:
+        """Until every running server answers ``/healthz`` with 200: JetStream enabled, the
+        metadata leader known and this server current with it.
+
+        Raises:
+            RuntimeError: not within ``timeout_s``, or a server exited.
+        """
+        deadline = time.monotonic() + timeout_s
+        waiting = [self.node(name) for name in self.processes]
+        while waiting:
+            for process in self.processes.values():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+            waiting = [node for node in waiting if not _nats_healthy(node)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(node.name for node in waiting)
+                raise RuntimeError(f"NATS cluster not ready after {timeout_s:g}s: {names} not healthy")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            stop_process(self.processes.pop(name))
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _nats_healthy(node: NatsNode) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor_port}/healthz", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except (OSError, ValueError):  # refused, not yet listening, or 503 (HTTPError is an OSError)
+        return False
 
 
 def _start_listening(
@@ -314,7 +481,7 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 # What each pid file must point at, so a recycled pid is never signalled.
 _PROGRAMS = {"nats": "nats-server", "redis": "redis-server", "postgres": "postgres"}
 # Processes this interpreter started, so an in-process down() (scripts/suite.py) can reap them.
-_STARTED: dict[str, subprocess.Popen[bytes]] = {}
+_STARTED: dict[str, list[subprocess.Popen[bytes]]] = {}
 
 
 class DevstackError(RuntimeError):
@@ -799,13 +966,15 @@ def _ensure(ep: Endpoint, rd: Path, start: Callable[[int, Path], int], started: 
 
 
 def _start_nats(port: int, workdir: Path) -> int:
-    _STARTED["nats"] = process = start_nats(port, workdir, detach=True)
+    process = start_nats(port, workdir, detach=True)
+    _STARTED["nats"] = [process]
     return process.pid
 
 
 def _start_redis(port: int, workdir: Path) -> int:
     require_redis_server()
-    _STARTED["redis"] = process = start_redis(port, workdir, detach=True)
+    process = start_redis(port, workdir, detach=True)
+    _STARTED["redis"] = [process]
     return process.pid
 
 
@@ -825,8 +994,23 @@ def own_nats(env: Mapping[str, str]) -> bool:
     return not env.get("NATS_URL")
 
 
+def nats_cluster_nodes(env: Mapping[str, str]) -> int:
+    """NATS_CLUSTER_NODES: how many servers devstack's own NATS runs: 1 (the default), or a
+    cluster of 3 or more, as production runs it (``make up NATS_CLUSTER_NODES=3``).
+
+    Raises:
+        DevstackError: not 1 and not an odd number from 3 to 9 (JetStream's Raft groups need a
+            majority: two servers survive no failure, and an even count adds none).
+    """
+    raw = env.get("NATS_CLUSTER_NODES", "").strip() or "1"
+    if not raw.isdigit() or not (int(raw) == 1 or 3 <= int(raw) <= 9 and int(raw) % 2 == 1):
+        raise DevstackError(f"NATS_CLUSTER_NODES must be 1, 3, 5, 7 or 9, got {raw!r}")
+    return int(raw)
+
+
 def nats_url(env: Mapping[str, str]) -> str:
-    """Where the services find NATS: NATS_URL, else the one ``up`` started (.run/nats.url)."""
+    """Where the services find NATS: NATS_URL, else the one ``up`` started (.run/nats.url; a
+    cluster's servers separated by commas)."""
     if not own_nats(env):
         return env["NATS_URL"]
     try:
@@ -835,28 +1019,77 @@ def nats_url(env: Mapping[str, str]) -> str:
         raise DevstackError("devstack's NATS is not up: run `devstack.py up` first") from None
 
 
-def _ensure_own_nats(rd: Path, started: list[str]) -> None:
+def nats_connection_env(env: Mapping[str, str]) -> dict[str, str]:
+    """NATS_URL for the services, and, on devstack's own cluster, NATS_REPLICAS: the streams
+    replicated on every server (unless NATS_REPLICAS says otherwise)."""
+    url = nats_url(env)
+    settings = {"NATS_URL": url}
+    servers = len(url.split(","))
+    if own_nats(env) and servers > 1 and not env.get("NATS_REPLICAS"):
+        settings["NATS_REPLICAS"] = str(servers)
+    return settings
+
+
+def _read_pids(path: Path) -> list[int]:
+    try:
+        return [int(word) for word in path.read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _ensure_own_nats(rd: Path, started: list[str], size: int) -> None:
     """devstack's NATS: the pinned nats-server with one least-privilege user per service
-    (scripts/nats_auth.py; passwords in .run/secrets/). On 127.0.0.1:4222 when that is free,
-    else the next free port from 4223 (a NATS that is not ours may hold 4222, e.g. the
-    system's). Its URL goes to .run/nats.url. Adds "nats" to ``started`` when it starts one."""
+    (scripts/nats_auth.py; passwords in .run/secrets/), ``size`` servers of a cluster when more
+    than one. Clients on 127.0.0.1:4222 (and up, a port a server) when free, else the next free
+    ports from 4223 (a NATS that is not ours may hold 4222, e.g. the system's). The URL goes to
+    .run/nats.url, the pids to .run/nats.pid, a cluster's ports to .run/nats/cluster.json. Adds
+    "nats" to ``started`` when it starts one."""
     passwords = {service: path.read_text().strip() for service, path in nats_passwords(rd).items()}
-    pid_file, url_file = rd / "nats.pid", rd / "nats.url"
-    pid = _read_pid(pid_file)
-    if pid is not None and _is_ours(pid, "nats") and url_file.exists():
-        port = int(url_file.read_text().strip().rpartition(":")[2])
-        write_nats_config(rd / "nats" / "nats.conf", port, rd / "nats" / "jetstream", passwords)
-        os.kill(pid, signal.SIGHUP)  # nats-server rereads its configuration (users, permissions)
-        _say(f"{'nats:':<9} using 127.0.0.1:{port} (started earlier by devstack, pid {pid}; users reloaded)")
+    pid_file, url_file, layout_file = rd / "nats.pid", rd / "nats.url", rd / "nats" / "cluster.json"
+    pids = _read_pids(pid_file)
+    running = [pid for pid in pids if _is_ours(pid, "nats")]
+    if running and url_file.exists():
+        servers = url_file.read_text().strip().split(",")
+        if len(servers) != size or len(running) != len(pids):
+            raise DevstackError(
+                f"devstack's NATS runs {len(running)} of {len(servers)} server(s), and NATS_CLUSTER_NODES "
+                f"asks for {size}: run `devstack.py down` first"
+            )
+        if size == 1:
+            port = int(servers[0].rpartition(":")[2])
+            write_nats_config(rd / "nats" / "nats.conf", port, rd / "nats" / "jetstream", passwords)
+        else:
+            layout = [NatsNode(**node) for node in json.loads(layout_file.read_text())]
+            cluster = NatsCluster(rd / "nats", nodes=layout, passwords=passwords)
+            for node in cluster.nodes:
+                cluster.write_config(node)
+        for pid in running:
+            os.kill(pid, signal.SIGHUP)  # nats-server rereads its configuration (users, permissions)
+        how = f"pid {running[0]}" if size == 1 else f"a cluster of {size}, pids {' '.join(map(str, running))}"
+        url = url_file.read_text().strip()
+        _say(f"{'nats:':<9} using {url} (started earlier by devstack, {how}; users reloaded)")
         return
-    port = next(p for p in range(4222, 4300) if not tcp_reachable("127.0.0.1", p))
+    free = [p for p in range(4222, 4300) if not tcp_reachable("127.0.0.1", p)]
     rd.mkdir(parents=True, exist_ok=True)
     started.append("nats")  # before the start: see _ensure
-    _STARTED["nats"] = process = start_nats(port, rd / "nats", detach=True, passwords=passwords)
-    pid_file.write_text(f"{process.pid}\n")
-    url_file.write_text(f"nats://127.0.0.1:{port}\n")
+    if size == 1:
+        processes = _STARTED["nats"] = [start_nats(free[0], rd / "nats", detach=True, passwords=passwords)]
+        url = f"nats://127.0.0.1:{free[0]}"
+    else:
+        cluster = NatsCluster(rd / "nats", size, ports=free[:size], passwords=passwords)
+        try:
+            cluster.start(detach=True)
+        finally:  # what started is ours to stop, even if the cluster never became ready
+            _STARTED["nats"] = list(cluster.processes.values())
+        processes = _STARTED["nats"]
+        layout_file.write_text(json.dumps([asdict(node) for node in cluster.nodes]))
+        url = cluster.url
+    pid_file.write_text("".join(f"{process.pid}\n" for process in processes))
+    url_file.write_text(f"{url}\n")
     where = _shown(rd / "nats")
-    _say(f"{'nats:':<9} started on 127.0.0.1:{port}, a user per service (pid {process.pid}; {where}/)")
+    what = "a user per service" if size == 1 else f"a JetStream cluster of {size}, a user per service"
+    pids_shown = " ".join(str(process.pid) for process in processes)
+    _say(f"{'nats:':<9} started on {url}, {what} (pid {pids_shown}; {where}/)")
 
 
 def up(env: Mapping[str, str] | None = None) -> list[str]:
@@ -879,7 +1112,7 @@ def up(env: Mapping[str, str] | None = None) -> list[str]:
         redis = endpoint("redis", env.get("REDIS_URL") or DEFAULT_REDIS_URL, 6379)
         postgres = endpoint("postgres", env.get("DATABASE_URL") or DEFAULT_DATABASE_URL, 5432)
         if own_nats(env):
-            _ensure_own_nats(rd, started)
+            _ensure_own_nats(rd, started, nats_cluster_nodes(env))
         else:
             _ensure(endpoint("nats", env["NATS_URL"], 4222), rd, _start_nats, started)
         _ensure(redis, rd, _start_redis, started)
@@ -933,17 +1166,19 @@ def down(env: Mapping[str, str] | None = None, names: Sequence[str] = ("postgres
         if name not in names:
             continue
         pid_file = rd / f"{name}.pid"
-        pid = _read_pid(pid_file)
-        process = _STARTED.pop(name, None)
-        if process is not None and (pid is None or process.pid == pid):
-            stop_process(process)  # our child (its pid file maybe not written yet): wait() reaps it
-            stopped.append(name)
-        elif pid is not None and _is_ours(pid, name):
+        children = _STARTED.pop(name, [])
+        for process in children:  # ours (their pid file maybe not written yet): wait() reaps them
+            stop_process(process)
+        ours = {child.pid for child in children}
+        others = [pid for pid in _read_pids(pid_file) if pid not in ours and _is_ours(pid, name)]
+        for pid in others:  # a cluster's servers stop one by one; each hands over its leaderships
             _terminate(pid)
+        if children or others:
             stopped.append(name)
         pid_file.unlink(missing_ok=True)
         if name == "nats":
             (rd / "nats.url").unlink(missing_ok=True)
+            (rd / "nats" / "cluster.json").unlink(missing_ok=True)
     _say(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
 
 

@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{variable: f"127.0.0.1:{devstack.free_port()}" for variable in PORT_VARIABLES},
         }
         with suite.suite(env) as running:
-            env = {**env, "NATS_URL": devstack.nats_url(env)}
+            env = {**env, **devstack.nats_connection_env(env)}
             config = {
                 "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
                 "rule_files": ["rules.yaml"],

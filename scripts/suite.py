@@ -526,7 +526,7 @@ def suite(env: Mapping[str, str]) -> Iterator[RunningSuite]:
     started_dependencies = devstack.up(env)
     try:
         credentials = ensure_local_credentials(env, devstack.run_dir(env))
-        env = {**env, "NATS_URL": devstack.nats_url(env)}
+        env = {**env, **devstack.nats_connection_env(env)}
         running = start_services(env, devstack.run_dir(env) / "logs", credentials=credentials)
         succeeded = False
         try:

@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as redis
 
 import devstack
+from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, inbox_prefix
 
 SCRIPT = devstack.ROOT / "scripts" / "devstack.py"
 ADMIN_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", devstack.DEFAULT_TEST_DATABASE_URL)
@@ -176,3 +177,73 @@ def test_a_port_something_listens_on_is_never_handed_out(monkeypatch: pytest.Mon
         choices = iter([taken, taken, taken + 1 if taken + 1 < 32_768 else taken - 1])
         monkeypatch.setattr(random, "choice", lambda _candidates: next(choices))
         assert devstack.free_port() != taken
+
+
+async def test_up_runs_a_nats_cluster_when_asked_and_down_stops_every_server(
+    run_dir: Path, redis_url: str
+) -> None:
+    admin = urlsplit(ADMIN_DATABASE_URL)
+    if not devstack.tcp_reachable(admin.hostname or "127.0.0.1", admin.port or 5432):
+        pytest.skip(f"no PostgreSQL at {devstack.redact(ADMIN_DATABASE_URL)}: run `devstack.py ensure`")
+    name = f"devstack_test_{uuid.uuid4().hex[:12]}"
+    env = {
+        "SENDTIME_RUN_DIR": str(run_dir),
+        "NATS_URL": "",  # devstack's own NATS, a user per service
+        "NATS_CLUSTER_NODES": "3",
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": with_database(ADMIN_DATABASE_URL, name),
+    }
+    try:
+        first = cli("up", env)
+        assert first.returncode == 0, first.stderr
+        assert "a JetStream cluster of 3" in first.stdout
+        servers = (run_dir / "nats.url").read_text().strip().split(",")
+        server_pids = [int(pid) for pid in (run_dir / "nats.pid").read_text().split()]
+        assert len(servers) == len(set(servers)) == 3 and len(server_pids) == 3
+        assert devstack.nats_connection_env(env) == {"NATS_URL": ",".join(servers), "NATS_REPLICAS": "3"}
+
+        # The profile service makes its streams there, on all three servers.
+        settings = JetStreamSettings.from_env(
+            {
+                **devstack.nats_connection_env(env),
+                "NATS_USER": "sendtime-profile",
+                "NATS_PASSWORD": (run_dir / "secrets" / "nats-profile.password").read_text().strip(),
+            }
+        )
+        await (await JetStreamEventLog.connect(settings)).close()
+        client = await nats.connect(
+            settings.servers,
+            user=settings.user,
+            password=settings.password,
+            inbox_prefix=inbox_prefix(settings.user),
+        )
+        try:
+            info = await client.jetstream().stream_info(settings.stream)
+        finally:
+            await client.close()
+        assert info.config.num_replicas == 3
+        assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+
+        again = cli("up", env)
+        assert again.returncode == 0, again.stderr
+        assert "users reloaded" in again.stdout and "a cluster of 3" in again.stdout
+        refused = cli("up", {**env, "NATS_CLUSTER_NODES": "1"})
+        assert refused.returncode == 1 and "run `devstack.py down` first" in refused.stderr
+
+        stopped = cli("down", env)
+        assert stopped.returncode == 0 and "nats" in stopped.stdout, stopped.stderr
+        assert not any(devstack.tcp_reachable("127.0.0.1", int(s.rpartition(":")[2])) for s in servers)
+        assert not (run_dir / "nats.pid").exists() and not (run_dir / "nats.url").exists()
+    finally:
+        cli("down", env)
+        conn = await asyncpg.connect(ADMIN_DATABASE_URL)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await conn.close()
+
+
+@pytest.mark.parametrize("value", ["2", "4", "0", "three", "11"])
+def test_a_cluster_size_without_a_majority_to_lose_is_refused(value: str) -> None:
+    with pytest.raises(devstack.DevstackError, match="NATS_CLUSTER_NODES must be 1, 3, 5, 7 or 9"):
+        devstack.nats_cluster_nodes({"NATS_CLUSTER_NODES": value})

@@ -34,7 +34,8 @@ import ssl
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, Protocol, TypeVar
 
 import nats
 import nats.errors
@@ -57,6 +58,7 @@ from sendtime_common.config import ConfigError, env_bool, env_float, env_int, en
 from sendtime_common.shutdown import CANCEL_WAIT_S, FINISH_S
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"  # a subject no longer bound to our stream fails
@@ -71,6 +73,11 @@ ERASE_CONCURRENCY = 64  # message removals in flight at once
 # to settle (a bug) still comes back, after this plus the ack wait.
 HOLD_MAX_S = 600.0
 _NO_SUCH_MESSAGE = 10037  # JetStream's "no message found"
+_JETSTREAM_NOT_READY = (
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+)
 
 
 class EventLogUnavailable(Exception):
@@ -247,6 +254,8 @@ class EventLog(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class JetStreamSettings:
+    # One server, or a cluster's servers separated by commas (as the nats CLI takes them): the
+    # client connects to any that answers and learns the rest from it.
     url: str = "nats://127.0.0.1:4222"
     # This service's NATS user (each service has its own, with only the permissions it needs:
     # docs/security.md); empty: none.
@@ -281,6 +290,11 @@ class JetStreamSettings:
     profile_change_subject_prefix: str = "sendtime.profile_changes"
     profile_change_max_age_s: float = 24 * 3600.0
     profile_change_max_bytes: int = -1
+
+    @property
+    def servers(self) -> list[str]:
+        """The servers in ``url``."""
+        return [server.strip() for server in self.url.split(",") if server.strip()]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
@@ -552,6 +566,25 @@ def _batch_answer(commit: asyncio.Future[Msg], count: int) -> int | EventLogUnav
         return EventLogUnavailable(f"unreadable batch ack: {exc}")
 
 
+async def _once_jetstream_answers(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call``'s answer, waiting up to STREAM_WAIT_S while JetStream cannot answer: a cluster
+    that is starting, or electing a leader after losing a server, answers "temporarily
+    unavailable" (or not at all) for a few seconds.
+
+    Raises:
+        EventLogUnavailable: it did not answer within STREAM_WAIT_S.
+    """
+    deadline = asyncio.get_running_loop().time() + STREAM_WAIT_S
+    while True:
+        try:
+            return await call()
+        except _JETSTREAM_NOT_READY as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise EventLogUnavailable(f"JetStream did not answer for {what}: {exc!r}") from exc
+            log.info("waiting for JetStream", extra={"for": what, "error": type(exc).__name__})
+            await asyncio.sleep(0.5)
+
+
 def inbox_prefix(user: str) -> str:
     """``_INBOX_<user>`` for a user whose name can be a subject token, so that NATS permissions
     can let each service subscribe to its own replies only; NATS's default otherwise."""
@@ -562,7 +595,7 @@ def inbox_prefix(user: str) -> str:
 
 def _tls_context(settings: JetStreamSettings) -> ssl.SSLContext | None:
     """TLS for ``tls://`` URLs (or a CA file given), trusting ``ca_file`` or the system's roots."""
-    if not (settings.ca_file or settings.url.startswith("tls://")):
+    if not (settings.ca_file or any(server.startswith("tls://") for server in settings.servers)):
         return None
     return ssl.create_default_context(cafile=settings.ca_file or None)
 
@@ -629,7 +662,7 @@ class JetStreamEventLog:
         # whose credentials or certificates are wrong must stop and say so instead.
         connecting = asyncio.ensure_future(
             nats.connect(
-                settings.url,
+                settings.servers,
                 name=settings.user or "sendtime",
                 user=settings.user or None,
                 password=settings.password or None,
@@ -725,19 +758,24 @@ class JetStreamEventLog:
         if self._settings.manage_streams:
             configs.append(self._profile_change_stream_config())
         for config in configs:
-            if self._settings.manage_streams:
-                try:
-                    info = await self._js.add_stream(config)
-                except nats.js.errors.BadRequestError:
-                    # It exists with an older configuration: bring it up to date.
-                    info = await self._js.update_stream(config)
-            else:
-                info = await self._stream_made_by_another(str(config.name))
+            configured = partial(self._stream_as_configured, config)
+            info = await _once_jetstream_answers(f"stream {config.name}", configured)
             # A server older than 2.12 ignores allow_atomic and answers without it.
             if config.name == self._events.stream:
                 self._events = replace(self._events, atomic=bool(info.config.allow_atomic))
             elif config.name == self._changes.stream:
                 self._changes = replace(self._changes, atomic=bool(info.config.allow_atomic))
+
+    async def _stream_as_configured(self, config: StreamConfig) -> StreamInfo:
+        """The stream of ``config``: made or updated where this service manages the streams,
+        else as the managing service made it."""
+        if not self._settings.manage_streams:
+            return await self._stream_made_by_another(str(config.name))
+        try:
+            return await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            # It exists with an older configuration (fewer replicas, say): bring it up to date.
+            return await self._js.update_stream(config)
 
     async def _stream_made_by_another(self, name: str) -> StreamInfo:
         """The stream the managing service (profile) makes, once it exists.
@@ -931,11 +969,15 @@ class JetStreamEventLog:
             max_ack_pending=s.max_ack_pending,
             filter_subject=subject,
         )
-        ack_wait_s = await self._update_consumer(target, config)
-        subscription = await self._js.pull_subscribe(
-            subject, durable=durable_name, stream=target.stream, config=config
-        )
-        return _JetStreamSubscription(subscription, ack_wait_s)
+
+        async def pull_subscribe() -> _JetStreamSubscription:
+            ack_wait_s = await self._update_consumer(target, config)
+            subscription = await self._js.pull_subscribe(
+                subject, durable=durable_name, stream=target.stream, config=config
+            )
+            return _JetStreamSubscription(subscription, ack_wait_s)
+
+        return await _once_jetstream_answers(f"consumer {durable_name}", pull_subscribe)
 
     async def _update_consumer(self, target: _Target, config: ConsumerConfig) -> float:
         """An existing durable consumer takes a changed ack wait (or max ack pending): nats-py's
