@@ -315,18 +315,32 @@ def as_of(
     (timezone-aware): ``cart.abandoned`` (items, and idle longer than ``cart_abandoned_after``),
     and the email counts of the 30 days before ``now`` (the recent times lists are cut to those
     days too; times slightly after ``now``, from senders' clocks, count)."""
+    return as_of_until(profile, micros(now), cart_abandoned_after=cart_abandoned_after)[0]
+
+
+def as_of_until(
+    profile: profile_pb2.Profile, now_us: int, *, cart_abandoned_after: timedelta
+) -> tuple[profile_pb2.Profile, int]:
+    """``as_of`` for ``now_us`` (microseconds since the epoch), and until when its answer holds:
+    the same for every read from ``now_us`` up to, not including, the second value (the moment
+    the cart turns abandoned, or the oldest recent email time leaves the 30 days), which is
+    ``NEVER_CHANGES`` when nothing will change."""
     # Compared in whole microseconds, as datetimes would be (Timestamp.ToDatetime drops the
     # nanoseconds past them): a read of a hot profile did this dozens of times a second.
-    now_us = (now - _EPOCH) // _MICROSECOND
     out = profile_pb2.Profile()
     out.CopyFrom(profile)
+    until = NEVER_CHANGES
     cart = out.cart
-    cart.abandoned = bool(cart.items) and (
-        cart.HasField("update_time")
-        and now_us - _micros(cart.update_time) > cart_abandoned_after // _MICROSECOND
-    )
+    if cart.items and cart.HasField("update_time"):
+        turns_abandoned_us = _micros(cart.update_time) + cart_abandoned_after // _MICROSECOND + 1
+        cart.abandoned = now_us >= turns_abandoned_us
+        if not cart.abandoned:
+            until = turns_abandoned_us
+    else:
+        cart.abandoned = False
     email = out.email
-    since_us = now_us - RECENT_EMAIL_WINDOW // _MICROSECOND
+    window_us = RECENT_EMAIL_WINDOW // _MICROSECOND
+    since_us = now_us - window_us
     for times, field in (
         (email.recent_open_times, "opens_30d"),
         (email.recent_click_times, "clicks_30d"),
@@ -340,7 +354,17 @@ def as_of(
             del times[:]
             times.extend(kept)
         setattr(email, field, len(kept))
-    return out
+        if kept:
+            until = min(until, min(_micros(t) for t in kept) + window_us)
+    return out, until
+
+
+NEVER_CHANGES = 2**63 - 1
+
+
+def micros(at: datetime) -> int:
+    """Microseconds since the epoch of a timezone-aware ``at``."""
+    return (at - _EPOCH) // _MICROSECOND
 
 
 def _micros(at: timestamp_pb2.Timestamp) -> int:

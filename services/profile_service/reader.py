@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
-from profile_service.codec import as_of
+from profile_service.codec import as_of, as_of_until, micros
 from profile_service.metrics import READ_FROM_DATABASE, READ_MISSING
 from profile_service.repository import ProfileRepository
 from sendtime.profile.v1 import profile_pb2
@@ -26,6 +27,40 @@ log = logging.getLogger(__name__)
 _Loaded = dict[IdentifierKey, profile_pb2.Profile]
 
 
+class _ReadTimeCopies:
+    """The read-time copy (``as_of``) last made of each profile the cache holds in process,
+    with the span of read times it holds for, so that a hot profile read again and again (a
+    send, a batch of renders) is not copied and recomputed on every read: ~5 µs a profile,
+    half of what BatchGetProfiles spent per profile on a warm read.
+
+    Keyed by the cached object itself (its ``id``, the object kept with the entry so the id
+    cannot be reused while the entry lives): a profile changed in the cache is a new object.
+    Bounded, least recently used first out. The copies are shared: callers must not modify
+    what the reader returns (they copy it into their answers)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._copies: OrderedDict[int, tuple[profile_pb2.Profile, int, int, profile_pb2.Profile]] = (
+            OrderedDict()
+        )
+
+    def read_at(
+        self, profile: profile_pb2.Profile, now_us: int, cart_abandoned_after: timedelta
+    ) -> profile_pb2.Profile:
+        key = id(profile)
+        kept = self._copies.get(key)
+        if kept is not None and kept[0] is profile and kept[1] <= now_us < kept[2]:
+            self._copies.move_to_end(key)
+            return kept[3]
+        copy, until = as_of_until(profile, now_us, cart_abandoned_after=cart_abandoned_after)
+        if self._max_entries:
+            self._copies[key] = (profile, now_us, until, copy)
+            self._copies.move_to_end(key)
+            if len(self._copies) > self._max_entries:
+                self._copies.popitem(last=False)
+        return copy
+
+
 class ProfileReader:
     def __init__(
         self,
@@ -34,12 +69,16 @@ class ProfileReader:
         *,
         cart_abandoned_after: timedelta = timedelta(hours=1),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        read_time_copies: int = 0,
     ) -> None:
+        """``read_time_copies``: how many read-time copies of cached profiles to keep (the
+        cache's copies in process: ``_ReadTimeCopies``); 0 keeps none."""
         self._repository = repository
         self._cache = cache
         self._cart_abandoned_after = cart_abandoned_after
         self._clock = clock
         self._in_flight: dict[IdentifierKey, asyncio.Future[profile_pb2.Profile | None]] = {}
+        self._copies = _ReadTimeCopies(read_time_copies)
 
     async def get_many(self, identifiers: Sequence[IdentifierKey]) -> list[profile_pb2.Profile | None]:
         """The profile for each identifier, in order (None where no customer has it).
@@ -60,15 +99,18 @@ class ProfileReader:
             from_database = sum(loaded.get(key) is not None for key in misses)
             READ_FROM_DATABASE.inc(from_database)
             READ_MISSING.inc(len(misses) - from_database)
-        now = self._clock()
-        found = (
-            hit if hit is not None else loaded.get(key) for key, hit in zip(identifiers, cached, strict=True)
-        )
-        # Fields that depend on the time of the read (abandoned cart, 30-day counts) are set per
-        # read, never cached.
+        now_us = micros(self._clock())
+        after = self._cart_abandoned_after
+        # Fields that depend on the time of the read (abandoned cart, 30-day counts) are set for
+        # this read's time, never cached with the profile; what the cache holds in process keeps
+        # its read-time copy while that copy holds (``_ReadTimeCopies``).
         return [
-            None if p is None else as_of(p, now, cart_abandoned_after=self._cart_abandoned_after)
-            for p in found
+            self._copies.read_at(hit, now_us, after)
+            if hit is not None
+            else None
+            if (record := loaded.get(key)) is None
+            else as_of_until(record, now_us, cart_abandoned_after=after)[0]
+            for key, hit in zip(identifiers, cached, strict=True)
         ]
 
     async def get_by_customer_id(self, customer_id: uuid.UUID) -> profile_pb2.Profile | None:

@@ -235,7 +235,10 @@ async def create_app(settings: Settings) -> ProfileApp:
     erasure_outbox = ErasureOutbox(pool, event_log)
     servicer = ProfileServicer(
         ProfileReader(
-            repository, cache, cart_abandoned_after=timedelta(minutes=settings.cart_abandoned_after_minutes)
+            repository,
+            cache,
+            cart_abandoned_after=timedelta(minutes=settings.cart_abandoned_after_minutes),
+            read_time_copies=settings.near_cache_entries,  # one for each copy held in process
         ),
         CustomerData(
             repository,

@@ -145,21 +145,19 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         erased = await self._repository.erased_among(
             [k for k, p in zip(keys, profiles, strict=True) if p is None and not isinstance(k, uuid.UUID)]
         )
-        results = [
-            profile_pb2.ProfileResult(
-                profile=apply_read_mask(profile, request.read_mask) if profile else None,
-                found=profile is not None,
-                erased=key in erased,
-            )
-            for key, profile in zip(keys, profiles, strict=True)
-        ]
+        # Built in place: each profile is copied once, into the response.
+        response = profile_pb2.BatchGetProfilesResponse()
+        for key, profile in zip(keys, profiles, strict=True):
+            result = response.results.add(found=profile is not None, erased=key in erased)
+            if profile is not None:
+                apply_read_mask(profile, request.read_mask, into=result.profile)
         if by_names:
-            for result, name in zip(results, request.names, strict=True):
+            for result, name in zip(response.results, request.names, strict=True):
                 result.name = name
         else:
-            for result, identifier in zip(results, request.identifiers, strict=True):
+            for result, identifier in zip(response.results, request.identifiers, strict=True):
                 result.identifier.CopyFrom(identifier)
-        return profile_pb2.BatchGetProfilesResponse(results=results)
+        return response
 
     async def _read_many(self, keys: list[IdentifierKey | uuid.UUID]) -> list[profile_pb2.Profile | None]:
         """Each key's profile, in order: identifiers through the cache, customer ids from

@@ -11,13 +11,16 @@ from google.protobuf import field_mask_pb2
 
 from profile_service.codec import (
     ALWAYS_RETURNED,
+    NEVER_CHANGES,
     InvalidReadMask,
     StoredProfile,
     UserAgentInfo,
     apply_read_mask,
     as_of,
+    as_of_until,
     check_read_mask,
     describe_user_agent,
+    micros,
     money_to_proto,
     to_proto,
 )
@@ -257,6 +260,48 @@ def test_a_cart_is_abandoned_when_idle_longer_than_the_setting_as_of_the_read() 
         ]
     )
     assert not as_of(to_proto(stored(emptied)), at(600), cart_abandoned_after=after).cart.abandoned
+
+
+def test_a_read_time_copy_says_until_when_it_holds_to_the_microsecond() -> None:
+    """Every read from the copy's time up to (not including) its end gets the same answer; the
+    first microsecond after it another: the moment the cart turns abandoned, or the oldest
+    recent email time leaves the 30 days, whichever comes first."""
+    opened: dict[str, Any] = {"email_opened": ingest_pb2.EmailOpened(message=message())}
+    after = timedelta(minutes=60)
+    cart_first = to_proto(
+        stored(
+            replay(
+                [
+                    ev(minutes=-40 * DAY, source=EMAIL, **opened),
+                    ev(minutes=0, cart_item_added=cart_item_added("a")),
+                ]
+            )
+        )
+    )
+    mail_first = to_proto(
+        stored(
+            replay(
+                [
+                    ev(minutes=-30 * DAY + 30, source=EMAIL, **opened),
+                    ev(minutes=0, cart_item_added=cart_item_added("a")),
+                ]
+            )
+        )
+    )
+    now_us = micros(at(10))
+    for profile, changes_at in (
+        (cart_first, micros(at(60)) + 1),  # idle for longer than 60 minutes
+        (mail_first, micros(at(-30 * DAY + 30) + timedelta(days=30))),  # 30 days after the open
+    ):
+        read, until = as_of_until(profile, now_us, cart_abandoned_after=after)
+        assert until == changes_at
+        for moment in (now_us, now_us + 1, until - 1):
+            assert as_of_until(profile, moment, cart_abandoned_after=after)[0] == read
+        assert as_of_until(profile, until, cart_abandoned_after=after)[0] != read
+
+    abandoned, until = as_of_until(cart_first, micros(at(61)) + 1, cart_abandoned_after=after)
+    assert abandoned.cart.abandoned and until == NEVER_CHANGES  # the 40-day-old open is gone already
+    assert as_of_until(to_proto(stored(replay([]))), now_us, cart_abandoned_after=after)[1] == NEVER_CHANGES
 
 
 def test_email_counts_cover_the_30_days_before_the_read() -> None:

@@ -91,3 +91,32 @@ async def test_without_identifier_hash_keys_the_service_refuses_to_start_and_unk
         app = await create_app(Settings.from_env(env | {"IDENTIFIER_HASH_KEYS": "unkeyed"}))
         await app.close()
     assert any("for local development only" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_hot_profiles_read_time_copy_is_kept_only_while_it_holds(
+    profile_app: ProfileApp,
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> None:
+    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")))
+    fresh = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    updated = fresh.cart.update_time.ToDatetime(tzinfo=UTC)
+    now = [updated + timedelta(minutes=59)]
+    reader = ProfileReader(
+        ProfileRepository(profile_app.pool),
+        profile_app.cache,
+        cart_abandoned_after=timedelta(hours=1),
+        clock=lambda: now[0],
+        read_time_copies=10,
+    )
+    key = (IdentifierKind.USER_ID, f"u-{unique}")
+    (first,) = await reader.get_many([key])
+    (again,) = await reader.get_many([key])
+    assert first is not None and not first.cart.abandoned
+    assert again is first  # the process's copy of the profile, read again before anything changed
+
+    now[0] = updated + timedelta(hours=1, microseconds=1)  # idle for longer than an hour
+    (later,) = await reader.get_many([key])
+    assert later is not None and later is not first and later.cart.abandoned
+    assert not first.cart.abandoned  # what an earlier read was given did not change under it
