@@ -101,17 +101,17 @@ class ProfileReader:
             READ_MISSING.inc(len(misses) - from_database)
         now_us = micros(self._clock())
         after = self._cart_abandoned_after
+
         # Fields that depend on the time of the read (abandoned cart, 30-day counts) are set for
         # this read's time, never cached with the profile; what the cache holds in process keeps
         # its read-time copy while that copy holds (``_ReadTimeCopies``).
-        return [
-            self._copies.read_at(hit, now_us, after)
-            if hit is not None
-            else None
-            if (record := loaded.get(key)) is None
-            else as_of_until(record, now_us, cart_abandoned_after=after)[0]
-            for key, hit in zip(identifiers, cached, strict=True)
-        ]
+        def at_read_time(key: IdentifierKey, hit: profile_pb2.Profile | None) -> profile_pb2.Profile | None:
+            if hit is not None:
+                return self._copies.read_at(hit, now_us, after)
+            record = loaded.get(key)
+            return None if record is None else as_of_until(record, now_us, cart_abandoned_after=after)[0]
+
+        return [at_read_time(key, hit) for key, hit in zip(identifiers, cached, strict=True)]
 
     async def get_by_customer_id(self, customer_id: uuid.UUID) -> profile_pb2.Profile | None:
         """The profile of ``customer_id``, from PostgreSQL (the cache is keyed by identifier:
