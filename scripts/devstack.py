@@ -231,7 +231,6 @@ class NatsCluster:
         ports: Sequence[int] | None = None,
         nodes: Sequence[NatsNode] | None = None,
         passwords: Mapping[str, str] | None = None,
-        tls: tuple[Path, Path] | None = None,
     ) -> None:
         """``size`` servers with client ``ports`` (free ones if not given), or the ``nodes`` of
         a cluster started before (``up`` keeps them)."""
@@ -244,7 +243,6 @@ class NatsCluster:
         self.workdir = workdir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._passwords = passwords
-        self._tls = tls
 
     @property
     def url(self) -> str:
@@ -292,7 +290,6 @@ class NatsCluster:
             node.port,
             workdir / "jetstream",
             self._passwords,
-            self._tls,
             cluster=(node, self.nodes),
         )
 
