@@ -51,7 +51,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -391,7 +391,9 @@ async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
 async def _measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]:
     secret = new_signing_secret()
     pool = await create_pool(stack.database_url, min_size=4, max_size=args.pool_size)
-    event_log = await JetStreamEventLog.connect(replace(JetStreamSettings(), url=stack.nats_url))
+    # The stack's settings (its NATS_URL and NATS_REPLICAS): with defaults this connection, which
+    # manages the streams, would set a cluster's replicated streams back to one replica.
+    event_log = await JetStreamEventLog.connect(JetStreamSettings.from_env(stack.env))
     settings = EngineSettings(owner="bench", fire_concurrency=args.concurrency, claim_limit=args.concurrency)
     engine = TriggersEngine(
         pool=pool,

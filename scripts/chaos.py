@@ -370,6 +370,11 @@ class ChaosStack(BenchStack):
         self.triggers_env: dict[str, str] = {}
 
     def _start(self) -> None:
+        if self.nats_cluster is not None:
+            raise BenchError(
+                "make chaos runs one NATS server, behind its fault proxy: unset NATS_CLUSTER_NODES"
+                " (a cluster's server killed: tests/test_nats_cluster.py)"
+            )
         devstack.start_postgres(self.postgres_port, self.postgres_dir)
         self._postgres_started = True
         profile_port = suite.PROFILE.port(self.env)
