@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,6 +33,22 @@ def run_dir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def app_database() -> AsyncIterator[tuple[str, str]]:
+    """The name and URL of a database ``up`` is to create on the admin PostgreSQL, dropped after
+    the test (skipped where no PostgreSQL listens there)."""
+    admin = urlsplit(ADMIN_DATABASE_URL)
+    if not devstack.tcp_reachable(admin.hostname or "127.0.0.1", admin.port or 5432):
+        pytest.skip(f"no PostgreSQL at {devstack.redact(ADMIN_DATABASE_URL)}: run `devstack.py ensure`")
+    name = f"devstack_test_{uuid.uuid4().hex[:12]}"
+    yield name, with_database(ADMIN_DATABASE_URL, name)
+    conn = await asyncpg.connect(ADMIN_DATABASE_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        await conn.close()
 
 
 def cli(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -99,34 +115,26 @@ async def test_up_starts_all_three_once_and_down_stops_them(run_dir: Path) -> No
         cli("down", env)
 
 
-async def test_up_uses_what_is_already_reachable(run_dir: Path, nats_url: str, redis_url: str) -> None:
-    admin = urlsplit(ADMIN_DATABASE_URL)
-    if not devstack.tcp_reachable(admin.hostname or "127.0.0.1", admin.port or 5432):
-        pytest.skip(f"no PostgreSQL at {devstack.redact(ADMIN_DATABASE_URL)}: run `devstack.py ensure`")
-    name = f"devstack_test_{uuid.uuid4().hex[:12]}"
+async def test_up_uses_what_is_already_reachable(
+    run_dir: Path, nats_url: str, redis_url: str, app_database: tuple[str, str]
+) -> None:
+    name, database_url = app_database
     env = {
         "SENDTIME_RUN_DIR": str(run_dir),
         "NATS_URL": nats_url,
         "REDIS_URL": redis_url,
-        "DATABASE_URL": with_database(ADMIN_DATABASE_URL, name),
+        "DATABASE_URL": database_url,
     }
-    try:
-        result = cli("up", env)
-        assert result.returncode == 0, result.stderr
-        assert "started" not in result.stdout
-        assert f"created database {name}" in result.stdout
-        assert pids(run_dir) == {}
-        conn = await asyncpg.connect(env["DATABASE_URL"])
-        await conn.close()
+    result = cli("up", env)
+    assert result.returncode == 0, result.stderr
+    assert "started" not in result.stdout
+    assert f"created database {name}" in result.stdout
+    assert pids(run_dir) == {}
+    conn = await asyncpg.connect(env["DATABASE_URL"])
+    await conn.close()
 
-        assert cli("down", env).stdout.strip() == "nothing to stop"
-        assert devstack.tcp_reachable("127.0.0.1", urlsplit(nats_url).port or 0)
-    finally:
-        conn = await asyncpg.connect(ADMIN_DATABASE_URL)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        finally:
-            await conn.close()
+    assert cli("down", env).stdout.strip() == "nothing to stop"
+    assert devstack.tcp_reachable("127.0.0.1", urlsplit(nats_url).port or 0)
 
 
 def test_unreachable_remote_host_fails_cleanly(run_dir: Path) -> None:
@@ -180,18 +188,14 @@ def test_a_port_something_listens_on_is_never_handed_out(monkeypatch: pytest.Mon
 
 
 async def test_up_runs_a_nats_cluster_when_asked_and_down_stops_every_server(
-    run_dir: Path, redis_url: str
+    run_dir: Path, redis_url: str, app_database: tuple[str, str]
 ) -> None:
-    admin = urlsplit(ADMIN_DATABASE_URL)
-    if not devstack.tcp_reachable(admin.hostname or "127.0.0.1", admin.port or 5432):
-        pytest.skip(f"no PostgreSQL at {devstack.redact(ADMIN_DATABASE_URL)}: run `devstack.py ensure`")
-    name = f"devstack_test_{uuid.uuid4().hex[:12]}"
     env = {
         "SENDTIME_RUN_DIR": str(run_dir),
         "NATS_URL": "",  # devstack's own NATS, a user per service
         "NATS_CLUSTER_NODES": "3",
         "REDIS_URL": redis_url,
-        "DATABASE_URL": with_database(ADMIN_DATABASE_URL, name),
+        "DATABASE_URL": app_database[1],
     }
     try:
         first = cli("up", env)
@@ -236,11 +240,6 @@ async def test_up_runs_a_nats_cluster_when_asked_and_down_stops_every_server(
         assert not (run_dir / "nats.pid").exists() and not (run_dir / "nats.url").exists()
     finally:
         cli("down", env)
-        conn = await asyncpg.connect(ADMIN_DATABASE_URL)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        finally:
-            await conn.close()
 
 
 @pytest.mark.parametrize("value", ["2", "4", "0", "three", "11"])

@@ -13,12 +13,22 @@ from profile_service.repository import ProfileRepository
 from profile_service.server import ProfileApp, create_app
 from profile_service.settings import Settings
 from sendtime.ingest.v1 import ingest_pb2_grpc
-from sendtime.profile.v1 import profile_pb2_grpc
+from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.config import ConfigError
 from sendtime_common.identifiers import IdentifierKind
 from tests.conftest import local_env, user, wait_for_profile
 from tests.factories import cart_item_added, event
 from tests.profile_service.test_profile_service import send
+
+
+async def a_fresh_cart(
+    ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
+    profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
+    unique: str,
+) -> profile_pb2.Profile:
+    """Customer ``u-<unique>`` adds an item to the cart; their profile once merged."""
+    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")))
+    return await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
 
 
 async def test_a_cart_is_abandoned_as_of_the_read_not_of_the_merge(
@@ -27,8 +37,7 @@ async def test_a_cart_is_abandoned_as_of_the_read_not_of_the_merge(
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     unique: str,
 ) -> None:
-    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")))
-    fresh = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    fresh = await a_fresh_cart(ingest_stub, profile_stub, unique)
     assert not fresh.cart.abandoned
 
     later = datetime.now(UTC) + timedelta(hours=2)
@@ -99,8 +108,7 @@ async def test_a_hot_profiles_read_time_copy_is_kept_only_while_it_holds(
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     unique: str,
 ) -> None:
-    await send(ingest_stub, event(user_id=f"u-{unique}", cart_item_added=cart_item_added("s1")))
-    fresh = await wait_for_profile(profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1)
+    fresh = await a_fresh_cart(ingest_stub, profile_stub, unique)
     updated = fresh.cart.update_time.ToDatetime(tzinfo=UTC)
     now = [updated + timedelta(minutes=59)]
     reader = ProfileReader(
