@@ -654,7 +654,7 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
     for n in range(2, options.profile_replicas + 1):  # more mergers on the durable consumer
         say(f"starting profile replica {n}")
         stack.start_variant(suite.PROFILE, f"profile-{n}", {})
-    client = await nats.connect(stack.nats_url.split(","), name="sendtime-bench-monitor")
+    client = await nats.connect(JetStreamSettings.from_env(stack.env).servers, name="sendtime-bench-monitor")
     try:
         say(f"warm-up: {warmup.total:,} events" + ("" if options.ingest_only else ", then wait until merged"))
         warm_results, warm_seconds = await send_all(

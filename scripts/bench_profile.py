@@ -478,8 +478,9 @@ async def load_customers(
     ACCEPTED. With ``analyze``, the database is ANALYZEd once ingest has acknowledged every
     event (a fresh database otherwise has no statistics until autovacuum gets to it: see
     docs/benchmarks-profile-render.md)."""
-    stream = JetStreamSettings.from_env(stack.env).stream
-    client = await nats.connect(stack.nats_url.split(","), name="sendtime-bench-monitor")
+    settings = JetStreamSettings.from_env(stack.env)
+    stream = settings.stream
+    client = await nats.connect(settings.servers, name="sendtime-bench-monitor")
     js = client.jetstream()
     channels = [stack.channel(stack.target(suite.INGEST)) for _ in range(SENDERS)]
     try:

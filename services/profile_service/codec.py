@@ -55,6 +55,7 @@ class StoredProfile:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+NEVER_CHANGES = 2**63 - 1  # as_of_until's "until" for a read-time copy nothing will change
 
 
 _INT64_MAX = 2**63 - 1
@@ -357,9 +358,6 @@ def as_of_until(
         if kept:
             until = min(until, min(_micros(t) for t in kept) + window_us)
     return out, until
-
-
-NEVER_CHANGES = 2**63 - 1
 
 
 def micros(at: datetime) -> int:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+
+from cachetools import LRUCache
 
 from profile_service.cache import CacheUnavailable, ProfileCache, cache_key
 from profile_service.codec import as_of, as_of_until, micros
@@ -39,25 +40,22 @@ class _ReadTimeCopies:
     what the reader returns (they copy it into their answers)."""
 
     def __init__(self, max_entries: int) -> None:
-        self._max_entries = max_entries
-        self._copies: OrderedDict[int, tuple[profile_pb2.Profile, int, int, profile_pb2.Profile]] = (
-            OrderedDict()
+        # (the cached profile, from, until, its read-time copy) by the cached profile's id
+        self._copies: LRUCache[int, tuple[profile_pb2.Profile, int, int, profile_pb2.Profile]] | None = (
+            LRUCache(max_entries) if max_entries else None
         )
 
     def read_at(
         self, profile: profile_pb2.Profile, now_us: int, cart_abandoned_after: timedelta
     ) -> profile_pb2.Profile:
+        if self._copies is None:
+            return as_of_until(profile, now_us, cart_abandoned_after=cart_abandoned_after)[0]
         key = id(profile)
         kept = self._copies.get(key)
         if kept is not None and kept[0] is profile and kept[1] <= now_us < kept[2]:
-            self._copies.move_to_end(key)
             return kept[3]
         copy, until = as_of_until(profile, now_us, cart_abandoned_after=cart_abandoned_after)
-        if self._max_entries:
-            self._copies[key] = (profile, now_us, until, copy)
-            self._copies.move_to_end(key)
-            if len(self._copies) > self._max_entries:
-                self._copies.popitem(last=False)
+        self._copies[key] = (profile, now_us, until, copy)
         return copy
 
 
