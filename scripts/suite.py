@@ -15,10 +15,15 @@ services read (INGEST_ADDRESS, PROFILE_ADDRESS, RENDER_ADDRESS, TRIGGERS_ADDRESS
 
 from __future__ import annotations
 
+import os
+
+# gRPC core's INFO lines (such as a GOAWAY from a service stopping under Ctrl-C) are not for a
+# terminal; its errors still show. Set before grpc is imported; the services inherit it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import argparse
 import asyncio
 import json
-import os
 import shlex
 import signal
 import subprocess
