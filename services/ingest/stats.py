@@ -3,7 +3,9 @@ PostgreSQL once a second, so counting costs the hot path nothing and every repli
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from collections import Counter
 from datetime import date
 
@@ -16,18 +18,37 @@ log = logging.getLogger(__name__)
 class OutcomeCounters:
     def __init__(self) -> None:
         self._pending: Counter[CountKey] = Counter()
+        # Writes that failed, with their ids: retried as they were, since one may have committed.
+        self._unwritten: list[tuple[uuid.UUID, Counter[CountKey]]] = []
+        # One flush at a time: the periodic one and GetIngestStats's would otherwise both write
+        # the first unwritten batch and both take it off the list.
+        self._flushing = asyncio.Lock()
 
     def add(self, day: date, source: int, outcome: int, duplicate_kind: int = 0) -> None:
         self._pending[(day, source, outcome, duplicate_kind)] += 1
 
     async def flush(self, store: IngestStore) -> None:
-        """Write what was counted since the last flush; kept for the next one if that fails."""
-        pending, self._pending = self._pending, Counter()
-        try:
-            await store.add_counts(pending)
-        except StoreError as exc:
-            self._pending.update(pending)
-            log.warning("could not write ingest counts", extra={"error": str(exc)})
+        """Write what was counted since the last flush, and the writes that failed before;
+        each is kept for the next flush if it fails (and counted once if it had committed). A
+        flush called during another waits for it, then writes what is left."""
+        async with self._flushing:
+            await self._flush(store)
+
+    async def _flush(self, store: IngestStore) -> None:
+        if self._pending:
+            self._unwritten.append((uuid.uuid4(), self._pending))
+            self._pending = Counter()
+        while self._unwritten:
+            flush_id, counts = self._unwritten[0]
+            try:
+                await store.add_counts(counts, flush_id)
+            except StoreError as exc:
+                log.warning(
+                    "could not write ingest counts",
+                    extra={"error": str(exc), "unwritten": len(self._unwritten)},
+                )
+                return
+            self._unwritten.pop(0)
 
 
 def stats_response(

@@ -6,6 +6,7 @@ whole batch: the ingest hot path makes a fixed number of round trips per batch, 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -240,22 +241,30 @@ class IngestStore:
         )
         return StoredRejection(**dict(row)) if row else None
 
-    async def add_counts(self, counts: Mapping[CountKey, int]) -> None:
+    async def add_counts(self, counts: Mapping[CountKey, int], flush_id: uuid.UUID) -> None:
+        """Add ``counts`` to the totals, once per ``flush_id``: a retry of a write that did commit
+        adds nothing."""
         if not counts:
             return
         keys = list(counts)
-        await self._pool.execute(
-            """
+        async with self._pool.acquire() as conn, conn.transaction():
+            first = await conn.execute(
+                "INSERT INTO ingest_count_flushes (flush_id) VALUES ($1) ON CONFLICT DO NOTHING", flush_id
+            )
+            if first == "INSERT 0 0":
+                return
+            await conn.execute(
+                """
             INSERT INTO ingest_counts AS c (day, source, outcome, duplicate_kind, count)
             SELECT * FROM unnest($1::date[], $2::int[], $3::int[], $4::int[], $5::bigint[])
             ON CONFLICT (day, source, outcome, duplicate_kind) DO UPDATE SET count = c.count + EXCLUDED.count
             """,
-            [k[0] for k in keys],
-            [k[1] for k in keys],
-            [k[2] for k in keys],
-            [k[3] for k in keys],
-            [counts[k] for k in keys],
-        )
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+                [k[2] for k in keys],
+                [k[3] for k in keys],
+                [counts[k] for k in keys],
+            )
 
     async def counts(self, since: date | None) -> tuple[dict[tuple[int, int, int], int], date | None]:
         """Totals per (source, outcome, duplicate kind) from ``since`` on, and the first day."""
@@ -279,6 +288,10 @@ class IngestStore:
     async def purge_rejections(self, older_than: datetime) -> int:
         """Delete dead letters rejected before ``older_than``, replayed or not; how many."""
         return await self._purge("ingest_rejected_events", "rejected_at", older_than)
+
+    async def purge_count_flushes(self, older_than: datetime) -> int:
+        """Forget the ids of count writes made before ``older_than``; how many."""
+        return await self._purge("ingest_count_flushes", "flushed_at", older_than)
 
     async def _purge(self, table: str, column: str, older_than: datetime) -> int:
         # In chunks, each its own short transaction: a day's backlog of millions of rows must

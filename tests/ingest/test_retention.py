@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from ingest.dead_letters import DeadLetters
-from ingest.retention import Retention, purge_expired
+from ingest.retention import COUNT_FLUSH_IDS_KEPT, Retention, purge_expired
 from ingest.server import IngestApp, create_app
 from ingest.settings import Settings
 from ingest.store import IngestStore, Rejection, StoredRejection
@@ -82,6 +82,13 @@ async def test_the_purge_deletes_only_what_has_expired_in_chunks(
             ids,
             claimed_at,
         )
+    flush_ids = [uuid.uuid4() for _ in range(3)]
+    for flush_id, flushed_at in zip(
+        flush_ids, (now - COUNT_FLUSH_IDS_KEPT - second, now - second, now), strict=True
+    ):
+        await pool.execute(
+            "INSERT INTO ingest_count_flushes (flush_id, flushed_at) VALUES ($1, $2)", flush_id, flushed_at
+        )
     bad = b"\x00"
     await store.add_rejections([Rejection(i, 1, bad, bad, ()) for i in old], letters_cutoff - second)
     await store.add_rejections([Rejection(i, 1, bad, bad, ()) for i in new], letters_cutoff + second)
@@ -93,11 +100,16 @@ async def test_the_purge_deletes_only_what_has_expired_in_chunks(
     assert await rows_of(pool, "ingest_processed_events", "event_id", every) == set(new)
     assert await rows_of(pool, "ingest_business_keys", "key_value", every) == set(new)
     assert await rows_of(pool, "ingest_rejected_events", "event_id", every) == set(new)
+    kept = await pool.fetch(
+        "SELECT flush_id FROM ingest_count_flushes WHERE flush_id = ANY($1::uuid[])", flush_ids
+    )
+    assert purged.count_flushes >= 1 and {r["flush_id"] for r in kept} == set(flush_ids[1:])
     again = await purge_expired(store, retention, now)
-    assert (again.processed_ids, again.business_keys, again.dead_letters) == (0, 0, 0)
+    assert (again.processed_ids, again.business_keys, again.dead_letters, again.count_flushes) == (0, 0, 0, 0)
     await pool.execute("DELETE FROM ingest_processed_events WHERE event_id = ANY($1::text[])", new)
     await pool.execute("DELETE FROM ingest_business_keys WHERE key_value = ANY($1::text[])", new)
     await pool.execute("DELETE FROM ingest_rejected_events WHERE event_id = ANY($1::text[])", new)
+    await pool.execute("DELETE FROM ingest_count_flushes WHERE flush_id = ANY($1::uuid[])", flush_ids)
 
 
 class PurgedDuringReplay(IngestStore):
