@@ -189,7 +189,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _process_ticks(pid: int) -> int | None:
+def process_ticks(pid: int) -> int | None:
     """utime + stime of a process (all its threads), in clock ticks; None when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -238,7 +238,7 @@ class CpuMeter:
     def snapshot(self) -> CpuSnapshot:
         groups: dict[str, dict[int, int]] = {}
         for name, pids in self.groups.items():
-            ticks = {pid: t for pid in pids() if (t := _process_ticks(pid)) is not None}
+            ticks = {pid: t for pid in pids() if (t := process_ticks(pid)) is not None}
             groups[name] = ticks
         return CpuSnapshot(time.monotonic(), _machine_busy_ticks(), groups)
 

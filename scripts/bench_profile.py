@@ -72,13 +72,13 @@ from bench_common import (
     CpuMeter,
     CpuSnapshot,
     Row,
-    _process_ticks,
     add_output_arguments,
     fmt_rate,
     fmt_ratio,
     machine_info,
     measure_empty_unary,
     percentile,
+    process_ticks,
     render_cpu,
     render_table,
     report_warnings,
@@ -311,7 +311,7 @@ async def measure_alternating(
 
 
 def _cpu_seconds(pid: int) -> float:
-    ticks = _process_ticks(pid)
+    ticks = process_ticks(pid)
     return math.nan if ticks is None else ticks / CLOCK_TICKS
 
 

@@ -1133,7 +1133,9 @@ async def run_once(chaos: Chaos, fault: Fault, run: int) -> RunResult:
 
 
 async def _merged(pool: asyncpg.Pool, event_ids: Sequence[str]) -> set[str]:
-    rows = await pool.fetch("SELECT event_id FROM events WHERE event_id = ANY($1::text[])", list(event_ids))
+    rows = await pool.fetch(
+        "SELECT event_id FROM event_ids WHERE event_id = ANY($1::text[])", list(event_ids)
+    )
     return {r["event_id"] for r in rows}
 
 

@@ -3,7 +3,8 @@
 - **ingest** publishes events (``sendtime.events.>``), reads one back by its position (the first
   of two events under one id, to tell a resend from an idempotency conflict) and follows
   erasure notices.
-- **profile** makes the three streams, reads events through its durable consumer, publishes
+- **profile** makes the three streams, reads events through its durable consumers (one per lane of
+  the stream: ``profile-merger``, and ``profile-merger-<n>`` for each partition), publishes
   erasure notices and profile changes (``sendtime.profile_changes.>``), and deletes an erased
   person's events from the stream.
 - **render** reads events through its catalog consumer and follows erasure notices.
@@ -30,7 +31,13 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sendtime_common.event_log import JetStreamSettings, inbox_prefix
+from sendtime_common.event_log import (
+    MAX_EVENT_PARTITIONS,
+    UNPARTITIONED,
+    JetStreamSettings,
+    inbox_prefix,
+    partition_consumer,
+)
 
 SERVICES = ("ingest", "profile", "render", "triggers", "sync")
 API = "$JS.API"
@@ -47,6 +54,9 @@ class NatsNames:
     profile_change_stream: str = JetStreamSettings().profile_change_stream
     profile_change_subject_prefix: str = JetStreamSettings().profile_change_subject_prefix
     merger_consumer: str = "profile-merger"
+    # Partitions whose consumers profile may use: as many as NATS_EVENT_PARTITIONS may ask for,
+    # so that growing it needs no change here.
+    event_partitions: int = MAX_EVENT_PARTITIONS
     catalog_consumer: str = "render-catalog"
     changes_consumer: str = "triggers-changes"
     sync_changes_consumer: str = "sync-changes"
@@ -98,7 +108,13 @@ def permissions(service: str, names: NatsNames = NatsNames()) -> dict[str, dict[
             names.erasure_subject,
             f"{API}.STREAM.INFO.{names.profile_change_stream}",
             f"{names.profile_change_subject_prefix}.>",
-            *_durable(names.events_stream, names.merger_consumer),
+            *(
+                permission
+                for lane in (UNPARTITIONED, *range(names.event_partitions))
+                for permission in _durable(
+                    names.events_stream, partition_consumer(names.merger_consumer, lane)
+                )
+            ),
         ]
     elif service == "render":
         publish += _durable(names.events_stream, names.catalog_consumer)

@@ -17,7 +17,7 @@ import asyncio  # noqa: E402 - after the environment above, as grpc reads it on 
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,6 +64,10 @@ _SPAN_EXPORTER = InMemorySpanExporter()
 _provider = TracerProvider()
 _provider.add_span_processor(SimpleSpanProcessor(_SPAN_EXPORTER))
 trace.set_tracer_provider(_provider)
+
+# Tests that create or alter PostgreSQL's roles, which the whole cluster shares (what `make run`
+# and `sendtime database roles` set up): one xdist worker runs them all, one after another.
+SHARES_POSTGRES_ROLES = pytest.mark.xdist_group("postgres-roles")
 
 # The in-process services of the tests listen on loopback in plaintext (explicitly allowed), with
 # health on a port of its own; tests/auth/test_tls.py and the end-to-end tests cover TLS.
@@ -242,6 +246,13 @@ async def profile_app(nats_url: str, redis_url: str, database_url: str) -> Async
     )
     app = await create_profile_app(settings)
     await app.start()
+
+    async def merging() -> frozenset[int] | None:
+        return app.lanes.owned or None
+
+    # A replica takes its lanes after it starts: waited for here, a test's wait for a merge does
+    # not include it (in three xdist workers, a worker's first merging test ran out of its 5 s).
+    await eventually(merging)
     yield app
     await app.stop(grace_s=1)
 
@@ -427,20 +438,30 @@ def times_logged(caplog: pytest.LogCaptureFixture, message: str, **extra: object
     )
 
 
+# A merge the tests waited longer than this for is listed at the end of the run, under the
+# test's name (``pytest_terminal_summary``): a test waits for what it needs, up to its timeout,
+# and asserts no speed (the benches do); a slow merge is still worth seeing.
+SLOW_MERGE_S = 5.0
+_slow_merges: list[float] = []  # the current test's, in seconds
+
+
 async def wait_for_profile(
     stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     identifier: profile_pb2.Identifier,
     until: Callable[[profile_pb2.Profile], bool],
-    timeout_s: float = 5.0,
+    timeout_s: float = 20.0,
 ) -> profile_pb2.Profile:
     """Poll GetProfile until ``until`` holds for the profile; fail after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
+    started = asyncio.get_running_loop().time()
+    deadline = started + timeout_s
     last: profile_pb2.Profile | None = None
     while True:
         try:
             response = await stub.GetProfile(profile_pb2.GetProfileRequest(identifier=identifier))
             last = response.profile
             if until(last):
+                if (took := asyncio.get_running_loop().time() - started) > SLOW_MERGE_S:
+                    _slow_merges.append(took)
                 return last
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
@@ -452,3 +473,28 @@ async def wait_for_profile(
 
 def user(user_id: str) -> profile_pb2.Identifier:
     return profile_pb2.Identifier(kind=profile_pb2.IDENTIFIER_KIND_USER_ID, value=user_id)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    if report.when == "teardown" and _slow_merges:  # carried to xdist's controller with the report
+        report.user_properties.append(("slow_merges_s", [round(s, 1) for s in _slow_merges]))
+        _slow_merges.clear()
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    slow = [
+        (report.nodeid, value)
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        for name, value in getattr(report, "user_properties", ())
+        if name == "slow_merges_s"
+    ]
+    if slow:
+        terminalreporter.section(f"merges waited for over {SLOW_MERGE_S:g} s (wait_for_profile)")
+        for nodeid, seconds in slow:
+            terminalreporter.write_line(f"{nodeid}: {', '.join(f'{s:g} s' for s in seconds)}")

@@ -6,17 +6,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from bench_http import open_alternating, open_loop, poisson_schedule
 
-from tests.conftest import repo_root
+from tests.script_runs import output_tail, run_script
 
 
 def test_a_poisson_schedule_has_the_rate_asked_for() -> None:
@@ -75,23 +72,14 @@ async def test_sides_taking_turns_in_the_open_loop_get_the_same_arrival_times() 
 
 @pytest.mark.e2e
 def test_the_bench_runs_with_tiny_sizes_and_reports_every_goal(tmp_path: Path) -> None:
-    root = repo_root()
-    pythonpath = os.pathsep.join(str(root / part) for part in ("gen/python", "libs", "services", "scripts"))
     results_path = tmp_path / "results.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "bench_http.py"),
-            *("--customers", "20", "--concurrency", "4", "--seconds", "0.2", "--open-seconds", "0.3"),
-            *("--json", str(results_path)),
-        ],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    result = run_script(
+        "bench_http.py",
+        *("--customers", "20", "--concurrency", "4", "--seconds", "0.2", "--open-seconds", "0.3"),
+        *("--json", str(results_path)),
+        timeout_s=110,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     for row in ("profile GET hit (1 at a time) p50", "render GET (4 concurrent) p50", "open loop at"):
         assert row in result.stdout
     results = json.loads(results_path.read_text())

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from bench_sync import served_rate
 
-from tests.conftest import repo_root
+from tests.script_runs import output_tail, run_script
 
 
 def test_the_served_rate_is_intervals_over_the_span() -> None:
@@ -23,23 +20,14 @@ def test_the_served_rate_is_intervals_over_the_span() -> None:
 
 @pytest.mark.e2e
 def test_the_bench_runs_at_a_tiny_size_and_reports_both_directions(tmp_path: Path) -> None:
-    root = repo_root()
-    pythonpath = os.pathsep.join(str(root / part) for part in ("gen/python", "libs", "services", "scripts"))
     results_path = tmp_path / "results.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "bench_sync.py"),
-            *("--contacts", "400", "--pull-page", "50", "--pull-rate", "20", "--push-rate", "20"),
-            *("--json", str(results_path)),
-        ],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    result = run_script(
+        "bench_sync.py",
+        *("--contacts", "400", "--pull-page", "50", "--pull-rate", "20", "--push-rate", "20"),
+        *("--json", str(results_path)),
+        timeout_s=110,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     for row in ("pull: HubSpot searches/s", "push: Braze /users/track requests/s", "429s answered / left"):
         assert row in result.stdout
     results = json.loads(results_path.read_text())

@@ -4,15 +4,12 @@ rot between the times someone runs it)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from bench_triggers import sustained_rate
 
-from tests.conftest import repo_root
+from tests.script_runs import output_tail, run_script
 
 
 def test_the_sustained_rate_leaves_out_the_ramp_and_the_tail() -> None:
@@ -24,23 +21,14 @@ def test_the_sustained_rate_leaves_out_the_ramp_and_the_tail() -> None:
 
 @pytest.mark.e2e
 def test_the_bench_runs_with_tiny_sizes_and_reports_every_goal(tmp_path: Path) -> None:
-    root = repo_root()
-    pythonpath = os.pathsep.join(str(root / part) for part in ("gen/python", "libs", "services", "scripts"))
     results_path = tmp_path / "results.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "bench_triggers.py"),
-            *("--timers", "600", "--backlog", "200", "--rate", "100", "--paced-seconds", "1"),
-            *("--floor", "100", "--json", str(results_path)),
-        ],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
+    result = run_script(
+        "bench_triggers.py",
+        *("--timers", "600", "--backlog", "200", "--rate", "100", "--paced-seconds", "1"),
+        *("--floor", "100", "--json", str(results_path)),
+        timeout_s=110,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output_tail(result)
     for row in (
         "fires/s, draining the backlog",
         "fire lateness p50 / p99 / max",

@@ -149,6 +149,7 @@ def test_the_short_matrix_has_one_fault_of_each_kind() -> None:
 
 # Four runs of real processes: about a minute on a quiet machine, over two under a benchmark's
 # load; the suite's 120 s hang guard cut it there (and left its stack behind).
+@pytest.mark.alone  # its goals in seconds are for a quiet machine (below)
 @pytest.mark.timeout(360)
 def test_the_short_matrix_runs_clean(tmp_path: Path) -> None:
     """One fault of each kind under the mixed load (short timings), against real processes, and

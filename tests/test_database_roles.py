@@ -20,9 +20,11 @@ from profile_service.server import MIGRATIONS_DIR as PROFILE_MIGRATIONS
 from render.server import MIGRATIONS_DIR as RENDER_MIGRATIONS
 from sendtime_cli.database import SERVICES, role_name, setup_roles
 from sendtime_common.migrate import migrate
-from tests.conftest import empty_database, repo_root
+from tests.conftest import SHARES_POSTGRES_ROLES, empty_database, repo_root
 from tests.keys import issue_key
 from triggers.store import MIGRATIONS_DIR as TRIGGERS_MIGRATIONS
+
+pytestmark = SHARES_POSTGRES_ROLES
 
 PASSWORDS = {service: secrets.token_urlsafe(16) for service in SERVICES}
 

@@ -12,6 +12,7 @@ import asyncio
 import collections
 
 import grpc
+import pytest
 from bench_common import BenchStack
 from google.rpc import error_details_pb2
 
@@ -59,6 +60,7 @@ async def burst(target: str, metadata: tuple[tuple[str, str]]) -> collections.Co
     return answers
 
 
+@pytest.mark.alone  # a loaded machine leaves calls waiting in gRPC core past its bounds
 def test_a_burst_of_20000_calls_is_answered_or_shed_never_cancelled() -> None:
     with BenchStack([suite.PROFILE]) as stack:
         answers = asyncio.run(burst(stack.target(suite.PROFILE), stack.key_metadata))

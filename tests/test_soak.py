@@ -7,8 +7,6 @@ import json
 import math
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from soak import (
     verdicts,
 )
 
-from tests.conftest import repo_root
+from tests.script_runs import output_tail, run_script
 
 RSS = LIMITS["rss_bytes"]
 
@@ -137,24 +135,15 @@ def test_the_soak_verdicts_name_what_failed() -> None:
 
 @pytest.mark.e2e
 def test_the_soak_runs_with_a_tiny_duration_and_reports_every_series(tmp_path: Path) -> None:
-    root = repo_root()
-    pythonpath = os.pathsep.join(str(root / part) for part in ("gen/python", "libs", "services", "scripts"))
     results_path = tmp_path / "results.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "soak.py"),
-            *("--customers", "20", "--concurrency", "4", "--calibrate-s", "1"),
-            *("--duration-s", "4", "--sample-s", "1", "--json", str(results_path)),
-        ],
-        env={**os.environ, "PYTHONPATH": pythonpath},
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
+    result = run_script(
+        "soak.py",
+        *("--customers", "20", "--concurrency", "4", "--calibrate-s", "1"),
+        *("--duration-s", "4", "--sample-s", "1", "--json", str(results_path)),
+        timeout_s=90,
     )
     # A 4 s soak on a shared machine may see a p99 move: the verdicts decide the exit code.
-    assert result.returncode in (0, EXIT_VERDICT_FAILED), result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode in (0, EXIT_VERDICT_FAILED), output_tail(result)
     results = json.loads(results_path.read_text())
     assert results["calibration"]["per_s"] > 0 and not results["calibration"]["errors"]
     assert results["rate_per_s"] == pytest.approx(results["calibration"]["per_s"] / 2)

@@ -39,3 +39,12 @@ async def watch_backlog(
     await sample_every(
         every_s, read, record, unavailable=(EventLogUnavailable,), what=f"the backlog of {consumer}"
     )
+
+
+def forget_backlog(consumer: str) -> None:
+    """Drop ``consumer``'s gauges: this process no longer reads it (another replica reports it)."""
+    for gauge in (PENDING, ACK_PENDING):
+        try:
+            gauge.remove(consumer)
+        except KeyError:
+            pass

@@ -32,6 +32,7 @@ import logging
 import math
 import ssl
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -72,6 +73,11 @@ ERASE_CONCURRENCY = 64  # message removals in flight at once
 # A delivery held longer than this gets no more in-progress acks, so that one a consumer forgot
 # to settle (a bug) still comes back, after this plus the ack wait.
 HOLD_MAX_S = 600.0
+# Partitions of the event stream (docs/scaling.md#a-partitioned-merge): at most this many, and
+# the managing service writes how many into the stream's metadata, where the publishers read it.
+MAX_EVENT_PARTITIONS = 32
+PARTITIONS_METADATA = "sendtime_event_partitions"
+UNPARTITIONED = -1  # the lane of events published without a partition (one partition, or before)
 _NO_SUCH_MESSAGE = 10037  # JetStream's "no message found"
 _JETSTREAM_NOT_READY = (
     nats.js.errors.ServiceUnavailableError,
@@ -110,6 +116,21 @@ class OutgoingMessage:
     message_id: str
     payload: bytes
     headers: Mapping[str, str] = field(default_factory=dict)
+    # Picks the event's partition where the stream has more than one; a customer's events carry
+    # the same key (``sendtime_common.identifiers.routing_key``), so they stay in order.
+    partition_key: str = ""
+
+
+def partition_of(partition_key: str, partitions: int) -> int:
+    """The partition of ``partition_key`` among ``partitions``: stable across processes and
+    releases (CRC-32, not Python's salted ``hash``)."""
+    return zlib.crc32(partition_key.encode()) % partitions
+
+
+def partition_consumer(durable_name: str, lane: int) -> str:
+    """The durable consumer of one lane of the event stream: ``durable_name`` itself for the
+    events published without a partition, ``<durable_name>-<partition>`` for a partition's."""
+    return durable_name if lane == UNPARTITIONED else f"{durable_name}-{lane}"
 
 
 # A message's fate: the log holds it, or why not (EventLogUnavailable: safe to retry with the
@@ -193,8 +214,10 @@ class EventLog(Protocol):
         message's outcome once the log has answered, or failed to in time. Never raises."""
         ...
 
-    async def subscribe(self, durable_name: str) -> EventLogSubscription:
-        """A durable subscription to every message; it resumes after the last acked one."""
+    async def subscribe(self, durable_name: str, *, lane: int | None = None) -> EventLogSubscription:
+        """A durable subscription to every message (``lane`` None), or to one lane of them (the
+        events published without a partition, UNPARTITIONED, or one partition's); it resumes
+        after the last acked one."""
         ...
 
     async def read(self, position: int) -> bytes | None:
@@ -278,6 +301,10 @@ class JetStreamSettings:
     # acks every quarter of it (``_InProgress``), so a slow merge is not redelivered.
     ack_wait_s: float = 5.0
     max_ack_pending: int = 10_000
+    # Partitions of the event stream, so that several merge workers each own some
+    # (docs/scaling.md): the managing service's setting, kept in the stream's metadata; it may
+    # grow, never shrink (a partition's events would be left without a consumer).
+    event_partitions: int = 1
     atomic_batches: bool = True  # used only where the server supports them (2.12+)
     # Erasure notices: a stream of their own, kept as long as events (max_age_s).
     erasure_stream: str = "SENDTIME_ERASURES"
@@ -300,7 +327,7 @@ class JetStreamSettings:
     def from_env(cls, env: Mapping[str, str]) -> JetStreamSettings:
         """NATS_URL, NATS_USER, NATS_PASSWORD (or NATS_PASSWORD_FILE), NATS_CA_FILE,
         NATS_MANAGE_STREAMS, NATS_STREAM, NATS_REPLICAS, NATS_DUPLICATE_WINDOW_SECONDS,
-        NATS_MAX_AGE_SECONDS, NATS_ACK_WAIT_SECONDS, NATS_ATOMIC_BATCHES,
+        NATS_MAX_AGE_SECONDS, NATS_ACK_WAIT_SECONDS, NATS_EVENT_PARTITIONS, NATS_ATOMIC_BATCHES,
         NATS_PROFILE_CHANGES_MAX_AGE_SECONDS, NATS_PROFILE_CHANGES_MAX_BYTES; unset ones keep their
         local defaults.
 
@@ -321,6 +348,7 @@ class JetStreamSettings:
             ),
             max_age_s=env_float(env, "NATS_MAX_AGE_SECONDS", defaults.max_age_s, minimum=1),
             ack_wait_s=_ack_wait(env, defaults.ack_wait_s),
+            event_partitions=_event_partitions(env, defaults.event_partitions),
             atomic_batches=env_bool(env, "NATS_ATOMIC_BATCHES", defaults.atomic_batches),
             profile_change_max_age_s=env_float(
                 env, "NATS_PROFILE_CHANGES_MAX_AGE_SECONDS", defaults.profile_change_max_age_s, minimum=1
@@ -329,6 +357,18 @@ class JetStreamSettings:
                 env, "NATS_PROFILE_CHANGES_MAX_BYTES", defaults.profile_change_max_bytes, minimum=-1
             ),
         )
+
+
+def _event_partitions(env: Mapping[str, str], default: int) -> int:
+    """NATS_EVENT_PARTITIONS: 1 to MAX_EVENT_PARTITIONS.
+
+    Raises:
+        sendtime_common.config.ConfigError: not a whole number in that range.
+    """
+    value = env_int(env, "NATS_EVENT_PARTITIONS", default, minimum=1)
+    if value > MAX_EVENT_PARTITIONS:
+        raise ConfigError(f"NATS_EVENT_PARTITIONS must be at most {MAX_EVENT_PARTITIONS}, got {value}")
+    return value
 
 
 def _ack_wait(env: Mapping[str, str], default: float) -> float:
@@ -549,6 +589,20 @@ def _outcome(reply: asyncio.Future[Msg]) -> PublishOutcome:
         return EventLogUnavailable(f"unreadable publish ack: {exc}")
 
 
+def _partitions(info: StreamInfo) -> int:
+    """The event stream's partitions, from its metadata (one where it has none: made before)."""
+    value = (info.config.metadata or {}).get(PARTITIONS_METADATA, "1")
+    return int(value) if value.isdigit() and int(value) >= 1 else 1
+
+
+def _lane_filter(target: _Target, lane: int) -> str:
+    """The subjects of one lane: ``<prefix>.<type>`` without a partition, ``<prefix>.<type>.<n>``
+    in partition n."""
+    if lane == UNPARTITIONED:
+        return f"{target.subject_prefix}.*"
+    return f"{target.subject_prefix}.*.{lane}"
+
+
 def _batch_answer(commit: asyncio.Future[Msg], count: int) -> int | EventLogUnavailable | str:
     """What the server's answer to an atomic batch's commit says: the sequence of its last
     message when all ``count`` are stored; unavailable when unanswered; otherwise why it refused
@@ -620,6 +674,13 @@ class _Target:
     stream: str
     subject_prefix: str
     atomic: bool = False
+    partitions: int = 1  # more than one: a message's partition follows its key
+
+
+# JetStream's API calls (streams, consumers, messages by position): nats-py's default, not the
+# publish timeout, which callers shorten to answer RETRY sooner. Ingest set to 0.5 s failed to
+# start while a loaded NATS took longer to create its erasure consumer.
+MANAGEMENT_TIMEOUT_S = 5.0
 
 
 class JetStreamEventLog:
@@ -627,13 +688,14 @@ class JetStreamEventLog:
 
     def __init__(self, client: NatsClient, settings: JetStreamSettings) -> None:
         self._client = client
-        self._js = client.jetstream(timeout=settings.publish_timeout_s)
+        self._js = client.jetstream(timeout=MANAGEMENT_TIMEOUT_S)
         self._settings = settings
         self._acks = _AckInbox(client)
         self._events = _Target(settings.stream, settings.subject_prefix)
         self._changes = _Target(settings.profile_change_stream, settings.profile_change_subject_prefix)
         # Else looked for at the first subscription or publication.
         self._changes_exist = settings.manage_streams
+        self._events_created = ""  # when the event stream was made, as its info says
 
     @classmethod
     async def connect(cls, settings: JetStreamSettings) -> JetStreamEventLog:
@@ -642,6 +704,7 @@ class JetStreamEventLog:
         Raises:
             EventLogUnavailable: NATS could not be reached, or refused the credentials or the
                 TLS handshake.
+            sendtime_common.config.ConfigError: fewer event partitions than the stream has.
         """
         refused: list[str] = []
         refusal = asyncio.Event()
@@ -691,7 +754,11 @@ class JetStreamEventLog:
         except (OSError, nats.errors.Error) as exc:
             raise EventLogUnavailable(f"cannot connect to NATS at {settings.url}: {exc}") from exc
         log_ = cls(client, settings)
-        await log_._ensure_stream()
+        try:
+            await log_._ensure_stream()
+        except BaseException:
+            await client.close()  # a refused configuration (ConfigError) leaves no connection behind
+            raise
         return log_
 
     @property
@@ -717,6 +784,7 @@ class JetStreamEventLog:
             max_bytes=s.max_bytes,
             discard=DiscardPolicy.NEW,  # refuse new events rather than silently drop old ones
             allow_atomic=True if s.atomic_batches else None,
+            metadata={PARTITIONS_METADATA: str(s.event_partitions)},
         )
 
     def _erasure_stream_config(self) -> StreamConfig:
@@ -762,7 +830,10 @@ class JetStreamEventLog:
             info = await _once_jetstream_answers(f"stream {config.name}", configured)
             # A server older than 2.12 ignores allow_atomic and answers without it.
             if config.name == self._events.stream:
-                self._events = replace(self._events, atomic=bool(info.config.allow_atomic))
+                self._events = replace(
+                    self._events, atomic=bool(info.config.allow_atomic), partitions=_partitions(info)
+                )
+                self._events_created = str(info.created or "")
             elif config.name == self._changes.stream:
                 self._changes = replace(self._changes, atomic=bool(info.config.allow_atomic))
 
@@ -771,11 +842,37 @@ class JetStreamEventLog:
         else as the managing service made it."""
         if not self._settings.manage_streams:
             return await self._stream_made_by_another(str(config.name))
+        if config.name == self._settings.stream:
+            await self._refuse_fewer_partitions()
         try:
             return await self._js.add_stream(config)
         except nats.js.errors.BadRequestError:
             # It exists with an older configuration (fewer replicas, say): bring it up to date.
             return await self._js.update_stream(config)
+
+    async def _refuse_fewer_partitions(self) -> None:
+        """Raises ConfigError where the event stream has more partitions than configured: the
+        events of the ones dropped would never be merged."""
+        try:
+            info = await self._js.stream_info(self._settings.stream)
+        except nats.js.errors.NotFoundError:
+            return
+        if _partitions(info) > self._settings.event_partitions:
+            raise ConfigError(
+                f"NATS_EVENT_PARTITIONS={self._settings.event_partitions}, but the stream "
+                f"{self._settings.stream} has {_partitions(info)} partitions: they may grow, never shrink"
+            )
+
+    @property
+    def event_partitions(self) -> int:
+        """How many partitions the event stream has (its metadata's, as the managing service set)."""
+        return self._events.partitions
+
+    @property
+    def event_stream_id(self) -> str:
+        """Names this event stream apart from another of the same name (on other servers, or
+        made again): its name and when it was made, hashed to 8 hex digits."""
+        return f"{zlib.crc32(f'{self._events.stream}@{self._events_created}'.encode()):08x}"
 
     async def _stream_made_by_another(self, name: str) -> StreamInfo:
         """The stream the managing service (profile) makes, once it exists.
@@ -840,6 +937,9 @@ class JetStreamEventLog:
 
     @staticmethod
     def _subject(target: _Target, message: OutgoingMessage) -> str:
+        if target.partitions > 1 and message.partition_key:
+            partition = partition_of(message.partition_key, target.partitions)
+            return f"{target.subject_prefix}.{message.key}.{partition}"
         return f"{target.subject_prefix}.{message.key}"
 
     async def _send_each(
@@ -916,8 +1016,12 @@ class JetStreamEventLog:
             for future in unanswered:
                 future.cancel()
 
-    async def subscribe(self, durable_name: str) -> EventLogSubscription:
-        return await self._pull_subscribe(self._events, durable_name)
+    async def subscribe(self, durable_name: str, *, lane: int | None = None) -> EventLogSubscription:
+        """``lane``: None, every event; UNPARTITIONED, those published without a partition; a
+        partition's number, that partition's."""
+        if lane is None:
+            return await self._pull_subscribe(self._events, durable_name)
+        return await self._pull_subscribe(self._events, durable_name, _lane_filter(self._events, lane))
 
     async def backlog(self, durable_name: str, *, profile_changes: bool = False) -> ConsumerBacklog:
         """How far the durable consumer ``durable_name`` (of the events, or of the profile
@@ -955,9 +1059,11 @@ class JetStreamEventLog:
             self._changes_exist = True
         return await self._pull_subscribe(self._changes, durable_name)
 
-    async def _pull_subscribe(self, target: _Target, durable_name: str) -> EventLogSubscription:
+    async def _pull_subscribe(
+        self, target: _Target, durable_name: str, subject: str = ""
+    ) -> EventLogSubscription:
         s = self._settings
-        subject = f"{target.subject_prefix}.>"
+        subject = subject or f"{target.subject_prefix}.>"
         # What nats-py's pull_subscribe makes when the consumer is missing (it sets the name and
         # the filter itself then); spelled out here so an update matches it.
         config = ConsumerConfig(
@@ -990,19 +1096,26 @@ class JetStreamEventLog:
         except nats.js.errors.NotFoundError:
             return config.ack_wait
         current = info.config
-        if math.isclose(current.ack_wait or 0.0, config.ack_wait, abs_tol=1e-3) and (
-            current.max_ack_pending == config.max_ack_pending
+        if (
+            math.isclose(current.ack_wait or 0.0, config.ack_wait, abs_tol=1e-3)
+            and current.max_ack_pending == config.max_ack_pending
+            and current.filter_subject == config.filter_subject
         ):
             return config.ack_wait
-        change = {"consumer": config.durable_name, "from_s": current.ack_wait, "to_s": config.ack_wait}
+        change = {
+            "consumer": config.durable_name,
+            "from_s": current.ack_wait,
+            "to_s": config.ack_wait,
+            "filter": config.filter_subject,
+        }
         try:
             await self._js.add_consumer(target.stream, config)
         except (nats.js.errors.APIError, nats.errors.TimeoutError) as exc:
             # Refused (made by hand with other settings, say) or not permitted: consume as it is,
             # redelivering after its own ack wait, rather than not at all.
-            log.warning("could not update a durable consumer's ack wait", extra={**change, "error": str(exc)})
+            log.warning("could not update a durable consumer's settings", extra={**change, "error": str(exc)})
             return min(config.ack_wait, current.ack_wait or config.ack_wait)
-        log.info("a durable consumer's ack wait updated", extra=change)
+        log.info("a durable consumer's settings updated", extra=change)
         return config.ack_wait
 
     async def read(self, position: int) -> bytes | None:

@@ -288,6 +288,21 @@ def identifiers_of(customer: HasIdentifierFields) -> dict[IdentifierKind, str]:
     return found
 
 
+def routing_key(customer: HasIdentifierFields) -> str:
+    """Which partition of the event stream a customer's events go to is chosen by this key: the
+    first identifier the event has, in ``IdentifierKind``'s order (the most lasting first), in
+    canonical form. An event that first knows only an anonymous id and a later one with the user
+    id may land in two partitions; the merge stitches them all the same (docs/architecture.md)."""
+    for kind in IdentifierKind:
+        raw: str = getattr(customer, kind.value)
+        if raw.strip():
+            try:
+                return f"{kind.value}:{normalize_identifier(kind, raw)}"
+            except InvalidIdentifier:  # refused by validation before it is published
+                return f"{kind.value}:{raw}"
+    return ""
+
+
 def hasher_from_env(env: Mapping[str, str]) -> IdentifierHasher:
     """The hasher ``IDENTIFIER_HASH_KEYS`` (or the file ``IDENTIFIER_HASH_KEYS_FILE``) configures
     (every service must use the same keys).

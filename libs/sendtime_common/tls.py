@@ -269,7 +269,14 @@ def channel(
 
     Raises: UnusableCertificate: the client's certificate files are not usable.
     """
-    options = [*message_size_options(), *(options or [])]  # later entries win
+    options = [
+        *message_size_options(),
+        # Connections of this channel's own. gRPC's global pool shares them, and their failure
+        # state, with every channel to the same address: a new channel to a server restarted on
+        # a port an old channel still watched failed at once with the old "Connection refused".
+        ("grpc.use_local_subchannel_pool", 1),
+        *(options or []),  # later entries win
+    ]
     if tls.plaintext:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)  # type: ignore[arg-type]
     return grpc.aio.secure_channel(target, tls.credentials(), options=options, interceptors=interceptors)  # type: ignore[arg-type]

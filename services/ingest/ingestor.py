@@ -48,7 +48,7 @@ from sendtime_common.event_log import (
     OutgoingMessage,
     PublishReceipt,
 )
-from sendtime_common.identifiers import IdentifierHasher, identifiers_of
+from sendtime_common.identifiers import IdentifierHasher, identifiers_of, routing_key
 from sendtime_common.telemetry import inject_trace_headers, unsampled
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,7 @@ class Ingestor:
                 message_id=w.event.event_id,
                 payload=w.event.SerializeToString(deterministic=True),
                 headers=inject_trace_headers({}, span),
+                partition_key=routing_key(w.event.customer),
             )
             for w, span in zip(work, spans, strict=True)
         ]

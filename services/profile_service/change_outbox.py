@@ -12,7 +12,9 @@ The merge's own transaction writes a row per merged event into ``profile_change_
   once; a resend later than that is stored twice, and consumers drop it by change id;
 - in commit order per customer: one customer's rows have increasing ids in commit order (its
   merges serialize on its locks), rows go out oldest id first, one round at a time across
-  replicas (a transaction-scoped advisory lock), each round as one atomic batch where the log
+  replicas (a transaction-scoped advisory lock, tried: a replica whose relay finds another's at
+  work tries again RELAY_BUSY_RETRY_S later rather than hold a connection in a lock wait,
+  ``make bench-scale``), each round as one atomic batch where the log
   takes them (stored whole or not at all), and only the confirmed prefix of a round is deleted:
   what follows a change the log did not confirm goes again after it.
 
@@ -39,6 +41,7 @@ PUBLISH_BATCH = 500
 # One relay round at a time across replicas (pg_advisory_xact_lock's two-key space; the
 # migration runner's namespace is another).
 RELAY_LOCK = (0x50C4, 1)
+RELAY_BUSY_RETRY_S = 0.05  # another replica's round takes a publish round trip or two
 NO_EVENT_KEY = "customer_merged"  # the subject of a change without an event
 # PostgreSQL failing: asyncpg raises InterfaceError, not a PostgresError, for a connection lost
 # in the middle of a round.
@@ -70,15 +73,15 @@ def change_message(row: Any) -> OutgoingMessage:
     )
 
 
-# The oldest changes with their events; ids as text and the time in microseconds, which cost
-# less to decode and encode again than uuid and datetime objects. FOR UPDATE: an erasure
-# deleting some of them waits until they are out (and then leaves the stream with its max age).
+# The oldest changes with their events (kept with them); ids as text and the time in
+# microseconds, which cost less to decode and encode again than uuid and datetime objects. FOR
+# UPDATE: an erasure deleting some of them waits until they are out (and then leaves the stream
+# with its max age).
 _READ = (
-    "SELECT o.id, o.customer_id::text, o.event_id, o.profile_version,"
-    " o.merged_customer_ids::text[], (extract(epoch FROM o.merged_at) * 1000000)::bigint AS merged_at_us,"
-    " e.event_type, e.body, e.log_position"
-    " FROM profile_change_outbox o LEFT JOIN events e ON e.event_id = o.event_id"
-    " ORDER BY o.id LIMIT $1 FOR UPDATE OF o"
+    "SELECT id, customer_id::text, event_id, profile_version,"
+    " merged_customer_ids::text[], (extract(epoch FROM merged_at) * 1000000)::bigint AS merged_at_us,"
+    " event_type, body, log_position"
+    " FROM profile_change_outbox ORDER BY id LIMIT $1 FOR UPDATE"
 )
 
 
@@ -94,9 +97,10 @@ class ProfileChangeOutbox:
         """A merge committed: publish its changes now rather than at the next retry."""
         self._wake.set()
 
-    async def publish_changes(self) -> int:
+    async def publish_changes(self) -> int | None:
         """Publish the oldest changes waiting (up to a batch), in order, and take the ones the
-        log confirmed (a prefix) out of the outbox; how many were taken out.
+        log confirmed (a prefix) out of the outbox; how many were taken out, or None when
+        another replica's relay is at work (its round publishes the oldest, whoever merged them).
 
         Raises:
             EventLogUnavailable: the log did not confirm a change; it and the ones after it stay
@@ -105,7 +109,8 @@ class ProfileChangeOutbox:
                 not yet taken out stay (ones already published go again).
         """
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", *RELAY_LOCK)
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, $2)", *RELAY_LOCK):
+                return None
             rows = await conn.fetch(_READ, PUBLISH_BATCH)
             if not rows:
                 return 0
@@ -131,13 +136,17 @@ class ProfileChangeOutbox:
         while True:
             self._wake.clear()
             stopping = self._stopping
+            published: int | None = 0
             try:
-                while await self.publish_changes() == PUBLISH_BATCH:
+                while (published := await self.publish_changes()) == PUBLISH_BATCH:
                     pass
             except (EventLogUnavailable, *DatabaseError) as exc:
                 log.warning("profile changes not published yet; retrying", extra={"error": str(exc)})
             except Exception:  # noqa: BLE001 - the relay must outlive a bug; the rows wait for it
                 log.exception("profile changes not published; retrying")
+            if published is None:  # another replica's round: this one's rows may be after it
+                await asyncio.sleep(RELAY_BUSY_RETRY_S)
+                continue
             if stopping:
                 return
             try:

@@ -147,6 +147,14 @@ class DecodedStates:
         self._states[customer_id] = (version, state)
 
 
+# The tables a merge of customers moves to the survivor, with their customer column and the rest.
+_MOVED_BY_CUSTOMER = (
+    ("events", "customer_id", "event_id, event_type, occurred_at, body, merged_at, log_position"),
+    ("merges", "survivor_id", "merged_customer_id, event_id, merged_at"),
+    ("blocked_merges", "customer_id", "other_customer_id, event_id, reason, blocked_at"),
+)
+
+
 class BatchMerge:
     """Merges one batch of events on ``conn``, inside the caller's transaction."""
 
@@ -171,6 +179,7 @@ class BatchMerge:
         self._blocked: list[tuple[_Customer, uuid.UUID | None, str, str]] = []  # + other, event, reason
         self._positions: dict[str, int] = {}  # event id -> its position in the event log
         self._erased_positions: list[int] = []  # late events of erased people: to erase from the log
+        self._bodies: dict[str, bytes] = {}  # event id -> the event serialized, as stored
 
     async def run(
         self, events: Sequence[ingest_pb2.Event], positions: Sequence[int | None] | None = None
@@ -182,9 +191,10 @@ class BatchMerge:
         keys_of = [event_identifiers(e) for e in events]
         all_keys = sorted(set(itertools.chain.from_iterable(keys_of)))
         await lock_identifiers(self._conn, all_keys)
-        stored_events = await self._stored_events([e.event_id for e in events])
+        known = await self._known_event_ids([e.event_id for e in events])
         erased_at = await self._tombstones(all_keys)
         await self._load_owners(all_keys)
+        stored_events = await self._stored_events(known) if known else {}
 
         placed: dict[str, tuple[_Customer, ingest_pb2.Event]] = {}  # event id -> customer, event
         outcomes: list[_Pending] = []
@@ -197,6 +207,18 @@ class BatchMerge:
                     outcomes.append(_Pending(None, conflict=True))
                 else:
                     outcomes.append(_Pending(customer_id, duplicate=True))
+                continue
+            if event.event_id in known:
+                # Merged, but into none of the customers this event's identifiers belong to: the
+                # event stored under the id named other people, so it was another event. (A stored
+                # event's customer keeps at least one of its identifiers: the merge places an
+                # event with an owner of one, merges move identifiers with events, and an erasure
+                # deletes the ids with the events.) An id derived from the content conflicts
+                # with nothing, as in ``conflicts``.
+                if fingerprint(event) is None:
+                    outcomes.append(_Pending(None, duplicate=True))
+                else:
+                    outcomes.append(_Pending(None, conflict=True))
                 continue
             if event.event_id in placed:
                 customer, first = placed[event.event_id]
@@ -229,10 +251,23 @@ class BatchMerge:
 
     # --- reads ---------------------------------------------------------------------------------
 
-    async def _stored_events(self, event_ids: list[str]) -> dict[str, tuple[uuid.UUID, bytes]]:
-        """The batch's ids merged before: their customers and events (redeliveries, mostly)."""
+    async def _known_event_ids(self, event_ids: list[str]) -> set[str]:
+        """The batch's ids merged before (redeliveries, mostly): ``event_ids`` keeps every merged
+        event's id, across customers."""
         rows = await self._conn.fetch(
-            "SELECT event_id, customer_id, body FROM events WHERE event_id = ANY($1::text[])", event_ids
+            "SELECT event_id FROM event_ids WHERE event_id = ANY($1::text[])", event_ids
+        )
+        return {r["event_id"] for r in rows}
+
+    async def _stored_events(self, event_ids: set[str]) -> dict[str, tuple[uuid.UUID, bytes]]:
+        """Of the ids merged before, those merged into a customer owning the batch's identifiers
+        (loaded): their customers and events. Read by customer, as a database distributed by
+        customer finds them."""
+        rows = await self._conn.fetch(
+            "SELECT event_id, customer_id, body FROM events"
+            " WHERE customer_id = ANY($1::uuid[]) AND event_id = ANY($2::text[])",
+            list(self._customers),
+            list(event_ids),
         )
         return {r["event_id"]: (r["customer_id"], r["body"]) for r in rows}
 
@@ -400,16 +435,19 @@ class BatchMerge:
         gone = [c for c in self._customers.values() if c.absorbed_into is not None and c.stored]
         if gone:
             moves = ([c.customer_id for c in gone], [c.final().customer_id for c in gone])
-            for table, column in (
-                ("identifiers", "customer_id"),
-                ("events", "customer_id"),
-                ("merges", "survivor_id"),
-                ("blocked_merges", "customer_id"),
-            ):
+            await conn.execute(
+                "UPDATE identifiers t SET customer_id = m.survivor"
+                " FROM unnest($1::uuid[], $2::uuid[]) AS m(loser, survivor) WHERE t.customer_id = m.loser",
+                *moves,
+            )
+            # Rows kept by customer move by delete and insert: a database distributed by customer
+            # keeps them on their customer's node and never changes that column in place.
+            for table, column, others in _MOVED_BY_CUSTOMER:
                 await conn.execute(
-                    f"UPDATE {table} t SET {column} = m.survivor"
-                    " FROM unnest($1::uuid[], $2::uuid[]) AS m(loser, survivor)"
-                    f" WHERE t.{column} = m.loser",
+                    f"WITH moved AS (DELETE FROM {table} t"
+                    " USING unnest($1::uuid[], $2::uuid[]) AS m(loser, survivor)"
+                    f" WHERE t.{column} = m.loser RETURNING m.survivor, {others})"
+                    f" INSERT INTO {table} ({column}, {others}) SELECT survivor, {others} FROM moved",
                     *moves,
                 )
             await conn.execute("DELETE FROM customers WHERE customer_id = ANY($1::uuid[])", moves[0])
@@ -424,6 +462,12 @@ class BatchMerge:
                 [c.final().customer_id for _, c in self._new_identifiers],
             )
         if self._new_events:
+            # Unique across customers: an event under a merged id that a concurrent batch merged
+            # (its identifiers locked apart from these) fails this batch, redelivered to find it.
+            await conn.execute(
+                "INSERT INTO event_ids (event_id) SELECT unnest($1::text[])",
+                [e.event_id for e, _, _ in self._new_events],
+            )
             await conn.execute(
                 "INSERT INTO events (event_id, customer_id, event_type, occurred_at, body, log_position)"
                 " SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::timestamptz[], $5::bytea[],"
@@ -432,7 +476,7 @@ class BatchMerge:
                 [c.final().customer_id for _, _, c in self._new_events],
                 [e.WhichOneof("payload") or "" for e, _, _ in self._new_events],
                 [at for _, at, _ in self._new_events],
-                [e.SerializeToString(deterministic=True) for e, _, _ in self._new_events],
+                [self._body(e) for e, _, _ in self._new_events],
                 [self._positions.get(e.event_id) for e, _, _ in self._new_events],
             )
         if self._erased_positions:  # erased from the log by profile_service.erasure_outbox
@@ -496,13 +540,27 @@ class BatchMerge:
         ]
         if not merged:
             return
+        # With its event as stored, so that the relay reads the outbox alone (a later merge may
+        # move the event to another customer before the change is published).
         await self._conn.execute(
-            "INSERT INTO profile_change_outbox (customer_id, event_id, profile_version, merged_customer_ids)"
-            " SELECT c, e, v, string_to_array(m, ',')::uuid[] FROM"
-            " unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) WITH ORDINALITY AS n(c, e, v, m, i)"
+            "INSERT INTO profile_change_outbox (customer_id, event_id, profile_version, merged_customer_ids,"
+            " event_type, body, log_position)"
+            " SELECT c, e, v, string_to_array(m, ',')::uuid[], t, b, p FROM"
+            " unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bytea[], $7::bigint[])"
+            " WITH ORDINALITY AS n(c, e, v, m, t, b, p, i)"
             " ORDER BY i",
             [customer.customer_id for _, customer, _ in merged],
             [event.event_id for event, _, _ in merged],
             [customer.version for _, customer, _ in merged],
             [",".join(str(loser) for loser in losers) for _, _, losers in merged],
+            [event.WhichOneof("payload") or "" for event, _, _ in merged],
+            [self._body(event) for event, _, _ in merged],
+            [self._positions.get(event.event_id) for event, _, _ in merged],
         )
+
+    def _body(self, event: ingest_pb2.Event) -> bytes:
+        """``event`` as stored (in ``events`` and with its change), serialized once."""
+        body = self._bodies.get(event.event_id)
+        if body is None:
+            body = self._bodies[event.event_id] = event.SerializeToString(deterministic=True)
+        return body

@@ -28,15 +28,16 @@ attempt counts deliveries only: while a batch waits or merges, however slowly, t
 subscription keeps it with in-progress acks (``sendtime_common.event_log``), which the log does
 not count; a retry or a crashed merger's redelivery (within the ack wait) does.
 
-``concurrency`` batches may merge at once (the repository's locks keep one customer's updates
-serial), but concurrent fetches split the stream between them, so a customer's later event may
-commit before an earlier one and cost a replay of that customer's history. One batch at a time
-keeps the log's order; more helps only where the database is far away.
+A process merging several lanes of the stream (``merge_lanes``) fetches from each on its own,
+and merges ``PROFILE_MERGE_CONCURRENCY`` batches at once across them (one by default; more helps
+only where the database is far away): each lane keeps the log's order, and the process does not
+run more transactions than its CPU can use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -139,12 +140,18 @@ class EventMerger:
         batch_size: int,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         on_merged: Callable[[], None] = lambda: None,
+        transactions: int | None = None,
     ) -> None:
         """One merge loop per subscription, each fetching from its own: nats-py's fetches on one
         pull subscription share its queue and take each other's messages and status replies,
         so two loops on one subscription stalled each other for the fetch timeout (1 s) and
         merged ~640 events/s instead of ~6,000. ``on_merged`` is called after each commit that
-        merged an event, once the cache is refreshed (to publish its profile changes now)."""
+        merged an event, once the cache is refreshed (to publish its profile changes now).
+        ``transactions``: how many merge transactions may run at once across all the loops
+        (None: one per loop). A process merging several lanes runs one at a time by default:
+        two transactions at once compete for the same CPU and halved the merge rate
+        (docs/benchmarks.md), and each holds an advisory lock per identifier of its batch in
+        PostgreSQL's shared lock table (max_locks_per_transaction x connections)."""
         self._subscriptions = list(subscriptions)
         self._repository = repository
         self._cache = cache
@@ -153,16 +160,22 @@ class EventMerger:
         self._max_deliveries = max_deliveries
         self._on_merged = on_merged
         self._stopping = asyncio.Event()
+        self._transactions = asyncio.Semaphore(transactions) if transactions else None
 
     async def run(self) -> None:
         """Merge deliveries until ``stop`` is called; the current fetch is finished first."""
+        await self.merge_from(self._subscriptions, asyncio.Event())
+
+    async def merge_from(self, subscriptions: Sequence[EventLogSubscription], until: asyncio.Event) -> None:
+        """Merge deliveries from ``subscriptions`` (one lane of the stream: ``merge_lanes``) until
+        ``until`` is set or ``stop`` is called, finishing the batch in hand; then close them."""
         try:
-            await asyncio.gather(*(self._fetch_and_merge(s) for s in self._subscriptions))
+            await asyncio.gather(*(self._fetch_and_merge(s, until) for s in subscriptions))
         finally:
-            for subscription in self._subscriptions:
+            for subscription in subscriptions:
                 await subscription.close()
 
-    async def _fetch_and_merge(self, subscription: EventLogSubscription) -> None:
+    async def _fetch_and_merge(self, subscription: EventLogSubscription, until: asyncio.Event) -> None:
         # A pipeline: the next batch is fetched and decoded, and the last one's cache write and
         # acks go out, while one merges.
         fetching = asyncio.create_task(self._fetch(subscription))
@@ -172,7 +185,7 @@ class EventMerger:
                 work = await fetching
                 # Stopping: merge what was fetched (also a fetch made while the last batch
                 # merged), fetch no more.
-                stopping = self._stopping.is_set()
+                stopping = self._stopping.is_set() or until.is_set()
                 if not stopping:
                     fetching = asyncio.create_task(self._fetch(subscription))
                 if work:
@@ -200,6 +213,14 @@ class EventMerger:
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_stopping(self) -> None:
+        """Return once ``stop`` is called."""
+        await self._stopping.wait()
+
     async def _decode(self, deliveries: Sequence[Delivery]) -> list[_Work]:
         """The deliveries to merge; the others are settled here."""
         work: list[_Work] = []
@@ -223,9 +244,10 @@ class EventMerger:
         while True:
             started = time.perf_counter()
             try:
-                results = await self._repository.merge_events(
-                    [w.event for w in work], [w.delivery.position for w in work]
-                )
+                async with self._one_of_the_transactions():
+                    results = await self._repository.merge_events(
+                        [w.event for w in work], [w.delivery.position for w in work]
+                    )
                 break
             except Exception as exc:  # noqa: BLE001 - held, or retried event by event
                 if not unreachable(exc) or self._stopping.is_set():
@@ -238,6 +260,9 @@ class EventMerger:
         if held is not None:
             held.merged()
         return self._finish(work, results)
+
+    def _one_of_the_transactions(self) -> contextlib.AbstractAsyncContextManager[object]:
+        return self._transactions if self._transactions is not None else contextlib.nullcontext()
 
     async def _wait_or_stop(self, seconds: float) -> None:
         try:
@@ -269,7 +294,8 @@ class EventMerger:
 
     async def _merge_batch_of_one(self, item: _Work) -> None:
         try:
-            (result,) = await self._repository.merge_events([item.event], [item.delivery.position])
+            async with self._one_of_the_transactions():
+                (result,) = await self._repository.merge_events([item.event], [item.delivery.position])
         except Exception as exc:  # noqa: BLE001 - one event must never stop the merger
             await self._failed(item, exc)
             return

@@ -4,7 +4,7 @@ unmerged."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 # Seconds from an event to its profile being readable: the SLO is p99 under 1 s from the log's
 # acknowledgement; events sent late (imports, a device back online) are hours old.
@@ -50,4 +50,10 @@ UNMERGED = Counter(
     "Events the merger set aside unmerged (ListUnmergedEvents shows them), by reason:"
     " EVENT_UNDECODABLE, UNSTORABLE_VALUE, MERGE_FAILED or a conflict.",
     ["reason"],
+)
+
+MERGE_LANES_OWNED = Gauge(
+    "sendtime_profile_merge_lanes_owned",
+    "Lanes of the event stream (partitions, and the unpartitioned one) this replica merges now;"
+    " across replicas they add up to the lanes (profile_service.merge_lanes).",
 )

@@ -175,7 +175,7 @@ class ProfileRepository:
                 duplicate=o.duplicate,
                 profile=None if o.duplicate or o.customer_id is None else records.get(o.customer_id),
                 merged_customer_ids=tuple(str(x) for x in o.merged_customer_ids),
-                erased=o.customer_id is None and not o.conflict,
+                erased=o.customer_id is None and not o.conflict and not o.duplicate,
                 conflict=o.conflict,
             )
             for o in outcome.events
@@ -381,7 +381,15 @@ class ProfileRepository:
                 " WHERE customer_id = $1 AND log_position IS NOT NULL ON CONFLICT DO NOTHING",
                 customer_id,
             )
-            deleted = await conn.execute("DELETE FROM events WHERE customer_id = $1", customer_id)
+            deleted = await conn.fetch(
+                "DELETE FROM events WHERE customer_id = $1 RETURNING event_id", customer_id
+            )
+            # Their ids go too: a late copy of an event is then dropped by the tombstones, where a
+            # kept id would name an event of nobody's and count as a conflict.
+            await conn.execute(
+                "DELETE FROM event_ids WHERE event_id = ANY($1::text[])", [r["event_id"] for r in deleted]
+            )
+            await conn.execute("DELETE FROM identifiers WHERE customer_id = $1", customer_id)
             await conn.execute("DELETE FROM customers WHERE customer_id = $1", customer_id)
             # The merger's dead letters naming the person go too, with their copies in the log.
             await conn.execute(
@@ -391,7 +399,7 @@ class ProfileRepository:
                 " SELECT log_position FROM gone WHERE log_position IS NOT NULL ON CONFLICT DO NOTHING",
                 [h for k in keys for h in self._hasher.all_hashes(k)],
             )
-        return ErasedCustomer(str(customer_id), keys, int(deleted.split()[-1]))
+        return ErasedCustomer(str(customer_id), keys, len(deleted))
 
 
 # One row per customer: its state, identifiers and identity history, aggregated in subqueries so

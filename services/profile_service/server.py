@@ -21,6 +21,7 @@ from profile_service.change_outbox import ProfileChangeOutbox
 from profile_service.customer_data import CustomerData
 from profile_service.erasure_outbox import ErasureOutbox
 from profile_service.identity import IdentityLimits, InvalidLimits
+from profile_service.merge_lanes import MergeLanes, lanes_of
 from profile_service.merge_rules import DEFAULT_RULES, MergeRulesError, load_merge_rules
 from profile_service.merger import EventMerger
 from profile_service.near_cache import InvalidationListener, NearCache
@@ -34,9 +35,9 @@ from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.answer_memo import AnswerMemo
 from sendtime_common.auth.server_auth import ServerAuth, create_server_auth
 from sendtime_common.config import ConfigError
-from sendtime_common.consumer_lag import watch_backlog
+from sendtime_common.consumer_lag import forget_backlog, watch_backlog
 from sendtime_common.database import close_pool
-from sendtime_common.event_log import EventLog, JetStreamEventLog
+from sendtime_common.event_log import EventLog, EventLogSubscription, JetStreamEventLog, partition_consumer
 from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_gateway import CachePolicy
 from sendtime_common.migrate import migrate
@@ -89,6 +90,7 @@ def profile_cache_policy(max_age_s: int) -> CachePolicy:
 class ProfileApp:
     grpc: GrpcServer
     merger: EventMerger
+    lanes: MergeLanes
     pool: asyncpg.Pool
     cache: ProfileCache
     event_log: EventLog
@@ -102,7 +104,6 @@ class ProfileApp:
     answers: AnswerMemo | None = None  # the HTTP answers kept encoded; None: no near cache
     consumer_name: str = "profile-merger"  # the merger's durable consumer, whose backlog it reports
     _background: list[asyncio.Task[None]] = field(default_factory=list)
-    _lag: asyncio.Task[None] | None = None
     _relaying: asyncio.Task[None] | None = None
     _listening: asyncio.Task[None] | None = None
     _purging: asyncio.Task[None] | None = None
@@ -115,7 +116,7 @@ class ProfileApp:
 
     async def start_background(self) -> None:
         self.auth.start()
-        merging = asyncio.create_task(self.merger.run(), name="merger")
+        merging = asyncio.create_task(self.lanes.run(), name="merger")
         self._background = [merging, asyncio.create_task(self.erasure_outbox.run(), name="erasure-outbox")]
         # A merger that crashed or returned merges nothing more: not ready (never restarted
         # for it, though: liveness follows only the process).
@@ -124,26 +125,19 @@ class ProfileApp:
         self._purging = asyncio.create_task(self._purge_expired(), name="purge-expired")
         if self.invalidations is not None:  # the near cache keeps copies once they flow
             self._listening = asyncio.create_task(self.invalidations.run(), name="near-cache-invalidations")
-        if isinstance(self.event_log, JetStreamEventLog):
-            self._lag = asyncio.create_task(
-                watch_backlog(self.consumer_name, partial(self.event_log.backlog, self.consumer_name)),
-                name="merger-backlog",
-            )
 
     async def close(self) -> None:
         """After the drain: finish the merges under way and the notices being published, publish
         the changes of the last merges, then close connections; each step bounded
         (sendtime_common.shutdown)."""
-        self.merger.stop()
+        self.lanes.stop()
         self.erasure_outbox.stop()
-        for task in (self._purging, self._listening, self._lag):
+        for task in (self._purging, self._listening):
             if task is not None:
                 task.cancel()
         await asyncio.gather(
             finish_or_cancel("merges and erasure notices in hand", self._background),
-            finish_or_cancel(
-                "purge, invalidations and backlog", [self._purging, self._listening, self._lag], CANCEL_WAIT_S
-            ),
+            finish_or_cancel("purge and invalidations", [self._purging, self._listening], CANCEL_WAIT_S),
         )
         if self._relaying is not None:
             self.change_outbox.stop()  # after the merger: one more round for its last batch
@@ -176,6 +170,44 @@ class ProfileApp:
             except StoreError as exc:
                 log.warning("could not purge expired unmerged events", extra={"error": str(exc)})
             await asyncio.sleep(PURGE_INTERVAL_S)
+
+
+def merge_lanes(settings: Settings, merger: EventMerger, event_log: JetStreamEventLog) -> MergeLanes:
+    """The lanes of the event stream this replica shares with the others (``merge_lanes``),
+    each merged from a subscription of its durable consumer (in the log's order), its backlog
+    reported while owned."""
+    consumer = settings.consumer_name
+
+    async def subscribe(lane: int) -> EventLogSubscription:
+        return await event_log.subscribe(partition_consumer(consumer, lane), lane=lane)
+
+    async def watch(lane: int) -> None:
+        durable = partition_consumer(consumer, lane)
+        try:
+            await watch_backlog(durable, partial(event_log.backlog, durable))
+        finally:
+            forget_backlog(durable)  # another replica reports it now
+
+    group = f"{consumer}:{event_log.event_stream_id}"
+    connect = partial(lanes_connection, settings.database_url)
+    return MergeLanes(merger, group, lanes_of(event_log.event_partitions), subscribe, connect, watch=watch)
+
+
+async def lanes_connection(database_url: str, application_name: str) -> asyncpg.Connection:
+    """The merge lanes' own connection, whose session holds their locks. With TCP keepalives, so
+    that PostgreSQL drops the locks of a replica cut off by the network within about 25 s (10 s
+    idle, then 3 probes 5 s apart), as it does at once for one that died; a replica's own
+    statements on it are bounded too (``merge_lanes.STATEMENT_TIMEOUT_S``)."""
+    return await asyncpg.connect(
+        database_url,
+        server_settings={
+            "application_name": application_name,
+            "tcp_keepalives_idle": "10",
+            "tcp_keepalives_interval": "5",
+            "tcp_keepalives_count": "3",
+        },
+        timeout=5,
+    )
 
 
 async def create_app(settings: Settings) -> ProfileApp:
@@ -224,14 +256,16 @@ async def create_app(settings: Settings) -> ProfileApp:
     unmerged = UnmergedStore(pool, settings.identifier_hasher)
     change_outbox = ProfileChangeOutbox(pool, event_log)
     merger = EventMerger(
-        [await event_log.subscribe(settings.consumer_name) for _ in range(settings.merge_concurrency)],
+        [],  # the lanes' subscriptions, given as lanes are taken
         repository,
         cache,
         unmerged,
         batch_size=settings.merge_batch_size,
         max_deliveries=settings.merge_max_deliveries,
         on_merged=change_outbox.wake,
+        transactions=settings.merge_concurrency,
     )
+    lanes = merge_lanes(settings, merger, event_log)
     erasure_outbox = ErasureOutbox(pool, event_log)
     servicer = ProfileServicer(
         ProfileReader(
@@ -269,8 +303,9 @@ async def create_app(settings: Settings) -> ProfileApp:
         limits=settings.limits,
         readiness=settings.readiness,
     )
-    # The merger cannot consume without the event log: profiles would go stale unseen.
-    server.readiness.watch("event log", partial(event_log.usable, settings.consumer_name))
+    # The merger cannot consume without the event log: profiles would go stale unseen. (The
+    # stream, not a lane's consumer: a replica that owns no lane yet is as ready.)
+    server.readiness.watch("event log", event_log.usable)
     if settings.http_address:
         server.serve_http(
             settings.http_address,
@@ -281,6 +316,7 @@ async def create_app(settings: Settings) -> ProfileApp:
     return ProfileApp(
         grpc=server,
         merger=merger,
+        lanes=lanes,
         pool=pool,
         cache=cache,
         event_log=event_log,

@@ -51,7 +51,7 @@ class Settings:
     near_cache_ttl_s: float = 60.0
     consumer_name: str = "profile-merger"
     merge_batch_size: int = 512  # see docs/benchmarks.md: 256 left the merger behind ingest
-    merge_concurrency: int = 1  # batches merged at once; see profile_service.merger
+    merge_concurrency: int = 1  # batches merged at once, across lanes; see profile_service.merger
     # Deliveries after which an event that fails in an unknown way is set aside (a poison event
     # is set aside at once, a transient failure never): see profile_service.unmerged.
     merge_max_deliveries: int = 10

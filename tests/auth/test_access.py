@@ -147,6 +147,7 @@ def test_a_method_without_an_access_rule_or_scope_is_caught() -> None:
         ("Basic dXNlcjpwYXNz", "API_KEY_MALFORMED"),
         ("Bearer " + new_key().key, "API_KEY_UNKNOWN"),
     ],
+    ids=["too-short", "basic-auth", "well-formed-but-unknown"],  # the same in every xdist worker
 )
 async def test_a_bad_key_is_unauthenticated_with_its_reason(
     ingest_app: IngestApp, header: str, reason: str

@@ -22,7 +22,9 @@ import nats_auth
 from sendtime_cli import setup
 from sendtime_cli.database import AUTH_OWNER, SERVICES, objects_of, role_name
 from sendtime_common.event_log import JetStreamEventLog, JetStreamSettings, inbox_prefix
-from tests.conftest import ADMIN_DATABASE_URL, empty_database, repo_root
+from tests.conftest import ADMIN_DATABASE_URL, SHARES_POSTGRES_ROLES, empty_database, repo_root
+
+pytestmark = SHARES_POSTGRES_ROLES
 
 STREAMS = [
     JetStreamSettings().stream,

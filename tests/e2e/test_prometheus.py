@@ -40,6 +40,7 @@ from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
 from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.tls import ClientTls
+from tests.conftest import SHARES_POSTGRES_ROLES
 from tests.e2e import test_suite as e2e
 from tests.monitoring import (
     RULES_FILE_NAME,
@@ -53,7 +54,7 @@ from tests.sync.sendgrid_server import SendGridServer
 from tests.triggers.support import Receiver, statuses
 from triggers.builtin import cart_abandoned
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, SHARES_POSTGRES_ROLES]  # `make run` sets up roles
 
 # The same fixtures as the e2e suite's (this module gets its own suite: its own database, NATS
 # and five processes).

@@ -35,11 +35,11 @@ from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime.triggers.v1 import triggers_pb2, triggers_pb2_grpc
 from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.tls import ClientTls
-from tests.conftest import database_dropped_after, repo_root
+from tests.conftest import SHARES_POSTGRES_ROLES, database_dropped_after, repo_root
 from tests.triggers.support import Received, Receiver
 from triggers.builtin import cart_abandoned
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, SHARES_POSTGRES_ROLES]  # `make run` sets up roles
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
 DEFAULT_PORTS = {

@@ -344,44 +344,46 @@ async def test_while_the_event_log_is_down_a_batch_is_503_and_its_resend_stores_
     """What analytics-python does on a 503: wait Retry-After, send the same batch again."""
     port = devstack.free_port()
     nats = devstack.start_nats(port, tmp_path / "nats")
-    app = await create_app(
-        IngestSettings(
-            **LOCAL_SERVER,
-            database_url=database_url,
-            event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
+    try:  # the NATS last started is stopped, however the test ends
+        app = await create_app(
+            IngestSettings(
+                **LOCAL_SERVER,
+                database_url=database_url,
+                event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
+            )
         )
-    )
-    await app.start()
-    try:
-        key = await issue_key(database_url, [Scope.EVENTS_WRITE])
-        first = {"type": "track", "userId": unique, "event": "Signed Up", "messageId": f"{unique}-1"}
-        first["timestamp"] = datetime.now(UTC).isoformat()
-        status, body, _ = await post(http, app, "batch", {"batch": [first]}, basic(key))
-        assert status == 200 and body["accepted"] == 1
+        await app.start()
+        try:
+            key = await issue_key(database_url, [Scope.EVENTS_WRITE])
+            first = {"type": "track", "userId": unique, "event": "Signed Up", "messageId": f"{unique}-1"}
+            first["timestamp"] = datetime.now(UTC).isoformat()
+            status, body, _ = await post(http, app, "batch", {"batch": [first]}, basic(key))
+            assert status == 200 and body["accepted"] == 1
 
-        devstack.stop_process(nats)
-        second = {**first, "messageId": f"{unique}-2"}
-        batch = {"batch": [first, second]}
-        status, body, headers = await asyncio.wait_for(
-            post(http, app, "batch", batch, basic(key)), timeout=10
-        )
-        assert status == 503 and int(headers["Retry-After"]) >= 1
-        assert body["code"] == 14 and body["retry"] >= 1
-        assert [item["outcome"] for item in body["items"]][1] == "retry"
+            devstack.stop_process(nats)
+            second = {**first, "messageId": f"{unique}-2"}
+            batch = {"batch": [first, second]}
+            status, body, headers = await asyncio.wait_for(
+                post(http, app, "batch", batch, basic(key)), timeout=10
+            )
+            assert status == 503 and int(headers["Retry-After"]) >= 1
+            assert body["code"] == 14 and body["retry"] >= 1
+            assert [item["outcome"] for item in body["items"]][1] == "retry"
 
-        nats = devstack.start_nats(port, tmp_path / "nats")  # the same store: what was acked is there
+            nats = devstack.start_nats(port, tmp_path / "nats")  # the same store: what was acked is there
 
-        async def resent() -> dict[str, Any] | None:
+            async def resent() -> dict[str, Any] | None:
+                status, body, _ = await post(http, app, "batch", batch, basic(key))
+                return body if status == 200 else None
+
+            body = await eventually(resent, timeout_s=20)
+            # The second call is stored now: by this resend, or already by the NATS client, which
+            # keeps what it could not send while disconnected and sends it on reconnecting.
+            assert body["items"][0]["outcome"] == "duplicate"
+            assert body["items"][1]["outcome"] in ("accepted", "duplicate")
             status, body, _ = await post(http, app, "batch", batch, basic(key))
-            return body if status == 200 else None
-
-        body = await eventually(resent, timeout_s=20)
-        # The second call is stored now: by this resend, or already by the NATS client, which
-        # keeps what it could not send while disconnected and sends it on reconnecting.
-        assert body["items"][0]["outcome"] == "duplicate"
-        assert body["items"][1]["outcome"] in ("accepted", "duplicate")
-        status, body, _ = await post(http, app, "batch", batch, basic(key))
-        assert [item["outcome"] for item in body["items"]] == ["duplicate", "duplicate"]
+            assert [item["outcome"] for item in body["items"]] == ["duplicate", "duplicate"]
+        finally:
+            await app.stop(grace_s=1)
     finally:
-        await app.stop(grace_s=1)
         devstack.stop_process(nats)

@@ -338,8 +338,8 @@ class SlowEventLog:
 
         return outcomes()
 
-    async def subscribe(self, durable_name: str) -> EventLogSubscription:
-        return await self.inner.subscribe(durable_name)
+    async def subscribe(self, durable_name: str, *, lane: int | None = None) -> EventLogSubscription:
+        return await self.inner.subscribe(durable_name, lane=lane)
 
     async def read(self, position: int) -> bytes | None:
         return await self.inner.read(position)

@@ -11,13 +11,16 @@ import uuid
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import nats
 import pytest
+from fault_proxy import FaultProxy
 from prometheus_client import REGISTRY
 
 import devstack
 from sendtime_common import event_log
+from sendtime_common.config import ConfigError
 from sendtime_common.consumer_lag import watch_backlog
 from sendtime_common.event_log import (
     BATCH_COMMIT_HEADER,
@@ -562,3 +565,67 @@ async def test_usable_says_whether_jetstream_answers_for_the_stream_or_a_durable
     finally:
         await log.close()
         devstack.stop_process(server)
+
+
+async def test_partitions_are_kept_in_the_stream_read_by_publishers_and_route_each_key_to_one_lane(
+    nats_url: str,
+) -> None:
+    managing = replace(settings(nats_url), event_partitions=3)
+    log = await JetStreamEventLog.connect(managing)
+    # A publisher that does not manage the streams learns the count from the stream's metadata.
+    publisher = await JetStreamEventLog.connect(replace(managing, event_partitions=1, manage_streams=False))
+    try:
+        assert publisher.event_partitions == 3
+        keys = [f"user_id:u-{i}" for i in range(12)]
+        sent = [
+            OutgoingMessage(key="thing", message_id=f"p-{i}", payload=key.encode(), partition_key=key)
+            for i, key in enumerate(keys)
+        ]
+        sent.append(OutgoingMessage(key="thing", message_id="unkeyed", payload=b"", partition_key=""))
+        assert all(isinstance(o, PublishReceipt) for o in await (await publisher.publish_batch(sent)))
+
+        lanes = {}
+        for lane in (event_log.UNPARTITIONED, 0, 1, 2):
+            subscription = await log.subscribe(event_log.partition_consumer("lanes", lane), lane=lane)
+            deliveries = await subscription.fetch(20, timeout_s=1)
+            lanes[lane] = sorted(d.payload.decode() for d in deliveries)
+            await subscription.close()
+        assert lanes[event_log.UNPARTITIONED] == [""]  # no key: the unpartitioned lane
+        for lane in (0, 1, 2):
+            assert lanes[lane] == sorted(k for k in keys if event_log.partition_of(k, 3) == lane)
+        assert sum(len(payloads) for payloads in lanes.values()) == len(sent)  # each in one lane
+
+        # Fewer partitions than the stream has would leave a lane without a consumer: refused.
+        with pytest.raises(ConfigError, match="never shrink"):
+            await JetStreamEventLog.connect(replace(managing, event_partitions=2))
+        grown = await JetStreamEventLog.connect(replace(managing, event_partitions=4))
+        assert grown.event_partitions == 4
+        await grown.close()
+    finally:
+        await publisher.close()
+        await log.close()
+
+
+def test_the_partition_count_is_a_setting_within_bounds() -> None:
+    assert JetStreamSettings.from_env({}).event_partitions == 1
+    assert JetStreamSettings.from_env({"NATS_EVENT_PARTITIONS": "8"}).event_partitions == 8
+    for bad in ("0", "33", "many"):
+        with pytest.raises(ConfigError):
+            JetStreamSettings.from_env({"NATS_EVENT_PARTITIONS": bad})
+
+
+async def test_a_short_publish_timeout_leaves_the_streams_and_consumers_their_own(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """Ingest, set to answer RETRY after 0.5 s, failed to start while a loaded NATS took longer
+    than that to create its erasure consumer: the publish timeout was every API call's."""
+    upstream = urlsplit(nats_url)
+    with FaultProxy.start({"nats": (upstream.hostname or "", upstream.port or 0)}, tmp_path) as proxy:
+        slow = replace(settings(f"nats://127.0.0.1:{proxy.port('nats')}"), publish_timeout_s=0.5)
+        log = await JetStreamEventLog.connect(slow)
+        try:
+            proxy.latency("nats", 0.4)  # 0.8 s a round trip
+            following = await log.follow_erasures(lambda notice: asyncio.sleep(0))
+            await following.close()
+        finally:
+            await log.close()

@@ -172,7 +172,7 @@ async def test_a_consumer_the_server_will_not_update_is_consumed_as_it_is_and_sa
         )
         await client.jetstream().add_consumer(config.stream, made_by_hand)
         subscription = await log.subscribe("merger")
-        assert "could not update a durable consumer's ack wait" in caplog.messages
+        assert "could not update a durable consumer's settings" in caplog.messages
         assert (await _consumer_info(nats_url, config.stream, "merger")).config.ack_wait == 30.0
         await log.publish(message(1))
         (delivery,) = await subscription.fetch(1, timeout_s=2)

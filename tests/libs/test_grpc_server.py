@@ -397,3 +397,35 @@ async def test_a_request_that_does_not_decode_is_invalid_argument_before_any_han
         assert status is not None
         (info,) = details_of(status, error_details_pb2.ErrorInfo)
         assert (info.reason, dict(info.metadata)) == ("REQUEST_UNDECODABLE", {"type": type_name})
+
+
+async def test_a_new_channel_reaches_a_server_restarted_on_an_address_an_old_channel_saw_refused(
+    access: AccessInterceptor, admin_key: str
+) -> None:
+    """With gRPC's global connection pool the new channel took over the old one's failure and
+    answered UNAVAILABLE "Connection refused" at once (a CI run lost a test to a port reused so)."""
+
+    def health_server(address: str) -> GrpcServer:
+        return GrpcServer(
+            address, ["test.Slow"], SlowService().register, access, tls=LOCAL_SERVER["tls"], health_address=""
+        )
+
+    def check(calls: grpc.aio.Channel) -> Any:
+        return health_pb2_grpc.HealthStub(calls).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+    first = health_server("127.0.0.1:0")
+    await first.start()
+    address = f"127.0.0.1:{first.port}"
+    async with channel(address, admin_key) as old:
+        assert (await check(old)).status == SERVING
+        await first.stop(grace_s=0)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await check(old)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        second = health_server(address)
+        await second.start()
+        try:
+            async with channel(address, admin_key) as new:
+                assert (await check(new)).status == SERVING
+        finally:
+            await second.stop(grace_s=0)

@@ -19,7 +19,7 @@ from sendtime_common.grpc_server import GrpcServer
 from sendtime_common.http_server import HttpListener, metrics_listener
 from sendtime_common.metrics import sample_every
 from sendtime_common.rate_limit import Rate, RateLimiter, RateLimitSettings
-from tests.conftest import LOCAL_SERVER, access_checked, channel
+from tests.conftest import LOCAL_SERVER, access_checked, channel, eventually
 
 METHODS = ("/test.Metered/Echo", "/test.Metered/Fail", "/test.Metered/Count")
 
@@ -108,7 +108,20 @@ async def test_rpcs_are_counted_by_method_and_code_and_timed(
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await calls.unary_unary("/test.Metered/Echo", None, None)(b"x", timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        after = await scrape(port, metrics_key)
+
+        # grpc.aio's abort sends the status before the handler's frames unwind, so a refused
+        # call is counted just after its client has the answer: scraped until it shows.
+        async def counted() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+            samples = await scrape(port, metrics_key)
+            refused = (("Echo", "UNAUTHENTICATED"), ("Fail", "NOT_FOUND"))
+            shown = all(
+                value(samples, "grpc_server_handled_total", **labels, grpc_method=m, grpc_code=c)
+                > value(before, "grpc_server_handled_total", **labels, grpc_method=m, grpc_code=c)
+                for m, c in refused
+            )
+            return samples if shown else None
+
+        after = await eventually(counted, timeout_s=5)
 
         def delta(name: str, **more: str) -> float:
             return value(after, name, **more) - value(before, name, **more)

@@ -10,6 +10,7 @@ import asyncpg
 
 from profile_service.repository import create_pool
 from profile_service.server import MIGRATIONS_DIR
+from sendtime_common.migrate import migrate
 from tests.conftest import empty_database
 
 
@@ -36,5 +37,18 @@ async def migrated_connection(
                 for migration in migrations(before=before):
                     await conn.execute(migration.read_text())
                 yield conn
+        finally:
+            await pool.close()
+
+
+@asynccontextmanager
+async def migrated_pool(prefix: str, *, max_size: int = 2) -> AsyncIterator[asyncpg.Pool]:
+    """A pool set up as the service sets up its own, of up to ``max_size`` connections, to a
+    fresh database ``<prefix>_<random>`` migrated as the service migrates it; dropped on exit."""
+    async with empty_database(prefix) as url:
+        pool = await create_pool(url, min_size=1, max_size=max_size)
+        try:
+            await migrate(pool, MIGRATIONS_DIR, table="schema_migrations")
+            yield pool
         finally:
             await pool.close()

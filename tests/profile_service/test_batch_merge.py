@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from profile_service.identity import IdentityLimits
 from profile_service.merger import EventMerger
-from profile_service.repository import ProfileRepository
+from profile_service.repository import MergeResult, ProfileRepository
 from profile_service.server import ProfileApp
 from profile_service.state import replay, to_json
 from sendtime.ingest.v1 import ingest_pb2
@@ -257,3 +257,49 @@ async def test_a_replica_never_builds_on_a_state_another_replica_has_moved_past(
     (found,) = (await first.find_by_identifiers([(IdentifierKind.USER_ID, who)])).values()
     assert set(found.to_proto().traits) == {"a", "b", "c", "d", "e"}
     assert found.stored.version == len(steps)
+
+
+class CountingRepository(ProfileRepository):
+    """Counts the merge transactions running at once."""
+
+    running = 0
+    most = 0
+
+    async def merge_events(self, *args: Any, **kwargs: Any) -> list[MergeResult]:
+        type(self).running += 1
+        type(self).most = max(type(self).most, type(self).running)
+        try:
+            await asyncio.sleep(0.05)  # long enough for the other lanes' batches to arrive
+            return await super().merge_events(*args, **kwargs)
+        finally:
+            type(self).running -= 1
+
+
+async def test_lanes_of_one_process_merge_one_transaction_at_a_time(
+    profile_app: ProfileApp, profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub, unique: str
+) -> None:
+    settled: dict[str, str] = {}
+    lanes = [
+        OneFetch(
+            [RecordingDelivery(event(user_id=f"u-{unique}-{lane}", identify=identify(lane=lane)), settled)]
+        )
+        for lane in range(4)
+    ]
+    merger = EventMerger(
+        [],
+        CountingRepository(profile_app.pool),
+        profile_app.cache,
+        profile_app.unmerged,
+        batch_size=10,
+        transactions=1,
+    )
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(merger.merge_from([lane], stop)) for lane in lanes]
+    try:
+        for lane in range(4):
+            await wait_for_profile(profile_stub, user(f"u-{unique}-{lane}"), lambda p: p.version == 1)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert len(settled) == 4 and set(settled.values()) == {"acked"}
+    assert CountingRepository.most == 1  # four lanes with work, one transaction at a time

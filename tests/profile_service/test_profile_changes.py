@@ -19,7 +19,13 @@ import asyncpg
 import pytest
 
 import devstack
-from profile_service.change_outbox import PUBLISH_BATCH, ProfileChangeOutbox, change_id
+from profile_service.change_outbox import (
+    PUBLISH_BATCH,
+    RELAY_BUSY_RETRY_S,
+    RELAY_LOCK,
+    ProfileChangeOutbox,
+    change_id,
+)
 from profile_service.repository import ProfileRepository, create_pool
 from profile_service.server import MIGRATIONS_DIR, ProfileApp
 from profile_service.server import create_app as create_profile_app
@@ -355,6 +361,35 @@ async def test_only_the_confirmed_prefix_is_taken_out_so_what_follows_a_refused_
     assert await relay.publish_changes() == 3
     assert log.published == [ids, ids[1:]]  # again in order, from the refused one
     assert await outbox(pool) == []
+
+
+async def test_a_relay_finding_another_replicas_at_work_waits_in_no_lock_and_publishes_after_it(
+    pool: asyncpg.Pool, unique: str
+) -> None:
+    await ProfileRepository(pool).merge_events([event(user_id=f"u-{unique}", identify=identify(a=1))])
+    log = ScriptedLog(outcomes=[["ok"]], published=[])
+    relay = ProfileChangeOutbox(pool, cast(EventLog, log), retry_after_s=30)  # no timed retry
+    other_replica = await pool.acquire()
+    try:
+        held = other_replica.transaction()
+        await held.start()
+        await other_replica.execute("SELECT pg_advisory_xact_lock($1, $2)", *RELAY_LOCK)
+        async with asyncio.timeout(1):  # a lock wait would sit here until the other commits
+            assert await relay.publish_changes() is None
+        running = asyncio.create_task(relay.run())
+        await asyncio.sleep(RELAY_BUSY_RETRY_S * 3)
+        assert log.published == []  # still the other's turn
+        await held.commit()
+
+        async def outbox_empty() -> bool:
+            return not await outbox(pool)
+
+        await eventually(outbox_empty, timeout_s=2)  # without a wake, long before retry_after_s
+        relay.stop()
+        await running
+    finally:
+        await pool.release(other_replica)
+    assert len(log.published) == 1 and len(log.published[0]) == 1
 
 
 @dataclass
