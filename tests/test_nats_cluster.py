@@ -23,6 +23,7 @@ import pytest
 import devstack
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.event_log import MSG_ID_HEADER, JetStreamEventLog, JetStreamSettings
+from tests.conftest import eventually
 from tests.factories import event, identify
 from tests.ingest.test_ingest_depth import ACCEPTED, DUPLICATE, RETRY, ingest_service, send
 
@@ -201,6 +202,54 @@ async def test_a_service_started_with_the_cluster_waits_for_jetstream(tmp_path: 
             await log.close()
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_stream_whose_replicas_cannot_be_placed_yet_is_made_once_enough_servers_join(
+    tmp_path: Path,
+) -> None:
+    """Two of three servers elect a metadata leader, yet a three-replica stream has no place
+    until the third joins ("no suitable peers for placement"): the service waits for it rather
+    than failing its start or taking the refusal for an existing stream to update."""
+    cluster = devstack.NatsCluster(tmp_path / "nats", 3)
+    first, second, third = (node.name for node in cluster.nodes)
+    try:
+        for name in (first, second):
+            await asyncio.to_thread(cluster.start_node, name, wait=False)
+        servers = ",".join(node.url for node in cluster.nodes if node.name != third)
+        await _until_jetstream_answers(servers)
+        connecting = asyncio.create_task(
+            JetStreamEventLog.connect(JetStreamSettings(url=servers, replicas=3))
+        )
+        await asyncio.sleep(2)
+        assert not connecting.done(), "the streams cannot have three replicas on two servers"
+        await asyncio.to_thread(cluster.start_node, third, wait=False)
+        log = await asyncio.wait_for(connecting, 30)
+        await log.close()
+        client = await nats.connect(cluster.url.split(","))
+        try:
+            info = await client.jetstream().stream_info(JetStreamSettings().stream)
+            assert info.config.num_replicas == 3
+        finally:
+            await client.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _until_jetstream_answers(servers: str) -> None:
+    """Once the servers at ``servers`` have elected their metadata leader."""
+    client = await nats.connect(servers.split(","))
+
+    async def answers() -> bool:
+        try:
+            await client.jetstream(timeout=1).account_info()
+        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+            return False
+        return True
+
+    try:
+        await eventually(answers, ELECTION_BOUND_S)
+    finally:
+        await client.close()
 
 
 def test_nats_url_takes_a_cluster_as_a_list_of_servers() -> None:

@@ -79,10 +79,20 @@ MAX_EVENT_PARTITIONS = 32
 PARTITIONS_METADATA = "sendtime_event_partitions"
 UNPARTITIONED = -1  # the lane of events published without a partition (one partition, or before)
 _NO_SUCH_MESSAGE = 10037  # JetStream's "no message found"
+_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
+_NO_SUITABLE_PEERS = 10005  # "no suitable peers for placement": too few servers known yet
+
+
+class _PlacementPending(Exception):
+    """A cluster that is starting cannot yet place a stream's replicas: its metadata leader
+    knows too few of its servers. Waited for like an unavailable JetStream."""
+
+
 _JETSTREAM_NOT_READY = (
     nats.js.errors.ServiceUnavailableError,
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
+    _PlacementPending,
 )
 
 
@@ -846,7 +856,11 @@ class JetStreamEventLog:
             await self._refuse_fewer_partitions()
         try:
             return await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError:
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == _NO_SUITABLE_PEERS:
+                raise _PlacementPending(exc.description) from exc
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
             # It exists with an older configuration (fewer replicas, say): bring it up to date.
             return await self._js.update_stream(config)
 
