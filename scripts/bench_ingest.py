@@ -15,11 +15,16 @@ Redis, a fresh database, ingest and profile as their own processes), then:
    ``occurred_at`` now) with SendEvents and reads the marker customers' profiles
    (BatchGetProfiles, GetProfile's reader) until each marker shows: freshness is occurred ->
    visible. Then it waits until the ``profile-merger`` consumer has nothing pending;
-3. at the goal load: as many events again, offered at the rate the goal names (half the raw
-   JetStream floor; ``--rate`` sets another), with the same sampler and drain. The merge goal
-   and the freshness goal are read here: at full speed on one 2-core machine, ingest and the
-   load generator take the CPU the merger needs, which says nothing about either alone;
-4. checks that every accepted event is in PostgreSQL.
+3. full speed in batches: ``--batch-events`` events in ``IngestService/SendEvents`` calls of
+   ``--batch-size``, ``--streams`` senders each with one call at a time (as a bulk producer or
+   a webhook relay sends), held against the goal of 20,000 acked events/s; the sampler and
+   the drain as above;
+4. at the goal load: as many events again as at full speed, offered at the rate the goal
+   names (half the raw JetStream floor; ``--rate`` sets another), with the same sampler and
+   drain. The merge goal and the freshness goal are read here: at full speed on one 2-core
+   machine, ingest and the load generator take the CPU the merger needs, which says nothing
+   about either alone;
+5. checks that every accepted event is in PostgreSQL.
 
 It prints a table of each measure against its floor and goal, and the CPU each process used in
 each phase. A missed goal is reported, not an error: the exit code is 0 unless the bench broke.
@@ -72,11 +77,14 @@ from google.type import money_pb2
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 import suite
+from ingest.settings import Settings as IngestSettings
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.event_log import MSG_ID_HEADER, JetStreamSettings
 
 STREAM_EVENTS = "/sendtime.ingest.v1.IngestService/StreamEvents"
+SEND_EVENTS = "/sendtime.ingest.v1.IngestService/SendEvents"
+MAX_BATCH_SIZE = IngestSettings().max_batch_size  # the bench runs ingest with its defaults
 CONSUMER = "profile-merger"
 RAW_STREAM = "BENCH_RAW"
 ACCEPTED = ingest_pb2.EVENT_OUTCOME_ACCEPTED
@@ -94,6 +102,7 @@ MERGER_STALL_S = 60.0
 
 
 GOAL_ACKED_VS_RAW = 0.5
+GOAL_SEND_EVENTS_ACKED_PER_S = 20_000  # issue 21's, as it states it: an absolute rate
 GOAL_MERGED_VS_ACKED = 0.95
 GOAL_FRESHNESS_P99_S = 1.0
 
@@ -103,8 +112,9 @@ GOAL_FRESHNESS_P99_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """Pre-serialized StreamEventsRequest messages per stream (so the load generator spends
-    little CPU while measuring), and the event payloads for the raw JetStream floor."""
+    """Pre-serialized requests per stream (so the load generator spends little CPU while
+    measuring): a StreamEventsRequest per event, or with ``batch_size`` a SendEventsRequest per
+    that many events; and the event payloads for the raw JetStream floor."""
 
     per_stream: list[list[bytes]]
     ids_per_stream: list[list[str]]
@@ -113,10 +123,11 @@ class Load:
     mean_event_bytes: float
     end_ns: int  # after the last event's occurred_at
     tag: str
+    batch_size: int | None = None
 
     @property
     def total(self) -> int:
-        return sum(len(s) for s in self.per_stream)
+        return sum(len(ids) for ids in self.ids_per_stream)
 
 
 def make_load(
@@ -127,14 +138,16 @@ def make_load(
     streams: int,
     seed: int = 7,
     start_ns: int | None = None,
+    batch_size: int | None = None,
 ) -> Load:
     """``events`` events: 50% product_viewed, 30% cart_item_added, 20% identify (with an email,
     so that stitching has work), each for a random one of ``customers``. A customer's events all
-    go through one stream, in occurred_at order, as a partitioned producer would send them.
-    They occur 1 µs apart from ``start_ns`` (default: a second ago)."""
+    go through one stream, in occurred_at order, as a partitioned producer would send them
+    (with ``batch_size``, in SendEvents calls of that many). They occur 1 µs apart from
+    ``start_ns`` (default: a second ago)."""
     rng = random.Random(seed)
     base_ns = time.time_ns() - 1_000_000_000 if start_ns is None else start_ns
-    per_stream: list[list[bytes]] = [[] for _ in range(streams)]
+    events_per_stream: list[list[ingest_pb2.Event]] = [[] for _ in range(streams)]
     ids: list[list[str]] = [[] for _ in range(streams)]
     raw: list[bytes] = []
     types: Counter[str] = Counter()
@@ -173,14 +186,28 @@ def make_load(
             traits.update({"first_name": f"Name{customer}", "plan": rng.choice(["free", "pro"]), "visits": i})
             event.identify.traits.CopyFrom(traits)
         types[str(event.WhichOneof("payload"))] += 1
-        per_stream[customer % streams].append(ingest_pb2.StreamEventsRequest(event=event).SerializeToString())
+        events_per_stream[customer % streams].append(event)
         ids[customer % streams].append(event.event_id)
         # What ingest publishes: the event as received, stamped with received_at.
-        event.received_at.CopyFrom(timestamp_from_ns(time.time_ns()))
-        payload = event.SerializeToString(deterministic=True)
+        stamped = ingest_pb2.Event()
+        stamped.CopyFrom(event)
+        stamped.received_at.CopyFrom(timestamp_from_ns(time.time_ns()))
+        payload = stamped.SerializeToString(deterministic=True)
         raw.append(payload)
         total_bytes += len(payload)
-    return Load(per_stream, ids, raw, types, total_bytes / max(1, events), base_ns + events * 1000, tag)
+    per_stream = [_requests(stream_events, batch_size) for stream_events in events_per_stream]
+    mean_bytes = total_bytes / max(1, events)
+    return Load(per_stream, ids, raw, types, mean_bytes, base_ns + events * 1000, tag, batch_size)
+
+
+def _requests(events: Sequence[ingest_pb2.Event], batch_size: int | None) -> list[bytes]:
+    """A StreamEventsRequest per event, or a SendEventsRequest per ``batch_size`` events."""
+    if batch_size is None:
+        return [ingest_pb2.StreamEventsRequest(event=e).SerializeToString() for e in events]
+    return [
+        ingest_pb2.SendEventsRequest(events=events[i : i + batch_size]).SerializeToString()
+        for i in range(0, len(events), batch_size)
+    ]
 
 
 # --- floors ------------------------------------------------------------------------------------
@@ -477,12 +504,51 @@ async def send_all(
             await channel.close(None)
 
 
+async def send_batches(
+    target: str, load: Load, metadata: tuple[tuple[str, str], ...]
+) -> tuple[list[StreamResult], float]:
+    """Send each stream's SendEvents calls of ``load`` one after another, the streams together,
+    each on its own channel (as separate producers would); per stream the outcomes and each
+    call's latency, and the seconds until the last answer."""
+    channels = [grpc.aio.insecure_channel(target) for _ in load.per_stream]
+
+    async def send(channel: grpc.aio.Channel, requests: Sequence[bytes]) -> StreamResult:
+        method = channel.unary_unary(SEND_EVENTS, request_serializer=None, response_deserializer=None)
+        result = StreamResult()
+        for request in requests:
+            sent_at = time.perf_counter()
+            response = ingest_pb2.SendEventsResponse.FromString(
+                await method(request, metadata=metadata, timeout=60)
+            )
+            result.latencies.append(time.perf_counter() - sent_at)
+            for event_result in response.results:
+                result.outcomes[event_result.outcome] += 1
+                if event_result.outcome != ACCEPTED and not result.first_problem:
+                    name = ingest_pb2.EventOutcome.Name(event_result.outcome)
+                    result.first_problem = f"{name}: {event_result.status.message}"
+        return result
+
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(send(channel, requests) for channel, requests in zip(channels, load.per_stream, strict=True))
+        )
+        return list(results), time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close(None)
+
+
 # --- the bench ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Options:
     events: int
+    batch_events: int
+    batch_size: int
     streams: int
     in_flight: int
     customers: int
@@ -587,9 +653,12 @@ class PhaseRunner:
             before = await wait_merged(js, time.perf_counter(), MERGER_STALL_S)
         interval_s = self._sample_interval(load, rate)
         pace = "as fast as ingest takes them" if rate is None else f"offered at {fmt_rate(rate)} ev/s"
-        say(
-            f"   {load.total:,} events over {options.streams} streams x {options.in_flight} in flight, {pace}"
+        calls = (
+            f"{options.in_flight} in flight"
+            if load.batch_size is None
+            else f"SendEvents calls of {load.batch_size}, one at a time"
         )
+        say(f"   {load.total:,} events over {options.streams} streams x {calls}, {pace}")
         if merging_measured:
             say(f"   a freshness marker every {interval_s * 1000:.0f} ms, {options.samples} at most")
         ingest_target = stack.target(suite.INGEST)
@@ -605,9 +674,12 @@ class PhaseRunner:
                 sampler = Sampler(f"{stack.run_id}-{load.tag}", sample_ingest, sample_profile)
                 sampling = asyncio.create_task(sampler.run(stop_sampling, interval_s, options.samples))
             try:
-                results, load_seconds = await send_all(
-                    ingest_target, load, options.in_flight, stack.key_metadata, rate
-                )
+                if load.batch_size is None:
+                    results, load_seconds = await send_all(
+                        ingest_target, load, options.in_flight, stack.key_metadata, rate
+                    )
+                else:
+                    results, load_seconds = await send_batches(ingest_target, load, stack.key_metadata)
             finally:
                 stop_sampling.set()
             snap_loaded = meter.snapshot()
@@ -638,7 +710,8 @@ class PhaseRunner:
 
 
 async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
-    """Floors, warm-up, the load at full speed, then at the goal load; the results as a dict."""
+    """Floors, warm-up, the load at full speed (streamed, then in SendEvents batches), then at
+    the goal load; the results as a dict."""
     meter = CpuMeter(stack.cpu_groups())
     say(f"generating {options.events:,} events for {options.customers:,} customers")
     # The warm-up first, and each load after the one before: a load's events must occur after
@@ -662,9 +735,22 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
         )
         _raise_on_problems(warm_results, "warm-up")
         runner = PhaseRunner(stack, options, client.jetstream(), meter, warm_seconds / warmup.total)
-        say("load 1/2: full speed")
+        say("load 1/3: full speed")
         full = await runner.run(load, None)
         _raise_on_problems(full.streams, "full speed")
+        batch_load = make_load(
+            stack.run_id,
+            "batches",
+            options.batch_events,
+            options.customers,
+            options.streams,
+            seed=5,
+            start_ns=load.end_ns,
+            batch_size=options.batch_size,
+        )
+        say(f"load 2/3: full speed, SendEvents calls of {options.batch_size}")
+        batched = await runner.run(batch_load, None)
+        _raise_on_problems(batched.streams, "SendEvents batches")
         paced = None
         if not options.ingest_only:
             rate = options.rate if options.rate is not None else GOAL_ACKED_VS_RAW * floors.raw.rate
@@ -675,19 +761,19 @@ async def run_bench(stack: BenchStack, options: Options) -> dict[str, Any]:
                 options.customers,
                 options.streams,
                 seed=11,
-                start_ns=load.end_ns,
+                start_ns=batch_load.end_ns,
             )
-            say("load 2/2: at the goal load")
+            say("load 3/3: at the goal load")
             paced = await runner.run(paced_load, rate)
             _raise_on_problems(paced.streams, "goal load")
     finally:
         await client.close()
     if paced is not None:
-        expected = warmup.total + sum(phase.accepted + phase.markers for phase in (full, paced))
+        expected = warmup.total + sum(phase.accepted + phase.markers for phase in (full, batched, paced))
         in_database = await _count_events(stack.database_url)
         if in_database != expected:
             raise BenchError(f"{in_database} events merged into PostgreSQL, expected {expected}")
-    return _results(options, load, floors, full, paced)
+    return _results(options, load, floors, full, batched, paced)
 
 
 def _raise_on_problems(results: Sequence[StreamResult], phase: str) -> None:
@@ -705,21 +791,26 @@ async def _count_events(database_url: str) -> int:
 
 
 def _results(
-    options: Options, load: Load, floors: Floors, full: Phase, paced: Phase | None
+    options: Options, load: Load, floors: Floors, full: Phase, batched: Phase, paced: Phase | None
 ) -> dict[str, Any]:
     """Everything measured, as plain data (what --json writes and ``report`` prints)."""
     raw, unary, echo = floors.raw, floors.unary, floors.echo
-    full_results = _phase_results(full)
+    full_results, batch_results = _phase_results(full), _phase_results(batched)
     acked_rate = full_results["ingest"]["acked_events_per_s"]
     cpu = {**floors.cpu, "full speed": full.cpu}
     if full.drain_cpu is not None:
         cpu["full drain"] = full.drain_cpu
+    cpu["SendEvents batches"] = batched.cpu
+    if batched.drain_cpu is not None:
+        cpu["batches drain"] = batched.drain_cpu
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "source": source_info(),
         "options": {
             "events_per_load": options.events,
+            "batch_events": options.batch_events,
+            "batch_size": options.batch_size,
             "streams": options.streams,
             "in_flight_per_stream": options.in_flight,
             "customers": options.customers,
@@ -742,12 +833,20 @@ def _results(
             "empty_stream_msgs_per_s": echo.rate,
         },
         "full_speed": full_results,
+        "full_speed_batches": batch_results,
         "at_goal_load": None,
-        "goals": {"acked_vs_raw_jetstream": {"value": acked_rate / raw.rate, "goal": GOAL_ACKED_VS_RAW}},
+        "goals": {
+            "acked_vs_raw_jetstream": {"value": acked_rate / raw.rate, "goal": GOAL_ACKED_VS_RAW},
+            "send_events_acked_per_s": {
+                "value": batch_results["ingest"]["acked_events_per_s"],
+                "goal": GOAL_SEND_EVENTS_ACKED_PER_S,
+            },
+        },
         "cpu_percent_of_one_core": cpu,
     }
     per_event = _cpu_per_event(floors.cpu, raw, unary, echo)
     per_event.update(_phase_cpu_per_event("full speed", full, full_results))
+    per_event.update(_phase_cpu_per_event("SendEvents batches", batched, batch_results))
     if paced is not None:
         paced_results = _phase_results(paced)
         results["at_goal_load"] = paced_results
@@ -861,6 +960,8 @@ def _phase_cpu_per_event(name: str, phase: Phase, results: dict[str, Any]) -> di
 def report(results: dict[str, Any]) -> str:
     """The table and the CPU breakdown, as printed."""
     floors, full, paced = results["floors"], results["full_speed"], results["at_goal_load"]
+    batches, batch_size = results["full_speed_batches"], results["options"]["batch_size"]
+    batch_acked = batches["ingest"]["acked_events_per_s"]
     raw_rate, acked = floors["raw_jetstream_msgs_per_s"], full["ingest"]["acked_events_per_s"]
     acked_ratio = acked / raw_rate
     rows = [
@@ -886,6 +987,16 @@ def report(results: dict[str, Any]) -> str:
             f"{acked / floors['empty_unary_calls_per_s']:.2f} x",
         ),
         *_phase_rows(full, floors, goals=False),
+        Row(f"full speed, SendEvents calls of {batch_size}", ""),
+        Row(
+            f"  acked ingest (SendEvents x {batch_size})",
+            f"{fmt_rate(batch_acked)} ev/s",
+            f"raw JetStream {fmt_rate(raw_rate)} msg/s",
+            f"{batch_acked / raw_rate:.2f} x",
+            f">= {GOAL_SEND_EVENTS_ACKED_PER_S:,} ev/s",
+            verdict(batch_acked >= GOAL_SEND_EVENTS_ACKED_PER_S),
+        ),
+        *_phase_rows(batches, floors, goals=False, latency="call latency p50 / p99"),
     ]
     if paced is None:
         rows.append(Row("merged, freshness", "not measured (--ingest-only)"))
@@ -907,10 +1018,12 @@ def report(results: dict[str, Any]) -> str:
             *_phase_rows(paced, floors, goals=True),
         ]
     machine, options = results["machine"], results["options"]
+    width = max(map(len, results["cpu_us_per_event"]))
     summary = (
         f"2 loads of {options['events_per_load']:,} events over {options['streams']} streams"
-        f" x {options['in_flight_per_stream']} in flight, {options['customers']:,} customers,"
-        f" {options['mean_event_bytes']:.0f} B/event as published"
+        f" x {options['in_flight_per_stream']} in flight, {options['batch_events']:,} in SendEvents calls"
+        f" of {batch_size}, {options['customers']:,} customers, {options['mean_event_bytes']:.0f} B/event"
+        " as published"
     )
     lines = [
         "",
@@ -928,19 +1041,25 @@ def report(results: dict[str, Any]) -> str:
         render_cpu(results["cpu_percent_of_one_core"]),
         "",
         "CPU per message, µs:",
-        *(f"  {name:<52} {value:>8,.0f}" for name, value in results["cpu_us_per_event"].items()),
+        *(f"  {name:<{width}} {value:>8,.0f}" for name, value in results["cpu_us_per_event"].items()),
         "",
         "Goals are reported, not enforced: the exit code is 0 unless the bench itself failed.",
     ]
     return "\n".join(lines)
 
 
-def _phase_rows(phase: dict[str, Any], floors: dict[str, Any], *, goals: bool) -> list[Row]:
+def _phase_rows(
+    phase: dict[str, Any],
+    floors: dict[str, Any],
+    *,
+    goals: bool,
+    latency: str = "ack latency p50 / p99 (stream)",
+) -> list[Row]:
     """Ack latency, merge and freshness of one load; with ``goals``, held against them."""
     ingest, merge, fresh = phase["ingest"], phase["merge"], phase["freshness"]
     rows = [
         Row(
-            "  ack latency p50 / p99 (stream)",
+            f"  {latency}",
             f"{fmt_ms(ingest['ack_latency_p50_s'])} / {fmt_ms(ingest['ack_latency_p99_s'])}",
             f"empty call p50 {fmt_ms(floors['empty_unary_p50_s'])}"
             f" at {floors['empty_unary_concurrency']} concurrent",
@@ -990,7 +1109,21 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument(
         "--events", type=int, default=12_000, help="events in each of the two loads (default 12000)"
     )
-    parser.add_argument("--streams", type=int, default=4, help="concurrent StreamEvents calls (default 4)")
+    parser.add_argument(
+        "--batch-events",
+        type=int,
+        default=36_000,
+        help="events of the SendEvents load (default 36000: it runs ~5x faster than the stream load)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=500, help="events per SendEvents call (default 500)"
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=4,
+        help="concurrent StreamEvents calls, and concurrent SendEvents senders (default 4)",
+    )
     parser.add_argument(
         "--in-flight",
         type=int,
@@ -1026,17 +1159,20 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if (
-        min(args.events, args.streams, args.in_flight, args.customers, args.samples, args.profile_replicas)
-        < 1
-    ):
+    counts = (args.events, args.batch_events, args.batch_size, args.streams, args.in_flight, args.customers)
+    if min(*counts, args.samples, args.profile_replicas) < 1:
         parser.error(
-            "--events, --streams, --in-flight, --customers, --samples and --profile-replicas must be positive"
+            "--events, --batch-events, --batch-size, --streams, --in-flight, --customers, --samples and"
+            " --profile-replicas must be positive"
         )
+    if args.batch_size > MAX_BATCH_SIZE:
+        parser.error(f"--batch-size must be at most {MAX_BATCH_SIZE}, ingest's limit per call")
     if args.rate is not None and args.rate <= 0:
         parser.error("--rate must be positive")
     return Options(
         events=args.events,
+        batch_events=args.batch_events,
+        batch_size=args.batch_size,
         streams=args.streams,
         in_flight=args.in_flight,
         customers=args.customers,
