@@ -53,6 +53,12 @@ class IdentifierKind(enum.StrEnum):
     DEVICE_ID = "device_id"
 
 
+# Each kind in order with its field name (on CustomerIdentifiers), as plain tuples: iterating an
+# Enum class and reading a member's ``value`` cost ~2 µs an event.
+IDENTIFIER_FIELDS: tuple[tuple[IdentifierKind, str], ...] = tuple(
+    (kind, kind.value) for kind in IdentifierKind
+)
+
 MAX_IDENTIFIER_LENGTH = 256
 # Trimmed from both ends of a value (sources pad them); any other hidden character, at an end
 # or not, is refused.
@@ -281,8 +287,8 @@ def identifiers_of(customer: HasIdentifierFields) -> dict[IdentifierKind, str]:
         InvalidIdentifier: one of them cannot be normalized.
     """
     found: dict[IdentifierKind, str] = {}
-    for kind in IdentifierKind:
-        raw: str = getattr(customer, kind.value)
+    for kind, field in IDENTIFIER_FIELDS:
+        raw: str = getattr(customer, field)
         if raw.strip():
             found[kind] = normalize_identifier(kind, raw)
     return found
@@ -293,13 +299,13 @@ def routing_key(customer: HasIdentifierFields) -> str:
     first identifier the event has, in ``IdentifierKind``'s order (the most lasting first), in
     canonical form. An event that first knows only an anonymous id and a later one with the user
     id may land in two partitions; the merge stitches them all the same (docs/architecture.md)."""
-    for kind in IdentifierKind:
-        raw: str = getattr(customer, kind.value)
+    for kind, field in IDENTIFIER_FIELDS:
+        raw: str = getattr(customer, field)
         if raw.strip():
             try:
-                return f"{kind.value}:{normalize_identifier(kind, raw)}"
+                return f"{field}:{normalize_identifier(kind, raw)}"
             except InvalidIdentifier:  # refused by validation before it is published
-                return f"{kind.value}:{raw}"
+                return f"{field}:{raw}"
     return ""
 
 

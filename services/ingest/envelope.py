@@ -4,6 +4,7 @@ count once. Pure functions."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from datetime import datetime
 
@@ -63,7 +64,7 @@ def stamp(event: ingest_pb2.Event, received_at: datetime) -> ingest_pb2.Event:
     stamped.ClearField("original_occurred_at")  # output only: never taken from the caller
     if not stamped.event_id:
         stamped.event_id = derive_event_id(event)
-    stamped.received_at.FromDatetime(received_at)
+    stamped.received_at.CopyFrom(_timestamp(received_at))
     if event.HasField("occurred_at"):
         stamped.original_occurred_at.CopyFrom(event.occurred_at)
         # Invalid times are left as sent, for validation to name.
@@ -75,6 +76,15 @@ def stamp(event: ingest_pb2.Event, received_at: datetime) -> ingest_pb2.Event:
             # which validation refuses as too old or in the future, as the corrected time is.
             stamped.occurred_at.FromNanoseconds(min(max(corrected, _MIN_NANOS), _MAX_NANOS))
     return stamped
+
+
+@functools.lru_cache(maxsize=4)
+def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
+    """``at`` as a Timestamp, converted once for a batch's events (all received at one time);
+    only ever copied from."""
+    converted = timestamp_pb2.Timestamp()
+    converted.FromDatetime(at)
+    return converted
 
 
 def _nanos(ts: timestamp_pb2.Timestamp) -> int:

@@ -33,7 +33,7 @@ from google.rpc import status_pb2
 from opentelemetry import trace
 
 from ingest.envelope import BusinessKey, business_key, event_type, stamp
-from ingest.metrics import count_outcome
+from ingest.metrics import count_outcomes
 from ingest.stats import OutcomeCounters
 from ingest.store import IngestStore, Rejection, StoreError
 from ingest.validation import ValidationRules, validate_event
@@ -373,14 +373,11 @@ class Ingestor:
             )
 
     def _report(self, work: list[_Work], received_at: datetime) -> list[ingest_pb2.EventResult]:
-        day = received_at.date()
-        results = []
-        for w in work:
-            assert w.result is not None
-            self._counters.add(day, w.event.source, w.result.outcome, w.duplicate_kind)
-            count_outcome(w.event.source, w.result, w.duplicate_kind)
-            results.append(w.result)
-        return results
+        answered = [(w.event.source, w.result, w.duplicate_kind) for w in work if w.result is not None]
+        assert len(answered) == len(work), "every event has an outcome"
+        self._counters.add_all(received_at.date(), answered)
+        count_outcomes(answered)
+        return [result for _, result, _ in answered]
 
     async def ingest_stream(
         self, events: AsyncIterable[ingest_pb2.Event], max_in_flight: int
@@ -433,7 +430,7 @@ def _normalized(event: ingest_pb2.Event) -> ingest_pb2.Event:
     for customer in customers:
         try:
             for kind, value in identifiers_of(customer).items():
-                setattr(customer, kind.value, value)
+                setattr(customer, kind, value)  # a StrEnum member is its field's name
         except ValueError:
             pass
     return event

@@ -3,6 +3,7 @@ the dead letters kept."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
 
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -44,18 +45,29 @@ def reason_of(status: status_pb2.Status) -> str:
     return code_pb2.Code.Name(status.code) if status.code else ""
 
 
-def count_outcome(source: int, result: ingest_pb2.EventResult, duplicate_kind: int) -> None:
-    """Count one event's answer."""
-    source_name = _short(ingest_pb2.EventSource.Name(source), "EVENT_SOURCE_")  # type: ignore[arg-type]
-    outcome = _short(ingest_pb2.EventOutcome.Name(result.outcome), "EVENT_OUTCOME_")
-    reason = reason_of(result.status) if result.HasField("status") else ""
-    EVENTS.labels(source_name, outcome, reason).inc()
-    if result.outcome == ingest_pb2.EVENT_OUTCOME_DUPLICATE:
+def count_outcomes(answered: Iterable[tuple[int, ingest_pb2.EventResult, int]]) -> None:
+    """Count answers, each (source, result, duplicate kind): one counter update per distinct
+    label set, not one per event (a batch of 500 is mostly one outcome)."""
+    events: collections.Counter[tuple[int, int, str]] = collections.Counter()
+    duplicates: collections.Counter[tuple[int, int]] = collections.Counter()
+    for source, result, duplicate_kind in answered:
+        reason = reason_of(result.status) if result.HasField("status") else ""
+        events[source, result.outcome, reason] += 1
+        if result.outcome == ingest_pb2.EVENT_OUTCOME_DUPLICATE:
+            duplicates[source, duplicate_kind] += 1
+    for (source, outcome, reason), count in events.items():
+        outcome_name = _short(ingest_pb2.EventOutcome.Name(outcome), "EVENT_OUTCOME_")  # type: ignore[arg-type]
+        EVENTS.labels(_source_name(source), outcome_name, reason).inc(count)
+    for (source, duplicate_kind), count in duplicates.items():
         kind = _short(ingest_pb2.DuplicateKind.Name(duplicate_kind), "DUPLICATE_KIND_")  # type: ignore[arg-type]
-        DUPLICATES.labels(source_name, kind).inc()
+        DUPLICATES.labels(_source_name(source), kind).inc(count)
+
+
+def _source_name(source: int) -> str:
+    return _short(ingest_pb2.EventSource.Name(source), "EVENT_SOURCE_")  # type: ignore[arg-type]
 
 
 def count_dead_letters(sources: Iterable[int], kind: str) -> None:
     """Count dead letters kept, one per source given; ``kind``: ``event`` or ``webhook_item``."""
     for source in sources:
-        DEAD_LETTERS.labels(_short(ingest_pb2.EventSource.Name(source), "EVENT_SOURCE_"), kind).inc()  # type: ignore[arg-type]
+        DEAD_LETTERS.labels(_source_name(source), kind).inc()

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from datetime import date
 
 from ingest.store import CountKey, IngestStore, StoreError
@@ -24,8 +25,9 @@ class OutcomeCounters:
         # the first unwritten batch and both take it off the list.
         self._flushing = asyncio.Lock()
 
-    def add(self, day: date, source: int, outcome: int, duplicate_kind: int = 0) -> None:
-        self._pending[(day, source, outcome, duplicate_kind)] += 1
+    def add_all(self, day: date, answered: Iterable[tuple[int, ingest_pb2.EventResult, int]]) -> None:
+        """Count answers, each (source, result, duplicate kind)."""
+        self._pending.update((day, source, result.outcome, kind) for source, result, kind in answered)
 
     async def flush(self, store: IngestStore) -> None:
         """Write what was counted since the last flush, and the writes that failed before;

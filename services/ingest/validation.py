@@ -29,7 +29,7 @@ from google.type import money_pb2
 
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.errors import FieldViolation
-from sendtime_common.identifiers import IdentifierKind, InvalidIdentifier, normalize_identifier
+from sendtime_common.identifiers import IDENTIFIER_FIELDS, InvalidIdentifier, normalize_identifier
 from sendtime_common.storable import unstorable_values, valid_timestamp
 
 EVENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -51,6 +51,7 @@ MAX_QUANTITY = 1_000_000
 # value, so "Europe" raised IsADirectoryError and a long name "File name too long".
 _TIME_ZONES = frozenset(zoneinfo.available_timezones())
 _NANOS_PER_UNIT = 1_000_000_000
+_SOURCES = frozenset(ingest_pb2.EventSource.values())
 
 _Fail = Callable[[str, str], None]  # records one violation: (field path, description)
 
@@ -92,7 +93,7 @@ def validate_event(event: ingest_pb2.Event, now: datetime, rules: ValidationRule
 
     if event.source == ingest_pb2.EVENT_SOURCE_UNSPECIFIED:
         fail("source", "required")
-    elif event.source not in ingest_pb2.EventSource.values():
+    elif event.source not in _SOURCES:
         fail("source", f"unknown value {event.source}")
 
     if event.HasField("context"):
@@ -111,15 +112,17 @@ def validate_event(event: ingest_pb2.Event, now: datetime, rules: ValidationRule
 
 
 def _check_identifiers(customer: ingest_pb2.CustomerIdentifiers, field: str, fail: _Fail) -> None:
-    present = [kind for kind in IdentifierKind if getattr(customer, kind.value).strip()]
+    present = [
+        (kind, name, value) for kind, name in IDENTIFIER_FIELDS if (value := getattr(customer, name)).strip()
+    ]
     if not present:
         fail(field, "at least one of user_id, email, anonymous_id, crm_id, device_id is required")
         return
-    for kind in present:
+    for kind, name, value in present:
         try:
-            normalize_identifier(kind, getattr(customer, kind.value))
+            normalize_identifier(kind, value)
         except InvalidIdentifier as exc:
-            fail(f"{field}.{kind.value}", str(exc))
+            fail(f"{field}.{name}", str(exc))
 
 
 def _check_times(event: ingest_pb2.Event, now: datetime, rules: ValidationRules, fail: _Fail) -> None:

@@ -52,8 +52,8 @@ async def _accepted(store: IngestStore) -> int:
 
 
 def _count(counters: OutcomeCounters, n: int) -> None:
-    for _ in range(n):
-        counters.add(DAY, WEB, ACCEPTED)
+    accepted = ingest_pb2.EventResult(outcome=ACCEPTED)
+    counters.add_all(DAY, [(WEB, accepted, 0)] * n)
 
 
 @pytest.mark.parametrize("committed", [True, False], ids=["committed before the error", "not committed"])
