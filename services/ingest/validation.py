@@ -12,12 +12,13 @@ event holds: each check reads only what the checks before it found readable.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,6 +53,9 @@ MAX_QUANTITY = 1_000_000
 _TIME_ZONES = frozenset(zoneinfo.available_timezones())
 _NANOS_PER_UNIT = 1_000_000_000
 _SOURCES = frozenset(ingest_pb2.EventSource.values())
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_MICROS_PER_SECOND = 1_000_000
 
 _Fail = Callable[[str, str], None]  # records one violation: (field path, description)
 
@@ -129,17 +133,32 @@ def _check_times(event: ingest_pb2.Event, now: datetime, rules: ValidationRules,
     if not event.HasField("occurred_at"):
         fail("occurred_at", "required")
         return
-    times = [event.occurred_at, event.sent_at, event.original_occurred_at]
-    if not all(valid_timestamp(t) for t in times):
+    occurred_at = event.occurred_at
+    if not (
+        valid_timestamp(occurred_at)
+        and valid_timestamp(event.sent_at)
+        and valid_timestamp(event.original_occurred_at)
+    ):
         return  # named by unstorable_values; not readable as times
-    occurred_at = event.occurred_at.ToDatetime(tzinfo=now.tzinfo)
-    if occurred_at > now + rules.max_future_skew:
+    earliest_us, latest_us = _occurred_bounds_us(now, rules)
+    # In whole microseconds, as a datetime holds it (nanos truncated).
+    occurred_us = occurred_at.seconds * _MICROS_PER_SECOND + occurred_at.nanos // 1000
+    if occurred_us > latest_us:
         fail("occurred_at", f"is more than {int(rules.max_future_skew.total_seconds())}s in the future")
-    elif occurred_at < now - rules.max_age:
+    elif occurred_us < earliest_us:
         fail("occurred_at", f"is older than the retention window of {rules.max_age.days} days")
     if event.HasField("sent_at") and event.HasField("original_occurred_at"):
         if event.sent_at.ToNanoseconds() < event.original_occurred_at.ToNanoseconds():
             fail("sent_at", "must not be before occurred_at (both by the sender's clock)")
+
+
+@functools.lru_cache(maxsize=8)
+def _occurred_bounds_us(now: datetime, rules: ValidationRules) -> tuple[int, int]:
+    """The earliest and latest ``occurred_at`` accepted at ``now``, in microseconds since the
+    epoch: worked out once for a batch's events (all judged at one ``now``), not per event."""
+    epoch = _EPOCH if now.tzinfo is not None else _EPOCH.replace(tzinfo=None)
+    now_us = (now - epoch) // _MICROSECOND
+    return now_us - rules.max_age // _MICROSECOND, now_us + rules.max_future_skew // _MICROSECOND
 
 
 def _check_context(context: ingest_pb2.EventContext, fail: _Fail) -> None:
