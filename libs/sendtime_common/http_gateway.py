@@ -59,6 +59,7 @@ from sendtime_common.http_server import read_json_body
 from sendtime_common.internal_errors import internal_status
 from sendtime_common.json_input import SUPPORTED_ENCODINGS, JsonInputError, JsonReason, parse_json
 from sendtime_common.metrics import ROUTE_KEY, UNMATCHED_ROUTE
+from sendtime_common.storable import json_carriable
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -474,7 +475,12 @@ def _encoder(policy: CachePolicy | None) -> Callable[[Message], EncodedAnswer]:
     """How an answer becomes its body (canonical JSON) and, under ``policy``, its ETag."""
 
     def encode(answer: Message) -> EncodedAnswer:
-        body = orjson.dumps(json_format.MessageToDict(answer))
+        try:
+            as_json = json_format.MessageToDict(answer)
+        except json_format.SerializeToJsonError:
+            # A value JSON has no form for (a dead letter's event as sent, say): shown without it.
+            as_json = json_format.MessageToDict(json_carriable(answer))
+        body = orjson.dumps(as_json)
         if policy is None:
             return EncodedAnswer(body, None)
         return EncodedAnswer(body, ("W/" if policy.weak else "") + etag_of(policy.etag_basis(answer)))

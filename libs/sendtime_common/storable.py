@@ -238,3 +238,42 @@ def _value(value: struct_pb2.Value, path: str, fail: _Fail) -> None:
 def _list(values: struct_pb2.ListValue, path: str, fail: _Fail) -> None:
     for i, item in enumerate(values.values):
         _value(item, f"{path}[{i}]", fail)
+
+
+def json_carriable(message: Message) -> Message:
+    """A copy of ``message`` that proto3 JSON can carry: without the timestamps outside
+    Timestamp's range (left unset) and with null for each NaN or infinity in a Struct value
+    (JSON numbers have neither). A dead letter keeps an event as it was sent, such values
+    included, and the HTTP face still shows it; the copy's other values are untouched."""
+    carriable = type(message)()
+    carriable.CopyFrom(message)
+    _make_carriable(carriable)
+    return carriable
+
+
+def _make_carriable(message: Message) -> None:
+    if message.DESCRIPTOR.full_name == _VALUE:
+        value: struct_pb2.Value = message  # type: ignore[assignment]
+        if value.WhichOneof("kind") == "number_value" and not math.isfinite(value.number_value):
+            value.null_value = struct_pb2.NULL_VALUE
+            return
+    for field, held in message.ListFields():
+        if field.type != _MESSAGE:
+            continue
+        assert field.message_type is not None  # a message field has its message type
+        if field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            items = list(held.values()) if value_field.type == _MESSAGE else []
+        elif field.is_repeated:
+            items = list(held)
+        elif field.message_type.full_name == _TIMESTAMP and not valid_timestamp(held):
+            message.ClearField(field.name)
+            continue
+        else:
+            items = [held]
+        for item in items:
+            if item.DESCRIPTOR.full_name == _TIMESTAMP:
+                if not valid_timestamp(item):
+                    item.Clear()  # in a list or map there is no unset: the epoch stands in
+            else:
+                _make_carriable(item)

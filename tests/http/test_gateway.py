@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from ingest.server import IngestApp
 from profile_service.server import ProfileApp
 from render.server import RenderApp
 from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
-from sendtime.ingest.v1 import ingest_pb2
+from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.render.v1 import render_pb2, render_pb2_grpc
 from sendtime_common.auth.api_keys import Scope
 from sendtime_common.grpc_server import OPENAPI_DOCUMENT
@@ -133,6 +134,35 @@ async def test_errors_are_status_json_under_the_standard_http_status(
         assert answer.status == 400 and (await answer.json())["details"][0]["reason"] == "JSON_MALFORMED"
     async with http.post(f"{url}/v1/profiles:batchGet", data=b"{}", headers=bearer(admin_key)) as answer:
         assert answer.status == 415
+
+
+async def test_a_dead_letter_holding_values_json_cannot_carry_is_listed_without_them(
+    http: aiohttp.ClientSession, ingest_app: IngestApp, admin_key: str, unique: str
+) -> None:
+    """gRPC takes events JSON cannot express (a timestamp out of range, a NaN trait); they are
+    rejected and kept as sent. Over HTTP the listing shows each without those values, instead
+    of failing with 500 for every page that holds one (schemathesis found it)."""
+    bad = event(event_id=f"bad-{unique}", user_id=f"u-{unique}", identify=identify(plan="pro"))
+    bad.sent_at.seconds = -(10**15)
+    bad.identify.traits["score"] = math.nan
+    async with channel(f"127.0.0.1:{ingest_app.grpc.port}", admin_key) as opened:
+        answer = await ingest_pb2_grpc.IngestServiceStub(opened).SendEvents(
+            ingest_pb2.SendEventsRequest(events=[bad])
+        )
+    assert [r.outcome for r in answer.results] == [ingest_pb2.EVENT_OUTCOME_REJECTED]
+
+    async with http.get(
+        f"{base_url(ingest_app)}/v1/rejectedEvents?pageSize=1000", headers=bearer(admin_key)
+    ) as listed:
+        assert listed.status == 200, await listed.text()
+        body = await listed.json()
+    (shown,) = [r for r in body["rejectedEvents"] if r["event"]["eventId"] == bad.event_id]
+    assert "sentAt" not in shown["event"] and shown["event"]["occurredAt"]
+    assert shown["event"]["identify"]["traits"] == {"plan": "pro", "score": None}
+    assert {v["field"] for v in shown["status"]["details"][0]["fieldViolations"]} >= {
+        "sent_at",
+        "identify.traits.score",
+    }
 
 
 async def test_a_profile_answer_carries_an_etag_and_a_repeat_is_answered_304_until_it_changes(

@@ -3,17 +3,19 @@ the shortcut through the wire form finds the same as the whole walk."""
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
 import pytest
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from sendtime.ingest.v1 import ingest_pb2
 from sendtime_common.storable import (
     NOT_FINITE_DESCRIPTION,
     NUL_DESCRIPTION,
     TIMESTAMP_DESCRIPTION,
+    json_carriable,
     unstorable_values,
     valid_timestamp,
 )
@@ -123,3 +125,24 @@ def test_money_and_other_numbers_are_not_its_business() -> None:
         user_id="u", product_viewed=ingest_pb2.ProductViewed(sku="s", price=money("9000000000000000000"))
     )
     assert found(e) == {}
+
+
+def test_a_copy_json_can_carry_leaves_out_bad_timestamps_and_nulls_non_finite_values() -> None:
+    e = event(user_id="u-1", occurred_at=NOW, identify=identify(plan="pro"))
+    e.identify.traits.update(
+        {"score": math.nan, "nested": {"limit": math.inf, "ok": 1.5}, "list": [-math.inf]}
+    )
+    e.sent_at.seconds = -(10**15)
+    assert "sent_at" in found(e)
+
+    carriable = json_carriable(e)
+
+    as_json = json_format.MessageToDict(carriable)  # the original raises SerializeToJsonError
+    assert "sentAt" not in as_json and as_json["occurredAt"] == json_format.MessageToDict(e.occurred_at)
+    traits = as_json["identify"]["traits"]
+    assert traits == {"plan": "pro", "score": None, "nested": {"limit": None, "ok": 1.5}, "list": [None]}
+    assert math.isnan(e.identify.traits["score"]) and e.sent_at.seconds == -(10**15)  # a copy
+    with pytest.raises(json_format.SerializeToJsonError):
+        json_format.MessageToDict(e)
+    valid = event(user_id="u-1", occurred_at=NOW, identify=identify(plan="pro"))
+    assert json_carriable(valid) == valid
