@@ -238,12 +238,15 @@ class Ingestor:
         """Publish ``work`` as one batch, letting the next batch go once these are sent; each
         event's outcome is what the log answered."""
         spans = self._event_spans(work)
+        # Unsampled, every event carries the call's trace context: worked out once, shared (the
+        # event log copies a message's headers before adding its own).
+        call_headers = inject_trace_headers({})
         messages = [
             OutgoingMessage(
                 key=w.event.WhichOneof("payload") or "",  # validated: there is one
                 message_id=w.event.event_id,
                 payload=w.event.SerializeToString(deterministic=True),
-                headers=inject_trace_headers({}, span),
+                headers=call_headers if span is None else inject_trace_headers({}, span),
                 partition_key=routing_key(w.event.customer),
             )
             for w, span in zip(work, spans, strict=True)
