@@ -18,6 +18,8 @@ one on the wire is invalid UTF-8, which fails to parse before any handler sees i
 ``unstorable_values`` walks a whole message, Struct values included, and names each such value
 by its field path. Pure functions; ingest calls it for every event (services/ingest/validation.py)
 and the merger for an event it could not merge (to name the value in the dead letter).
+``json_carriable`` copies a message without the two kinds JSON has no form for either (a dead
+letter keeps its event as sent, and the HTTP face still lists it).
 """
 
 from __future__ import annotations
