@@ -23,7 +23,6 @@ import pytest
 import devstack
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.event_log import MSG_ID_HEADER, JetStreamEventLog, JetStreamSettings
-from tests.conftest import eventually
 from tests.factories import event, identify
 from tests.ingest.test_ingest_depth import ACCEPTED, DUPLICATE, RETRY, ingest_service, send
 
@@ -216,7 +215,7 @@ async def test_a_stream_whose_replicas_cannot_be_placed_yet_is_made_once_enough_
         for name in (first, second):
             await asyncio.to_thread(cluster.start_node, name, wait=False)
         servers = ",".join(node.url for node in cluster.nodes if node.name != third)
-        await _until_jetstream_answers(servers)
+        await asyncio.to_thread(cluster.wait_until_ready)  # the two elected a metadata leader
         connecting = asyncio.create_task(
             JetStreamEventLog.connect(JetStreamSettings(url=servers, replicas=3))
         )
@@ -233,23 +232,6 @@ async def test_a_stream_whose_replicas_cannot_be_placed_yet_is_made_once_enough_
             await client.close()
     finally:
         await asyncio.to_thread(cluster.stop)
-
-
-async def _until_jetstream_answers(servers: str) -> None:
-    """Once the servers at ``servers`` have elected their metadata leader."""
-    client = await nats.connect(servers.split(","))
-
-    async def answers() -> bool:
-        try:
-            await client.jetstream(timeout=1).account_info()
-        except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
-            return False
-        return True
-
-    try:
-        await eventually(answers, ELECTION_BOUND_S)
-    finally:
-        await client.close()
 
 
 def test_nats_url_takes_a_cluster_as_a_list_of_servers() -> None:
