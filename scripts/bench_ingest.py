@@ -40,7 +40,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -286,6 +286,13 @@ class StreamResult:
     latencies: list[float] = field(default_factory=list)
     first_problem: str = ""
 
+    def count(self, event_result: ingest_pb2.EventResult) -> None:
+        """One event's outcome; the first one not ACCEPTED is kept as the problem to report."""
+        self.outcomes[event_result.outcome] += 1
+        if event_result.outcome != ACCEPTED and not self.first_problem:
+            name = ingest_pb2.EventOutcome.Name(event_result.outcome)
+            self.first_problem = f"{name}: {event_result.status.message}"
+
 
 async def drive_stream(
     channel: grpc.aio.Channel,
@@ -322,13 +329,10 @@ async def drive_stream(
             now = time.perf_counter()
             slots.release()
             event_result = ingest_pb2.StreamEventsResponse.FromString(raw).result
-            result.outcomes[event_result.outcome] += 1
+            result.count(event_result)
             started = sent_at.pop(event_result.event_id, None)
             if started is not None:
                 result.latencies.append(now - started)
-            if event_result.outcome != ACCEPTED and not result.first_problem:
-                name = ingest_pb2.EventOutcome.Name(event_result.outcome)
-                result.first_problem = f"{name}: {event_result.status.message}"
         await writer
     finally:
         writer.cancel()
@@ -487,10 +491,7 @@ async def send_all(
     interceptor, whose per-message queue would weigh on the load generator); their results and
     the seconds until the last answer."""
     per_stream_rate = None if rate is None else rate / len(load.per_stream)
-    channels = [grpc.aio.insecure_channel(target) for _ in load.per_stream]
-    try:
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), 10)
+    async with _ready_channels(target, len(load.per_stream)) as channels:
         started = time.perf_counter()
         results = await asyncio.gather(
             *(
@@ -499,9 +500,6 @@ async def send_all(
             )
         )
         return list(results), time.perf_counter() - started
-    finally:
-        for channel in channels:
-            await channel.close(None)
 
 
 async def send_batches(
@@ -510,7 +508,6 @@ async def send_batches(
     """Send each stream's SendEvents calls of ``load`` one after another, the streams together,
     each on its own channel (as separate producers would); per stream the outcomes and each
     call's latency, and the seconds until the last answer."""
-    channels = [grpc.aio.insecure_channel(target) for _ in load.per_stream]
 
     async def send(channel: grpc.aio.Channel, requests: Sequence[bytes]) -> StreamResult:
         method = channel.unary_unary(SEND_EVENTS, request_serializer=None, response_deserializer=None)
@@ -522,20 +519,25 @@ async def send_batches(
             )
             result.latencies.append(time.perf_counter() - sent_at)
             for event_result in response.results:
-                result.outcomes[event_result.outcome] += 1
-                if event_result.outcome != ACCEPTED and not result.first_problem:
-                    name = ingest_pb2.EventOutcome.Name(event_result.outcome)
-                    result.first_problem = f"{name}: {event_result.status.message}"
+                result.count(event_result)
         return result
 
-    try:
-        for channel in channels:
-            await asyncio.wait_for(channel.channel_ready(), 10)
+    async with _ready_channels(target, len(load.per_stream)) as channels:
         started = time.perf_counter()
         results = await asyncio.gather(
             *(send(channel, requests) for channel, requests in zip(channels, load.per_stream, strict=True))
         )
         return list(results), time.perf_counter() - started
+
+
+@contextlib.asynccontextmanager
+async def _ready_channels(target: str, count: int) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """``count`` channels to ``target``, each its own HTTP/2 connection, connected; closed after."""
+    channels = [grpc.aio.insecure_channel(target) for _ in range(count)]
+    try:
+        for channel in channels:
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        yield channels
     finally:
         for channel in channels:
             await channel.close(None)
