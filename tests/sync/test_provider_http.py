@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 from email.utils import formatdate
 from typing import Any
 
+import httpx2
 import pytest
 
 from sync.provider_http import (
@@ -162,17 +163,32 @@ async def test_no_answer_is_retried_then_unavailable() -> None:
     await api.aclose()
 
 
-async def test_the_published_rate_is_never_exceeded(provider: ProviderServer) -> None:
+async def test_the_published_rate_is_never_exceeded(
+    provider: ProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When each request leaves: the limiter's decision. The local provider's arrival times also
+    # carry this process's scheduling (it shares the event loop), which on a loaded machine
+    # exceeded the 5% margin meant for network jitter; that margin is measured by make bench-sync.
+    sent: list[float] = []
+    send = httpx2.AsyncClient.send
+
+    async def recording_send(
+        client: httpx2.AsyncClient, request: httpx2.Request, **kw: Any
+    ) -> httpx2.Response:
+        sent.append(time.monotonic())
+        return await send(client, request, **kw)
+
+    monkeypatch.setattr(httpx2.AsyncClient, "send", recording_send)
     limits = ProviderLimits(requests=4, per_s=0.5)
     api = await _api(provider, limits=limits)
     for _ in range(10):
         await api.request("GET", "/things")
     await api.aclose()
-    times = [s.at for s in provider.seen]
-    # any 5 requests in a row span at least the window (stretched by the 95% share): the fifth
-    # waited for the first to leave it
-    assert min(later - earlier for earlier, later in zip(times, times[4:], strict=False)) >= 0.5 / 0.95 - 0.02
-    assert len(times) == 10
+    # any 5 requests in a row span at least the window (stretched by the 95% share, whole ms): the
+    # fifth waited for the first to leave it
+    window_s = int(1000 * 0.5 / 0.95) / 1000
+    assert min(later - earlier for earlier, later in zip(sent, sent[4:], strict=False)) >= window_s - 0.001
+    assert len(sent) == 10 and len(provider.seen) == 10
 
 
 async def test_an_answer_over_the_bound_is_refused(provider: ProviderServer) -> None:
