@@ -228,8 +228,9 @@ async def running_engine(
         await pool.close()
 
 
-async def eventually_true(check: Callable[[], object], timeout_s: float = 5.0) -> None:
-    """Wait for ``await check()`` (or ``check()``) to be truthy."""
+async def eventually_true(check: Callable[[], object], timeout_s: float = 15.0) -> None:
+    """Wait for ``await check()`` (or ``check()``) to be truthy; fail after ``timeout_s`` (long: the
+    real pipeline is slow on a loaded machine, and the wait ends as soon as it holds)."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         result = check()

@@ -136,8 +136,9 @@ class HostsResolver(AbstractResolver):
         pass
 
 
-async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Wait for ``check`` to hold; fail after ``timeout_s``."""
+async def until(check: Callable[[], bool], timeout_s: float = 15.0) -> None:
+    """Wait for ``check`` to hold; fail after ``timeout_s`` (long: a loaded machine is slow, and
+    the wait ends as soon as it holds; no test counts on it giving up to prove an absence)."""
     deadline = time.monotonic() + timeout_s
     while not check():
         assert time.monotonic() < deadline, "not within the time"

@@ -36,6 +36,12 @@ from triggers.store import StoreError
 # A heartbeat ttl a test can wait out; a beat late by half of it (a loaded machine) ends a streak.
 SHORT = timedelta(seconds=1)
 BEAT = timedelta(seconds=0.1)
+# The ttl of a replica that is to take over: its streak ends only at a beat more than 2 s after
+# the one before, which a loaded machine does not reach (SHORT's 0.5 s it does), so its first
+# streak, or the next, lets it take over.
+STEADY = timedelta(seconds=4)
+# Long enough for a few such streaks (the wait ends as soon as the condition holds).
+TAKE_OVER_WAIT_S = 30
 
 
 @asynccontextmanager
@@ -76,8 +82,8 @@ async def test_what_a_replica_that_stopped_beating_held_is_handed_back_at_once(
     customer = claim.customer_id
     async with heartbeat(stores):
         pass  # replica a beat, then died: its row stays, its claim and lease run on (60 s, 2 min)
-    async with replica(store_url, box, "replica-b") as b, heartbeat(b) as b_beating:
-        await until(lambda: b_beating.taken_over == 1)
+    async with replica(store_url, box, "replica-b") as b, heartbeat(b, STEADY) as b_beating:
+        await until(lambda: b_beating.taken_over == 1, TAKE_OVER_WAIT_S)
 
         # Due now for anyone, not when the lease ends; the version moved on past a's claim.
         row = await episode_row(b.pool, customer, trigger_id)
@@ -99,8 +105,8 @@ async def test_a_late_commit_of_the_replica_taken_over_changes_nothing(
     [claimed] = await stores.episodes.claim_due(DUE, 10, owner=stores.owner)
     async with heartbeat(stores):
         pass
-    async with replica(store_url, box, "replica-b") as b, heartbeat(b) as b_beating:
-        await until(lambda: b_beating.taken_over == 1)
+    async with replica(store_url, box, "replica-b") as b, heartbeat(b, STEADY) as b_beating:
+        await until(lambda: b_beating.taken_over == 1, TAKE_OVER_WAIT_S)
     late = await settle(stores, claimed, DUE)  # it decides to fire, and commits
     assert isinstance(late, FireResult) and late.outcome == CommitOutcome.EPISODE_CHANGED
     assert not await stores.episodes.release(claimed, due_at=DUE)
@@ -114,9 +120,9 @@ async def test_a_live_replica_keeps_what_it_holds(stores: Stores, store_url: str
     async with (
         replica(store_url, box, "replica-b") as b,
         heartbeat(stores, ttl=timedelta(minutes=1)),  # never late, however loaded the machine
-        heartbeat(b) as b_beating,
+        heartbeat(b, STEADY) as b_beating,
     ):
-        await until(lambda: b_beating.may_take_over)
+        await until(lambda: b_beating.may_take_over, TAKE_OVER_WAIT_S)
         # b has looked at least once more since it may take over: a was alive every time.
         looked = await b_beating.take_over(DUE)
         assert looked.replicas == () and b_beating.taken_over == 0
