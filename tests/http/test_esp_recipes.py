@@ -20,7 +20,7 @@ import re
 import shlex
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -37,11 +37,13 @@ from yarl import URL
 
 from ingest.server import IngestApp
 from profile_service.server import ProfileApp
+from render import profiles as render_profiles
 from render.server import RenderApp
+from render.server import create_app as create_render_app
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.auth.api_keys import KEY_PATTERN
-from tests.conftest import repo_root, wait_for_profile
+from tests.conftest import render_settings, repo_root, wait_for_profile
 from tests.deploy.manifests import named
 from tests.factories import cart_item_added, event, identify
 
@@ -53,6 +55,10 @@ DOC_TEMPLATE_ID = "abandoned-cart"
 BRAZE_TIMEOUT_S = 2.0
 ITERABLE_TIMEOUT_S = 10.0
 CUSTOMERIO_TIMEOUT_S = 4.0  # not documented for the webhook action: see the page's "Not confirmed"
+
+# This module's render service's deadline for a caller that sends none (HTTP), and its cap on a
+# profile lookup: longer than any platform's timeout, so that a platform's timeout decides.
+PATIENT_DEADLINE_S = 30.0
 
 # Braze's documented bounds of :cache_max_age, in seconds.
 BRAZE_CACHE_MIN_S, BRAZE_CACHE_MAX_S = 300, 14_400
@@ -389,17 +395,43 @@ async def key_from_the_page(database_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
+async def patient_render_app(
+    profile_app: ProfileApp, redis_url: str, database_url: str, nats_url: str, profile_reader_key: str
+) -> AsyncIterator[RenderApp]:
+    """A render service of this module's own, patient with the profile service: the recipes render
+    from the live profile, which a loaded machine can take longer than the 1 s default deadline
+    (and the 1 s cap on a lookup) to fetch. The platforms' own timeouts still bound each request."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", PATIENT_DEADLINE_S)
+        app = await create_render_app(
+            render_settings(
+                f"127.0.0.1:{profile_app.grpc.port}",
+                database_url,
+                nats_url,
+                redis_url=redis_url,
+                profile_api_key=profile_reader_key,
+                default_deadline_s=PATIENT_DEADLINE_S,
+            )
+        )
+        await app.start()
+        try:
+            yield app
+        finally:
+            await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="module")
 async def shop(
     ingest_app: IngestApp,
     profile_app: ProfileApp,
-    render_app: RenderApp,
+    patient_render_app: RenderApp,
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
     admin_key: str,
     database_url: str,
 ) -> Shop:
     ports: dict[str, int] = {}
-    for name, app in (("ingest", ingest_app), ("profile", profile_app), ("render", render_app)):
+    for name, app in (("ingest", ingest_app), ("profile", profile_app), ("render", patient_render_app)):
         assert app.grpc.http is not None
         ports[name] = app.grpc.http.port
     ingress = Ingress.load(ports)

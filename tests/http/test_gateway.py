@@ -257,10 +257,12 @@ async def test_over_its_rate_an_http_caller_gets_429_with_retry_after(
                 display_name="http: slow reader",
                 scopes=[auth_pb2.SCOPE_PROFILES_READ],
                 rate_limits=[
-                    auth_pb2.RateLimit(scope=auth_pb2.SCOPE_PROFILES_READ, calls_per_second=1, burst=2)
+                    auth_pb2.RateLimit(scope=auth_pb2.SCOPE_PROFILES_READ, calls_per_second=0.01, burst=2)
                 ],
             )
         )
+    # One call in 100 s after the burst of 2: the third call is refused however slowly the first two
+    # ran (at 1/s, two calls taking over a second between them let the third one through).
     statuses = []
     for _ in range(3):
         async with http.get(

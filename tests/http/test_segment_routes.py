@@ -320,10 +320,12 @@ async def test_segment_calls_count_against_the_key_s_events_write_rate(
                 display_name="segment: slow source",
                 scopes=[auth_pb2.SCOPE_EVENTS_WRITE],
                 rate_limits=[
-                    auth_pb2.RateLimit(scope=auth_pb2.SCOPE_EVENTS_WRITE, calls_per_second=1, burst=2)
+                    auth_pb2.RateLimit(scope=auth_pb2.SCOPE_EVENTS_WRITE, calls_per_second=0.01, burst=2)
                 ],
             )
         )
+    # One call in 100 s after the burst of 2: the third call is refused however slowly the first two
+    # ran (at 1/s, two calls taking over a second between them let the third one through).
     statuses = []
     for i in range(3):
         status, body, headers = await post(
@@ -349,7 +351,9 @@ async def test_while_the_event_log_is_down_a_batch_is_503_and_its_resend_stores_
             IngestSettings(
                 **LOCAL_SERVER,
                 database_url=database_url,
-                event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
+                # Long enough for a fresh server's first ack (stream files created and fsynced) on a
+                # loaded machine; short enough for each call while NATS is down to end well within 10 s.
+                event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=2.0),
             )
         )
         await app.start()

@@ -105,7 +105,9 @@ async def test_when_nats_is_down_events_get_retry_with_retry_info_never_accepted
     settings = Settings(
         **LOCAL_SERVER,
         database_url=database_url,
-        event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=0.5),
+        # Long enough for a fresh server's first ack (stream files created and fsynced) on a
+        # loaded machine; short enough for each call while NATS is down to end well within 10 s.
+        event_log=JetStreamSettings(url=f"nats://127.0.0.1:{port}", publish_timeout_s=2.0),
     )
     app = await create_app(settings)
     await app.start()

@@ -34,6 +34,7 @@ class Seen:
     method: str
     path: str
     authorization: str
+    wall: float  # time.time(): to compare with a date the provider named (Retry-After)
 
 
 class ProviderServer:
@@ -144,7 +145,9 @@ class ProviderServer:
     def _api(self, handler: Handler) -> Handler:
         async def api(request: web.Request) -> web.StreamResponse:
             authorization = request.headers.get("Authorization", "")
-            self.seen.append(Seen(time.monotonic(), request.method, request.path_qs, authorization))
+            self.seen.append(
+                Seen(time.monotonic(), request.method, request.path_qs, authorization, time.time())
+            )
             if not self._authorized(authorization):
                 return web.json_response({"category": "INVALID_AUTHENTICATION"}, status=401)
             if self.script:

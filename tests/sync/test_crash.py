@@ -298,7 +298,7 @@ async def test_a_connector_killed_mid_run_resumes_from_its_cursor_with_no_gap_an
         assert not row["last_error"], row["last_error"]
         return (row["cursor_ms"] or 0) >= contacts[CONTACTS // 3].modified_ms or None
 
-    await eventually(cursor_past_a_third, timeout_s=20)
+    await eventually(cursor_past_a_third, timeout_s=60)  # a cold start of python -m sync included
     # A new search has come, not yet answered (SEARCH_DELAY_S): its page will go to ingest
     # through the proxy delayed, and its answer come back delayed. (The process fetches a page
     # while it sends the one before, which may go either way.) Once ingest has counted that
@@ -335,7 +335,7 @@ async def test_a_connector_killed_mid_run_resumes_from_its_cursor_with_no_gap_an
         assert row is not None and not row["last_error"], row
         return row if row["last_success_at"] is not None else None
 
-    done = await eventually(run_ended, timeout_s=20)
+    done = await eventually(run_ended, timeout_s=60)  # a cold start of python -m sync, then the pages
     assert (done["cursor_ms"], done["last_error"], done["rejected_total"]) == (newest_ms, "", 0)
     # Resumed, not started over: two searches began (the others paged on with ``after``), the
     # first process's from the beginning and the second's from the kept cursor (inclusive, no

@@ -4,15 +4,17 @@ refusals never retried, the published rate, the circuit breaker, the answer boun
 
 from __future__ import annotations
 
-import asyncio
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from email.utils import formatdate
+from types import SimpleNamespace
 from typing import Any
 
 import httpx2
 import pytest
+from authlib.oauth2.rfc6749 import wrappers as authlib_wrappers
 
 from sync.provider_http import (
     ApiKey,
@@ -93,12 +95,16 @@ async def test_429_waits_the_seconds_retry_after_asks_for(provider: ProviderServ
 
 
 async def test_503_waits_until_the_http_date_retry_after_names(provider: ProviderServer) -> None:
-    provider.script.append(Scripted(503, headers={"Retry-After": formatdate(time.time() + 2, usegmt=True)}))
+    # An HTTP date has whole seconds: a whole second 2 to 3 s from now, against the wall clock (the
+    # client waits the date less its own time.time()), so scheduling delays only make it later.
+    date = math.floor(time.time()) + 3
+    provider.script.append(Scripted(503, headers={"Retry-After": formatdate(date, usegmt=True)}))
     api = await _api(provider)
     await api.request("GET", "/things")
     await api.aclose()
     first, second = provider.seen
-    assert second.at - first.at >= 0.9  # an HTTP date has whole seconds: 1 to 2 s from now
+    assert first.wall < date  # so the retry had a wait to honour (its own backoff: 10-50 ms)
+    assert second.wall >= date - 0.01  # never before the date named (0.01: the timer's resolution)
 
 
 def test_retry_after_forms() -> None:
@@ -232,19 +238,29 @@ async def test_client_credentials_fetch_a_token_once_and_use_it(oauth_provider: 
     assert len({s.authorization for s in oauth_provider.seen}) == 1
 
 
-async def test_a_token_is_renewed_before_it_expires_not_after_a_401(oauth_provider: ProviderServer) -> None:
-    oauth_provider.token_lifetime_s = 2
+async def test_a_token_is_renewed_before_it_expires_not_after_a_401(
+    oauth_provider: ProviderServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # authlib's clock for a token's expires_at (set when the answer is parsed) and its expiry check,
+    # faked: the leeway is decided on this clock, not on how fast the machine runs. The provider's
+    # own clock is real, so the first token stays valid there for the whole test: had the client not
+    # renewed it, the last request would still pass with the old token, and no second token.
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(authlib_wrappers, "time", SimpleNamespace(time=lambda: now[0]))
+    oauth_provider.token_lifetime_s = 120
     credentials = OAuthClientCredentials(oauth_provider.token_url, "sendtime", "s3cret")
-    limits = ProviderLimits(requests=1000, per_s=1.0, token_leeway_s=1)
+    limits = ProviderLimits(requests=1000, per_s=1.0, token_leeway_s=60)
     api = await _api(oauth_provider, credentials, limits=limits)
     await api.request("GET", "/things")
-    # authlib compares expires_at (whole seconds) less the leeway with the clock: past it by 1.1 s.
-    await asyncio.sleep(1.1 + (1 - time.time() % 1))
+    now[0] += 59  # 61 s before it expires: outside the leeway, the same token
+    await api.request("GET", "/things")
+    now[0] += 2  # 59 s before it expires: inside the leeway, a new one before this request
     await api.request("GET", "/things")
     await api.aclose()
-    assert len(oauth_provider.token_requests) == 2
-    first, second = oauth_provider.seen
-    assert first.authorization != second.authorization
+    assert [r["grant_type"] for r in oauth_provider.token_requests] == ["client_credentials"] * 2
+    # three API requests, none refused and sent again: the renewal came before, not after a 401
+    first, same, renewed = (s.authorization for s in oauth_provider.seen)
+    assert first == same != renewed
 
 
 async def test_the_refresh_token_is_traded_and_a_rotated_one_kept(oauth_provider: ProviderServer) -> None:

@@ -6,7 +6,9 @@ connector; erasure notices reach the push ledger; what it refuses to start with.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -135,8 +137,13 @@ async def test_a_connector_runs_when_due_and_its_status_says_how_it_went(
     first_id = random.randrange(10**12)  # contact ids of this test's own: one person each
     for i in range(12):
         hubspot.upsert(first_id + i, T0_MS + i, firstname=f"n{i}", email=f"{unique}-{i}@example.com")
+    before = time.time()
     ran = await stub.RunConnector(sync_pb2.RunConnectorRequest(name=name))
-    assert ran.status.next_run_time.seconds <= ran.status.last_success_time.seconds + 1
+    after = time.time()
+    # Due now (PostgreSQL's now() during the call, on this machine's clock, whole seconds), not in
+    # the hour its first run had set.
+    assert math.floor(before) <= ran.status.next_run_time.seconds <= after
+    assert ran.status.next_run_time.seconds < first.next_run_time.seconds - 3000
     second = await status_when(
         lambda s: s.records_total == 12 and s.state == sync_pb2.CONNECTOR_STATE_WAITING
     )
@@ -157,11 +164,15 @@ async def test_a_failing_provider_shows_in_the_status_and_the_connector_is_tried
     # The grant is gone (revoked at HubSpot): its token refused, and no new one to be had.
     hubspot.refresh_token = "rotated-elsewhere"
     hubspot.revoke_tokens()
+    before = time.time()  # the failing run starts after this: the connector is not due before
     await stub.RunConnector(sync_pb2.RunConnectorRequest(name=name))
     status = await _until(stub, name, lambda s: s.consecutive_failures > 0)
     assert status.state == sync_pb2.CONNECTOR_STATE_FAILING
     assert status.last_error == "ProviderRefused: hubspot: token endpoint refused: invalid_grant"
-    assert status.next_run_time.seconds - status.last_failure_time.seconds >= 3600 * 0.9
+    assert status.last_failure_time.seconds >= math.floor(before)
+    # Tried again the interval on, less at most 10% jitter, from when the run failed (after
+    # ``before``): however long the run took, never sooner.
+    assert status.next_run_time.seconds >= math.floor(before) + 3600 * 0.9
 
 
 async def test_statuses_are_listed_by_name_a_page_at_a_time(
@@ -244,11 +255,25 @@ async def test_two_replicas_never_run_one_connector_at_once(sync_app: SyncApp, u
         await store.run_succeeded(connector_id, await _in(sync_app, 3600))
         return RunReport(connector_id)
 
-    replicas = [Scheduler(sync_app.pool, store, {connector_id: run}, poll_interval_s=0.02) for _ in range(2)]
-    for replica in replicas:
+    stores = [_CountingStore(sync_app.pool) for _ in range(2)]
+    replicas = [Scheduler(sync_app.pool, s, {connector_id: run}, poll_interval_s=0.02) for s in stores]
+    for store_, replica in zip(stores, replicas, strict=True):
+        store_.scheduler = replica
         replica.start()
     await eventually(lambda: asyncio.sleep(0, result=runs or None))
-    await asyncio.sleep(0.3)  # both replicas polled several times meanwhile
+    # While it runs, the connector stays due. Wait for positive evidence that the other replica
+    # tried it and was turned away by the lock: every replica polled 3 more times, and one (never
+    # the runner, which holds the run) began 2 polls with nothing running. The first of those
+    # started an attempt (due, a slot free); the second shows it ended, without a run: one that
+    # got through would still be running, waiting for the release.
+    polled = [(s.polls, s.idle_polls) for s in stores]
+
+    def contested() -> bool | None:
+        counts = list(zip(stores, polled, strict=True))
+        more = all(s.polls >= polls + 3 for s, (polls, _) in counts)
+        return (more and any(s.idle_polls >= idle + 2 for s, (_, idle) in counts)) or None
+
+    await eventually(lambda: asyncio.sleep(0, result=contested()), timeout_s=30)
     release.set()
     await eventually(
         lambda: asyncio.sleep(0, result=(running == 0 and not any(r.running() for r in replicas)) or None)
@@ -277,14 +302,36 @@ async def test_a_replica_runs_at_most_max_runs_connectors_at_once(sync_app: Sync
 
         return run
 
-    scheduler = Scheduler(sync_app.pool, store, {c: run_of(c) for c in ids}, poll_interval_s=0.02, max_runs=2)
+    polls = _CountingStore(sync_app.pool)
+    scheduler = Scheduler(sync_app.pool, polls, {c: run_of(c) for c in ids}, poll_interval_s=0.02, max_runs=2)
     scheduler.start()
     await eventually(lambda: asyncio.sleep(0, result=len(running) == 2 or None))
-    await asyncio.sleep(0.2)  # polls meanwhile: the third waits for a slot
-    assert most == 2
+    # 3 more polls, each seeing the third connector due while both slots are taken: it waits.
+    polled = polls.polls
+    await eventually(lambda: asyncio.sleep(0, result=polls.polls >= polled + 3 or None), timeout_s=30)
+    assert most == 2 and len(scheduler.running()) == 2
     release.set()
     await eventually(lambda: _all_ran(store, ids))  # the third ran once a slot was free
     await scheduler.close()
+
+
+class _CountingStore(ConnectorStore):
+    """Counts the looks at which connectors are due, once each is answered (the scheduler acts on
+    the answer before any other task runs); ``idle_polls``, those begun while ``scheduler`` ran
+    nothing. A run's own look (``Scheduler._run``, once it holds the lock) counts too."""
+
+    def __init__(self, pool: Any) -> None:
+        super().__init__(pool)
+        self.scheduler: Scheduler | None = None
+        self.polls = 0
+        self.idle_polls = 0
+
+    async def due(self, connector_ids: list[str]) -> list[str]:
+        idle = self.scheduler is not None and not self.scheduler.running()
+        answer = await super().due(connector_ids)
+        self.polls += 1
+        self.idle_polls += idle
+        return answer
 
 
 async def _all_ran(store: ConnectorStore, ids: list[str]) -> bool | None:
