@@ -49,9 +49,10 @@ from sendtime_common.auth.audit import AuditTrail
 from sendtime_common.auth.client import authenticated_channel
 from sendtime_common.auth.key_store import KeyStore
 from sendtime_common.auth.keyring import KeyRing
+from sendtime_common.auth.server_auth import AuthSettings
 from sendtime_common.event_log import JetStreamSettings
 from sendtime_common.identifiers import IdentifierHasher
-from sendtime_common.rate_limit import RateLimiter
+from sendtime_common.rate_limit import RateLimiter, RateLimitSettings
 from sendtime_common.tls import ClientTls, TlsSettings
 from tests.keys import issue_key
 from triggers.secret_box import SecretBox
@@ -235,6 +236,10 @@ def repo_root() -> Path:
 
 # --- The ingest and profile services, in this process, on real NATS, PostgreSQL and Redis -------
 
+# Their rate limits in Redis with a timeout a loaded machine's Redis keeps: at the default 50 ms a
+# stall moved a key's decisions in process (a fresh bucket there) for a second, mid-test.
+SESSION_AUTH = AuthSettings(rate_limits=RateLimitSettings(redis_timeout_s=1))
+
 
 @pytest.fixture(scope="session")
 async def profile_app(nats_url: str, redis_url: str, database_url: str) -> AsyncIterator[ProfileApp]:
@@ -243,6 +248,7 @@ async def profile_app(nats_url: str, redis_url: str, database_url: str) -> Async
         database_url=database_url,
         redis_url=redis_url,
         event_log=JetStreamSettings(url=nats_url),
+        auth=SESSION_AUTH,
     )
     app = await create_profile_app(settings)
     await app.start()
@@ -265,6 +271,7 @@ async def ingest_app(nats_url: str, redis_url: str, database_url: str) -> AsyncI
             database_url=database_url,
             redis_url=redis_url,  # its callers' rate limits
             event_log=JetStreamSettings(url=nats_url),
+            auth=SESSION_AUTH,
         )
     )
     await app.start()

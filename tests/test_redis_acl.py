@@ -89,11 +89,15 @@ async def test_the_render_user_keeps_its_copies(users: str, unique: str) -> None
 
 @pytest.mark.parametrize("service", redis_acl.SERVICES)
 async def test_each_user_runs_its_rate_limiter_in_redis(users: str, service: str, unique: str) -> None:
-    limiter = RateLimiter(RateLimitSettings(redis_retry_s=60), service, as_user(users, service))
+    # A timeout a loaded machine's Redis keeps (the first decision connects, authenticates, gets
+    # NOSCRIPT and loads the script): a missing permission still fails at once (NOPERM, a
+    # RedisError), and the limiter then falls back for good (no retry within the test).
+    settings = RateLimitSettings(redis_timeout_s=5, redis_retry_s=60)
+    limiter = RateLimiter(settings, service, as_user(users, service))
     try:
         async with Redis.from_url(users) as admin:
             await admin.script_flush()  # the first decision loads the script (SCRIPT LOAD)
-        rate = Rate(per_second=1, burst=2)
+        rate = Rate(per_second=0.1, burst=2)  # a call back every 10 s: the third call is refused
         decisions = [await limiter.decide(Scope.RENDER, f"apiKeys/{unique}", rate) for _ in range(3)]
         assert [(d.allowed, d.shared) for d in decisions] == [(True, True), (True, True), (False, True)]
         assert limiter.shared  # no permission was missing: it never fell back

@@ -15,7 +15,8 @@ from profile_service.server import ProfileApp
 from sendtime.auth.v1 import auth_pb2, auth_pb2_grpc
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.auth.api_keys import KEY_PATTERN, key_id_of
-from tests.conftest import channel, repo_root
+from tests.auth.test_rate_limits import decided_in_redis
+from tests.conftest import channel, eventually, repo_root
 
 
 def keys(database_url: str, *args: str, expect: int = 0) -> str:
@@ -104,18 +105,24 @@ async def test_a_key_gets_its_own_rate_limits_from_the_command_line(
         "--scope",
         "stats.read",
         "--rate-limit",
-        "stats.read=60/min burst 1",
+        # One call, then one every 10 s: the second call is refused however slow the first.
+        "stats.read=6/min burst 1",
     )
     (key,) = KEY_PATTERN.findall(made)
-    assert "limits:    stats.read 1/s burst 1" in made
+    assert "limits:    stats.read 6/min burst 1" in made
+    limiter = ingest_app.auth.limiter
+    assert limiter is not None
+    await eventually(lambda: decided_in_redis(limiter))
     assert [await stats_answer(ingest_app, key) for _ in range(2)] == ["OK", "RESOURCE_EXHAUSTED"]
+    assert limiter.shared  # both decided in Redis, none in process after a slow answer
 
     key_id = key_id_of(key)
     assert "limits:    the defaults" in keys(database_url, "rate-limit", key_id, "--defaults")
-    started = time.monotonic()
-    while await stats_answer(ingest_app, key) != "OK":  # every replica within about a second
-        assert time.monotonic() - started < 5
-        await asyncio.sleep(0.05)
+
+    async def default_again() -> bool:  # every replica within about a second
+        return await stats_answer(ingest_app, key) == "OK"
+
+    await eventually(default_again, timeout_s=15)
     assert "limits:    stats.read 2/s burst 5" in keys(
         database_url, "rate-limit", key_id, "stats.read=2/s burst 5"
     )
