@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import json_format
 from redis.asyncio import Redis
 
 import devstack
+from profile_service.cache import ProfileCache
 from profile_service.reader import ProfileReader
 from profile_service.repository import ProfileRecord, ProfileRepository
 from profile_service.server import ProfileApp, create_app
@@ -271,16 +274,40 @@ async def test_with_redis_down_reads_fall_back_to_postgres(
 
 
 class CountingRepository(ProfileRepository):
-    """The real repository, counting its reads."""
+    """The real repository, counting its reads; each waits for ``gate`` before it queries."""
 
     reads = 0
+
+    def __init__(self, pool: asyncpg.Pool, gate: asyncio.Event) -> None:
+        super().__init__(pool)
+        self.gate = gate
 
     async def find_by_identifiers(
         self, identifiers: Sequence[IdentifierKey]
     ) -> dict[IdentifierKey, ProfileRecord]:
         self.reads += 1
-        await asyncio.sleep(0.05)  # a slow database makes the overlap certain
+        await self.gate.wait()
         return await super().find_by_identifiers(identifiers)
+
+
+class CacheReadsSeen:
+    """The real cache, opening ``gate`` once ``readers`` reads of it have been answered."""
+
+    def __init__(self, cache: ProfileCache, readers: int, gate: asyncio.Event) -> None:
+        self._cache = cache
+        self._waiting = readers
+        self._gate = gate
+
+    async def get_many(self, keys: Sequence[str]) -> list[profile_pb2.Profile | None]:
+        try:
+            return await self._cache.get_many(keys)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._gate.set()
+
+    async def put(self, profiles: Iterable[profile_pb2.Profile]) -> None:
+        await self._cache.put(profiles)
 
 
 async def test_concurrent_misses_for_one_customer_make_one_database_read(
@@ -300,10 +327,15 @@ async def test_concurrent_misses_for_one_customer_make_one_database_read(
         return near is None or near.get(f"sendtime:profile:user_id:u-{unique}") is None
 
     await eventually(dropped_in_process, timeout_s=2)
-    repository = CountingRepository(profile_app.pool)
-    reader = ProfileReader(repository, profile_app.cache)
+    # The database read waits until every reader has had its answer from the cache (a miss):
+    # all 20 are then past the cache and in the reader, whatever the machine's pace.
+    gate = asyncio.Event()
+    repository = CountingRepository(profile_app.pool, gate)
+    cache = cast(ProfileCache, CacheReadsSeen(profile_app.cache, readers=20, gate=gate))
+    reader = ProfileReader(repository, cache)
     key = (IdentifierKind.USER_ID, f"u-{unique}")
-    results = await asyncio.gather(*(reader.get_many([key]) for _ in range(20)))
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(*(reader.get_many([key]) for _ in range(20)))
     assert repository.reads == 1
     assert {r[0].traits["first_name"] for r in results if r[0] is not None} == {"Ada"}
     assert all(r[0] is not None for r in results)

@@ -16,7 +16,9 @@ from tests.conftest import LOCAL_SERVER, eventually
 from tests.factories import event, identify
 from tests.profile_service.test_unmerged_events import _merged, publish_event
 
-ACK_WAIT_S = 1.0
+# In-progress acks go out every quarter of the ack wait: 4 s leaves seconds, not a fraction of
+# one, for a stalled process to send the next before NATS would redeliver (3 ack waits: 12 s).
+ACK_WAIT_S = 4.0
 
 
 async def test_a_merge_blocked_for_three_ack_waits_is_not_redelivered_and_merges_once(

@@ -21,7 +21,6 @@ import pytest
 import devstack
 from profile_service.change_outbox import (
     PUBLISH_BATCH,
-    RELAY_BUSY_RETRY_S,
     RELAY_LOCK,
     ProfileChangeOutbox,
     change_id,
@@ -364,7 +363,7 @@ async def test_only_the_confirmed_prefix_is_taken_out_so_what_follows_a_refused_
 
 
 async def test_a_relay_finding_another_replicas_at_work_waits_in_no_lock_and_publishes_after_it(
-    pool: asyncpg.Pool, unique: str
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch, unique: str
 ) -> None:
     await ProfileRepository(pool).merge_events([event(user_id=f"u-{unique}", identify=identify(a=1))])
     log = ScriptedLog(outcomes=[["ok"]], published=[])
@@ -374,17 +373,35 @@ async def test_a_relay_finding_another_replicas_at_work_waits_in_no_lock_and_pub
         held = other_replica.transaction()
         await held.start()
         await other_replica.execute("SELECT pg_advisory_xact_lock($1, $2)", *RELAY_LOCK)
-        async with asyncio.timeout(1):  # a lock wait would sit here until the other commits
+        # A lock wait would sit here until the other commits, which it does not before this ends.
+        async with asyncio.timeout(10):
             assert await relay.publish_changes() is None
+
+        # The rounds the running relay found the other's at work (publish_changes said None).
+        busy_rounds = 0
+        publish_changes = relay.publish_changes
+
+        async def counted() -> int | None:
+            nonlocal busy_rounds
+            taken = await publish_changes()
+            busy_rounds += taken is None
+            return taken
+
+        monkeypatch.setattr(relay, "publish_changes", counted)
         running = asyncio.create_task(relay.run())
-        await asyncio.sleep(RELAY_BUSY_RETRY_S * 3)
+
+        async def tried_again() -> bool:
+            return busy_rounds >= 2  # found it busy, waited RELAY_BUSY_RETRY_S, found it busy again
+
+        await eventually(tried_again)
         assert log.published == []  # still the other's turn
         await held.commit()
 
         async def outbox_empty() -> bool:
             return not await outbox(pool)
 
-        await eventually(outbox_empty, timeout_s=2)  # without a wake, long before retry_after_s
+        # Well before retry_after_s: the next busy retry, not a timed round, publishes it.
+        await eventually(outbox_empty, timeout_s=15)
         relay.stop()
         await running
     finally:
