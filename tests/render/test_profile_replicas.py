@@ -18,11 +18,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 import devstack
+from render import profiles as render_profiles
 from sendtime.render.v1 import render_pb2
-from tests.conftest import RenderServiceFactory, local_env, repo_root, user
+from tests.conftest import RenderServiceFactory, eventually, local_env, repo_root, user
 from tests.render.test_render_service import abandoned_cart, render_request
 
 RENDERS = 40
+RENDER_DEADLINE_S = 5.0
 
 
 class ProfileReplica:
@@ -104,21 +106,47 @@ def profile_replicas(
 
 
 async def test_render_spreads_profile_lookups_over_every_replica(
-    profile_replicas: list[ProfileReplica], render_service: RenderServiceFactory, metrics_key: str
+    profile_replicas: list[ProfileReplica],
+    render_service: RenderServiceFactory,
+    metrics_key: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Each lookup may take the render's whole deadline, not the 1 s cap on a BatchGetProfiles
+    # call, which a replica process on a loaded machine can pass (TIMEOUT, not NOT_FOUND).
+    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", RENDER_DEADLINE_S)
     await asyncio.gather(*(replica.wait_until_serving() for replica in profile_replicas))
     # The static form of a name with two addresses; a headless Service's DNS name gives the
     # channel the same list (dns:///profile-headless:50052).
     target = "ipv4:" + ",".join(f"127.0.0.1:{replica.port}" for replica in profile_replicas)
-    before = [await replica.profile_lookups(metrics_key) for replica in profile_replicas]
+
+    async def served_since(before: list[float]) -> list[float]:
+        return [
+            await replica.profile_lookups(metrics_key) - old
+            for replica, old in zip(profile_replicas, before, strict=True)
+        ]
+
     async with render_service(target) as stub:
-        for i in range(RENDERS):
-            response = await stub.Render(render_request(user(f"u-{i}"), abandoned_cart()), timeout=5)
+
+        async def render(user_id: str) -> None:
+            response = await stub.Render(
+                render_request(user(user_id), abandoned_cart()), timeout=RENDER_DEADLINE_S
+            )
             # Nobody of these names: each lookup answered, NOT_FOUND.
             assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_NOT_FOUND
-    served = [
-        await replica.profile_lookups(metrics_key) - old
-        for replica, old in zip(profile_replicas, before, strict=True)
-    ]
+
+        # Round robin picks only connected replicas: until the slower one has connected (a
+        # loaded machine can take a while), every lookup goes to the other. Measured from when
+        # both have served one.
+        warming_up = [await replica.profile_lookups(metrics_key) for replica in profile_replicas]
+
+        async def both_connected() -> bool:
+            await render("u-warm-up")
+            return min(await served_since(warming_up)) > 0
+
+        await eventually(both_connected, timeout_s=30)
+        before = [await replica.profile_lookups(metrics_key) for replica in profile_replicas]
+        for i in range(RENDERS):
+            await render(f"u-{i}")
+    served = await served_since(before)
     assert sum(served) == RENDERS
     assert min(served) >= RENDERS // 4, served  # round robin: about half each

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 import devstack
 import suite
+from render import profiles as render_profiles
 from render.profiles import LKG_KEY_PREFIX
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -63,7 +64,8 @@ def template(base: render_pb2.Template = CART_EMAIL, **changes: Any) -> render_p
 
 
 class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
-    """Speaks ProfileService; answers as told (a profile, UNAVAILABLE, or late) and counts calls."""
+    """Speaks ProfileService; answers as told (a profile, UNAVAILABLE, or late, or once released)
+    and counts calls."""
 
     def __init__(self) -> None:
         self.mode = "ok"
@@ -71,6 +73,10 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
         self.calls = 0
         self.time_left: list[float | None] = []  # each call's deadline, as time remaining
         self.identifiers_asked = 0
+        self.asked = asyncio.Event()  # set by the first call
+        # Calls answer once this is set: cleared, a test decides when an answer comes back.
+        self.release = asyncio.Event()
+        self.release.set()
 
     def profile(self) -> profile_pb2.Profile:
         profile = profile_pb2.Profile(customer_id="c-1", version=7)
@@ -104,6 +110,8 @@ class ScriptedProfileService(profile_pb2_grpc.ProfileServiceServicer):
     async def play(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self.calls += 1
         self.time_left.append(context.time_remaining())
+        self.asked.set()
+        await self.release.wait()
         await asyncio.sleep(self.delay_s)
         if self.mode == "fail":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure")
@@ -132,12 +140,33 @@ async def scripted() -> AsyncIterator[tuple[ScriptedProfileService, str]]:
 # For checks that need the live profile's answer from the shared services: the 1 s default
 # deadline can pass on a loaded machine, and the render then falls back (tested on its own).
 LIVE_DEADLINE_S = 10.0
+# How long a lookup the test holds may wait for the test to let it answer.
+HELD_S = 30.0
+
+
+@pytest.fixture
+def live_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets a live lookup use all of a render's LIVE_DEADLINE_S: profiles.py caps every
+    BatchGetProfiles at LOOKUP_TIMEOUT_MAX_S (1 s) whatever the caller's deadline, and a lookup
+    slower than that on a loaded machine came back DEADLINE_EXCEEDED (a TIMEOUT fallback). The
+    session's render runs in this process, so the patch reaches it too, for this test only."""
+    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", LIVE_DEADLINE_S)
+
+
+@pytest.fixture
+def lkg_from_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gives a last-known-good read from Redis 2 s instead of 20 ms: a render process with no
+    copy in memory reads Redis through a client that connects lazily, and connecting, the
+    handshake and the GET did not always fit in 20 ms on a loaded machine (the render then fell
+    back to no profile). Renders that read Redis need a deadline of LIVE_DEADLINE_S with it."""
+    monkeypatch.setattr(render_profiles, "LKG_REDIS_WAIT_S", 2.0)
 
 
 def request(customer: profile_pb2.Identifier, content: render_pb2.Template) -> render_pb2.RenderRequest:
     return render_pb2.RenderRequest(customer=customer, template=content)
 
 
+@pytest.mark.usefixtures("live_lookups")
 async def test_a_send_without_its_required_data_is_skipped(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
@@ -164,6 +193,7 @@ async def test_a_send_without_its_required_data_is_skipped(
     assert not full.degraded and full.data_age.ToTimedelta() < timedelta(minutes=1)
 
 
+@pytest.mark.usefixtures("live_lookups")
 async def test_an_erased_customer_is_skipped(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
@@ -177,6 +207,7 @@ async def test_an_erased_customer_is_skipped(
     assert (response.status, response.skip_reason) == (SKIPPED, render_pb2.SKIP_REASON_ERASED)
 
 
+@pytest.mark.usefixtures("live_lookups")  # NOT_FOUND is the profile service's live answer
 async def test_fallback_values_are_reported_by_path(
     render_stub: render_pb2_grpc.RenderServiceAsyncStub, unique: str
 ) -> None:
@@ -186,7 +217,7 @@ async def test_fallback_values_are_reported_by_path(
         subject="Hi {{ profile.traits.first_name }} from {{ profile.traits.city }}",
         fallback={"profile": {"traits": {"first_name": "there", "city": "home"}}},
     )
-    response = await render_stub.Render(request(user(f"nobody-{unique}"), content))
+    response = await render_stub.Render(request(user(f"nobody-{unique}"), content), timeout=LIVE_DEADLINE_S)
     assert response.subject == "Hi there from home"
     assert sorted(response.fallbacks_used) == ["profile.traits.city", "profile.traits.first_name"]
     assert (response.fallback_reason, response.profile_source) == (
@@ -195,17 +226,19 @@ async def test_fallback_values_are_reported_by_path(
     )
 
 
+@pytest.mark.usefixtures("live_lookups", "lkg_from_redis")
 async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
     scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory, redis_url: str
 ) -> None:
     service, target = scripted
     async with render_service(target, redis_url=redis_url) as stub:
-        live = await stub.Render(request(user("u-lkg"), CART_EMAIL))
+        live = await stub.Render(request(user("u-lkg"), CART_EMAIL), timeout=LIVE_DEADLINE_S)
         assert live.profile_source == render_pb2.PROFILE_SOURCE_LIVE
         async with Redis.from_url(redis_url) as redis:  # the copy is written off the hot path
             await eventually(lambda: redis.exists(lkg_key("u-lkg")))
         service.mode = "fail"
-        stale = await stub.Render(request(user("u-lkg"), CART_EMAIL))
+        # Long enough that the scripted UNAVAILABLE, not the deadline, ends the lookup.
+        stale = await stub.Render(request(user("u-lkg"), CART_EMAIL), timeout=LIVE_DEADLINE_S)
     assert stale.status == RENDERED and stale.subject == live.subject
     assert (stale.profile_source, stale.fallback_reason) == (
         render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD,
@@ -215,7 +248,7 @@ async def test_the_last_known_good_profile_stands_in_when_the_service_fails(
 
     # A fresh process has nothing in memory: the copy in Redis stands in, with its age.
     async with render_service(target, redis_url=redis_url) as stub:
-        from_redis = await stub.Render(request(user("u-lkg"), CART_EMAIL))
+        from_redis = await stub.Render(request(user("u-lkg"), CART_EMAIL), timeout=LIVE_DEADLINE_S)
     assert (from_redis.profile_source, from_redis.subject) == (
         render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD,
         live.subject,
@@ -271,25 +304,38 @@ async def test_an_erasure_notice_drops_every_copy_of_the_person(
         await redis.aclose()
 
 
+@pytest.mark.usefixtures("lkg_from_redis")  # the last render must see a copy in Redis if one was kept
 async def test_a_lookup_under_way_when_the_notice_comes_keeps_no_copy(
     scripted: tuple[ScriptedProfileService, str],
     render_service: RenderServiceFactory,
-    redis_url: str,
+    unheard_redis: tuple[str, Redis],
     nats_url: str,
     unique: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The order is made, not timed: the lookup is under way (the profile service has it), the
+    notice is handled (it deleted a copy in Redis), and only then does the answer come back."""
     service, target = scripted
+    private_redis, redis = unheard_redis
     erased = f"u-racing-{unique}"
-    service.delay_s = 0.5  # the profile service answers from before the erasure, late
-    async with render_service(target, redis_url=redis_url) as stub:
-        racing = asyncio.ensure_future(stub.Render(request(user(erased), CART_EMAIL)))
-        await asyncio.sleep(0.1)
+    # The lookup waits for the test, not for the 1 s cap on a BatchGetProfiles call.
+    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", HELD_S)
+    service.release.clear()  # the profile service answers from before the erasure, when told
+    # Only the notice deletes this copy (this Redis is the test's render's alone): its going is
+    # the evidence that the notice was handled.
+    await redis.set(lkg_key(erased), b"0:")
+    async with render_service(target, redis_url=private_redis) as stub:
+        racing = asyncio.ensure_future(stub.Render(request(user(erased), CART_EMAIL), timeout=HELD_S))
+        await asyncio.wait_for(service.asked.wait(), HELD_S)  # the lookup is under way
         await announce_erasure(nats_url)  # an empty notice is handled (and does not stall the rest)
         await announce_erasure(nats_url, erased)
+        await eventually(lambda: _absent(redis, lkg_key(erased)), timeout_s=HELD_S)
+        service.release.set()
         assert (await racing).profile_source == render_pb2.PROFILE_SOURCE_LIVE
-        service.delay_s, service.mode = 0.0, "fail"
-        after = await stub.Render(request(user(erased), CART_EMAIL))
+        service.mode = "fail"
+        after = await stub.Render(request(user(erased), CART_EMAIL), timeout=LIVE_DEADLINE_S)
     assert after.profile_source == render_pb2.PROFILE_SOURCE_NONE
+    assert await _absent(redis, lkg_key(erased))  # the late answer was not written to Redis either
 
 
 @pytest.fixture
@@ -304,6 +350,7 @@ async def unheard_redis(redis_url: str) -> AsyncIterator[tuple[str, Redis]]:
         await client.aclose()
 
 
+@pytest.mark.usefixtures("live_lookups", "lkg_from_redis")  # the last render reads the copy from Redis
 async def test_a_render_started_after_an_erasure_drops_the_copies_it_finds(
     scripted: tuple[ScriptedProfileService, str],
     render_service: RenderServiceFactory,
@@ -318,14 +365,14 @@ async def test_a_render_started_after_an_erasure_drops_the_copies_it_finds(
     erased, kept = f"u-before-{unique}", f"u-kept-{unique}"
     async with render_service(target, redis_url=private_redis) as stub:
         for user_id in (erased, kept):
-            await stub.Render(request(user(user_id), CART_EMAIL))
-    assert await redis.exists(lkg_key(erased), lkg_key(kept)) == 2
+            await stub.Render(request(user(user_id), CART_EMAIL), timeout=LIVE_DEADLINE_S)
+        await eventually(lambda: _all_present(redis, lkg_key(erased), lkg_key(kept)))  # off the hot path
     await announce_erasure(nats_url, erased)
     service.mode = "fail"
     async with render_service(target, redis_url=private_redis) as stub:
         await eventually(lambda: _absent(redis, lkg_key(erased)))
         assert await redis.exists(lkg_key(kept)) == 1  # only the erased person's copy goes
-        left = await stub.Render(request(user(kept), CART_EMAIL))
+        left = await stub.Render(request(user(kept), CART_EMAIL), timeout=LIVE_DEADLINE_S)
     assert left.profile_source == render_pb2.PROFILE_SOURCE_LAST_KNOWN_GOOD
 
 
@@ -353,6 +400,10 @@ async def test_a_lookup_that_finds_the_person_erased_drops_the_copies_too(
 
 async def _absent(redis: Redis, key: str) -> bool:
     return not await redis.exists(key)
+
+
+async def _all_present(redis: Redis, *keys: str) -> bool:
+    return bool(await redis.exists(*keys) == len(keys))
 
 
 async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recovery(
@@ -404,17 +455,47 @@ async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup
         assert (live.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_LIVE, 2)
 
 
+@pytest.mark.usefixtures("live_lookups")  # the first lookup is held
 async def test_concurrent_renders_look_their_customers_up_together(
-    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The lookups that come while one is out go out together in the next call. The profile
+    service holds the first call until all 20 renders have handed in their lookups, so how the
+    calls arrive over time (spread out on a loaded machine) does not decide the count."""
     service, target = scripted
-    service.delay_s = 0.2  # the renders that come while a lookup is out wait for the next batch
+    customers = [user(f"u-together-{i}") for i in range(20)]
+    ours = {unkeyed_hash((IdentifierKind.USER_ID, c.value)).hex() for c in customers}
+    handed_in: set[str] = set()
+    get_live = render_profiles.ProfileFetcher._get_live
+
+    async def counted(
+        fetcher: render_profiles.ProfileFetcher,
+        key: str,
+        identifier: profile_pb2.Identifier,
+        timeout_s: float,
+    ) -> tuple[float, profile_pb2.Profile]:
+        if key in ours:  # not the session render's lookups
+            handed_in.add(key)
+        return await get_live(fetcher, key, identifier, timeout_s)  # queued before it first waits
+
+    monkeypatch.setattr(render_profiles.ProfileFetcher, "_get_live", counted)
+    service.release.clear()
     async with render_service(target) as stub:
-        answers = await asyncio.gather(
-            *(stub.Render(request(user(f"u-together-{i}"), CART_EMAIL)) for i in range(20))
+        answering = asyncio.gather(
+            *(stub.Render(request(c, CART_EMAIL), timeout=LIVE_DEADLINE_S) for c in customers)
         )
+
+        async def all_handed_in() -> bool:
+            return len(handed_in) == len(customers)
+
+        await eventually(all_handed_in)
+        service.release.set()
+        answers = await answering
     assert {a.profile_source for a in answers} == {render_pb2.PROFILE_SOURCE_LIVE}
-    assert service.calls <= 3  # not 20: the first lookup, then the rest in a batch or two
+    assert service.identifiers_asked == 20
+    assert service.calls <= 2  # not 20: the first lookup, then all the rest in one batch
 
 
 @pytest.fixture
@@ -680,6 +761,7 @@ EMAIL_MESSAGE = ingest_pb2.EmailMessage(message_id="m-1")
         ),
     ],
 )
+@pytest.mark.usefixtures("live_lookups")
 async def test_suppressed_customers_are_skipped(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
@@ -697,11 +779,13 @@ async def test_suppressed_customers_are_skipped(
     await wait_for_profile(
         profile_stub, user(f"u-{unique}"), lambda p: len(p.cart.items) == 1 and p.version >= 2
     )
-    response = await render_stub.Render(request(user(f"u-{unique}"), template(CART_EMAIL, channel=channel)))
+    response = await render_stub.Render(
+        request(user(f"u-{unique}"), template(CART_EMAIL, channel=channel)), timeout=LIVE_DEADLINE_S
+    )
     assert (response.status, response.skip_reason) == (SKIPPED, reason)
     other_channel = ingest_pb2.CHANNEL_PUSH
     allowed = await render_stub.Render(
-        request(user(f"u-{unique}"), template(CART_EMAIL, channel=other_channel))
+        request(user(f"u-{unique}"), template(CART_EMAIL, channel=other_channel)), timeout=LIVE_DEADLINE_S
     )
     assert allowed.status == RENDERED  # suppression is per channel
 

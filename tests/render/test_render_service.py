@@ -13,6 +13,8 @@ from google.protobuf import struct_pb2
 from prometheus_client import REGISTRY
 
 import devstack
+from render import profiles as render_profiles
+from render import renderer as render_renderer
 from render.server import check_message_sizes
 from render.settings import Settings as RenderSettings
 from render.templates import TemplateLimits
@@ -55,6 +57,15 @@ def abandoned_cart(**fallback_traits: str) -> render_pb2.Template:
 LIVE_DEADLINE_S = 10.0
 
 
+@pytest.fixture
+def live_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lets a live lookup use all of a render's LIVE_DEADLINE_S: profiles.py caps every
+    BatchGetProfiles at LOOKUP_TIMEOUT_MAX_S (1 s) whatever the caller's deadline, and a lookup
+    slower than that on a loaded machine came back DEADLINE_EXCEEDED (a TIMEOUT fallback). The
+    session's render runs in this process, so the patch reaches it too, for this test only."""
+    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", LIVE_DEADLINE_S)
+
+
 def render_request(
     identifier: profile_pb2.Identifier, template: render_pb2.Template
 ) -> render_pb2.RenderRequest:
@@ -68,6 +79,7 @@ class SlowProfileService(profile_pb2_grpc.ProfileServiceServicer):
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
+        self.time_left: list[float | None] = []  # each BatchGetProfiles's deadline, as time remaining
 
     async def GetProfile(
         self, request: profile_pb2.GetProfileRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -78,6 +90,7 @@ class SlowProfileService(profile_pb2_grpc.ProfileServiceServicer):
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> profile_pb2.BatchGetProfilesResponse:
+        self.time_left.append(context.time_remaining())
         await asyncio.sleep(self.delay_s)
         return profile_pb2.BatchGetProfilesResponse()
 
@@ -98,15 +111,18 @@ class SlowProfileService(profile_pb2_grpc.ProfileServiceServicer):
 
 
 @pytest.fixture
-async def slow_profile_target() -> AsyncIterator[str]:
+async def slow_profile() -> AsyncIterator[tuple[SlowProfileService, str]]:
+    """A profile service that answers no lookup within any test's time, and its target."""
+    service = SlowProfileService(delay_s=60)
     server = grpc.aio.server()
-    profile_pb2_grpc.add_ProfileServiceServicer_to_server(SlowProfileService(delay_s=5), server)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    yield f"127.0.0.1:{port}"
+    yield service, f"127.0.0.1:{port}"
     await server.stop(grace=0)
 
 
+@pytest.mark.usefixtures("live_lookups")
 async def test_renders_the_live_cart(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
@@ -138,6 +154,7 @@ async def test_renders_the_live_cart(
     assert response.profile_version == profile.version
 
 
+@pytest.mark.usefixtures("live_lookups")
 async def test_profile_data_is_escaped_in_html(
     ingest_stub: ingest_pb2_grpc.IngestServiceAsyncStub,
     profile_stub: profile_pb2_grpc.ProfileServiceAsyncStub,
@@ -161,11 +178,12 @@ async def test_profile_data_is_escaped_in_html(
     assert response.subject.startswith(name)  # plain text: the mail client does not interpret it
 
 
+@pytest.mark.usefixtures("live_lookups")  # NOT_FOUND is the profile service's live answer
 async def test_unknown_customer_gets_the_fallback_values(
     render_stub: render_pb2_grpc.RenderServiceAsyncStub, unique: str
 ) -> None:
     response = await render_stub.Render(
-        render_request(user(f"nobody-{unique}"), abandoned_cart(first_name="there"))
+        render_request(user(f"nobody-{unique}"), abandoned_cart(first_name="there")), timeout=LIVE_DEADLINE_S
     )
 
     assert response.fallback_used
@@ -176,24 +194,35 @@ async def test_unknown_customer_gets_the_fallback_values(
 
 
 async def test_slow_profile_service_gets_a_fallback_within_the_deadline(
-    slow_profile_target: str, render_service: RenderServiceFactory
+    slow_profile: tuple[SlowProfileService, str],
+    render_service: RenderServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The caller's 0.8 s is under the lookup's own 1 s cap and the 5 s default: a render that
-    # ignored it would wait out the cap and the call fail with DEADLINE_EXCEEDED. A 0.4 s reserve
-    # leaves the fallback render ample time on a loaded machine (at 0.15 s in all a busy one
-    # missed it).
-    async with render_service(slow_profile_target, fallback_reserve_s=0.4, default_deadline_s=5) as stub:
+    service, target = slow_profile
+    # Only the caller's 4 s bounds the lookup: the lookup cap and the default deadline are a
+    # minute, as long as the profile service takes, so a render that ignored the caller's
+    # deadline would still be waiting when the call failed with DEADLINE_EXCEEDED. Half of it
+    # (2 s) is kept back for the fallback: a reserve of a tenth of 0.8 s (80 ms) was missed by a
+    # process descheduled for longer. The reserve's share is a tuning (test_fallback_reserve).
+    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", 60.0)
+    monkeypatch.setattr(render_renderer, "RESERVE_SHARE", 0.5)
+    call_timeout_s, reserve_s = 4.0, 2.0
+    async with render_service(target, fallback_reserve_s=reserve_s, default_deadline_s=60) as stub:
         response = await stub.Render(
-            render_request(user("u-1"), abandoned_cart(first_name="there")), timeout=0.8
+            render_request(user("u-1"), abandoned_cart(first_name="there")), timeout=call_timeout_s
         )
     assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT
     assert response.subject == "there, you left something behind"
+    # The caller's deadline, less the reserve, is what the lookup was given.
+    (time_left,) = service.time_left
+    assert time_left is not None and time_left <= call_timeout_s - reserve_s
 
 
 async def test_without_a_caller_deadline_the_default_one_bounds_the_lookup(
-    slow_profile_target: str, render_service: RenderServiceFactory
+    slow_profile: tuple[SlowProfileService, str], render_service: RenderServiceFactory
 ) -> None:
-    async with render_service(slow_profile_target, default_deadline_s=0.2) as stub:
+    _, target = slow_profile
+    async with render_service(target, default_deadline_s=0.2) as stub:
         response = await stub.Render(render_request(user("u-1"), abandoned_cart(first_name="there")))
     assert response.fallback_reason == render_pb2.FALLBACK_REASON_PROFILE_TIMEOUT
 
