@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 import devstack
 import suite
 from render import profiles as render_profiles
+from render import servicer as render_servicer
 from render.profiles import LKG_KEY_PREFIX
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -437,21 +438,49 @@ async def test_the_circuit_opens_after_repeated_failures_and_closes_after_recove
         ).profile_source == render_pb2.PROFILE_SOURCE_LIVE
 
 
+@pytest.mark.usefixtures("live_lookups")
 async def test_within_max_data_age_renders_share_a_cached_profile_and_one_lookup(
-    scripted: tuple[ScriptedProfileService, str], render_service: RenderServiceFactory
+    scripted: tuple[ScriptedProfileService, str],
+    render_service: RenderServiceFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The profile service holds the first lookup until all 20 renders have asked for the
+    customer, so how the calls arrive over time (spread out on a loaded machine, where a late one
+    used to start a second lookup) does not decide the count."""
     service, target = scripted
-    # Long enough that all 20 calls reach render while the first lookup is still out, even on a
-    # slow machine (at 0.1 s a loaded CI machine let a late call start a second lookup).
-    service.delay_s = 0.5
+    key = unkeyed_hash((IdentifierKind.USER_ID, "u-age")).hex()
+    asked = 0
+    shared_live = render_profiles.ProfileFetcher._shared_live
+
+    async def counted(
+        fetcher: render_profiles.ProfileFetcher,
+        lookup_key: str,
+        identifier: profile_pb2.Identifier,
+        time_left_s: float,
+    ) -> tuple[float, profile_pb2.Profile]:
+        nonlocal asked
+        asked += lookup_key == key
+        return await shared_live(fetcher, lookup_key, identifier, time_left_s)
+
+    monkeypatch.setattr(render_profiles.ProfileFetcher, "_shared_live", counted)
     cached_ok = template(max_data_age=60)
+    service.release.clear()
     async with render_service(target) as stub:
-        burst = await asyncio.gather(*(stub.Render(request(user("u-age"), CART_EMAIL)) for _ in range(20)))
+        answering = asyncio.gather(
+            *(stub.Render(request(user("u-age"), CART_EMAIL), timeout=LIVE_DEADLINE_S) for _ in range(20))
+        )
+
+        async def all_asked() -> bool:
+            return asked == 20
+
+        await eventually(all_asked)
+        service.release.set()
+        burst = await answering
         assert service.calls == 1  # concurrent renders for one customer share the lookup
         assert {r.profile_source for r in burst} == {render_pb2.PROFILE_SOURCE_LIVE}
         again = await stub.Render(request(user("u-age"), cached_ok))
         assert (again.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_CACHE, 1)
-        live = await stub.Render(request(user("u-age"), CART_EMAIL))  # no max age: always live
+        live = await stub.Render(request(user("u-age"), CART_EMAIL), timeout=LIVE_DEADLINE_S)  # no max age
         assert (live.profile_source, service.calls) == (render_pb2.PROFILE_SOURCE_LIVE, 2)
 
 
@@ -568,12 +597,17 @@ async def test_with_the_profile_service_stopped_every_render_answers_at_once_wit
     }
 
 
+@pytest.mark.usefixtures("live_lookups")
 async def test_a_batch_streams_one_result_per_customer(
     scripted: tuple[ScriptedProfileService, str],
     render_service: RenderServiceFactory,
     template_stub: render_pb2_grpc.TemplateServiceAsyncStub,
     unique: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Each chunk of 500 has 5 s to look its customers up and render them; on a loaded machine
+    # the lookup of 500 profiles took longer, and those customers rendered without a profile.
+    monkeypatch.setattr(render_servicer, "BATCH_CHUNK_DEADLINE_S", LIVE_DEADLINE_S)
     service, target = scripted
     created = await template_stub.CreateTemplate(
         render_pb2.CreateTemplateRequest(template_id=f"cart-{unique}", content=CART_EMAIL, publish=True)
