@@ -73,7 +73,8 @@ TRAITS = ["first_name", "last_name", "orders_count"]
 def serve_providers(
     hubspot_port: int, braze_port: int, contacts: int, pull_rate: int, push_rate: int, out: Path
 ) -> None:
-    """The local HubSpot and Braze until SIGTERM; every 0.5 s, what they served, to ``out``."""
+    """The local HubSpot and Braze until SIGTERM; every 0.5 s, what they served, to ``out``
+    (with ``written_at``, the wall-clock time of that snapshot)."""
     sys.path.insert(0, str(REPO))  # the providers are the sync tests' own
     import signal  # noqa: PLC0415
 
@@ -122,6 +123,7 @@ def serve_providers(
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
         while not stopped.is_set():
             stats = {
+                "written_at": time.time(),
                 "hubspot": {"served": hubspot.served, "rate_limited": hubspot.rate_limited},
                 "braze": {
                     "served": braze.served,
@@ -276,6 +278,19 @@ def wait_for(what: str, check: Any, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
+def stats_since(path: Path, since: float, timeout_s: float) -> dict[str, Any]:
+    """The providers' first stats written after ``since`` (wall-clock seconds): they count every
+    request answered by then. Every 0.5 s, they write one; later on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats: dict[str, Any] = json.loads(path.read_text())
+        if stats["written_at"] > since:
+            return stats
+        if time.monotonic() > deadline:
+            raise BenchError(f"the providers' stats: none written within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
 # --- the measurement ----------------------------------------------------------------------------
 
 
@@ -325,8 +340,7 @@ def measure(stack: BenchStack, args: argparse.Namespace) -> dict[str, Any]:
         )
         pushed = asyncio.run(_status(stack, target, "esp"))
         pushed_cpu = meter.snapshot()
-        time.sleep(0.6)  # the providers' last stats
-        stats = json.loads(stats_path.read_text())
+        stats = stats_since(stats_path, time.time(), timeout_s=30)
     say(f"push: {pushed.items_pushed_total:,} customers in {push_s:.0f} s")
     return {
         "args": vars(args) | {"json": str(args.json) if args.json else None},
