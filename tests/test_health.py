@@ -7,6 +7,7 @@ done, then SERVING until shutdown whatever the dependencies do."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import devstack
@@ -42,9 +44,10 @@ DELAY_S = 0.5
 FAST_READINESS = ReadinessSettings(delay_s=DELAY_S, check_interval_s=0.05)
 
 
-async def status(port: int | None, service: str, timeout_s: float = 1) -> int:
+async def status(port: int | None, service: str, timeout_s: float = 5) -> int:
     """What a probe of ``service`` on the health ``port`` gets: on a connection of its own, in
-    plaintext, with a timeout, as kubelet's gRPC probe asks."""
+    plaintext, with a timeout, as kubelet's gRPC probe asks (5 s by default, not kubelet's 1 s:
+    the probe shares the test's loop with the app on a loaded machine)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as probe:
         try:
             reply = await health_pb2_grpc.HealthStub(probe).Check(
@@ -84,8 +87,9 @@ class LivenessRecord:
 
 
 async def test_ingest_is_unready_while_its_nats_is_down_and_alive_throughout(
-    tmp_path: Path, database_url: str, unique: str
+    tmp_path: Path, database_url: str, unique: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="sendtime_common.readiness")
     port = devstack.free_port()
     nats = devstack.start_nats(port, tmp_path / "nats")
     app = await create_ingest_app(
@@ -97,7 +101,6 @@ async def test_ingest_is_unready_while_its_nats_is_down_and_alive_throughout(
         )
     )
     await app.start()
-    loop = asyncio.get_running_loop()
     try:
         health = app.grpc.health_port
         async with channel(f"127.0.0.1:{app.grpc.port}", await issue_key(database_url)) as calls:
@@ -108,11 +111,26 @@ async def test_ingest_is_unready_while_its_nats_is_down_and_alive_throughout(
             assert app.grpc.readiness.conditions == ["event log"]
             liveness = LivenessRecord(health)
 
-            stopped_at = loop.time()
+            caplog.clear()
             await asyncio.to_thread(devstack.stop_process, nats)
-            await seconds_until(lambda: is_(health, OVERALL_HEALTH, NOT_SERVING), timeout_s=DELAY_S + 3)
-            took_s = loop.time() - stopped_at
-            assert DELAY_S <= took_s < DELAY_S + 1.5, f"NOT_SERVING {took_s:.2f} s after NATS stopped"
+            await eventually(lambda: is_(health, OVERALL_HEALTH, NOT_SERVING), timeout_s=DELAY_S + 15)
+            # The outage was forgiven for DELAY_S, on the monitor's own timeline (its records'
+            # times: the check's first failure, then the decision), whatever stopping NATS and
+            # noticing it took on a loaded machine. (The rules' exact timing: test_readiness.py.)
+            not_ready = next(r for r in caplog.records if r.getMessage() == "not ready")
+            assert (getattr(not_ready, "failing", None), getattr(not_ready, "delay_s", None)) == (
+                ["event log"],
+                DELAY_S,
+            )
+            failing_since = [
+                r.created
+                for r in caplog.records
+                if r.getMessage() == "readiness condition failing"
+                and getattr(r, "condition", None) == "event log"
+                and r.created <= not_ready.created
+            ][-1]
+            forgiven_s = not_ready.created - failing_since
+            assert forgiven_s >= DELAY_S, f"NOT_SERVING {forgiven_s:.2f} s after the check first failed"
             assert await status(health, INGEST_SERVICE) == NOT_SERVING  # the same for each service
             # Readiness only steers traffic: the port answers as before, UNAVAILABLE to retry.
             sent = await ingest.SendEvents(
@@ -123,7 +141,7 @@ async def test_ingest_is_unready_while_its_nats_is_down_and_alive_throughout(
             assert sent.results[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
 
             nats = await asyncio.to_thread(devstack.start_nats, port, tmp_path / "nats")
-            back_s = await seconds_until(lambda: is_(health, OVERALL_HEALTH, SERVING), timeout_s=10)
+            back_s = await seconds_until(lambda: is_(health, OVERALL_HEALTH, SERVING), timeout_s=30)
             assert await status(health, INGEST_SERVICE) == SERVING
             sent = await ingest.SendEvents(
                 ingest_pb2.SendEventsRequest(events=[event(user_id=unique, identify=identify(a=2))]),
@@ -131,8 +149,9 @@ async def test_ingest_is_unready_while_its_nats_is_down_and_alive_throughout(
             )
             assert sent.results[0].outcome == ingest_pb2.EVENT_OUTCOME_ACCEPTED
             answers = await liveness.stop()
-        # Asked dozens of times over the outage and the return: SERVING every time.
-        assert len(answers) > 20 and set(answers) == {SERVING}, f"back after {back_s:.1f} s: {answers}"
+        # Asked dozens of times over the outage and the return: never refused, never NOT_SERVING.
+        assert answers.count(SERVING) > 20, f"back after {back_s:.1f} s: {answers}"
+        assert not {REFUSED, NOT_SERVING} & set(answers), f"back after {back_s:.1f} s: {answers}"
     finally:
         await app.stop(grace_s=1)
         devstack.stop_process(nats)
@@ -172,7 +191,7 @@ async def test_profile_is_unready_once_its_merger_stops(
         assert await healthz(app.grpc.http.port) == (200, {"status": "SERVING"})
 
         app.merger.stop()  # it returns after its current fetch (at most 1 s)
-        await seconds_until(lambda: is_(health, OVERALL_HEALTH, NOT_SERVING), timeout_s=DELAY_S + 3)
+        await eventually(lambda: is_(health, OVERALL_HEALTH, NOT_SERVING), timeout_s=DELAY_S + 15)
         assert [await status(health, name) for name in names] == [NOT_SERVING] * len(names)
         assert await status(health, LIVENESS) == SERVING  # no restart for it
         # The same over HTTP, for load balancers that cannot ask gRPC health.

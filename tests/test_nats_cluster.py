@@ -11,6 +11,7 @@ all). The gap, from the kill to the first event accepted after it, is measured a
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ import pytest
 import devstack
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime_common.event_log import MSG_ID_HEADER, JetStreamEventLog, JetStreamSettings
+from tests.conftest import eventually, times_logged
 from tests.factories import event, identify
 from tests.ingest.test_ingest_depth import ACCEPTED, DUPLICATE, RETRY, ingest_service, send
 
@@ -100,13 +102,21 @@ async def stream_leader(url: str, stream: str) -> tuple[str, list[str]]:
 
 
 async def stored_event_ids(settings: JetStreamSettings) -> list[str]:
-    """Every event id in the event stream, read through a durable consumer of this test."""
+    """Every event id in the event stream, read through a durable consumer of this test: as
+    many as the stream says it holds, not until the first empty fetch (a cluster short of a
+    server may answer one empty while its new consumer settles)."""
+    client = await nats.connect(settings.servers)
+    try:
+        holds = (await client.jetstream().stream_info(settings.stream)).state.messages
+    finally:
+        await client.close()
     log = await JetStreamEventLog.connect(settings)
     ids: list[str] = []
     try:
         subscription = await log.subscribe("cluster-test-reader")
-        while batch := await subscription.fetch(500, timeout_s=2):
-            for delivery in batch:
+        deadline = time.monotonic() + 30
+        while len(ids) < holds and time.monotonic() < deadline:
+            for delivery in await subscription.fetch(500, timeout_s=2):
                 ids.append(str(delivery.headers[MSG_ID_HEADER]))
                 await delivery.ack()
         await subscription.close()
@@ -204,11 +214,12 @@ async def test_a_service_started_with_the_cluster_waits_for_jetstream(tmp_path: 
 
 
 async def test_a_stream_whose_replicas_cannot_be_placed_yet_is_made_once_enough_servers_join(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two of three servers elect a metadata leader, yet a three-replica stream has no place
     until the third joins ("no suitable peers for placement"): the service waits for it rather
     than failing its start or taking the refusal for an existing stream to update."""
+    caplog.set_level(logging.INFO, logger="sendtime_common.event_log")
     cluster = devstack.NatsCluster(tmp_path / "nats", 3)
     first, second, third = (node.name for node in cluster.nodes)
     try:
@@ -219,7 +230,19 @@ async def test_a_stream_whose_replicas_cannot_be_placed_yet_is_made_once_enough_
         connecting = asyncio.create_task(
             JetStreamEventLog.connect(JetStreamSettings(url=servers, replicas=3))
         )
-        await asyncio.sleep(2)
+
+        # It asked for the stream, was refused its placement, and waits (as it says; a fixed
+        # wait also passed while it had not asked yet).
+        async def waiting_for_placement() -> bool:
+            said = times_logged(
+                caplog,
+                "waiting for JetStream",
+                error="_PlacementPending",
+                **{"for": f"stream {JetStreamSettings().stream}"},
+            )
+            return said >= 1
+
+        await eventually(waiting_for_placement, timeout_s=30)
         assert not connecting.done(), "the streams cannot have three replicas on two servers"
         await asyncio.to_thread(cluster.start_node, third, wait=False)
         log = await asyncio.wait_for(connecting, 30)

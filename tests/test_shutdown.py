@@ -13,6 +13,7 @@ released, and nothing cancelled that handler.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,6 +31,14 @@ from tests.conftest import ADMIN_DATABASE_URL, LOCAL_SERVER, empty_database
 from tests.keys import issue_key
 
 GRACE_S = 1.0
+# Where a stop says what it had to cut short (sendtime_common.shutdown's bounded steps, the
+# pool's termination, the gRPC and HTTP drains).
+SHUTDOWN_LOGGERS = {
+    "sendtime_common.shutdown",
+    "sendtime_common.database",
+    "sendtime_common.grpc_server",
+    "sendtime_common.http_server",
+}
 
 
 class HeldConnection:
@@ -86,7 +95,9 @@ async def test_a_service_stops_within_its_grace_with_a_request_holding_a_databas
     nats_url: str,
     redis_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING)
     key = await issue_key(own_database)
     held = HeldConnection()
     monkeypatch.setattr(
@@ -118,21 +129,30 @@ async def test_a_service_stops_within_its_grace_with_a_request_holding_a_databas
         await asyncio.sleep(0.1)
     assert app.grpc.http.requests_in_progress == 1
 
+    caplog.clear()
     started = time.monotonic()
     await asyncio.wait_for(app.stop(GRACE_S), GRACE_S + STOP_MARGIN_S + 5)  # a hang fails, not waits
     took = time.monotonic() - started
 
     assert GRACE_S <= took < GRACE_S + STOP_MARGIN_S
-    assert took < GRACE_S + 2.0  # nothing else was stuck: only the request had to be cancelled
+    # Nothing else was stuck: only the request had to be cancelled. Whatever a stop cuts short
+    # (a step timed out, work or calls cancelled, handlers or connections left) is logged by
+    # the shutdown machinery; that request's cancellation was all it logged.
+    cut_short = [
+        (r.getMessage(), getattr(r, "requests", None))
+        for r in caplog.records
+        if r.name in SHUTDOWN_LOGGERS and r.levelno >= logging.WARNING
+    ]
+    assert cut_short == [("HTTP: requests still in progress after the grace period, cancelled", 1)]
     assert held.cancelled.is_set()
     assert app.grpc.http.requests_in_progress == 0
     assert app.pool.is_closing() and app.pool.get_size() == 0
-    assert await asyncio.wait_for(idle_reader.read(), 1) == b""  # the keep-alive connection closed
+    assert await asyncio.wait_for(idle_reader.read(), 10) == b""  # the keep-alive connection closed
     idle_writer.close()
     if client_stays:
-        assert await asyncio.wait_for(reader.read(), 1) == b""  # no answer: the request was cancelled
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # no answer: the request was cancelled
         writer.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while (left := await server_connections(own_database)) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)  # a terminated connection leaves PostgreSQL a moment later
     assert left == 0

@@ -60,9 +60,10 @@ async def test_rebuild_equals_the_incremental_profiles_and_repairs_a_damaged_one
     )
 
     # The cache holds the repaired profile (the service's copy in process goes as soon as Redis's
-    # invalidation of the CLI's write arrives).
+    # invalidation of the CLI's write arrives: within 10 s, well inside its 60 s TTL, so only
+    # the invalidation can have made way for it).
     after = await wait_for_profile(
-        profile_stub, user(f"u-{unique}"), lambda p: p.version == before.version + 1, timeout_s=2
+        profile_stub, user(f"u-{unique}"), lambda p: p.version == before.version + 1, timeout_s=10
     )
     for field in ("traits", "cart", "recently_viewed", "orders"):
         assert getattr(after, field) == getattr(before, field), field

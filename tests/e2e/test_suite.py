@@ -42,6 +42,9 @@ from triggers.builtin import cart_abandoned
 pytestmark = [pytest.mark.e2e, SHARES_POSTGRES_ROLES]  # `make run` sets up roles
 
 GRPCURL = str(Path(sys.executable).parent / "grpcurl")
+# How long an event may take to merge through the service processes (the cart story waits as
+# long): seconds on a loaded machine; a wait returns as soon as the merge is seen.
+MERGE_WAIT_S = 30.0
 DEFAULT_PORTS = {
     "50051": "INGEST_ADDRESS",
     "50052": "PROFILE_ADDRESS",
@@ -229,7 +232,7 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
     assert sent["results"][0]["outcome"] == "EVENT_OUTCOME_ACCEPTED"
 
     lookup = {"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": f"{user_id}@example.com"}}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + MERGE_WAIT_S
     while True:
         result = grpcurl(
             target(running_suite, "PROFILE_ADDRESS"),
@@ -241,7 +244,7 @@ def test_an_event_sent_as_json_shows_up_in_the_profile_and_the_render(running_su
         if result.returncode == 0:
             break
         assert "NotFound" in result.stderr, result.stderr
-        assert time.monotonic() < deadline, "the event did not reach the profile within 10 s"
+        assert time.monotonic() < deadline, f"the event did not reach the profile within {MERGE_WAIT_S:.0f} s"
         time.sleep(0.05)
     profile = json.loads(result.stdout)["profile"]
     assert profile["traits"] == {"first_name": "Grace", "plan": "pro"}
@@ -335,7 +338,7 @@ def test_the_readme_grpcurl_examples_work_when_pasted(running_suite: dict[str, s
     assert len(blocks) == 9
     outputs = []
     for block in blocks:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + MERGE_WAIT_S
         while True:  # a pasted lookup may run before the merge of what was sent just before
             result = run_readme_block(block, running_suite)
             if result.returncode == 0 or time.monotonic() > deadline:
@@ -383,7 +386,7 @@ def test_the_readme_curl_examples_work_when_pasted(running_suite: dict[str, str]
             served_on = running_suite[variable].rpartition(":")[2]
             block = block.replace(f"localhost:{port}", f"localhost:{served_on}")
         block = block.replace(".run/tls/ca.crt", shlex.quote(running_suite["SENDTIME_CA_FILE"]))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + MERGE_WAIT_S
         while True:  # a pasted lookup may run before the merge of what was sent just before
             result = subprocess.run(
                 ["bash", "-c", f"set -e\n{block}"],
@@ -425,7 +428,7 @@ def test_the_curl_lines_make_run_prints_work_when_pasted(running_suite: dict[str
     assert sent.returncode == 0 and '"EVENT_OUTCOME_ACCEPTED"' in sent.stdout, sent
     assert "-u " in track and "/v1/track" in track
     assert tracked.returncode == 0 and '"outcome":"accepted"' in tracked.stdout, tracked
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + MERGE_WAIT_S
     while (fetched := paste(profile)).returncode != 0 and time.monotonic() < deadline:
         time.sleep(0.1)  # until the events have merged
     assert fetched.returncode == 0 and '"plan":"pro"' in fetched.stdout, fetched
@@ -724,7 +727,7 @@ def test_no_log_holds_a_key_an_email_a_raw_identifier_or_a_password(running_suit
         },
     )
     lookup = {"identifier": {"kind": "IDENTIFIER_KIND_EMAIL", "value": email}}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + MERGE_WAIT_S
     while grpcurl(
         profile, "sendtime.profile.v1.ProfileService/GetProfile", key=new_key, ca=ca, data=lookup
     ).returncode:

@@ -5,6 +5,7 @@ terminated, an idle keep-alive connection is closed at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import asyncpg
@@ -132,11 +133,15 @@ async def test_close_pool_terminates_a_connection_never_released(database_url: s
         await held.fetchval("SELECT 1")
 
 
-async def test_close_pool_closes_an_idle_pool_at_once(database_url: str) -> None:
+async def test_close_pool_closes_an_idle_pool_at_once(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sendtime_common.database")
     pool = await asyncpg.create_pool(database_url, min_size=2, max_size=2)
-    started = time.monotonic()
-    await close_pool(pool)
-    assert time.monotonic() - started < 0.5
+    # The close completes by itself, with nothing to wait for: it is not cut short and nothing is
+    # terminated (whatever a loaded machine makes of the time it takes).
+    await close_pool(pool, timeout_s=10)
+    assert [r.getMessage() for r in caplog.records if r.name == "sendtime_common.database"] == []
     assert pool.get_size() == 0
 
 
@@ -150,7 +155,10 @@ async def test_finish_or_cancel_lets_work_finish_then_cancels_what_is_left() -> 
     assert endless.cancelled()
 
 
-async def test_a_task_that_ignores_cancellation_is_left_behind_within_the_bound() -> None:
+async def test_a_task_that_ignores_cancellation_is_left_behind_within_the_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sendtime_common.shutdown")
     release = asyncio.Event()
 
     async def stubborn() -> None:
@@ -162,10 +170,15 @@ async def test_a_task_that_ignores_cancellation_is_left_behind_within_the_bound(
 
     task = asyncio.create_task(stubborn(), name="stubborn")
     await asyncio.sleep(0)
-    started = time.monotonic()
     await finish_or_cancel("test", [task], timeout_s=0.1)
-    assert time.monotonic() - started < 0.1 + CANCEL_WAIT_S + 0.5
+    # It returned with the task still running: it cancelled it after its time, gave it its
+    # CANCEL_WAIT_S, and left it behind, as it says.
     assert not task.done()
+    said = [r for r in caplog.records if r.name == "sendtime_common.shutdown"]
+    assert [(r.getMessage(), getattr(r, "tasks", None)) for r in said] == [
+        ("shutdown: work not finished in time, cancelled", ["stubborn"]),
+        ("shutdown: tasks ignore cancellation; left behind", ["stubborn"]),
+    ]
     release.set()
     await task
 
