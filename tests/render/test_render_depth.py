@@ -36,6 +36,7 @@ from sendtime_common.identifiers import IdentifierHasher, IdentifierKind
 from tests.conftest import RenderServiceFactory, eventually, repo_root, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, money, order_completed
 from tests.profile_service.test_profile_service import send
+from tests.render.conftest import LIVE_DEADLINE_S
 
 unkeyed_hash = IdentifierHasher.unkeyed().hash  # the services' default (IDENTIFIER_HASH_KEYS unset)
 
@@ -138,20 +139,8 @@ async def scripted() -> AsyncIterator[tuple[ScriptedProfileService, str]]:
     await server.stop(grace=0)
 
 
-# For checks that need the live profile's answer from the shared services: the 1 s default
-# deadline can pass on a loaded machine, and the render then falls back (tested on its own).
-LIVE_DEADLINE_S = 10.0
 # How long a lookup the test holds may wait for the test to let it answer.
 HELD_S = 30.0
-
-
-@pytest.fixture
-def live_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lets a live lookup use all of a render's LIVE_DEADLINE_S: profiles.py caps every
-    BatchGetProfiles at LOOKUP_TIMEOUT_MAX_S (1 s) whatever the caller's deadline, and a lookup
-    slower than that on a loaded machine came back DEADLINE_EXCEEDED (a TIMEOUT fallback). The
-    session's render runs in this process, so the patch reaches it too, for this test only."""
-    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", LIVE_DEADLINE_S)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from sendtime_common.config import ConfigError
 from sendtime_common.errors import FieldViolation, field_violations, status_of
 from tests.conftest import RenderServiceFactory, user, wait_for_profile
 from tests.factories import cart_item_added, event, identify, product_viewed
+from tests.render.conftest import LIVE_DEADLINE_S
 
 ABANDONED_CART = render_pb2.Template(
     subject="{{ profile.traits.first_name }}, you left something behind",
@@ -49,21 +50,6 @@ def abandoned_cart(**fallback_traits: str) -> render_pb2.Template:
     template.CopyFrom(ABANDONED_CART)
     template.fallback.CopyFrom(struct({"profile": {"traits": fallback_traits}}))
     return template
-
-
-# What these tests check needs the live profile: a render waits for it until its deadline less
-# the fallback reserve, and the 1 s default was passed on a machine a benchmark shares (the
-# render fell back, PROFILE_SOURCE_NONE). Deadlines and fallbacks are tested on their own.
-LIVE_DEADLINE_S = 10.0
-
-
-@pytest.fixture
-def live_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lets a live lookup use all of a render's LIVE_DEADLINE_S: profiles.py caps every
-    BatchGetProfiles at LOOKUP_TIMEOUT_MAX_S (1 s) whatever the caller's deadline, and a lookup
-    slower than that on a loaded machine came back DEADLINE_EXCEEDED (a TIMEOUT fallback). The
-    session's render runs in this process, so the patch reaches it too, for this test only."""
-    monkeypatch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", LIVE_DEADLINE_S)
 
 
 def render_request(
