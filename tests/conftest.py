@@ -295,10 +295,17 @@ async def profile_stub(
         yield profile_pb2_grpc.ProfileServiceStub(profile_channel)
 
 
-@pytest.fixture(scope="session")
-async def render_app(
-    profile_app: ProfileApp, redis_url: str, database_url: str, nats_url: str, profile_reader_key: str
+@asynccontextmanager
+async def running_render_app(
+    profile_app: ProfileApp,
+    redis_url: str,
+    database_url: str,
+    nats_url: str,
+    profile_reader_key: str,
+    **overrides: Any,
 ) -> AsyncIterator[RenderApp]:
+    """A render service in this process, reading the profile service ``profile_app``; stopped
+    on exit. ``overrides``: render_settings' own."""
     app = await create_render_app(
         render_settings(
             f"127.0.0.1:{profile_app.grpc.port}",
@@ -306,11 +313,22 @@ async def render_app(
             nats_url,
             redis_url=redis_url,
             profile_api_key=profile_reader_key,
+            **overrides,
         )
     )
     await app.start()
-    yield app
-    await app.stop(grace_s=1)
+    try:
+        yield app
+    finally:
+        await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def render_app(
+    profile_app: ProfileApp, redis_url: str, database_url: str, nats_url: str, profile_reader_key: str
+) -> AsyncIterator[RenderApp]:
+    async with running_render_app(profile_app, redis_url, database_url, nats_url, profile_reader_key) as app:
+        yield app
 
 
 def render_settings(

@@ -39,11 +39,10 @@ from ingest.server import IngestApp
 from profile_service.server import ProfileApp
 from render import profiles as render_profiles
 from render.server import RenderApp
-from render.server import create_app as create_render_app
 from sendtime.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from sendtime.profile.v1 import profile_pb2, profile_pb2_grpc
 from sendtime_common.auth.api_keys import KEY_PATTERN
-from tests.conftest import render_settings, repo_root, wait_for_profile
+from tests.conftest import repo_root, running_render_app, wait_for_profile
 from tests.deploy.manifests import named
 from tests.factories import cart_item_added, event, identify
 
@@ -403,21 +402,15 @@ async def patient_render_app(
     (and the 1 s cap on a lookup) to fetch. The platforms' own timeouts still bound each request."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(render_profiles, "LOOKUP_TIMEOUT_MAX_S", PATIENT_DEADLINE_S)
-        app = await create_render_app(
-            render_settings(
-                f"127.0.0.1:{profile_app.grpc.port}",
-                database_url,
-                nats_url,
-                redis_url=redis_url,
-                profile_api_key=profile_reader_key,
-                default_deadline_s=PATIENT_DEADLINE_S,
-            )
-        )
-        await app.start()
-        try:
+        async with running_render_app(
+            profile_app,
+            redis_url,
+            database_url,
+            nats_url,
+            profile_reader_key,
+            default_deadline_s=PATIENT_DEADLINE_S,
+        ) as app:
             yield app
-        finally:
-            await app.stop(grace_s=1)
 
 
 @pytest.fixture(scope="module")
